@@ -1,0 +1,118 @@
+"""The chain rule over the DAG: a reverse topological walk that accumulates adjoints.
+
+For every op node on a path from a trainable parameter to the loss, in reverse order,
+the adjoint dL/d(node) is the sum of the contributions its consumers sent it; the node
+then sends ``vjp(node, operand)`` to each operand that needs a gradient. Frozen
+parameters, inputs and targets never get an adjoint, so no code is emitted for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from . import naming
+from .derive.calculus import simplify_local, substitute_known, vjp
+from .derive.fusion import Fused, fuse
+from .graph import Graph, Node, target_index
+
+
+@dataclass
+class Contribution:
+    """What one consumer sends back to an operand: raw sympy result and simplified form."""
+
+    consumer: str
+    raw: sp.Expr
+    simplified: sp.Expr
+
+
+@dataclass
+class Adjoint:
+    """d_<node>[k0, k1, ...] = expr, the summed contributions."""
+
+    node: str
+    var: str
+    expr: sp.Expr
+    contributions: list[Contribution] = field(default_factory=list)
+
+
+@dataclass
+class Derivation:
+    graph: Graph
+    fused: Fused
+    computed: list[str]           # forward tensors, in evaluation order
+    forward: dict[str, sp.Expr]   # their bodies, reading earlier tensors where possible
+    adjoints: list[Adjoint]       # in evaluation order (loss first)
+    grads: dict[str, str]         # trainable parameter name -> adjoint variable
+    seed: sp.Symbol
+
+    def node(self, name: str) -> Node:
+        return self.fused.nodes.get(name) or self.graph.nodes[name]
+
+
+def derive(graph: Graph) -> Derivation:
+    fused = fuse(graph)
+    order = list(fused.nodes)
+
+    # Forward: every remaining op, plus the prediction even when fused into the loss
+    # (forward() returns it, and the loss and backward pass reuse it).
+    computed = [n for n in graph.nodes if n in fused.nodes or n == graph.prediction]
+    known: list[Node] = []
+    forward: dict[str, sp.Expr] = {}
+    for name in computed:
+        node = fused.nodes.get(name) or graph.nodes[name]
+        body = substitute_known(node.body, reversed(known))  # type: ignore[arg-type]
+        forward[name] = body
+        known.append(node)
+
+    needs: dict[str, bool] = {}
+    for name, node in graph.nodes.items():
+        if node.role == "param":
+            needs[name] = node.trainable
+        elif node.role != "op":
+            needs[name] = False
+    for name in order:
+        needs[name] = any(needs.get(o, False) for o in fused.nodes[name].operands)
+
+    seed = sp.Symbol(naming.adjoint(graph.loss), real=True)
+    pending: dict[str, list[Contribution]] = {}
+    adjoints: list[Adjoint] = []
+    grads: dict[str, str] = {}
+    for name in reversed(order):
+        node = fused.nodes[name]
+        if not needs[name]:
+            continue
+        if name == graph.loss:
+            adjoint = Adjoint(name, seed.name, seed)
+        else:
+            contributions = pending.pop(name, [])
+            if not contributions:
+                continue
+            adjoint = Adjoint(name, naming.adjoint(name),
+                              sp.Add(*(c.simplified for c in contributions)), contributions)
+        adjoints.append(adjoint)
+        for operand in node.operands:
+            if not needs.get(operand, False):
+                continue
+            target = graph.nodes.get(operand) or fused.nodes[operand]
+            raw = vjp(node, target, adjoint.var)
+            if raw == 0:
+                continue
+            simplified = substitute_known(simplify_local(raw), reversed(known))
+            pending.setdefault(operand, []).append(Contribution(name, raw, simplified))
+    for param in graph.params():
+        if not param.trainable:
+            continue
+        contributions = pending.pop(param.name, [])
+        expr = sp.Add(*(c.simplified for c in contributions)) if contributions else None
+        if expr is None:  # a parameter the loss does not depend on: its gradient is zero
+            expr = sp.Integer(0)
+        adjoints.append(Adjoint(param.name, naming.adjoint(param.name), expr, contributions))
+        assert param.param is not None
+        grads[param.param] = naming.adjoint(param.name)
+    return Derivation(graph, fused, computed, forward, adjoints, grads, seed)
+
+
+def target_indices(node: Node) -> tuple[sp.Symbol, ...]:
+    return tuple(target_index(k) for k in range(node.rank))

@@ -1,0 +1,100 @@
+"""ModelSpec -> Graph: resolve layer inputs, order the DAG, let each layer expand itself.
+
+Layers may name inputs declared later in the list (a DAG need not be written in
+order); this module orders them topologically and reports cycles and unknown names at
+the layer that mentions them.
+"""
+
+from __future__ import annotations
+
+from . import naming
+from .errors import GraphError, ShapeError
+from .graph import Graph, Node
+from .layers import LAYERS, LOSSES
+from .spec import LayerSpec, ModelSpec
+
+
+def layer_order(spec: ModelSpec) -> list[LayerSpec]:
+    """Layers in an order where every input comes first; raise on cycles or unknowns."""
+    declared = {d.name for d in (*spec.inputs, *spec.targets)}
+    by_name = {layer.name: layer for layer in spec.layers}
+    targets = {d.name for d in spec.targets}
+    for layer in spec.layers:
+        for i, name in enumerate(layer.inputs):
+            where = layer.option_where["input"]
+            if name in targets:
+                raise where.error(f"{name!r} is a target; layers read inputs or other layers",
+                                  GraphError)
+            if name not in declared and name not in by_name:
+                raise where.error(f"unknown input {name!r} (not an input or a layer name)",
+                                  GraphError)
+            if name == layer.name:
+                raise where.error(f"layer {layer.name!r} reads itself", GraphError)
+            del i
+    order: list[LayerSpec] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(layer: LayerSpec, stack: list[str]) -> None:
+        mark = state.get(layer.name, 0)
+        if mark == 2:
+            return
+        if mark == 1:
+            cycle = " -> ".join([*stack[stack.index(layer.name):], layer.name])
+            raise layer.option_where["input"].error(f"the layers form a cycle: {cycle}",
+                                                    GraphError)
+        state[layer.name] = 1
+        for name in layer.inputs:
+            if name in by_name:
+                visit(by_name[name], [*stack, layer.name])
+        state[layer.name] = 2
+        order.append(layer)
+
+    for layer in spec.layers:
+        visit(layer, [])
+    return order
+
+
+def build_graph(spec: ModelSpec) -> Graph:
+    """Expand every layer and the loss into index-notation ops."""
+    graph = Graph(spec.name)
+    for decl in spec.inputs:
+        graph.add(Node(decl.name, tuple(graph.dim(d) for d in decl.shape), "input", decl.name,
+                       decl.where))
+    for decl in spec.targets:
+        graph.add(Node(decl.name, tuple(graph.dim(d) for d in decl.shape), "target",
+                       decl.name, decl.where))
+    for layer in layer_order(spec):
+        inputs = [graph.nodes[graph.layer_outputs.get(n, n)] for n in layer.inputs]
+        out = LAYERS[layer.type].build(graph, layer, inputs)
+        graph.layer_outputs[layer.name] = out.name
+
+    loss = spec.loss
+    if loss.prediction not in graph.layer_outputs:
+        raise loss.option_where["prediction"].error(
+            f"prediction {loss.prediction!r} is not a layer name", GraphError)
+    prediction = graph.nodes[graph.layer_outputs[loss.prediction]]
+    target = None
+    if loss.target is not None:
+        if loss.target not in {d.name for d in spec.targets}:
+            raise loss.option_where["target"].error(
+                f"target {loss.target!r} is not declared under 'targets'", GraphError)
+        target = graph.nodes[loss.target]
+    graph.loss = LOSSES[loss.type].build(graph, loss, prediction, target).name
+    graph.prediction = prediction.name
+    if not any(p.trainable for p in graph.params()):
+        raise spec.where.error("no trainable parameters: nothing to differentiate", ShapeError)
+    _check_identifiers(spec, graph)
+    return graph
+
+
+def _check_identifiers(spec: ModelSpec, graph: Graph) -> None:
+    """No two tensors, shape symbols or generated names may share an identifier."""
+    owners: dict[str, str] = {}
+    for sym in graph.dims:
+        naming.claim(owners, sym, f"shape symbol {sym}")
+    for node in graph.nodes.values():
+        for ident in (node.name, naming.adjoint(node.name)):
+            clash = naming.claim(owners, ident, node.name)
+            if clash:
+                raise node.where.error(f"the generated name {ident!r} of {node.name!r} "
+                                       f"collides with {clash}", GraphError)

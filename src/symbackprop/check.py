@@ -1,0 +1,248 @@
+"""Gradient checks: central finite differences and an independent torch autograd oracle.
+
+The oracle is built from the *spec* with each registered layer's ``reference`` (plain
+torch.nn ops) and differentiated by torch autograd; it shares nothing with the sympy
+derivation. Finite differences run in float64 with step 6e-6 (about the cube root of
+machine epsilon), over every entry of small parameters and along random directions
+(<J^T c, v> against the directional difference) for large ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .api import CompiledModel, compile_spec
+from .build import layer_order
+from .emit.render import module_filename
+from .errors import CheckFailed
+from .layers import LAYERS, LOSSES
+from .spec import ModelSpec
+
+FD_STEP = {np.dtype(np.float64): 6e-6, np.dtype(np.float32): 5e-3}
+FULL_JACOBIAN_MAX = 64
+DIRECTIONS = 4
+
+
+def load_module(path: str | Path) -> ModuleType:
+    """Import a generated module from a file, under a fresh unique name."""
+    name = f"_symbackprop_generated_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_batch(model: CompiledModel, batch: int = 5, seed: int = 1,
+                 dtype: Any = np.float64) -> dict[str, np.ndarray]:
+    """Inputs ~ N(0, 1); targets drawn to suit the loss (probabilities, one-hot rows)."""
+    rng = np.random.default_rng(seed)
+    graph = model.derivation.graph
+    sizes = {name: (batch if n == 0 else 3) for n, name in enumerate(graph.dims)}
+    out: dict[str, np.ndarray] = {}
+    loss_cls = LOSSES[model.spec.loss.type]
+    for node in graph.nodes.values():
+        if node.role not in ("input", "target"):
+            continue
+        shape = tuple(int(d) if d.is_Integer else sizes[str(d)] for d in node.shape)
+        if node.role == "input":
+            out[node.name] = rng.normal(size=shape)
+        elif loss_cls.target_kind == "probability":
+            out[node.name] = rng.uniform(0.05, 0.95, size=shape)
+        elif loss_cls.target_kind == "distribution":
+            classes = shape[-1]
+            flat = np.eye(classes)[rng.integers(0, classes, int(np.prod(shape[:-1])))]
+            out[node.name] = flat.reshape(shape)
+        else:
+            out[node.name] = rng.normal(size=shape)
+    return {k: v.astype(dtype) for k, v in out.items()}
+
+
+def call_args(module: ModuleType, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a generated loss function takes (unused targets dropped)."""
+    import inspect
+
+    names = [p for p in inspect.signature(module.loss).parameters if p != "params"]
+    return {k: batch[k] for k in names}
+
+
+@dataclass
+class Row:
+    check: str
+    param: str
+    abs_err: float
+    rel_err: float
+    ok: bool
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    return diff, diff / max(scale, 1e-30)
+
+
+def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
+                       batch: Mapping[str, np.ndarray], *, to_numpy: Any = np.asarray,
+                       wrap: Any = None, seed: int = 2) -> dict[str, tuple[float, float]]:
+    """{param: (max abs error, max relative error)} of loss_and_grad against central FD."""
+    wrap = wrap or (lambda a: a)
+    args = call_args(module, batch)
+    args = {k: wrap(v) for k, v in args.items()}
+    _, grads = module.loss_and_grad({k: wrap(v) for k, v in params.items()}, **args)
+    dtype = next(iter(params.values())).dtype
+    h = FD_STEP[np.dtype(dtype)]
+    rng = np.random.default_rng(seed)
+
+    def loss_at(p: dict[str, np.ndarray]) -> float:
+        return float(to_numpy(module.loss({k: wrap(v) for k, v in p.items()}, **args)))
+
+    out: dict[str, tuple[float, float]] = {}
+    for name, grad in grads.items():
+        analytic = np.asarray(to_numpy(grad), dtype=np.float64)
+        base = params[name]
+        if base.size <= FULL_JACOBIAN_MAX:
+            numeric = np.zeros(base.shape)
+            for idx in np.ndindex(base.shape):
+                plus = dict(params)
+                plus[name] = base.copy()
+                plus[name][idx] += h
+                minus = dict(params)
+                minus[name] = base.copy()
+                minus[name][idx] -= h
+                numeric[idx] = (loss_at(plus) - loss_at(minus)) / (2 * h)
+            out[name] = _rel(analytic, numeric)
+        else:
+            worst = (0.0, 0.0)
+            for _ in range(DIRECTIONS):
+                v = rng.normal(size=base.shape).astype(dtype)
+                plus = dict(params, **{name: base + h * v})
+                minus = dict(params, **{name: base - h * v})
+                numeric = np.array((loss_at(plus) - loss_at(minus)) / (2 * h))
+                directional = np.array(np.sum(analytic * v))
+                scale = float(np.linalg.norm(analytic) * np.linalg.norm(v))
+                diff = float(abs(directional - numeric))
+                worst = max(worst, (diff, diff / max(scale, 1e-30)))
+            out[name] = worst
+    return out
+
+
+def reference_loss(spec: ModelSpec, params: Mapping[str, Any], batch: Mapping[str, Any]) -> Any:
+    """The loss computed by the independent torch.nn oracle (differentiable by autograd)."""
+    values: dict[str, Any] = {d.name: batch[d.name] for d in spec.inputs}
+    for layer in layer_order(spec):
+        inputs = [values[name] for name in layer.inputs]
+        values[layer.name] = LAYERS[layer.type].reference(layer, inputs, params)
+    loss = spec.loss
+    target = batch[loss.target] if loss.target is not None else None
+    return LOSSES[loss.type].reference(values[loss.prediction], target)
+
+
+def oracle_grads(spec: ModelSpec, params: Mapping[str, np.ndarray],
+                 batch: Mapping[str, np.ndarray], trainable: list[str]) -> tuple[float, dict]:
+    import torch
+
+    tparams = {k: torch.tensor(v, requires_grad=k in trainable) for k, v in params.items()}
+    tbatch = {k: torch.tensor(v) for k, v in batch.items()}
+    loss = reference_loss(spec, tparams, tbatch)
+    grads = torch.autograd.grad(loss, [tparams[k] for k in trainable])
+    return float(loss.detach()), {k: g.numpy() for k, g in zip(trainable, grads, strict=True)}
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_model(model: CompiledModel, *, dtype: Any = np.float64) -> list[Row]:
+    """Generate into a temporary folder, run every check, return the table rows."""
+    rows: list[Row] = []
+    backends = ("numpy", "torch") if torch_available() else ("numpy",)
+    dtype = np.dtype(dtype)
+    fd_tol = 1e-6 if dtype == np.float64 else 2e-2
+    ref_tol = 1e-9 if dtype == np.float64 else 1e-4
+    with tempfile.TemporaryDirectory(prefix="symbackprop-check-") as tmp:
+        modules = {}
+        for backend in backends:
+            path = Path(tmp) / module_filename(model.spec.name, backend)
+            path.write_text(model.source(backend), encoding="utf-8")
+            modules[backend] = load_module(path)
+        np_mod = modules["numpy"]
+        params = {k: v.astype(dtype) for k, v in np_mod.init_params(0).items()}
+        batch = random_batch(model, dtype=dtype)
+        for name, (a, r) in finite_differences(np_mod, params, batch).items():
+            rows.append(Row("finite differences (numpy)", name, a, r, r <= fd_tol))
+        if "torch" in modules:
+            import torch
+
+            t_mod = modules["torch"]
+            for name, (a, r) in finite_differences(
+                    t_mod, params, batch, to_numpy=lambda t: t.detach().numpy(),
+                    wrap=torch.from_numpy).items():
+                rows.append(Row("finite differences (torch)", name, a, r, r <= fd_tol))
+            trainable = list(np_mod.TRAINABLE)
+            ref_loss, ref = oracle_grads(model.spec, params, batch, trainable)
+            for backend, mod in modules.items():
+                wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
+                loss, grads = mod.loss_and_grad({k: wrap(v) for k, v in params.items()},
+                                                **{k: wrap(v) for k, v in
+                                                   call_args(mod, batch).items()})
+                a, r = _rel(np.array(float(loss)), np.array(ref_loss))
+                rows.append(Row(f"torch autograd oracle ({backend})", "loss", a, r,
+                                r <= ref_tol))
+                for name in trainable:
+                    got = grads[name]
+                    got = got.numpy() if hasattr(got, "numpy") else got
+                    a, r = _rel(np.asarray(got, dtype=np.float64), ref[name])
+                    rows.append(Row(f"torch autograd oracle ({backend})", name, a, r,
+                                    r <= ref_tol))
+            model_obj = t_mod.Model(dtype=torch.float64 if dtype == np.float64 else
+                                    torch.float32)
+            model_obj.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+            loss = model_obj.loss(**{k: torch.from_numpy(v)
+                                     for k, v in call_args(t_mod, batch).items()})
+            loss.backward()
+            for name, p in model_obj.named_parameters():
+                if name not in ref:
+                    continue
+                a, r = _rel(p.grad.numpy().astype(np.float64), ref[name])
+                rows.append(Row("Model.loss().backward() vs oracle", name, a, r, r <= ref_tol))
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    width = max(len(r.param) for r in rows) if rows else 5
+    lines = []
+    current = None
+    for row in rows:
+        if row.check != current:
+            current = row.check
+            lines.append(f"\n{row.check}")
+            lines.append(f"  {'parameter':<{width}}  {'max abs err':>12}  {'max rel err':>12}  ")
+        status = "ok" if row.ok else "FAIL"
+        lines.append(f"  {row.param:<{width}}  {row.abs_err:12.3e}  {row.rel_err:12.3e}  {status}")
+    return "\n".join(lines).lstrip("\n")
+
+
+def check_path(path: str | Path) -> tuple[list[Row], str]:
+    model = compile_spec(path)
+    rows = check_model(model)
+    text = format_rows(rows)
+    if not torch_available():
+        text += "\n\n(torch is not installed: the torch module and the autograd oracle were skipped)"
+    if not all(r.ok for r in rows):
+        raise CheckFailed(text + "\n\ncheck FAILED")
+    return rows, text

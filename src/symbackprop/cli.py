@@ -1,0 +1,77 @@
+"""The command line: parse flags, call the library, map errors to exit codes.
+
+Exit codes: 0 fine, 1 a check failed (or generated files drifted), 2 a usage or spec
+error. A user's mistake prints one line and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import SymbackpropError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="symbackprop",
+                     description="Derive backpropagation symbolically from a YAML network "
+                                 "and emit standalone numpy and torch modules.")
+    parser.add_argument("--version", action="version", version=f"symbackprop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    gen = sub.add_parser("generate", help="write generated/<name>_numpy.py and _torch.py")
+    gen.add_argument("spec", help="the model spec (YAML)")
+    gen.add_argument("--out", default="generated", help="output folder (default: generated)")
+    gen.add_argument("--backend", default="numpy,torch",
+                     help="comma-separated backends: numpy,torch (default: both)")
+    gen.add_argument("--force", action="store_true",
+                     help="overwrite files that are not symbackprop modules")
+    gen.add_argument("--check", action="store_true",
+                     help="write nothing; exit 1 if the files on disk differ from the spec")
+    chk = sub.add_parser("check", help="finite-difference and torch autograd cross-check")
+    chk.add_argument("spec", help="the model spec (YAML)")
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    if args.command == "generate":
+        from .api import generate
+
+        paths = generate(args.spec, args.out, args.backend, force=args.force, check=args.check)
+        verb = "up to date" if args.check else "wrote"
+        for path in paths:
+            print(f"{verb} {path}")
+        return 0
+    if args.command == "check":
+        from .check import check_path
+
+        _, text = check_path(args.spec)
+        print(text)
+        print("\nall checks passed")
+        return 0
+    raise UsageError(f"unknown command {args.command!r}")  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except SymbackpropError as exc:
+        print(f"symbackprop: {exc}" if isinstance(exc, UsageError) else str(exc),
+              file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

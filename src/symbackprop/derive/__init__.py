@@ -1,0 +1,1 @@
+"""sympy-side derivation: stable primitive functions and the index calculus."""

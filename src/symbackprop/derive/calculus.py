@@ -1,0 +1,185 @@
+"""Index calculus: differentiate an op's index-notation body, contract with the adjoint.
+
+For an op ``out[i] = body`` and an operand ``X``, the vector-Jacobian product is
+
+    dL/dX[k] = sum_i  g[i] * d body / d X[k]
+
+sympy's ``diff`` of ``Indexed`` objects yields ``KroneckerDelta(i, k)`` factors;
+:func:`eliminate_deltas` sums them out (a delta over a summed index substitutes that
+index and drops the sum). What is left is again index notation — ``sum_b g[b,k] x[b,l]``
+for a dense weight, ``g[k] exp(z[k,l] - lse[k])`` for a logsumexp — which the lowering
+pass turns into matrix products, reductions and fused elementwise code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import sympy as sp
+
+from ..graph import Node, ref, target_index
+
+Limits = tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...]
+
+
+def _hoist_deltas(term: sp.Expr) -> sp.Expr:
+    """Move KroneckerDelta factors shared by every non-zero Piecewise branch outside it.
+
+    diff(Piecewise((x[i], x[i] > 0), (0, True)), x[k]) puts delta(i, k) inside the
+    branch; it is a factor of the whole Piecewise, and must be visible to be summed out.
+    """
+    factors = []
+    for factor in sp.Mul.make_args(term):
+        if isinstance(factor, sp.Piecewise):
+            shared: set[sp.Expr] | None = None
+            for branch, _ in factor.args:
+                if branch == 0:
+                    continue
+                deltas = {f for f in sp.Mul.make_args(branch) if isinstance(f, sp.KroneckerDelta)}
+                shared = deltas if shared is None else shared & deltas
+            if shared:
+                common = sp.Mul(*shared)
+                factor = common * sp.Piecewise(
+                    *((sp.cancel(branch / common) if branch != 0 else branch, cond)
+                      for branch, cond in factor.args))
+        factors.append(factor)
+    return sp.Mul(*factors)
+
+
+def _split_delta(term: sp.Expr, summed: list[sp.Symbol]) -> sp.Expr | None:
+    """Remove one KroneckerDelta that pins a summed index; None when there is none."""
+    for factor in sp.Mul.make_args(term):
+        if isinstance(factor, sp.KroneckerDelta):
+            a, b = factor.args
+            for var, other in ((a, b), (b, a)):
+                if var in summed:
+                    summed.remove(var)
+                    rest = sp.Mul(*(f for f in sp.Mul.make_args(term) if f is not factor))
+                    return rest.xreplace({var: other})
+    return None
+
+
+def _sum(term: sp.Expr, limits: Limits) -> sp.Expr:
+    """Build sum(term) over ``limits``, pulling out factors that do not depend on them."""
+    if not limits or term == 0:
+        return term
+    variables = {lim[0] for lim in limits}
+    inside, outside = [], []
+    for factor in sp.Mul.make_args(term):
+        (inside if factor.free_symbols & variables else outside).append(factor)
+    used = tuple(lim for lim in limits if any(lim[0] in f.free_symbols for f in inside))
+    unused = [lim for lim in limits if lim not in used]
+    scale = sp.Mul(*(hi - lo + 1 for _, lo, hi in unused))
+    body = sp.Mul(*inside)
+    core = sp.Sum(body, *used) if used else body
+    return sp.Mul(*outside) * scale * core
+
+
+def eliminate_deltas(expr: sp.Expr) -> sp.Expr:
+    """Sum out every KroneckerDelta that involves a summation index, recursively."""
+    if isinstance(expr, sp.Sum):
+        inner = eliminate_deltas(expr.function)
+        limits: Limits = tuple(tuple(lim) for lim in expr.limits)  # type: ignore[misc]
+        total = sp.Integer(0)
+        for term in sp.Add.make_args(sp.expand(inner, deep=False, mul=True, multinomial=False,
+                                               power_exp=False, power_base=False, log=False)):
+            summed = [lim[0] for lim in limits]
+            term = _hoist_deltas(term)
+            while True:
+                reduced = _split_delta(term, summed)
+                if reduced is None:
+                    break
+                term = reduced
+            left = tuple(lim for lim in limits if lim[0] in summed)
+            total += _sum(term, left)
+        return total
+    if not expr.args or isinstance(expr, sp.Indexed | sp.KroneckerDelta):
+        return expr
+    return expr.func(*(eliminate_deltas(a) for a in expr.args))
+
+
+def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
+    """dL/d operand[k0, k1, ...] contributed through ``node``, in index notation.
+
+    ``adjoint_name`` names the tensor holding dL/d node (shaped like ``node``).
+    """
+    assert node.body is not None
+    target = tuple(target_index(k) for k in range(operand.rank))
+    local = sp.diff(node.body, ref(operand.name, target))
+    if local == 0:
+        return sp.Integer(0)
+    out = node.indices()
+    g = ref(adjoint_name, out)
+    if not out:
+        return eliminate_deltas(sp.Sum(g * local, (sp.Dummy("unit"), 0, 0))).xreplace({})
+    limits = tuple((i, sp.Integer(0), n - 1) for i, n in zip(out, node.shape, strict=True))
+    return eliminate_deltas(sp.Sum(g * local, *limits))
+
+
+def _atomize(expr: sp.Expr) -> tuple[sp.Expr, dict[sp.Symbol, sp.Expr]]:
+    """Replace tensor references and sums by plain symbols so rational algebra sees atoms."""
+    table: dict[sp.Expr, sp.Symbol] = {}
+
+    def atom(e: sp.Expr) -> sp.Expr:
+        if isinstance(e, sp.Indexed | sp.Sum):
+            if e not in table:
+                table[e] = sp.Symbol(f"_atom{len(table)}", real=True)
+            return table[e]
+        if not e.args:
+            return e
+        return e.func(*(atom(a) for a in e.args))
+
+    reduced = atom(expr)
+    return reduced, {v: k for k, v in table.items()}
+
+
+def _cost(expr: sp.Expr) -> int:
+    return int(sp.count_ops(expr, visual=False))
+
+
+def simplify_local(expr: sp.Expr) -> sp.Expr:
+    """Rational simplification that never trades a function for another.
+
+    Candidates are the expression itself, ``cancel`` and ``factor(cancel)``; the one with
+    the fewest operations wins. Generic ``sympy.simplify`` is avoided on purpose: it may
+    rewrite 1 - tanh(x)^2 as 1/cosh(x)^2, which overflows where the original does not.
+    """
+    reduced, back = _atomize(expr)
+    if reduced.has(sp.Piecewise):
+        candidates = [reduced, sp.piecewise_fold(reduced)]
+    else:
+        candidates = [reduced]
+        try:
+            cancelled = sp.cancel(reduced)
+            candidates = [sp.factor(cancelled), reduced, cancelled]
+        except (sp.PolynomialError, NotImplementedError):  # pragma: no cover
+            pass
+    best = min(candidates, key=lambda c: (_cost(c), candidates.index(c)))
+    return best.xreplace(back)
+
+
+def substitute_known(expr: sp.Expr, known: Iterable[Node]) -> sp.Expr:
+    """Replace forward subexpressions by the tensors that already hold them.
+
+    ``sigmoid(z[k0, k1])`` becomes ``y[k0, k1]`` when ``y[i0, i1] = sigmoid(z[i0, i1])`` is
+    computed in the forward pass, so the backward pass reuses it (sigma' = y (1 - y)). A
+    body ``log(S)`` also lets ``S`` be read as ``exp(out)`` (logsumexp: the normaliser
+    of a softmax is exp(lse), and exp(z)/exp(lse) folds to the stable exp(z - lse)).
+    """
+    for node in known:
+        if node.body is None or isinstance(node.body, sp.Indexed):
+            continue
+        wilds = {i: sp.Wild(f"w{n}") for n, i in enumerate(node.indices())}
+        pattern = node.body.xreplace(wilds)
+        value = ref(node.name, tuple(wilds.values()))
+        patterns: list[tuple[sp.Expr, sp.Expr]] = [(pattern, value)]
+        if isinstance(node.body, sp.log):
+            patterns.append((pattern.args[0], sp.exp(value)))
+        for pat, val in patterns:
+            if expr.has(pat.func) or isinstance(pat, sp.Sum):
+                expr = expr.replace(pat, val)
+    return sp.powsimp(expr, combine="exp") if expr.has(sp.exp) else expr
+
+
+def rename(expr: sp.Expr, mapping: Mapping[sp.Symbol, sp.Expr]) -> sp.Expr:
+    return expr.xreplace(dict(mapping))

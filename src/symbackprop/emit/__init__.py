@@ -1,0 +1,1 @@
+"""Emit: sympy printers per backend and Jinja2 rendering of the generated modules."""

@@ -1,0 +1,137 @@
+"""sympy printers for the generated numpy and torch code, and each backend's dialect.
+
+The printers are strict: a sympy object without a print rule fails loudly instead of
+emitting something wrong. Stable primitives print to stable forms: sigmoid through
+logaddexp in numpy (``torch.sigmoid`` in torch), softplus as ``logaddexp(0, x)``,
+logsumexp max-shifted. Numeric constants print as Python float literals, so a float32
+tensor stays float32 (numpy and torch treat a Python float as a weak scalar).
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.numpy import NumPyPrinter
+from sympy.printing.pytorch import TorchPrinter
+
+
+class _Common:
+    """Printing rules shared by both backends (mixed into each printer)."""
+
+    helpers: set[str]
+
+    def _print(self, expr: object, **kwargs: object) -> str:  # type: ignore[override]
+        if isinstance(expr, sp.Basic) and expr.is_number and not expr.is_Integer:
+            value = float(expr)  # type: ignore[arg-type]
+            return repr(value) if value >= 0 else f"({value!r})"
+        return super()._print(expr, **kwargs)  # type: ignore[misc]
+
+    def _print_Symbol(self, expr: sp.Symbol) -> str:
+        return expr.name
+
+    def _print_Relational(self, expr: sp.Relational) -> str:
+        lhs = self._print(expr.lhs)
+        rhs = self._print(expr.rhs)
+        return f"({lhs} {expr.rel_op} {rhs})"
+
+    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        base, exp = expr.args
+        b = self.parenthesize(base, 60)  # type: ignore[attr-defined]
+        if exp == -1:
+            return f"1/{b}"
+        if exp.is_Integer and exp < 0:
+            return f"1/{b}**{-int(exp)}"
+        if exp.is_Integer:
+            return f"{b}**{int(exp)}"
+        if exp == sp.Rational(1, 2):
+            return f"{self._module}.sqrt({self._print(base)})"  # type: ignore[attr-defined]
+        return f"{b}**{self.parenthesize(exp, 60)}"  # type: ignore[attr-defined]
+
+    def _print_Piecewise(self, expr: sp.Piecewise) -> str:
+        *cases, (last, cond) = expr.args
+        if cond != sp.true:
+            raise NotImplementedError("a Piecewise needs a final 'otherwise' branch")
+        code = self._print(last)
+        for value, condition in reversed(cases):
+            code = (f"{self._module}.where({self._print(condition)}, "  # type: ignore[attr-defined]
+                    f"{self._print(value)}, {code})")
+        return code
+
+
+class NumpyCodePrinter(_Common, NumPyPrinter):
+    _module = "numpy"
+
+    def __init__(self) -> None:
+        super().__init__({"strict": True, "fully_qualified_modules": True})
+        self.helpers = set()
+
+    def _print_Sigmoid(self, expr: sp.Expr) -> str:
+        self.helpers.add("sigmoid")
+        return f"_sigmoid({self._print(expr.args[0])})"
+
+    def _print_Softplus(self, expr: sp.Expr) -> str:
+        return f"numpy.logaddexp(0.0, {self._print(expr.args[0])})"
+
+    def _print_erf(self, expr: sp.Expr) -> str:
+        self.helpers.add("erf")
+        return f"_erf({self._print(expr.args[0])})"
+
+
+class TorchCodePrinter(_Common, TorchPrinter):
+    _module = "torch"
+
+    def __init__(self) -> None:
+        super().__init__({"strict": True})
+        self.helpers = set()
+
+    def _print_Sigmoid(self, expr: sp.Expr) -> str:
+        return f"torch.sigmoid({self._print(expr.args[0])})"
+
+    def _print_Softplus(self, expr: sp.Expr) -> str:
+        self.helpers.add("softplus")
+        return f"_softplus({self._print(expr.args[0])})"
+
+    def _print_Mul(self, expr: sp.Mul) -> str:
+        return sp.printing.str.StrPrinter._print_Mul(self, expr)  # type: ignore[arg-type]
+
+    def _print_Add(self, expr: sp.Add, order: object = None) -> str:
+        return sp.printing.str.StrPrinter._print_Add(self, expr, order)  # type: ignore[arg-type]
+
+
+class NumpyDialect:
+    module = "numpy"
+
+    def transpose(self, var: str, perm: tuple[int, ...]) -> str:
+        return f"{var}.T" if perm == (1, 0) else f"{var}.transpose{perm}"
+
+    def reduce_sum(self, code: str, axes: tuple[int, ...], *, wrap: bool) -> str:
+        axis = axes[0] if len(axes) == 1 else axes
+        return f"numpy.sum({code}, axis={axis})" if wrap else f"{code}.sum(axis={axis})"
+
+    def einsum(self, subscripts: str, a: str, b: str) -> str:
+        return f"numpy.einsum({subscripts!r}, {a}, {b}, optimize=True)"
+
+    def logsumexp(self, code: str, axis: int) -> str:
+        return f"_logsumexp({code}, {axis})"
+
+    def filled(self, like: str, shape: str, value: str) -> str:
+        return f"numpy.full({shape}, {value}, dtype={like}.dtype)"
+
+
+class TorchDialect:
+    module = "torch"
+
+    def transpose(self, var: str, perm: tuple[int, ...]) -> str:
+        return f"{var}.T" if perm == (1, 0) else f"{var}.permute{perm}"
+
+    def reduce_sum(self, code: str, axes: tuple[int, ...], *, wrap: bool) -> str:
+        axis = axes[0] if len(axes) == 1 else axes
+        return f"torch.sum({code}, dim={axis})" if wrap else f"{code}.sum(dim={axis})"
+
+    def einsum(self, subscripts: str, a: str, b: str) -> str:
+        return f"torch.einsum({subscripts!r}, {a}, {b})"
+
+    def logsumexp(self, code: str, axis: int) -> str:
+        return f"torch.logsumexp({code}, dim={axis})"
+
+    def filled(self, like: str, shape: str, value: str) -> str:
+        return f"{like}.new_full({shape}, {value})"

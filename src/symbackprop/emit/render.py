@@ -1,0 +1,207 @@
+"""Render the generated modules: statements -> printed lines -> Jinja2 templates.
+
+This module decides which statements each generated function holds (forward, loss,
+loss-and-grad, and for torch the two halves of the ``autograd.Function``), prints them
+with the backend's printer, and hands lines and metadata to the templates, which hold
+module structure only.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import sympy as sp
+
+from .. import __version__, naming
+from ..backprop import Derivation
+from ..program import Lowerer, Program, Stmt
+from ..spec import ModelSpec
+from .printers import NumpyCodePrinter, NumpyDialect, TorchCodePrinter, TorchDialect
+
+BACKENDS = ("numpy", "torch")
+
+
+def template_dir() -> Path:
+    """Templates ship inside the wheel; in a source checkout they live at the top level."""
+    packaged = Path(__file__).resolve().parent.parent / "templates"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[3] / "templates"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["chomp"] = lambda text: str(text)[:-1] if str(text).endswith("\n") else str(text)
+    return env
+
+
+@dataclass
+class Line:
+    comment: list[str]
+    code: str
+
+
+class _Printer:
+    """Prints statements of one program with one backend's printer and dialect."""
+
+    def __init__(self, backend: str, program: Program) -> None:
+        self.backend = backend
+        self.program = program
+        self.printer = NumpyCodePrinter() if backend == "numpy" else TorchCodePrinter()
+        self.dialect = NumpyDialect() if backend == "numpy" else TorchDialect()
+
+    def lines(self, stmts: list[Stmt], *, mark_phases: bool = False) -> list[Line]:
+        out = []
+        phase = ""
+        for stmt in stmts:
+            comment = stmt.comment.splitlines() if stmt.comment else []
+            if mark_phases and stmt.phase != phase:
+                phase = stmt.phase
+                heading = ("forward pass" if phase == "forward" else
+                           "backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first")
+                comment = [f"---- {heading} ----", *comment]
+            out.append(Line(comment, f"{stmt.target} = {self.code(stmt)}"))
+        return out
+
+    def code(self, stmt: Stmt) -> str:
+        if stmt.kind == "code":
+            return stmt.code
+        assert stmt.expr is not None
+        expr = sp.piecewise_fold(stmt.expr) if stmt.expr.has(sp.Piecewise) else stmt.expr
+        text = self.printer.doprint(expr)
+        if stmt.kind == "sum":
+            rank = len(self.program.shapes.get(f"{stmt.target}:full", ())) or None
+            del rank
+            return self.dialect.reduce_sum(text, stmt.axes, wrap=True)
+        return text
+
+
+def _shape_tuple(shape: tuple[sp.Expr, ...]) -> str:
+    parts = [str(d) for d in shape]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def _lower(deriv: Derivation, backend: str, seed: sp.Expr) -> Program:
+    dialect = NumpyDialect() if backend == "numpy" else TorchDialect()
+    return Lowerer(deriv, dialect, seed).lower()
+
+
+def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str) -> str:
+    """The source of one generated module, checked with ``ast.parse``."""
+    graph = deriv.graph
+    params = graph.params()
+    inputs = [n for n in graph.nodes.values() if n.role == "input"]
+    targets = [n for n in graph.nodes.values() if n.role == "target"]
+    used_targets = [t for t in targets if t.name in _reads_closure(deriv)]
+    loss_var = graph.loss
+    grads = deriv.grads
+
+    functional = _lower(deriv, backend, sp.Integer(1))
+    pr = _Printer(backend, functional)
+    forward_stmts = functional.function([graph.prediction])
+    loss_stmts = functional.function([loss_var])
+    grad_outputs = [loss_var, *grads.values()]
+    lag_stmts = functional.function(grad_outputs)
+
+    context: dict[str, object] = {
+        "version": __version__,
+        "model": spec.name,
+        "description": spec.description,
+        "spec_label": spec_label,
+        "sha256": spec.sha256,
+        "params": [
+            {"name": p.param, "var": p.name, "shape": _shape_tuple(p.shape),
+             "trainable": p.trainable, "init": p.init, "layer": p.layer}
+            for p in params
+        ],
+        "trainable": [p.param for p in params if p.trainable],
+        "inputs": [{"name": n.name, "shape": _shape_tuple(n.shape),
+                    "dims": [str(d) for d in n.shape]} for n in inputs],
+        "targets": [{"name": n.name, "shape": _shape_tuple(n.shape),
+                     "dims": [str(d) for d in n.shape]} for n in used_targets],
+        "dims": [{"name": name, "source": src, "axis": axis}
+                 for name, (src, axis) in functional.dims.items()],
+        "prediction": graph.prediction,
+        "loss_var": loss_var,
+        "grads": [{"name": name, "var": var} for name, var in grads.items()],
+        "forward_lines": pr.lines(forward_stmts),
+        "loss_lines": pr.lines(loss_stmts),
+        "lag_lines": pr.lines(lag_stmts, mark_phases=True),
+        "seed": deriv.seed.name,
+    }
+    if backend == "torch":
+        autograd = _lower(deriv, backend, deriv.seed)
+        apr = _Printer(backend, autograd)
+        full = autograd.function(grad_outputs)
+        fwd = [s for s in full if s.phase == "forward"]
+        bwd = [s for s in full if s.phase == "backward"]
+        defined = {s.target for s in fwd}
+        leaves = {n.name for n in graph.nodes.values() if n.role != "op"}
+        saved = sorted({r for s in bwd for r in s.reads if r in defined or r in leaves}
+                       - {deriv.seed.name}, key=_order_key(full, graph))
+        bwd_dims = [d for d in autograd.dims if any(
+            d in {sym.name for sym in (s.expr.free_symbols if s.expr is not None else ())}
+            or d in s.code for s in bwd)]
+        context.update({
+            "fn_args": [n.name for n in inputs] + [t.name for t in used_targets]
+                       + [p.name for p in params],
+            "fwd_lines": apr.lines(fwd),
+            "bwd_lines": apr.lines(bwd),
+            "saved": saved,
+            "bwd_dims": bwd_dims,
+            "grad_returns": [grads.get(p.param) if p.trainable else None for p in params],
+            "n_leading_none": len(inputs) + len(used_targets),
+        })
+        helpers = pr.printer.helpers | apr.printer.helpers
+    else:
+        helpers = pr.printer.helpers
+    all_code = "\n".join(line.code for key in ("forward_lines", "loss_lines", "lag_lines",
+                                               "fwd_lines", "bwd_lines")
+                         for line in context.get(key, []))  # type: ignore[attr-defined]
+    context["helpers"] = sorted(helpers | ({"logsumexp"} if "_logsumexp(" in all_code else set()))
+    context["param_vars"] = {p.param: p.name for p in params}
+    template = _environment().get_template(f"{backend}_module.py.j2")
+    source = template.render(**context)
+    try:
+        ast.parse(source)
+    except SyntaxError as exc:  # pragma: no cover - a bug in symbackprop, not user input
+        raise RuntimeError(f"generated {backend} module does not parse: {exc}") from exc
+    return source
+
+
+def _order_key(stmts: list[Stmt], graph: object) -> object:
+    order = {s.target: n for n, s in enumerate(stmts)}
+    names = list(graph.nodes)  # type: ignore[attr-defined]
+
+    def key(name: str) -> tuple[int, int, str]:
+        if name in names:
+            return (0, names.index(name), name)
+        return (1, order.get(name, 0), name)
+
+    return key
+
+
+def _reads_closure(deriv: Derivation) -> set[str]:
+    """Leaf tensors the loss reads (targets the loss ignores are not arguments)."""
+    names: set[str] = set()
+    for node in deriv.fused.nodes.values():
+        names.update(node.operands)
+    names.update(deriv.graph.nodes[deriv.graph.prediction].operands)
+    return names
+
+
+def module_filename(model: str, backend: str) -> str:
+    return f"{model}_{backend}.py"
+
+
+__all__ = ["BACKENDS", "render", "module_filename", "naming"]

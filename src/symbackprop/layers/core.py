@@ -1,0 +1,148 @@
+"""Core layer types: dense, standalone activation, and elementwise add (residuals)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import sympy as sp
+
+from .. import naming
+from ..errors import ShapeError
+from ..graph import Graph, Node, sum_index
+from ..spec import ActivationSpec, LayerSpec, Where
+from .base import ACTIVATIONS, Layer, Option, register_layer
+
+
+def apply_activation(graph: Graph, act: ActivationSpec | None, pre: Node, out_name: str,
+                     layer: str, where: Where) -> Node:
+    """Add the node ``out = act(pre)``; with no activation, return ``pre`` itself."""
+    if act is None or act.type == "identity":
+        return pre
+    formula = ACTIVATIONS[act.type].formula(pre.element(), dict(act.params))
+    return graph.op(out_name, pre.shape, formula, layer=layer, where=where, kind="map",
+                    label=f"{act.type}")
+
+
+def activation_reference(act: ActivationSpec | None, x: Any) -> Any:
+    if act is None:
+        return x
+    return ACTIVATIONS[act.type].reference(x, dict(act.params))
+
+
+def feature_size(node: Node, where: Where) -> int:
+    last = node.shape[-1]
+    if not last.is_Integer:
+        raise where.error(f"the last axis of {node.name!r} is the symbol {last}; a layer with "
+                          "weights needs a fixed feature size", ShapeError)
+    return int(last)
+
+
+@register_layer
+class Dense(Layer):
+    """z = x W^T + b over the last axis, then an optional activation (torch.nn.Linear)."""
+
+    key = "dense"
+    doc = "fully connected layer: z = x W^T + b, h = activation(z)"
+    options = {
+        "units": Option("units", doc="output features"),
+        "activation": Option("activation", None, "activation applied to z (default: none)"),
+        "bias": Option("bool", True, "learn an additive bias"),
+        "trainable": Option("bool", True, "false freezes the weights: no gradient code"),
+    }
+    test_cases = ({"units": 3}, {"units": 2, "bias": False}, {"units": 3, "trainable": False})
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
+        (x,) = inputs
+        fan_in = feature_size(x, spec.option_where.get("input", spec.where))
+        units = int(spec.options["units"])  # type: ignore[arg-type]
+        trainable = bool(spec.options["trainable"])
+        bound = 1.0 / fan_in**0.5
+        weight = _param(graph, spec, "weight", (sp.Integer(units), sp.Integer(fan_in)),
+                        trainable, bound)
+        idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(x.rank))
+        s = sum_index(0)
+        body: sp.Expr = sp.Sum(x.element((*idx[:-1], s)) * weight.element((idx[-1], s)),
+                               (s, 0, fan_in - 1))
+        if spec.options["bias"]:
+            bias = _param(graph, spec, "bias", (sp.Integer(units),), trainable, bound)
+            body = body + bias.element((idx[-1],))
+        act: ActivationSpec | None = spec.options["activation"]  # type: ignore[assignment]
+        has_act = act is not None and act.type != "identity"
+        z_name = naming.preactivation(spec.name) if has_act else spec.name
+        z = graph.op(z_name, (*x.shape[:-1], sp.Integer(units)), body, layer=spec.name,
+                     where=spec.where, kind="contraction", label="dense")
+        return apply_activation(graph, act, z, spec.name, spec.name, spec.where)
+
+    @classmethod
+    def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
+        import torch
+
+        weight = params[naming.param_name(spec.name, "weight")]
+        bias = params.get(naming.param_name(spec.name, "bias")) if spec.options["bias"] else None
+        z = torch.nn.functional.linear(inputs[0], weight, bias)
+        return activation_reference(spec.options["activation"], z)  # type: ignore[arg-type]
+
+
+def _param(graph: Graph, spec: LayerSpec, role: str, shape: tuple[sp.Expr, ...],
+           trainable: bool, bound: float) -> Node:
+    dotted = naming.param_name(spec.name, role)
+    return graph.add(Node(naming.param_var(dotted), shape, "param", spec.name, spec.where,
+                          param=dotted, trainable=trainable, init=("uniform", bound)))
+
+
+@register_layer
+class ActivationLayer(Layer):
+    """h = activation(x), elementwise."""
+
+    key = "activation"
+    doc = "standalone elementwise activation"
+    options = {"activation": Option("activation", doc="the activation to apply")}
+    test_cases = ({"activation": "tanh"},)
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
+        (x,) = inputs
+        act: ActivationSpec = spec.options["activation"]  # type: ignore[assignment]
+        if act.type == "identity":
+            return graph.op(spec.name, x.shape, x.element(), layer=spec.name, where=spec.where,
+                            label="identity")
+        return apply_activation(graph, act, x, spec.name, spec.name, spec.where)
+
+    @classmethod
+    def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
+        return activation_reference(spec.options["activation"], inputs[0])  # type: ignore[arg-type]
+
+
+@register_layer
+class Add(Layer):
+    """h = a + b + ..., all inputs of one shape (a residual connection)."""
+
+    key = "add"
+    doc = "elementwise sum of two or more tensors of the same shape"
+    arity = (2, None)
+    test_cases = ({},)
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
+        first = inputs[0]
+        for other in inputs[1:]:
+            if other.shape != first.shape:
+                raise spec.option_where.get("input", spec.where).error(
+                    f"cannot add {first.name!r} of shape {_fmt(first.shape)} and "
+                    f"{other.name!r} of shape {_fmt(other.shape)}", ShapeError)
+        body = sp.Add(*(n.element() for n in inputs))
+        return graph.op(spec.name, first.shape, body, layer=spec.name, where=spec.where,
+                        label="add")
+
+    @classmethod
+    def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
+        out = inputs[0]
+        for other in inputs[1:]:
+            out = out + other
+        return out
+
+
+def _fmt(shape: tuple[sp.Expr, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"

@@ -1,0 +1,133 @@
+"""Built-in losses. Each is a mean over the batch, written in index notation.
+
+Elementwise losses (mse, bce, bce_with_logits) average over every element, as torch's
+default ``reduction='mean'`` does. Softmax cross-entropy sums over the last (class)
+axis and averages over the rest: L = mean_r sum_c t[r,c] (lse[r] - z[r,c]) with
+lse[r] = log sum_c exp(z[r,c]), exactly torch's ``cross_entropy`` with probability
+targets; for one-hot or probability rows its gradient is softmax(z) - t.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sympy as sp
+
+from ..derive.functions import Softplus
+from ..errors import ShapeError
+from ..graph import Graph, Node, sum_index
+from ..spec import LossSpec
+from .base import Loss, register_loss
+
+
+def _same_shape(spec: LossSpec, prediction: Node, target: Node) -> None:
+    if prediction.shape != target.shape:
+        fmt = lambda s: "[" + ", ".join(map(str, s)) + "]"  # noqa: E731
+        raise spec.option_where["target"].error(
+            f"target {target.name!r} has shape {fmt(target.shape)} but prediction "
+            f"{prediction.name!r} has shape {fmt(prediction.shape)}", ShapeError)
+
+
+def _elementwise_mean(graph: Graph, spec: LossSpec, prediction: Node, target: Node,
+                      formula: Any, label: str) -> Node:
+    """loss = (1 / numel) * sum over every element of formula(y, t)."""
+    _same_shape(spec, prediction, target)
+    sums = tuple(sum_index(k) for k in range(prediction.rank))
+    y, t = prediction.element(sums), target.element(sums)
+    count = sp.Mul(*prediction.shape)
+    body = sp.Sum(formula(y, t), *((s, 0, n - 1) for s, n in zip(sums, prediction.shape,
+                                                                  strict=True))) / count
+    return graph.op("loss", (), body, layer="loss", where=spec.where, kind="reduction",
+                    label=label)
+
+
+@register_loss
+class MeanSquaredError(Loss):
+    key = "mse"
+    doc = "mean over all elements of (y - t)^2"
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node | None) -> Node:
+        assert target is not None
+        return _elementwise_mean(graph, spec, prediction, target, lambda y, t: (y - t) ** 2,
+                                 "mse")
+
+    @classmethod
+    def reference(cls, prediction: Any, target: Any) -> Any:
+        import torch
+
+        return torch.nn.functional.mse_loss(prediction, target)
+
+
+@register_loss
+class BinaryCrossEntropy(Loss):
+    key = "bce"
+    doc = "mean over all elements of -(t log y + (1 - t) log(1 - y)); y are probabilities"
+    target_kind = "probability"
+    wants_probability = True
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node | None) -> Node:
+        assert target is not None
+        return _elementwise_mean(
+            graph, spec, prediction, target,
+            lambda y, t: -(t * sp.log(y) + (1 - t) * sp.log(1 - y)), "bce")
+
+    @classmethod
+    def reference(cls, prediction: Any, target: Any) -> Any:
+        import torch
+
+        return torch.nn.functional.binary_cross_entropy(prediction, target)
+
+
+@register_loss
+class BinaryCrossEntropyWithLogits(Loss):
+    key = "bce_with_logits"
+    doc = "bce of sigmoid(z), computed stably as softplus(z) - t z"
+    target_kind = "probability"
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node | None) -> Node:
+        assert target is not None
+        return _elementwise_mean(graph, spec, prediction, target,
+                                 lambda z, t: Softplus(z) - t * z, "bce_with_logits")
+
+    @classmethod
+    def reference(cls, prediction: Any, target: Any) -> Any:
+        import torch
+
+        return torch.nn.functional.binary_cross_entropy_with_logits(prediction, target)
+
+
+@register_loss
+class SoftmaxCrossEntropy(Loss):
+    key = "softmax_cross_entropy"
+    doc = "mean over rows of sum_c t_c (logsumexp(z) - z_c); t one-hot or probabilities"
+    target_kind = "distribution"
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node | None) -> Node:
+        assert target is not None
+        _same_shape(spec, prediction, target)
+        rank = prediction.rank
+        classes = prediction.shape[-1]
+        # lse[r] = log sum_c exp(z[r, c]) over the class axis.
+        idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(rank - 1))
+        c = sum_index(rank - 1)
+        lse_body = sp.log(sp.Sum(sp.exp(prediction.element((*idx, c))), (c, 0, classes - 1)))
+        lse = graph.op(f"{prediction.name}_lse", prediction.shape[:-1], lse_body,
+                       layer="loss", where=spec.where, kind="reduction", label="logsumexp")
+        sums = tuple(sum_index(k) for k in range(rank))
+        rows = sp.Mul(*prediction.shape[:-1])
+        per = target.element(sums) * (lse.element(sums[:-1]) - prediction.element(sums))
+        body = sp.Sum(per, *((s, 0, n - 1) for s, n in zip(sums, prediction.shape,
+                                                           strict=True))) / rows
+        return graph.op("loss", (), body, layer="loss", where=spec.where, kind="reduction",
+                        label="softmax_cross_entropy")
+
+    @classmethod
+    def reference(cls, prediction: Any, target: Any) -> Any:
+        import torch
+
+        flat = prediction.reshape(-1, prediction.shape[-1])
+        return torch.nn.functional.cross_entropy(flat, target.reshape(flat.shape))
