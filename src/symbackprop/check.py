@@ -242,7 +242,8 @@ def check_path(path: str | Path) -> tuple[list[Row], str]:
     rows = check_model(model)
     text = format_rows(rows)
     if not torch_available():
-        text += "\n\n(torch is not installed: the torch module and the autograd oracle were skipped)"
+        text += ("\n\n(torch is not installed: the torch module and the autograd oracle "
+                 "were skipped)")
     if not all(r.ok for r in rows):
         raise CheckFailed(text + "\n\ncheck FAILED")
     return rows, text

@@ -26,9 +26,9 @@ from typing import Literal, Protocol
 import sympy as sp
 
 from . import naming
-from .naming import TEMP_PREFIX
 from .backprop import Derivation, target_indices
 from .graph import ref, ref_name
+from .naming import TEMP_PREFIX
 
 Phase = Literal["forward", "backward"]
 
