@@ -19,11 +19,13 @@ MAX_NAME = 64
 # (or starting with a reserved prefix) would shadow module structure.
 RESERVED = frozenset(
     {
-        "numpy", "torch", "math", "params", "batch", "inputs", "grads", "ctx", "self",
-        "grad_output", "loss", "dtype", "device", "seed", "rng", "generator", "shape",
-        "Model", "PARAM_SHAPES", "PARAM_NAMES", "TRAINABLE", "DERIVATIONS", "SPEC_SHA256",
-        "init_params", "forward", "loss_and_grad", "LossFunction", "name", "value",
-        "apply", "backward", "out", "result", "np", "F", "nn",
+        # modules and the generated functions' own locals and arguments
+        "numpy", "torch", "math", "params", "grads", "ctx", "self", "values", "shapes",
+        "dtype", "device", "seed", "rng", "generator",
+        # module-level names of the generated modules
+        "loss", "forward", "init_params", "loss_and_grad", "Model", "LossFunction",
+        "PARAM_SHAPES", "TRAINABLE", "INPUT_SHAPES", "TARGET_SHAPES", "SPEC_SHA256",
+        "DERIVATIONS",
     }
 )
 RESERVED_PREFIXES = ("d_", "tmp", "_")

@@ -22,28 +22,34 @@ from ..graph import Node, ref, target_index
 Limits = tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...]
 
 
-def _hoist_deltas(term: sp.Expr) -> sp.Expr:
-    """Move KroneckerDelta factors shared by every non-zero Piecewise branch outside it.
+def _pull(expr: sp.Expr) -> tuple[frozenset[sp.Expr], sp.Expr]:
+    """Split ``expr`` into (KroneckerDelta factors common to all of it, the rest).
 
-    diff(Piecewise((x[i], x[i] > 0), (0, True)), x[k]) puts delta(i, k) inside the
-    branch; it is a factor of the whole Piecewise, and must be visible to be summed out.
+    The chain rule multiplies every term of a derivative by the same deltas (one target
+    element), but the product rule nests them inside sums: (a delta + b delta) c. Pulling
+    shared deltas to the top makes them visible to the summation step without expanding.
     """
-    factors = []
-    for factor in sp.Mul.make_args(term):
-        if isinstance(factor, sp.Piecewise):
-            shared: set[sp.Expr] | None = None
-            for branch, _ in factor.args:
-                if branch == 0:
-                    continue
-                deltas = {f for f in sp.Mul.make_args(branch) if isinstance(f, sp.KroneckerDelta)}
-                shared = deltas if shared is None else shared & deltas
-            if shared:
-                common = sp.Mul(*shared)
-                factor = common * sp.Piecewise(
-                    *((sp.cancel(branch / common) if branch != 0 else branch, cond)
-                      for branch, cond in factor.args))
-        factors.append(factor)
-    return sp.Mul(*factors)
+    if isinstance(expr, sp.KroneckerDelta):
+        return frozenset({expr}), sp.Integer(1)
+    if isinstance(expr, sp.Mul):
+        deltas: frozenset[sp.Expr] = frozenset()
+        rests = []
+        for factor in expr.args:
+            d, r = _pull(factor)
+            deltas |= d
+            rests.append(r)
+        return deltas, sp.Mul(*rests)
+    if isinstance(expr, sp.Add | sp.Piecewise):
+        parts = list(expr.args) if isinstance(expr, sp.Add) else [b for b, _ in expr.args]
+        pulled = [_pull(p) for p in parts]
+        nonzero = [d for (d, r) in pulled if r != 0]
+        common = frozenset.intersection(*nonzero) if nonzero else frozenset()
+        rebuilt = [r * sp.Mul(*(d - common)) for d, r in pulled]
+        if isinstance(expr, sp.Add):
+            return common, sp.Add(*rebuilt)
+        return common, sp.Piecewise(*((r, c) for r, (_, c) in zip(rebuilt, expr.args,
+                                                                  strict=True)))
+    return frozenset(), expr
 
 
 def _split_delta(term: sp.Expr, summed: list[sp.Symbol]) -> sp.Expr | None:
@@ -81,10 +87,15 @@ def eliminate_deltas(expr: sp.Expr) -> sp.Expr:
         inner = eliminate_deltas(expr.function)
         limits: Limits = tuple(tuple(lim) for lim in expr.limits)  # type: ignore[misc]
         total = sp.Integer(0)
-        for term in sp.Add.make_args(sp.expand(inner, deep=False, mul=True, multinomial=False,
-                                               power_exp=False, power_base=False, log=False)):
+        terms = []
+        for term in sp.Add.make_args(inner):
+            deltas, rest = _pull(term)
+            if rest.has(sp.KroneckerDelta):  # deltas that differ between terms: distribute
+                terms += [sp.Mul(*deltas) * t for t in sp.Add.make_args(sp.expand(rest))]
+            else:
+                terms.append(sp.Mul(*deltas) * rest)
+        for term in terms:
             summed = [lim[0] for lim in limits]
-            term = _hoist_deltas(term)
             while True:
                 reduced = _split_delta(term, summed)
                 if reduced is None:
