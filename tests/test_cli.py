@@ -1,0 +1,130 @@
+"""The command line: generate, check, exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from symbackprop import __version__
+from symbackprop.cli import main
+
+from conftest import EXAMPLES
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+    return subprocess.run([sys.executable, "-m", "symbackprop.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_generate_writes_both_modules(tmp_path) -> None:
+    out = tmp_path / "gen"
+    assert main(["generate", str(EXAMPLES / "seed_mlp.yaml"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["__init__.py", "seed_mlp_numpy.py",
+                                                     "seed_mlp_torch.py"]
+    text = (out / "seed_mlp_numpy.py").read_text()
+    assert "DO NOT EDIT" in text and "sha256" in text
+    assert main(["generate", str(EXAMPLES / "seed_mlp.yaml"), "--out", str(out),
+                 "--check"]) == 0
+
+
+def test_generate_default_out_and_import(tmp_path) -> None:
+    shutil.copy(EXAMPLES / "seed_mlp.yaml", tmp_path)
+    res = run_cli("generate", "seed_mlp.yaml", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    code = ("from generated import seed_mlp_numpy as m; import numpy as np; "
+            "p = m.init_params(0); l, g = m.loss_and_grad(p, x=np.ones((2, 2)), "
+            "t=np.ones((2, 1))); print(sorted(g))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "fc1.weight" in res.stdout
+
+
+def test_backend_flag(tmp_path) -> None:
+    assert main(["generate", str(EXAMPLES / "seed_mlp.yaml"), "--out", str(tmp_path),
+                 "--backend", "numpy"]) == 0
+    assert (tmp_path / "seed_mlp_numpy.py").exists()
+    assert not (tmp_path / "seed_mlp_torch.py").exists()
+
+
+def test_unknown_backend_is_usage_error(tmp_path, capsys) -> None:
+    assert main(["generate", str(EXAMPLES / "seed_mlp.yaml"), "--out", str(tmp_path),
+                 "--backend", "jax"]) == 2
+    assert "unknown backend 'jax'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_version_and_help() -> None:
+    res = run_cli("--version")
+    assert res.returncode == 0 and __version__ in res.stdout
+    res = run_cli("--help")
+    assert res.returncode == 0 and "generate" in res.stdout and "check" in res.stdout
+    res = run_cli("generate", "--help")
+    assert res.returncode == 0 and "--backend" in res.stdout
+    res = run_cli("frobnicate")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_check_passes_and_prints_tables() -> None:
+    res = run_cli("check", str(EXAMPLES / "seed_mlp.yaml"))
+    assert res.returncode == 0, res.stderr
+    for needle in ("finite differences (numpy)", "torch autograd oracle (torch)",
+                   "fc1.weight", "max rel err", "all checks passed"):
+        assert needle in res.stdout
+
+
+def test_check_fails_on_a_wrong_gradient(monkeypatch, capsys) -> None:
+    """Sabotage one generated gradient: the check must catch it and exit 1."""
+    from symbackprop import api
+
+    original = api.CompiledModel.source
+
+    def sabotaged(self, backend):
+        text = original(self, backend)
+        return text.replace("d_fc2_bias = d_fc2_z.sum(", "d_fc2_bias = 1.001 * d_fc2_z.sum(")
+
+    monkeypatch.setattr(api.CompiledModel, "source", sabotaged)
+    assert main(["check", str(EXAMPLES / "seed_mlp.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL" in err and "fc2.bias" in err and "check FAILED" in err
+
+
+def test_refuses_to_overwrite_foreign_file(tmp_path, capsys) -> None:
+    target = tmp_path / "seed_mlp_numpy.py"
+    target.write_text("# my own code\n")
+    assert main(["generate", str(EXAMPLES / "seed_mlp.yaml"), "--out", str(tmp_path)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert target.read_text() == "# my own code\n"
+    assert not (tmp_path / "seed_mlp_torch.py").exists()
+    assert main(["generate", str(EXAMPLES / "seed_mlp.yaml"), "--out", str(tmp_path),
+                 "--force"]) == 0
+    assert "DO NOT EDIT" in target.read_text()
+
+
+def test_check_flag_detects_drift(tmp_path) -> None:
+    spec = EXAMPLES / "seed_mlp.yaml"
+    assert main(["generate", str(spec), "--out", str(tmp_path), "--check"]) == 1
+    assert not any(tmp_path.iterdir())
+    assert main(["generate", str(spec), "--out", str(tmp_path)]) == 0
+    path = tmp_path / "seed_mlp_torch.py"
+    path.write_text(path.read_text() + "\n# edited\n")
+    before = path.read_text()
+    assert main(["generate", str(spec), "--out", str(tmp_path), "--check"]) == 1
+    assert path.read_text() == before
+
+
+@pytest.mark.parametrize("hashseed", ["0", "12345"])
+def test_output_is_deterministic(tmp_path, hashseed) -> None:
+    ref = tmp_path / "ref"
+    assert main(["generate", str(EXAMPLES / "mlp_classifier.yaml"), "--out", str(ref)]) == 0
+    res = run_cli("generate", str(EXAMPLES / "mlp_classifier.yaml"), "--out",
+                  str(tmp_path / "other"), env={"PYTHONHASHSEED": hashseed})
+    assert res.returncode == 0, res.stderr
+    for name in ("mlp_classifier_numpy.py", "mlp_classifier_torch.py"):
+        assert (ref / name).read_bytes() == (tmp_path / "other" / name).read_bytes()
