@@ -50,15 +50,24 @@ def loss_spec(loss: str) -> str:
 
 
 def layer_spec(key: str, options: dict) -> str:
+    """A network h -> [branches] -> layer under test -> out, for one test case.
+
+    A case's ``_branches`` ({name: width}) become dense branches from h feeding the layer;
+    without it a layer of arity 1 reads h, and a multi-input layer gets width-3 branches.
+    """
     cls = LAYERS[key]
     lo, _ = cls.arity
+    options = dict(options)
+    widths = options.pop("_branches", None)
+    if widths is None and lo > 1:
+        widths = {f"b{i}": 3 for i in range(lo)}
     extra = f", {_opts(options)}" if options else ""
-    if lo == 1:
+    if not widths:
         middle = f"  - {{name: under_test, type: {key}, input: h{extra}}}"
     else:
-        names = [f"b{i}" for i in range(lo)]
+        names = list(widths)
         branches = "\n".join(
-            f"  - {{name: {n}, type: dense, units: 3, input: h, activation: "
+            f"  - {{name: {n}, type: dense, units: {widths[n]}, input: h, activation: "
             f"{'sigmoid' if i % 2 else 'tanh'}}}" for i, n in enumerate(names))
         middle = (f"{branches}\n  - {{name: under_test, type: {key}, "
                   f"input: [{', '.join(names)}]{extra}}}")

@@ -145,7 +145,7 @@ def reference_loss(spec: ModelSpec, params: Mapping[str, Any], batch: Mapping[st
         values[layer.name] = LAYERS[layer.type].reference(layer, inputs, params)
     loss = spec.loss
     target = batch[loss.target] if loss.target is not None else None
-    return LOSSES[loss.type].reference(values[loss.prediction], target)
+    return LOSSES[loss.type].reference(loss, values[loss.prediction], target)
 
 
 def oracle_grads(spec: ModelSpec, params: Mapping[str, np.ndarray],

@@ -259,7 +259,9 @@ class Lowerer:
                comment: str) -> None:
         extents = dict(zip(axes, self._target_shape(target), strict=True))
         first = len(self.stmts)
-        if isinstance(expr, sp.Sum) and not _is_lse(expr):
+        bound = {lim[0] for lim in expr.limits} if isinstance(expr, sp.Sum) else set()
+        if (isinstance(expr, sp.Sum) and not _is_lse(expr)
+                and self._free(expr.function, bound, axes) == axes):
             self._lower_sum(expr, axes, extents, phase, "", target=target)
         elif _is_lse(expr):
             self._lower_lse(expr, phase, extents, target=target)
@@ -441,13 +443,19 @@ class Lowerer:
         name = ref_name(r)
         assert name is not None
         idx = tuple(r.indices)
+        prefix = name
+        if any(i.is_Integer for i in idx):
+            # A constant index is a stretched size-1 axis: drop it, then align the rest.
+            picks = ", ".join(str(i) if i.is_Integer else ":" for i in idx)
+            prefix = f"{name}[{picks}]"
+            idx = tuple(i for i in idx if not i.is_Integer)
         if any(i not in axes for i in idx) or len(set(idx)) != len(idx):
             raise AssertionError(f"cannot align {r} to axes {axes}")  # pragma: no cover
         pos = [axes.index(i) for i in idx]
         order = tuple(sorted(range(len(idx)), key=lambda n: pos[n]))
-        code = name
+        code = prefix
         if order != tuple(range(len(idx))):
-            code = self.dialect.transpose(name, order)
+            code = self.dialect.transpose(prefix, order)
         sorted_pos = sorted(pos)
         if sorted_pos:
             span = range(sorted_pos[0], len(axes))

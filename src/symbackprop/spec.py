@@ -197,7 +197,11 @@ def _activation(ctx: _Ctx, value: object, path: tuple[str | int, ...]) -> Activa
             if extra:
                 raise ctx.fail((*path, extra[0]), f"unknown key {extra[0]!r} beside 'formula'",
                                key=True)
-            formula = check_option(ctx.where((*path, "formula")), "formula", given["formula"])
+            fwhere = ctx.where((*path, "formula"))
+            formula = check_option(fwhere, "formula", given["formula"])
+            from .formula import parse_at
+
+            parse_at(fwhere, formula, {"x": None})
             return ActivationSpec("formula", (), formula, where)  # type: ignore[arg-type]
         if "type" not in given:
             raise ctx.fail(path, "an activation mapping needs 'type' (or 'formula')")
@@ -322,13 +326,14 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
                            f"layer type {ltype!r} takes {want} input(s), got {len(layer_inputs)}")
         options, wheres = _options(ctx, entry, cls.options, path, {"name", "type", "input"})
         wheres["input"] = ctx.where((*path, "input")) if "input" in entry else ctx.where(path)
+        cls.validate(layer_inputs, options, wheres)
         layers.append(LayerSpec(lname, ltype, layer_inputs, options, ctx.where(path), wheres))
         previous = lname
 
     loss_raw = _mapping(ctx, top["loss"], ("loss",))
-    if "type" not in loss_raw:
-        raise ctx.fail(("loss",), "the loss needs a 'type'")
-    ltype = loss_raw["type"]
+    if "type" not in loss_raw and "formula" not in loss_raw:
+        raise ctx.fail(("loss",), "the loss needs a 'type' (or a 'formula')")
+    ltype = loss_raw.get("type", "formula")
     if not isinstance(ltype, str) or ltype not in LOSSES:
         raise ctx.fail(("loss", "type"), f"unknown loss {ltype!r}; known: "
                                          f"{', '.join(sorted(LOSSES))}")
@@ -343,6 +348,7 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
         raise ctx.fail(("loss", "target"), "target is a name from 'targets'")
     loss_options, loss_wheres = _options(ctx, loss_raw, loss_cls.options, ("loss",),
                                          {"type", "prediction", "target"})
+    loss_cls.validate(loss_options, loss_wheres)
     loss_wheres.setdefault("prediction", ctx.where(("loss", "prediction")))
     loss_wheres.setdefault("target", ctx.where(("loss", "target")))
     loss = LossSpec(ltype, prediction, target, loss_options, ctx.where(("loss",)), loss_wheres)

@@ -81,6 +81,14 @@ def _sum(term: sp.Expr, limits: Limits) -> sp.Expr:
     return sp.Mul(*outside) * scale * core
 
 
+def _drop_constant_deltas(term: sp.Expr) -> sp.Expr:
+    """delta(0, k) = 1: a constant index only marks a size-1 (broadcast) axis, so the
+    target index k on that axis ranges over {0} alone."""
+    return term.replace(
+        lambda e: isinstance(e, sp.KroneckerDelta) and any(a.is_Integer for a in e.args),
+        lambda e: sp.Integer(1))
+
+
 def eliminate_deltas(expr: sp.Expr) -> sp.Expr:
     """Sum out every KroneckerDelta that involves a summation index, recursively."""
     if isinstance(expr, sp.Sum):
@@ -102,7 +110,7 @@ def eliminate_deltas(expr: sp.Expr) -> sp.Expr:
                     break
                 term = reduced
             left = tuple(lim for lim in limits if lim[0] in summed)
-            total += _sum(term, left)
+            total += _sum(_drop_constant_deltas(term), left)
         return total
     if not expr.args or isinstance(expr, sp.Indexed | sp.KroneckerDelta):
         return expr

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import sympy as sp
 
 from ..graph import Graph, Node
-from ..spec import LayerSpec, LossSpec
+from ..spec import LayerSpec, LossSpec, Where
 
 REQUIRED = object()
 
@@ -43,6 +43,11 @@ class Layer:
     arity: ClassVar[tuple[int, int | None]] = (1, 1)
     # Small option sets the parametrized tests build one network from each.
     test_cases: ClassVar[tuple[Mapping[str, object], ...]] = ({},)
+
+    @classmethod
+    def validate(cls, inputs: tuple[str, ...], options: Mapping[str, object],
+                 wheres: Mapping[str, Where]) -> None:
+        """Checks beyond the option schema that need no graph (e.g. formula syntax)."""
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
@@ -96,12 +101,16 @@ class Loss:
     wants_probability: ClassVar[bool] = False
 
     @classmethod
+    def validate(cls, options: Mapping[str, object], wheres: Mapping[str, Where]) -> None:
+        """Checks beyond the option schema (e.g. formula syntax)."""
+
+    @classmethod
     def build(cls, graph: Graph, spec: LossSpec, prediction: Node,
               target: Node | None) -> Node:
         raise NotImplementedError
 
     @classmethod
-    def reference(cls, prediction: Any, target: Any) -> Any:
+    def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
         raise NotImplementedError
 
 

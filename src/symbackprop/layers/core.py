@@ -9,6 +9,7 @@ import sympy as sp
 
 from .. import naming
 from ..errors import ShapeError
+from ..formula import parse_tree, to_sympy, torch_eval
 from ..graph import Graph, Node, sum_index
 from ..spec import ActivationSpec, LayerSpec, Where
 from .base import ACTIVATIONS, Layer, Option, register_layer
@@ -19,6 +20,10 @@ def apply_activation(graph: Graph, act: ActivationSpec | None, pre: Node, out_na
     """Add the node ``out = act(pre)``; with no activation, return ``pre`` itself."""
     if act is None or act.type == "identity":
         return pre
+    if act.type == "formula":
+        formula = to_sympy(parse_tree(act.formula, {"x": None}), {"x": pre.element()})
+        return graph.op(out_name, pre.shape, formula, layer=layer, where=where, kind="map",
+                        label="formula")
     formula = ACTIVATIONS[act.type].formula(pre.element(), dict(act.params))
     return graph.op(out_name, pre.shape, formula, layer=layer, where=where, kind="map",
                     label=f"{act.type}")
@@ -27,6 +32,8 @@ def apply_activation(graph: Graph, act: ActivationSpec | None, pre: Node, out_na
 def activation_reference(act: ActivationSpec | None, x: Any) -> Any:
     if act is None:
         return x
+    if act.type == "formula":
+        return torch_eval(parse_tree(act.formula, {"x": None}), {"x": x})
     return ACTIVATIONS[act.type].reference(x, dict(act.params))
 
 
@@ -122,7 +129,7 @@ class Add(Layer):
     key = "add"
     doc = "elementwise sum of two or more tensors of the same shape"
     arity = (2, None)
-    test_cases = ({},)
+    test_cases = ({}, {"_branches": {"b0": 3, "b1": 3, "b2": 3}})
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:

@@ -9,15 +9,18 @@ targets; for one-hot or probability rows its gradient is softmax(z) - t.
 
 from __future__ import annotations
 
+import ast
+from collections.abc import Mapping
 from typing import Any
 
 import sympy as sp
 
 from ..derive.functions import Softplus
 from ..errors import ShapeError
+from ..formula import parse_at, parse_tree, to_sympy, torch_eval
 from ..graph import Graph, Node, sum_index
-from ..spec import LossSpec
-from .base import Loss, register_loss
+from ..spec import LossSpec, Where
+from .base import Loss, Option, register_loss
 
 
 def _same_shape(spec: LossSpec, prediction: Node, target: Node) -> None:
@@ -53,7 +56,7 @@ class MeanSquaredError(Loss):
                                  "mse")
 
     @classmethod
-    def reference(cls, prediction: Any, target: Any) -> Any:
+    def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
         import torch
 
         return torch.nn.functional.mse_loss(prediction, target)
@@ -74,7 +77,7 @@ class BinaryCrossEntropy(Loss):
             lambda y, t: -(t * sp.log(y) + (1 - t) * sp.log(1 - y)), "bce")
 
     @classmethod
-    def reference(cls, prediction: Any, target: Any) -> Any:
+    def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
         import torch
 
         return torch.nn.functional.binary_cross_entropy(prediction, target)
@@ -93,7 +96,7 @@ class BinaryCrossEntropyWithLogits(Loss):
                                  lambda z, t: Softplus(z) - t * z, "bce_with_logits")
 
     @classmethod
-    def reference(cls, prediction: Any, target: Any) -> Any:
+    def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
         import torch
 
         return torch.nn.functional.binary_cross_entropy_with_logits(prediction, target)
@@ -126,8 +129,51 @@ class SoftmaxCrossEntropy(Loss):
                         label="softmax_cross_entropy")
 
     @classmethod
-    def reference(cls, prediction: Any, target: Any) -> Any:
+    def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
         import torch
 
         flat = prediction.reshape(-1, prediction.shape[-1])
         return torch.nn.functional.cross_entropy(flat, target.reshape(flat.shape))
+
+
+@register_loss
+class FormulaLoss(Loss):
+    """``loss: {formula: "...", prediction: ..., target: ...}``: mean over all elements.
+
+    The formula is elementwise in ``y`` (the prediction) and, if it uses it, ``t`` (the
+    target); sympy differentiates it like a built-in.
+    """
+
+    key = "formula"
+    doc = "mean over all elements of a custom formula in y (prediction) and t (target)"
+    options = {"formula": Option("formula", doc="elementwise loss in y and t")}
+    needs_target = False
+
+    @classmethod
+    def validate(cls, options: Mapping[str, object], wheres: Mapping[str, Where]) -> None:
+        parse_at(wheres["formula"], options["formula"], {"y": None, "t": None})
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node | None) -> Node:
+        tree = parse_at(spec.option_where["formula"], spec.options["formula"],
+                        {"y": None, "t": None})
+        uses_t = any(isinstance(n, ast.Name) and n.id == "t" for n in ast.walk(tree))
+        if uses_t and target is None:
+            raise spec.option_where["formula"].error("the formula uses t but the loss names no "
+                                                     "'target'")
+        if target is not None:
+            _same_shape(spec, prediction, target)
+        sums = tuple(sum_index(k) for k in range(prediction.rank))
+        variables = {"y": prediction.element(sums)}
+        if target is not None:
+            variables["t"] = target.element(sums)
+        body = sp.Sum(to_sympy(tree, variables),
+                      *((s, 0, n - 1) for s, n in zip(sums, prediction.shape, strict=True)))
+        return graph.op("loss", (), body / sp.Mul(*prediction.shape), layer="loss",
+                        where=spec.where, kind="reduction", label="formula")
+
+    @classmethod
+    def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
+        tree = parse_tree(spec.options["formula"], {"y": None, "t": None})
+        values = {"y": prediction} if target is None else {"y": prediction, "t": target}
+        return torch_eval(tree, values).mean()

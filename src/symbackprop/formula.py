@@ -1,0 +1,283 @@
+"""User formulas: parsed with ``ast`` against a whitelist, built into sympy directly.
+
+A formula is spec text, and spec text may come from anyone, so nothing here evaluates
+it: no ``eval``, ``exec``, ``sympify`` or ``parse_expr`` (they all call ``eval``). The
+grammar is numbers, the declared variable names, ``+ - * / **``, unary minus, comparisons
+inside ``where``, and the function table :data:`FUNCTIONS`. Length, nesting depth,
+number size and constant exponents are capped so that no formula can make sympy hang.
+
+The same parsed tree can also be evaluated with torch ops (:func:`torch_eval`); that is
+how the independent autograd oracle computes a custom formula without sympy.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sympy as sp
+
+from .derive.functions import Sigmoid, Softplus
+
+MAX_LENGTH = 500
+MAX_DEPTH = 24
+MAX_NODES = 200
+MAX_EXPONENT = 16
+MAX_NUMBER = 1e6
+
+
+class FormulaProblem(Exception):
+    """A formula outside the grammar; ``col`` is the 1-based column inside the formula."""
+
+    def __init__(self, message: str, col: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.col = col
+
+
+def _relu_like_max(a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    # At a tie the derivative is the second argument's (max(x, 0) behaves like relu).
+    return sp.Piecewise((a, a > b), (b, True))
+
+
+def _min(a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    return sp.Piecewise((a, a < b), (b, True))
+
+
+def _abs(a: sp.Expr) -> sp.Expr:
+    # abs'(0) = 0, as torch.abs.
+    return sp.Piecewise((a, a > 0), (-a, a < 0), (sp.Integer(0), True))
+
+
+def _where(cond: sp.Expr, a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    return sp.Piecewise((a, cond), (b, True))
+
+
+@dataclass(frozen=True)
+class Function:
+    arity: int
+    build: Callable[..., sp.Expr]
+    torch: Callable[..., Any]  # the oracle's version: (torch module, *tensors) -> tensor
+    doc: str
+
+
+FUNCTIONS: Mapping[str, Function] = {
+    "exp": Function(1, sp.exp, lambda t, a: t.exp(a), "e^x"),
+    "log": Function(1, sp.log, lambda t, a: t.log(a), "natural logarithm"),
+    "log1p": Function(1, lambda a: sp.log(1 + a), lambda t, a: t.log1p(a), "log(1 + x)"),
+    "sqrt": Function(1, sp.sqrt, lambda t, a: t.sqrt(a), "square root"),
+    "sin": Function(1, sp.sin, lambda t, a: t.sin(a), "sine"),
+    "cos": Function(1, sp.cos, lambda t, a: t.cos(a), "cosine"),
+    "tanh": Function(1, sp.tanh, lambda t, a: t.tanh(a), "hyperbolic tangent"),
+    "erf": Function(1, sp.erf, lambda t, a: t.erf(a), "error function"),
+    "sigmoid": Function(1, Sigmoid, lambda t, a: t.sigmoid(a), "1 / (1 + e^-x)"),
+    "softplus": Function(1, Softplus, lambda t, a: t.logaddexp(a, t.zeros_like(a)),
+                         "log(1 + e^x)"),
+    "logsigmoid": Function(1, lambda a: -Softplus(-a),
+                           lambda t, a: t.nn.functional.logsigmoid(a), "log(sigmoid(x))"),
+    "abs": Function(1, _abs, lambda t, a: t.abs(a), "|x|, derivative 0 at 0"),
+    "max": Function(2, _relu_like_max, lambda t, a, b: t.where(a > b, a, b),
+                    "larger argument; at a tie the derivative follows the second"),
+    "min": Function(2, _min, lambda t, a, b: t.where(a < b, a, b),
+                    "smaller argument; at a tie the derivative follows the second"),
+    "where": Function(3, _where, lambda t, c, a, b: t.where(c, a, b),
+                      "where(condition, a, b): a where the comparison holds, else b"),
+}
+CONSTANTS: Mapping[str, sp.Expr] = {"pi": sp.pi, "e": sp.E}
+
+_BINARY = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
+_COMPARE = {ast.Gt: sp.StrictGreaterThan, ast.Lt: sp.StrictLessThan,
+            ast.GtE: sp.GreaterThan, ast.LtE: sp.LessThan}
+
+
+def parse_tree(text: object, variables: Mapping[str, object]) -> ast.expr:
+    """Parse and validate ``text``; return the checked expression tree."""
+    if not isinstance(text, str):
+        raise FormulaProblem("a formula is a string")
+    if not text.strip():
+        raise FormulaProblem("the formula is empty")
+    if len(text) > MAX_LENGTH:
+        raise FormulaProblem(f"the formula is longer than {MAX_LENGTH} characters")
+    if not text.isascii() or any(ch in text for ch in "\n\r\t\x00"):
+        raise FormulaProblem("a formula is one line of ASCII text")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise FormulaProblem(f"not a formula: {exc.msg}", exc.offset or 1) from None
+    except (ValueError, RecursionError, MemoryError):
+        raise FormulaProblem("not a formula") from None
+    count = 0
+
+    def check(node: ast.AST, depth: int) -> None:
+        nonlocal count
+        count += 1
+        col = getattr(node, "col_offset", 0) + 1
+        if depth > MAX_DEPTH:
+            raise FormulaProblem(f"the formula nests deeper than {MAX_DEPTH} levels", col)
+        if count > MAX_NODES:
+            raise FormulaProblem(f"the formula has more than {MAX_NODES} parts", col)
+        if isinstance(node, ast.Expression):
+            check(node.body, depth + 1)
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+                raise FormulaProblem(f"only numbers are allowed, not {node.value!r}", col)
+            if abs(node.value) > MAX_NUMBER:
+                raise FormulaProblem(f"number {node.value!r} is larger than {MAX_NUMBER:g}", col)
+        elif isinstance(node, ast.Name):
+            if node.id not in variables and node.id not in CONSTANTS:
+                known = ", ".join(sorted(variables)) or "none"
+                raise FormulaProblem(f"unknown name {node.id!r} (variables: {known})", col)
+        elif isinstance(node, ast.BinOp):
+            if type(node.op) not in _BINARY:
+                raise FormulaProblem(f"operator {type(node.op).__name__} is not allowed", col)
+            if isinstance(node.op, ast.Pow) and not _mentions_variable(node.right, variables):
+                # A constant exponent must be a plain number: 2**(16**16) would make sympy
+                # compute a gigantic integer.
+                exponent = _constant_value(node.right)
+                if exponent is None:
+                    raise FormulaProblem("a constant exponent must be a plain number", col)
+                if abs(exponent) > MAX_EXPONENT:
+                    raise FormulaProblem(f"exponent {exponent:g} is larger than "
+                                         f"{MAX_EXPONENT}", col)
+            check(node.left, depth + 1)
+            check(node.right, depth + 1)
+        elif isinstance(node, ast.UnaryOp):
+            if not isinstance(node.op, ast.USub | ast.UAdd):
+                raise FormulaProblem(f"operator {type(node.op).__name__} is not allowed", col)
+            check(node.operand, depth + 1)
+        elif isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name):
+                raise FormulaProblem("only the listed functions may be called, by plain name",
+                                     col)
+            if node.func.id not in FUNCTIONS:
+                name = node.func.id
+                raise FormulaProblem(f"unknown function {name!r} (allowed: "
+                                     f"{', '.join(sorted(FUNCTIONS))})", col)
+            fn = FUNCTIONS[node.func.id]
+            if node.keywords or len(node.args) != fn.arity:
+                raise FormulaProblem(f"{node.func.id}() takes {fn.arity} argument(s)", col)
+            for i, arg in enumerate(node.args):
+                if node.func.id == "where" and i == 0:
+                    if not isinstance(arg, ast.Compare):
+                        raise FormulaProblem("where() needs a comparison first", col)
+                    check_compare(arg, depth + 1)
+                else:
+                    check(arg, depth + 1)
+        elif isinstance(node, ast.Compare):
+            raise FormulaProblem("comparisons are only allowed as where()'s condition", col)
+        else:
+            raise FormulaProblem(f"{type(node).__name__} is not allowed in a formula", col)
+
+    def check_compare(node: ast.Compare, depth: int) -> None:
+        col = node.col_offset + 1
+        if len(node.ops) != 1 or type(node.ops[0]) not in _COMPARE:
+            raise FormulaProblem("use one of < > <= >= in where()", col)
+        check(node.left, depth + 1)
+        check(node.comparators[0], depth + 1)
+
+    check(tree, 0)
+    return tree.body
+
+
+def _mentions_variable(node: ast.AST, variables: Mapping[str, object]) -> bool:
+    return any(isinstance(n, ast.Name) and n.id in variables for n in ast.walk(node))
+
+
+def parse_at(where: Any, text: object, variables: Mapping[str, object]) -> ast.expr:
+    """:func:`parse_tree`, reporting problems as a located :class:`FormulaError`."""
+    from .errors import FormulaError
+
+    try:
+        return parse_tree(text, variables)
+    except FormulaProblem as problem:
+        raise where.error(f"{problem.message} (formula column {problem.col})",
+                          FormulaError) from None
+
+
+def _constant_value(node: ast.AST) -> float | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        inner = _constant_value(node.operand)
+        return -inner if inner is not None else None
+    return None
+
+
+def _number(value: int | float) -> sp.Expr:
+    return sp.Integer(value) if isinstance(value, int) else sp.Float(repr(value))
+
+
+def to_sympy(tree: ast.expr, variables: Mapping[str, sp.Expr]) -> sp.Expr:
+    """Build the sympy expression of a checked tree (no evaluation of text)."""
+
+    def build(node: ast.AST) -> sp.Expr:
+        if isinstance(node, ast.Constant):
+            return _number(node.value)
+        if isinstance(node, ast.Name):
+            return variables[node.id] if node.id in variables else CONSTANTS[node.id]
+        if isinstance(node, ast.UnaryOp):
+            inner = build(node.operand)
+            return -inner if isinstance(node.op, ast.USub) else inner
+        if isinstance(node, ast.BinOp):
+            a, b = build(node.left), build(node.right)
+            op = _BINARY[type(node.op)]
+            if op == "+":
+                return a + b
+            if op == "-":
+                return a - b
+            if op == "*":
+                return a * b
+            if op == "/":
+                return a / b
+            return sp.Pow(a, b)
+        if isinstance(node, ast.Compare):
+            return _COMPARE[type(node.ops[0])](build(node.left), build(node.comparators[0]))
+        if isinstance(node, ast.Call):
+            assert isinstance(node.func, ast.Name)
+            return FUNCTIONS[node.func.id].build(*(build(a) for a in node.args))
+        raise AssertionError(type(node))  # pragma: no cover - parse_tree rejects these
+
+    return build(tree)
+
+
+def parse(text: object, variables: Mapping[str, sp.Expr]) -> sp.Expr:
+    return to_sympy(parse_tree(text, variables), variables)
+
+
+def torch_eval(tree: ast.expr, variables: Mapping[str, Any]) -> Any:
+    """Evaluate a checked tree with torch ops, for the autograd oracle."""
+    import math
+
+    import torch
+
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant):
+            return float(node.value)
+        if isinstance(node, ast.Name):
+            if node.id in variables:
+                return variables[node.id]
+            return {"pi": math.pi, "e": math.e}[node.id]
+        if isinstance(node, ast.UnaryOp):
+            inner = ev(node.operand)
+            return -inner if isinstance(node.op, ast.USub) else inner
+        if isinstance(node, ast.BinOp):
+            a, b = ev(node.left), ev(node.right)
+            op = _BINARY[type(node.op)]
+            return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
+                    "/": lambda: a / b, "**": lambda: a ** b}[op]()
+        if isinstance(node, ast.Compare):
+            a, b = ev(node.left), ev(node.comparators[0])
+            op = type(node.ops[0])
+            return {ast.Gt: a > b, ast.Lt: a < b, ast.GtE: a >= b, ast.LtE: a <= b}[op]
+        if isinstance(node, ast.Call):
+            assert isinstance(node.func, ast.Name)
+            args = [ev(a) for a in node.args]
+            like = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            args = [a if isinstance(a, torch.Tensor) or like is None
+                    else torch.full_like(like, a) for a in args]
+            return FUNCTIONS[node.func.id].torch(torch, *args)
+        raise AssertionError(type(node))  # pragma: no cover
+
+    return ev(tree)
