@@ -36,8 +36,9 @@ def activation_spec(act: str) -> str:
     """
 
 
-def loss_spec(loss: str) -> str:
+def loss_spec(loss: str, options: dict) -> str:
     final = "sigmoid" if LOSSES[loss].wants_probability else "identity"
+    extra = f", {_opts(options)}" if options else ""
     return f"""
     name: loss_{loss}
     inputs: {{x: [N, 3]}}
@@ -45,7 +46,7 @@ def loss_spec(loss: str) -> str:
     layers:
       - {{name: h, type: dense, units: 5, activation: tanh}}
       - {{name: out, type: dense, units: 4, activation: {final}}}
-    loss: {{type: {loss}, target: t}}
+    loss: {{type: {loss}, target: t{extra}}}
     """
 
 
@@ -84,7 +85,8 @@ loss: {{type: mse, target: t}}
 
 CASES = (
     [pytest.param(activation_spec(a), id=f"activation-{a}") for a in sorted(ACTIVATIONS)]
-    + [pytest.param(loss_spec(name), id=f"loss-{name}") for name in sorted(LOSSES)]
+    + [pytest.param(loss_spec(name, opts), id=f"loss-{name}-{i}")
+       for name in sorted(LOSSES) for i, opts in enumerate(LOSSES[name].test_cases)]
     + [pytest.param(layer_spec(key, opts), id=f"layer-{key}-{i}")
        for key in sorted(LAYERS) for i, opts in enumerate(LAYERS[key].test_cases)]
 )

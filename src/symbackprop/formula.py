@@ -71,6 +71,7 @@ FUNCTIONS: Mapping[str, Function] = {
     "sin": Function(1, sp.sin, lambda t, a: t.sin(a), "sine"),
     "cos": Function(1, sp.cos, lambda t, a: t.cos(a), "cosine"),
     "tanh": Function(1, sp.tanh, lambda t, a: t.tanh(a), "hyperbolic tangent"),
+    "cosh": Function(1, sp.cosh, lambda t, a: t.cosh(a), "hyperbolic cosine"),
     "erf": Function(1, sp.erf, lambda t, a: t.erf(a), "error function"),
     "sigmoid": Function(1, Sigmoid, lambda t, a: t.sigmoid(a), "1 / (1 + e^-x)"),
     "softplus": Function(1, Softplus, lambda t, a: t.logaddexp(a, t.zeros_like(a)),

@@ -190,6 +190,12 @@ class Indicator(sp.Function):
     nargs = 1
 
 
+class Select(sp.Function):
+    """``Select(c, a, b)``: a where c holds, else b (a Piecewise that sums cannot fold)."""
+
+    nargs = 3
+
+
 class RowSoftmax(sp.Function):
     """``softmax(z)_{..c}`` over the last axis of the tensor ``z`` (the argument is ``z[.., c]``)."""
 
@@ -430,6 +436,11 @@ class IndexPrinter(LatexPrinter):
     def _print_Indicator(self, expr: sp.Expr, exp: object = None) -> str:
         return rf"\mathbb{{I}}\left[{self._print(expr.args[0])}\right]"
 
+    def _print_Select(self, expr: sp.Expr, exp: object = None) -> str:
+        cond, a, b = expr.args
+        return (rf"\begin{{cases}} {self._print(a)} & \text{{if }} {self._print(cond)} \\ "
+                rf"{self._print(b)} & \text{{otherwise}} \end{{cases}}")
+
     def _print_RowSoftmax(self, expr: sp.Expr, exp: object = None) -> str:
         (arg,) = expr.args
         name = str(arg.base.label)
@@ -463,8 +474,8 @@ class IndexPrinter(LatexPrinter):
     def _print_Add(self, expr: sp.Add, order: str | None = None) -> str:
         """Sums and products of arrays before lone terms: x W^T + b, not b + x W^T."""
         terms = list(expr.as_ordered_terms())
-        terms.sort(key=lambda t: 0 if t.has(sp.Sum) or (t.free_symbols & self.products)
-                   else 1)
+        terms.sort(key=lambda t: (0 if t.has(sp.Sum) or (t.free_symbols & self.products)
+                                  else 1, 1 if t.could_extract_minus_sign() else 0))
         out = ""
         for n, term in enumerate(terms):
             if n == 0:
@@ -550,7 +561,7 @@ class MatrixPrinter(IndexPrinter):
         base, exp = expr.args
         if exp.is_Integer and int(exp) > 1 and not self._is_constant(base):
             inner = self._print(base)
-            if not (base in self.verbatim and base not in self.products):
+            if not (base in self.verbatim and base not in self.products) or "^" in inner:
                 inner = rf"\left({inner}\right)"
             return rf"{inner}^{{\circ {self._print(exp)}}}"
         return super()._print_Pow(expr)
@@ -571,13 +582,21 @@ def _rebuild(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr]) -> sp.Expr:
 
 
 def _indicators(expr: sp.Expr) -> sp.Expr:
-    """Piecewise((e, c), (0, True)) -> e * I[c]."""
+    """Piecewise((e, c), (0, True)) -> e * I[c]; any other Piecewise -> Select.
+
+    Besides reading better, this keeps Piecewise out of sums: sympy's ``Sum`` folds a
+    Piecewise in its body outwards (``piecewise_fold``), past the index it depends on.
+    """
     def rule(e: sp.Expr) -> sp.Expr:
-        if isinstance(e, sp.Piecewise) and len(e.args) == 2 and e.args[1].cond == sp.true \
-                and e.args[1].expr == 0:
-            value, cond = e.args[0]
-            return value * Indicator(cond) if value != 1 else Indicator(cond)
-        return e
+        if not isinstance(e, sp.Piecewise) or e.args[-1].cond != sp.true:
+            return e
+        out = e.args[-1].expr
+        for value, cond in reversed(e.args[:-1]):
+            if out == 0:
+                out = value * Indicator(cond) if value != 1 else Indicator(cond)
+            else:
+                out = Select(cond, value, out)
+        return out
     return _rebuild(expr, rule)
 
 
@@ -639,6 +658,9 @@ class _Builder:
         self.reaches = self._reaches_loss()
         self.fresh = 0
         self.fnames: dict[str, str] = {}
+        self._edge_cache: dict[tuple[str, str], list[Block]] = {}
+        self._delta_cache: dict[str, list[Block]] = {}
+        self._generic_cache: dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]] | None = None
         self.definitions: dict[str, tuple[sp.Symbol, sp.Expr]] = {}
         for node in self.nodes.values():
             self._describe_function(node)
@@ -910,9 +932,9 @@ class _Builder:
         """Substitute adjoint tensors by their formulas until only ``keep`` ones remain."""
         if table is None:
             table = {var: (tuple(sp.Symbol(f"k{n}", integer=True)
-                                 for n in range(self.nodes[a.node].rank)), a.expr)
+                                 for n in range(self.nodes[a.node].rank)), _indicators(a.expr))
                      for var, a in self.adjoints.items()}
-        expr = expr.xreplace({self.deriv.seed: sp.Integer(1)})
+        expr = _indicators(expr).xreplace({self.deriv.seed: sp.Integer(1)})
         for _ in range(len(self.nodes) + 1):
             refs = sorted((r for r in expr.atoms(sp.Indexed)
                            if str(r.base.label) in table
@@ -1075,75 +1097,67 @@ class _Builder:
         return vjp(consumer, operand, g)
 
     def _factors(self, paths: list[list[str]]) -> list[Block]:
-        names = self.names
         out: list[Block] = [Heading(3, _spans("Each factor, as sympy derived it"))]
-        for consumer_name, operand_name in self._edges(paths):
-            consumer = self.nodes[consumer_name]
-            operand = self.nodes[operand_name]
-            assert consumer.body is not None
-            kind = {"map": "elementwise", "contraction": "a contraction",
-                    "reduction": "a reduction"}.get(consumer.kind, consumer.kind)
-            head = _spans(_m(names.partial(consumer_name, operand_name)), " — ",
-                          _c(consumer_name), f" ({consumer.label or consumer.kind}, {kind}):")
-            out.append(Para(head))
-            rows: list[tuple[str, ...]] = []
-            elementwise = (consumer.kind == "map" and not consumer.body.has(sp.Sum) and all(
-                tuple(r.indices) == consumer.indices() for r in consumer.body.atoms(sp.Indexed)
-                if str(r.base.label) == operand_name))
-            if elementwise:
-                i = consumer.indices()
-                raw = sp.diff(consumer.body, ref(operand_name, i))
-                simple = self.simplified(raw)
-                letters = self.letters(raw, simple, first=i)
-                lhs = names.partial(consumer_name, operand_name, self.sub(i, letters),
-                                    self.sub(i, letters), arrays=False)
-                chain = []
-                if consumer_name in self.fnames and self._elementwise_operand(consumer) \
-                        is not None:
-                    chain.append(self.idx(FnPrime(sp.Symbol(consumer_name),
-                                                  ref(operand_name, i)), letters))
-                for e in (raw, simple):
-                    text = self.idx(self.display(e), letters)
-                    if text not in chain:
-                        chain.append(text)
-                rows.append((lhs, "= " + chain[0]))
-                rows += [("", "= " + t) for t in chain[1:]]
-            else:
-                i = consumer.indices()
-                k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(operand.rank))
-                local = eliminate_deltas(sp.diff(consumer.body, ref(operand_name, k)))
-                letters = self.letters(local, first=(*i, *k),
-                                       context=(ref(consumer_name, i), ref(operand_name, k)))
-                lhs = names.partial(consumer_name, operand_name, self.sub(i, letters),
-                                    self.sub(k, letters), arrays=False)
-                rows.append((lhs, "= " + self.idx(self.display(local), letters)))
-            # The vector-Jacobian product: what this factor does to the gradient.
-            raw_vjp = vjp(consumer, operand, naming.adjoint(consumer_name))
-            result = self.display(self.simplified(raw_vjp))
-            k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(operand.rank))
-            generic = self.display(self._generic_vjp(consumer, operand))
-            letters = self.letters(result, generic, first=k)
-            lhs_el = rf"\frac{{\partial L}}{{\partial {self.element(operand_name, k, letters)}}}"
-            vrows: list[tuple[str, ...]] = []
-            seen: list[str] = []
-            for e in (generic, result):
-                text = self.idx(e, letters)
-                if text not in seen:
-                    seen.append(text)
-            vrows.append((lhs_el, "= " + seen[0]))
-            vrows += [("", "= " + t) for t in seen[1:]]
-            mats: list[str] = []
-            for e in (generic, result):
-                mat = self.matrix(e, k) if k else None
-                if mat is not None and mat not in mats:
-                    mats.append(mat)
-            if mats:
-                lhs_m = rf"\frac{{\partial L}}{{\partial {names.array(operand_name)}}}"
-                vrows.append((lhs_m, "= " + mats[0]))
-                vrows += [("", "= " + t) for t in mats[1:]]
-            out.append(Display(tuple(rows)))
+        for consumer, operand in self._edges(paths):
+            if (consumer, operand) not in self._edge_cache:
+                self._edge_cache[consumer, operand] = self._edge(consumer, operand)
+            out += self._edge_cache[consumer, operand]
+        return out
+
+    def _rows(self, lhs: str, forms: Sequence[str]) -> list[tuple[str, ...]]:
+        """``lhs = f1 = f2 ...``, one row per distinct form."""
+        distinct = list(dict.fromkeys(forms))
+        if not distinct:
+            return []
+        return [(lhs, "= " + distinct[0])] + [("", "= " + f) for f in distinct[1:]]
+
+    def _edge(self, consumer_name: str, operand_name: str) -> list[Block]:
+        """One factor d(consumer)/d(operand): its local derivative and what it does to dL."""
+        names = self.names
+        consumer = self.nodes[consumer_name]
+        operand = self.nodes[operand_name]
+        assert consumer.body is not None
+        kind = {"map": "elementwise", "contraction": "a contraction",
+                "reduction": "a reduction"}.get(consumer.kind, consumer.kind)
+        out: list[Block] = [Para(_spans(
+            _m(names.partial(consumer_name, operand_name)), " — ", _c(consumer_name),
+            f" ({consumer.label or consumer.kind}, {kind}):"))]
+        i = consumer.indices()
+        k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(operand.rank))
+        elementwise = (consumer.kind == "map" and not consumer.body.has(sp.Sum) and all(
+            tuple(r.indices) == i for r in consumer.body.atoms(sp.Indexed)
+            if str(r.base.label) == operand_name))
+        if elementwise:
+            # A scalar derivative: the Jacobian is diagonal.
+            raw = sp.diff(consumer.body, ref(operand_name, i))
+            forms = [self.display(raw), self.display(self.simplified(raw))]
+            if consumer_name in self.fnames and self._elementwise_operand(consumer) is not None:
+                forms.insert(0, FnPrime(sp.Symbol(consumer_name), ref(operand_name, i)))
+            letters = self.letters(*forms, first=i)
+            sub = self.sub(i, letters)
+            lhs = names.partial(consumer_name, operand_name, sub, sub, arrays=False)
+            out.append(Display(tuple(self._rows(lhs, [self.idx(f, letters) for f in forms]))))
+        elif consumer.rank:
+            local = self.display(eliminate_deltas(sp.diff(consumer.body, ref(operand_name, k))))
+            letters = self.letters(local, first=(*i, *k),
+                                   context=(ref(consumer_name, i), ref(operand_name, k)))
+            lhs = names.partial(consumer_name, operand_name, self.sub(i, letters),
+                                self.sub(k, letters), arrays=False)
+            out.append(Display(((lhs, "= " + self.idx(local, letters)),)))
+        # The vector-Jacobian product: what this factor does to the gradient.
+        generic = self.display(self._generic_vjp(consumer, operand))
+        result = self.display(self.simplified(
+            vjp(consumer, operand, naming.adjoint(consumer_name))))
+        letters = self.letters(generic, result, first=k, context=(ref(operand_name, k),))
+        lhs = rf"\frac{{\partial L}}{{\partial {self.element(operand_name, k, letters)}}}"
+        rows = self._rows(lhs, [self.idx(e, letters) for e in (generic, result)])
+        mats = [m for m in (self.matrix(e, k) if k else None for e in (generic, result))
+                if m is not None]
+        rows += self._rows(rf"\frac{{\partial L}}{{\partial {names.array(operand_name)}}}",
+                           mats)
+        if consumer.rank:
             out.append(Para(_spans("so the gradient flows back as")))
-            out.append(Display(tuple(vrows)))
+        out.append(Display(tuple(rows)))
         return out
 
     def sub(self, indices: Sequence[sp.Expr], letters: Mapping[sp.Symbol, str]) -> str:
@@ -1216,13 +1230,22 @@ class _Builder:
         deltas = self._delta_nodes(paths)
         if not deltas:
             return []
-        names = self.names
         out: list[Block] = [Heading(3, _spans("The error at each layer (the delta recursion)"))]
-        first = deltas[0]
+        if deltas[0] not in self._delta_cache:
+            self._delta_cache[deltas[0]] = self._output_delta(deltas[0])
+        out += self._delta_cache[deltas[0]]
+        for earlier in deltas[1:]:
+            if earlier not in self._delta_cache:
+                self._delta_cache[earlier] = self._delta_step(earlier)
+            out += self._delta_cache[earlier]
+        return out
+
+    def _output_delta(self, first: str) -> list[Block]:
+        """The error at the last contraction, in forward quantities only."""
+        names = self.names
         k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(self.nodes[first].rank))
         adj = self.adjoints[naming.adjoint(first)]
-        unrolled = self.unroll(adj.expr, keep=lambda n: False)
-        forms = [self.display(unrolled)]
+        forms = [self.display(self.unroll(adj.expr, keep=lambda n: False))]
         loss_cls = LOSSES.get(self.spec.loss.type)
         note = None
         if loss_cls is not None and loss_cls.target_kind == "distribution":
@@ -1231,50 +1254,38 @@ class _Builder:
                 forms.append(self.display(self.simplified(collapsed)))
                 note = ("Each row of the target sums to 1 (one-hot or probabilities), so "
                         "the sum over classes drops out.")
-        out.append(Para(_spans("At the output, in forward quantities only:")))
+        out: list[Block] = [Para(_spans("At the output, in forward quantities only:"))]
+        var = naming.adjoint(first)
         letters = self.letters(*forms, first=k)
-        lhs = names.array(naming.adjoint(first))
-        rows: list[tuple[str, ...]] = []
-        mats = [m for m in (self.matrix(f, k) for f in forms) if m is not None]
-        if mats:
-            rows.append((lhs, "= " + mats[0]))
-            rows += [("", "= " + m) for m in mats[1:]]
-        texts = [self.idx(f, letters) for f in forms]
-        rows.append((self.element(naming.adjoint(first), k, letters), "= " + texts[0]))
-        rows += [("", "= " + t) for t in texts[1:]]
+        rows = self._rows(names.array(var), [m for m in (self.matrix(f, k) for f in forms)
+                                             if m is not None])
+        rows += self._rows(self.element(var, k, letters), [self.idx(f, letters) for f in forms])
         out.append(Display(tuple(rows)))
         if note:
             out.append(Para(_spans(note)))
-        generic_table = self._generic_table()
-        for later, earlier in itertools.pairwise(deltas):
-            del later
-            kk = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(self.nodes[earlier].rank))
-            target = naming.adjoint(earlier)
-            generic = self.display(self.unroll(generic_table[target][1].xreplace(
-                dict(zip(generic_table[target][0], kk, strict=True))),
-                keep=lambda n: self.names.is_delta(n), table=generic_table))
-            engine = self.display(self.unroll(self.adjoints[target].expr,
-                                              keep=lambda n: self.names.is_delta(n)))
-            rows = []
-            seen: list[str] = []
-            for e in (generic, engine):
-                mat = self.matrix(e, kk)
-                if mat is not None and mat not in seen:
-                    seen.append(mat)
-            if seen:
-                rows.append((names.array(target), "= " + seen[0]))
-                rows += [("", "= " + s) for s in seen[1:]]
-            letters = self.letters(generic, engine, first=kk)
-            idx_forms: list[str] = []
-            for e in (generic, engine):
-                text = self.idx(e, letters)
-                if text not in idx_forms:
-                    idx_forms.append(text)
-            rows.append((self.element(target, kk, letters), "= " + idx_forms[0]))
-            rows += [("", "= " + t) for t in idx_forms[1:]]
-            out.append(Para(_spans("One layer down:")))
-            out.append(Display(tuple(rows)))
         return out
+
+    def _delta_step(self, earlier: str) -> list[Block]:
+        """delta one layer down, in terms of the deltas above it: generic, then computed."""
+        table = self._generic()
+        k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(self.nodes[earlier].rank))
+        var = naming.adjoint(earlier)
+        targets, body = table[var]
+        generic = self.display(self.unroll(body.xreplace(dict(zip(targets, k, strict=True))),
+                                           keep=self.names.is_delta, table=table))
+        engine = self.display(self.unroll(self.adjoints[var].expr, keep=self.names.is_delta))
+        rows = self._rows(self.names.array(var), [m for m in (self.matrix(e, k)
+                                                              for e in (generic, engine))
+                                                  if m is not None])
+        letters = self.letters(generic, engine, first=k)
+        rows += self._rows(self.element(var, k, letters),
+                           [self.idx(e, letters) for e in (generic, engine)])
+        return [Para(_spans("One layer down:")), Display(tuple(rows))]
+
+    def _generic(self) -> dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]]:
+        if self._generic_cache is None:
+            self._generic_cache = self._generic_table()
+        return self._generic_cache
 
     def _generic_table(self) -> dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]]:
         """Adjoint formulas over the unfused graph, f'(x) kept symbolic."""
@@ -1288,7 +1299,7 @@ class _Builder:
             for c in self.consumers[name]:
                 if c in self.reaches:
                     part = self._generic_vjp(self.nodes[c], node)
-                    total += part if part.has(FnPrime) else self.simplified(part)
+                    total += _indicators(part if part.has(FnPrime) else self.simplified(part))
             table[naming.adjoint(name)] = (k, total)
         return table
 
@@ -1624,9 +1635,14 @@ body { font-family: 'DejaVu Serif', 'Latin Modern Roman', serif; margin: 2em aut
 h1, h2, h3 { font-family: 'DejaVu Sans', sans-serif; }
 h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
 code { font-size: 0.9em; background: #f3f3f3; padding: 0 0.2em; }
-div.eq { overflow-x: auto; margin: 0.6em 0 0.6em 1.5em; }
+div.eq { overflow-x: auto; overflow-y: hidden; margin: 0.4em 0 0.4em 1.5em;
+          padding: 0.3em 0; }
+mtable { math-style: normal; }
 math { font-family: 'Latin Modern Math', 'STIX Two Math', 'DejaVu Math TeX Gyre', math; }
-math[display="block"] { display: block math; text-align: left; }
+div.eq > math { display: inline math; math-style: normal; }
+mtd[columnalign="right"] { text-align: right; }
+mtd[columnalign="left"] { text-align: left; }
+mtd { padding: 0.15em 0; }
 """
 
 

@@ -99,6 +99,8 @@ class Loss:
     target_kind: ClassVar[str] = "real"
     # Whether predictions must lie in (0, 1) (bce on probabilities).
     wants_probability: ClassVar[bool] = False
+    # Option sets the parametrized tests build one network from each.
+    test_cases: ClassVar[tuple[Mapping[str, object], ...]] = ({},)
 
     @classmethod
     def validate(cls, options: Mapping[str, object], wheres: Mapping[str, Where]) -> None:

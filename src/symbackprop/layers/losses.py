@@ -148,6 +148,7 @@ class FormulaLoss(Loss):
     doc = "mean over all elements of a custom formula in y (prediction) and t (target)"
     options = {"formula": Option("formula", doc="elementwise loss in y and t")}
     needs_target = False
+    test_cases = ({"formula": "log(cosh(y - t))"}, {"formula": "softplus(-y*t) + y**2/8"})
 
     @classmethod
     def validate(cls, options: Mapping[str, object], wheres: Mapping[str, Where]) -> None:
