@@ -8,11 +8,12 @@ parameters, inputs and targets never get an adjoint, so no code is emitted for t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
 from . import naming
+from .derive import stable
 from .derive.calculus import simplify_local, substitute_known, vjp
 from .derive.fusion import Fused, fuse
 from .graph import Graph, Node, target_index
@@ -46,14 +47,25 @@ class Derivation:
     adjoints: list[Adjoint]       # in evaluation order (loss first)
     grads: dict[str, str]         # trainable parameter name -> adjoint variable
     seed: sp.Symbol
+    rewrites: list[stable.Fired] = field(default_factory=list)
 
     def node(self, name: str) -> Node:
         return self.fused.nodes.get(name) or self.graph.nodes[name]
 
 
 def derive(graph: Graph) -> Derivation:
-    fused = fuse(graph)
+    rewrites: list[stable.Fired] = []
+
+    def prepare(name: str, body: sp.Expr) -> sp.Expr:
+        return stable.apply(body, f"forward {name}", rewrites)
+
+    # Stable forms first, per op and again after fusion, so the derivative is taken of
+    # what will be computed.
+    fused = fuse(graph, prepare)
     order = list(fused.nodes)
+    for name, node in fused.nodes.items():
+        node.body = prepare(name, node.body)  # type: ignore[arg-type]
+        fused.inlined[name] = node.body  # type: ignore[assignment]
 
     # Forward: every remaining op, plus the prediction even when fused into the loss
     # (forward() returns it, and the loss and backward pass reuse it).
@@ -61,7 +73,8 @@ def derive(graph: Graph) -> Derivation:
     known: list[Node] = []
     forward: dict[str, sp.Expr] = {}
     for name in computed:
-        node = fused.nodes.get(name) or graph.nodes[name]
+        node = fused.nodes.get(name) or replace(graph.nodes[name],
+                                                body=fused.inlined[name])
         body = substitute_known(node.body, reversed(known))  # type: ignore[arg-type]
         forward[name] = body
         known.append(node)
@@ -99,7 +112,9 @@ def derive(graph: Graph) -> Derivation:
             raw = vjp(node, target, adjoint.var)
             if raw == 0:
                 continue
-            simplified = substitute_known(simplify_local(raw), reversed(known))
+            simplified = stable.apply(simplify_local(raw), f"backward {adjoint.var} -> "
+                                      f"{naming.adjoint(operand)}", rewrites)
+            simplified = substitute_known(simplified, reversed(known))
             pending.setdefault(operand, []).append(Contribution(name, raw, simplified))
     for param in graph.params():
         if not param.trainable:
@@ -111,7 +126,7 @@ def derive(graph: Graph) -> Derivation:
         adjoints.append(Adjoint(param.name, naming.adjoint(param.name), expr, contributions))
         assert param.param is not None
         grads[param.param] = naming.adjoint(param.name)
-    return Derivation(graph, fused, computed, forward, adjoints, grads, seed)
+    return Derivation(graph, fused, computed, forward, adjoints, grads, seed, rewrites)
 
 
 def target_indices(node: Node) -> tuple[sp.Symbol, ...]:

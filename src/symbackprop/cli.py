@@ -34,8 +34,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="overwrite files that are not symbackprop modules")
     gen.add_argument("--check", action="store_true",
                      help="write nothing; exit 1 if the files on disk differ from the spec")
+    gen.add_argument("--explain", action="store_true",
+                     help="list the numerically stable rewrites applied, and where")
     chk = sub.add_parser("check", help="finite-difference and torch autograd cross-check")
     chk.add_argument("spec", help="the model spec (YAML)")
+    lat = sub.add_parser("latex", help="print the chain-rule derivation of every gradient "
+                                       "(Markdown, LaTeX or HTML)")
+    lat.add_argument("spec", help="the model spec (YAML)")
+    lat.add_argument("--format", choices=("md", "tex", "html"), default=None,
+                     help="md: Markdown with $$ blocks; tex: a standalone LaTeX document; "
+                          "html: a page with MathML that needs no network (default: from "
+                          "the -o suffix, else md)")
+    lat.add_argument("-o", "--out", default=None, help="write to this file (default: stdout)")
+    lat.add_argument("--param", action="append", default=None, metavar="NAME",
+                     help="only this parameter, e.g. fc1.weight (repeatable)")
+    lat.add_argument("--expand", action="store_true",
+                     help="also write every scalar weight's partial derivative (small nets)")
     return parser
 
 
@@ -51,6 +65,20 @@ def run(argv: Sequence[str]) -> int:
         verb = "up to date" if args.check else "wrote"
         for path in paths:
             print(f"{verb} {path}")
+        if args.explain:
+            from .api import compile_spec, explain
+
+            print(explain(compile_spec(args.spec)))
+        return 0
+    if args.command == "latex":
+        from .api import write_derivation
+
+        text, written = write_derivation(args.spec, args.out, args.format,
+                                         params=args.param, expand=args.expand)
+        if written is None:
+            sys.stdout.write(text)
+        else:
+            print(f"wrote {written}")
         return 0
     if args.command == "check":
         from .check import check_path

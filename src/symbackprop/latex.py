@@ -574,11 +574,14 @@ class MatrixPrinter(IndexPrinter):
 # Rewrites for display (mathematically identities; never change a value).
 
 def _rebuild(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr]) -> sp.Expr:
-    """Apply ``rule`` bottom-up."""
+    """Apply ``rule`` bottom-up (rebuilding only the nodes whose arguments changed)."""
     if not expr.args or isinstance(expr, sp.Indexed | sp.IndexedBase):
         return rule(expr)
+    args = tuple(_rebuild(a, rule) for a in expr.args)
+    if all(new is old for new, old in zip(args, expr.args, strict=True)):
+        return rule(expr)
     with distribute(False):
-        return rule(expr.func(*(_rebuild(a, rule) for a in expr.args)))
+        return rule(expr.func(*args))
 
 
 def _indicators(expr: sp.Expr) -> sp.Expr:
@@ -654,11 +657,19 @@ class _Builder:
         self.nodes = self.graph.nodes
         self.adjoints: dict[str, Adjoint] = {a.var: a for a in deriv.adjoints}
         self.known = [deriv.node(n) for n in deriv.computed]
+        # Forward bodies worth recognising in a derivative: sigma(z) -> h, log-sum-exp.
+        # Compound bodies (sums, products) are left out: matching them with wildcards is
+        # slow, and the engine's own simplified forms, shown beside, already use them.
+        self.patterns = [n for n in reversed(self.known) if isinstance(n.body, sp.Function)]
         self.consumers = self.graph.consumers()
         self.reaches = self._reaches_loss()
         self.fresh = 0
         self.fnames: dict[str, str] = {}
         self._edge_cache: dict[tuple[str, str], list[Block]] = {}
+        self._simplified: dict[sp.Expr, sp.Expr] = {}
+        self._generic_vjps: dict[tuple[str, str], sp.Expr] = {}
+        self._fused_cache: dict[tuple[str, str], list[Block]] = {}
+        self._displayed: dict[sp.Expr, sp.Expr] = {}
         self._delta_cache: dict[str, list[Block]] = {}
         self._generic_cache: dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]] | None = None
         self.definitions: dict[str, tuple[sp.Symbol, sp.Expr]] = {}
@@ -722,7 +733,7 @@ class _Builder:
         if label in ACTIVATIONS and label not in ("identity",):
             self.fnames[node.name] = _opname(label)
         else:
-            self.fnames[node.name] = rf"f^{{{self.names.syms[node.name].sup or _rm(node.name)}}}"
+            self.fnames[node.name] = rf"f_{{{_rm(node.layer)}}}"
         u = sp.Symbol("u", real=True)
         self.definitions[node.name] = (u, body.xreplace({operand: u}))
 
@@ -748,8 +759,13 @@ class _Builder:
         return self.names.element(name, sub)
 
     def display(self, expr: sp.Expr) -> sp.Expr:
-        """Rewrites for reading (identities all): seed = 1, one-term sums written out,
-        indicators, softmax, constants out of sums, signs, canonical summation indices."""
+        """Rewrites for reading (identities all): seed = 1, indicators, softmax, constants
+        out of sums, signs, canonical summation indices."""
+        if expr not in self._displayed:
+            self._displayed[expr] = self._display(expr)
+        return self._displayed[expr]
+
+    def _display(self, expr: sp.Expr) -> sp.Expr:
         expr = expr.xreplace({self.deriv.seed: sp.Integer(1)})
         expr = _indicators(expr)
         expr = self._softmax(expr)
@@ -950,7 +966,10 @@ class _Builder:
         return expr
 
     def simplified(self, expr: sp.Expr) -> sp.Expr:
-        return substitute_known(simplify_local(expr), reversed(self.known))
+        """The engine's own simplification: rational forms, forward tensors reused."""
+        if expr not in self._simplified:
+            self._simplified[expr] = substitute_known(simplify_local(expr), self.patterns)
+        return self._simplified[expr]
 
     # -- paths -------------------------------------------------------------------------
     def paths(self, start: str) -> list[list[str]]:
@@ -1090,6 +1109,12 @@ class _Builder:
 
     def _generic_vjp(self, consumer: Node, operand: Node) -> sp.Expr:
         """dL/d operand through consumer, with f'(x) kept symbolic for named functions."""
+        key = (consumer.name, operand.name)
+        if key not in self._generic_vjps:
+            self._generic_vjps[key] = self._derive_generic_vjp(consumer, operand)
+        return self._generic_vjps[key]
+
+    def _derive_generic_vjp(self, consumer: Node, operand: Node) -> sp.Expr:
         g = naming.adjoint(consumer.name)
         if consumer.name in self.fnames and self._elementwise_operand(consumer) is not None:
             k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(operand.rank))
@@ -1110,6 +1135,18 @@ class _Builder:
         if not distinct:
             return []
         return [(lhs, "= " + distinct[0])] + [("", "= " + f) for f in distinct[1:]]
+
+    def _vjp(self, consumer: str, operand: str) -> sp.Expr:
+        """dL/d operand through consumer, simplified: the engine's own contribution where
+        the edge survived fusion, else derived here the same way."""
+        adj = self.adjoints.get(naming.adjoint(operand))
+        if consumer in self.deriv.fused.nodes and adj is not None and \
+                not self.deriv.fused.absorbed.get(consumer):
+            for contrib in adj.contributions:
+                if contrib.consumer == consumer:
+                    return contrib.simplified
+        return self.simplified(vjp(self.nodes[consumer], self.nodes[operand],
+                                   naming.adjoint(consumer)))
 
     def _edge(self, consumer_name: str, operand_name: str) -> list[Block]:
         """One factor d(consumer)/d(operand): its local derivative and what it does to dL."""
@@ -1133,7 +1170,7 @@ class _Builder:
             forms = [self.display(raw), self.display(self.simplified(raw))]
             if consumer_name in self.fnames and self._elementwise_operand(consumer) is not None:
                 forms.insert(0, FnPrime(sp.Symbol(consumer_name), ref(operand_name, i)))
-            letters = self.letters(*forms, first=i)
+            letters = self.letters(*forms, first=i, context=(ref(consumer_name, i),))
             sub = self.sub(i, letters)
             lhs = names.partial(consumer_name, operand_name, sub, sub, arrays=False)
             out.append(Display(tuple(self._rows(lhs, [self.idx(f, letters) for f in forms]))))
@@ -1146,8 +1183,7 @@ class _Builder:
             out.append(Display(((lhs, "= " + self.idx(local, letters)),)))
         # The vector-Jacobian product: what this factor does to the gradient.
         generic = self.display(self._generic_vjp(consumer, operand))
-        result = self.display(self.simplified(
-            vjp(consumer, operand, naming.adjoint(consumer_name))))
+        result = self.display(self._vjp(consumer_name, operand_name))
         letters = self.letters(generic, result, first=k, context=(ref(operand_name, k),))
         lhs = rf"\frac{{\partial L}}{{\partial {self.element(operand_name, k, letters)}}}"
         rows = self._rows(lhs, [self.idx(e, letters) for e in (generic, result)])
@@ -1179,8 +1215,10 @@ class _Builder:
                 for contrib in adj.contributions:
                     if contrib.consumer != name:
                         continue
-                    out += self._fused_one(name, absorbed, operand, contrib.raw,
-                                           contrib.simplified)
+                    if (name, operand) not in self._fused_cache:
+                        self._fused_cache[name, operand] = self._fused_one(
+                            name, absorbed, operand, contrib.raw, contrib.simplified)
+                    out += self._fused_cache[name, operand]
         if out:
             out.insert(0, Heading(3, _spans("Simplified across layers")))
         return out
@@ -1594,6 +1632,22 @@ def _spans_frag(spans: Sequence[Span], bold: bool = False) -> str:
     return " ".join(out)
 
 
+def _lines(spans: Sequence[Span]) -> list[tuple[Span, ...]]:
+    """Break a long paragraph after each "; " so no row of the fragment runs off."""
+    lines: list[list[Span]] = [[]]
+    for span in spans:
+        if span.kind != "text" or "; " not in span.value:
+            lines[-1].append(span)
+            continue
+        parts = span.value.split("; ")
+        for n, part in enumerate(parts):
+            last = n == len(parts) - 1
+            lines[-1].append(Span("text", part if last else part + ";"))
+            if not last:
+                lines.append([])
+    return [tuple(line) for line in lines if line]
+
+
 def render_fragment(blocks: Sequence[Block]) -> str:
     """Blocks as one LaTeX math fragment (for IPython.display.Math or a \\[ \\])."""
     rows = []
@@ -1601,7 +1655,7 @@ def render_fragment(blocks: Sequence[Block]) -> str:
         if isinstance(b, Heading):
             rows.append(_spans_frag(b.spans, bold=True))
         elif isinstance(b, Para):
-            rows.append(_spans_frag(b.spans))
+            rows += [_spans_frag(line) for line in _lines(b.spans)]
         else:
             rows.append(_aligned(b.rows))
     return "\\begin{array}{l}\n" + " \\\\\n".join(rows) + "\n\\end{array}"
@@ -1706,6 +1760,25 @@ def derivations(spec: ModelSpec, deriv: Derivation, label: str) -> dict[str, str
     return {name: doc.latex(name) for name in doc.params}
 
 
+_MODULE_CACHE: dict[tuple[str, str], list[dict[str, str]]] = {}
+_MODULE_CACHE_SIZE = 32
+
+
+def module_derivations(spec: ModelSpec, deriv: Derivation, label: str) -> list[dict[str, str]]:
+    """``DERIVATIONS`` for a generated module: [{"name": param, "literal": Python literal}].
+
+    Deriving is deterministic, so the text is cached by the spec's sha256 and label: both
+    backends of a spec (and every later compile of the same file) share one rendering.
+    """
+    key = (spec.sha256, label)
+    if key not in _MODULE_CACHE:
+        if len(_MODULE_CACHE) >= _MODULE_CACHE_SIZE:
+            del _MODULE_CACHE[next(iter(_MODULE_CACHE))]
+        _MODULE_CACHE[key] = [{"name": name, "literal": python_literal(text)}
+                              for name, text in derivations(spec, deriv, label).items()]
+    return _MODULE_CACHE[key]
+
+
 def python_literal(text: str, indent: str = "        ") -> str:
     """``text`` as a parenthesised Python string literal, one ``repr`` per line."""
     lines = text.splitlines(keepends=True)
@@ -1713,5 +1786,5 @@ def python_literal(text: str, indent: str = "        ") -> str:
 
 
 __all__ = ["EXPAND_MAX_ELEMENTS", "EXPAND_MAX_PARAMS", "FORMATS", "Document", "FnApply",
-           "FnPrime", "GradientFormula", "Indicator", "RowSoftmax", "build", "derivations",
-           "python_literal"]
+           "FnPrime", "GradientFormula", "Indicator", "RowSoftmax", "Select", "build",
+           "derivations", "module_derivations", "python_literal"]

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import sympy as sp
 
 from ..graph import Node, ref, target_index
+from .stable import canonical_sigmoid
 
 Limits = tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...]
 
@@ -163,18 +164,24 @@ def simplify_local(expr: sp.Expr) -> sp.Expr:
     the fewest operations wins. Generic ``sympy.simplify`` is avoided on purpose: it may
     rewrite 1 - tanh(x)^2 as 1/cosh(x)^2, which overflows where the original does not.
     """
-    reduced, back = _atomize(expr)
-    if reduced.has(sp.Piecewise):
-        candidates = [reduced, sp.piecewise_fold(reduced)]
-    else:
-        candidates = [reduced]
-        try:
-            cancelled = sp.cancel(reduced)
-            candidates = [sp.factor(cancelled), reduced, cancelled]
-        except (sp.PolynomialError, NotImplementedError):  # pragma: no cover
-            pass
-    best = min(candidates, key=lambda c: (_cost(c), candidates.index(c)))
-    return best.xreplace(back)
+    candidates: list[sp.Expr] = []
+    variants = [expr]
+    canonical = canonical_sigmoid(expr)
+    if canonical != expr:
+        variants.append(canonical)
+    for variant in variants:
+        reduced, back = _atomize(variant)
+        if reduced.has(sp.Piecewise):
+            options = [reduced, sp.piecewise_fold(reduced)]
+        else:
+            options = [reduced]
+            try:
+                cancelled = sp.cancel(reduced)
+                options = [sp.factor(cancelled), reduced, cancelled]
+            except (sp.PolynomialError, NotImplementedError):  # pragma: no cover
+                pass
+        candidates += [o.xreplace(back) for o in options]
+    return min(candidates, key=lambda c: (_cost(c), candidates.index(c)))
 
 
 def substitute_known(expr: sp.Expr, known: Iterable[Node]) -> sp.Expr:

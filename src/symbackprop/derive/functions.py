@@ -49,4 +49,36 @@ class Softplus(sp.Function):
         return self.args[0].is_real
 
 
-STABLE_FUNCTIONS = (Sigmoid, Softplus)
+class ClampMin(sp.Function):
+    """max(x, c) for a constant floor c: keeps a denominator away from zero."""
+
+    nargs = 2
+
+    def _latex(self, printer: sp.printing.latex.LatexPrinter, exp: object = None) -> str:
+        inner = (rf"\max\left({printer._print(self.args[0])}, "
+                 rf"{printer._print(self.args[1])}\right)")
+        return rf"{inner}^{{{exp}}}" if exp is not None else inner
+
+
+LOG_FLOOR = -100
+DENOMINATOR_FLOOR = sp.Float("1e-12")
+
+
+class ClampedLog(sp.Function):
+    """max(log x, -100), the log torch's binary cross-entropy uses on probabilities.
+
+    Its derivative keeps the denominator off zero as torch's backward does:
+    d/dx = 1 / max(x, 1e-12), so a probability of exactly 0 or 1 gives a finite gradient.
+    """
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return 1 / ClampMin(self.args[0], DENOMINATOR_FLOOR)
+
+    def _latex(self, printer: sp.printing.latex.LatexPrinter, exp: object = None) -> str:
+        inner = rf"\log\left({printer._print(self.args[0])}\right)"
+        return rf"{inner}^{{{exp}}}" if exp is not None else inner
+
+
+STABLE_FUNCTIONS = (Sigmoid, Softplus, ClampedLog, ClampMin)

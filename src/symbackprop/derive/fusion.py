@@ -9,6 +9,7 @@ tensor, so its backward pass reads as the delta recursion delta1 = (delta2 W2) *
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import sympy as sp
@@ -22,12 +23,15 @@ class Fused:
 
     ``nodes``: the op nodes that remain, in topological order, with fused bodies;
     ``absorbed``: for each remaining node, the names of the ops fused into it;
-    ``raw``: for each remaining node, its body before fusion (for the derivation text).
+    ``raw``: for each remaining node, its body before fusion (for the derivation text);
+    ``inlined``: for every op, its body with its own producers inlined, including ops that
+    were then fused away (the prediction is computed even when fused into the loss).
     """
 
     nodes: dict[str, Node]
     absorbed: dict[str, list[str]]
     raw: dict[str, sp.Expr]
+    inlined: dict[str, sp.Expr]
 
 
 def inline(body: sp.Expr, producer: Node) -> sp.Expr:
@@ -45,8 +49,10 @@ def inline(body: sp.Expr, producer: Node) -> sp.Expr:
     return body.replace(is_ref, expand)
 
 
-def fuse(graph: Graph) -> Fused:
+def fuse(graph: Graph, prepare: Callable[[str, sp.Expr], sp.Expr] | None = None) -> Fused:
+    """Fuse single-use elementwise producers; ``prepare`` rewrites each body first."""
     consumers = graph.consumers()
+    inlined: dict[str, sp.Expr] = {}
     nodes: dict[str, Node] = {}
     absorbed: dict[str, list[str]] = {}
     raw: dict[str, sp.Expr] = {}
@@ -55,6 +61,8 @@ def fuse(graph: Graph) -> Fused:
         if node.role != "op":
             continue
         current = replace(node)
+        if prepare is not None:
+            current.body = prepare(node.name, node.body)  # type: ignore[arg-type]
         raw[node.name] = node.body  # type: ignore[assignment]
         absorbed[node.name] = []
         for operand in node.operands:
@@ -67,8 +75,9 @@ def fuse(graph: Graph) -> Fused:
              if n is not None and n in graph.nodes},
             key=list(graph.nodes).index))
         nodes[node.name] = current
+        inlined[node.name] = current.body  # type: ignore[assignment]
         users = consumers[node.name]
         if (node.kind == "map" and len(users) == 1 and node.name != graph.loss
                 and graph.nodes[users[0]].kind != "contraction"):
             merged[node.name] = users[0]
-    return Fused(nodes, absorbed, raw)
+    return Fused(nodes, absorbed, raw, inlined)

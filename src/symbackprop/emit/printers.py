@@ -75,6 +75,16 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
         self.helpers.add("erf")
         return f"_erf({self._print(expr.args[0])})"
 
+    def _print_erfc(self, expr: sp.Expr) -> str:
+        self.helpers.add("erfc")
+        return f"_erfc({self._print(expr.args[0])})"
+
+    def _print_ClampMin(self, expr: sp.Expr) -> str:
+        return f"numpy.maximum({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+    def _print_ClampedLog(self, expr: sp.Expr) -> str:
+        return f"numpy.maximum(numpy.log({self._print(expr.args[0])}), -100.0)"
+
 
 class TorchCodePrinter(_Common, TorchPrinter):
     _module = "torch"
@@ -89,6 +99,15 @@ class TorchCodePrinter(_Common, TorchPrinter):
     def _print_Softplus(self, expr: sp.Expr) -> str:
         self.helpers.add("softplus")
         return f"_softplus({self._print(expr.args[0])})"
+
+    def _print_erfc(self, expr: sp.Expr) -> str:
+        return f"torch.erfc({self._print(expr.args[0])})"
+
+    def _print_ClampMin(self, expr: sp.Expr) -> str:
+        return f"torch.clamp({self._print(expr.args[0])}, min={self._print(expr.args[1])})"
+
+    def _print_ClampedLog(self, expr: sp.Expr) -> str:
+        return f"torch.clamp(torch.log({self._print(expr.args[0])}), min=-100.0)"
 
     def _print_Mul(self, expr: sp.Mul) -> str:
         return sp.printing.str.StrPrinter._print_Mul(self, expr)  # type: ignore[arg-type]

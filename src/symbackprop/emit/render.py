@@ -170,6 +170,9 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str) ->
                          for line in context.get(key, []))  # type: ignore[attr-defined]
     context["helpers"] = sorted(helpers | ({"logsumexp"} if "_logsumexp(" in all_code else set()))
     context["param_vars"] = {p.param: p.name for p in params}
+    from ..latex import module_derivations
+
+    context["derivations"] = module_derivations(spec, deriv, spec_label)
     template = _environment().get_template(f"{backend}_module.py.j2")
     source = template.render(**context)
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import sympy as sp
 
-from ..derive.functions import Softplus
+from ..derive.functions import ClampedLog, Softplus
 from ..errors import ShapeError
 from ..formula import parse_at, parse_tree, to_sympy, torch_eval
 from ..graph import Graph, Node, sum_index
@@ -65,7 +65,8 @@ class MeanSquaredError(Loss):
 @register_loss
 class BinaryCrossEntropy(Loss):
     key = "bce"
-    doc = "mean over all elements of -(t log y + (1 - t) log(1 - y)); y are probabilities"
+    doc = ("mean over all elements of -(t log y + (1 - t) log(1 - y)); y are probabilities; "
+           "each log is clamped at -100 as in torch")
     target_kind = "probability"
     wants_probability = True
 
@@ -74,7 +75,7 @@ class BinaryCrossEntropy(Loss):
         assert target is not None
         return _elementwise_mean(
             graph, spec, prediction, target,
-            lambda y, t: -(t * sp.log(y) + (1 - t) * sp.log(1 - y)), "bce")
+            lambda y, t: -(t * ClampedLog(y) + (1 - t) * ClampedLog(1 - y)), "bce")
 
     @classmethod
     def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
