@@ -43,6 +43,7 @@ class Dialect(Protocol):
     def einsum(self, subscripts: str, a: str, b: str) -> str: ...
     def logsumexp(self, code: str, axis: int) -> str: ...
     def filled(self, like: str, shape: str, value: str) -> str: ...
+    def ones_like(self, var: str) -> str: ...
 
 
 @dataclass
@@ -209,10 +210,12 @@ def _cse(stmts: list[Stmt], views: Views) -> list[Stmt]:
 class Lowerer:
     """Turns a :class:`Derivation` into a :class:`Program` for one backend dialect."""
 
-    def __init__(self, deriv: Derivation, dialect: Dialect, seed: sp.Expr) -> None:
+    def __init__(self, deriv: Derivation, dialect: Dialect, *, seed_argument: bool) -> None:
+        """``seed_argument``: dL/dL arrives as an argument (autograd's grad_output);
+        otherwise the program sets it to a one of the loss's dtype."""
         self.deriv = deriv
         self.dialect = dialect
-        self.seed = seed
+        self.seed_argument = seed_argument
         self.stmts: list[Stmt] = []
         self.views: Views = {}
         self.shapes: dict[str, tuple[sp.Expr, ...]] = {}
@@ -245,12 +248,17 @@ class Lowerer:
             node = deriv.node(adj.node)
             self.shapes[adj.var] = node.shape
             if adj.var == seed_sym.name:
-                if self.seed != seed_sym:
-                    continue
                 self.shapes[adj.var] = ()
+                if not self.seed_argument:
+                    # A 0-d array rather than the number 1: every gradient then has the
+                    # loss's dtype, even one that is a constant (a masked 1/N).
+                    self.stmts.append(Stmt(adj.var, "code",
+                                           code=self.dialect.ones_like(deriv.graph.loss),
+                                           reads=frozenset({deriv.graph.loss}),
+                                           comment="the seed: dL/dL = 1, in the loss's dtype",
+                                           phase="backward"))
                 continue
-            expr = adj.expr.xreplace({seed_sym: self.seed})
-            self.assign(adj.var, expr, target_indices(node), "backward",
+            self.assign(adj.var, adj.expr, target_indices(node), "backward",
                         _backward_comment(deriv, adj.node))
         return Program(self.stmts, self.views, self.dims, self.shapes)
 

@@ -18,6 +18,28 @@ class _Common:
     """Printing rules shared by both backends (mixed into each printer)."""
 
     helpers: set[str]
+    scalars: frozenset[str] = frozenset()  # names of 0-d arrays (the loss seed)
+
+    def _is_scalar(self, expr: sp.Expr) -> bool:
+        return all(s.is_integer or s.name in self.scalars for s in expr.free_symbols)
+
+    def _print_Mul(self, expr: sp.Mul) -> str:
+        # Scalar factors first and together: (2*d_loss/N)*y*(y - t) costs one pass over
+        # the arrays for the scalar, not one per scalar factor.
+        scalar = [f for f in expr.args if self._is_scalar(f)]
+        array = [f for f in expr.args if not self._is_scalar(f)]
+        plain = sp.printing.str.StrPrinter._print_Mul
+        if len(scalar) < 2 and not any(f.is_Pow and f.exp.is_negative for f in scalar):
+            return plain(self, expr)  # type: ignore[arg-type]
+        if not array:
+            return plain(self, expr)  # type: ignore[arg-type]
+        coeff = sp.Mul(*scalar)
+        rest = sp.Mul(*array)
+        rest_text = self.parenthesize(rest, 50)  # type: ignore[attr-defined]
+        if coeff == -1:
+            return f"-{rest_text}"
+        coeff_text = self.parenthesize(coeff, 50)  # type: ignore[attr-defined]
+        return f"{coeff_text}*{rest_text}"
 
     def _print(self, expr: object, **kwargs: object) -> str:  # type: ignore[override]
         if isinstance(expr, sp.Basic) and expr.is_number and not expr.is_Integer:
@@ -50,15 +72,29 @@ class _Common:
         *cases, (last, cond) = expr.args
         if cond != sp.true:
             raise NotImplementedError("a Piecewise needs a final 'otherwise' branch")
-        code = self._print(last)
+        # Branches that are plain numbers would make where() return the default float
+        # type; give them the dtype (and device) of an array the condition reads.
+        arrays = [s for s in expr.free_symbols if not s.is_integer]
+        numeric = not any(v.free_symbols - {s for s in v.free_symbols if s.is_integer}
+                          for v, _ in expr.args)
+        like = sorted(a.name for a in arrays)[0] if numeric and arrays else None
+
+        def branch(value: sp.Expr) -> str:
+            text = self._print(value)
+            return self._typed_scalar(like, text) if like else text
+
+        code = branch(last)
         for value, condition in reversed(cases):
             code = (f"{self._module}.where({self._print(condition)}, "  # type: ignore[attr-defined]
-                    f"{self._print(value)}, {code})")
+                    f"{branch(value)}, {code})")
         return code
 
 
 class NumpyCodePrinter(_Common, NumPyPrinter):
     _module = "numpy"
+
+    def _typed_scalar(self, like: str, text: str) -> str:
+        return f"{like}.dtype.type({text})"
 
     def __init__(self) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
@@ -89,6 +125,9 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
 class TorchCodePrinter(_Common, TorchPrinter):
     _module = "torch"
 
+    def _typed_scalar(self, like: str, text: str) -> str:
+        return f"{like}.new_tensor({text})"
+
     def __init__(self) -> None:
         super().__init__({"strict": True})
         self.helpers = set()
@@ -108,9 +147,6 @@ class TorchCodePrinter(_Common, TorchPrinter):
 
     def _print_ClampedLog(self, expr: sp.Expr) -> str:
         return f"torch.clamp(torch.log({self._print(expr.args[0])}), min=-100.0)"
-
-    def _print_Mul(self, expr: sp.Mul) -> str:
-        return sp.printing.str.StrPrinter._print_Mul(self, expr)  # type: ignore[arg-type]
 
     def _print_Add(self, expr: sp.Add, order: object = None) -> str:
         return sp.printing.str.StrPrinter._print_Add(self, expr, order)  # type: ignore[arg-type]
@@ -135,6 +171,9 @@ class NumpyDialect:
     def filled(self, like: str, shape: str, value: str) -> str:
         return f"numpy.full({shape}, {value}, dtype={like}.dtype)"
 
+    def ones_like(self, var: str) -> str:
+        return f"numpy.ones_like({var})"
+
 
 class TorchDialect:
     module = "torch"
@@ -154,3 +193,6 @@ class TorchDialect:
 
     def filled(self, like: str, shape: str, value: str) -> str:
         return f"{like}.new_full({shape}, {value})"
+
+    def ones_like(self, var: str) -> str:
+        return f"torch.ones_like({var})"

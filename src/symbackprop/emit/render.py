@@ -58,6 +58,7 @@ class _Printer:
         self.backend = backend
         self.program = program
         self.printer = NumpyCodePrinter() if backend == "numpy" else TorchCodePrinter()
+        self.printer.scalars = frozenset(n for n, shape in program.shapes.items() if not shape)
         self.dialect = NumpyDialect() if backend == "numpy" else TorchDialect()
 
     def lines(self, stmts: list[Stmt], *, mark_phases: bool = False) -> list[Line]:
@@ -91,9 +92,9 @@ def _shape_tuple(shape: tuple[sp.Expr, ...]) -> str:
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
-def _lower(deriv: Derivation, backend: str, seed: sp.Expr) -> Program:
+def _lower(deriv: Derivation, backend: str, *, seed_argument: bool) -> Program:
     dialect = NumpyDialect() if backend == "numpy" else TorchDialect()
-    return Lowerer(deriv, dialect, seed).lower()
+    return Lowerer(deriv, dialect, seed_argument=seed_argument).lower()
 
 
 def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str) -> str:
@@ -106,7 +107,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str) ->
     loss_var = graph.loss
     grads = deriv.grads
 
-    functional = _lower(deriv, backend, sp.Integer(1))
+    functional = _lower(deriv, backend, seed_argument=False)
     pr = _Printer(backend, functional)
     forward_stmts = functional.function([graph.prediction])
     loss_stmts = functional.function([loss_var])
@@ -140,7 +141,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str) ->
         "seed": deriv.seed.name,
     }
     if backend == "torch":
-        autograd = _lower(deriv, backend, deriv.seed)
+        autograd = _lower(deriv, backend, seed_argument=True)
         apr = _Printer(backend, autograd)
         full = autograd.function(grad_outputs)
         fwd = [s for s in full if s.phase == "forward"]
