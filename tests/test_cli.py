@@ -128,3 +128,35 @@ def test_output_is_deterministic(tmp_path, hashseed) -> None:
     assert res.returncode == 0, res.stderr
     for name in ("mlp_classifier_numpy.py", "mlp_classifier_torch.py"):
         assert (ref / name).read_bytes() == (tmp_path / "other" / name).read_bytes()
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch) -> None:
+    """A crash while writing leaves the previous module intact and no temporary files."""
+    from symbackprop import api
+
+    spec = EXAMPLES / "seed_mlp.yaml"
+    assert main(["generate", str(spec), "--out", str(tmp_path)]) == 0
+    target = tmp_path / "seed_mlp_numpy.py"
+    target.write_text(target.read_text() + "# the old version\n")
+    before = target.read_bytes()
+
+    def exploding_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api.os, "replace", exploding_replace)
+    with pytest.raises(KeyboardInterrupt):
+        api.generate(spec, tmp_path)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["__init__.py", "seed_mlp_numpy.py",
+                                                          "seed_mlp_torch.py"]
+
+
+def test_explain_lists_rewrites(tmp_path, capsys) -> None:
+    spec = tmp_path / "m.yaml"
+    spec.write_text("name: m\ninputs: {x: [N, 2]}\ntargets: {t: [N, 1]}\nlayers:\n"
+                    "  - {name: fc, type: dense, units: 1, activation: {formula: "
+                    "'log(1 + exp(x))'}}\nloss: {type: mse, target: t}\n")
+    assert main(["generate", str(spec), "--out", str(tmp_path / "g"), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "forward fc: log(1 + exp(a)) -> softplus(a)" in out
+    assert "numpy.logaddexp(0.0, fc_z)" in (tmp_path / "g" / "m_numpy.py").read_text()
