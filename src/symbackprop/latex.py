@@ -101,7 +101,8 @@ class GradientFormula:
     """The final gradient of one parameter in index notation, as printed.
 
     ``expr`` reads only inputs, targets, parameters and forward tensors (whose bodies
-    are ``forward``); ``indices`` are its free index symbols, one per parameter axis.
+    are ``Document.forward_bodies``); ``indices`` are its free index symbols, one per
+    parameter axis.
     """
 
     param: str
@@ -197,7 +198,7 @@ class Select(sp.Function):
 
 
 class RowSoftmax(sp.Function):
-    """``softmax(z)_{..c}`` over the last axis of the tensor ``z`` (the argument is ``z[.., c]``)."""
+    """``softmax(z)[.., c]``, over the last axis of ``z`` (the argument is ``z[.., c]``)."""
 
     nargs = 1
 
@@ -253,6 +254,11 @@ class Names:
         self.graph = graph
         self.seed = deriv.seed.name
         self.syms: dict[str, _Sym] = {}
+        self.order = {name: n for n, name in enumerate(graph.nodes)}
+        self.order[graph.prediction] = len(graph.nodes)  # y, then t, lead a product
+        for node in graph.nodes.values():
+            if node.role == "target":
+                self.order[node.name] = len(graph.nodes)
         used: set[str] = set()
         for node in graph.nodes.values():
             sym = self._choose(node)
@@ -436,6 +442,13 @@ class IndexPrinter(LatexPrinter):
     def _print_Indicator(self, expr: sp.Expr, exp: object = None) -> str:
         return rf"\mathbb{{I}}\left[{self._print(expr.args[0])}\right]"
 
+    def _print_Piecewise(self, expr: sp.Piecewise) -> str:
+        rows = []
+        for value, cond in expr.args:
+            when = r"\text{otherwise}" if cond == sp.true else rf"\text{{if }} {self._print(cond)}"
+            rows.append(f"{self._print(value)} & {when}")
+        return r"\begin{cases} " + r" \\ ".join(rows) + r" \end{cases}"
+
     def _print_Select(self, expr: sp.Expr, exp: object = None) -> str:
         cond, a, b = expr.args
         return (rf"\begin{{cases}} {self._print(a)} & \text{{if }} {self._print(cond)} \\ "
@@ -454,22 +467,28 @@ class IndexPrinter(LatexPrinter):
                        or self.names.has(s.name)
                        for s in expr.free_symbols) and not expr.has(sp.Indexed)
 
-    def _tensor_like(self, expr: sp.Expr) -> bool:
-        return not self._is_constant(expr)
-
     def _is_adjoint(self, expr: sp.Expr) -> bool:
         return isinstance(expr, sp.Indexed) and self.names.adjoint_of(
             str(expr.base.label)) is not None
 
-    def _factor_rank(self, expr: sp.Expr) -> int:
-        """Adjoints (and sums over them) first, then plain factors, then differences."""
+    def _depth(self, expr: sp.Expr) -> int:
+        """How far from the input the tensors of ``expr`` are (the loss side is deepest)."""
+        order = self.names.order
+        found = [order.get(self.names.adjoint_of(str(r.base.label)) or str(r.base.label), -1)
+                 for r in expr.atoms(sp.Indexed)]
+        return max(found, default=-1)
+
+    def _factor_rank(self, expr: sp.Expr) -> tuple[int, int, int]:  # type: ignore[override]
+        """Adjoints (and sums over them) first, then the factors in chain order: the
+        loss side first, the input side last; a difference after the plain factors."""
         if self._is_adjoint(expr) or isinstance(expr, sp.Sum) and any(
                 self._is_adjoint(r) for r in expr.atoms(sp.Indexed)):
-            return 0
-        if isinstance(expr, sp.Add):
-            return 3
-        base = expr.base if isinstance(expr, sp.Pow) else expr
-        return 1 if isinstance(base, sp.Indexed) else 2
+            return (0, 0, 0)
+        if isinstance(expr, sp.KroneckerDelta):
+            return (0, 1, 0)
+        if isinstance(expr, sp.Sum):
+            return (2, 0, 0)
+        return (1, -self._depth(expr), 1 if isinstance(expr, sp.Add) else 0)
 
     def _print_Add(self, expr: sp.Add, order: str | None = None) -> str:
         """Sums and products of arrays before lone terms: x W^T + b, not b + x W^T."""
@@ -538,13 +557,13 @@ class MatrixPrinter(IndexPrinter):
         super().__init__(names, {}, fnames, verbatim)
         self.products = products
 
-    def _factor_rank(self, expr: sp.Expr) -> int:
+    def _factor_rank(self, expr: sp.Expr) -> tuple[int, int, int]:  # type: ignore[override]
         if expr in self.products:
-            return 0
+            return (0, 0, 0)
         if expr in self.verbatim and self.verbatim[expr].startswith((r"\boldsymbol{\delta}",
                                                                       r"\frac{\partial L}")):
-            return 1
-        return 3 if isinstance(expr, sp.Add) else 2
+            return (1, 0, 0)
+        return (2, 0, 1 if isinstance(expr, sp.Add) else 0)
 
     def _join(self, factors: list[sp.Expr]) -> str:
         parts = []
@@ -590,6 +609,8 @@ def _indicators(expr: sp.Expr) -> sp.Expr:
     Besides reading better, this keeps Piecewise out of sums: sympy's ``Sum`` folds a
     Piecewise in its body outwards (``piecewise_fold``), past the index it depends on.
     """
+    expr = _tidy_logic(expr)
+
     def rule(e: sp.Expr) -> sp.Expr:
         if not isinstance(e, sp.Piecewise) or e.args[-1].cond != sp.true:
             return e
@@ -601,6 +622,17 @@ def _indicators(expr: sp.Expr) -> sp.Expr:
                 out = Select(cond, value, out)
         return out
     return _rebuild(expr, rule)
+
+
+def _tidy_logic(expr: sp.Expr) -> sp.Expr:
+    """Simplify boolean conditions (ITE(c, c, False) -> c) and fold nested Piecewise."""
+    def rule(e: sp.Expr) -> sp.Expr:
+        if isinstance(e, sp.logic.boolalg.BooleanFunction) and not isinstance(
+                e, sp.core.relational.Relational):
+            return sp.logic.boolalg.simplify_logic(e)
+        return e
+    out = _rebuild(expr, rule)
+    return sp.piecewise_fold(out) if out.has(sp.Piecewise) and not out.has(sp.Sum) else out
 
 
 def _pull_constants(expr: sp.Expr) -> sp.Expr:
@@ -641,13 +673,6 @@ def _flip_signs(expr: sp.Expr) -> sp.Expr:
 # ----------------------------------------------------------------------------------------
 # The builder.
 
-@dataclass
-class _Eq:
-    """Printing context for one equation: letters for its indices."""
-
-    letters: dict[sp.Symbol, str]
-
-
 class _Builder:
     def __init__(self, spec: ModelSpec, deriv: Derivation) -> None:
         self.spec = spec
@@ -657,6 +682,8 @@ class _Builder:
         self.nodes = self.graph.nodes
         self.adjoints: dict[str, Adjoint] = {a.var: a for a in deriv.adjoints}
         self.known = [deriv.node(n) for n in deriv.computed]
+        # The forward equations as the layers wrote them (before fusion), in order.
+        self.forward_order = [n for n, node in self.nodes.items() if node.role == "op"]
         # Forward bodies worth recognising in a derivative: sigma(z) -> h, log-sum-exp.
         # Compound bodies (sums, products) are left out: matching them with wildcards is
         # slow, and the engine's own simplified forms, shown beside, already use them.
@@ -675,6 +702,8 @@ class _Builder:
         self.definitions: dict[str, tuple[sp.Symbol, sp.Expr]] = {}
         for node in self.nodes.values():
             self._describe_function(node)
+        self.lse = self._logsumexps()
+        self.gradients: dict[str, GradientFormula] = {}
 
     # -- graph helpers -----------------------------------------------------------------
     def _reaches_loss(self) -> set[str]:
@@ -773,8 +802,8 @@ class _Builder:
         expr = _flip_signs(expr)
         return _canonical_bound(expr)
 
-    def _softmax(self, expr: sp.Expr) -> sp.Expr:
-        """exp(z[.., c] - lse[..]) -> softmax(z)[.., c] where lse = log sum_c exp(z[.., c])."""
+    def _logsumexps(self) -> dict[str, str]:
+        """{lse node: z} for every node whose body is log(sum_c exp(z[.., c]))."""
         lse: dict[str, str] = {}
         for node in self.nodes.values():
             body = node.body
@@ -786,6 +815,11 @@ class _Builder:
                 var = body.args[0].limits[0][0]
                 if tuple(inner.indices) == (*node.indices(), var):
                     lse[node.name] = str(inner.base.label)
+        return lse
+
+    def _softmax(self, expr: sp.Expr) -> sp.Expr:
+        """exp(z[.., c] - lse[..]) -> softmax(z)[.., c] where lse = log sum_c exp(z[.., c])."""
+        lse = self.lse
 
         def rule(e: sp.Expr) -> sp.Expr:
             if not isinstance(e, sp.exp):
@@ -911,8 +945,18 @@ class _Builder:
                 if mm is None or vm is None:
                     return None
                 return lead + f"{mm} {_paren(vm)}"
-            rows = self._oriented(sp.Mul(*mat), c, a)
-            return None if rows is None else lead + rf"\mathbf{{1}}^{{\top}} {rows}"
+            # Sum over c of G[c, a] (1^T G: column sums) or of G[a, c] (G 1: row sums).
+            options = []
+            cols = self._oriented(sp.Mul(*mat), c, a)
+            if cols is not None:
+                options.append(rf"\mathbf{{1}}^{{\top}} {cols}")
+            rows = self._oriented(sp.Mul(*mat), a, c)
+            if rows is not None:
+                options.append(rf"{rows} \mathbf{{1}}")
+            if not options:
+                return None
+            return lead + min(options, key=lambda o: (o.count(r"\top") - 1 if o.startswith(
+                r"\mathbf{1}") else o.count(r"\top"), options.index(o)))
         return None
 
     def _oriented(self, e: sp.Expr, a: sp.Symbol, b: sp.Symbol) -> str | None:
@@ -1023,12 +1067,12 @@ class _Builder:
         return [*rows, note]
 
     def forward_section(self) -> list[Block]:
-        out: list[Block] = [Heading(2, _spans("1. The forward pass"))]
+        out: list[Block] = [Heading(2, _spans("The forward pass"))]
         out += self.legend()
-        for name in self.deriv.computed:
+        for name in self.forward_order:
             node = self.nodes[name]
-            body = self.deriv.forward[name]
-            body = self._apply_names(name, body)
+            assert node.body is not None
+            body = self._apply_names(name, node.body)
             axes = node.indices()
             letters = self.letters(body, first=axes)
             rows: list[tuple[str, ...]] = []
@@ -1238,8 +1282,14 @@ class _Builder:
                   " before differentiating, so sympy differentiates one expression in ",
                   _m(names.array(operand)), ":"]
         out: list[Block] = [Para(_spans(*parts))]
+        fired = list(dict.fromkeys(
+            (f.rule, f.why) for f in getattr(self.deriv, "rewrites", ())
+            if getattr(f, "where", "") == f"forward {name}"))
+        for rule, why in fired:
+            out.append(Para(_spans("Rewritten for numerical stability first: ", _c(rule),
+                                   f" ({why}).")))
         lhs = self.element(name, node.indices(), letters)
-        out.append(Display(((lhs, "= " + self.idx(body, letters)),)))
+        out.append(Display(((lhs, "= " + self.idx(_tidy_logic(body), letters)),)))
         in_operand = simple
         for _ in absorbed:
             for producer in absorbed:
@@ -1253,8 +1303,11 @@ class _Builder:
                 forms.append(text)
         lhs = rf"\frac{{\partial L}}{{\partial {self.element(operand, k, letters)}}}"
         rows = [(lhs, "= " + forms[0])] + [("", "= " + f) for f in forms[1:]]
-        out.append(Para(_spans("raw, as differentiated; then simplified (the last form is "
-                               "what the generated code computes):")))
+        out.append(Para(_spans(
+            "raw, as differentiated; then simplified (the last form is what the generated "
+            "code computes):" if len(forms) > 1 else
+            "sympy's derivative, already in simplest form (what the generated code "
+            "computes):")))
         out.append(Display(tuple(rows)))
         return out
 
@@ -1390,8 +1443,6 @@ class _Builder:
             param.param or param.name, param.name, k, unrolled)
         return out
 
-    gradients: dict[str, GradientFormula]
-
     # -- expand ------------------------------------------------------------------------
     def expand_section(self) -> list[Block]:
         trainable = [p for p in self.graph.params() if p.trainable]
@@ -1402,7 +1453,7 @@ class _Builder:
                 f"networks: {self.spec.name} has {count} trainable scalars, the limit is "
                 f"{EXPAND_MAX_PARAMS}; use --param NAME for one parameter in matrix form")
         elements = sum(_size(tuple(d for d in self.nodes[n].shape if d.is_number))
-                       for n in self.deriv.computed)
+                       for n in self.forward_order)
         if elements > EXPAND_MAX_ELEMENTS:
             raise UsageError(
                 f"--expand: the forward pass of {self.spec.name} has {elements} scalars per "
@@ -1411,11 +1462,12 @@ class _Builder:
             "The same derivation written out entry by entry for one example ", _m("n"),
             " of the batch (sums over the batch stay sums).")),
             Heading(3, _spans("Forward"))]
-        for name in self.deriv.computed:
+        for name in self.forward_order:
             node = self.nodes[name]
+            assert node.body is not None
             rows = []
             for idx in _entries(node):
-                body = _expand_sums(self.deriv.forward[name].xreplace(
+                body = _expand_sums(self._apply_names(name, node.body).xreplace(
                     dict(zip(node.indices(), idx, strict=True))))
                 letters = self.letters(body, *[i for i in idx if isinstance(i, sp.Symbol)],
                                        first=[i for i in idx if isinstance(i, sp.Symbol)])
@@ -1696,7 +1748,7 @@ math { font-family: 'Latin Modern Math', 'STIX Two Math', 'DejaVu Math TeX Gyre'
 div.eq > math { display: inline math; math-style: normal; }
 mtd[columnalign="right"] { text-align: right; }
 mtd[columnalign="left"] { text-align: left; }
-mtd { padding: 0.15em 0; }
+mtd { padding: 0.15em 0.25em; }
 """
 
 
@@ -1725,7 +1777,6 @@ def build(spec: ModelSpec, deriv: Derivation, label: str, *,
           params: Sequence[str] | None = None, expand: bool = False) -> Document:
     """The derivation document of ``deriv`` (of ``spec``, read from ``label``)."""
     builder = _Builder(spec, deriv)
-    builder.gradients = {}
     by_param = {p.param: p for p in deriv.graph.params()}
     trainable = [p.param for p in deriv.graph.params() if p.trainable and p.param]
     if params is None:
@@ -1750,7 +1801,7 @@ def build(spec: ModelSpec, deriv: Derivation, label: str, *,
     if expand:
         doc.expand = builder.expand_section()
     doc.gradients = dict(builder.gradients)
-    doc.forward_bodies = dict(deriv.forward)
+    doc.forward_bodies = {n: deriv.graph.nodes[n].body for n in builder.forward_order}
     return doc
 
 

@@ -1,0 +1,460 @@
+"""Derivations in LaTeX: contents, every registry entry, determinism, pdflatex, Chromium.
+
+The derivation is printed from the same sympy objects the generated code comes from; the
+numeric test closes the loop: the final symbolic gradient, evaluated entry by entry on
+random values (forward tensors from the printed forward equations), equals the generated
+module's ``loss_and_grad``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+from test_registry_gradients import CASES
+
+import symbackprop
+from symbackprop import latex
+from symbackprop.check import call_args, random_batch
+from symbackprop.cli import main
+from symbackprop.emit.printers import NumpyCodePrinter
+from symbackprop.emit.render import module_filename
+
+from conftest import EXAMPLES, ROOT, build, write_spec
+
+ARTIFACTS = ROOT / "test-artifacts"
+SEED = EXAMPLES / "seed_mlp.yaml"
+CLASSIFIER = EXAMPLES / "mlp_classifier.yaml"
+
+# A generated name, an index symbol or a Python identifier leaking into the mathematics.
+RAW_NAME = re.compile(r"(?<![\\A-Za-z])(?:[A-Za-z]+[0-9]*_[A-Za-z0-9]|[iksr][0-9]+\b|Sum\(|"
+                      r"Indexed|KroneckerDelta|Sigmoid\()")
+
+
+def math_of(doc: latex.Document) -> list[str]:
+    """Every LaTeX string of a document (display cells and inline math)."""
+    out: list[str] = []
+    for block in doc.blocks():
+        if isinstance(block, latex.Display):
+            out += [cell for row in block.rows for cell in row]
+        else:
+            out += [s.value for s in block.spans if s.kind == "math"]
+    return out
+
+
+def assert_names_print_well(doc: latex.Document) -> None:
+    for text in math_of(doc):
+        # \mathrm{fc1\_z} style escapes are fine; a bare underscore identifier is not.
+        stripped = re.sub(r"\\mathrm\{[^}]*\}|\\mathtt\{[^}]*\}|\\operatorname\{[^}]*\}", "",
+                          text)
+        assert not RAW_NAME.search(stripped), f"raw identifier in: {text}"
+
+
+# -- evaluating printed index notation -------------------------------------------------
+
+_NAMESPACE: dict[str, object] = {}  # the generated module's helpers (_sigmoid, ...)
+
+
+def _number(expr: sp.Basic) -> float:
+    """A function applied to numbers: sympy's own value, else the generated code's."""
+    value = expr.evalf()
+    for rewrite in (sp.exp, sp.log):
+        if value.is_Number:
+            return float(value)
+        value = expr.rewrite(rewrite).evalf()
+    if value.is_Number:
+        return float(value)
+    args = {f"_arg{n}": float(a) for n, a in enumerate(expr.args)}
+    code = NumpyCodePrinter().doprint(expr.func(*(sp.Symbol(a) for a in args)))
+    return float(eval(code, {**_NAMESPACE, "numpy": np, **args}))  # noqa: S307 - our printer
+
+
+def evaluate(expr: sp.Basic, env: dict[sp.Symbol, int], values: dict[str, np.ndarray],
+             sizes: dict[str, int]) -> float:
+    """One entry of an index-notation expression: Sums loop, tensors are looked up."""
+    ev = lambda e: evaluate(e, env, values, sizes)  # noqa: E731
+    if isinstance(expr, sp.Indexed):
+        return float(values[str(expr.base.label)][tuple(int(ev(i)) for i in expr.indices)])
+    if isinstance(expr, sp.Symbol):
+        if expr in env:
+            return env[expr]
+        if expr.name in sizes:
+            return sizes[expr.name]
+        return float(values[expr.name])
+    if expr.is_Number or expr.is_NumberSymbol:
+        return float(expr)
+    if isinstance(expr, sp.Sum):
+        (var, lo, hi), *rest = expr.limits
+        inner = sp.Sum(expr.function, *rest) if rest else expr.function
+        total = 0.0
+        for v in range(int(ev(lo)), int(ev(hi)) + 1):
+            total += evaluate(inner, {**env, var: v}, values, sizes)
+        return total
+    if isinstance(expr, sp.Add):
+        return sum(ev(a) for a in expr.args)
+    if isinstance(expr, sp.Mul):
+        return math.prod(ev(a) for a in expr.args)
+    if isinstance(expr, sp.Pow):
+        return ev(expr.base) ** ev(expr.exp)
+    if isinstance(expr, sp.Piecewise):
+        for value, cond in expr.args:
+            if cond == sp.true or ev(cond):
+                return ev(value)
+        raise AssertionError("no Piecewise branch")
+    if isinstance(expr, sp.core.relational.Relational):
+        return float(bool(sp.sympify(expr.func(ev(expr.lhs), ev(expr.rhs)))))
+    if isinstance(expr, sp.logic.boolalg.BooleanFunction):
+        return float(bool(expr.func(*(sp.true if ev(a) else sp.false for a in expr.args))))
+    if isinstance(expr, latex.Indicator):
+        return float(bool(ev(expr.args[0])))
+    if isinstance(expr, latex.Select):
+        cond, a, b = expr.args
+        return ev(a) if ev(cond) else ev(b)
+    if isinstance(expr, latex.RowSoftmax):
+        (z,) = expr.args
+        name, idx = str(z.base.label), tuple(int(ev(i)) for i in z.indices)
+        row = values[name][idx[:-1]]
+        shifted = np.exp(row - row.max())
+        return float(shifted[idx[-1]] / shifted.sum())
+    if isinstance(expr, sp.KroneckerDelta):
+        return float(ev(expr.args[0]) == ev(expr.args[1]))
+    if isinstance(expr, sp.Function):
+        return _number(expr.func(*(sp.Float(ev(a), 30) for a in expr.args)))
+    raise AssertionError(f"cannot evaluate {type(expr).__name__}: {expr}")
+
+
+def evaluate_tensor(expr: sp.Expr, indices: tuple[sp.Symbol, ...], shape: tuple[int, ...],
+                    values: dict[str, np.ndarray], sizes: dict[str, int]) -> np.ndarray:
+    out = np.zeros(shape)
+    for idx in np.ndindex(*shape):
+        out[idx] = evaluate(expr, dict(zip(indices, idx, strict=True)), values, sizes)
+    return out
+
+
+def check_numerically(model, doc: latex.Document, module, batch_size: int = 2) -> None:
+    """Printed forward equations + printed final gradients == loss_and_grad."""
+    deriv = model.derivation
+    graph = deriv.graph
+    params = module.init_params(0)
+    batch = random_batch(model, batch=batch_size)
+    sizes = {name: batch_size for name in graph.dims}
+    values: dict[str, np.ndarray] = {**batch}
+    for p in graph.params():
+        values[p.name] = params[p.param]
+
+    def shape(name: str) -> tuple[int, ...]:
+        return tuple(int(sp.sympify(d).subs({graph.dims[k]: v for k, v in sizes.items()}))
+                     for d in graph.nodes[name].shape)
+
+    for name, body in doc.forward_bodies.items():
+        node = graph.nodes[name]
+        if node.rank == 0:
+            values[name] = np.array(evaluate(body, {}, values, sizes))
+        else:
+            values[name] = evaluate_tensor(body, node.indices(), shape(name), values, sizes)
+    _NAMESPACE.clear()
+    _NAMESPACE.update(vars(module))
+    _, grads = module.loss_and_grad(params, **call_args(module, batch))
+    assert set(doc.gradients) == set(grads)
+    for pname, formula in doc.gradients.items():
+        got = evaluate_tensor(formula.expr, formula.indices, shape(formula.tensor), values,
+                              sizes)
+        want = np.asarray(grads[pname])
+        scale = max(float(np.max(np.abs(want))), 1e-12)
+        assert np.max(np.abs(got - want)) / scale < 1e-9, pname
+
+
+# -- the seed network --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def seed_doc() -> latex.Document:
+    return symbackprop.derive(SEED)
+
+
+def test_seed_derivation_reads_like_a_textbook(seed_doc: latex.Document) -> None:
+    md = seed_doc.markdown()
+    expected = [
+        # 1. forward equations in matrix form, with the spec's names
+        r"\mathbf{z}^{(\mathrm{fc1})} & = \mathbf{x} \mathbf{W}^{(\mathrm{fc1})\top}"
+        r" + \mathbf{b}^{(\mathrm{fc1})}",
+        r"\mathbf{h}^{(\mathrm{fc1})} & = \sigma\left(\mathbf{z}^{(\mathrm{fc1})}\right)",
+        # 2. the chain, then each factor: scalar derivative, index form, matrix form
+        r"\frac{\partial L}{\partial \mathbf{W}^{(\mathrm{fc1})}} & = \frac{\partial L}"
+        r"{\partial \mathbf{y}} \frac{\partial \mathbf{y}}{\partial \mathbf{z}^{(\mathrm{fc2})}}",
+        r"= \sigma'\left(z^{(\mathrm{fc1})}_{ni}\right)",
+        r"= \sigma\left(z^{(\mathrm{fc1})}_{ni}\right) \left(1 - \sigma\left("
+        r"z^{(\mathrm{fc1})}_{ni}\right)\right)",
+        r"\frac{\partial z^{(\mathrm{fc1})}_{ni}}{\partial W^{(\mathrm{fc1})}_{kl}} & = "
+        r"\delta_{ik} x_{nl}",
+        r"\frac{\partial L}{\partial \mathbf{h}^{(\mathrm{fc1})}} & = "
+        r"\boldsymbol{\delta}^{(\mathrm{fc2})} \mathbf{W}^{(\mathrm{fc2})}",
+        # 4. the delta recursion, generic and as computed
+        r"\boldsymbol{\delta}^{(\mathrm{fc1})} & = \left(\boldsymbol{\delta}^{(\mathrm{fc2})} "
+        r"\mathbf{W}^{(\mathrm{fc2})}\right) \odot \sigma'\left(\mathbf{z}^{(\mathrm{fc1})}\right)",
+        r"\odot \mathbf{h}^{(\mathrm{fc1})} \odot \left(1 - \mathbf{h}^{(\mathrm{fc1})}\right)",
+        # 5. the gradient in matrix form, with shapes
+        r"\frac{\partial L}{\partial \mathbf{W}^{(\mathrm{fc1})}} & = "
+        r"\boldsymbol{\delta}^{(\mathrm{fc1})\top} \mathbf{x}",
+        r"\frac{\partial L}{\partial \mathbf{b}^{(\mathrm{fc1})}} & = \mathbf{1}^{\top} "
+        r"\boldsymbol{\delta}^{(\mathrm{fc1})}",
+        r"$\boldsymbol{\delta}^{(\mathrm{fc1})} \in \mathbb{R}^{N \times 3}$",
+    ]
+    for text in expected:
+        assert text in md, text
+    # 3. where fusion let sympy simplify across layers: raw and simplified forms
+    assert "Simplified across layers" in md
+    assert list(seed_doc.params) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert_names_print_well(seed_doc)
+    assert str(seed_doc) == md
+    assert seed_doc._repr_latex_().startswith("$$\\begin{array}{l}")
+
+
+def test_sigmoid_bce_collapses_to_sigma_minus_t(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """
+        name: bce_net
+        inputs: {x: [N, 2]}
+        targets: {t: [N, 1]}
+        layers:
+          - {name: fc1, type: dense, units: 3, activation: tanh}
+          - {name: fc2, type: dense, units: 1, activation: sigmoid}
+        loss: {type: bce, prediction: fc2, target: t}
+        """)
+    md = symbackprop.derive(spec, params="fc1.weight").markdown()
+    section = md[md.index("Simplified across layers"):md.index("The error at each layer")]
+    assert r"\frac{1}{N} \left(\sigma\left(z^{(\mathrm{fc2})}_{nk}\right) - t_{nk}\right)" \
+        in section
+    assert r"\boldsymbol{\delta}^{(\mathrm{fc2})} & = \frac{1}{N} \left(\mathbf{y} - " \
+        r"\mathbf{t}\right)" in md
+
+
+def test_softmax_cross_entropy_collapses_to_softmax_minus_t() -> None:
+    doc = symbackprop.derive(CLASSIFIER, params=["logits.bias"])
+    md = doc.markdown()
+    assert (r"= \frac{1}{N} \left(\operatorname{softmax}\left(\mathbf{z}^{(\mathrm{logits})}"
+            r"\right) - \mathbf{label}\right)") in md
+    assert "Each row of the target sums to 1" in md
+    assert list(doc.params) == ["logits.bias"]
+    assert_names_print_well(doc)
+
+
+# -- every registry entry ------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec_text", CASES)
+def test_every_registry_entry_derives_renders_and_evaluates(tmp_path: Path,
+                                                            spec_text: str) -> None:
+    model, modules = build(tmp_path, spec_text)
+    doc = latex.build(model.spec, model.derivation, model.label)
+    trainable = [p.param for p in model.derivation.graph.params() if p.trainable]
+    assert list(doc.params) == trainable
+    assert_names_print_well(doc)
+    for fmt in latex.FORMATS:
+        assert doc.render(fmt)  # html converts every formula to MathML or raises
+    assert modules["numpy"].DERIVATIONS == {p: doc.latex(p) for p in trainable}
+    assert modules["torch"].DERIVATIONS == modules["numpy"].DERIVATIONS
+    check_numerically(model, doc, modules["numpy"])
+
+
+def test_seed_gradients_evaluate_to_loss_and_grad(tmp_path: Path, seed_doc) -> None:
+    model, modules = build(tmp_path, SEED.read_text())
+    check_numerically(model, seed_doc, modules["numpy"], batch_size=3)
+
+
+def test_softmax_classifier_gradients_evaluate_to_loss_and_grad(tmp_path: Path) -> None:
+    text = """
+    name: small_classifier
+    inputs: {x: [N, 3]}
+    targets: {label: [N, 3]}
+    layers:
+      - {name: h1, type: dense, units: 3, activation: relu}
+      - {name: logits, type: dense, units: 3}
+    loss: {type: softmax_cross_entropy, prediction: logits, target: label}
+    """
+    model, modules = build(tmp_path, text)
+    doc = latex.build(model.spec, model.derivation, model.label)
+    check_numerically(model, doc, modules["numpy"], batch_size=3)
+
+
+# -- determinism ---------------------------------------------------------------------------
+
+def test_same_spec_gives_byte_identical_latex(tmp_path: Path) -> None:
+    first = symbackprop.derive(SEED)
+    again = symbackprop.derive(SEED)
+    for fmt in latex.FORMATS:
+        assert first.render(fmt) == again.render(fmt)
+    outputs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        res = subprocess.run([sys.executable, "-m", "symbackprop.cli", "latex", str(SEED),
+                              "--format", "tex"], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr
+        outputs.append(res.stdout)
+    assert outputs[0] == outputs[1] == first.tex()
+
+
+# -- the command line ----------------------------------------------------------------------
+
+def test_cli_markdown_to_stdout(capsys) -> None:
+    assert main(["latex", str(SEED)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Backpropagation in `seed_mlp`")
+    assert "$$\n\\begin{aligned}" in out
+
+
+def test_cli_one_parameter(capsys) -> None:
+    assert main(["latex", str(SEED), "--param", "fc1.weight"]) == 0
+    out = capsys.readouterr().out
+    assert "`fc1.weight`" in out and "`fc2.bias`, shape" not in out
+
+
+def test_cli_unknown_and_frozen_parameters_exit_2(tmp_path: Path, capsys) -> None:
+    assert main(["latex", str(SEED), "--param", "fc9.weight"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown parameter 'fc9.weight'" in err and "fc1.weight" in err
+    frozen = write_spec(tmp_path, """
+        name: frozen
+        inputs: {x: [N, 2]}
+        targets: {t: [N, 1]}
+        layers:
+          - {name: base, type: dense, units: 3, activation: tanh, trainable: false}
+          - {name: head, type: dense, units: 1}
+        loss: {type: mse, prediction: head, target: t}
+        """)
+    assert main(["latex", str(frozen), "--param", "base.weight"]) == 2
+    assert "frozen" in capsys.readouterr().err
+    doc = symbackprop.derive(frozen)
+    assert list(doc.params) == ["head.weight", "head.bias"]
+    assert "(frozen: no gradient)" in doc.markdown()
+
+
+def test_cli_writes_files_and_infers_the_format(tmp_path: Path, capsys) -> None:
+    tex = tmp_path / "seed.tex"
+    assert main(["latex", str(SEED), "--format", "tex", "-o", str(tex)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tex}"
+    assert tex.read_text().startswith("\\documentclass")
+    page = tmp_path / "seed.html"
+    assert main(["latex", str(SEED), "-o", str(page)]) == 0
+    assert page.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_expand_writes_every_scalar_weight(capsys) -> None:
+    assert main(["latex", str(SEED), "--expand"]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("## Every scalar, expanded"):]
+    rows = re.findall(r"\\frac\{\\partial L\}\{\\partial [Wb]\^\{\(\\mathrm\{fc[12]\}\)\}_\{"
+                      r"\d+\}\} &", section)
+    assert len(rows) == 13  # the seed network's 13 parameters
+    assert r"\frac{\partial L}{\partial W^{(\mathrm{fc1})}_{12}} & = \frac{2}{N} " \
+           r"W^{(\mathrm{fc2})}_{11} \sum_{n=1}^{N}" in section
+    assert r"z^{(\mathrm{fc1})}_{n1} & = " in section
+
+
+def test_expand_refuses_big_networks(capsys) -> None:
+    assert main(["latex", str(CLASSIFIER), "--expand"]) == 2
+    err = capsys.readouterr().err
+    assert f"the limit is {latex.EXPAND_MAX_PARAMS}" in err and "3466" in err
+
+
+def test_generated_module_carries_derivations(tmp_path: Path) -> None:
+    assert main(["generate", str(SEED), "--out", str(tmp_path / "gen")]) == 0
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); "
+            "import seed_mlp_numpy as m; print(json.dumps(m.DERIVATIONS))")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "gen")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    derivations = json.loads(res.stdout)
+    doc = symbackprop.derive(SEED)
+    assert derivations == {p: doc.latex(p) for p in doc.params}
+    source = (tmp_path / "gen" / module_filename("seed_mlp", "numpy")).read_text()
+    assert not re.search(r"^\s*(import|from) (sympy|symbackprop)", source, re.M)
+
+
+# -- real renderers ------------------------------------------------------------------------
+
+def _artifact(name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS / name
+
+
+@pytest.mark.parametrize("spec", [SEED, CLASSIFIER], ids=["seed_mlp", "mlp_classifier"])
+def test_tex_compiles_with_pdflatex(tmp_path: Path, spec: Path) -> None:
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex is not installed (Debian: apt-get install texlive-latex-base)")
+    text = symbackprop.derive(spec, expand=spec == SEED).tex()
+    (tmp_path / "doc.tex").write_text(text)
+    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error",
+                          "-no-shell-escape", "doc.tex"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "! " not in res.stdout
+    pdf = tmp_path / "doc.pdf"
+    assert pdf.stat().st_size > 10_000
+    shutil.copy(pdf, _artifact(f"latex_{spec.stem}.pdf"))
+
+
+LAYOUT_CHECK = """<script>
+(function () {
+  var maths = Array.from(document.querySelectorAll('math'));
+  var empty = maths.filter(function (m) {
+    var r = m.getBoundingClientRect(); return !(r.width > 0 && r.height > 0); }).length;
+  var fracs = Array.from(document.querySelectorAll('mfrac'));
+  var stacked = fracs.filter(function (f) {
+    var a = f.children[0].getBoundingClientRect(), b = f.children[1].getBoundingClientRect();
+    return a.bottom <= b.top + 0.5; }).length;
+  var out = document.createElement('pre'); out.id = 'layout-check';
+  out.textContent = JSON.stringify({math: maths.length, empty: empty, mfrac: fracs.length,
+    stacked: stacked, merror: document.querySelectorAll('merror').length});
+  document.body.appendChild(out);
+})();
+</script>"""
+
+
+def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    return subprocess.run([browser, *flags, *args], capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_html_renders_offline_in_chromium(tmp_path: Path) -> None:
+    page = symbackprop.derive(SEED, expand=True).html()
+    assert not re.search(r"<script|<link|src=|href=|url\(|@import", page)  # nothing fetched
+    (tmp_path / "seed.html").write_text(page)
+    (tmp_path / "check.html").write_text(page.replace("</body>", LAYOUT_CHECK + "</body>"))
+    res = _chromium(tmp_path, "--dump-dom", (tmp_path / "check.html").as_uri())
+    assert res.returncode == 0, res.stderr[-2000:]
+    found = re.search(r'<pre id="layout-check">([^<]*)</pre>', res.stdout)
+    assert found, res.stdout[-2000:]
+    layout = json.loads(found.group(1))
+    assert layout["math"] > 100 and layout["empty"] == 0 and layout["merror"] == 0
+    assert layout["mfrac"] > 50 and layout["stacked"] == layout["mfrac"]  # real MathML layout
+    shot = _artifact("latex_seed_mlp.png")
+    shot.unlink(missing_ok=True)
+    res = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,3000",
+                    (tmp_path / "seed.html").as_uri())
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_notebook_display_and_fragment(seed_doc) -> None:
+    fragment = seed_doc.latex("fc2.bias")
+    assert fragment.startswith("\\begin{array}{l}") and fragment.endswith("\\end{array}")
+    assert "\\text{" in fragment and "$" not in fragment
+    assert seed_doc._repr_markdown_() == seed_doc.markdown()
+    with pytest.raises(symbackprop.SymbackpropError):
+        seed_doc.latex("nope.weight")
+    assert textwrap.dedent(seed_doc.markdown()) == seed_doc.markdown()
