@@ -93,3 +93,23 @@ def test_shape_errors_are_clear(tmp_path) -> None:
 
     with pytest.raises(ValueError, match=r"t: expected shape \(3, 1\), got \(3, 2\)"):
         mod.loss(mod.init_params(0), x=np.ones((3, 2)), t=np.ones((3, 2)))
+
+
+def test_torch_module_never_mentions_numpy_or_math() -> None:
+    """The torch printer maps every function to torch (a stray numpy. would fail on CUDA)."""
+    from symbackprop.api import compile_text
+
+    formula = ("exp(a) + log1p(x**2) + sqrt(1 + a**2) + sin(a) * cos(x) + cosh(a/9) + tanh(a)"
+               " + erf(a) + sigmoid(a) + softplus(a) + logsigmoid(x) + abs(a) + max(a, x)"
+               " + min(a, x) + where(a > x, a, x) + pi + e")
+    text = f"""
+    name: every_function
+    inputs: {{x: [N, 3]}}
+    targets: {{t: [N, 3]}}
+    layers:
+      - {{name: a, type: dense, units: 3, activation: gelu}}
+      - {{name: g, type: elementwise, input: [a, x], formula: "{formula}"}}
+    loss: {{formula: "log(cosh(y - t))", target: t}}
+    """
+    source = compile_text(textwrap.dedent(text)).source("torch")
+    assert "numpy" not in source and "math." not in source

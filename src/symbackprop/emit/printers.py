@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
-from sympy.printing.pytorch import TorchPrinter
 
 
 class _Common:
@@ -122,18 +121,33 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
         return f"numpy.maximum(numpy.log({self._print(expr.args[0])}), -100.0)"
 
 
-class TorchCodePrinter(_Common, TorchPrinter):
+class TorchCodePrinter(_Common, NumPyPrinter):
+    """numpy's printing rules with torch's function names.
+
+    (sympy's own ``sympy.printing.pytorch`` imports torch, which would cost seconds on
+    every ``symbackprop generate``.)
+    """
+
     _module = "torch"
+    printmethod = "_torchcode"
+    language = "Python with torch"
+    _kf = {name: "torch." + path.split(".", 1)[1] for name, path in NumPyPrinter._kf.items()
+           if path.split(".", 1)[1] in {"exp", "log", "sqrt", "sin", "cos", "tan", "tanh",
+                                        "sinh", "cosh", "arcsin", "arccos", "arctan"}}
+    _kc: dict[str, str] = {}
 
     def _typed_scalar(self, like: str, text: str) -> str:
         return f"{like}.new_tensor({text})"
 
     def __init__(self) -> None:
-        super().__init__({"strict": True})
+        super().__init__({"strict": True, "fully_qualified_modules": True})
         self.helpers = set()
 
     def _print_Sigmoid(self, expr: sp.Expr) -> str:
         return f"torch.sigmoid({self._print(expr.args[0])})"
+
+    def _print_erf(self, expr: sp.Expr) -> str:
+        return f"torch.erf({self._print(expr.args[0])})"
 
     def _print_Softplus(self, expr: sp.Expr) -> str:
         self.helpers.add("softplus")
