@@ -192,14 +192,21 @@ def substitute_known(expr: sp.Expr, known: Iterable[Node]) -> sp.Expr:
     body ``log(S)`` also lets ``S`` be read as ``exp(out)`` (logsumexp: the normaliser
     of a softmax is exp(lse), and exp(z)/exp(lse) folds to the stable exp(z - lse)).
     """
+    heads = {type(f) for f in expr.atoms(sp.Function)}
     for node in known:
         if node.body is None or isinstance(node.body, sp.Indexed):
             continue
+        is_log = isinstance(node.body, sp.log)
+        if node.body.has(sp.Sum) and not is_log:
+            continue  # a contraction's value is never a subexpression of elementwise code
+        probe = node.body.args[0] if is_log else node.body
+        if not {type(f) for f in probe.atoms(sp.Function)} <= heads:
+            continue  # pattern matching is slow; skip bodies that cannot occur
         wilds = {i: sp.Wild(f"w{n}") for n, i in enumerate(node.indices())}
         pattern = node.body.xreplace(wilds)
         value = ref(node.name, tuple(wilds.values()))
         patterns: list[tuple[sp.Expr, sp.Expr]] = [(pattern, value)]
-        if isinstance(node.body, sp.log):
+        if is_log:
             patterns.append((pattern.args[0], sp.exp(value)))
         for pat, val in patterns:
             if expr.has(pat.func) or isinstance(pat, sp.Sum):

@@ -60,12 +60,21 @@ class Fired:
     why: str
 
 
+def _heads(expr: sp.Expr) -> set[type]:
+    return {type(f) for f in expr.atoms(sp.Function)}
+
+
+# The functions each pattern needs: pattern matching is slow, and most bodies (matrix
+# products, sums) contain none of them.
+_NEEDS = {rule.name: _heads(rule.pattern) for rule in RULES}
+
+
 def apply(expr: sp.Expr, where: str, log: list[Fired] | None = None) -> sp.Expr:
     """Rewrite ``expr`` with every rule until nothing changes."""
     for _ in range(10):
         before = expr
         for rule in RULES:
-            if not expr.has(rule.pattern.func):
+            if not _NEEDS[rule.name] <= _heads(expr):
                 continue
             new = expr.replace(rule.pattern, rule.result)
             if new != expr:

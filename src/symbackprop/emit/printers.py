@@ -49,6 +49,25 @@ class _Common:
     def _print_Symbol(self, expr: sp.Symbol) -> str:
         return expr.name
 
+    def _print_And(self, expr: sp.And) -> str:
+        return "(" + " & ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Or(self, expr: sp.Or) -> str:
+        return "(" + " | ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Not(self, expr: sp.Not) -> str:
+        return f"(~{self._print(expr.args[0])})"
+
+    def _print_ITE(self, expr: sp.Expr) -> str:
+        cond, a, b = expr.args
+        return self._print(sp.Or(sp.And(cond, a), sp.And(sp.Not(cond), b)))
+
+    def _print_BooleanTrue(self, expr: sp.Expr) -> str:
+        return "True"
+
+    def _print_BooleanFalse(self, expr: sp.Expr) -> str:
+        return "False"
+
     def _print_Relational(self, expr: sp.Relational) -> str:
         lhs = self._print(expr.lhs)
         rhs = self._print(expr.rhs)
