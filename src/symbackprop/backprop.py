@@ -92,6 +92,21 @@ def derive(graph: Graph) -> Derivation:
     pending: dict[str, list[Contribution]] = {}
     adjoints: list[Adjoint] = []
     grads: dict[str, str] = {}
+    # A parameter's gradient is emitted as soon as every op that reads it has been
+    # visited, so the arrays it needs die early in the generated code.
+    readers = {p.name: sum(p.name in fused.nodes[n].operands for n in order)
+               for p in graph.params() if p.trainable}
+    emitted: dict[str, Adjoint] = {}
+
+    def emit_param(param: Node) -> None:
+        contributions = pending.pop(param.name, [])
+        expr = sp.Add(*(c.simplified for c in contributions)) if contributions else None
+        if expr is None:  # a parameter the loss does not depend on: its gradient is zero
+            expr = sp.Integer(0)
+        adjoint = Adjoint(param.name, naming.adjoint(param.name), expr, contributions)
+        adjoints.append(adjoint)
+        emitted[param.name] = adjoint
+
     for name in reversed(order):
         node = fused.nodes[name]
         if not needs[name]:
@@ -116,14 +131,16 @@ def derive(graph: Graph) -> Derivation:
                                       f"{naming.adjoint(operand)}", rewrites)
             simplified = substitute_known(simplified, reversed(known))
             pending.setdefault(operand, []).append(Contribution(name, raw, simplified))
+        for operand in node.operands:
+            if operand in readers:
+                readers[operand] -= 1
+                if readers[operand] == 0:
+                    emit_param(graph.nodes[operand])
     for param in graph.params():
         if not param.trainable:
             continue
-        contributions = pending.pop(param.name, [])
-        expr = sp.Add(*(c.simplified for c in contributions)) if contributions else None
-        if expr is None:  # a parameter the loss does not depend on: its gradient is zero
-            expr = sp.Integer(0)
-        adjoints.append(Adjoint(param.name, naming.adjoint(param.name), expr, contributions))
+        if param.name not in emitted:
+            emit_param(param)
         assert param.param is not None
         grads[param.param] = naming.adjoint(param.name)
     return Derivation(graph, fused, computed, forward, adjoints, grads, seed, rewrites)

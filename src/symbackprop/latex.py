@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import sympy as sp
-from sympy.core.parameters import distribute
+from sympy.core.parameters import distribute, global_parameters
 from sympy.printing.latex import LatexPrinter
 
 from . import naming
@@ -592,15 +592,45 @@ class MatrixPrinter(IndexPrinter):
 # ----------------------------------------------------------------------------------------
 # Rewrites for display (mathematically identities; never change a value).
 
-def _rebuild(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr]) -> sp.Expr:
-    """Apply ``rule`` bottom-up (rebuilding only the nodes whose arguments changed)."""
+def _set_distribute(flag: bool) -> None:
+    """``sympy.core.parameters.distribute`` without the ``with``: sympy clears its whole
+    cache on every change of the flag, so callers switch it only when it must change."""
+    if global_parameters.distribute != flag:
+        global_parameters.distribute = flag
+
+
+def _rebuild(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr],
+             kinds: type | tuple[type, ...] | None = None) -> sp.Expr:
+    """Apply ``rule`` bottom-up (rebuilding only the nodes whose arguments changed).
+
+    A rebuilt node and the rule on it are evaluated with ``distribute(False)``; the rule
+    on an untouched node with the caller's setting. ``kinds``: the types the rule can
+    change (it returns every other node as it is), so untouched nodes of other types are
+    left alone without switching. The flag is switched lazily (each switch clears sympy's
+    cache, which made printing cost several times what it computes).
+    """
+    outer = global_parameters.distribute
+    try:
+        return _rebuild_in(expr, rule, kinds, outer)
+    finally:
+        _set_distribute(outer)
+
+
+def _rebuild_in(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr],
+                kinds: type | tuple[type, ...] | None, outer: bool) -> sp.Expr:
     if not expr.args or isinstance(expr, sp.Indexed | sp.IndexedBase):
+        if kinds is not None and not isinstance(expr, kinds):
+            return expr
+        _set_distribute(outer)
         return rule(expr)
-    args = tuple(_rebuild(a, rule) for a in expr.args)
+    args = tuple(_rebuild_in(a, rule, kinds, outer) for a in expr.args)
     if all(new is old for new, old in zip(args, expr.args, strict=True)):
+        if kinds is not None and not isinstance(expr, kinds):
+            return expr
+        _set_distribute(outer)
         return rule(expr)
-    with distribute(False):
-        return rule(expr.func(*args))
+    _set_distribute(False)
+    return rule(expr.func(*args))
 
 
 def _indicators(expr: sp.Expr) -> sp.Expr:
@@ -621,7 +651,7 @@ def _indicators(expr: sp.Expr) -> sp.Expr:
             else:
                 out = Select(cond, value, out)
         return out
-    return _rebuild(expr, rule)
+    return _rebuild(expr, rule, sp.Piecewise)
 
 
 def _tidy_logic(expr: sp.Expr) -> sp.Expr:
@@ -631,7 +661,7 @@ def _tidy_logic(expr: sp.Expr) -> sp.Expr:
                 e, sp.core.relational.Relational):
             return sp.logic.boolalg.simplify_logic(e)
         return e
-    out = _rebuild(expr, rule)
+    out = _rebuild(expr, rule, sp.logic.boolalg.BooleanFunction)
     return sp.piecewise_fold(out) if out.has(sp.Piecewise) and not out.has(sp.Sum) else out
 
 
@@ -646,7 +676,7 @@ def _pull_constants(expr: sp.Expr) -> sp.Expr:
             if outside and inside:
                 return sp.Mul(*outside) * sp.Sum(sp.Mul(*inside), *e.limits)
         return e
-    return _rebuild(expr, rule)
+    return _rebuild(expr, rule, sp.Sum)
 
 
 def _flip_signs(expr: sp.Expr) -> sp.Expr:
@@ -667,7 +697,15 @@ def _flip_signs(expr: sp.Expr) -> sp.Expr:
         flipped = sp.Add(*(-t for t in pick.args))
         with distribute(False):
             return sp.Mul(-coeff, flipped, *others) if -coeff != 1 else sp.Mul(flipped, *others)
-    return _rebuild(expr, rule)
+    return _rebuild(expr, rule, sp.Mul)
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A node of :meth:`_Builder.matrix`'s plan: ``func(*args)``, made once all are placed."""
+
+    func: type
+    args: list[object]
 
 
 # ----------------------------------------------------------------------------------------
@@ -699,6 +737,7 @@ class _Builder:
         self._displayed: dict[sp.Expr, sp.Expr] = {}
         self._delta_cache: dict[str, list[Block]] = {}
         self._generic_cache: dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]] | None = None
+        self._engine_table: dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]] | None = None
         self.definitions: dict[str, tuple[sp.Symbol, sp.Expr]] = {}
         for node in self.nodes.values():
             self._describe_function(node)
@@ -836,7 +875,7 @@ class _Builder:
                     tuple(m.indices) == tuple(z.indices)[:-1]:
                 return RowSoftmax(z)
             return e
-        return _rebuild(expr, rule) if lse else expr
+        return _rebuild(expr, rule, sp.exp) if lse else expr
 
     # -- matrix form -------------------------------------------------------------------
     def matrix(self, expr: sp.Expr, axes: tuple[sp.Symbol, ...]) -> str | None:
@@ -861,7 +900,10 @@ class _Builder:
                     products.add(sym)
             return cache[key]
 
-        def walk(e: sp.Expr, ax: tuple[sp.Symbol, ...]) -> sp.Expr | None:
+        # Two passes: ``walk`` places the arrays (in the caller's sympy setting) and
+        # returns a plan; ``build`` then makes every node of it under distribute(False),
+        # switching the flag (which clears sympy's cache) twice, not twice per node.
+        def walk(e: sp.Expr, ax: tuple[sp.Symbol, ...]) -> object:
             if isinstance(e, sp.Indexed):
                 name = str(e.base.label)
                 idx = tuple(e.indices)
@@ -892,12 +934,25 @@ class _Builder:
             args = [walk(a, ax) for a in e.args]
             if any(a is None for a in args):
                 return None
-            with distribute(False):
-                return e.func(*args)
+            return _Node(e.func, args)
 
-        placed = walk(expr, axes)
-        if placed is None:
+        def build(plan: object) -> sp.Expr:
+            if isinstance(plan, _Node):
+                return plan.func(*(build(a) for a in plan.args))
+            return plan  # type: ignore[return-value]
+
+        plan = walk(expr, axes)
+        if plan is None:
             return None
+        if isinstance(plan, _Node):
+            outer = global_parameters.distribute
+            _set_distribute(False)
+            try:
+                placed = build(plan)
+            finally:
+                _set_distribute(outer)
+        else:
+            placed = plan
         return MatrixPrinter(self.names, self.fnames, verbatim, products).doprint(placed)
 
     def _contraction(self, e: sp.Sum, axes: tuple[sp.Symbol, ...]) -> str | None:
@@ -991,9 +1046,12 @@ class _Builder:
                ) -> sp.Expr:
         """Substitute adjoint tensors by their formulas until only ``keep`` ones remain."""
         if table is None:
-            table = {var: (tuple(sp.Symbol(f"k{n}", integer=True)
-                                 for n in range(self.nodes[a.node].rank)), _indicators(a.expr))
-                     for var, a in self.adjoints.items()}
+            if self._engine_table is None:
+                self._engine_table = {
+                    var: (tuple(sp.Symbol(f"k{n}", integer=True)
+                                for n in range(self.nodes[a.node].rank)), _indicators(a.expr))
+                    for var, a in self.adjoints.items()}
+            table = self._engine_table
         expr = _indicators(expr).xreplace({self.deriv.seed: sp.Integer(1)})
         for _ in range(len(self.nodes) + 1):
             refs = sorted((r for r in expr.atoms(sp.Indexed)
@@ -1163,7 +1221,24 @@ class _Builder:
         if consumer.name in self.fnames and self._elementwise_operand(consumer) is not None:
             k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(operand.rank))
             return ref(g, k) * FnPrime(sp.Symbol(consumer.name), ref(operand.name, k))
-        return vjp(consumer, operand, g)
+        raw = self._engine_raw(consumer, operand)
+        return raw if raw is not None else vjp(consumer, operand, g)
+
+    def _engine_raw(self, consumer: Node, operand: Node) -> sp.Expr | None:
+        """``vjp(consumer, operand, d_consumer)`` as the engine already derived it: its
+        raw contribution, where the engine differentiated this very body (the consumer
+        survived fusion unchanged); None elsewhere."""
+        fused = self.deriv.fused
+        node = fused.nodes.get(consumer.name)
+        adj = self.adjoints.get(naming.adjoint(operand.name))
+        if node is None or adj is None or fused.absorbed.get(consumer.name) or \
+                node.body != consumer.body or node.shape != consumer.shape or \
+                node.indices() != consumer.indices():
+            return None
+        for contrib in adj.contributions:
+            if contrib.consumer == consumer.name:
+                return contrib.raw
+        return None
 
     def _factors(self, paths: list[list[str]]) -> list[Block]:
         out: list[Block] = [Heading(3, _spans("Each factor, as sympy derived it"))]
@@ -1409,7 +1484,7 @@ class _Builder:
                         and hi + 1 == shape[-1]):
                     return sp.Integer(1)
             return e
-        return _rebuild(expr, rule)
+        return _rebuild(expr, rule, sp.Sum)
 
     def _final(self, param: Node, adj: Adjoint) -> list[Block]:
         names = self.names
@@ -1505,7 +1580,7 @@ def _trivial_sums(expr: sp.Expr) -> sp.Expr:
             else:
                 kept.append((var, lo, hi))
         return sp.Sum(body, *kept) if kept else body
-    return _rebuild(expr, rule)
+    return _rebuild(expr, rule, sp.Sum)
 
 
 def _canonical_bound(expr: sp.Expr) -> sp.Expr:
@@ -1578,7 +1653,7 @@ def _expand_sums(expr: sp.Expr) -> sp.Expr:
             else:
                 kept.append((var, lo, hi))
         return sp.Sum(body, *reversed(kept)) if kept else body
-    return _rebuild(expr, rule)
+    return _rebuild(expr, rule, sp.Sum)
 
 
 # ----------------------------------------------------------------------------------------

@@ -192,6 +192,8 @@ class NumpyDialect:
         return f"{var}.T" if perm == (1, 0) else f"{var}.transpose{perm}"
 
     def reduce_sum(self, code: str, axes: tuple[int, ...], *, wrap: bool) -> str:
+        if not axes:
+            return f"numpy.sum({code})" if wrap else f"{code}.sum()"
         axis = axes[0] if len(axes) == 1 else axes
         return f"numpy.sum({code}, axis={axis})" if wrap else f"{code}.sum(axis={axis})"
 
@@ -215,6 +217,8 @@ class TorchDialect:
         return f"{var}.T" if perm == (1, 0) else f"{var}.permute{perm}"
 
     def reduce_sum(self, code: str, axes: tuple[int, ...], *, wrap: bool) -> str:
+        if not axes:
+            return f"torch.sum({code})" if wrap else f"{code}.sum()"
         axis = axes[0] if len(axes) == 1 else axes
         return f"torch.sum({code}, dim={axis})" if wrap else f"{code}.sum(dim={axis})"
 

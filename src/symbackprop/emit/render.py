@@ -49,6 +49,7 @@ def _environment() -> jinja2.Environment:
 class Line:
     comment: list[str]
     code: str
+    after: str = ""  # e.g. "del tmp0, fc1_z": free arrays right after their last use
 
 
 class _Printer:
@@ -61,17 +62,32 @@ class _Printer:
         self.printer.scalars = frozenset(n for n, shape in program.shapes.items() if not shape)
         self.dialect = NumpyDialect() if backend == "numpy" else TorchDialect()
 
-    def lines(self, stmts: list[Stmt], *, mark_phases: bool = False) -> list[Line]:
+    def lines(self, stmts: list[Stmt], *, mark_phases: bool = False,
+              keep: frozenset[str] | set[str] | None = None) -> list[Line]:
+        """Printed statements; with ``keep``, every other array this function computes is
+        deleted after its last use, so peak memory is what is live, not all that was made."""
+        last_use: dict[str, int] = {}
+        defined = {stmt.target for stmt in stmts}
+        for i, stmt in enumerate(stmts):
+            for name in stmt.reads:
+                last_use[name] = i
+        dead: dict[int, list[str]] = {}
+        if keep is not None:
+            for name, i in last_use.items():
+                if name in defined and name not in keep:
+                    dead.setdefault(i, []).append(name)
         out = []
         phase = ""
-        for stmt in stmts:
+        for i, stmt in enumerate(stmts):
             comment = stmt.comment.splitlines() if stmt.comment else []
             if mark_phases and stmt.phase != phase:
                 phase = stmt.phase
                 heading = ("forward pass" if phase == "forward" else
                            "backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first")
                 comment = [f"---- {heading} ----", *comment]
-            out.append(Line(comment, f"{stmt.target} = {self.code(stmt)}"))
+            names = sorted(dead.get(i, []), key=lambda n: [s.target for s in stmts].index(n))
+            out.append(Line(comment, f"{stmt.target} = {self.code(stmt)}",
+                            f"del {', '.join(names)}" if names else ""))
         return out
 
     def code(self, stmt: Stmt) -> str:
@@ -81,9 +97,9 @@ class _Printer:
         expr = sp.piecewise_fold(stmt.expr) if stmt.expr.has(sp.Piecewise) else stmt.expr
         text = self.printer.doprint(expr)
         if stmt.kind == "sum":
-            rank = len(self.program.shapes.get(f"{stmt.target}:full", ())) or None
-            del rank
-            return self.dialect.reduce_sum(text, stmt.axes, wrap=True)
+            # A sum over every axis needs no axis argument (and is faster without one).
+            full = self.program.shapes.get(stmt.target) == ()
+            return self.dialect.reduce_sum(text, () if full else stmt.axes, wrap=True)
         return text
 
 
@@ -135,9 +151,9 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str) ->
         "prediction": graph.prediction,
         "loss_var": loss_var,
         "grads": [{"name": name, "var": var} for name, var in grads.items()],
-        "forward_lines": pr.lines(forward_stmts),
-        "loss_lines": pr.lines(loss_stmts),
-        "lag_lines": pr.lines(lag_stmts, mark_phases=True),
+        "forward_lines": pr.lines(forward_stmts, keep={graph.prediction}),
+        "loss_lines": pr.lines(loss_stmts, keep={loss_var}),
+        "lag_lines": pr.lines(lag_stmts, mark_phases=True, keep=set(grad_outputs)),
         "seed": deriv.seed.name,
     }
     if backend == "torch":
@@ -156,8 +172,8 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str) ->
         context.update({
             "fn_args": [n.name for n in inputs] + [t.name for t in used_targets]
                        + [p.name for p in params],
-            "fwd_lines": apr.lines(fwd),
-            "bwd_lines": apr.lines(bwd),
+            "fwd_lines": apr.lines(fwd, keep={*saved, loss_var}),
+            "bwd_lines": apr.lines(bwd, keep=set(grads.values())),
             "saved": saved,
             "bwd_dims": bwd_dims,
             "grad_returns": [grads.get(p.param) if p.trainable else None for p in params],
