@@ -72,6 +72,7 @@ class Program:
     views: dict[sp.Symbol, frozenset[str]] = field(default_factory=dict)
     dims: dict[str, tuple[str, int]] = field(default_factory=dict)
     shapes: dict[str, tuple[sp.Expr, ...]] = field(default_factory=dict)
+    products: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def function(self, outputs: Sequence[str], *, keep: Iterable[str] = ()) -> list[Stmt]:
         """The statements needed for ``outputs``, optimised (inlined, CSE'd)."""
@@ -222,6 +223,8 @@ class Lowerer:
         self.like = ""
         self.counter = 0
         self.embedded: dict[str, tuple[sp.Symbol, tuple[sp.Symbol, ...]]] = {}
+        # "(a @ b)" -> (a, b) for 2-D products, so torch can fuse "+ bias" into addmm
+        self.products: dict[str, tuple[str, str]] = {}
         graph = deriv.graph
         for node in graph.nodes.values():
             if node.role != "op":
@@ -260,7 +263,7 @@ class Lowerer:
                 continue
             self.assign(adj.var, adj.expr, target_indices(node), "backward",
                         _backward_comment(deriv, adj.node))
-        return Program(self.stmts, self.views, self.dims, self.shapes)
+        return Program(self.stmts, self.views, self.dims, self.shapes, self.products)
 
     # -- statements ---------------------------------------------------------------------
     def assign(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...], phase: Phase,
@@ -401,6 +404,9 @@ class Lowerer:
             (c,) = limits
             code = _matmul(an, ia, bn, ib, c, free) or _matmul(bn, ib, an, ia, c, free)
             if code:
+                if len(ia) == 2 and len(ib) == 2:
+                    left, right = code.split(" @ ")
+                    self.products[f"({code})"] = (left, right)
                 return code
         letters: dict[sp.Symbol, str] = {}
         for i in (*ia, *ib):

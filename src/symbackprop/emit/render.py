@@ -94,6 +94,9 @@ class _Printer:
         if stmt.kind == "code":
             return stmt.code
         assert stmt.expr is not None
+        fused = self._addmm(stmt)
+        if fused:
+            return fused
         expr = sp.piecewise_fold(stmt.expr) if stmt.expr.has(sp.Piecewise) else stmt.expr
         text = self.printer.doprint(expr)
         if stmt.kind == "sum":
@@ -101,6 +104,22 @@ class _Printer:
             full = self.program.shapes.get(stmt.target) == ()
             return self.dialect.reduce_sum(text, () if full else stmt.axes, wrap=True)
         return text
+
+
+    def _addmm(self, stmt: Stmt) -> str:
+        """torch: (a @ b) + c as one addmm call (the add rides on the matrix product)."""
+        expr = stmt.expr
+        if (self.backend != "torch" or stmt.kind != "expr" or not isinstance(expr, sp.Add)
+                or len(expr.args) != 2):
+            return ""
+        products = [a for a in expr.args if isinstance(a, sp.Symbol)
+                    and a.name in self.program.products]
+        others = [a for a in expr.args if isinstance(a, sp.Symbol) and a not in products
+                  and not a.is_integer]
+        if len(products) != 1 or len(others) != 1:
+            return ""
+        left, right = self.program.products[products[0].name]
+        return f"torch.addmm({others[0].name}, {left}, {right})"
 
 
 def _shape_tuple(shape: tuple[sp.Expr, ...]) -> str:
