@@ -891,15 +891,19 @@ def forward(params, *, x):
 
     # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
     h1 = numpy.tanh(h1_z)
+    del h1_z
 
     # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
     h2_z = (h1 @ h2_weight.T) + h2_bias
+    del h1
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
     h2 = numpy.where((h2_z > 0), h2_z, 0)
+    del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
     logits = (h2 @ logits_weight.T) + logits_bias
+    del h2
     return logits
 
 
@@ -919,22 +923,28 @@ def loss(params, *, x, label):
 
     # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
     h1 = numpy.tanh(h1_z)
+    del h1_z
 
     # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
     h2_z = (h1 @ h2_weight.T) + h2_bias
+    del h1
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
     h2 = numpy.where((h2_z > 0), h2_z, 0)
+    del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
     logits = (h2 @ logits_weight.T) + logits_bias
+    del h2
 
     # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
     logits_lse = _logsumexp(logits, 1)
 
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-    tmp_sum4 = numpy.sum(label*(-logits + logits_lse[:, None]), axis=(0, 1))
+    tmp_sum4 = numpy.sum(label*(-logits + logits_lse[:, None]))
+    del logits, logits_lse
     loss = tmp_sum4/N
+    del tmp_sum4
     return loss
 
 
@@ -955,6 +965,7 @@ def loss_and_grad(params, *, x, label):
 
     # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
     h1 = numpy.tanh(h1_z)
+    del h1_z
 
     # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
     h2_z = (h1 @ h2_weight.T) + h2_bias
@@ -962,6 +973,7 @@ def loss_and_grad(params, *, x, label):
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
     h2 = numpy.where(tmp0, h2_z, 0)
+    del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
     logits = (h2 @ logits_weight.T) + logits_bias
@@ -969,39 +981,40 @@ def loss_and_grad(params, *, x, label):
     # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
     logits_lse = _logsumexp(logits, 1)
     tmp1 = logits - logits_lse[:, None]
+    del logits, logits_lse
 
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-    tmp_sum4 = numpy.sum(-label*tmp1, axis=(0, 1))
+    tmp_sum4 = numpy.sum(-label*tmp1)
     loss = tmp_sum4/N
+    del tmp_sum4
 
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
     # the seed: dL/dL = 1, in the loss's dtype
     d_loss = numpy.ones_like(loss)
     tmp3 = d_loss/N
+    del d_loss
 
     # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
     d_logits_lse = (label.sum(axis=1))*tmp3
 
     # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
     d_logits = d_logits_lse[:, None]*numpy.exp(tmp1) - label*tmp3
+    del tmp1, tmp3, d_logits_lse
+
+    # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
+    d_logits_weight = d_logits.T @ h2
+    del h2
+
+    # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
+    d_logits_bias = d_logits.sum(axis=0)
 
     # dL/dh2 (through logits): d_h2[k0, k1] = sum_{i1}(d_logits[k0, i1]*logits_weight[i1, k1])
     d_h2 = d_logits @ logits_weight
+    del d_logits
 
     # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
     d_h2_z = numpy.where(tmp0, d_h2, 0)
-
-    # dL/dh1 (through h2_z): d_h1[k0, k1] = sum_{i1}(d_h2_z[k0, i1]*h2_weight[i1, k1])
-    d_h1 = d_h2_z @ h2_weight
-
-    # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
-    d_h1_z = d_h1*(1 - h1**2)
-
-    # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
-    d_h1_weight = d_h1_z.T @ x
-
-    # dL/dh1_bias (through h1_z): d_h1_bias[k0] = sum_{i0}(d_h1_z[i0, k0])
-    d_h1_bias = d_h1_z.sum(axis=0)
+    del tmp0, d_h2
 
     # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
     d_h2_weight = d_h2_z.T @ h1
@@ -1009,11 +1022,20 @@ def loss_and_grad(params, *, x, label):
     # dL/dh2_bias (through h2_z): d_h2_bias[k0] = sum_{i0}(d_h2_z[i0, k0])
     d_h2_bias = d_h2_z.sum(axis=0)
 
-    # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
-    d_logits_weight = d_logits.T @ h2
+    # dL/dh1 (through h2_z): d_h1[k0, k1] = sum_{i1}(d_h2_z[k0, i1]*h2_weight[i1, k1])
+    d_h1 = d_h2_z @ h2_weight
+    del d_h2_z
 
-    # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
-    d_logits_bias = d_logits.sum(axis=0)
+    # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
+    d_h1_z = d_h1*(1 - h1**2)
+    del h1, d_h1
+
+    # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
+    d_h1_weight = d_h1_z.T @ x
+
+    # dL/dh1_bias (through h1_z): d_h1_bias[k0] = sum_{i0}(d_h1_z[i0, k0])
+    d_h1_bias = d_h1_z.sum(axis=0)
+    del d_h1_z
     grads = {
         "h1.weight": d_h1_weight,
         "h1.bias": d_h1_bias,

@@ -874,19 +874,23 @@ def forward(params, *, x):
     N = x.shape[0]
     _expect("x", x, (N, 64))
     # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
-    h1_z = (x @ h1_weight.T) + h1_bias
+    h1_z = torch.addmm(h1_bias, x, h1_weight.T)
 
     # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
     h1 = torch.tanh(h1_z)
+    del h1_z
 
     # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
-    h2_z = (h1 @ h2_weight.T) + h2_bias
+    h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
+    del h1
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
     h2 = torch.where((h2_z > 0), h2_z, 0)
+    del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
-    logits = (h2 @ logits_weight.T) + logits_bias
+    logits = torch.addmm(logits_bias, h2, logits_weight.T)
+    del h2
     return logits
 
 
@@ -903,26 +907,32 @@ def loss(params, *, x, label):
     _expect("label", label, (N, 10))
     with torch.no_grad():
         # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
-        h1_z = (x @ h1_weight.T) + h1_bias
+        h1_z = torch.addmm(h1_bias, x, h1_weight.T)
 
         # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
         h1 = torch.tanh(h1_z)
+        del h1_z
 
         # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
-        h2_z = (h1 @ h2_weight.T) + h2_bias
+        h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
+        del h1
 
         # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
         h2 = torch.where((h2_z > 0), h2_z, 0)
+        del h2_z
 
         # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
-        logits = (h2 @ logits_weight.T) + logits_bias
+        logits = torch.addmm(logits_bias, h2, logits_weight.T)
+        del h2
 
         # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
         logits_lse = torch.logsumexp(logits, dim=1)
 
         # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-        tmp_sum4 = torch.sum(label*(-logits + logits_lse[:, None]), dim=(0, 1))
+        tmp_sum4 = torch.sum(label*(-logits + logits_lse[:, None]))
+        del logits, logits_lse
         loss = tmp_sum4/N
+        del tmp_sum4
     return loss
 
 
@@ -940,57 +950,60 @@ def loss_and_grad(params, *, x, label):
     with torch.no_grad():
         # ---- forward pass ----
         # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
-        h1_z = (x @ h1_weight.T) + h1_bias
+        h1_z = torch.addmm(h1_bias, x, h1_weight.T)
 
         # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
         h1 = torch.tanh(h1_z)
+        del h1_z
 
         # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
-        h2_z = (h1 @ h2_weight.T) + h2_bias
+        h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
         tmp0 = (h2_z > 0)
 
         # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
         h2 = torch.where(tmp0, h2_z, 0)
+        del h2_z
 
         # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
-        logits = (h2 @ logits_weight.T) + logits_bias
+        logits = torch.addmm(logits_bias, h2, logits_weight.T)
 
         # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
         logits_lse = torch.logsumexp(logits, dim=1)
         tmp1 = logits - logits_lse[:, None]
+        del logits, logits_lse
 
         # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-        tmp_sum4 = torch.sum(-label*tmp1, dim=(0, 1))
+        tmp_sum4 = torch.sum(-label*tmp1)
         loss = tmp_sum4/N
+        del tmp_sum4
 
         # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
         # the seed: dL/dL = 1, in the loss's dtype
         d_loss = torch.ones_like(loss)
         tmp3 = d_loss/N
+        del d_loss
 
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
         d_logits_lse = (label.sum(dim=1))*tmp3
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
         d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp3
+        del tmp1, tmp3, d_logits_lse
+
+        # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
+        d_logits_weight = d_logits.T @ h2
+        del h2
+
+        # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
+        d_logits_bias = d_logits.sum(dim=0)
 
         # dL/dh2 (through logits): d_h2[k0, k1] = sum_{i1}(d_logits[k0, i1]*logits_weight[i1, k1])
         d_h2 = d_logits @ logits_weight
+        del d_logits
 
         # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
         d_h2_z = torch.where(tmp0, d_h2, 0)
-
-        # dL/dh1 (through h2_z): d_h1[k0, k1] = sum_{i1}(d_h2_z[k0, i1]*h2_weight[i1, k1])
-        d_h1 = d_h2_z @ h2_weight
-
-        # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
-        d_h1_z = d_h1*(1 - h1**2)
-
-        # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
-        d_h1_weight = d_h1_z.T @ x
-
-        # dL/dh1_bias (through h1_z): d_h1_bias[k0] = sum_{i0}(d_h1_z[i0, k0])
-        d_h1_bias = d_h1_z.sum(dim=0)
+        del tmp0, d_h2
 
         # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
         d_h2_weight = d_h2_z.T @ h1
@@ -998,11 +1011,20 @@ def loss_and_grad(params, *, x, label):
         # dL/dh2_bias (through h2_z): d_h2_bias[k0] = sum_{i0}(d_h2_z[i0, k0])
         d_h2_bias = d_h2_z.sum(dim=0)
 
-        # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
-        d_logits_weight = d_logits.T @ h2
+        # dL/dh1 (through h2_z): d_h1[k0, k1] = sum_{i1}(d_h2_z[k0, i1]*h2_weight[i1, k1])
+        d_h1 = d_h2_z @ h2_weight
+        del d_h2_z
 
-        # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
-        d_logits_bias = d_logits.sum(dim=0)
+        # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
+        d_h1_z = d_h1*(1 - h1**2)
+        del h1, d_h1
+
+        # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
+        d_h1_weight = d_h1_z.T @ x
+
+        # dL/dh1_bias (through h1_z): d_h1_bias[k0] = sum_{i0}(d_h1_z[i0, k0])
+        d_h1_bias = d_h1_z.sum(dim=0)
+        del d_h1_z
     grads = {
         "h1.weight": d_h1_weight,
         "h1.bias": d_h1_bias,
@@ -1023,28 +1045,32 @@ class LossFunction(torch.autograd.Function):
         _expect("x", x, (N, 64))
         _expect("label", label, (N, 10))
         # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
-        h1_z = (x @ h1_weight.T) + h1_bias
+        h1_z = torch.addmm(h1_bias, x, h1_weight.T)
 
         # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
         h1 = torch.tanh(h1_z)
+        del h1_z
 
         # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
-        h2_z = (h1 @ h2_weight.T) + h2_bias
+        h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
         tmp0 = (h2_z > 0)
 
         # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
         h2 = torch.where(tmp0, h2_z, 0)
+        del h2_z
 
         # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
-        logits = (h2 @ logits_weight.T) + logits_bias
+        logits = torch.addmm(logits_bias, h2, logits_weight.T)
 
         # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
         logits_lse = torch.logsumexp(logits, dim=1)
         tmp1 = logits - logits_lse[:, None]
+        del logits, logits_lse
 
         # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-        tmp_sum4 = torch.sum(-label*tmp1, dim=(0, 1))
+        tmp_sum4 = torch.sum(-label*tmp1)
         loss = tmp_sum4/N
+        del tmp_sum4
         ctx.N = N
         ctx.save_for_backward(x, label, h1, h2_weight, h2, logits_weight, tmp0, tmp1)
         return loss
@@ -1060,24 +1086,21 @@ class LossFunction(torch.autograd.Function):
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
         d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp3
+        del tmp3, d_logits_lse
+
+        # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
+        d_logits_weight = d_logits.T @ h2
+
+        # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
+        d_logits_bias = d_logits.sum(dim=0)
 
         # dL/dh2 (through logits): d_h2[k0, k1] = sum_{i1}(d_logits[k0, i1]*logits_weight[i1, k1])
         d_h2 = d_logits @ logits_weight
+        del d_logits
 
         # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
         d_h2_z = torch.where(tmp0, d_h2, 0)
-
-        # dL/dh1 (through h2_z): d_h1[k0, k1] = sum_{i1}(d_h2_z[k0, i1]*h2_weight[i1, k1])
-        d_h1 = d_h2_z @ h2_weight
-
-        # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
-        d_h1_z = d_h1*(1 - h1**2)
-
-        # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
-        d_h1_weight = d_h1_z.T @ x
-
-        # dL/dh1_bias (through h1_z): d_h1_bias[k0] = sum_{i0}(d_h1_z[i0, k0])
-        d_h1_bias = d_h1_z.sum(dim=0)
+        del d_h2
 
         # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
         d_h2_weight = d_h2_z.T @ h1
@@ -1085,11 +1108,20 @@ class LossFunction(torch.autograd.Function):
         # dL/dh2_bias (through h2_z): d_h2_bias[k0] = sum_{i0}(d_h2_z[i0, k0])
         d_h2_bias = d_h2_z.sum(dim=0)
 
-        # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
-        d_logits_weight = d_logits.T @ h2
+        # dL/dh1 (through h2_z): d_h1[k0, k1] = sum_{i1}(d_h2_z[k0, i1]*h2_weight[i1, k1])
+        d_h1 = d_h2_z @ h2_weight
+        del d_h2_z
 
-        # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
-        d_logits_bias = d_logits.sum(dim=0)
+        # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
+        d_h1_z = d_h1*(1 - h1**2)
+        del d_h1
+
+        # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
+        d_h1_weight = d_h1_z.T @ x
+
+        # dL/dh1_bias (through h1_z): d_h1_bias[k0] = sum_{i0}(d_h1_z[i0, k0])
+        d_h1_bias = d_h1_z.sum(dim=0)
+        del d_h1_z
         return (None, None, d_h1_weight, d_h1_bias, d_h2_weight, d_h2_bias, d_logits_weight, d_logits_bias)
 
 

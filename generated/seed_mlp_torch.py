@@ -526,16 +526,19 @@ def forward(params, *, x):
     N = x.shape[0]
     _expect("x", x, (N, 2))
     # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-    fc1_z = (x @ fc1_weight.T) + fc1_bias
+    fc1_z = torch.addmm(fc1_bias, x, fc1_weight.T)
 
     # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
     fc1 = torch.sigmoid(fc1_z)
+    del fc1_z
 
     # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-    fc2_z = (fc1 @ fc2_weight.T) + fc2_bias
+    fc2_z = torch.addmm(fc2_bias, fc1, fc2_weight.T)
+    del fc1
 
     # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
     fc2 = torch.sigmoid(fc2_z)
+    del fc2_z
     return fc2
 
 
@@ -550,20 +553,25 @@ def loss(params, *, x, t):
     _expect("t", t, (N, 1))
     with torch.no_grad():
         # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-        fc1_z = (x @ fc1_weight.T) + fc1_bias
+        fc1_z = torch.addmm(fc1_bias, x, fc1_weight.T)
 
         # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
         fc1 = torch.sigmoid(fc1_z)
+        del fc1_z
 
         # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-        fc2_z = (fc1 @ fc2_weight.T) + fc2_bias
+        fc2_z = torch.addmm(fc2_bias, fc1, fc2_weight.T)
+        del fc1
 
         # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
         fc2 = torch.sigmoid(fc2_z)
+        del fc2_z
 
         # mse loss: loss[] = sum_{s0,s1}((fc2[s0, s1] - t[s0, s1])**2)/N
-        tmp_sum3 = torch.sum((fc2 - t)**2, dim=(0, 1))
+        tmp_sum3 = torch.sum((fc2 - t)**2)
+        del fc2
         loss = tmp_sum3/N
+        del tmp_sum3
     return loss
 
 
@@ -579,21 +587,24 @@ def loss_and_grad(params, *, x, t):
     with torch.no_grad():
         # ---- forward pass ----
         # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-        fc1_z = (x @ fc1_weight.T) + fc1_bias
+        fc1_z = torch.addmm(fc1_bias, x, fc1_weight.T)
 
         # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
         fc1 = torch.sigmoid(fc1_z)
+        del fc1_z
 
         # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-        fc2_z = (fc1 @ fc2_weight.T) + fc2_bias
+        fc2_z = torch.addmm(fc2_bias, fc1, fc2_weight.T)
 
         # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
         fc2 = torch.sigmoid(fc2_z)
+        del fc2_z
         tmp0 = fc2 - t
 
         # mse loss: loss[] = sum_{s0,s1}((fc2[s0, s1] - t[s0, s1])**2)/N
-        tmp_sum3 = torch.sum(tmp0**2, dim=(0, 1))
+        tmp_sum3 = torch.sum(tmp0**2)
         loss = tmp_sum3/N
+        del tmp_sum3
 
         # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
         # the seed: dL/dL = 1, in the loss's dtype
@@ -601,24 +612,28 @@ def loss_and_grad(params, *, x, t):
 
         # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
         d_fc2_z = (2*d_loss/N)*(fc2*tmp0*(1 - fc2))
-
-        # dL/dfc1 (through fc2_z): d_fc1[k0, k1] = sum_{i1}(d_fc2_z[k0, i1]*fc2_weight[i1, k1])
-        d_fc1 = d_fc2_z @ fc2_weight
-
-        # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
-        d_fc1_z = d_fc1*fc1*(1 - fc1)
-
-        # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])
-        d_fc1_weight = d_fc1_z.T @ x
-
-        # dL/dfc1_bias (through fc1_z): d_fc1_bias[k0] = sum_{i0}(d_fc1_z[i0, k0])
-        d_fc1_bias = d_fc1_z.sum(dim=0)
+        del fc2, tmp0, d_loss
 
         # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
         d_fc2_weight = d_fc2_z.T @ fc1
 
         # dL/dfc2_bias (through fc2_z): d_fc2_bias[k0] = sum_{i0}(d_fc2_z[i0, k0])
         d_fc2_bias = d_fc2_z.sum(dim=0)
+
+        # dL/dfc1 (through fc2_z): d_fc1[k0, k1] = sum_{i1}(d_fc2_z[k0, i1]*fc2_weight[i1, k1])
+        d_fc1 = d_fc2_z @ fc2_weight
+        del d_fc2_z
+
+        # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
+        d_fc1_z = d_fc1*fc1*(1 - fc1)
+        del fc1, d_fc1
+
+        # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])
+        d_fc1_weight = d_fc1_z.T @ x
+
+        # dL/dfc1_bias (through fc1_z): d_fc1_bias[k0] = sum_{i0}(d_fc1_z[i0, k0])
+        d_fc1_bias = d_fc1_z.sum(dim=0)
+        del d_fc1_z
     grads = {
         "fc1.weight": d_fc1_weight,
         "fc1.bias": d_fc1_bias,
@@ -637,21 +652,24 @@ class LossFunction(torch.autograd.Function):
         _expect("x", x, (N, 2))
         _expect("t", t, (N, 1))
         # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-        fc1_z = (x @ fc1_weight.T) + fc1_bias
+        fc1_z = torch.addmm(fc1_bias, x, fc1_weight.T)
 
         # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
         fc1 = torch.sigmoid(fc1_z)
+        del fc1_z
 
         # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-        fc2_z = (fc1 @ fc2_weight.T) + fc2_bias
+        fc2_z = torch.addmm(fc2_bias, fc1, fc2_weight.T)
 
         # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
         fc2 = torch.sigmoid(fc2_z)
+        del fc2_z
         tmp0 = fc2 - t
 
         # mse loss: loss[] = sum_{s0,s1}((fc2[s0, s1] - t[s0, s1])**2)/N
-        tmp_sum3 = torch.sum(tmp0**2, dim=(0, 1))
+        tmp_sum3 = torch.sum(tmp0**2)
         loss = tmp_sum3/N
+        del tmp_sum3
         ctx.N = N
         ctx.save_for_backward(x, fc1, fc2_weight, fc2, tmp0)
         return loss
@@ -663,23 +681,26 @@ class LossFunction(torch.autograd.Function):
         # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
         d_fc2_z = (2*d_loss/N)*(fc2*tmp0*(1 - fc2))
 
+        # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
+        d_fc2_weight = d_fc2_z.T @ fc1
+
+        # dL/dfc2_bias (through fc2_z): d_fc2_bias[k0] = sum_{i0}(d_fc2_z[i0, k0])
+        d_fc2_bias = d_fc2_z.sum(dim=0)
+
         # dL/dfc1 (through fc2_z): d_fc1[k0, k1] = sum_{i1}(d_fc2_z[k0, i1]*fc2_weight[i1, k1])
         d_fc1 = d_fc2_z @ fc2_weight
+        del d_fc2_z
 
         # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
         d_fc1_z = d_fc1*fc1*(1 - fc1)
+        del d_fc1
 
         # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])
         d_fc1_weight = d_fc1_z.T @ x
 
         # dL/dfc1_bias (through fc1_z): d_fc1_bias[k0] = sum_{i0}(d_fc1_z[i0, k0])
         d_fc1_bias = d_fc1_z.sum(dim=0)
-
-        # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
-        d_fc2_weight = d_fc2_z.T @ fc1
-
-        # dL/dfc2_bias (through fc2_z): d_fc2_bias[k0] = sum_{i0}(d_fc2_z[i0, k0])
-        d_fc2_bias = d_fc2_z.sum(dim=0)
+        del d_fc1_z
         return (None, None, d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias)
 
 
