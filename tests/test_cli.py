@@ -160,3 +160,13 @@ def test_explain_lists_rewrites(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "forward fc: log(1 + exp(a)) -> softplus(a)" in out
     assert "numpy.logaddexp(0.0, fc_z)" in (tmp_path / "g" / "m_numpy.py").read_text()
+
+
+def test_no_derivations_flag(tmp_path) -> None:
+    spec = EXAMPLES / "seed_mlp.yaml"
+    assert main(["generate", str(spec), "--out", str(tmp_path), "--no-derivations"]) == 0
+    text = (tmp_path / "seed_mlp_numpy.py").read_text()
+    assert "DERIVATIONS = {\n}" in text and "--no-derivations" in text
+    assert main(["generate", str(spec), "--out", str(tmp_path), "--check",
+                 "--no-derivations"]) == 0
+    assert main(["generate", str(spec), "--out", str(tmp_path), "--check"]) == 1

@@ -35,11 +35,13 @@ class CompiledModel:
     spec: ModelSpec
     derivation: Derivation
     label: str
+    derivations: bool = True  # embed DERIVATIONS (LaTeX) in the generated modules
 
     def source(self, backend: str) -> str:
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-        return render(self.spec, self.derivation, backend, self.label)
+        return render(self.spec, self.derivation, backend, self.label,
+                      derivations=self.derivations)
 
     def sources(self, backends: tuple[str, ...] = BACKENDS) -> dict[str, str]:
         return {b: self.source(b) for b in backends}
@@ -92,10 +94,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 def generate(spec_path: str | Path, out: str | Path = "generated",
              backends: tuple[str, ...] | str = BACKENDS, *, force: bool = False,
-             check: bool = False) -> list[Path]:
+             check: bool = False, derivations: bool = True) -> list[Path]:
     """Write (or with ``check``, compare) the generated modules; return their paths."""
     backends = parse_backends(backends)
     model = compile_spec(spec_path)
+    model.derivations = derivations
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: output path exists and is not a folder")

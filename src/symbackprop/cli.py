@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="overwrite files that are not symbackprop modules")
     gen.add_argument("--check", action="store_true",
                      help="write nothing; exit 1 if the files on disk differ from the spec")
+    gen.add_argument("--no-derivations", action="store_true",
+                     help="leave DERIVATIONS empty (faster for deep networks; "
+                          "`symbackprop latex` still prints them)")
     gen.add_argument("--explain", action="store_true",
                      help="list the numerically stable rewrites applied, and where")
     chk = sub.add_parser("check", help="finite-difference and torch autograd cross-check")
@@ -61,7 +64,8 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "generate":
         from .api import generate
 
-        paths = generate(args.spec, args.out, args.backend, force=args.force, check=args.check)
+        paths = generate(args.spec, args.out, args.backend, force=args.force, check=args.check,
+                         derivations=not args.no_derivations)
         verb = "up to date" if args.check else "wrote"
         for path in paths:
             print(f"{verb} {path}")

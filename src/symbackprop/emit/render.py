@@ -132,7 +132,8 @@ def _lower(deriv: Derivation, backend: str, *, seed_argument: bool) -> Program:
     return Lowerer(deriv, dialect, seed_argument=seed_argument).lower()
 
 
-def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str) -> str:
+def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
+           *, derivations: bool = True) -> str:
     """The source of one generated module, checked with ``ast.parse``."""
     graph = deriv.graph
     params = graph.params()
@@ -208,7 +209,9 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str) ->
     context["param_vars"] = {p.param: p.name for p in params}
     from ..latex import module_derivations
 
-    context["derivations"] = module_derivations(spec, deriv, spec_label)
+    # The derivation text grows with the square of the depth; --no-derivations skips it.
+    context["derivations"] = module_derivations(spec, deriv, spec_label) if derivations else []
+    context["derivations_off"] = not derivations
     template = _environment().get_template(f"{backend}_module.py.j2")
     source = template.render(**context)
     try:
