@@ -13,6 +13,7 @@ how the independent autograd oracle computes a custom formula without sympy.
 from __future__ import annotations
 
 import ast
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -210,37 +211,43 @@ def _number(value: int | float) -> sp.Expr:
     return sp.Integer(value) if isinstance(value, int) else sp.Float(repr(value))
 
 
-def to_sympy(tree: ast.expr, variables: Mapping[str, sp.Expr]) -> sp.Expr:
-    """Build the sympy expression of a checked tree (no evaluation of text)."""
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+          "**": operator.pow}
 
-    def build(node: ast.AST) -> sp.Expr:
+
+def _walk(tree: ast.expr, name: Callable[[str], Any], number: Callable[[int | float], Any],
+          compare: Callable[[type, Any, Any], Any], call: Callable[[str, list[Any]], Any]) -> Any:
+    """Interpret a checked tree; the callbacks say what names, numbers, comparisons and
+    calls mean (sympy objects for the engine, torch tensors for the oracle)."""
+
+    def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Constant):
-            return _number(node.value)
+            return number(node.value)
         if isinstance(node, ast.Name):
-            return variables[node.id] if node.id in variables else CONSTANTS[node.id]
+            return name(node.id)
         if isinstance(node, ast.UnaryOp):
-            inner = build(node.operand)
+            inner = ev(node.operand)
             return -inner if isinstance(node.op, ast.USub) else inner
         if isinstance(node, ast.BinOp):
-            a, b = build(node.left), build(node.right)
-            op = _BINARY[type(node.op)]
-            if op == "+":
-                return a + b
-            if op == "-":
-                return a - b
-            if op == "*":
-                return a * b
-            if op == "/":
-                return a / b
-            return sp.Pow(a, b)
+            return _APPLY[_BINARY[type(node.op)]](ev(node.left), ev(node.right))
         if isinstance(node, ast.Compare):
-            return _COMPARE[type(node.ops[0])](build(node.left), build(node.comparators[0]))
+            return compare(type(node.ops[0]), ev(node.left), ev(node.comparators[0]))
         if isinstance(node, ast.Call):
             assert isinstance(node.func, ast.Name)
-            return FUNCTIONS[node.func.id].build(*(build(a) for a in node.args))
+            return call(node.func.id, [ev(a) for a in node.args])
         raise AssertionError(type(node))  # pragma: no cover - parse_tree rejects these
 
-    return build(tree)
+    return ev(tree)
+
+
+def to_sympy(tree: ast.expr, variables: Mapping[str, sp.Expr]) -> sp.Expr:
+    """Build the sympy expression of a checked tree (no evaluation of text)."""
+    return _walk(
+        tree,
+        name=lambda n: variables[n] if n in variables else CONSTANTS[n],
+        number=_number,
+        compare=lambda op, a, b: _COMPARE[op](a, b),
+        call=lambda f, args: FUNCTIONS[f].build(*args))
 
 
 def parse(text: object, variables: Mapping[str, sp.Expr]) -> sp.Expr:
@@ -253,32 +260,16 @@ def torch_eval(tree: ast.expr, variables: Mapping[str, Any]) -> Any:
 
     import torch
 
-    def ev(node: ast.AST) -> Any:
-        if isinstance(node, ast.Constant):
-            return float(node.value)
-        if isinstance(node, ast.Name):
-            if node.id in variables:
-                return variables[node.id]
-            return {"pi": math.pi, "e": math.e}[node.id]
-        if isinstance(node, ast.UnaryOp):
-            inner = ev(node.operand)
-            return -inner if isinstance(node.op, ast.USub) else inner
-        if isinstance(node, ast.BinOp):
-            a, b = ev(node.left), ev(node.right)
-            op = _BINARY[type(node.op)]
-            return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
-                    "/": lambda: a / b, "**": lambda: a ** b}[op]()
-        if isinstance(node, ast.Compare):
-            a, b = ev(node.left), ev(node.comparators[0])
-            op = type(node.ops[0])
-            return {ast.Gt: a > b, ast.Lt: a < b, ast.GtE: a >= b, ast.LtE: a <= b}[op]
-        if isinstance(node, ast.Call):
-            assert isinstance(node.func, ast.Name)
-            args = [ev(a) for a in node.args]
-            like = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            args = [a if isinstance(a, torch.Tensor) or like is None
-                    else torch.full_like(like, a) for a in args]
-            return FUNCTIONS[node.func.id].torch(torch, *args)
-        raise AssertionError(type(node))  # pragma: no cover
+    def call(f: str, args: list[Any]) -> Any:
+        like = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        args = [a if isinstance(a, torch.Tensor) or like is None else torch.full_like(like, a)
+                for a in args]
+        return FUNCTIONS[f].torch(torch, *args)
 
-    return ev(tree)
+    return _walk(
+        tree,
+        name=lambda n: variables[n] if n in variables else {"pi": math.pi, "e": math.e}[n],
+        number=float,
+        compare=lambda op, a, b: {ast.Gt: operator.gt, ast.Lt: operator.lt,
+                                  ast.GtE: operator.ge, ast.LtE: operator.le}[op](a, b),
+        call=call)
