@@ -1665,16 +1665,14 @@ def _text_md(text: str) -> str:
     return text
 
 
+def _join_spans(spans: Sequence[Span], math: Callable[[str], str], code: Callable[[str], str],
+                text: Callable[[str], str]) -> str:
+    """One paragraph in one output format: each span through its kind's formatter."""
+    return "".join({"math": math, "code": code}.get(s.kind, text)(s.value) for s in spans)
+
+
 def _spans_md(spans: Sequence[Span]) -> str:
-    out = []
-    for s in spans:
-        if s.kind == "math":
-            out.append(f"${s.value}$")
-        elif s.kind == "code":
-            out.append(f"`{s.value}`")
-        else:
-            out.append(_text_md(s.value))
-    return "".join(out)
+    return _join_spans(spans, lambda v: f"${v}$", lambda v: f"`{v}`", _text_md)
 
 
 def _aligned(rows: Sequence[tuple[str, ...]]) -> str:
@@ -1703,15 +1701,8 @@ def _text_tex(text: str) -> str:
 
 
 def _spans_tex(spans: Sequence[Span]) -> str:
-    out = []
-    for s in spans:
-        if s.kind == "math":
-            out.append(f"${s.value}$")
-        elif s.kind == "code":
-            out.append(rf"\texttt{{{_text_tex(s.value)}}}")
-        else:
-            out.append(_text_tex(s.value))
-    return "".join(out)
+    return _join_spans(spans, lambda v: f"${v}$", lambda v: rf"\texttt{{{_text_tex(v)}}}",
+                       _text_tex)
 
 
 def render_tex(blocks: Sequence[Block], title: str) -> str:
@@ -1799,15 +1790,8 @@ def _mathml(latex: str, display: str) -> str:
 
 
 def _spans_html(spans: Sequence[Span]) -> str:
-    out = []
-    for s in spans:
-        if s.kind == "math":
-            out.append(_mathml(s.value, "inline"))
-        elif s.kind == "code":
-            out.append(f"<code>{html.escape(s.value)}</code>")
-        else:
-            out.append(html.escape(s.value))
-    return "".join(out)
+    return _join_spans(spans, lambda v: _mathml(v, "inline"),
+                       lambda v: f"<code>{html.escape(v)}</code>", html.escape)
 
 
 _CSS = """
