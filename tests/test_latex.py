@@ -284,6 +284,27 @@ def test_softmax_classifier_gradients_evaluate_to_loss_and_grad(tmp_path: Path) 
     check_numerically(model, doc, modules["numpy"], batch_size=3)
 
 
+def test_deep_gradients_keep_the_recursion_and_still_evaluate(tmp_path: Path) -> None:
+    """Past UNROLL_MAX_NESTING contractions the unrolled formula is not printed (it would
+    cost time quadratic in depth); the lazily built formula still equals loss_and_grad."""
+    layers = "".join(f"  - {{name: h{n}, type: dense, units: 2, activation: tanh}}\n"
+                     for n in range(1, 6))
+    text = ("name: deep\ninputs: {x: [N, 2]}\ntargets: {t: [N, 1]}\nlayers:\n" + layers
+            + "  - {name: out, type: dense, units: 1}\n"
+            "loss: {type: mse, prediction: out, target: t}\n")
+    model, modules = build(tmp_path, text)
+    doc = latex.build(model.spec, model.derivation, model.label)
+    md = {name: latex.Document(doc.model, doc.source, [], [], {name: blocks}).markdown()
+          for name, blocks in doc.params.items()}
+    assert latex.UNROLL_MAX_NESTING == 3
+    # h1 sits under h2..h5 and out: five contractions; h3 under h4, h5, out: three.
+    assert "Not unrolled into forward quantities: 5 contractions" in md["h1.weight"]
+    assert "Unrolled into forward quantities only" not in md["h1.weight"]
+    assert "Unrolled into forward quantities only" in md["h3.weight"]
+    assert "Not unrolled" not in md["h3.weight"]
+    check_numerically(model, doc, modules["numpy"], batch_size=2)
+
+
 # -- determinism ---------------------------------------------------------------------------
 
 def test_same_spec_gives_byte_identical_latex(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ on the spec: the same spec gives byte-identical text.
 
 from __future__ import annotations
 
+import functools
 import html
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +46,12 @@ FORMATS = ("md", "tex", "html")
 EXPAND_MAX_PARAMS = 64       # trainable scalars in the whole network
 EXPAND_MAX_ELEMENTS = 256    # forward scalars of one example (batch axes stay symbolic)
 MAX_PATHS = 12               # chains longer than this are described by the recursion only
+# A gradient is unrolled into forward quantities only while at most this many
+# contractions lie between its layer and the loss: each one nests another sum over a
+# hidden layer, and past three the formula is longer than anyone reads (and unrolling
+# every layer of a deep network would cost time quadratic in its depth). Deeper
+# gradients keep the delta recursion as their readable form.
+UNROLL_MAX_NESTING = 3
 
 _BATCH_LETTERS = ("n", "m", "p", "q")
 _POOLS = {
@@ -96,19 +103,24 @@ def _c(code: str) -> Span:
     return Span("code", code)
 
 
-@dataclass(frozen=True)
+@dataclass
 class GradientFormula:
-    """The final gradient of one parameter in index notation, as printed.
+    """The final gradient of one parameter in index notation, unrolled.
 
     ``expr`` reads only inputs, targets, parameters and forward tensors (whose bodies
     are ``Document.forward_bodies``); ``indices`` are its free index symbols, one per
-    parameter axis.
+    parameter axis. It is built on first use: a deep layer's unrolled formula is not
+    printed (see ``UNROLL_MAX_NESTING``), so nobody pays for it unless they ask.
     """
 
     param: str
     tensor: str
     indices: tuple[sp.Symbol, ...]
-    expr: sp.Expr
+    unroll: Callable[[], sp.Expr] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def expr(self) -> sp.Expr:
+        return self.unroll()
 
 
 @dataclass
@@ -1510,12 +1522,21 @@ class _Builder:
                                _m(names.array(param.name)), ". The generated code computes it "
                                "as ", _c(naming.adjoint(param.name)), " in ",
                                _c("loss_and_grad"), ".")))
-        unrolled = self.display(self.unroll(adj.expr, keep=lambda n: False))
-        letters = self.letters(unrolled, first=k)
-        out.append(Para(_spans("Unrolled into forward quantities only:")))
-        out.append(Display(((lhs_el, "= " + self.idx(unrolled, letters)),)))
-        self.gradients[param.param or param.name] = GradientFormula(
-            param.param or param.name, param.name, k, unrolled)
+        formula = GradientFormula(param.param or param.name, param.name, k,
+                                  lambda: self.display(self.unroll(adj.expr,
+                                                                   keep=lambda n: False)))
+        self.gradients[formula.param] = formula
+        nesting = max(sum(self.nodes[n].kind == "contraction" for n in path[2:])
+                      for path in self.paths(param.name))
+        if nesting <= UNROLL_MAX_NESTING:
+            letters = self.letters(formula.expr, first=k)
+            out.append(Para(_spans("Unrolled into forward quantities only:")))
+            out.append(Display(((lhs_el, "= " + self.idx(formula.expr, letters)),)))
+        else:
+            out.append(Para(_spans(
+                f"Not unrolled into forward quantities: {nesting} contractions lie between "
+                "this layer and the loss, each nesting another sum; the delta recursion "
+                "above is the readable form, one layer at a time.")))
         return out
 
     # -- expand ------------------------------------------------------------------------
