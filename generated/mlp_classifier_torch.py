@@ -968,9 +968,9 @@ def loss_and_grad(params, *, x, label):
         logits = torch.addmm(logits_bias, h2, logits_weight.T)
 
         # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
-        logits_lse = torch.logsumexp(logits, dim=1)
-        tmp1 = logits - logits_lse[:, None]
-        del logits, logits_lse
+        # log-softmax: tmp1 = logits - logits_lse, in one call
+        tmp1 = torch.log_softmax(logits, dim=1)
+        del logits
 
         # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
         tmp_sum4 = torch.sum(-label*tmp1)
@@ -984,7 +984,7 @@ def loss_and_grad(params, *, x, label):
         del d_loss
 
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
-        d_logits_lse = (label.sum(dim=1))*tmp3
+        d_logits_lse = label.sum(dim=1)*tmp3
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
         d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp3
@@ -1016,7 +1016,7 @@ def loss_and_grad(params, *, x, label):
         del d_h2_z
 
         # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
-        d_h1_z = d_h1*(1 - h1**2)
+        d_h1_z = torch.ops.aten.tanh_backward(d_h1, h1)
         del h1, d_h1
 
         # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
@@ -1063,9 +1063,9 @@ class LossFunction(torch.autograd.Function):
         logits = torch.addmm(logits_bias, h2, logits_weight.T)
 
         # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
-        logits_lse = torch.logsumexp(logits, dim=1)
-        tmp1 = logits - logits_lse[:, None]
-        del logits, logits_lse
+        # log-softmax: tmp1 = logits - logits_lse, in one call
+        tmp1 = torch.log_softmax(logits, dim=1)
+        del logits
 
         # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
         tmp_sum4 = torch.sum(-label*tmp1)
@@ -1082,7 +1082,7 @@ class LossFunction(torch.autograd.Function):
         tmp3 = d_loss/N
 
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
-        d_logits_lse = (label.sum(dim=1))*tmp3
+        d_logits_lse = label.sum(dim=1)*tmp3
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
         d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp3
@@ -1113,7 +1113,7 @@ class LossFunction(torch.autograd.Function):
         del d_h2_z
 
         # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
-        d_h1_z = d_h1*(1 - h1**2)
+        d_h1_z = torch.ops.aten.tanh_backward(d_h1, h1)
         del d_h1
 
         # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])

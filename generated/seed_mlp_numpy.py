@@ -517,6 +517,15 @@ def _sigmoid(x):
     return numpy.exp(-numpy.logaddexp(0.0, -x))
 
 
+def _matmul_nt(a, w):
+    # a @ w.T with the longer side as BLAS's row dimension: OpenBLAS multiplies a
+    # short-and-wide pair (a batch of 16 against a 256 x 784 weight) about twice as fast
+    # transposed. The result is the same; only its memory order differs.
+    if a.shape[0] < w.shape[0]:
+        return (w @ a.T).T
+    return a @ w.T
+
+
 def init_params(seed=0, dtype=numpy.float64):
     """Fresh parameters: uniform in +-1/sqrt(fan_in), as torch.nn.Linear initialises."""
     rng = numpy.random.default_rng(seed)
@@ -537,14 +546,14 @@ def forward(params, *, x):
     N = x.shape[0]
     _expect("x", x, (N, 2))
     # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-    fc1_z = (x @ fc1_weight.T) + fc1_bias
+    fc1_z = _matmul_nt(x, fc1_weight) + fc1_bias
 
     # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
     fc1 = _sigmoid(fc1_z)
     del fc1_z
 
     # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-    fc2_z = (fc1 @ fc2_weight.T) + fc2_bias
+    fc2_z = _matmul_nt(fc1, fc2_weight) + fc2_bias
     del fc1
 
     # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
@@ -563,14 +572,14 @@ def loss(params, *, x, t):
     _expect("x", x, (N, 2))
     _expect("t", t, (N, 1))
     # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-    fc1_z = (x @ fc1_weight.T) + fc1_bias
+    fc1_z = _matmul_nt(x, fc1_weight) + fc1_bias
 
     # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
     fc1 = _sigmoid(fc1_z)
     del fc1_z
 
     # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-    fc2_z = (fc1 @ fc2_weight.T) + fc2_bias
+    fc2_z = _matmul_nt(fc1, fc2_weight) + fc2_bias
     del fc1
 
     # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
@@ -596,14 +605,14 @@ def loss_and_grad(params, *, x, t):
     _expect("t", t, (N, 1))
     # ---- forward pass ----
     # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-    fc1_z = (x @ fc1_weight.T) + fc1_bias
+    fc1_z = _matmul_nt(x, fc1_weight) + fc1_bias
 
     # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
     fc1 = _sigmoid(fc1_z)
     del fc1_z
 
     # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-    fc2_z = (fc1 @ fc2_weight.T) + fc2_bias
+    fc2_z = _matmul_nt(fc1, fc2_weight) + fc2_bias
 
     # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
     fc2 = _sigmoid(fc2_z)
@@ -617,7 +626,7 @@ def loss_and_grad(params, *, x, t):
 
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
     # the seed: dL/dL = 1, in the loss's dtype
-    d_loss = numpy.ones_like(loss)
+    d_loss = numpy.result_type(loss).type(1)
 
     # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
     d_fc2_z = (2*d_loss/N)*(fc2*tmp0*(1 - fc2))

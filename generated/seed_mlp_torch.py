@@ -611,7 +611,7 @@ def loss_and_grad(params, *, x, t):
         d_loss = torch.ones_like(loss)
 
         # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
-        d_fc2_z = (2*d_loss/N)*(fc2*tmp0*(1 - fc2))
+        d_fc2_z = (2*d_loss/N)*torch.ops.aten.sigmoid_backward(tmp0, fc2)
         del fc2, tmp0, d_loss
 
         # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
@@ -625,7 +625,7 @@ def loss_and_grad(params, *, x, t):
         del d_fc2_z
 
         # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
-        d_fc1_z = d_fc1*fc1*(1 - fc1)
+        d_fc1_z = torch.ops.aten.sigmoid_backward(d_fc1, fc1)
         del fc1, d_fc1
 
         # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])
@@ -679,7 +679,7 @@ class LossFunction(torch.autograd.Function):
         x, fc1, fc2_weight, fc2, tmp0 = ctx.saved_tensors
         N = ctx.N
         # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
-        d_fc2_z = (2*d_loss/N)*(fc2*tmp0*(1 - fc2))
+        d_fc2_z = (2*d_loss/N)*torch.ops.aten.sigmoid_backward(tmp0, fc2)
 
         # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
         d_fc2_weight = d_fc2_z.T @ fc1
@@ -692,7 +692,7 @@ class LossFunction(torch.autograd.Function):
         del d_fc2_z
 
         # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
-        d_fc1_z = d_fc1*fc1*(1 - fc1)
+        d_fc1_z = torch.ops.aten.sigmoid_backward(d_fc1, fc1)
         del d_fc1
 
         # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])

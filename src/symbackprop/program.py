@@ -39,9 +39,11 @@ class Dialect(Protocol):
     module: str
 
     def transpose(self, var: str, perm: tuple[int, ...]) -> str: ...
+    def matmul(self, a: str, b: str, *, nt: bool) -> str: ...
     def reduce_sum(self, code: str, axes: tuple[int, ...], *, wrap: bool) -> str: ...
     def einsum(self, subscripts: str, a: str, b: str) -> str: ...
     def logsumexp(self, code: str, axis: int) -> str: ...
+    def log_softmax(self, code: str, axis: int) -> str: ...
     def filled(self, like: str, shape: str, value: str) -> str: ...
     def ones_like(self, var: str) -> str: ...
 
@@ -73,6 +75,7 @@ class Program:
     dims: dict[str, tuple[str, int]] = field(default_factory=dict)
     shapes: dict[str, tuple[sp.Expr, ...]] = field(default_factory=dict)
     products: dict[str, tuple[str, str]] = field(default_factory=dict)
+    dialect: Dialect | None = None
 
     def function(self, outputs: Sequence[str], *, keep: Iterable[str] = ()) -> list[Stmt]:
         """The statements needed for ``outputs``, optimised (inlined, CSE'd)."""
@@ -83,8 +86,12 @@ class Program:
                 kept.append(stmt)
                 needed |= stmt.reads
         kept.reverse()
-        kept = _inline(kept, self.views, protected={*outputs, *keep})
-        return _cse(kept, self.views)
+        protected = {*outputs, *keep}
+        kept = _inline(kept, self.views, protected=protected)
+        kept = _cse(kept, self.views)
+        if self.dialect is not None:
+            kept = _log_softmax(kept, self.views, self.shapes, self.dialect, protected)
+        return kept
 
 
 Views = dict[sp.Symbol, frozenset[str]]
@@ -135,6 +142,43 @@ def _inline(stmts: list[Stmt], views: Views, protected: set[str]) -> list[Stmt]:
             if changed:
                 break
     return stmts
+
+
+def _log_softmax(stmts: list[Stmt], views: Views, shapes: dict[str, tuple[sp.Expr, ...]],
+                 dialect: Dialect, protected: set[str]) -> list[Stmt]:
+    """``lse = logsumexp(a, last axis); t = a - lse[..., None]`` -> ``t = log_softmax(a)``
+    when nothing else reads ``lse``.
+
+    Softmax cross-entropy's forward and its gradient share ``a - lse`` (sympy's cse finds
+    it); the backends compute it in one call that never materialises ``lse`` (torch's
+    log_softmax kernel; numpy's helper shifts by the row max once instead of twice).
+    """
+    readers: dict[str, int] = {}
+    for stmt in stmts:
+        for name in stmt.reads:
+            readers[name] = readers.get(name, 0) + 1
+    out = list(stmts)
+    for lse in stmts:
+        if lse.kind != "code" or lse.target in protected or readers.get(lse.target) != 1 \
+                or len(lse.reads) != 1:
+            continue
+        (src,) = lse.reads
+        axis = len(shapes.get(lse.target, ()))
+        if lse.code != dialect.logsumexp(src, axis) or len(shapes.get(src, ())) != axis + 1:
+            continue
+        aligned = lse.target + ("[" + ", ".join([":"] * axis + ["None"]) + "]" if axis else "")
+        want = sp.Symbol(src) - sp.Symbol(aligned)
+        for pos, stmt in enumerate(out):
+            if (stmt.kind == "expr" and stmt.expr == want and stmt.reads == {src, lse.target}
+                    and _identity_view(sp.Symbol(src), views)
+                    and views.get(sp.Symbol(aligned)) == frozenset({lse.target})):
+                out[pos] = replace(stmt, kind="code", expr=None, reads=frozenset({src}),
+                                   code=dialect.log_softmax(src, axis),
+                                   comment=_join(lse.comment, f"log-softmax: {stmt.target} = "
+                                                 f"{src} - {lse.target}, in one call"))
+                out.remove(lse)
+                break
+    return out
 
 
 def _join(first: str, second: str) -> str:
@@ -263,7 +307,8 @@ class Lowerer:
                 continue
             self.assign(adj.var, adj.expr, target_indices(node), "backward",
                         _backward_comment(deriv, adj.node))
-        return Program(self.stmts, self.views, self.dims, self.shapes, self.products)
+        return Program(self.stmts, self.views, self.dims, self.shapes, self.products,
+                       self.dialect)
 
     # -- statements ---------------------------------------------------------------------
     def assign(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...], phase: Phase,
@@ -390,7 +435,7 @@ class Lowerer:
     def _embedded(self, code: str, reads: Iterable[str],
                   free: tuple[sp.Symbol, ...]) -> sp.Expr:
         """Stand-in tensor for an array call used inside a larger elementwise expression."""
-        name = f"({code})"
+        name = _embed_name(code)
         sym = self._code_symbol(name, reads)
         self.embedded[name] = (sym, free)
         return ref(name, free) if free else sym
@@ -402,11 +447,14 @@ class Lowerer:
         ia, ib = tuple(a.indices), tuple(b.indices)
         if len(limits) == 1 and len(set(ia)) == len(ia) and len(set(ib)) == len(ib):
             (c,) = limits
-            code = _matmul(an, ia, bn, ib, c, free) or _matmul(bn, ib, an, ia, c, free)
-            if code:
-                if len(ia) == 2 and len(ib) == 2:
-                    left, right = code.split(" @ ")
-                    self.products[f"({code})"] = (left, right)
+            operands = _matmul(an, ia, bn, ib, c, free) or _matmul(bn, ib, an, ia, c, free)
+            if operands:
+                left, right = operands
+                matrices = len(ia) == 2 and len(ib) == 2
+                nt = matrices and right.endswith(".T") and not left.endswith(".T")
+                code = self.dialect.matmul(left, right, nt=nt)
+                if matrices:
+                    self.products[_embed_name(code)] = (left, right)
                 return code
         letters: dict[sp.Symbol, str] = {}
         for i in (*ia, *ib):
@@ -484,9 +532,16 @@ class Lowerer:
         return sym
 
 
+def _embed_name(code: str) -> str:
+    """The printed stand-in for an array call inside a larger expression: a binary
+    ``a @ b`` needs parentheses, a function call does not."""
+    return f"({code})" if " @ " in code and not code.endswith(")") else code
+
+
 def _matmul(an: str, ia: tuple, bn: str, ib: tuple, c: sp.Symbol,
-            free: tuple[sp.Symbol, ...]) -> str | None:
-    """``a @ b`` (with .T where needed) when the indices form a matrix product."""
+            free: tuple[sp.Symbol, ...]) -> tuple[str, str] | None:
+    """The operands of ``a @ b`` (with .T where needed) when the indices form a matrix
+    product."""
     if c not in ia or c not in ib:
         return None
     if len(ib) != 2:
@@ -502,7 +557,7 @@ def _matmul(an: str, ia: tuple, bn: str, ib: tuple, c: sp.Symbol,
     else:
         return None
     b_code = bn if ib[0] == c else f"{bn}.T"
-    return f"{a_code} @ {b_code}"
+    return a_code, b_code
 
 
 def _is_lse(expr: sp.Expr) -> bool:

@@ -205,11 +205,16 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     all_code = "\n".join(line.code for key in ("forward_lines", "loss_lines", "lag_lines",
                                                "fwd_lines", "bwd_lines")
                          for line in context.get(key, []))  # type: ignore[attr-defined]
-    context["helpers"] = sorted(helpers | ({"logsumexp"} if "_logsumexp(" in all_code else set()))
+    helpers = set(helpers)
+    for helper in ("logsumexp", "log_softmax", "matmul_nt"):
+        if f"_{helper}(" in all_code:
+            helpers.add(helper)
+    context["helpers"] = sorted(helpers)
     context["param_vars"] = {p.param: p.name for p in params}
     from ..latex import module_derivations
 
-    # The derivation text grows with the square of the depth; --no-derivations skips it.
+    # Each parameter's derivation repeats the forward pass (each entry stands alone), so
+    # the text grows with the square of the depth; --no-derivations leaves it out.
     context["derivations"] = module_derivations(spec, deriv, spec_label) if derivations else []
     context["derivations_off"] = not derivations
     template = _environment().get_template(f"{backend}_module.py.j2")
