@@ -865,6 +865,16 @@ def _matmul_nt(a, w):
     return a @ w.T
 
 
+def _linear(a, w, b):
+    # a @ w.T + b, the bias added in place: no second array of the output's size.
+    out = _matmul_nt(a, w)
+    try:
+        numpy.add(out, b, out=out, casting="safe")
+    except TypeError:  # b's dtype outranks the product's: promote, as a + b would
+        return out + b
+    return out
+
+
 def _logsumexp(x, axis):
     # Max-shifted: exp never overflows; an all -inf row gives -inf, not nan.
     m = numpy.max(x, axis=axis, keepdims=True)
@@ -875,9 +885,16 @@ def _logsumexp(x, axis):
 def _log_softmax(x, axis):
     # x - logsumexp(x), shifted by the max once: exp never overflows, and the large
     # entries keep full precision (x - m is exact near the max).
-    m = numpy.max(x, axis=axis, keepdims=True)
-    shifted = x - numpy.where(numpy.isfinite(m), m, 0.0)
+    # (A row of -inf or with +inf is nan either way: no guard needed, unlike logsumexp.)
+    shifted = x - numpy.max(x, axis=axis, keepdims=True)
     return shifted - numpy.log(numpy.sum(numpy.exp(shifted), axis=axis, keepdims=True))
+
+
+def _tanh_backward(grad, y):
+    # grad * (1 - y**2), computed in one buffer (what autograd's tanh_backward does).
+    out = numpy.multiply(y, y, dtype=numpy.result_type(grad, y))
+    numpy.subtract(1, out, out=out)
+    return numpy.multiply(grad, out, out=out if out.shape == numpy.shape(grad) else None)
 
 
 def init_params(seed=0, dtype=numpy.float64):
@@ -904,14 +921,14 @@ def forward(params, *, x):
     N = x.shape[0]
     _expect("x", x, (N, 64))
     # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
-    h1_z = _matmul_nt(x, h1_weight) + h1_bias
+    h1_z = _linear(x, h1_weight, h1_bias)
 
     # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
-    h1 = numpy.tanh(h1_z)
+    h1 = numpy.tanh(h1_z, out=h1_z)
     del h1_z
 
     # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
-    h2_z = _matmul_nt(h1, h2_weight) + h2_bias
+    h2_z = _linear(h1, h2_weight, h2_bias)
     del h1
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
@@ -919,7 +936,7 @@ def forward(params, *, x):
     del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
-    logits = _matmul_nt(h2, logits_weight) + logits_bias
+    logits = _linear(h2, logits_weight, logits_bias)
     del h2
     return logits
 
@@ -936,14 +953,14 @@ def loss(params, *, x, label):
     _expect("x", x, (N, 64))
     _expect("label", label, (N, 10))
     # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
-    h1_z = _matmul_nt(x, h1_weight) + h1_bias
+    h1_z = _linear(x, h1_weight, h1_bias)
 
     # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
-    h1 = numpy.tanh(h1_z)
+    h1 = numpy.tanh(h1_z, out=h1_z)
     del h1_z
 
     # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
-    h2_z = _matmul_nt(h1, h2_weight) + h2_bias
+    h2_z = _linear(h1, h2_weight, h2_bias)
     del h1
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
@@ -951,7 +968,7 @@ def loss(params, *, x, label):
     del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
-    logits = _matmul_nt(h2, logits_weight) + logits_bias
+    logits = _linear(h2, logits_weight, logits_bias)
     del h2
 
     # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
@@ -978,14 +995,14 @@ def loss_and_grad(params, *, x, label):
     _expect("label", label, (N, 10))
     # ---- forward pass ----
     # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
-    h1_z = _matmul_nt(x, h1_weight) + h1_bias
+    h1_z = _linear(x, h1_weight, h1_bias)
 
     # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
-    h1 = numpy.tanh(h1_z)
+    h1 = numpy.tanh(h1_z, out=h1_z)
     del h1_z
 
     # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
-    h2_z = _matmul_nt(h1, h2_weight) + h2_bias
+    h2_z = _linear(h1, h2_weight, h2_bias)
     tmp0 = (h2_z > 0)
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
@@ -993,7 +1010,7 @@ def loss_and_grad(params, *, x, label):
     del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
-    logits = _matmul_nt(h2, logits_weight) + logits_bias
+    logits = _linear(h2, logits_weight, logits_bias)
 
     # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
     # log-softmax: tmp1 = logits - logits_lse, in one call
@@ -1044,7 +1061,7 @@ def loss_and_grad(params, *, x, label):
     del d_h2_z
 
     # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
-    d_h1_z = d_h1*(1 - h1**2)
+    d_h1_z = _tanh_backward(d_h1, h1)
     del h1, d_h1
 
     # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])

@@ -526,6 +526,23 @@ def _matmul_nt(a, w):
     return a @ w.T
 
 
+def _linear(a, w, b):
+    # a @ w.T + b, the bias added in place: no second array of the output's size.
+    out = _matmul_nt(a, w)
+    try:
+        numpy.add(out, b, out=out, casting="safe")
+    except TypeError:  # b's dtype outranks the product's: promote, as a + b would
+        return out + b
+    return out
+
+
+def _sigmoid_backward(grad, y):
+    # grad * y * (1 - y), computed in one buffer (what autograd's sigmoid_backward does).
+    out = numpy.subtract(1, y, dtype=numpy.result_type(grad, y))
+    numpy.multiply(out, y, out=out)
+    return numpy.multiply(grad, out, out=out if out.shape == numpy.shape(grad) else None)
+
+
 def init_params(seed=0, dtype=numpy.float64):
     """Fresh parameters: uniform in +-1/sqrt(fan_in), as torch.nn.Linear initialises."""
     rng = numpy.random.default_rng(seed)
@@ -546,14 +563,14 @@ def forward(params, *, x):
     N = x.shape[0]
     _expect("x", x, (N, 2))
     # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-    fc1_z = _matmul_nt(x, fc1_weight) + fc1_bias
+    fc1_z = _linear(x, fc1_weight, fc1_bias)
 
     # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
     fc1 = _sigmoid(fc1_z)
     del fc1_z
 
     # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-    fc2_z = _matmul_nt(fc1, fc2_weight) + fc2_bias
+    fc2_z = _linear(fc1, fc2_weight, fc2_bias)
     del fc1
 
     # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
@@ -572,14 +589,14 @@ def loss(params, *, x, t):
     _expect("x", x, (N, 2))
     _expect("t", t, (N, 1))
     # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-    fc1_z = _matmul_nt(x, fc1_weight) + fc1_bias
+    fc1_z = _linear(x, fc1_weight, fc1_bias)
 
     # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
     fc1 = _sigmoid(fc1_z)
     del fc1_z
 
     # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-    fc2_z = _matmul_nt(fc1, fc2_weight) + fc2_bias
+    fc2_z = _linear(fc1, fc2_weight, fc2_bias)
     del fc1
 
     # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
@@ -605,14 +622,14 @@ def loss_and_grad(params, *, x, t):
     _expect("t", t, (N, 1))
     # ---- forward pass ----
     # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-    fc1_z = _matmul_nt(x, fc1_weight) + fc1_bias
+    fc1_z = _linear(x, fc1_weight, fc1_bias)
 
     # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
     fc1 = _sigmoid(fc1_z)
     del fc1_z
 
     # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-    fc2_z = _matmul_nt(fc1, fc2_weight) + fc2_bias
+    fc2_z = _linear(fc1, fc2_weight, fc2_bias)
 
     # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
     fc2 = _sigmoid(fc2_z)
@@ -629,7 +646,7 @@ def loss_and_grad(params, *, x, t):
     d_loss = numpy.result_type(loss).type(1)
 
     # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
-    d_fc2_z = (2*d_loss/N)*(fc2*tmp0*(1 - fc2))
+    d_fc2_z = (2*d_loss/N)*_sigmoid_backward(tmp0, fc2)
     del fc2, tmp0, d_loss
 
     # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
@@ -643,7 +660,7 @@ def loss_and_grad(params, *, x, t):
     del d_fc2_z
 
     # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
-    d_fc1_z = d_fc1*fc1*(1 - fc1)
+    d_fc1_z = _sigmoid_backward(d_fc1, fc1)
     del fc1, d_fc1
 
     # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])

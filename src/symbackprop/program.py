@@ -399,6 +399,7 @@ class Lowerer:
             code = self._contraction(tensors[0], tensors[1], tuple(limits), free)
             reads = frozenset(ref_name(t) for t in tensors)  # type: ignore[misc]
             if nested:
+                self.shapes[_embed_name(code)] = self.shapes[target]
                 return self._embedded(code, reads, free)
             self.stmts.append(Stmt(target, "code", code=code, reads=reads, comment=comment,
                                    phase=phase))

@@ -22,8 +22,43 @@ class _Common:
     def _is_scalar(self, expr: sp.Expr) -> bool:
         return all(s.is_integer or s.name in self.scalars for s in expr.free_symbols)
 
+    def _derivative_call(self, op: str, grad: str, y: str) -> str:
+        raise NotImplementedError
+
     def _fused_derivative(self, expr: sp.Mul) -> str | None:
-        """A backend's one-kernel spelling of a known derivative product, if any."""
+        """g*(1 - y**2) -> tanh_backward(g, y); g*y*(1 - y) -> sigmoid_backward(g, y).
+
+        The products autograd runs for tanh and sigmoid, each as one call with one output
+        buffer instead of three operations and two temporaries: both the time and the
+        peak memory of the backward pass. They hold for any arrays g and y, so the rule
+        needs no knowledge of where y came from; g must be an array.
+        """
+        args = list(expr.args)
+        for n, factor in enumerate(args):
+            if not (isinstance(factor, sp.Add) and len(factor.args) == 2
+                    and sp.Integer(1) in factor.args):
+                continue
+            (other,) = [a for a in factor.args if a != 1]
+            rest = args[:n] + args[n + 1:]
+            neg = -other
+            if neg.is_Pow and neg.exp == 2 and neg.base.is_Symbol and \
+                    not self._is_scalar(neg.base):
+                op, y = "tanh_backward", neg.base
+            elif neg.is_Symbol and not self._is_scalar(neg) and neg in rest:
+                op, y = "sigmoid_backward", neg
+                rest.remove(neg)
+            else:
+                continue
+            coeff = sp.Mul(*(f for f in rest if self._is_scalar(f)))
+            grad = sp.Mul(*(f for f in rest if not self._is_scalar(f)))
+            if grad == 1:
+                continue
+            call = self._derivative_call(op, self._print(grad), self._print(y))
+            if coeff == 1:
+                return call
+            if coeff == -1:
+                return f"-{call}"
+            return f"{self.parenthesize(coeff, 50)}*{call}"  # type: ignore[attr-defined]
         return None
 
     def _print_Mul(self, expr: sp.Mul) -> str:
@@ -125,6 +160,10 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
         super().__init__({"strict": True, "fully_qualified_modules": True})
         self.helpers = set()
 
+    def _derivative_call(self, op: str, grad: str, y: str) -> str:
+        self.helpers.add(op)
+        return f"_{op}({grad}, {y})"
+
     def _print_Sigmoid(self, expr: sp.Expr) -> str:
         self.helpers.add("sigmoid")
         return f"_sigmoid({self._print(expr.args[0])})"
@@ -172,41 +211,9 @@ class TorchCodePrinter(_Common, NumPyPrinter):
     def _print_Sigmoid(self, expr: sp.Expr) -> str:
         return f"torch.sigmoid({self._print(expr.args[0])})"
 
-    def _fused_derivative(self, expr: sp.Mul) -> str | None:
-        """g*(1 - y**2) -> tanh_backward(g, y); g*y*(1 - y) -> sigmoid_backward(g, y).
+    def _derivative_call(self, op: str, grad: str, y: str) -> str:
+        return f"torch.ops.aten.{op}({grad}, {y})"
 
-        The same products autograd runs for tanh and sigmoid: one kernel and one output
-        buffer instead of three kernels and two temporaries (both the time and the peak
-        memory of the backward pass). They hold for any arrays g and y, so the rule needs
-        no knowledge of where y came from; g must be an array (the aten ops take tensors).
-        """
-        args = list(expr.args)
-        for n, factor in enumerate(args):
-            if not (isinstance(factor, sp.Add) and len(factor.args) == 2
-                    and sp.Integer(1) in factor.args):
-                continue
-            (other,) = [a for a in factor.args if a != 1]
-            rest = args[:n] + args[n + 1:]
-            neg = -other
-            if neg.is_Pow and neg.exp == 2 and neg.base.is_Symbol and \
-                    not self._is_scalar(neg.base):
-                op, y = "tanh_backward", neg.base
-            elif neg.is_Symbol and not self._is_scalar(neg) and neg in rest:
-                op, y = "sigmoid_backward", neg
-                rest.remove(neg)
-            else:
-                continue
-            coeff = sp.Mul(*(f for f in rest if self._is_scalar(f)))
-            grad = sp.Mul(*(f for f in rest if not self._is_scalar(f)))
-            if grad == 1:
-                continue
-            call = f"torch.ops.aten.{op}({self._print(grad)}, {self._print(y)})"
-            if coeff == 1:
-                return call
-            if coeff == -1:
-                return f"-{call}"
-            return f"{self.parenthesize(coeff, 50)}*{call}"
-        return None
 
     def _print_erf(self, expr: sp.Expr) -> str:
         return f"torch.erf({self._print(expr.args[0])})"

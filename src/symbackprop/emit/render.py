@@ -76,6 +76,9 @@ class _Printer:
             for name, i in last_use.items():
                 if name in defined and name not in keep:
                     dead.setdefault(i, []).append(name)
+        # Arrays this function allocated itself (not a plain alias of another name).
+        fresh = {s.target for s in stmts if not (s.kind == "expr" and s.expr is not None
+                                                  and s.expr.is_Symbol)}
         out = []
         phase = ""
         for i, stmt in enumerate(stmts):
@@ -86,15 +89,35 @@ class _Printer:
                            "backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first")
                 comment = [f"---- {heading} ----", *comment]
             names = sorted(dead.get(i, []), key=lambda n: [s.target for s in stmts].index(n))
-            out.append(Line(comment, f"{stmt.target} = {self.code(stmt)}",
+            code = self._in_place(stmt, set(names) & fresh) or self.code(stmt)
+            out.append(Line(comment, f"{stmt.target} = {code}",
                             f"del {', '.join(names)}" if names else ""))
         return out
+
+    def _in_place(self, stmt: Stmt, dying: set[str]) -> str:
+        """numpy: f(a) written into a's own buffer when this statement is a's last use
+        (``numpy.tanh(z, out=z)``): one array of that size fewer to allocate and fault in.
+        Only arrays this function made itself qualify, never an argument or an alias."""
+        expr = stmt.expr
+        if (self.backend != "numpy" or stmt.kind != "expr" or expr is None
+                or not isinstance(expr, sp.Function) or len(expr.args) != 1):
+            return ""
+        (arg,) = expr.args
+        shape = self.program.shapes.get(stmt.target)
+        if not (isinstance(arg, sp.Symbol) and arg.name in dying and shape
+                and self.program.shapes.get(arg.name) == shape):
+            return ""
+        text = self.code(stmt)
+        func = text[: -len(arg.name) - 2]
+        if text != f"{func}({arg.name})" or func not in _NUMPY_UFUNCS:
+            return ""
+        return f"{func}({arg.name}, out={arg.name})"
 
     def code(self, stmt: Stmt) -> str:
         if stmt.kind == "code":
             return stmt.code
         assert stmt.expr is not None
-        fused = self._addmm(stmt)
+        fused = self._addmm(stmt) or self._linear(stmt)
         if fused:
             return fused
         expr = sp.piecewise_fold(stmt.expr) if stmt.expr.has(sp.Piecewise) else stmt.expr
@@ -120,6 +143,33 @@ class _Printer:
             return ""
         left, right = self.program.products[products[0].name]
         return f"torch.addmm({others[0].name}, {left}, {right})"
+
+
+    def _linear(self, stmt: Stmt) -> str:
+        """numpy: a @ w.T + b as ``_linear(a, w, b)``, the bias added in place."""
+        expr = stmt.expr
+        if (self.backend != "numpy" or stmt.kind != "expr" or not isinstance(expr, sp.Add)
+                or len(expr.args) != 2):
+            return ""
+        products = [a for a in expr.args if isinstance(a, sp.Symbol)
+                    and a.name in self.program.products]
+        others = [a for a in expr.args if isinstance(a, sp.Symbol) and a not in products
+                  and not a.is_integer]
+        if len(products) != 1 or len(others) != 1:
+            return ""
+        left, right = self.program.products[products[0].name]
+        shape = self.program.shapes.get(stmt.target)
+        if (not right.endswith(".T") or left.endswith(".T")
+                or self.program.shapes.get(products[0].name) != shape):
+            return ""
+        return f"_linear({left}, {right[:-2]}, {others[0].name})"
+
+
+# numpy ufuncs that take out= (what the printer emits for one-argument functions).
+_NUMPY_UFUNCS = frozenset(f"numpy.{name}" for name in (
+    "tanh", "exp", "log", "sqrt", "sin", "cos", "tan", "sinh", "cosh", "arcsin", "arccos",
+    "arctan", "arcsinh", "arccosh", "arctanh", "log1p", "expm1", "abs", "absolute",
+    "square", "negative", "sign", "exp2", "log2", "log10"))
 
 
 def _shape_tuple(shape: tuple[sp.Expr, ...]) -> str:
@@ -206,7 +256,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
                                                "fwd_lines", "bwd_lines")
                          for line in context.get(key, []))  # type: ignore[attr-defined]
     helpers = set(helpers)
-    for helper in ("logsumexp", "log_softmax", "matmul_nt"):
+    for helper in ("logsumexp", "log_softmax", "linear", "matmul_nt"):
         if f"_{helper}(" in all_code:
             helpers.add(helper)
     context["helpers"] = sorted(helpers)
