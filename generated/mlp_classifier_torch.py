@@ -1072,12 +1072,21 @@ class LossFunction(torch.autograd.Function):
         loss = tmp_sum4/N
         del tmp_sum4
         ctx.N = N
-        ctx.save_for_backward(x, label, h1, h2_weight, h2, logits_weight, tmp0, tmp1)
+        ctx.save_for_backward(x, label, h2_weight, logits_weight)
+        # Intermediates are kept on ctx, not in save_for_backward: the backward takes
+        # them off ctx, so each is freed after its last use rather than at the end.
+        ctx.temps = (h1, h2, tmp0, tmp1)
         return loss
 
     @staticmethod
     def backward(ctx, d_loss):
-        x, label, h1, h2_weight, h2, logits_weight, tmp0, tmp1 = ctx.saved_tensors
+        x, label, h2_weight, logits_weight = ctx.saved_tensors
+        if not hasattr(ctx, "temps"):
+            raise RuntimeError("this backward frees the forward's intermediates as it goes, so "
+                               "it runs once per forward: compute the loss again instead of "
+                               "calling backward(retain_graph=True) twice")
+        h1, h2, tmp0, tmp1 = ctx.temps
+        del ctx.temps
         N = ctx.N
         tmp3 = d_loss/N
 
@@ -1086,10 +1095,11 @@ class LossFunction(torch.autograd.Function):
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
         d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp3
-        del tmp3, d_logits_lse
+        del tmp1, tmp3, d_logits_lse
 
         # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
         d_logits_weight = d_logits.T @ h2
+        del h2
 
         # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
         d_logits_bias = d_logits.sum(dim=0)
@@ -1100,7 +1110,7 @@ class LossFunction(torch.autograd.Function):
 
         # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
         d_h2_z = torch.where(tmp0, d_h2, 0)
-        del d_h2
+        del tmp0, d_h2
 
         # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
         d_h2_weight = d_h2_z.T @ h1
@@ -1114,7 +1124,7 @@ class LossFunction(torch.autograd.Function):
 
         # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
         d_h1_z = torch.ops.aten.tanh_backward(d_h1, h1)
-        del d_h1
+        del h1, d_h1
 
         # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
         d_h1_weight = d_h1_z.T @ x

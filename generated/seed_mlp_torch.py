@@ -671,15 +671,25 @@ class LossFunction(torch.autograd.Function):
         loss = tmp_sum3/N
         del tmp_sum3
         ctx.N = N
-        ctx.save_for_backward(x, fc1, fc2_weight, fc2, tmp0)
+        ctx.save_for_backward(x, fc2_weight)
+        # Intermediates are kept on ctx, not in save_for_backward: the backward takes
+        # them off ctx, so each is freed after its last use rather than at the end.
+        ctx.temps = (fc1, fc2, tmp0)
         return loss
 
     @staticmethod
     def backward(ctx, d_loss):
-        x, fc1, fc2_weight, fc2, tmp0 = ctx.saved_tensors
+        x, fc2_weight = ctx.saved_tensors
+        if not hasattr(ctx, "temps"):
+            raise RuntimeError("this backward frees the forward's intermediates as it goes, so "
+                               "it runs once per forward: compute the loss again instead of "
+                               "calling backward(retain_graph=True) twice")
+        fc1, fc2, tmp0 = ctx.temps
+        del ctx.temps
         N = ctx.N
         # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
         d_fc2_z = (2*d_loss/N)*torch.ops.aten.sigmoid_backward(tmp0, fc2)
+        del fc2, tmp0
 
         # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
         d_fc2_weight = d_fc2_z.T @ fc1
@@ -693,7 +703,7 @@ class LossFunction(torch.autograd.Function):
 
         # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
         d_fc1_z = torch.ops.aten.sigmoid_backward(d_fc1, fc1)
-        del d_fc1
+        del fc1, d_fc1
 
         # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])
         d_fc1_weight = d_fc1_z.T @ x

@@ -136,3 +136,23 @@ def test_init_params_dtype_and_determinism(tmp_path) -> None:
     t = mods["torch"].init_params(seed=3, dtype=torch.float32)
     assert all(v.dtype == torch.float32 for v in t.values())
     assert set(t) == set(a)
+
+
+def test_model_backward_matches_loss_and_grad_and_runs_once(tmp_path) -> None:
+    """Model.loss().backward() fills .grad with loss_and_grad's gradients; its backward
+    frees the forward's intermediates as it goes, so a second backward says why not."""
+    mods = _modules(tmp_path, "mlp_classifier")
+    torch_mod = mods["torch"]
+    model = torch_mod.Model(seed=3, dtype=torch.float64)
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.normal(size=(5, 64)))
+    label = torch.from_numpy(np.eye(10)[rng.integers(0, 10, 5)])
+    loss = model.loss(x=x, label=label)
+    loss.backward(retain_graph=True)
+    want_loss, want = torch_mod.loss_and_grad(
+        {k: v.detach() for k, v in model.params().items()}, x=x, label=label)
+    assert float(loss.detach()) == float(want_loss)
+    for name, param in model.params().items():
+        torch.testing.assert_close(param.grad, want[name], rtol=1e-13, atol=1e-15)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        loss.backward()

@@ -63,11 +63,13 @@ class _Printer:
         self.dialect = NumpyDialect() if backend == "numpy" else TorchDialect()
 
     def lines(self, stmts: list[Stmt], *, mark_phases: bool = False,
-              keep: frozenset[str] | set[str] | None = None) -> list[Line]:
-        """Printed statements; with ``keep``, every other array this function computes is
-        deleted after its last use, so peak memory is what is live, not all that was made."""
+              keep: frozenset[str] | set[str] | None = None,
+              owned: frozenset[str] | set[str] = frozenset()) -> list[Line]:
+        """Printed statements; with ``keep``, every other array this function computes
+        (or is handed in ``owned``) is deleted after its last use, so peak memory is what
+        is live, not all that was made."""
         last_use: dict[str, int] = {}
-        defined = {stmt.target for stmt in stmts}
+        defined = {stmt.target for stmt in stmts} | set(owned)
         for i, stmt in enumerate(stmts):
             for name in stmt.reads:
                 last_use[name] = i
@@ -79,6 +81,7 @@ class _Printer:
         # Arrays this function allocated itself (not a plain alias of another name).
         fresh = {s.target for s in stmts if not (s.kind == "expr" and s.expr is not None
                                                   and s.expr.is_Symbol)}
+        order = {stmt.target: n for n, stmt in enumerate(stmts)}
         out = []
         phase = ""
         for i, stmt in enumerate(stmts):
@@ -88,7 +91,7 @@ class _Printer:
                 heading = ("forward pass" if phase == "forward" else
                            "backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first")
                 comment = [f"---- {heading} ----", *comment]
-            names = sorted(dead.get(i, []), key=lambda n: [s.target for s in stmts].index(n))
+            names = sorted(dead.get(i, []), key=lambda n: (order.get(n, -1), n))
             code = self._in_place(stmt, set(names) & fresh) or self.code(stmt)
             out.append(Line(comment, f"{stmt.target} = {code}",
                             f"del {', '.join(names)}" if names else ""))
@@ -243,8 +246,13 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
             "fn_args": [n.name for n in inputs] + [t.name for t in used_targets]
                        + [p.name for p in params],
             "fwd_lines": apr.lines(fwd, keep={*saved, loss_var}),
-            "bwd_lines": apr.lines(bwd, keep=set(grads.values())),
-            "saved": saved,
+            "bwd_lines": apr.lines(bwd, keep=set(grads.values()),
+                                   owned={n for n in saved if n not in leaves}),
+            # Arguments go through save_for_backward (autograd checks they were not
+            # modified in place); the forward's own intermediates ride on ctx so the
+            # backward can drop each one after its last use.
+            "saved": [n for n in saved if n in leaves],
+            "saved_temps": [n for n in saved if n not in leaves],
             "bwd_dims": bwd_dims,
             "grad_returns": [grads.get(p.param) if p.trainable else None for p in params],
             "n_leading_none": len(inputs) + len(used_targets),
