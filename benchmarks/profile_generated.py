@@ -122,11 +122,13 @@ def instrument(path: Path, backend: str) -> tuple[types.ModuleType, list[tuple[s
 
 
 def kind_of(text: str) -> str:
-    if "@" in text:
+    if "_linear(" in text or "addmm(" in text:
+        return "matmul + bias"
+    if "@" in text or "_matmul_nt(" in text:
         return "matmul" + (" + bias" if ") +" in text else "")
-    if text.startswith(("return", "grads", "_expect", "N =")) or "params[" in text:
+    if text.startswith(("return", "grads", "_expect", "N =", "del ")) or "params[" in text:
         return "overhead"
-    if ".sum(" in text or "sum(" in text or "logsumexp" in text:
+    if ".sum(" in text or "sum(" in text or "logsumexp" in text or "log_softmax" in text:
         return "reduction"
     return "elementwise"
 
