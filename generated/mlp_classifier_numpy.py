@@ -890,11 +890,17 @@ def _log_softmax(x, axis):
     return shifted - numpy.log(numpy.sum(numpy.exp(shifted), axis=axis, keepdims=True))
 
 
+def _same_array(a, out):
+    # True when a * out may be written into out: same shape, same dtype.
+    return getattr(a, "shape", None) == out.shape and a.dtype == out.dtype
+
+
 def _tanh_backward(grad, y):
-    # grad * (1 - y**2), computed in one buffer (what autograd's tanh_backward does).
-    out = numpy.multiply(y, y, dtype=numpy.result_type(grad, y))
+    # grad * (1 - y**2) in one buffer (what autograd's tanh_backward does); dtypes and
+    # broadcasting as in the plain expression.
+    out = y * y
     numpy.subtract(1, out, out=out)
-    return numpy.multiply(grad, out, out=out if out.shape == numpy.shape(grad) else None)
+    return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
 
 
 def init_params(seed=0, dtype=numpy.float64):

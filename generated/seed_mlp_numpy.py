@@ -536,11 +536,17 @@ def _linear(a, w, b):
     return out
 
 
+def _same_array(a, out):
+    # True when a * out may be written into out: same shape, same dtype.
+    return getattr(a, "shape", None) == out.shape and a.dtype == out.dtype
+
+
 def _sigmoid_backward(grad, y):
-    # grad * y * (1 - y), computed in one buffer (what autograd's sigmoid_backward does).
-    out = numpy.subtract(1, y, dtype=numpy.result_type(grad, y))
-    numpy.multiply(out, y, out=out)
-    return numpy.multiply(grad, out, out=out if out.shape == numpy.shape(grad) else None)
+    # grad * y * (1 - y) in one buffer (what autograd's sigmoid_backward does); dtypes
+    # and broadcasting as in the plain expression.
+    out = 1 - y
+    out *= y
+    return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
 
 
 def init_params(seed=0, dtype=numpy.float64):

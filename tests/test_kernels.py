@@ -72,13 +72,19 @@ def test_derivative_kernels_match_their_products(modules, grad_shape) -> None:
     rng = np.random.default_rng(0)
     y = np.tanh(rng.standard_normal((5, 4))).astype(np.float32)
     grad = rng.standard_normal(grad_shape)  # float64: the result promotes
+    for g in (grad, grad.astype(np.float32)):
+        # As the plain expressions compute it: 1 - y**2 in y's dtype, then promoted.
+        tanh = npm._tanh_backward(g, y)
+        np.testing.assert_allclose(tanh, g * (1 - y ** 2), rtol=1e-6)
+        assert tanh.dtype == g.dtype and tanh.shape == (5, 4)
+        sig = seed._sigmoid_backward(g, y)
+        np.testing.assert_allclose(sig, g * (y * (1 - y)), rtol=1e-6)
+        assert sig.dtype == g.dtype and sig.shape == (5, 4)
     y64 = y.astype(np.float64)
-    tanh = npm._tanh_backward(grad, y)
-    np.testing.assert_allclose(tanh, grad * (1 - y64 ** 2), rtol=1e-12)
-    assert tanh.dtype == np.float64 and tanh.shape == (5, 4)
-    sig = seed._sigmoid_backward(grad, y)
-    np.testing.assert_allclose(sig, grad * y64 * (1 - y64), rtol=1e-12)
-    assert sig.dtype == np.float64 and sig.shape == (5, 4)
+    tanh = npm._tanh_backward(grad, y64)
+    sig = seed._sigmoid_backward(grad, y64)
+    np.testing.assert_allclose(tanh, grad * (1 - y64 ** 2), rtol=1e-13)
+    np.testing.assert_allclose(sig, grad * y64 * (1 - y64), rtol=1e-13)
     ty, tg = torch.from_numpy(y64), torch.from_numpy(grad)
     np.testing.assert_allclose(torch.ops.aten.tanh_backward(tg, ty).numpy(), tanh,
                                rtol=1e-12)
