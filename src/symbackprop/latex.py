@@ -34,7 +34,13 @@ from sympy.printing.latex import LatexPrinter
 
 from . import naming
 from .backprop import Adjoint, Derivation
-from .derive.calculus import eliminate_deltas, simplify_local, substitute_known, vjp
+from .derive.calculus import (
+    eliminate_deltas,
+    local_derivative,
+    simplify_local,
+    substitute_known,
+    vjp,
+)
 from .derive.fusion import inline
 from .errors import UsageError
 from .graph import Node, ref
@@ -347,6 +353,22 @@ class Names:
 # ----------------------------------------------------------------------------------------
 # Index letters.
 
+_INDEX_SYMBOLS: dict[tuple[str, int], sp.Symbol] = {}
+
+
+def _index(stem: str, n: int) -> sp.Symbol:
+    """The integer index symbol ``<stem><n>``, made once per process.
+
+    Equal to a fresh ``Symbol(..., integer=True)``, but the same object every time: a
+    new one costs an assumption deduction, and sympy's own symbol cache does not survive
+    the cache clears that switching ``distribute`` causes.
+    """
+    sym = _INDEX_SYMBOLS.get((stem, n))
+    if sym is None:
+        sym = _INDEX_SYMBOLS[stem, n] = sp.Symbol(f"{stem}{n}", integer=True)
+    return sym
+
+
 def _integer_symbols(expr: sp.Basic) -> set[sp.Symbol]:
     return {s for s in expr.atoms(sp.Symbol) if s.is_integer}
 
@@ -475,9 +497,10 @@ class IndexPrinter(LatexPrinter):
 
     # -- structure ---------------------------------------------------------------------
     def _is_constant(self, expr: sp.Expr) -> bool:
-        return not any((s.is_integer and s not in self.dims) or s in self.verbatim
-                       or self.names.has(s.name)
-                       for s in expr.free_symbols) and not expr.has(sp.Indexed)
+        # The cheap test first: a Sum's free_symbols rebuilds its whole body.
+        return not expr.has(sp.Indexed) and not any(
+            (s.is_integer and s not in self.dims) or s in self.verbatim
+            or self.names.has(s.name) for s in expr.free_symbols)
 
     def _is_adjoint(self, expr: sp.Expr) -> bool:
         return isinstance(expr, sp.Indexed) and self.names.adjoint_of(
@@ -612,7 +635,8 @@ def _set_distribute(flag: bool) -> None:
 
 
 def _rebuild(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr],
-             kinds: type | tuple[type, ...] | None = None) -> sp.Expr:
+             kinds: type | tuple[type, ...] | None = None, *,
+             neutral: bool = False) -> sp.Expr:
     """Apply ``rule`` bottom-up (rebuilding only the nodes whose arguments changed).
 
     A rebuilt node and the rule on it are evaluated with ``distribute(False)``; the rule
@@ -620,12 +644,42 @@ def _rebuild(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr],
     change (it returns every other node as it is), so untouched nodes of other types are
     left alone without switching. The flag is switched lazily (each switch clears sympy's
     cache, which made printing cost several times what it computes).
+
+    ``neutral``: what the rule builds does not depend on the flag (it wraps a tensor
+    reference, or returns a number). Then a rebuild whose every rebuilt node is
+    ``_neutral`` is done without switching at all, which gives the same expression.
     """
     outer = global_parameters.distribute
+    if neutral and outer:
+        out = _rebuild_neutral(expr, rule, kinds)
+        if out is not None:
+            return out
     try:
         return _rebuild_in(expr, rule, kinds, outer)
     finally:
         _set_distribute(outer)
+
+
+def _rebuild_neutral(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr],
+                     kinds: type | tuple[type, ...] | None) -> sp.Expr | None:
+    """``_rebuild_in`` in the current setting; None at the first node that might build
+    differently under ``distribute(False)``."""
+    if not expr.args or isinstance(expr, sp.Indexed | sp.IndexedBase):
+        if kinds is not None and not isinstance(expr, kinds):
+            return expr
+        return rule(expr)
+    args = []
+    for old in expr.args:
+        new = _rebuild_neutral(old, rule, kinds)
+        if new is None:
+            return None
+        args.append(new)
+    if all(new is old for new, old in zip(args, expr.args, strict=True)):
+        if kinds is not None and not isinstance(expr, kinds):
+            return expr
+        return rule(expr)
+    built = expr.func(*args)
+    return rule(built) if _neutral(expr.func, args, built) else None
 
 
 def _rebuild_in(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr],
@@ -720,6 +774,49 @@ class _Node:
     args: list[object]
 
 
+def _neutral(func: type, args: Sequence[sp.Basic], built: sp.Basic) -> bool:
+    """Whether ``func(*args)``, which gave ``built`` in the current setting, gives the
+    same under ``distribute(False)`` (conservatively: False where unsure).
+
+    In sympy the flag is read in two places of ``Mul.flatten`` only, both of which turn
+    a product whose commutative part is a number times a sum into a sum (and in
+    ``Add.__neg__``, which construction calls only through function ``eval`` code). So
+    a node is the same either way when it is an Add (``Add.flatten`` never
+    distributes: a ``c * Add`` term is rebuilt unevaluated), a Mul that did not come
+    out as a sum, has no Mul to flatten and combines no powers (no exponent sums, no
+    ``exp`` merging), a power with a number exponent that did not come out as a sum, a
+    tensor reference, a Sum with no Piecewise to fold, or a function with atomic
+    arguments (no sum for its ``eval`` to negate).
+    """
+    if func is sp.Add:
+        return True
+    if built.is_Add:
+        return False
+    if func is sp.Mul:
+        bases = [a.as_base_exp()[0] for a in args]  # type: ignore[attr-defined]
+        return len(set(bases)) == len(bases) and not any(
+            isinstance(a, sp.Mul) or isinstance(a, sp.Pow) and not a.exp.is_Number
+            for a in args)
+    if func is sp.Pow:
+        return bool(args[1].is_Number)
+    if func in (sp.Indexed, sp.Tuple):
+        return True
+    if func is sp.Sum:
+        return not args[0].has(sp.Piecewise)
+    return isinstance(func, type) and issubclass(func, sp.Function) and all(
+        not a.args for a in args)
+
+
+def _build_neutral(plan: _Node) -> sp.Expr | None:
+    """``plan`` built in the current setting where every node of it is ``_neutral``;
+    None elsewhere (the caller then builds it under ``distribute(False)``)."""
+    args = [_build_neutral(a) if isinstance(a, _Node) else a for a in plan.args]
+    if any(a is None for a in args):
+        return None
+    built: sp.Expr = plan.func(*args)
+    return built if _neutral(plan.func, args, built) else None
+
+
 # ----------------------------------------------------------------------------------------
 # The builder.
 
@@ -748,6 +845,8 @@ class _Builder:
         self._fused_cache: dict[tuple[str, str], list[Block]] = {}
         self._displayed: dict[sp.Expr, sp.Expr] = {}
         self._delta_cache: dict[str, list[Block]] = {}
+        self._summed_cache: dict[tuple[sp.Expr, tuple[sp.Symbol, ...]], list[sp.Symbol]] = {}
+        self._seeded: dict[sp.Expr, bool] = {}
         self._generic_cache: dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]] | None = None
         self._engine_table: dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]] | None = None
         self.definitions: dict[str, tuple[sp.Symbol, sp.Expr]] = {}
@@ -887,7 +986,7 @@ class _Builder:
                     tuple(m.indices) == tuple(z.indices)[:-1]:
                 return RowSoftmax(z)
             return e
-        return _rebuild(expr, rule, sp.exp) if lse else expr
+        return _rebuild(expr, rule, sp.exp, neutral=True) if lse else expr
 
     # -- matrix form -------------------------------------------------------------------
     def matrix(self, expr: sp.Expr, axes: tuple[sp.Symbol, ...]) -> str | None:
@@ -958,11 +1057,15 @@ class _Builder:
             return None
         if isinstance(plan, _Node):
             outer = global_parameters.distribute
-            _set_distribute(False)
-            try:
-                placed = build(plan)
-            finally:
-                _set_distribute(outer)
+            # Most plans build the same under either setting; only the others pay for
+            # the switch (which clears sympy's whole cache, twice).
+            placed = _build_neutral(plan) if outer else None
+            if placed is None:
+                _set_distribute(False)
+                try:
+                    placed = build(plan)
+                finally:
+                    _set_distribute(outer)
         else:
             placed = plan
         return MatrixPrinter(self.names, self.fnames, verbatim, products).doprint(placed)
@@ -1046,12 +1149,24 @@ class _Builder:
                     indices: Sequence[sp.Expr]) -> sp.Expr:
         """``expr`` (free in ``targets``) at ``indices``, its summed indices renamed fresh."""
         mapping: dict[sp.Basic, sp.Basic] = dict(zip(targets, indices, strict=True))
-        for s in sorted(expr.atoms(sp.Sum), key=sp.default_sort_key):
-            for var, _, _ in s.limits:
-                if var not in mapping:
-                    self.fresh += 1
-                    mapping[var] = sp.Symbol(f"r{self.fresh}", integer=True)
+        for var in self._summed(expr, targets):
+            self.fresh += 1
+            mapping[var] = _index("r", self.fresh)
         return expr.xreplace(mapping)
+
+    def _summed(self, expr: sp.Expr, targets: tuple[sp.Symbol, ...]) -> list[sp.Symbol]:
+        """The summation indices of ``expr`` other than ``targets``, in the order fresh
+        names are handed out (its sums sorted, then their limits). The same table bodies
+        are instantiated over and over while unrolling, and sorting sums is not cheap."""
+        key = (expr, targets)
+        if key not in self._summed_cache:
+            order: list[sp.Symbol] = []
+            for s in sorted(expr.atoms(sp.Sum), key=sp.default_sort_key):
+                for var, _, _ in s.limits:
+                    if var not in targets and var not in order:
+                        order.append(var)
+            self._summed_cache[key] = order
+        return self._summed_cache[key]
 
     def unroll(self, expr: sp.Expr, keep: Callable[[str], bool],
                table: Mapping[str, tuple[tuple[sp.Symbol, ...], sp.Expr]] | None = None
@@ -1060,8 +1175,8 @@ class _Builder:
         if table is None:
             if self._engine_table is None:
                 self._engine_table = {
-                    var: (tuple(sp.Symbol(f"k{n}", integer=True)
-                                for n in range(self.nodes[a.node].rank)), _indicators(a.expr))
+                    var: (tuple(_index("k", n) for n in range(self.nodes[a.node].rank)),
+                          _indicators(a.expr))
                     for var, a in self.adjoints.items()}
             table = self._engine_table
         expr = _indicators(expr).xreplace({self.deriv.seed: sp.Integer(1)})
@@ -1073,11 +1188,20 @@ class _Builder:
             if not refs:
                 break
             mapping = {}
+            seeded = False
             for r in refs:
                 targets, body = table[str(r.base.label)]
                 mapping[r] = self.instantiate(body, targets, r.indices)
-            expr = expr.xreplace(mapping).xreplace({self.deriv.seed: sp.Integer(1)})
+                seeded = seeded or self._has_seed(body)
+            expr = expr.xreplace(mapping)
+            if seeded:  # else the seed is already gone: the walk would find nothing
+                expr = expr.xreplace({self.deriv.seed: sp.Integer(1)})
         return expr
+
+    def _has_seed(self, body: sp.Expr) -> bool:
+        if body not in self._seeded:
+            self._seeded[body] = body.has(self.deriv.seed)
+        return self._seeded[body]
 
     def simplified(self, expr: sp.Expr) -> sp.Expr:
         """The engine's own simplification: rational forms, forward tensors reused."""
@@ -1231,7 +1355,7 @@ class _Builder:
     def _derive_generic_vjp(self, consumer: Node, operand: Node) -> sp.Expr:
         g = naming.adjoint(consumer.name)
         if consumer.name in self.fnames and self._elementwise_operand(consumer) is not None:
-            k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(operand.rank))
+            k = tuple(_index("k", n) for n in range(operand.rank))
             return ref(g, k) * FnPrime(sp.Symbol(consumer.name), ref(operand.name, k))
         raw = self._engine_raw(consumer, operand)
         return raw if raw is not None else vjp(consumer, operand, g)
@@ -1291,13 +1415,13 @@ class _Builder:
             _m(names.partial(consumer_name, operand_name)), " — ", _c(consumer_name),
             f" ({consumer.label or consumer.kind}, {kind}):"))]
         i = consumer.indices()
-        k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(operand.rank))
+        k = tuple(_index("k", n) for n in range(operand.rank))
         elementwise = (consumer.kind == "map" and not consumer.body.has(sp.Sum) and all(
             tuple(r.indices) == i for r in consumer.body.atoms(sp.Indexed)
             if str(r.base.label) == operand_name))
         if elementwise:
             # A scalar derivative: the Jacobian is diagonal.
-            raw = sp.diff(consumer.body, ref(operand_name, i))
+            raw = local_derivative(consumer.body, ref(operand_name, i))
             forms = [self.display(raw), self.display(self.simplified(raw))]
             if consumer_name in self.fnames and self._elementwise_operand(consumer) is not None:
                 forms.insert(0, FnPrime(sp.Symbol(consumer_name), ref(operand_name, i)))
@@ -1306,7 +1430,8 @@ class _Builder:
             lhs = names.partial(consumer_name, operand_name, sub, sub, arrays=False)
             out.append(Display(tuple(self._rows(lhs, [self.idx(f, letters) for f in forms]))))
         elif consumer.rank:
-            local = self.display(eliminate_deltas(sp.diff(consumer.body, ref(operand_name, k))))
+            local = self.display(eliminate_deltas(local_derivative(consumer.body,
+                                                                  ref(operand_name, k))))
             letters = self.letters(local, first=(*i, *k),
                                    context=(ref(consumer_name, i), ref(operand_name, k)))
             lhs = names.partial(consumer_name, operand_name, self.sub(i, letters),
@@ -1381,7 +1506,7 @@ class _Builder:
         for _ in absorbed:
             for producer in absorbed:
                 in_operand = inline(in_operand, self.nodes[producer])
-        k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(self.nodes[operand].rank))
+        k = tuple(_index("k", n) for n in range(self.nodes[operand].rank))
         forms: list[str] = []
         letters = self.letters(raw, in_operand, simple, first=k)
         for e in (raw, in_operand, simple):
@@ -1421,7 +1546,7 @@ class _Builder:
     def _output_delta(self, first: str) -> list[Block]:
         """The error at the last contraction, in forward quantities only."""
         names = self.names
-        k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(self.nodes[first].rank))
+        k = tuple(_index("k", n) for n in range(self.nodes[first].rank))
         adj = self.adjoints[naming.adjoint(first)]
         forms = [self.display(self.unroll(adj.expr, keep=lambda n: False))]
         loss_cls = LOSSES.get(self.spec.loss.type)
@@ -1446,7 +1571,7 @@ class _Builder:
     def _delta_step(self, earlier: str) -> list[Block]:
         """delta one layer down, in terms of the deltas above it: generic, then computed."""
         table = self._generic()
-        k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(self.nodes[earlier].rank))
+        k = tuple(_index("k", n) for n in range(self.nodes[earlier].rank))
         var = naming.adjoint(earlier)
         targets, body = table[var]
         generic = self.display(self.unroll(body.xreplace(dict(zip(targets, k, strict=True))),
@@ -1472,7 +1597,7 @@ class _Builder:
             node = self.nodes[name]
             if name == self.graph.loss or name not in self.reaches or node.role != "op":
                 continue
-            k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(node.rank))
+            k = tuple(_index("k", n) for n in range(node.rank))
             total = sp.Integer(0)
             for c in self.consumers[name]:
                 if c in self.reaches:
@@ -1496,12 +1621,12 @@ class _Builder:
                         and hi + 1 == shape[-1]):
                     return sp.Integer(1)
             return e
-        return _rebuild(expr, rule, sp.Sum)
+        return _rebuild(expr, rule, sp.Sum, neutral=True)
 
     def _final(self, param: Node, adj: Adjoint) -> list[Block]:
         names = self.names
         out: list[Block] = [Heading(3, _spans("The gradient"))]
-        k = tuple(sp.Symbol(f"k{n}", integer=True) for n in range(param.rank))
+        k = tuple(_index("k", n) for n in range(param.rank))
         expr = self.display(adj.expr)
         letters = self.letters(expr, first=k)
         rows: list[tuple[str, ...]] = []
@@ -1592,7 +1717,9 @@ class _Builder:
 def _trivial_sums(expr: sp.Expr) -> sp.Expr:
     """A sum over a single value is that one term: Sum(f(j), (j, 0, 0)) -> f(0)."""
     def rule(e: sp.Expr) -> sp.Expr:
-        if not isinstance(e, sp.Sum):
+        # A Sum with nothing to drop is returned as it is: an equal new Sum would make
+        # ``_rebuild`` rebuild every ancestor (and clear sympy's cache twice doing so).
+        if not isinstance(e, sp.Sum) or all(lo != hi for _, lo, hi in e.limits):
             return e
         body, kept = e.function, []
         for var, lo, hi in e.limits:
@@ -1621,9 +1748,9 @@ def _canonical_bound(expr: sp.Expr) -> sp.Expr:
                 bound.append(var)
     if not bound:
         return expr
-    temp = {v: sp.Symbol(f"_bound{n}", integer=True) for n, v in enumerate(bound)}
-    final = {t: sp.Symbol(f"s{n}", integer=True) for n, t in enumerate(temp.values())}
-    return expr.xreplace(temp).xreplace(final)
+    # One simultaneous replacement: xreplace maps every node at most once, so a swap
+    # such as {s1: s0, s0: s1} needs no temporary names.
+    return expr.xreplace({v: _index("s", n) for n, v in enumerate(bound)})
 
 
 def _bound(expr: sp.Expr) -> set[sp.Symbol]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import sympy as sp
+from sympy.core.parameters import global_parameters
 
 from ..graph import Node, ref, target_index
 from .stable import canonical_sigmoid
@@ -118,6 +119,38 @@ def eliminate_deltas(expr: sp.Expr) -> sp.Expr:
     return expr.func(*(eliminate_deltas(a) for a in expr.args))
 
 
+class _Memo:
+    """A bounded table of results of a pure sympy function, keyed by its arguments.
+
+    ``distribute`` is part of the key because it changes what sympy builds. Oldest
+    entries go first, so a long-lived process compiling many specs stays bounded.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.table: dict[tuple[object, ...], sp.Expr] = {}
+
+    def get(self, key: tuple[object, ...]) -> sp.Expr | None:
+        return self.table.get((*key, bool(global_parameters.distribute)))
+
+    def put(self, key: tuple[object, ...], value: sp.Expr) -> sp.Expr:
+        if len(self.table) >= self.size:
+            del self.table[next(iter(self.table))]
+        self.table[(*key, bool(global_parameters.distribute))] = value
+        return value
+
+
+_LOCAL = _Memo()
+_SIMPLIFIED = _Memo()
+
+
+def local_derivative(body: sp.Expr, wrt: sp.Expr) -> sp.Expr:
+    """``sp.diff(body, wrt)``, remembered: the LaTeX pass asks again for the derivatives
+    the engine took (a dense layer's index-notation diff costs tens of milliseconds)."""
+    found = _LOCAL.get((body, wrt))
+    return found if found is not None else _LOCAL.put((body, wrt), sp.diff(body, wrt))
+
+
 def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
     """dL/d operand[k0, k1, ...] contributed through ``node``, in index notation.
 
@@ -125,7 +158,7 @@ def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
     """
     assert node.body is not None
     target = tuple(target_index(k) for k in range(operand.rank))
-    local = sp.diff(node.body, ref(operand.name, target))
+    local = local_derivative(node.body, ref(operand.name, target))
     if local == 0:
         return sp.Integer(0)
     out = node.indices()
@@ -163,7 +196,13 @@ def simplify_local(expr: sp.Expr) -> sp.Expr:
     Candidates are the expression itself, ``cancel`` and ``factor(cancel)``; the one with
     the fewest operations wins. Generic ``sympy.simplify`` is avoided on purpose: it may
     rewrite 1 - tanh(x)^2 as 1/cosh(x)^2, which overflows where the original does not.
+    Results are remembered: the LaTeX pass simplifies the engine's raw derivatives again.
     """
+    found = _SIMPLIFIED.get((expr,))
+    return found if found is not None else _SIMPLIFIED.put((expr,), _simplify_local(expr))
+
+
+def _simplify_local(expr: sp.Expr) -> sp.Expr:
     candidates: list[sp.Expr] = []
     variants = [expr]
     canonical = canonical_sigmoid(expr)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy as sp
+from sympy.core.parameters import global_parameters
 
 from .functions import ClampedLog, Sigmoid, Softplus
 
@@ -20,34 +21,57 @@ _a = sp.Wild("a")
 
 @dataclass(frozen=True)
 class Rule:
+    """``pattern -> result``; ``needs`` are the function classes in the pattern.
+
+    A body that lacks one of ``needs`` cannot match, and most bodies (matrix products,
+    sums) have none, so the pattern is only built (once) when a body could match: the
+    patterns cost tens of milliseconds to build, at the start of every command.
+    """
+
     name: str
-    pattern: sp.Expr
-    result: sp.Expr | Callable[..., sp.Expr]
+    needs: frozenset[type]
+    make: Callable[[], tuple[sp.Expr, sp.Expr | Callable[..., sp.Expr]]]
     why: str
 
 
+def _rule(name: str, needs: tuple[type, ...],
+          make: Callable[[], tuple[sp.Expr, sp.Expr | Callable[..., sp.Expr]]],
+          why: str) -> Rule:
+    return Rule(name, frozenset(needs), make, why)
+
+
 RULES: tuple[Rule, ...] = (
-    Rule("log(1 + exp(a)) -> softplus(a)", sp.log(1 + sp.exp(_a)), Softplus(_a),
-         "exp overflows for a > 709; logaddexp(0, a) does not"),
-    Rule("1 / (1 + exp(-a)) -> sigmoid(a)", 1 / (1 + sp.exp(-_a)), Sigmoid(_a),
-         "exp(-a) overflows for a < -709"),
-    Rule("exp(a) / (1 + exp(a)) -> sigmoid(a)", sp.exp(_a) / (1 + sp.exp(_a)), Sigmoid(_a),
-         "inf / inf for a > 709"),
-    Rule("log(sigmoid(a)) -> -softplus(-a)", sp.log(Sigmoid(_a)), -Softplus(-_a),
-         "sigmoid underflows to 0 for a < -745 and log(0) = -inf"),
-    Rule("log(1 - sigmoid(a)) -> -softplus(a)", sp.log(1 - Sigmoid(_a)), -Softplus(_a),
-         "1 - sigmoid(a) rounds to 0 for a > 37"),
-    Rule("clamped log(sigmoid(a)) -> -softplus(-a)", ClampedLog(Sigmoid(_a)), -Softplus(-_a),
-         "exact where the clamp at -100 would cut the value"),
-    Rule("clamped log(1 - sigmoid(a)) -> -softplus(a)", ClampedLog(1 - Sigmoid(_a)),
-         -Softplus(_a), "exact where the clamp at -100 would cut the value"),
-    Rule("log(exp(a)) -> a", sp.log(sp.exp(_a)), _a, "exp overflows"),
-    Rule("exp(-softplus(a)) -> sigmoid(-a)", sp.exp(-Softplus(_a)), Sigmoid(-_a),
-         "one primitive instead of two"),
-    Rule("1 + erf(a) -> erfc(-a)", 1 + sp.erf(_a), sp.erfc(-_a),
-         "1 + erf(a) cancels catastrophically for a < -3"),
-    Rule("1 - erf(a) -> erfc(a)", 1 - sp.erf(_a), sp.erfc(_a),
-         "1 - erf(a) cancels catastrophically for a > 3"),
+    _rule("log(1 + exp(a)) -> softplus(a)", (sp.log, sp.exp),
+          lambda: (sp.log(1 + sp.exp(_a)), Softplus(_a)),
+          "exp overflows for a > 709; logaddexp(0, a) does not"),
+    _rule("1 / (1 + exp(-a)) -> sigmoid(a)", (sp.exp,),
+          lambda: (1 / (1 + sp.exp(-_a)), Sigmoid(_a)),
+          "exp(-a) overflows for a < -709"),
+    _rule("exp(a) / (1 + exp(a)) -> sigmoid(a)", (sp.exp,),
+          lambda: (sp.exp(_a) / (1 + sp.exp(_a)), Sigmoid(_a)),
+          "inf / inf for a > 709"),
+    _rule("log(sigmoid(a)) -> -softplus(-a)", (sp.log, Sigmoid),
+          lambda: (sp.log(Sigmoid(_a)), -Softplus(-_a)),
+          "sigmoid underflows to 0 for a < -745 and log(0) = -inf"),
+    _rule("log(1 - sigmoid(a)) -> -softplus(a)", (sp.log, Sigmoid),
+          lambda: (sp.log(1 - Sigmoid(_a)), -Softplus(_a)),
+          "1 - sigmoid(a) rounds to 0 for a > 37"),
+    _rule("clamped log(sigmoid(a)) -> -softplus(-a)", (ClampedLog, Sigmoid),
+          lambda: (ClampedLog(Sigmoid(_a)), -Softplus(-_a)),
+          "exact where the clamp at -100 would cut the value"),
+    _rule("clamped log(1 - sigmoid(a)) -> -softplus(a)", (ClampedLog, Sigmoid),
+          lambda: (ClampedLog(1 - Sigmoid(_a)), -Softplus(_a)),
+          "exact where the clamp at -100 would cut the value"),
+    _rule("log(exp(a)) -> a", (sp.log, sp.exp),
+          lambda: (sp.log(sp.exp(_a)), _a), "exp overflows"),
+    _rule("exp(-softplus(a)) -> sigmoid(-a)", (sp.exp, Softplus),
+          lambda: (sp.exp(-Softplus(_a)), Sigmoid(-_a)), "one primitive instead of two"),
+    _rule("1 + erf(a) -> erfc(-a)", (sp.erf,),
+          lambda: (1 + sp.erf(_a), sp.erfc(-_a)),
+          "1 + erf(a) cancels catastrophically for a < -3"),
+    _rule("1 - erf(a) -> erfc(a)", (sp.erf,),
+          lambda: (1 - sp.erf(_a), sp.erfc(_a)),
+          "1 - erf(a) cancels catastrophically for a > 3"),
 )
 
 
@@ -64,26 +88,75 @@ def _heads(expr: sp.Expr) -> set[type]:
     return {type(f) for f in expr.atoms(sp.Function)}
 
 
-# The functions each pattern needs: pattern matching is slow, and most bodies (matrix
-# products, sums) contain none of them.
-_NEEDS = {rule.name: _heads(rule.pattern) for rule in RULES}
+_BUILT: dict[str, tuple[sp.Expr, sp.Expr | Callable[..., sp.Expr]]] = {}
+
+
+def _built(rule: Rule) -> tuple[sp.Expr, sp.Expr | Callable[..., sp.Expr]]:
+    """The rule's (pattern, result), made on first use and checked against ``needs``."""
+    if rule.name not in _BUILT:
+        pattern, result = rule.make()
+        if _heads(pattern) != rule.needs:  # a wrong ``needs`` would skip the rule silently
+            raise RuntimeError(f"stable rule {rule.name!r}: needs {sorted(map(str, rule.needs))}"
+                               f" but its pattern has {sorted(map(str, _heads(pattern)))}")
+        _BUILT[rule.name] = (pattern, result)
+    return _BUILT[rule.name]
+
+
+# Expressions every rule leaves unchanged: applying the rules again is a no-op (the
+# forward bodies are prepared once per op and again after fusion, mostly unchanged).
+_SETTLED: dict[tuple[sp.Expr, bool], None] = {}
+_SETTLED_SIZE = 1024
 
 
 def apply(expr: sp.Expr, where: str, log: list[Fired] | None = None) -> sp.Expr:
     """Rewrite ``expr`` with every rule until nothing changes."""
+    key = (expr, bool(global_parameters.distribute))
+    if key in _SETTLED:
+        return expr
     for _ in range(10):
         before = expr
         for rule in RULES:
-            if not _NEEDS[rule.name] <= _heads(expr):
+            if not rule.needs <= _heads(expr):
                 continue
-            new = expr.replace(rule.pattern, rule.result)
+            new = _replace(expr, rule)
             if new != expr:
                 expr = new
                 if log is not None:
                     log.append(Fired(where, rule.name, rule.why))
         if expr == before:
+            if len(_SETTLED) >= _SETTLED_SIZE:
+                del _SETTLED[next(iter(_SETTLED))]
+            _SETTLED[expr, bool(global_parameters.distribute)] = None
             break
     return expr
+
+
+def _replace(expr: sp.Expr, rule: Rule) -> sp.Expr:
+    """``expr.replace(pattern, result)``, asking for a match only where it can succeed.
+
+    ``replace`` matches the pattern at every node, leaves included, and sympy's matcher
+    is slow; a node that lacks one of the pattern's function classes cannot match (a
+    pattern function matches only an instance of its class), so those are answered
+    "no match" without asking. Everything else is ``replace``'s own walk: a callable
+    query and value, with the value computed as ``replace`` computes it.
+    """
+    pattern, result = _built(rule)
+    if len(pattern.atoms(sp.Wild)) != 1 or not isinstance(result, sp.Basic):
+        return expr.replace(pattern, result)  # replace's other value rules: not needed
+    needs = tuple(rule.needs)
+    last: list[dict[sp.Basic, sp.Basic]] = []
+
+    def query(e: sp.Basic) -> dict[sp.Basic, sp.Basic] | None:
+        if not all(e.has(h) for h in needs):
+            return None
+        found = e.match(pattern)
+        last[:] = [found] if found is not None else []
+        return found
+
+    def value(e: sp.Basic) -> sp.Basic:
+        return result.subs(last[0])  # as replace does for a one-Wild pattern
+
+    return expr.replace(query, value)
 
 
 def canonical_sigmoid(expr: sp.Expr) -> sp.Expr:

@@ -9,7 +9,6 @@ import sympy as sp
 
 from .. import naming
 from ..errors import ShapeError
-from ..formula import parse_tree, to_sympy, torch_eval
 from ..graph import Graph, Node, sum_index
 from ..spec import ActivationSpec, LayerSpec, Where
 from .base import ACTIVATIONS, Layer, Option, register_layer
@@ -21,6 +20,8 @@ def apply_activation(graph: Graph, act: ActivationSpec | None, pre: Node, out_na
     if act is None or act.type == "identity":
         return pre
     if act.type == "formula":
+        from ..formula import parse_tree, to_sympy  # most specs have no formula
+
         formula = to_sympy(parse_tree(act.formula, {"x": None}), {"x": pre.element()})
         return graph.op(out_name, pre.shape, formula, layer=layer, where=where, kind="map",
                         label="formula")
@@ -33,6 +34,8 @@ def activation_reference(act: ActivationSpec | None, x: Any) -> Any:
     if act is None:
         return x
     if act.type == "formula":
+        from ..formula import parse_tree, torch_eval
+
         return torch_eval(parse_tree(act.formula, {"x": None}), {"x": x})
     return ACTIVATIONS[act.type].reference(x, dict(act.params))
 

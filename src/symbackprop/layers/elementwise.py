@@ -15,7 +15,6 @@ from typing import Any
 import sympy as sp
 
 from ..errors import ShapeError
-from ..formula import parse_at, parse_tree, to_sympy, torch_eval
 from ..graph import Graph, Node, out_index
 from ..spec import LayerSpec, Where
 from .base import Layer, Option, register_layer
@@ -53,6 +52,8 @@ class Elementwise(Layer):
                  wheres: Mapping[str, Where]) -> None:
         if len(set(inputs)) != len(inputs):
             raise wheres["input"].error("an elementwise layer names each input once")
+        from ..formula import parse_at  # on first use: most specs have no formula
+
         parse_at(wheres["formula"], options["formula"], dict.fromkeys(inputs))
 
     @classmethod
@@ -69,6 +70,8 @@ class Elementwise(Layer):
             idx = tuple(sp.Integer(0) if node.shape[a] == 1 and shape[offset + a] != 1
                         else out_index(offset + a) for a in range(node.rank))
             variables[name] = node.element(idx)
+        from ..formula import parse_tree, to_sympy
+
         tree = parse_tree(spec.options["formula"], variables)
         body = to_sympy(tree, variables)
         return graph.op(spec.name, shape, body, layer=spec.name, where=spec.where,
@@ -76,5 +79,7 @@ class Elementwise(Layer):
 
     @classmethod
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
+        from ..formula import parse_tree, torch_eval
+
         tree = parse_tree(spec.options["formula"], dict.fromkeys(spec.inputs))
         return torch_eval(tree, dict(zip(spec.inputs, inputs, strict=True)))

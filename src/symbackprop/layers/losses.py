@@ -17,7 +17,6 @@ import sympy as sp
 
 from ..derive.functions import ClampedLog, Softplus
 from ..errors import ShapeError
-from ..formula import parse_at, parse_tree, to_sympy, torch_eval
 from ..graph import Graph, Node, sum_index
 from ..spec import LossSpec, Where
 from .base import Loss, Option, register_loss
@@ -153,10 +152,14 @@ class FormulaLoss(Loss):
 
     @classmethod
     def validate(cls, options: Mapping[str, object], wheres: Mapping[str, Where]) -> None:
+        from ..formula import parse_at  # on first use: most specs have no formula
+
         parse_at(wheres["formula"], options["formula"], {"y": None, "t": None})
 
     @classmethod
     def build(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node | None) -> Node:
+        from ..formula import parse_at, to_sympy
+
         tree = parse_at(spec.option_where["formula"], spec.options["formula"],
                         {"y": None, "t": None})
         uses_t = any(isinstance(n, ast.Name) and n.id == "t" for n in ast.walk(tree))
@@ -176,6 +179,8 @@ class FormulaLoss(Loss):
 
     @classmethod
     def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
+        from ..formula import parse_tree, torch_eval
+
         tree = parse_tree(spec.options["formula"], {"y": None, "t": None})
         values = {"y": prediction} if target is None else {"y": prediction, "t": target}
         return torch_eval(tree, values).mean()
