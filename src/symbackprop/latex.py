@@ -649,6 +649,8 @@ def _rebuild(expr: sp.Expr, rule: Callable[[sp.Expr], sp.Expr],
     reference, or returns a number). Then a rebuild whose every rebuilt node is
     ``_neutral`` is done without switching at all, which gives the same expression.
     """
+    if kinds is not None and not expr.has(*(kinds if isinstance(kinds, tuple) else (kinds,))):
+        return expr  # the rule changes nothing here: no walk (has() is cached by sympy)
     outer = global_parameters.distribute
     if neutral and outer:
         out = _rebuild_neutral(expr, rule, kinds)
@@ -869,16 +871,16 @@ class _Builder:
         return node.shape if node is not None else ()
 
     def extents(self, *exprs: sp.Basic) -> Callable[[sp.Symbol], sp.Expr | None]:
+        """How far each index runs: from the first tensor reference that uses it (in
+        ``default_sort_key`` order), else from the first sum over it."""
         table: dict[sp.Symbol, sp.Expr] = {}
         for expr in exprs:
-            for r in sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key):
-                shape = self.shape(str(r.base.label))
-                for i, n in zip(r.indices, shape, strict=False):
-                    if isinstance(i, sp.Symbol):
-                        table.setdefault(i, n)
-            for s in sorted(expr.atoms(sp.Sum), key=sp.default_sort_key):
-                for var, lo, hi in s.limits:
-                    table.setdefault(var, hi - lo + 1)
+            _set_first(table, [
+                (r, [(i, n) for i, n in zip(r.indices, self.shape(str(r.base.label)),
+                                            strict=False) if isinstance(i, sp.Symbol)])
+                for r in expr.atoms(sp.Indexed)])
+            _set_first(table, [(s, [(var, hi - lo + 1) for var, lo, hi in s.limits])
+                               for s in expr.atoms(sp.Sum)])
         return table.get
 
     def _elementwise_operand(self, node: Node) -> sp.Indexed | None:
@@ -1712,6 +1714,25 @@ class _Builder:
             out.append(Para(_spans(_c(p.param or p.name), ":")))
             out.append(Display(tuple(rows)))
         return out
+
+
+def _set_first(table: dict[sp.Symbol, sp.Expr],
+               items: list[tuple[sp.Basic, list[tuple[sp.Symbol, sp.Expr]]]]) -> None:
+    """``table.setdefault(key, value)`` for the pairs of every item, the items taken in
+    ``default_sort_key`` order. Only keys the items disagree on need that order, and
+    sorting sums by it walks their whole bodies, so only those are sorted."""
+    found: dict[sp.Symbol, list[tuple[sp.Basic, sp.Expr]]] = {}
+    for item, pairs in items:
+        seen: set[sp.Symbol] = set()
+        for key, value in pairs:
+            if key not in table and key not in seen:  # an item's first pair for a key
+                seen.add(key)
+                found.setdefault(key, []).append((item, value))
+    for key, options in found.items():
+        if len({value for _, value in options}) == 1:
+            table[key] = options[0][1]
+        else:
+            table[key] = min(options, key=lambda o: sp.default_sort_key(o[0]))[1]
 
 
 def _trivial_sums(expr: sp.Expr) -> sp.Expr:
