@@ -32,9 +32,21 @@ def template_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "templates"
 
 
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Compiled templates are kept like Python keeps .pyc files: Jinja2's own per-user
+    cache folder (private, in the temp directory), keyed by each template's source
+    checksum, so an edited template is recompiled. Compiling both templates costs ~0.1 s,
+    a twentieth of a cold ``generate``. No usable folder: compile every time."""
+    try:
+        return jinja2.FileSystemBytecodeCache()
+    except (OSError, RuntimeError):
+        return None
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
+        bytecode_cache=_bytecode_cache(),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
