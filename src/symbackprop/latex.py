@@ -434,7 +434,7 @@ class IndexPrinter(LatexPrinter):
         return "".join(parts) if all(len(p) == 1 for p in parts) else ",".join(parts)
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
-        return self.names.element(str(expr.base.label), self.sub(expr.indices))
+        return self.names.element(expr.base.name, self.sub(expr.indices))
 
     def _print_Symbol(self, expr: sp.Symbol, style: str = "plain") -> str:
         if expr in self.verbatim:
@@ -490,7 +490,7 @@ class IndexPrinter(LatexPrinter):
 
     def _print_RowSoftmax(self, expr: sp.Expr, exp: object = None) -> str:
         (arg,) = expr.args
-        name = str(arg.base.label)
+        name = arg.base.name
         out = (rf"\operatorname{{softmax}}\left({self.names.array(name)}\right)"
                rf"_{{{self.sub(arg.indices)}}}")
         return rf"\left({out}\right)^{{{exp}}}" if exp is not None else out
@@ -504,12 +504,12 @@ class IndexPrinter(LatexPrinter):
 
     def _is_adjoint(self, expr: sp.Expr) -> bool:
         return isinstance(expr, sp.Indexed) and self.names.adjoint_of(
-            str(expr.base.label)) is not None
+            expr.base.name) is not None
 
     def _depth(self, expr: sp.Expr) -> int:
         """How far from the input the tensors of ``expr`` are (the loss side is deepest)."""
         order = self.names.order
-        found = [order.get(self.names.adjoint_of(str(r.base.label)) or str(r.base.label), -1)
+        found = [order.get(self.names.adjoint_of(r.base.name) or r.base.name, -1)
                  for r in expr.atoms(sp.Indexed)]
         return max(found, default=-1)
 
@@ -876,7 +876,7 @@ class _Builder:
         table: dict[sp.Symbol, sp.Expr] = {}
         for expr in exprs:
             _set_first(table, [
-                (r, [(i, n) for i, n in zip(r.indices, self.shape(str(r.base.label)),
+                (r, [(i, n) for i, n in zip(r.indices, self.shape(r.base.name),
                                             strict=False) if isinstance(i, sp.Symbol)])
                 for r in expr.atoms(sp.Indexed)])
             _set_first(table, [(s, [(var, hi - lo + 1) for var, lo, hi in s.limits])
@@ -888,7 +888,7 @@ class _Builder:
         if node.kind != "map" or node.body is None or node.body.has(sp.Sum):
             return None
         refs = [r for r in node.body.atoms(sp.Indexed)]
-        names = {str(r.base.label) for r in refs}
+        names = {r.base.name for r in refs}
         if len(names) != 1 or any(tuple(r.indices) != node.indices() for r in refs):
             return None
         if isinstance(node.body, sp.Indexed):
@@ -966,7 +966,7 @@ class _Builder:
                 inner = body.args[0].function.args[0]
                 var = body.args[0].limits[0][0]
                 if tuple(inner.indices) == (*node.indices(), var):
-                    lse[node.name] = str(inner.base.label)
+                    lse[node.name] = inner.base.name
         return lse
 
     def _softmax(self, expr: sp.Expr) -> sp.Expr:
@@ -984,7 +984,7 @@ class _Builder:
             if len(pos) != 1 or len(neg) != 1:
                 return e
             (z,), (m,) = pos, neg
-            if lse.get(str(m.base.label)) == str(z.base.label) and \
+            if lse.get(m.base.name) == z.base.name and \
                     tuple(m.indices) == tuple(z.indices)[:-1]:
                 return RowSoftmax(z)
             return e
@@ -1018,7 +1018,7 @@ class _Builder:
         # switching the flag (which clears sympy's cache) twice, not twice per node.
         def walk(e: sp.Expr, ax: tuple[sp.Symbol, ...]) -> object:
             if isinstance(e, sp.Indexed):
-                name = str(e.base.label)
+                name = e.base.name
                 idx = tuple(e.indices)
                 if idx == ax:
                     return holder((name, "n"), self.names.array(name))
@@ -1040,7 +1040,7 @@ class _Builder:
                 return e
             if isinstance(e, RowSoftmax):
                 (z,) = e.args
-                name = str(z.base.label)
+                name = z.base.name
                 if tuple(z.indices) != ax:
                     return None
                 return RowSoftmax(holder((name, "n"), self.names.array(name)))
@@ -1184,15 +1184,15 @@ class _Builder:
         expr = _indicators(expr).xreplace({self.deriv.seed: sp.Integer(1)})
         for _ in range(len(self.nodes) + 1):
             refs = sorted((r for r in expr.atoms(sp.Indexed)
-                           if str(r.base.label) in table
-                           and not keep(self.names.adjoint_of(str(r.base.label)) or "")),
+                           if r.base.name in table
+                           and not keep(self.names.adjoint_of(r.base.name) or "")),
                           key=sp.default_sort_key)
             if not refs:
                 break
             mapping = {}
             seeded = False
             for r in refs:
-                targets, body = table[str(r.base.label)]
+                targets, body = table[r.base.name]
                 mapping[r] = self.instantiate(body, targets, r.indices)
                 seeded = seeded or self._has_seed(body)
             expr = expr.xreplace(mapping)
@@ -1420,7 +1420,7 @@ class _Builder:
         k = tuple(_index("k", n) for n in range(operand.rank))
         elementwise = (consumer.kind == "map" and not consumer.body.has(sp.Sum) and all(
             tuple(r.indices) == i for r in consumer.body.atoms(sp.Indexed)
-            if str(r.base.label) == operand_name))
+            if r.base.name == operand_name))
         if elementwise:
             # A scalar derivative: the Jacobian is diagonal.
             raw = local_derivative(consumer.body, ref(operand_name, i))
@@ -1619,7 +1619,7 @@ class _Builder:
                 r = e.function
                 var, lo, hi = e.limits[0]
                 shape = self.nodes[target].shape
-                if (str(r.base.label) == target and r.indices[-1] == var and lo == 0
+                if (r.base.name == target and r.indices[-1] == var and lo == 0
                         and hi + 1 == shape[-1]):
                     return sp.Integer(1)
             return e
@@ -1640,7 +1640,7 @@ class _Builder:
         rows.append((lhs_el, "= " + self.idx(expr, letters)))
         out.append(Display(tuple(rows)))
         shapes = []
-        for name in sorted({str(r.base.label) for r in expr.atoms(sp.Indexed)},
+        for name in sorted({r.base.name for r in expr.atoms(sp.Indexed)},
                            key=lambda n: (self.names.adjoint_of(n) is None, n)):
             shapes += [_m(rf"{names.array(name)} \in \mathbb{{R}}^{{{_shape(self.shape(name))}}}"),
                        ", "]
