@@ -239,7 +239,7 @@ def _cse(stmts: list[Stmt], views: Views) -> list[Stmt]:
     def place(name: str, phase: Phase) -> None:
         for temp in temps:
             if temp.target == name and name not in placed:
-                for dep in temp.reads:
+                for dep in sorted(temp.reads):
                     place(dep, phase)
                 placed.add(name)
                 result.append(replace(temp, phase=phase))
