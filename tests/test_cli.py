@@ -138,7 +138,8 @@ layers:
   - {name: h, type: dense, units: 3, activation: tanh}
   - {name: b0, type: dense, units: 3, input: h, activation: tanh}
   - {name: b1, type: dense, units: 3, input: h, activation: sigmoid}
-  - {name: mix, type: elementwise, input: [b0, b1], formula: "b0*sigmoid(b1) + softplus(b0 - b1)**2"}
+  - {name: mix, type: elementwise, input: [b0, b1],
+     formula: "b0*sigmoid(b1) + softplus(b0 - b1)**2"}
   - {name: out, type: dense, units: 2, input: mix}
 loss: {type: mse, target: t}
 """
