@@ -85,12 +85,29 @@ def _timed(cmd: list[str], env: dict[str, str], retries: int = 3) -> float:
     return best
 
 
+PRIMED = ("before timing, the installed package is byte-compiled (as pip does at install; "
+          "a PYTHONDONTWRITEBYTECODE environment would otherwise recompile it in every run) "
+          "and one untimed generate fills Jinja2's template bytecode cache: every timed run "
+          "is a fresh process of a symbackprop that has been installed and run once")
+
+
+def _prime(prefix: list[str], env: dict[str, str], root: Path) -> None:
+    """What an installed, once-used symbackprop has on disk; see ``PRIMED``."""
+    compile_cmd = [sys.executable, "-c", "import compileall, os, symbackprop; "
+                   "compileall.compile_dir(os.path.dirname(symbackprop.__file__), quiet=1)"]
+    subprocess.run(compile_cmd, env=env, check=True, capture_output=True)
+    subprocess.run([*prefix, sys.executable, "-m", "symbackprop.cli", "generate",
+                    str(SPECS / "mlp784.yaml"), "--out", str(root / "prime"), "--force"],
+                   env=env, check=True, capture_output=True)
+
+
 def measure(which: str, reps: int, prefix: list[str], env: dict[str, str],
             log: Callable[[str], None] | None = None) -> dict[str, dict[str, object]]:
     """Median wall seconds of ``reps`` cold runs for each case, plus the import floor."""
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="symbackprop-gencost-") as tmp:
         root = Path(tmp)
+        _prime(prefix, env, root)
         import_cmd = [*prefix, sys.executable, "-c", "import symbackprop.api"]
         times = [_timed(import_cmd, env) for _ in range(reps)]
         results["import"] = {"label": "`import symbackprop.api` alone (start-up floor)",

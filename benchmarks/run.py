@@ -344,6 +344,7 @@ def gen_table(gen: dict[str, dict[str, Any]], reps: int) -> list[str]:
             r = f"{res['seconds'] / gen[ref[key]]['seconds']:.2f} × {ref[key]}"
         extra = "—" if key == "import" else f"{res['seconds'] - base:.2f}"
         out.append(f"| {res['label']} | {res['seconds']:.2f} | {extra} | {r} |")
+    out += ["", f"Cold means a fresh process; {gencost.PRIMED}."]
     return out
 
 
