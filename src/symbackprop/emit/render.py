@@ -132,7 +132,7 @@ class _Printer:
         if stmt.kind == "code":
             return stmt.code
         assert stmt.expr is not None
-        fused = self._addmm(stmt) or self._linear(stmt)
+        fused = self._product_plus(stmt)
         if fused:
             return fused
         expr = sp.piecewise_fold(stmt.expr) if stmt.expr.has(sp.Piecewise) else stmt.expr
@@ -143,12 +143,12 @@ class _Printer:
             return self.dialect.reduce_sum(text, () if full else stmt.axes, wrap=True)
         return text
 
-
-    def _addmm(self, stmt: Stmt) -> str:
-        """torch: (a @ b) + c as one addmm call (the add rides on the matrix product)."""
+    def _product_plus(self, stmt: Stmt) -> str:
+        """``(a @ b) + c`` as one call: torch ``addmm`` (the add rides on the product);
+        numpy ``_linear(a, w, c)`` for ``a @ w.T`` (the add done in place), when the sum
+        has the product's shape."""
         expr = stmt.expr
-        if (self.backend != "torch" or stmt.kind != "expr" or not isinstance(expr, sp.Add)
-                or len(expr.args) != 2):
+        if stmt.kind != "expr" or not isinstance(expr, sp.Add) or len(expr.args) != 2:
             return ""
         products = [a for a in expr.args if isinstance(a, sp.Symbol)
                     and a.name in self.program.products]
@@ -157,22 +157,8 @@ class _Printer:
         if len(products) != 1 or len(others) != 1:
             return ""
         left, right = self.program.products[products[0].name]
-        return f"torch.addmm({others[0].name}, {left}, {right})"
-
-
-    def _linear(self, stmt: Stmt) -> str:
-        """numpy: a @ w.T + b as ``_linear(a, w, b)``, the bias added in place."""
-        expr = stmt.expr
-        if (self.backend != "numpy" or stmt.kind != "expr" or not isinstance(expr, sp.Add)
-                or len(expr.args) != 2):
-            return ""
-        products = [a for a in expr.args if isinstance(a, sp.Symbol)
-                    and a.name in self.program.products]
-        others = [a for a in expr.args if isinstance(a, sp.Symbol) and a not in products
-                  and not a.is_integer]
-        if len(products) != 1 or len(others) != 1:
-            return ""
-        left, right = self.program.products[products[0].name]
+        if self.backend == "torch":
+            return f"torch.addmm({others[0].name}, {left}, {right})"
         shape = self.program.shapes.get(stmt.target)
         if (not right.endswith(".T") or left.endswith(".T")
                 or self.program.shapes.get(products[0].name) != shape):
