@@ -214,7 +214,6 @@ class TorchCodePrinter(_Common, NumPyPrinter):
     def _derivative_call(self, op: str, grad: str, y: str) -> str:
         return f"torch.ops.aten.{op}({grad}, {y})"
 
-
     def _print_erf(self, expr: sp.Expr) -> str:
         return f"torch.erf({self._print(expr.args[0])})"
 
@@ -267,7 +266,7 @@ class NumpyDialect:
 
     def ones_like(self, var: str) -> str:
         # A numpy scalar of the loss's dtype: numpy.ones_like on a scalar costs ~5 us,
-        # a tenth of a tiny network's whole step.
+        # an eighth of a tiny network's whole step (~40 us); this costs ~1.7 us.
         return f"numpy.result_type({var}).type(1)"
 
 
