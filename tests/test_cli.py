@@ -199,3 +199,26 @@ def test_no_derivations_flag(tmp_path) -> None:
     assert main(["generate", str(spec), "--out", str(tmp_path), "--check",
                  "--no-derivations"]) == 0
     assert main(["generate", str(spec), "--out", str(tmp_path), "--check"]) == 1
+
+
+def test_an_unwritable_template_cache_only_costs_time(tmp_path, monkeypatch) -> None:
+    """Generation does not depend on Jinja2's bytecode cache: a cache that fails to write
+    falls back to compiling the templates, with the same output."""
+    import jinja2
+
+    from symbackprop.emit import render
+
+    spec = EXAMPLES / "seed_mlp.yaml"
+    assert main(["generate", str(spec), "--out", str(tmp_path / "ref")]) == 0
+
+    class FullDisk(jinja2.BytecodeCache):
+        def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            return None
+
+        def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(render, "_bytecode_cache", FullDisk)
+    assert main(["generate", str(spec), "--out", str(tmp_path / "other")]) == 0
+    for name in ("seed_mlp_numpy.py", "seed_mlp_torch.py"):
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "other" / name).read_bytes()

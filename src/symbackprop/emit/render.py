@@ -43,10 +43,10 @@ def _bytecode_cache() -> jinja2.BytecodeCache | None:
         return None
 
 
-def _environment() -> jinja2.Environment:
+def _environment(*, cache: bool = True) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
-        bytecode_cache=_bytecode_cache(),
+        bytecode_cache=_bytecode_cache() if cache else None,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
@@ -273,7 +273,11 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     # the text grows with the square of the depth; --no-derivations leaves it out.
     context["derivations"] = module_derivations(spec, deriv, spec_label) if derivations else []
     context["derivations_off"] = not derivations
-    template = _environment().get_template(f"{backend}_module.py.j2")
+    name = f"{backend}_module.py.j2"
+    try:
+        template = _environment().get_template(name)
+    except OSError:  # the bytecode cache could not be read or written (a full disk)
+        template = _environment(cache=False).get_template(name)
     source = template.render(**context)
     try:
         ast.parse(source)
