@@ -1,10 +1,11 @@
-"""sympy printers for the generated numpy and torch code, and each backend's dialect.
+"""sympy printers for the scalar bodies of generated numpy and torch code.
 
 The printers are strict: a sympy object without a print rule fails loudly instead of
 emitting something wrong. Stable primitives print to stable forms: sigmoid through
 logaddexp in numpy (``torch.sigmoid`` in torch), softplus as ``logaddexp(0, x)``,
 logsumexp max-shifted. Numeric constants print as Python float literals, so a float32
-tensor stays float32 (numpy and torch treat a Python float as a weak scalar).
+tensor stays float32 (numpy and torch treat a Python float as a weak scalar). Array
+operations (products, reductions, views) are printed by :mod:`.arrays` from the IR.
 """
 
 from __future__ import annotations
@@ -25,46 +26,15 @@ class _Common:
     def _derivative_call(self, op: str, grad: str, y: str) -> str:
         raise NotImplementedError
 
-    def _fused_derivative(self, expr: sp.Mul) -> str | None:
-        """g*(1 - y**2) -> tanh_backward(g, y); g*y*(1 - y) -> sigmoid_backward(g, y).
+    def _print_TanhBackward(self, expr: sp.Expr) -> str:
+        grad, y = expr.args
+        return self._derivative_call("tanh_backward", self._print(grad), self._print(y))
 
-        The products autograd runs for tanh and sigmoid, each as one call with one output
-        buffer instead of three operations and two temporaries: both the time and the
-        peak memory of the backward pass. They hold for any arrays g and y, so the rule
-        needs no knowledge of where y came from; g must be an array.
-        """
-        args = list(expr.args)
-        for n, factor in enumerate(args):
-            if not (isinstance(factor, sp.Add) and len(factor.args) == 2
-                    and sp.Integer(1) in factor.args):
-                continue
-            (other,) = [a for a in factor.args if a != 1]
-            rest = args[:n] + args[n + 1:]
-            neg = -other
-            if neg.is_Pow and neg.exp == 2 and neg.base.is_Symbol and \
-                    not self._is_scalar(neg.base):
-                op, y = "tanh_backward", neg.base
-            elif neg.is_Symbol and not self._is_scalar(neg) and neg in rest:
-                op, y = "sigmoid_backward", neg
-                rest.remove(neg)
-            else:
-                continue
-            coeff = sp.Mul(*(f for f in rest if self._is_scalar(f)))
-            grad = sp.Mul(*(f for f in rest if not self._is_scalar(f)))
-            if grad == 1:
-                continue
-            call = self._derivative_call(op, self._print(grad), self._print(y))
-            if coeff == 1:
-                return call
-            if coeff == -1:
-                return f"-{call}"
-            return f"{self.parenthesize(coeff, 50)}*{call}"  # type: ignore[attr-defined]
-        return None
+    def _print_SigmoidBackward(self, expr: sp.Expr) -> str:
+        grad, y = expr.args
+        return self._derivative_call("sigmoid_backward", self._print(grad), self._print(y))
 
     def _print_Mul(self, expr: sp.Mul) -> str:
-        fused = self._fused_derivative(expr)
-        if fused is not None:
-            return fused
         # Scalar factors first and together: (2*d_loss/N)*y*(y - t) costs one pass over
         # the arrays for the scalar, not one per scalar factor.
         scalar = [f for f in expr.args if self._is_scalar(f)]
@@ -232,70 +202,3 @@ class TorchCodePrinter(_Common, NumPyPrinter):
 
     def _print_Add(self, expr: sp.Add, order: object = None) -> str:
         return sp.printing.str.StrPrinter._print_Add(self, expr, order)  # type: ignore[arg-type]
-
-
-class NumpyDialect:
-    module = "numpy"
-
-    def matmul(self, a: str, b: str, *, nt: bool) -> str:
-        # a @ w.T goes through a helper that puts the longer side in BLAS's row slot:
-        # OpenBLAS runs a short-and-wide NT product (batch 16 against 256 x 784) about
-        # twice as slowly as the same product transposed.
-        return f"_matmul_nt({a}, {b[:-2]})" if nt else f"{a} @ {b}"
-
-    def transpose(self, var: str, perm: tuple[int, ...]) -> str:
-        return f"{var}.T" if perm == (1, 0) else f"{var}.transpose{perm}"
-
-    def reduce_sum(self, code: str, axes: tuple[int, ...], *, wrap: bool) -> str:
-        if not axes:
-            return f"numpy.sum({code})" if wrap else f"{code}.sum()"
-        axis = axes[0] if len(axes) == 1 else axes
-        return f"numpy.sum({code}, axis={axis})" if wrap else f"{code}.sum(axis={axis})"
-
-    def einsum(self, subscripts: str, a: str, b: str) -> str:
-        return f"numpy.einsum({subscripts!r}, {a}, {b}, optimize=True)"
-
-    def logsumexp(self, code: str, axis: int) -> str:
-        return f"_logsumexp({code}, {axis})"
-
-    def log_softmax(self, code: str, axis: int) -> str:
-        return f"_log_softmax({code}, {axis})"
-
-    def filled(self, like: str, shape: str, value: str) -> str:
-        return f"numpy.full({shape}, {value}, dtype={like}.dtype)"
-
-    def ones_like(self, var: str) -> str:
-        # A numpy scalar of the loss's dtype: numpy.ones_like on a scalar costs ~5 us,
-        # an eighth of a tiny network's whole step (~40 us); this costs ~1.7 us.
-        return f"numpy.result_type({var}).type(1)"
-
-
-class TorchDialect:
-    module = "torch"
-
-    def matmul(self, a: str, b: str, *, nt: bool) -> str:
-        return f"{a} @ {b}"
-
-    def transpose(self, var: str, perm: tuple[int, ...]) -> str:
-        return f"{var}.T" if perm == (1, 0) else f"{var}.permute{perm}"
-
-    def reduce_sum(self, code: str, axes: tuple[int, ...], *, wrap: bool) -> str:
-        if not axes:
-            return f"torch.sum({code})" if wrap else f"{code}.sum()"
-        axis = axes[0] if len(axes) == 1 else axes
-        return f"torch.sum({code}, dim={axis})" if wrap else f"{code}.sum(dim={axis})"
-
-    def einsum(self, subscripts: str, a: str, b: str) -> str:
-        return f"torch.einsum({subscripts!r}, {a}, {b})"
-
-    def logsumexp(self, code: str, axis: int) -> str:
-        return f"torch.logsumexp({code}, dim={axis})"
-
-    def log_softmax(self, code: str, axis: int) -> str:
-        return f"torch.log_softmax({code}, dim={axis})"
-
-    def filled(self, like: str, shape: str, value: str) -> str:
-        return f"{like}.new_full({shape}, {value})"
-
-    def ones_like(self, var: str) -> str:
-        return f"torch.ones_like({var})"

@@ -17,9 +17,12 @@ import sympy as sp
 
 from .. import __version__, naming
 from ..backprop import Derivation
-from ..program import Lowerer, Program, Stmt
+from ..ir import passes
+from ..ir.lower import Lowerer
+from ..ir.nodes import Assign, Program, dims_read
+from ..ir.passes import memory
 from ..spec import ModelSpec
-from .printers import NumpyCodePrinter, NumpyDialect, TorchCodePrinter, TorchDialect
+from .arrays import array_printer
 
 BACKENDS = ("numpy", "torch")
 
@@ -65,112 +68,35 @@ class Line:
 
 
 class _Printer:
-    """Prints statements of one program with one backend's printer and dialect."""
+    """Prints the statements of one program with one backend's array printer."""
 
     def __init__(self, backend: str, program: Program) -> None:
-        self.backend = backend
         self.program = program
-        self.printer = NumpyCodePrinter() if backend == "numpy" else TorchCodePrinter()
-        self.printer.scalars = frozenset(n for n, shape in program.shapes.items() if not shape)
-        self.dialect = NumpyDialect() if backend == "numpy" else TorchDialect()
+        self.arrays = array_printer(backend, program)
 
-    def lines(self, stmts: list[Stmt], *, mark_phases: bool = False,
-              keep: frozenset[str] | set[str] | None = None,
+    @property
+    def helpers(self) -> set[str]:
+        return self.arrays.helpers
+
+    def lines(self, stmts: list[Assign], *, mark_phases: bool = False,
+              keep: frozenset[str] | set[str],
               owned: frozenset[str] | set[str] = frozenset()) -> list[Line]:
-        """Printed statements; with ``keep``, every other array this function computes
-        (or is handed in ``owned``) is deleted after its last use, so peak memory is what
-        is live, not all that was made."""
-        last_use: dict[str, int] = {}
-        defined = {stmt.target for stmt in stmts} | set(owned)
-        for i, stmt in enumerate(stmts):
-            for name in stmt.reads:
-                last_use[name] = i
-        dead: dict[int, list[str]] = {}
-        if keep is not None:
-            for name, i in last_use.items():
-                if name in defined and name not in keep:
-                    dead.setdefault(i, []).append(name)
-        # Arrays this function allocated itself (not a plain alias of another name).
-        fresh = {s.target for s in stmts if not (s.kind == "expr" and s.expr is not None
-                                                  and s.expr.is_Symbol)}
-        order = {stmt.target: n for n, stmt in enumerate(stmts)}
+        """Printed statements; every other array this function computes (or is handed in
+        ``owned``) is deleted after its last use, so peak memory is what is live, not all
+        that was made."""
+        stmts = memory(stmts, self.program, keep=keep, owned=owned)
         out = []
         phase = ""
-        for i, stmt in enumerate(stmts):
+        for stmt in stmts:
             comment = stmt.comment.splitlines() if stmt.comment else []
             if mark_phases and stmt.phase != phase:
                 phase = stmt.phase
                 heading = ("forward pass" if phase == "forward" else
                            "backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first")
                 comment = [f"---- {heading} ----", *comment]
-            names = sorted(dead.get(i, []), key=lambda n: (order.get(n, -1), n))
-            code = self._in_place(stmt, set(names) & fresh) or self.code(stmt)
-            out.append(Line(comment, f"{stmt.target} = {code}",
-                            f"del {', '.join(names)}" if names else ""))
+            out.append(Line(comment, f"{stmt.target} = {self.arrays.code(stmt)}",
+                            f"del {', '.join(stmt.frees)}" if stmt.frees else ""))
         return out
-
-    def _in_place(self, stmt: Stmt, dying: set[str]) -> str:
-        """numpy: f(a) written into a's own buffer when this statement is a's last use
-        (``numpy.tanh(z, out=z)``): one array of that size fewer to allocate and fault in.
-        Only arrays this function made itself qualify, never an argument or an alias."""
-        expr = stmt.expr
-        if (self.backend != "numpy" or stmt.kind != "expr" or expr is None
-                or not isinstance(expr, sp.Function) or len(expr.args) != 1):
-            return ""
-        (arg,) = expr.args
-        shape = self.program.shapes.get(stmt.target)
-        if not (isinstance(arg, sp.Symbol) and arg.name in dying and shape
-                and self.program.shapes.get(arg.name) == shape):
-            return ""
-        text = self.code(stmt)
-        func = text[: -len(arg.name) - 2]
-        if text != f"{func}({arg.name})" or func not in _NUMPY_UFUNCS:
-            return ""
-        return f"{func}({arg.name}, out={arg.name})"
-
-    def code(self, stmt: Stmt) -> str:
-        if stmt.kind == "code":
-            return stmt.code
-        assert stmt.expr is not None
-        fused = self._product_plus(stmt)
-        if fused:
-            return fused
-        expr = sp.piecewise_fold(stmt.expr) if stmt.expr.has(sp.Piecewise) else stmt.expr
-        text = self.printer.doprint(expr)
-        if stmt.kind == "sum":
-            # A sum over every axis needs no axis argument (and is faster without one).
-            full = self.program.shapes.get(stmt.target) == ()
-            return self.dialect.reduce_sum(text, () if full else stmt.axes, wrap=True)
-        return text
-
-    def _product_plus(self, stmt: Stmt) -> str:
-        """``(a @ b) + c`` as one call: torch ``addmm`` (the add rides on the product);
-        numpy ``_linear(a, w, c)`` for ``a @ w.T`` (the add done in place), when the sum
-        has the product's shape."""
-        expr = stmt.expr
-        if stmt.kind != "expr" or not isinstance(expr, sp.Add) or len(expr.args) != 2:
-            return ""
-        products = [a for a in expr.args if isinstance(a, sp.Symbol)
-                    and a.name in self.program.products]
-        others = [a for a in expr.args if isinstance(a, sp.Symbol) and a not in products
-                  and not a.is_integer]
-        if len(products) != 1 or len(others) != 1:
-            return ""
-        left, right = self.program.products[products[0].name]
-        if self.backend == "torch":
-            return f"torch.addmm({others[0].name}, {left}, {right})"
-        shape = self.program.shapes.get(stmt.target)
-        if (not right.endswith(".T") or left.endswith(".T")
-                or self.program.shapes.get(products[0].name) != shape):
-            return ""
-        return f"_linear({left}, {right[:-2]}, {others[0].name})"
-
-
-# numpy ufuncs that take out= (what the printer emits for one-argument functions).
-_NUMPY_UFUNCS = frozenset(f"numpy.{name}" for name in (
-    "tanh", "exp", "log", "sqrt", "sin", "cos", "tan", "sinh", "cosh", "arcsin", "arccos",
-    "arctan", "arcsinh", "arccosh", "arctanh", "log1p", "expm1", "abs", "absolute",
-    "square", "negative", "sign", "exp2", "log2", "log10"))
 
 
 def _shape_tuple(shape: tuple[sp.Expr, ...]) -> str:
@@ -178,9 +104,8 @@ def _shape_tuple(shape: tuple[sp.Expr, ...]) -> str:
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
-def _lower(deriv: Derivation, backend: str, *, seed_argument: bool) -> Program:
-    dialect = NumpyDialect() if backend == "numpy" else TorchDialect()
-    return Lowerer(deriv, dialect, seed_argument=seed_argument).lower()
+def _lower(deriv: Derivation, *, seed_argument: bool) -> Program:
+    return Lowerer(deriv, seed_argument=seed_argument).lower()
 
 
 def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
@@ -194,12 +119,12 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     loss_var = graph.loss
     grads = deriv.grads
 
-    functional = _lower(deriv, backend, seed_argument=False)
+    functional = _lower(deriv, seed_argument=False)
     pr = _Printer(backend, functional)
-    forward_stmts = functional.function([graph.prediction])
-    loss_stmts = functional.function([loss_var])
+    forward_stmts = passes.function(functional, [graph.prediction])
+    loss_stmts = passes.function(functional, [loss_var])
     grad_outputs = [loss_var, *grads.values()]
-    lag_stmts = functional.function(grad_outputs)
+    lag_stmts = passes.function(functional, grad_outputs)
 
     context: dict[str, object] = {
         "version": __version__,
@@ -228,18 +153,16 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         "seed": deriv.seed.name,
     }
     if backend == "torch":
-        autograd = _lower(deriv, backend, seed_argument=True)
+        autograd = _lower(deriv, seed_argument=True)
         apr = _Printer(backend, autograd)
-        full = autograd.function(grad_outputs)
+        full = passes.function(autograd, grad_outputs)
         fwd = [s for s in full if s.phase == "forward"]
         bwd = [s for s in full if s.phase == "backward"]
         defined = {s.target for s in fwd}
         leaves = {n.name for n in graph.nodes.values() if n.role != "op"}
         saved = sorted({r for s in bwd for r in s.reads if r in defined or r in leaves}
                        - {deriv.seed.name}, key=_order_key(full, graph))
-        bwd_dims = [d for d in autograd.dims if any(
-            d in {sym.name for sym in (s.expr.free_symbols if s.expr is not None else ())}
-            or d in s.code for s in bwd)]
+        bwd_dims = [d for d in autograd.dims if any(d in dims_read(s.op) for s in bwd)]
         context.update({
             "fn_args": [n.name for n in inputs] + [t.name for t in used_targets]
                        + [p.name for p in params],
@@ -255,16 +178,9 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
             "grad_returns": [grads.get(p.param) if p.trainable else None for p in params],
             "n_leading_none": len(inputs) + len(used_targets),
         })
-        helpers = pr.printer.helpers | apr.printer.helpers
+        helpers = pr.helpers | apr.helpers
     else:
-        helpers = pr.printer.helpers
-    all_code = "\n".join(line.code for key in ("forward_lines", "loss_lines", "lag_lines",
-                                               "fwd_lines", "bwd_lines")
-                         for line in context.get(key, []))  # type: ignore[attr-defined]
-    helpers = set(helpers)
-    for helper in ("logsumexp", "log_softmax", "linear", "matmul_nt"):
-        if f"_{helper}(" in all_code:
-            helpers.add(helper)
+        helpers = pr.helpers
     context["helpers"] = sorted(helpers)
     context["param_vars"] = {p.param: p.name for p in params}
     from ..latex import module_derivations
@@ -286,7 +202,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     return source
 
 
-def _order_key(stmts: list[Stmt], graph: object) -> object:
+def _order_key(stmts: list[Assign], graph: object) -> object:
     order = {s.target: n for n, s in enumerate(stmts)}
     names = list(graph.nodes)  # type: ignore[attr-defined]
 

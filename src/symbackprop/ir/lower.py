@@ -1,0 +1,326 @@
+"""Lowering: the derivation's index notation -> IR statements.
+
+Every forward tensor and every adjoint is an index expression (a sympy body over
+``Indexed`` references, with ``Sum`` for contractions). One body is lowered once:
+
+* ``Sum`` of a product of arrays -> pairwise :class:`~.nodes.MatMul` / :class:`~.nodes.Einsum`
+  steps in the order :mod:`.contract` finds cheapest;
+* ``Sum`` of one array -> :class:`~.nodes.Reduce` (``x.sum(axis)``); any other ``Sum`` ->
+  a reduction of a fused elementwise body;
+* ``log(Sum(exp(f)))`` -> a ``logsumexp`` :class:`~.nodes.Reduce` (max-shifted when
+  printed). This is the one place log-sum-exp is recognised;
+* everything else -> one :class:`~.nodes.Map` whose array references are views.
+
+Index expressions that are not plain index symbols (affine or array-valued indices) are
+refused here with a :class:`~symbackprop.errors.GraphError`, never printed.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from .. import naming
+from ..backprop import Derivation, target_indices
+from ..errors import GraphError
+from ..graph import ref, ref_name
+from . import contract
+from .comments import backward_comment, forward_comment
+from .nodes import (
+    Assign,
+    Einsum,
+    Full,
+    Map,
+    MatMul,
+    Phase,
+    Program,
+    Reduce,
+    Seed,
+    View,
+    Views,
+)
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def is_logsumexp(expr: sp.Expr) -> bool:
+    """``log(sum_c exp(f))``: a log-sum-exp over the sum's indices."""
+    return (isinstance(expr, sp.log) and isinstance(expr.args[0], sp.Sum)
+            and isinstance(expr.args[0].function, sp.exp))
+
+
+class Lowerer:
+    """Turns a :class:`Derivation` into a :class:`Program`."""
+
+    def __init__(self, deriv: Derivation, *, seed_argument: bool) -> None:
+        """``seed_argument``: dL/dL arrives as an argument (autograd's grad_output);
+        otherwise the program sets it to a one of the loss's dtype."""
+        self.deriv = deriv
+        self.seed_argument = seed_argument
+        self.stmts: list[Assign] = []
+        self.shapes: dict[str, tuple[sp.Expr, ...]] = {}
+        self.like = ""
+        self.counter = 0
+        graph = deriv.graph
+        for node in graph.nodes.values():
+            if node.role != "op":
+                self.shapes[node.name] = node.shape
+                if not self.like and node.role == "input":
+                    self.like = node.name
+        self.dims: dict[str, tuple[str, int]] = {}
+        for node in graph.nodes.values():
+            if node.role in ("input", "target"):
+                for axis, dim in enumerate(node.shape):
+                    if dim.is_Symbol and dim.name not in self.dims:
+                        self.dims[dim.name] = (node.name, axis)
+        self.leaves = frozenset(n.name for n in graph.nodes.values() if n.role != "op")
+
+    def lower(self) -> Program:
+        deriv = self.deriv
+        for name in deriv.computed:
+            node = deriv.node(name)
+            self.shapes[name] = node.shape
+            self.assign(name, deriv.forward[name], node.indices(), "forward",
+                        forward_comment(deriv, name))
+        for adj in deriv.adjoints:
+            node = deriv.node(adj.node)
+            if adj.var == deriv.seed.name:
+                self.shapes[adj.var] = ()
+                if not self.seed_argument:
+                    self.stmts.append(Assign(adj.var, Seed(deriv.graph.loss),
+                                             "the seed: dL/dL = 1, in the loss's dtype",
+                                             "backward"))
+                continue
+            self.shapes[adj.var] = node.shape
+            self.assign(adj.var, adj.expr, target_indices(node), "backward",
+                        backward_comment(deriv, adj.node))
+        return Program(self.stmts, self.shapes, self.dims, self.leaves)
+
+    # -- statements ---------------------------------------------------------------------
+    def assign(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...], phase: Phase,
+               comment: str) -> None:
+        extents = dict(zip(axes, self.shapes[target], strict=True))
+        first = len(self.stmts)
+        if is_logsumexp(expr):
+            self._logsumexp(expr, axes, extents, phase, target)
+        elif isinstance(expr, sp.Sum) and self._free(expr.function,
+                                                      _bound(expr), axes) == axes:
+            self._sum(expr, axes, extents, phase, target)
+        else:
+            lowered = self._nested(expr, phase, extents)
+            self._map(target, lowered, axes, extents, phase)
+        stmt = self.stmts[first]
+        self.stmts[first] = Assign(stmt.target, stmt.op, comment, stmt.phase)
+
+    def _emit(self, target: str, op: object, phase: Phase) -> None:
+        self.stmts.append(Assign(target, op, "", phase))  # type: ignore[arg-type]
+
+    def _temp(self) -> str:
+        self.counter += 1
+        return naming.partial(self.counter)
+
+    def _map(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...],
+             extents: dict[sp.Symbol, sp.Expr], phase: Phase) -> None:
+        body, views = self.viewify(expr, axes)
+        covered = {i for r in expr.atoms(sp.Indexed) for i in r.indices}
+        if any(a not in covered for a in axes):
+            # An axis no operand spans (a gradient constant along it): broadcast against
+            # an explicit array of zeros of the full shape.
+            zeros = self._temp()
+            shape = tuple(extents[a] for a in axes)
+            self.shapes[zeros] = shape
+            self._emit(zeros, Full(shape, 0.0, self.like), phase)
+            view = View(zeros, (None,) * len(axes), tuple(range(len(axes))), len(axes))
+            body = body + view.placeholder()
+            views = (*views, (view.placeholder(), view))
+        self._emit(target, Map(body, views), phase)
+
+    # -- sums ---------------------------------------------------------------------------
+    def _nested(self, expr: sp.Expr, phase: Phase,
+                extents: dict[sp.Symbol, sp.Expr]) -> sp.Expr:
+        """Lower every sum inside ``expr`` into its own statement; return the rest."""
+        if is_logsumexp(expr):
+            return self._logsumexp(expr, None, extents, phase, None)
+        if isinstance(expr, sp.Sum):
+            return self._sum(expr, None, extents, phase, None)
+        if not expr.args or isinstance(expr, sp.Indexed):
+            return expr
+        return expr.func(*(self._nested(a, phase, extents) for a in expr.args))
+
+    def _free(self, expr: sp.Expr, bound: set[sp.Symbol],
+              order: tuple[sp.Symbol, ...] | None) -> tuple[sp.Symbol, ...]:
+        seen: list[sp.Symbol] = []
+        for r in sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key):
+            for i in r.indices:
+                if i.is_Symbol and i not in bound and i not in seen:
+                    seen.append(i)
+        if order is not None:
+            return tuple(a for a in order if a in seen)
+        return tuple(sorted(seen, key=lambda s: s.name))
+
+    def _sum(self, expr: sp.Sum, axes: tuple[sp.Symbol, ...] | None,
+             extents: dict[sp.Symbol, sp.Expr], phase: Phase, target: str | None) -> sp.Expr:
+        limits = [lim[0] for lim in expr.limits]
+        for var, lo, hi in expr.limits:
+            extents[var] = hi - lo + 1
+        body = self._nested(expr.function, phase, extents)
+        free = self._free(body, set(limits), axes)
+        target = target or self._temp()
+        self.shapes[target] = tuple(extents[a] for a in free)
+        factors = sp.Mul.make_args(body)
+        tensors = [f for f in factors if isinstance(f, sp.Indexed)]
+        rest = [f for f in factors if not isinstance(f, sp.Indexed)]
+        plain = all(len(set(t.indices)) == len(t.indices)
+                    and all(i.is_Symbol for i in t.indices) for t in tensors)
+        if not rest and plain and len(tensors) >= 2 and self._spans(tensors, limits, free):
+            self._contract(target, tensors, free, extents, phase)
+            return ref(target, free)
+        if not rest and plain and len(tensors) == 1:
+            (tensor,) = tensors
+            kept = tuple(i for i in tensor.indices if i not in limits)
+            if kept == free:
+                axes_ = tuple(n for n, i in enumerate(tensor.indices) if i in limits)
+                # Kept axes already come in output order: reduce in place, no transpose.
+                view = View(_src(tensor), (None,) * tensor.rank, tuple(range(tensor.rank)),
+                            tensor.rank)
+                self._emit(target, Reduce("sum", view.placeholder(),
+                                          ((view.placeholder(), view),), axes_, tensor.rank),
+                           phase)
+                return ref(target, free)
+        full = (*free, *limits)
+        viewed, views = self.viewify(body, full)
+        covered = {i for r in body.atoms(sp.Indexed) for i in r.indices}
+        scale = sp.Mul(*(extents[v] for v in limits if v not in covered))
+        reduce_axes = tuple(n for n, v in enumerate(full) if v in limits and v in covered)
+        if not reduce_axes:
+            self._emit(target, Map(viewed * scale, views), phase)
+        else:
+            self._emit(target, Reduce("sum", viewed * scale, views, reduce_axes, len(full)),
+                       phase)
+        return ref(target, free)
+
+    @staticmethod
+    def _spans(tensors: list[sp.Indexed], limits: list[sp.Symbol],
+               free: tuple[sp.Symbol, ...]) -> bool:
+        """Every summed index and every output index is carried by some operand."""
+        carried = {i for t in tensors for i in t.indices}
+        return set(limits) <= carried and set(free) <= carried
+
+    def _contract(self, target: str, tensors: list[sp.Indexed], free: tuple[sp.Symbol, ...],
+                  extents: dict[sp.Symbol, sp.Expr], phase: Phase) -> None:
+        """A product of arrays summed over some indices, as pairwise steps."""
+        for t in tensors:
+            for i, n in zip(t.indices, self.shapes[_src(t)], strict=True):
+                extents.setdefault(i, n)
+        working: list[tuple[str, tuple[sp.Symbol, ...]]] = [
+            (_src(t), tuple(t.indices)) for t in tensors]
+        steps = contract.plan([ix for _, ix in working], free, extents)
+        for n, step in enumerate(steps):
+            (a, ia), (b, ib) = working[step.left], working[step.right]
+            out = target if n == len(steps) - 1 else self._temp()
+            self.shapes[out] = tuple(extents[i] for i in step.indices)
+            self._emit(out, _pairwise(a, ia, b, ib, step.indices), phase)
+            working.pop(step.right)
+            working.pop(step.left)
+            working.append((out, step.indices))
+
+    def _logsumexp(self, expr: sp.log, axes: tuple[sp.Symbol, ...] | None,
+                   extents: dict[sp.Symbol, sp.Expr], phase: Phase,
+                   target: str | None) -> sp.Expr:
+        inner: sp.Sum = expr.args[0]
+        limits = [lim[0] for lim in inner.limits]
+        for var, lo, hi in inner.limits:
+            extents[var] = hi - lo + 1
+        arg = self._nested(inner.function.args[0], phase, extents)
+        free = self._free(arg, set(limits), axes)
+        full = (*free, *limits)
+        target = target or self._temp()
+        self.shapes[target] = tuple(extents[a] for a in free)
+        body, views = self.viewify(arg, full)
+        self._emit(target, Reduce("logsumexp", body, views,
+                                  tuple(range(len(free), len(full))), len(full)), phase)
+        return ref(target, free)
+
+    # -- views --------------------------------------------------------------------------
+    def view(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...]) -> View:
+        """How reference ``r`` lines up with ``axes``."""
+        src = _src(r)
+        picks: list[int | None] = []
+        places: list[int] = []
+        for i in r.indices:
+            if i.is_Integer:
+                picks.append(int(i))
+                continue
+            if not i.is_Symbol or i not in axes:
+                raise GraphError(f"cannot lower the reference {r}: index {i} is not one of "
+                                 f"the axes {', '.join(map(str, axes))} (affine and "
+                                 "array-valued indices are not supported yet)")
+            picks.append(None)
+            places.append(axes.index(i))
+        if len(set(places)) != len(places):
+            raise GraphError(f"cannot lower the reference {r}: a repeated index "
+                             "(a diagonal) is not supported yet")
+        return View(src, tuple(picks), tuple(places), len(axes))
+
+    def viewify(self, expr: sp.Expr, axes: tuple[sp.Symbol, ...]) -> tuple[sp.Expr, Views]:
+        """``expr`` with each array reference replaced by its view's placeholder."""
+        mapping: dict[sp.Expr, sp.Symbol] = {}
+        views: dict[sp.Symbol, View] = {}
+        for r in expr.atoms(sp.Indexed):
+            view = self.view(r, axes)
+            mapping[r] = view.placeholder()
+            views[view.placeholder()] = view
+        for s in expr.free_symbols:
+            name = ref_name(s)
+            if name is not None and not isinstance(s, sp.Indexed):
+                view = View(name, (), (), len(axes))
+                mapping[s] = view.placeholder()
+                views[view.placeholder()] = view
+        ordered = tuple(sorted(views.items(), key=lambda kv: kv[0].name))
+        return expr.xreplace(mapping), ordered
+
+
+def _bound(expr: sp.Sum) -> set[sp.Symbol]:
+    return {lim[0] for lim in expr.limits}
+
+
+def _src(r: sp.Indexed) -> str:
+    name = ref_name(r)
+    assert name is not None
+    return name
+
+
+def _pairwise(a: str, ia: tuple[sp.Symbol, ...], b: str, ib: tuple[sp.Symbol, ...],
+              out: tuple[sp.Symbol, ...]) -> MatMul | Einsum:
+    """One product of two arrays: a matrix product when the indices form one."""
+    product = _matmul(a, ia, b, ib, out) or _matmul(b, ib, a, ia, out)
+    if product is not None:
+        return product
+    letters: dict[sp.Symbol, str] = {}
+    for i in (*ia, *ib):
+        letters.setdefault(i, LETTERS[len(letters)])
+    sub = ("".join(letters[i] for i in ia) + "," + "".join(letters[i] for i in ib)
+           + "->" + "".join(letters[i] for i in out))
+    return Einsum(sub, (a, b))
+
+
+def _matmul(a: str, ia: tuple[sp.Symbol, ...], b: str, ib: tuple[sp.Symbol, ...],
+            out: tuple[sp.Symbol, ...]) -> MatMul | None:
+    """``op(a) @ op(b)`` when ``a`` (a matrix, or rows of a stack) and ``b`` (a matrix)
+    share exactly one summed index and the result's indices are a's rest then b's."""
+    shared = [i for i in ia if i in ib]
+    if len(shared) != 1 or len(ib) != 2 or len(ia) < 2:
+        return None
+    (c,) = shared
+    if c in out:
+        return None
+    (q,) = [i for i in ib if i != c]
+    a_rest = tuple(i for i in ia if i != c)
+    if out != (*a_rest, q):
+        return None
+    if len(ia) == 2:
+        ta = ia[0] == c
+    elif ia[-1] == c:
+        ta = False
+    else:
+        return None
+    return MatMul(a, b, ta=ta, tb=ib[1] == c, a_rank=len(ia))

@@ -1,0 +1,247 @@
+"""The array IR: typed, backend-free statements between derivation and printing.
+
+A :class:`Program` is a straight-line list of :class:`Assign` statements, ``target = op``.
+Each op is a frozen dataclass that names the arrays it reads; nothing here holds printed
+code. Elementwise work lives in sympy bodies (:class:`Map`, :class:`Reduce`) whose free
+array symbols are *placeholders*, each bound to a :class:`View` that says how the
+array's axes line up with the output's axes (transpose, new broadcast axes, fixed
+indices). Printers turn a view into ``W.T`` or ``lse[:, None]``; passes never need to.
+
+Ops:
+
+* :class:`Map` — ``out = body`` elementwise, with broadcasting through views;
+* :class:`Reduce` — ``out = reduce(body)`` over axes (``sum``, ``max``, ``logsumexp``);
+* :class:`MatMul` — ``a @ b`` of two matrices (or a stack of rows against a matrix),
+  each operand optionally transposed;
+* :class:`Einsum` — any other contraction of two arrays, in subscript form;
+* :class:`Linear` — ``a @ b + bias`` as one call (a pass forms it);
+* :class:`LogSoftmax` — ``a - logsumexp(a)`` along the last axis (a pass forms it);
+* :class:`Full` — an array of one value, shaped by dims (axes no operand covers);
+* :class:`Seed` — dL/dL = 1, in the loss's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import sympy as sp
+
+Phase = Literal["forward", "backward"]
+ReduceKind = Literal["sum", "max", "logsumexp"]
+
+
+@dataclass(frozen=True)
+class View:
+    """How array ``src`` is read inside an elementwise body of rank ``out_rank``.
+
+    ``picks`` has one entry per axis of ``src``: an integer fixes that axis (a size-1
+    broadcast axis read at 0), ``None`` keeps it. ``places`` gives, for each kept axis in
+    order, the output axis it lines up with. Output axes no kept axis lands on broadcast.
+    """
+
+    src: str
+    picks: tuple[int | None, ...]
+    places: tuple[int, ...]
+    out_rank: int
+
+    @property
+    def is_identity(self) -> bool:
+        """The array read as it is: same axes as the output, or a 0-d array (which
+        broadcasts the same way in a body of any rank)."""
+        if not self.picks and not self.places:
+            return True
+        return (all(p is None for p in self.picks)
+                and self.places == tuple(range(self.out_rank)))
+
+    def placeholder(self) -> sp.Symbol:
+        """The symbol that stands for this view in a body: one symbol per distinct view,
+        so equal reads are equal symbols (CSE and fusion see them as the same thing)."""
+        if self.is_identity:
+            return sp.Symbol(self.src)
+        picks = ",".join("" if p is None else str(p) for p in self.picks)
+        places = ",".join(str(p) for p in self.places)
+        return sp.Symbol(f"{self.src}<{picks}|{places}|{self.out_rank}>")
+
+
+Views = tuple[tuple[sp.Symbol, View], ...]
+
+
+def _view_reads(views: Views) -> frozenset[str]:
+    return frozenset(v.src for _, v in views)
+
+
+@dataclass(frozen=True)
+class Map:
+    """``out[...] = body``: one fused elementwise expression over viewed arrays."""
+
+    body: sp.Expr
+    views: Views
+
+    @property
+    def reads(self) -> frozenset[str]:
+        used = self.body.free_symbols
+        return frozenset(v.src for s, v in self.views if s in used)
+
+    def view_of(self, sym: sp.Symbol) -> View | None:
+        return dict(self.views).get(sym)
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """``out = kind over axes of body`` (the body is laid out on ``rank`` axes)."""
+
+    kind: ReduceKind
+    body: sp.Expr
+    views: Views
+    axes: tuple[int, ...]
+    rank: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        used = self.body.free_symbols
+        return frozenset(v.src for s, v in self.views if s in used)
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """``op(a) @ op(b)`` where op transposes the last two axes when asked.
+
+    ``a`` may have more than two axes (rows of a stack); ``b`` is a matrix."""
+
+    a: str
+    b: str
+    ta: bool = False
+    tb: bool = False
+    a_rank: int = 2
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.a, self.b})
+
+
+@dataclass(frozen=True)
+class Einsum:
+    """A contraction in subscript form over two or more arrays (``ij,jk->ik``)."""
+
+    subscripts: str
+    operands: tuple[str, ...]
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset(self.operands)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """``product + bias`` in one call, ``bias`` read through a view of the output."""
+
+    product: MatMul
+    bias: View
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return self.product.reads | {self.bias.src}
+
+
+@dataclass(frozen=True)
+class LogSoftmax:
+    """``src - logsumexp(src)`` along ``axis`` (the last one)."""
+
+    src: str
+    axis: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.src})
+
+
+@dataclass(frozen=True)
+class Full:
+    """An array of ``value`` with shape ``shape`` (sympy dims), dtype and device of ``like``."""
+
+    shape: tuple[sp.Expr, ...]
+    value: float
+    like: str
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.like})
+
+
+@dataclass(frozen=True)
+class Seed:
+    """dL/dL = 1 as a 0-d array of the loss's dtype (so every gradient has that dtype)."""
+
+    like: str
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.like})
+
+
+Op = Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Full | Seed
+
+
+@dataclass(frozen=True)
+class Assign:
+    """``target = op``, with the comment that names the layer and formula it implements.
+
+    ``frees``: arrays that die right after this statement (set by the memory pass);
+    ``in_place``: the op may write into this dying operand's buffer (numpy ``out=``).
+    """
+
+    target: str
+    op: Op
+    comment: str = ""
+    phase: Phase = "forward"
+    frees: tuple[str, ...] = ()
+    in_place: str = ""
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return self.op.reads
+
+
+@dataclass
+class Program:
+    """A model's statements (forward, then backward) and the facts printers need."""
+
+    stmts: list[Assign]
+    shapes: dict[str, tuple[sp.Expr, ...]]
+    dims: dict[str, tuple[str, int]] = field(default_factory=dict)
+    leaves: frozenset[str] = frozenset()
+
+    def rank(self, name: str) -> int:
+        return len(self.shapes[name])
+
+    def with_stmts(self, stmts: Sequence[Assign]) -> Program:
+        return replace(self, stmts=list(stmts))
+
+
+def readers(stmts: Iterable[Assign]) -> dict[str, int]:
+    """How many statements read each array."""
+    count: dict[str, int] = {}
+    for stmt in stmts:
+        for name in stmt.reads:
+            count[name] = count.get(name, 0) + 1
+    return count
+
+
+def join_comments(first: str, second: str) -> str:
+    if not first:
+        return second
+    if not second or first == second:
+        return first
+    return f"{first}\n{second}"
+
+
+def dims_read(op: Op) -> frozenset[str]:
+    """Names of the symbolic dimensions (``N``) an op's printed code refers to."""
+    exprs: list[sp.Expr] = []
+    if isinstance(op, Map | Reduce):
+        exprs.append(op.body)
+    elif isinstance(op, Full):
+        exprs.extend(op.shape)
+    return frozenset(s.name for e in exprs for s in e.free_symbols if s.is_integer)

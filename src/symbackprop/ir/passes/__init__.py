@@ -1,0 +1,37 @@
+"""Passes over the IR, each a small module that can be read and tested alone.
+
+:func:`function` runs them in order for one generated function: select what its outputs
+need, fuse single-use elementwise temporaries, share common subexpressions, then the
+pattern passes (log-softmax, product + bias, activation-backward kernels), each pattern
+recognised in exactly one of them. Freeing after last use and in-place reuse are the
+memory pass, run by the printer's caller once the function's inputs are known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ..nodes import Assign, Program
+from .cse import cse
+from .fuse import fuse
+from .kernels import kernels
+from .linear import linear
+from .log_softmax import log_softmax
+from .memory import memory
+from .select import select
+
+
+def function(program: Program, outputs: Sequence[str], *,
+             keep: Iterable[str] = ()) -> list[Assign]:
+    """The optimised statements that compute ``outputs``."""
+    protected = {*outputs, *keep}
+    stmts = select(program.stmts, outputs)
+    stmts = fuse(stmts, program, protected)
+    stmts = cse(stmts, program)
+    stmts = log_softmax(stmts, program, protected)
+    stmts = linear(stmts, program, protected)
+    stmts = kernels(stmts, program)
+    return stmts
+
+
+__all__ = ["function", "memory", "select", "fuse", "cse", "log_softmax", "linear", "kernels"]

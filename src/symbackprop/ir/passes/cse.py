@@ -1,0 +1,78 @@
+"""Common subexpressions across a function's elementwise bodies (forward and backward).
+
+``sympy.cse`` runs over every :class:`Map` and :class:`Reduce` body at once. Because
+equal reads are equal placeholder symbols (one per distinct view), a subexpression found
+here is the same computation wherever it occurs. A shared subexpression is laid out in
+the axes of the bodies it came from, so it is read back as it is (a view with no axes
+of its own, see :class:`~symbackprop.ir.nodes.View`). Shared subexpressions of sizes and
+numbers alone (``1/N``) are cheaper inline and are put back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sympy as sp
+
+from ... import naming
+from ..nodes import Assign, Map, Phase, Program, Reduce, View
+
+
+def cse(stmts: list[Assign], program: Program) -> list[Assign]:
+    positions = [i for i, s in enumerate(stmts) if isinstance(s.op, Map | Reduce)]
+    if not positions:
+        return stmts
+    bodies = [stmts[i].op.body for i in positions]  # type: ignore[union-attr]
+    views: dict[sp.Symbol, View] = {}
+    for i in positions:
+        views.update(stmts[i].op.views)  # type: ignore[union-attr]
+    taken = {s.target for s in stmts} | {v.src for v in views.values()} | set(program.shapes)
+    names = (sp.Symbol(naming.temp(n)) for n in range(10**6) if naming.temp(n) not in taken)
+    replacements, reduced = sp.cse(bodies, symbols=names, order="none", list=True)
+    scalar = _scalar(replacements, views)
+    while scalar:
+        replacements = [(sym, expr.xreplace(scalar)) for sym, expr in replacements
+                        if sym not in scalar]
+        reduced = [expr.xreplace(scalar) for expr in reduced]
+        scalar = _scalar(replacements, views)
+    temp_views = {sym: View(sym.name, (), (), 0) for sym, _ in replacements}
+    all_views = {**views, **temp_views}
+
+    def own(expr: sp.Expr) -> tuple[tuple[sp.Symbol, View], ...]:
+        used = expr.free_symbols
+        return tuple(sorted(((s, all_views[s]) for s in used if s in all_views),
+                            key=lambda kv: kv[0].name))
+
+    out = list(stmts)
+    for i, expr in zip(positions, reduced, strict=True):
+        out[i] = replace(out[i], op=replace(out[i].op, body=expr, views=own(expr)))
+    if not replacements:
+        return out
+    temps = {sym.name: Assign(sym.name, Map(expr, own(expr))) for sym, expr in replacements}
+    # Place each temporary just before the first statement that (transitively) reads it,
+    # visiting dependencies in sorted order so the output never depends on set order.
+    result: list[Assign] = []
+    placed: set[str] = set()
+
+    def place(name: str, phase: Phase) -> None:
+        temp = temps.get(name)
+        if temp is None or name in placed:
+            return
+        for dep in sorted(temp.reads):
+            place(dep, phase)
+        placed.add(name)
+        result.append(replace(temp, phase=phase))
+
+    for stmt in out:
+        for dep in sorted(stmt.reads):
+            place(dep, stmt.phase)
+        result.append(stmt)
+    return result
+
+
+def _scalar(replacements: list[tuple[sp.Symbol, sp.Expr]],
+            views: dict[sp.Symbol, View]) -> dict[sp.Symbol, sp.Expr]:
+    """Replacements that read no array, directly or through another replacement."""
+    defined = {sym for sym, _ in replacements}
+    return {sym: expr for sym, expr in replacements
+            if not any(s in views or s in defined for s in expr.free_symbols)}
