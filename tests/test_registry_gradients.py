@@ -55,11 +55,16 @@ def layer_spec(key: str, options: dict) -> str:
 
     A case's ``_branches`` ({name: width}) become dense branches from h feeding the layer;
     without it a layer of arity 1 reads h, and a multi-input layer gets width-3 branches.
+    ``_input`` sets the input's shape (default ``[N, 3]``).
     """
     cls = LAYERS[key]
     lo, _ = cls.arity
     options = dict(options)
     widths = options.pop("_branches", None)
+    # "_input": the network's input shape, for layers on rank-3 and rank-4 tensors
+    # (every layer of the harness acts on the last axis, so the others carry through).
+    shape = list(options.pop("_input", ["N", 3]))
+    lead = ", ".join(map(str, shape[:-1]))
     if widths is None and lo > 1:
         widths = {f"b{i}": 3 for i in range(lo)}
     extra = f", {_opts(options)}" if options else ""
@@ -73,8 +78,8 @@ def layer_spec(key: str, options: dict) -> str:
         middle = (f"{branches}\n  - {{name: under_test, type: {key}, "
                   f"input: [{', '.join(names)}]{extra}}}")
     return f"""name: layer_{key}
-inputs: {{x: [N, 3]}}
-targets: {{t: [N, 2]}}
+inputs: {{x: [{", ".join(map(str, shape))}]}}
+targets: {{t: [{lead}, 2]}}
 layers:
   - {{name: h, type: dense, units: 3, activation: tanh}}
 {middle}

@@ -14,7 +14,7 @@ import sympy as sp
 
 from . import naming
 from .derive import stable
-from .derive.calculus import simplify_local, substitute_known, vjp
+from .derive.calculus import KnownForms, simplify_local, vjp
 from .derive.fusion import Fused, fuse
 from .graph import Graph, Node, target_index
 
@@ -70,14 +70,13 @@ def derive(graph: Graph) -> Derivation:
     # Forward: every remaining op, plus the prediction even when fused into the loss
     # (forward() returns it, and the loss and backward pass reuse it).
     computed = [n for n in graph.nodes if n in fused.nodes or n == graph.prediction]
-    known: list[Node] = []
+    known = KnownForms()
     forward: dict[str, sp.Expr] = {}
     for name in computed:
         node = fused.nodes.get(name) or replace(graph.nodes[name],
                                                 body=fused.inlined[name])
-        body = substitute_known(node.body, reversed(known))  # type: ignore[arg-type]
-        forward[name] = body
-        known.append(node)
+        forward[name] = known.substitute(node.body)  # type: ignore[arg-type]
+        known.add(node)
 
     needs: dict[str, bool] = {}
     for name, node in graph.nodes.items():
@@ -129,7 +128,7 @@ def derive(graph: Graph) -> Derivation:
                 continue
             simplified = stable.apply(simplify_local(raw), f"backward {adjoint.var} -> "
                                       f"{naming.adjoint(operand)}", rewrites)
-            simplified = substitute_known(simplified, reversed(known))
+            simplified = known.substitute(simplified)
             pending.setdefault(operand, []).append(Contribution(name, raw, simplified))
         for operand in node.operands:
             if operand in readers:

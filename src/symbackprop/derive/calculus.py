@@ -223,34 +223,97 @@ def _simplify_local(expr: sp.Expr) -> sp.Expr:
     return min(candidates, key=lambda c: (_cost(c), candidates.index(c)))
 
 
-def substitute_known(expr: sp.Expr, known: Iterable[Node]) -> sp.Expr:
-    """Replace forward subexpressions by the tensors that already hold them.
+def canonical(expr: sp.Expr) -> tuple[sp.Expr, tuple[sp.Symbol, ...]]:
+    """``expr`` with its index symbols renamed by order of first appearance, and that order.
+
+    Two elements of one elementwise formula read at different indices
+    (``sigmoid(z[i0, i1])`` and ``sigmoid(z[k0, k1])``) get the same canonical form, so a
+    forward body is found again in a derivative by one hash lookup instead of by matching
+    a wildcard pattern against every subexpression.
+    """
+    order: list[sp.Symbol] = []
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Indexed):
+            for i in node.indices:
+                if i.is_Symbol and i not in order:
+                    order.append(i)
+    mapping = {i: sp.Symbol(f"_c{n}", integer=True) for n, i in enumerate(order)}
+    return expr.xreplace(mapping), tuple(order)
+
+
+class KnownForms:
+    """Forward tensors by the canonical form of their bodies: a table that grows as the
+    forward pass is walked, and rewrites expressions to read those tensors.
 
     ``sigmoid(z[k0, k1])`` becomes ``y[k0, k1]`` when ``y[i0, i1] = sigmoid(z[i0, i1])`` is
     computed in the forward pass, so the backward pass reuses it (sigma' = y (1 - y)). A
-    body ``log(S)`` also lets ``S`` be read as ``exp(out)`` (logsumexp: the normaliser
-    of a softmax is exp(lse), and exp(z)/exp(lse) folds to the stable exp(z - lse)).
+    body ``log(S)`` also lets ``S`` be read as ``exp(out)`` (logsumexp: the normaliser of a
+    softmax is exp(lse), and exp(z)/exp(lse) folds to the stable exp(z - lse)). Each
+    subexpression costs one canonicalisation and one lookup, so rewriting is linear in
+    the expression's size and independent of how many tensors are known.
     """
-    heads = {type(f) for f in expr.atoms(sp.Function)}
-    for node in known:
-        if node.body is None or isinstance(node.body, sp.Indexed):
-            continue
-        is_log = isinstance(node.body, sp.log)
-        if node.body.has(sp.Sum) and not is_log:
-            continue  # a contraction's value is never a subexpression of elementwise code
-        probe = node.body.args[0] if is_log else node.body
-        if not {type(f) for f in probe.atoms(sp.Function)} <= heads:
-            continue  # pattern matching is slow; skip bodies that cannot occur
-        wilds = {i: sp.Wild(f"w{n}") for n, i in enumerate(node.indices())}
-        pattern = node.body.xreplace(wilds)
-        value = ref(node.name, tuple(wilds.values()))
-        patterns: list[tuple[sp.Expr, sp.Expr]] = [(pattern, value)]
-        if is_log:
-            patterns.append((pattern.args[0], sp.exp(value)))
-        for pat, val in patterns:
-            if expr.has(pat.func) or isinstance(pat, sp.Sum):
-                expr = expr.replace(pat, val)
-    return sp.powsimp(expr, combine="exp") if expr.has(sp.exp) else expr
+
+    def __init__(self, known: Iterable[Node] = ()) -> None:
+        self.table: dict[sp.Expr, tuple[str, tuple[sp.Symbol, ...], bool]] = {}
+        self.heads: set[type] = set()
+        for node in known:
+            self.add(node)
+
+    def add(self, node: Node) -> None:
+        """Make ``node`` findable; a later tensor with the same body takes precedence."""
+        body = node.body
+        if body is None or isinstance(body, sp.Indexed):
+            return
+        is_log = isinstance(body, sp.log)
+        if body.has(sp.Sum) and not is_log:
+            return  # a contraction's value is never a subexpression of elementwise code
+        forms = [(body, False)] + ([(body.args[0], True)] if is_log else [])
+        for form, as_exp in forms:
+            key, order = canonical(form)
+            position = {i: n for n, i in enumerate(node.indices())}
+            # -1 marks an index bound inside the form (a sum's own variable)
+            axes = tuple(position.get(i, -1) for i in order)
+            if {a for a in axes if a >= 0} != set(range(node.rank)):
+                continue  # an output index the form does not mention
+            self.table[key] = (node.name, axes, as_exp)
+            self.heads.add(type(form))
+
+    def substitute(self, expr: sp.Expr) -> sp.Expr:
+        memo: dict[sp.Expr, sp.Expr] = {}
+
+        def visit(e: sp.Expr) -> sp.Expr:
+            if not e.args or isinstance(e, sp.Indexed):
+                return e
+            if e in memo:
+                return memo[e]
+            found = self._lookup(e) if type(e) in self.heads else None
+            if found is None:
+                args = tuple(visit(a) for a in e.args)
+                found = e.func(*args) if args != e.args else e
+            memo[e] = found
+            return found
+
+        out = visit(expr) if self.table else expr
+        return sp.powsimp(out, combine="exp") if out.has(sp.exp) else out
+
+    def _lookup(self, e: sp.Expr) -> sp.Expr | None:
+        key, order = canonical(e)
+        hit = self.table.get(key)
+        if hit is None:
+            return None
+        name, axes, as_exp = hit
+        indices: list[sp.Expr] = [sp.Integer(0)] * (max(axes, default=-1) + 1)
+        for symbol, axis in zip(order, axes, strict=True):
+            if axis >= 0:
+                indices[axis] = symbol
+        value = ref(name, tuple(indices))
+        return sp.exp(value) if as_exp else value
+
+
+def substitute_known(expr: sp.Expr, known: Iterable[Node]) -> sp.Expr:
+    """Replace forward subexpressions by the tensors that already hold them (the first
+    of ``known`` wins where two hold the same); see :class:`KnownForms`."""
+    return KnownForms(reversed(list(known))).substitute(expr)
 
 
 def rename(expr: sp.Expr, mapping: Mapping[sp.Symbol, sp.Expr]) -> sp.Expr:

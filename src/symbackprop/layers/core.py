@@ -60,7 +60,8 @@ class Dense(Layer):
         "bias": Option("bool", True, "learn an additive bias"),
         "trainable": Option("bool", True, "false freezes the weights: no gradient code"),
     }
-    test_cases = ({"units": 3}, {"units": 2, "bias": False}, {"units": 3, "trainable": False})
+    test_cases = ({"units": 3}, {"units": 2, "bias": False}, {"units": 3, "trainable": False},
+                  {"units": 3, "_input": ["N", 2, 3]}, {"units": 2, "_input": ["N", 2, 2, 3]})
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
@@ -109,7 +110,7 @@ class ActivationLayer(Layer):
     key = "activation"
     doc = "standalone elementwise activation"
     options = {"activation": Option("activation", doc="the activation to apply")}
-    test_cases = ({"activation": "tanh"},)
+    test_cases = ({"activation": "tanh"}, {"activation": "sigmoid", "_input": ["N", 2, 2, 3]})
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
@@ -132,7 +133,7 @@ class Add(Layer):
     key = "add"
     doc = "elementwise sum of two or more tensors of the same shape"
     arity = (2, None)
-    test_cases = ({}, {"_branches": {"b0": 3, "b1": 3, "b2": 3}})
+    test_cases = ({}, {"_branches": {"b0": 3, "b1": 3, "b2": 3}}, {"_input": ["N", 4, 3]})
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:

@@ -1,0 +1,350 @@
+"""The compiler's machinery on its own: delta elimination, the contraction-order choice,
+lowering into the array IR, each IR pass, and the known-forms table.
+
+The end-to-end case is a LoRA-style layer whose body nests two contractions
+(z = x Wᵀ + s·(x Aᵀ) Bᵀ): it must lower into matrix products of two arrays each, in the
+cheap order, and pass finite differences and the torch oracle in numpy, torch
+``loss_and_grad`` and torch ``Model.loss().backward()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+
+from symbackprop import naming
+from symbackprop.api import compile_text
+from symbackprop.check import call_args, finite_differences, oracle_grads, random_batch
+from symbackprop.derive.calculus import KnownForms, eliminate_deltas, vjp
+from symbackprop.errors import GraphError
+from symbackprop.graph import Graph, Node, out_index, ref, sum_index, target_index
+from symbackprop.ir import contract, passes
+from symbackprop.ir.lower import Lowerer
+from symbackprop.ir.nodes import (
+    Assign,
+    Linear,
+    LogSoftmax,
+    Map,
+    MatMul,
+    Program,
+    Reduce,
+    View,
+)
+from symbackprop.ir.passes.kernels import SigmoidBackward, TanhBackward
+from symbackprop.layers import LAYERS, Layer, Option
+from symbackprop.layers.core import _param, feature_size
+from symbackprop.spec import LayerSpec
+
+i0, i1, k0, k1 = out_index(0), out_index(1), target_index(0), target_index(1)
+s0, s1 = sum_index(0), sum_index(1)
+N = sp.Symbol("N", integer=True, positive=True)
+
+
+# -- delta elimination ---------------------------------------------------------------------
+def test_delta_over_a_summed_index_substitutes_it() -> None:
+    g = sp.IndexedBase("g", real=True)
+    expr = sp.Sum(g[i0] * sp.KroneckerDelta(i0, k0), (i0, 0, 4))
+    assert eliminate_deltas(expr) == g[k0]
+
+
+def test_dense_weight_vjp_is_a_sum_over_the_batch() -> None:
+    graph = Graph("t")
+    x = graph.add(Node("x", (N, sp.Integer(3)), "input", "x", None))  # type: ignore[arg-type]
+    w = graph.add(Node("w", (sp.Integer(2), sp.Integer(3)), "param", "d", None))  # type: ignore[arg-type]
+    body = sp.Sum(x.element((i0, s0)) * w.element((i1, s0)), (s0, 0, 2))
+    z = graph.op("z", (N, sp.Integer(2)), body, layer="d", where=None)  # type: ignore[arg-type]
+    got = vjp(z, w, "g")
+    assert got == sp.Sum(ref("g", (i0, k0)) * ref("x", (i0, k1)), (i0, 0, N - 1))
+
+
+def test_product_rule_keeps_deltas_shared_by_all_terms() -> None:
+    """d/dx[k] of x[i]**2 * y[i] summed over i: both factors' deltas fold to one term."""
+    x, y = sp.IndexedBase("x", real=True), sp.IndexedBase("y", real=True)
+    body = sp.Sum(x[s0] ** 2 * y[s0], (s0, 0, 4))
+    derivative = eliminate_deltas(sp.diff(body, x[k0]))
+    assert sp.simplify(derivative - 2 * x[k0] * y[k0]) == 0
+
+
+def test_constant_index_delta_is_one() -> None:
+    """A broadcast axis (index 0) pins the target index: delta(0, k) = 1."""
+    b, g = sp.IndexedBase("b", real=True), sp.IndexedBase("g", real=True)
+    expr = sp.Sum(g[i0, i1] * sp.diff(b[0, i1], b[k0, k1]), (i0, 0, 3), (i1, 0, 2))
+    assert eliminate_deltas(expr) == sp.Sum(g[i0, k1], (i0, 0, 3))
+
+
+# -- contraction order ---------------------------------------------------------------------
+def test_matrix_chain_order_is_the_cheap_one() -> None:
+    a, b, c, d = sp.symbols("a b c d", integer=True)
+    ext = {a: sp.Integer(10), b: sp.Integer(30), c: sp.Integer(5), d: sp.Integer(60)}
+    steps = contract.plan([(a, b), (b, c), (c, d)], (a, d), ext)
+    # (AB)C costs 10*30*5 + 10*5*60 = 4500; A(BC) costs 30*5*60 + 10*30*60 = 27000
+    assert (steps[0].left, steps[0].right) == (0, 1)
+    assert contract.cost([(a, b), (b, c), (c, d)], (a, d), ext, steps) == 4500
+
+
+def test_lora_chain_never_pairs_x_with_b_first() -> None:
+    n, i, r, o = sp.symbols("n i r o", integer=True)
+    ext = {n: N, i: sp.Integer(64), r: sp.Integer(4), o: sp.Integer(64)}
+    operands = [(n, i), (r, i), (o, r)]  # x, A, B
+    steps = contract.plan(operands, (n, o), ext)
+    first = {steps[0].left, steps[0].right}
+    assert first == {0, 1}, "x Aᵀ first: N·I·R + N·R·O beats building B A (O·I·R + N·I·O)"
+    assert steps[0].indices == (n, r)
+
+
+# -- lowering --------------------------------------------------------------------------------
+def _program(text: str, *, seed_argument: bool = False) -> tuple[Any, Program]:
+    model = compile_text(text)
+    return model, Lowerer(model.derivation, seed_argument=seed_argument).lower()
+
+
+MLP = """
+name: m
+inputs: {x: [N, 3]}
+targets: {t: [N, 2]}
+layers:
+  - {name: h, type: dense, units: 4, activation: tanh}
+  - {name: out, type: dense, units: 2}
+loss: {type: softmax_cross_entropy, target: t}
+"""
+
+
+def test_lowering_holds_no_printed_text() -> None:
+    _, program = _program(MLP)
+    for stmt in program.stmts:
+        for value in vars(stmt.op).values():
+            assert not (isinstance(value, str) and ("@" in value or "(" in value)), stmt
+
+
+def test_views_line_up_axes() -> None:
+    lowerer = Lowerer.__new__(Lowerer)
+    lse, w = sp.IndexedBase("lse", real=True), sp.IndexedBase("w", real=True)
+    assert lowerer.view(lse[i0], (i0, i1)) == View("lse", (None,), (0,), 2)
+    assert lowerer.view(w[i1, i0], (i0, i1)) == View("w", (None, None), (1, 0), 2)
+    assert lowerer.view(w[0, i1], (i0, i1)) == View("w", (0, None), (1,), 2)
+    with pytest.raises(GraphError, match="affine"):
+        lowerer.view(w[2 * i0 + i1, i1], (i0, i1))
+
+
+def test_the_full_pipeline_finds_each_pattern_once() -> None:
+    model, program = _program(MLP)
+    grads = list(model.derivation.grads.values())
+    stmts = passes.function(program, ["loss", *grads])
+    ops = [type(s.op) for s in stmts]
+    assert ops.count(LogSoftmax) == 1           # lse + subtract -> log_softmax
+    assert ops.count(Linear) == 2               # both dense layers: product + bias
+    assert any(isinstance(s.op, Map) and s.op.body.has(TanhBackward) for s in stmts)
+    assert not any(isinstance(s.op, Reduce) and s.op.kind == "logsumexp" for s in stmts)
+
+
+# -- passes on hand-built programs ---------------------------------------------------------
+def _view(src: str, rank: int) -> View:
+    return View(src, (None,) * rank, tuple(range(rank)), rank)
+
+
+def _map(body: sp.Expr, *srcs: tuple[str, int]) -> Map:
+    views = tuple(sorted(((_view(s, r).placeholder(), _view(s, r)) for s, r in srcs),
+                         key=lambda kv: kv[0].name))
+    return Map(body, views)
+
+
+def _prog(stmts: list[Assign], shapes: Mapping[str, tuple]) -> Program:
+    return Program(stmts, dict(shapes))
+
+
+X, Y, T1, Z = (sp.Symbol(n) for n in ("x", "y", "tmp1", "z"))
+SH = {n: (N, sp.Integer(3)) for n in ("x", "y", "tmp1", "z", "tmp2")}
+
+
+def test_fuse_substitutes_a_single_use_temporary() -> None:
+    stmts = [Assign("tmp1", _map(sp.exp(X), ("x", 2))),
+             Assign("z", _map(T1 * X, ("tmp1", 2), ("x", 2)))]
+    out = passes.fuse(stmts, _prog(stmts, SH), {"z"})
+    assert [s.target for s in out] == ["z"]
+    assert out[0].op.body == X * sp.exp(X)
+
+
+def test_fuse_keeps_a_temporary_read_twice_or_protected() -> None:
+    stmts = [Assign("tmp1", _map(sp.exp(X), ("x", 2))),
+             Assign("z", _map(T1 * sp.sin(T1), ("tmp1", 2)))]
+    assert len(passes.fuse(stmts, _prog(stmts, SH), {"z"})) == 2
+    assert len(passes.fuse(stmts[:1], _prog(stmts, SH), {"tmp1"})) == 1
+
+
+def test_cse_shares_a_subexpression_across_statements() -> None:
+    stmts = [Assign("y", _map(sp.exp(X) + 1, ("x", 2))),
+             Assign("z", _map(sp.exp(X) * 2, ("x", 2)))]
+    out = passes.cse(stmts, _prog(stmts, SH))
+    assert len(out) == 3 and out[0].target.startswith("tmp")
+    assert out[0].op.body == sp.exp(X)
+
+
+def test_cse_puts_size_only_subexpressions_back() -> None:
+    stmts = [Assign("y", _map(sp.exp(X) / (N + 1), ("x", 2))),
+             Assign("z", _map(sp.sin(Y) / (N + 1), ("y", 2)))]
+    assert sp.cse([s.op.body for s in stmts])[0], "sympy finds 1/(N + 1) shared"
+    out = passes.cse(stmts, _prog(stmts, SH))
+    assert [s.target for s in out] == ["y", "z"]
+    assert out[0].op.body == sp.exp(X) / (N + 1)
+
+
+def test_linear_takes_product_plus_bias() -> None:
+    b = View("b", (None,), (1,), 2)
+    stmts = [Assign("tmp1", MatMul("x", "w", tb=True)),
+             Assign("z", Map(T1 + b.placeholder(), ((b.placeholder(), b),
+                                                     (T1, _view("tmp1", 2)))))]
+    out = passes.linear(stmts, _prog(stmts, SH), {"z"})
+    assert len(out) == 1 and out[0].op == Linear(MatMul("x", "w", tb=True), b)
+
+
+def test_linear_leaves_a_product_read_elsewhere() -> None:
+    b = View("b", (None,), (1,), 2)
+    stmts = [Assign("tmp1", MatMul("x", "w", tb=True)),
+             Assign("z", Map(T1 + b.placeholder(), ((b.placeholder(), b),
+                                                     (T1, _view("tmp1", 2))))),
+             Assign("y", _map(T1 * 2, ("tmp1", 2)))]
+    assert len(passes.linear(stmts, _prog(stmts, SH), {"z", "y"})) == 3
+
+
+def test_log_softmax_replaces_lse_and_subtract() -> None:
+    lse = View("lse", (None,), (0,), 2)
+    stmts = [Assign("lse", Reduce("logsumexp", X, ((X, _view("x", 2)),), (1,), 2)),
+             Assign("z", Map(X - lse.placeholder(), ((X, _view("x", 2)),
+                                                     (lse.placeholder(), lse))))]
+    out = passes.log_softmax(stmts, _prog(stmts, {**SH, "lse": (N,)}), {"z"})
+    assert [s.op for s in out] == [LogSoftmax("x", 1)]
+
+
+def test_kernels_recognise_tanh_and_sigmoid_backward() -> None:
+    stmts = [Assign("z", _map(X * (1 - Y**2), ("x", 2), ("y", 2))),
+             Assign("tmp2", _map(3 * X * Y * (1 - Y), ("x", 2), ("y", 2)))]
+    out = passes.kernels(stmts, _prog(stmts, SH))
+    assert out[0].op.body == TanhBackward(X, Y)
+    assert out[1].op.body == 3 * SigmoidBackward(X, Y)
+
+
+def test_memory_frees_after_last_use_and_writes_in_place() -> None:
+    stmts = [Assign("tmp1", _map(2 * X, ("x", 2))),
+             Assign("y", _map(sp.tanh(T1), ("tmp1", 2))),
+             Assign("z", _map(Y + 1, ("y", 2)))]
+    out = passes.memory(stmts, _prog(stmts, SH), keep={"z"})
+    assert out[1].frees == ("tmp1",) and out[1].in_place == "tmp1"
+    assert out[2].frees == ("y",)
+    assert out[0].frees == ()  # x is an argument: never freed
+
+
+# -- known forms ---------------------------------------------------------------------------
+def test_known_forms_find_a_forward_body_at_other_indices() -> None:
+    from symbackprop.derive.functions import Sigmoid
+
+    graph = Graph("t")
+    z = graph.add(Node("z", (N, sp.Integer(3)), "input", "z", None))  # type: ignore[arg-type]
+    y = graph.op("y", z.shape, Sigmoid(z.element()), layer="a", where=None)  # type: ignore[arg-type]
+    known = KnownForms([y])
+    expr = Sigmoid(ref("z", (k0, k1))) * (1 - Sigmoid(ref("z", (k0, k1))))
+    assert known.substitute(expr) == ref("y", (k0, k1)) * (1 - ref("y", (k0, k1)))
+    swapped = Sigmoid(ref("z", (k1, k0)))
+    assert known.substitute(swapped) == ref("y", (k1, k0))
+
+
+# -- a LoRA-style layer whose body nests two contractions ---------------------------------
+class _LoraDense(Layer):
+    """z = x Wᵀ + (alpha / r) (x Aᵀ) Bᵀ; ``flat`` writes the adapter as one double sum."""
+
+    key = "lora_test"
+    doc = "test-only LoRA-style dense layer"
+    options = {"units": Option("units"), "rank": Option("units"),
+               "flat": Option("bool", False)}
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
+        (x,) = inputs
+        fan_in = feature_size(x, spec.where)
+        units, rank = int(spec.options["units"]), int(spec.options["rank"])  # type: ignore[arg-type]
+        w = _param(graph, spec, "weight", (sp.Integer(units), sp.Integer(fan_in)), False, 0.5)
+        a = _param(graph, spec, "lora_A", (sp.Integer(rank), sp.Integer(fan_in)), True, 0.5)
+        b = _param(graph, spec, "lora_B", (sp.Integer(units), sp.Integer(rank)), True, 0.5)
+        n, o = out_index(0), out_index(1)
+        s, r = sum_index(0), sum_index(1)
+        scale = sp.Rational(8, rank)
+        base = sp.Sum(x.element((n, s)) * w.element((o, s)), (s, 0, fan_in - 1))
+        if spec.options["flat"]:
+            adapter = sp.Sum(x.element((n, s)) * a.element((r, s)) * b.element((o, r)),
+                             (s, 0, fan_in - 1), (r, 0, rank - 1))
+        else:
+            inner = sp.Sum(x.element((n, s)) * a.element((r, s)), (s, 0, fan_in - 1))
+            adapter = sp.Sum(inner * b.element((o, r)), (r, 0, rank - 1))
+        return graph.op(spec.name, (x.shape[0], sp.Integer(units)), base + scale * adapter,
+                        layer=spec.name, where=spec.where, kind="contraction", label="lora")
+
+    @classmethod
+    def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
+        f = torch.nn.functional
+        p = {k.split(".")[-1]: v for k, v in params.items() if k.startswith(spec.name + ".")}
+        rank = int(spec.options["rank"])  # type: ignore[arg-type]
+        return f.linear(inputs[0], p["weight"]) + (8 / rank) * f.linear(
+            f.linear(inputs[0], p["lora_A"]), p["lora_B"])
+
+
+def _lora_spec(flat: bool) -> str:
+    return f"""
+name: lora_{"flat" if flat else "nested"}
+inputs: {{x: [N, 6]}}
+targets: {{t: [N, 5]}}
+layers:
+  - {{name: h, type: dense, units: 6, activation: tanh}}
+  - {{name: l, type: lora_test, units: 5, rank: 2, flat: {str(flat).lower()}}}
+loss: {{type: mse, target: t}}
+"""
+
+
+@pytest.fixture
+def lora_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(LAYERS, _LoraDense.key, _LoraDense)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["nested", "flat"])
+def test_lora_style_layer_all_three_paths(lora_layer: None, tmp_build, flat: bool) -> None:
+    model, modules = tmp_build(_lora_spec(flat))
+    # Lowered into products of two arrays, never an N x O x I x R einsum.
+    program = Lowerer(model.derivation, seed_argument=False).lower()
+    for stmt in program.stmts:
+        assert len(stmt.reads) <= 3, stmt
+        assert len(program.shapes.get(stmt.target, ())) <= 2, stmt
+    trainable = list(modules["numpy"].TRAINABLE)
+    assert trainable == ["h.weight", "h.bias", "l.lora_A", "l.lora_B"]
+    params = modules["numpy"].init_params(0)
+    batch = random_batch(model, batch=4)
+    ref_loss, ref = oracle_grads(model.spec, params, batch, trainable)
+    for backend in ("numpy", "torch"):
+        module = modules[backend]
+        wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
+        unwrap = (lambda t: t.detach().numpy()) if backend == "torch" else np.asarray
+        errors = finite_differences(module, params, batch, wrap=wrap, to_numpy=unwrap)
+        assert max(rel for _, rel in errors.values()) <= 1e-6
+        loss, grads = module.loss_and_grad({k: wrap(v) for k, v in params.items()},
+                                           **{k: wrap(v) for k, v in
+                                              call_args(module, batch).items()})
+        assert abs(float(unwrap(loss)) - ref_loss) <= 1e-9 * max(1.0, abs(ref_loss))
+        for name in trainable:
+            scale = max(np.max(np.abs(ref[name])), 1e-12)
+            assert np.max(np.abs(unwrap(grads[name]) - ref[name])) / scale <= 1e-9, name
+    net = modules["torch"].Model(seed=0, dtype=torch.float64)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    net.loss(**{k: torch.from_numpy(v) for k, v in
+                call_args(modules["torch"], batch).items()}).backward()
+    for name, param in net.named_parameters():
+        if name in ref:
+            scale = max(np.max(np.abs(ref[name])), 1e-12)
+            assert np.max(np.abs(param.grad.numpy() - ref[name])) / scale <= 1e-9, name
+        else:
+            assert param.grad is None
+
+
+def test_param_names_come_from_naming() -> None:
+    assert naming.param_var("l.lora_A") == "l_lora_A"
