@@ -162,7 +162,8 @@ def write_derivation(spec_path: str | Path, out: str | Path | None = None,
 
 
 def explain(model: CompiledModel) -> str:
-    """The stable rewrites that fired while deriving ``model``, one per line."""
+    """The stable rewrites that fired while deriving ``model``, one per line (and the
+    derivatives left unsimplified because simplifying them would cost too much)."""
     fired = model.derivation.rewrites
     if not fired:
         return "stable rewrites: none were needed"

@@ -14,7 +14,13 @@ import sympy as sp
 
 from . import naming
 from .derive import stable
-from .derive.calculus import KnownForms, simplify_local, vjp
+from .derive.calculus import (
+    MAX_SIMPLIFY_NODES,
+    KnownForms,
+    simplify_local,
+    too_large_to_simplify,
+    vjp,
+)
 from .derive.fusion import Fused, fuse
 from .graph import Graph, Node, target_index
 
@@ -126,8 +132,12 @@ def derive(graph: Graph) -> Derivation:
             raw = vjp(node, target, adjoint.var)
             if raw == 0:
                 continue
-            simplified = stable.apply(simplify_local(raw), f"backward {adjoint.var} -> "
-                                      f"{naming.adjoint(operand)}", rewrites)
+            where = f"backward {adjoint.var} -> {naming.adjoint(operand)}"
+            if too_large_to_simplify(raw):
+                rewrites.append(stable.Fired(
+                    where, "not simplified", f"over {MAX_SIMPLIFY_NODES} nodes: the derivative "
+                    "is used as derived (exact); sympy's simplification would take too long"))
+            simplified = stable.apply(simplify_local(raw), where, rewrites)
             simplified = known.substitute(simplified)
             pending.setdefault(operand, []).append(Contribution(name, raw, simplified))
         for operand in node.operands:

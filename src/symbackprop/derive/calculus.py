@@ -148,7 +148,30 @@ def local_derivative(body: sp.Expr, wrt: sp.Expr) -> sp.Expr:
     """``sp.diff(body, wrt)``, remembered: the LaTeX pass asks again for the derivatives
     the engine took (a dense layer's index-notation diff costs tens of milliseconds)."""
     found = _LOCAL.get((body, wrt))
-    return found if found is not None else _LOCAL.put((body, wrt), sp.diff(body, wrt))
+    return found if found is not None else _LOCAL.put((body, wrt), _derivative(body, wrt))
+
+
+def _derivative(body: sp.Expr, wrt: sp.Expr) -> sp.Expr:
+    """d body / d wrt, with ``wrt`` one element X[k] of a tensor.
+
+    For an elementwise body (no sum) each reference X[i] is a scalar variable: the
+    derivative is sum over the references of (d body / d X[i]) * delta(i, k), taking
+    each partial derivative with respect to a plain symbol. That is the same result as
+    differentiating with respect to the ``Indexed`` object, without sympy's slow path
+    through index-aware differentiation (seconds for a 16-term formula).
+    """
+    if not isinstance(wrt, sp.Indexed) or body.has(sp.Sum):
+        return sp.diff(body, wrt)
+    total = sp.Integer(0)
+    refs = sorted((r for r in body.atoms(sp.Indexed) if r.base == wrt.base),
+                  key=sp.default_sort_key)
+    for r in refs:
+        u = sp.Dummy("u", real=True)
+        partial = sp.diff(body.xreplace({r: u}), u).xreplace({u: r})
+        deltas = sp.Mul(*(sp.KroneckerDelta(a, b) for a, b in zip(r.indices, wrt.indices,
+                                                                   strict=True)))
+        total += partial * deltas
+    return total
 
 
 def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
@@ -202,7 +225,30 @@ def simplify_local(expr: sp.Expr) -> sp.Expr:
     return found if found is not None else _SIMPLIFIED.put((expr,), _simplify_local(expr))
 
 
+# Rational simplification (cancel, factor) of a large expression can take minutes; past
+# this many tree nodes the expression is used as derived (exact, just not simplified).
+MAX_SIMPLIFY_NODES = 160
+
+
+def tree_size(expr: sp.Expr, limit: int) -> int:
+    """The number of nodes of ``expr``'s tree, counting stops past ``limit``."""
+    count = 0
+    stack = [expr]
+    while stack and count <= limit:
+        e = stack.pop()
+        count += 1
+        if not isinstance(e, sp.Indexed):
+            stack.extend(e.args)
+    return count
+
+
+def too_large_to_simplify(expr: sp.Expr) -> bool:
+    return tree_size(expr, MAX_SIMPLIFY_NODES) > MAX_SIMPLIFY_NODES
+
+
 def _simplify_local(expr: sp.Expr) -> sp.Expr:
+    if too_large_to_simplify(expr):
+        return expr
     candidates: list[sp.Expr] = []
     variants = [expr]
     canonical = canonical_sigmoid(expr)

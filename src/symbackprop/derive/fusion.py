@@ -4,7 +4,8 @@ Fusing before differentiating lets sympy simplify across layer boundaries: the l
 ``mean(bce(sigmoid(z), t))`` becomes one expression whose derivative in z cancels to
 ``sigmoid(z) - t``. A producer is fused when it is elementwise (no ``Sum``), has exactly
 one consumer, and that consumer is not a contraction (a dense layer's input stays a
-tensor, so its backward pass reads as the delta recursion delta1 = (delta2 W2) * f'(z1)).
+tensor, so its backward pass reads as the delta recursion delta1 = (delta2 W2) * f'(z1)),
+and the fused body stays within a size budget (:func:`within_budget`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,34 @@ class Fused:
     absorbed: dict[str, list[str]]
     raw: dict[str, sp.Expr]
     inlined: dict[str, sp.Expr]
+
+
+# A fused body stays small enough that differentiating and simplifying it has a bounded
+# cost: chains of activations (tanh(tanh(...))) or formulas that repeat their input
+# (sin(p)*cos(p) + p, chained) would otherwise grow without bound, and the derivative
+# of a nested chain grows with the square of its depth. Past the budget the producer is
+# kept as a tensor, and its derivative reads its output (tanh' = 1 - y^2): linear cost.
+MAX_FUSED_NODES = 64
+MAX_FUSED_DEPTH = 3
+
+
+def within_budget(body: sp.Expr) -> bool:
+    """At most MAX_FUSED_NODES tree nodes and MAX_FUSED_DEPTH nested functions."""
+    count = 0
+    stack: list[tuple[sp.Expr, int]] = [(body, 0)]
+    while stack:
+        expr, depth = stack.pop()
+        count += 1
+        if count > MAX_FUSED_NODES:
+            return False
+        if isinstance(expr, sp.Indexed):
+            continue
+        if isinstance(expr, sp.Function):
+            depth += 1
+            if depth > MAX_FUSED_DEPTH:
+                return False
+        stack.extend((arg, depth) for arg in expr.args)
+    return True
 
 
 def inline(body: sp.Expr, producer: Node) -> sp.Expr:
@@ -67,7 +96,10 @@ def fuse(graph: Graph, prepare: Callable[[str, sp.Expr], sp.Expr] | None = None)
         absorbed[node.name] = []
         for operand in node.operands:
             if operand in merged and merged[operand] == node.name:
-                current.body = inline(current.body, nodes[operand])  # type: ignore[arg-type]
+                candidate = inline(current.body, nodes[operand])  # type: ignore[arg-type]
+                if not within_budget(candidate):
+                    continue  # the producer stays a tensor of its own
+                current.body = candidate
                 absorbed[node.name] += [*absorbed.pop(operand), operand]
                 del nodes[operand]
         current.operands = tuple(sorted(
