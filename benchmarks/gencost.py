@@ -10,6 +10,7 @@ the fixed start-up cost from the part that grows with the network.
 from __future__ import annotations
 
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,11 +47,41 @@ def mlp_yaml(name: str, inputs: int, hidden: list[int], classes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chain_yaml(name: str, count: int) -> str:
+    """``count`` standalone tanh activation layers after one dense layer."""
+    lines = [f"name: {name}", "inputs: {x: [N, 8]}", "targets: {t: [N, 8]}", "layers:",
+             "  - {name: h, type: dense, units: 8}"]
+    lines += [f"  - {{name: a{i}, type: activation, activation: tanh}}" for i in range(count)]
+    lines.append("loss: {type: mse, target: t}")
+    return "\n".join(lines) + "\n"
+
+
+def formula_yaml(name: str, terms: int) -> str:
+    """One activation formula of ``terms`` terms, each a product of two functions."""
+    body = " + ".join(f"{i % 5 + 1}*tanh({i + 1}*x)*sigmoid(x - {i})" for i in range(terms))
+    return (f"name: {name}\ninputs: {{x: [N, 8]}}\ntargets: {{t: [N, 8]}}\nlayers:\n"
+            f"  - {{name: h, type: dense, units: 8, activation: {{formula: \"{body}\"}}}}\n"
+            "loss: {type: mse, target: t}\n")
+
+
 def cases(which: str) -> list[GenCase]:
-    """``which``: "all" (MLP, widths 16/4096, depths 8/16/32) or "mlp" (the MLP only)."""
+    """``which``: "all" (MLP, widths 16/4096, depths 8/16/32), "mlp" (the MLP only), or
+    "sweep" (cost against op count: 64-wide tanh MLPs of depth 8/32/128, ten chained
+    activation layers, one 16-term formula, the MLP)."""
     out = [GenCase("mlp", "MLP 784-256-256-10 (benchmarks/specs/mlp784.yaml)", None,
                    SPECS / "mlp784.yaml")]
     if which == "mlp":
+        return out
+    if which == "sweep":
+        for depth in (8, 32, 64, 128):
+            out.append(GenCase(
+                f"d{depth}", f"depth {depth}: {FIXED_WIDTH}-({FIXED_WIDTH} x {depth - 1})-10",
+                mlp_yaml(f"gen_d{depth}", FIXED_WIDTH, [FIXED_WIDTH] * (depth - 1), 10),
+                dense_layers=depth))
+        out.append(GenCase("acts10", "ten chained `activation: tanh` layers",
+                           chain_yaml("gen_acts10", 10)))
+        out.append(GenCase("formula16", "one 16-term activation formula",
+                           formula_yaml("gen_formula16", 16)))
         return out
     for width in (16, 4096):
         out.append(GenCase(f"w{width}", f"784-{width}-{width}-10 (width {width})",
@@ -101,6 +132,19 @@ def _prime(prefix: list[str], env: dict[str, str], root: Path) -> None:
                    env=env, check=True, capture_output=True)
 
 
+def derivations_bytes(folder: Path) -> int | None:
+    """Size of the ``DERIVATIONS = {...}`` statement of the numpy module in ``folder``."""
+    import ast
+
+    for module in sorted(folder.glob("*_numpy.py")):
+        source = module.read_text(encoding="utf-8")
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == \
+                    "DERIVATIONS":
+                return len(ast.get_source_segment(source, node) or "")
+    return None
+
+
 def measure(which: str, reps: int, prefix: list[str], env: dict[str, str],
             log: Callable[[str], None] | None = None) -> dict[str, dict[str, object]]:
     """Median wall seconds of ``reps`` cold runs for each case, plus the import floor."""
@@ -125,7 +169,40 @@ def measure(which: str, reps: int, prefix: list[str], env: dict[str, str],
             while len(times) < reps and times[0] < SLOW_S:
                 times.append(_timed(cmd, env))
             results[case.key] = {"label": case.label, "seconds": statistics.median(times),
-                                 "all": times, "dense_layers": case.dense_layers}
+                                 "all": times, "dense_layers": case.dense_layers,
+                                 "derivations_bytes": derivations_bytes(out)}
             if log is not None:
                 log(f"  generate {case.key}: {statistics.median(times):.2f} s")
     return results
+
+
+def main() -> None:
+    """``python benchmarks/gencost.py [--which sweep|all|mlp] [--reps 3]``: the generation
+    table alone (the full harness, ``run.py``, also times training steps)."""
+    import argparse
+    import json
+    import os
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--which", choices=("sweep", "all", "mlp"), default="sweep")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    prefix = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    results = measure(args.which, args.reps, prefix, env, log=print)
+    base = results["import"]["seconds"]
+    print("\n| spec | cold generate s | minus import s | DERIVATIONS bytes |")
+    print("|---|---:|---:|---:|")
+    for res in results.values():
+        size = res.get("derivations_bytes")
+        print(f"| {res['label']} | {res['seconds']:.2f} | {res['seconds'] - base:.2f} | "
+              f"{size if size is not None else '—'} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
