@@ -308,16 +308,10 @@ def lora_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(LAYERS, _LoraDense.key, _LoraDense)
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["nested", "flat"])
-def test_lora_style_layer_all_three_paths(lora_layer: None, tmp_build, flat: bool) -> None:
-    model, modules = tmp_build(_lora_spec(flat))
-    # Lowered into products of two arrays, never an N x O x I x R einsum.
-    program = Lowerer(model.derivation, seed_argument=False).lower()
-    for stmt in program.stmts:
-        assert len(stmt.reads) <= 3, stmt
-        assert len(program.shapes.get(stmt.target, ())) <= 2, stmt
+def _all_paths_agree(modules: dict, model: Any) -> None:
+    """numpy and torch loss_and_grad against finite differences and the torch oracle,
+    and torch Model.loss().backward() against the oracle, in float64."""
     trainable = list(modules["numpy"].TRAINABLE)
-    assert trainable == ["h.weight", "h.bias", "l.lora_A", "l.lora_B"]
     params = modules["numpy"].init_params(0)
     batch = random_batch(model, batch=4)
     ref_loss, ref = oracle_grads(model.spec, params, batch, trainable)
@@ -344,6 +338,79 @@ def test_lora_style_layer_all_three_paths(lora_layer: None, tmp_build, flat: boo
             assert np.max(np.abs(param.grad.numpy() - ref[name])) / scale <= 1e-9, name
         else:
             assert param.grad is None
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["nested", "flat"])
+def test_lora_style_layer_all_three_paths(lora_layer: None, tmp_build, flat: bool) -> None:
+    model, modules = tmp_build(_lora_spec(flat))
+    # Lowered into products of two arrays, never an N x O x I x R einsum.
+    program = Lowerer(model.derivation, seed_argument=False).lower()
+    for stmt in program.stmts:
+        assert len(stmt.reads) <= 3, stmt
+        assert len(program.shapes.get(stmt.target, ())) <= 2, stmt
+    assert list(modules["numpy"].TRAINABLE) == ["h.weight", "h.bias", "l.lora_A", "l.lora_B"]
+    _all_paths_agree(modules, model)
+
+
+# -- index predicates: a causal mask ---------------------------------------------------------
+class _Causal(Layer):
+    """out[n, t, s] = x[n, t, s] where s <= t, else 0 (``reduce``: summed over s)."""
+
+    key = "causal_test"
+    doc = "test-only causal mask over the last two axes"
+    options = {"reduce": Option("bool", False)}
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
+        (x,) = inputs
+        n, t, s = out_index(0), out_index(1), out_index(2)
+        if spec.options["reduce"]:
+            j = sum_index(0)
+            body = sp.Sum(sp.Piecewise((x.element((n, t, j)), j <= t), (0, True)),
+                          (j, 0, x.shape[2] - 1))
+            return graph.op(spec.name, x.shape[:2], body, layer=spec.name, where=spec.where,
+                            kind="reduction", label="masked sum")
+        body = sp.Piecewise((x.element((n, t, s)), s <= t), (0, True))
+        return graph.op(spec.name, x.shape, body, layer=spec.name, where=spec.where,
+                        label="causal mask")
+
+    @classmethod
+    def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
+        x = inputs[0]
+        masked = x * torch.tril(torch.ones(x.shape[-2:], dtype=x.dtype))
+        return masked.sum(-1) if spec.options["reduce"] else masked
+
+
+@pytest.mark.parametrize("reduce", [False, True], ids=["mask", "masked-sum"])
+def test_index_predicates_lower_to_index_arrays(monkeypatch: pytest.MonkeyPatch, tmp_build,
+                                                reduce: bool) -> None:
+    monkeypatch.setitem(LAYERS, _Causal.key, _Causal)
+    target = "[N, 3, 2]" if not reduce else "[N, 2]"
+    final = "{name: out, type: dense, units: 2}"
+    model, modules = tmp_build(f"""
+name: causal_{int(reduce)}
+inputs: {{x: [N, 3, 4]}}
+targets: {{t: {target}}}
+layers:
+  - {{name: h, type: dense, units: 3, activation: tanh}}
+  - {{name: m, type: causal_test, reduce: {str(reduce).lower()}}}
+  - {final}
+loss: {{type: mse, target: t}}
+""")
+    for backend, call in (("numpy", "numpy.arange(3)"), ("torch", "torch.arange(3, device=")):
+        code = [line for line in model.source(backend).split("def forward")[1].splitlines()
+                if not line.strip().startswith("#")]
+        assert any(call in line for line in code), backend
+        assert not any(i in line for line in code for i in ("i1", "i2", "k1", "k2")), backend
+    _all_paths_agree(modules, model)
+
+
+def test_an_index_used_as_a_value_is_refused() -> None:
+    lowerer = Lowerer.__new__(Lowerer)
+    lowerer.like = "x"
+    x = sp.IndexedBase("x", real=True)
+    with pytest.raises(GraphError, match="used as a value"):
+        lowerer.viewify(x[i0, i1] * i1, (i0, i1), {i0: N, i1: sp.Integer(3)})
 
 
 def test_param_names_come_from_naming() -> None:

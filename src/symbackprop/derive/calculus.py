@@ -184,6 +184,11 @@ def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
     local = local_derivative(node.body, ref(operand.name, target))
     if local == 0:
         return sp.Integer(0)
+    if local.has(sp.Sum) and local.has(sp.Piecewise):
+        # Sum out the body's own deltas first: building the outer sum below runs sympy's
+        # piecewise_fold, which would lift a condition on an inner sum's variable (a mask
+        # s <= t) out of that sum.
+        local = eliminate_deltas(local)
     out = node.indices()
     g = ref(adjoint_name, out)
     if not out:
@@ -269,6 +274,12 @@ def _simplify_local(expr: sp.Expr) -> sp.Expr:
     return min(candidates, key=lambda c: (_cost(c), candidates.index(c)))
 
 
+def is_index_symbol(expr: sp.Basic) -> bool:
+    """An index (``i0``, ``s1``, ``k0``): an integer symbol that is not a dimension (the
+    dimensions ``N``, ``T`` are positive)."""
+    return isinstance(expr, sp.Symbol) and bool(expr.is_integer) and not expr.is_positive
+
+
 def canonical(expr: sp.Expr) -> tuple[sp.Expr, tuple[sp.Symbol, ...]]:
     """``expr`` with its index symbols renamed by order of first appearance, and that order.
 
@@ -279,10 +290,9 @@ def canonical(expr: sp.Expr) -> tuple[sp.Expr, tuple[sp.Symbol, ...]]:
     """
     order: list[sp.Symbol] = []
     for node in sp.preorder_traversal(expr):
-        if isinstance(node, sp.Indexed):
-            for i in node.indices:
-                if i.is_Symbol and i not in order:
-                    order.append(i)
+        # every index symbol, also one compared outside a reference (a mask s <= t)
+        if is_index_symbol(node) and node not in order:
+            order.append(node)
     mapping = {i: sp.Symbol(f"_c{n}", integer=True) for n, i in enumerate(order)}
     return expr.xreplace(mapping), tuple(order)
 

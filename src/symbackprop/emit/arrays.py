@@ -15,6 +15,7 @@ from ..ir.nodes import (
     Assign,
     Einsum,
     Full,
+    Iota,
     Linear,
     LogSoftmax,
     Map,
@@ -48,7 +49,9 @@ class ArrayPrinter:
         raise NotImplementedError
 
     # -- pieces -------------------------------------------------------------------------
-    def view(self, v: View) -> str:
+    def view(self, v: View | Iota) -> str:
+        if isinstance(v, Iota):
+            return self.place(self.arange(v), (v.axis,), v.out_rank)
         code = v.src
         if any(p is not None for p in v.picks):
             code += "[" + ", ".join(":" if p is None else str(p) for p in v.picks) + "]"
@@ -57,8 +60,14 @@ class ArrayPrinter:
         order = tuple(sorted(range(len(v.places)), key=lambda n: v.places[n]))
         if order != tuple(range(len(order))):
             code = self.transpose(code, order)
-        placed = sorted(v.places)
-        parts = [":" if p in placed else "None" for p in range(placed[0], v.out_rank)]
+        return self.place(code, v.places, v.out_rank)
+
+    @staticmethod
+    def place(code: str, places: tuple[int, ...], out_rank: int) -> str:
+        """Insert new axes so axes ``places`` of ``code`` line up with ``out_rank`` axes
+        under trailing-axis broadcasting."""
+        placed = sorted(places)
+        parts = [":" if p in placed else "None" for p in range(placed[0], out_rank)]
         if "None" in parts:
             while parts and parts[-1] == ":":
                 parts.pop()
@@ -117,6 +126,9 @@ class ArrayPrinter:
         return text
 
     # backend hooks
+    def arange(self, iota: Iota) -> str:
+        raise NotImplementedError
+
     def transpose(self, code: str, perm: tuple[int, ...]) -> str:
         raise NotImplementedError
 
@@ -153,6 +165,9 @@ class NumpyArrayPrinter(ArrayPrinter):
 
     def _scalar_printer(self) -> NumpyCodePrinter:
         return NumpyCodePrinter()
+
+    def arange(self, iota: Iota) -> str:
+        return f"numpy.arange({self.scalar.doprint(iota.extent)})"
 
     def transpose(self, code: str, perm: tuple[int, ...]) -> str:
         return f"{code}.T" if perm == (1, 0) else f"{code}.transpose{perm}"
@@ -213,6 +228,9 @@ class TorchArrayPrinter(ArrayPrinter):
 
     def _scalar_printer(self) -> TorchCodePrinter:
         return TorchCodePrinter()
+
+    def arange(self, iota: Iota) -> str:
+        return f"torch.arange({self.scalar.doprint(iota.extent)}, device={iota.like}.device)"
 
     def transpose(self, code: str, perm: tuple[int, ...]) -> str:
         return f"{code}.T" if perm == (1, 0) else f"{code}.permute{perm}"

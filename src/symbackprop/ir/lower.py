@@ -18,9 +18,11 @@ refused here with a :class:`~symbackprop.errors.GraphError`, never printed.
 from __future__ import annotations
 
 import sympy as sp
+from sympy.core.relational import Relational
 
 from .. import naming
 from ..backprop import Derivation, target_indices
+from ..derive.calculus import is_index_symbol
 from ..errors import GraphError
 from ..graph import ref, ref_name
 from . import contract
@@ -29,6 +31,7 @@ from .nodes import (
     Assign,
     Einsum,
     Full,
+    Iota,
     Map,
     MatMul,
     Phase,
@@ -120,7 +123,7 @@ class Lowerer:
 
     def _map(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...],
              extents: dict[sp.Symbol, sp.Expr], phase: Phase) -> None:
-        body, views = self.viewify(expr, axes)
+        body, views = self.viewify(expr, axes, extents)
         covered = {i for r in expr.atoms(sp.Indexed) for i in r.indices}
         if any(a not in covered for a in axes):
             # An axis no operand spans (a gradient constant along it): broadcast against
@@ -187,7 +190,7 @@ class Lowerer:
                            phase)
                 return ref(target, free)
         full = (*free, *limits)
-        viewed, views = self.viewify(body, full)
+        viewed, views = self.viewify(body, full, extents)
         covered = {i for r in body.atoms(sp.Indexed) for i in r.indices}
         scale = sp.Mul(*(extents[v] for v in limits if v not in covered))
         reduce_axes = tuple(n for n, v in enumerate(full) if v in limits and v in covered)
@@ -235,7 +238,7 @@ class Lowerer:
         full = (*free, *limits)
         target = target or self._temp()
         self.shapes[target] = tuple(extents[a] for a in free)
-        body, views = self.viewify(arg, full)
+        body, views = self.viewify(arg, full, extents)
         self._emit(target, Reduce("logsumexp", body, views,
                                   tuple(range(len(free), len(full))), len(full)), phase)
         return ref(target, free)
@@ -261,10 +264,21 @@ class Lowerer:
                              "(a diagonal) is not supported yet")
         return View(src, tuple(picks), tuple(places), len(axes))
 
-    def viewify(self, expr: sp.Expr, axes: tuple[sp.Symbol, ...]) -> tuple[sp.Expr, Views]:
-        """``expr`` with each array reference replaced by its view's placeholder."""
+    def viewify(self, expr: sp.Expr, axes: tuple[sp.Symbol, ...],
+                extents: dict[sp.Symbol, sp.Expr] | None = None) -> tuple[sp.Expr, Views]:
+        """``expr`` with each array reference replaced by its view's placeholder, and each
+        index compared in a condition (a mask ``s <= t``) by an index array."""
         mapping: dict[sp.Expr, sp.Symbol] = {}
-        views: dict[sp.Symbol, View] = {}
+        views: dict[sp.Symbol, View | Iota] = {}
+        for i in sorted(_loose_indices(expr), key=lambda s: s.name):
+            if i not in axes or extents is None:
+                raise GraphError(f"cannot lower {expr}: the index {i} is not an axis here")
+            if i in _loose_indices(expr, conditions=False):
+                raise GraphError(f"cannot lower {expr}: the index {i} is used as a value "
+                                 "(only comparisons of indices are supported)")
+            iota = Iota(axes.index(i), extents[i], len(axes), self.like)
+            mapping[i] = iota.placeholder()
+            views[iota.placeholder()] = iota
         for r in expr.atoms(sp.Indexed):
             view = self.view(r, axes)
             mapping[r] = view.placeholder()
@@ -277,6 +291,24 @@ class Lowerer:
                 views[view.placeholder()] = view
         ordered = tuple(sorted(views.items(), key=lambda kv: kv[0].name))
         return expr.xreplace(mapping), ordered
+
+
+def _loose_indices(expr: sp.Expr, *, conditions: bool = True) -> set[sp.Symbol]:
+    """Index symbols ``expr`` mentions outside its array references (and, with
+    ``conditions=False``, outside comparisons too: indices used as values)."""
+    found: set[sp.Symbol] = set()
+    bound: set[sp.Symbol] = set()
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, sp.Indexed) or (not conditions and isinstance(e, Relational)):
+            continue
+        if isinstance(e, sp.Sum):
+            bound |= {lim[0] for lim in e.limits}
+        if is_index_symbol(e):
+            found.add(e)
+        stack.extend(e.args)
+    return found - bound
 
 
 def _bound(expr: sp.Sum) -> set[sp.Symbol]:

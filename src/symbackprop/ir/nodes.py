@@ -65,7 +65,31 @@ class View:
         return sp.Symbol(f"{self.src}<{picks}|{places}|{self.out_rank}>")
 
 
-Views = tuple[tuple[sp.Symbol, View], ...]
+@dataclass(frozen=True)
+class Iota:
+    """The index along output axis ``axis`` (0, 1, ..., extent - 1) of a body of rank
+    ``out_rank``: what an index predicate (a causal mask ``s <= t``) compares. ``like``
+    names an array whose device the index array is made on (the model's first input, so
+    forward and backward share one mask)."""
+
+    axis: int
+    extent: sp.Expr
+    out_rank: int
+    like: str
+
+    @property
+    def src(self) -> str:
+        return self.like
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+    def placeholder(self) -> sp.Symbol:
+        return sp.Symbol(f"<iota{self.axis}:{self.extent}|{self.out_rank}>")
+
+
+Views = tuple[tuple[sp.Symbol, View | Iota], ...]
 
 
 def _view_reads(views: Views) -> frozenset[str]:
@@ -84,7 +108,7 @@ class Map:
         used = self.body.free_symbols
         return frozenset(v.src for s, v in self.views if s in used)
 
-    def view_of(self, sym: sp.Symbol) -> View | None:
+    def view_of(self, sym: sp.Symbol) -> View | Iota | None:
         return dict(self.views).get(sym)
 
 
