@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from ..backprop import Derivation
 from ..errors import UsageError
 from ..spec import ModelSpec
+from . import render
 from .builder import EXPAND_MAX_ELEMENTS, EXPAND_MAX_PARAMS, UNROLL_MAX_NESTING, _Builder
 from .document import (
     FORMATS,
@@ -122,4 +123,4 @@ def python_literal(text: str, indent: str = "        ") -> str:
 __all__ = ["EXPAND_MAX_ELEMENTS", "EXPAND_MAX_PARAMS", "FORMATS", "UNROLL_MAX_NESTING",
            "Block", "Display", "Document", "FnApply", "FnPrime", "GradientFormula",
            "Heading", "Indicator", "Para", "Printed", "RowSoftmax", "Select", "Span", "build",
-           "derivations", "module_derivations", "python_literal"]
+           "derivations", "module_derivations", "python_literal", "render"]

@@ -23,6 +23,7 @@ is recognised by structure alone (see :meth:`_Builder.matrix`).
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import sympy as sp
@@ -96,9 +97,19 @@ MAX_PATHS = 12               # chains longer than this are described by the recu
 # hidden layer, and past three the formula is longer than anyone reads. Deeper
 # gradients keep the error recursion as their readable form.
 UNROLL_MAX_NESTING = 3
-# Forms of one equation share a row (lhs = a = b) while the row stays this short (in
-# characters of LaTeX source, a proxy for its printed width).
-ROW_CHARS = 150
+# Forms of one equation share a row (lhs = a = b) while the row stays this wide, in
+# printed symbols (see ``glyphs``); two equations share a row up to ``PAIR_GLYPHS``.
+ROW_GLYPHS = 64
+PAIR_GLYPHS = 96
+
+
+def glyphs(latex: str) -> int:
+    """About how many symbols ``latex`` prints: a proxy for its width (commands that
+    only style or size count nothing, every other command one symbol)."""
+    text = re.sub(r"\\(?:left|right|mathrm|mathbf|boldsymbol|operatorname|mathbb|frac|"
+                  r"quad|qquad)(?![a-zA-Z])|\\,", "", latex)
+    text = re.sub(r"\\[a-zA-Z]+", "x", text)
+    return len(re.sub(r"[{}^_&\s]", "", text))
 
 # ----------------------------------------------------------------------------------------
 # The builder.
@@ -574,9 +585,18 @@ class _Builder:
         distinct = list(dict.fromkeys(forms))
         if not distinct:
             return []
-        if sum(len(f) for f in distinct) <= ROW_CHARS:
+        if sum(glyphs(f) for f in distinct) <= ROW_GLYPHS:
             return [(lhs, "= " + " = ".join(distinct))]
         return [(lhs, "= " + distinct[0])] + [("", "= " + f) for f in distinct[1:]]
+
+    @staticmethod
+    def _pair(left: list[tuple[str, ...]], right: list[tuple[str, ...]]
+              ) -> list[tuple[str, ...]]:
+        """Two one-row equations side by side (matrix form, index form) while they fit."""
+        if len(left) == 1 and len(right) == 1 and \
+                glyphs(left[0][1]) + glyphs(right[0][1]) <= PAIR_GLYPHS:
+            return [(*left[0], *right[0])]
+        return left + right
 
     def _vjp(self, consumer: str, operand: str) -> sp.Expr:
         """dL/d operand through consumer, simplified: the engine's own contribution where
@@ -652,7 +672,7 @@ class _Builder:
             lhs = "L" if name == self.graph.loss else self.names.array(name)
             shape = rf" \quad ({_shape(node.shape)})" if node.shape else ""
             pair = (lhs, f"= {mat}{shape}")
-            if len(pair[1]) + len(el[1]) <= ROW_CHARS:
+            if glyphs(pair[1]) + glyphs(el[1]) <= PAIR_GLYPHS:
                 rows.append((*pair, *el))
             else:
                 rows += [pair, el]
@@ -674,12 +694,10 @@ class _Builder:
 
     def backward_section(self, relevant: set[str]) -> tuple[list[Block], list[Printed]]:
         out: list[Block] = [Heading(2, spans("The backward pass")), Para(spans(
-            "From the loss down, one tensor at a time: the local Jacobian of the operation "
-            "that reads it, then the gradient it receives, ", math(r"\partial L"),
-            " of the tensor above contracted with that Jacobian (each Kronecker delta "
-            "removes one sum), in index and in matrix form. Where two forms are given, "
-            "the first keeps ", math(r"f'"), " and the adjoint above symbolic, the last "
-            "is what the generated code computes."))]
+            "From the loss down, one tensor at a time: the local Jacobian of what reads it, "
+            "then the gradient it receives (each Kronecker delta removes one sum). Of two "
+            "forms, the first keeps ", math(r"f'"), " and the adjoint above symbolic, the "
+            "last is what the generated code computes."))]
         printed: list[Printed] = []
         for name in reversed(self.forward_order):
             if name == self.graph.loss or name not in relevant:
@@ -716,10 +734,11 @@ class _Builder:
         contracted = self._contraction_form(consumers, name, k)
         index_forms = ([contracted] if contracted is not None else []) + forms
         letters = self.letters(*index_forms, first=k)
-        rows += self._rows(names.array(var), [m for m in (self.matrix(f, k) if k else None
-                                                          for f in forms) if m is not None])
-        rows += self._rows(self.element(var, k, letters),
-                           [self.idx(f, letters) for f in index_forms])
+        rows += self._pair(
+            self._rows(names.array(var), [m for m in (self.matrix(f, k) if k else None
+                                                      for f in forms) if m is not None]),
+            self._rows(self.element(var, k, letters),
+                       [self.idx(f, letters) for f in index_forms]))
         blocks: list[Block] = [Para(spans(*head)), Display(tuple(rows))]
         note = self._fusion_note(adj)
         if note is not None:
@@ -801,9 +820,9 @@ class _Builder:
             fired = list(dict.fromkeys(
                 (f.rule, f.why) for f in self.deriv.rewrites
                 if f.where == f"forward {contrib.consumer}"))
-            for rule, why in fired:
-                parts += [" Rewritten for numerical stability first: ", code(rule),
-                          f" ({why})."]
+            for n, (rule, why) in enumerate(fired):
+                parts += [" Rewritten for numerical stability first: " if n == 0 else "; ",
+                          code(rule), f" ({why})" + ("." if n == len(fired) - 1 else "")]
             return Para(spans(*parts))
         return None
 
@@ -828,10 +847,10 @@ class _Builder:
         if unrolled == computed and len(forms) == 1:
             return []
         letters = self.letters(*forms, first=k)
-        rows = self._rows(names.array(var), [m for m in (self.matrix(f, k) if k else None
-                                                         for f in forms) if m is not None])
-        rows += self._rows(self.element(var, k, letters), [self.idx(f, letters)
-                                                           for f in forms])
+        rows = self._pair(
+            self._rows(names.array(var), [m for m in (self.matrix(f, k) if k else None
+                                                      for f in forms) if m is not None]),
+            self._rows(self.element(var, k, letters), [self.idx(f, letters) for f in forms]))
         what = ("so the error at this layer, in terms of the error above:" if above else
                 "so the error at the output, in forward quantities only:")
         out: list[Block] = [Para(spans(what)), Display(tuple(rows))]

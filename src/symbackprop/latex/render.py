@@ -104,10 +104,19 @@ def tex(blocks: Sequence[Block], title: str) -> str:
         r"\allowdisplaybreaks",
         r"\setlength{\parindent}{0pt}",
         r"\setlength{\parskip}{0.4em}",
-        rf"\title{{{_text_tex(title)}}}",
-        r"\date{}",
+        # Compact headings and displays: the document is meant to be read in one sitting.
+        r"\makeatletter",
+        r"\renewcommand\section{\@startsection{section}{1}{0pt}{1.2ex plus .5ex}"
+        r"{0.6ex}{\large\bfseries}}",
+        r"\renewcommand\subsection{\@startsection{subsection}{2}{0pt}{1ex plus .5ex}"
+        r"{0.4ex}{\normalsize\bfseries}}",
+        r"\g@addto@macro\normalsize{\setlength\abovedisplayskip{4pt plus 2pt}"
+        r"\setlength\belowdisplayskip{4pt plus 2pt}"
+        r"\setlength\abovedisplayshortskip{2pt plus 2pt}"
+        r"\setlength\belowdisplayshortskip{2pt plus 2pt}}",
+        r"\makeatother",
         r"\begin{document}",
-        r"\maketitle",
+        rf"{{\LARGE\bfseries {_text_tex(title)}\par}}",
     ]
     return "\n".join(head) + "\n\n" + "\n\n".join(body) + "\n\n\\end{document}\n"
 
