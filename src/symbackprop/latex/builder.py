@@ -500,7 +500,12 @@ class _Builder:
     def simplified(self, expr: sp.Expr) -> sp.Expr:
         """The engine's own simplification: rational forms, forward tensors reused."""
         if expr not in self._simplified:
-            self._simplified[expr] = substitute_known(simplify_local(expr), self.patterns)
+            simple = simplify_local(expr)
+            # Only forward bodies over tensors this expression reads can occur in it:
+            # trying every pattern would make a deep network's document quadratic.
+            read = {r.base.name for r in simple.atoms(sp.Indexed)}
+            patterns = [n for n in self.patterns if read & set(n.operands)]
+            self._simplified[expr] = substitute_known(simple, patterns)
         return self._simplified[expr]
 
     # -- paths -------------------------------------------------------------------------
