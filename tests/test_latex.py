@@ -331,6 +331,23 @@ def test_softmax_classifier_gradients_evaluate_to_loss_and_grad(tmp_path: Path) 
     check_numerically(model, doc, modules["numpy"], batch_size=3)
 
 
+def test_a_parameter_the_loss_does_not_read(tmp_path: Path) -> None:
+    text = """
+    name: unused
+    inputs: {x: [N, 2]}
+    targets: {t: [N, 1]}
+    layers:
+      - {name: side, type: dense, units: 2, input: x}
+      - {name: head, type: dense, units: 1, input: x}
+    loss: {type: mse, prediction: head, target: t}
+    """
+    model, modules = build(tmp_path, text)
+    doc = latex.build(model.spec, model.derivation, model.label)
+    assert r"\text{(the loss does not read it)}" in doc.params["side.weight"]
+    assert r"\boldsymbol{\varepsilon}_{\mathrm{side}}" not in doc.markdown()
+    check_numerically(model, doc, modules["numpy"])
+
+
 def test_deep_gradients_keep_the_recursion_and_still_evaluate(tmp_path: Path) -> None:
     """The full chain (--param) is unrolled into forward quantities only up to
     UNROLL_MAX_NESTING contractions; the lazily built formula still equals loss_and_grad."""

@@ -594,6 +594,13 @@ class _Builder:
             return [(lhs, "= " + " = ".join(distinct))]
         return [(lhs, "= " + distinct[0])] + [("", "= " + f) for f in distinct[1:]]
 
+    def _form_letters(self, form: sp.Expr, var: str, k: tuple[sp.Symbol, ...]
+                      ) -> dict[sp.Symbol, str]:
+        """Letters for one form of ``var[k]``: the free indices as on the left-hand side,
+        the summed ones lettered afresh (forms of one equation sum over different
+        symbols, and each reads best with its own i, j, k order)."""
+        return self.letters(form, first=k, context=(ref(var, k),))
+
     @staticmethod
     def _pair(left: list[tuple[str, ...]], right: list[tuple[str, ...]]
               ) -> list[tuple[str, ...]]:
@@ -743,7 +750,7 @@ class _Builder:
             self._rows(names.array(var), [m for m in (self.matrix(f, k) if k else None
                                                       for f in forms) if m is not None]),
             self._rows(self.element(var, k, letters),
-                       [self.idx(f, letters) for f in index_forms]))
+                       [self.idx(f, self._form_letters(f, var, k)) for f in index_forms]))
         blocks: list[Block] = [Para(spans(*head)), Display(tuple(rows))]
         note = self._fusion_note(adj)
         if note is not None:
@@ -855,7 +862,8 @@ class _Builder:
         rows = self._pair(
             self._rows(names.array(var), [m for m in (self.matrix(f, k) if k else None
                                                       for f in forms) if m is not None]),
-            self._rows(self.element(var, k, letters), [self.idx(f, letters) for f in forms]))
+            self._rows(self.element(var, k, letters),
+                       [self.idx(f, self._form_letters(f, var, k)) for f in forms]))
         what = ("so the error at this layer, in terms of the error above:" if above else
                 "so the error at the output, in forward quantities only:")
         out: list[Block] = [Para(spans(what)), Display(tuple(rows))]
@@ -875,9 +883,12 @@ class _Builder:
         lhs = names.partial(self.graph.loss, param.name)
         shape = rf" \quad ({_shape(param.shape)})"
         adj = self.adjoints.get(naming.adjoint(param.name))
-        if adj is None or not self.paths(param.name):
-            return (lhs, rf"= \mathbf{{0}}{shape}", r"\text{(the loss does not depend on it)}",
-                    ""), None
+        formula_param = param.param or param.name
+        if adj is None or not any(c in self.reaches for c in self.consumers[param.name]):
+            self.gradients[formula_param] = GradientFormula(formula_param, param.name, k,
+                                                            lambda: sp.Integer(0))
+            return ((lhs, rf"= \mathbf{{0}}{shape}", r"\text{(the loss does not read it)}"),
+                    Printed(param.name, k, sp.Integer(0)))
         expr = self.display(adj.expr)
         letters = self.letters(expr, first=k)
         lhs_el = rf"\frac{{\partial L}}{{\partial {self.element(param.name, k, letters)}}}"
