@@ -235,6 +235,9 @@ def test_seed_derivation_reads_like_a_textbook(seed_doc: latex.Document) -> None
             r"{\mathrm{fc2}} \mathbf{W}_{\mathrm{fc2}}\right) \odot \mathbf{h}_{\mathrm{fc1}} "
             r"\odot \left(1 - \mathbf{h}_{\mathrm{fc1}}\right)") in backward
     assert "simplifies across those layers" in backward  # fusion: MSE of a sigmoid
+    # A leading fraction keeps a thin space from what it scales (2/N y, not 2/Ny).
+    assert r"\frac{2}{N} \, \mathbf{y} \odot" in backward
+    assert not re.search(r"\\frac\{\d\}\{N\} [a-z\\](?!,)", md)
     # 3. One line per gradient: matrix form with shape, index form.
     lines = [
         r"\frac{\partial L}{\partial \mathbf{W}_{\mathrm{fc1}}} & = \boldsymbol{\varepsilon}_"
