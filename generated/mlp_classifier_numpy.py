@@ -66,7 +66,8 @@ DERIVATION_PASSES = {
     "backward": (
         '\\begin{array}{l}\n'
         '\\textbf{The backward pass} \\\\\n'
-        "\\text{From the loss down, one tensor at a time: the local Jacobian of what reads it, then the gradient it receives (each Kronecker delta removes one sum). Of two forms, the first keeps } f' \\text{ and the adjoint above symbolic, the last is what the generated code computes.} \\\\\n"
+        '\\text{From the loss down, one tensor at a time: the local Jacobian of what reads it, then the gradient it receives (each Kronecker delta removes one sum).} \\\\\n'
+        "\\text{Of two forms, the first keeps } f' \\text{ and the adjoint above symbolic, the last is what the generated code computes.} \\\\\n"
         '\\mathbf{lse}_{\\mathrm{logits}} \\text{ is read by } \\mathtt{loss} \\text{ (softmax\\_cross\\_entropy, a reduction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial L}{\\partial \\mathbf{lse}_{\\mathrm{logits}}} & = \\frac{1}{N} \\, \\mathbf{label} \\mathbf{1} & \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{logits},n}} & = \\frac{1}{N} \\, \\sum_{i=1}^{10} \\mathrm{label}_{ni}\n'

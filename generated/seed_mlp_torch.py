@@ -59,7 +59,8 @@ DERIVATION_PASSES = {
     "backward": (
         '\\begin{array}{l}\n'
         '\\textbf{The backward pass} \\\\\n'
-        "\\text{From the loss down, one tensor at a time: the local Jacobian of what reads it, then the gradient it receives (each Kronecker delta removes one sum). Of two forms, the first keeps } f' \\text{ and the adjoint above symbolic, the last is what the generated code computes.} \\\\\n"
+        '\\text{From the loss down, one tensor at a time: the local Jacobian of what reads it, then the gradient it receives (each Kronecker delta removes one sum).} \\\\\n'
+        "\\text{Of two forms, the first keeps } f' \\text{ and the adjoint above symbolic, the last is what the generated code computes.} \\\\\n"
         '\\mathbf{y} \\text{ is read by } \\mathtt{loss} \\text{ (mse, a reduction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial L}{\\partial \\mathbf{y}} & = \\frac{2}{N} \\, \\left(\\mathbf{y} - \\mathbf{t}\\right) & \\frac{\\partial L}{\\partial y_{ni}} & = \\frac{2}{N} \\, \\left(y_{ni} - t_{ni}\\right)\n'

@@ -142,17 +142,17 @@ def _spans_frag(spans: Sequence[Span], bold: bool = False) -> str:
 
 
 def _lines(spans: Sequence[Span]) -> list[tuple[Span, ...]]:
-    """Break a long paragraph after each "; " so no row of the fragment runs off."""
+    """Break a long paragraph after each "; " and ". " so no row of the fragment runs
+    off (a math fragment does not wrap)."""
     lines: list[list[Span]] = [[]]
     for span in spans:
-        if span.kind != "text" or "; " not in span.value:
+        if span.kind != "text" or not re.search(r"[;.] ", span.value):
             lines[-1].append(span)
             continue
-        parts = span.value.split("; ")
+        parts = re.split(r"(?<=[;.]) ", span.value)
         for n, part in enumerate(parts):
-            last = n == len(parts) - 1
-            lines[-1].append(Span("text", part if last else part + ";"))
-            if not last:
+            lines[-1].append(Span("text", part))
+            if n < len(parts) - 1:
                 lines.append([])
     return [tuple(line) for line in lines if line]
 
