@@ -133,12 +133,9 @@ class _Builder:
         self.reaches = self._reaches_loss()
         self.fresh = 0
         self.fnames: dict[str, str] = {}
-        self._edge_cache: dict[tuple[str, str], list[Block]] = {}
         self._simplified: dict[sp.Expr, sp.Expr] = {}
         self._generic_vjps: dict[tuple[str, str], sp.Expr] = {}
-        self._fused_cache: dict[tuple[str, str], list[Block]] = {}
         self._displayed: dict[sp.Expr, sp.Expr] = {}
-        self._delta_cache: dict[str, list[Block]] = {}
         self._summed_cache: dict[tuple[sp.Expr, tuple[sp.Symbol, ...]], list[sp.Symbol]] = {}
         self._seeded: dict[sp.Expr, bool] = {}
         self._generic_cache: dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]] | None = None
