@@ -8,6 +8,7 @@ forward pass once, the backward pass once, layer by layer, and one line per grad
   equation displays) and the expressions it printed;
 - :mod:`.notation`: names, the index convention and the LaTeX printers;
 - :mod:`.rewrite`: display rewrites (identities only);
+- :mod:`.matrix`: matrix notation recognised by structure;
 - :mod:`.builder`: Derivation -> Document;
 - :mod:`.render`: Markdown, standalone LaTeX, offline MathML HTML, LaTeX fragments.
 

@@ -17,7 +17,7 @@ The document reads like a textbook chapter and grows linearly with the network:
 Every formula is printed from the sympy expressions the generated code is lowered from:
 the adjoints as the engine computed them (after fusion and simplification), beside the
 generic form with f'(z) kept symbolic. Nothing here knows a layer type: matrix notation
-is recognised by structure alone (see :meth:`_Builder.matrix`).
+is recognised by structure alone (:mod:`.matrix`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 import sympy as sp
-from sympy.core.parameters import global_parameters
 from sympy.printing.latex import LatexPrinter
 
 from .. import naming
@@ -55,35 +54,27 @@ from .document import (
     math,
     spans,
 )
+from .matrix import MatrixForms
 from .notation import (
     FnApply,
     FnPrime,
     IndexPrinter,
-    MatrixPrinter,
     Names,
     RowSoftmax,
     _index,
-    _integer_symbols,
-    _is_plain_array,
-    _needs_paren,
     _opname,
-    _paren,
     _rm,
     _shape,
     _size,
     index_letters,
 )
 from .rewrite import (
-    _bound,
-    _build_neutral,
     _canonical_bound,
     _expand_sums,
     _flip_signs,
     _indicators,
-    _Node,
     _pull_constants,
     _rebuild,
-    _set_distribute,
     _set_first,
     _trivial_sums,
 )
@@ -144,6 +135,7 @@ class _Builder:
         for node in self.nodes.values():
             self._describe_function(node)
         self.lse = self._logsumexps()
+        self.matrices = MatrixForms(self.names, self.fnames)
         self.gradients: dict[str, GradientFormula] = {}
 
     # -- graph helpers -----------------------------------------------------------------
@@ -282,158 +274,7 @@ class _Builder:
     # -- matrix form -------------------------------------------------------------------
     def matrix(self, expr: sp.Expr, axes: tuple[sp.Symbol, ...]) -> str | None:
         """``expr`` (indexed by ``axes``) in matrix notation, or None when it has none."""
-        if len(axes) > 2:
-            return None
-        verbatim: dict[sp.Symbol, str] = {}
-        products: set[sp.Symbol] = set()
-        cache: dict[tuple[str, str], sp.Symbol] = {}
-
-        def holder(key: tuple[str, str], latex: str, product: bool = False) -> sp.Symbol:
-            if key not in cache:
-                # Named after the tensor, so sympy orders terms as in the index form.
-                stem = key[0] if key[1] != "p" else "~" + key[0]
-                taken = {str(v) for v in cache.values()}
-                label = next(f"{stem}{'~' * n}" for n in itertools.count()
-                             if f"{stem}{'~' * n}" not in taken)
-                sym = sp.Symbol(label)
-                cache[key] = sym
-                verbatim[sym] = latex
-                if product:
-                    products.add(sym)
-            return cache[key]
-
-        # Two passes: ``walk`` places the arrays (in the caller's sympy setting) and
-        # returns a plan; ``build`` then makes every node of it under distribute(False),
-        # switching the flag (which clears sympy's cache) twice, not twice per node.
-        def walk(e: sp.Expr, ax: tuple[sp.Symbol, ...]) -> object:
-            if isinstance(e, sp.Indexed):
-                name = e.base.name
-                idx = tuple(e.indices)
-                if idx == ax:
-                    return holder((name, "n"), self.names.array(name))
-                if len(ax) == 2 and idx == (ax[1], ax[0]):
-                    return holder((name, "t"), self.names.array(name, transpose=True))
-                if 0 < len(idx) < len(ax) and idx == ax[len(ax) - len(idx):]:
-                    return holder((name, "n"), self.names.array(name))
-                return None
-            if isinstance(e, sp.Sum):
-                latex = self._contraction(e, ax)
-                if latex is None:
-                    return None
-                return holder((latex, "p"), latex, product=True)
-            if isinstance(e, sp.KroneckerDelta):
-                return None
-            if isinstance(e, sp.Symbol):
-                return None if e.is_integer and e not in self.graph.dims.values() else e
-            if not e.args:
-                return e
-            if isinstance(e, RowSoftmax):
-                (z,) = e.args
-                name = z.base.name
-                if tuple(z.indices) != ax:
-                    return None
-                return RowSoftmax(holder((name, "n"), self.names.array(name)))
-            args = [walk(a, ax) for a in e.args]
-            if any(a is None for a in args):
-                return None
-            return _Node(e.func, args)
-
-        def build(plan: object) -> sp.Expr:
-            if isinstance(plan, _Node):
-                return plan.func(*(build(a) for a in plan.args))
-            return plan  # type: ignore[return-value]
-
-        plan = walk(expr, axes)
-        if plan is None:
-            return None
-        if isinstance(plan, _Node):
-            outer = global_parameters.distribute
-            # Most plans build the same under either setting; only the others pay for
-            # the switch (which clears sympy's whole cache, twice).
-            placed = _build_neutral(plan) if outer else None
-            if placed is None:
-                _set_distribute(False)
-                try:
-                    placed = build(plan)
-                finally:
-                    _set_distribute(outer)
-        else:
-            placed = plan
-        return MatrixPrinter(self.names, self.fnames, verbatim, products).doprint(placed)
-
-    def _contraction(self, e: sp.Sum, axes: tuple[sp.Symbol, ...]) -> str | None:
-        """A single-index Sum of tensor groups as a matrix (or matrix-vector) product."""
-        if len(e.limits) != 1:
-            return None
-        (c, _, _), = e.limits
-        groups: dict[sp.Symbol | None, list[sp.Expr]] = {}
-        scalars: list[sp.Expr] = []
-        for f in sp.Mul.make_args(e.function):
-            ids = _integer_symbols(f) - set(self.graph.dims.values())
-            inner = {s for s in ids if s in axes}
-            if not ids:
-                scalars.append(f)
-            elif len(inner) > 1:
-                return None
-            else:
-                groups.setdefault(next(iter(inner)) if inner else None, []).append(f)
-        if any(s not in (*axes, c) for g in groups.values() for f in g
-               for s in _integer_symbols(f) - set(self.graph.dims.values())
-               if s not in _bound(f)):
-            return None
-        scale = sp.Mul(*scalars)
-        lead = "" if scale == 1 else self.idx(scale, {}) + " "
-        if len(axes) == 2:
-            a, b = axes
-            left = groups.pop(a, []) + groups.pop(None, [])
-            right = groups.pop(b, [])
-            if groups or not left or not right:
-                return None
-            lm = self._oriented(sp.Mul(*left), a, c)
-            rm = self._oriented(sp.Mul(*right), c, b)
-            if lm is None or rm is None:
-                return None
-            return lead + f"{lm} {rm}"
-        if len(axes) == 1:
-            (a,) = axes
-            mat = groups.pop(a, [])
-            vec = groups.pop(None, [])
-            if groups or not mat:
-                return None
-            if vec:
-                mm = self._oriented(sp.Mul(*mat), a, c)
-                vm = self.matrix(sp.Mul(*vec), (c,))
-                if mm is None or vm is None:
-                    return None
-                return lead + f"{mm} {_paren(vm)}"
-            # Sum over c of G[c, a] (1^T G: column sums) or of G[a, c] (G 1: row sums).
-            options = []
-            cols = self._oriented(sp.Mul(*mat), c, a)
-            if cols is not None:
-                options.append(rf"\mathbf{{1}}^{{\top}} {cols}")
-            rows = self._oriented(sp.Mul(*mat), a, c)
-            if rows is not None:
-                options.append(rf"{rows} \mathbf{{1}}")
-            if not options:
-                return None
-            return lead + min(options, key=lambda o: (o.count(r"\top") - 1 if o.startswith(
-                r"\mathbf{1}") else o.count(r"\top"), options.index(o)))
-        return None
-
-    def _oriented(self, e: sp.Expr, a: sp.Symbol, b: sp.Symbol) -> str | None:
-        """``e[a, b]`` as a matrix, choosing between ``E`` and ``(E')^T`` by transposes."""
-        straight = self.matrix(e, (a, b))
-        flipped = self.matrix(e, (b, a))
-        if flipped is not None:
-            flipped = (flipped + r"^{\top}" if _is_plain_array(flipped) and "^" not in flipped
-                       else rf"\left({flipped}\right)^{{\top}}")
-        options = [o for o in (straight, flipped) if o is not None]
-        if not options:
-            return None
-        best = min(options, key=lambda s: (s.count(r"\top"), options.index(s)))
-        if best is straight and _needs_paren(best):
-            return rf"\left({best}\right)"
-        return best
+        return self.matrices.matrix(expr, axes)
 
     # -- adjoints ----------------------------------------------------------------------
     def instantiate(self, expr: sp.Expr, targets: tuple[sp.Symbol, ...],
