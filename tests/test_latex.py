@@ -142,7 +142,10 @@ def evaluate_tensor(expr: sp.Expr, indices: tuple[sp.Symbol, ...], shape: tuple[
 
 
 def check_numerically(model, doc: latex.Document, module, batch_size: int = 2) -> None:
-    """Printed forward equations + printed final gradients == loss_and_grad."""
+    """What the document prints equals ``loss_and_grad``, two ways: the printed forward
+    equations, then the printed backward pass (each adjoint as its last form reads,
+    from the loss down) and the printed gradient lines; and each gradient unrolled
+    into forward quantities (the ``--param`` formula)."""
     deriv = model.derivation
     graph = deriv.graph
     params = module.init_params(0)
@@ -153,8 +156,10 @@ def check_numerically(model, doc: latex.Document, module, batch_size: int = 2) -
         values[p.name] = params[p.param]
 
     def shape(name: str) -> tuple[int, ...]:
+        node = graph.nodes[name.removeprefix("d_")] if name not in graph.nodes else \
+            graph.nodes[name]
         return tuple(int(sp.sympify(d).subs({graph.dims[k]: v for k, v in sizes.items()}))
-                     for d in graph.nodes[name].shape)
+                     for d in node.shape)
 
     for name, body in doc.forward_bodies.items():
         node = graph.nodes[name]
@@ -165,13 +170,23 @@ def check_numerically(model, doc: latex.Document, module, batch_size: int = 2) -
     _NAMESPACE.clear()
     _NAMESPACE.update(vars(module))
     _, grads = module.loss_and_grad(params, **call_args(module, batch))
-    assert set(doc.gradients) == set(grads)
+    assert set(doc.gradients) == set(doc.gradient_lines) == set(doc.params) <= set(grads)
+    values[deriv.seed.name] = np.array(1.0)
+    for step in doc.backward_steps:  # from the loss down: each reads the ones before
+        values[step.tensor] = evaluate_tensor(step.expr, step.indices, shape(step.tensor),
+                                              values, sizes)
+
+    def close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+        scale = max(float(np.max(np.abs(want))), 1e-12)
+        assert np.max(np.abs(got - want)) / scale < 1e-9, what
+
+    for pname, line in doc.gradient_lines.items():
+        got = evaluate_tensor(line.expr, line.indices, shape(line.tensor), values, sizes)
+        close(got, np.asarray(grads[pname]), f"printed gradient line of {pname}")
     for pname, formula in doc.gradients.items():
         got = evaluate_tensor(formula.expr, formula.indices, shape(formula.tensor), values,
                               sizes)
-        want = np.asarray(grads[pname])
-        scale = max(float(np.max(np.abs(want))), 1e-12)
-        assert np.max(np.abs(got - want)) / scale < 1e-9, pname
+        close(got, np.asarray(grads[pname]), f"unrolled gradient of {pname}")
 
 
 # -- the seed network --------------------------------------------------------------------
@@ -183,37 +198,64 @@ def seed_doc() -> latex.Document:
 
 def test_seed_derivation_reads_like_a_textbook(seed_doc: latex.Document) -> None:
     md = seed_doc.markdown()
-    expected = [
-        # 1. forward equations in matrix form, with the spec's names
-        r"\mathbf{z}^{(\mathrm{fc1})} & = \mathbf{x} \mathbf{W}^{(\mathrm{fc1})\top}"
-        r" + \mathbf{b}^{(\mathrm{fc1})}",
-        r"\mathbf{h}^{(\mathrm{fc1})} & = \sigma\left(\mathbf{z}^{(\mathrm{fc1})}\right)",
-        # 2. the chain, then each factor: scalar derivative, index form, matrix form
-        r"\frac{\partial L}{\partial \mathbf{W}^{(\mathrm{fc1})}} & = \frac{\partial L}"
-        r"{\partial \mathbf{y}} \frac{\partial \mathbf{y}}{\partial \mathbf{z}^{(\mathrm{fc2})}}",
-        r"= \sigma'\left(z^{(\mathrm{fc1})}_{ni}\right)",
-        r"= \sigma\left(z^{(\mathrm{fc1})}_{ni}\right) \left(1 - \sigma\left("
-        r"z^{(\mathrm{fc1})}_{ni}\right)\right)",
-        r"\frac{\partial z^{(\mathrm{fc1})}_{ni}}{\partial W^{(\mathrm{fc1})}_{kl}} & = "
-        r"\delta_{ik} x_{nl}",
-        r"\frac{\partial L}{\partial \mathbf{h}^{(\mathrm{fc1})}} & = "
-        r"\boldsymbol{\delta}^{(\mathrm{fc2})} \mathbf{W}^{(\mathrm{fc2})}",
-        # 4. the delta recursion, generic and as computed
-        r"\boldsymbol{\delta}^{(\mathrm{fc1})} & = \left(\boldsymbol{\delta}^{(\mathrm{fc2})} "
-        r"\mathbf{W}^{(\mathrm{fc2})}\right) \odot \sigma'\left(\mathbf{z}^{(\mathrm{fc1})}\right)",
-        r"\odot \mathbf{h}^{(\mathrm{fc1})} \odot \left(1 - \mathbf{h}^{(\mathrm{fc1})}\right)",
-        # 5. the gradient in matrix form, with shapes
-        r"\frac{\partial L}{\partial \mathbf{W}^{(\mathrm{fc1})}} & = "
-        r"\boldsymbol{\delta}^{(\mathrm{fc1})\top} \mathbf{x}",
-        r"\frac{\partial L}{\partial \mathbf{b}^{(\mathrm{fc1})}} & = \mathbf{1}^{\top} "
-        r"\boldsymbol{\delta}^{(\mathrm{fc1})}",
-        r"$\boldsymbol{\delta}^{(\mathrm{fc1})} \in \mathbb{R}^{N \times 3}$",
+    sections = re.findall(r"^## (.*)$", md, re.M)
+    assert sections == ["Notation", "The forward pass", "The backward pass", "The gradients"]
+    forward = md[md.index("## The forward pass"):md.index("## The backward pass")]
+    backward = md[md.index("## The backward pass"):md.index("## The gradients")]
+    gradients = md[md.index("## The gradients"):]
+    # 1. The forward pass once, in matrix form beside index form, layer subscripts.
+    z1 = (r"\mathbf{z}_{\mathrm{fc1}} & = \mathbf{x} \mathbf{W}_{\mathrm{fc1}}^{\top} + "
+          r"\mathbf{b}_{\mathrm{fc1}}")
+    assert md.count(z1) == 1 and z1 in forward
+    assert r"z_{\mathrm{fc1},ni} & = \sum_{j=1}^{2} W_{\mathrm{fc1},ij} x_{nj} + " \
+        r"b_{\mathrm{fc1},i}" in forward
+    assert r"\mathbf{h}_{\mathrm{fc1}} & = \sigma\left(\mathbf{z}_{\mathrm{fc1}}\right)" \
+        in forward
+    # 2. The backward pass once: each local Jacobian exactly once ...
+    jacobians = [
+        r"\frac{\partial y_{ni}}{\partial z_{\mathrm{fc2},ni}} & = \sigma'\left("
+        r"z_{\mathrm{fc2},ni}\right) = y_{ni} \left(1 - y_{ni}\right)",
+        r"\frac{\partial z_{\mathrm{fc2},ni}}{\partial h_{\mathrm{fc1},mj}} & = "
+        r"\delta_{nm} W_{\mathrm{fc2},ij}",
+        r"\frac{\partial h_{\mathrm{fc1},ni}}{\partial z_{\mathrm{fc1},ni}} & = \sigma'\left("
+        r"z_{\mathrm{fc1},ni}\right) = h_{\mathrm{fc1},ni} \left(1 - h_{\mathrm{fc1},ni}"
+        r"\right)",
     ]
-    for text in expected:
-        assert text in md, text
-    # 3. where fusion let sympy simplify across layers: raw and simplified forms
-    assert "Simplified across layers" in md
+    for text in jacobians:
+        assert md.count(text) == 1, text
+    assert md.count(r"\sigma'") == 6  # per sigmoid: its Jacobian, the index and matrix step
+    # ... the contraction with the Kronecker delta summed out, in index and matrix form ...
+    assert (r"\frac{\partial L}{\partial h_{\mathrm{fc1},ni}} & = \sum_{m=1}^{N} "
+            r"\varepsilon_{\mathrm{fc2},m1} \delta_{nm} W_{\mathrm{fc2},1i} = "
+            r"\varepsilon_{\mathrm{fc2},n1} W_{\mathrm{fc2},1i}") in backward
+    assert (r"\frac{\partial L}{\partial \mathbf{h}_{\mathrm{fc1}}} & = "
+            r"\boldsymbol{\varepsilon}_{\mathrm{fc2}} \mathbf{W}_{\mathrm{fc2}}") in backward
+    # ... and the error recursion.
+    assert (r"\boldsymbol{\varepsilon}_{\mathrm{fc1}} & = \left(\boldsymbol{\varepsilon}_"
+            r"{\mathrm{fc2}} \mathbf{W}_{\mathrm{fc2}}\right) \odot \mathbf{h}_{\mathrm{fc1}} "
+            r"\odot \left(1 - \mathbf{h}_{\mathrm{fc1}}\right)") in backward
+    assert "simplifies across those layers" in backward  # fusion: MSE of a sigmoid
+    # A leading fraction keeps a thin space from what it scales (2/N y, not 2/Ny).
+    assert r"\frac{2}{N} \, \mathbf{y} \odot" in backward
+    assert not re.search(r"\\frac\{\d\}\{N\} [a-z\\](?!,)", md)
+    # 3. One line per gradient: matrix form with shape, index form.
+    lines = [
+        r"\frac{\partial L}{\partial \mathbf{W}_{\mathrm{fc1}}} & = \boldsymbol{\varepsilon}_"
+        r"{\mathrm{fc1}}^{\top} \mathbf{x} \quad (3 \times 2) & \frac{\partial L}{\partial "
+        r"W_{\mathrm{fc1},ij}} & = \sum_{n=1}^{N} \varepsilon_{\mathrm{fc1},ni} x_{nj}",
+        r"\frac{\partial L}{\partial \mathbf{b}_{\mathrm{fc1}}} & = \mathbf{1}^{\top} "
+        r"\boldsymbol{\varepsilon}_{\mathrm{fc1}} \quad (3)",
+    ]
+    for text in lines:
+        assert text in gradients, text
+    assert gradients.count(r"\frac{\partial L}{\partial \mathbf{") == 4
+    # One index convention: a weight's entries are ij everywhere, an activation's ni.
+    assert not re.search(r"W_\{\\mathrm\{fc\d\},(?!ij|1i|11|12|13)", md)
+    # The error signal and the Kronecker delta never share a symbol.
+    assert r"\boldsymbol{\delta}" not in md and r"\delta_{\mathrm" not in md
+    assert all(len(m) == 2 for m in re.findall(r"\\delta_\{([a-z]+)\}", md))
     assert list(seed_doc.params) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert not seed_doc.chains  # the full chain only on request
     assert_names_print_well(seed_doc)
     assert str(seed_doc) == md
     assert seed_doc._repr_latex_().startswith("$$\\begin{array}{l}")
@@ -230,20 +272,26 @@ def test_sigmoid_bce_collapses_to_sigma_minus_t(tmp_path: Path) -> None:
         loss: {type: bce, prediction: fc2, target: t}
         """)
     md = symbackprop.derive(spec, params="fc1.weight").markdown()
-    section = md[md.index("Simplified across layers"):md.index("The error at each layer")]
-    assert r"\frac{1}{N} \left(\sigma\left(z^{(\mathrm{fc2})}_{nk}\right) - t_{nk}\right)" \
-        in section
-    assert r"\boldsymbol{\delta}^{(\mathrm{fc2})} & = \frac{1}{N} \left(\mathbf{y} - " \
-        r"\mathbf{t}\right)" in md
+    backward = md[md.index("## The backward pass"):md.index("## The gradients")]
+    assert "simplifies across those layers" in backward
+    assert (r"\boldsymbol{\varepsilon}_{\mathrm{fc2}} & = \left(\frac{\partial L}{\partial "
+            r"\mathbf{y}}\right) \odot \sigma'\left(\mathbf{z}_{\mathrm{fc2}}\right)") in backward
+    assert r"= \frac{1}{N} \, \left(\mathbf{y} - \mathbf{t}\right)" in backward
+    assert (r"\varepsilon_{\mathrm{fc2},ni} & = \frac{\partial L}{\partial y_{ni}} \sigma'"
+            r"\left(z_{\mathrm{fc2},ni}\right) = \frac{1}{N} \, \left(y_{ni} - t_{ni}\right)"
+            ) in backward
+    assert "## The full chain for `fc1.weight`" in md
 
 
 def test_softmax_cross_entropy_collapses_to_softmax_minus_t() -> None:
     doc = symbackprop.derive(CLASSIFIER, params=["logits.bias"])
     md = doc.markdown()
-    assert (r"= \frac{1}{N} \left(\operatorname{softmax}\left(\mathbf{z}^{(\mathrm{logits})}"
+    assert (r"\frac{1}{N} \, \left(\operatorname{softmax}\left(\mathbf{z}_{\mathrm{logits}}"
             r"\right) - \mathbf{label}\right)") in md
     assert "Each row of the target sums to 1" in md
     assert list(doc.params) == ["logits.bias"]
+    # Only the part of the backward pass this parameter needs.
+    assert r"\boldsymbol{\varepsilon}_{\mathrm{h1}}" not in md
     assert_names_print_well(doc)
 
 
@@ -260,7 +308,9 @@ def test_every_registry_entry_derives_renders_and_evaluates(tmp_path: Path,
     for fmt in latex.FORMATS:
         assert doc.render(fmt)  # html converts every formula to MathML or raises
     assert modules["numpy"].DERIVATIONS == {p: doc.latex(p) for p in trainable}
+    assert modules["numpy"].DERIVATION_PASSES == doc.passes()
     assert modules["torch"].DERIVATIONS == modules["numpy"].DERIVATIONS
+    assert modules["torch"].DERIVATION_PASSES == modules["numpy"].DERIVATION_PASSES
     check_numerically(model, doc, modules["numpy"])
 
 
@@ -284,18 +334,35 @@ def test_softmax_classifier_gradients_evaluate_to_loss_and_grad(tmp_path: Path) 
     check_numerically(model, doc, modules["numpy"], batch_size=3)
 
 
+def test_a_parameter_the_loss_does_not_read(tmp_path: Path) -> None:
+    text = """
+    name: unused
+    inputs: {x: [N, 2]}
+    targets: {t: [N, 1]}
+    layers:
+      - {name: side, type: dense, units: 2, input: x}
+      - {name: head, type: dense, units: 1, input: x}
+    loss: {type: mse, prediction: head, target: t}
+    """
+    model, modules = build(tmp_path, text)
+    doc = latex.build(model.spec, model.derivation, model.label)
+    assert r"\text{(the loss does not read it)}" in doc.params["side.weight"]
+    assert r"\boldsymbol{\varepsilon}_{\mathrm{side}}" not in doc.markdown()
+    check_numerically(model, doc, modules["numpy"])
+
+
 def test_deep_gradients_keep_the_recursion_and_still_evaluate(tmp_path: Path) -> None:
-    """Past UNROLL_MAX_NESTING contractions the unrolled formula is not printed (it would
-    cost time quadratic in depth); the lazily built formula still equals loss_and_grad."""
+    """The full chain (--param) is unrolled into forward quantities only up to
+    UNROLL_MAX_NESTING contractions; the lazily built formula still equals loss_and_grad."""
     layers = "".join(f"  - {{name: h{n}, type: dense, units: 2, activation: tanh}}\n"
                      for n in range(1, 6))
     text = ("name: deep\ninputs: {x: [N, 2]}\ntargets: {t: [N, 1]}\nlayers:\n" + layers
             + "  - {name: out, type: dense, units: 1}\n"
             "loss: {type: mse, prediction: out, target: t}\n")
     model, modules = build(tmp_path, text)
-    doc = latex.build(model.spec, model.derivation, model.label)
-    md = {name: latex.Document(doc.model, doc.source, [], [], {name: blocks}).markdown()
-          for name, blocks in doc.params.items()}
+    doc = latex.build(model.spec, model.derivation, model.label,
+                      params=["h1.weight", "h3.weight"])
+    md = {name: latex.render.markdown(blocks) for name, blocks in doc.chains.items()}
     assert latex.UNROLL_MAX_NESTING == 3
     # h1 sits under h2..h5 and out: five contractions; h3 under h4, h5, out: three.
     assert "Not unrolled into forward quantities: 5 contractions" in md["h1.weight"]
@@ -335,7 +402,9 @@ def test_cli_markdown_to_stdout(capsys) -> None:
 def test_cli_one_parameter(capsys) -> None:
     assert main(["latex", str(SEED), "--param", "fc1.weight"]) == 0
     out = capsys.readouterr().out
-    assert "`fc1.weight`" in out and "`fc2.bias`, shape" not in out
+    assert "## The full chain for `fc1.weight`" in out
+    assert r"\partial \mathbf{W}_{\mathrm{fc1}}}" in out
+    assert r"\partial \mathbf{b}_{\mathrm{fc2}}}" not in out
 
 
 def test_cli_unknown_and_frozen_parameters_exit_2(tmp_path: Path, capsys) -> None:
@@ -355,7 +424,7 @@ def test_cli_unknown_and_frozen_parameters_exit_2(tmp_path: Path, capsys) -> Non
     assert "frozen" in capsys.readouterr().err
     doc = symbackprop.derive(frozen)
     assert list(doc.params) == ["head.weight", "head.bias"]
-    assert "(frozen: no gradient)" in doc.markdown()
+    assert "frozen parameter (no gradient) `base.weight`" in doc.markdown()
 
 
 def test_cli_writes_files_and_infers_the_format(tmp_path: Path, capsys) -> None:
@@ -372,12 +441,12 @@ def test_expand_writes_every_scalar_weight(capsys) -> None:
     assert main(["latex", str(SEED), "--expand"]) == 0
     out = capsys.readouterr().out
     section = out[out.index("## Every scalar, expanded"):]
-    rows = re.findall(r"\\frac\{\\partial L\}\{\\partial [Wb]\^\{\(\\mathrm\{fc[12]\}\)\}_\{"
-                      r"\d+\}\} &", section)
+    rows = re.findall(r"\\frac\{\\partial L\}\{\\partial [Wb]_\{\\mathrm\{fc[12]\},\d+\}\} &",
+                      section)
     assert len(rows) == 13  # the seed network's 13 parameters
-    assert r"\frac{\partial L}{\partial W^{(\mathrm{fc1})}_{12}} & = \frac{2}{N} " \
-           r"W^{(\mathrm{fc2})}_{11} \sum_{n=1}^{N}" in section
-    assert r"z^{(\mathrm{fc1})}_{n1} & = " in section
+    assert r"\frac{\partial L}{\partial W_{\mathrm{fc1},12}} & = \frac{2}{N} \, " \
+           r"W_{\mathrm{fc2},11} \sum_{n=1}^{N}" in section
+    assert r"z_{\mathrm{fc1},n1} & = " in section
 
 
 def test_expand_refuses_big_networks(capsys) -> None:
@@ -389,13 +458,16 @@ def test_expand_refuses_big_networks(capsys) -> None:
 def test_generated_module_carries_derivations(tmp_path: Path) -> None:
     assert main(["generate", str(SEED), "--out", str(tmp_path / "gen")]) == 0
     code = ("import sys, json; sys.path.insert(0, sys.argv[1]); "
-            "import seed_mlp_numpy as m; print(json.dumps(m.DERIVATIONS))")
+            "import seed_mlp_numpy as m; print(json.dumps([m.DERIVATION_PASSES, "
+            "m.DERIVATIONS]))")
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "gen")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    derivations = json.loads(res.stdout)
+    passes, derivations = json.loads(res.stdout)
     doc = symbackprop.derive(SEED)
     assert derivations == {p: doc.latex(p) for p in doc.params}
+    assert passes == doc.passes() and list(passes) == ["forward", "backward"]
+    assert derivations["fc1.weight"].count("\n") <= 4  # one line, not the whole chain
     source = (tmp_path / "gen" / module_filename("seed_mlp", "numpy")).read_text()
     assert not re.search(r"^\s*(import|from) (sympy|symbackprop)", source, re.M)
 
@@ -407,20 +479,32 @@ def _artifact(name: str) -> Path:
     return ARTIFACTS / name
 
 
-@pytest.mark.parametrize("spec", [SEED, CLASSIFIER], ids=["seed_mlp", "mlp_classifier"])
-def test_tex_compiles_with_pdflatex(tmp_path: Path, spec: Path) -> None:
+def _pdflatex(folder: Path, text: str) -> int:
+    """Compile ``text`` with pdflatex; the number of pages it wrote."""
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex is not installed (Debian: apt-get install texlive-latex-base)")
-    text = symbackprop.derive(spec, expand=spec == SEED).tex()
-    (tmp_path / "doc.tex").write_text(text)
+    (folder / "doc.tex").write_text(text)
     res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error",
-                          "-no-shell-escape", "doc.tex"], cwd=tmp_path, capture_output=True,
+                          "-no-shell-escape", "doc.tex"], cwd=folder, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:]
     assert "! " not in res.stdout
-    pdf = tmp_path / "doc.pdf"
-    assert pdf.stat().st_size > 10_000
-    shutil.copy(pdf, _artifact(f"latex_{spec.stem}.pdf"))
+    assert (folder / "doc.pdf").stat().st_size > 10_000
+    found = re.search(r"Output written on doc\.pdf \((\d+) pages?", res.stdout)
+    assert found, res.stdout[-2000:]
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("spec", [SEED, CLASSIFIER], ids=["seed_mlp", "mlp_classifier"])
+def test_tex_compiles_with_pdflatex(tmp_path: Path, spec: Path) -> None:
+    pages = _pdflatex(tmp_path, symbackprop.derive(spec, expand=spec == SEED).tex())
+    assert pages >= 1
+    shutil.copy(tmp_path / "doc.pdf", _artifact(f"latex_{spec.stem}.pdf"))
+
+
+def test_seed_derivation_fits_on_three_pages(tmp_path: Path, seed_doc) -> None:
+    """The whole derivation of the 2-3-1 network, as pdflatex sets it."""
+    assert _pdflatex(tmp_path, seed_doc.tex()) <= 3
 
 
 LAYOUT_CHECK = """<script>
@@ -432,9 +516,15 @@ LAYOUT_CHECK = """<script>
   var stacked = fracs.filter(function (f) {
     var a = f.children[0].getBoundingClientRect(), b = f.children[1].getBoundingClientRect();
     return a.bottom <= b.top + 0.5; }).length;
+  var sections = Array.from(document.querySelectorAll('section')).map(function (s) {
+    return [s.querySelector('h2').textContent, Math.ceil(s.getBoundingClientRect().height)];
+  });
+  var wide = Array.from(document.querySelectorAll('div.eq')).filter(function (d) {
+    return d.scrollWidth > d.clientWidth + 1; }).length;
   var out = document.createElement('pre'); out.id = 'layout-check';
   out.textContent = JSON.stringify({math: maths.length, empty: empty, mfrac: fracs.length,
-    stacked: stacked, merror: document.querySelectorAll('merror').length});
+    stacked: stacked, merror: document.querySelectorAll('merror').length,
+    sections: sections, wide: wide});
   document.body.appendChild(out);
 })();
 </script>"""
@@ -451,18 +541,28 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=180)
 
 
+# One screen: a 1280 x 960 CSS-pixel viewport (a 1080p display, less the browser's bars).
+SCREEN = (1280, 960)
+
+
+def _layout(tmp_path: Path, page: str) -> dict:
+    """Lay the page out in headless Chromium and measure it (LAYOUT_CHECK)."""
+    (tmp_path / "check.html").write_text(page.replace("</body>", LAYOUT_CHECK + "</body>"))
+    res = _chromium(tmp_path, "--dump-dom", f"--window-size={SCREEN[0]},{SCREEN[1]}",
+                    (tmp_path / "check.html").as_uri())
+    assert res.returncode == 0, res.stderr[-2000:]
+    found = re.search(r'<pre id="layout-check">([^<]*)</pre>', res.stdout)
+    assert found, res.stdout[-2000:]
+    return json.loads(found.group(1))
+
+
 def test_html_renders_offline_in_chromium(tmp_path: Path) -> None:
     page = symbackprop.derive(SEED, expand=True).html()
     assert not re.search(r"<script|<link|src=|href=|url\(|@import", page)  # nothing fetched
     (tmp_path / "seed.html").write_text(page)
-    (tmp_path / "check.html").write_text(page.replace("</body>", LAYOUT_CHECK + "</body>"))
-    res = _chromium(tmp_path, "--dump-dom", (tmp_path / "check.html").as_uri())
-    assert res.returncode == 0, res.stderr[-2000:]
-    found = re.search(r'<pre id="layout-check">([^<]*)</pre>', res.stdout)
-    assert found, res.stdout[-2000:]
-    layout = json.loads(found.group(1))
-    assert layout["math"] > 100 and layout["empty"] == 0 and layout["merror"] == 0
-    assert layout["mfrac"] > 50 and layout["stacked"] == layout["mfrac"]  # real MathML layout
+    layout = _layout(tmp_path, page)
+    assert layout["math"] > 30 and layout["empty"] == 0 and layout["merror"] == 0
+    assert layout["mfrac"] > 40 and layout["stacked"] == layout["mfrac"]  # real MathML layout
     shot = _artifact("latex_seed_mlp.png")
     shot.unlink(missing_ok=True)
     res = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,3000",
@@ -471,11 +571,58 @@ def test_html_renders_offline_in_chromium(tmp_path: Path) -> None:
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
 
+def test_seed_html_reads_one_screen_per_section(tmp_path: Path, seed_doc) -> None:
+    """Each section of the seed network's page fits one screen, and no equation needs
+    a horizontal scroll bar."""
+    layout = _layout(tmp_path, seed_doc.html())
+    names = [name for name, _ in layout["sections"]]
+    assert names == ["Notation", "The forward pass", "The backward pass", "The gradients"]
+    for name, height in layout["sections"]:
+        assert 50 < height <= SCREEN[1], (name, height)
+    assert layout["wide"] == 0 and layout["merror"] == 0
+
+
+def test_html_tells_arrays_from_entries(seed_doc) -> None:
+    """Chromium ignores mathvariant: bold arrays are Unicode bold letters, so a bold
+    matrix never looks like its entries; a prime sits on its function."""
+    page = seed_doc.html()
+    assert "mathvariant=\"bold" not in page
+    assert "&#x1D73A;" in page and "&#x003B5;" in page  # bold epsilon, plain epsilon
+    assert "&#x1D433;" in page and "<mi>z</mi>" in page  # bold z, plain z
+    assert "<mi>&#x003C3;</mi><mi>&#x02032;</mi>" in page  # sigma, then its prime
+    assert re.search(r'<mo stretchy="false" fence="true" form="prefix">', page)
+
+
 def test_notebook_display_and_fragment(seed_doc) -> None:
     fragment = seed_doc.latex("fc2.bias")
     assert fragment.startswith("\\begin{array}{l}") and fragment.endswith("\\end{array}")
-    assert "\\text{" in fragment and "$" not in fragment
+    assert "$" not in fragment and r"\mathbf{b}_{\mathrm{fc2}}" in fragment
+    passes = seed_doc.passes()
+    assert "\\text{" in passes["forward"] and "$" not in passes["backward"]
     assert seed_doc._repr_markdown_() == seed_doc.markdown()
     with pytest.raises(symbackprop.SymbackpropError):
         seed_doc.latex("nope.weight")
     assert textwrap.dedent(seed_doc.markdown()) == seed_doc.markdown()
+
+
+# -- size ----------------------------------------------------------------------------------
+
+def _deep_spec(depth: int) -> str:
+    layers = "".join(f"  - {{name: h{n}, type: dense, units: 3, activation: tanh}}\n"
+                     for n in range(1, depth + 1))
+    return ("name: deep\ninputs: {x: [N, 3]}\ntargets: {t: [N, 1]}\nlayers:\n" + layers
+            + "  - {name: out, type: dense, units: 1}\n"
+            "loss: {type: mse, prediction: out, target: t}\n")
+
+
+def test_derivations_grow_linearly_with_depth(tmp_path: Path) -> None:
+    """DERIVATIONS (with the passes) of a network twice as deep is about twice as big:
+    the passes are written once, each parameter's entry is one line."""
+    sizes = {}
+    for depth in (6, 12, 24):
+        model = symbackprop.compile_spec(write_spec(tmp_path, _deep_spec(depth),
+                                                    f"deep{depth}.yaml"))
+        passes, lines = latex.module_derivations(model.spec, model.derivation, model.label)
+        sizes[depth] = sum(len(e["literal"]) for e in passes + lines)
+    assert sizes[24] <= 2.2 * sizes[12] and sizes[12] <= 2.2 * sizes[6], sizes
+    assert sizes[24] >= 1.8 * sizes[12], sizes  # and it does grow: every layer is there

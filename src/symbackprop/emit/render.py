@@ -185,9 +185,11 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     context["param_vars"] = {p.param: p.name for p in params}
     from ..latex import module_derivations
 
-    # Each parameter's derivation repeats the forward pass (each entry stands alone), so
-    # the text grows with the square of the depth; --no-derivations leaves it out.
-    context["derivations"] = module_derivations(spec, deriv, spec_label) if derivations else []
+    # The forward and backward passes once, then one line per parameter in their
+    # symbols: the text grows linearly with depth; --no-derivations leaves it out.
+    passes, lines = module_derivations(spec, deriv, spec_label) if derivations else ([], [])
+    context["derivation_passes"] = passes
+    context["derivations"] = lines
     context["derivations_off"] = not derivations
     name = f"{backend}_module.py.j2"
     try:
