@@ -350,11 +350,13 @@ def loss_and_grad(params, *, x, label):
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
     # the seed: dL/dL = 1, in the loss's dtype
     d_loss = numpy.result_type(loss).type(1)
-    tmp3 = d_loss/N
-    del d_loss
 
     # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
-    d_logits_lse = label.sum(axis=1)*tmp3
+    tmp_sum5 = label.sum(axis=1)
+    tmp3 = d_loss/N
+    del d_loss
+    d_logits_lse = tmp3*tmp_sum5
+    del tmp_sum5
 
     # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
     d_logits = d_logits_lse[:, None]*numpy.exp(tmp1) - label*tmp3

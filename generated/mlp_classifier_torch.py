@@ -299,11 +299,13 @@ def loss_and_grad(params, *, x, label):
         # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
         # the seed: dL/dL = 1, in the loss's dtype
         d_loss = torch.ones_like(loss)
-        tmp3 = d_loss/N
-        del d_loss
 
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
-        d_logits_lse = label.sum(dim=1)*tmp3
+        tmp_sum5 = label.sum(dim=1)
+        tmp3 = d_loss/N
+        del d_loss
+        d_logits_lse = tmp3*tmp_sum5
+        del tmp_sum5
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
         d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp3
@@ -407,10 +409,11 @@ class LossFunction(torch.autograd.Function):
         h1, h2, tmp0, tmp1 = ctx.temps
         del ctx.temps
         N = ctx.N
-        tmp3 = d_loss/N
-
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
-        d_logits_lse = label.sum(dim=1)*tmp3
+        tmp_sum5 = label.sum(dim=1)
+        tmp3 = d_loss/N
+        d_logits_lse = tmp3*tmp_sum5
+        del tmp_sum5
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
         d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp3

@@ -187,8 +187,9 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
 
     # The forward and backward passes once, then one line per parameter in their
     # symbols: the text grows linearly with depth; --no-derivations leaves it out.
-    passes, lines = module_derivations(spec, deriv, spec_label) if derivations else ([], [])
-    context["derivation_passes"] = passes
+    derivation_passes, lines = (module_derivations(spec, deriv, spec_label) if derivations
+                                else ([], []))
+    context["derivation_passes"] = derivation_passes
     context["derivations"] = lines
     context["derivations_off"] = not derivations
     name = f"{backend}_module.py.j2"
