@@ -15,6 +15,7 @@ from ..ir.nodes import (
     Assign,
     Einsum,
     Full,
+    Gather,
     Iota,
     Linear,
     LogSoftmax,
@@ -22,6 +23,7 @@ from ..ir.nodes import (
     MatMul,
     Program,
     Reduce,
+    ScatterAdd,
     Seed,
     View,
 )
@@ -49,18 +51,26 @@ class ArrayPrinter:
         raise NotImplementedError
 
     # -- pieces -------------------------------------------------------------------------
-    def view(self, v: View | Iota) -> str:
+    def view(self, v: View | Iota | Gather) -> str:
         if isinstance(v, Iota):
             return self.place(self.arange(v), (v.axis,), v.out_rank)
+        if isinstance(v, Gather):
+            # src[index] has the index's axes first, then src's other axes
+            return self.arrange(f"{v.src}[{v.index}]", (*v.index_places, *v.places),
+                                v.out_rank)
         code = v.src
         if any(p is not None for p in v.picks):
             code += "[" + ", ".join(":" if p is None else str(p) for p in v.picks) + "]"
-        if not v.places:
+        return self.arrange(code, v.places, v.out_rank)
+
+    def arrange(self, code: str, places: tuple[int, ...], out_rank: int) -> str:
+        """Transpose ``code``'s axes into output order, then insert broadcast axes."""
+        if not places:
             return code
-        order = tuple(sorted(range(len(v.places)), key=lambda n: v.places[n]))
+        order = tuple(sorted(range(len(places)), key=lambda n: places[n]))
         if order != tuple(range(len(order))):
             code = self.transpose(code, order)
-        return self.place(code, v.places, v.out_rank)
+        return self.place(code, places, out_rank)
 
     @staticmethod
     def place(code: str, places: tuple[int, ...], out_rank: int) -> str:
@@ -108,6 +118,9 @@ class ArrayPrinter:
             return self.full(op)
         if isinstance(op, Seed):
             return self.seed(op)
+        if isinstance(op, ScatterAdd):
+            self.helpers.add("scatter_add")
+            return f"_scatter_add({op.values}, {op.index}, {self.shape(op.shape)})"
         raise TypeError(f"no printing rule for {type(op).__name__}")  # pragma: no cover
 
     def reduce(self, op: Reduce, stmt: Assign) -> str:

@@ -28,15 +28,18 @@ from ..graph import ref, ref_name
 from . import contract
 from .comments import backward_comment, forward_comment
 from .nodes import (
+    AnyView,
     Assign,
     Einsum,
     Full,
+    Gather,
     Iota,
     Map,
     MatMul,
     Phase,
     Program,
     Reduce,
+    ScatterAdd,
     Seed,
     View,
     Views,
@@ -152,8 +155,11 @@ class Lowerer:
     def _free(self, expr: sp.Expr, bound: set[sp.Symbol],
               order: tuple[sp.Symbol, ...] | None) -> tuple[sp.Symbol, ...]:
         seen: list[sp.Symbol] = []
-        for r in sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key):
-            for i in r.indices:
+        # indices of array references, and the row index of a scatter's delta(ids[i], k)
+        carriers = [*sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key),
+                    *sorted(expr.atoms(sp.KroneckerDelta), key=sp.default_sort_key)]
+        for r in carriers:
+            for i in (r.indices if isinstance(r, sp.Indexed) else r.args):
                 if i.is_Symbol and i not in bound and i not in seen:
                     seen.append(i)
         if order is not None:
@@ -169,6 +175,9 @@ class Lowerer:
         free = self._free(body, set(limits), axes)
         target = target or self._temp()
         self.shapes[target] = tuple(extents[a] for a in free)
+        scattered = self._scatter(target, body, limits, free, extents, phase)
+        if scattered is not None:
+            return scattered
         factors = sp.Mul.make_args(body)
         tensors = [f for f in factors if isinstance(f, sp.Indexed)]
         rest = [f for f in factors if not isinstance(f, sp.Indexed)]
@@ -199,6 +208,36 @@ class Lowerer:
         else:
             self._emit(target, Reduce("sum", viewed * scale, views, reduce_axes, len(full)),
                        phase)
+        return ref(target, free)
+
+    def _scatter(self, target: str, body: sp.Expr, limits: list[sp.Symbol],
+                 free: tuple[sp.Symbol, ...], extents: dict[sp.Symbol, sp.Expr],
+                 phase: Phase) -> sp.Expr | None:
+        """``out[k, j...] = sum_i v[i..., j...] delta(ids[i...], k)``: the adjoint of a
+        gather, as a scatter-add of ``v``'s rows at the ids (``k`` the first axis)."""
+        factors = sp.Mul.make_args(body)
+        deltas = [f for f in factors if isinstance(f, sp.KroneckerDelta)
+                  and any(isinstance(a, sp.Indexed) for a in f.args)]
+        if not deltas:
+            return None
+        (delta,) = deltas if len(deltas) == 1 else (None,)
+        index = next((a for a in delta.args if isinstance(a, sp.Indexed)), None) \
+            if delta is not None else None
+        row = next((a for a in delta.args if a is not index), None) if delta else None
+        if (index is None or not free or row != free[0]
+                or set(index.indices) != set(limits) or len(set(index.indices)) != len(limits)
+                or not all(i.is_Symbol for i in index.indices)):
+            raise GraphError(f"cannot lower {body}: only a sum over every axis of one id "
+                             "array, into the first axis of the result, is supported")
+        rest = sp.Mul(*(f for f in factors if f is not delta))
+        layout = (*index.indices, *free[1:])
+        if isinstance(rest, sp.Indexed) and tuple(rest.indices) == layout:
+            values = _src(rest)
+        else:
+            values = self._temp()
+            self.shapes[values] = tuple(extents[i] for i in layout)
+            self._map(values, rest, layout, extents, phase)
+        self._emit(target, ScatterAdd(values, _src(index), self.shapes[target]), phase)
         return ref(target, free)
 
     @staticmethod
@@ -244,9 +283,11 @@ class Lowerer:
         return ref(target, free)
 
     # -- views --------------------------------------------------------------------------
-    def view(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...]) -> View:
+    def view(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...]) -> View | Gather:
         """How reference ``r`` lines up with ``axes``."""
         src = _src(r)
+        if r.indices and isinstance(r.indices[0], sp.Indexed):
+            return self._gather(r, axes)
         picks: list[int | None] = []
         places: list[int] = []
         for i in r.indices:
@@ -264,12 +305,23 @@ class Lowerer:
                              "(a diagonal) is not supported yet")
         return View(src, tuple(picks), tuple(places), len(axes))
 
+    def _gather(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...]) -> Gather:
+        """``E[ids[i...], j...]``: rows of E picked by an integer array."""
+        index, *rest = r.indices
+        plain = [*index.indices, *rest]
+        if (not all(i.is_Symbol and i in axes for i in plain) or len(set(plain)) != len(plain)
+                or any(isinstance(i, sp.Indexed) for i in rest)):
+            raise GraphError(f"cannot lower the reference {r}: only rows picked by ids "
+                             "indexed by plain axes are supported")
+        return Gather(_src(r), _src(index), tuple(axes.index(i) for i in index.indices),
+                      tuple(axes.index(i) for i in rest), len(axes))
+
     def viewify(self, expr: sp.Expr, axes: tuple[sp.Symbol, ...],
                 extents: dict[sp.Symbol, sp.Expr] | None = None) -> tuple[sp.Expr, Views]:
         """``expr`` with each array reference replaced by its view's placeholder, and each
         index compared in a condition (a mask ``s <= t``) by an index array."""
         mapping: dict[sp.Expr, sp.Symbol] = {}
-        views: dict[sp.Symbol, View | Iota] = {}
+        views: dict[sp.Symbol, AnyView] = {}
         for i in sorted(_loose_indices(expr), key=lambda s: s.name):
             if i not in axes or extents is None:
                 raise GraphError(f"cannot lower {expr}: the index {i} is not an axis here")
@@ -280,6 +332,8 @@ class Lowerer:
             mapping[i] = iota.placeholder()
             views[iota.placeholder()] = iota
         for r in expr.atoms(sp.Indexed):
+            if any(r in q.indices for q in expr.atoms(sp.Indexed)):
+                continue  # an id array read inside a gather, not a value
             view = self.view(r, axes)
             mapping[r] = view.placeholder()
             views[view.placeholder()] = view

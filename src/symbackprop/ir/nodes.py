@@ -5,7 +5,9 @@ Each op is a frozen dataclass that names the arrays it reads; nothing here holds
 code. Elementwise work lives in sympy bodies (:class:`Map`, :class:`Reduce`) whose free
 array symbols are *placeholders*, each bound to a :class:`View` that says how the
 array's axes line up with the output's axes (transpose, new broadcast axes, fixed
-indices). Printers turn a view into ``W.T`` or ``lse[:, None]``; passes never need to.
+indices), an :class:`Iota` (the position along an axis, for masks) or a :class:`Gather`
+(rows picked by integer ids). Printers turn a view into ``W.T`` or ``lse[:, None]``;
+passes never need to.
 
 Ops:
 
@@ -17,6 +19,7 @@ Ops:
 * :class:`Linear` — ``a @ b + bias`` as one call (a pass forms it);
 * :class:`LogSoftmax` — ``a - logsumexp(a)`` along the last axis (a pass forms it);
 * :class:`Full` — an array of one value, shaped by dims (axes no operand covers);
+* :class:`ScatterAdd` — rows added at integer ids (the adjoint of a :class:`Gather` view);
 * :class:`Seed` — dL/dL = 1, in the loss's dtype.
 """
 
@@ -45,6 +48,10 @@ class View:
     picks: tuple[int | None, ...]
     places: tuple[int, ...]
     out_rank: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.src})
 
     @property
     def is_identity(self) -> bool:
@@ -82,6 +89,10 @@ class Iota:
         return self.like
 
     @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.like})
+
+    @property
     def is_identity(self) -> bool:
         return False
 
@@ -89,11 +100,38 @@ class Iota:
         return sp.Symbol(f"<iota{self.axis}:{self.extent}|{self.out_rank}>")
 
 
-Views = tuple[tuple[sp.Symbol, View | Iota], ...]
+@dataclass(frozen=True)
+class Gather:
+    """Rows of ``src`` picked by the integer array ``index``: ``src[index[i...], j...]``
+    (an embedding lookup). ``index_places`` are the output axes of the index array's
+    axes, ``places`` those of ``src``'s other axes."""
+
+    src: str
+    index: str
+    index_places: tuple[int, ...]
+    places: tuple[int, ...]
+    out_rank: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.src, self.index})
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+    def placeholder(self) -> sp.Symbol:
+        places = ",".join(map(str, self.index_places)) + ";" + ",".join(map(str, self.places))
+        return sp.Symbol(f"{self.src}[{self.index}]<{places}|{self.out_rank}>")
 
 
-def _view_reads(views: Views) -> frozenset[str]:
-    return frozenset(v.src for _, v in views)
+AnyView = View | Iota | Gather
+Views = tuple[tuple[sp.Symbol, AnyView], ...]
+
+
+def _view_reads(views: Views, body: sp.Expr) -> frozenset[str]:
+    used = body.free_symbols
+    return frozenset().union(*(v.reads for s, v in views if s in used))
 
 
 @dataclass(frozen=True)
@@ -105,10 +143,9 @@ class Map:
 
     @property
     def reads(self) -> frozenset[str]:
-        used = self.body.free_symbols
-        return frozenset(v.src for s, v in self.views if s in used)
+        return _view_reads(self.views, self.body)
 
-    def view_of(self, sym: sp.Symbol) -> View | Iota | None:
+    def view_of(self, sym: sp.Symbol) -> AnyView | None:
         return dict(self.views).get(sym)
 
 
@@ -124,8 +161,7 @@ class Reduce:
 
     @property
     def reads(self) -> frozenset[str]:
-        used = self.body.free_symbols
-        return frozenset(v.src for s, v in self.views if s in used)
+        return _view_reads(self.views, self.body)
 
 
 @dataclass(frozen=True)
@@ -205,7 +241,21 @@ class Seed:
         return frozenset({self.like})
 
 
-Op = Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Full | Seed
+@dataclass(frozen=True)
+class ScatterAdd:
+    """The adjoint of a gather: an array of zeros shaped ``shape`` to which each
+    ``values[i..., j...]`` is added at row ``index[i...]`` (repeated ids sum)."""
+
+    values: str
+    index: str
+    shape: tuple[sp.Expr, ...]
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.values, self.index})
+
+
+Op = Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Full | Seed | ScatterAdd
 
 
 @dataclass(frozen=True)
@@ -266,6 +316,6 @@ def dims_read(op: Op) -> frozenset[str]:
     exprs: list[sp.Expr] = []
     if isinstance(op, Map | Reduce):
         exprs.append(op.body)
-    elif isinstance(op, Full):
+    elif isinstance(op, Full | ScatterAdd):
         exprs.extend(op.shape)
     return frozenset(s.name for e in exprs for s in e.free_symbols if s.is_integer)

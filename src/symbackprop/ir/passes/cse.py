@@ -15,7 +15,7 @@ from dataclasses import replace
 import sympy as sp
 
 from ... import naming
-from ..nodes import Assign, Map, Phase, Program, Reduce, View
+from ..nodes import AnyView, Assign, Map, Phase, Program, Reduce, View
 
 
 def cse(stmts: list[Assign], program: Program) -> list[Assign]:
@@ -23,10 +23,11 @@ def cse(stmts: list[Assign], program: Program) -> list[Assign]:
     if not positions:
         return stmts
     bodies = [stmts[i].op.body for i in positions]  # type: ignore[union-attr]
-    views: dict[sp.Symbol, View] = {}
+    views: dict[sp.Symbol, AnyView] = {}
     for i in positions:
         views.update(stmts[i].op.views)  # type: ignore[union-attr]
-    taken = {s.target for s in stmts} | {v.src for v in views.values()} | set(program.shapes)
+    taken = ({s.target for s in stmts} | set(program.shapes)
+             | {name for v in views.values() for name in v.reads})
     names = (sp.Symbol(naming.temp(n)) for n in range(10**6) if naming.temp(n) not in taken)
     replacements, reduced = sp.cse(bodies, symbols=names, order="none", list=True)
     scalar = _scalar(replacements, views)
@@ -71,7 +72,7 @@ def cse(stmts: list[Assign], program: Program) -> list[Assign]:
 
 
 def _scalar(replacements: list[tuple[sp.Symbol, sp.Expr]],
-            views: dict[sp.Symbol, View]) -> dict[sp.Symbol, sp.Expr]:
+            views: dict[sp.Symbol, AnyView]) -> dict[sp.Symbol, sp.Expr]:
     """Replacements that read no array, directly or through another replacement."""
     defined = {sym for sym, _ in replacements}
     return {sym: expr for sym, expr in replacements

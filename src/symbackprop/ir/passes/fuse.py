@@ -24,10 +24,10 @@ def _occurrences(stmt: Assign, name: str) -> int:
         return 2 if name in op.reads else 0
     total = 0
     for sym, view in op.views:
-        if view.src != name:
+        if name not in view.reads:
             continue
         count = op.body.count(sym)
-        if count and not (view.is_identity and sym == sp.Symbol(name)):
+        if count and not (view.is_identity and view.src == name and sym == sp.Symbol(name)):
             return 2
         total += count
     return total
