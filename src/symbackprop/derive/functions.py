@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import sympy as sp
+from mpmath.libmp import prec_to_dps
 from sympy.core.function import ArgumentIndexError
 
 LOG_FLOOR = -100
@@ -93,6 +94,10 @@ class Defined(sp.Function):
         args = ", ".join(printer._print(a) for a in self.args)
         inner = rf"{self.record.latex}\left({args}\right)"
         return rf"{inner}^{{{exp}}}" if exp is not None else inner
+
+    def _eval_evalf(self, prec: int) -> sp.Expr:
+        # Numbers through the elementary definition (tests and sympy's own evalf).
+        return self.record.definition(*self.args).evalf(prec_to_dps(prec))
 
     def _sympystr(self, printer: sp.printing.str.StrPrinter) -> str:
         return f"{self.record.name}({', '.join(printer._print(a) for a in self.args)})"
