@@ -99,9 +99,6 @@ class Defined(sp.Function):
         # Numbers through the elementary definition (tests and sympy's own evalf).
         return self.record.definition(*self.args).evalf(prec_to_dps(prec))
 
-    def _sympystr(self, printer: sp.printing.str.StrPrinter) -> str:
-        return f"{self.record.name}({', '.join(printer._print(a) for a in self.args)})"
-
     def _eval_is_real(self) -> bool | None:
         return self.args[0].is_real if self.record.arity == 1 else None
 
