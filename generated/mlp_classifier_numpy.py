@@ -907,9 +907,9 @@ def _tanh_backward(grad, y):
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
 # from the high bits of two 32-bit hashes of the counter 2k and 2k + 1, keyed by the seed
-# and the parameter's name: a counter-based generator written in int64 array operations,
-# which numpy and torch compute identically, so the numpy and torch modules start from
-# the same numbers, and a parameter's numbers do not depend on the other parameters.
+# and the parameter's name: a counter-based generator written in int64 array operations
+# that both backends compute identically, so the modules generated for the two backends
+# start from the same numbers, and a parameter's numbers do not depend on the others.
 def _hash32(x):
     # "lowbias32" (C. Wellons): a 32-bit mixing function; x holds values below 2**32.
     x = x ^ (x >> 16)

@@ -852,9 +852,9 @@ def _expect(name, value, shape):
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
 # from the high bits of two 32-bit hashes of the counter 2k and 2k + 1, keyed by the seed
-# and the parameter's name: a counter-based generator written in int64 array operations,
-# which numpy and torch compute identically, so the numpy and torch modules start from
-# the same numbers, and a parameter's numbers do not depend on the other parameters.
+# and the parameter's name: a counter-based generator written in int64 array operations
+# that both backends compute identically, so the modules generated for the two backends
+# start from the same numbers, and a parameter's numbers do not depend on the others.
 def _hash32(x):
     # "lowbias32" (C. Wellons): a 32-bit mixing function; x holds values below 2**32.
     x = x ^ (x >> 16)
@@ -896,8 +896,8 @@ def _init_uniform(seed, name, shape, bound):
 
 def init_params(seed=0, dtype=None, device=None):
     """Fresh parameters, each initialised as its layer declares (dense: uniform in
-    +-1/sqrt(fan_in), as torch.nn.Linear); the numpy module's init_params(seed) gives the
-    same numbers (drawn in float64, then cast)."""
+    +-1/sqrt(fan_in), as torch.nn.Linear), drawn in float64 and then cast; the module
+    generated for the other backend gives the same numbers for the same seed."""
     dtype = dtype if dtype is not None else torch.get_default_dtype()
     return {
         "h1.weight": _init_uniform(seed, "h1.weight", (32, 64), 0.125).to(dtype=dtype, device=device),

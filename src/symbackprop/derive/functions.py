@@ -132,6 +132,9 @@ class Log1p(Defined):
 
     nargs = 1
 
+    def _eval_is_real(self) -> bool | None:
+        return None  # complex for x < -1
+
 
 class ClampMin(Defined):
     """max(x, c) for a constant floor c: keeps a denominator away from zero."""
