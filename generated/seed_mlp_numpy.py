@@ -171,14 +171,61 @@ def _sigmoid_backward(grad, y):
     return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
 
 
+
+
+# Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
+# from the high bits of two 32-bit hashes of the counter 2k and 2k + 1, keyed by the seed
+# and the parameter's name: a counter-based generator written in int64 array operations
+# that both backends compute identically, so the modules generated for the two backends
+# start from the same numbers, and a parameter's numbers do not depend on the others.
+def _hash32(x):
+    # "lowbias32" (C. Wellons): a 32-bit mixing function; x holds values below 2**32.
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mul32(x, c):
+    # x * c mod 2**32, multiplying by c's two 16-bit halves so no product reaches 2**63.
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _numel(shape):
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def _uniform01(seed, name, n):
+    """n float64 numbers, uniform in [0, 1) with 53 random bits each (n < 2**31)."""
+    key = seed & 0xFFFFFFFF
+    for byte in name.encode("ascii"):
+        key = _hash32(key ^ byte)
+    # A second key, so that no counter value maps to a fixed output (lowbias32(0) = 0).
+    key2 = _hash32(key ^ 0x9E3779B9 ^ ((seed >> 32) & 0xFFFFFFFF))
+    counter = numpy.arange(2 * n, dtype=numpy.int64)
+    bits = _hash32(_hash32(counter ^ key) ^ key2)
+    mantissa = (bits[0::2] >> 5) * 67108864 + (bits[1::2] >> 6)  # 27 + 26 bits
+    return mantissa.astype(numpy.float64) * 2.0**-53
+
+
+def _init_uniform(seed, name, shape, bound):
+    """U(-bound, bound), as torch.nn.Linear with bound = 1/sqrt(fan_in)."""
+    return ((2.0 * _uniform01(seed, name, _numel(shape)) - 1.0) * bound).reshape(shape)
+
+
 def init_params(seed=0, dtype=numpy.float64):
-    """Fresh parameters: uniform in +-1/sqrt(fan_in), as torch.nn.Linear initialises."""
-    rng = numpy.random.default_rng(seed)
+    """Fresh parameters, each initialised as its layer declares (dense: uniform in
+    +-1/sqrt(fan_in), as torch.nn.Linear); the torch module's init_params(seed) gives the
+    same numbers."""
     return {
-        "fc1.weight": rng.uniform(-0.707106781187, 0.707106781187, size=(3, 2)).astype(dtype),
-        "fc1.bias": rng.uniform(-0.707106781187, 0.707106781187, size=(3,)).astype(dtype),
-        "fc2.weight": rng.uniform(-0.57735026919, 0.57735026919, size=(1, 3)).astype(dtype),
-        "fc2.bias": rng.uniform(-0.57735026919, 0.57735026919, size=(1,)).astype(dtype),
+        "fc1.weight": _init_uniform(seed, "fc1.weight", (3, 2), 0.7071067811865475).astype(dtype),
+        "fc1.bias": _init_uniform(seed, "fc1.bias", (3,), 0.7071067811865475).astype(dtype),
+        "fc2.weight": _init_uniform(seed, "fc2.weight", (1, 3), 0.5773502691896258).astype(dtype),
+        "fc2.bias": _init_uniform(seed, "fc2.bias", (1,), 0.5773502691896258).astype(dtype),
     }
 
 

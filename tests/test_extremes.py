@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from symbackprop.derive.functions import PRIMITIVES
 from symbackprop.layers import ACTIVATIONS
 
 from conftest import build
@@ -45,6 +46,8 @@ REFERENCE: dict[str, tuple[Callable, Callable | None]] = {
     "relu": (lambda x: max(x, 0), lambda x: mp.mpf(1) if x > 0 else mp.mpf(0)),
     "leaky_relu": (lambda x: x if x > 0 else mp.mpf("0.01") * x,
                    lambda x: mp.mpf(1) if x > 0 else mp.mpf("0.01")),
+    "elu": (lambda x: x if x > 0 else mp.expm1(x),
+            lambda x: mp.mpf(1) if x > 0 else mp.exp(x)),
     "softplus": (softplus, None),
     "gelu": (lambda x: x / 2 * (1 + mp.erf(x / mp.sqrt(2))), None),
     "silu": (lambda x: x * sig(x), None),
@@ -54,7 +57,12 @@ FORMULAS = {
     "log(1+exp(x))": softplus,
     "log(1/(1+exp(-x)))": lambda x: mp.log(sig(x)),
     "x*sigmoid(x)": lambda x: x * sig(x),
+    "exp(x) - 1": mp.expm1,
+    "log(1 + x**2)": lambda x: mp.log1p(x**2),
 }
+# Every primitive callable in formulas, as ``name(x)``, against its record's mpmath
+# reference, at the points of its domain: how both backends print it, in both dtypes.
+PRIMITIVE_FORMULAS = {f"{p.name}(x)": p for p in PRIMITIVES if p.formula and p.arity == 1}
 
 
 def test_every_activation_has_a_reference() -> None:
@@ -87,7 +95,10 @@ def _activation_spec(activation: str) -> str:
 
 CASES = ([pytest.param(name, REFERENCE[name], id=name) for name in REFERENCE]
          + [pytest.param(f"{{formula: '{f}'}}", (ref, None), id=f"formula:{f}")
-            for f, ref in FORMULAS.items()])
+            for f, ref in FORMULAS.items()]
+         + [pytest.param(f"{{formula: '{f}'}}", (p.reference, None), id=f"primitive:{p.name}")
+            for f, p in PRIMITIVE_FORMULAS.items()])
+DOMAIN = {f"{{formula: '{f}'}}": p.domain for f, p in PRIMITIVE_FORMULAS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +123,8 @@ def test_activation_at_extremes(compiled, activation, ref, backend, dtype) -> No
     wrap = (lambda a: torch.from_numpy(a)) if backend == "torch" else (lambda a: a)
     params = {"a.weight": np.ones((1, 1), dtype), "a.bias": np.zeros(1, dtype)}
     for x in POINTS[dtype]:
+        if not DOMAIN.get(activation, lambda x: True)(x):
+            continue
         xs = np.array([[x]], dtype)
         px = {k: wrap(v) for k, v in params.items()}
         y = float(mod.forward(px, x=wrap(xs))[0, 0])

@@ -36,8 +36,8 @@ from symbackprop.ir.nodes import (
     View,
 )
 from symbackprop.ir.passes.kernels import SigmoidBackward, TanhBackward
-from symbackprop.layers import LAYERS, Layer, Option
-from symbackprop.layers.core import _param, feature_size
+from symbackprop.layers import LAYERS, Layer, Option, Param
+from symbackprop.layers.core import feature_size
 from symbackprop.spec import LayerSpec
 
 i0, i1, k0, k1 = out_index(0), out_index(1), target_index(0), target_index(1)
@@ -260,15 +260,18 @@ class _LoraDense(Layer):
     doc = "test-only LoRA-style dense layer"
     options = {"units": Option("units"), "rank": Option("units"),
                "flat": Option("bool", False)}
+    params = {"weight": Param("frozen base", "uniform_fan_in", trainable=False),
+              "lora_A": Param("down-projection", "uniform_fan_in"),
+              "lora_B": Param("up-projection", "uniform_fan_in")}
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
         (x,) = inputs
         fan_in = feature_size(x, spec.where)
         units, rank = int(spec.options["units"]), int(spec.options["rank"])  # type: ignore[arg-type]
-        w = _param(graph, spec, "weight", (sp.Integer(units), sp.Integer(fan_in)), False, 0.5)
-        a = _param(graph, spec, "lora_A", (sp.Integer(rank), sp.Integer(fan_in)), True, 0.5)
-        b = _param(graph, spec, "lora_B", (sp.Integer(units), sp.Integer(rank)), True, 0.5)
+        w = cls.param(graph, spec, "weight", (sp.Integer(units), sp.Integer(fan_in)), fan_in)
+        a = cls.param(graph, spec, "lora_A", (sp.Integer(rank), sp.Integer(fan_in)), fan_in)
+        b = cls.param(graph, spec, "lora_B", (sp.Integer(units), sp.Integer(rank)), rank)
         n, o = out_index(0), out_index(1)
         s, r = sum_index(0), sum_index(1)
         scale = sp.Rational(8, rank)

@@ -101,7 +101,7 @@ def test_torch_module_never_mentions_numpy_or_math() -> None:
 
     formula = ("exp(a) + log1p(x**2) + sqrt(1 + a**2) + sin(a) * cos(x) + cosh(a/9) + tanh(a)"
                " + erf(a) + sigmoid(a) + softplus(a) + logsigmoid(x) + abs(a) + max(a, x)"
-               " + min(a, x) + where(a > x, a, x) + pi + e")
+               " + min(a, x) + where(a > x, a, x) + pi + e + expm1(a) + erfc(a) + sinh(a/9)")
     text = f"""
     name: every_function
     inputs: {{x: [N, 3]}}

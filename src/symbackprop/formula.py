@@ -20,7 +20,7 @@ from typing import Any
 
 import sympy as sp
 
-from .derive.functions import Sigmoid, Softplus
+from .derive.functions import PRIMITIVES, Softplus
 
 MAX_LENGTH = 500
 MAX_DEPTH = 24
@@ -64,19 +64,11 @@ class Function:
     doc: str
 
 
+# Every scalar primitive marked ``formula`` (derive/functions.py), then the compositions
+# that are not one primitive.
 FUNCTIONS: Mapping[str, Function] = {
-    "exp": Function(1, sp.exp, lambda t, a: t.exp(a), "e^x"),
-    "log": Function(1, sp.log, lambda t, a: t.log(a), "natural logarithm"),
-    "log1p": Function(1, lambda a: sp.log(1 + a), lambda t, a: t.log1p(a), "log(1 + x)"),
+    **{p.name: Function(p.arity, p.func, p.oracle, p.doc) for p in PRIMITIVES if p.formula},
     "sqrt": Function(1, sp.sqrt, lambda t, a: t.sqrt(a), "square root"),
-    "sin": Function(1, sp.sin, lambda t, a: t.sin(a), "sine"),
-    "cos": Function(1, sp.cos, lambda t, a: t.cos(a), "cosine"),
-    "tanh": Function(1, sp.tanh, lambda t, a: t.tanh(a), "hyperbolic tangent"),
-    "cosh": Function(1, sp.cosh, lambda t, a: t.cosh(a), "hyperbolic cosine"),
-    "erf": Function(1, sp.erf, lambda t, a: t.erf(a), "error function"),
-    "sigmoid": Function(1, Sigmoid, lambda t, a: t.sigmoid(a), "1 / (1 + e^-x)"),
-    "softplus": Function(1, Softplus, lambda t, a: t.logaddexp(a, t.zeros_like(a)),
-                         "log(1 + e^x)"),
     "logsigmoid": Function(1, lambda a: -Softplus(-a),
                            lambda t, a: t.nn.functional.logsigmoid(a), "log(sigmoid(x))"),
     "abs": Function(1, _abs, lambda t, a: t.abs(a), "|x|, derivative 0 at 0"),

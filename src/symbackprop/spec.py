@@ -225,6 +225,25 @@ def _activation(ctx: _Ctx, value: object, path: tuple[str | int, ...]) -> Activa
     return ActivationSpec(kind, tuple(params), None, where)
 
 
+def _trainable(ctx: _Ctx, value: object, path: tuple[str | int, ...],
+               names: tuple[str, ...]) -> bool | tuple[tuple[str, bool], ...]:
+    """``trainable: false`` (every parameter) or ``{weight: false, bias: true}``."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, dict):
+        raise ctx.fail(path, f"trainable is true, false or a mapping {{parameter: true/false}}"
+                             f", got {_type_name(value)}")
+    pairs = []
+    for key, flag in value.items():
+        if key not in names:
+            raise ctx.fail((*path, key), f"unknown parameter {key!r} in trainable (this layer "
+                                         f"has: {', '.join(names)})", key=True)
+        if not isinstance(flag, bool):
+            raise ctx.fail((*path, key), f"expected true or false, got {_type_name(flag)}")
+        pairs.append((key, flag))
+    return tuple(pairs)
+
+
 def _options(ctx: _Ctx, raw: dict, schema: Mapping, path: tuple[str | int, ...],
              skip: set[str]) -> tuple[dict[str, object], dict[str, Where]]:
     options: dict[str, object] = {}
@@ -243,7 +262,9 @@ def _options(ctx: _Ctx, raw: dict, schema: Mapping, path: tuple[str | int, ...],
             options[key] = option.default
             continue
         value = raw[key]
-        if option.kind == "activation":
+        if option.kind == "trainable":
+            options[key] = _trainable(ctx, value, (*path, key), option.choices)
+        elif option.kind == "activation":
             options[key] = _activation(ctx, value, (*path, key)) if value is not None else None
         else:
             options[key] = check_option(wheres[key], option.kind, value)

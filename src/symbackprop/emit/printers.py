@@ -1,9 +1,9 @@
 """sympy printers for the scalar bodies of generated numpy and torch code.
 
 The printers are strict: a sympy object without a print rule fails loudly instead of
-emitting something wrong. Stable primitives print to stable forms: sigmoid through
-logaddexp in numpy (``torch.sigmoid`` in torch), softplus as ``logaddexp(0, x)``,
-logsumexp max-shifted. Numeric constants print as Python float literals, so a float32
+emitting something wrong. Scalar primitives (sigmoid, softplus, expm1, erf, ...) print as
+their records in ``derive/functions.py`` say, in one dispatch in ``_Common._print``;
+logsumexp is max-shifted. Numeric constants print as Python float literals, so a float32
 tensor stays float32 (numpy and torch treat a Python float as a weak scalar). Array
 operations (products, reductions, views) are printed by :mod:`.arrays` from the IR.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
+
+from ..derive.functions import BY_CLASS
 
 
 class _Common:
@@ -56,6 +58,12 @@ class _Common:
         if isinstance(expr, sp.Basic) and expr.is_number and not expr.is_Integer:
             value = float(expr)  # type: ignore[arg-type]
             return repr(value) if value >= 0 else f"({value!r})"
+        primitive = BY_CLASS.get(type(expr))
+        if primitive is not None:
+            # A scalar primitive prints as its record says (derive/functions.py).
+            call, helpers = primitive.code(self._module)  # type: ignore[attr-defined]
+            self.helpers.update(helpers)
+            return call.format(*(self._print(a) for a in expr.args))  # type: ignore[union-attr]
         return super()._print(expr, **kwargs)  # type: ignore[misc]
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
@@ -134,27 +142,6 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
         self.helpers.add(op)
         return f"_{op}({grad}, {y})"
 
-    def _print_Sigmoid(self, expr: sp.Expr) -> str:
-        self.helpers.add("sigmoid")
-        return f"_sigmoid({self._print(expr.args[0])})"
-
-    def _print_Softplus(self, expr: sp.Expr) -> str:
-        return f"numpy.logaddexp(0.0, {self._print(expr.args[0])})"
-
-    def _print_erf(self, expr: sp.Expr) -> str:
-        self.helpers.add("erf")
-        return f"_erf({self._print(expr.args[0])})"
-
-    def _print_erfc(self, expr: sp.Expr) -> str:
-        self.helpers.add("erfc")
-        return f"_erfc({self._print(expr.args[0])})"
-
-    def _print_ClampMin(self, expr: sp.Expr) -> str:
-        return f"numpy.maximum({self._print(expr.args[0])}, {self._print(expr.args[1])})"
-
-    def _print_ClampedLog(self, expr: sp.Expr) -> str:
-        return f"numpy.maximum(numpy.log({self._print(expr.args[0])}), -100.0)"
-
 
 class TorchCodePrinter(_Common, NumPyPrinter):
     """numpy's printing rules with torch's function names.
@@ -178,27 +165,8 @@ class TorchCodePrinter(_Common, NumPyPrinter):
         super().__init__({"strict": True, "fully_qualified_modules": True})
         self.helpers = set()
 
-    def _print_Sigmoid(self, expr: sp.Expr) -> str:
-        return f"torch.sigmoid({self._print(expr.args[0])})"
-
     def _derivative_call(self, op: str, grad: str, y: str) -> str:
         return f"torch.ops.aten.{op}({grad}, {y})"
-
-    def _print_erf(self, expr: sp.Expr) -> str:
-        return f"torch.erf({self._print(expr.args[0])})"
-
-    def _print_Softplus(self, expr: sp.Expr) -> str:
-        self.helpers.add("softplus")
-        return f"_softplus({self._print(expr.args[0])})"
-
-    def _print_erfc(self, expr: sp.Expr) -> str:
-        return f"torch.erfc({self._print(expr.args[0])})"
-
-    def _print_ClampMin(self, expr: sp.Expr) -> str:
-        return f"torch.clamp({self._print(expr.args[0])}, min={self._print(expr.args[1])})"
-
-    def _print_ClampedLog(self, expr: sp.Expr) -> str:
-        return f"torch.clamp(torch.log({self._print(expr.args[0])}), min=-100.0)"
 
     def _print_Add(self, expr: sp.Add, order: object = None) -> str:
         return sp.printing.str.StrPrinter._print_Add(self, expr, order)  # type: ignore[arg-type]

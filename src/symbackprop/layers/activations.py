@@ -12,8 +12,13 @@ from typing import Any
 
 import sympy as sp
 
-from ..derive.functions import Sigmoid, Softplus
+from ..derive.functions import Expm1, Sigmoid, Softplus
 from .base import Activation, register_activation
+
+
+def _number(value: float) -> sp.Expr:
+    # alpha = 1 multiplies by nothing in the generated code.
+    return sp.Integer(int(value)) if float(value).is_integer() else sp.Float(value)
 
 
 def _torch() -> Any:
@@ -37,6 +42,11 @@ register_activation(Activation(
     lambda x, p: sp.Piecewise((x, x > 0), (sp.Float(p["alpha"]) * x, True)),
     lambda x, p: _torch().nn.functional.leaky_relu(x, p["alpha"]),
     params={"alpha": 0.01}, kink="f'(0) = alpha"))
+register_activation(Activation(
+    "elu", "f(x) = x if x > 0 else alpha (exp(x) - 1)",
+    lambda x, p: sp.Piecewise((x, x > 0), (_number(p["alpha"]) * Expm1(x), True)),
+    lambda x, p: _torch().nn.functional.elu(x, p["alpha"]),
+    params={"alpha": 1.0}, kink="f'(0) = alpha"))
 register_activation(Activation(
     "softplus", "f(x) = log(1 + exp(x))", lambda x, p: Softplus(x),
     lambda x, p: _torch().nn.functional.softplus(x, threshold=60.0)))

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import sympy as sp
 
+from .. import naming
 from ..graph import Graph, Node
 from ..spec import LayerSpec, LossSpec, Where
 
@@ -23,23 +24,77 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Option:
-    """One YAML key of a layer or loss: its kind, default and meaning."""
+    """One YAML key of a layer or loss: its kind, default and meaning.
+
+    ``choices`` are the names a ``trainable`` option's mapping may use (the layer's
+    parameters).
+    """
 
     kind: str
     default: object = REQUIRED
     doc: str = ""
+    choices: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
 
+INITS = ("uniform_fan_in", "zeros", "ones", "normal")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter a layer owns: how it starts and whether it trains by default.
+
+    ``init`` is one of :data:`INITS`: ``uniform_fan_in`` draws from
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as torch.nn.Linear does; ``normal`` draws from
+    N(0, std^2). The generated modules' ``init_params`` draw these from one
+    backend-independent generator, so numpy and torch start from the same numbers.
+    """
+
+    doc: str
+    init: str = "uniform_fan_in"
+    std: float = 1.0
+    trainable: bool = True
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; known: {', '.join(INITS)}")
+
+    def initial(self, fan_in: int | None) -> tuple[str, float]:
+        """The graph node's ``init``: (kind, scale), scale the bound or the std."""
+        if self.init == "uniform_fan_in":
+            if fan_in is None:
+                raise ValueError("uniform_fan_in needs the layer's fan_in")
+            return ("uniform", 1.0 / fan_in**0.5)
+        if self.init == "normal":
+            return ("normal", float(self.std))
+        return (self.init, 0.0)
+
+
+def trainable(spec: LayerSpec, role: str, default: bool) -> bool:
+    """Whether ``role`` trains: the layer's ``trainable`` option (a bool for every
+    parameter, or {name: bool} for some), else the parameter's declared default."""
+    value = spec.options.get("trainable")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, tuple):
+        return dict(value).get(role, default)
+    return default
+
+
 class Layer:
-    """Base class of a registered layer type."""
+    """Base class of a registered layer type.
+
+    A layer that owns parameters declares them in ``params`` (name -> :class:`Param`)
+    and creates each with :meth:`param`; registering it adds the ``trainable`` option.
+    """
 
     key: ClassVar[str]
     doc: ClassVar[str]
     options: ClassVar[Mapping[str, Option]] = {}
+    params: ClassVar[Mapping[str, Param]] = {}
     arity: ClassVar[tuple[int, int | None]] = (1, 1)
     # Small option sets the parametrized tests build one network from each.
     test_cases: ClassVar[tuple[Mapping[str, object], ...]] = ({},)
@@ -58,11 +113,27 @@ class Layer:
         """The same layer in plain torch ops (autograd differentiates it)."""
         raise NotImplementedError
 
+    @classmethod
+    def param(cls, graph: Graph, spec: LayerSpec, role: str, shape: tuple[sp.Expr, ...],
+              fan_in: int | None = None) -> Node:
+        """Add the parameter ``role`` (declared in ``params``) of this layer to the graph."""
+        decl = cls.params[role]
+        dotted = naming.param_name(spec.name, role)
+        return graph.add(Node(naming.param_var(dotted), shape, "param", spec.name, spec.where,
+                              param=dotted, trainable=trainable(spec, role, decl.trainable),
+                              init=decl.initial(fan_in)))
+
 
 LAYERS: dict[str, type[Layer]] = {}
 
 
 def register_layer(cls: type[Layer]) -> type[Layer]:
+    if cls.params and "trainable" not in cls.options:
+        names = ", ".join(cls.params)
+        cls.options = {**cls.options, "trainable": Option(
+            "trainable", None, f"true or false for every parameter, or a mapping "
+            f"{{name: true/false}} over {names} (default: each parameter's own default)",
+            choices=tuple(cls.params))}
     LAYERS[cls.key] = cls
     return cls
 

@@ -17,8 +17,8 @@ from .. import naming
 from ..errors import ShapeError
 from ..graph import Graph, Node, out_index, sum_index
 from ..spec import LayerSpec
-from .base import Layer, Option, register_layer
-from .core import _param, feature_size
+from .base import Layer, Option, Param, register_layer
+from .core import feature_size
 
 
 @register_layer
@@ -31,7 +31,11 @@ class Bilinear(Layer):
     options = {
         "units": Option("units", doc="output features"),
         "bias": Option("bool", True, "learn an additive bias"),
-        "trainable": Option("bool", True, "false freezes the weights: no gradient code"),
+    }
+    # torch.nn.Bilinear: both drawn from U(-1/sqrt(in1), 1/sqrt(in1))
+    params = {
+        "weight": Param("out x in1 x in2, as torch.nn.Bilinear", "uniform_fan_in"),
+        "bias": Param("one per output", "uniform_fan_in"),
     }
     test_cases = (
         {"units": 3, "_branches": {"b0": 3, "b1": 2}},
@@ -48,16 +52,14 @@ class Bilinear(Layer):
                               "every axis but the last", ShapeError)
         in1, in2 = feature_size(x1, where), feature_size(x2, where)
         units = int(spec.options["units"])  # type: ignore[arg-type]
-        trainable = bool(spec.options["trainable"])
-        bound = 1.0 / in1**0.5  # torch.nn.Bilinear: U(-1/sqrt(in1), 1/sqrt(in1))
-        weight = _param(graph, spec, "weight", (sp.Integer(units), sp.Integer(in1),
-                                                sp.Integer(in2)), trainable, bound)
+        weight = cls.param(graph, spec, "weight", (sp.Integer(units), sp.Integer(in1),
+                                                   sp.Integer(in2)), in1)
         idx = tuple(out_index(k) for k in range(x1.rank))
         a, b = sum_index(0), sum_index(1)
         body: sp.Expr = sp.Sum(x1.element((*idx[:-1], a)) * weight.element((idx[-1], a, b))
                                * x2.element((*idx[:-1], b)), (a, 0, in1 - 1), (b, 0, in2 - 1))
         if spec.options["bias"]:
-            bias = _param(graph, spec, "bias", (sp.Integer(units),), trainable, bound)
+            bias = cls.param(graph, spec, "bias", (sp.Integer(units),), in1)
             body = body + bias.element((idx[-1],))
         return graph.op(spec.name, (*x1.shape[:-1], sp.Integer(units)), body, layer=spec.name,
                         where=spec.where, kind="contraction", label="bilinear")

@@ -11,7 +11,7 @@ from .. import naming
 from ..errors import ShapeError
 from ..graph import Graph, Node, sum_index
 from ..spec import ActivationSpec, LayerSpec, Where
-from .base import ACTIVATIONS, Layer, Option, register_layer
+from .base import ACTIVATIONS, Layer, Option, Param, register_layer
 
 
 def apply_activation(graph: Graph, act: ActivationSpec | None, pre: Node, out_name: str,
@@ -58,26 +58,36 @@ class Dense(Layer):
         "units": Option("units", doc="output features"),
         "activation": Option("activation", None, "activation applied to z (default: none)"),
         "bias": Option("bool", True, "learn an additive bias"),
-        "trainable": Option("bool", True, "false freezes the weights: no gradient code"),
+    }
+    params = {
+        "weight": Param("out x in, as torch.nn.Linear", "uniform_fan_in"),
+        "bias": Param("one per output", "uniform_fan_in"),
     }
     test_cases = ({"units": 3}, {"units": 2, "bias": False}, {"units": 3, "trainable": False},
+                  {"units": 3, "trainable": {"weight": False}},
                   {"units": 3, "_input": ["N", 2, 3]}, {"units": 2, "_input": ["N", 2, 2, 3]})
+
+    @classmethod
+    def validate(cls, inputs: tuple[str, ...], options: Mapping[str, object],
+                 wheres: Mapping[str, Where]) -> None:
+        value = options.get("trainable")
+        if not options["bias"] and isinstance(value, tuple) and "bias" in dict(value):
+            raise wheres["trainable"].error("trainable names 'bias' but the layer has "
+                                            "bias: false")
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
         (x,) = inputs
         fan_in = feature_size(x, spec.option_where.get("input", spec.where))
         units = int(spec.options["units"])  # type: ignore[arg-type]
-        trainable = bool(spec.options["trainable"])
-        bound = 1.0 / fan_in**0.5
-        weight = _param(graph, spec, "weight", (sp.Integer(units), sp.Integer(fan_in)),
-                        trainable, bound)
+        weight = cls.param(graph, spec, "weight", (sp.Integer(units), sp.Integer(fan_in)),
+                           fan_in)
         idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(x.rank))
         s = sum_index(0)
         body: sp.Expr = sp.Sum(x.element((*idx[:-1], s)) * weight.element((idx[-1], s)),
                                (s, 0, fan_in - 1))
         if spec.options["bias"]:
-            bias = _param(graph, spec, "bias", (sp.Integer(units),), trainable, bound)
+            bias = cls.param(graph, spec, "bias", (sp.Integer(units),), fan_in)
             body = body + bias.element((idx[-1],))
         act: ActivationSpec | None = spec.options["activation"]  # type: ignore[assignment]
         has_act = act is not None and act.type != "identity"
@@ -94,13 +104,6 @@ class Dense(Layer):
         bias = params.get(naming.param_name(spec.name, "bias")) if spec.options["bias"] else None
         z = torch.nn.functional.linear(inputs[0], weight, bias)
         return activation_reference(spec.options["activation"], z)  # type: ignore[arg-type]
-
-
-def _param(graph: Graph, spec: LayerSpec, role: str, shape: tuple[sp.Expr, ...],
-           trainable: bool, bound: float) -> Node:
-    dotted = naming.param_name(spec.name, role)
-    return graph.add(Node(naming.param_var(dotted), shape, "param", spec.name, spec.where,
-                          param=dotted, trainable=trainable, init=("uniform", bound)))
 
 
 @register_layer
