@@ -57,6 +57,32 @@ def _environment(*, cache: bool = True) -> jinja2.Environment:
     return env
 
 
+def docstring_text(text: str, *, multiline: bool = False) -> str:
+    """``text`` escaped for the inside of a triple-double-quoted docstring.
+
+    Spec text (a description, a file name) may hold quotes, backslashes, NUL, lone
+    surrogates or control characters; pasted raw into a docstring, ``\"\"\"`` would end it
+    and the next line would run at import. Escaped like this, the docstring evaluates to
+    exactly ``text``, and the module's statements are the same whatever the text is.
+    Only ``multiline`` text keeps its newlines as line breaks.
+    """
+    out: list[str] = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n" and multiline:
+            out.append(ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 @dataclass
 class Line:
     comment: list[str]
@@ -204,8 +230,8 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     context: dict[str, object] = {
         "version": __version__,
         "model": spec.name,
-        "description": spec.description,
-        "spec_label": spec_label,
+        "description": docstring_text(spec.description, multiline=True),
+        "spec_label": docstring_text(spec_label),
         "sha256": spec.sha256,
         "params": [
             {"name": p.param, "var": p.name, "shape": _shape_tuple(p.shape),
@@ -311,4 +337,4 @@ def module_filename(model: str, backend: str) -> str:
     return f"{model}_{backend}.py"
 
 
-__all__ = ["BACKENDS", "render", "module_filename", "naming"]
+__all__ = ["BACKENDS", "docstring_text", "render", "module_filename", "naming"]
