@@ -84,7 +84,19 @@ class _Common:
 
     def _print(self, expr: object, **kwargs: object) -> str:  # type: ignore[override]
         if isinstance(expr, sp.Basic) and expr.is_number and not expr.is_Integer:
-            value = float(expr)  # type: ignore[arg-type]
+            try:
+                value = float(expr)  # type: ignore[arg-type]
+            except TypeError:  # softplus(0): evaluate through its rewrite, else print the call
+                try:
+                    value = float(expr.rewrite(sp.exp).rewrite(sp.log))  # type: ignore[arg-type]
+                except TypeError:
+                    return super()._print(expr, **kwargs)  # type: ignore[misc]
+            if value != value:
+                return f"{self._module}.nan"  # type: ignore[attr-defined]
+            if value in (float("inf"), float("-inf")):
+                # repr(inf) is the bare name inf, a NameError in the generated module.
+                text = f"{self._module}.inf"  # type: ignore[attr-defined]
+                return text if value > 0 else f"(-{text})"
             return repr(value) if value >= 0 else f"({value!r})"
         return super()._print(expr, **kwargs)  # type: ignore[misc]
 
@@ -128,6 +140,33 @@ class _Common:
             return f"{self._module}.sqrt({self._print(base)})"  # type: ignore[attr-defined]
         return f"{b}**{self.parenthesize(exp, 60)}"  # type: ignore[attr-defined]
 
+    # Boolean temporaries of the function being printed ({"tmp0": h2_z > 0}), so that a
+    # where() on a shared mask can still be printed NaN-preserving.
+    conditions: dict[str, sp.Expr] = {}
+
+    def _nan_preserving(self, value: sp.Expr, cond: sp.Expr, last: sp.Expr) -> str | None:
+        """``where(z > 0, z, 0)`` maps a NaN z to 0 (NaN > 0 is false), where torch's relu
+        gives NaN. With a constant fallback, print the negated test instead:
+        ``where(z <= 0, 0, z)`` is NaN for a NaN z and equal everywhere else; relu itself
+        is ``maximum(z, 0)`` (torch: ``relu``), which propagates NaN and is one pass."""
+        if not last.is_number or value.is_number:
+            return None
+        if isinstance(cond, sp.Symbol) and cond.name in self.conditions:
+            cond = self.conditions[cond.name]
+        negate = {">": "<=", ">=": "<", "<": ">=", "<=": ">"}
+        if not isinstance(cond, sp.core.relational.Relational) or cond.rel_op not in negate:
+            return None
+        arrays = {s for s in cond.free_symbols if not s.is_integer}
+        if not arrays or not arrays <= value.free_symbols:
+            return None  # the test reads an array this statement does not: keep the mask
+        if cond.rel_op in (">", ">=") and value == cond.lhs and last == cond.rhs == 0:
+            return self._relu(self._print(value))
+        test = f"({self._print(cond.lhs)} {negate[cond.rel_op]} {self._print(cond.rhs)})"
+        return f"{self._module}.where({test}, {self._print(last)}, {self._print(value)})"  # type: ignore[attr-defined]
+
+    def _relu(self, text: str) -> str:
+        raise NotImplementedError
+
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
         *cases, (last, cond) = expr.args
         if cond != sp.true:
@@ -143,7 +182,13 @@ class _Common:
             text = self._print(value)
             return self._typed_scalar(like, text) if like else text
 
-        code = branch(last)
+        code = None
+        if cases:  # the innermost where() decides what a NaN maps to
+            code = self._nan_preserving(cases[-1][0], cases[-1][1], last)
+        if code is not None:
+            cases = cases[:-1]
+        else:
+            code = branch(last)
         for value, condition in reversed(cases):
             code = (f"{self._module}.where({self._print(condition)}, "  # type: ignore[attr-defined]
                     f"{branch(value)}, {code})")
@@ -155,6 +200,9 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
 
     def _typed_scalar(self, like: str, text: str) -> str:
         return f"{like}.dtype.type({text})"
+
+    def _relu(self, text: str) -> str:
+        return f"numpy.maximum({text}, 0)"
 
     def __init__(self) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
@@ -203,6 +251,9 @@ class TorchCodePrinter(_Common, NumPyPrinter):
 
     def _typed_scalar(self, like: str, text: str) -> str:
         return f"{like}.new_tensor({text})"
+
+    def _relu(self, text: str) -> str:
+        return f"torch.relu({text})"
 
     def __init__(self) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
