@@ -162,7 +162,10 @@ class _Common:
         if cond.rel_op in (">", ">=") and value == cond.lhs and last == cond.rhs == 0:
             return self._relu(self._print(value))
         test = f"({self._print(cond.lhs)} {negate[cond.rel_op]} {self._print(cond.rhs)})"
-        return f"{self._module}.where({test}, {self._print(last)}, {self._print(value)})"  # type: ignore[attr-defined]
+        return self._where(test, self._print(last), self._print(value), _may_warn(value))
+
+    def _where(self, cond: str, then: str, otherwise: str, may_warn: bool) -> str:
+        return f"{self._module}.where({cond}, {then}, {otherwise})"  # type: ignore[attr-defined]
 
     def _relu(self, text: str) -> str:
         raise NotImplementedError
@@ -189,14 +192,41 @@ class _Common:
             cases = cases[:-1]
         else:
             code = branch(last)
-        for value, condition in reversed(cases):
-            code = (f"{self._module}.where({self._print(condition)}, "  # type: ignore[attr-defined]
-                    f"{branch(value)}, {code})")
+        for n, (value, condition) in enumerate(reversed(cases)):
+            # The branch printed so far (``code``) is everything after this case.
+            rest = expr.args[len(cases) - n:]
+            may_warn = _may_warn(value) or any(_may_warn(v) for v, _ in rest)
+            code = self._where(self._print(condition), branch(value), code, may_warn)
         return code
+
+
+# Functions whose numpy evaluation cannot warn for a finite argument (the stable
+# primitives go through logaddexp; tanh, sin, cos and erf are bounded).
+_QUIET_FUNCTIONS = frozenset({"Sigmoid", "Softplus", "tanh", "sin", "cos", "erf", "erfc",
+                              "ClampMin"})
+
+
+def _may_warn(expr: sp.Expr) -> bool:
+    """Whether numpy may raise a RuntimeWarning evaluating ``expr`` on finite arrays:
+    a log, exp, sqrt, ... or a division or a fractional power."""
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Function) and type(node).__name__ not in _QUIET_FUNCTIONS:
+            return True
+        if isinstance(node, sp.Pow) and not (node.exp.is_Integer and node.exp >= 0):
+            return True
+    return False
 
 
 class NumpyCodePrinter(_Common, NumPyPrinter):
     _module = "numpy"
+
+    def _where(self, cond: str, then: str, otherwise: str, may_warn: bool) -> str:
+        # A branch that may warn (log of a negative number where the other branch is
+        # taken) is evaluated with the warnings of the discarded entries silenced.
+        if not may_warn:
+            return f"numpy.where({cond}, {then}, {otherwise})"
+        self.helpers.add("masked_where")
+        return f"_masked_where({cond}, lambda: {then}, lambda: {otherwise})"
 
     def _typed_scalar(self, like: str, text: str) -> str:
         return f"{like}.dtype.type({text})"
