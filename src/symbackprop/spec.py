@@ -371,13 +371,14 @@ def load(path: str | Path) -> ModelSpec:
         raise SpecError("is a directory, not a spec file", file=label) from None
     except OSError as exc:
         raise SpecError(f"cannot read: {exc.strerror}", file=label) from None
-    with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(fd).st_mode
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
         if stat.S_ISDIR(mode):
             raise SpecError("is a directory, not a spec file", file=label)
-        if not stat.S_ISREG(mode):
-            raise SpecError("not a regular file (a pipe or a device); give a spec file",
-                            file=label)
+        raise SpecError("not a regular file (a pipe or a device); give a spec file",
+                        file=label)
+    with os.fdopen(fd, "rb") as handle:
         try:
             data = handle.read(yamlsafe.MAX_BYTES + 1)
         except OSError as exc:
