@@ -134,7 +134,7 @@ def load(text: str | bytes, file: str) -> Document:
             # 2001-02-03 is a date to YAML 1.1 (and 2001-02-30 an error); no field of a
             # spec is a date, so it stays the text it looks like.
             return n.value
-        if n.tag == INT and sum(ch.isdigit() for ch in n.value) > MAX_DIGITS:
+        if n.tag == INT and sum(ch.isalnum() for ch in n.value) > MAX_DIGITS:
             raise _fail(file, n.start_mark, f"integer with more than {MAX_DIGITS} digits")
         try:
             return constructor.construct_object(n)
