@@ -921,13 +921,14 @@ def _params_error(params):
 
 
 def _as_tensor(name, value, dtype, device):
-    # Inputs take the parameters' dtype and device: lists, integers and booleans are
-    # converted; floats of another precision or tensors on another device are refused.
+    # Inputs take the parameters' dtype and device: lists, integer and boolean tensors
+    # are converted; float tensors of another precision, or on another device, are
+    # refused rather than silently rounded or copied.
     if type(value) is torch.Tensor and value.dtype is dtype and value.device == device:
         return value
     if not isinstance(value, torch.Tensor):
         try:
-            value = torch.as_tensor(value, device=device)
+            return torch.as_tensor(value, dtype=dtype, device=device)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{name}: expected a tensor, got {type(value).__name__}") from exc
     if value.device != device:

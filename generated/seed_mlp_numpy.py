@@ -570,11 +570,17 @@ def _params_error(params):
 
 
 def _as_array(name, value, dtype):
-    # Inputs take the parameters' dtype: lists, integers and booleans are converted;
-    # floats of another precision are refused rather than silently rounded.
+    # Inputs take the parameters' dtype: lists, integer and boolean arrays are
+    # converted; float arrays of another precision are refused, not silently rounded.
     if type(value) is numpy.ndarray and value.dtype is dtype:
         return value
-    array = numpy.asarray(value)
+    if not isinstance(value, numpy.ndarray):
+        try:
+            return numpy.asarray(value, dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: expected an array of numbers, got "
+                             f"{type(value).__name__}") from exc
+    array = value
     if array.dtype.kind == "f" and array.dtype != dtype:
         raise ValueError(f"{name}: expected dtype {dtype} (the parameters' dtype), "
                          f"got {array.dtype}")
