@@ -994,7 +994,8 @@ def _tanh_backward(grad, y):
 
 
 def init_params(seed=0, dtype=numpy.float64):
-    """Fresh parameters: uniform in +-1/sqrt(fan_in), as torch.nn.Linear initialises."""
+    """Fresh parameters, each as its layer declares (dense: uniform in +-1/sqrt(fan_in),
+    as torch.nn.Linear initialises; constant-initialised parameters get their constant)."""
     rng = numpy.random.default_rng(seed)
     return {
         "h1.weight": rng.uniform(-0.125, 0.125, size=(32, 64)).astype(dtype),

@@ -634,7 +634,8 @@ def _sigmoid_backward(grad, y):
 
 
 def init_params(seed=0, dtype=numpy.float64):
-    """Fresh parameters: uniform in +-1/sqrt(fan_in), as torch.nn.Linear initialises."""
+    """Fresh parameters, each as its layer declares (dense: uniform in +-1/sqrt(fan_in),
+    as torch.nn.Linear initialises; constant-initialised parameters get their constant)."""
     rng = numpy.random.default_rng(seed)
     return {
         "fc1.weight": rng.uniform(-0.707106781187, 0.707106781187, size=(3, 2)).astype(dtype),

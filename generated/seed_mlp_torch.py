@@ -597,7 +597,8 @@ def _expect(name, value, shape):
 
 
 def init_params(seed=0, dtype=None, device=None):
-    """Fresh parameters: uniform in +-1/sqrt(fan_in), as torch.nn.Linear initialises."""
+    """Fresh parameters, each as its layer declares (dense: uniform in +-1/sqrt(fan_in),
+    as torch.nn.Linear initialises; constant-initialised parameters get their constant)."""
     generator = torch.Generator().manual_seed(seed)
     dtype = dtype if dtype is not None else torch.get_default_dtype()
     shapes = PARAM_SHAPES

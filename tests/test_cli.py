@@ -301,7 +301,8 @@ def test_simplification_budget_falls_back_to_the_exact_form(tmp_path, monkeypatc
     monkeypatch.setattr(calculus, "_SIMPLIFIED", calculus._Memo())  # nothing remembered
     spec = tmp_path / "b.yaml"
     spec.write_text("name: b\ninputs: {x: [N, 2]}\ntargets: {t: [N, 1]}\nlayers:\n"
-                    '  - {name: fc, type: dense, units: 1, activation: {formula: "x*tanh(x)+x**3/7"}}\n'
+                    "  - {name: fc, type: dense, units: 1, "
+                    'activation: {formula: "x*tanh(x)+x**3/7"}}\n'
                     "loss: {type: mse, target: t}\n")
     started = time.perf_counter()
     assert main(["check", str(spec)]) == 0

@@ -117,8 +117,8 @@ def test_nan_in_nan_out_like_torch(backend) -> None:
     assert np.isnan(float(loss))
     value, _ = module.loss_and_grad(params, x=_as(backend, x), label=_as(backend, label))
     assert np.isnan(float(value))
-    h = torch.tanh(torch.nn.functional.linear(torch.from_numpy(x),
-                                              torch.from_numpy(MLP["numpy"].init_params(0)["h1.weight"])))
+    weight = torch.from_numpy(MLP["numpy"].init_params(0)["h1.weight"])
+    h = torch.tanh(torch.nn.functional.linear(torch.from_numpy(x), weight))
     assert torch.isnan(torch.relu(h)).any()  # the reference behaviour
 
 
@@ -126,7 +126,8 @@ def _formula_module(tmp_path, formula: str):
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "f.yaml"
     spec.write_text("name: f\ninputs: {x: [N, 1]}\ntargets: {t: [N, 1]}\nlayers:\n"
-                    f'  - {{name: fc, type: dense, units: 1, activation: {{formula: "{formula}"}}}}\n'
+                    "  - {name: fc, type: dense, units: 1, "
+                    f'activation: {{formula: "{formula}"}}}}\n'
                     "loss: {type: mse, target: t}\n")
     assert main(["generate", str(spec), "--out", str(tmp_path / "o")]) == 0
     return load_module(tmp_path / "o" / "f_numpy.py")

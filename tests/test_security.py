@@ -60,16 +60,16 @@ def spec_text(field: str, value: str) -> str:
     v = {key: json.dumps(plain) for key, plain in FIELDS}
     v[field] = json.dumps(value)
     if field == "activation_type":
-        act = "{type: %s}" % v["activation_type"]
+        act = f"{{type: {v['activation_type']}}}"
     elif field == "activation_formula":
-        act = "{formula: %s}" % v["activation_formula"]
+        act = f"{{formula: {v['activation_formula']}}}"
     else:
         act = v["activation"]
     if field == "loss_formula":
-        loss = "{formula: %s, target: %s}" % (v["loss_formula"], v["loss_target"])
+        loss = f"{{formula: {v['loss_formula']}, target: {v['loss_target']}}}"
     else:
-        loss = "{type: %s, prediction: %s, target: %s}" % (
-            v["loss_type"], v["loss_prediction"], v["loss_target"])
+        loss = (f"{{type: {v['loss_type']}, prediction: {v['loss_prediction']}, "
+                f"target: {v['loss_target']}}}")
     return "\n".join([
         f"name: {v['name']}",
         f"description: {v['description']}",

@@ -106,8 +106,9 @@ class _Printer:
         """Printed statements; with ``keep``, every other array this function computes
         (or is handed in ``owned``) is deleted after its last use, so peak memory is what
         is live, not all that was made."""
+        relational = sp.core.relational.Relational
         self.printer.conditions = {s.target: s.expr for s in stmts
-                                   if s.kind == "expr" and isinstance(s.expr, sp.core.relational.Relational)}
+                                   if s.kind == "expr" and isinstance(s.expr, relational)}
         last_use: dict[str, int] = {}
         defined = {stmt.target for stmt in stmts} | set(owned)
         for i, stmt in enumerate(stmts):
