@@ -153,3 +153,20 @@ def test_discarded_branch_warnings_are_silenced(tmp_path) -> None:
     module = _formula_module(tmp_path / "b", "where(x > -5, log(x), x)")
     with pytest.warns(RuntimeWarning):
         module.forward(params, x=np.array([[-3.0]]))
+
+
+def test_infinities_print_as_module_constants() -> None:
+    """repr(inf) is the bare name inf: a NameError at the first call of a module."""
+    import ast
+
+    import sympy as sp
+
+    from symbackprop.emit.printers import NumpyCodePrinter, TorchCodePrinter
+
+    x = sp.Symbol("x")
+    for printer, module in ((NumpyCodePrinter(), "numpy"), (TorchCodePrinter(), "torch")):
+        for expr in (sp.oo * x, x - sp.oo, sp.Float("1e400") * x, sp.Float("-1e999") + x):
+            text = printer.doprint(expr)
+            names = {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name)}
+            assert names <= {"x", module}, (text, names)
+            assert f"{module}.inf" in text

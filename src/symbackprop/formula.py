@@ -286,9 +286,14 @@ def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
     symbols = {name: sp.Symbol(name, real=True) for name in variables}
     expr = to_sympy(tree, symbols)
     for atom in expr.atoms(sp.Number):
-        if atom.is_finite is False or atom.is_real is False or atom is sp.nan or \
-                abs(float(atom)) > MAX_FLOAT:
-            raise FormulaProblem(f"the formula simplifies to a constant {atom} that is not "
+        try:
+            bad = (atom.is_finite is False or atom.is_real is False or atom is sp.nan
+                   or abs(float(atom)) > MAX_FLOAT)
+        except (OverflowError, TypeError):  # an integer past float range
+            bad = True
+        if bad:
+            text = str(atom) if len(str(atom)) <= 40 else str(sp.Float(atom, 4))
+            raise FormulaProblem(f"the formula simplifies to a constant {text} that is not "
                                  "a finite real number")
     if expr.has(sp.I, sp.zoo, sp.oo, sp.nan):
         raise FormulaProblem("the formula is not a finite real expression (it has a "
