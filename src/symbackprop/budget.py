@@ -16,7 +16,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-SIMPLIFY_SECONDS = 3.0
+SIMPLIFY_SECONDS = 2.0
 expired: list[str] = []  # where the limit was hit, for the one-line note
 
 
