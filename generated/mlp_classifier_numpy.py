@@ -170,9 +170,99 @@ TARGET_SHAPES = {
 }
 
 
+def _unpack(params):
+    # Every parameter must have its declared shape and all one floating dtype: numpy
+    # would broadcast a bias of shape (1,) and hand back a gradient of another shape.
+    # (Unrolled: this runs on every call, and costs about a microsecond.)
+    try:
+        h1_weight = params["h1.weight"]
+        h1_bias = params["h1.bias"]
+        h2_weight = params["h2.weight"]
+        h2_bias = params["h2.bias"]
+        logits_weight = params["logits.weight"]
+        logits_bias = params["logits.bias"]
+        dtype = h1_weight.dtype
+        if (
+            (
+                h1_weight.shape,
+                h1_bias.shape,
+                h2_weight.shape,
+                h2_bias.shape,
+                logits_weight.shape,
+                logits_bias.shape,
+            ) == _SHAPES
+            and h1_bias.dtype is dtype
+            and h2_weight.dtype is dtype
+            and h2_bias.dtype is dtype
+            and logits_weight.dtype is dtype
+            and logits_bias.dtype is dtype
+            and dtype.kind == "f"
+        ):
+            return h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype
+    except (KeyError, AttributeError, TypeError):
+        pass
+    return _unpack_checked(params)
+
+
+_SHAPES = tuple(PARAM_SHAPES.values())
+
+
+def _unpack_checked(params):
+    # The careful path: the same checks one parameter at a time, naming the first
+    # problem (or returning the parameters, when only the fast path was too strict).
+    error = _params_error(params)
+    if error is not None:
+        raise error
+    values = tuple(params[name] for name in PARAM_SHAPES)
+    return (*values, values[0].dtype)
+
+
+def _params_error(params):
+    if not isinstance(params, dict):
+        return ValueError(f"params: expected a dict of arrays, got {type(params).__name__}")
+    first = None
+    for name, shape in PARAM_SHAPES.items():
+        if name not in params:
+            return ValueError(f"params: {name!r} is missing")
+        value = params[name]
+        if not isinstance(value, numpy.ndarray):
+            return ValueError(f"{name}: expected a numpy array, got {type(value).__name__}")
+        if value.shape != shape:
+            return ValueError(f"{name}: expected shape {shape}, got {value.shape}")
+        if value.dtype.kind != "f":
+            return ValueError(f"{name}: expected a floating dtype, got {value.dtype}")
+        if first is not None and value.dtype != params[first].dtype:
+            return ValueError(f"{name}: dtype {value.dtype} differs from {first}'s "
+                              f"{params[first].dtype}; use one dtype for all parameters")
+        first = first or name
+    return None
+
+
+def _as_array(name, value, dtype):
+    # Inputs take the parameters' dtype: lists, integer and boolean arrays are
+    # converted; float arrays of another precision are refused, not silently rounded.
+    if type(value) is numpy.ndarray and value.dtype is dtype:
+        return value
+    if not isinstance(value, numpy.ndarray):
+        try:
+            return numpy.asarray(value, dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: expected an array of numbers, got "
+                             f"{type(value).__name__}") from exc
+    array = value
+    if array.dtype.kind == "f" and array.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype} (the parameters' dtype), "
+                         f"got {array.dtype}")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected numbers, got {array.dtype}")
+    return array.astype(dtype, copy=False)
+
+
 def _expect(name, value, shape):
     if value.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {value.shape}")
+    if 0 in shape:
+        raise ValueError(f"{name}: the batch is empty (shape {shape})")
 
 
 def _matmul_nt(a, w):
@@ -284,12 +374,8 @@ def init_params(seed=0, dtype=numpy.float64):
 
 def forward(params, *, x):
     """The prediction `logits` for a batch of inputs."""
-    h1_weight = params["h1.weight"]
-    h1_bias = params["h1.bias"]
-    h2_weight = params["h2.weight"]
-    h2_bias = params["h2.bias"]
-    logits_weight = params["logits.weight"]
-    logits_bias = params["logits.bias"]
+    h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype = _unpack(params)
+    x = _as_array("x", x, dtype)
     N = x.shape[0]
     _expect("x", x, (N, 64))
     # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
@@ -304,7 +390,7 @@ def forward(params, *, x):
     del h1
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
-    h2 = numpy.where((h2_z > 0), h2_z, 0)
+    h2 = numpy.maximum(h2_z, 0)
     del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
@@ -315,12 +401,9 @@ def forward(params, *, x):
 
 def loss(params, *, x, label):
     """The scalar loss of one batch."""
-    h1_weight = params["h1.weight"]
-    h1_bias = params["h1.bias"]
-    h2_weight = params["h2.weight"]
-    h2_bias = params["h2.bias"]
-    logits_weight = params["logits.weight"]
-    logits_bias = params["logits.bias"]
+    h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype = _unpack(params)
+    x = _as_array("x", x, dtype)
+    label = _as_array("label", label, dtype)
     N = x.shape[0]
     _expect("x", x, (N, 64))
     _expect("label", label, (N, 10))
@@ -336,7 +419,7 @@ def loss(params, *, x, label):
     del h1
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
-    h2 = numpy.where((h2_z > 0), h2_z, 0)
+    h2 = numpy.maximum(h2_z, 0)
     del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
@@ -356,12 +439,9 @@ def loss(params, *, x, label):
 
 def loss_and_grad(params, *, x, label):
     """The loss and its gradient for every trainable parameter: (loss, {name: grad})."""
-    h1_weight = params["h1.weight"]
-    h1_bias = params["h1.bias"]
-    h2_weight = params["h2.weight"]
-    h2_bias = params["h2.bias"]
-    logits_weight = params["logits.weight"]
-    logits_bias = params["logits.bias"]
+    h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype = _unpack(params)
+    x = _as_array("x", x, dtype)
+    label = _as_array("label", label, dtype)
     N = x.shape[0]
     _expect("x", x, (N, 64))
     _expect("label", label, (N, 10))
@@ -378,7 +458,7 @@ def loss_and_grad(params, *, x, label):
     tmp0 = (h2_z > 0)
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
-    h2 = numpy.where(tmp0, h2_z, 0)
+    h2 = numpy.maximum(h2_z, 0)
     del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])

@@ -162,9 +162,109 @@ DERIVATIONS = {
 }
 
 
+def _unpack(params):
+    # Every parameter must have its declared shape, and all one floating dtype and one
+    # device: broadcasting would accept a bias of shape (1,) and hand back a gradient of
+    # another shape. (Unrolled: this runs on every call.)
+    try:
+        h1_weight = params["h1.weight"]
+        h1_bias = params["h1.bias"]
+        h2_weight = params["h2.weight"]
+        h2_bias = params["h2.bias"]
+        logits_weight = params["logits.weight"]
+        logits_bias = params["logits.bias"]
+        dtype = h1_weight.dtype
+        device = h1_weight.device
+        if (
+            (
+                h1_weight.shape,
+                h1_bias.shape,
+                h2_weight.shape,
+                h2_bias.shape,
+                logits_weight.shape,
+                logits_bias.shape,
+            ) == _SHAPES
+            and h1_bias.dtype is dtype
+            and h1_bias.device == device
+            and h2_weight.dtype is dtype
+            and h2_weight.device == device
+            and h2_bias.dtype is dtype
+            and h2_bias.device == device
+            and logits_weight.dtype is dtype
+            and logits_weight.device == device
+            and logits_bias.dtype is dtype
+            and logits_bias.device == device
+            and dtype.is_floating_point
+        ):
+            return h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype, device
+    except (KeyError, AttributeError, TypeError):
+        pass
+    return _unpack_checked(params)
+
+
+_SHAPES = tuple(torch.Size(shape) for shape in PARAM_SHAPES.values())
+
+
+def _unpack_checked(params):
+    # The careful path: the same checks one parameter at a time, naming the first
+    # problem (or returning the parameters, when only the fast path was too strict).
+    error = _params_error(params)
+    if error is not None:
+        raise error
+    values = tuple(params[name] for name in PARAM_SHAPES)
+    return (*values, values[0].dtype, values[0].device)
+
+
+def _params_error(params):
+    if not hasattr(params, "keys"):
+        return ValueError(f"params: expected a dict of tensors, got {type(params).__name__}")
+    first = None
+    for name, shape in PARAM_SHAPES.items():
+        if name not in params:
+            return ValueError(f"params: {name!r} is missing")
+        value = params[name]
+        if not isinstance(value, torch.Tensor):
+            return ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != shape:
+            return ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            return ValueError(f"{name}: expected a floating dtype, got {value.dtype}")
+        if first is not None and value.dtype != params[first].dtype:
+            return ValueError(f"{name}: dtype {value.dtype} differs from {first}'s "
+                              f"{params[first].dtype}; use one dtype for all parameters")
+        if first is not None and value.device != params[first].device:
+            return ValueError(f"{name}: on {value.device}, but {first} is on "
+                              f"{params[first].device}")
+        first = first or name
+    return None
+
+
+def _as_tensor(name, value, dtype, device):
+    # Inputs take the parameters' dtype and device: lists, integer and boolean tensors
+    # are converted; float tensors of another precision, or on another device, are
+    # refused rather than silently rounded or copied.
+    if type(value) is torch.Tensor and value.dtype is dtype and value.device == device:
+        return value
+    if not isinstance(value, torch.Tensor):
+        try:
+            return torch.as_tensor(value, dtype=dtype, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{name}: expected a tensor, got {type(value).__name__}") from exc
+    if value.device != device:
+        raise ValueError(f"{name}: on {value.device}, but the parameters are on {device}")
+    if value.dtype.is_floating_point and value.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype} (the parameters' dtype), "
+                         f"got {value.dtype}")
+    if value.dtype.is_complex:
+        raise ValueError(f"{name}: expected real numbers, got {value.dtype}")
+    return value.to(dtype)
+
+
 def _expect(name, value, shape):
     if tuple(value.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
+    if 0 in shape:
+        raise ValueError(f"{name}: the batch is empty (shape {shape})")
 
 
 
@@ -230,12 +330,8 @@ def init_params(seed=0, dtype=None, device=None):
 
 def forward(params, *, x):
     """The prediction `logits` for a batch of inputs."""
-    h1_weight = params["h1.weight"]
-    h1_bias = params["h1.bias"]
-    h2_weight = params["h2.weight"]
-    h2_bias = params["h2.bias"]
-    logits_weight = params["logits.weight"]
-    logits_bias = params["logits.bias"]
+    h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype, device = _unpack(params)
+    x = _as_tensor("x", x, dtype, device)
     N = x.shape[0]
     _expect("x", x, (N, 64))
     # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
@@ -250,7 +346,7 @@ def forward(params, *, x):
     del h1
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
-    h2 = torch.where((h2_z > 0), h2_z, 0)
+    h2 = torch.relu(h2_z)
     del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
@@ -261,12 +357,9 @@ def forward(params, *, x):
 
 def loss(params, *, x, label):
     """The scalar loss of one batch (no gradient tape: use Model.loss for .backward())."""
-    h1_weight = params["h1.weight"]
-    h1_bias = params["h1.bias"]
-    h2_weight = params["h2.weight"]
-    h2_bias = params["h2.bias"]
-    logits_weight = params["logits.weight"]
-    logits_bias = params["logits.bias"]
+    h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype, device = _unpack(params)
+    x = _as_tensor("x", x, dtype, device)
+    label = _as_tensor("label", label, dtype, device)
     N = x.shape[0]
     _expect("x", x, (N, 64))
     _expect("label", label, (N, 10))
@@ -283,7 +376,7 @@ def loss(params, *, x, label):
         del h1
 
         # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
-        h2 = torch.where((h2_z > 0), h2_z, 0)
+        h2 = torch.relu(h2_z)
         del h2_z
 
         # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
@@ -303,12 +396,9 @@ def loss(params, *, x, label):
 
 def loss_and_grad(params, *, x, label):
     """The loss and its gradient for every trainable parameter: (loss, {name: grad})."""
-    h1_weight = params["h1.weight"]
-    h1_bias = params["h1.bias"]
-    h2_weight = params["h2.weight"]
-    h2_bias = params["h2.bias"]
-    logits_weight = params["logits.weight"]
-    logits_bias = params["logits.bias"]
+    h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype, device = _unpack(params)
+    x = _as_tensor("x", x, dtype, device)
+    label = _as_tensor("label", label, dtype, device)
     N = x.shape[0]
     _expect("x", x, (N, 64))
     _expect("label", label, (N, 10))
@@ -326,7 +416,7 @@ def loss_and_grad(params, *, x, label):
         tmp0 = (h2_z > 0)
 
         # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
-        h2 = torch.where(tmp0, h2_z, 0)
+        h2 = torch.relu(h2_z)
         del h2_z
 
         # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
@@ -423,7 +513,7 @@ class LossFunction(torch.autograd.Function):
         tmp0 = (h2_z > 0)
 
         # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
-        h2 = torch.where(tmp0, h2_z, 0)
+        h2 = torch.relu(h2_z)
         del h2_z
 
         # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])

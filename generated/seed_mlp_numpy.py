@@ -129,9 +129,93 @@ TARGET_SHAPES = {
 }
 
 
+def _unpack(params):
+    # Every parameter must have its declared shape and all one floating dtype: numpy
+    # would broadcast a bias of shape (1,) and hand back a gradient of another shape.
+    # (Unrolled: this runs on every call, and costs about a microsecond.)
+    try:
+        fc1_weight = params["fc1.weight"]
+        fc1_bias = params["fc1.bias"]
+        fc2_weight = params["fc2.weight"]
+        fc2_bias = params["fc2.bias"]
+        dtype = fc1_weight.dtype
+        if (
+            (
+                fc1_weight.shape,
+                fc1_bias.shape,
+                fc2_weight.shape,
+                fc2_bias.shape,
+            ) == _SHAPES
+            and fc1_bias.dtype is dtype
+            and fc2_weight.dtype is dtype
+            and fc2_bias.dtype is dtype
+            and dtype.kind == "f"
+        ):
+            return fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype
+    except (KeyError, AttributeError, TypeError):
+        pass
+    return _unpack_checked(params)
+
+
+_SHAPES = tuple(PARAM_SHAPES.values())
+
+
+def _unpack_checked(params):
+    # The careful path: the same checks one parameter at a time, naming the first
+    # problem (or returning the parameters, when only the fast path was too strict).
+    error = _params_error(params)
+    if error is not None:
+        raise error
+    values = tuple(params[name] for name in PARAM_SHAPES)
+    return (*values, values[0].dtype)
+
+
+def _params_error(params):
+    if not isinstance(params, dict):
+        return ValueError(f"params: expected a dict of arrays, got {type(params).__name__}")
+    first = None
+    for name, shape in PARAM_SHAPES.items():
+        if name not in params:
+            return ValueError(f"params: {name!r} is missing")
+        value = params[name]
+        if not isinstance(value, numpy.ndarray):
+            return ValueError(f"{name}: expected a numpy array, got {type(value).__name__}")
+        if value.shape != shape:
+            return ValueError(f"{name}: expected shape {shape}, got {value.shape}")
+        if value.dtype.kind != "f":
+            return ValueError(f"{name}: expected a floating dtype, got {value.dtype}")
+        if first is not None and value.dtype != params[first].dtype:
+            return ValueError(f"{name}: dtype {value.dtype} differs from {first}'s "
+                              f"{params[first].dtype}; use one dtype for all parameters")
+        first = first or name
+    return None
+
+
+def _as_array(name, value, dtype):
+    # Inputs take the parameters' dtype: lists, integer and boolean arrays are
+    # converted; float arrays of another precision are refused, not silently rounded.
+    if type(value) is numpy.ndarray and value.dtype is dtype:
+        return value
+    if not isinstance(value, numpy.ndarray):
+        try:
+            return numpy.asarray(value, dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: expected an array of numbers, got "
+                             f"{type(value).__name__}") from exc
+    array = value
+    if array.dtype.kind == "f" and array.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype} (the parameters' dtype), "
+                         f"got {array.dtype}")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected numbers, got {array.dtype}")
+    return array.astype(dtype, copy=False)
+
+
 def _expect(name, value, shape):
     if value.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {value.shape}")
+    if 0 in shape:
+        raise ValueError(f"{name}: the batch is empty (shape {shape})")
 
 
 def _sigmoid(x):
@@ -231,10 +315,8 @@ def init_params(seed=0, dtype=numpy.float64):
 
 def forward(params, *, x):
     """The prediction `fc2` for a batch of inputs."""
-    fc1_weight = params["fc1.weight"]
-    fc1_bias = params["fc1.bias"]
-    fc2_weight = params["fc2.weight"]
-    fc2_bias = params["fc2.bias"]
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype = _unpack(params)
+    x = _as_array("x", x, dtype)
     N = x.shape[0]
     _expect("x", x, (N, 2))
     # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
@@ -256,10 +338,9 @@ def forward(params, *, x):
 
 def loss(params, *, x, t):
     """The scalar loss of one batch."""
-    fc1_weight = params["fc1.weight"]
-    fc1_bias = params["fc1.bias"]
-    fc2_weight = params["fc2.weight"]
-    fc2_bias = params["fc2.bias"]
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype = _unpack(params)
+    x = _as_array("x", x, dtype)
+    t = _as_array("t", t, dtype)
     N = x.shape[0]
     _expect("x", x, (N, 2))
     _expect("t", t, (N, 1))
@@ -288,10 +369,9 @@ def loss(params, *, x, t):
 
 def loss_and_grad(params, *, x, t):
     """The loss and its gradient for every trainable parameter: (loss, {name: grad})."""
-    fc1_weight = params["fc1.weight"]
-    fc1_bias = params["fc1.bias"]
-    fc2_weight = params["fc2.weight"]
-    fc2_bias = params["fc2.bias"]
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype = _unpack(params)
+    x = _as_array("x", x, dtype)
+    t = _as_array("t", t, dtype)
     N = x.shape[0]
     _expect("x", x, (N, 2))
     _expect("t", t, (N, 1))

@@ -121,9 +121,101 @@ DERIVATIONS = {
 }
 
 
+def _unpack(params):
+    # Every parameter must have its declared shape, and all one floating dtype and one
+    # device: broadcasting would accept a bias of shape (1,) and hand back a gradient of
+    # another shape. (Unrolled: this runs on every call.)
+    try:
+        fc1_weight = params["fc1.weight"]
+        fc1_bias = params["fc1.bias"]
+        fc2_weight = params["fc2.weight"]
+        fc2_bias = params["fc2.bias"]
+        dtype = fc1_weight.dtype
+        device = fc1_weight.device
+        if (
+            (
+                fc1_weight.shape,
+                fc1_bias.shape,
+                fc2_weight.shape,
+                fc2_bias.shape,
+            ) == _SHAPES
+            and fc1_bias.dtype is dtype
+            and fc1_bias.device == device
+            and fc2_weight.dtype is dtype
+            and fc2_weight.device == device
+            and fc2_bias.dtype is dtype
+            and fc2_bias.device == device
+            and dtype.is_floating_point
+        ):
+            return fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, device
+    except (KeyError, AttributeError, TypeError):
+        pass
+    return _unpack_checked(params)
+
+
+_SHAPES = tuple(torch.Size(shape) for shape in PARAM_SHAPES.values())
+
+
+def _unpack_checked(params):
+    # The careful path: the same checks one parameter at a time, naming the first
+    # problem (or returning the parameters, when only the fast path was too strict).
+    error = _params_error(params)
+    if error is not None:
+        raise error
+    values = tuple(params[name] for name in PARAM_SHAPES)
+    return (*values, values[0].dtype, values[0].device)
+
+
+def _params_error(params):
+    if not hasattr(params, "keys"):
+        return ValueError(f"params: expected a dict of tensors, got {type(params).__name__}")
+    first = None
+    for name, shape in PARAM_SHAPES.items():
+        if name not in params:
+            return ValueError(f"params: {name!r} is missing")
+        value = params[name]
+        if not isinstance(value, torch.Tensor):
+            return ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != shape:
+            return ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            return ValueError(f"{name}: expected a floating dtype, got {value.dtype}")
+        if first is not None and value.dtype != params[first].dtype:
+            return ValueError(f"{name}: dtype {value.dtype} differs from {first}'s "
+                              f"{params[first].dtype}; use one dtype for all parameters")
+        if first is not None and value.device != params[first].device:
+            return ValueError(f"{name}: on {value.device}, but {first} is on "
+                              f"{params[first].device}")
+        first = first or name
+    return None
+
+
+def _as_tensor(name, value, dtype, device):
+    # Inputs take the parameters' dtype and device: lists, integer and boolean tensors
+    # are converted; float tensors of another precision, or on another device, are
+    # refused rather than silently rounded or copied.
+    if type(value) is torch.Tensor and value.dtype is dtype and value.device == device:
+        return value
+    if not isinstance(value, torch.Tensor):
+        try:
+            return torch.as_tensor(value, dtype=dtype, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{name}: expected a tensor, got {type(value).__name__}") from exc
+    if value.device != device:
+        raise ValueError(f"{name}: on {value.device}, but the parameters are on {device}")
+    if value.dtype.is_floating_point and value.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype} (the parameters' dtype), "
+                         f"got {value.dtype}")
+    if value.dtype.is_complex:
+        raise ValueError(f"{name}: expected real numbers, got {value.dtype}")
+    return value.to(dtype)
+
+
 def _expect(name, value, shape):
     if tuple(value.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
+    if 0 in shape:
+        raise ValueError(f"{name}: the batch is empty (shape {shape})")
 
 
 
@@ -187,10 +279,8 @@ def init_params(seed=0, dtype=None, device=None):
 
 def forward(params, *, x):
     """The prediction `fc2` for a batch of inputs."""
-    fc1_weight = params["fc1.weight"]
-    fc1_bias = params["fc1.bias"]
-    fc2_weight = params["fc2.weight"]
-    fc2_bias = params["fc2.bias"]
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, device = _unpack(params)
+    x = _as_tensor("x", x, dtype, device)
     N = x.shape[0]
     _expect("x", x, (N, 2))
     # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
@@ -212,10 +302,9 @@ def forward(params, *, x):
 
 def loss(params, *, x, t):
     """The scalar loss of one batch (no gradient tape: use Model.loss for .backward())."""
-    fc1_weight = params["fc1.weight"]
-    fc1_bias = params["fc1.bias"]
-    fc2_weight = params["fc2.weight"]
-    fc2_bias = params["fc2.bias"]
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, device = _unpack(params)
+    x = _as_tensor("x", x, dtype, device)
+    t = _as_tensor("t", t, dtype, device)
     N = x.shape[0]
     _expect("x", x, (N, 2))
     _expect("t", t, (N, 1))
@@ -245,10 +334,9 @@ def loss(params, *, x, t):
 
 def loss_and_grad(params, *, x, t):
     """The loss and its gradient for every trainable parameter: (loss, {name: grad})."""
-    fc1_weight = params["fc1.weight"]
-    fc1_bias = params["fc1.bias"]
-    fc2_weight = params["fc2.weight"]
-    fc2_bias = params["fc2.bias"]
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, device = _unpack(params)
+    x = _as_tensor("x", x, dtype, device)
+    t = _as_tensor("t", t, dtype, device)
     N = x.shape[0]
     _expect("x", x, (N, 2))
     _expect("t", t, (N, 1))

@@ -222,3 +222,90 @@ def test_an_unwritable_template_cache_only_costs_time(tmp_path, monkeypatch) -> 
     assert main(["generate", str(spec), "--out", str(tmp_path / "other")]) == 0
     for name in ("seed_mlp_numpy.py", "seed_mlp_torch.py"):
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "other" / name).read_bytes()
+
+
+def test_readme_error_example_is_what_generate_prints(tmp_path) -> None:
+    """The README shows the one-line error for examples/bad.yaml; it must be exact."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    shown = [line for line in readme.splitlines() if line.startswith("examples/bad.yaml:")]
+    assert len(shown) == 1
+    res = run_cli("generate", "examples/bad.yaml", "--out", str(tmp_path / "o"),
+                  cwd=EXAMPLES.parent,
+                  env={"PYTHONPATH": str(EXAMPLES.parent / "src")})
+    assert res.returncode == 2
+    assert res.stderr == shown[0] + "\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_valid_formula_with_a_constant_kink_generates(tmp_path) -> None:
+    """log1p(exp(-abs(s))) is valid: at s = 0 its value is the constant softplus(0)."""
+    spec = tmp_path / "k.yaml"
+    spec.write_text("name: k\ninputs: {x: [N, 1]}\nlayers:\n"
+                    "  - {name: s, type: dense, units: 1}\n"
+                    "  - {name: g, type: elementwise, input: [s], "
+                    'formula: "log1p(exp(-abs(s)))"}\n'
+                    'loss: {formula: "y", prediction: g}\n')
+    assert main(["generate", str(spec), "--out", str(tmp_path / "o")]) == 0
+    import numpy as np
+
+    from symbackprop.check import load_module
+
+    module = load_module(tmp_path / "o" / "k_numpy.py")
+    params = {"s.weight": np.ones((1, 1)), "s.bias": np.zeros(1)}
+    x = np.array([[-2.0], [0.0], [3.0]])
+    expected = np.log1p(np.exp(-np.abs(x)))
+    assert np.allclose(module.forward(params, x=x), expected, rtol=1e-15, atol=0)
+    assert main(["check", str(spec)]) == 0
+
+
+def test_a_long_chain_needs_no_deep_recursion(tmp_path) -> None:
+    """200 activation layers: no RecursionError, even with a small recursion limit."""
+    layers = "".join(f"  - {{name: a{i}, type: activation, activation: tanh}}\n"
+                     for i in range(200))
+    spec = tmp_path / "deep.yaml"
+    spec.write_text("name: deep\ninputs: {x: [N, 2]}\ntargets: {t: [N, 1]}\nlayers:\n"
+                    "  - {name: fc, type: dense, units: 1}\n" + layers
+                    + "loss: {type: mse, target: t}\n")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(600)
+    try:
+        from symbackprop.api import compile_spec
+
+        model = compile_spec(spec)
+        model.derivations = False
+        source = model.source("numpy")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert "a199 = numpy.tanh" in source or "a199" in source
+
+
+def test_simplification_budget_falls_back_to_the_exact_form(tmp_path, monkeypatch,
+                                                             capsys) -> None:
+    """A simplification that runs past its budget keeps the unsimplified expression,
+    says so in one note, and the gradients are still right."""
+    import time
+
+    import sympy as sp
+
+    from symbackprop import budget
+    from symbackprop.derive import calculus
+
+    real_cancel = sp.cancel
+
+    def slow_cancel(expr, *args, **kwargs):
+        time.sleep(1.0)  # stands for a cancel() that explodes
+        return real_cancel(expr, *args, **kwargs)
+
+    monkeypatch.setattr(budget, "SIMPLIFY_SECONDS", 0.05)
+    monkeypatch.setattr(calculus.sp, "cancel", slow_cancel)
+    monkeypatch.setattr(calculus, "_SIMPLIFIED", calculus._Memo())  # nothing remembered
+    spec = tmp_path / "b.yaml"
+    spec.write_text("name: b\ninputs: {x: [N, 2]}\ntargets: {t: [N, 1]}\nlayers:\n"
+                    "  - {name: fc, type: dense, units: 1, "
+                    'activation: {formula: "x*tanh(x)+x**3/7"}}\n'
+                    "loss: {type: mse, target: t}\n")
+    started = time.perf_counter()
+    assert main(["check", str(spec)]) == 0
+    assert time.perf_counter() - started < 60
+    err = capsys.readouterr().err
+    assert "kept unsimplified" in err and err.count("\n") == 1

@@ -31,26 +31,37 @@ def layer_order(spec: ModelSpec) -> list[LayerSpec]:
             if name == layer.name:
                 raise where.error(f"layer {layer.name!r} reads itself", GraphError)
             del i
+    # Depth-first, with an explicit stack: a chain of 512 layers must not depend on
+    # Python's recursion limit.
     order: list[LayerSpec] = []
     state: dict[str, int] = {}  # 1 visiting, 2 done
-
-    def visit(layer: LayerSpec, stack: list[str]) -> None:
-        mark = state.get(layer.name, 0)
-        if mark == 2:
-            return
-        if mark == 1:
-            cycle = " -> ".join([*stack[stack.index(layer.name):], layer.name])
-            raise layer.option_where["input"].error(f"the layers form a cycle: {cycle}",
-                                                    GraphError)
-        state[layer.name] = 1
-        for name in layer.inputs:
-            if name in by_name:
-                visit(by_name[name], [*stack, layer.name])
-        state[layer.name] = 2
-        order.append(layer)
-
-    for layer in spec.layers:
-        visit(layer, [])
+    for root in spec.layers:
+        if state.get(root.name) == 2:
+            continue
+        path: list[str] = [root.name]
+        state[root.name] = 1
+        stack: list[tuple[LayerSpec, int]] = [(root, 0)]
+        while stack:
+            layer, next_input = stack[-1]
+            names = [n for n in layer.inputs if n in by_name]
+            if next_input == len(names):
+                stack.pop()
+                path.pop()
+                state[layer.name] = 2
+                order.append(layer)
+                continue
+            stack[-1] = (layer, next_input + 1)
+            child = by_name[names[next_input]]
+            mark = state.get(child.name, 0)
+            if mark == 2:
+                continue
+            if mark == 1:
+                cycle = " -> ".join([*path[path.index(child.name):], child.name])
+                raise child.option_where["input"].error(f"the layers form a cycle: {cycle}",
+                                                        GraphError)
+            state[child.name] = 1
+            path.append(child.name)
+            stack.append((child, 0))
     return order
 
 

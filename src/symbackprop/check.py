@@ -24,7 +24,7 @@ import numpy as np
 from .api import CompiledModel, compile_spec
 from .build import layer_order
 from .emit.render import module_filename
-from .errors import CheckFailed
+from .errors import CheckFailed, UsageError
 from .layers import LAYERS, LOSSES
 from .spec import ModelSpec
 
@@ -87,9 +87,19 @@ class Row:
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max abs error, max relative error); NaN when either side has a non-finite value,
+    so that the row fails: a NaN is never within a tolerance."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan"), float("nan")
     diff = float(np.max(np.abs(a - b))) if a.size else 0.0
     scale = float(np.max(np.abs(b))) if b.size else 0.0
     return diff, diff / max(scale, 1e-30)
+
+
+def _within(rel: float, tol: float) -> bool:
+    return bool(np.isfinite(rel)) and rel <= tol
 
 
 def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
@@ -108,6 +118,8 @@ def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
         return float(to_numpy(module.loss({k: wrap(v) for k, v in p.items()}, **args)))
 
     out: dict[str, tuple[float, float]] = {}
+    # A NaN or infinite loss makes every finite difference NaN, so every row fails;
+    # a finite loss with NaN gradients fails on the analytic side.
     for name, grad in grads.items():
         analytic = np.asarray(to_numpy(grad), dtype=np.float64)
         base = params[name]
@@ -124,6 +136,9 @@ def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
             out[name] = _rel(analytic, numeric)
         else:
             worst = (0.0, 0.0)
+            if not np.isfinite(analytic).all():
+                out[name] = (float("nan"), float("nan"))  # no projection may hide a NaN
+                continue
             for _ in range(DIRECTIONS):
                 v = rng.normal(size=base.shape).astype(dtype)
                 plus = dict(params, **{name: base + h * v})
@@ -132,6 +147,9 @@ def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
                 directional = np.array(np.sum(analytic * v))
                 scale = float(np.linalg.norm(analytic) * np.linalg.norm(v))
                 diff = float(abs(directional - numeric))
+                if not np.isfinite(diff):
+                    worst = (float("nan"), float("nan"))
+                    break
                 worst = max(worst, (diff, diff / max(scale, 1e-30)))
             out[name] = worst
     return out
@@ -167,8 +185,145 @@ def torch_available() -> bool:
     return True
 
 
-def check_model(model: CompiledModel, *, dtype: Any = np.float64) -> list[Row]:
-    """Generate into a temporary folder, run every check, return the table rows."""
+def _dim_sizes(model: CompiledModel, batch: int) -> dict[str, int]:
+    return {name: (batch if n == 0 else 3) for n, name in enumerate(model.derivation.graph.dims)}
+
+
+def estimate_bytes(model: CompiledModel, batch: Mapping[str, np.ndarray] | None = None) -> int:
+    """About how much memory ``check`` needs: every parameter is held ~10 times over
+    (the parameters, finite-difference copies, gradients, the oracle's and the Model's
+    copies) and every intermediate ~8 times (forward and backward of several models)."""
+    graph = model.derivation.graph
+    sizes = _dim_sizes(model, 5)
+    if batch:
+        for node in graph.nodes.values():
+            if node.name in batch:
+                for dim, n in zip(node.shape, np.shape(batch[node.name]), strict=False):
+                    if not dim.is_Integer:
+                        sizes[str(dim)] = int(n)
+    total = 0
+    for node in graph.nodes.values():
+        count = 1
+        for dim in node.shape:
+            count *= int(dim) if dim.is_Integer else sizes.get(str(dim), 3)
+        total += count * (10 if node.role == "param" else 8)
+    return 8 * total
+
+
+def memory_limit() -> int:
+    """Half the memory available now (Linux), else 4 GiB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.0f} MiB"
+
+
+def load_arrays(path: str | Path, what: str) -> dict[str, np.ndarray]:
+    """Arrays by name from a ``.npz`` file (or a ``.pt`` state dict, with torch); never
+    unpickles arbitrary objects."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        if not torch_available():
+            raise UsageError(f"{path}: reading .pt needs torch; save the {what} as .npz")
+        import torch
+
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a bad file
+            raise UsageError(f"{path}: cannot read the {what}: "
+                             f"{' '.join(str(exc).split())[:200]}") from None
+        if not isinstance(data, Mapping) or not all(
+                isinstance(v, torch.Tensor) for v in data.values()):
+            raise UsageError(f"{path}: expected a mapping of names to tensors")
+        return {str(k): v.detach().cpu().double().numpy() for k, v in data.items()}
+    if path.suffix != ".npz":
+        raise UsageError(f"{path}: the {what} file must be .npz (or .pt with torch)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise UsageError(f"{path}: cannot read the {what}: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
+
+
+def _checked_params(module: ModuleType, given: Mapping[str, np.ndarray], label: str,
+                    dtype: np.dtype) -> dict[str, np.ndarray]:
+    expected = module.PARAM_SHAPES
+    missing = sorted(set(expected) - set(given))
+    unknown = sorted(set(given) - set(expected))
+    if missing or unknown:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unknown {', '.join(unknown)}"] if unknown else [])
+        raise UsageError(f"{label}: parameters do not match the spec: {'; '.join(parts)}")
+    out = {}
+    for name, shape in expected.items():
+        value = np.asarray(given[name])
+        if value.shape != tuple(shape):
+            raise UsageError(f"{label}: {name}: expected shape {tuple(shape)}, "
+                             f"got {value.shape}")
+        if not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
+            raise UsageError(f"{label}: {name}: expected real numbers, got {value.dtype}")
+        out[name] = value.astype(dtype)
+    return out
+
+
+def _checked_batch(model: CompiledModel, module: ModuleType,
+                   given: Mapping[str, np.ndarray], label: str,
+                   dtype: np.dtype) -> dict[str, np.ndarray]:
+    graph = model.derivation.graph
+    out: dict[str, np.ndarray] = {}
+    sizes: dict[str, int] = {}
+    needed = [n for n in graph.nodes.values() if n.role in ("input", "target")
+              and n.name in call_args_names(module)]
+    for node in needed:
+        if node.name not in given:
+            raise UsageError(f"{label}: the batch has no array {node.name!r}")
+        value = np.asarray(given[node.name])
+        if not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
+            raise UsageError(f"{label}: {node.name}: expected real numbers, got {value.dtype}")
+        if value.ndim != len(node.shape):
+            raise UsageError(f"{label}: {node.name}: expected {len(node.shape)} axes, "
+                             f"got shape {value.shape}")
+        for dim, n in zip(node.shape, value.shape, strict=True):
+            if dim.is_Integer and int(dim) != n or not dim.is_Integer and \
+                    sizes.setdefault(str(dim), n) != n:
+                raise UsageError(f"{label}: {node.name}: shape {value.shape} does not fit "
+                                 f"the declared {tuple(str(d) for d in node.shape)}")
+            if n == 0:
+                raise UsageError(f"{label}: {node.name}: the batch is empty")
+        out[node.name] = value.astype(dtype)
+    return out
+
+
+def call_args_names(module: ModuleType) -> list[str]:
+    import inspect
+
+    return [p for p in inspect.signature(module.loss).parameters if p != "params"]
+
+
+def check_model(model: CompiledModel, *, dtype: Any = np.float64,
+                params: Mapping[str, np.ndarray] | None = None,
+                batch: Mapping[str, np.ndarray] | None = None,
+                labels: tuple[str, str] = ("--params", "--batch")) -> list[Row]:
+    """Generate into a temporary folder, run every check, return the table rows.
+
+    ``params`` and ``batch`` (arrays by name) give the point to check at; by default the
+    parameters are each layer's declared initialisation (``init_params``; a frozen
+    layer's values are what the spec says they are) and the batch is random."""
+    needed = estimate_bytes(model, batch)
+    limit = memory_limit()
+    if needed > limit:
+        raise UsageError(f"{model.label}: checking this network needs about {_gib(needed)} "
+                         f"of memory, more than the {_gib(limit)} allowed (half of what is "
+                         "available); check a smaller version of it")
     rows: list[Row] = []
     backends = ("numpy", "torch") if torch_available() else ("numpy",)
     dtype = np.dtype(dtype)
@@ -181,10 +336,16 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64) -> list[Row]:
             path.write_text(model.source(backend), encoding="utf-8")
             modules[backend] = load_module(path)
         np_mod = modules["numpy"]
-        params = {k: v.astype(dtype) for k, v in np_mod.init_params(0).items()}
-        batch = random_batch(model, dtype=dtype)
+        if params is None:
+            params = {k: v.astype(dtype) for k, v in np_mod.init_params(0).items()}
+        else:
+            params = _checked_params(np_mod, params, labels[0], dtype)
+        if batch is None:
+            batch = random_batch(model, dtype=dtype)
+        else:
+            batch = _checked_batch(model, np_mod, batch, labels[1], dtype)
         for name, (a, r) in finite_differences(np_mod, params, batch).items():
-            rows.append(Row("finite differences (numpy)", name, a, r, r <= fd_tol))
+            rows.append(Row("finite differences (numpy)", name, a, r, _within(r, fd_tol)))
         if "torch" in modules:
             import torch
 
@@ -192,7 +353,7 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64) -> list[Row]:
             for name, (a, r) in finite_differences(
                     t_mod, params, batch, to_numpy=lambda t: t.detach().numpy(),
                     wrap=torch.from_numpy).items():
-                rows.append(Row("finite differences (torch)", name, a, r, r <= fd_tol))
+                rows.append(Row("finite differences (torch)", name, a, r, _within(r, fd_tol)))
             trainable = list(np_mod.TRAINABLE)
             ref_loss, ref = oracle_grads(model.spec, params, batch, trainable)
             for backend, mod in modules.items():
@@ -202,13 +363,13 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64) -> list[Row]:
                                                    call_args(mod, batch).items()})
                 a, r = _rel(np.array(float(loss)), np.array(ref_loss))
                 rows.append(Row(f"torch autograd oracle ({backend})", "loss", a, r,
-                                r <= ref_tol))
+                                _within(r, ref_tol)))
                 for name in trainable:
                     got = grads[name]
                     got = got.numpy() if hasattr(got, "numpy") else got
                     a, r = _rel(np.asarray(got, dtype=np.float64), ref[name])
                     rows.append(Row(f"torch autograd oracle ({backend})", name, a, r,
-                                    r <= ref_tol))
+                                    _within(r, ref_tol)))
             model_obj = t_mod.Model(dtype=torch.float64 if dtype == np.float64 else
                                     torch.float32)
             model_obj.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
@@ -219,7 +380,8 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64) -> list[Row]:
                 if name not in ref:
                     continue
                 a, r = _rel(p.grad.numpy().astype(np.float64), ref[name])
-                rows.append(Row("Model.loss().backward() vs oracle", name, a, r, r <= ref_tol))
+                rows.append(Row("Model.loss().backward() vs oracle", name, a, r,
+                                _within(r, ref_tol)))
     return rows
 
 
@@ -237,9 +399,13 @@ def format_rows(rows: list[Row]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def check_path(path: str | Path) -> tuple[list[Row], str]:
+def check_path(path: str | Path, *, params: str | Path | None = None,
+               batch: str | Path | None = None) -> tuple[list[Row], str]:
     model = compile_spec(path)
-    rows = check_model(model)
+    rows = check_model(model,
+                       params=load_arrays(params, "parameters") if params else None,
+                       batch=load_arrays(batch, "batch") if batch else None,
+                       labels=(str(params), str(batch)))
     text = format_rows(rows)
     if not torch_available():
         text += ("\n\n(torch is not installed: the torch module and the autograd oracle "

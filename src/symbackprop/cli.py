@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="list the numerically stable rewrites applied, and where")
     chk = sub.add_parser("check", help="finite-difference and torch autograd cross-check")
     chk.add_argument("spec", help="the model spec (YAML)")
+    chk.add_argument("--params", default=None, metavar="FILE",
+                     help="check at these parameters (.npz, or a .pt state dict with "
+                          "torch) instead of each layer's declared initialisation")
+    chk.add_argument("--batch", default=None, metavar="FILE",
+                     help="check on this batch (.npz or .pt: an array per input and "
+                          "target) instead of a random one")
     lat = sub.add_parser("latex", help="print the chain-rule derivation of every gradient "
                                        "(Markdown, LaTeX or HTML)")
     lat.add_argument("spec", help="the model spec (YAML)")
@@ -87,7 +93,7 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "check":
         from .check import check_path
 
-        _, text = check_path(args.spec)
+        _, text = check_path(args.spec, params=args.params, batch=args.batch)
         print(text)
         print("\nall checks passed")
         return 0
@@ -95,6 +101,8 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import budget
+
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except SymbackpropError as exc:
@@ -103,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    finally:
+        note = budget.note()
+        if note:
+            print(f"symbackprop: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,21 @@ Anything else escaping is a bug in symbackprop and keeps its traceback.
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\n``, ``\\x1b``,
+    ``\\ud800``): an error quotes spec text and file names, and must stay one line that
+    cannot drive the terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ascii(ch)[1:-1] if ch not in "\n\t\r" else repr(ch)[1:-1])
+    return "".join(out)
+
+
 class SymbackpropError(Exception):
     """Base of every error a user's input or environment can cause."""
 
@@ -16,6 +31,9 @@ class SymbackpropError(Exception):
 
 class UsageError(SymbackpropError):
     """Bad command-line usage (unknown backend, missing file, refused overwrite)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class SpecError(SymbackpropError):
@@ -39,7 +57,8 @@ class SpecError(SymbackpropError):
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.col}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        text = f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        return one_line(text)
 
 
 class ShapeError(SpecError):

@@ -13,6 +13,7 @@ how the independent autograd oracle computes a custom formula without sympy.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ MAX_DEPTH = 24
 MAX_NODES = 200
 MAX_EXPONENT = 16
 MAX_NUMBER = 1e6
+# Nested constant exponents multiply: ((x**16)**16)**16 is x**4096. Their product is
+# capped like a single exponent, so parentheses cannot build a tower.
+MAX_TOTAL_EXPONENT = 64
+MAX_FLOAT = 1.7976931348623157e308
 
 
 class FormulaProblem(Exception):
@@ -172,7 +177,119 @@ def parse_tree(text: object, variables: Mapping[str, object]) -> ast.expr:
         check(node.comparators[0], depth + 1)
 
     check(tree, 0)
+    _check_values(tree.body, variables)
     return tree.body
+
+
+_REAL_FUNCTIONS: Mapping[str, Callable[..., float]] = {
+    "exp": math.exp, "log": math.log, "log1p": math.log1p, "sqrt": math.sqrt,
+    "sin": math.sin, "cos": math.cos, "tanh": math.tanh, "cosh": math.cosh, "erf": math.erf,
+    "sigmoid": lambda a: 1.0 / (1.0 + math.exp(-a)) if a >= 0 else
+    math.exp(a) / (1.0 + math.exp(a)),
+    "softplus": lambda a: max(a, 0.0) + math.log1p(math.exp(-abs(a))),
+    "logsigmoid": lambda a: -(max(-a, 0.0) + math.log1p(math.exp(-abs(a)))),
+    "abs": abs, "max": lambda a, b: a if a > b else b, "min": lambda a, b: a if a < b else b,
+}
+_REAL_COMPARE = {ast.Gt: operator.gt, ast.Lt: operator.lt, ast.GtE: operator.ge,
+                 ast.LtE: operator.le}
+
+
+def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
+    """Refuse constants that are not finite real numbers, and exponent towers.
+
+    Every part of the formula without a variable is evaluated in float64 (``log(0)``,
+    ``0/0``, ``sqrt(-1)``, ``exp(710)`` or a product past 1.8e308 is refused where it is
+    written); constant exponents that nest multiply, and their product is capped; an
+    exponent that mentions a variable may not contain another such exponent (``x**x**x``
+    grows the derivative exponentially). Then the sympy expression is built once and
+    must hold only finite real numbers (sympy combines ``x*1e300*1e300`` itself).
+    """
+
+    def fold(node: ast.AST) -> tuple[float | None, int, bool]:
+        """(constant value or None, product of nested exponents, has a variable exponent)"""
+        col = getattr(node, "col_offset", 0) + 1
+        try:
+            value, degree, var_exp = _fold_node(node)
+        except (ArithmeticError, ValueError, TypeError):
+            raise FormulaProblem("this part is not a finite real number", col) from None
+        if value is not None and (isinstance(value, complex) or not
+                                  math.isfinite(value) or abs(value) > MAX_FLOAT):
+            raise FormulaProblem("this part is not a finite real number", col)
+        return value, degree, var_exp
+
+    def _fold_node(node: ast.AST) -> tuple[float | None, int, bool]:
+        if isinstance(node, ast.Constant):
+            return float(node.value), 0, False
+        if isinstance(node, ast.Name):
+            if node.id in variables:
+                return None, 1, False
+            return {"pi": math.pi, "e": math.e}[node.id], 0, False
+        if isinstance(node, ast.UnaryOp):
+            value, degree, var_exp = fold(node.operand)
+            return (None if value is None else
+                    -value if isinstance(node.op, ast.USub) else value), degree, var_exp
+        if isinstance(node, ast.BinOp):
+            left, ldeg, lvar = fold(node.left)
+            right, rdeg, rvar = fold(node.right)
+            op = _BINARY[type(node.op)]
+            if op == "**":
+                if right is None:
+                    if rvar or lvar:
+                        raise FormulaProblem("an exponent that mentions a variable may not "
+                                             "contain another one", node.col_offset + 1)
+                    return None, max(ldeg, 1), True
+                if left is None:
+                    degree = ldeg * max(1, math.ceil(abs(right)))
+                    if degree > MAX_TOTAL_EXPONENT:
+                        raise FormulaProblem(f"nested exponents multiply to {degree}, more "
+                                             f"than {MAX_TOTAL_EXPONENT}",
+                                             node.col_offset + 1)
+                    return None, degree, lvar
+                if left == 0 and right < 0:
+                    raise ZeroDivisionError
+                return left ** right, 0, False
+            if op == "/" and right == 0:
+                raise ZeroDivisionError
+            if left is None or right is None:
+                return None, max(ldeg, rdeg), lvar or rvar
+            return _APPLY[op](left, right), 0, False
+        if isinstance(node, ast.Call):
+            assert isinstance(node.func, ast.Name)
+            name = node.func.id
+            if name == "where":
+                cond = node.args[0]
+                assert isinstance(cond, ast.Compare)
+                a, adeg, avar = fold(cond.left)
+                b, bdeg, bvar = fold(cond.comparators[0])
+                p, pdeg, pvar = fold(node.args[1])
+                q, qdeg, qvar = fold(node.args[2])
+                has_var = avar or bvar or pvar or qvar
+                if a is not None and b is not None and p is not None and q is not None:
+                    return (p if _REAL_COMPARE[type(cond.ops[0])](a, b) else q), 0, False
+                return None, max(adeg, bdeg, pdeg, qdeg, 1), has_var
+            folded = [fold(arg) for arg in node.args]
+            has_var = any(f[2] for f in folded)
+            if all(f[0] is not None for f in folded):
+                return float(_REAL_FUNCTIONS[name](*(f[0] for f in folded))), 0, False
+            return None, max(1, *(f[1] for f in folded)), has_var
+        raise AssertionError(type(node))  # pragma: no cover - parse_tree rejects these
+
+    fold(tree)
+    symbols = {name: sp.Symbol(name, real=True) for name in variables}
+    expr = to_sympy(tree, symbols)
+    for atom in expr.atoms(sp.Number):
+        try:
+            bad = (atom.is_finite is False or atom.is_real is False or atom is sp.nan
+                   or abs(float(atom)) > MAX_FLOAT)
+        except (OverflowError, TypeError):  # an integer past float range
+            bad = True
+        if bad:
+            text = str(atom) if len(str(atom)) <= 40 else str(sp.Float(atom, 4))
+            raise FormulaProblem(f"the formula simplifies to a constant {text} that is not "
+                                 "a finite real number")
+    if expr.has(sp.I, sp.zoo, sp.oo, sp.nan):
+        raise FormulaProblem("the formula is not a finite real expression (it has a "
+                             "division by zero, an infinity or an imaginary part)")
 
 
 def _mentions_variable(node: ast.AST, variables: Mapping[str, object]) -> bool:

@@ -10,6 +10,8 @@ new layer type adds its keys without touching this module. Every error names
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,15 +380,28 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
 
 
 def load(path: str | Path) -> ModelSpec:
-    """Read and parse a spec file."""
+    """Read and parse a spec file (a regular file: a FIFO or a device could block forever
+    or never end, so those are refused before a byte is read)."""
     path = Path(path)
+    label = os.fsdecode(path)
     try:
-        with path.open("rb") as handle:
-            data = handle.read(yamlsafe.MAX_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise SpecError("no such file", file=str(path)) from None
+        raise SpecError("no such file", file=label) from None
     except IsADirectoryError:
-        raise SpecError("is a directory, not a spec file", file=str(path)) from None
+        raise SpecError("is a directory, not a spec file", file=label) from None
     except OSError as exc:
-        raise SpecError(f"cannot read: {exc.strerror}", file=str(path)) from None
-    return parse(data, str(path))
+        raise SpecError(f"cannot read: {exc.strerror}", file=label) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise SpecError("is a directory, not a spec file", file=label)
+        raise SpecError("not a regular file (a pipe or a device); give a spec file",
+                        file=label)
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(yamlsafe.MAX_BYTES + 1)
+        except OSError as exc:
+            raise SpecError(f"cannot read: {exc.strerror}", file=label) from None
+    return parse(data, label)

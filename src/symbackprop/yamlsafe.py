@@ -18,6 +18,28 @@ MAX_DEPTH = 32
 MAX_NODES = 20_000
 
 PathKey = tuple[str | int, ...]
+TIMESTAMP = "tag:yaml.org,2002:timestamp"
+INT = "tag:yaml.org,2002:int"
+MAX_DIGITS = 64
+
+
+def _allowed(ch: str) -> bool:
+    """The characters YAML 1.1 allows in a stream (tab, newlines, printable Unicode)."""
+    code = ord(ch)
+    return (ch in "\t\n\r" or 0x20 <= code <= 0x7E or code == 0x85
+            or 0xA0 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD or code >= 0x10000)
+
+
+def _check_characters(text: str, file: str) -> None:
+    """Refuse a control character (NUL, ESC, ...) at its own line and column, in one
+    line (the YAML reader reports it as two lines at 1:1)."""
+    for index, ch in enumerate(text):
+        if not _allowed(ch):
+            line = text.count("\n", 0, index) + 1
+            col = index - (text.rfind("\n", 0, index) + 1) + 1
+            raise SpecError(f"control character U+{ord(ch):04X} is not allowed in a spec "
+                            "(write it as an escape in a double-quoted string)",
+                            file=file, line=line, col=col)
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,7 @@ def load(text: str | bytes, file: str) -> Document:
         raise SpecError(f"spec is larger than the limit of {MAX_BYTES} bytes", file=file)
     if not text.strip():
         raise SpecError("spec is empty", file=file)
+    _check_characters(text, file)
 
     # Check the event stream before composing anything: aliases are refused here, so an
     # alias bomb is rejected after reading its first anchor, in constant time.
@@ -70,7 +93,8 @@ def load(text: str | bytes, file: str) -> Document:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        raise _fail(file, mark, f"invalid YAML: {exc.problem or exc.context}") from None
+        problem = " ".join(str(exc.problem or exc.context).split())
+        raise _fail(file, mark, f"invalid YAML: {problem}") from None
     except yaml.YAMLError as exc:  # pragma: no cover - defensive, pyyaml always marks
         raise SpecError(f"invalid YAML: {exc}", file=file) from None
     if node is None:
@@ -92,7 +116,7 @@ def load(text: str | bytes, file: str) -> Document:
             for key_node, value_node in n.value:
                 if not isinstance(key_node, yaml.ScalarNode):
                     raise _fail(file, key_node.start_mark, "mapping keys must be plain strings")
-                key = constructor.construct_object(key_node)
+                key = scalar(key_node)
                 if not isinstance(key, str):
                     raise _fail(file, key_node.start_mark, f"mapping key {key!r} is not a string")
                 if key in out:
@@ -103,10 +127,20 @@ def load(text: str | bytes, file: str) -> Document:
             return out
         if isinstance(n, yaml.SequenceNode):
             return [convert(item, (*path, i)) for i, item in enumerate(n.value)]
+        return scalar(n)
+
+    def scalar(n: yaml.Node) -> object:
+        if n.tag == TIMESTAMP:
+            # 2001-02-03 is a date to YAML 1.1 (and 2001-02-30 an error); no field of a
+            # spec is a date, so it stays the text it looks like.
+            return n.value
+        if n.tag == INT and sum(ch.isalnum() for ch in n.value) > MAX_DIGITS:
+            raise _fail(file, n.start_mark, f"integer with more than {MAX_DIGITS} digits")
         try:
             return constructor.construct_object(n)
-        except yaml.YAMLError as exc:
-            raise _fail(file, n.start_mark, f"invalid scalar: {exc}") from None
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:
+            problem = " ".join(str(exc).split())
+            raise _fail(file, n.start_mark, f"invalid scalar: {problem}") from None
 
     data = convert(node, ())
     return Document(data=data, marks=marks, key_marks=key_marks, file=file)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import sympy as sp
 from sympy.core.parameters import global_parameters
 
+from .. import budget
 from ..graph import Node, ref, target_index
 from .stable import canonical_sigmoid
 
@@ -266,12 +267,20 @@ def _simplify_local(expr: sp.Expr) -> sp.Expr:
         else:
             options = [reduced]
             try:
-                cancelled = sp.cancel(reduced)
-                options = [sp.factor(cancelled), reduced, cancelled]
+                # cancel/factor can explode on a large expression: bounded by the
+                # generation budget, past which the unsimplified form is kept.
+                options = budget.within(budget.SIMPLIFY_SECONDS,
+                                        lambda r=reduced: _rational_forms(r),
+                                        lambda r=reduced: [r], "simplify")
             except (sp.PolynomialError, NotImplementedError):  # pragma: no cover
                 pass
         candidates += [o.xreplace(back) for o in options]
     return min(candidates, key=lambda c: (_cost(c), candidates.index(c)))
+
+
+def _rational_forms(reduced: sp.Expr) -> list[sp.Expr]:
+    cancelled = sp.cancel(reduced)
+    return [sp.factor(cancelled), reduced, cancelled]
 
 
 def is_index_symbol(expr: sp.Basic) -> bool:

@@ -84,9 +84,12 @@ class ArrayPrinter:
             code = f"{code}[{', '.join(parts)}]"
         return code
 
+    def expression(self, op: Map | Reduce) -> sp.Expr:
+        """The body with each placeholder replaced by a symbol named as its view's code."""
+        return op.body.xreplace({sym: sp.Symbol(self.view(v)) for sym, v in op.views})
+
     def body(self, op: Map | Reduce) -> str:
-        mapping = {sym: sp.Symbol(self.view(v)) for sym, v in op.views}
-        expr = op.body.xreplace(mapping)
+        expr = self.expression(op)
         if expr.has(sp.Piecewise):
             expr = sp.piecewise_fold(expr)
         return self.scalar.doprint(expr)

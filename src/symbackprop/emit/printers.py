@@ -56,7 +56,19 @@ class _Common:
 
     def _print(self, expr: object, **kwargs: object) -> str:  # type: ignore[override]
         if isinstance(expr, sp.Basic) and expr.is_number and not expr.is_Integer:
-            value = float(expr)  # type: ignore[arg-type]
+            try:
+                value = float(expr)  # type: ignore[arg-type]
+            except TypeError:  # softplus(0): evaluate through its rewrite, else print the call
+                try:
+                    value = float(expr.rewrite(sp.exp).rewrite(sp.log))  # type: ignore[arg-type]
+                except TypeError:
+                    return super()._print(expr, **kwargs)  # type: ignore[misc]
+            if value != value:
+                return f"{self._module}.nan"  # type: ignore[attr-defined]
+            if value in (float("inf"), float("-inf")):
+                # repr(inf) is the bare name inf, a NameError in the generated module.
+                text = f"{self._module}.inf"  # type: ignore[attr-defined]
+                return text if value > 0 else f"(-{text})"
             return repr(value) if value >= 0 else f"({value!r})"
         primitive = BY_CLASS.get(type(expr))
         if primitive is not None:
@@ -106,6 +118,36 @@ class _Common:
             return f"{self._module}.sqrt({self._print(base)})"  # type: ignore[attr-defined]
         return f"{b}**{self.parenthesize(exp, 60)}"  # type: ignore[attr-defined]
 
+    # Boolean temporaries of the function being printed ({"tmp0": h2_z > 0}), so that a
+    # where() on a shared mask can still be printed NaN-preserving.
+    conditions: dict[str, sp.Expr] = {}
+
+    def _nan_preserving(self, value: sp.Expr, cond: sp.Expr, last: sp.Expr) -> str | None:
+        """``where(z > 0, z, 0)`` maps a NaN z to 0 (NaN > 0 is false), where torch's relu
+        gives NaN. With a constant fallback, print the negated test instead:
+        ``where(z <= 0, 0, z)`` is NaN for a NaN z and equal everywhere else; relu itself
+        is ``maximum(z, 0)`` (torch: ``relu``), which propagates NaN and is one pass."""
+        if not last.is_number or value.is_number:
+            return None
+        if isinstance(cond, sp.Symbol) and cond.name in self.conditions:
+            cond = self.conditions[cond.name]
+        negate = {">": "<=", ">=": "<", "<": ">=", "<=": ">"}
+        if not isinstance(cond, sp.core.relational.Relational) or cond.rel_op not in negate:
+            return None
+        arrays = {s for s in cond.free_symbols if not s.is_integer}
+        if not arrays or not arrays <= value.free_symbols:
+            return None  # the test reads an array this statement does not: keep the mask
+        if cond.rel_op in (">", ">=") and value == cond.lhs and last == cond.rhs == 0:
+            return self._relu(self._print(value))
+        test = f"({self._print(cond.lhs)} {negate[cond.rel_op]} {self._print(cond.rhs)})"
+        return self._where(test, self._print(last), self._print(value), _may_warn(value))
+
+    def _where(self, cond: str, then: str, otherwise: str, may_warn: bool) -> str:
+        return f"{self._module}.where({cond}, {then}, {otherwise})"  # type: ignore[attr-defined]
+
+    def _relu(self, text: str) -> str:
+        raise NotImplementedError
+
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
         *cases, (last, cond) = expr.args
         if cond != sp.true:
@@ -121,18 +163,54 @@ class _Common:
             text = self._print(value)
             return self._typed_scalar(like, text) if like else text
 
-        code = branch(last)
-        for value, condition in reversed(cases):
-            code = (f"{self._module}.where({self._print(condition)}, "  # type: ignore[attr-defined]
-                    f"{branch(value)}, {code})")
+        code = None
+        if cases:  # the innermost where() decides what a NaN maps to
+            code = self._nan_preserving(cases[-1][0], cases[-1][1], last)
+        if code is not None:
+            cases = cases[:-1]
+        else:
+            code = branch(last)
+        for n, (value, condition) in enumerate(reversed(cases)):
+            # The branch printed so far (``code``) is everything after this case.
+            rest = expr.args[len(cases) - n:]
+            may_warn = _may_warn(value) or any(_may_warn(v) for v, _ in rest)
+            code = self._where(self._print(condition), branch(value), code, may_warn)
         return code
+
+
+# Functions whose numpy evaluation cannot warn for a finite argument (the stable
+# primitives go through logaddexp; tanh, sin, cos and erf are bounded).
+_QUIET_FUNCTIONS = frozenset({"Sigmoid", "Softplus", "tanh", "sin", "cos", "erf", "erfc",
+                              "ClampMin"})
+
+
+def _may_warn(expr: sp.Expr) -> bool:
+    """Whether numpy may raise a RuntimeWarning evaluating ``expr`` on finite arrays:
+    a log, exp, sqrt, ... or a division or a fractional power."""
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Function) and type(node).__name__ not in _QUIET_FUNCTIONS:
+            return True
+        if isinstance(node, sp.Pow) and not (node.exp.is_Integer and node.exp >= 0):
+            return True
+    return False
 
 
 class NumpyCodePrinter(_Common, NumPyPrinter):
     _module = "numpy"
 
+    def _where(self, cond: str, then: str, otherwise: str, may_warn: bool) -> str:
+        # A branch that may warn (log of a negative number where the other branch is
+        # taken) is evaluated with the warnings of the discarded entries silenced.
+        if not may_warn:
+            return f"numpy.where({cond}, {then}, {otherwise})"
+        self.helpers.add("masked_where")
+        return f"_masked_where({cond}, lambda: {then}, lambda: {otherwise})"
+
     def _typed_scalar(self, like: str, text: str) -> str:
         return f"{like}.dtype.type({text})"
+
+    def _relu(self, text: str) -> str:
+        return f"numpy.maximum({text}, 0)"
 
     def __init__(self) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
@@ -160,6 +238,9 @@ class TorchCodePrinter(_Common, NumPyPrinter):
 
     def _typed_scalar(self, like: str, text: str) -> str:
         return f"{like}.new_tensor({text})"
+
+    def _relu(self, text: str) -> str:
+        return f"torch.relu({text})"
 
     def __init__(self) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})

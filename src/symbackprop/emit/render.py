@@ -14,12 +14,13 @@ from pathlib import Path
 
 import jinja2
 import sympy as sp
+from sympy.core.relational import Relational
 
 from .. import __version__, naming
 from ..backprop import Derivation
 from ..ir import passes
 from ..ir.lower import Lowerer
-from ..ir.nodes import Assign, Program, dims_read
+from ..ir.nodes import Assign, Map, Program, dims_read
 from ..ir.passes import memory
 from ..spec import ModelSpec
 from .arrays import array_printer
@@ -60,6 +61,32 @@ def _environment(*, cache: bool = True) -> jinja2.Environment:
     return env
 
 
+def docstring_text(text: str, *, multiline: bool = False) -> str:
+    """``text`` escaped for the inside of a triple-double-quoted docstring.
+
+    Spec text (a description, a file name) may hold quotes, backslashes, NUL, lone
+    surrogates or control characters; pasted raw into a docstring, ``\"\"\"`` would end it
+    and the next line would run at import. Escaped like this, the docstring evaluates to
+    exactly ``text``, and the module's statements are the same whatever the text is.
+    Only ``multiline`` text keeps its newlines as line breaks.
+    """
+    out: list[str] = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n" and multiline:
+            out.append(ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 @dataclass
 class Line:
     comment: list[str]
@@ -85,6 +112,11 @@ class _Printer:
         ``owned``) is deleted after its last use, so peak memory is what is live, not all
         that was made."""
         stmts = memory(stmts, self.program, keep=keep, owned=owned)
+        # Boolean temporaries of this function, so a where() on a shared mask can still
+        # be printed NaN-preserving (see the printers' _nan_preserving).
+        self.arrays.scalar.conditions = {
+            s.target: self.arrays.expression(s.op) for s in stmts
+            if isinstance(s.op, Map) and isinstance(s.op.body, Relational)}
         out = []
         phase = ""
         for stmt in stmts:
@@ -129,8 +161,8 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     context: dict[str, object] = {
         "version": __version__,
         "model": spec.name,
-        "description": spec.description,
-        "spec_label": spec_label,
+        "description": docstring_text(spec.description, multiline=True),
+        "spec_label": docstring_text(spec_label),
         "sha256": spec.sha256,
         "params": [
             {"name": p.param, "var": p.name, "shape": _shape_tuple(p.shape),
@@ -230,4 +262,4 @@ def module_filename(model: str, backend: str) -> str:
     return f"{model}_{backend}.py"
 
 
-__all__ = ["BACKENDS", "render", "module_filename", "naming"]
+__all__ = ["BACKENDS", "docstring_text", "render", "module_filename", "naming"]

@@ -1,0 +1,159 @@
+"""`symbackprop check` never says ok to a NaN, checks at the user's own point, and
+refuses a network too large to check instead of running out of memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from symbackprop import check
+from symbackprop.cli import main
+
+from conftest import EXAMPLES
+
+NAN_SPEC = """name: nanny
+inputs: {x: [N, 8]}
+targets: {t: [N, 1]}
+layers:
+  - {name: wide, type: dense, units: 16, activation: {formula: "sqrt(x)"}}
+  - {name: out, type: dense, units: 1}
+loss: {type: mse, target: t}
+"""
+
+
+@pytest.mark.parametrize("with_torch", [True, False])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # sqrt of a negative: the point
+def test_a_nan_model_fails_every_table(with_torch, tmp_path, monkeypatch, capsys) -> None:
+    """sqrt of a negative pre-activation: the loss and most gradients are NaN. The
+    128-entry weight is checked along random directions, where a NaN used to vanish."""
+    if with_torch:
+        pytest.importorskip("torch")
+    else:
+        monkeypatch.setattr(check, "torch_available", lambda: False)
+    spec = tmp_path / "nan.yaml"
+    spec.write_text(NAN_SPEC)
+    assert main(["check", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert "check FAILED" in err and "all checks passed" not in err
+    rows = [line.split() for line in err.splitlines() if line.startswith("  wide.weight")]
+    assert rows and all(row[-1] == "FAIL" and row[1] == "nan" for row in rows), rows
+
+
+def test_rel_never_passes_a_non_finite_value() -> None:
+    finite = np.array([1.0, 2.0])
+    for bad in (np.array([np.nan, 2.0]), np.array([np.inf, 2.0])):
+        for a, b in ((bad, finite), (finite, bad), (bad, bad)):
+            _, rel = check._rel(a, b)
+            assert not check._within(rel, 1e-6)
+    assert check._within(check._rel(finite, finite)[1], 1e-12)
+
+
+def _seed_point(tmp_path, suffix: str) -> tuple[str, str]:
+    from symbackprop.api import compile_spec
+    from symbackprop.check import load_module
+
+    model = compile_spec(EXAMPLES / "seed_mlp.yaml")
+    path = tmp_path / "m.py"
+    path.write_text(model.source("numpy"))
+    module = load_module(path)
+    rng = np.random.default_rng(7)
+    params = {k: rng.normal(size=s) for k, s in module.PARAM_SHAPES.items()}
+    batch = {"x": rng.normal(size=(6, 2)), "t": rng.uniform(size=(6, 1))}
+    if suffix == ".npz":
+        np.savez(tmp_path / "p.npz", **params)
+        np.savez(tmp_path / "b.npz", **batch)
+    else:
+        torch = pytest.importorskip("torch")
+        torch.save({k: torch.from_numpy(v) for k, v in params.items()}, tmp_path / "p.pt")
+        torch.save({k: torch.from_numpy(v) for k, v in batch.items()}, tmp_path / "b.pt")
+    return str(tmp_path / f"p{suffix}"), str(tmp_path / f"b{suffix}")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_check_at_the_users_point(suffix, tmp_path, capsys) -> None:
+    params, batch = _seed_point(tmp_path, suffix)
+    assert main(["check", str(EXAMPLES / "seed_mlp.yaml"), "--params", params,
+                 "--batch", batch]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+
+
+def test_the_users_point_is_the_one_checked(tmp_path, monkeypatch) -> None:
+    params, batch = _seed_point(tmp_path, ".npz")
+    seen = {}
+    real = check.finite_differences
+
+    def spy(module, p, b, **kwargs):
+        seen.setdefault("params", p)
+        seen.setdefault("batch", b)
+        return real(module, p, b, **kwargs)
+
+    monkeypatch.setattr(check, "finite_differences", spy)
+    check.check_path(EXAMPLES / "seed_mlp.yaml", params=params, batch=batch)
+    with np.load(params) as p, np.load(batch) as b:
+        assert np.array_equal(seen["params"]["fc1.weight"], p["fc1.weight"])
+        assert np.array_equal(seen["batch"]["x"], b["x"])
+
+
+def test_bad_point_files_are_usage_errors(tmp_path, capsys) -> None:
+    spec = str(EXAMPLES / "seed_mlp.yaml")
+    np.savez(tmp_path / "short.npz", **{"fc1.weight": np.zeros((3, 2))})
+    np.savez(tmp_path / "shape.npz", **{"fc1.weight": np.zeros((2, 3)), "fc1.bias": np.zeros(3),
+                                        "fc2.weight": np.zeros((1, 3)), "fc2.bias": np.zeros(1)})
+    np.savez(tmp_path / "batch.npz", x=np.zeros((4, 3)), t=np.zeros((4, 1)))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    cases = [(["--params", str(tmp_path / "short.npz")], "missing fc1.bias"),
+             (["--params", str(tmp_path / "shape.npz")], r"fc1.weight: expected shape (3, 2)"),
+             (["--batch", str(tmp_path / "batch.npz")], "x: shape (4, 3) does not fit"),
+             (["--params", str(tmp_path / "junk.npz")], "cannot read the parameters"),
+             (["--params", str(tmp_path / "p.txt")], "must be .npz")]
+    for args, message in cases:
+        assert main(["check", spec, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_a_network_too_large_to_check_is_refused(tmp_path, capsys) -> None:
+    spec = tmp_path / "big.yaml"
+    spec.write_text((EXAMPLES / "seed_mlp.yaml").read_text().replace("units: 3",
+                                                                      "units: 16777216"))
+    assert main(["check", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "GiB of memory" in err and err.count("\n") == 1
+
+
+def test_parameters_start_from_their_declared_initialisation(tmp_path, monkeypatch) -> None:
+    """A layer that declares a constant initialisation (a frozen averaging layer) starts
+    there in init_params of both modules, and so in `check`: never from random values."""
+    pytest.importorskip("torch")
+    from symbackprop.api import compile_spec
+    from symbackprop.layers import core
+
+    real = core._param
+
+    def declared(graph, spec, role, shape, trainable, bound):
+        node = real(graph, spec, role, shape, trainable, bound)
+        if not trainable:
+            node.init = ("constant", 0.25)
+        return node
+
+    monkeypatch.setattr(core, "_param", declared)
+    spec = tmp_path / "mean.yaml"
+    spec.write_text("name: mean\ninputs: {x: [N, 4]}\ntargets: {t: [N, 1]}\nlayers:\n"
+                    "  - {name: avg, type: dense, units: 1, bias: false, trainable: false}\n"
+                    "  - {name: out, type: dense, units: 1}\n"
+                    "loss: {type: mse, target: t}\n")
+    model = compile_spec(spec)
+    seen = {}
+    for backend in ("numpy", "torch"):
+        path = tmp_path / f"mean_{backend}.py"
+        path.write_text(model.source(backend))
+        module = check.load_module(path)
+        value = module.init_params(3)["avg.weight"]
+        seen[backend] = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+        assert np.array_equal(seen[backend], np.full((1, 4), 0.25))
+    real_fd = check.finite_differences
+    points = []
+    monkeypatch.setattr(check, "finite_differences",
+                        lambda m, p, b, **k: points.append(p) or real_fd(m, p, b, **k))
+    assert all(row.ok for row in check.check_model(model))
+    assert np.array_equal(points[0]["avg.weight"], np.full((1, 4), 0.25))
