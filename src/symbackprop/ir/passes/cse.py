@@ -5,7 +5,8 @@ equal reads are equal placeholder symbols (one per distinct view), a subexpressi
 here is the same computation wherever it occurs. A shared subexpression is laid out in
 the axes of the bodies it came from, so it is read back as it is (a view with no axes
 of its own, see :class:`~symbackprop.ir.nodes.View`). Shared subexpressions of sizes and
-numbers alone (``1/N``) are cheaper inline and are put back.
+numbers alone (``1/N``) are cheaper inline and are put back. Nothing is shared out of a
+``where`` branch (see :func:`_hide_branches`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ def cse(stmts: list[Assign], program: Program) -> list[Assign]:
     taken = ({s.target for s in stmts} | set(program.shapes)
              | {name for v in views.values() for name in v.reads})
     names = (sp.Symbol(naming.temp(n)) for n in range(10**6) if naming.temp(n) not in taken)
+    hidden: dict[sp.Expr, sp.Symbol] = {}
+    bodies = [_hide_branches(b, hidden) for b in bodies]
     replacements, reduced = sp.cse(bodies, symbols=names, order="none", list=True)
+    shown = {sym: value for value, sym in hidden.items()}
+    replacements = [(sym, expr.xreplace(shown)) for sym, expr in replacements]
+    reduced = [expr.xreplace(shown) for expr in reduced]
     scalar = _scalar(replacements, views)
     while scalar:
         replacements = [(sym, expr.xreplace(scalar)) for sym, expr in replacements
@@ -77,3 +83,23 @@ def _scalar(replacements: list[tuple[sp.Symbol, sp.Expr]],
     defined = {sym for sym, _ in replacements}
     return {sym: expr for sym, expr in replacements
             if not any(s in views or s in defined for s in expr.free_symbols)}
+
+
+def _hide_branches(expr: sp.Expr, hidden: dict[sp.Expr, sp.Symbol]) -> sp.Expr:
+    """``expr`` with each compound branch value of a ``where`` replaced by a stand-in
+    symbol (equal values, equal symbols). A subexpression shared out of a branch would be
+    computed for every entry, also those the condition discards: ``log(x)`` where
+    ``x > 0`` fails, warning (numpy) on exactly the entries the result never uses."""
+    if not expr.has(sp.Piecewise):
+        return expr
+
+    def hide(value: sp.Expr) -> sp.Expr:
+        if value.is_Atom:
+            return value
+        if value not in hidden:
+            hidden[value] = sp.Symbol(f"<branch{len(hidden)}>")
+        return hidden[value]
+
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise),
+                        lambda e: sp.Piecewise(*((hide(v), c) for v, c in e.args),
+                                               evaluate=False))
