@@ -122,21 +122,13 @@ def test_a_network_too_large_to_check_is_refused(tmp_path, capsys) -> None:
 
 
 def test_parameters_start_from_their_declared_initialisation(tmp_path, monkeypatch) -> None:
-    """A layer that declares a constant initialisation (a frozen averaging layer) starts
+    """A layer that declares a constant initialisation (a frozen summing layer) starts
     there in init_params of both modules, and so in `check`: never from random values."""
     pytest.importorskip("torch")
     from symbackprop.api import compile_spec
-    from symbackprop.layers import core
+    from symbackprop.layers import Param, core
 
-    real = core._param
-
-    def declared(graph, spec, role, shape, trainable, bound):
-        node = real(graph, spec, role, shape, trainable, bound)
-        if not trainable:
-            node.init = ("constant", 0.25)
-        return node
-
-    monkeypatch.setattr(core, "_param", declared)
+    monkeypatch.setitem(core.Dense.params, "weight", Param("all ones", "ones"))
     spec = tmp_path / "mean.yaml"
     spec.write_text("name: mean\ninputs: {x: [N, 4]}\ntargets: {t: [N, 1]}\nlayers:\n"
                     "  - {name: avg, type: dense, units: 1, bias: false, trainable: false}\n"
@@ -150,10 +142,10 @@ def test_parameters_start_from_their_declared_initialisation(tmp_path, monkeypat
         module = check.load_module(path)
         value = module.init_params(3)["avg.weight"]
         seen[backend] = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
-        assert np.array_equal(seen[backend], np.full((1, 4), 0.25))
+        assert np.array_equal(seen[backend], np.ones((1, 4)))
     real_fd = check.finite_differences
     points = []
     monkeypatch.setattr(check, "finite_differences",
                         lambda m, p, b, **k: points.append(p) or real_fd(m, p, b, **k))
     assert all(row.ok for row in check.check_model(model))
-    assert np.array_equal(points[0]["avg.weight"], np.full((1, 4), 0.25))
+    assert np.array_equal(points[0]["avg.weight"], np.ones((1, 4)))
