@@ -16,9 +16,10 @@ import jinja2
 import sympy as sp
 
 from .. import __version__, naming
-from ..backprop import Derivation
+from ..backprop import Derivation, derive
 from ..program import Lowerer, Program, Stmt
 from ..spec import ModelSpec
+from .guards import guards
 from .printers import NumpyCodePrinter, NumpyDialect, TorchCodePrinter, TorchDialect
 
 BACKENDS = ("numpy", "torch")
@@ -62,6 +63,7 @@ class Line:
     comment: list[str]
     code: str
     after: str = ""  # e.g. "del tmp0, fc1_z": free arrays right after their last use
+    guard: str = ""  # run only under this condition (a gradient nobody asked for is skipped)
 
 
 class _Printer:
@@ -76,7 +78,8 @@ class _Printer:
 
     def lines(self, stmts: list[Stmt], *, mark_phases: bool = False,
               keep: frozenset[str] | set[str] | None = None,
-              owned: frozenset[str] | set[str] = frozenset()) -> list[Line]:
+              owned: frozenset[str] | set[str] = frozenset(),
+              flags: dict[str, str | None] | None = None) -> list[Line]:
         """Printed statements; with ``keep``, every other array this function computes
         (or is handed in ``owned``) is deleted after its last use, so peak memory is what
         is live, not all that was made."""
@@ -94,6 +97,7 @@ class _Printer:
         fresh = {s.target for s in stmts if not (s.kind == "expr" and s.expr is not None
                                                   and s.expr.is_Symbol)}
         order = {stmt.target: n for n, stmt in enumerate(stmts)}
+        conditions = guards(stmts, flags) if flags is not None else [""] * len(stmts)
         out = []
         phase = ""
         for i, stmt in enumerate(stmts):
@@ -106,7 +110,7 @@ class _Printer:
             names = sorted(dead.get(i, []), key=lambda n: (order.get(n, -1), n))
             code = self._in_place(stmt, set(names) & fresh) or self.code(stmt)
             out.append(Line(comment, f"{stmt.target} = {code}",
-                            f"del {', '.join(names)}" if names else ""))
+                            f"del {', '.join(names)}" if names else "", conditions[i]))
         return out
 
     def _in_place(self, stmt: Stmt, dying: set[str]) -> str:
@@ -200,6 +204,11 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     loss_stmts = functional.function([loss_var])
     grad_outputs = [loss_var, *grads.values()]
     lag_stmts = functional.function(grad_outputs)
+    # Every leaf's adjoint (inputs, targets, frozen parameters too): what a caller may ask
+    # for at run time (numpy ``wrt=``, torch ``needs_input_grad``).
+    full = derive(graph, leaves=True)
+    leaves = [n for n in graph.nodes.values() if n.role != "op"]
+    leaf_label = {n.name: n.param if n.role == "param" else n.name for n in leaves}
 
     context: dict[str, object] = {
         "version": __version__,
@@ -227,41 +236,53 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         "lag_lines": pr.lines(lag_stmts, mark_phases=True, keep=set(grad_outputs)),
         "seed": deriv.seed.name,
     }
+    used = {n.name for n in inputs} | {t.name for t in used_targets} | {p.name for p in params}
+    wrt_leaves = [n for n in leaves if n.name in used]
+    helpers = set(pr.printer.helpers)
+    if backend == "numpy":
+        # loss_and_grad(..., wrt=...): every leaf's gradient, each behind its flag.
+        wide = _lower(full, backend, seed_argument=False)
+        wpr = _Printer(backend, wide)
+        wrt_outputs = [loss_var, *(full.leaf_grads[n.name] for n in wrt_leaves)]
+        flags: dict[str, str | None] = {loss_var: None}
+        flags.update({full.leaf_grads[n.name]: naming.need_flag(n.name) for n in wrt_leaves})
+        context.update({
+            "wrt_lines": wpr.lines(wide.function(wrt_outputs), mark_phases=True,
+                                   keep=set(wrt_outputs), flags=flags),
+            "wrt_leaves": [{"name": leaf_label[n.name], "var": full.leaf_grads[n.name],
+                            "flag": naming.need_flag(n.name)} for n in wrt_leaves],
+        })
+        helpers |= wpr.printer.helpers
     if backend == "torch":
-        autograd = _lower(deriv, backend, seed_argument=True)
+        autograd = _lower(full, backend, seed_argument=True)
         apr = _Printer(backend, autograd)
-        full = autograd.function(grad_outputs)
-        fwd = [s for s in full if s.phase == "forward"]
-        bwd = [s for s in full if s.phase == "backward"]
+        # The autograd.Function's arguments: inputs, targets, then every parameter.
+        args = [n.name for n in inputs] + [t.name for t in used_targets] + [p.name for p in params]
+        outputs = [loss_var, *(full.leaf_grads[a] for a in args)]
+        whole = autograd.function(outputs)
+        fwd = [s for s in whole if s.phase == "forward"]
+        bwd = [s for s in whole if s.phase == "backward"]
         defined = {s.target for s in fwd}
-        leaves = {n.name for n in graph.nodes.values() if n.role != "op"}
-        saved = sorted({r for s in bwd for r in s.reads if r in defined or r in leaves}
-                       - {deriv.seed.name}, key=_order_key(full, graph))
+        kept = sorted({r for s in bwd for r in s.reads if r in defined} - {loss_var},
+                      key=_order_key(whole, graph))
+        flags = {full.leaf_grads[a]: naming.need_flag(a) for a in args}
         bwd_dims = [d for d in autograd.dims if any(
             d in {sym.name for sym in (s.expr.free_symbols if s.expr is not None else ())}
             or d in s.code for s in bwd)]
         context.update({
-            "fn_args": [n.name for n in inputs] + [t.name for t in used_targets]
-                       + [p.name for p in params],
-            "fwd_lines": apr.lines(fwd, keep={*saved, loss_var}),
-            "bwd_lines": apr.lines(bwd, keep=set(grads.values()),
-                                   owned={n for n in saved if n not in leaves}),
-            # Arguments go through save_for_backward (autograd checks they were not
-            # modified in place); the forward's own intermediates ride on ctx so the
-            # backward can drop each one after its last use.
-            "saved": [n for n in saved if n in leaves],
-            "saved_temps": [n for n in saved if n not in leaves],
+            "fn_args": args,
+            "n_leading": len(inputs) + len(used_targets),
+            "fn_flags": [naming.need_flag(a) for a in args],
+            "fn_grads": [full.leaf_grads[a] for a in args],
+            "fwd_lines": apr.lines(fwd, keep={*kept, loss_var}),
+            "bwd_lines": apr.lines(bwd, keep=set(flags), flags=flags),
+            "kept": kept,
             "bwd_dims": bwd_dims,
-            "grad_returns": [grads.get(p.param) if p.trainable else None for p in params],
-            "n_leading_none": len(inputs) + len(used_targets),
         })
-        helpers = pr.printer.helpers | apr.printer.helpers
-    else:
-        helpers = pr.printer.helpers
+        helpers |= apr.printer.helpers
     all_code = "\n".join(line.code for key in ("forward_lines", "loss_lines", "lag_lines",
-                                               "fwd_lines", "bwd_lines")
+                                               "fwd_lines", "bwd_lines", "wrt_lines")
                          for line in context.get(key, []))  # type: ignore[attr-defined]
-    helpers = set(helpers)
     for helper in ("logsumexp", "log_softmax", "linear", "matmul_nt"):
         if f"_{helper}(" in all_code:
             helpers.add(helper)
