@@ -441,7 +441,7 @@ def test_ddp_gloo_two_processes_gives_full_batch_gradient(mods, tmp_path) -> Non
 # ------------------------------------------------------------------ mixed precision
 # bfloat16 keeps 8 significant bits: two correct implementations that round at different
 # places differ by a few units of 2**-8 of the largest gradient entry.
-AUTOCAST_TOL = 5e-2
+AUTOCAST_TOL = 3e-2  # worst seen over 10 seeds: 1.0e-2
 
 
 @pytest.mark.parametrize("inside", [True, False], ids=["backward-inside", "backward-outside"])

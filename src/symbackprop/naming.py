@@ -25,9 +25,9 @@ RESERVED = frozenset(
         # module-level names of the generated modules
         "loss", "forward", "init_params", "loss_and_grad", "Model", "LossFunction",
         "PARAM_SHAPES", "TRAINABLE", "INPUT_SHAPES", "TARGET_SHAPES", "SPEC_SHA256",
-        "DERIVATIONS", "sgd_step", "adam_step",
-        # arguments the generated functions take beside the user's inputs and targets
-        "wrt", "needs",
+        "DERIVATIONS", "sgd_step", "adam_step", "DIFFERENTIABLE",
+        # arguments and locals of generated functions that also take the user's names
+        "wrt", "wanted", "needs", "given",
     }
 )
 
