@@ -59,9 +59,14 @@ class Derivation:
         return self.fused.nodes.get(name) or self.graph.nodes[name]
 
 
-def derive(graph: Graph, *, leaves: bool = False) -> Derivation:
+def derive(graph: Graph, *, leaves: bool = False, reuse: Derivation | None = None
+           ) -> Derivation:
     """The derivation of ``graph``'s loss; ``leaves``: also the adjoint of every input,
-    target and frozen parameter (``Derivation.leaf_grads``)."""
+    target and frozen parameter (``Derivation.leaf_grads``). ``reuse``: an earlier
+    derivation of the same graph whose contributions are taken as they are (a consumer's
+    contribution to an operand depends on nothing else), so only new ones are derived."""
+    known_contributions = {(c.consumer, a.node): c for a in (reuse.adjoints if reuse else ())
+                           for c in a.contributions}
     rewrites: list[stable.Fired] = []
 
     def prepare(name: str, body: sp.Expr) -> sp.Expr:
@@ -83,7 +88,8 @@ def derive(graph: Graph, *, leaves: bool = False) -> Derivation:
     for name in computed:
         node = fused.nodes.get(name) or replace(graph.nodes[name],
                                                 body=fused.inlined[name])
-        body = substitute_known(node.body, reversed(known))  # type: ignore[arg-type]
+        body = (reuse.forward[name] if reuse is not None else
+                substitute_known(node.body, reversed(known)))  # type: ignore[arg-type]
         forward[name] = body
         known.append(node)
 
@@ -130,6 +136,9 @@ def derive(graph: Graph, *, leaves: bool = False) -> Derivation:
         adjoints.append(adjoint)
         for operand in node.operands:
             if not needs.get(operand, False):
+                continue
+            if (name, operand) in known_contributions:
+                pending.setdefault(operand, []).append(known_contributions[name, operand])
                 continue
             target = graph.nodes.get(operand) or fused.nodes[operand]
             raw = vjp(node, target, adjoint.var)

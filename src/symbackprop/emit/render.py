@@ -206,7 +206,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     lag_stmts = functional.function(grad_outputs)
     # Every leaf's adjoint (inputs, targets, frozen parameters too): what a caller may ask
     # for at run time (numpy ``wrt=``, torch ``needs_input_grad``).
-    full = derive(graph, leaves=True)
+    full = _with_leaves(deriv)
     leaves = [n for n in graph.nodes.values() if n.role != "op"]
     leaf_label = {n.name: n.param if n.role == "param" else n.name for n in leaves}
 
@@ -305,6 +305,16 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     except SyntaxError as exc:  # pragma: no cover - a bug in symbackprop, not user input
         raise RuntimeError(f"generated {backend} module does not parse: {exc}") from exc
     return source
+
+
+def _with_leaves(deriv: Derivation) -> Derivation:
+    """``deriv`` again with every leaf's adjoint, derived once per derivation (both
+    backends' modules use it)."""
+    full = getattr(deriv, "_with_leaves", None)
+    if full is None:
+        full = derive(deriv.graph, leaves=True, reuse=deriv)
+        deriv._with_leaves = full  # type: ignore[attr-defined]
+    return full
 
 
 def _order_key(stmts: list[Stmt], graph: object) -> object:
