@@ -1077,10 +1077,11 @@ def _loss_forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weigh
     return (loss, h1, h2, tmp0, tmp1, tmp2)
 
 
-def _loss_backward(needs, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, h1, h2, tmp0, tmp1, tmp2):
+def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, h1, h2, tmp0, tmp1, tmp2):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
-    gradients nobody asked for is skipped."""
+    gradients nobody asked for is skipped. With `release`, the memory of each saved
+    intermediate is freed after its last use."""
     _need_x, _need_label, _need_h1_weight, _need_h1_bias, _need_h2_weight, _need_h2_bias, _need_logits_weight, _need_logits_bias, = needs
     N = x.shape[0]
     tmp4 = d_loss/N
@@ -1088,6 +1089,8 @@ def _loss_backward(needs, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bi
     if _need_label:
         # dL/dlabel (through loss): d_label[k0, k1] = d_loss*(-logits[k0, k1] + logits_lse[k0])/N
         d_label = tmp2*tmp4
+        if release:
+            _release(tmp2)
 
     if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias or _need_logits_weight or _need_logits_bias:
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
@@ -1096,10 +1099,14 @@ def _loss_backward(needs, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bi
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
         d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp4
         del tmp4, d_logits_lse
+        if release:
+            _release(tmp1)
 
     if _need_logits_weight:
         # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
         d_logits_weight = d_logits.T @ h2
+        if release:
+            _release(h2)
 
     if _need_logits_bias:
         # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
@@ -1113,6 +1120,8 @@ def _loss_backward(needs, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bi
         # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
         d_h2_z = torch.where(tmp0, d_h2, 0)
         del d_h2
+        if release:
+            _release(tmp0)
 
     if _need_h2_weight:
         # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
@@ -1130,6 +1139,8 @@ def _loss_backward(needs, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bi
         # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
         d_h1_z = torch.ops.aten.tanh_backward(d_h1, h1)
         del d_h1
+        if release:
+            _release(h1)
 
     if _need_x:
         # dL/dx (through h1_z): d_x[k0, k1] = sum_{i1}(d_h1_z[k0, i1]*h1_weight[i1, k1])
@@ -1153,6 +1164,39 @@ def _loss_backward(needs, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bi
         d_logits_weight.to(logits_weight.dtype) if _need_logits_weight else None,
         d_logits_bias.to(logits_bias.dtype) if _need_logits_bias else None,
     )
+
+
+def _release(*tensors):
+    # Free the memory of saved intermediates the backward is done with, as autograd frees
+    # each node's saved tensors once the node has run: peak memory stays that of eager
+    # autograd. The tensor objects stay saved with empty storage; a second backward
+    # (retain_graph=True) sees that and computes them again (_released).
+    for tensor in tensors:
+        tensor.untyped_storage().resize_(0)
+
+
+def _released(kept):
+    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
+
+
+def _can_release(kept, arguments):
+    # Only plain tensors, each owning its whole storage and sharing it with no argument and
+    # no other intermediate; never while autograd records the backward or torch.compile
+    # traces it.
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    try:
+        taken = {a.untyped_storage().data_ptr() for a in arguments}
+        for t in kept:
+            storage = t.untyped_storage()
+            if (type(t) is not torch.Tensor or t.device.type == "meta" or not t.numel()
+                    or storage.data_ptr() in taken or t.storage_offset()
+                    or storage.nbytes() != t.numel() * t.element_size()):
+                return False
+            taken.add(storage.data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensors without a storage of their own
+        return False
+    return True
 
 
 def _autocast_state(tensor):
@@ -1195,6 +1239,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, d_loss, *unused):
         saved = ctx.saved_tensors
         arguments, kept = saved[:8], saved[8:]
+        del saved
         if ctx.autocast is None:
             return LossFunction._backward(ctx, d_loss, arguments, kept)
         device_type, enabled, dtype = ctx.autocast
@@ -1203,11 +1248,13 @@ class LossFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_loss, arguments, kept):
-        if torch.is_grad_enabled():
-            # A derivative of this backward is being recorded: the saved intermediates
-            # carry no history, so compute them again from the arguments.
+        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+            # A derivative of this backward is being recorded (the saved intermediates
+            # carry no history), or an earlier backward freed them: compute them again
+            # from the arguments.
             kept = _loss_forward(*arguments)[1:]
-        return _loss_backward(ctx.needs_input_grad, d_loss, *arguments, *kept)
+        release = _can_release(kept, arguments)
+        return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 
 class Model(torch.nn.Module):

@@ -675,13 +675,16 @@ def _loss_forward(x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     return (loss, fc1, fc2, tmp0)
 
 
-def _loss_backward(needs, d_loss, x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1, fc2, tmp0):
+def _loss_backward(needs, release, d_loss, x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1, fc2, tmp0):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
-    gradients nobody asked for is skipped."""
+    gradients nobody asked for is skipped. With `release`, the memory of each saved
+    intermediate is freed after its last use."""
     _need_x, _need_t, _need_fc1_weight, _need_fc1_bias, _need_fc2_weight, _need_fc2_bias, = needs
     N = x.shape[0]
     tmp2 = (2*d_loss/N)*tmp0
+    if release:
+        _release(tmp0)
 
     if _need_t:
         # dL/dt (through loss): d_t[k0, k1] = -2*d_loss*(fc2[k0, k1] - t[k0, k1])/N
@@ -691,6 +694,8 @@ def _loss_backward(needs, d_loss, x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bi
         # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
         d_fc2_z = torch.ops.aten.sigmoid_backward(tmp2, fc2)
         del tmp2
+        if release:
+            _release(fc2)
 
     if _need_fc2_weight:
         # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
@@ -708,6 +713,8 @@ def _loss_backward(needs, d_loss, x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bi
         # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
         d_fc1_z = torch.ops.aten.sigmoid_backward(d_fc1, fc1)
         del d_fc1
+        if release:
+            _release(fc1)
 
     if _need_x:
         # dL/dx (through fc1_z): d_x[k0, k1] = sum_{i1}(d_fc1_z[k0, i1]*fc1_weight[i1, k1])
@@ -729,6 +736,39 @@ def _loss_backward(needs, d_loss, x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bi
         d_fc2_weight.to(fc2_weight.dtype) if _need_fc2_weight else None,
         d_fc2_bias.to(fc2_bias.dtype) if _need_fc2_bias else None,
     )
+
+
+def _release(*tensors):
+    # Free the memory of saved intermediates the backward is done with, as autograd frees
+    # each node's saved tensors once the node has run: peak memory stays that of eager
+    # autograd. The tensor objects stay saved with empty storage; a second backward
+    # (retain_graph=True) sees that and computes them again (_released).
+    for tensor in tensors:
+        tensor.untyped_storage().resize_(0)
+
+
+def _released(kept):
+    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
+
+
+def _can_release(kept, arguments):
+    # Only plain tensors, each owning its whole storage and sharing it with no argument and
+    # no other intermediate; never while autograd records the backward or torch.compile
+    # traces it.
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    try:
+        taken = {a.untyped_storage().data_ptr() for a in arguments}
+        for t in kept:
+            storage = t.untyped_storage()
+            if (type(t) is not torch.Tensor or t.device.type == "meta" or not t.numel()
+                    or storage.data_ptr() in taken or t.storage_offset()
+                    or storage.nbytes() != t.numel() * t.element_size()):
+                return False
+            taken.add(storage.data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensors without a storage of their own
+        return False
+    return True
 
 
 def _autocast_state(tensor):
@@ -771,6 +811,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, d_loss, *unused):
         saved = ctx.saved_tensors
         arguments, kept = saved[:6], saved[6:]
+        del saved
         if ctx.autocast is None:
             return LossFunction._backward(ctx, d_loss, arguments, kept)
         device_type, enabled, dtype = ctx.autocast
@@ -779,11 +820,13 @@ class LossFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_loss, arguments, kept):
-        if torch.is_grad_enabled():
-            # A derivative of this backward is being recorded: the saved intermediates
-            # carry no history, so compute them again from the arguments.
+        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+            # A derivative of this backward is being recorded (the saved intermediates
+            # carry no history), or an earlier backward freed them: compute them again
+            # from the arguments.
             kept = _loss_forward(*arguments)[1:]
-        return _loss_backward(ctx.needs_input_grad, d_loss, *arguments, *kept)
+        release = _can_release(kept, arguments)
+        return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 
 class Model(torch.nn.Module):

@@ -234,7 +234,7 @@ def test_backward_skips_gradients_nobody_asked_for(mods) -> None:
     args = (b["x"], b["t"], *model.parameters())
     for wanted in range(len(args)):
         needs = tuple(i == wanted for i in range(len(args)))
-        got = mod._loss_backward(needs, torch.ones((), dtype=F64), *args, *outputs[1:])
+        got = mod._loss_backward(needs, False, torch.ones((), dtype=F64), *args, *outputs[1:])
         assert [g is not None for g in got] == list(needs)
     # The guards themselves: a statement runs under the union of what needs it.
     class S:

@@ -27,7 +27,7 @@ RESERVED = frozenset(
         "PARAM_SHAPES", "TRAINABLE", "INPUT_SHAPES", "TARGET_SHAPES", "SPEC_SHA256",
         "DERIVATIONS", "sgd_step", "adam_step", "DIFFERENTIABLE",
         # arguments and locals of generated functions that also take the user's names
-        "wrt", "wanted", "needs", "given",
+        "wrt", "wanted", "needs", "release", "given",
     }
 )
 

@@ -64,6 +64,7 @@ class Line:
     code: str
     after: str = ""  # e.g. "del tmp0, fc1_z": free arrays right after their last use
     guard: str = ""  # run only under this condition (a gradient nobody asked for is skipped)
+    release: str = ""  # e.g. "h1, h2": saved intermediates whose memory may be freed here
 
 
 class _Printer:
@@ -79,7 +80,8 @@ class _Printer:
     def lines(self, stmts: list[Stmt], *, mark_phases: bool = False,
               keep: frozenset[str] | set[str] | None = None,
               owned: frozenset[str] | set[str] = frozenset(),
-              flags: dict[str, str | None] | None = None) -> list[Line]:
+              flags: dict[str, str | None] | None = None,
+              released: frozenset[str] | set[str] = frozenset()) -> list[Line]:
         """Printed statements; with ``keep``, every other array this function computes
         (or is handed in ``owned``) is deleted after its last use, so peak memory is what
         is live, not all that was made."""
@@ -109,8 +111,11 @@ class _Printer:
                 comment = [f"---- {heading} ----", *comment]
             names = sorted(dead.get(i, []), key=lambda n: (order.get(n, -1), n))
             code = self._in_place(stmt, set(names) & fresh) or self.code(stmt)
+            freed = [n for n in names if n in released]
+            names = [n for n in names if n not in released]
             out.append(Line(comment, f"{stmt.target} = {code}",
-                            f"del {', '.join(names)}" if names else "", conditions[i]))
+                            f"del {', '.join(names)}" if names else "", conditions[i],
+                            ", ".join(freed)))
         return out
 
     def _in_place(self, stmt: Stmt, dying: set[str]) -> str:
@@ -275,7 +280,10 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
             "fn_flags": [naming.need_flag(a) for a in args],
             "fn_grads": [full.leaf_grads[a] for a in args],
             "fwd_lines": apr.lines(fwd, keep={*kept, loss_var}),
-            "bwd_lines": apr.lines(bwd, keep=set(flags), flags=flags),
+            # The backward may free each saved intermediate after its last use (see
+            # _release in the template), as autograd frees a node's saved tensors.
+            "bwd_lines": apr.lines(bwd, keep=set(flags), owned=set(kept), flags=flags,
+                                   released=set(kept)),
             "kept": kept,
             "bwd_dims": bwd_dims,
         })
