@@ -1220,7 +1220,9 @@ class LossFunction(torch.autograd.Function):
     transform) it recomputes the intermediates from the saved arguments with
     differentiable operations, so autograd records the generated backward and a second
     derivative is exact. It runs under the autocast state the forward ran under, and
-    returns each gradient in its argument's dtype.
+    returns each gradient in its argument's dtype. A first-order backward frees each
+    intermediate's memory after its last use (so the intermediates apply() returned are
+    empty afterwards; Model never hands them out).
     """
 
     generate_vmap_rule = True

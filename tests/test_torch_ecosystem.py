@@ -134,8 +134,8 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def close(a: dict, b: dict, tol: float) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        scale = max(float(b[key].abs().max()), 1e-30)
-        err = float((a[key].to(b[key].dtype) - b[key]).abs().max()) / scale
+        scale = max(float(b[key].detach().abs().max()), 1e-30)
+        err = float((a[key].detach().to(b[key].dtype) - b[key].detach()).abs().max()) / scale
         assert err <= tol, (key, err)
 
 
