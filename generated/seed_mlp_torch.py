@@ -806,15 +806,20 @@ class LossFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
+        # The intermediates get no gradient: do not have autograd allocate zeros for them.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs, *output[1:])
         ctx.autocast = _autocast_state(inputs[0])
 
     @staticmethod
     def backward(ctx, d_loss, *unused):
+        if d_loss is None:  # no gradient reached the loss (grads are not materialised)
+            return (None,) * 6
         saved = ctx.saved_tensors
         arguments, kept = saved[:6], saved[6:]
         del saved
-        if ctx.autocast is None:
+        if ctx.autocast is None or not (ctx.autocast[1]
+                                        or torch.is_autocast_enabled(ctx.autocast[0])):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
         device_type, enabled, dtype = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
