@@ -742,9 +742,11 @@ def _release(*tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
     # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees that and computes them again (_released).
+    # (retain_graph=True) sees that and computes them again (_released). Small arrays
+    # are kept: freeing one early costs more time than its memory is worth.
     for tensor in tensors:
-        tensor.untyped_storage().resize_(0)
+        if tensor.numel() * tensor.element_size() >= 65536:
+            tensor.untyped_storage().resize_(0)
 
 
 def _released(kept):
@@ -752,21 +754,18 @@ def _released(kept):
 
 
 def _can_release(kept, arguments):
-    # Only plain tensors, each owning its whole storage and sharing it with no argument and
-    # no other intermediate; never while autograd records the backward or torch.compile
-    # traces it.
+    # Only plain tensors that are no view and share no memory with an argument or another
+    # intermediate; never while autograd records the backward or torch.compile traces it.
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     try:
-        taken = {a.untyped_storage().data_ptr() for a in arguments}
+        taken = {a.data_ptr() for a in arguments}
         for t in kept:
-            storage = t.untyped_storage()
-            if (type(t) is not torch.Tensor or t.device.type == "meta" or not t.numel()
-                    or storage.data_ptr() in taken or t.storage_offset()
-                    or storage.nbytes() != t.numel() * t.element_size()):
+            if (type(t) is not torch.Tensor or t._base is not None or t.is_meta
+                    or t.storage_offset() or t.data_ptr() in taken):
                 return False
-            taken.add(storage.data_ptr())
-    except (RuntimeError, NotImplementedError):  # tensors without a storage of their own
+            taken.add(t.data_ptr())
+    except RuntimeError:  # tensors without memory of their own
         return False
     return True
 
