@@ -51,7 +51,7 @@ from workloads import WORKLOADS, Workload, make_batch, make_params  # noqa: E402
 CONTENDERS: dict[str, tuple[str, str]] = {
     "numpy-gen": ("generated numpy `loss_and_grad`", "numpy"),
     "torch-gen": ("generated torch `loss_and_grad`", "torch"),
-    "torch-gen-module": ("generated torch `Model.loss(...).backward()`", "torch"),
+    "torch-gen-module": ("generated torch `model(**batch).backward()`", "torch"),
     "torch-eager": ("`torch.nn` + eager autograd", "torch"),
     "jax-jit": ("`jax.jit(jax.value_and_grad(...))`", "jax"),
     "numpy-hand": ("hand-written numpy backprop", "numpy"),
@@ -127,7 +127,7 @@ def build(name: str, work: Workload, batch: int, gen_dir: Path
         def step() -> tuple[Any, dict[str, Any]]:
             for _, p in named:
                 p.grad = None
-            loss = model.loss(**tkwargs)
+            loss = model(**tkwargs)
             loss.backward()
             return loss, {k: p.grad for k, p in named}
 

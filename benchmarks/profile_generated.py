@@ -4,8 +4,8 @@
     python benchmarks/profile_generated.py --batches 256 --backends numpy
     python benchmarks/profile_generated.py --generation         # cProfile of generate
 
-Step profile: the generated ``loss_and_grad`` (and, for torch, ``LossFunction.forward``
-and ``.backward``, which ``Model.loss(...).backward()`` runs) is re-compiled with a
+Step profile: the generated ``loss_and_grad`` (and, for torch, ``_loss_forward``
+and ``_loss_backward``, which ``model(**batch).backward()`` runs) is re-compiled with a
 ``perf_counter`` pair around every statement, run many times, and each statement's
 median is printed next to the step's matrix-product floor — so the gap to the floor is
 split into named statements. The clock pair costs ~0.1 µs a statement; the uninstrumented
@@ -39,7 +39,7 @@ from workloads import WORKLOADS, Workload, make_batch, make_params  # noqa: E402
 
 PINNED_MARK = "SYMBACKPROP_BENCH_PINNED"
 TARGETS = {"numpy": ("loss_and_grad",),
-           "torch": ("loss_and_grad", "LossFunction.forward", "LossFunction.backward")}
+           "torch": ("loss_and_grad", "_loss_forward", "_loss_backward")}
 
 
 def _repin() -> None:

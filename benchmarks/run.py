@@ -51,7 +51,7 @@ MIN_CPU_SHARE = 0.9  # below this a child was descheduled by another process: re
 # The targets: (id, text, kind, arguments). Evaluated in `targets()`.
 LABELS = {
     "numpy-gen": "generated numpy", "torch-gen": "generated torch (loss_and_grad)",
-    "torch-gen-module": "generated torch (Model.loss().backward())",
+    "torch-gen-module": "generated torch (model(**batch).backward())",
     "torch-eager": "torch.nn eager autograd", "jax-jit": "jax.jit(value_and_grad)",
     "numpy-hand": "hand-written numpy", "floor-numpy": "floor: matmuls (numpy)",
     "floor-torch": "floor: matmuls (torch)",

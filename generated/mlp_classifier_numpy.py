@@ -8,6 +8,8 @@ and simplified; each block's comment gives the index-notation formula it impleme
 This module imports only numpy and the standard library.
 """
 
+import math
+
 import numpy
 
 SPEC_SHA256 = "bfaf563f51f02d3c18f881bf570eb56e93861d0b31a6a570aff7a404f11bc86c"
@@ -437,8 +439,22 @@ def loss(params, *, x, label):
     return loss
 
 
-def loss_and_grad(params, *, x, label):
-    """The loss and its gradient for every trainable parameter: (loss, {name: grad})."""
+def loss_and_grad(params, *, x, label, wrt=None):
+    """The loss and its gradient: (loss, {name: grad}).
+
+    wrt: the names to differentiate with respect to, any of x, label, h1.weight, h1.bias, h2.weight, h2.bias, logits.weight, logits.bias
+    (parameters, and inputs or targets for the gradient into the data, e.g. saliency
+    maps or adversarial examples); None (the default) means every trainable parameter,
+    TRAINABLE. Work that only feeds gradients not asked for is skipped."""
+    wanted = _wanted(wrt)
+    _need_x = "x" in wanted
+    _need_label = "label" in wanted
+    _need_h1_weight = "h1.weight" in wanted
+    _need_h1_bias = "h1.bias" in wanted
+    _need_h2_weight = "h2.weight" in wanted
+    _need_h2_bias = "h2.bias" in wanted
+    _need_logits_weight = "logits.weight" in wanted
+    _need_logits_bias = "logits.bias" in wanted
     h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype = _unpack(params)
     x = _as_array("x", x, dtype)
     label = _as_array("label", label, dtype)
@@ -468,68 +484,166 @@ def loss_and_grad(params, *, x, label):
     # log-softmax: tmp1 = logits - logits_lse, in one call
     tmp1 = _log_softmax(logits, 1)
     del logits
+    tmp2 = -tmp1
 
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-    tmp_sum4 = numpy.sum(-label*tmp1)
+    tmp_sum4 = numpy.sum(label*tmp2)
     loss = tmp_sum4/N
     del tmp_sum4
 
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
     # the seed: dL/dL = 1, in the loss's dtype
     d_loss = numpy.result_type(loss).type(1)
-
-    # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
-    tmp_sum5 = label.sum(axis=1)
-    tmp3 = d_loss/N
+    tmp4 = d_loss/N
     del d_loss
-    d_logits_lse = tmp3*tmp_sum5
-    del tmp_sum5
 
-    # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
-    d_logits = d_logits_lse[:, None]*numpy.exp(tmp1) - label*tmp3
-    del tmp1, tmp3, d_logits_lse
+    if _need_label:
+        # dL/dlabel (through loss): d_label[k0, k1] = d_loss*(-logits[k0, k1] + logits_lse[k0])/N
+        d_label = tmp2*tmp4
+        del tmp2
 
-    # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
-    d_logits_weight = d_logits.T @ h2
-    del h2
+    if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias or _need_logits_weight or _need_logits_bias:
+        # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
+        tmp_sum5 = label.sum(axis=1)
+        d_logits_lse = tmp4*tmp_sum5
+        del tmp_sum5
 
-    # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
-    d_logits_bias = d_logits.sum(axis=0)
+        # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
+        d_logits = d_logits_lse[:, None]*numpy.exp(tmp1) - label*tmp4
+        del tmp1, tmp4, d_logits_lse
 
-    # dL/dh2 (through logits): d_h2[k0, k1] = sum_{i1}(d_logits[k0, i1]*logits_weight[i1, k1])
-    d_h2 = d_logits @ logits_weight
-    del d_logits
+    if _need_logits_weight:
+        # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
+        d_logits_weight = d_logits.T @ h2
+        del h2
 
-    # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
-    d_h2_z = numpy.where(tmp0, d_h2, 0)
-    del tmp0, d_h2
+    if _need_logits_bias:
+        # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
+        d_logits_bias = d_logits.sum(axis=0)
 
-    # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
-    d_h2_weight = d_h2_z.T @ h1
+    if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias:
+        # dL/dh2 (through logits): d_h2[k0, k1] = sum_{i1}(d_logits[k0, i1]*logits_weight[i1, k1])
+        d_h2 = d_logits @ logits_weight
+        del d_logits
 
-    # dL/dh2_bias (through h2_z): d_h2_bias[k0] = sum_{i0}(d_h2_z[i0, k0])
-    d_h2_bias = d_h2_z.sum(axis=0)
+        # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
+        d_h2_z = numpy.where(tmp0, d_h2, 0)
+        del tmp0, d_h2
 
-    # dL/dh1 (through h2_z): d_h1[k0, k1] = sum_{i1}(d_h2_z[k0, i1]*h2_weight[i1, k1])
-    d_h1 = d_h2_z @ h2_weight
-    del d_h2_z
+    if _need_h2_weight:
+        # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
+        d_h2_weight = d_h2_z.T @ h1
 
-    # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
-    d_h1_z = _tanh_backward(d_h1, h1)
-    del h1, d_h1
+    if _need_h2_bias:
+        # dL/dh2_bias (through h2_z): d_h2_bias[k0] = sum_{i0}(d_h2_z[i0, k0])
+        d_h2_bias = d_h2_z.sum(axis=0)
 
-    # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
-    d_h1_weight = d_h1_z.T @ x
+    if _need_x or _need_h1_weight or _need_h1_bias:
+        # dL/dh1 (through h2_z): d_h1[k0, k1] = sum_{i1}(d_h2_z[k0, i1]*h2_weight[i1, k1])
+        d_h1 = d_h2_z @ h2_weight
+        del d_h2_z
 
-    # dL/dh1_bias (through h1_z): d_h1_bias[k0] = sum_{i0}(d_h1_z[i0, k0])
-    d_h1_bias = d_h1_z.sum(axis=0)
-    del d_h1_z
-    grads = {
-        "h1.weight": d_h1_weight,
-        "h1.bias": d_h1_bias,
-        "h2.weight": d_h2_weight,
-        "h2.bias": d_h2_bias,
-        "logits.weight": d_logits_weight,
-        "logits.bias": d_logits_bias,
-    }
+        # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
+        d_h1_z = _tanh_backward(d_h1, h1)
+        del h1, d_h1
+
+    if _need_x:
+        # dL/dx (through h1_z): d_x[k0, k1] = sum_{i1}(d_h1_z[k0, i1]*h1_weight[i1, k1])
+        d_x = d_h1_z @ h1_weight
+
+    if _need_h1_weight:
+        # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
+        d_h1_weight = d_h1_z.T @ x
+
+    if _need_h1_bias:
+        # dL/dh1_bias (through h1_z): d_h1_bias[k0] = sum_{i0}(d_h1_z[i0, k0])
+        d_h1_bias = d_h1_z.sum(axis=0)
+        del d_h1_z
+    grads = {}
+    if _need_x:
+        grads["x"] = d_x
+    if _need_label:
+        grads["label"] = d_label
+    if _need_h1_weight:
+        grads["h1.weight"] = d_h1_weight
+    if _need_h1_bias:
+        grads["h1.bias"] = d_h1_bias
+    if _need_h2_weight:
+        grads["h2.weight"] = d_h2_weight
+    if _need_h2_bias:
+        grads["h2.bias"] = d_h2_bias
+    if _need_logits_weight:
+        grads["logits.weight"] = d_logits_weight
+    if _need_logits_bias:
+        grads["logits.bias"] = d_logits_bias
     return loss, grads
+
+
+# What loss_and_grad(..., wrt=...) can differentiate with respect to.
+DIFFERENTIABLE = ("x", "label", "h1.weight", "h1.bias", "h2.weight", "h2.bias", "logits.weight", "logits.bias",)
+
+
+def _wanted(wrt):
+    if wrt is None:
+        return frozenset(TRAINABLE)
+    if isinstance(wrt, str):
+        wrt = (wrt,)
+    wanted = frozenset(wrt)
+    unknown = sorted(wanted - frozenset(DIFFERENTIABLE))
+    if unknown:
+        raise ValueError(f"wrt: cannot differentiate with respect to {unknown}; "
+                         f"choose from {DIFFERENTIABLE}")
+    return wanted
+
+
+def sgd_step(params, grads, state=None, *, lr, momentum=0.0, weight_decay=0.0):
+    """One step of stochastic gradient descent, as torch.optim.SGD takes it (no
+    dampening, no Nesterov): params[name] is updated in place for every name in grads.
+
+    state: a dict kept between steps (momentum buffers); pass the same dict each time,
+    starting with an empty one (or None without momentum). Returns state."""
+    state = {} if state is None else state
+    for name, grad in grads.items():
+        param = params[name]
+        if weight_decay:
+            grad = grad + weight_decay * param
+        if momentum:
+            buffer = state.get(name)
+            if buffer is None:
+                buffer = state[name] = numpy.array(grad, copy=True)
+            else:
+                buffer *= momentum
+                buffer += grad
+            grad = buffer
+        param -= lr * grad
+    return state
+
+
+def adam_step(params, grads, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+              weight_decay=1e-2):
+    """One AdamW step (decoupled weight decay, bias-corrected moments), as
+    torch.optim.AdamW takes it with the same defaults: params[name] is updated in place
+    for every name in grads. weight_decay=0 gives Adam.
+
+    state: a dict kept between steps; pass the same dict each time, starting with an
+    empty one. It holds "step" and the moments "exp_avg" and "exp_avg_sq" per name."""
+    beta1, beta2 = betas
+    step = state["step"] = state.get("step", 0) + 1
+    exp_avg = state.setdefault("exp_avg", {})
+    exp_avg_sq = state.setdefault("exp_avg_sq", {})
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    step_size = lr / bias_correction1
+    for name, grad in grads.items():
+        param = params[name]
+        if name not in exp_avg:
+            exp_avg[name] = numpy.zeros_like(param)
+            exp_avg_sq[name] = numpy.zeros_like(param)
+        m, v = exp_avg[name], exp_avg_sq[name]
+        param *= 1 - lr * weight_decay
+        m += (grad - m) * (1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * grad * grad
+        denom = numpy.sqrt(v) / bias_correction2_sqrt + eps
+        param -= step_size * (m / denom)
+    return state

@@ -3,8 +3,9 @@
 DO NOT EDIT: this file is generated from mlp_classifier.yaml
 (sha256 bfaf563f51f02d3c18f881bf570eb56e93861d0b31a6a570aff7a404f11bc86c); regenerate it with `symbackprop generate`.
 
-`Model.loss(...).backward()` runs the generated backward pass below (a
-torch.autograd.Function), not autograd's tape. Nothing pins a device or dtype: the same
+`model(**batch).backward()` (model a `Model`) runs the generated backward pass below (a
+torch.autograd.Function), not autograd's tape; it also fills the gradient of any input that
+asks for one, and is itself differentiable. Nothing pins a device or dtype: the same
 code runs on CPU and CUDA tensors of any floating dtype. Imports only torch.
 """
 
@@ -356,46 +357,50 @@ def forward(params, *, x):
 
 
 def loss(params, *, x, label):
-    """The scalar loss of one batch (no gradient tape: use Model.loss for .backward())."""
+    """The scalar loss of one batch, in plain torch operations: torch autograd and
+    torch.func (grad, vmap, jacrev) differentiate it like any torch code. (Model runs the
+    generated backward instead.)"""
     h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype, device = _unpack(params)
     x = _as_tensor("x", x, dtype, device)
     label = _as_tensor("label", label, dtype, device)
     N = x.shape[0]
     _expect("x", x, (N, 64))
     _expect("label", label, (N, 10))
-    with torch.no_grad():
-        # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
-        h1_z = torch.addmm(h1_bias, x, h1_weight.T)
+    # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
+    h1_z = torch.addmm(h1_bias, x, h1_weight.T)
 
-        # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
-        h1 = torch.tanh(h1_z)
-        del h1_z
+    # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
+    h1 = torch.tanh(h1_z)
+    del h1_z
 
-        # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
-        h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
-        del h1
+    # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
+    h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
+    del h1
 
-        # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
-        h2 = torch.relu(h2_z)
-        del h2_z
+    # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
+    h2 = torch.relu(h2_z)
+    del h2_z
 
-        # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
-        logits = torch.addmm(logits_bias, h2, logits_weight.T)
-        del h2
+    # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
+    logits = torch.addmm(logits_bias, h2, logits_weight.T)
+    del h2
 
-        # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
-        logits_lse = torch.logsumexp(logits, dim=1)
+    # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
+    logits_lse = torch.logsumexp(logits, dim=1)
 
-        # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-        tmp_sum4 = torch.sum(label*(-logits + logits_lse[:, None]))
-        del logits, logits_lse
-        loss = tmp_sum4/N
-        del tmp_sum4
+    # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
+    tmp_sum4 = torch.sum(label*(-logits + logits_lse[:, None]))
+    del logits, logits_lse
+    loss = tmp_sum4/N
+    del tmp_sum4
     return loss
 
 
 def loss_and_grad(params, *, x, label):
-    """The loss and its gradient for every trainable parameter: (loss, {name: grad})."""
+    """The loss and its gradient for every trainable parameter: (loss, {name: grad}).
+
+    Runs the generated backward pass (no autograd tape). Each gradient comes back in its
+    parameter's dtype, also when the pass ran under autocast in a lower precision."""
     h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype, device = _unpack(params)
     x = _as_tensor("x", x, dtype, device)
     label = _as_tensor("label", label, dtype, device)
@@ -483,137 +488,286 @@ def loss_and_grad(params, *, x, label):
         d_h1_bias = d_h1_z.sum(dim=0)
         del d_h1_z
     grads = {
-        "h1.weight": d_h1_weight,
-        "h1.bias": d_h1_bias,
-        "h2.weight": d_h2_weight,
-        "h2.bias": d_h2_bias,
-        "logits.weight": d_logits_weight,
-        "logits.bias": d_logits_bias,
+        "h1.weight": d_h1_weight.to(h1_weight.dtype),
+        "h1.bias": d_h1_bias.to(h1_bias.dtype),
+        "h2.weight": d_h2_weight.to(h2_weight.dtype),
+        "h2.bias": d_h2_bias.to(h2_bias.dtype),
+        "logits.weight": d_logits_weight.to(logits_weight.dtype),
+        "logits.bias": d_logits_bias.to(logits_bias.dtype),
     }
     return loss, grads
 
 
-class LossFunction(torch.autograd.Function):
-    """The loss as one autograd node whose backward is the generated backward pass."""
+def _loss_forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias):
+    """LossFunction's forward: the loss, then the intermediates its backward reads."""
+    N = x.shape[0]
+    _expect("x", x, (N, 64))
+    _expect("label", label, (N, 10))
+    # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
+    h1_z = torch.addmm(h1_bias, x, h1_weight.T)
 
-    @staticmethod
-    def forward(ctx, x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias):
-        N = x.shape[0]
-        _expect("x", x, (N, 64))
-        _expect("label", label, (N, 10))
-        # dense h1: h1_z[i0, i1] = h1_bias[i1] + sum_{s0}(h1_weight[i1, s0]*x[i0, s0])
-        h1_z = torch.addmm(h1_bias, x, h1_weight.T)
+    # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
+    h1 = torch.tanh(h1_z)
+    del h1_z
 
-        # tanh h1: h1[i0, i1] = tanh(h1_z[i0, i1])
-        h1 = torch.tanh(h1_z)
-        del h1_z
+    # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
+    h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
+    tmp0 = (h2_z > 0)
 
-        # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
-        h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
-        tmp0 = (h2_z > 0)
+    # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
+    h2 = torch.relu(h2_z)
+    del h2_z
 
-        # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
-        h2 = torch.relu(h2_z)
-        del h2_z
+    # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
+    logits = torch.addmm(logits_bias, h2, logits_weight.T)
 
-        # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
-        logits = torch.addmm(logits_bias, h2, logits_weight.T)
+    # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
+    # log-softmax: tmp1 = logits - logits_lse, in one call
+    tmp1 = torch.log_softmax(logits, dim=1)
+    del logits
+    tmp2 = -tmp1
 
-        # logsumexp loss: logits_lse[i0] = log(sum_{s1}(exp(logits[i0, s1])))
-        # log-softmax: tmp1 = logits - logits_lse, in one call
-        tmp1 = torch.log_softmax(logits, dim=1)
-        del logits
+    # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
+    tmp_sum4 = torch.sum(label*tmp2)
+    loss = tmp_sum4/N
+    del tmp_sum4
+    return (loss, h1, h2, tmp0, tmp1, tmp2)
 
-        # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-        tmp_sum4 = torch.sum(-label*tmp1)
-        loss = tmp_sum4/N
-        del tmp_sum4
-        ctx.N = N
-        ctx.save_for_backward(x, label, h2_weight, logits_weight)
-        # Intermediates are kept on ctx, not in save_for_backward: the backward takes
-        # them off ctx, so each is freed after its last use rather than at the end.
-        ctx.temps = (h1, h2, tmp0, tmp1)
-        return loss
 
-    @staticmethod
-    def backward(ctx, d_loss):
-        x, label, h2_weight, logits_weight = ctx.saved_tensors
-        if not hasattr(ctx, "temps"):
-            raise RuntimeError("this backward frees the forward's intermediates as it goes, so "
-                               "it runs once per forward: compute the loss again instead of "
-                               "calling backward(retain_graph=True) twice")
-        h1, h2, tmp0, tmp1 = ctx.temps
-        del ctx.temps
-        N = ctx.N
+def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, h1, h2, tmp0, tmp1, tmp2):
+    """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
+    (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
+    gradients nobody asked for is skipped. With `release`, the memory of each saved
+    intermediate is freed after its last use."""
+    _need_x, _need_label, _need_h1_weight, _need_h1_bias, _need_h2_weight, _need_h2_bias, _need_logits_weight, _need_logits_bias, = needs
+    N = x.shape[0]
+    tmp4 = d_loss/N
+
+    if _need_label:
+        # dL/dlabel (through loss): d_label[k0, k1] = d_loss*(-logits[k0, k1] + logits_lse[k0])/N
+        d_label = tmp2*tmp4
+        if release:
+            _release(tmp2)
+
+    if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias or _need_logits_weight or _need_logits_bias:
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
         tmp_sum5 = label.sum(dim=1)
-        tmp3 = d_loss/N
-        d_logits_lse = tmp3*tmp_sum5
+        d_logits_lse = tmp4*tmp_sum5
         del tmp_sum5
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
-        d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp3
-        del tmp1, tmp3, d_logits_lse
+        d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp4
+        del tmp4, d_logits_lse
+        if release:
+            _release(tmp1)
 
+    if _need_logits_weight:
         # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
         d_logits_weight = d_logits.T @ h2
-        del h2
+        if release:
+            _release(h2)
 
+    if _need_logits_bias:
         # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
         d_logits_bias = d_logits.sum(dim=0)
 
+    if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias:
         # dL/dh2 (through logits): d_h2[k0, k1] = sum_{i1}(d_logits[k0, i1]*logits_weight[i1, k1])
         d_h2 = d_logits @ logits_weight
         del d_logits
 
         # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
         d_h2_z = torch.where(tmp0, d_h2, 0)
-        del tmp0, d_h2
+        del d_h2
+        if release:
+            _release(tmp0)
 
+    if _need_h2_weight:
         # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
         d_h2_weight = d_h2_z.T @ h1
 
+    if _need_h2_bias:
         # dL/dh2_bias (through h2_z): d_h2_bias[k0] = sum_{i0}(d_h2_z[i0, k0])
         d_h2_bias = d_h2_z.sum(dim=0)
 
+    if _need_x or _need_h1_weight or _need_h1_bias:
         # dL/dh1 (through h2_z): d_h1[k0, k1] = sum_{i1}(d_h2_z[k0, i1]*h2_weight[i1, k1])
         d_h1 = d_h2_z @ h2_weight
         del d_h2_z
 
         # dL/dh1_z (through h1): d_h1_z[k0, k1] = (1 - h1[k0, k1]**2)*d_h1[k0, k1]
         d_h1_z = torch.ops.aten.tanh_backward(d_h1, h1)
-        del h1, d_h1
+        del d_h1
+        if release:
+            _release(h1)
 
+    if _need_x:
+        # dL/dx (through h1_z): d_x[k0, k1] = sum_{i1}(d_h1_z[k0, i1]*h1_weight[i1, k1])
+        d_x = d_h1_z @ h1_weight
+
+    if _need_h1_weight:
         # dL/dh1_weight (through h1_z): d_h1_weight[k0, k1] = sum_{i0}(d_h1_z[i0, k0]*x[i0, k1])
         d_h1_weight = d_h1_z.T @ x
 
+    if _need_h1_bias:
         # dL/dh1_bias (through h1_z): d_h1_bias[k0] = sum_{i0}(d_h1_z[i0, k0])
         d_h1_bias = d_h1_z.sum(dim=0)
         del d_h1_z
-        return (None, None, d_h1_weight, d_h1_bias, d_h2_weight, d_h2_bias, d_logits_weight, d_logits_bias)
+    return (
+        d_x.to(x.dtype) if _need_x else None,
+        d_label.to(label.dtype) if _need_label else None,
+        d_h1_weight.to(h1_weight.dtype) if _need_h1_weight else None,
+        d_h1_bias.to(h1_bias.dtype) if _need_h1_bias else None,
+        d_h2_weight.to(h2_weight.dtype) if _need_h2_weight else None,
+        d_h2_bias.to(h2_bias.dtype) if _need_h2_bias else None,
+        d_logits_weight.to(logits_weight.dtype) if _need_logits_weight else None,
+        d_logits_bias.to(logits_bias.dtype) if _need_logits_bias else None,
+    )
+
+
+def _release(*tensors):
+    # Free the memory of saved intermediates the backward is done with, as autograd frees
+    # each node's saved tensors once the node has run: peak memory stays that of eager
+    # autograd. The tensor objects stay saved with empty storage; a second backward
+    # (retain_graph=True) sees that and computes them again (_released). Small arrays
+    # are kept: freeing one early costs more time than its memory is worth.
+    for tensor in tensors:
+        if tensor.numel() * tensor.element_size() >= 65536:
+            tensor.untyped_storage().resize_(0)
+
+
+def _released(kept):
+    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
+
+
+def _can_release(kept, arguments):
+    # Only plain tensors that are no view and share no memory with an argument or another
+    # intermediate; never while autograd records the backward or torch.compile traces it.
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    try:
+        taken = {a.data_ptr() for a in arguments}
+        for t in kept:
+            if (type(t) is not torch.Tensor or t._base is not None or t.is_meta
+                    or t.storage_offset() or t.data_ptr() in taken):
+                return False
+            taken.add(t.data_ptr())
+    except RuntimeError:  # tensors without memory of their own
+        return False
+    return True
+
+
+def _autocast_state(tensor):
+    # What torch.amp.custom_fwd records, for the device of the tensors at hand (custom_fwd
+    # needs the device type when the module is imported): None where autocast does not
+    # exist (meta tensors).
+    device_type = tensor.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    return (device_type, torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type))
+
+
+class LossFunction(torch.autograd.Function):
+    """The loss as one autograd node whose backward is the generated backward pass.
+
+    apply() returns (loss, *intermediates); the intermediates are non-differentiable
+    outputs, so that everything the backward reads is saved through save_for_backward
+    (saved-tensor hooks, retain_graph, torch.func and compiled autograd all see it).
+    The backward is itself differentiable: under create_graph=True (or a torch.func
+    transform) it recomputes the intermediates from the saved arguments with
+    differentiable operations, so autograd records the generated backward and a second
+    derivative is exact. It runs under the autocast state the forward ran under, and
+    returns each gradient in its argument's dtype. A first-order backward frees each
+    intermediate's memory after its last use (so the intermediates apply() returned are
+    empty afterwards; Model never hands them out).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias):
+        return _loss_forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        # The intermediates get no gradient: do not have autograd allocate zeros for them.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs, *output[1:])
+        ctx.autocast = _autocast_state(inputs[0])
+
+    @staticmethod
+    def backward(ctx, d_loss, *unused):
+        if d_loss is None:  # no gradient reached the loss (grads are not materialised)
+            return (None,) * 8
+        saved = ctx.saved_tensors
+        arguments, kept = saved[:8], saved[8:]
+        del saved
+        if ctx.autocast is None or not (ctx.autocast[1]
+                                        or torch.is_autocast_enabled(ctx.autocast[0])):
+            return LossFunction._backward(ctx, d_loss, arguments, kept)
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return LossFunction._backward(ctx, d_loss, arguments, kept)
+
+    @staticmethod
+    def _backward(ctx, d_loss, arguments, kept):
+        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+            # A derivative of this backward is being recorded (the saved intermediates
+            # carry no history), or an earlier backward freed them: compute them again
+            # from the arguments.
+            kept = _loss_forward(*arguments)[1:]
+        release = _can_release(kept, arguments)
+        return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 
 class Model(torch.nn.Module):
-    """The network as a torch.nn.Module; state_dict() keys equal PARAM_SHAPES' names."""
+    """The network as a torch.nn.Module; state_dict() keys equal PARAM_SHAPES' names.
+
+    model(**batch) returns the loss when the targets are given (its .backward() runs the
+    generated backward pass) and the prediction when they are not; model.loss(...) is an
+    alias of the former. Both go through Module.__call__, so hooks, DistributedDataParallel,
+    torch.compile and torch.export see them.
+    """
 
     def __init__(self, seed=0, dtype=None, device=None):
         super().__init__()
-        values = init_params(seed, dtype=dtype, device=device)
         self.h1 = torch.nn.Module()
         self.h2 = torch.nn.Module()
         self.logits = torch.nn.Module()
-        self.h1.weight = torch.nn.Parameter(values["h1.weight"], requires_grad=True)
-        self.h1.bias = torch.nn.Parameter(values["h1.bias"], requires_grad=True)
-        self.h2.weight = torch.nn.Parameter(values["h2.weight"], requires_grad=True)
-        self.h2.bias = torch.nn.Parameter(values["h2.bias"], requires_grad=True)
-        self.logits.weight = torch.nn.Parameter(values["logits.weight"], requires_grad=True)
-        self.logits.bias = torch.nn.Parameter(values["logits.bias"], requires_grad=True)
+        # Each parameter is allocated once, on the requested device and dtype, then filled.
+        self.h1.weight = torch.nn.Parameter(torch.empty(PARAM_SHAPES["h1.weight"], dtype=dtype, device=device), requires_grad=True)
+        self.h1.bias = torch.nn.Parameter(torch.empty(PARAM_SHAPES["h1.bias"], dtype=dtype, device=device), requires_grad=True)
+        self.h2.weight = torch.nn.Parameter(torch.empty(PARAM_SHAPES["h2.weight"], dtype=dtype, device=device), requires_grad=True)
+        self.h2.bias = torch.nn.Parameter(torch.empty(PARAM_SHAPES["h2.bias"], dtype=dtype, device=device), requires_grad=True)
+        self.logits.weight = torch.nn.Parameter(torch.empty(PARAM_SHAPES["logits.weight"], dtype=dtype, device=device), requires_grad=True)
+        self.logits.bias = torch.nn.Parameter(torch.empty(PARAM_SHAPES["logits.bias"], dtype=dtype, device=device), requires_grad=True)
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed=0):
+        """Fill the parameters in place with init_params(seed), drawn on the host in
+        float64 and copied into each parameter (converted to its dtype): the parameters
+        themselves are never allocated anywhere but on their own device. Meta parameters
+        hold no values and are left as they are."""
+        if any(p.is_meta for p in self.parameters()):
+            return
+        values = init_params(seed, dtype=torch.float64)
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                parameter.copy_(values[name])
 
     def params(self):
         return dict(self.named_parameters())
 
-    def forward(self, *, x):
-        return forward(self.params(), x=x)
+    def forward(self, *, x, label=None):
+        given = [label is not None]
+        if not any(given):
+            return forward({"h1.weight": self.h1.weight, "h1.bias": self.h1.bias, "h2.weight": self.h2.weight, "h2.bias": self.h2.bias, "logits.weight": self.logits.weight, "logits.bias": self.logits.bias}, x=x)
+        if not all(given):
+            raise TypeError("give every target (label) for the loss, or none for the prediction")
+        return LossFunction.apply(x, label, self.h1.weight, self.h1.bias, self.h2.weight, self.h2.bias, self.logits.weight, self.logits.bias)[0]
 
     def loss(self, *, x, label):
-        return LossFunction.apply(x, label, self.h1.weight, self.h1.bias, self.h2.weight, self.h2.bias, self.logits.weight, self.logits.bias)
+        """The loss: the same as calling the model with the targets."""
+        return self(x=x, label=label)

@@ -8,6 +8,8 @@ and simplified; each block's comment gives the index-notation formula it impleme
 This module imports only numpy and the standard library.
 """
 
+import math
+
 import numpy
 
 SPEC_SHA256 = "6c8f4786868d6660e775944276c2f4783d86d9995ae7c4ad01df76ce56810211"
@@ -367,8 +369,20 @@ def loss(params, *, x, t):
     return loss
 
 
-def loss_and_grad(params, *, x, t):
-    """The loss and its gradient for every trainable parameter: (loss, {name: grad})."""
+def loss_and_grad(params, *, x, t, wrt=None):
+    """The loss and its gradient: (loss, {name: grad}).
+
+    wrt: the names to differentiate with respect to, any of x, t, fc1.weight, fc1.bias, fc2.weight, fc2.bias
+    (parameters, and inputs or targets for the gradient into the data, e.g. saliency
+    maps or adversarial examples); None (the default) means every trainable parameter,
+    TRAINABLE. Work that only feeds gradients not asked for is skipped."""
+    wanted = _wanted(wrt)
+    _need_x = "x" in wanted
+    _need_t = "t" in wanted
+    _need_fc1_weight = "fc1.weight" in wanted
+    _need_fc1_bias = "fc1.bias" in wanted
+    _need_fc2_weight = "fc2.weight" in wanted
+    _need_fc2_bias = "fc2.bias" in wanted
     fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype = _unpack(params)
     x = _as_array("x", x, dtype)
     t = _as_array("t", t, dtype)
@@ -399,35 +413,128 @@ def loss_and_grad(params, *, x, t):
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
     # the seed: dL/dL = 1, in the loss's dtype
     d_loss = numpy.result_type(loss).type(1)
+    tmp2 = (2*d_loss/N)*tmp0
+    del tmp0, d_loss
 
-    # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
-    d_fc2_z = (2*d_loss/N)*_sigmoid_backward(tmp0, fc2)
-    del fc2, tmp0, d_loss
+    if _need_t:
+        # dL/dt (through loss): d_t[k0, k1] = -2*d_loss*(fc2[k0, k1] - t[k0, k1])/N
+        d_t = -tmp2
 
-    # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
-    d_fc2_weight = d_fc2_z.T @ fc1
+    if _need_x or _need_fc1_weight or _need_fc1_bias or _need_fc2_weight or _need_fc2_bias:
+        # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
+        d_fc2_z = _sigmoid_backward(tmp2, fc2)
+        del fc2, tmp2
 
-    # dL/dfc2_bias (through fc2_z): d_fc2_bias[k0] = sum_{i0}(d_fc2_z[i0, k0])
-    d_fc2_bias = d_fc2_z.sum(axis=0)
+    if _need_fc2_weight:
+        # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
+        d_fc2_weight = d_fc2_z.T @ fc1
 
-    # dL/dfc1 (through fc2_z): d_fc1[k0, k1] = sum_{i1}(d_fc2_z[k0, i1]*fc2_weight[i1, k1])
-    d_fc1 = d_fc2_z @ fc2_weight
-    del d_fc2_z
+    if _need_fc2_bias:
+        # dL/dfc2_bias (through fc2_z): d_fc2_bias[k0] = sum_{i0}(d_fc2_z[i0, k0])
+        d_fc2_bias = d_fc2_z.sum(axis=0)
 
-    # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
-    d_fc1_z = _sigmoid_backward(d_fc1, fc1)
-    del fc1, d_fc1
+    if _need_x or _need_fc1_weight or _need_fc1_bias:
+        # dL/dfc1 (through fc2_z): d_fc1[k0, k1] = sum_{i1}(d_fc2_z[k0, i1]*fc2_weight[i1, k1])
+        d_fc1 = d_fc2_z @ fc2_weight
+        del d_fc2_z
 
-    # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])
-    d_fc1_weight = d_fc1_z.T @ x
+        # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
+        d_fc1_z = _sigmoid_backward(d_fc1, fc1)
+        del fc1, d_fc1
 
-    # dL/dfc1_bias (through fc1_z): d_fc1_bias[k0] = sum_{i0}(d_fc1_z[i0, k0])
-    d_fc1_bias = d_fc1_z.sum(axis=0)
-    del d_fc1_z
-    grads = {
-        "fc1.weight": d_fc1_weight,
-        "fc1.bias": d_fc1_bias,
-        "fc2.weight": d_fc2_weight,
-        "fc2.bias": d_fc2_bias,
-    }
+    if _need_x:
+        # dL/dx (through fc1_z): d_x[k0, k1] = sum_{i1}(d_fc1_z[k0, i1]*fc1_weight[i1, k1])
+        d_x = d_fc1_z @ fc1_weight
+
+    if _need_fc1_weight:
+        # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])
+        d_fc1_weight = d_fc1_z.T @ x
+
+    if _need_fc1_bias:
+        # dL/dfc1_bias (through fc1_z): d_fc1_bias[k0] = sum_{i0}(d_fc1_z[i0, k0])
+        d_fc1_bias = d_fc1_z.sum(axis=0)
+        del d_fc1_z
+    grads = {}
+    if _need_x:
+        grads["x"] = d_x
+    if _need_t:
+        grads["t"] = d_t
+    if _need_fc1_weight:
+        grads["fc1.weight"] = d_fc1_weight
+    if _need_fc1_bias:
+        grads["fc1.bias"] = d_fc1_bias
+    if _need_fc2_weight:
+        grads["fc2.weight"] = d_fc2_weight
+    if _need_fc2_bias:
+        grads["fc2.bias"] = d_fc2_bias
     return loss, grads
+
+
+# What loss_and_grad(..., wrt=...) can differentiate with respect to.
+DIFFERENTIABLE = ("x", "t", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",)
+
+
+def _wanted(wrt):
+    if wrt is None:
+        return frozenset(TRAINABLE)
+    if isinstance(wrt, str):
+        wrt = (wrt,)
+    wanted = frozenset(wrt)
+    unknown = sorted(wanted - frozenset(DIFFERENTIABLE))
+    if unknown:
+        raise ValueError(f"wrt: cannot differentiate with respect to {unknown}; "
+                         f"choose from {DIFFERENTIABLE}")
+    return wanted
+
+
+def sgd_step(params, grads, state=None, *, lr, momentum=0.0, weight_decay=0.0):
+    """One step of stochastic gradient descent, as torch.optim.SGD takes it (no
+    dampening, no Nesterov): params[name] is updated in place for every name in grads.
+
+    state: a dict kept between steps (momentum buffers); pass the same dict each time,
+    starting with an empty one (or None without momentum). Returns state."""
+    state = {} if state is None else state
+    for name, grad in grads.items():
+        param = params[name]
+        if weight_decay:
+            grad = grad + weight_decay * param
+        if momentum:
+            buffer = state.get(name)
+            if buffer is None:
+                buffer = state[name] = numpy.array(grad, copy=True)
+            else:
+                buffer *= momentum
+                buffer += grad
+            grad = buffer
+        param -= lr * grad
+    return state
+
+
+def adam_step(params, grads, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+              weight_decay=1e-2):
+    """One AdamW step (decoupled weight decay, bias-corrected moments), as
+    torch.optim.AdamW takes it with the same defaults: params[name] is updated in place
+    for every name in grads. weight_decay=0 gives Adam.
+
+    state: a dict kept between steps; pass the same dict each time, starting with an
+    empty one. It holds "step" and the moments "exp_avg" and "exp_avg_sq" per name."""
+    beta1, beta2 = betas
+    step = state["step"] = state.get("step", 0) + 1
+    exp_avg = state.setdefault("exp_avg", {})
+    exp_avg_sq = state.setdefault("exp_avg_sq", {})
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    step_size = lr / bias_correction1
+    for name, grad in grads.items():
+        param = params[name]
+        if name not in exp_avg:
+            exp_avg[name] = numpy.zeros_like(param)
+            exp_avg_sq[name] = numpy.zeros_like(param)
+        m, v = exp_avg[name], exp_avg_sq[name]
+        param *= 1 - lr * weight_decay
+        m += (grad - m) * (1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * grad * grad
+        denom = numpy.sqrt(v) / bias_correction2_sqrt + eps
+        param -= step_size * (m / denom)
+    return state

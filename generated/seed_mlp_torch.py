@@ -3,8 +3,9 @@
 DO NOT EDIT: this file is generated from seed_mlp.yaml
 (sha256 6c8f4786868d6660e775944276c2f4783d86d9995ae7c4ad01df76ce56810211); regenerate it with `symbackprop generate`.
 
-`Model.loss(...).backward()` runs the generated backward pass below (a
-torch.autograd.Function), not autograd's tape. Nothing pins a device or dtype: the same
+`model(**batch).backward()` (model a `Model`) runs the generated backward pass below (a
+torch.autograd.Function), not autograd's tape; it also fills the gradient of any input that
+asks for one, and is itself differentiable. Nothing pins a device or dtype: the same
 code runs on CPU and CUDA tensors of any floating dtype. Imports only torch.
 """
 
@@ -301,39 +302,43 @@ def forward(params, *, x):
 
 
 def loss(params, *, x, t):
-    """The scalar loss of one batch (no gradient tape: use Model.loss for .backward())."""
+    """The scalar loss of one batch, in plain torch operations: torch autograd and
+    torch.func (grad, vmap, jacrev) differentiate it like any torch code. (Model runs the
+    generated backward instead.)"""
     fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, device = _unpack(params)
     x = _as_tensor("x", x, dtype, device)
     t = _as_tensor("t", t, dtype, device)
     N = x.shape[0]
     _expect("x", x, (N, 2))
     _expect("t", t, (N, 1))
-    with torch.no_grad():
-        # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-        fc1_z = torch.addmm(fc1_bias, x, fc1_weight.T)
+    # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
+    fc1_z = torch.addmm(fc1_bias, x, fc1_weight.T)
 
-        # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
-        fc1 = torch.sigmoid(fc1_z)
-        del fc1_z
+    # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
+    fc1 = torch.sigmoid(fc1_z)
+    del fc1_z
 
-        # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-        fc2_z = torch.addmm(fc2_bias, fc1, fc2_weight.T)
-        del fc1
+    # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
+    fc2_z = torch.addmm(fc2_bias, fc1, fc2_weight.T)
+    del fc1
 
-        # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
-        fc2 = torch.sigmoid(fc2_z)
-        del fc2_z
+    # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
+    fc2 = torch.sigmoid(fc2_z)
+    del fc2_z
 
-        # mse loss: loss[] = sum_{s0,s1}((fc2[s0, s1] - t[s0, s1])**2)/N
-        tmp_sum3 = torch.sum((fc2 - t)**2)
-        del fc2
-        loss = tmp_sum3/N
-        del tmp_sum3
+    # mse loss: loss[] = sum_{s0,s1}((fc2[s0, s1] - t[s0, s1])**2)/N
+    tmp_sum3 = torch.sum((fc2 - t)**2)
+    del fc2
+    loss = tmp_sum3/N
+    del tmp_sum3
     return loss
 
 
 def loss_and_grad(params, *, x, t):
-    """The loss and its gradient for every trainable parameter: (loss, {name: grad})."""
+    """The loss and its gradient for every trainable parameter: (loss, {name: grad}).
+
+    Runs the generated backward pass (no autograd tape). Each gradient comes back in its
+    parameter's dtype, also when the pass ran under autocast in a lower precision."""
     fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, device = _unpack(params)
     x = _as_tensor("x", x, dtype, device)
     t = _as_tensor("t", t, dtype, device)
@@ -391,103 +396,244 @@ def loss_and_grad(params, *, x, t):
         d_fc1_bias = d_fc1_z.sum(dim=0)
         del d_fc1_z
     grads = {
-        "fc1.weight": d_fc1_weight,
-        "fc1.bias": d_fc1_bias,
-        "fc2.weight": d_fc2_weight,
-        "fc2.bias": d_fc2_bias,
+        "fc1.weight": d_fc1_weight.to(fc1_weight.dtype),
+        "fc1.bias": d_fc1_bias.to(fc1_bias.dtype),
+        "fc2.weight": d_fc2_weight.to(fc2_weight.dtype),
+        "fc2.bias": d_fc2_bias.to(fc2_bias.dtype),
     }
     return loss, grads
 
 
-class LossFunction(torch.autograd.Function):
-    """The loss as one autograd node whose backward is the generated backward pass."""
+def _loss_forward(x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """LossFunction's forward: the loss, then the intermediates its backward reads."""
+    N = x.shape[0]
+    _expect("x", x, (N, 2))
+    _expect("t", t, (N, 1))
+    # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
+    fc1_z = torch.addmm(fc1_bias, x, fc1_weight.T)
 
-    @staticmethod
-    def forward(ctx, x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-        N = x.shape[0]
-        _expect("x", x, (N, 2))
-        _expect("t", t, (N, 1))
-        # dense fc1: fc1_z[i0, i1] = fc1_bias[i1] + sum_{s0}(fc1_weight[i1, s0]*x[i0, s0])
-        fc1_z = torch.addmm(fc1_bias, x, fc1_weight.T)
+    # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
+    fc1 = torch.sigmoid(fc1_z)
+    del fc1_z
 
-        # sigmoid fc1: fc1[i0, i1] = sigmoid(fc1_z[i0, i1])
-        fc1 = torch.sigmoid(fc1_z)
-        del fc1_z
+    # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
+    fc2_z = torch.addmm(fc2_bias, fc1, fc2_weight.T)
 
-        # dense fc2: fc2_z[i0, i1] = fc2_bias[i1] + sum_{s0}(fc1[i0, s0]*fc2_weight[i1, s0])
-        fc2_z = torch.addmm(fc2_bias, fc1, fc2_weight.T)
+    # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
+    fc2 = torch.sigmoid(fc2_z)
+    del fc2_z
+    tmp0 = fc2 - t
 
-        # sigmoid fc2: fc2[i0, i1] = sigmoid(fc2_z[i0, i1])
-        fc2 = torch.sigmoid(fc2_z)
-        del fc2_z
-        tmp0 = fc2 - t
+    # mse loss: loss[] = sum_{s0,s1}((fc2[s0, s1] - t[s0, s1])**2)/N
+    tmp_sum3 = torch.sum(tmp0**2)
+    loss = tmp_sum3/N
+    del tmp_sum3
+    return (loss, fc1, fc2, tmp0)
 
-        # mse loss: loss[] = sum_{s0,s1}((fc2[s0, s1] - t[s0, s1])**2)/N
-        tmp_sum3 = torch.sum(tmp0**2)
-        loss = tmp_sum3/N
-        del tmp_sum3
-        ctx.N = N
-        ctx.save_for_backward(x, fc2_weight)
-        # Intermediates are kept on ctx, not in save_for_backward: the backward takes
-        # them off ctx, so each is freed after its last use rather than at the end.
-        ctx.temps = (fc1, fc2, tmp0)
-        return loss
 
-    @staticmethod
-    def backward(ctx, d_loss):
-        x, fc2_weight = ctx.saved_tensors
-        if not hasattr(ctx, "temps"):
-            raise RuntimeError("this backward frees the forward's intermediates as it goes, so "
-                               "it runs once per forward: compute the loss again instead of "
-                               "calling backward(retain_graph=True) twice")
-        fc1, fc2, tmp0 = ctx.temps
-        del ctx.temps
-        N = ctx.N
+def _loss_backward(needs, release, d_loss, x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1, fc2, tmp0):
+    """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
+    (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
+    gradients nobody asked for is skipped. With `release`, the memory of each saved
+    intermediate is freed after its last use."""
+    _need_x, _need_t, _need_fc1_weight, _need_fc1_bias, _need_fc2_weight, _need_fc2_bias, = needs
+    N = x.shape[0]
+    tmp2 = (2*d_loss/N)*tmp0
+    if release:
+        _release(tmp0)
+
+    if _need_t:
+        # dL/dt (through loss): d_t[k0, k1] = -2*d_loss*(fc2[k0, k1] - t[k0, k1])/N
+        d_t = -tmp2
+
+    if _need_x or _need_fc1_weight or _need_fc1_bias or _need_fc2_weight or _need_fc2_bias:
         # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
-        d_fc2_z = (2*d_loss/N)*torch.ops.aten.sigmoid_backward(tmp0, fc2)
-        del fc2, tmp0
+        d_fc2_z = torch.ops.aten.sigmoid_backward(tmp2, fc2)
+        del tmp2
+        if release:
+            _release(fc2)
 
+    if _need_fc2_weight:
         # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
         d_fc2_weight = d_fc2_z.T @ fc1
 
+    if _need_fc2_bias:
         # dL/dfc2_bias (through fc2_z): d_fc2_bias[k0] = sum_{i0}(d_fc2_z[i0, k0])
         d_fc2_bias = d_fc2_z.sum(dim=0)
 
+    if _need_x or _need_fc1_weight or _need_fc1_bias:
         # dL/dfc1 (through fc2_z): d_fc1[k0, k1] = sum_{i1}(d_fc2_z[k0, i1]*fc2_weight[i1, k1])
         d_fc1 = d_fc2_z @ fc2_weight
         del d_fc2_z
 
         # dL/dfc1_z (through fc1): d_fc1_z[k0, k1] = (1 - fc1[k0, k1])*d_fc1[k0, k1]*fc1[k0, k1]
         d_fc1_z = torch.ops.aten.sigmoid_backward(d_fc1, fc1)
-        del fc1, d_fc1
+        del d_fc1
+        if release:
+            _release(fc1)
 
+    if _need_x:
+        # dL/dx (through fc1_z): d_x[k0, k1] = sum_{i1}(d_fc1_z[k0, i1]*fc1_weight[i1, k1])
+        d_x = d_fc1_z @ fc1_weight
+
+    if _need_fc1_weight:
         # dL/dfc1_weight (through fc1_z): d_fc1_weight[k0, k1] = sum_{i0}(d_fc1_z[i0, k0]*x[i0, k1])
         d_fc1_weight = d_fc1_z.T @ x
 
+    if _need_fc1_bias:
         # dL/dfc1_bias (through fc1_z): d_fc1_bias[k0] = sum_{i0}(d_fc1_z[i0, k0])
         d_fc1_bias = d_fc1_z.sum(dim=0)
         del d_fc1_z
-        return (None, None, d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias)
+    return (
+        d_x.to(x.dtype) if _need_x else None,
+        d_t.to(t.dtype) if _need_t else None,
+        d_fc1_weight.to(fc1_weight.dtype) if _need_fc1_weight else None,
+        d_fc1_bias.to(fc1_bias.dtype) if _need_fc1_bias else None,
+        d_fc2_weight.to(fc2_weight.dtype) if _need_fc2_weight else None,
+        d_fc2_bias.to(fc2_bias.dtype) if _need_fc2_bias else None,
+    )
+
+
+def _release(*tensors):
+    # Free the memory of saved intermediates the backward is done with, as autograd frees
+    # each node's saved tensors once the node has run: peak memory stays that of eager
+    # autograd. The tensor objects stay saved with empty storage; a second backward
+    # (retain_graph=True) sees that and computes them again (_released). Small arrays
+    # are kept: freeing one early costs more time than its memory is worth.
+    for tensor in tensors:
+        if tensor.numel() * tensor.element_size() >= 65536:
+            tensor.untyped_storage().resize_(0)
+
+
+def _released(kept):
+    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
+
+
+def _can_release(kept, arguments):
+    # Only plain tensors that are no view and share no memory with an argument or another
+    # intermediate; never while autograd records the backward or torch.compile traces it.
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    try:
+        taken = {a.data_ptr() for a in arguments}
+        for t in kept:
+            if (type(t) is not torch.Tensor or t._base is not None or t.is_meta
+                    or t.storage_offset() or t.data_ptr() in taken):
+                return False
+            taken.add(t.data_ptr())
+    except RuntimeError:  # tensors without memory of their own
+        return False
+    return True
+
+
+def _autocast_state(tensor):
+    # What torch.amp.custom_fwd records, for the device of the tensors at hand (custom_fwd
+    # needs the device type when the module is imported): None where autocast does not
+    # exist (meta tensors).
+    device_type = tensor.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    return (device_type, torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type))
+
+
+class LossFunction(torch.autograd.Function):
+    """The loss as one autograd node whose backward is the generated backward pass.
+
+    apply() returns (loss, *intermediates); the intermediates are non-differentiable
+    outputs, so that everything the backward reads is saved through save_for_backward
+    (saved-tensor hooks, retain_graph, torch.func and compiled autograd all see it).
+    The backward is itself differentiable: under create_graph=True (or a torch.func
+    transform) it recomputes the intermediates from the saved arguments with
+    differentiable operations, so autograd records the generated backward and a second
+    derivative is exact. It runs under the autocast state the forward ran under, and
+    returns each gradient in its argument's dtype. A first-order backward frees each
+    intermediate's memory after its last use (so the intermediates apply() returned are
+    empty afterwards; Model never hands them out).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        return _loss_forward(x, t, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        # The intermediates get no gradient: do not have autograd allocate zeros for them.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs, *output[1:])
+        ctx.autocast = _autocast_state(inputs[0])
+
+    @staticmethod
+    def backward(ctx, d_loss, *unused):
+        if d_loss is None:  # no gradient reached the loss (grads are not materialised)
+            return (None,) * 6
+        saved = ctx.saved_tensors
+        arguments, kept = saved[:6], saved[6:]
+        del saved
+        if ctx.autocast is None or not (ctx.autocast[1]
+                                        or torch.is_autocast_enabled(ctx.autocast[0])):
+            return LossFunction._backward(ctx, d_loss, arguments, kept)
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return LossFunction._backward(ctx, d_loss, arguments, kept)
+
+    @staticmethod
+    def _backward(ctx, d_loss, arguments, kept):
+        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+            # A derivative of this backward is being recorded (the saved intermediates
+            # carry no history), or an earlier backward freed them: compute them again
+            # from the arguments.
+            kept = _loss_forward(*arguments)[1:]
+        release = _can_release(kept, arguments)
+        return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 
 class Model(torch.nn.Module):
-    """The network as a torch.nn.Module; state_dict() keys equal PARAM_SHAPES' names."""
+    """The network as a torch.nn.Module; state_dict() keys equal PARAM_SHAPES' names.
+
+    model(**batch) returns the loss when the targets are given (its .backward() runs the
+    generated backward pass) and the prediction when they are not; model.loss(...) is an
+    alias of the former. Both go through Module.__call__, so hooks, DistributedDataParallel,
+    torch.compile and torch.export see them.
+    """
 
     def __init__(self, seed=0, dtype=None, device=None):
         super().__init__()
-        values = init_params(seed, dtype=dtype, device=device)
         self.fc1 = torch.nn.Module()
         self.fc2 = torch.nn.Module()
-        self.fc1.weight = torch.nn.Parameter(values["fc1.weight"], requires_grad=True)
-        self.fc1.bias = torch.nn.Parameter(values["fc1.bias"], requires_grad=True)
-        self.fc2.weight = torch.nn.Parameter(values["fc2.weight"], requires_grad=True)
-        self.fc2.bias = torch.nn.Parameter(values["fc2.bias"], requires_grad=True)
+        # Each parameter is allocated once, on the requested device and dtype, then filled.
+        self.fc1.weight = torch.nn.Parameter(torch.empty(PARAM_SHAPES["fc1.weight"], dtype=dtype, device=device), requires_grad=True)
+        self.fc1.bias = torch.nn.Parameter(torch.empty(PARAM_SHAPES["fc1.bias"], dtype=dtype, device=device), requires_grad=True)
+        self.fc2.weight = torch.nn.Parameter(torch.empty(PARAM_SHAPES["fc2.weight"], dtype=dtype, device=device), requires_grad=True)
+        self.fc2.bias = torch.nn.Parameter(torch.empty(PARAM_SHAPES["fc2.bias"], dtype=dtype, device=device), requires_grad=True)
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed=0):
+        """Fill the parameters in place with init_params(seed), drawn on the host in
+        float64 and copied into each parameter (converted to its dtype): the parameters
+        themselves are never allocated anywhere but on their own device. Meta parameters
+        hold no values and are left as they are."""
+        if any(p.is_meta for p in self.parameters()):
+            return
+        values = init_params(seed, dtype=torch.float64)
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                parameter.copy_(values[name])
 
     def params(self):
         return dict(self.named_parameters())
 
-    def forward(self, *, x):
-        return forward(self.params(), x=x)
+    def forward(self, *, x, t=None):
+        given = [t is not None]
+        if not any(given):
+            return forward({"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias, "fc2.weight": self.fc2.weight, "fc2.bias": self.fc2.bias}, x=x)
+        if not all(given):
+            raise TypeError("give every target (t) for the loss, or none for the prediction")
+        return LossFunction.apply(x, t, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)[0]
 
     def loss(self, *, x, t):
-        return LossFunction.apply(x, t, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        """The loss: the same as calling the model with the targets."""
+        return self(x=x, t=t)

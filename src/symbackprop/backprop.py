@@ -3,7 +3,10 @@
 For every op node on a path from a trainable parameter to the loss, in reverse order,
 the adjoint dL/d(node) is the sum of the contributions its consumers sent it; the node
 then sends ``vjp(node, operand)`` to each operand that needs a gradient. Frozen
-parameters, inputs and targets never get an adjoint, so no code is emitted for them.
+parameters, inputs and targets never get an adjoint, so no code is emitted for them,
+unless the caller asks for every leaf (``derive(graph, leaves=True)``): the torch
+``autograd.Function`` and numpy's ``loss_and_grad(..., wrt=...)`` differentiate with
+respect to inputs, targets and frozen parameters when their caller asks at run time.
 """
 
 from __future__ import annotations
@@ -54,12 +57,22 @@ class Derivation:
     grads: dict[str, str]         # trainable parameter name -> adjoint variable
     seed: sp.Symbol
     rewrites: list[stable.Fired] = field(default_factory=list)
+    # With ``leaves=True``: every leaf tensor (input, target, any parameter) -> the
+    # adjoint variable holding dL/d(leaf); otherwise empty.
+    leaf_grads: dict[str, str] = field(default_factory=dict)
 
     def node(self, name: str) -> Node:
         return self.fused.nodes.get(name) or self.graph.nodes[name]
 
 
-def derive(graph: Graph) -> Derivation:
+def derive(graph: Graph, *, leaves: bool = False, reuse: Derivation | None = None
+           ) -> Derivation:
+    """The derivation of ``graph``'s loss; ``leaves``: also the adjoint of every input,
+    target and frozen parameter (``Derivation.leaf_grads``). ``reuse``: an earlier
+    derivation of the same graph whose contributions are taken as they are (a consumer's
+    contribution to an operand depends on nothing else), so only new ones are derived."""
+    known_contributions = {(c.consumer, a.node): c for a in (reuse.adjoints if reuse else ())
+                           for c in a.contributions}
     rewrites: list[stable.Fired] = []
 
     def prepare(name: str, body: sp.Expr) -> sp.Expr:
@@ -81,15 +94,16 @@ def derive(graph: Graph) -> Derivation:
     for name in computed:
         node = fused.nodes.get(name) or replace(graph.nodes[name],
                                                 body=fused.inlined[name])
-        forward[name] = known.substitute(node.body)  # type: ignore[arg-type]
+        forward[name] = (reuse.forward[name] if reuse is not None else
+                         known.substitute(node.body))  # type: ignore[arg-type]
         known.add(node)
 
     needs: dict[str, bool] = {}
     for name, node in graph.nodes.items():
         if node.role == "param":
-            needs[name] = node.trainable
+            needs[name] = node.trainable or leaves
         elif node.role != "op":
-            needs[name] = False
+            needs[name] = leaves
     for name in order:
         needs[name] = any(needs.get(o, False) for o in fused.nodes[name].operands)
 
@@ -99,8 +113,8 @@ def derive(graph: Graph) -> Derivation:
     grads: dict[str, str] = {}
     # A parameter's gradient is emitted as soon as every op that reads it has been
     # visited, so the arrays it needs die early in the generated code.
-    readers = {p.name: sum(p.name in fused.nodes[n].operands for n in order)
-               for p in graph.params() if p.trainable}
+    wanted = [n for n in graph.nodes.values() if n.role != "op" and needs[n.name]]
+    readers = {p.name: sum(p.name in fused.nodes[n].operands for n in order) for p in wanted}
     emitted: dict[str, Adjoint] = {}
 
     def emit_param(param: Node) -> None:
@@ -128,6 +142,9 @@ def derive(graph: Graph) -> Derivation:
         for operand in node.operands:
             if not needs.get(operand, False):
                 continue
+            if (name, operand) in known_contributions:
+                pending.setdefault(operand, []).append(known_contributions[name, operand])
+                continue
             target = graph.nodes.get(operand) or fused.nodes[operand]
             raw = vjp(node, target, adjoint.var)
             if raw == 0:
@@ -145,14 +162,15 @@ def derive(graph: Graph) -> Derivation:
                 readers[operand] -= 1
                 if readers[operand] == 0:
                     emit_param(graph.nodes[operand])
-    for param in graph.params():
-        if not param.trainable:
-            continue
-        if param.name not in emitted:
-            emit_param(param)
-        assert param.param is not None
-        grads[param.param] = naming.adjoint(param.name)
-    return Derivation(graph, fused, computed, forward, adjoints, grads, seed, rewrites)
+    for leaf in wanted:
+        if leaf.name not in emitted:
+            emit_param(leaf)
+        if leaf.trainable:
+            assert leaf.param is not None
+            grads[leaf.param] = naming.adjoint(leaf.name)
+    leaf_grads = {leaf.name: naming.adjoint(leaf.name) for leaf in wanted} if leaves else {}
+    return Derivation(graph, fused, computed, forward, adjoints, grads, seed, rewrites,
+                      leaf_grads)
 
 
 def target_indices(node: Node) -> tuple[sp.Symbol, ...]:

@@ -25,7 +25,33 @@ RESERVED = frozenset(
         # module-level names of the generated modules
         "loss", "forward", "init_params", "loss_and_grad", "Model", "LossFunction",
         "PARAM_SHAPES", "TRAINABLE", "INPUT_SHAPES", "TARGET_SHAPES", "SPEC_SHA256",
-        "DERIVATIONS",
+        "DERIVATIONS", "sgd_step", "adam_step", "DIFFERENTIABLE",
+        # arguments and locals of generated functions that also take the user's names
+        "wrt", "wanted", "needs", "release", "given",
+    }
+)
+
+# Attributes of torch.nn.Module (torch 2.13) and of the generated Model: the torch module
+# stores layer L as the submodule ``self.L``, so a layer of one of these names would
+# replace a method (``to``, ``train``) or the ``training`` flag. Public names only: names
+# with a leading underscore are refused for every user name already.
+TORCH_MODULE_ATTRS = frozenset(
+    {
+        "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init",
+        "children", "compile", "cpu", "cuda", "double", "dump_patches", "eval",
+        "extra_repr", "float", "forward", "get_buffer", "get_extra_state",
+        "get_parameter", "get_submodule", "half", "ipu", "load_state_dict", "modules",
+        "mtia", "named_buffers", "named_children", "named_modules", "named_parameters",
+        "parameters", "register_backward_hook", "register_buffer",
+        "register_forward_hook", "register_forward_pre_hook",
+        "register_full_backward_hook", "register_full_backward_pre_hook",
+        "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook",
+        "register_module", "register_parameter", "register_state_dict_post_hook",
+        "register_state_dict_pre_hook", "requires_grad_", "set_extra_state",
+        "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train",
+        "training", "type", "xpu", "zero_grad",
+        # the generated Model's own
+        "loss", "params", "reset_parameters",
     }
 )
 RESERVED_PREFIXES = ("d_", "tmp", "_")
@@ -54,6 +80,19 @@ def check_user_name(name: object) -> str | None:
         if name.startswith(prefix):
             return f"{name!r} starts with the reserved prefix {prefix!r}"
     return None
+
+
+def check_layer_name(name: str) -> str | None:
+    """Why ``name`` cannot name a layer beyond :func:`check_user_name`, or None."""
+    if name in TORCH_MODULE_ATTRS:
+        return (f"layer name {name!r} is an attribute of torch.nn.Module (the torch Model "
+                f"keeps each layer as a submodule of that name): rename the layer")
+    return None
+
+
+def need_flag(var: str) -> str:
+    """The boolean that asks a generated backward for dL/d(var): ``_need_fc1_weight``."""
+    return f"_need_{var}"
 
 
 def param_name(layer: str, role: str) -> str:

@@ -316,6 +316,9 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
         if "name" not in entry:
             raise ctx.fail(path, "a layer needs a 'name'")
         lname = _name(ctx, entry["name"], (*path, "name"))
+        why = naming.check_layer_name(lname)
+        if why:
+            raise ctx.fail((*path, "name"), why)
         if lname in seen:
             raise ctx.fail((*path, "name"), f"name {lname!r} is already used")
         seen[lname] = ctx.where((*path, "name"))

@@ -17,13 +17,14 @@ import sympy as sp
 from sympy.core.relational import Relational
 
 from .. import __version__, naming
-from ..backprop import Derivation
+from ..backprop import Derivation, derive
 from ..ir import passes
 from ..ir.lower import Lowerer
 from ..ir.nodes import Assign, Map, Program, dims_read
 from ..ir.passes import memory
 from ..spec import ModelSpec
 from .arrays import array_printer
+from .guards import guards
 
 BACKENDS = ("numpy", "torch")
 
@@ -92,6 +93,8 @@ class Line:
     comment: list[str]
     code: str
     after: str = ""  # e.g. "del tmp0, fc1_z": free arrays right after their last use
+    guard: str = ""  # run only under this condition (a gradient nobody asked for is skipped)
+    release: str = ""  # e.g. "h1, h2": saved intermediates whose memory may be freed here
 
 
 class _Printer:
@@ -107,11 +110,17 @@ class _Printer:
 
     def lines(self, stmts: list[Assign], *, mark_phases: bool = False,
               keep: frozenset[str] | set[str],
-              owned: frozenset[str] | set[str] = frozenset()) -> list[Line]:
+              owned: frozenset[str] | set[str] = frozenset(),
+              flags: dict[str, str | None] | None = None,
+              released: frozenset[str] | set[str] = frozenset()) -> list[Line]:
         """Printed statements; every other array this function computes (or is handed in
         ``owned``) is deleted after its last use, so peak memory is what is live, not all
-        that was made."""
+        that was made. ``flags``: optional outputs and the flag that asks for each (each
+        statement then runs only when an output that needs it is asked for);
+        ``released``: arrays freed through the template's release hook instead of
+        ``del``."""
         stmts = memory(stmts, self.program, keep=keep, owned=owned)
+        conditions = guards(stmts, flags) if flags is not None else [""] * len(stmts)
         # Boolean temporaries of this function, so a where() on a shared mask can still
         # be printed NaN-preserving (see the printers' _nan_preserving).
         self.arrays.scalar.conditions = {
@@ -119,15 +128,18 @@ class _Printer:
             if isinstance(s.op, Map) and isinstance(s.op.body, Relational)}
         out = []
         phase = ""
-        for stmt in stmts:
+        for stmt, condition in zip(stmts, conditions, strict=True):
             comment = stmt.comment.splitlines() if stmt.comment else []
             if mark_phases and stmt.phase != phase:
                 phase = stmt.phase
                 heading = ("forward pass" if phase == "forward" else
                            "backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first")
                 comment = [f"---- {heading} ----", *comment]
+            freed = [n for n in stmt.frees if n in released]
+            dead = [n for n in stmt.frees if n not in released]
             out.append(Line(comment, f"{stmt.target} = {self.arrays.code(stmt)}",
-                            f"del {', '.join(stmt.frees)}" if stmt.frees else ""))
+                            f"del {', '.join(dead)}" if dead else "", condition,
+                            ", ".join(freed)))
         return out
 
 
@@ -157,6 +169,11 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     loss_stmts = passes.function(functional, [loss_var])
     grad_outputs = [loss_var, *grads.values()]
     lag_stmts = passes.function(functional, grad_outputs)
+    # Every leaf's adjoint (inputs, targets, frozen parameters too): what a caller may ask
+    # for at run time (numpy ``wrt=``, torch ``needs_input_grad``).
+    full = _with_leaves(deriv)
+    leaves = [n for n in graph.nodes.values() if n.role != "op"]
+    leaf_label = {n.name: n.param if n.role == "param" else n.name for n in leaves}
 
     context: dict[str, object] = {
         "version": __version__,
@@ -184,35 +201,52 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         "lag_lines": pr.lines(lag_stmts, mark_phases=True, keep=set(grad_outputs)),
         "seed": deriv.seed.name,
     }
+    used = {n.name for n in inputs} | {t.name for t in used_targets} | {p.name for p in params}
+    wrt_leaves = [n for n in leaves if n.name in used]
+    helpers = set(pr.helpers)
+    if backend == "numpy":
+        # loss_and_grad(..., wrt=...): every leaf's gradient, each behind its flag.
+        wide = _lower(full, seed_argument=False)
+        wpr = _Printer(backend, wide)
+        wrt_outputs = [loss_var, *(full.leaf_grads[n.name] for n in wrt_leaves)]
+        flags: dict[str, str | None] = {loss_var: None}
+        flags.update({full.leaf_grads[n.name]: naming.need_flag(n.name) for n in wrt_leaves})
+        context.update({
+            "wrt_lines": wpr.lines(passes.function(wide, wrt_outputs), mark_phases=True,
+                                   keep=set(wrt_outputs), flags=flags),
+            "wrt_leaves": [{"name": leaf_label[n.name], "var": full.leaf_grads[n.name],
+                            "flag": naming.need_flag(n.name)} for n in wrt_leaves],
+        })
+        helpers |= wpr.helpers
     if backend == "torch":
-        autograd = _lower(deriv, seed_argument=True)
+        autograd = _lower(full, seed_argument=True)
         apr = _Printer(backend, autograd)
-        full = passes.function(autograd, grad_outputs)
-        fwd = [s for s in full if s.phase == "forward"]
-        bwd = [s for s in full if s.phase == "backward"]
+        # The autograd.Function's arguments: inputs, targets, then every parameter.
+        args = ([n.name for n in inputs] + [t.name for t in used_targets]
+                + [p.name for p in params])
+        outputs = [loss_var, *(full.leaf_grads[a] for a in args)]
+        whole = passes.function(autograd, outputs)
+        fwd = [s for s in whole if s.phase == "forward"]
+        bwd = [s for s in whole if s.phase == "backward"]
         defined = {s.target for s in fwd}
-        leaves = {n.name for n in graph.nodes.values() if n.role != "op"}
-        saved = sorted({r for s in bwd for r in s.reads if r in defined or r in leaves}
-                       - {deriv.seed.name}, key=_order_key(full, graph))
+        kept = sorted({r for s in bwd for r in s.reads if r in defined} - {loss_var},
+                      key=_order_key(whole, graph))
+        flags = {full.leaf_grads[a]: naming.need_flag(a) for a in args}
         bwd_dims = [d for d in autograd.dims if any(d in dims_read(s.op) for s in bwd)]
         context.update({
-            "fn_args": [n.name for n in inputs] + [t.name for t in used_targets]
-                       + [p.name for p in params],
-            "fwd_lines": apr.lines(fwd, keep={*saved, loss_var}),
-            "bwd_lines": apr.lines(bwd, keep=set(grads.values()),
-                                   owned={n for n in saved if n not in leaves}),
-            # Arguments go through save_for_backward (autograd checks they were not
-            # modified in place); the forward's own intermediates ride on ctx so the
-            # backward can drop each one after its last use.
-            "saved": [n for n in saved if n in leaves],
-            "saved_temps": [n for n in saved if n not in leaves],
+            "fn_args": args,
+            "n_leading": len(inputs) + len(used_targets),
+            "fn_flags": [naming.need_flag(a) for a in args],
+            "fn_grads": [full.leaf_grads[a] for a in args],
+            "fwd_lines": apr.lines(fwd, keep={*kept, loss_var}),
+            # The backward may free each saved intermediate after its last use (see
+            # _release in the template), as autograd frees a node's saved tensors.
+            "bwd_lines": apr.lines(bwd, keep=set(flags), owned=set(kept), flags=flags,
+                                   released=set(kept)),
+            "kept": kept,
             "bwd_dims": bwd_dims,
-            "grad_returns": [grads.get(p.param) if p.trainable else None for p in params],
-            "n_leading_none": len(inputs) + len(used_targets),
         })
-        helpers = pr.helpers | apr.helpers
-    else:
-        helpers = pr.helpers
+        helpers |= apr.helpers
     context["helpers"] = sorted(helpers)
     context["param_vars"] = {p.param: p.name for p in params}
     from ..latex import module_derivations
@@ -235,6 +269,16 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     except SyntaxError as exc:  # pragma: no cover - a bug in symbackprop, not user input
         raise RuntimeError(f"generated {backend} module does not parse: {exc}") from exc
     return source
+
+
+def _with_leaves(deriv: Derivation) -> Derivation:
+    """``deriv`` again with every leaf's adjoint, derived once per derivation (both
+    backends' modules use it)."""
+    full = getattr(deriv, "_with_leaves", None)
+    if full is None:
+        full = derive(deriv.graph, leaves=True, reuse=deriv)
+        deriv._with_leaves = full  # type: ignore[attr-defined]
+    return full
 
 
 def _order_key(stmts: list[Assign], graph: object) -> object:

@@ -1,0 +1,553 @@
+"""The generated torch Model as a torch user uses any nn.Module, checked against torch itself.
+
+Every gradient here is compared with torch autograd over an independent ``torch.nn`` twin
+(the same network written by hand, parameters loaded by name), with finite differences
+(gradcheck), or with the functional ``loss_and_grad``: gradcheck and gradgradcheck, a
+Hessian-vector product through the generated backward, torch.func (grad, vmap, jacrev),
+torch.compile with fullgraph=True, torch.export, DistributedDataParallel (gloo, two
+processes), autocast with the backward inside and outside the context, frozen parameters
+unfrozen at run time, the gradient into the inputs, an upstream nn.Linear, Adam. The
+numpy module's ``wrt=``, ``sgd_step`` and ``adam_step`` are checked against torch too.
+
+Tests taking ``device`` also run on CUDA where a GPU is present (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from symbackprop.api import compile_spec, compile_text
+from symbackprop.check import load_module
+from symbackprop.emit.guards import guards
+from symbackprop.errors import SpecError
+
+from conftest import EXAMPLES, build
+
+F64 = torch.float64
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+
+FROZEN_SPEC = """
+name: adapter
+inputs: {x: [N, 4]}
+targets: {t: [N, 2]}
+layers:
+  - {name: base, type: dense, units: 5, activation: tanh, trainable: false}
+  - {name: head, type: dense, units: 2}
+loss: {type: mse, target: t}
+"""
+
+
+class SeedNet(torch.nn.Module):
+    """examples/seed_mlp.yaml by hand: 2-3-1, sigmoid, mean squared error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(2, 3)
+        self.fc2 = torch.nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(torch.sigmoid(self.fc2(torch.sigmoid(self.fc1(x)))), t)
+
+
+class Classifier(torch.nn.Module):
+    """examples/mlp_classifier.yaml by hand: 64-32-32-10, tanh, relu, cross-entropy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h1 = torch.nn.Linear(64, 32)
+        self.h2 = torch.nn.Linear(32, 32)
+        self.logits = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(torch.relu(self.h2(torch.tanh(self.h1(x))))), label)
+
+
+class Adapter(torch.nn.Module):
+    """FROZEN_SPEC by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = torch.nn.Linear(4, 5)
+        self.head = torch.nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.head(torch.tanh(self.base(x))), t)
+
+
+TWINS = {"seed_mlp": SeedNet, "mlp_classifier": Classifier, "adapter": Adapter}
+
+
+@pytest.fixture(scope="module")
+def mods(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Both generated modules of the two examples and of FROZEN_SPEC, written once."""
+    folder = tmp_path_factory.mktemp("ecosystem")
+    out: dict[str, dict] = {}
+    for name in ("seed_mlp", "mlp_classifier"):
+        model = compile_spec(EXAMPLES / f"{name}.yaml")
+        out[name] = {}
+        for backend in ("numpy", "torch"):
+            path = folder / f"{name}_{backend}.py"
+            path.write_text(model.source(backend), encoding="utf-8")
+            out[name][backend] = load_module(path)
+            out[name][backend + "_path"] = path
+    sub = folder / "adapter"
+    sub.mkdir()
+    _, built = build(sub, FROZEN_SPEC)
+    out["adapter"] = dict(built)
+    return out
+
+
+def batch(name: str, n: int = 6, seed: int = 0, device: str = "cpu",
+          dtype: torch.dtype = F64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if name == "seed_mlp":
+        b = {"x": torch.randn(n, 2, generator=g), "t": torch.rand(n, 1, generator=g)}
+    elif name == "adapter":
+        b = {"x": torch.randn(n, 4, generator=g), "t": torch.randn(n, 2, generator=g)}
+    else:
+        b = {"x": torch.randn(n, 64, generator=g),
+             "label": torch.softmax(2 * torch.randn(n, 10, generator=g), dim=1)}
+    return {k: v.to(device=device, dtype=dtype) for k, v in b.items()}
+
+
+def pair(mods: dict, name: str, *, seed: int = 3, device: str = "cpu",
+         dtype: torch.dtype = F64) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The generated Model and its twin with the same parameter values."""
+    model = mods[name]["torch"].Model(seed=seed, dtype=dtype, device=device)
+    twin = TWINS[name]().to(device=device, dtype=dtype)
+    twin.load_state_dict(model.state_dict())
+    for key, p in twin.named_parameters():
+        p.requires_grad_(model.get_parameter(key).requires_grad)
+    return model, twin
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
+
+
+def close(a: dict, b: dict, tol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        scale = max(float(b[key].detach().abs().max()), 1e-30)
+        err = float((a[key].detach().to(b[key].dtype) - b[key].detach()).abs().max()) / scale
+        assert err <= tol, (key, err)
+
+
+def apply_loss(mod):
+    """The loss as a function of (inputs, targets, parameters), through LossFunction."""
+    def f(*args: torch.Tensor) -> torch.Tensor:
+        return mod.LossFunction.apply(*args)[0]
+    return f
+
+
+# ------------------------------------------------------------------ first and second order
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["seed_mlp", "mlp_classifier"])
+def test_gradcheck_and_gradgradcheck(mods, name, device) -> None:
+    """Every argument (inputs, targets, parameters) against finite differences, and the
+    generated backward's own derivative (gradgradcheck)."""
+    mod = mods[name]["torch"]
+    model = mod.Model(seed=1, dtype=F64, device=device)
+    b = batch(name, n=4, device=device)
+    args = [v.requires_grad_() for v in b.values()] + list(model.parameters())
+    f = apply_loss(mod)
+    fast = name == "mlp_classifier"  # thousands of entries: one random direction
+    assert torch.autograd.gradcheck(f, args, fast_mode=fast)
+    assert torch.autograd.gradgradcheck(f, args, fast_mode=fast)
+
+
+@pytest.mark.parametrize("name", ["seed_mlp", "mlp_classifier"])
+def test_hessian_vector_product_through_generated_backward(mods, name) -> None:
+    model, twin = pair(mods, name)
+    b = batch(name, seed=1)
+    v = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+
+    def hvp(module: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        names, params = zip(*module.named_parameters(), strict=True)
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        dot = sum((gi * v[k]).sum() for k, gi in zip(names, g, strict=True))
+        return dict(zip(names, torch.autograd.grad(dot, params), strict=True))
+
+    close(hvp(model, model(**b)), hvp(twin, twin(**b)), 1e-10)
+
+
+def test_backward_twice_with_retain_graph(mods) -> None:
+    model, _ = pair(mods, "mlp_classifier")
+    loss = model(**batch("mlp_classifier"))
+    loss.backward(retain_graph=True)
+    once = {k: g.clone() for k, g in grads(model).items()}
+    loss.backward()
+    close(grads(model), {k: 2 * g for k, g in once.items()}, 1e-15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["seed_mlp", "mlp_classifier"])
+def test_gradient_into_inputs_matches_twin(mods, name, device) -> None:
+    model, twin = pair(mods, name, device=device)
+    b = batch(name, device=device)
+    xs = b["x"].clone().requires_grad_()
+    xt = b["x"].clone().requires_grad_()
+    model(**{**b, "x": xs}).backward()
+    twin(**{**b, "x": xt}).backward()
+    close({"x": xs.grad, **grads(model)}, {"x": xt.grad, **grads(twin)}, 1e-12)
+
+
+def test_target_gradient_matches_twin(mods) -> None:
+    """A target that requires grad (distillation from a teacher) gets its gradient."""
+    model, twin = pair(mods, "mlp_classifier")
+    b = batch("mlp_classifier")
+    ls = b["label"].clone().requires_grad_()
+    lt = b["label"].clone().requires_grad_()
+    model(x=b["x"], label=ls).backward()
+    twin(b["x"], lt).backward()
+    close({"label": ls.grad}, {"label": lt.grad}, 1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_parameter_unfrozen_at_run_time(mods, device) -> None:
+    model, twin = pair(mods, "adapter", device=device)
+    assert not model.base.weight.requires_grad
+    b = batch("adapter", device=device)
+    model(**b).backward()
+    assert model.base.weight.grad is None and model.base.bias.grad is None
+    model.zero_grad()
+    model.base.weight.requires_grad_(True)
+    twin.base.weight.requires_grad_(True)
+    model(**b).backward()
+    twin(**b).backward()
+    assert model.base.bias.grad is None
+    close(grads(model), grads(twin), 1e-12)
+
+
+def test_backward_skips_gradients_nobody_asked_for(mods) -> None:
+    """The generated backward computes only what needs_input_grad asks for."""
+    mod = mods["seed_mlp"]["torch"]
+    model = mod.Model(seed=2, dtype=F64)
+    b = batch("seed_mlp")
+    outputs = mod.LossFunction.apply(b["x"], b["t"], *model.parameters())
+    args = (b["x"], b["t"], *model.parameters())
+    for wanted in range(len(args)):
+        needs = tuple(i == wanted for i in range(len(args)))
+        got = mod._loss_backward(needs, False, torch.ones((), dtype=F64), *args, *outputs[1:])
+        assert [g is not None for g in got] == list(needs)
+    # The guards themselves: a statement runs under the union of what needs it.
+    class S:
+        def __init__(self, target: str, reads: set[str]) -> None:
+            self.target, self.reads = target, frozenset(reads)
+    stmts = [S("a", {"in"}), S("ga", {"a"}), S("b", {"a"}), S("gb", {"b"}), S("gc", {"b"})]
+    assert guards(stmts, {"ga": "na", "gb": "nb", "gc": "nc"}) == [
+        "", "na", "nb or nc", "nb", "nc"]
+    assert guards(stmts, {"ga": None, "gb": "nb", "gc": "nc"})[0] == ""
+
+
+# ------------------------------------------------------------------ torch.func
+@pytest.mark.parametrize("name", ["seed_mlp", "mlp_classifier"])
+def test_torch_func_on_functional_loss(mods, name) -> None:
+    from torch.func import grad, jacrev, vmap
+
+    mod = mods[name]["torch"]
+    params = mod.init_params(4, dtype=F64)
+    b = batch(name, n=5)
+    _, want = mod.loss_and_grad(params, **b)
+    close(grad(lambda p: mod.loss(p, **b))(params), want, 1e-13)
+    close(jacrev(lambda p: mod.loss(p, **b))(params), want, 1e-13)
+
+    # Per-example gradients with vmap, against loss_and_grad one example at a time.
+    one = {k: v[:, None] for k, v in b.items()}  # (N, 1, ...): a batch of one per example
+    per = vmap(grad(lambda p, ex: mod.loss(p, **ex)), in_dims=(None, 0))(params, one)
+    for i in range(5):
+        _, gi = mod.loss_and_grad(params, **{k: v[i] for k, v in one.items()})
+        close({k: v[i] for k, v in per.items()}, gi, 1e-12)
+
+
+def test_torch_func_through_model(mods) -> None:
+    """functional_call + torch.func.grad / vmap run the generated backward itself."""
+    from torch.func import functional_call, grad, vmap
+
+    mod = mods["mlp_classifier"]["torch"]
+    model = mod.Model(seed=5, dtype=F64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    b = batch("mlp_classifier", n=4)
+    _, want = mod.loss_and_grad(params, **b)
+    close(grad(lambda p: functional_call(model, p, (), b))(params), want, 1e-13)
+    one = {k: v[:, None] for k, v in b.items()}
+    per = vmap(grad(lambda p, ex: functional_call(model, p, (), ex)),
+               in_dims=(None, 0))(params, one)
+    _, g0 = mod.loss_and_grad(params, **{k: v[0] for k, v in one.items()})
+    close({k: v[0] for k, v in per.items()}, g0, 1e-12)
+
+
+# ------------------------------------------------------------------ nn.Module integration
+def test_forward_returns_loss_or_prediction_and_hooks_fire(mods) -> None:
+    model, twin = pair(mods, "mlp_classifier")
+    b = batch("mlp_classifier")
+    seen = []
+    model.register_forward_hook(lambda module, args, kwargs, out: seen.append(out),
+                                with_kwargs=True)
+    loss = model(**b)
+    assert loss.shape == () and seen[-1] is loss
+    assert torch.equal(model.loss(**b), loss) and len(seen) == 2  # the alias calls too
+    prediction = model(x=b["x"])
+    assert prediction.shape == (6, 10) and seen[-1] is prediction
+    assert abs(loss.item() - twin(**b).item()) < 1e-13
+
+
+def test_upstream_linear_trains(mods) -> None:
+    torch.manual_seed(0)
+    model, twin = pair(mods, "mlp_classifier")
+    encoder = torch.nn.Linear(64, 64, dtype=F64)
+    twin_encoder = torch.nn.Linear(64, 64, dtype=F64)
+    twin_encoder.load_state_dict(encoder.state_dict())
+    b = batch("mlp_classifier", n=16)
+    model(x=encoder(b["x"]), label=b["label"]).backward()
+    twin(twin_encoder(b["x"]), b["label"]).backward()
+    close(grads(encoder), grads(twin_encoder), 1e-12)
+
+    # Only the encoders learn; the generated model and the twin stay fixed.
+    model.requires_grad_(False)
+    twin.requires_grad_(False)
+    losses = []
+    for enc, net in ((encoder, model), (twin_encoder, twin)):
+        optimizer = torch.optim.Adam(enc.parameters(), lr=0.05)
+        first = net(enc(b["x"]), b["label"]).item() if net is twin else \
+            net(x=enc(b["x"]), label=b["label"]).item()
+        for _ in range(30):
+            optimizer.zero_grad()
+            if net is twin:
+                net(enc(b["x"]), b["label"]).backward()
+            else:
+                net(x=enc(b["x"]), label=b["label"]).backward()
+            optimizer.step()
+        losses.append((first, net(enc(b["x"]), b["label"]).item() if net is twin
+                       else net(x=enc(b["x"]), label=b["label"]).item()))
+    assert losses[0][1] < losses[0][0] - 0.2
+    close(dict(encoder.named_parameters()), dict(twin_encoder.named_parameters()), 1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adam_100_steps_matches_twin(mods, device) -> None:
+    model, twin = pair(mods, "mlp_classifier", device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    for step in range(100):
+        b = batch("mlp_classifier", n=8, seed=step, device=device)
+        for m, o in ((model, opt), (twin, twin_opt)):
+            o.zero_grad()
+            m(**b).backward()
+            o.step()
+    close(dict(model.named_parameters()), dict(twin.named_parameters()), 1e-9)
+
+
+def test_saved_tensor_hooks_and_checkpoint(mods) -> None:
+    model, twin = pair(mods, "mlp_classifier")
+    b = batch("mlp_classifier")
+    twin(**b).backward()
+    with torch.autograd.graph.save_on_cpu():
+        model(**b).backward()
+    close(grads(model), grads(twin), 1e-12)
+    model.zero_grad()
+    from torch.utils.checkpoint import checkpoint
+
+    checkpoint(lambda x, label: model(x=x, label=label), b["x"], b["label"],
+               use_reentrant=False).backward()
+    close(grads(model), grads(twin), 1e-12)
+
+
+def test_parameters_created_on_requested_device_and_dtype(mods) -> None:
+    mod = mods["mlp_classifier"]["torch"]
+    model = mod.Model(seed=7, dtype=torch.float32)
+    ref = mod.init_params(7, dtype=torch.float32)
+    for key, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), ref[key])
+    meta = mod.Model(device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    assert meta(**batch("mlp_classifier", device="meta", dtype=torch.float32)).is_meta
+
+
+def test_layer_named_like_a_module_attribute_is_refused() -> None:
+    for bad in ("to", "training", "train", "cuda", "state_dict", "reset_parameters"):
+        with pytest.raises(SpecError, match="attribute of torch.nn.Module"):
+            compile_text(f"""
+name: m
+inputs: {{x: [N, 2]}}
+targets: {{t: [N, 1]}}
+layers: [{{name: {bad}, type: dense, units: 1}}]
+loss: {{type: mse, target: t}}
+""")
+
+
+def test_torch_compile_fullgraph_training_step(mods) -> None:
+    """One small model: compiling is slow on a small CPU machine."""
+    model, _ = pair(mods, "seed_mlp", dtype=torch.float32)
+    b = batch("seed_mlp", dtype=torch.float32)
+    explained = torch._dynamo.explain(model)(**b)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    model(**b).backward()
+    want = {k: g.clone() for k, g in grads(model).items()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    loss = compiled(**b)
+    loss.backward()
+    assert abs(float(loss) - float(model(**b))) < 1e-6
+    close(grads(model), want, 1e-5)
+
+
+def test_torch_export(mods) -> None:
+    model, _ = pair(mods, "mlp_classifier")
+    b = batch("mlp_classifier")
+    program = torch.export.export(model, (), {"x": b["x"]})
+    assert torch.equal(program.module()(x=b["x"]), model(x=b["x"]))
+    program = torch.export.export(model, (), b)
+    assert float(program.module()(**b)) == pytest.approx(float(model(**b)), rel=1e-14)
+
+
+# ------------------------------------------------------------------ DDP
+def _ddp_worker(rank: int, path: str, rendezvous: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
+    try:
+        mod = load_module(Path(path))
+        model = torch.nn.parallel.DistributedDataParallel(mod.Model(seed=3, dtype=F64))
+        b = batch("mlp_classifier", n=8, seed=9)
+        shard = {k: v[rank * 4:(rank + 1) * 4] for k, v in b.items()}
+        model(**shard).backward()
+        torch.save({k: p.grad for k, p in model.module.named_parameters()},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_gives_full_batch_gradient(mods, tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    path = str(mods["mlp_classifier"]["torch_path"])
+    mp.start_processes(_ddp_worker, args=(path, f"file://{tmp_path}/rendezvous",
+                                          str(tmp_path)), nprocs=2, start_method="spawn")
+    mod = mods["mlp_classifier"]["torch"]
+    params = {k: v.detach() for k, v in mod.Model(seed=3, dtype=F64).named_parameters()}
+    _, full = mod.loss_and_grad(params, **batch("mlp_classifier", n=8, seed=9))
+    for rank in range(2):
+        close(torch.load(tmp_path / f"rank{rank}.pt"), full, 1e-12)
+
+
+# ------------------------------------------------------------------ mixed precision
+# bfloat16 keeps 8 significant bits: two correct implementations that round at different
+# places differ by a few units of 2**-8 of the largest gradient entry.
+AUTOCAST_TOL = 3e-2  # worst seen over 10 seeds: 1.0e-2
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["backward-inside", "backward-outside"])
+def test_autocast_bfloat16_cpu_matches_twin(mods, inside) -> None:
+    model, twin = pair(mods, "mlp_classifier", dtype=torch.float32)
+    b = batch("mlp_classifier", n=32, dtype=torch.float32)
+    for m in (model, twin):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(**b) if m is model else m(b["x"], b["label"])
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+    for p in model.parameters():
+        assert p.grad.dtype == torch.float32
+    close(grads(model), grads(twin), AUTOCAST_TOL)
+    # Without autocast the same model is exact: the tolerance is bfloat16's alone.
+    model.zero_grad()
+    twin.zero_grad()
+    model(**b).backward()
+    twin(**b).backward()
+    close(grads(model), grads(twin), 1e-5)
+
+
+def test_autocast_functional_grads_in_parameter_dtype_and_grad_scaler(mods) -> None:
+    mod = mods["mlp_classifier"]["torch"]
+    params = mod.init_params(0, dtype=torch.float32)
+    b = batch("mlp_classifier", dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, g = mod.loss_and_grad(params, **b)
+    assert all(v.dtype == torch.float32 for v in g.values())
+
+    model = mod.Model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    before = model.h1.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**b)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.isfinite(model.h1.weight).all() and not torch.equal(before, model.h1.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_autocast_float16_cuda_with_grad_scaler_matches_twin(mods) -> None:
+    model, twin = pair(mods, "mlp_classifier", device="cuda", dtype=torch.float32)
+    b = batch("mlp_classifier", n=32, device="cuda", dtype=torch.float32)
+    for m in (model, twin):
+        scaler = torch.amp.GradScaler("cuda")
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = m(**b) if m is model else m(b["x"], b["label"])
+        scaler.scale(loss).backward()
+        scaler.unscale_(torch.optim.SGD(m.parameters(), lr=0.1))
+    close(grads(model), grads(twin), 1e-2)
+
+
+# ------------------------------------------------------------------ numpy: wrt, optimisers
+def test_numpy_wrt_inputs_and_frozen_parameters(mods) -> None:
+    mod = mods["adapter"]["numpy"]
+    _, twin = pair(mods, "adapter")
+    params = {k: v.detach().numpy().copy() for k, v in twin.state_dict().items()}
+    b = batch("adapter")
+    xt = b["x"].clone().requires_grad_()
+    for p in twin.parameters():
+        p.requires_grad_(True)
+    twin(xt, b["t"]).backward()
+    nb = {k: v.numpy() for k, v in b.items()}
+    _, default = mod.loss_and_grad(params, **nb)
+    assert set(default) == {"head.weight", "head.bias"} == set(mod.TRAINABLE)
+    _, g = mod.loss_and_grad(params, **nb, wrt=("x", "base.weight", "head.bias"))
+    assert list(g) == ["x", "base.weight", "head.bias"]
+    want = {"x": xt.grad, "base.weight": twin.base.weight.grad, "head.bias": twin.head.bias.grad}
+    close({k: torch.from_numpy(v) for k, v in g.items()}, want, 1e-12)
+    _, only_t = mod.loss_and_grad(params, **nb, wrt="t")
+    assert list(only_t) == ["t"]
+    with pytest.raises(ValueError, match="cannot differentiate with respect to"):
+        mod.loss_and_grad(params, **nb, wrt=("nope",))
+
+
+def test_numpy_sgd_and_adam_match_torch_optim_over_100_steps(mods) -> None:
+    mod = mods["mlp_classifier"]["numpy"]
+    init = mod.init_params(2)
+    runs = [
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+         lambda p, g, s: mod.sgd_step(p, g, s, lr=0.1, momentum=0.9, weight_decay=1e-3)),
+        (lambda p: torch.optim.AdamW(p, lr=1e-2),
+         lambda p, g, s: mod.adam_step(p, g, s, lr=1e-2)),
+        (lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.8, 0.99), eps=1e-6),
+         lambda p, g, s: mod.adam_step(p, g, s, lr=1e-2, betas=(0.8, 0.99), eps=1e-6,
+                                       weight_decay=0.0)),
+    ]
+    for make_torch, numpy_step in runs:
+        params = {k: v.copy() for k, v in init.items()}
+        tparams = {k: torch.tensor(v, requires_grad=True) for k, v in init.items()}
+        optimizer = make_torch(list(tparams.values()))
+        state: dict = {}
+        for step in range(100):
+            b = {k: v.numpy() for k, v in batch("mlp_classifier", n=8, seed=step).items()}
+            _, g = mod.loss_and_grad(params, **b)
+            state = numpy_step(params, g, state)
+            _, tg = mod.loss_and_grad({k: p.detach().numpy() for k, p in tparams.items()}, **b)
+            for k, p in tparams.items():
+                p.grad = torch.from_numpy(tg[k])
+            optimizer.step()
+        for k in init:
+            err = np.abs(params[k] - tparams[k].detach().numpy()).max()
+            assert err <= 1e-12 * max(1.0, np.abs(params[k]).max()), (k, err)
+
