@@ -766,6 +766,11 @@ class Model(torch.nn.Module):
             return forward({"h1.weight": self.h1.weight, "h1.bias": self.h1.bias, "h2.weight": self.h2.weight, "h2.bias": self.h2.bias, "logits.weight": self.logits.weight, "logits.bias": self.logits.bias}, x=x)
         if not all(given):
             raise TypeError("give every target (label) for the loss, or none for the prediction")
+        # The same checks as the functions above: every parameter's shape, one dtype and
+        # device; inputs converted to them or refused.
+        *_, dtype, device = _unpack({"h1.weight": self.h1.weight, "h1.bias": self.h1.bias, "h2.weight": self.h2.weight, "h2.bias": self.h2.bias, "logits.weight": self.logits.weight, "logits.bias": self.logits.bias})
+        x = _as_tensor("x", x, dtype, device)
+        label = _as_tensor("label", label, dtype, device)
         return LossFunction.apply(x, label, self.h1.weight, self.h1.bias, self.h2.weight, self.h2.bias, self.logits.weight, self.logits.bias)[0]
 
     def loss(self, *, x, label):

@@ -632,6 +632,11 @@ class Model(torch.nn.Module):
             return forward({"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias, "fc2.weight": self.fc2.weight, "fc2.bias": self.fc2.bias}, x=x)
         if not all(given):
             raise TypeError("give every target (t) for the loss, or none for the prediction")
+        # The same checks as the functions above: every parameter's shape, one dtype and
+        # device; inputs converted to them or refused.
+        *_, dtype, device = _unpack({"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias, "fc2.weight": self.fc2.weight, "fc2.bias": self.fc2.bias})
+        x = _as_tensor("x", x, dtype, device)
+        t = _as_tensor("t", t, dtype, device)
         return LossFunction.apply(x, t, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)[0]
 
     def loss(self, *, x, t):

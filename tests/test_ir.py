@@ -485,7 +485,9 @@ def test_embedding_gathers_forward_and_scatters_backward(backend: str) -> None:
               "t": rng.normal(size=(2, 3, 2))}
     import numpy
 
-    namespace: dict[str, Any] = {"numpy": numpy, "torch": torch}
+    import math
+
+    namespace: dict[str, Any] = {"numpy": numpy, "torch": torch, "math": math}
     exec(_template_helpers(backend), namespace)  # noqa: S102 - the template's own helpers
     convert = torch.from_numpy if backend == "torch" else (lambda v: v)
     namespace.update({k: convert(v) for k, v in values.items()})

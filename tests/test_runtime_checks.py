@@ -174,3 +174,21 @@ def test_infinities_print_as_module_constants() -> None:
             names = {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name)}
             assert names <= {"x", module}, (text, names)
             assert f"{module}.inf" in text
+
+
+@pytest.mark.parametrize("targets", [True, False], ids=["loss", "prediction"])
+def test_model_checks_its_parameters_and_inputs(targets: bool) -> None:
+    """The Model path (LossFunction) checks what the functions check."""
+    model = SEED["torch"].Model(dtype=torch.float64)
+    batch = _batch("torch")
+    if not targets:
+        batch.pop("t")
+    model.fc1.bias = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"fc1\.bias: expected shape \(3,\)"):
+        model(**batch)
+    model = SEED["torch"].Model(dtype=torch.float64)
+    batch["x"] = batch["x"].float()
+    with pytest.raises(ValueError, match=r"x: expected dtype torch\.float64"):
+        model(**batch)
+    batch["x"] = [[0.5, 1.0]] * 4  # a list is converted to the parameters' dtype
+    assert model(**batch).dtype == torch.float64
