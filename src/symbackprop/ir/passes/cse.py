@@ -33,7 +33,11 @@ def cse(stmts: list[Assign], program: Program) -> list[Assign]:
     hidden: dict[sp.Expr, sp.Symbol] = {}
     bodies = [_hide_branches(b, hidden) for b in bodies]
     replacements, reduced = sp.cse(bodies, symbols=names, order="none", list=True)
-    shown = {sym: value for value, sym in hidden.items()}
+    # A hidden value may hold an inner where() whose values were hidden first: resolve
+    # in creation order, so each stand-in maps to its fully restored value.
+    shown: dict[sp.Symbol, sp.Expr] = {}
+    for value, sym in hidden.items():
+        shown[sym] = value.xreplace(shown)
     replacements = [(sym, expr.xreplace(shown)) for sym, expr in replacements]
     reduced = [expr.xreplace(shown) for expr in reduced]
     scalar = _scalar(replacements, views)
