@@ -193,6 +193,24 @@ def test_cse_puts_size_only_subexpressions_back() -> None:
     assert out[0].op.body == sp.exp(X) / (N + 1)
 
 
+def test_cse_shares_nothing_out_of_a_where_branch() -> None:
+    """log(x) + 1 under x > 0 is never hoisted into a temporary computed for every entry
+    (numpy would warn for the discarded ones); nested where()s come back whole."""
+    branch = sp.Piecewise((sp.log(X) + 1, X > 0), (X, True))
+    nested = sp.Piecewise((3 * branch, Y > 0), (0, True))
+    stmts = [Assign("y", _map(branch, ("x", 2))),
+             Assign("z", _map(Y * sp.Piecewise((sp.log(X) + 1, X > 0), (2 * X, True)),
+                              ("x", 2), ("y", 2))),
+             Assign("tmp2", _map(nested, ("x", 2), ("y", 2)))]
+    out = passes.cse(stmts, _prog(stmts, SH))
+    temps = {s.target: s.op.body for s in out if s.target not in ("y", "z", "tmp2")}
+    assert not any(b.has(sp.log) for b in temps.values())
+    bodies = {s.target: s.op.body.xreplace({sp.Symbol(k): v for k, v in temps.items()})
+              for s in out}
+    assert bodies["y"] == branch and bodies["tmp2"] == nested
+    assert not any(str(sym).startswith("<") for b in bodies.values() for sym in b.free_symbols)
+
+
 def test_linear_takes_product_plus_bias() -> None:
     b = View("b", (None,), (1,), 2)
     stmts = [Assign("tmp1", MatMul("x", "w", tb=True)),
