@@ -501,9 +501,9 @@ def test_embedding_gathers_forward_and_scatters_backward(backend: str) -> None:
     ids = np.array([[0, 3, 3], [4, 0, 3]])  # repeated ids: their rows' gradients sum
     values = {"E": rng.normal(size=(5, 3)), "W": rng.normal(size=(2, 3)),
               "t": rng.normal(size=(2, 3, 2))}
-    import numpy
-
     import math
+
+    import numpy
 
     namespace: dict[str, Any] = {"numpy": numpy, "torch": torch, "math": math}
     exec(_template_helpers(backend), namespace)  # noqa: S102 - the template's own helpers
