@@ -488,13 +488,16 @@ def loss_and_grad(params, *, x, label):
         d_h1_bias = d_h1_z.sum(dim=0)
         del d_h1_z
     grads = {
-        "h1.weight": d_h1_weight.to(h1_weight.dtype),
-        "h1.bias": d_h1_bias.to(h1_bias.dtype),
-        "h2.weight": d_h2_weight.to(h2_weight.dtype),
-        "h2.bias": d_h2_bias.to(h2_bias.dtype),
-        "logits.weight": d_logits_weight.to(logits_weight.dtype),
-        "logits.bias": d_logits_bias.to(logits_bias.dtype),
+        "h1.weight": d_h1_weight,
+        "h1.bias": d_h1_bias,
+        "h2.weight": d_h2_weight,
+        "h2.bias": d_h2_bias,
+        "logits.weight": d_logits_weight,
+        "logits.bias": d_logits_bias,
     }
+    for name, grad in grads.items():
+        if grad.dtype is not dtype:  # the pass ran under autocast in a lower precision
+            grads[name] = grad.to(dtype)
     return loss, grads
 
 
@@ -614,15 +617,21 @@ def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weig
         d_h1_bias = d_h1_z.sum(dim=0)
         del d_h1_z
     return (
-        d_x.to(x.dtype) if _need_x else None,
-        d_label.to(label.dtype) if _need_label else None,
-        d_h1_weight.to(h1_weight.dtype) if _need_h1_weight else None,
-        d_h1_bias.to(h1_bias.dtype) if _need_h1_bias else None,
-        d_h2_weight.to(h2_weight.dtype) if _need_h2_weight else None,
-        d_h2_bias.to(h2_bias.dtype) if _need_h2_bias else None,
-        d_logits_weight.to(logits_weight.dtype) if _need_logits_weight else None,
-        d_logits_bias.to(logits_bias.dtype) if _need_logits_bias else None,
+        _as_dtype(d_x, x) if _need_x else None,
+        _as_dtype(d_label, label) if _need_label else None,
+        _as_dtype(d_h1_weight, h1_weight) if _need_h1_weight else None,
+        _as_dtype(d_h1_bias, h1_bias) if _need_h1_bias else None,
+        _as_dtype(d_h2_weight, h2_weight) if _need_h2_weight else None,
+        _as_dtype(d_h2_bias, h2_bias) if _need_h2_bias else None,
+        _as_dtype(d_logits_weight, logits_weight) if _need_logits_weight else None,
+        _as_dtype(d_logits_bias, logits_bias) if _need_logits_bias else None,
     )
+
+
+def _as_dtype(grad, like):
+    # The gradient in its argument's dtype (autocast may have run the pass in a lower
+    # precision); .to() even to the same dtype costs a microsecond or two per call.
+    return grad if grad.dtype is like.dtype else grad.to(like.dtype)
 
 
 def _release(*tensors):
@@ -722,6 +731,19 @@ class LossFunction(torch.autograd.Function):
         return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 
+def _apply(*arguments):
+    # LossFunction.apply(*arguments). Function.apply first binds default arguments with
+    # inspect.signature, on every call (about 50 us, a quarter of a small network's step;
+    # forward has no defaults to bind). Outside torch.func transforms and torch.compile,
+    # which need apply itself, go straight to the entry point it ends in.
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return LossFunction.apply(*arguments)
+    return _FUNCTION_APPLY(*arguments)
+
+
+_FUNCTION_APPLY = super(torch.autograd.function._SingleLevelFunction, LossFunction).apply
+
+
 class Model(torch.nn.Module):
     """The network as a torch.nn.Module; state_dict() keys equal PARAM_SHAPES' names.
 
@@ -768,10 +790,10 @@ class Model(torch.nn.Module):
             raise TypeError("give every target (label) for the loss, or none for the prediction")
         # The same checks as the functions above: every parameter's shape, one dtype and
         # device; inputs converted to them or refused.
-        *_, dtype, device = _unpack({"h1.weight": self.h1.weight, "h1.bias": self.h1.bias, "h2.weight": self.h2.weight, "h2.bias": self.h2.bias, "logits.weight": self.logits.weight, "logits.bias": self.logits.bias})
+        *values, dtype, device = _unpack({"h1.weight": self.h1.weight, "h1.bias": self.h1.bias, "h2.weight": self.h2.weight, "h2.bias": self.h2.bias, "logits.weight": self.logits.weight, "logits.bias": self.logits.bias})
         x = _as_tensor("x", x, dtype, device)
         label = _as_tensor("label", label, dtype, device)
-        return LossFunction.apply(x, label, self.h1.weight, self.h1.bias, self.h2.weight, self.h2.bias, self.logits.weight, self.logits.bias)[0]
+        return _apply(x, label, *values)[0]
 
     def loss(self, *, x, label):
         """The loss: the same as calling the model with the targets."""

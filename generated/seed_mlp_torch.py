@@ -396,11 +396,14 @@ def loss_and_grad(params, *, x, t):
         d_fc1_bias = d_fc1_z.sum(dim=0)
         del d_fc1_z
     grads = {
-        "fc1.weight": d_fc1_weight.to(fc1_weight.dtype),
-        "fc1.bias": d_fc1_bias.to(fc1_bias.dtype),
-        "fc2.weight": d_fc2_weight.to(fc2_weight.dtype),
-        "fc2.bias": d_fc2_bias.to(fc2_bias.dtype),
+        "fc1.weight": d_fc1_weight,
+        "fc1.bias": d_fc1_bias,
+        "fc2.weight": d_fc2_weight,
+        "fc2.bias": d_fc2_bias,
     }
+    for name, grad in grads.items():
+        if grad.dtype is not dtype:  # the pass ran under autocast in a lower precision
+            grads[name] = grad.to(dtype)
     return loss, grads
 
 
@@ -485,13 +488,19 @@ def _loss_backward(needs, release, d_loss, x, t, fc1_weight, fc1_bias, fc2_weigh
         d_fc1_bias = d_fc1_z.sum(dim=0)
         del d_fc1_z
     return (
-        d_x.to(x.dtype) if _need_x else None,
-        d_t.to(t.dtype) if _need_t else None,
-        d_fc1_weight.to(fc1_weight.dtype) if _need_fc1_weight else None,
-        d_fc1_bias.to(fc1_bias.dtype) if _need_fc1_bias else None,
-        d_fc2_weight.to(fc2_weight.dtype) if _need_fc2_weight else None,
-        d_fc2_bias.to(fc2_bias.dtype) if _need_fc2_bias else None,
+        _as_dtype(d_x, x) if _need_x else None,
+        _as_dtype(d_t, t) if _need_t else None,
+        _as_dtype(d_fc1_weight, fc1_weight) if _need_fc1_weight else None,
+        _as_dtype(d_fc1_bias, fc1_bias) if _need_fc1_bias else None,
+        _as_dtype(d_fc2_weight, fc2_weight) if _need_fc2_weight else None,
+        _as_dtype(d_fc2_bias, fc2_bias) if _need_fc2_bias else None,
     )
+
+
+def _as_dtype(grad, like):
+    # The gradient in its argument's dtype (autocast may have run the pass in a lower
+    # precision); .to() even to the same dtype costs a microsecond or two per call.
+    return grad if grad.dtype is like.dtype else grad.to(like.dtype)
 
 
 def _release(*tensors):
@@ -591,6 +600,19 @@ class LossFunction(torch.autograd.Function):
         return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 
+def _apply(*arguments):
+    # LossFunction.apply(*arguments). Function.apply first binds default arguments with
+    # inspect.signature, on every call (about 50 us, a quarter of a small network's step;
+    # forward has no defaults to bind). Outside torch.func transforms and torch.compile,
+    # which need apply itself, go straight to the entry point it ends in.
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return LossFunction.apply(*arguments)
+    return _FUNCTION_APPLY(*arguments)
+
+
+_FUNCTION_APPLY = super(torch.autograd.function._SingleLevelFunction, LossFunction).apply
+
+
 class Model(torch.nn.Module):
     """The network as a torch.nn.Module; state_dict() keys equal PARAM_SHAPES' names.
 
@@ -634,10 +656,10 @@ class Model(torch.nn.Module):
             raise TypeError("give every target (t) for the loss, or none for the prediction")
         # The same checks as the functions above: every parameter's shape, one dtype and
         # device; inputs converted to them or refused.
-        *_, dtype, device = _unpack({"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias, "fc2.weight": self.fc2.weight, "fc2.bias": self.fc2.bias})
+        *values, dtype, device = _unpack({"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias, "fc2.weight": self.fc2.weight, "fc2.bias": self.fc2.bias})
         x = _as_tensor("x", x, dtype, device)
         t = _as_tensor("t", t, dtype, device)
-        return LossFunction.apply(x, t, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)[0]
+        return _apply(x, t, *values)[0]
 
     def loss(self, *, x, t):
         """The loss: the same as calling the model with the targets."""
