@@ -446,15 +446,18 @@ def loss_and_grad(params, *, x, label, wrt=None):
     (parameters, and inputs or targets for the gradient into the data, e.g. saliency
     maps or adversarial examples); None (the default) means every trainable parameter,
     TRAINABLE. Work that only feeds gradients not asked for is skipped."""
-    wanted = _wanted(wrt)
-    _need_x = "x" in wanted
-    _need_label = "label" in wanted
-    _need_h1_weight = "h1.weight" in wanted
-    _need_h1_bias = "h1.bias" in wanted
-    _need_h2_weight = "h2.weight" in wanted
-    _need_h2_bias = "h2.bias" in wanted
-    _need_logits_weight = "logits.weight" in wanted
-    _need_logits_bias = "logits.bias" in wanted
+    if wrt is None:  # the common case: every trainable parameter (decided at import)
+        _need_x, _need_label, _need_h1_weight, _need_h1_bias, _need_h2_weight, _need_h2_bias, _need_logits_weight, _need_logits_bias, = _DEFAULT_NEEDS
+    else:
+        wanted = _wanted(wrt)
+        _need_x = "x" in wanted
+        _need_label = "label" in wanted
+        _need_h1_weight = "h1.weight" in wanted
+        _need_h1_bias = "h1.bias" in wanted
+        _need_h2_weight = "h2.weight" in wanted
+        _need_h2_bias = "h2.bias" in wanted
+        _need_logits_weight = "logits.weight" in wanted
+        _need_logits_bias = "logits.bias" in wanted
     h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, dtype = _unpack(params)
     x = _as_array("x", x, dtype)
     label = _as_array("label", label, dtype)
@@ -581,6 +584,7 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
 # What loss_and_grad(..., wrt=...) can differentiate with respect to.
 DIFFERENTIABLE = ("x", "label", "h1.weight", "h1.bias", "h2.weight", "h2.bias", "logits.weight", "logits.bias",)
+_DEFAULT_NEEDS = tuple(name in TRAINABLE for name in DIFFERENTIABLE)
 
 
 def _wanted(wrt):

@@ -376,13 +376,16 @@ def loss_and_grad(params, *, x, t, wrt=None):
     (parameters, and inputs or targets for the gradient into the data, e.g. saliency
     maps or adversarial examples); None (the default) means every trainable parameter,
     TRAINABLE. Work that only feeds gradients not asked for is skipped."""
-    wanted = _wanted(wrt)
-    _need_x = "x" in wanted
-    _need_t = "t" in wanted
-    _need_fc1_weight = "fc1.weight" in wanted
-    _need_fc1_bias = "fc1.bias" in wanted
-    _need_fc2_weight = "fc2.weight" in wanted
-    _need_fc2_bias = "fc2.bias" in wanted
+    if wrt is None:  # the common case: every trainable parameter (decided at import)
+        _need_x, _need_t, _need_fc1_weight, _need_fc1_bias, _need_fc2_weight, _need_fc2_bias, = _DEFAULT_NEEDS
+    else:
+        wanted = _wanted(wrt)
+        _need_x = "x" in wanted
+        _need_t = "t" in wanted
+        _need_fc1_weight = "fc1.weight" in wanted
+        _need_fc1_bias = "fc1.bias" in wanted
+        _need_fc2_weight = "fc2.weight" in wanted
+        _need_fc2_bias = "fc2.bias" in wanted
     fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype = _unpack(params)
     x = _as_array("x", x, dtype)
     t = _as_array("t", t, dtype)
@@ -472,6 +475,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
 # What loss_and_grad(..., wrt=...) can differentiate with respect to.
 DIFFERENTIABLE = ("x", "t", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",)
+_DEFAULT_NEEDS = tuple(name in TRAINABLE for name in DIFFERENTIABLE)
 
 
 def _wanted(wrt):
