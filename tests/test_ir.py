@@ -34,6 +34,7 @@ from symbackprop.ir.nodes import (
     Program,
     Reduce,
     View,
+    ordered,
 )
 from symbackprop.ir.passes.kernels import SigmoidBackward, TanhBackward
 from symbackprop.layers import LAYERS, Layer, Option, Param
@@ -148,9 +149,7 @@ def _view(src: str, rank: int) -> View:
 
 
 def _map(body: sp.Expr, *srcs: tuple[str, int]) -> Map:
-    views = tuple(sorted(((_view(s, r).placeholder(), _view(s, r)) for s, r in srcs),
-                         key=lambda kv: kv[0].name))
-    return Map(body, views)
+    return Map(body, ordered({_view(s, r).placeholder(): _view(s, r) for s, r in srcs}))
 
 
 def _prog(stmts: list[Assign], shapes: Mapping[str, tuple]) -> Program:

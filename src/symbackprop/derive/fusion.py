@@ -63,25 +63,12 @@ def within_budget(body: sp.Expr) -> bool:
     return True
 
 
-# A chain of elementwise layers fuses into one expression only this far: sympy's
-# algorithms recurse over expression trees (200 fused tanh layers would exhaust Python's
-# stack), and cancel/factor of a fused derivative grows exponentially with the chain
-# (8 tanh layers: 6 s). A longer chain is cut into several fused nodes, so each costs a
-# bounded time; the cross-layer simplifications fusion is for (sigmoid + bce -> y - t)
-# need two or three ops.
+# A chain of elementwise layers fuses into one expression at most this many ops long:
+# the cross-layer simplifications fusion is for (sigmoid + bce -> y - t) need two or
+# three, and cancel/factor of a fused derivative grows exponentially with the chain.
+# (The node budget above also bounds the nesting depth, so sympy's recursive algorithms
+# never meet a deep fused tree: 200 chained layers stay within Python's stack.)
 MAX_FUSED_OPS = 3
-MAX_FUSED_NESTING = 40
-
-
-def expression_depth(expr: sp.Basic) -> int:
-    """The nesting depth of ``expr``, measured without recursion."""
-    deepest = 0
-    stack = [(expr, 1)]
-    while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        stack.extend((arg, depth + 1) for arg in node.args)
-    return deepest
 
 
 def inline(body: sp.Expr, producer: Node) -> sp.Expr:
@@ -132,7 +119,6 @@ def fuse(graph: Graph, prepare: Callable[[str, sp.Expr], sp.Expr] | None = None)
         users = consumers[node.name]
         if (node.kind == "map" and len(users) == 1 and node.name != graph.loss
                 and graph.nodes[users[0]].kind != "contraction"
-                and len(absorbed[node.name]) < MAX_FUSED_OPS
-                and expression_depth(current.body) <= MAX_FUSED_NESTING):  # type: ignore[arg-type]
+                and len(absorbed[node.name]) < MAX_FUSED_OPS):
             merged[node.name] = users[0]
     return Fused(nodes, absorbed, raw, inlined)

@@ -43,6 +43,7 @@ from .nodes import (
     Seed,
     View,
     Views,
+    ordered,
 )
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -343,8 +344,7 @@ class Lowerer:
                 view = View(name, (), (), len(axes))
                 mapping[s] = view.placeholder()
                 views[view.placeholder()] = view
-        ordered = tuple(sorted(views.items(), key=lambda kv: kv[0].name))
-        return expr.xreplace(mapping), ordered
+        return expr.xreplace(mapping), ordered(views)
 
 
 def _loose_indices(expr: sp.Expr, *, conditions: bool = True) -> set[sp.Symbol]:

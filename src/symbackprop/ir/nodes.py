@@ -25,8 +25,8 @@ Ops:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import sympy as sp
@@ -127,6 +127,11 @@ class Gather:
 
 AnyView = View | Iota | Gather
 Views = tuple[tuple[sp.Symbol, AnyView], ...]
+
+
+def ordered(views: Mapping[sp.Symbol, AnyView]) -> Views:
+    """A body's views as a tuple sorted by placeholder name (deterministic output)."""
+    return tuple(sorted(views.items(), key=lambda kv: kv[0].name))
 
 
 def _view_reads(views: Views, body: sp.Expr) -> frozenset[str]:
@@ -286,12 +291,6 @@ class Program:
     shapes: dict[str, tuple[sp.Expr, ...]]
     dims: dict[str, tuple[str, int]] = field(default_factory=dict)
     leaves: frozenset[str] = frozenset()
-
-    def rank(self, name: str) -> int:
-        return len(self.shapes[name])
-
-    def with_stmts(self, stmts: Sequence[Assign]) -> Program:
-        return replace(self, stmts=list(stmts))
 
 
 def readers(stmts: Iterable[Assign]) -> dict[str, int]:

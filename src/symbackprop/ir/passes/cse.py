@@ -16,7 +16,7 @@ from dataclasses import replace
 import sympy as sp
 
 from ... import naming
-from ..nodes import AnyView, Assign, Map, Phase, Program, Reduce, View
+from ..nodes import AnyView, Assign, Map, Phase, Program, Reduce, View, ordered
 
 
 def cse(stmts: list[Assign], program: Program) -> list[Assign]:
@@ -51,8 +51,7 @@ def cse(stmts: list[Assign], program: Program) -> list[Assign]:
 
     def own(expr: sp.Expr) -> tuple[tuple[sp.Symbol, View], ...]:
         used = expr.free_symbols
-        return tuple(sorted(((s, all_views[s]) for s in used if s in all_views),
-                            key=lambda kv: kv[0].name))
+        return ordered({s: all_views[s] for s in used if s in all_views})
 
     out = list(stmts)
     for i, expr in zip(positions, reduced, strict=True):

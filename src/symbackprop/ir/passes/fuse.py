@@ -13,7 +13,7 @@ from dataclasses import replace
 import sympy as sp
 
 from ...naming import TEMP_PREFIX
-from ..nodes import Assign, Map, Program, Reduce, join_comments
+from ..nodes import Assign, Map, Program, Reduce, join_comments, ordered
 
 
 def _occurrences(stmt: Assign, name: str) -> int:
@@ -60,8 +60,7 @@ def fuse(stmts: list[Assign], program: Program, protected: set[str]) -> list[Ass
         views = dict(reader.op.views)
         views.pop(sym, None)
         views.update(stmt.op.views)
-        ordered = tuple(sorted(views.items(), key=lambda kv: kv[0].name))
-        out[at] = replace(reader, op=replace(reader.op, body=body, views=ordered),
+        out[at] = replace(reader, op=replace(reader.op, body=body, views=ordered(views)),
                           comment=join_comments(stmt.comment, reader.comment))
         out[pos] = None
         for name in stmt.reads:
