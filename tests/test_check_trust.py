@@ -147,5 +147,6 @@ def test_parameters_start_from_their_declared_initialisation(tmp_path, monkeypat
     points = []
     monkeypatch.setattr(check, "finite_differences",
                         lambda m, p, b, **k: points.append(p) or real_fd(m, p, b, **k))
-    assert all(row.ok for row in check.check_model(model))
+    rows = check.check_model(model)
+    assert rows and all(row.ok for row in rows)
     assert np.array_equal(points[0]["avg.weight"], np.ones((1, 4)))

@@ -276,7 +276,8 @@ def test_a_long_chain_needs_no_deep_recursion(tmp_path) -> None:
         source = model.source("numpy")
     finally:
         sys.setrecursionlimit(limit)
-    assert "a199 = numpy.tanh" in source or "a199" in source
+    # the last layer is computed by a statement of its own (not only named in a comment)
+    assert any(line.strip().startswith("a199 = ") for line in source.splitlines())
 
 
 def test_simplification_budget_falls_back_to_the_exact_form(tmp_path, monkeypatch,

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import sympy as sp
 import torch
 
 from symbackprop.errors import SpecError
@@ -174,4 +173,3 @@ def test_param_declaration_is_checked() -> None:
         Param("x", "glorot")
     assert Param("x", "normal", std=0.02).initial(None) == ("normal", 0.02)
     assert Param("x").initial(16) == ("uniform", 0.25)
-    assert sp.Integer(1)  # sympy imported for the layer above
