@@ -310,3 +310,14 @@ def test_simplification_budget_falls_back_to_the_exact_form(tmp_path, monkeypatc
     assert time.perf_counter() - started < 60
     err = capsys.readouterr().err
     assert "kept unsimplified" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("call", ["expm1(1)", "sinh(2)", "erfc(0.5)", "log1p(2)"])
+def test_constant_calls_of_every_formula_function_generate(tmp_path, call) -> None:
+    """A constant argument is evaluated for its check through the function's record, so
+    every function a formula may name works there (expm1, sinh, erfc were missing)."""
+    spec = tmp_path / "c.yaml"
+    spec.write_text("name: c\ninputs: {x: [N, 1]}\ntargets: {t: [N, 1]}\nlayers:\n"
+                    f'  - {{name: h, type: dense, units: 1, activation: {{formula: "x*{call}"}}}}\n'
+                    "loss: {type: mse, target: t}\n")
+    assert main(["generate", str(spec), "--out", str(tmp_path / "o")]) == 0

@@ -190,6 +190,15 @@ _REAL_FUNCTIONS: Mapping[str, Callable[..., float]] = {
     "logsigmoid": lambda a: -(max(-a, 0.0) + math.log1p(math.exp(-abs(a)))),
     "abs": abs, "max": lambda a, b: a if a > b else b, "min": lambda a, b: a if a < b else b,
 }
+def _real_function(name: str) -> Callable[..., float]:
+    """How a constant call is evaluated: the table above, else the primitive's record
+    (its high-precision reference), so every function a formula may call is covered."""
+    if name in _REAL_FUNCTIONS:
+        return _REAL_FUNCTIONS[name]
+    record = next(p for p in PRIMITIVES if p.name == name)
+    return lambda *args: float(record.reference(*args))
+
+
 _REAL_COMPARE = {ast.Gt: operator.gt, ast.Lt: operator.lt, ast.GtE: operator.ge,
                  ast.LtE: operator.le}
 
@@ -270,7 +279,7 @@ def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
             folded = [fold(arg) for arg in node.args]
             has_var = any(f[2] for f in folded)
             if all(f[0] is not None for f in folded):
-                return float(_REAL_FUNCTIONS[name](*(f[0] for f in folded))), 0, False
+                return float(_real_function(name)(*(f[0] for f in folded))), 0, False
             return None, max(1, *(f[1] for f in folded)), has_var
         raise AssertionError(type(node))  # pragma: no cover - parse_tree rejects these
 
