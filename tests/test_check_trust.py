@@ -3,6 +3,8 @@ refuses a network too large to check instead of running out of memory."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -105,7 +107,9 @@ def test_bad_point_files_are_usage_errors(tmp_path, capsys) -> None:
              (["--params", str(tmp_path / "shape.npz")], r"fc1.weight: expected shape (3, 2)"),
              (["--batch", str(tmp_path / "batch.npz")], "x: shape (4, 3) does not fit"),
              (["--params", str(tmp_path / "junk.npz")], "cannot read the parameters"),
-             (["--params", str(tmp_path / "p.txt")], "must be .npz")]
+             (["--params", str(tmp_path / "p.txt")], "must be .npz"),
+             (["--params", str(tmp_path / "fifo.npz")], "not a regular file")]
+    os.mkfifo(tmp_path / "fifo.npz")  # reading it would block forever
     for args, message in cases:
         assert main(["check", spec, *args]) == 2, args
         err = capsys.readouterr().err

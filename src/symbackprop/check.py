@@ -10,6 +10,7 @@ machine epsilon), over every entry of small parameters and along random directio
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import tempfile
 import uuid
@@ -17,11 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from .api import CompiledModel, compile_spec
+from .api import CompiledModel, _open_regular, compile_spec
 from .build import layer_order
 from .emit.render import module_filename
 from .errors import CheckFailed, UsageError
@@ -228,15 +229,25 @@ def _gib(n: int) -> str:
 
 def load_arrays(path: str | Path, what: str) -> dict[str, np.ndarray]:
     """Arrays by name from a ``.npz`` file (or a ``.pt`` state dict, with torch); never
-    unpickles arbitrary objects."""
+    unpickles arbitrary objects, and reads only regular files (a FIFO would block)."""
     path = Path(path)
+    if path.suffix == ".pt" and not torch_available():
+        raise UsageError(f"{path}: reading .pt needs torch; save the {what} as .npz")
+    if path.suffix not in (".pt", ".npz"):
+        raise UsageError(f"{path}: the {what} file must be .npz (or .pt with torch)")
+    try:
+        with _open_regular(path, os.O_RDONLY) as handle:
+            return _read_arrays(path, handle, what)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+
+
+def _read_arrays(path: Path, handle: BinaryIO, what: str) -> dict[str, np.ndarray]:
     if path.suffix == ".pt":
-        if not torch_available():
-            raise UsageError(f"{path}: reading .pt needs torch; save the {what} as .npz")
         import torch
 
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = torch.load(handle, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad file
             raise UsageError(f"{path}: cannot read the {what}: "
                              f"{' '.join(str(exc).split())[:200]}") from None
@@ -244,10 +255,8 @@ def load_arrays(path: str | Path, what: str) -> dict[str, np.ndarray]:
                 isinstance(v, torch.Tensor) for v in data.values()):
             raise UsageError(f"{path}: expected a mapping of names to tensors")
         return {str(k): v.detach().cpu().double().numpy() for k, v in data.items()}
-    if path.suffix != ".npz":
-        raise UsageError(f"{path}: the {what} file must be .npz (or .pt with torch)")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(handle, allow_pickle=False) as data:
             return {k: np.asarray(data[k]) for k in data.files}
     except (OSError, ValueError, EOFError) as exc:
         raise UsageError(f"{path}: cannot read the {what}: "
