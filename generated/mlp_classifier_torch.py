@@ -736,12 +736,18 @@ def _apply(*arguments):
     # inspect.signature, on every call (about 50 us, a quarter of a small network's step;
     # forward has no defaults to bind). Outside torch.func transforms and torch.compile,
     # which need apply itself, go straight to the entry point it ends in.
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if (_FUNCTION_APPLY is None or _transforms_active() or torch.compiler.is_compiling()):
         return LossFunction.apply(*arguments)
     return _FUNCTION_APPLY(*arguments)
 
 
-_FUNCTION_APPLY = super(torch.autograd.function._SingleLevelFunction, LossFunction).apply
+# The entry point and the transform test are torch internals: where a torch release
+# lacks them, every call takes the public LossFunction.apply.
+try:
+    _FUNCTION_APPLY = super(torch.autograd.function._SingleLevelFunction, LossFunction).apply
+    _transforms_active = torch._C._are_functorch_transforms_active
+except AttributeError:
+    _FUNCTION_APPLY = None
 
 
 class Model(torch.nn.Module):

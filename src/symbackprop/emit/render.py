@@ -20,7 +20,7 @@ from .. import __version__, naming
 from ..backprop import Derivation, derive
 from ..ir import passes
 from ..ir.lower import Lowerer
-from ..ir.nodes import Assign, Map, Program, dims_read
+from ..ir.nodes import Assign, Map, Program
 from ..ir.passes import memory
 from ..spec import ModelSpec
 from .arrays import array_printer
@@ -168,7 +168,6 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     forward_stmts = passes.function(functional, [graph.prediction])
     loss_stmts = passes.function(functional, [loss_var])
     grad_outputs = [loss_var, *grads.values()]
-    lag_stmts = passes.function(functional, grad_outputs)
     # Every leaf's adjoint (inputs, targets, frozen parameters too): what a caller may ask
     # for at run time (numpy ``wrt=``, torch ``needs_input_grad``).
     full = _with_leaves(deriv)
@@ -198,7 +197,6 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         "grads": [{"name": name, "var": var} for name, var in grads.items()],
         "forward_lines": pr.lines(forward_stmts, keep={graph.prediction}),
         "loss_lines": pr.lines(loss_stmts, keep={loss_var}),
-        "lag_lines": pr.lines(lag_stmts, mark_phases=True, keep=set(grad_outputs)),
         "seed": deriv.seed.name,
     }
     used = {n.name for n in inputs} | {t.name for t in used_targets} | {p.name for p in params}
@@ -232,7 +230,6 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         kept = sorted({r for s in bwd for r in s.reads if r in defined} - {loss_var},
                       key=_order_key(whole, graph))
         flags = {full.leaf_grads[a]: naming.need_flag(a) for a in args}
-        bwd_dims = [d for d in autograd.dims if any(d in dims_read(s.op) for s in bwd)]
         context.update({
             "fn_args": args,
             "n_leading": len(inputs) + len(used_targets),
@@ -244,11 +241,12 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
             "bwd_lines": apr.lines(bwd, keep=set(flags), owned=set(kept), flags=flags,
                                    released=set(kept)),
             "kept": kept,
-            "bwd_dims": bwd_dims,
+            # numpy's loss_and_grad runs wrt_lines; torch's runs the plain gradient pass
+            "lag_lines": pr.lines(passes.function(functional, grad_outputs), mark_phases=True,
+                                  keep=set(grad_outputs)),
         })
         helpers |= apr.helpers
     context["helpers"] = sorted(helpers)
-    context["param_vars"] = {p.param: p.name for p in params}
     from ..latex import module_derivations
 
     # The forward and backward passes once, then one line per parameter in their

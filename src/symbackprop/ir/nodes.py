@@ -308,13 +308,3 @@ def join_comments(first: str, second: str) -> str:
     if not second or first == second:
         return first
     return f"{first}\n{second}"
-
-
-def dims_read(op: Op) -> frozenset[str]:
-    """Names of the symbolic dimensions (``N``) an op's printed code refers to."""
-    exprs: list[sp.Expr] = []
-    if isinstance(op, Map | Reduce):
-        exprs.append(op.body)
-    elif isinstance(op, Full | ScatterAdd):
-        exprs.extend(op.shape)
-    return frozenset(s.name for e in exprs for s in e.free_symbols if s.is_integer)
