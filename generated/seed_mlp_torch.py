@@ -125,7 +125,9 @@ DERIVATIONS = {
 def _unpack(params):
     # Every parameter must have its declared shape, and all one floating dtype and one
     # device: broadcasting would accept a bias of shape (1,) and hand back a gradient of
-    # another shape. (Unrolled: this runs on every call.)
+    # another shape. (Unrolled: this runs on every call.) Devices are compared here only
+    # for 0-d tensors, which torch mixes across devices: any other mix makes the first op
+    # that meets it raise torch's own "Expected all tensors to be on the same device".
     try:
         fc1_weight = params["fc1.weight"]
         fc1_bias = params["fc1.bias"]
@@ -141,11 +143,8 @@ def _unpack(params):
                 fc2_bias.shape,
             ) == _SHAPES
             and fc1_bias.dtype is dtype
-            and fc1_bias.device == device
             and fc2_weight.dtype is dtype
-            and fc2_weight.device == device
             and fc2_bias.dtype is dtype
-            and fc2_bias.device == device
             and dtype.is_floating_point
         ):
             return fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, device
@@ -195,8 +194,8 @@ def _as_tensor(name, value, dtype, device):
     # Inputs take the parameters' dtype and device: lists, integer and boolean tensors
     # are converted; float tensors of another precision, or on another device, are
     # refused rather than silently rounded or copied.
-    if type(value) is torch.Tensor and value.dtype is dtype and value.device == device:
-        return value
+    if type(value) is torch.Tensor and value.dtype is dtype and value.dim():
+        return value  # on another device, the first op that meets it raises
     if not isinstance(value, torch.Tensor):
         try:
             return torch.as_tensor(value, dtype=dtype, device=device)
@@ -213,10 +212,11 @@ def _as_tensor(name, value, dtype, device):
 
 
 def _expect(name, value, shape):
-    if tuple(value.shape) != shape:
+    if value.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
     if 0 in shape:
         raise ValueError(f"{name}: the batch is empty (shape {shape})")
+
 
 
 
@@ -401,9 +401,10 @@ def loss_and_grad(params, *, x, t):
         "fc2.weight": d_fc2_weight,
         "fc2.bias": d_fc2_bias,
     }
-    for name, grad in grads.items():
-        if grad.dtype is not dtype:  # the pass ran under autocast in a lower precision
-            grads[name] = grad.to(dtype)
+    if _any_autocast():  # the pass may have run in a lower precision
+        for name, grad in grads.items():
+            if grad.dtype is not dtype:
+                grads[name] = grad.to(dtype)
     return loss, grads
 
 
@@ -495,6 +496,12 @@ def _loss_backward(needs, release, d_loss, x, t, fc1_weight, fc1_bias, fc2_weigh
         _as_dtype(d_fc2_weight, fc2_weight) if _need_fc2_weight else None,
         _as_dtype(d_fc2_bias, fc2_bias) if _need_fc2_bias else None,
     )
+
+
+# Whether autocast is on for any device: torch's private query costs a tenth of the public
+# per-device pair (is_autocast_available + is_autocast_enabled). Without it, every
+# gradient's dtype is compared.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _as_dtype(grad, like):
