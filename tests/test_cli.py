@@ -321,3 +321,37 @@ def test_constant_calls_of_every_formula_function_generate(tmp_path, call) -> No
                     f'  - {{name: h, type: dense, units: 1, activation: {{formula: "x*{call}"}}}}\n'
                     "loss: {type: mse, target: t}\n")
     assert main(["generate", str(spec), "--out", str(tmp_path / "o")]) == 0
+
+
+@pytest.mark.parametrize("command", ["generate", "latex", "check"])
+def test_memory_budget_stops_with_one_line_and_writes_nothing(tmp_path, command) -> None:
+    """Past SYMBACKPROP_MEMORY_MB the command stops (exit 2, one line), nothing written."""
+    out = tmp_path / "out"
+    spec = str(EXAMPLES / "mlp_classifier.yaml")
+    args = {"generate": ["generate", spec, "--out", str(out)],
+            "latex": ["latex", spec, "-o", str(out / "d.tex")],
+            "check": ["check", spec]}[command]
+    env = {**os.environ, "SYMBACKPROP_MEMORY_MB": "1"}
+    res = subprocess.run([sys.executable, "-m", "symbackprop.cli", *args], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "memory budget of 1 MB" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists() or not any(out.iterdir())
+    # The same command within the default budget succeeds.
+    env["SYMBACKPROP_MEMORY_MB"] = "4096"
+    if command != "check":
+        ok = subprocess.run([sys.executable, "-m", "symbackprop.cli", *args], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=300)
+        assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5", "1.5"])
+def test_a_bad_memory_budget_setting_is_one_line(tmp_path, value) -> None:
+    env = {**os.environ, "SYMBACKPROP_MEMORY_MB": value}
+    res = subprocess.run([sys.executable, "-m", "symbackprop.cli", "generate",
+                          str(EXAMPLES / "seed_mlp.yaml"), "--out", str(tmp_path / "o")],
+                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and "SYMBACKPROP_MEMORY_MB" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

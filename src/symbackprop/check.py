@@ -14,7 +14,8 @@ import os
 import sys
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -409,8 +410,13 @@ def format_rows(rows: list[Row]) -> str:
 
 
 def check_path(path: str | Path, *, params: str | Path | None = None,
-               batch: str | Path | None = None) -> tuple[list[Row], str]:
-    model = compile_spec(path)
+               batch: str | Path | None = None,
+               memory_cap: Callable[[str], AbstractContextManager[None]] | None = None,
+               ) -> tuple[list[Row], str]:
+    """Check the spec at ``path``; ``memory_cap`` (the command line's) bounds its
+    derivation, not the numerical checks, whose size is estimated and refused up front."""
+    with (memory_cap(f"deriving {path}") if memory_cap else nullcontext()):
+        model = compile_spec(path)
     rows = check_model(model,
                        params=load_arrays(params, "parameters") if params else None,
                        batch=load_arrays(batch, "batch") if batch else None,

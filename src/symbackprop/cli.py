@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .budget import memory_cap
 from .errors import SymbackpropError, UsageError
 
 
@@ -70,8 +71,9 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "generate":
         from .api import generate
 
-        paths = generate(args.spec, args.out, args.backend, force=args.force, check=args.check,
-                         derivations=not args.no_derivations)
+        with memory_cap(f"generating {args.spec}"):
+            paths = generate(args.spec, args.out, args.backend, force=args.force,
+                             check=args.check, derivations=not args.no_derivations)
         verb = "up to date" if args.check else "wrote"
         for path in paths:
             print(f"{verb} {path}")
@@ -83,8 +85,9 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "latex":
         from .api import write_derivation
 
-        text, written = write_derivation(args.spec, args.out, args.format,
-                                         params=args.param, expand=args.expand)
+        with memory_cap(f"deriving {args.spec}"):
+            text, written = write_derivation(args.spec, args.out, args.format,
+                                             params=args.param, expand=args.expand)
         if written is None:
             sys.stdout.write(text)
         else:
@@ -93,7 +96,8 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "check":
         from .check import check_path
 
-        _, text = check_path(args.spec, params=args.params, batch=args.batch)
+        _, text = check_path(args.spec, params=args.params, batch=args.batch,
+                             memory_cap=memory_cap)
         print(text)
         print("\nall checks passed")
         return 0
