@@ -755,6 +755,21 @@ except AttributeError:
     _FUNCTION_APPLY = None
 
 
+def _add_parameter(model, name, requires_grad, dtype, device):
+    # "h.0.ln_1.weight" lives in model.h[0].ln_1 as "weight": one submodule per dotted
+    # part (a ModuleList where the parts below are numbered), so that state_dict() keys
+    # are the parameter names, as in torch models with the same structure.
+    *path, leaf = name.split(".")
+    module = model
+    for part, below in zip(path, path[1:] + [leaf]):
+        if part not in module._modules:
+            child = torch.nn.ModuleList() if below.isdigit() else torch.nn.Module()
+            module.add_module(part, child)
+        module = module._modules[part]
+    tensor = torch.empty(PARAM_SHAPES[name], dtype=dtype, device=device)
+    module.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=requires_grad))
+
+
 class Model(torch.nn.Module):
     """The network as a torch.nn.Module; state_dict() keys equal PARAM_SHAPES' names.
 
@@ -766,16 +781,13 @@ class Model(torch.nn.Module):
 
     def __init__(self, seed=0, dtype=None, device=None):
         super().__init__()
-        self.h1 = torch.nn.Module()
-        self.h2 = torch.nn.Module()
-        self.logits = torch.nn.Module()
         # Each parameter is allocated once, on the requested device and dtype, then filled.
-        self.h1.weight = torch.nn.Parameter(torch.empty(PARAM_SHAPES["h1.weight"], dtype=dtype, device=device), requires_grad=True)
-        self.h1.bias = torch.nn.Parameter(torch.empty(PARAM_SHAPES["h1.bias"], dtype=dtype, device=device), requires_grad=True)
-        self.h2.weight = torch.nn.Parameter(torch.empty(PARAM_SHAPES["h2.weight"], dtype=dtype, device=device), requires_grad=True)
-        self.h2.bias = torch.nn.Parameter(torch.empty(PARAM_SHAPES["h2.bias"], dtype=dtype, device=device), requires_grad=True)
-        self.logits.weight = torch.nn.Parameter(torch.empty(PARAM_SHAPES["logits.weight"], dtype=dtype, device=device), requires_grad=True)
-        self.logits.bias = torch.nn.Parameter(torch.empty(PARAM_SHAPES["logits.bias"], dtype=dtype, device=device), requires_grad=True)
+        _add_parameter(self, "h1.weight", True, dtype, device)
+        _add_parameter(self, "h1.bias", True, dtype, device)
+        _add_parameter(self, "h2.weight", True, dtype, device)
+        _add_parameter(self, "h2.bias", True, dtype, device)
+        _add_parameter(self, "logits.weight", True, dtype, device)
+        _add_parameter(self, "logits.bias", True, dtype, device)
         self.reset_parameters(seed)
 
     def reset_parameters(self, seed=0):

@@ -13,15 +13,18 @@ import hashlib
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import naming, yamlsafe
 from .errors import SpecError
 
-TOP_KEYS = ("name", "description", "inputs", "targets", "layers", "loss")
+TOP_KEYS = ("name", "description", "inputs", "targets", "blocks", "layers", "loss")
 MAX_DIM = 1 << 24
-MAX_LAYERS = 512
+MAX_LAYERS = 512  # after blocks are expanded
+MAX_REPEAT = 64
+MAX_BLOCK_DEPTH = 8  # blocks inside blocks
+BLOCK_KEYS = ("inputs", "layers", "output")
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,33 @@ class ActivationSpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
+    """One layer. ``name`` is its identifier in generated code; ``qualname`` its dotted
+    name inside blocks (``h.0.ln_1``, the prefix of its parameters' names), equal to
+    ``name`` outside them."""
+
     name: str
     type: str
     inputs: tuple[str, ...]
     options: Mapping[str, object]
     where: Where
     option_where: Mapping[str, Where]
+    qualname: str = ""
+
+    def param_name(self, role: str) -> str:
+        """The torch-style name of this layer's parameter ``role``: ``h.0.ln_1.weight``."""
+        return naming.param_name(self.qualname or self.name, role)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """``blocks: {name: {inputs: [x], layers: [...], output: name}}``: a group of layers
+    defined once and used as a layer type, possibly ``repeat``-ed."""
+
+    name: str
+    inputs: tuple[str, ...]
+    layers: tuple[dict, ...]
+    output: str
+    where: Where
 
 
 @dataclass(frozen=True)
@@ -275,7 +299,7 @@ def _options(ctx: _Ctx, raw: dict, schema: Mapping, path: tuple[str | int, ...],
 
 def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
     """Parse and validate a spec; raise :class:`SpecError` on the first problem."""
-    from .layers import LAYERS, LOSSES
+    from .layers import LOSSES
 
     doc = yamlsafe.load(text, file)
     ctx = _Ctx(doc)
@@ -308,53 +332,12 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
         raise ctx.fail(("layers",), "layers is a non-empty list of mappings")
     if len(layers_raw) > MAX_LAYERS:
         raise ctx.fail(("layers",), f"more than {MAX_LAYERS} layers")
-    layers: list[LayerSpec] = []
+    blocks = _blocks(ctx, top.get("blocks", {})) if "blocks" in top else {}
+    expander = _Expander(ctx, blocks, seen)
     previous = inputs[0].name if len(inputs) == 1 else None
     for i, entry in enumerate(layers_raw):
-        path: tuple[str | int, ...] = ("layers", i)
-        entry = _mapping(ctx, entry, path)
-        if "name" not in entry:
-            raise ctx.fail(path, "a layer needs a 'name'")
-        lname = _name(ctx, entry["name"], (*path, "name"))
-        why = naming.check_layer_name(lname)
-        if why:
-            raise ctx.fail((*path, "name"), why)
-        if lname in seen:
-            raise ctx.fail((*path, "name"), f"name {lname!r} is already used")
-        seen[lname] = ctx.where((*path, "name"))
-        if "type" not in entry:
-            raise ctx.fail(path, f"layer {lname!r} needs a 'type'")
-        ltype = entry["type"]
-        if not isinstance(ltype, str) or ltype not in LAYERS:
-            raise ctx.fail((*path, "type"), f"unknown layer type {ltype!r}; known: "
-                                            f"{', '.join(sorted(LAYERS))}")
-        cls = LAYERS[ltype]
-        if "input" in entry:
-            src = entry["input"]
-            names = src if isinstance(src, list) else [src]
-            if not names:
-                raise ctx.fail((*path, "input"), "input list is empty")
-            for j, item in enumerate(names):
-                sub = (*path, "input", j) if isinstance(src, list) else (*path, "input")
-                if not isinstance(item, str):
-                    raise ctx.fail(sub, f"an input is a layer or input name, "
-                                        f"got {_type_name(item)}")
-            layer_inputs = tuple(names)
-        else:
-            if previous is None:
-                raise ctx.fail(path, f"layer {lname!r} must name its 'input' (the spec has "
-                                     "several inputs)")
-            layer_inputs = (previous,)
-        lo, hi = cls.arity
-        if not lo <= len(layer_inputs) <= (hi if hi is not None else len(layer_inputs)):
-            want = f"exactly {lo}" if lo == hi else f"at least {lo}"
-            raise ctx.fail((*path, "input") if "input" in entry else path,
-                           f"layer type {ltype!r} takes {want} input(s), got {len(layer_inputs)}")
-        options, wheres = _options(ctx, entry, cls.options, path, {"name", "type", "input"})
-        wheres["input"] = ctx.where((*path, "input")) if "input" in entry else ctx.where(path)
-        cls.validate(layer_inputs, options, wheres)
-        layers.append(LayerSpec(lname, ltype, layer_inputs, options, ctx.where(path), wheres))
-        previous = lname
+        previous = expander.layer(entry, ("layers", i), previous, scope=None)
+    layers = expander.finish()
 
     loss_raw = _mapping(ctx, top["loss"], ("loss",))
     if "type" not in loss_raw and "formula" not in loss_raw:
@@ -364,9 +347,10 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
         raise ctx.fail(("loss", "type"), f"unknown loss {ltype!r}; known: "
                                          f"{', '.join(sorted(LOSSES))}")
     loss_cls = LOSSES[ltype]
-    prediction = loss_raw.get("prediction", layers[-1].name)
+    prediction = loss_raw.get("prediction", previous)
     if not isinstance(prediction, str):
         raise ctx.fail(("loss", "prediction"), "prediction is a layer name")
+    prediction = expander.outputs.get(prediction, prediction)
     target = loss_raw.get("target")
     if target is None and loss_cls.needs_target:
         raise ctx.fail(("loss",), f"loss {ltype!r} needs a 'target'")
@@ -380,6 +364,212 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
     loss = LossSpec(ltype, prediction, target, loss_options, ctx.where(("loss",)), loss_wheres)
     return ModelSpec(name, description, inputs, targets, tuple(layers), loss, file,
                      hashlib.sha256(raw).hexdigest(), ctx.where(()))
+
+
+def _blocks(ctx: _Ctx, value: object) -> dict[str, BlockSpec]:
+    """The ``blocks`` section: each block's inputs, layer entries and output."""
+    from .layers import LAYERS
+
+    table = _mapping(ctx, value, ("blocks",))
+    out: dict[str, BlockSpec] = {}
+    for bname, body in table.items():
+        path: tuple[str | int, ...] = ("blocks", bname)
+        _name(ctx, bname, path)
+        if bname in LAYERS:
+            raise ctx.fail(path, f"block name {bname!r} is a built-in layer type", key=True)
+        body = _mapping(ctx, body, path)
+        for key in body:
+            if key not in BLOCK_KEYS:
+                raise ctx.fail((*path, key), f"unknown key {key!r} (allowed: "
+                                             f"{', '.join(BLOCK_KEYS)})", key=True)
+        raw_inputs = body.get("inputs")
+        if not isinstance(raw_inputs, list) or not raw_inputs:
+            raise ctx.fail((*path, "inputs"), "a block's inputs are a non-empty list of names")
+        names = tuple(_name(ctx, n, (*path, "inputs", j)) for j, n in enumerate(raw_inputs))
+        if len(set(names)) != len(names):
+            raise ctx.fail((*path, "inputs"), "a block input is named twice")
+        raw_layers = body.get("layers")
+        if not isinstance(raw_layers, list) or not raw_layers:
+            raise ctx.fail((*path, "layers"), "a block's layers are a non-empty list")
+        entries = tuple(_mapping(ctx, e, (*path, "layers", j)) for j, e in enumerate(raw_layers))
+        local = [e.get("name") for e in entries]
+        for j, e in enumerate(entries):
+            if e.get("name") in names:
+                raise ctx.fail((*path, "layers", j, "name"), f"{e['name']!r} names both a "
+                                                             "block input and a layer")
+        output = body.get("output", local[-1])
+        if not isinstance(output, str) or output not in local:
+            raise ctx.fail((*path, "output") if "output" in body else (*path, "layers"),
+                           f"a block's output is one of its layers' names, got {output!r}")
+        out[bname] = BlockSpec(bname, names, entries, output, ctx.where(path, key=True))
+    return out
+
+
+class _Expander:
+    """Turns layer entries into :class:`LayerSpec` objects, expanding block instances.
+
+    A block instance ``{name: h, type: gpt_block, repeat: 2}`` becomes the block's layers
+    once per repetition, named ``h.0.<layer>``, ``h.1.<layer>`` (their identifiers in
+    generated code ``h_0_<layer>``); repetition r + 1 reads repetition r's output, and
+    the instance name ``h`` stands for the last one's output. Inside a block a name is
+    one of the block's inputs or layers, nothing outside. Blocks may use blocks, to a
+    depth of :data:`MAX_BLOCK_DEPTH`; expansion is a loop over repetitions, with
+    recursion only into that bounded depth.
+    """
+
+    def __init__(self, ctx: _Ctx, blocks: Mapping[str, BlockSpec],
+                 seen: dict[str, Where]) -> None:
+        self.ctx = ctx
+        self.blocks = blocks
+        self.seen = seen
+        self.layers: list[LayerSpec] = []
+        self.outputs: dict[str, str] = {}  # instance name -> identifier of its output
+        self.qualnames: dict[str, str] = {}  # identifier -> dotted name
+
+    def finish(self) -> list[LayerSpec]:
+        if self.outputs:  # top-level layers may read a block instance by its name
+            self.layers = [
+                replace(layer, inputs=tuple(self.outputs.get(n, n) for n in layer.inputs))
+                for layer in self.layers]
+        return self.layers
+
+    def layer(self, entry: object, path: tuple[str | int, ...], previous: str | None,
+              scope: _Scope | None) -> str | None:
+        """Parse one entry (a layer or a block instance); return its output identifier."""
+        from .layers import LAYERS
+
+        ctx = self.ctx
+        entry = _mapping(ctx, entry, path)
+        if "name" not in entry:
+            raise ctx.fail(path, "a layer needs a 'name'")
+        lname = _name(ctx, entry["name"], (*path, "name"))
+        why = naming.check_layer_name(lname)
+        if why:
+            raise ctx.fail((*path, "name"), why)
+        qualname = f"{scope.prefix}.{lname}" if scope else lname
+        ident = naming.param_var(qualname)
+        if ident in self.seen:
+            what = f"name {lname!r}" if scope is None else f"the generated name {ident!r}"
+            owner = self.qualnames.get(ident, ident)
+            by = f" (by {owner}, inside a block)" if owner != ident else ""
+            raise ctx.fail((*path, "name"), f"{what} is already used{by}")
+        self.seen[ident] = ctx.where((*path, "name"))
+        self.qualnames[ident] = qualname
+        if "type" not in entry:
+            raise ctx.fail(path, f"layer {lname!r} needs a 'type'")
+        ltype = entry["type"]
+        if isinstance(ltype, str) and ltype in self.blocks:
+            return self._instance(entry, path, lname, qualname, previous, scope)
+        if "repeat" in entry:
+            raise ctx.fail((*path, "repeat"), "only a block can repeat (define it under "
+                                              "'blocks')", key=True)
+        if not isinstance(ltype, str) or ltype not in LAYERS:
+            known = sorted({*LAYERS, *self.blocks})
+            raise ctx.fail((*path, "type"), f"unknown layer type {ltype!r}; known: "
+                                            f"{', '.join(known)}")
+        cls = LAYERS[ltype]
+        layer_inputs = self._inputs(entry, path, lname, previous, scope)
+        lo, hi = cls.arity
+        if not lo <= len(layer_inputs) <= (hi if hi is not None else len(layer_inputs)):
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+            raise ctx.fail((*path, "input") if "input" in entry else path,
+                           f"layer type {ltype!r} takes {want} input(s), got {len(layer_inputs)}")
+        options, wheres = _options(ctx, entry, cls.options, path, {"name", "type", "input"})
+        wheres["input"] = ctx.where((*path, "input")) if "input" in entry else ctx.where(path)
+        cls.validate(layer_inputs, options, wheres)
+        where = ctx.where(path)
+        if scope is not None:  # say which instance of the block a message is about
+            where = replace(where, path=f"{where.path} (in {qualname})")
+            wheres = {k: replace(w, path=f"{w.path} (in {qualname})")
+                      for k, w in wheres.items()}
+        self.layers.append(LayerSpec(ident, ltype, layer_inputs, options, where, wheres,
+                                     qualname))
+        if len(self.layers) > MAX_LAYERS:
+            raise ctx.fail(path, f"more than {MAX_LAYERS} layers once blocks are expanded")
+        return ident
+
+    def _inputs(self, entry: dict, path: tuple[str | int, ...], lname: str,
+                previous: str | None, scope: _Scope | None) -> tuple[str, ...]:
+        ctx = self.ctx
+        if "input" not in entry:
+            if previous is None:
+                where = "the block has" if scope else "the spec has"
+                raise ctx.fail(path, f"layer {lname!r} must name its 'input' ({where} "
+                                     "several inputs)")
+            return (previous,)
+        src = entry["input"]
+        names = src if isinstance(src, list) else [src]
+        if not names:
+            raise ctx.fail((*path, "input"), "input list is empty")
+        out = []
+        for j, item in enumerate(names):
+            sub = (*path, "input", j) if isinstance(src, list) else (*path, "input")
+            if not isinstance(item, str):
+                raise ctx.fail(sub, f"an input is a layer or input name, got {_type_name(item)}")
+            out.append(item if scope is None else scope.resolve(ctx, sub, item))
+        return tuple(out)
+
+    def _instance(self, entry: dict, path: tuple[str | int, ...], lname: str, qualname: str,
+                  previous: str | None, scope: _Scope | None) -> str:
+        ctx = self.ctx
+        block = self.blocks[entry["type"]]
+        for key in entry:
+            if key not in ("name", "type", "input", "repeat"):
+                raise ctx.fail((*path, key), f"unknown key {key!r} for an instance of block "
+                                             f"{block.name!r} (allowed: input, name, repeat, "
+                                             "type)", key=True)
+        depth = 1 + (scope.depth if scope else 0)
+        if depth > MAX_BLOCK_DEPTH or (scope and block.name in scope.chain):
+            why = ("uses itself" if scope and block.name in scope.chain
+                   else f"nests blocks deeper than {MAX_BLOCK_DEPTH}")
+            raise ctx.fail((*path, "type"), f"block {block.name!r} {why}")
+        repeat = entry.get("repeat")
+        if repeat is not None and (isinstance(repeat, bool) or not isinstance(repeat, int)
+                                   or not 1 <= repeat <= MAX_REPEAT):
+            raise ctx.fail((*path, "repeat"), f"repeat is an integer in 1..{MAX_REPEAT}, "
+                                              f"got {repeat!r}")
+        if repeat is not None and repeat > 1 and len(block.inputs) != 1:
+            raise ctx.fail((*path, "repeat"), f"block {block.name!r} has several inputs; "
+                                              "only a one-input block can repeat")
+        actual = self._inputs(entry, path, lname, previous, scope)
+        if len(actual) != len(block.inputs):
+            raise ctx.fail((*path, "input") if "input" in entry else path,
+                           f"block {block.name!r} takes {len(block.inputs)} input(s) "
+                           f"({', '.join(block.inputs)}), got {len(actual)}")
+        chain = (*(scope.chain if scope else ()), block.name)
+        bpath: tuple[str | int, ...] = ("blocks", block.name, "layers")
+        current = actual
+        out = ""
+        for r in range(repeat or 1):
+            prefix = f"{qualname}.{r}" if repeat is not None else qualname
+            inner = _Scope(prefix, dict(zip(block.inputs, current, strict=True)),
+                           {str(e.get("name")) for e in block.layers}, depth, chain)
+            prev = current[0] if len(current) == 1 else None
+            for j, child in enumerate(block.layers):
+                prev = self.layer(child, (*bpath, j), prev, inner)
+            out = naming.param_var(f"{prefix}.{block.output}")
+            current = (out,)
+        self.outputs[lname if scope is None else naming.param_var(qualname)] = out
+        return out
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """The names visible inside one repetition of a block."""
+
+    prefix: str  # dotted, e.g. "h.0"
+    inputs: Mapping[str, str]  # block input name -> identifier it is bound to
+    local: set[str]  # the block's layer names
+    depth: int
+    chain: tuple[str, ...]  # the blocks being expanded, outermost first
+
+    def resolve(self, ctx: _Ctx, path: tuple[str | int, ...], name: str) -> str:
+        if name in self.inputs:
+            return self.inputs[name]
+        if name in self.local:
+            return naming.param_var(f"{self.prefix}.{name}")
+        raise ctx.fail(path, f"unknown input {name!r} inside a block (a block reads only "
+                             f"its inputs {', '.join(self.inputs)} and its own layers)")
 
 
 def load(path: str | Path) -> ModelSpec:

@@ -182,7 +182,8 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         "sha256": spec.sha256,
         "params": [
             {"name": p.param, "var": p.name, "shape": _shape_tuple(p.shape),
-             "trainable": p.trainable, "init": p.init, "layer": p.layer}
+             "trainable": p.trainable, "init": p.init, "layer": p.layer,
+             "attribute": naming.module_attribute(p.param)}
             for p in params
         ],
         "trainable": [p.param for p in params if p.trainable],

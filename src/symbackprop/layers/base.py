@@ -118,7 +118,7 @@ class Layer:
               fan_in: int | None = None) -> Node:
         """Add the parameter ``role`` (declared in ``params``) of this layer to the graph."""
         decl = cls.params[role]
-        dotted = naming.param_name(spec.name, role)
+        dotted = spec.param_name(role)
         return graph.add(Node(naming.param_var(dotted), shape, "param", spec.name, spec.where,
                               param=dotted, trainable=trainable(spec, role, decl.trainable),
                               init=decl.initial(fan_in)))

@@ -13,7 +13,6 @@ from typing import Any
 
 import sympy as sp
 
-from .. import naming
 from ..errors import ShapeError
 from ..graph import Graph, Node, out_index, sum_index
 from ..spec import LayerSpec
@@ -68,6 +67,6 @@ class Bilinear(Layer):
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
         import torch
 
-        weight = params[naming.param_name(spec.name, "weight")]
-        bias = params.get(naming.param_name(spec.name, "bias")) if spec.options["bias"] else None
+        weight = params[spec.param_name("weight")]
+        bias = params.get(spec.param_name("bias")) if spec.options["bias"] else None
         return torch.nn.functional.bilinear(inputs[0], inputs[1], weight, bias)

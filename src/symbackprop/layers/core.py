@@ -100,8 +100,8 @@ class Dense(Layer):
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
         import torch
 
-        weight = params[naming.param_name(spec.name, "weight")]
-        bias = params.get(naming.param_name(spec.name, "bias")) if spec.options["bias"] else None
+        weight = params[spec.param_name("weight")]
+        bias = params.get(spec.param_name("bias")) if spec.options["bias"] else None
         z = torch.nn.functional.linear(inputs[0], weight, bias)
         return activation_reference(spec.options["activation"], z)  # type: ignore[arg-type]
 
