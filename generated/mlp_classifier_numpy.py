@@ -494,26 +494,25 @@ def loss_and_grad(params, *, x, label, wrt=None):
     loss = tmp_sum4/N
     del tmp_sum4
 
-    # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
-    # the seed: dL/dL = 1, in the loss's dtype
-    d_loss = numpy.result_type(loss).type(1)
-    tmp4 = d_loss/N
-    del d_loss
+    # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
+    if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias or _need_logits_weight or _need_logits_bias:
+        # the seed: dL/dL = 1, in the loss's dtype
+        d_loss = numpy.result_type(loss).type(1)
 
     if _need_label:
         # dL/dlabel (through loss): d_label[k0, k1] = d_loss*(-logits[k0, k1] + logits_lse[k0])/N
-        d_label = tmp2*tmp4
+        d_label = 1/N*tmp2
         del tmp2
 
     if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias or _need_logits_weight or _need_logits_bias:
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
         tmp_sum5 = label.sum(axis=1)
-        d_logits_lse = tmp4*tmp_sum5
+        d_logits_lse = 1/N*tmp_sum5
         del tmp_sum5
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
-        d_logits = d_logits_lse[:, None]*numpy.exp(tmp1) - label*tmp4
-        del tmp1, tmp4, d_logits_lse
+        d_logits = d_logits_lse[:, None]*numpy.exp(tmp1) + (-d_loss/N)*label
+        del tmp1, d_loss, d_logits_lse
 
     if _need_logits_weight:
         # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])

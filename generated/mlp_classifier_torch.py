@@ -435,20 +435,18 @@ def loss_and_grad(params, *, x, label):
         loss = tmp_sum4/N
         del tmp_sum4
 
-        # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
+        # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
         # the seed: dL/dL = 1, in the loss's dtype
         d_loss = torch.ones_like(loss)
 
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
         tmp_sum5 = label.sum(dim=1)
-        tmp3 = d_loss/N
-        del d_loss
-        d_logits_lse = tmp3*tmp_sum5
+        d_logits_lse = 1/N*tmp_sum5
         del tmp_sum5
 
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
-        d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp3
-        del tmp1, tmp3, d_logits_lse
+        d_logits = d_logits_lse[:, None]*torch.exp(tmp1) + (-d_loss/N)*label
+        del tmp1, d_loss, d_logits_lse
 
         # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
         d_logits_weight = d_logits.T @ h2

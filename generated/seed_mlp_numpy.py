@@ -413,11 +413,9 @@ def loss_and_grad(params, *, x, t, wrt=None):
     loss = tmp_sum3/N
     del tmp_sum3
 
-    # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
-    # the seed: dL/dL = 1, in the loss's dtype
-    d_loss = numpy.result_type(loss).type(1)
-    tmp2 = (2*d_loss/N)*tmp0
-    del tmp0, d_loss
+    # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
+    tmp2 = (2/N)*tmp0
+    del tmp0
 
     if _need_t:
         # dL/dt (through loss): d_t[k0, k1] = -2*d_loss*(fc2[k0, k1] - t[k0, k1])/N

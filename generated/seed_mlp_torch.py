@@ -367,13 +367,10 @@ def loss_and_grad(params, *, x, t):
         loss = tmp_sum3/N
         del tmp_sum3
 
-        # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first ----
-        # the seed: dL/dL = 1, in the loss's dtype
-        d_loss = torch.ones_like(loss)
-
+        # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
         # dL/dfc2_z (through loss): d_fc2_z[k0, k1] = 2*d_loss*(1 - fc2[k0, k1])*(fc2[k0, k1] - t[k0, k1])*fc2[k0, k1]/N
-        d_fc2_z = (2*d_loss/N)*torch.ops.aten.sigmoid_backward(tmp0, fc2)
-        del fc2, tmp0, d_loss
+        d_fc2_z = (2/N)*torch.ops.aten.sigmoid_backward(tmp0, fc2)
+        del fc2, tmp0
 
         # dL/dfc2_weight (through fc2_z): d_fc2_weight[k0, k1] = sum_{i0}(d_fc2_z[i0, k0]*fc1[i0, k1])
         d_fc2_weight = d_fc2_z.T @ fc1

@@ -95,6 +95,7 @@ class Line:
     after: str = ""  # e.g. "del tmp0, fc1_z": free arrays right after their last use
     guard: str = ""  # run only under this condition (a gradient nobody asked for is skipped)
     release: str = ""  # e.g. "h1, h2": saved intermediates whose memory may be freed here
+    heading: str = ""  # a pass begins here ("forward pass"): printed outside any guard
 
 
 class _Printer:
@@ -130,16 +131,17 @@ class _Printer:
         phase = ""
         for stmt, condition in zip(stmts, conditions, strict=True):
             comment = stmt.comment.splitlines() if stmt.comment else []
+            heading = ""
             if mark_phases and stmt.phase != phase:
                 phase = stmt.phase
-                heading = ("forward pass" if phase == "forward" else
-                           "backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first")
-                comment = [f"---- {heading} ----", *comment]
+                heading = ("---- forward pass ----" if phase == "forward" else
+                           "---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss "
+                           "first (d_loss = dL/dL = 1) ----")
             freed = [n for n in stmt.frees if n in released]
             dead = [n for n in stmt.frees if n not in released]
             out.append(Line(comment, f"{stmt.target} = {self.arrays.code(stmt)}",
                             f"del {', '.join(dead)}" if dead else "", condition,
-                            ", ".join(freed)))
+                            ", ".join(freed), heading))
         return out
 
 

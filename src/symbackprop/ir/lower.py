@@ -88,6 +88,11 @@ class Lowerer:
             self.shapes[name] = node.shape
             self.assign(name, deriv.forward[name], node.indices(), "forward",
                         forward_comment(deriv, name))
+        # Without a seed argument dL/dL is the number 1, folded where it is a factor of an
+        # adjoint that also multiplies an array: a 0-d array of ones costs microseconds
+        # per scalar operation on it, and the product keeps the array's dtype (numpy and
+        # torch do not widen an array by a Python number). Elsewhere (a where() of
+        # numbers, say) the seed array stays, and gives the result its dtype.
         for adj in deriv.adjoints:
             node = deriv.node(adj.node)
             if adj.var == deriv.seed.name:
@@ -98,7 +103,10 @@ class Lowerer:
                                              "backward"))
                 continue
             self.shapes[adj.var] = node.shape
-            self.assign(adj.var, adj.expr, target_indices(node), "backward",
+            expr = adj.expr
+            if not self.seed_argument:
+                expr = _fold_seed(expr, deriv.seed)
+            self.assign(adj.var, expr, target_indices(node), "backward",
                         backward_comment(deriv, adj.node))
         return Program(self.stmts, self.shapes, self.dims, self.leaves)
 
@@ -410,3 +418,17 @@ def _matmul(a: str, ia: tuple[sp.Symbol, ...], b: str, ib: tuple[sp.Symbol, ...]
     else:
         return None
     return MatMul(a, b, ta=ta, tb=ib[1] == c, a_rank=len(ia))
+
+
+def _fold_seed(expr: sp.Expr, seed: sp.Symbol) -> sp.Expr:
+    """``expr`` with the factor ``seed`` (= 1) dropped, when another factor reads an array."""
+    factors = sp.Mul.make_args(expr)
+    if seed not in factors:
+        return expr
+    rest = [f for f in factors if f != seed]
+    def numeric(factor: sp.Expr) -> bool:  # an array of numbers, not of truth values
+        return not factor.has(sp.Piecewise) and (
+            bool(factor.atoms(sp.Indexed))
+            or any(ref_name(s) is not None for s in factor.free_symbols))
+
+    return sp.Mul(*rest) if any(numeric(f) for f in rest) else expr
