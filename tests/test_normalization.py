@@ -1,0 +1,380 @@
+"""layernorm, rmsnorm, softmax (causal too) and the gelu_tanh activation.
+
+Each network is checked in float64 against central finite differences and against a
+hand-written torch model (F.layer_norm, F.rms_norm, F.softmax, a manual causal mask,
+F.gelu(approximate="tanh")) that shares nothing with the layers' own ``reference``
+functions, in numpy and torch ``loss_and_grad`` and the torch ``Model``. Parameters are
+drawn at random (not the ones/zeros init), so the affine parts are exercised too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+import torch.nn.functional as F
+
+from symbackprop.api import compile_text
+from symbackprop.check import finite_differences
+from symbackprop.errors import SpecError
+from symbackprop.ir.lower import Lowerer
+
+from .conftest import ROOT, write_spec
+
+Hand = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _causal(z: torch.Tensor) -> torch.Tensor:
+    t = z.shape[-1]
+    future = torch.arange(t)[None, :] > torch.arange(t)[:, None]
+    return torch.softmax(z.masked_fill(future, float("-inf")), dim=-1)
+
+
+def _mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ((y - t) ** 2).mean()
+
+
+def _lin(p: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
+
+
+CASES: dict[str, tuple[str, dict[str, tuple[int, ...]], Hand]] = {
+    "layernorm-rank2": ("""
+name: ln_rank2
+inputs: {x: [N, 5]}
+targets: {t: [N, 3]}
+layers:
+  - {name: h, type: dense, units: 5, activation: gelu_tanh}
+  - {name: ln, type: layernorm}
+  - {name: out, type: dense, units: 3}
+loss: {type: mse, target: t}
+""", {"x": (4, 5), "t": (4, 3)}, lambda p, b: _mse(_lin(p, "out", F.layer_norm(
+        F.gelu(_lin(p, "h", b["x"]), approximate="tanh"), (5,), p["ln.weight"], p["ln.bias"],
+        1e-5)), b["t"])),
+    "norms-rank3-softmax": ("""
+name: norms_rank3
+inputs: {x: [N, T, 6]}
+targets: {t: [N, T, 4]}
+layers:
+  - {name: h, type: dense, units: 6, activation: tanh}
+  - {name: ln, type: layernorm, bias: false, eps: 0.001}
+  - {name: rms, type: rmsnorm}
+  - {name: out, type: dense, units: 4}
+  - {name: p, type: softmax}
+loss: {type: mse, target: t}
+""", {"x": (3, 5, 6), "t": (3, 5, 4)}, lambda p, b: _mse(torch.softmax(_lin(p, "out", F.rms_norm(
+        F.layer_norm(torch.tanh(_lin(p, "h", b["x"])), (6,), p["ln.weight"], None, 1e-3),
+        (6,), p["rms.weight"], 1e-6)), dim=-1), b["t"])),
+    "rank4-rmsnorm-eps": ("""
+name: norms_rank4
+inputs: {x: [N, 2, 3, 4]}
+targets: {t: [N, 2, 3, 4]}
+layers:
+  - {name: h, type: dense, units: 4, activation: tanh}
+  - {name: rms, type: rmsnorm, eps: 0.01}
+  - {name: ln, type: layernorm}
+loss: {type: mse, target: t}
+""", {"x": (2, 2, 3, 4), "t": (2, 2, 3, 4)}, lambda p, b: _mse(F.layer_norm(F.rms_norm(
+        torch.tanh(_lin(p, "h", b["x"])), (4,), p["rms.weight"], 0.01), (4,), p["ln.weight"],
+        p["ln.bias"], 1e-5), b["t"])),
+    "softmax-axis1-rank3": ("""
+name: softmax_axis1
+inputs: {x: [N, 4, 3]}
+targets: {t: [N, 4, 2]}
+layers:
+  - {name: h, type: dense, units: 3, activation: tanh}
+  - {name: p, type: softmax, axis: 1}
+  - {name: out, type: dense, units: 2}
+loss: {type: mse, target: t}
+""", {"x": (3, 4, 3), "t": (3, 4, 2)}, lambda p, b: _mse(_lin(p, "out", torch.softmax(
+        torch.tanh(_lin(p, "h", b["x"])), dim=1)), b["t"])),
+    "causal-rank3": ("""
+name: causal_rank3
+inputs: {x: [N, 4, 3]}
+targets: {t: [N, 4, 2]}
+layers:
+  - {name: h, type: dense, units: 4}
+  - {name: att, type: softmax, causal: true}
+  - {name: out, type: dense, units: 2}
+loss: {type: mse, target: t}
+""", {"x": (3, 4, 3), "t": (3, 4, 2)}, lambda p, b: _mse(_lin(p, "out", _causal(
+        _lin(p, "h", b["x"]))), b["t"])),
+    "causal-rank4": ("""
+name: causal_rank4
+inputs: {x: [N, 2, 5, 3]}
+targets: {t: [N, 2, 5, 5]}
+layers:
+  - {name: h, type: dense, units: 5, activation: tanh}
+  - {name: att, type: softmax, causal: true, axis: -1}
+loss: {type: mse, target: t}
+""", {"x": (2, 2, 5, 3), "t": (2, 2, 5, 5)}, lambda p, b: _mse(_causal(
+        torch.tanh(_lin(p, "h", b["x"]))), b["t"])),
+}
+
+
+def _build(tmp_build, key: str):
+    text, shapes, hand = CASES[key]
+    model, modules = tmp_build(text)
+    rng = np.random.default_rng(7)
+    params = {k: rng.normal(size=v.shape) for k, v in modules["numpy"].init_params(0).items()}
+    batch = {k: rng.normal(size=s) for k, s in shapes.items()}
+    return model, modules, params, batch, hand
+
+
+def _reference(hand: Hand, params: dict[str, np.ndarray], batch: dict[str, np.ndarray],
+               wrt: tuple[str, ...]) -> tuple[float, dict[str, np.ndarray]]:
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    tb = {k: torch.tensor(v, requires_grad=k in wrt) for k, v in batch.items()}
+    loss = hand(tp, tb)
+    leaves = {**tp, **{k: tb[k] for k in wrt}}
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return float(loss), {k: g.numpy() for k, g in zip(leaves, grads, strict=True)}
+
+
+def _close(got: np.ndarray, ref: np.ndarray, name: str) -> None:
+    scale = max(float(np.max(np.abs(ref))), 1e-12)
+    rel = float(np.max(np.abs(np.asarray(got, dtype=np.float64) - ref))) / scale
+    assert rel <= 1e-9, f"{name}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_three_paths_match_hand_written_torch(tmp_build, key: str) -> None:
+    model, modules, params, batch, hand = _build(tmp_build, key)
+    ref_loss, ref = _reference(hand, params, batch, ("x",))
+    for backend in ("numpy", "torch"):
+        module = modules[backend]
+        wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
+        unwrap = (lambda t: t.detach().numpy()) if backend == "torch" else np.asarray
+        errors = finite_differences(module, params, batch, wrap=wrap, to_numpy=unwrap)
+        assert set(errors) == set(module.TRAINABLE)
+        assert max(rel for _, rel in errors.values()) <= 1e-6, errors
+        wanted = (*module.TRAINABLE, "x")
+        loss, grads = module.loss_and_grad({k: wrap(v) for k, v in params.items()},
+                                           **{k: wrap(v) for k, v in batch.items()},
+                                           wrt=wanted)
+        assert abs(float(unwrap(loss)) - ref_loss) <= 1e-9 * max(1.0, abs(ref_loss))
+        assert set(grads) == set(wanted)
+        for name in wanted:
+            _close(unwrap(grads[name]), ref[name], f"{backend} {name}")
+    net = modules["torch"].Model(seed=0, dtype=torch.float64)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    x = torch.from_numpy(batch["x"]).requires_grad_(True)
+    loss = net.loss(x=x, t=torch.from_numpy(batch["t"]))
+    loss.backward()
+    assert abs(float(loss.detach()) - ref_loss) <= 1e-9 * max(1.0, abs(ref_loss))
+    checked = 0
+    for name, param in net.named_parameters():
+        _close(param.grad.numpy(), ref[name], f"Model {name}")
+        checked += 1
+    assert checked == len(params) > 0
+    _close(x.grad.numpy(), ref["x"], "Model x")
+
+
+def test_parameters_match_torch_modules() -> None:
+    model = compile_text("""
+name: ln_params
+inputs: {x: [N, 6]}
+layers:
+  - {name: ln, type: layernorm}
+  - {name: ln2, type: layernorm, bias: false}
+  - {name: rms, type: rmsnorm}
+loss: {formula: "y**2"}
+""")
+    ns: dict = {}
+    exec(model.source("numpy"), ns)  # noqa: S102 - the module generated under test
+    assert ns["PARAM_SHAPES"] == {"ln.weight": (6,), "ln.bias": (6,), "ln2.weight": (6,),
+                                  "rms.weight": (6,)}
+    params = ns["init_params"](0)
+    ref = {**{f"ln.{k}": v for k, v in torch.nn.LayerNorm(6).state_dict().items()},
+           "rms.weight": torch.nn.RMSNorm(6).state_dict()["weight"]}
+    for name, value in ref.items():
+        assert np.array_equal(params[name], value.numpy()), name
+    assert np.array_equal(params["ln2.weight"], np.ones(6))
+
+
+def _softmax_code(model) -> list[str]:
+    return [line for b in ("numpy", "torch") for line in model.source(b).splitlines()
+            if not line.strip().startswith("#")]
+
+
+def test_softmax_backward_never_forms_a_jacobian() -> None:
+    """Every array of the program is at most rank 2 for a rank-2 softmax (no N x C x C),
+    and dz is y (g - sum(y g)): one sum per row, then elementwise."""
+    model = compile_text("""
+name: sm_rank2
+inputs: {x: [N, 7]}
+targets: {t: [N, 7]}
+layers:
+  - {name: h, type: dense, units: 7}
+  - {name: p, type: softmax}
+loss: {type: mse, target: t}
+""")
+    program = Lowerer(model.derivation, seed_argument=False).lower()
+    assert max(len(s) for s in program.shapes.values()) <= 2
+    adj = {a.var: a.expr for a in model.derivation.adjoints}
+    k0, k1, i1 = (sp.Symbol(n, integer=True) for n in ("k0", "k1", "i1"))
+    y, g = sp.IndexedBase("p", real=True), sp.IndexedBase("d_p", real=True)
+    d_lse = sp.Symbol("d_lse")
+    assert sp.expand(adj["d_p_lse"] + sp.Sum(y[k0, i1] * g[k0, i1], (i1, 0, 6))) == 0
+    dz = adj["d_h"].xreplace({sp.IndexedBase("d_p_lse", real=True)[k0]: d_lse})
+    assert sp.expand(dz - y[k0, k1] * (g[k0, k1] + d_lse)) == 0
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_large_logits_stay_finite(tmp_build, backend: str, causal: bool) -> None:
+    model, modules = tmp_build(f"""
+name: sm_large_{int(causal)}
+inputs: {{x: [N, 5, 5]}}
+targets: {{t: [N, 5, 2]}}
+layers:
+  - {{name: p, type: softmax, input: x, causal: {str(causal).lower()}}}
+  - {{name: out, type: dense, units: 2}}
+loss: {{type: mse, target: t}}
+""")
+    rng = np.random.default_rng(3)
+    params = {k: rng.normal(size=v.shape) for k, v in modules["numpy"].init_params(0).items()}
+    batch = {"x": 1000 * rng.normal(size=(3, 5, 5)), "t": rng.normal(size=(3, 5, 2))}
+
+    def hand(p, b):
+        z = b["x"]
+        return _mse(_lin(p, "out", _causal(z) if causal else torch.softmax(z, -1)), b["t"])
+
+    ref_loss, ref = _reference(hand, params, batch, ("x",))
+    module = modules[backend]
+    wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
+    unwrap = (lambda t: t.detach().numpy()) if backend == "torch" else np.asarray
+    loss, grads = module.loss_and_grad({k: wrap(v) for k, v in params.items()},
+                                       **{k: wrap(v) for k, v in batch.items()},
+                                       wrt=(*module.TRAINABLE, "x"))
+    assert np.isfinite(float(unwrap(loss)))
+    assert abs(float(unwrap(loss)) - ref_loss) <= 1e-9 * max(1.0, abs(ref_loss))
+    for name, grad in grads.items():
+        assert np.all(np.isfinite(unwrap(grad))), name
+        _close(unwrap(grad), ref[name], name)
+    probs = unwrap(module.forward({k: wrap(v) for k, v in params.items()},
+                                  x=wrap(batch["x"])))
+    assert np.all(np.isfinite(probs))
+
+
+@pytest.mark.parametrize("layer", ["{type: layernorm}", "{type: rmsnorm}", "{type: softmax}",
+                                   "{type: softmax, causal: true}",
+                                   "{type: softmax, axis: 0}"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_nan_in_nan_out(tmp_build, backend: str, layer: str) -> None:
+    model, modules = tmp_build(f"""
+name: nan_case
+inputs: {{x: [N, 4, 4]}}
+targets: {{t: [N, 4, 4]}}
+layers:
+  - {{name: under_test, input: x, {layer[1:-1]}}}
+loss: {{type: mse, target: t}}
+""")
+    module = modules[backend]
+    wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
+    x = np.random.default_rng(0).normal(size=(2, 4, 4))
+    x[1, 2, 1] = np.nan
+    params = {k: wrap(v) for k, v in module.init_params(0, **(
+        {"dtype": torch.float64} if backend == "torch" else {})).items()} \
+        if backend == "torch" else module.init_params(0)
+    out = np.asarray(module.forward(params, x=wrap(x)))
+    nan = np.isnan(out)
+    assert nan.any()
+    # the NaN reaches every output that depends on it and nothing else becomes NaN
+    xt = torch.from_numpy(x)
+    spec = model.spec.layers[0]
+    from symbackprop.layers import LAYERS
+
+    ref = LAYERS[spec.type].reference(spec, [xt], {k: torch.as_tensor(np.asarray(v))
+                                                   for k, v in params.items()})
+    assert np.array_equal(nan, torch.isnan(ref).numpy())
+
+
+BAD = [
+    ("{name: n, type: layernorm, eps: 0}", "eps must be a positive number"),
+    ("{name: n, type: layernorm, eps: -1.0e-5}", "eps must be a positive number"),
+    ("{name: n, type: rmsnorm, eps: 0.0}", "eps must be a positive number"),
+    ("{name: n, type: layernorm, bias: false, trainable: {bias: false}}",
+     "trainable names 'bias'"),
+    ("{name: n, type: softmax, axis: 3}", "axis 3 is out of range"),
+    ("{name: n, type: softmax, axis: -4}", "axis -4 is out of range"),
+    ("{name: n, type: softmax, axis: 1.5}", "expected an integer"),
+    ("{name: n, type: softmax, axis: true}", "expected an integer"),
+    ("{name: n, type: softmax, causal: true, input: y}",
+     "causal softmax needs the last two axes of 'y' to be equal"),
+    ("{name: n, type: softmax, causal: true, input: v}", "causal softmax needs at least two"),
+    ("{name: n, type: softmax, causal: 1}", "expected true or false"),
+]
+
+
+@pytest.mark.parametrize("layer,message", BAD, ids=[m[:24] for _, m in BAD])
+def test_bad_options_are_spec_errors(tmp_path, layer: str, message: str) -> None:
+    text = f"""name: bad
+inputs: {{x: [N, 4, 4], y: [N, T, 4], v: [N]}}
+layers:
+  - {layer}
+loss: {{formula: "y**2", prediction: n}}
+"""
+    with pytest.raises(SpecError, match=message) as info:
+        compile_text(text, "bad.yaml")
+    assert str(info.value).startswith("bad.yaml:4:")
+    path = write_spec(tmp_path, text, "bad.yaml")
+    run = subprocess.run([sys.executable, "-m", "symbackprop.cli", "generate", str(path),
+                          "-o", str(tmp_path / "out")], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""}, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_gelu_tanh_matches_torch_far_out() -> None:
+    """The activation and its sympy derivative against torch over a wide range."""
+    model = compile_text("""
+name: gelu_far
+inputs: {x: [N, 1]}
+layers:
+  - {name: a, type: activation, activation: gelu_tanh}
+loss: {formula: "y"}
+""")
+    x = np.concatenate([np.linspace(-800, 800, 161), np.linspace(-6, 6, 241)])[:, None]
+    for backend in ("numpy", "torch"):
+        ns: dict = {}
+        exec(model.source(backend), ns)  # noqa: S102 - the module generated under test
+        wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
+        params = {}
+        _, grads = ns["loss_and_grad"](params, x=wrap(x), wrt=("x",))
+        out = np.asarray(ns["forward"](params, x=wrap(x)))
+        xt = torch.tensor(x, requires_grad=True)
+        ref = F.gelu(xt, approximate="tanh")
+        ref.sum().backward()
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(np.asarray(grads["x"])))
+        assert np.allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-15)
+        # dL/dx of the mean: torch's grad / count
+        assert np.allclose(np.asarray(grads["x"]) * x.size, xt.grad.numpy(), rtol=1e-11,
+                           atol=1e-14)
+
+
+def test_derivation_shows_the_compact_forms(tmp_path) -> None:
+    from symbackprop.api import compile_spec
+    from symbackprop.latex import build_document, render
+
+    path = write_spec(tmp_path, """
+name: block
+inputs: {x: [N, T, 8]}
+targets: {t: [N, T, 6]}
+layers:
+  - {name: h, type: dense, units: 8}
+  - {name: ln, type: layernorm}
+  - {name: proj, type: dense, units: 6}
+  - {name: p, type: softmax, causal: false}
+loss: {type: mse, target: t}
+""")
+    model = compile_spec(path)
+    text = render(build_document(model.spec, model.derivation), "md")
+    assert r"\hat{g}" in text and "layer norm" in text.lower()
+    assert "softmax" in text.lower() and r"\delta_{ij} - y" in text
