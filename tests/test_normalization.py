@@ -23,8 +23,9 @@ from symbackprop.api import compile_text
 from symbackprop.check import finite_differences
 from symbackprop.errors import SpecError
 from symbackprop.ir.lower import Lowerer
+from symbackprop.layers import LAYERS
 
-from .conftest import ROOT, write_spec
+from conftest import ROOT, write_spec
 
 Hand = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 
@@ -133,7 +134,28 @@ def _reference(hand: Hand, params: dict[str, np.ndarray], batch: dict[str, np.nd
     loss = hand(tp, tb)
     leaves = {**tp, **{k: tb[k] for k in wrt}}
     grads = torch.autograd.grad(loss, list(leaves.values()))
-    return float(loss), {k: g.numpy() for k, g in zip(leaves, grads, strict=True)}
+    return float(loss.detach()), {k: g.numpy() for k, g in zip(leaves, grads, strict=True)}
+
+
+def _generated(module, backend: str, params: dict[str, np.ndarray],
+               batch: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and gradients (every trainable parameter and the input x) from the generated
+    backward: numpy's ``loss_and_grad(wrt=...)``; torch's ``loss_and_grad`` for the
+    parameters and the Model's generated backward for x."""
+    if backend == "numpy":
+        loss, grads = module.loss_and_grad(params, **batch, wrt=(*module.TRAINABLE, "x"))
+        return float(loss), {k: np.asarray(v) for k, v in grads.items()}
+    tp = {k: torch.from_numpy(v) for k, v in params.items()}
+    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    loss, grads = module.loss_and_grad(tp, **tb)
+    out = {k: v.numpy() for k, v in grads.items()}
+    net = module.Model(seed=0, dtype=torch.float64)
+    net.load_state_dict(tp)
+    x = tb["x"].clone().requires_grad_(True)
+    again = net.loss(**{**tb, "x": x})
+    assert "LossFunction" in type(again.grad_fn).__name__
+    (out["x"],) = (g.numpy() for g in torch.autograd.grad(again, [x]))
+    return float(loss), out
 
 
 def _close(got: np.ndarray, ref: np.ndarray, name: str) -> None:
@@ -153,14 +175,11 @@ def test_three_paths_match_hand_written_torch(tmp_build, key: str) -> None:
         errors = finite_differences(module, params, batch, wrap=wrap, to_numpy=unwrap)
         assert set(errors) == set(module.TRAINABLE)
         assert max(rel for _, rel in errors.values()) <= 1e-6, errors
-        wanted = (*module.TRAINABLE, "x")
-        loss, grads = module.loss_and_grad({k: wrap(v) for k, v in params.items()},
-                                           **{k: wrap(v) for k, v in batch.items()},
-                                           wrt=wanted)
-        assert abs(float(unwrap(loss)) - ref_loss) <= 1e-9 * max(1.0, abs(ref_loss))
-        assert set(grads) == set(wanted)
-        for name in wanted:
-            _close(unwrap(grads[name]), ref[name], f"{backend} {name}")
+        loss, grads = _generated(module, backend, params, batch)
+        assert abs(loss - ref_loss) <= 1e-9 * max(1.0, abs(ref_loss))
+        assert set(grads) == {*module.TRAINABLE, "x"}
+        for name, grad in grads.items():
+            _close(grad, ref[name], f"{backend} {name}")
     net = modules["torch"].Model(seed=0, dtype=torch.float64)
     net.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
     x = torch.from_numpy(batch["x"]).requires_grad_(True)
@@ -208,10 +227,11 @@ def test_softmax_backward_never_forms_a_jacobian() -> None:
     model = compile_text("""
 name: sm_rank2
 inputs: {x: [N, 7]}
-targets: {t: [N, 7]}
+targets: {t: [N, 2]}
 layers:
   - {name: h, type: dense, units: 7}
   - {name: p, type: softmax}
+  - {name: out, type: dense, units: 2}
 loss: {type: mse, target: t}
 """)
     program = Lowerer(model.derivation, seed_argument=False).lower()
@@ -247,18 +267,15 @@ loss: {{type: mse, target: t}}
 
     ref_loss, ref = _reference(hand, params, batch, ("x",))
     module = modules[backend]
-    wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
-    unwrap = (lambda t: t.detach().numpy()) if backend == "torch" else np.asarray
-    loss, grads = module.loss_and_grad({k: wrap(v) for k, v in params.items()},
-                                       **{k: wrap(v) for k, v in batch.items()},
-                                       wrt=(*module.TRAINABLE, "x"))
-    assert np.isfinite(float(unwrap(loss)))
-    assert abs(float(unwrap(loss)) - ref_loss) <= 1e-9 * max(1.0, abs(ref_loss))
+    loss, grads = _generated(module, backend, params, batch)
+    assert np.isfinite(loss) and abs(loss - ref_loss) <= 1e-9 * max(1.0, abs(ref_loss))
+    assert set(grads) == {*module.TRAINABLE, "x"}
     for name, grad in grads.items():
-        assert np.all(np.isfinite(unwrap(grad))), name
-        _close(unwrap(grad), ref[name], name)
-    probs = unwrap(module.forward({k: wrap(v) for k, v in params.items()},
-                                  x=wrap(batch["x"])))
+        assert np.all(np.isfinite(grad)), name
+        _close(grad, ref[name], name)
+    wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
+    probs = np.asarray(module.forward({k: wrap(v) for k, v in params.items()},
+                                      x=wrap(batch["x"])))
     assert np.all(np.isfinite(probs))
 
 
@@ -267,32 +284,32 @@ loss: {{type: mse, target: t}}
                                    "{type: softmax, axis: 0}"])
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_nan_in_nan_out(tmp_build, backend: str, layer: str) -> None:
+    """One NaN input element makes exactly the outputs that depend on it NaN."""
     model, modules = tmp_build(f"""
 name: nan_case
 inputs: {{x: [N, 4, 4]}}
 targets: {{t: [N, 4, 4]}}
 layers:
-  - {{name: under_test, input: x, {layer[1:-1]}}}
+  - {{name: h, type: dense, units: 4}}
+  - {{name: under_test, {layer[1:-1]}}}
 loss: {{type: mse, target: t}}
 """)
     module = modules[backend]
-    wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
-    x = np.random.default_rng(0).normal(size=(2, 4, 4))
+    x = np.random.default_rng(0).normal(size=(3, 4, 4))
     x[1, 2, 1] = np.nan
-    params = {k: wrap(v) for k, v in module.init_params(0, **(
-        {"dtype": torch.float64} if backend == "torch" else {})).items()} \
-        if backend == "torch" else module.init_params(0)
-    out = np.asarray(module.forward(params, x=wrap(x)))
-    nan = np.isnan(out)
-    assert nan.any()
-    # the NaN reaches every output that depends on it and nothing else becomes NaN
-    xt = torch.from_numpy(x)
-    spec = model.spec.layers[0]
-    from symbackprop.layers import LAYERS
-
-    ref = LAYERS[spec.type].reference(spec, [xt], {k: torch.as_tensor(np.asarray(v))
-                                                   for k, v in params.items()})
-    assert np.array_equal(nan, torch.isnan(ref).numpy())
+    if backend == "torch":
+        params = module.init_params(0, dtype=torch.float64)
+        out = module.forward(params, x=torch.from_numpy(x)).numpy()
+    else:
+        params = module.init_params(0)
+        out = module.forward(params, x=x)
+    p = {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}
+    h = F.linear(torch.from_numpy(x), p["h.weight"], p["h.bias"])
+    spec = model.spec.layer("under_test")
+    ref = LAYERS[spec.type].reference(spec, [h], p).numpy()
+    assert np.isnan(out).any() and not np.isnan(out).all()
+    assert np.array_equal(np.isnan(out), np.isnan(ref))
+    _close(np.nan_to_num(out), np.nan_to_num(ref), "forward")
 
 
 BAD = [
@@ -314,6 +331,8 @@ BAD = [
 
 @pytest.mark.parametrize("layer,message", BAD, ids=[m[:24] for _, m in BAD])
 def test_bad_options_are_spec_errors(tmp_path, layer: str, message: str) -> None:
+    if "input:" not in layer:
+        layer = layer[:-1] + ", input: x}"
     text = f"""name: bad
 inputs: {{x: [N, 4, 4], y: [N, T, 4], v: [N]}}
 layers:
@@ -325,43 +344,42 @@ loss: {{formula: "y**2", prediction: n}}
     assert str(info.value).startswith("bad.yaml:4:")
     path = write_spec(tmp_path, text, "bad.yaml")
     run = subprocess.run([sys.executable, "-m", "symbackprop.cli", "generate", str(path),
-                          "-o", str(tmp_path / "out")], capture_output=True, text=True,
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""}, cwd=tmp_path)
     assert run.returncode == 2, run.stderr
     assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
-def test_gelu_tanh_matches_torch_far_out() -> None:
-    """The activation and its sympy derivative against torch over a wide range."""
-    model = compile_text("""
+def test_gelu_tanh_matches_torch_far_out(tmp_build) -> None:
+    """The activation and its sympy derivative against torch over a wide range, through
+    a 1 x 1 dense layer with weight 1 and bias 0 (so the activation sees x itself)."""
+    model, modules = tmp_build("""
 name: gelu_far
 inputs: {x: [N, 1]}
 layers:
-  - {name: a, type: activation, activation: gelu_tanh}
+  - {name: a, type: dense, units: 1, activation: gelu_tanh}
 loss: {formula: "y"}
 """)
     x = np.concatenate([np.linspace(-800, 800, 161), np.linspace(-6, 6, 241)])[:, None]
+    params = {"a.weight": np.ones((1, 1)), "a.bias": np.zeros(1)}
+    xt = torch.tensor(x, requires_grad=True)
+    ref = F.gelu(xt, approximate="tanh")
+    ref.mean().backward()
     for backend in ("numpy", "torch"):
-        ns: dict = {}
-        exec(model.source(backend), ns)  # noqa: S102 - the module generated under test
+        module = modules[backend]
+        loss, grads = _generated(module, backend, params, {"x": x})
         wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
-        params = {}
-        _, grads = ns["loss_and_grad"](params, x=wrap(x), wrt=("x",))
-        out = np.asarray(ns["forward"](params, x=wrap(x)))
-        xt = torch.tensor(x, requires_grad=True)
-        ref = F.gelu(xt, approximate="tanh")
-        ref.sum().backward()
-        assert np.all(np.isfinite(out)) and np.all(np.isfinite(np.asarray(grads["x"])))
+        out = np.asarray(module.forward({k: wrap(v) for k, v in params.items()}, x=wrap(x)))
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(grads["x"]))
         assert np.allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-15)
-        # dL/dx of the mean: torch's grad / count
-        assert np.allclose(np.asarray(grads["x"]) * x.size, xt.grad.numpy(), rtol=1e-11,
-                           atol=1e-14)
+        assert np.allclose(grads["x"], xt.grad.numpy(), rtol=1e-11, atol=1e-16)
+        assert abs(loss - float(ref.mean())) <= 1e-12 * abs(float(ref.mean()))
 
 
 def test_derivation_shows_the_compact_forms(tmp_path) -> None:
     from symbackprop.api import compile_spec
-    from symbackprop.latex import build_document, render
+    from symbackprop.latex import build
 
     path = write_spec(tmp_path, """
 name: block
@@ -375,6 +393,6 @@ layers:
 loss: {type: mse, target: t}
 """)
     model = compile_spec(path)
-    text = render(build_document(model.spec, model.derivation), "md")
+    text = build(model.spec, model.derivation, "model.yaml").markdown()
     assert r"\hat{g}" in text and "layer norm" in text.lower()
     assert "softmax" in text.lower() and r"\delta_{ij} - y" in text
