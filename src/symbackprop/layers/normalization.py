@@ -259,20 +259,21 @@ class Softmax(Layer):
 
     @classmethod
     def derivation_note(cls, spec: LayerSpec) -> Note:
-        causal = (" With causal: true a masked logit is minus infinity, so its ", "y_j = 0",
-                  " and its gradient is 0.") if spec.options["causal"] else ()
+        # text and inline math alternate: the sentence ends on text either way
+        causal = (("; with causal: true a masked logit is minus infinity, so its ", "y_j = 0",
+                   " and its gradient 0:") if spec.options["causal"] else (":",))
         return ((
             "Softmax, collected. Along the softmax axis the Jacobian is ",
             r"\partial y_i / \partial z_j = y_i (\delta_{ij} - y_j)",
             ", a matrix per row that is never formed: the contributions above through ",
             r"\mathrm{lse}", " and through ", r"y = e^{z - \mathrm{lse}}",
             " are this Jacobian contracted with the adjoint ", r"\mathbf{g}",
-            ", which collapses to one sum per row:", *causal),
+            ", which collapses to one sum per row" + causal[0], *causal[1:]),
             ((r"\frac{\partial L}{\partial z_{j}}",
-              r"= \sum_{i} g_{i}\, y_{i} (\delta_{ij} - y_{j})",
-              r"= y_{j}\left(g_{j} - \sum_{i} y_{i} g_{i}\right)"),
+              r"= \sum_{i} g_{i}\, y_{i} (\delta_{ij} - y_{j})"),
+             ("", r"= y_{j}\left(g_{j} - \sum_{i} y_{i} g_{i}\right)"),
              (r"\frac{\partial L}{\partial \mathbf{z}}",
-              r"= \mathbf{y} \odot \left(\mathbf{g} - \textstyle\sum_{i} y_{i} g_{i}"
+              r"= \mathbf{y} \odot \left(\mathbf{g} - \sum_{i} y_{i} g_{i}"
               r"\right)"),))
 
     @classmethod
