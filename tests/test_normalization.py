@@ -396,3 +396,53 @@ loss: {type: mse, target: t}
     text = build(model.spec, model.derivation, "model.yaml").markdown()
     assert r"\hat{g}" in text and "layer norm" in text.lower()
     assert "softmax" in text.lower() and r"\delta_{ij} - y" in text
+
+
+def test_layernorm_backward_is_the_compact_form() -> None:
+    """The engine's adjoints of layer norm, substituted into dL/dh, are exactly
+    (1/sigma)(g' - mean(g') - xhat mean(g' xhat)) with g' = g w: sympy checks the identity
+    with the variance and the mean as free symbols (no property of them is used)."""
+    model = compile_text("""
+name: ln_compact
+inputs: {x: [N, 4]}
+targets: {t: [N, 2]}
+layers:
+  - {name: h, type: dense, units: 3}
+  - {name: ln, type: layernorm}
+  - {name: out, type: dense, units: 2}
+loss: {type: mse, target: t}
+""")
+    adj = {a.var: a.expr for a in model.derivation.adjoints}
+    # the variance's derivative with respect to the mean (a sum of deviations) is gone
+    assert not any(str(r.base) == "h" for r in adj["d_ln_mean"].atoms(sp.Indexed))
+    k0, k1 = (sp.Symbol(n, integer=True) for n in ("k0", "k1"))
+    base = {n: sp.IndexedBase(n, real=True) for n in ("d_ln_mean", "d_ln_var", "d_ln",
+                                                        "h", "ln_mean", "ln_var", "ln_weight")}
+    d_h = adj["d_h"].xreplace({base["d_ln_mean"][k0]: adj["d_ln_mean"],
+                               base["d_ln_var"][k0]: adj["d_ln_var"]})
+    j = sp.Symbol("j", integer=True)
+    g = lambda c: base["d_ln"][k0, c] * base["ln_weight"][c]  # noqa: E731
+    rstd = 1 / sp.sqrt(base["ln_var"][k0] + sp.Float(1e-5))
+    xhat = lambda c: (base["h"][k0, c] - base["ln_mean"][k0]) * rstd  # noqa: E731
+    compact = rstd * (g(k1) - sp.Sum(g(j), (j, 0, 2)) / 3
+                      - xhat(k1) * sp.Sum(g(j) * xhat(j), (j, 0, 2)) / 3)
+    for column in range(3):
+        diff = (d_h - compact).xreplace({k1: column}).doit()
+        assert sp.simplify(sp.expand(diff)) == 0
+
+
+def test_deviation_sums_are_dropped_only_when_exact() -> None:
+    from symbackprop.derive.identities import Mean, drop_deviation_sums
+
+    i0, s0, j, k0 = (sp.Symbol(n, integer=True) for n in ("i0", "s0", "j", "k0"))
+    x, m, w = (sp.IndexedBase(n, real=True) for n in ("x", "m", "w"))
+    c = sp.Symbol("c", real=True)
+    table = {"m": Mean("m", (i0,), s0, x[i0, s0], sp.Integer(4))}
+    assert drop_deviation_sums(c * sp.Sum(2 * x[k0, j] - 2 * m[k0], (j, 0, 3)), table) == 0
+    kept = [sp.Sum((x[k0, j] - m[k0]) ** 2, (j, 0, 3)),      # not linear in the mean
+            sp.Sum(x[k0, j] - m[k0], (j, 0, 2)),             # another extent
+            sp.Sum(x[k0, j] * w[j] - m[k0], (j, 0, 3)),      # not the mean's summand
+            sp.Sum(w[j] * (x[k0, j] - m[k0]), (j, 0, 3)),    # a weight that depends on j
+            sp.Sum(x[j, k0] - m[k0], (j, 0, 3))]             # another axis
+    for expr in kept:
+        assert drop_deviation_sums(expr, table) == expr, expr

@@ -4,11 +4,13 @@ Each is a composition of index-notation ops, so sympy derives every backward ste
 through the chain rule and nothing here states a derivative:
 
 * layer norm over the last axis (C features), as ``torch.nn.functional.layer_norm``:
-  ``mean[r] = (1/C) sum_c x[r,c]``, ``centred = x - mean``, ``var[r] = (1/C) sum_c
-  centred[r,c]^2`` (biased), ``rstd = 1/sqrt(var + eps)``, ``normalised = centred * rstd``,
-  ``out = normalised * weight + bias``. The chain rule through these ops sums to the
-  compact ``dx = rstd (g' - mean(g') - normalised mean(g' normalised))`` with
-  ``g' = g * weight``;
+  ``mean[r] = (1/C) sum_c x[r,c]``, ``var[r] = (1/C) sum_c (x[r,c] - mean[r])^2``
+  (biased), ``rstd = 1/sqrt(var + eps)``, ``normalised = (x - mean) * rstd``,
+  ``out = normalised * weight + bias``. The variance reads ``x - mean`` itself, so its
+  derivative with respect to the mean is a sum of deviations, which the chain rule drops
+  (:mod:`~symbackprop.derive.identities`): the adjoints of mean and variance are then the
+  terms of the compact ``dx = rstd (g' - mean(g') - normalised mean(g' normalised))``
+  with ``g' = g * weight``;
 * RMS norm, as ``torch.nn.functional.rms_norm``: ``ms[r] = (1/C) sum_c x[r,c]^2``,
   ``out = x / sqrt(ms + eps) * weight``;
 * softmax over any ``axis``: ``lse = log sum exp(z)`` along the axis (a log-sum-exp
@@ -94,16 +96,17 @@ class LayerNorm(Layer):
         eps = sp.Float(spec.options["eps"])  # type: ignore[arg-type]
         mean = _row_op(graph, spec, "mean", x,
                        sp.Sum(x.element((*rows, s)), (s, 0, size - 1)) / count, "mean")
-        centred = graph.op(naming.layer_part(spec.name, "centred"), x.shape,
-                           x.element() - mean.element(rows), layer=spec.name,
-                           where=spec.where, label="centred")
+        # var reads x and mean (no centred tensor of its own): d var / d mean is then the
+        # sum of deviations, which the chain rule drops (it is zero), so dx comes out in
+        # the compact form
+        centred = x.element() - mean.element(rows)
         var = _row_op(graph, spec, "var", x,
-                      sp.Sum(centred.element((*rows, s)) ** 2, (s, 0, size - 1)) / count,
+                      sp.Sum(centred.xreplace({c: s}) ** 2, (s, 0, size - 1)) / count,
                       "variance")
         rstd = _row_op(graph, spec, "rstd", x, 1 / sp.sqrt(var.element(rows) + eps),
                        "reciprocal standard deviation")
         weight = cls.param(graph, spec, "weight", (count,))
-        body = centred.element() * rstd.element(rows)
+        body = centred * rstd.element(rows)
         normalised = graph.op(naming.layer_part(spec.name, "normalised"), x.shape, body,
                               layer=spec.name, where=spec.where, label="normalised")
         out = normalised.element() * weight.element((c,))
@@ -121,11 +124,10 @@ class LayerNorm(Layer):
             " (the adjoint of the layer's output times its weight), the Jacobian of one row "
             "is ", r"\partial \hat{x}_i / \partial x_j = \frac{1}{\sigma}\left(\delta_{ij}"
                    r" - \frac{1}{C} - \frac{1}{C}\hat{x}_i \hat{x}_j\right)",
-            ", so the contributions above through the mean, the variance and ",
-            r"1/\sigma", " sum (each row of ", r"\mathbf{x} - \mu",
-            " sums to zero) to the compact form below, means over the ", "C",
-            " features. The generated code computes it in the stages above, which differ "
-            "from it only by a multiple of ", r"\sum_j (x_j - \mu) = 0", ":"),
+            ". The variance's derivative with respect to the mean is a sum of deviations, ",
+            r"\sum_j (x_j - \mu) = 0", ", which symbackprop drops (an exact identity), so the "
+            "contributions above through the mean, the variance and ", r"1/\sigma",
+            " are the three terms of the compact form, means over the ", "C", " features:"),
             ((r"\frac{\partial L}{\partial x_{j}}",
               r"= \frac{1}{\sigma}\left(\hat{g}_{j} - \frac{1}{C}\sum_{i=1}^{C}"
               r" \hat{g}_{i} - \hat{x}_{j}\,\frac{1}{C}\sum_{i=1}^{C} \hat{g}_{i}"
