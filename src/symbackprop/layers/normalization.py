@@ -122,10 +122,10 @@ class LayerNorm(Layer):
             " (the normalised tensor), ", r"\sigma = \sqrt{\operatorname{var} + \epsilon}",
             " and ", r"\hat{\mathbf{g}} = \mathbf{g} \odot \mathbf{w}",
             " (the adjoint of the layer's output times its weight), the Jacobian of one row "
-            "is ", r"\partial \hat{x}_i / \partial x_j = \frac{1}{\sigma}\left(\delta_{ij}"
-                   r" - \frac{1}{C} - \frac{1}{C}\hat{x}_i \hat{x}_j\right)",
+            "is ", r"\partial \hat{x}_{i} / \partial x_{j} = \frac{1}{\sigma}\left(\delta_{ij}"
+                   r" - \frac{1}{C} - \frac{1}{C}\hat{x}_{i} \hat{x}_{j}\right)",
             ". The variance's derivative with respect to the mean is a sum of deviations, ",
-            r"\sum_j (x_j - \mu) = 0", ", which symbackprop drops (an exact identity), so the "
+            r"\sum_{j} (x_{j} - \mu) = 0", ", which symbackprop drops (an exact identity), so the "
             "contributions above through the mean, the variance and ", r"1/\sigma",
             " are the three terms of the compact form, means over the ", "C", " features:"),
             ((r"\frac{\partial L}{\partial x_{j}}",
@@ -262,11 +262,11 @@ class Softmax(Layer):
     @classmethod
     def derivation_note(cls, spec: LayerSpec) -> Note:
         # text and inline math alternate: the sentence ends on text either way
-        causal = (("; with causal: true a masked logit is minus infinity, so its ", "y_j = 0",
+        causal = (("; with causal: true a masked logit is minus infinity, so its ", "y_{j} = 0",
                    " and its gradient 0:") if spec.options["causal"] else (":",))
         return ((
             "Softmax, collected. Along the softmax axis the Jacobian is ",
-            r"\partial y_i / \partial z_j = y_i (\delta_{ij} - y_j)",
+            r"\partial y_{i} / \partial z_{j} = y_{i} (\delta_{ij} - y_{j})",
             ", a matrix per row that is never formed: the contributions above through ",
             r"\mathrm{lse}", " and through ", r"y = e^{z - \mathrm{lse}}",
             " are this Jacobian contracted with the adjoint ", r"\mathbf{g}",
