@@ -92,6 +92,10 @@ UNROLL_MAX_NESTING = 3
 # printed symbols (see ``glyphs``); two equations share a row up to ``PAIR_GLYPHS``.
 ROW_GLYPHS = 64
 PAIR_GLYPHS = 96
+# An error recursion unrolled through a layer of several ops (layer norm's mean, variance
+# and 1/sigma) can be hundreds of symbols wide: past this it is described, not printed
+# (the steps above it already give the same error in parts).
+UNROLLED_MAX_GLYPHS = 256
 
 
 def glyphs(latex: str) -> int:
@@ -723,6 +727,11 @@ class _Builder:
                        [self.idx(f, self._form_letters(f, var, k)) for f in forms]))
         what = ("so the error at this layer, in terms of the error above:" if above else
                 "so the error at the output, in forward quantities only:")
+        wide = max(glyphs(" ".join(row)) for row in rows)
+        if wide > UNROLLED_MAX_GLYPHS:
+            return [Para(spans(f"Written out in one formula ({what[3:-1]}), this error would "
+                               f"be about {wide} symbols wide; the steps above give it in "
+                               "parts."))]
         out: list[Block] = [Para(spans(what)), Display(tuple(rows))]
         if note:
             out.append(Para(spans(note)))
