@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from symbackprop.api import compile_text
 from symbackprop.check import finite_differences
 from symbackprop.errors import SpecError
+from symbackprop.graph import Graph, Node
 from symbackprop.ir.lower import Lowerer
-from symbackprop.layers import LAYERS
+from symbackprop.layers import LAYERS, Layer, Param
+from symbackprop.spec import LayerSpec
 
 from conftest import ROOT, write_spec
 
@@ -446,3 +448,57 @@ def test_deviation_sums_are_dropped_only_when_exact() -> None:
             sp.Sum(x[j, k0] - m[k0], (j, 0, 3))]             # another axis
     for expr in kept:
         assert drop_deviation_sums(expr, table) == expr, expr
+
+
+class _Scale(Layer):
+    """Test-only: out = x * a[0], one trainable number (so a spec of symbolic T x T
+    scores has something to train)."""
+
+    key = "scale_test"
+    doc = "test-only scalar scale"
+    params = {"a": Param("one number", "ones")}
+
+    @classmethod
+    def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
+        (x,) = inputs
+        a = cls.param(graph, spec, "a", (sp.Integer(1),))
+        return graph.op(spec.name, x.shape, x.element() * a.element((sp.Integer(0),)),
+                        layer=spec.name, where=spec.where, label="scale")
+
+    @classmethod
+    def reference(cls, spec: LayerSpec, inputs: list, params: dict) -> torch.Tensor:
+        return inputs[0] * params[f"{spec.name}.a"][0]
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_causal_softmax_over_a_symbolic_length(monkeypatch: pytest.MonkeyPatch, tmp_build,
+                                               axis: int) -> None:
+    """Scores [N, T, T] with T symbolic: the mask's index arrays take T at run time."""
+    monkeypatch.setitem(LAYERS, _Scale.key, _Scale)
+    model, modules = tmp_build(f"""
+name: causal_symbolic_{axis + 1}
+inputs: {{x: [N, T, T]}}
+targets: {{t: [N, T, T]}}
+layers:
+  - {{name: s, type: scale_test}}
+  - {{name: att, type: softmax, causal: true, axis: {axis}}}
+loss: {{type: mse, target: t}}
+""")
+    rng = np.random.default_rng(5)
+    params = {"s.a": np.array([1.7])}
+    for length in (1, 4, 6):
+        batch = {"x": rng.normal(size=(2, length, length)),
+                 "t": rng.normal(size=(2, length, length))}
+
+        def hand(p, b, size=length):
+            # every row and every column keeps its diagonal, so axis 1 is finite too
+            z = b["x"] * p["s.a"][0]
+            future = torch.arange(size)[None, :] > torch.arange(size)[:, None]
+            return _mse(torch.softmax(z.masked_fill(future, float("-inf")), dim=axis), b["t"])
+
+        ref_loss, ref = _reference(hand, params, batch, ("x",))
+        for backend in ("numpy", "torch"):
+            loss, grads = _generated(modules[backend], backend, params, batch)
+            assert abs(loss - ref_loss) <= 1e-9 * max(1.0, abs(ref_loss))
+            for name, grad in grads.items():
+                _close(grad, ref[name], f"{backend} {name} T={length}")
