@@ -51,6 +51,8 @@ REFERENCE: dict[str, tuple[Callable, Callable | None]] = {
     "softplus": (softplus, None),
     "gelu": (lambda x: x / 2 * (1 + mp.erf(x / mp.sqrt(2))), None),
     "silu": (lambda x: x * sig(x), None),
+    "gelu_tanh": (lambda x: x / 2 * (1 + mp.tanh(mp.sqrt(2 / mp.pi)
+                                                 * (x + mp.mpf("0.044715") * x**3))), None),
 }
 FORMULAS = {
     "x*tanh(softplus(x))": lambda x: x * mp.tanh(softplus(x)),

@@ -25,6 +25,7 @@ from .derive.calculus import (
     vjp,
 )
 from .derive.fusion import Fused, fuse
+from .derive.identities import drop_deviation_sums, means
 from .graph import Graph, Node, target_index
 
 
@@ -108,6 +109,7 @@ def derive(graph: Graph, *, leaves: bool = False, reuse: Derivation | None = Non
         needs[name] = any(needs.get(o, False) for o in fused.nodes[name].operands)
 
     seed = sp.Symbol(naming.adjoint(graph.loss), real=True)
+    mean_table = means(graph)
     pending: dict[str, list[Contribution]] = {}
     adjoints: list[Adjoint] = []
     grads: dict[str, str] = {}
@@ -155,7 +157,9 @@ def derive(graph: Graph, *, leaves: bool = False, reuse: Derivation | None = Non
                     where, "not simplified", f"over {MAX_SIMPLIFY_NODES} nodes: the derivative "
                     "is used as derived (exact); sympy's simplification would take too long"))
             simplified = stable.apply(simplify_local(raw), where, rewrites)
-            simplified = known.substitute(simplified)
+            simplified = drop_deviation_sums(known.substitute(simplified), mean_table)
+            if simplified == 0:
+                continue
             pending.setdefault(operand, []).append(Contribution(name, raw, simplified))
         for operand in node.operands:
             if operand in readers:

@@ -119,6 +119,11 @@ def preactivation(layer: str) -> str:
     return f"{layer}_z"
 
 
+def layer_part(layer: str, part: str) -> str:
+    """An intermediate tensor a layer builds from several ops: ``ln1_mean``, ``attn_lse``."""
+    return f"{layer}_{part}"
+
+
 def adjoint(var: str) -> str:
     """The variable holding dL/d(var)."""
     return f"d_{var}"

@@ -359,7 +359,12 @@ class KnownForms:
             return found
 
         out = visit(expr) if self.table else expr
-        return sp.powsimp(out, combine="exp") if out.has(sp.exp) else out
+        if not out.has(sp.exp):
+            return out
+        out = sp.powsimp(out, combine="exp")
+        # exp(z)/exp(lse) folds to exp(z - lse) only now: a softmax output holds it
+        memo.clear()
+        return visit(out) if self.table else out
 
     def _lookup(self, e: sp.Expr) -> sp.Expr | None:
         key, order = canonical(e)

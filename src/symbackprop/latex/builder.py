@@ -40,7 +40,7 @@ from ..derive.calculus import (
 )
 from ..errors import UsageError
 from ..graph import Node, ref
-from ..layers import ACTIVATIONS, LOSSES
+from ..layers import ACTIVATIONS, LAYERS, LOSSES
 from ..spec import ModelSpec
 from .document import (
     Block,
@@ -92,6 +92,10 @@ UNROLL_MAX_NESTING = 3
 # printed symbols (see ``glyphs``); two equations share a row up to ``PAIR_GLYPHS``.
 ROW_GLYPHS = 64
 PAIR_GLYPHS = 96
+# An error recursion unrolled through a layer of several ops (layer norm's mean, variance
+# and 1/sigma) can be hundreds of symbols wide: past this it is described, not printed
+# (the steps above it already give the same error in parts).
+UNROLLED_MAX_GLYPHS = 256
 
 
 def glyphs(latex: str) -> int:
@@ -549,13 +553,32 @@ class _Builder:
             "forms, the first keeps ", math(r"f'"), " and the adjoint above symbolic, the "
             "last is what the generated code computes."))]
         printed: list[Printed] = []
-        for name in reversed(self.forward_order):
-            if name == self.graph.loss or name not in relevant:
-                continue
+        steps = [n for n in reversed(self.forward_order)
+                 if n != self.graph.loss and n in relevant]
+        # A layer's note follows the step of its input, where its contributions are
+        # collected (or its own last step, when its input gets no adjoint).
+        after: dict[str, list[str]] = {}
+        for spec in self.spec.layers:
+            own = [n for n in steps if self.nodes[n].layer == spec.name]
+            src = self.graph.layer_outputs.get(spec.inputs[0], spec.inputs[0])
+            if own:
+                after.setdefault(src if src in steps else own[-1], []).append(spec.name)
+        for name in steps:
             blocks, step = self._step(name)
             out += blocks
             printed.append(step)
+            for layer in after.get(name, ()):
+                out += self._layer_note(layer)
         return out, printed
+
+    def _layer_note(self, layer: str) -> list[Block]:
+        """The layer's own closing remark (a compact form of its backward pass)."""
+        spec = self.spec.layer(layer)
+        parts, rows = LAYERS[spec.type].derivation_note(spec)
+        if not parts:
+            return []
+        text = spans(*(math(p) if n % 2 else p for n, p in enumerate(parts)))
+        return [Para(text), Display(rows)] if rows else [Para(text)]
 
     def _step(self, name: str) -> tuple[list[Block], Printed]:
         names = self.names
@@ -704,6 +727,11 @@ class _Builder:
                        [self.idx(f, self._form_letters(f, var, k)) for f in forms]))
         what = ("so the error at this layer, in terms of the error above:" if above else
                 "so the error at the output, in forward quantities only:")
+        wide = max(glyphs(" ".join(row)) for row in rows)
+        if wide > UNROLLED_MAX_GLYPHS:
+            return [Para(spans(f"Written out in one formula ({what[3:-1]}), this error would "
+                               f"be about {wide} symbols wide; the steps above give it in "
+                               "parts."))]
         out: list[Block] = [Para(spans(what)), Display(tuple(rows))]
         if note:
             out.append(Para(spans(note)))

@@ -55,6 +55,12 @@ register_activation(Activation(
     lambda x, p: x / 2 * (1 + sp.erf(x / sp.sqrt(2))),
     lambda x, p: _torch().nn.functional.gelu(x)))
 register_activation(Activation(
+    "gelu_tanh", "f(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's approximation",
+    # 0.044715 exactly (a Rational), so the printed constant is the one torch uses
+    lambda x, p: x / 2 * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + sp.Rational(44715, 10**6)
+                                                             * x**3))),
+    lambda x, p: _torch().nn.functional.gelu(x, approximate="tanh")))
+register_activation(Activation(
     "silu", "f(x) = x sigma(x)", lambda x, p: x * Sigmoid(x),
     lambda x, p: _torch().nn.functional.silu(x)))
 

@@ -21,6 +21,9 @@ from ..spec import LayerSpec, LossSpec, Where
 
 REQUIRED = object()
 
+# A derivation note: (sentence parts, text and inline LaTeX alternately; display rows)
+Note = tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]
+
 
 @dataclass(frozen=True)
 class Option:
@@ -112,6 +115,13 @@ class Layer:
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
         """The same layer in plain torch ops (autograd differentiates it)."""
         raise NotImplementedError
+
+    @classmethod
+    def derivation_note(cls, spec: LayerSpec) -> Note:
+        """What the derivation prints after this layer's backward steps: (sentence parts,
+        alternately text and inline LaTeX, starting with text; display rows, as
+        :class:`~symbackprop.latex.document.Display` takes them). Empty: no note."""
+        return (), ()
 
     @classmethod
     def param(cls, graph: Graph, spec: LayerSpec, role: str, shape: tuple[sp.Expr, ...],
