@@ -142,8 +142,8 @@ class LayerNorm(Layer):
         import torch
 
         x = inputs[0]
-        weight = params[naming.param_name(spec.name, "weight")]
-        bias = params[naming.param_name(spec.name, "bias")] if spec.options["bias"] else None
+        weight = params[spec.param_name("weight")]
+        bias = params[spec.param_name("bias")] if spec.options["bias"] else None
         return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias,
                                               float(spec.options["eps"]))  # type: ignore[arg-type]
 
@@ -199,7 +199,7 @@ class RMSNorm(Layer):
         import torch
 
         x = inputs[0]
-        weight = params[naming.param_name(spec.name, "weight")]
+        weight = params[spec.param_name("weight")]
         return torch.nn.functional.rms_norm(x, x.shape[-1:], weight,
                                             float(spec.options["eps"]))  # type: ignore[arg-type]
 
