@@ -23,6 +23,7 @@ from ..ir.nodes import (
     MatMul,
     Program,
     Reduce,
+    Reshape,
     ScatterAdd,
     Seed,
     View,
@@ -51,7 +52,9 @@ class ArrayPrinter:
         raise NotImplementedError
 
     # -- pieces -------------------------------------------------------------------------
-    def view(self, v: View | Iota | Gather) -> str:
+    def view(self, v: View | Iota | Gather | Reshape) -> str:
+        if isinstance(v, Reshape):
+            return self.reshaped(v)
         if isinstance(v, Iota):
             return self.place(self.arange(v), (v.axis,), v.out_rank)
         if isinstance(v, Gather):
@@ -62,6 +65,22 @@ class ArrayPrinter:
         if any(p is not None for p in v.picks):
             code += "[" + ", ".join(":" if p is None else str(p) for p in v.picks) + "]"
         return self.arrange(code, v.places, v.out_rank)
+
+    def reshaped(self, v: Reshape) -> str:
+        """``src.reshape(fine).transpose(perm).reshape(shape)``, each step only where it
+        changes something, then broadcast axes. Row-major (C order) on both backends."""
+        code = v.src
+        kept = tuple(n for n, p in zip(self.program.shapes[v.src], v.picks, strict=True)
+                     if p is None)
+        if any(p is not None for p in v.picks):
+            code += "[" + ", ".join(":" if p is None else str(p) for p in v.picks) + "]"
+        if v.fine != kept:
+            code = f"{code}.reshape{self.shape(v.fine)}"
+        if v.perm != tuple(range(len(v.perm))):
+            code = self.transpose(code, v.perm)
+        if v.shape != tuple(v.fine[p] for p in v.perm):
+            code = f"{code}.reshape{self.shape(v.shape)}"
+        return self.place(code, v.places, v.out_rank)
 
     def arrange(self, code: str, places: tuple[int, ...], out_rank: int) -> str:
         """Transpose ``code``'s axes into output order, then insert broadcast axes."""
