@@ -298,7 +298,7 @@ class IndexPrinter(LatexPrinter):
         return self._print(i)
 
     def _affine_index(self, terms: list[tuple[sp.Expr, radix.Digit]]) -> str:
-        """A reshape's index in the derivation's 1-based notation: the 0-based digit sum
+        r"""A reshape's index in the derivation's 1-based notation: the 0-based digit sum
         ``8*i2 + i3`` reads ``8(i-1) + j``; ``floor(i/8)``, ``Mod(i, 8)`` read
         ``\lfloor (i-1)/8 \rfloor + 1`` and ``(i-1) \bmod 8 + 1``."""
         parts: list[str] = []
