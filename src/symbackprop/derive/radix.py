@@ -151,8 +151,11 @@ def cuts_of(terms: list[tuple[sp.Expr, Digit]],
     return cuts
 
 
+Digits = tuple[list[list[Fine]], dict[sp.Symbol, list[Fine]]]
+
+
 def axis_digits(indices: list[sp.Expr], extents: Mapping[sp.Symbol, sp.Expr],
-                sizes: list[sp.Expr]) -> tuple[list[list[Fine]], dict[sp.Symbol, list[Fine]]] | None:
+                sizes: list[sp.Expr]) -> Digits | None:
     """For a reference ``A[indices]`` (A's axes of ``sizes``) whose indices are digit sums
     of the symbols in ``extents``: each A axis as its fine digits (major first), and each
     symbol's fine digits. None when an index is not of that form."""

@@ -121,7 +121,7 @@ class Reshape(Layer):
     def target_shape(cls, graph: Graph, spec: LayerSpec, x: Node) -> tuple[sp.Expr, ...]:
         where = spec.option_where["shape"]
         entries: list[sp.Expr | None] = []
-        for pos, entry in enumerate(spec.options["shape"]):  # type: ignore[arg-type]
+        for entry in spec.options["shape"]:  # type: ignore[union-attr]
             if entry == -1:
                 entries.append(None)
             elif isinstance(entry, int):
