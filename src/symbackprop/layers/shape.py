@@ -31,7 +31,7 @@ MAX_RANK = 16
 
 # The size of each dimension symbol in the batch the torch reference runs on (set by
 # check.reference_loss): a reshape to [N, T, 4, 8] needs N and T as numbers.
-DIMS: ContextVar[Mapping[str, int]] = ContextVar("DIMS", default={})
+DIMS: ContextVar[Mapping[str, int] | None] = ContextVar("DIMS", default=None)
 
 
 def _fmt(shape: tuple[sp.Expr, ...] | tuple[object, ...]) -> str:
@@ -163,7 +163,7 @@ class Reshape(Layer):
 
     @classmethod
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
-        sizes = DIMS.get()
+        sizes = DIMS.get() or {}
         shape = [sizes[e] if isinstance(e, str) else e
                  for e in spec.options["shape"]]  # type: ignore[union-attr]
         return inputs[0].reshape(shape)
