@@ -315,3 +315,45 @@ def test_reshape_of_equal_counts_only_when_provable(tmp_build) -> None:
     """
     model, _ = tmp_build(ok)
     assert model.derivation.graph.nodes["r"].shape == (N, 4 * T)
+
+
+ALIAS = """
+name: alias
+inputs: {x: [N, 3]}
+targets: {t: [N, 2, 3]}
+layers:
+  - {name: h, type: dense, units: 6}
+  - {name: r, type: reshape, shape: [N, 2, 3], input: h}
+  - {name: e, type: activation, activation: tanh, input: h}
+  - {name: s, type: einsum, input: [r, e], equation: "nij,nk->nij"}
+loss: {type: mse, target: t}
+"""
+
+
+def test_a_view_and_its_source_never_take_a_result_in_place(tmp_build) -> None:
+    """r = h.reshape(...) shares h's memory: tanh(h, out=h) would change r too."""
+    model, modules = tmp_build(ALIAS)
+    assert "r = h.reshape(N, 2, 3)" in model.source("numpy")
+    assert "out=h)" not in model.source("numpy")
+    params = modules["numpy"].init_params(0)
+    batch = random_batch(model, batch=3)
+    ref_loss, ref = oracle_grads(model.spec, params, batch, list(params))
+    for backend in ("numpy", "torch"):
+        module = modules[backend]
+        wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
+        loss, grads = module.loss_and_grad({k: wrap(v) for k, v in params.items()},
+                                           **{k: wrap(v) for k, v in batch.items()})
+        assert abs(float(loss) - ref_loss) <= 1e-9 * abs(ref_loss)
+        for name in ref:
+            assert _rel(np.asarray(grads[name]), ref[name]) <= 1e-9, name
+        predicted = module.forward({k: wrap(v) for k, v in params.items()},
+                                   x=wrap(batch["x"]))
+        want = torch.einsum("nij,nk->nij", *_alias_reference(params, batch["x"]))
+        assert _rel(np.asarray(predicted), want.numpy()) <= 1e-12
+
+
+def _alias_reference(params: dict[str, np.ndarray], x: np.ndarray
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    h = torch.from_numpy(x) @ torch.from_numpy(params["h.weight"]).T \
+        + torch.from_numpy(params["h.bias"])
+    return h.reshape(-1, 2, 3), torch.tanh(h)
