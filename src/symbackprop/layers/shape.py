@@ -242,6 +242,9 @@ def parse_equation(equation: str, operands: int, where: Where) -> tuple[list[str
         if repeated:
             raise where.error(f"einsum: letter {repeated[0]!r} repeats in the input "
                               f"subscript {sub!r} (a diagonal is not supported)")
+    if not out:
+        raise where.error("einsum: an empty output subscript (a 0-d result) is not "
+                          "supported; keep at least one axis")
     repeated = sorted({c for c in out if out.count(c) > 1})
     if repeated:
         raise where.error(f"einsum: letter {repeated[0]!r} repeats in the output {out!r}")
