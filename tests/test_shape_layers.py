@@ -357,3 +357,42 @@ def _alias_reference(params: dict[str, np.ndarray], x: np.ndarray
     h = torch.from_numpy(x) @ torch.from_numpy(params["h.weight"]).T \
         + torch.from_numpy(params["h.bias"])
     return h.reshape(-1, 2, 3), torch.tanh(h)
+
+
+def test_batched_products_print_as_matmul_in_numpy(mha) -> None:
+    """numpy.einsum runs a product with batch axes without BLAS; matmul over the stack
+    does not (the scores q kᵀ and the weighted sum p v, and their adjoints)."""
+    model, _ = mha
+    src = model.source("numpy")
+    assert "tmp_sum4 = qt @ kt.swapaxes(-1, -2)" in src
+    assert "y = p @ vt" in src
+    code = [line for line in src.splitlines() if "numpy.einsum(" in line]
+    assert code and all("'abc,abd->cd'" in line for line in code), code
+
+
+@pytest.mark.parametrize(("subscripts", "found"), [
+    ("abcd,abde->abce", (False, False, False)),
+    ("abcd,abed->abce", (False, False, True)),
+    ("abcd,abce->abde", (False, True, False)),
+    ("abcd,abed->abec", (True, False, True)),
+    ("abcd,abde->abec", (True, True, True)),
+    ("abc,abd->cd", None),           # batch axes summed: not one product per batch
+    ("abcd,abcd->abcd", None),       # nothing summed
+    ("abcd,acde->abce", None),       # batch axes differ
+    ("ab,bc->ac", None),             # a plain matrix product is MatMul's
+])
+def test_batched_matmul_spelling(subscripts: str, found: tuple | None) -> None:
+    from symbackprop.emit.arrays import batched_matmul
+
+    assert batched_matmul(subscripts) == found
+    if found is None:
+        return
+    # the spelling computes what einsum does
+    rng = np.random.default_rng(0)
+    (x, y), out = subscripts.split("->")[0].split(","), subscripts.split("->")[1]
+    size = dict(zip("abcde", (2, 3, 4, 5, 6), strict=True))
+    a, b = (rng.normal(size=[size[c] for c in s]) for s in (x, y))
+    swap, ta, tb = found
+    p, q = (b, a) if swap else (a, b)
+    got = (p.swapaxes(-1, -2) if ta else p) @ (q.swapaxes(-1, -2) if tb else q)
+    assert np.allclose(got, np.einsum(subscripts, a, b))
