@@ -389,7 +389,7 @@ def test_batched_matmul_spelling(subscripts: str, found: tuple | None) -> None:
         return
     # the spelling computes what einsum does
     rng = np.random.default_rng(0)
-    (x, y), out = subscripts.split("->")[0].split(","), subscripts.split("->")[1]
+    x, y = subscripts.split("->")[0].split(",")
     size = dict(zip("abcde", (2, 3, 4, 5, 6), strict=True))
     a, b = (rng.normal(size=[size[c] for c in s]) for s in (x, y))
     swap, ta, tb = found
