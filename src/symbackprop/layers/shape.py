@@ -89,7 +89,7 @@ class Reshape(Layer):
     doc = "row-major reshape (torch.reshape), e.g. [N, T, 32] -> [N, T, 4, 8]"
     options = {
         "shape": Option("list", doc="the new shape: positive integers, dimension symbols "
-                        "of the network (N, T) and at most one -1 (the rest of the "
+                        "of the inputs (N, T) and at most one -1 (the rest of the "
                         "elements)"),
     }
     test_cases = (
@@ -127,9 +127,13 @@ class Reshape(Layer):
             elif isinstance(entry, int):
                 entries.append(sp.Integer(entry))
             else:
-                if entry not in graph.dims:
+                # the generated forward() reads each size off an input (targets are
+                # not passed to it)
+                known = [d for d, sym in graph.dims.items() if any(
+                    sym in n.shape for n in graph.nodes.values() if n.role == "input")]
+                if entry not in known:
                     raise where.error(f"reshape entry {entry!r} is not a dimension of the "
-                                      f"network ({', '.join(graph.dims) or 'none'})",
+                                      f"network's inputs ({', '.join(known) or 'none'})",
                                       ShapeError)
                 entries.append(graph.dims[entry])
         total = sp.Mul(*x.shape)
