@@ -64,7 +64,9 @@ def layer_spec(key: str, options: dict) -> str:
     # "_input": the network's input shape, for layers on rank-3 and rank-4 tensors
     # (every layer of the harness acts on the last axis, so the others carry through).
     shape = list(options.pop("_input", ["N", 3]))
-    lead = ", ".join(map(str, shape[:-1]))
+    # "_target": the target's leading axes, for layers that change them (default: the
+    # input's leading axes)
+    lead = ", ".join(map(str, options.pop("_target", shape[:-1])))
     if widths is None and lo > 1:
         widths = {f"b{i}": 3 for i in range(lo)}
     extra = f", {_opts(options)}" if options else ""

@@ -159,10 +159,22 @@ def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
 
 def reference_loss(spec: ModelSpec, params: Mapping[str, Any], batch: Mapping[str, Any]) -> Any:
     """The loss computed by the independent torch.nn oracle (differentiable by autograd)."""
+    from .layers.shape import DIMS
+
     values: dict[str, Any] = {d.name: batch[d.name] for d in spec.inputs}
-    for layer in layer_order(spec):
-        inputs = [values[name] for name in layer.inputs]
-        values[layer.name] = LAYERS[layer.type].reference(layer, inputs, params)
+    sizes: dict[str, int] = {}  # the batch's size of each dimension symbol (for reshape)
+    for decl in (*spec.inputs, *spec.targets):
+        if decl.name in batch:
+            for dim, size in zip(decl.shape, batch[decl.name].shape, strict=False):
+                if isinstance(dim, str):
+                    sizes.setdefault(dim, int(size))
+    token = DIMS.set(sizes)
+    try:
+        for layer in layer_order(spec):
+            inputs = [values[name] for name in layer.inputs]
+            values[layer.name] = LAYERS[layer.type].reference(layer, inputs, params)
+    finally:
+        DIMS.reset(token)
     loss = spec.loss
     target = batch[loss.target] if loss.target is not None else None
     return LOSSES[loss.type].reference(loss, values[loss.prediction], target)

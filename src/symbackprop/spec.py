@@ -211,6 +211,14 @@ def check_option(ctx_where: Where, kind: str, value: object) -> object:
         if not isinstance(value, str):
             raise ctx_where.error(f"a formula is a string, got {_type_name(value)}")
         return value
+    if kind == "list":  # the items are checked by the layer that takes the list
+        if not isinstance(value, list) or not value:
+            raise ctx_where.error(f"expected a non-empty list, got {_type_name(value)}")
+        return tuple(value)
+    if kind == "text":
+        if not isinstance(value, str):
+            raise ctx_where.error(f"expected a string, got {_type_name(value)}")
+        return value
     raise AssertionError(f"unknown option kind {kind}")  # pragma: no cover
 
 

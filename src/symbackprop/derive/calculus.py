@@ -20,6 +20,7 @@ from sympy.core.parameters import global_parameters
 
 from .. import budget
 from ..graph import Node, ref, target_index
+from .radix import solve_deltas
 from .stable import canonical_sigmoid
 
 Limits = tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...]
@@ -105,10 +106,15 @@ def eliminate_deltas(expr: sp.Expr) -> sp.Expr:
                 terms += [sp.Mul(*deltas) * t for t in sp.Add.make_args(sp.expand(rest))]
             else:
                 terms.append(sp.Mul(*deltas) * rest)
+        extents = {lim[0]: lim[2] - lim[1] + 1 for lim in limits if lim[1] == 0}
         for term in terms:
             summed = [lim[0] for lim in limits]
             while True:
                 reduced = _split_delta(term, summed)
+                if reduced is None:  # an affine (reshape) delta: solve its digits
+                    open_ = [v for v in summed if v in extents]
+                    reduced = solve_deltas(term, extents, open_)
+                    summed[:] = [v for v in summed if v in open_ or v not in extents]
                 if reduced is None:
                     break
                 term = reduced

@@ -117,8 +117,13 @@ def fuse(graph: Graph, prepare: Callable[[str, sp.Expr], sp.Expr] | None = None)
         nodes[node.name] = current
         inlined[node.name] = current.body  # type: ignore[assignment]
         users = consumers[node.name]
+        # A reshape (meta "standalone") is a view of its own: fused into or with its
+        # neighbours its affine indices would nest (floor of a digit sum) and lose the
+        # one-view form lowering prints.
         if (node.kind == "map" and len(users) == 1 and node.name != graph.loss
                 and graph.nodes[users[0]].kind != "contraction"
+                and not node.meta.get("standalone")
+                and not graph.nodes[users[0]].meta.get("standalone")
                 and len(absorbed[node.name]) < MAX_FUSED_OPS):
             merged[node.name] = users[0]
     return Fused(nodes, absorbed, raw, inlined)

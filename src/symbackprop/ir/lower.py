@@ -11,8 +11,10 @@ Every forward tensor and every adjoint is an index expression (a sympy body over
   printed). This is the one place log-sum-exp is recognised;
 * everything else -> one :class:`~.nodes.Map` whose array references are views.
 
-Index expressions that are not plain index symbols (affine or array-valued indices) are
-refused here with a :class:`~symbackprop.errors.GraphError`, never printed.
+An index that is a mixed-radix digit sum of the axes (``x[i0, 8*i2 + i3]``,
+``g[k0, floor(k2/8), Mod(k2, 8)]``: a reshape and its adjoint) becomes a
+:class:`~.nodes.Reshape` view. Any other index expression (strided or padded windows,
+offsets) is refused here with a :class:`~symbackprop.errors.GraphError`, never printed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sympy.core.relational import Relational
 
 from .. import naming
 from ..backprop import Derivation, target_indices
+from ..derive import radix
 from ..derive.calculus import is_index_symbol
 from ..errors import GraphError
 from ..graph import ref, ref_name
@@ -39,6 +42,7 @@ from .nodes import (
     Phase,
     Program,
     Reduce,
+    Reshape,
     ScatterAdd,
     Seed,
     View,
@@ -136,7 +140,7 @@ class Lowerer:
     def _map(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...],
              extents: dict[sp.Symbol, sp.Expr], phase: Phase) -> None:
         body, views = self.viewify(expr, axes, extents)
-        covered = {i for r in expr.atoms(sp.Indexed) for i in r.indices}
+        covered = _covered(expr)
         if any(a not in covered for a in axes):
             # An axis no operand spans (a gradient constant along it): broadcast against
             # an explicit array of zeros of the full shape.
@@ -168,9 +172,10 @@ class Lowerer:
         carriers = [*sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key),
                     *sorted(expr.atoms(sp.KroneckerDelta), key=sp.default_sort_key)]
         for r in carriers:
-            for i in (r.indices if isinstance(r, sp.Indexed) else r.args):
-                if i.is_Symbol and i not in bound and i not in seen:
-                    seen.append(i)
+            for index in (r.indices if isinstance(r, sp.Indexed) else r.args):
+                for i in _index_symbols(index):
+                    if i not in bound and i not in seen:
+                        seen.append(i)
         if order is not None:
             return tuple(a for a in order if a in seen)
         return tuple(sorted(seen, key=lambda s: s.name))
@@ -209,7 +214,7 @@ class Lowerer:
                 return ref(target, free)
         full = (*free, *limits)
         viewed, views = self.viewify(body, full, extents)
-        covered = {i for r in body.atoms(sp.Indexed) for i in r.indices}
+        covered = _covered(body)
         scale = sp.Mul(*(extents[v] for v in limits if v not in covered))
         reduce_axes = tuple(n for n, v in enumerate(full) if v in limits and v in covered)
         if not reduce_axes:
@@ -292,11 +297,14 @@ class Lowerer:
         return ref(target, free)
 
     # -- views --------------------------------------------------------------------------
-    def view(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...]) -> View | Gather:
+    def view(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...],
+             extents: dict[sp.Symbol, sp.Expr] | None = None) -> View | Gather | Reshape:
         """How reference ``r`` lines up with ``axes``."""
         src = _src(r)
         if r.indices and isinstance(r.indices[0], sp.Indexed):
             return self._gather(r, axes)
+        if extents is not None and any(not (i.is_Integer or i.is_Symbol) for i in r.indices):
+            return self._reshape(r, axes, extents)
         picks: list[int | None] = []
         places: list[int] = []
         for i in r.indices:
@@ -305,14 +313,40 @@ class Lowerer:
                 continue
             if not i.is_Symbol or i not in axes:
                 raise GraphError(f"cannot lower the reference {r}: index {i} is not one of "
-                                 f"the axes {', '.join(map(str, axes))} (affine and "
-                                 "array-valued indices are not supported yet)")
+                                 f"the axes {', '.join(map(str, axes))} (only reshapes' "
+                                 "affine indices and gathers' integer ids are supported)")
             picks.append(None)
             places.append(axes.index(i))
         if len(set(places)) != len(places):
             raise GraphError(f"cannot lower the reference {r}: a repeated index "
                              "(a diagonal) is not supported yet")
         return View(src, tuple(picks), tuple(places), len(axes))
+
+    def _reshape(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...],
+                 extents: dict[sp.Symbol, sp.Expr]) -> Reshape:
+        """A reference whose indices are digit sums of the axes: reshape the array into
+        every axis' digits, permute them into output order, merge each axis' digits."""
+        src = _src(r)
+        picks = tuple(int(i) if i.is_Integer else None for i in r.indices)
+        kept = [i for i in r.indices if not i.is_Integer]
+        sizes = [n for n, p in zip(self.shapes[src], picks, strict=True) if p is None]
+        found = radix.axis_digits(kept, {a: extents[a] for a in axes}, sizes)
+        if found is None:
+            raise GraphError(f"cannot lower the reference {r}: its indices are not a "
+                             "regrouping of the axes "
+                             f"{', '.join(map(str, axes))} (a row-major reshape); strided "
+                             "or padded windows are not supported")
+        per_axis, fines = found
+        flat = [f for digits in per_axis for f in digits]
+        read = sorted(fines, key=axes.index)
+        if len(set(flat)) != len(flat) or {f for v in read for f in fines[v]} != set(flat):
+            raise GraphError(f"cannot lower the reference {r}: an axis read twice or in "
+                             "part (a diagonal or a repeat) is not supported")
+        wanted = [f for v in read for f in fines[v]]
+        return Reshape(src, picks, tuple(f.size for f in flat),
+                       tuple(flat.index(f) for f in wanted),
+                       tuple(extents[v] for v in read), tuple(axes.index(v) for v in read),
+                       len(axes))
 
     def _gather(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...]) -> Gather:
         """``E[ids[i...], j...]``: rows of E picked by an integer array."""
@@ -343,7 +377,7 @@ class Lowerer:
         for r in expr.atoms(sp.Indexed):
             if any(r in q.indices for q in expr.atoms(sp.Indexed)):
                 continue  # an id array read inside a gather, not a value
-            view = self.view(r, axes)
+            view = self.view(r, axes, extents)
             mapping[r] = view.placeholder()
             views[view.placeholder()] = view
         for s in expr.free_symbols:
@@ -371,6 +405,19 @@ def _loose_indices(expr: sp.Expr, *, conditions: bool = True) -> set[sp.Symbol]:
             found.add(e)
         stack.extend(e.args)
     return found - bound
+
+
+def _index_symbols(index: sp.Expr) -> list[sp.Symbol]:
+    """The index symbols an index expression reads (``8*i2 + i3``: i2, i3)."""
+    if index.is_Symbol:
+        return [index]
+    return sorted((s for s in index.free_symbols if is_index_symbol(s)), key=lambda s: s.name)
+
+
+def _covered(expr: sp.Expr) -> set[sp.Symbol]:
+    """The index symbols some array reference of ``expr`` spans."""
+    return {i for r in expr.atoms(sp.Indexed) for index in r.indices
+            for i in _index_symbols(index)}
 
 
 def _bound(expr: sp.Sum) -> set[sp.Symbol]:

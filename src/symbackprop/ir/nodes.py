@@ -21,6 +21,9 @@ Ops:
 * :class:`Full` — an array of one value, shaped by dims (axes no operand covers);
 * :class:`ScatterAdd` — rows added at integer ids (the adjoint of a :class:`Gather` view);
 * :class:`Seed` — dL/dL = 1, in the loss's dtype.
+
+A :class:`Reshape` view reads an array through an affine index map (reshape, permute,
+reshape): what a reshape layer and its adjoint lower to.
 """
 
 from __future__ import annotations
@@ -125,7 +128,39 @@ class Gather:
         return sp.Symbol(f"{self.src}[{self.index}]<{places}|{self.out_rank}>")
 
 
-AnyView = View | Iota | Gather
+@dataclass(frozen=True)
+class Reshape:
+    """``src`` read through an affine index map (a row-major reshape, see
+    :mod:`symbackprop.derive.radix`): fixed axes picked (``picks`` as in :class:`View`),
+    the rest reshaped to ``fine`` (every output axis cut into its digits), permuted by
+    ``perm`` into output order, reshaped to ``shape`` (the digits of each output axis
+    merged), whose axes land on the output axes ``places`` (increasing; the others
+    broadcast). ``x.reshape(N, T, 4, 8).transpose(0, 2, 1, 3)`` is one."""
+
+    src: str
+    picks: tuple[int | None, ...]
+    fine: tuple[sp.Expr, ...]
+    perm: tuple[int, ...]
+    shape: tuple[sp.Expr, ...]
+    places: tuple[int, ...]
+    out_rank: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.src})
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+    def placeholder(self) -> sp.Symbol:
+        picks = ",".join("" if p is None else str(p) for p in self.picks)
+        dims = ";".join(",".join(map(str, d)) for d in (self.fine, self.perm, self.shape,
+                                                        self.places))
+        return sp.Symbol(f"{self.src}<{picks}|{dims}|{self.out_rank}>")
+
+
+AnyView = View | Iota | Gather | Reshape
 Views = tuple[tuple[sp.Symbol, AnyView], ...]
 
 

@@ -33,6 +33,7 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
 from ..backprop import Derivation
+from ..derive import radix
 from ..graph import Node
 
 # ----------------------------------------------------------------------------------------
@@ -291,7 +292,35 @@ class IndexPrinter(LatexPrinter):
             return self.letters[i]
         if i.is_Integer:
             return str(int(i) + 1)
+        terms = radix.parse_index(i)
+        if terms is not None:
+            return self._affine_index(terms)
         return self._print(i)
+
+    def _affine_index(self, terms: list[tuple[sp.Expr, radix.Digit]]) -> str:
+        r"""A reshape's index in the derivation's 1-based notation: the 0-based digit sum
+        ``8*i2 + i3`` reads ``8(i-1) + j``; ``floor(i/8)``, ``Mod(i, 8)`` read
+        ``\lfloor (i-1)/8 \rfloor + 1`` and ``(i-1) \bmod 8 + 1``."""
+        parts: list[str] = []
+        one = False  # whether the +1 of the 1-based index is already counted
+        for coef, digit in sorted(terms, key=lambda t: -int(t[0]) if t[0].is_Integer else 0):
+            letter = self.index(digit.var)
+            plain = digit.lo == 1 and digit.size is None
+            if plain and coef == 1 and not one:
+                parts.append(letter)
+                one = True
+                continue
+            value = f"{letter}-1"
+            if digit.lo != 1:
+                value = rf"\left\lfloor ({value})/{self._print(digit.lo)} \right\rfloor"
+            if digit.size is not None:
+                value = rf"{value if digit.lo != 1 else f'({value})'} \bmod " \
+                        rf"{self._print(digit.size)}"
+            if coef != 1:
+                value = rf"{self._print(coef)}\,({value})" if digit.lo == 1 or \
+                    digit.size is not None else rf"{self._print(coef)}{value}"
+            parts.append(value)
+        return " + ".join(parts) + ("" if one else " + 1")
 
     def sub(self, indices: Sequence[sp.Expr]) -> str:
         parts = [self.index(i) for i in indices]

@@ -1,6 +1,14 @@
 """The layer, activation and loss registries (importing this module fills them)."""
 
-from . import activations, bilinear, core, elementwise, losses, normalization  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    activations,
+    bilinear,
+    core,
+    elementwise,
+    losses,
+    normalization,
+    shape,
+)
 from .base import ACTIVATIONS, LAYERS, LOSSES, Activation, Layer, Loss, Option, Param
 
 __all__ = ["ACTIVATIONS", "LAYERS", "LOSSES", "Activation", "Layer", "Loss", "Option",

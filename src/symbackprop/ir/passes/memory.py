@@ -30,8 +30,11 @@ def memory(stmts: list[Assign], program: Program, *, keep: Iterable[str],
     for name, i in last_use.items():
         if name in defined and name not in keep:
             dead.setdefault(i, []).append(name)
-    fresh = {s.target for s in stmts
-             if not (isinstance(s.op, Map) and isinstance(s.op.body, sp.Symbol))}
+    aliases = [s for s in stmts if isinstance(s.op, Map) and isinstance(s.op.body, sp.Symbol)]
+    # A bare view (x.T, x.reshape(...)) shares its source's memory: neither it nor its
+    # source may take a result in place while the other may still be read.
+    fresh = ({s.target for s in stmts} - {s.target for s in aliases}
+             - {name for s in aliases for name in s.reads})
     order = {stmt.target: n for n, stmt in enumerate(stmts)}
     out = []
     for i, stmt in enumerate(stmts):
