@@ -151,11 +151,28 @@ _LOCAL = _Memo()
 _SIMPLIFIED = _Memo()
 
 
-def local_derivative(body: sp.Expr, wrt: sp.Expr) -> sp.Expr:
+def local_derivative(body: sp.Expr, wrt: sp.Expr,
+                     shape: tuple[sp.Expr, ...] | None = None) -> sp.Expr:
     """``sp.diff(body, wrt)``, remembered: the LaTeX pass asks again for the derivatives
-    the engine took (a dense layer's index-notation diff costs tens of milliseconds)."""
-    found = _LOCAL.get((body, wrt))
-    return found if found is not None else _LOCAL.put((body, wrt), _derivative(body, wrt))
+    the engine took (a dense layer's index-notation diff costs tens of milliseconds).
+
+    ``shape`` is the shape of the tensor ``wrt`` is an element of. A body that reads that
+    tensor at a constant index on an axis longer than one (attention reads its stacked
+    projection at part 0, 1 or 2) depends on it only where the target index equals the
+    constant: that delta(c, k) becomes the mask [k = c], which no later step drops (a
+    constant index on a size-1 axis is a broadcast, whose delta is 1)."""
+    key = (body, wrt, shape)
+    found = _LOCAL.get(key)
+    if found is not None:
+        return found
+    out = _derivative(body, wrt)
+    if shape is not None and isinstance(wrt, sp.Indexed):
+        fixed = {k for k, n in zip(wrt.indices, shape, strict=True) if n != 1}
+        out = out.replace(
+            lambda e: isinstance(e, sp.KroneckerDelta) and any(a.is_Integer for a in e.args)
+            and any(a in fixed for a in e.args),
+            lambda e: sp.Piecewise((sp.Integer(1), sp.Eq(*e.args)), (sp.Integer(0), True)))
+    return _LOCAL.put(key, out)
 
 
 def _derivative(body: sp.Expr, wrt: sp.Expr) -> sp.Expr:
@@ -188,7 +205,7 @@ def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
     """
     assert node.body is not None
     target = tuple(target_index(k) for k in range(operand.rank))
-    local = local_derivative(node.body, ref(operand.name, target))
+    local = local_derivative(node.body, ref(operand.name, target), operand.shape)
     if local == 0:
         return sp.Integer(0)
     if local.has(sp.Sum) and local.has(sp.Piecewise):

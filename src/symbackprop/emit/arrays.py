@@ -26,6 +26,7 @@ from ..ir.nodes import (
     Reshape,
     ScatterAdd,
     Seed,
+    Stack,
     View,
 )
 from .printers import NumpyCodePrinter, TorchCodePrinter
@@ -143,6 +144,12 @@ class ArrayPrinter:
         if isinstance(op, ScatterAdd):
             self.helpers.add("scatter_add")
             return f"_scatter_add({op.values}, {op.index}, {self.shape(op.shape)})"
+        if isinstance(op, Stack):
+            present = next(p for p in op.parts if p is not None)
+            parts = ", ".join(p if p is not None else f"{self.module}.zeros_like({present})"
+                              for p in op.parts)
+            axis = "axis" if self.module == "numpy" else "dim"
+            return f"{self.module}.stack([{parts}], {axis}={op.axis})"
         raise TypeError(f"no printing rule for {type(op).__name__}")  # pragma: no cover
 
     def reduce(self, op: Reduce, stmt: Assign) -> str:

@@ -45,6 +45,7 @@ from .nodes import (
     Reshape,
     ScatterAdd,
     Seed,
+    Stack,
     View,
     Views,
     ordered,
@@ -117,9 +118,29 @@ class Lowerer:
     # -- statements ---------------------------------------------------------------------
     def assign(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...], phase: Phase,
                comment: str) -> None:
-        extents = dict(zip(axes, self.shapes[target], strict=True))
         first = len(self.stmts)
-        if is_logsumexp(expr):
+        self._assign(target, expr, axes, phase)
+        stmt = self.stmts[first]
+        self.stmts[first] = Assign(stmt.target, stmt.op, comment, stmt.phase)
+
+    def _assign(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...],
+                phase: Phase) -> None:
+        extents = dict(zip(axes, self.shapes[target], strict=True))
+        stacked = _stacked(expr, axes, self.shapes[target])
+        if stacked is not None:
+            axis, parts = stacked
+            rest = axes[:axis] + axes[axis + 1:]
+            names: list[str | None] = []
+            for value in parts:
+                if value is None:
+                    names.append(None)
+                    continue
+                part = self._temp()
+                self.shapes[part] = tuple(extents[a] for a in rest)
+                self._assign(part, value, rest, phase)
+                names.append(part)
+            self._emit(target, Stack(tuple(names), axis), phase)
+        elif is_logsumexp(expr):
             self._logsumexp(expr, axes, extents, phase, target)
         elif isinstance(expr, sp.Sum) and self._free(expr.function,
                                                       _bound(expr), axes) == axes:
@@ -127,8 +148,6 @@ class Lowerer:
         else:
             lowered = self._nested(expr, phase, extents)
             self._map(target, lowered, axes, extents, phase)
-        stmt = self.stmts[first]
-        self.stmts[first] = Assign(stmt.target, stmt.op, comment, stmt.phase)
 
     def _emit(self, target: str, op: object, phase: Phase) -> None:
         self.stmts.append(Assign(target, op, "", phase))  # type: ignore[arg-type]
@@ -192,7 +211,7 @@ class Lowerer:
         scattered = self._scatter(target, body, limits, free, extents, phase)
         if scattered is not None:
             return scattered
-        factors = sp.Mul.make_args(body)
+        factors = tuple(self._unfix(f, phase) for f in sp.Mul.make_args(body))
         tensors = [f for f in factors if isinstance(f, sp.Indexed)]
         rest = [f for f in factors if not isinstance(f, sp.Indexed)]
         plain = all(len(set(t.indices)) == len(t.indices)
@@ -223,6 +242,27 @@ class Lowerer:
             self._emit(target, Reduce("sum", viewed * scale, views, reduce_axes, len(full)),
                        phase)
         return ref(target, free)
+
+    def _unfix(self, factor: sp.Expr, phase: Phase) -> sp.Expr:
+        """A factor ``w[0, h, d, c]`` of a product (a fixed index on some axes, distinct
+        symbols on the rest) as a reference to its sub-array ``w[0]`` taken once (a view
+        in both backends), so the product can still be contracted by matmul/einsum."""
+        if not isinstance(factor, sp.Indexed):
+            return factor
+        fixed = [i for i in factor.indices if i.is_Integer]
+        symbols = tuple(i for i in factor.indices if not i.is_Integer)
+        if (not fixed or not all(i.is_Symbol for i in symbols)
+                or len(set(symbols)) != len(symbols)):
+            return factor
+        source = self.shapes[_src(factor)]
+        if any(n == 1 for i, n in zip(factor.indices, source, strict=True) if i.is_Integer):
+            return factor  # a broadcast (size-1) axis: the view handles it
+        sub = self._temp()
+        shape = tuple(n for i, n in zip(factor.indices, source, strict=True)
+                      if not i.is_Integer)
+        self.shapes[sub] = shape
+        self._map(sub, factor, symbols, dict(zip(symbols, shape, strict=True)), phase)
+        return ref(sub, symbols)
 
     def _scatter(self, target: str, body: sp.Expr, limits: list[sp.Symbol],
                  free: tuple[sp.Symbol, ...], extents: dict[sp.Symbol, sp.Expr],
@@ -479,3 +519,41 @@ def _fold_seed(expr: sp.Expr, seed: sp.Symbol) -> sp.Expr:
             or any(ref_name(s) is not None for s in factor.free_symbols))
 
     return sp.Mul(*rest) if any(numeric(f) for f in rest) else expr
+
+
+def _stacked(expr: sp.Expr, axes: tuple[sp.Symbol, ...], shape: tuple[sp.Expr, ...],
+             ) -> tuple[int, list[sp.Expr | None]] | None:
+    """``expr`` as entries along one axis, when it is a sum of terms ``[k = c] * A``
+    (k an output axis, c a constant, A free of k): (the axis, the value at each entry,
+    None where no term reaches it). The adjoint of reads at fixed indices comes out so;
+    lowering it as a stack keeps each entry's contraction, instead of masking the whole
+    array once per term."""
+    axis: int | None = None
+    parts: dict[int, sp.Expr] = {}
+    for term in sp.Add.make_args(expr):
+        masks = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.Piecewise)]
+        if len(masks) != 1:
+            return None
+        (mask,) = masks
+        if len(mask.args) != 2 or mask.args[1] != (0, True):
+            return None
+        (value, cond), _ = mask.args
+        if not isinstance(cond, sp.Eq):
+            return None
+        k, c = cond.args if cond.args[0] in axes else cond.args[::-1]
+        if k not in axes or not c.is_Integer:
+            return None
+        if axis is None:
+            axis = axes.index(k)
+        if axes.index(k) != axis:
+            return None
+        body = sp.Mul(*(f for f in sp.Mul.make_args(term) if f is not mask)) * value
+        if k in _loose_indices(body) or k in body.free_symbols:
+            return None
+        parts[int(c)] = parts.get(int(c), sp.Integer(0)) + body
+    if axis is None or not shape[axis].is_Integer:
+        return None
+    size = int(shape[axis])
+    if not all(0 <= c < size for c in parts):
+        return None
+    return axis, [parts.get(c) for c in range(size)]

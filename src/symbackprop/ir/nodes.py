@@ -20,6 +20,7 @@ Ops:
 * :class:`LogSoftmax` — ``a - logsumexp(a)`` along the last axis (a pass forms it);
 * :class:`Full` — an array of one value, shaped by dims (axes no operand covers);
 * :class:`ScatterAdd` — rows added at integer ids (the adjoint of a :class:`Gather` view);
+* :class:`Stack` — arrays stacked along a new axis (the adjoint of fixed-index reads);
 * :class:`Seed` — dL/dL = 1, in the loss's dtype.
 
 A :class:`Reshape` view reads an array through an affine index map (reshape, permute,
@@ -295,7 +296,21 @@ class ScatterAdd:
         return frozenset({self.values, self.index})
 
 
-Op = Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Full | Seed | ScatterAdd
+@dataclass(frozen=True)
+class Stack:
+    """Arrays of one shape stacked along a new axis ``axis``: entry j of that axis is
+    ``parts[j]``, or zeros where ``parts[j]`` is None. The adjoint of an array read at
+    fixed indices of one axis (attention's stacked projection, read per part)."""
+
+    parts: tuple[str | None, ...]
+    axis: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset(p for p in self.parts if p is not None)
+
+
+Op = Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Full | Seed | ScatterAdd | Stack
 
 
 @dataclass(frozen=True)

@@ -232,32 +232,8 @@ class Softmax(Layer):
             raise spec.option_where["axis"].error(
                 f"axis {axis} is out of range for {z.name!r} of rank {z.rank} (allowed: "
                 f"{-z.rank} to {z.rank - 1})", ShapeError)
-        axis %= z.rank
-        idx = z.indices()
-        logits = z
-        if spec.options["causal"]:
-            where = spec.option_where["causal"]
-            if z.rank < 2:
-                raise where.error(f"causal softmax needs at least two axes; {z.name!r} has "
-                                  f"{z.rank}", ShapeError)
-            if z.shape[-1] != z.shape[-2]:
-                raise where.error(
-                    f"causal softmax needs the last two axes of {z.name!r} to be equal "
-                    f"(queries x keys), got {z.shape[-2]} and {z.shape[-1]}", ShapeError)
-            t, s = idx[-2], idx[-1]
-            masked = sp.Piecewise((z.element(), s <= t), (-sp.oo, True))
-            logits = graph.op(naming.layer_part(spec.name, "masked"), z.shape, masked,
-                              layer=spec.name, where=where, label="causal mask")
-        j = sum_index(0)
-        rows = idx[:axis] + idx[axis + 1:]
-        # lse's own output indices are i0, i1, ... over the axes that remain
-        kept = tuple(out_index(k) for k in range(z.rank - 1))
-        along = (*kept[:axis], j, *kept[axis:])
-        lse = graph.op(naming.layer_part(spec.name, "lse"), z.shape[:axis] + z.shape[axis + 1:],
-                       sp.log(sp.Sum(sp.exp(logits.element(along)), (j, 0, z.shape[axis] - 1))),
-                       layer=spec.name, where=spec.where, kind="reduction", label="logsumexp")
-        return graph.op(spec.name, z.shape, sp.exp(logits.element() - lse.element(rows)),
-                        layer=spec.name, where=spec.where, label="softmax")
+        return softmax(graph, spec.name, spec.name, z, axis % z.rank,
+                       bool(spec.options["causal"]), spec.where, spec.option_where["causal"])
 
     @classmethod
     def derivation_note(cls, spec: LayerSpec) -> Note:
@@ -288,3 +264,37 @@ class Softmax(Layer):
             keep = torch.ones(size, size, dtype=torch.bool, device=z.device).tril()
             z = z.masked_fill(~keep, float("-inf"))
         return torch.softmax(z, dim=int(spec.options["axis"]))  # type: ignore[arg-type]
+
+
+def softmax(graph: Graph, name: str, layer: str, z: Node, axis: int, causal: bool,
+            where: Where, causal_where: Where) -> Node:
+    """Add ``name = exp(z - lse)`` along ``axis`` (and ``name_lse``, ``name_masked``).
+
+    lse = log sum exp(z) along the axis, computed max-shifted by the lowering, so no
+    logit overflows; with ``causal`` the logits of key s > query t over the last two
+    axes are minus infinity first (an index predicate, no mask array). The attention
+    layer builds its probabilities with this too."""
+    idx = z.indices()
+    logits = z
+    if causal:
+        if z.rank < 2:
+            raise causal_where.error(f"causal softmax needs at least two axes; {z.name!r} "
+                                     f"has {z.rank}", ShapeError)
+        if z.shape[-1] != z.shape[-2]:
+            raise causal_where.error(
+                f"causal softmax needs the last two axes of {z.name!r} to be equal "
+                f"(queries x keys), got {z.shape[-2]} and {z.shape[-1]}", ShapeError)
+        t, s = idx[-2], idx[-1]
+        masked = sp.Piecewise((z.element(), s <= t), (-sp.oo, True))
+        logits = graph.op(naming.layer_part(name, "masked"), z.shape, masked,
+                          layer=layer, where=causal_where, label="causal mask")
+    j = sum_index(0)
+    rows = idx[:axis] + idx[axis + 1:]
+    # lse's own output indices are i0, i1, ... over the axes that remain
+    kept = tuple(out_index(k) for k in range(z.rank - 1))
+    along = (*kept[:axis], j, *kept[axis:])
+    lse = graph.op(naming.layer_part(name, "lse"), z.shape[:axis] + z.shape[axis + 1:],
+                   sp.log(sp.Sum(sp.exp(logits.element(along)), (j, 0, z.shape[axis] - 1))),
+                   layer=layer, where=where, kind="reduction", label="logsumexp")
+    return graph.op(name, z.shape, sp.exp(logits.element() - lse.element(rows)),
+                    layer=layer, where=where, label="softmax")
