@@ -70,10 +70,13 @@ def build_graph(spec: ModelSpec) -> Graph:
     graph = Graph(spec.name)
     for decl in spec.inputs:
         graph.add(Node(decl.name, tuple(graph.dim(d) for d in decl.shape), "input", decl.name,
-                       decl.where))
+                       decl.where, dtype=decl.dtype))  # type: ignore[arg-type]
     for decl in spec.targets:
         graph.add(Node(decl.name, tuple(graph.dim(d) for d in decl.shape), "target",
-                       decl.name, decl.where))
+                       decl.name, decl.where, dtype=decl.dtype))  # type: ignore[arg-type]
+    for bound in spec.dims:
+        graph.bound_dim(graph.dim(bound.name), bound.max, "its declared max (dims)")
+        graph.declared_max[bound.name] = bound.max
     for layer in layer_order(spec):
         inputs = [graph.nodes[graph.layer_outputs.get(n, n)] for n in layer.inputs]
         out = LAYERS[layer.type].build(graph, layer, inputs)

@@ -117,7 +117,10 @@ def fuse(graph: Graph, prepare: Callable[[str, sp.Expr], sp.Expr] | None = None)
         nodes[node.name] = current
         inlined[node.name] = current.body  # type: ignore[assignment]
         users = consumers[node.name]
+        # An integer op (positions 0..T-1) is read as an index: inlined, its body would
+        # stand where only an array of ids may.
         if (node.kind == "map" and len(users) == 1 and node.name != graph.loss
+                and node.dtype == "float"
                 and graph.nodes[users[0]].kind != "contraction"
                 and len(absorbed[node.name]) < MAX_FUSED_OPS):
             merged[node.name] = users[0]

@@ -71,8 +71,11 @@ class Lowerer:
         for node in graph.nodes.values():
             if node.role != "op":
                 self.shapes[node.name] = node.shape
-                if not self.like and node.role == "input":
-                    self.like = node.name
+        # The array whose dtype and device new arrays take (zeros, index ranges): a float
+        # input, else a parameter; never an integer tensor of ids.
+        floats = [n for n in graph.nodes.values() if n.role != "op" and n.dtype == "float"]
+        self.like = next((n.name for n in floats if n.role == "input"),
+                         next((n.name for n in floats if n.role == "param"), ""))
         self.dims: dict[str, tuple[str, int]] = {}
         for node in graph.nodes.values():
             if node.role in ("input", "target"):
@@ -107,7 +110,11 @@ class Lowerer:
                comment: str) -> None:
         extents = dict(zip(axes, self.shapes[target], strict=True))
         first = len(self.stmts)
-        if is_logsumexp(expr):
+        if is_index_symbol(expr) and expr in axes:
+            # positions 0, 1, ..., extent - 1 along an axis (an integer tensor of ids)
+            iota = Iota(axes.index(expr), extents[expr], len(axes), self.like)
+            self._emit(target, Map(iota.placeholder(), ((iota.placeholder(), iota),)), phase)
+        elif is_logsumexp(expr):
             self._logsumexp(expr, axes, extents, phase, target)
         elif isinstance(expr, sp.Sum) and self._free(expr.function,
                                                       _bound(expr), axes) == axes:
@@ -226,11 +233,18 @@ class Lowerer:
             if delta is not None else None
         row = next((a for a in delta.args if a is not index), None) if delta else None
         if (index is None or not free or row != free[0]
-                or set(index.indices) != set(limits) or len(set(index.indices)) != len(limits)
+                or not set(index.indices) <= set(limits)
+                or len(set(index.indices)) != len(index.indices)
                 or not all(i.is_Symbol for i in index.indices)):
             raise GraphError(f"cannot lower {body}: only a sum over every axis of one id "
                              "array, into the first axis of the result, is supported")
         rest = sp.Mul(*(f for f in factors if f is not delta))
+        extra = [i for i in limits if i not in index.indices]
+        if extra:
+            # Axes the ids do not span (the batch, for positions shared by every row) are
+            # summed first; the scatter then adds one row per id.
+            rest = self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), None,
+                             extents, phase, None)
         layout = (*index.indices, *free[1:])
         if isinstance(rest, sp.Indexed) and tuple(rest.indices) == layout:
             values = _src(rest)
