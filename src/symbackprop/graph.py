@@ -138,8 +138,6 @@ class Graph:
     def bound_ids(self, node: Node, high: int, reason: str, ignore: int | None = None) -> None:
         """Integer tensor ``node`` must hold ids in [0, high) (or ``ignore``)."""
         known = self.id_bounds.get(node.name)
-        if ignore is not None and 0 <= ignore < high:
-            ignore = None  # an ignored class inside the range is a valid id anyway
         if known is None or high < known.high:
             self.id_bounds[node.name] = IdBound(high, reason, ignore)
 

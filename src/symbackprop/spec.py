@@ -228,6 +228,10 @@ def check_option(ctx_where: Where, kind: str, value: object) -> object:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIM:
             raise ctx_where.error(f"expected a positive integer, got {value!r}")
         return value
+    if kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 1 << 62:
+            raise ctx_where.error(f"expected an integer, got {value!r}")
+        return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ctx_where.error(f"expected a number, got {_type_name(value)}")

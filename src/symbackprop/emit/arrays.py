@@ -136,6 +136,8 @@ class ArrayPrinter:
             return self.sum(text, axes, method=single)
         if op.kind == "max":
             return self.max(text, axes)
+        if op.kind == "count":
+            return self.count(text)
         return self.logsumexp(text, tuple(range(op.rank)) if axes is None else axes)
 
     def in_place(self, text: str, target: str) -> str:
@@ -155,6 +157,9 @@ class ArrayPrinter:
         raise NotImplementedError
 
     def logsumexp(self, text: str, axes: tuple[int, ...] | int) -> str:
+        raise NotImplementedError
+
+    def count(self, text: str) -> str:
         raise NotImplementedError
 
     def matmul(self, op: MatMul) -> str:
@@ -199,6 +204,11 @@ class NumpyArrayPrinter(ArrayPrinter):
     def logsumexp(self, text: str, axes: tuple[int, ...] | int) -> str:
         self.helpers.add("logsumexp")
         return f"_logsumexp({text}, {axes})"
+
+    def count(self, text: str) -> str:
+        # a Python int: dividing a float32 sum by it stays float32 (a numpy.int64 would
+        # promote the quotient to float64)
+        return f"int(numpy.count_nonzero({text}))"
 
     def matmul(self, op: MatMul) -> str:
         if op.a_rank == 2 and op.tb and not op.ta:
@@ -261,6 +271,10 @@ class TorchArrayPrinter(ArrayPrinter):
 
     def logsumexp(self, text: str, axes: tuple[int, ...] | int) -> str:
         return f"torch.logsumexp({text}, dim={axes})"
+
+    def count(self, text: str) -> str:
+        # an int64 tensor (no host sync); a float tensor divided by it keeps its dtype
+        return f"torch.count_nonzero({text})"
 
     def matmul(self, op: MatMul) -> str:
         return f"{self.operand(op.a, op.ta)} @ {self.operand(op.b, op.tb)}"

@@ -186,6 +186,13 @@ class Lowerer:
         scattered = self._scatter(target, body, limits, free, extents, phase)
         if scattered is not None:
             return scattered
+        if (not free and isinstance(body, sp.Piecewise) and len(body.args) == 2
+                and body.args[0][0] == 1 and body.args[1] == (0, sp.true)):
+            # sum of [condition] over every axis: a count (of the positions a loss counts)
+            viewed, views = self.viewify(body.args[0][1], tuple(limits), extents)
+            self._emit(target, Reduce("count", viewed, views, tuple(range(len(limits))),
+                                      len(limits)), phase)
+            return ref(target, free)
         factors = sp.Mul.make_args(body)
         tensors = [f for f in factors if isinstance(f, sp.Indexed)]
         rest = [f for f in factors if not isinstance(f, sp.Indexed)]
