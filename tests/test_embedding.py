@@ -331,6 +331,12 @@ BAD_SPECS = [
     pytest.param("inputs: {idx: {shape: [N, T], type: int64}}", r"unknown key 'type'",
                  id="dtype-misspelt"),
     pytest.param("inputs: {idx: {dtype: int64}}", r"needs a 'shape'", id="no-shape"),
+    pytest.param("inputs: {idx: {shape: [N, T], dtype: null}}", r"unknown dtype None",
+                 id="dtype-null"),
+    pytest.param("inputs: {idx: {shape: [N, T], dtype: int64}}\ndims: [T]",
+                 r"dims: expected a mapping, got a list", id="dims-list"),
+    pytest.param("inputs: {idx: {shape: [N, T], dtype: int64}}\ndims: {T: {max: 99999999999}}",
+                 r"max is a positive integer up to", id="dims-huge"),
     pytest.param("inputs: {idx: [N, T]}",
                  r"embedding 'wte' reads 'idx', a float tensor; its input must be integer",
                  id="embedding-over-float"),
@@ -378,6 +384,8 @@ def test_spec_errors(head: str, message: str) -> None:
      r"loss\.ignore_index: ignore_index applies to integer class targets"),
     ("{type: softmax_cross_entropy, target: y, ignore_index: 1.5}",
      "y: {shape: [N, T], dtype: int64}", r"expected an integer, got 1\.5"),
+    ("{type: softmax_cross_entropy, target: y, ignore_index: 36893488147419103232}",
+     "y: {shape: [N, T], dtype: int64}", r"expected an integer, got 36893488147419103232"),
     ("{type: softmax_cross_entropy, target: y}", "y: {shape: [N, T, 11], dtype: int64}",
      r"integer class target 'y' has shape \[N, T, 11\]; it needs the shape of prediction "
      r"'head' \[N, T, 11\] without its last"),
@@ -425,3 +433,42 @@ def test_float_network_pays_nothing_new() -> None:
         source = model.source(backend)
         for word in ("_as_ids", "_check_ids", "_too_large", "count_nonzero"):
             assert word not in source, (backend, word)
+
+
+def test_bounded_dimension_of_a_float_input(tmp_build) -> None:
+    """dims bounds any symbolic dimension, also one that only a float input has."""
+    _, modules = tmp_build("""
+    name: seq
+    inputs: {x: [N, T, 3]}
+    targets: {t: [N, T, 2]}
+    dims: {T: {max: 4}}
+    layers:
+      - {name: out, type: dense, units: 2}
+    loss: {type: mse, target: t}
+    """)
+    np_mod, t_mod = modules["numpy"], modules["torch"]
+    x, t = np.zeros((2, 5, 3)), np.zeros((2, 5, 2))
+    with pytest.raises(ValueError, match=r"x: T = 5 exceeds 4, its declared max \(dims\)"):
+        np_mod.loss_and_grad(np_mod.init_params(), x=x, t=t)
+    net = t_mod.Model(dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x: T = 5 exceeds 4"):
+        net(x=torch.from_numpy(x), t=torch.from_numpy(t))
+    loss, _ = np_mod.loss_and_grad(np_mod.init_params(), x=x[:, :4], t=t[:, :4])
+    assert np.isfinite(loss)
+
+
+def test_hostile_ids_are_refused(tmp_build) -> None:
+    """Ids past int64 (unsigned), nested objects and strings: a ValueError, never an
+    IndexError or a silent wrap-around."""
+    _, modules = tmp_build(CLASSIFIER)
+    np_mod, t_mod = modules["numpy"], modules["torch"]
+    p = np_mod.init_params()
+    y = np.array([[0, 1]])
+    for bad in (np.array([[2**63 + 5, 1]], dtype=np.uint64), [["a", "b"]], [[object(), 1]],
+                np.array([[1 + 2j, 1]])):
+        with pytest.raises(ValueError, match="idx: "):
+            np_mod.loss(p, idx=bad, y=y)
+    tp = {k: torch.from_numpy(v) for k, v in p.items()}
+    for bad in ([["a", "b"]], torch.tensor([[1.5, 2.0]])):
+        with pytest.raises(ValueError, match="idx: "):
+            t_mod.loss(tp, idx=bad, y=torch.from_numpy(y))
