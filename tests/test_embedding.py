@@ -391,6 +391,8 @@ def test_spec_errors(head: str, message: str) -> None:
      r"'head' \[N, T, 11\] without its last"),
     ("{type: softmax_cross_entropy, target: y}", "y: {shape: [N], dtype: int64}",
      r"integer class target 'y' has shape \[N\]"),
+    ("{type: mse, target: y}", "y: {shape: [N, T, 11], dtype: int64}",
+     r"loss 'mse' cannot take 'y', an integer tensor"),
 ])
 def test_loss_spec_errors(loss: str, targets: str, message: str) -> None:
     text = f"""name: bad
@@ -402,6 +404,22 @@ layers:
 loss: {loss}
 """
     with pytest.raises(SpecError, match=message):
+        compile_text(text, "bad.yaml")
+
+
+@pytest.mark.parametrize("layer", ["{name: d, type: dense, units: 2, input: idx}",
+                                   "{name: d, type: activation, activation: tanh, input: idx}",
+                                   "{name: d, type: add, input: [idx, idx]}"])
+def test_only_embeddings_read_integer_tensors(layer: str) -> None:
+    text = f"""name: bad
+inputs: {{idx: {{shape: [N, 2], dtype: int64}}}}
+targets: {{t: [N, 2]}}
+layers:
+  - {layer}
+loss: {{type: mse, target: t}}
+"""
+    with pytest.raises(SpecError, match=r"bad\.yaml:5:.*cannot read 'idx', an integer "
+                                        r"tensor \(ids are read by embedding"):
         compile_text(text, "bad.yaml")
 
 

@@ -64,6 +64,7 @@ class Embedding(Layer):
         "init_std": Option("float", DEFAULT_STD, "weight initialised from N(0, init_std^2)"),
     }
     params = {"weight": Param("num x dim, as torch.nn.Embedding", "normal", DEFAULT_STD)}
+    takes_ids = True
     test_cases = (
         {"num": 5, "dim": 3, "_ids": ["N", 4]},
         {"num": 7, "dim": 2, "init_std": 0.5, "_ids": ["N"]},
@@ -107,6 +108,7 @@ class PositionEmbedding(Layer):
         "init_std": Option("float", DEFAULT_STD, "weight initialised from N(0, init_std^2)"),
     }
     params = {"weight": Param("max_len x dim", "normal", DEFAULT_STD)}
+    takes_ids = True
     test_cases = (
         {"max_len": 6, "dim": 3, "_ids": ["N", "T"], "_dims": {"T": 4}},
         {"max_len": 5, "dim": 2, "_ids": ["N", 3]},

@@ -111,6 +111,7 @@ class SoftmaxCrossEntropy(Loss):
     doc = ("mean over rows of sum_c t_c (logsumexp(z) - z_c); t one-hot or probabilities, "
            "or int64 class ids (mean of logsumexp(z) - z_t over the rows not ignored)")
     target_kind = "distribution"
+    takes_class_ids = True
     options = {"ignore_index": Option(
         "integer", None, "with int64 class targets: rows whose target is this value count "
         "neither in the sum nor in the mean (default -100, as torch)")}
