@@ -21,8 +21,6 @@ from symbackprop.check import check_model, random_batch
 from symbackprop.cli import main as cli_main
 from symbackprop.errors import SpecError
 
-torch.set_default_dtype(torch.float64)
-
 CLASSIFIER = """
 name: emb_cls
 inputs:
@@ -95,7 +93,9 @@ def _batch(rng: np.random.Generator, n: int, t: int, vocab: int, classes: int,
 
 def _oracle(net: torch.nn.Module, params: dict[str, np.ndarray],
             batch: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+    net = net.to(torch.float64)
     net.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    assert all(p.dtype == torch.float64 for p in net.parameters())
     net.zero_grad()
     loss = net(torch.from_numpy(batch["idx"]), torch.from_numpy(batch["y"]))
     loss.backward()
