@@ -91,7 +91,10 @@ class ArrayPrinter:
     def body(self, op: Map | Reduce) -> str:
         expr = self.expression(op)
         if expr.has(sp.Piecewise):
-            expr = sp.piecewise_fold(expr)
+            # Fold each term on its own: a product with a mask becomes one where(), but
+            # a sum is not pulled into both branches (that would compute the other terms
+            # twice, as in softmax(z) + where(c == t, -1, 0) for a cross-entropy).
+            expr = sp.Add(*(sp.piecewise_fold(t) for t in sp.Add.make_args(expr)))
         return self.scalar.doprint(expr)
 
     def shape(self, shape: tuple[sp.Expr, ...]) -> str:
