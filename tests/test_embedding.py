@@ -490,3 +490,20 @@ def test_hostile_ids_are_refused(tmp_build) -> None:
     for bad in ([["a", "b"]], torch.tensor([[1.5, 2.0]])):
         with pytest.raises(ValueError, match="idx: "):
             t_mod.loss(tp, idx=bad, y=torch.from_numpy(y))
+
+
+def test_check_refuses_a_batch_with_bad_ids() -> None:
+    """``check --batch`` names a bad id or an over-long sequence as a usage error."""
+    from symbackprop.errors import UsageError
+
+    model = compile_text(LANGUAGE_MODEL)
+    good = {"idx": np.array([[1, 2, 3]]), "y": np.array([[0, -1, 4]])}
+    assert all(r.ok for r in check_model(model, batch=good))
+    for batch, message in (
+            ({"idx": np.array([[1, 12, 3]]), "y": good["y"]}, r"idx: id 12 is outside"),
+            ({"idx": good["idx"], "y": np.array([[0, -3, 4]])}, r"y: id -3 is outside"),
+            ({"idx": good["idx"].astype(float), "y": good["y"]}, r"idx: expected integer"),
+            ({"idx": np.zeros((1, 7), int), "y": np.zeros((1, 7), int)},
+             r"T = 7 exceeds 6, its declared max")):
+        with pytest.raises(UsageError, match=message):
+            check_model(model, batch=batch)
