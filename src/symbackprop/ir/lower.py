@@ -243,8 +243,9 @@ class Lowerer:
                 or not set(index.indices) <= set(limits)
                 or len(set(index.indices)) != len(index.indices)
                 or not all(i.is_Symbol for i in index.indices)):
-            raise GraphError(f"cannot lower {body}: only a sum over every axis of one id "
-                             "array, into the first axis of the result, is supported")
+            raise GraphError(f"cannot lower {body}: only a sum over (at least) every axis "
+                             "of one id array, into the first axis of the result, is "
+                             "supported")
         rest = sp.Mul(*(f for f in factors if f is not delta))
         extra = [i for i in limits if i not in index.indices]
         if extra:
