@@ -150,7 +150,9 @@ def check_numerically(model, doc: latex.Document, module, batch_size: int = 2) -
     graph = deriv.graph
     params = module.init_params(0)
     batch = random_batch(model, batch=batch_size)
-    sizes = {name: batch_size for name in graph.dims}
+    # each symbolic dimension's size as drawn (the batch, a sequence length, ...)
+    sizes = {str(d): n for node in graph.nodes.values() if node.name in batch
+             for d, n in zip(node.shape, batch[node.name].shape, strict=True) if d.is_Symbol}
     values: dict[str, np.ndarray] = {**batch}
     for p in graph.params():
         values[p.name] = params[p.param]

@@ -4,7 +4,8 @@ For every op node on a path from a trainable parameter to the loss, in reverse o
 the adjoint dL/d(node) is the sum of the contributions its consumers sent it; the node
 then sends ``vjp(node, operand)`` to each operand that needs a gradient. Frozen
 parameters, inputs and targets never get an adjoint, so no code is emitted for them,
-unless the caller asks for every leaf (``derive(graph, leaves=True)``): the torch
+unless the caller asks for every float leaf (``derive(graph, leaves=True)``; integer
+tensors, ids and class labels, never get one): the torch
 ``autograd.Function`` and numpy's ``loss_and_grad(..., wrt=...)`` differentiate with
 respect to inputs, targets and frozen parameters when their caller asks at run time.
 """
@@ -104,9 +105,10 @@ def derive(graph: Graph, *, leaves: bool = False, reuse: Derivation | None = Non
         if node.role == "param":
             needs[name] = node.trainable or leaves
         elif node.role != "op":
-            needs[name] = leaves
+            needs[name] = leaves and node.dtype == "float"  # ids have no gradient
     for name in order:
-        needs[name] = any(needs.get(o, False) for o in fused.nodes[name].operands)
+        needs[name] = fused.nodes[name].dtype == "float" and any(
+            needs.get(o, False) for o in fused.nodes[name].operands)
 
     seed = sp.Symbol(naming.adjoint(graph.loss), real=True)
     mean_table = means(graph)

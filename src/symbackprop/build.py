@@ -70,12 +70,20 @@ def build_graph(spec: ModelSpec) -> Graph:
     graph = Graph(spec.name)
     for decl in spec.inputs:
         graph.add(Node(decl.name, tuple(graph.dim(d) for d in decl.shape), "input", decl.name,
-                       decl.where))
+                       decl.where, dtype=decl.dtype))  # type: ignore[arg-type]
     for decl in spec.targets:
         graph.add(Node(decl.name, tuple(graph.dim(d) for d in decl.shape), "target",
-                       decl.name, decl.where))
+                       decl.name, decl.where, dtype=decl.dtype))  # type: ignore[arg-type]
+    for bound in spec.dims:
+        graph.bound_dim(graph.dim(bound.name), bound.max, "its declared max (dims)")
+        graph.declared_max[bound.name] = bound.max
     for layer in layer_order(spec):
         inputs = [graph.nodes[graph.layer_outputs.get(n, n)] for n in layer.inputs]
+        ids = next((n for n in inputs if n.dtype != "float"), None)
+        if ids is not None and not LAYERS[layer.type].takes_ids:
+            raise layer.option_where["input"].error(
+                f"layer type {layer.type!r} cannot read {ids.name!r}, an integer tensor "
+                "(ids are read by embedding and position_embedding)", GraphError)
         out = LAYERS[layer.type].build(graph, layer, inputs)
         graph.layer_outputs[layer.name] = out.name
 
@@ -90,6 +98,10 @@ def build_graph(spec: ModelSpec) -> Graph:
             raise loss.option_where["target"].error(
                 f"target {loss.target!r} is not declared under 'targets'", GraphError)
         target = graph.nodes[loss.target]
+        if target.dtype != "float" and not LOSSES[loss.type].takes_class_ids:
+            raise loss.option_where["target"].error(
+                f"loss {loss.type!r} cannot take {target.name!r}, an integer tensor (class "
+                "ids are taken by softmax_cross_entropy)", GraphError)
     graph.loss = LOSSES[loss.type].build(graph, loss, prediction, target).name
     graph.prediction = prediction.name
     if not any(p.trainable for p in graph.params()):

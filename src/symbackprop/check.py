@@ -27,6 +27,7 @@ from .api import CompiledModel, _open_regular, compile_spec
 from .build import layer_order
 from .emit.render import module_filename
 from .errors import CheckFailed, UsageError
+from .graph import IdBound
 from .layers import LAYERS, LOSSES
 from .spec import ModelSpec
 
@@ -48,17 +49,21 @@ def load_module(path: str | Path) -> ModuleType:
 
 def random_batch(model: CompiledModel, batch: int = 5, seed: int = 1,
                  dtype: Any = np.float64) -> dict[str, np.ndarray]:
-    """Inputs ~ N(0, 1); targets drawn to suit the loss (probabilities, one-hot rows)."""
+    """Inputs ~ N(0, 1); targets drawn to suit the loss (probabilities, one-hot rows);
+    integer tensors get valid ids (a quarter of them the ignored label, where a loss
+    ignores one), and bounded dimensions stay within their bound."""
     rng = np.random.default_rng(seed)
     graph = model.derivation.graph
-    sizes = {name: (batch if n == 0 else 3) for n, name in enumerate(graph.dims)}
+    sizes = _dim_sizes(model, batch)
     out: dict[str, np.ndarray] = {}
     loss_cls = LOSSES[model.spec.loss.type]
     for node in graph.nodes.values():
         if node.role not in ("input", "target"):
             continue
         shape = tuple(int(d) if d.is_Integer else sizes[str(d)] for d in node.shape)
-        if node.role == "input":
+        if node.dtype == "int64":
+            out[node.name] = _random_ids(graph.id_bounds.get(node.name), shape, rng)
+        elif node.role == "input":
             out[node.name] = rng.normal(size=shape)
         elif loss_cls.target_kind == "probability":
             out[node.name] = rng.uniform(0.05, 0.95, size=shape)
@@ -68,7 +73,20 @@ def random_batch(model: CompiledModel, batch: int = 5, seed: int = 1,
             out[node.name] = flat.reshape(shape)
         else:
             out[node.name] = rng.normal(size=shape)
-    return {k: v.astype(dtype) for k, v in out.items()}
+    return {k: v if v.dtype.kind == "i" else v.astype(dtype) for k, v in out.items()}
+
+
+def _random_ids(bound: IdBound | None, shape: tuple[int, ...],
+                rng: np.random.Generator) -> np.ndarray:
+    """Ids in [0, high) (any small ids where nothing bounds them); where a loss ignores a
+    label, about a quarter of them are that label, but never all."""
+    ids = rng.integers(0, bound.high if bound is not None else 4, size=shape, dtype=np.int64)
+    if bound is not None and bound.ignore is not None and ids.size > 1:
+        flat = ids.reshape(-1)
+        ignored = rng.random(flat.size) < 0.25
+        ignored[rng.integers(0, flat.size)] = False
+        flat[ignored] = bound.ignore
+    return ids
 
 
 def call_args(module: ModuleType, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,7 +218,11 @@ def torch_available() -> bool:
 
 
 def _dim_sizes(model: CompiledModel, batch: int) -> dict[str, int]:
-    return {name: (batch if n == 0 else 3) for n, name in enumerate(model.derivation.graph.dims)}
+    graph = model.derivation.graph
+    sizes = {name: (batch if n == 0 else 3) for n, name in enumerate(graph.dims)}
+    for name, limit in graph.dim_limits.items():
+        sizes[name] = min(sizes[name], limit.max)
+    return sizes
 
 
 def estimate_bytes(model: CompiledModel, batch: Mapping[str, np.ndarray] | None = None) -> int:
@@ -309,6 +331,8 @@ def _checked_batch(model: CompiledModel, module: ModuleType,
         if node.name not in given:
             raise UsageError(f"{label}: the batch has no array {node.name!r}")
         value = np.asarray(given[node.name])
+        if node.dtype == "int64" and value.dtype.kind not in "iu":
+            raise UsageError(f"{label}: {node.name}: expected integer ids, got {value.dtype}")
         if not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
             raise UsageError(f"{label}: {node.name}: expected real numbers, got {value.dtype}")
         if value.ndim != len(node.shape):
@@ -321,7 +345,17 @@ def _checked_batch(model: CompiledModel, module: ModuleType,
                                  f"the declared {tuple(str(d) for d in node.shape)}")
             if n == 0:
                 raise UsageError(f"{label}: {node.name}: the batch is empty")
-        out[node.name] = value.astype(dtype)
+        bound = graph.id_bounds.get(node.name)
+        if bound is not None and value.size:
+            bad = value[((value < 0) | (value >= bound.high)) & (value != bound.ignore)]
+            if bad.size:
+                raise UsageError(f"{label}: {node.name}: id {bad.flat[0]} is outside "
+                                 f"[0, {bound.high}) ({bound.reason})")
+        out[node.name] = value.astype(np.int64 if node.dtype == "int64" else dtype)
+    for dim, size in sizes.items():
+        limit = graph.dim_limits.get(dim)
+        if limit is not None and size > limit.max:
+            raise UsageError(f"{label}: {dim} = {size} exceeds {limit.max}, {limit.reason}")
     return out
 
 

@@ -8,6 +8,13 @@ use the index symbols ``i0, i1, ...``; contractions and reductions appear as sym
 error is ``Sum((y[s0, s1] - t[s0, s1])**2, ...) / (N * C)``. Elementwise ops have no
 ``Sum``; broadcasting is an operand indexed by fewer output indices.
 
+Tensors are float (the parameters' dtype) or ``int64`` (``Node.dtype``): integer
+tensors are ids and class labels, read only as indices (``E[ids[i0, i1], i2]``) or in
+comparisons, never differentiated and never cast. What their values may be (ids below
+an embedding's ``num``) and how large a symbolic dimension may grow (``dims: {T: {max}}``,
+a position table's ``max_len``) are recorded here (:meth:`Graph.bound_ids`,
+:meth:`Graph.bound_dim`) for the generated modules' run-time checks.
+
 This module owns node storage, shape bookkeeping and topological order; layers build
 nodes through :class:`Graph`, and the derive/backprop/lower passes read it.
 """
@@ -23,6 +30,7 @@ from .errors import GraphError
 from .spec import Where
 
 Role = Literal["input", "target", "param", "op"]
+DType = Literal["float", "int64"]
 Kind = Literal["map", "contraction", "reduction"]
 
 
@@ -58,6 +66,24 @@ def ref_name(expr: sp.Expr) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class IdBound:
+    """The values an integer tensor may hold: ``0 <= id < high``, or ``ignore`` (a class
+    target's ignore_index); ``reason`` says who asks (for the run-time error)."""
+
+    high: int
+    reason: str
+    ignore: int | None = None
+
+
+@dataclass(frozen=True)
+class DimLimit:
+    """A symbolic dimension's largest allowed size and why (for the run-time error)."""
+
+    max: int
+    reason: str
+
+
 @dataclass
 class Node:
     """One tensor of the network: an input, a target, a parameter, or an op's output."""
@@ -75,6 +101,7 @@ class Node:
     trainable: bool = False
     init: tuple[str, float] = ("zeros", 0.0)
     meta: dict[str, object] = field(default_factory=dict)
+    dtype: DType = "float"
 
     @property
     def rank(self) -> int:
@@ -97,12 +124,30 @@ class Graph:
         self.loss: str = ""
         self.prediction: str = ""
         self.layer_outputs: dict[str, str] = {}
+        # Run-time checks of integer tensors and bounded dimensions (tightest bound kept).
+        self.id_bounds: dict[str, IdBound] = {}
+        self.dim_limits: dict[str, DimLimit] = {}
+        self.declared_max: dict[str, int] = {}  # dims: {T: {max: 64}} as the spec says
 
     def dim(self, value: int | str) -> sp.Expr:
         if isinstance(value, int):
             return sp.Integer(value)
         sym = self.dims.setdefault(value, dim_symbol(value))
         return sym
+
+    def bound_ids(self, node: Node, high: int, reason: str, ignore: int | None = None) -> None:
+        """Integer tensor ``node`` must hold ids in [0, high) (or ``ignore``)."""
+        known = self.id_bounds.get(node.name)
+        if known is None or high < known.high:
+            self.id_bounds[node.name] = IdBound(high, reason, ignore)
+
+    def bound_dim(self, dim: sp.Expr, limit: int, reason: str) -> None:
+        """Symbolic dimension ``dim`` may be at most ``limit`` at run time."""
+        if not dim.is_Symbol:
+            return
+        known = self.dim_limits.get(dim.name)
+        if known is None or limit < known.max:
+            self.dim_limits[dim.name] = DimLimit(limit, reason)
 
     def add(self, node: Node) -> Node:
         if node.name in self.nodes:

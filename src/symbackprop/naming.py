@@ -124,6 +124,16 @@ def layer_part(layer: str, part: str) -> str:
     return f"{layer}_{part}"
 
 
+def positions(layer: str) -> str:
+    """The integer positions 0..T-1 a position embedding reads its rows at."""
+    return f"{layer}_positions"
+
+
+def loss_part(prediction: str, role: str) -> str:
+    """An intermediate of a loss over ``prediction``: ``out_lse``, ``out_count``."""
+    return f"{prediction}_{role}"
+
+
 def adjoint(var: str) -> str:
     """The variable holding dL/d(var)."""
     return f"d_{var}"

@@ -19,7 +19,10 @@ from pathlib import Path
 from . import naming, yamlsafe
 from .errors import SpecError
 
-TOP_KEYS = ("name", "description", "inputs", "targets", "blocks", "layers", "loss")
+TOP_KEYS = ("name", "description", "inputs", "targets", "dims", "blocks", "layers", "loss")
+# The element types a tensor may declare: ``float`` (the parameters' floating dtype, the
+# default) and ``int64`` (ids and class labels: never cast, never differentiated).
+DTYPES = ("float", "int64")
 MAX_DIM = 1 << 24
 MAX_LAYERS = 512  # after blocks are expanded
 MAX_REPEAT = 64
@@ -42,8 +45,20 @@ class Where:
 
 @dataclass(frozen=True)
 class TensorDecl:
+    """An input or target: ``x: [N, 2]`` (float) or ``idx: {shape: [N, T], dtype: int64}``."""
+
     name: str
     shape: tuple[int | str, ...]
+    where: Where
+    dtype: str = "float"
+
+
+@dataclass(frozen=True)
+class DimBound:
+    """``dims: {T: {max: 64}}``: a symbolic dimension's largest allowed size."""
+
+    name: str
+    max: int
     where: Where
 
 
@@ -112,6 +127,7 @@ class ModelSpec:
     file: str
     sha256: str
     where: Where
+    dims: tuple[DimBound, ...] = ()
 
     def layer(self, name: str) -> LayerSpec:
         for layer in self.layers:
@@ -180,10 +196,49 @@ def _shape(ctx: _Ctx, value: object, path: tuple[str | int, ...]) -> tuple[int |
 def _decls(ctx: _Ctx, value: object, key: str) -> tuple[TensorDecl, ...]:
     table = _mapping(ctx, value, (key,))
     out = []
-    for name, shape in table.items():
+    for name, decl in table.items():
         _name(ctx, name, (key, name))
-        out.append(TensorDecl(name, _shape(ctx, shape, (key, name)), ctx.where((key, name),
-                                                                                   key=True)))
+        where = ctx.where((key, name), key=True)
+        if not isinstance(decl, dict):  # the short form x: [N, 2] is a float tensor
+            out.append(TensorDecl(name, _shape(ctx, decl, (key, name)), where))
+            continue
+        for item in decl:
+            if item not in ("shape", "dtype"):
+                raise ctx.fail((key, name, item), f"unknown key {item!r} (allowed: dtype, "
+                                                  "shape)", key=True)
+        if "shape" not in decl:
+            raise ctx.fail((key, name), "a tensor mapping needs a 'shape' such as [N, T]")
+        dtype = decl.get("dtype", "float")
+        if dtype not in DTYPES:
+            raise ctx.fail((key, name, "dtype"), f"unknown dtype {dtype!r} (allowed: "
+                                                 f"{', '.join(DTYPES)})")
+        out.append(TensorDecl(name, _shape(ctx, decl["shape"], (key, name, "shape")), where,
+                              dtype))
+    return tuple(out)
+
+
+def _dims(ctx: _Ctx, value: object, decls: tuple[TensorDecl, ...]) -> tuple[DimBound, ...]:
+    """``dims: {T: {max: 64}}``: bounds on symbolic dimensions the tensors use."""
+    table = _mapping(ctx, value, ("dims",))
+    used = {d for decl in decls for d in decl.shape if isinstance(d, str)}
+    out = []
+    for name, entry in table.items():
+        _name(ctx, name, ("dims", name))
+        if name not in used:
+            raise ctx.fail(("dims", name), f"dims names {name!r}, which no input or target "
+                                           "shape uses", key=True)
+        entry = _mapping(ctx, entry, ("dims", name))
+        for item in entry:
+            if item != "max":
+                raise ctx.fail(("dims", name, item), f"unknown key {item!r} (allowed: max)",
+                               key=True)
+        if "max" not in entry:
+            raise ctx.fail(("dims", name), f"dims.{name} needs 'max' (its largest size)")
+        bound = entry["max"]
+        if isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= MAX_DIM:
+            raise ctx.fail(("dims", name, "max"), f"max is a positive integer up to {MAX_DIM}"
+                                                  f", got {bound!r}")
+        out.append(DimBound(name, bound, ctx.where(("dims", name, "max"))))
     return tuple(out)
 
 
@@ -199,6 +254,10 @@ def check_option(ctx_where: Where, kind: str, value: object) -> object:
         return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_DIM:
+            raise ctx_where.error(f"expected an integer, got {value!r}")
+        return value
+    if kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 1 << 62:
             raise ctx_where.error(f"expected an integer, got {value!r}")
         return value
     if kind == "float":
@@ -333,6 +392,8 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
         raise ctx.fail(("inputs",), "declare at least one input")
     targets = _decls(ctx, top.get("targets", {}), "targets") if "targets" in top else ()
 
+    dims = _dims(ctx, top["dims"], (*inputs, *targets)) if "dims" in top else ()
+
     seen: dict[str, Where] = {}
     for decl in (*inputs, *targets):
         if decl.name in seen:
@@ -375,7 +436,7 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
     loss_wheres.setdefault("target", ctx.where(("loss", "target")))
     loss = LossSpec(ltype, prediction, target, loss_options, ctx.where(("loss",)), loss_wheres)
     return ModelSpec(name, description, inputs, targets, tuple(layers), loss, file,
-                     hashlib.sha256(raw).hexdigest(), ctx.where(()))
+                     hashlib.sha256(raw).hexdigest(), ctx.where(()), dims)
 
 
 def _blocks(ctx: _Ctx, value: object) -> dict[str, BlockSpec]:

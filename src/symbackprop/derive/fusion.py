@@ -120,7 +120,10 @@ def fuse(graph: Graph, prepare: Callable[[str, sp.Expr], sp.Expr] | None = None)
         # A reshape (meta "standalone") is a view of its own: fused into or with its
         # neighbours its affine indices would nest (floor of a digit sum) and lose the
         # one-view form lowering prints.
+        # An integer op (positions 0..T-1) is read as an index: inlined, its body would
+        # stand where only an array of ids may.
         if (node.kind == "map" and len(users) == 1 and node.name != graph.loss
+                and node.dtype == "float"
                 and graph.nodes[users[0]].kind != "contraction"
                 and not node.meta.get("standalone")
                 and not graph.nodes[users[0]].meta.get("standalone")

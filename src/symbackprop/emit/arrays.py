@@ -111,7 +111,10 @@ class ArrayPrinter:
     def body(self, op: Map | Reduce) -> str:
         expr = self.expression(op)
         if expr.has(sp.Piecewise):
-            expr = sp.piecewise_fold(expr)
+            # Fold each term on its own: a product with a mask becomes one where(), but
+            # a sum is not pulled into both branches (that would compute the other terms
+            # twice, as in softmax(z) + where(c == t, -1, 0) for a cross-entropy).
+            expr = sp.Add(*(sp.piecewise_fold(t) for t in sp.Add.make_args(expr)))
         return self.scalar.doprint(expr)
 
     def shape(self, shape: tuple[sp.Expr, ...]) -> str:
@@ -162,6 +165,8 @@ class ArrayPrinter:
             return self.sum(text, axes, method=single)
         if op.kind == "max":
             return self.max(text, axes)
+        if op.kind == "count":
+            return self.count(text)
         return self.logsumexp(text, tuple(range(op.rank)) if axes is None else axes)
 
     def in_place(self, text: str, target: str) -> str:
@@ -181,6 +186,9 @@ class ArrayPrinter:
         raise NotImplementedError
 
     def logsumexp(self, text: str, axes: tuple[int, ...] | int) -> str:
+        raise NotImplementedError
+
+    def count(self, text: str) -> str:
         raise NotImplementedError
 
     def matmul(self, op: MatMul) -> str:
@@ -225,6 +233,11 @@ class NumpyArrayPrinter(ArrayPrinter):
     def logsumexp(self, text: str, axes: tuple[int, ...] | int) -> str:
         self.helpers.add("logsumexp")
         return f"_logsumexp({text}, {axes})"
+
+    def count(self, text: str) -> str:
+        # a Python int: dividing a float32 sum by it stays float32 (a numpy.int64 would
+        # promote the quotient to float64)
+        return f"int(numpy.count_nonzero({text}))"
 
     def matmul(self, op: MatMul) -> str:
         if op.a_rank == 2 and op.tb and not op.ta:
@@ -295,6 +308,10 @@ class TorchArrayPrinter(ArrayPrinter):
 
     def logsumexp(self, text: str, axes: tuple[int, ...] | int) -> str:
         return f"torch.logsumexp({text}, dim={axes})"
+
+    def count(self, text: str) -> str:
+        # an int64 tensor (no host sync); a float tensor divided by it keeps its dtype
+        return f"torch.count_nonzero({text})"
 
     def matmul(self, op: MatMul) -> str:
         return f"{self.operand(op.a, op.ta)} @ {self.operand(op.b, op.tb)}"

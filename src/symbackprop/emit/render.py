@@ -9,6 +9,7 @@ module structure only.
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from sympy.core.relational import Relational
 
 from .. import __version__, naming
 from ..backprop import Derivation, derive
+from ..graph import Graph, Node
 from ..ir import passes
 from ..ir.lower import Lowerer
 from ..ir.nodes import Assign, Map, Program
@@ -189,11 +191,10 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
             for p in params
         ],
         "trainable": [p.param for p in params if p.trainable],
-        "inputs": [{"name": n.name, "shape": _shape_tuple(n.shape),
-                    "dims": [str(d) for d in n.shape]} for n in inputs],
-        "targets": [{"name": n.name, "shape": _shape_tuple(n.shape),
-                     "dims": [str(d) for d in n.shape]} for n in used_targets],
-        "dims": [{"name": name, "source": src, "axis": axis}
+        "inputs": [_tensor_context(graph, n) for n in inputs],
+        "targets": [_tensor_context(graph, n) for n in used_targets],
+        "dims": [{"name": name, "source": src, "axis": axis,
+                  "limit": _limit_args(graph, name)}
                  for name, (src, axis) in functional.dims.items()],
         "prediction": graph.prediction,
         "loss_var": loss_var,
@@ -203,7 +204,8 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         "seed": deriv.seed.name,
     }
     used = {n.name for n in inputs} | {t.name for t in used_targets} | {p.name for p in params}
-    wrt_leaves = [n for n in leaves if n.name in used]
+    # integer tensors (ids, class labels) have no gradient to ask for
+    wrt_leaves = [n for n in leaves if n.name in used and n.dtype == "float"]
     helpers = set(pr.helpers)
     if backend == "numpy":
         # loss_and_grad(..., wrt=...): every leaf's gradient, each behind its flag.
@@ -225,19 +227,21 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         # The autograd.Function's arguments: inputs, targets, then every parameter.
         args = ([n.name for n in inputs] + [t.name for t in used_targets]
                 + [p.name for p in params])
-        outputs = [loss_var, *(full.leaf_grads[a] for a in args)]
+        outputs = [loss_var, *(full.leaf_grads[a] for a in args if a in full.leaf_grads)]
         whole = passes.function(autograd, outputs)
         fwd = [s for s in whole if s.phase == "forward"]
         bwd = [s for s in whole if s.phase == "backward"]
         defined = {s.target for s in fwd}
         kept = sorted({r for s in bwd for r in s.reads if r in defined} - {loss_var},
                       key=_order_key(whole, graph))
-        flags = {full.leaf_grads[a]: naming.need_flag(a) for a in args}
+        flags = {full.leaf_grads[a]: naming.need_flag(a) for a in args
+                 if a in full.leaf_grads}
         context.update({
             "fn_args": args,
             "n_leading": len(inputs) + len(used_targets),
             "fn_flags": [naming.need_flag(a) for a in args],
-            "fn_grads": [full.leaf_grads[a] for a in args],
+            # None: an integer argument, which never gets a gradient
+            "fn_grads": [full.leaf_grads.get(a) for a in args],
             "fwd_lines": apr.lines(fwd, keep={*kept, loss_var}),
             # The backward may free each saved intermediate after its last use (see
             # _release in the template), as autograd frees a node's saved tensors.
@@ -270,6 +274,24 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     except SyntaxError as exc:  # pragma: no cover - a bug in symbackprop, not user input
         raise RuntimeError(f"generated {backend} module does not parse: {exc}") from exc
     return source
+
+
+def _tensor_context(graph: Graph, node: Node) -> dict[str, object]:
+    """An input or target as the templates see it. ``ids``: an integer tensor, and
+    ``check`` the arguments of its run-time range check (empty when nothing bounds it)."""
+    out: dict[str, object] = {"name": node.name, "shape": _shape_tuple(node.shape),
+                              "dims": [str(d) for d in node.shape],
+                              "ids": node.dtype == "int64", "check": ""}
+    bound = graph.id_bounds.get(node.name)
+    if bound is not None:
+        out["check"] = f"{bound.high}, {bound.ignore!r}, {json.dumps(bound.reason)}"
+    return out
+
+
+def _limit_args(graph: Graph, dim: str) -> str:
+    """The arguments of a bounded dimension's run-time check (empty when unbounded)."""
+    limit = graph.dim_limits.get(dim)
+    return "" if limit is None else f"{limit.max}, {json.dumps(limit.reason)}"
 
 
 def _with_leaves(deriv: Derivation) -> Derivation:

@@ -76,8 +76,11 @@ class Lowerer:
         for node in graph.nodes.values():
             if node.role != "op":
                 self.shapes[node.name] = node.shape
-                if not self.like and node.role == "input":
-                    self.like = node.name
+        # The array whose dtype and device new arrays take (zeros, index ranges): a float
+        # input, else a parameter; never an integer tensor of ids.
+        floats = [n for n in graph.nodes.values() if n.role != "op" and n.dtype == "float"]
+        self.like = next((n.name for n in floats if n.role == "input"),
+                         next((n.name for n in floats if n.role == "param"), ""))
         self.dims: dict[str, tuple[str, int]] = {}
         for node in graph.nodes.values():
             if node.role in ("input", "target"):
@@ -140,6 +143,10 @@ class Lowerer:
                 self._assign(part, value, rest, phase)
                 names.append(part)
             self._emit(target, Stack(tuple(names), axis), phase)
+        elif is_index_symbol(expr) and expr in axes:
+            # positions 0, 1, ..., extent - 1 along an axis (an integer tensor of ids)
+            iota = Iota(axes.index(expr), extents[expr], len(axes), self.like)
+            self._emit(target, Map(iota.placeholder(), ((iota.placeholder(), iota),)), phase)
         elif is_logsumexp(expr):
             self._logsumexp(expr, axes, extents, phase, target)
         elif isinstance(expr, sp.Sum) and self._free(expr.function,
@@ -211,6 +218,13 @@ class Lowerer:
         scattered = self._scatter(target, body, limits, free, extents, phase)
         if scattered is not None:
             return scattered
+        if (not free and isinstance(body, sp.Piecewise) and len(body.args) == 2
+                and body.args[0][0] == 1 and body.args[1] == (0, sp.true)):
+            # sum of [condition] over every axis: a count (of the positions a loss counts)
+            viewed, views = self.viewify(body.args[0][1], tuple(limits), extents)
+            self._emit(target, Reduce("count", viewed, views, tuple(range(len(limits))),
+                                      len(limits)), phase)
+            return ref(target, free)
         factors = tuple(self._unfix(f, phase) for f in sp.Mul.make_args(body))
         tensors = [f for f in factors if isinstance(f, sp.Indexed)]
         rest = [f for f in factors if not isinstance(f, sp.Indexed)]
@@ -279,11 +293,19 @@ class Lowerer:
             if delta is not None else None
         row = next((a for a in delta.args if a is not index), None) if delta else None
         if (index is None or not free or row != free[0]
-                or set(index.indices) != set(limits) or len(set(index.indices)) != len(limits)
+                or not set(index.indices) <= set(limits)
+                or len(set(index.indices)) != len(index.indices)
                 or not all(i.is_Symbol for i in index.indices)):
-            raise GraphError(f"cannot lower {body}: only a sum over every axis of one id "
-                             "array, into the first axis of the result, is supported")
+            raise GraphError(f"cannot lower {body}: only a sum over (at least) every axis "
+                             "of one id array, into the first axis of the result, is "
+                             "supported")
         rest = sp.Mul(*(f for f in factors if f is not delta))
+        extra = [i for i in limits if i not in index.indices]
+        if extra:
+            # Axes the ids do not span (the batch, for positions shared by every row) are
+            # summed first; the scatter then adds one row per id.
+            rest = self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), None,
+                             extents, phase, None)
         layout = (*index.indices, *free[1:])
         if isinstance(rest, sp.Indexed) and tuple(rest.indices) == layout:
             values = _src(rest)

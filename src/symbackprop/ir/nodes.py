@@ -12,7 +12,9 @@ passes never need to.
 Ops:
 
 * :class:`Map` — ``out = body`` elementwise, with broadcasting through views;
-* :class:`Reduce` — ``out = reduce(body)`` over axes (``sum``, ``max``, ``logsumexp``);
+* :class:`Reduce` — ``out = reduce(body)`` over axes (``sum``, ``max``, ``logsumexp``;
+  ``count``: how many entries of a boolean body are true, over every axis, as a plain
+  integer, so dividing by it keeps the dtype);
 * :class:`MatMul` — ``a @ b`` of two matrices (or a stack of rows against a matrix),
   each operand optionally transposed;
 * :class:`Einsum` — any other contraction of two arrays, in subscript form;
@@ -36,7 +38,7 @@ from typing import Literal
 import sympy as sp
 
 Phase = Literal["forward", "backward"]
-ReduceKind = Literal["sum", "max", "logsumexp"]
+ReduceKind = Literal["sum", "max", "logsumexp", "count"]
 
 
 @dataclass(frozen=True)

@@ -494,7 +494,10 @@ class _Builder:
             what = {"input": "input", "target": "target"}.get(node.role, "")
             if node.role == "param":
                 what = "parameter" if node.trainable else "frozen parameter (no gradient)"
-            parts += [math(rf"{self.names.array(node.name)} \in \mathbb{{R}}^"
+            if node.dtype == "int64":  # ids and class labels (values counted from 0)
+                what = f"integer {what} (ids from 0)"
+            field = "Z" if node.dtype == "int64" else "R"
+            parts += [math(rf"{self.names.array(node.name)} \in \mathbb{{{field}}}^"
                            rf"{{{_shape(node.shape)}}}"), f" {what} ",
                       code(node.param or node.name), "; " if n < len(leaves) - 1 else "."]
         conventions = spans(
@@ -517,7 +520,8 @@ class _Builder:
             assert node.body is not None
             body = self._apply_names(name, node.body)
             axes = node.indices()
-            letters = self.letters(body, first=axes)
+            # the left-hand side tells the extent of an axis the body only broadcasts along
+            letters = self.letters(body, first=axes, context=(node.element(),))
             mat = self.matrix(body, axes) if axes else None
             el = (self.element(name, axes, letters), f"= {self.idx(body, letters)}")
             if mat is None:

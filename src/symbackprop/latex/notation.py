@@ -114,6 +114,8 @@ class _Sym:
         return self.base() + (f"_{{{','.join(parts)}}}" if parts else "")
 
 
+# Letters for ops by their label: embedding rows e, the positions 0..T-1 they follow p.
+_LABEL_LETTERS = {"embedding": "e", "position_embedding": "e", "positions": "p"}
 _PARAM_LETTERS = {"weight": "W", "bias": "b", "scale": r"\gamma", "gamma": r"\gamma",
                   "gain": r"\gamma", "shift": r"\beta", "beta": r"\beta"}
 
@@ -154,6 +156,8 @@ class Names:
             return _Sym("z", layer)
         if node.name == graph.prediction and node.kind == "map":
             return _Sym("y")
+        if node.label in _LABEL_LETTERS:
+            return _Sym(_LABEL_LETTERS[node.label], layer)
         if node.kind == "map":
             return _Sym("h", layer)
         for other in graph.nodes:

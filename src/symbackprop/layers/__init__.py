@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (registration side effects)
     bilinear,
     core,
     elementwise,
+    embedding,
     losses,
     normalization,
     shape,

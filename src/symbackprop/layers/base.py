@@ -99,6 +99,8 @@ class Layer:
     options: ClassVar[Mapping[str, Option]] = {}
     params: ClassVar[Mapping[str, Param]] = {}
     arity: ClassVar[tuple[int, int | None]] = (1, 1)
+    # Whether the layer reads int64 inputs (as ids); every other layer refuses them.
+    takes_ids: ClassVar[bool] = False
     # Small option sets the parametrized tests build one network from each.
     test_cases: ClassVar[tuple[Mapping[str, object], ...]] = ({},)
 
@@ -180,6 +182,8 @@ class Loss:
     target_kind: ClassVar[str] = "real"
     # Whether predictions must lie in (0, 1) (bce on probabilities).
     wants_probability: ClassVar[bool] = False
+    # Whether the target may be int64 class ids; every other loss refuses them.
+    takes_class_ids: ClassVar[bool] = False
     # Option sets the parametrized tests build one network from each.
     test_cases: ClassVar[tuple[Mapping[str, object], ...]] = ({},)
 

@@ -4,7 +4,9 @@ Elementwise losses (mse, bce, bce_with_logits) average over every element, as to
 default ``reduction='mean'`` does. Softmax cross-entropy sums over the last (class)
 axis and averages over the rest: L = mean_r sum_c t[r,c] (lse[r] - z[r,c]) with
 lse[r] = log sum_c exp(z[r,c]), exactly torch's ``cross_entropy`` with probability
-targets; for one-hot or probability rows its gradient is softmax(z) - t.
+targets; for one-hot or probability rows its gradient is softmax(z) - t. With int64
+class targets it is L = sum_r [t[r] != ignore] (lse[r] - z[r, t[r]]) / #{r : t[r] != ignore},
+torch's ``cross_entropy`` with ``ignore_index``; every row ignored gives 0/0 = NaN, as torch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import sympy as sp
 
+from .. import naming
 from ..derive.functions import ClampedLog, Softplus
 from ..errors import ShapeError
 from ..graph import Graph, Node, sum_index
@@ -105,21 +108,30 @@ class BinaryCrossEntropyWithLogits(Loss):
 @register_loss
 class SoftmaxCrossEntropy(Loss):
     key = "softmax_cross_entropy"
-    doc = "mean over rows of sum_c t_c (logsumexp(z) - z_c); t one-hot or probabilities"
+    doc = ("mean over rows of sum_c t_c (logsumexp(z) - z_c); t one-hot or probabilities, "
+           "or int64 class ids (mean of logsumexp(z) - z_t over the rows not ignored)")
     target_kind = "distribution"
+    takes_class_ids = True
+    options = {"ignore_index": Option(
+        "integer", None, "with int64 class targets: rows whose target is this value count "
+        "neither in the sum nor in the mean (default -100, as torch)")}
+    test_cases = ({}, {"_int_targets": True}, {"_int_targets": True, "ignore_index": 1})
 
     @classmethod
     def build(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node | None) -> Node:
         assert target is not None
-        _same_shape(spec, prediction, target)
         rank = prediction.rank
-        classes = prediction.shape[-1]
-        # lse[r] = log sum_c exp(z[r, c]) over the class axis.
-        idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(rank - 1))
-        c = sum_index(rank - 1)
-        lse_body = sp.log(sp.Sum(sp.exp(prediction.element((*idx, c))), (c, 0, classes - 1)))
-        lse = graph.op(f"{prediction.name}_lse", prediction.shape[:-1], lse_body,
-                       layer="loss", where=spec.where, kind="reduction", label="logsumexp")
+        ignore = spec.options.get("ignore_index")
+        if target.dtype == "int64":
+            lse = _logsumexp(graph, spec, prediction)
+            return cls._class_targets(graph, spec, prediction, target, lse,
+                                      -100 if ignore is None else int(ignore))  # type: ignore[arg-type]
+        if ignore is not None:
+            raise spec.option_where["ignore_index"].error(
+                f"ignore_index applies to integer class targets; {target.name!r} is a float "
+                "tensor of probabilities (declare it with dtype: int64 for class ids)")
+        _same_shape(spec, prediction, target)
+        lse = _logsumexp(graph, spec, prediction)
         sums = tuple(sum_index(k) for k in range(rank))
         rows = sp.Mul(*prediction.shape[:-1])
         per = target.element(sums) * (lse.element(sums[:-1]) - prediction.element(sums))
@@ -129,11 +141,67 @@ class SoftmaxCrossEntropy(Loss):
                         label="softmax_cross_entropy")
 
     @classmethod
+    def _class_targets(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node,
+                       lse: Node, ignore: int) -> Node:
+        """L = sum over counted rows r of (lse[r] - z[r, t[r]]) / (number of counted rows),
+        a row counted when t[r] != ignore: F.cross_entropy with class ids. The picked
+        logit is sum_c [c = t[r]] z[r, c], so sympy's derivative is softmax(z) - onehot(t)
+        on the counted rows, divided by their number."""
+        rows_shape = prediction.shape[:-1]
+        if prediction.rank < 2 or target.shape != rows_shape:
+            fmt = lambda s: "[" + ", ".join(map(str, s)) + "]"  # noqa: E731
+            raise spec.option_where["target"].error(
+                f"integer class target {target.name!r} has shape {fmt(target.shape)}; it "
+                f"needs the shape of prediction {prediction.name!r} {fmt(prediction.shape)} "
+                "without its last (class) axis", ShapeError)
+        classes = prediction.shape[-1]
+        if not classes.is_Integer:
+            raise spec.option_where["prediction"].error(
+                f"the class axis of {prediction.name!r} is the symbol {classes}; it needs a "
+                "fixed number of classes", ShapeError)
+        graph.bound_ids(target, int(classes), f"softmax_cross_entropy over {classes} "
+                        f"classes, ignore_index {ignore}", ignore)
+        rank = prediction.rank
+        idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(rank - 1))
+        c = sum_index(rank - 1)
+        picked_body = sp.Sum(sp.Piecewise((prediction.element((*idx, c)),
+                                           sp.Eq(c, target.element(idx))), (0, True)),
+                             (c, 0, classes - 1))
+        picked = graph.op(naming.loss_part(prediction.name, "picked"), rows_shape,
+                          picked_body, layer="loss", where=spec.where, kind="reduction",
+                          label="the target class's logit")
+        sums = tuple(sum_index(k) for k in range(rank - 1))
+        limits = tuple((s, 0, n - 1) for s, n in zip(sums, rows_shape, strict=True))
+        counted = sp.Ne(target.element(sums), ignore)
+        count = graph.op(naming.loss_part(prediction.name, "count"), (),
+                         sp.Sum(sp.Piecewise((1, counted), (0, True)), *limits), layer="loss",
+                         where=spec.where, kind="reduction", label="rows counted")
+        per = sp.Piecewise((lse.element(sums) - picked.element(sums), counted), (0, True))
+        body = sp.Sum(per, *limits) / count.element(())
+        return graph.op("loss", (), body, layer="loss", where=spec.where, kind="reduction",
+                        label="softmax_cross_entropy")
+
+    @classmethod
     def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
         import torch
 
         flat = prediction.reshape(-1, prediction.shape[-1])
+        if not target.dtype.is_floating_point:
+            ignore = spec.options.get("ignore_index")
+            return torch.nn.functional.cross_entropy(
+                flat, target.reshape(-1), ignore_index=-100 if ignore is None else ignore)
         return torch.nn.functional.cross_entropy(flat, target.reshape(flat.shape))
+
+
+def _logsumexp(graph: Graph, spec: LossSpec, prediction: Node) -> Node:
+    """lse[r] = log sum_c exp(z[r, c]) over the class axis."""
+    rank = prediction.rank
+    idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(rank - 1))
+    c = sum_index(rank - 1)
+    body = sp.log(sp.Sum(sp.exp(prediction.element((*idx, c))),
+                         (c, 0, prediction.shape[-1] - 1)))
+    return graph.op(naming.loss_part(prediction.name, "lse"), prediction.shape[:-1], body,
+                    layer="loss", where=spec.where, kind="reduction", label="logsumexp")
 
 
 @register_loss
