@@ -127,6 +127,15 @@ def adjoint(var: str) -> str:
 TEMP_PREFIX = "tmp"
 
 
+# The weight-decay penalty of a composite loss (a 0-d tensor of the loss).
+WEIGHT_DECAY = "weight_decay"
+
+
+def loss_term(index: int) -> str:
+    """Term ``index`` (from 1) of a composite loss (``loss: [...]``)."""
+    return f"loss_{index}"
+
+
 def temp(index: int) -> str:
     """A common subexpression shared by several statements."""
     return f"{TEMP_PREFIX}{index}"

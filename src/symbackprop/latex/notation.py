@@ -149,6 +149,9 @@ class Names:
             return _Sym(letter, layer) if letter else _Sym(role, layer, True)
         if node.name == graph.loss:
             return _Sym("L")
+        symbol = node.meta.get("symbol")  # a term of a composite loss: L_1, R
+        if isinstance(symbol, tuple):
+            return _Sym(*symbol)
         if node.kind == "contraction":
             return _Sym("z", layer)
         if node.name == graph.prediction and node.kind == "map":
