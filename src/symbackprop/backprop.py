@@ -105,7 +105,10 @@ def derive(graph: Graph, *, leaves: bool = False, reuse: Derivation | None = Non
         elif node.role != "op":
             needs[name] = leaves
     for name in order:
-        needs[name] = any(needs.get(o, False) for o in fused.nodes[name].operands)
+        # a tensor marked no_gradient (the maximum and ties of a max reduction) is a
+        # constant to the chain rule: nothing is sent to it or through it
+        needs[name] = (any(needs.get(o, False) for o in fused.nodes[name].operands)
+                       and not fused.nodes[name].meta.get("no_gradient"))
 
     seed = sp.Symbol(naming.adjoint(graph.loss), real=True)
     pending: dict[str, list[Contribution]] = {}

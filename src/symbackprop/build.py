@@ -7,10 +7,10 @@ the layer that mentions them.
 
 from __future__ import annotations
 
-from . import naming
-from .errors import GraphError, ShapeError
 import sympy as sp
 
+from . import naming
+from .errors import GraphError, ShapeError
 from .graph import Graph, Node, sum_index
 from .layers import LAYERS, LOSSES
 from .spec import LayerSpec, LossSpec, ModelSpec, WeightDecaySpec

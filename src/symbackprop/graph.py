@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import sympy as sp
+from sympy.concrete.expr_with_limits import ExprWithLimits
 
 from .errors import GraphError
 from .spec import Where
@@ -56,6 +57,18 @@ def ref_name(expr: sp.Expr) -> str | None:
     if isinstance(expr, sp.Symbol) and expr.is_real and not expr.is_integer:
         return expr.name
     return None
+
+
+class MaxOver(ExprWithLimits):
+    """``MaxOver(f, (r, 0, n - 1))``: the maximum of ``f`` over ``r``, bound like a ``Sum``.
+
+    It carries no derivative (zero, like a detached tensor): a ``max`` written in a
+    formula is differentiated through the ties ``[f == MaxOver(f)]`` it is compared with
+    (``layers/reductions.py``), never through this node. Lowered to a max reduction.
+    """
+
+    def _eval_derivative(self, symbol: sp.Basic) -> sp.Expr:
+        return sp.Integer(0)
 
 
 @dataclass
@@ -97,6 +110,14 @@ class Graph:
         self.loss: str = ""
         self.prediction: str = ""
         self.layer_outputs: dict[str, str] = {}
+        self._reductions = 0
+
+    def reduction_index(self) -> sp.Symbol:
+        """A summation index that no other op of this graph uses (``r1``, ``r2``, ...),
+        for a reduction written in a formula: nested or fused reductions never share
+        a bound index."""
+        self._reductions += 1
+        return sp.Symbol(f"r{self._reductions}", integer=True)
 
     def dim(self, value: int | str) -> sp.Expr:
         if isinstance(value, int):

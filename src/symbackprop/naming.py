@@ -136,6 +136,12 @@ def loss_term(index: int) -> str:
     return f"loss_{index}"
 
 
+def reduction(layer: str, kind: str, index: int) -> str:
+    """The ``index``-th reduction (``kind``: sum, mean, max, argmax, logsumexp) written
+    in ``layer``'s formula: ``norm_mean1``."""
+    return f"{layer}_{kind}{index}"
+
+
 def temp(index: int) -> str:
     """A common subexpression shared by several statements."""
     return f"{TEMP_PREFIX}{index}"

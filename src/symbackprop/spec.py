@@ -316,7 +316,6 @@ def _options(ctx: _Ctx, raw: dict, schema: Mapping, path: tuple[str | int, ...],
 
 def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
     """Parse and validate a spec; raise :class:`SpecError` on the first problem."""
-    from .layers import LOSSES
 
     doc = yamlsafe.load(text, file)
     ctx = _Ctx(doc)

@@ -330,6 +330,10 @@ class IndexPrinter(LatexPrinter):
             body = rf"\left({body}\right)"
         return " ".join(head) + " " + body
 
+    def _print_MaxOver(self, expr: sp.Expr) -> str:
+        over = ", ".join(self.index(var) for var, _, _ in expr.limits)
+        return rf"\max_{{{over}}} \left({self._print(expr.function)}\right)"
+
     def _print_FnApply(self, expr: sp.Expr, exp: object = None) -> str:
         tag, arg = expr.args
         out = rf"{self.fnames[tag.name]}\left({self._print(arg)}\right)"

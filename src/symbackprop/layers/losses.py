@@ -158,7 +158,8 @@ class FormulaLoss(Loss):
 
     @classmethod
     def build(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node | None) -> Node:
-        from ..formula import parse_at, to_sympy
+        from ..formula import parse_at, to_sympy_at
+        from .reductions import IndexReducer
 
         tree = parse_at(spec.option_where["formula"], spec.options["formula"],
                         {"y": None, "t": None})
@@ -172,7 +173,8 @@ class FormulaLoss(Loss):
         variables = {"y": prediction.element(sums)}
         if target is not None:
             variables["t"] = target.element(sums)
-        body = sp.Sum(to_sympy(tree, variables),
+        reducer = IndexReducer(graph, "loss", spec.where, sums, prediction.shape)
+        body = sp.Sum(to_sympy_at(spec.option_where["formula"], tree, variables, reducer),
                       *((s, 0, n - 1) for s, n in zip(sums, prediction.shape, strict=True)))
         return graph.op("loss", (), body / sp.Mul(*prediction.shape), layer="loss",
                         where=spec.where, kind="reduction", label="formula")
