@@ -84,6 +84,7 @@ def build_graph(spec: ModelSpec) -> Graph:
     losses = spec.losses or (spec.loss,)
     if len(losses) == 1 and spec.weight_decay is None:
         prediction, node = _loss_term(spec, graph, losses[0])
+        assert prediction is not None
     else:
         prediction, node = _composite(spec, graph, losses)
     graph.loss = node.name
@@ -94,8 +95,11 @@ def build_graph(spec: ModelSpec) -> Graph:
     return graph
 
 
-def _loss_term(spec: ModelSpec, graph: Graph, loss: LossSpec) -> tuple[Node, Node]:
-    """Build one loss (a term of a composite loss or the whole loss): (prediction, node)."""
+def _loss_term(spec: ModelSpec, graph: Graph, loss: LossSpec) -> tuple[Node | None, Node]:
+    """Build one loss (a term of a composite loss or the whole loss): (prediction, node);
+    a penalty term (a formula of parameters, no prediction) has no prediction."""
+    if not loss.prediction:
+        return None, LOSSES[loss.type].build(graph, loss, None, None)  # type: ignore[arg-type]
     if loss.prediction not in graph.layer_outputs:
         raise loss.option_where["prediction"].error(
             f"prediction {loss.prediction!r} is not a layer name", GraphError)
@@ -126,7 +130,9 @@ def _composite(spec: ModelSpec, graph: Graph, losses: tuple[LossSpec, ...]
         decay = _weight_decay(graph, spec.weight_decay)
         decay.meta["symbol"] = ("R", "")
         parts.append(decay.element())
-    assert first is not None
+    if first is None:
+        raise (spec.losses[0].where if spec.losses else spec.where).error(
+            "no loss term names a prediction (what forward() returns)", GraphError)
     where = spec.losses[0].where if spec.losses else spec.where
     node = graph.op("loss", (), sp.Add(*parts), layer="loss", where=where, kind="map",
                     label="weighted sum of losses")

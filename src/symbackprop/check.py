@@ -169,7 +169,12 @@ def reference_loss(spec: ModelSpec, params: Mapping[str, Any], batch: Mapping[st
     total = 0
     for loss in spec.losses or (spec.loss,):
         target = batch[loss.target] if loss.target is not None else None
-        term = LOSSES[loss.type].reference(loss, values[loss.prediction], target)
+        prediction = values[loss.prediction] if loss.prediction else None
+        if loss.type == "formula":  # it may read parameters by name
+            term = LOSSES[loss.type].reference(loss, prediction, target,  # type: ignore[call-arg]
+                                               params=params)
+        else:
+            term = LOSSES[loss.type].reference(loss, prediction, target)
         total = total + (term if len(spec.losses) <= 1 else loss.weight * term)
     decay = spec.weight_decay
     if decay is not None:

@@ -104,19 +104,24 @@ REDUCTIONS: Mapping[str, str] = {
     "logsumexp": "log(sum(exp(x))) over the axes, computed max-shifted",
 }
 MAX_AXES = 8
-# (kind, argument, axes as written, column of the call) -> the reduced value
-Reducer = Callable[[str, sp.Expr, tuple[int, ...], int], sp.Expr]
+# (kind, argument, axes as written or None for all, column of the call) -> the value
+Reducer = Callable[[str, sp.Expr, tuple[int, ...] | None, int], sp.Expr]
 
 
 def is_reduction(node: ast.AST) -> bool:
-    """A call of a reduction (``sum(x, axis=...)``; ``max`` only with ``axis=``)."""
+    """A call of a reduction (``sum(x, axis=...)``, ``sum(x)``; ``max`` with one
+    argument, else it is the elementwise maximum of two)."""
     return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
             and node.func.id in REDUCTIONS
-            and (node.func.id not in FUNCTIONS or bool(node.keywords)))
+            and (node.func.id not in FUNCTIONS or bool(node.keywords)
+                 or len(node.args) == 1))
 
 
-def reduction_axes(node: ast.Call) -> tuple[int, ...]:
-    """The constant axes of a checked reduction call, as written (negative allowed)."""
+def reduction_axes(node: ast.Call) -> tuple[int, ...] | None:
+    """The constant axes of a checked reduction call, as written (negative allowed);
+    None without ``axis=``: every axis."""
+    if not node.keywords:
+        return None
     value = node.keywords[0].value
     items = value.elts if isinstance(value, ast.List | ast.Tuple) else [value]
     axes = []
@@ -130,9 +135,12 @@ def reduction_axes(node: ast.Call) -> tuple[int, ...]:
 def _check_reduction(node: ast.Call) -> None:
     col = node.col_offset + 1
     name = node.func.id  # type: ignore[attr-defined]
-    if len(node.args) != 1 or len(node.keywords) != 1 or node.keywords[0].arg != "axis":
-        raise FormulaProblem(f"{name}() takes one argument and axis=, as "
+    if len(node.args) != 1 or len(node.keywords) > 1 or any(
+            k.arg != "axis" for k in node.keywords):
+        raise FormulaProblem(f"{name}() takes one argument and optionally axis=, as "
                              f"{name}(x, axis=-1)", col)
+    if not node.keywords:
+        return
     value = node.keywords[0].value
     items = value.elts if isinstance(value, ast.List | ast.Tuple) else [value]
     if not items:
@@ -165,14 +173,35 @@ def normalise_axes(axes: tuple[int, ...], rank: int, col: int) -> tuple[int, ...
     return tuple(out)
 
 
-def _unchecked_reducer(kind: str, arg: sp.Expr, axes: tuple[int, ...], col: int) -> sp.Expr:
+def _unchecked_reducer(kind: str, arg: sp.Expr, axes: tuple[int, ...] | None,
+                       col: int) -> sp.Expr:
     # Used only to look at the constants of a formula: a reduction keeps its argument's
     # numbers (a sum multiplies them by a size, which is checked where it is known).
     return arg
 
 
-def _no_reducer(kind: str, arg: sp.Expr, axes: tuple[int, ...], col: int) -> sp.Expr:
+def _no_reducer(kind: str, arg: sp.Expr, axes: tuple[int, ...] | None, col: int) -> sp.Expr:
     raise FormulaProblem(f"{kind}(..., axis=) is not available in this formula", col)
+
+
+def dotted_name(node: ast.AST) -> str | None:
+    """``fc1.weight`` (an attribute chain of plain names) as one string, else None."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or not parts:
+        return None
+    return ".".join([node.id, *reversed(parts)])
+
+
+class AnyParameter(dict):  # type: ignore[type-arg]
+    """Formula variables that also admit every dotted name (``fc1.weight``): a loss
+    formula is checked when the spec is read, before the parameters exist; the names
+    are checked against the network's parameters when the graph is built."""
+
+    def __contains__(self, key: object) -> bool:
+        return (isinstance(key, str) and "." in key) or super().__contains__(key)
 
 _BINARY = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
 _COMPARE = {ast.Gt: sp.StrictGreaterThan, ast.Lt: sp.StrictLessThan,
@@ -216,6 +245,14 @@ def parse_tree(text: object, variables: Mapping[str, object]) -> ast.expr:
             if node.id not in variables and node.id not in CONSTANTS:
                 known = ", ".join(sorted(variables)) or "none"
                 raise FormulaProblem(f"unknown name {node.id!r} (variables: {known})", col)
+        elif isinstance(node, ast.Attribute):
+            dotted = dotted_name(node)
+            if dotted is None or dotted not in variables:
+                if dotted is not None and any("." in v for v in variables):
+                    known = ", ".join(sorted(v for v in variables if "." in v))
+                    raise FormulaProblem(f"unknown parameter {dotted!r} (parameters: "
+                                         f"{known})", col)
+                raise FormulaProblem("Attribute is not allowed in a formula", col)
         elif isinstance(node, ast.BinOp):
             if type(node.op) not in _BINARY:
                 raise FormulaProblem(f"operator {type(node.op).__name__} is not allowed", col)
@@ -329,6 +366,8 @@ def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
             if node.id in variables:
                 return None, 1, False
             return {"pi": math.pi, "e": math.e}[node.id], 0, False
+        if isinstance(node, ast.Attribute):  # a parameter (parse_tree checked the name)
+            return None, 1, False
         if isinstance(node, ast.UnaryOp):
             value, degree, var_exp = fold(node.operand)
             return (None if value is None else
@@ -386,7 +425,8 @@ def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
         raise AssertionError(type(node))  # pragma: no cover - parse_tree rejects these
 
     fold(tree)
-    symbols = {name: sp.Symbol(name, real=True) for name in variables}
+    names = set(variables) | {d for d in map(dotted_name, ast.walk(tree)) if d is not None}
+    symbols = {name: sp.Symbol(name, real=True) for name in names}
     expr = to_sympy(tree, symbols, _unchecked_reducer)
     for atom in expr.atoms(sp.Number):
         try:
@@ -404,7 +444,9 @@ def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
 
 
 def _mentions_variable(node: ast.AST, variables: Mapping[str, object]) -> bool:
-    return any(isinstance(n, ast.Name) and n.id in variables for n in ast.walk(node))
+    return any((isinstance(n, ast.Name) and n.id in variables)
+               or (isinstance(n, ast.Attribute) and dotted_name(n) in variables)
+               for n in ast.walk(node))
 
 
 def parse_at(where: Any, text: object, variables: Mapping[str, object]) -> ast.expr:
@@ -437,7 +479,7 @@ _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator
 
 def _walk(tree: ast.expr, name: Callable[[str], Any], number: Callable[[int | float], Any],
           compare: Callable[[type, Any, Any], Any], call: Callable[[str, list[Any]], Any],
-          reduce: Callable[[str, Any, tuple[int, ...], int], Any]) -> Any:
+          reduce: Callable[[str, Any, tuple[int, ...] | None, int], Any]) -> Any:
     """Interpret a checked tree; the callbacks say what names, numbers, comparisons,
     calls and reductions mean (sympy objects for the engine, torch tensors for the
     oracle)."""
@@ -447,6 +489,10 @@ def _walk(tree: ast.expr, name: Callable[[str], Any], number: Callable[[int | fl
             return number(node.value)
         if isinstance(node, ast.Name):
             return name(node.id)
+        if isinstance(node, ast.Attribute):
+            dotted = dotted_name(node)
+            assert dotted is not None
+            return name(dotted)
         if isinstance(node, ast.UnaryOp):
             inner = ev(node.operand)
             return -inner if isinstance(node.op, ast.USub) else inner
@@ -503,11 +549,14 @@ def torch_eval(tree: ast.expr, variables: Mapping[str, Any], rank: int | None = 
     import torch
 
     if rank is None:
-        rank = max((v.ndim for v in variables.values() if isinstance(v, torch.Tensor)),
-                   default=0)
+        rank = max((v.ndim for k, v in variables.items()
+                    if isinstance(v, torch.Tensor) and "." not in k), default=0)
 
-    def reduce(kind: str, arg: Any, axes: tuple[int, ...], col: int) -> Any:
+    def reduce(kind: str, arg: Any, axes: tuple[int, ...] | None, col: int) -> Any:
         # torch's own reductions with keepdim, over the axes the argument spans
+        if axes is None:  # every axis, to a scalar
+            return {"sum": torch.sum, "mean": torch.mean, "max": torch.amax,
+                    "logsumexp": lambda a: torch.logsumexp(a.reshape(-1), 0)}[kind](arg)
         dims = [b - rank + arg.ndim for b in normalise_axes(axes, rank, col)]
         dims = [d for d in dims if d >= 0 and arg.shape[d] != 1]
         if not dims:

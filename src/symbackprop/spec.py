@@ -385,10 +385,13 @@ def _loss(ctx: _Ctx, value: object, path: tuple[str | int, ...], previous: str |
     loss_cls = LOSSES[ltype]
     prediction = loss_raw.get("prediction", previous)
     if composite and "prediction" not in loss_raw:
-        raise ctx.fail(path, "each term of a composite loss names its 'prediction'")
+        if ltype != "formula":
+            raise ctx.fail(path, "each term of a composite loss names its 'prediction' "
+                                 "(only a formula of parameters, a penalty, has none)")
+        prediction = ""  # a penalty: a formula of the parameters alone
     if not isinstance(prediction, str):
         raise ctx.fail((*path, "prediction"), "prediction is a layer name")
-    prediction = expander.outputs.get(prediction, prediction)
+    prediction = expander.outputs.get(prediction, prediction) if prediction else prediction
     target = loss_raw.get("target")
     if target is None and loss_cls.needs_target:
         raise ctx.fail(path, f"loss {ltype!r} needs a 'target'")

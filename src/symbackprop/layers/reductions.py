@@ -36,39 +36,55 @@ class IndexReducer:
     by ``indices`` over ``shape`` (the formula's broadcast shape)."""
 
     def __init__(self, graph: Graph, layer: str, where: Where,
-                 indices: tuple[sp.Symbol, ...], shape: tuple[sp.Expr, ...]) -> None:
+                 indices: tuple[sp.Symbol, ...], shape: tuple[sp.Expr, ...],
+                 own: dict[sp.Symbol, sp.Expr] | None = None) -> None:
+        """``own``: index symbols of tensors read at their own axes (the parameters a
+        loss formula reads), with their extents: a reduction without ``axis=``
+        reduces them too."""
         self.graph = graph
         self.layer = layer
         self.where = where
         self.indices = indices
         self.shape = shape
+        self.own = own or {}
         self.count = 0
 
-    def __call__(self, kind: str, arg: sp.Expr, axes: tuple[int, ...], col: int) -> sp.Expr:
+    def __call__(self, kind: str, arg: sp.Expr, axes: tuple[int, ...] | None,
+                 col: int) -> sp.Expr:
         rank = len(self.indices)
-        if rank == 0:
+        if axes is None:
+            normalised = tuple(range(rank))
+        elif rank == 0:
             raise FormulaProblem(f"{kind}(..., axis=) of a formula with no axes", col)
-        normalised = normalise_axes(axes, rank, col)
+        else:
+            normalised = normalise_axes(axes, rank, col)
         free = arg.free_symbols
-        reduced = [b for b in normalised if self.indices[b] in free]
-        if not reduced:
+        spans = [(self.indices[b], self.shape[b]) for b in normalised
+                 if self.indices[b] in free]
+        if axes is None:
+            spans += [(i, n) for i, n in self.own.items() if i in free]
+        if not spans:
             return arg  # the argument has size 1 along every reduced axis
         kept = [b for b in range(rank) if b not in normalised and self.indices[b] in free]
         mapping: dict[sp.Expr, sp.Expr] = {self.indices[b]: out_index(j)
                                            for j, b in enumerate(kept)}
         limits = []
-        for b in reduced:
+        for index, extent in spans:
             r = self.graph.reduction_index()
-            mapping[self.indices[b]] = r
-            limits.append((r, sp.Integer(0), self.shape[b] - 1))
+            mapping[index] = r
+            limits.append((r, sp.Integer(0), extent - 1))
         inner = arg.xreplace(mapping)
         shape = tuple(self.shape[b] for b in kept)
         self.count += 1
-        label = f"{_LABELS[kind]} over axis " + ", ".join(map(str, axes))
+        while any(naming.reduction(self.layer, k, self.count) in self.graph.nodes
+                  for k in (kind, "top", "ties")):
+            self.count += 1  # another formula of the same layer (a loss's terms)
+        label = (f"{_LABELS[kind]} over " + ("every axis" if axes is None else
+                                             "axis " + ", ".join(map(str, axes))))
         if kind == "sum":
             body = sp.Sum(inner, *limits)
         elif kind == "mean":
-            body = sp.Sum(inner, *limits) / sp.Mul(*(self.shape[b] for b in reduced))
+            body = sp.Sum(inner, *limits) / sp.Mul(*(n for _, n in spans))
         elif kind == "logsumexp":
             body = sp.log(sp.Sum(sp.exp(inner), *limits))
         else:
