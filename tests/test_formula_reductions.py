@@ -31,7 +31,10 @@ layers:
     type: elementwise
     input: [fc]
     formula: "(fc - mean(fc, axis=-1)) / sqrt(mean((fc - mean(fc, axis=-1))**2, axis=-1) + 0.1)"
-  - {name: h, type: elementwise, input: [g], formula: "g - logsumexp(g, axis=1) + 0.1*sum(g, axis=[0, 1])"}
+  - name: h
+    type: elementwise
+    input: [g]
+    formula: "g - logsumexp(g, axis=1) + 0.1*sum(g, axis=[0, 1])"
 loss: {type: mse, prediction: h, target: t}
 """
 

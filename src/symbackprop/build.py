@@ -82,8 +82,10 @@ def build_graph(spec: ModelSpec) -> Graph:
         graph.layer_outputs[layer.name] = out.name
 
     losses = spec.losses or (spec.loss,)
-    if len(losses) == 1 and spec.weight_decay is None:
-        prediction, node = _loss_term(spec, graph, losses[0])
+    single = losses[0]
+    if (len(losses) == 1 and spec.weight_decay is None and single.weight == 1
+            and single.prediction):
+        prediction, node = _loss_term(spec, graph, single)
         assert prediction is not None
     else:
         prediction, node = _composite(spec, graph, losses)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -403,7 +404,7 @@ def _loss(ctx: _Ctx, value: object, path: tuple[str | int, ...], previous: str |
             raise ctx.fail((*path, "weight"), "'weight' belongs to a term of a composite "
                                               "loss (loss: a list of terms)", key=True)
         weight = float(check_option(ctx.where((*path, "weight")), "float",  # type: ignore[arg-type]
-                                    loss_raw["weight"]))
+                                    _number_like(loss_raw["weight"])))
         if not 0 < weight <= 1e6:
             raise ctx.fail((*path, "weight"), f"a loss weight is a number in (0, 1e6], "
                                               f"not {weight!r}")
@@ -416,6 +417,17 @@ def _loss(ctx: _Ctx, value: object, path: tuple[str | int, ...], previous: str |
                     weight)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\Z")
+
+
+def _number_like(value: object) -> object:
+    """``1e-4`` as a number: YAML 1.1 (PyYAML) reads a float without a dot as a string,
+    and a coefficient is most often written that way."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
+    return value
+
+
 def _weight_decay(ctx: _Ctx, value: object) -> WeightDecaySpec:
     path: tuple[str | int, ...] = ("weight_decay",)
     raw = _mapping(ctx, value, path)
@@ -425,7 +437,8 @@ def _weight_decay(ctx: _Ctx, value: object) -> WeightDecaySpec:
                                          "l2, params)", key=True)
     if "l2" not in raw:
         raise ctx.fail(path, "weight_decay needs 'l2' (the coefficient)")
-    l2 = float(check_option(ctx.where((*path, "l2")), "float", raw["l2"]))  # type: ignore[arg-type]
+    l2 = float(check_option(ctx.where((*path, "l2")), "float",  # type: ignore[arg-type]
+                            _number_like(raw["l2"])))
     if not 0 <= l2 <= 1e6:
         raise ctx.fail((*path, "l2"), f"l2 is a number in [0, 1e6], not {l2!r}")
     params: tuple[str, ...] | None = None
