@@ -107,8 +107,12 @@ def derive(graph: Graph, *, leaves: bool = False, reuse: Derivation | None = Non
         elif node.role != "op":
             needs[name] = leaves and node.dtype == "float"  # ids have no gradient
     for name in order:
-        needs[name] = fused.nodes[name].dtype == "float" and any(
-            needs.get(o, False) for o in fused.nodes[name].operands)
+        # a tensor marked no_gradient (the maximum and ties of a max reduction) is a
+        # constant to the chain rule: nothing is sent to it or through it; nor is an
+        # integer tensor
+        needs[name] = (fused.nodes[name].dtype == "float"
+                       and any(needs.get(o, False) for o in fused.nodes[name].operands)
+                       and not fused.nodes[name].meta.get("no_gradient"))
 
     seed = sp.Symbol(naming.adjoint(graph.loss), real=True)
     mean_table = means(graph)

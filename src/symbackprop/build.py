@@ -7,11 +7,13 @@ the layer that mentions them.
 
 from __future__ import annotations
 
+import sympy as sp
+
 from . import naming
 from .errors import GraphError, ShapeError
-from .graph import Graph, Node
+from .graph import Graph, Node, sum_index
 from .layers import LAYERS, LOSSES
-from .spec import LayerSpec, ModelSpec
+from .spec import LayerSpec, LossSpec, ModelSpec, WeightDecaySpec
 
 
 def layer_order(spec: ModelSpec) -> list[LayerSpec]:
@@ -87,7 +89,27 @@ def build_graph(spec: ModelSpec) -> Graph:
         out = LAYERS[layer.type].build(graph, layer, inputs)
         graph.layer_outputs[layer.name] = out.name
 
-    loss = spec.loss
+    losses = spec.losses or (spec.loss,)
+    single = losses[0]
+    if (len(losses) == 1 and spec.weight_decay is None and single.weight == 1
+            and single.prediction):
+        prediction, node = _loss_term(spec, graph, single)
+        assert prediction is not None
+    else:
+        prediction, node = _composite(spec, graph, losses)
+    graph.loss = node.name
+    graph.prediction = prediction.name
+    if not any(p.trainable for p in graph.params()):
+        raise spec.where.error("no trainable parameters: nothing to differentiate", ShapeError)
+    _check_identifiers(spec, graph)
+    return graph
+
+
+def _loss_term(spec: ModelSpec, graph: Graph, loss: LossSpec) -> tuple[Node | None, Node]:
+    """Build one loss (a term of a composite loss or the whole loss): (prediction, node);
+    a penalty term (a formula of parameters, no prediction) has no prediction."""
+    if not loss.prediction:
+        return None, LOSSES[loss.type].build(graph, loss, None, None)  # type: ignore[arg-type]
     if loss.prediction not in graph.layer_outputs:
         raise loss.option_where["prediction"].error(
             f"prediction {loss.prediction!r} is not a layer name", GraphError)
@@ -102,12 +124,73 @@ def build_graph(spec: ModelSpec) -> Graph:
             raise loss.option_where["target"].error(
                 f"loss {loss.type!r} cannot take {target.name!r}, an integer tensor (class "
                 "ids are taken by softmax_cross_entropy)", GraphError)
-    graph.loss = LOSSES[loss.type].build(graph, loss, prediction, target).name
-    graph.prediction = prediction.name
-    if not any(p.trainable for p in graph.params()):
-        raise spec.where.error("no trainable parameters: nothing to differentiate", ShapeError)
-    _check_identifiers(spec, graph)
-    return graph
+    return prediction, LOSSES[loss.type].build(graph, loss, prediction, target)
+
+
+def _composite(spec: ModelSpec, graph: Graph, losses: tuple[LossSpec, ...]
+               ) -> tuple[Node, Node]:
+    """L = sum_k w_k L_k (+ (l2 / 2) sum ||W||^2): each term is built as a loss of its own
+    (named ``loss_<k>``, k from 1), the weight-decay penalty as ``weight_decay``, and ``loss`` is
+    their weighted sum. The first term's prediction is what ``forward`` returns."""
+    parts: list[sp.Expr] = []
+    first: Node | None = None
+    for k, loss in enumerate(losses):
+        prediction, node = _loss_term(spec, graph, loss)
+        first = first or prediction
+        term = _rename(graph, node, naming.loss_term(k + 1))
+        term.meta["symbol"] = ("L", str(k + 1))
+        parts.append(_number(loss.weight) * term.element())
+    if spec.weight_decay is not None:
+        decay = _weight_decay(graph, spec.weight_decay)
+        decay.meta["symbol"] = ("R", "")
+        parts.append(decay.element())
+    if first is None:
+        raise (spec.losses[0].where if spec.losses else spec.where).error(
+            "no loss term names a prediction (what forward() returns)", GraphError)
+    where = spec.losses[0].where if spec.losses else spec.where
+    node = graph.op("loss", (), sp.Add(*parts), layer="loss", where=where, kind="map",
+                    label="weighted sum of losses")
+    return first, node
+
+
+def _number(value: float) -> sp.Expr:
+    return sp.Integer(int(value)) if float(value).is_integer() else sp.Float(repr(value))
+
+
+def _rename(graph: Graph, node: Node, name: str) -> Node:
+    """A loss class names its op ``loss``; a term of a composite loss is renamed (no op
+    reads it yet, and moving it to the end keeps the insertion order topological)."""
+    del graph.nodes[node.name]
+    node.name = name
+    return graph.add(node)
+
+
+def _weight_decay(graph: Graph, decay: WeightDecaySpec) -> Node:
+    """(l2 / 2) * sum of squares of the covered parameters, as one reduction."""
+    params = {p.param: p for p in graph.params() if p.param is not None}
+    if decay.params is None:
+        covered = [p for p in params.values() if p.trainable and p.rank >= 2
+                   and p.param is not None and p.param.rsplit(".", 1)[-1] == "weight"]
+        if not covered:
+            raise decay.where.error("weight_decay covers no parameter: the network has no "
+                                    "trainable weight matrix (name them under 'params')",
+                                    GraphError)
+    else:
+        covered = []
+        for name in decay.params:
+            if name not in params:
+                raise decay.param_where[name].error(
+                    f"unknown parameter {name!r} (parameters: "
+                    f"{', '.join(sorted(params))})", GraphError)
+            covered.append(params[name])
+    terms = []
+    for p in covered:
+        sums = tuple(sum_index(k) for k in range(p.rank))
+        terms.append(sp.Sum(p.element(sums) ** 2,
+                            *((s, 0, n - 1) for s, n in zip(sums, p.shape, strict=True))))
+    body = _number(decay.l2) / 2 * sp.Add(*terms)
+    return graph.op(naming.WEIGHT_DECAY, (), body, layer="loss", where=decay.where,
+                    kind="reduction", label="weight decay")
 
 
 def _check_identifiers(spec: ModelSpec, graph: Graph) -> None:

@@ -56,18 +56,21 @@ def random_batch(model: CompiledModel, batch: int = 5, seed: int = 1,
     graph = model.derivation.graph
     sizes = _dim_sizes(model, batch)
     out: dict[str, np.ndarray] = {}
-    loss_cls = LOSSES[model.spec.loss.type]
+    # each target drawn to suit the loss term that reads it
+    kinds = {term.target: LOSSES[term.type].target_kind
+             for term in reversed(model.spec.losses or (model.spec.loss,))}
     for node in graph.nodes.values():
         if node.role not in ("input", "target"):
             continue
         shape = tuple(int(d) if d.is_Integer else sizes[str(d)] for d in node.shape)
+        kind = kinds.get(node.name)
         if node.dtype == "int64":
             out[node.name] = _random_ids(graph.id_bounds.get(node.name), shape, rng)
         elif node.role == "input":
             out[node.name] = rng.normal(size=shape)
-        elif loss_cls.target_kind == "probability":
+        elif kind == "probability":
             out[node.name] = rng.uniform(0.05, 0.95, size=shape)
-        elif loss_cls.target_kind == "distribution":
+        elif kind == "distribution":
             classes = shape[-1]
             flat = np.eye(classes)[rng.integers(0, classes, int(np.prod(shape[:-1])))]
             out[node.name] = flat.reshape(shape)
@@ -191,11 +194,25 @@ def reference_loss(spec: ModelSpec, params: Mapping[str, Any], batch: Mapping[st
         for layer in layer_order(spec):
             inputs = [values[name] for name in layer.inputs]
             values[layer.name] = LAYERS[layer.type].reference(layer, inputs, params)
+        total = 0
+        for loss in spec.losses or (spec.loss,):
+            target = batch[loss.target] if loss.target is not None else None
+            prediction = values[loss.prediction] if loss.prediction else None
+            if loss.type == "formula":  # it may read parameters by name
+                term = LOSSES[loss.type].reference(loss, prediction, target,  # type: ignore[call-arg]
+                                                   params=params)
+            else:
+                term = LOSSES[loss.type].reference(loss, prediction, target)
+            total = total + (term if len(spec.losses) <= 1 else loss.weight * term)
+        decay = spec.weight_decay
+        if decay is not None:
+            names = decay.params or [n for n, p in params.items() if p.ndim >= 2
+                                     and n.rsplit(".", 1)[-1] == "weight"
+                                     and getattr(p, "requires_grad", True)]
+            total = total + decay.l2 / 2 * sum((params[n] ** 2).sum() for n in names)
+        return total
     finally:
         DIMS.reset(token)
-    loss = spec.loss
-    target = batch[loss.target] if loss.target is not None else None
-    return LOSSES[loss.type].reference(loss, values[loss.prediction], target)
 
 
 def oracle_grads(spec: ModelSpec, params: Mapping[str, np.ndarray],

@@ -3,8 +3,16 @@
 A formula is spec text, and spec text may come from anyone, so nothing here evaluates
 it: no ``eval``, ``exec``, ``sympify`` or ``parse_expr`` (they all call ``eval``). The
 grammar is numbers, the declared variable names, ``+ - * / **``, unary minus, comparisons
-inside ``where``, and the function table :data:`FUNCTIONS`. Length, nesting depth,
-number size and constant exponents are capped so that no formula can make sympy hang.
+inside ``where``, the function table :data:`FUNCTIONS` and the reductions
+:data:`REDUCTIONS` (``sum(x, axis=-1)``, ``mean``, ``max``, ``logsumexp``, whose ``axis``
+is a constant integer or list of integers). Length, nesting depth, number size and
+constant exponents are capped so that no formula can make sympy hang.
+
+A reduction keeps the reduced axes as size-1 axes (numpy's ``keepdims=True``), so its
+result broadcasts back against the formula: ``x - mean(x, axis=-1)``. Axes count over the
+formula's own shape (the broadcast of its variables); an axis a reduction's argument does
+not span (size 1 there) is left as it is. Who builds the formula says what a reduction
+becomes (:data:`Reducer`): layers make each one an op of its own in index notation.
 
 The same parsed tree can also be evaluated with torch ops (:func:`torch_eval`); that is
 how the independent autograd oracle computes a custom formula without sympy.
@@ -86,6 +94,115 @@ FUNCTIONS: Mapping[str, Function] = {
 }
 CONSTANTS: Mapping[str, sp.Expr] = {"pi": sp.pi, "e": sp.E}
 
+# Reductions over axes, called with one argument and ``axis=``. ``max`` with two
+# positional arguments stays the elementwise maximum above.
+REDUCTIONS: Mapping[str, str] = {
+    "sum": "sum over the axes",
+    "mean": "mean over the axes",
+    "max": "maximum over the axes; the gradient is shared evenly between tied maxima "
+           "(as torch.amax)",
+    "logsumexp": "log(sum(exp(x))) over the axes, computed max-shifted",
+}
+MAX_AXES = 8
+# (kind, argument, axes as written or None for all, column of the call) -> the value
+Reducer = Callable[[str, sp.Expr, tuple[int, ...] | None, int], sp.Expr]
+
+
+def is_reduction(node: ast.AST) -> bool:
+    """A call of a reduction (``sum(x, axis=...)``, ``sum(x)``; ``max`` with one
+    argument, else it is the elementwise maximum of two)."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in REDUCTIONS
+            and (node.func.id not in FUNCTIONS or bool(node.keywords)
+                 or len(node.args) == 1))
+
+
+def reduction_axes(node: ast.Call) -> tuple[int, ...] | None:
+    """The constant axes of a checked reduction call, as written (negative allowed);
+    None without ``axis=``: every axis."""
+    if not node.keywords:
+        return None
+    value = node.keywords[0].value
+    items = value.elts if isinstance(value, ast.List | ast.Tuple) else [value]
+    axes = []
+    for item in items:
+        axis = _constant_value(item)
+        assert axis is not None
+        axes.append(int(axis))
+    return tuple(axes)
+
+
+def _check_reduction(node: ast.Call) -> None:
+    col = node.col_offset + 1
+    name = node.func.id  # type: ignore[attr-defined]
+    if len(node.args) != 1 or len(node.keywords) > 1 or any(
+            k.arg != "axis" for k in node.keywords):
+        raise FormulaProblem(f"{name}() takes one argument and optionally axis=, as "
+                             f"{name}(x, axis=-1)", col)
+    if not node.keywords:
+        return
+    value = node.keywords[0].value
+    items = value.elts if isinstance(value, ast.List | ast.Tuple) else [value]
+    if not items:
+        raise FormulaProblem(f"{name}(): axis is an integer or a non-empty list of integers",
+                             col)
+    if len(items) > MAX_AXES:
+        raise FormulaProblem(f"{name}(): more than {MAX_AXES} axes", col)
+    for item in items:
+        inner = item.operand if isinstance(item, ast.UnaryOp) and isinstance(
+            item.op, ast.USub) else item
+        if not (isinstance(inner, ast.Constant) and type(inner.value) is int
+                and abs(inner.value) <= MAX_AXES):
+            raise FormulaProblem(f"{name}(): axis must be a constant integer (or a list "
+                                 f"of them) between {-MAX_AXES} and {MAX_AXES}",
+                                 getattr(item, "col_offset", node.col_offset) + 1)
+
+
+def normalise_axes(axes: tuple[int, ...], rank: int, col: int) -> tuple[int, ...]:
+    """Axes as written -> 0..rank-1, refusing any out of range or named twice."""
+    out: list[int] = []
+    for axis in axes:
+        b = axis + rank if axis < 0 else axis
+        if not 0 <= b < rank:
+            raise FormulaProblem(f"axis {axis} is out of range: the formula has {rank} "
+                                 f"ax{'is' if rank == 1 else 'es'} ({-rank}..{rank - 1})",
+                                 col)
+        if b in out:
+            raise FormulaProblem(f"axis {axis} is named twice", col)
+        out.append(b)
+    return tuple(out)
+
+
+def _unchecked_reducer(kind: str, arg: sp.Expr, axes: tuple[int, ...] | None,
+                       col: int) -> sp.Expr:
+    # Used only to look at the constants of a formula: a reduction keeps its argument's
+    # numbers (a sum multiplies them by a size, which is checked where it is known).
+    return arg
+
+
+def _no_reducer(kind: str, arg: sp.Expr, axes: tuple[int, ...] | None, col: int) -> sp.Expr:
+    raise FormulaProblem(f"{kind}(..., axis=) is not available in this formula", col)
+
+
+def dotted_name(node: ast.AST) -> str | None:
+    """``fc1.weight`` (an attribute chain of plain names) as one string, else None."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or not parts:
+        return None
+    return ".".join([node.id, *reversed(parts)])
+
+
+class AnyParameter(dict):  # type: ignore[type-arg]
+    """Formula variables that also admit every dotted name (``fc1.weight``): a loss
+    formula is checked when the spec is read, before the parameters exist; the names
+    are checked against the network's parameters when the graph is built."""
+
+    def __contains__(self, key: object) -> bool:
+        return (isinstance(key, str) and "." in key) or super().__contains__(key)
+
 _BINARY = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
 _COMPARE = {ast.Gt: sp.StrictGreaterThan, ast.Lt: sp.StrictLessThan,
             ast.GtE: sp.GreaterThan, ast.LtE: sp.LessThan}
@@ -128,6 +245,14 @@ def parse_tree(text: object, variables: Mapping[str, object]) -> ast.expr:
             if node.id not in variables and node.id not in CONSTANTS:
                 known = ", ".join(sorted(variables)) or "none"
                 raise FormulaProblem(f"unknown name {node.id!r} (variables: {known})", col)
+        elif isinstance(node, ast.Attribute):
+            dotted = dotted_name(node)
+            if dotted is None or dotted not in variables:
+                if dotted is not None and any("." in v for v in variables):
+                    known = ", ".join(sorted(v for v in variables if "." in v))
+                    raise FormulaProblem(f"unknown parameter {dotted!r} (parameters: "
+                                         f"{known})", col)
+                raise FormulaProblem("Attribute is not allowed in a formula", col)
         elif isinstance(node, ast.BinOp):
             if type(node.op) not in _BINARY:
                 raise FormulaProblem(f"operator {type(node.op).__name__} is not allowed", col)
@@ -150,13 +275,21 @@ def parse_tree(text: object, variables: Mapping[str, object]) -> ast.expr:
             if not isinstance(node.func, ast.Name):
                 raise FormulaProblem("only the listed functions may be called, by plain name",
                                      col)
+            if is_reduction(node):
+                _check_reduction(node)
+                count += 1  # the axis
+                check(node.args[0], depth + 1)
+                return
             if node.func.id not in FUNCTIONS:
                 name = node.func.id
                 raise FormulaProblem(f"unknown function {name!r} (allowed: "
-                                     f"{', '.join(sorted(FUNCTIONS))})", col)
+                                     f"{', '.join(sorted({*FUNCTIONS, *REDUCTIONS}))})", col)
             fn = FUNCTIONS[node.func.id]
             if node.keywords or len(node.args) != fn.arity:
-                raise FormulaProblem(f"{node.func.id}() takes {fn.arity} argument(s)", col)
+                also = (", or one and axis= to reduce" if node.func.id in REDUCTIONS
+                        else "")
+                raise FormulaProblem(f"{node.func.id}() takes {fn.arity} argument(s){also}",
+                                     col)
             for i, arg in enumerate(node.args):
                 if node.func.id == "where" and i == 0:
                     if not isinstance(arg, ast.Compare):
@@ -233,6 +366,8 @@ def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
             if node.id in variables:
                 return None, 1, False
             return {"pi": math.pi, "e": math.e}[node.id], 0, False
+        if isinstance(node, ast.Attribute):  # a parameter (parse_tree checked the name)
+            return None, 1, False
         if isinstance(node, ast.UnaryOp):
             value, degree, var_exp = fold(node.operand)
             return (None if value is None else
@@ -265,6 +400,12 @@ def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
         if isinstance(node, ast.Call):
             assert isinstance(node.func, ast.Name)
             name = node.func.id
+            if is_reduction(node):
+                value, degree, var_exp = fold(node.args[0])
+                if value is not None:
+                    raise FormulaProblem(f"{name}() of a constant: reduce an expression of "
+                                         "the variables", node.col_offset + 1)
+                return None, degree, var_exp
             if name == "where":
                 cond = node.args[0]
                 assert isinstance(cond, ast.Compare)
@@ -284,8 +425,9 @@ def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
         raise AssertionError(type(node))  # pragma: no cover - parse_tree rejects these
 
     fold(tree)
-    symbols = {name: sp.Symbol(name, real=True) for name in variables}
-    expr = to_sympy(tree, symbols)
+    names = set(variables) | {d for d in map(dotted_name, ast.walk(tree)) if d is not None}
+    symbols = {name: sp.Symbol(name, real=True) for name in names}
+    expr = to_sympy(tree, symbols, _unchecked_reducer)
     for atom in expr.atoms(sp.Number):
         try:
             bad = (atom.is_finite is False or atom.is_real is False or atom is sp.nan
@@ -302,7 +444,9 @@ def _check_values(tree: ast.expr, variables: Mapping[str, object]) -> None:
 
 
 def _mentions_variable(node: ast.AST, variables: Mapping[str, object]) -> bool:
-    return any(isinstance(n, ast.Name) and n.id in variables for n in ast.walk(node))
+    return any((isinstance(n, ast.Name) and n.id in variables)
+               or (isinstance(n, ast.Attribute) and dotted_name(n) in variables)
+               for n in ast.walk(node))
 
 
 def parse_at(where: Any, text: object, variables: Mapping[str, object]) -> ast.expr:
@@ -334,15 +478,21 @@ _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator
 
 
 def _walk(tree: ast.expr, name: Callable[[str], Any], number: Callable[[int | float], Any],
-          compare: Callable[[type, Any, Any], Any], call: Callable[[str, list[Any]], Any]) -> Any:
-    """Interpret a checked tree; the callbacks say what names, numbers, comparisons and
-    calls mean (sympy objects for the engine, torch tensors for the oracle)."""
+          compare: Callable[[type, Any, Any], Any], call: Callable[[str, list[Any]], Any],
+          reduce: Callable[[str, Any, tuple[int, ...] | None, int], Any]) -> Any:
+    """Interpret a checked tree; the callbacks say what names, numbers, comparisons,
+    calls and reductions mean (sympy objects for the engine, torch tensors for the
+    oracle)."""
 
     def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Constant):
             return number(node.value)
         if isinstance(node, ast.Name):
             return name(node.id)
+        if isinstance(node, ast.Attribute):
+            dotted = dotted_name(node)
+            assert dotted is not None
+            return name(dotted)
         if isinstance(node, ast.UnaryOp):
             inner = ev(node.operand)
             return -inner if isinstance(node.op, ast.USub) else inner
@@ -352,31 +502,72 @@ def _walk(tree: ast.expr, name: Callable[[str], Any], number: Callable[[int | fl
             return compare(type(node.ops[0]), ev(node.left), ev(node.comparators[0]))
         if isinstance(node, ast.Call):
             assert isinstance(node.func, ast.Name)
+            if is_reduction(node):
+                return reduce(node.func.id, ev(node.args[0]), reduction_axes(node),
+                              node.col_offset + 1)
             return call(node.func.id, [ev(a) for a in node.args])
         raise AssertionError(type(node))  # pragma: no cover - parse_tree rejects these
 
     return ev(tree)
 
 
-def to_sympy(tree: ast.expr, variables: Mapping[str, sp.Expr]) -> sp.Expr:
-    """Build the sympy expression of a checked tree (no evaluation of text)."""
+def to_sympy(tree: ast.expr, variables: Mapping[str, sp.Expr],
+             reduce: Reducer = _no_reducer) -> sp.Expr:
+    """Build the sympy expression of a checked tree (no evaluation of text); ``reduce``
+    builds each reduction (a formula without one needs none). A reducer may raise
+    :class:`FormulaProblem` (an axis out of range)."""
     return _walk(
         tree,
         name=lambda n: variables[n] if n in variables else CONSTANTS[n],
         number=_number,
         compare=lambda op, a, b: _COMPARE[op](a, b),
-        call=lambda f, args: FUNCTIONS[f].build(*args))
+        call=lambda f, args: FUNCTIONS[f].build(*args),
+        reduce=reduce)
+
+
+def to_sympy_at(where: Any, tree: ast.expr, variables: Mapping[str, sp.Expr],
+                reduce: Reducer = _no_reducer) -> sp.Expr:
+    """:func:`to_sympy`, reporting a reduction's problem as a located error."""
+    from .errors import FormulaError
+
+    try:
+        return to_sympy(tree, variables, reduce)
+    except FormulaProblem as problem:
+        raise where.error(f"{problem.message} (formula column {problem.col})",
+                          FormulaError) from None
 
 
 def parse(text: object, variables: Mapping[str, sp.Expr]) -> sp.Expr:
     return to_sympy(parse_tree(text, variables), variables)
 
 
-def torch_eval(tree: ast.expr, variables: Mapping[str, Any]) -> Any:
-    """Evaluate a checked tree with torch ops, for the autograd oracle."""
+def torch_eval(tree: ast.expr, variables: Mapping[str, Any], rank: int | None = None) -> Any:
+    """Evaluate a checked tree with torch ops, for the autograd oracle. ``rank``: the
+    formula's rank, which reduction axes count in (default: the variables' largest)."""
     import math
 
     import torch
+
+    if rank is None:
+        rank = max((v.ndim for k, v in variables.items()
+                    if isinstance(v, torch.Tensor) and "." not in k), default=0)
+
+    def reduce(kind: str, arg: Any, axes: tuple[int, ...] | None, col: int) -> Any:
+        # torch's own reductions with keepdim, over the axes the argument spans
+        if axes is None:  # every axis, to a scalar
+            return {"sum": torch.sum, "mean": torch.mean, "max": torch.amax,
+                    "logsumexp": lambda a: torch.logsumexp(a.reshape(-1), 0)}[kind](arg)
+        dims = [b - rank + arg.ndim for b in normalise_axes(axes, rank, col)]
+        dims = [d for d in dims if d >= 0 and arg.shape[d] != 1]
+        if not dims:
+            return arg
+        if kind == "sum":
+            return arg.sum(dim=dims, keepdim=True)
+        if kind == "mean":
+            return arg.mean(dim=dims, keepdim=True)
+        if kind == "max":
+            return arg.amax(dim=dims, keepdim=True)
+        return torch.logsumexp(arg, dim=dims, keepdim=True)
 
     def call(f: str, args: list[Any]) -> Any:
         like = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -390,4 +581,4 @@ def torch_eval(tree: ast.expr, variables: Mapping[str, Any]) -> Any:
         number=float,
         compare=lambda op, a, b: {ast.Gt: operator.gt, ast.Lt: operator.lt,
                                   ast.GtE: operator.ge, ast.LtE: operator.le}[op](a, b),
-        call=call)
+        call=call, reduce=reduce)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import sympy as sp
+from sympy.concrete.expr_with_limits import ExprWithLimits
 
 from .errors import GraphError
 from .spec import Where
@@ -84,6 +85,18 @@ class DimLimit:
     reason: str
 
 
+class MaxOver(ExprWithLimits):
+    """``MaxOver(f, (r, 0, n - 1))``: the maximum of ``f`` over ``r``, bound like a ``Sum``.
+
+    It carries no derivative (zero, like a detached tensor): a ``max`` written in a
+    formula is differentiated through the ties ``[f == MaxOver(f)]`` it is compared with
+    (``layers/reductions.py``), never through this node. Lowered to a max reduction.
+    """
+
+    def _eval_derivative(self, symbol: sp.Basic) -> sp.Expr:
+        return sp.Integer(0)
+
+
 @dataclass
 class Node:
     """One tensor of the network: an input, a target, a parameter, or an op's output."""
@@ -128,6 +141,14 @@ class Graph:
         self.id_bounds: dict[str, IdBound] = {}
         self.dim_limits: dict[str, DimLimit] = {}
         self.declared_max: dict[str, int] = {}  # dims: {T: {max: 64}} as the spec says
+        self._reductions = 0
+
+    def reduction_index(self) -> sp.Symbol:
+        """A summation index that no other op of this graph uses (``r1``, ``r2``, ...),
+        for a reduction written in a formula: nested or fused reductions never share
+        a bound index."""
+        self._reductions += 1
+        return sp.Symbol(f"r{self._reductions}", integer=True)
 
     def dim(self, value: int | str) -> sp.Expr:
         if isinstance(value, int):

@@ -142,6 +142,21 @@ def adjoint(var: str) -> str:
 TEMP_PREFIX = "tmp"
 
 
+# The weight-decay penalty of a composite loss (a 0-d tensor of the loss).
+WEIGHT_DECAY = "weight_decay"
+
+
+def loss_term(index: int) -> str:
+    """Term ``index`` (from 1) of a composite loss (``loss: [...]``)."""
+    return f"loss_{index}"
+
+
+def reduction(layer: str, kind: str, index: int) -> str:
+    """The ``index``-th reduction (``kind``: sum, mean, max, argmax, logsumexp) written
+    in ``layer``'s formula: ``norm_mean1``."""
+    return f"{layer}_{kind}{index}"
+
+
 def temp(index: int) -> str:
     """A common subexpression shared by several statements."""
     return f"{TEMP_PREFIX}{index}"

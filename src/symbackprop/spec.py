@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -19,10 +20,12 @@ from pathlib import Path
 from . import naming, yamlsafe
 from .errors import SpecError
 
-TOP_KEYS = ("name", "description", "inputs", "targets", "dims", "blocks", "layers", "loss")
+TOP_KEYS = ("name", "description", "inputs", "targets", "dims", "blocks", "layers", "loss",
+            "weight_decay")
 # The element types a tensor may declare: ``float`` (the parameters' floating dtype, the
 # default) and ``int64`` (ids and class labels: never cast, never differentiated).
 DTYPES = ("float", "int64")
+MAX_LOSS_TERMS = 16
 MAX_DIM = 1 << 24
 MAX_LAYERS = 512  # after blocks are expanded
 MAX_REPEAT = 64
@@ -114,6 +117,18 @@ class LossSpec:
     options: Mapping[str, object]
     where: Where
     option_where: Mapping[str, Where]
+    weight: float = 1.0  # its factor in a composite loss (``loss:`` as a list of terms)
+
+
+@dataclass(frozen=True)
+class WeightDecaySpec:
+    """``weight_decay: {l2: 1e-4, params: [...]}``: (l2 / 2) * sum of squares of ``params``
+    (dotted parameter names; None: every trainable parameter of rank 2 or more)."""
+
+    l2: float
+    params: tuple[str, ...] | None
+    where: Where
+    param_where: Mapping[str, Where]
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,9 @@ class ModelSpec:
     sha256: str
     where: Where
     dims: tuple[DimBound, ...] = ()
+    # every term of the loss (one for a plain ``loss:`` mapping); ``loss`` is the first
+    losses: tuple[LossSpec, ...] = ()
+    weight_decay: WeightDecaySpec | None = None
 
     def layer(self, name: str) -> LayerSpec:
         for layer in self.layers:
@@ -370,7 +388,6 @@ def _options(ctx: _Ctx, raw: dict, schema: Mapping, path: tuple[str | int, ...],
 
 def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
     """Parse and validate a spec; raise :class:`SpecError` on the first problem."""
-    from .layers import LOSSES
 
     doc = yamlsafe.load(text, file)
     ctx = _Ctx(doc)
@@ -412,31 +429,113 @@ def parse(text: str | bytes, file: str = "<spec>") -> ModelSpec:
         previous = expander.layer(entry, ("layers", i), previous, scope=None)
     layers = expander.finish()
 
-    loss_raw = _mapping(ctx, top["loss"], ("loss",))
+    if isinstance(top["loss"], list):
+        terms_raw = top["loss"]
+        if not terms_raw:
+            raise ctx.fail(("loss",), "a composite loss is a non-empty list of loss terms")
+        if len(terms_raw) > MAX_LOSS_TERMS:
+            raise ctx.fail(("loss",), f"more than {MAX_LOSS_TERMS} loss terms")
+        losses = tuple(_loss(ctx, raw_term, ("loss", i), previous, expander, composite=True)
+                       for i, raw_term in enumerate(terms_raw))
+    else:
+        losses = (_loss(ctx, top["loss"], ("loss",), previous, expander, composite=False),)
+    decay = _weight_decay(ctx, top["weight_decay"]) if "weight_decay" in top else None
+    return ModelSpec(name, description, inputs, targets, tuple(layers), losses[0], file,
+                     hashlib.sha256(raw).hexdigest(), ctx.where(()), dims=dims, losses=losses,
+                     weight_decay=decay)
+
+
+def _loss(ctx: _Ctx, value: object, path: tuple[str | int, ...], previous: str | None,
+          expander: _Expander, *, composite: bool) -> LossSpec:
+    """One loss (the whole ``loss:`` mapping, or one term of a composite list)."""
+    from .layers import LOSSES
+
+    loss_raw = _mapping(ctx, value, path)
     if "type" not in loss_raw and "formula" not in loss_raw:
-        raise ctx.fail(("loss",), "the loss needs a 'type' (or a 'formula')")
+        raise ctx.fail(path, "the loss needs a 'type' (or a 'formula')")
     ltype = loss_raw.get("type", "formula")
     if not isinstance(ltype, str) or ltype not in LOSSES:
-        raise ctx.fail(("loss", "type"), f"unknown loss {ltype!r}; known: "
-                                         f"{', '.join(sorted(LOSSES))}")
+        raise ctx.fail((*path, "type"), f"unknown loss {ltype!r}; known: "
+                                        f"{', '.join(sorted(LOSSES))}")
     loss_cls = LOSSES[ltype]
     prediction = loss_raw.get("prediction", previous)
+    if composite and "prediction" not in loss_raw:
+        if ltype != "formula":
+            raise ctx.fail(path, "each term of a composite loss names its 'prediction' "
+                                 "(only a formula of parameters, a penalty, has none)")
+        prediction = ""  # a penalty: a formula of the parameters alone
     if not isinstance(prediction, str):
-        raise ctx.fail(("loss", "prediction"), "prediction is a layer name")
-    prediction = expander.outputs.get(prediction, prediction)
+        raise ctx.fail((*path, "prediction"), "prediction is a layer name")
+    prediction = expander.outputs.get(prediction, prediction) if prediction else prediction
     target = loss_raw.get("target")
     if target is None and loss_cls.needs_target:
-        raise ctx.fail(("loss",), f"loss {ltype!r} needs a 'target'")
+        raise ctx.fail(path, f"loss {ltype!r} needs a 'target'")
     if target is not None and not isinstance(target, str):
-        raise ctx.fail(("loss", "target"), "target is a name from 'targets'")
-    loss_options, loss_wheres = _options(ctx, loss_raw, loss_cls.options, ("loss",),
-                                         {"type", "prediction", "target"})
+        raise ctx.fail((*path, "target"), "target is a name from 'targets'")
+    weight = 1.0
+    if "weight" in loss_raw:
+        if not composite:
+            raise ctx.fail((*path, "weight"), "'weight' belongs to a term of a composite "
+                                              "loss (loss: a list of terms)", key=True)
+        weight = float(check_option(ctx.where((*path, "weight")), "float",  # type: ignore[arg-type]
+                                    _number_like(loss_raw["weight"])))
+        if not 0 < weight <= 1e6:
+            raise ctx.fail((*path, "weight"), f"a loss weight is a number in (0, 1e6], "
+                                              f"not {weight!r}")
+    loss_options, loss_wheres = _options(ctx, loss_raw, loss_cls.options, path,
+                                         {"type", "prediction", "target", "weight"})
     loss_cls.validate(loss_options, loss_wheres)
-    loss_wheres.setdefault("prediction", ctx.where(("loss", "prediction")))
-    loss_wheres.setdefault("target", ctx.where(("loss", "target")))
-    loss = LossSpec(ltype, prediction, target, loss_options, ctx.where(("loss",)), loss_wheres)
-    return ModelSpec(name, description, inputs, targets, tuple(layers), loss, file,
-                     hashlib.sha256(raw).hexdigest(), ctx.where(()), dims)
+    loss_wheres.setdefault("prediction", ctx.where((*path, "prediction")))
+    loss_wheres.setdefault("target", ctx.where((*path, "target")))
+    return LossSpec(ltype, prediction, target, loss_options, ctx.where(path), loss_wheres,
+                    weight)
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\Z")
+
+
+def _number_like(value: object) -> object:
+    """``1e-4`` as a number: YAML 1.1 (PyYAML) reads a float without a dot as a string,
+    and a coefficient is most often written that way."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
+    return value
+
+
+def _weight_decay(ctx: _Ctx, value: object) -> WeightDecaySpec:
+    path: tuple[str | int, ...] = ("weight_decay",)
+    raw = _mapping(ctx, value, path)
+    for key in raw:
+        if key not in ("l2", "params"):
+            raise ctx.fail((*path, key), f"unknown key {key!r} in weight_decay (allowed: "
+                                         "l2, params)", key=True)
+    if "l2" not in raw:
+        raise ctx.fail(path, "weight_decay needs 'l2' (the coefficient)")
+    l2 = float(check_option(ctx.where((*path, "l2")), "float",  # type: ignore[arg-type]
+                            _number_like(raw["l2"])))
+    if not 0 <= l2 <= 1e6:
+        raise ctx.fail((*path, "l2"), f"l2 is a number in [0, 1e6], not {l2!r}")
+    params: tuple[str, ...] | None = None
+    wheres: dict[str, Where] = {}
+    if "params" in raw:
+        listed = raw["params"]
+        if not isinstance(listed, list) or not listed:
+            raise ctx.fail((*path, "params"), "params is a non-empty list of parameter names "
+                                              "such as fc1.weight")
+        names = []
+        for i, item in enumerate(listed):
+            # only compared with the network's parameter names (an unknown one is refused
+            # when the graph is built), never pasted into code
+            if not isinstance(item, str) or not item or len(item) > 200 or not all(
+                    part and (part.isascii() and (part.isidentifier() or part.isdigit()))
+                    for part in item.split(".")):
+                raise ctx.fail((*path, "params", i), f"not a parameter name: {item!r}")
+            if item in wheres:
+                raise ctx.fail((*path, "params", i), f"{item!r} is listed twice")
+            wheres[item] = ctx.where((*path, "params", i))
+            names.append(item)
+        params = tuple(names)
+    return WeightDecaySpec(l2, params, ctx.where(path), wheres)
 
 
 def _blocks(ctx: _Ctx, value: object) -> dict[str, BlockSpec]:

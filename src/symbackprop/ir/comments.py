@@ -18,6 +18,13 @@ class IndexPrinter(sp.printing.str.StrPrinter):
         over = ",".join(str(lim[0]) for lim in expr.limits)
         return f"sum_{{{over}}}({self._print(expr.function)})"
 
+    def _print_MaxOver(self, expr: sp.Expr) -> str:
+        over = ",".join(str(lim[0]) for lim in expr.limits)
+        return f"max_{{{over}}}({self._print(expr.function)})"
+
+    def _print_Equality(self, expr: sp.Expr) -> str:
+        return f"{self._print(expr.lhs)} == {self._print(expr.rhs)}"
+
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
         parts = [f"{self._print(e)} if {self._print(c)}" for e, c in expr.args[:-1]]
         parts.append(f"else {self._print(expr.args[-1][0])}")

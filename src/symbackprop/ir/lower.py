@@ -27,7 +27,7 @@ from ..backprop import Derivation, target_indices
 from ..derive import radix
 from ..derive.calculus import is_index_symbol
 from ..errors import GraphError
-from ..graph import ref, ref_name
+from ..graph import MaxOver, ref, ref_name
 from . import contract
 from .comments import backward_comment, forward_comment
 from .nodes import (
@@ -149,6 +149,8 @@ class Lowerer:
             self._emit(target, Map(iota.placeholder(), ((iota.placeholder(), iota),)), phase)
         elif is_logsumexp(expr):
             self._logsumexp(expr, axes, extents, phase, target)
+        elif isinstance(expr, MaxOver):
+            self._max_over(expr, axes, extents, phase, target)
         elif isinstance(expr, sp.Sum) and self._free(expr.function,
                                                       _bound(expr), axes) == axes:
             self._sum(expr, axes, extents, phase, target)
@@ -185,6 +187,8 @@ class Lowerer:
         """Lower every sum inside ``expr`` into its own statement; return the rest."""
         if is_logsumexp(expr):
             return self._logsumexp(expr, None, extents, phase, None)
+        if isinstance(expr, MaxOver):
+            return self._max_over(expr, None, extents, phase, None)
         if isinstance(expr, sp.Sum):
             return self._sum(expr, None, extents, phase, None)
         if not expr.args or isinstance(expr, sp.Indexed):
@@ -358,6 +362,23 @@ class Lowerer:
                                   tuple(range(len(free), len(full))), len(full)), phase)
         return ref(target, free)
 
+    def _max_over(self, expr: MaxOver, axes: tuple[sp.Symbol, ...] | None,
+                  extents: dict[sp.Symbol, sp.Expr], phase: Phase,
+                  target: str | None) -> sp.Expr:
+        """``MaxOver(f, limits)`` -> a ``max`` :class:`~.nodes.Reduce` of ``f``."""
+        limits = [lim[0] for lim in expr.limits]
+        for var, lo, hi in expr.limits:
+            extents[var] = hi - lo + 1
+        arg = self._nested(expr.function, phase, extents)
+        free = self._free(arg, set(limits), axes)
+        full = (*free, *limits)
+        target = target or self._temp()
+        self.shapes[target] = tuple(extents[a] for a in free)
+        body, views = self.viewify(arg, full, extents)
+        self._emit(target, Reduce("max", body, views, tuple(range(len(free), len(full))),
+                                  len(full)), phase)
+        return ref(target, free)
+
     # -- views --------------------------------------------------------------------------
     def view(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...],
              extents: dict[sp.Symbol, sp.Expr] | None = None) -> View | Gather | Reshape:
@@ -461,7 +482,7 @@ def _loose_indices(expr: sp.Expr, *, conditions: bool = True) -> set[sp.Symbol]:
         e = stack.pop()
         if isinstance(e, sp.Indexed) or (not conditions and isinstance(e, Relational)):
             continue
-        if isinstance(e, sp.Sum):
+        if isinstance(e, sp.Sum | MaxOver):
             bound |= {lim[0] for lim in e.limits}
         if is_index_symbol(e):
             found.add(e)

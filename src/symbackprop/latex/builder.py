@@ -146,7 +146,8 @@ class _Builder:
     def _reaches_loss(self) -> set[str]:
         out = {self.graph.loss}
         for name in reversed(list(self.nodes)):
-            if any(c in out for c in self.consumers[name]):
+            if (any(c in out for c in self.consumers[name])
+                    and not self.nodes[name].meta.get("no_gradient")):
                 out.add(name)
         return out
 

@@ -152,6 +152,9 @@ class Names:
             return _Sym(letter, layer) if letter else _Sym(role, layer, True)
         if node.name == graph.loss:
             return _Sym("L")
+        symbol = node.meta.get("symbol")  # a term of a composite loss: L_1, R
+        if isinstance(symbol, tuple):
+            return _Sym(*symbol)
         if node.kind == "contraction":
             return _Sym("z", layer)
         if node.name == graph.prediction and node.kind == "map":
@@ -359,6 +362,10 @@ class IndexPrinter(LatexPrinter):
         if isinstance(expr.function, sp.Add):
             body = rf"\left({body}\right)"
         return " ".join(head) + " " + body
+
+    def _print_MaxOver(self, expr: sp.Expr) -> str:
+        over = ", ".join(self.index(var) for var, _, _ in expr.limits)
+        return rf"\max_{{{over}}} \left({self._print(expr.function)}\right)"
 
     def _print_FnApply(self, expr: sp.Expr, exp: object = None) -> str:
         tag, arg = expr.args

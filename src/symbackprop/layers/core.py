@@ -20,9 +20,12 @@ def apply_activation(graph: Graph, act: ActivationSpec | None, pre: Node, out_na
     if act is None or act.type == "identity":
         return pre
     if act.type == "formula":
-        from ..formula import parse_tree, to_sympy  # most specs have no formula
+        from ..formula import parse_tree, to_sympy_at  # most specs have no formula
+        from .reductions import IndexReducer
 
-        formula = to_sympy(parse_tree(act.formula, {"x": None}), {"x": pre.element()})
+        reducer = IndexReducer(graph, layer, where, pre.indices(), pre.shape)
+        formula = to_sympy_at(act.where or where, parse_tree(act.formula, {"x": None}),
+                              {"x": pre.element()}, reducer)
         return graph.op(out_name, pre.shape, formula, layer=layer, where=where, kind="map",
                         label="formula")
     formula = ACTIVATIONS[act.type].formula(pre.element(), dict(act.params))

@@ -70,10 +70,13 @@ class Elementwise(Layer):
             idx = tuple(sp.Integer(0) if node.shape[a] == 1 and shape[offset + a] != 1
                         else out_index(offset + a) for a in range(node.rank))
             variables[name] = node.element(idx)
-        from ..formula import parse_tree, to_sympy
+        from ..formula import parse_tree, to_sympy_at
+        from .reductions import IndexReducer
 
         tree = parse_tree(spec.options["formula"], variables)
-        body = to_sympy(tree, variables)
+        reducer = IndexReducer(graph, spec.name, spec.where,
+                               tuple(out_index(a) for a in range(rank)), shape)
+        body = to_sympy_at(spec.option_where["formula"], tree, variables, reducer)
         return graph.op(spec.name, shape, body, layer=spec.name, where=spec.where,
                         kind="map", label="elementwise")
 

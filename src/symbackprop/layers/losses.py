@@ -19,7 +19,7 @@ import sympy as sp
 
 from .. import naming
 from ..derive.functions import ClampedLog, Softplus
-from ..errors import ShapeError
+from ..errors import FormulaError, ShapeError
 from ..graph import Graph, Node, sum_index
 from ..spec import LossSpec, Where
 from .base import Loss, Option, register_loss
@@ -209,46 +209,77 @@ class FormulaLoss(Loss):
     """``loss: {formula: "...", prediction: ..., target: ...}``: mean over all elements.
 
     The formula is elementwise in ``y`` (the prediction) and, if it uses it, ``t`` (the
-    target); sympy differentiates it like a built-in.
+    target); sympy differentiates it like a built-in. It may also read the network's
+    parameters by their dotted names inside a reduction over all their axes
+    (``0.01*sum(abs(fc1.weight))``): a penalty. A term of a composite loss that names
+    no prediction is such a penalty alone.
     """
 
     key = "formula"
-    doc = "mean over all elements of a custom formula in y (prediction) and t (target)"
+    doc = ("mean over all elements of a custom formula in y (prediction) and t (target); "
+           "parameters by dotted name inside a whole reduction, as sum(abs(fc1.weight))")
     options = {"formula": Option("formula", doc="elementwise loss in y and t")}
     needs_target = False
     test_cases = ({"formula": "log(cosh(y - t))"}, {"formula": "softplus(-y*t) + y**2/8"})
 
     @classmethod
     def validate(cls, options: Mapping[str, object], wheres: Mapping[str, Where]) -> None:
-        from ..formula import parse_at  # on first use: most specs have no formula
+        from ..formula import AnyParameter, parse_at  # on first use: most specs have none
 
-        parse_at(wheres["formula"], options["formula"], {"y": None, "t": None})
+        parse_at(wheres["formula"], options["formula"], AnyParameter(y=None, t=None))
 
     @classmethod
-    def build(cls, graph: Graph, spec: LossSpec, prediction: Node, target: Node | None) -> Node:
-        from ..formula import parse_at, to_sympy
+    def build(cls, graph: Graph, spec: LossSpec, prediction: Node | None,
+              target: Node | None) -> Node:
+        from ..formula import parse_at, to_sympy_at
+        from .reductions import IndexReducer
 
-        tree = parse_at(spec.option_where["formula"], spec.options["formula"],
-                        {"y": None, "t": None})
+        where = spec.option_where["formula"]
+        params = {p.param: p for p in graph.params() if p.param is not None}
+        names: dict[str, None] = dict.fromkeys(params)
+        if prediction is not None:
+            names.update(y=None, t=None)
+        tree = parse_at(where, spec.options["formula"], names)
         uses_t = any(isinstance(n, ast.Name) and n.id == "t" for n in ast.walk(tree))
         if uses_t and target is None:
-            raise spec.option_where["formula"].error("the formula uses t but the loss names no "
-                                                     "'target'")
-        if target is not None:
+            raise where.error("the formula uses t but the loss names no 'target'")
+        if target is not None and prediction is not None:
             _same_shape(spec, prediction, target)
-        sums = tuple(sum_index(k) for k in range(prediction.rank))
-        variables = {"y": prediction.element(sums)}
+        shape = prediction.shape if prediction is not None else ()
+        sums = tuple(sum_index(k) for k in range(len(shape)))
+        variables: dict[str, sp.Expr] = {}
+        own: dict[sp.Symbol, sp.Expr] = {}
+        for name, param in params.items():
+            # a parameter is read at its own axes, which only a whole reduction sums out
+            indices = tuple(graph.reduction_index() for _ in range(param.rank))
+            own.update(zip(indices, param.shape, strict=True))
+            variables[name] = param.element(indices)
+        if prediction is not None:
+            variables["y"] = prediction.element(sums)
         if target is not None:
             variables["t"] = target.element(sums)
-        body = sp.Sum(to_sympy(tree, variables),
-                      *((s, 0, n - 1) for s, n in zip(sums, prediction.shape, strict=True)))
-        return graph.op("loss", (), body / sp.Mul(*prediction.shape), layer="loss",
+        reducer = IndexReducer(graph, "loss", spec.where, sums, shape, own)
+        value = to_sympy_at(where, tree, variables, reducer)
+        if value.free_symbols & set(own):
+            raise where.error("a parameter in a loss formula is read inside a reduction over "
+                              "all its axes, as sum(abs(fc1.weight))", FormulaError)
+        if not sums:
+            return graph.op("loss", (), value, layer="loss", where=spec.where,
+                            kind="reduction", label="penalty")
+        body = sp.Sum(value, *((s, 0, n - 1) for s, n in zip(sums, shape, strict=True)))
+        return graph.op("loss", (), body / sp.Mul(*shape), layer="loss",
                         where=spec.where, kind="reduction", label="formula")
 
     @classmethod
-    def reference(cls, spec: LossSpec, prediction: Any, target: Any) -> Any:
-        from ..formula import parse_tree, torch_eval
+    def reference(cls, spec: LossSpec, prediction: Any, target: Any,
+                  params: Mapping[str, Any] | None = None) -> Any:
+        from ..formula import AnyParameter, parse_tree, torch_eval
 
-        tree = parse_tree(spec.options["formula"], {"y": None, "t": None})
-        values = {"y": prediction} if target is None else {"y": prediction, "t": target}
-        return torch_eval(tree, values).mean()
+        tree = parse_tree(spec.options["formula"], AnyParameter(y=None, t=None))
+        values = dict(params or {})
+        if prediction is not None:
+            values["y"] = prediction
+        if target is not None:
+            values["t"] = target
+        value = torch_eval(tree, values)
+        return value.mean() if prediction is not None else value

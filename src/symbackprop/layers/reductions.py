@@ -1,0 +1,119 @@
+"""Reductions written in formulas (``sum(x, axis=-1)``, ``mean``, ``max``, ``logsumexp``).
+
+Each reduction becomes an op of its own in index notation, and the formula reads it back
+at the kept axes, so the result broadcasts along the reduced ones (numpy's
+``keepdims=True``). For ``g = x - mean(x, axis=-1)`` over ``[N, C]``:
+
+    g_mean1[i0] = Sum(x[i0, r1], (r1, 0, C - 1)) / C      g[i0, i1] = x[i0, i1] - g_mean1[i0]
+
+sympy then differentiates the reduction like any op: the adjoint of ``x`` through
+``g_mean1`` is ``d_g_mean1[k0] / C``, broadcast over the reduced axis. A reduction being
+its own tensor is also what keeps it stable and cheap: ``logsumexp`` is ``log(Sum(exp))``,
+lowered max-shifted, and its derivative's ``Sum(exp)`` is read back as ``exp(lse)``
+(``exp(x - lse)``, a softmax), as for the built-in cross-entropy.
+
+``max`` is three tensors: ``M`` (``<layer>_top<n>``) = the maximum, an IR max reduction
+that nothing differentiates through, the ties ``e = [x == M]`` (``<layer>_ties<n>``, a
+comparison: no gradient either), and the value ``m = Sum(x * e) / Sum(e)``, equal to
+``M``. Its derivative is ``e / count``: the gradient goes to the arg-max, shared evenly
+between tied maxima, as ``torch.amax`` does.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from .. import naming
+from ..formula import FormulaProblem, normalise_axes
+from ..graph import Graph, MaxOver, out_index
+from ..spec import Where
+
+_LABELS = {"sum": "sum", "mean": "mean", "max": "max", "logsumexp": "logsumexp"}
+
+
+class IndexReducer:
+    """The :data:`~symbackprop.formula.Reducer` of one formula whose element is indexed
+    by ``indices`` over ``shape`` (the formula's broadcast shape)."""
+
+    def __init__(self, graph: Graph, layer: str, where: Where,
+                 indices: tuple[sp.Symbol, ...], shape: tuple[sp.Expr, ...],
+                 own: dict[sp.Symbol, sp.Expr] | None = None) -> None:
+        """``own``: index symbols of tensors read at their own axes (the parameters a
+        loss formula reads), with their extents: a reduction without ``axis=``
+        reduces them too."""
+        self.graph = graph
+        self.layer = layer
+        self.where = where
+        self.indices = indices
+        self.shape = shape
+        self.own = own or {}
+        self.count = 0
+
+    def __call__(self, kind: str, arg: sp.Expr, axes: tuple[int, ...] | None,
+                 col: int) -> sp.Expr:
+        rank = len(self.indices)
+        if axes is None:
+            normalised = tuple(range(rank))
+        elif rank == 0:
+            raise FormulaProblem(f"{kind}(..., axis=) of a formula with no axes", col)
+        else:
+            normalised = normalise_axes(axes, rank, col)
+        free = arg.free_symbols
+        spans = [(self.indices[b], self.shape[b]) for b in normalised
+                 if self.indices[b] in free]
+        if axes is None:
+            spans += [(i, n) for i, n in self.own.items() if i in free]
+        if not spans:
+            return arg  # the argument has size 1 along every reduced axis
+        kept = [b for b in range(rank) if b not in normalised and self.indices[b] in free]
+        mapping: dict[sp.Expr, sp.Expr] = {self.indices[b]: out_index(j)
+                                           for j, b in enumerate(kept)}
+        limits = []
+        for index, extent in spans:
+            r = self.graph.reduction_index()
+            mapping[index] = r
+            limits.append((r, sp.Integer(0), extent - 1))
+        inner = arg.xreplace(mapping)
+        shape = tuple(self.shape[b] for b in kept)
+        self.count += 1
+        while any(naming.reduction(self.layer, k, self.count) in self.graph.nodes
+                  for k in (kind, "top", "ties")):
+            self.count += 1  # another formula of the same layer (a loss's terms)
+        label = (f"{_LABELS[kind]} over " + ("every axis" if axes is None else
+                                             "axis " + ", ".join(map(str, axes))))
+        if kind == "sum":
+            body = sp.Sum(inner, *limits)
+        elif kind == "mean":
+            body = sp.Sum(inner, *limits) / sp.Mul(*(n for _, n in spans))
+        elif kind == "logsumexp":
+            body = sp.log(sp.Sum(sp.exp(inner), *limits))
+        else:
+            body = self._max(inner, limits, shape, label)
+        name = naming.reduction(self.layer, kind, self.count)
+        node = self.graph.op(name, shape, body, layer=self.layer, where=self.where,
+                             kind="reduction", label=label)
+        return node.element(tuple(self.indices[b] for b in kept))
+
+    def _max(self, inner: sp.Expr, limits: list[tuple[sp.Symbol, sp.Expr, sp.Expr]],
+             shape: tuple[sp.Expr, ...], label: str) -> sp.Expr:
+        """The body of the max's value tensor; adds the maximum and the ties it reads.
+
+        The ties are a tensor of their own (not fused into the value): a comparison
+        inside a sum would be folded out of it by sympy when differentiating."""
+        top = self.graph.op(naming.reduction(self.layer, "top", self.count), shape,
+                            MaxOver(inner, *limits), layer=self.layer, where=self.where,
+                            kind="reduction", label=label + " (the maximum itself)")
+        top.meta["no_gradient"] = True
+        kept = tuple(out_index(j) for j in range(len(shape)))
+        spread = tuple(out_index(len(shape) + m) for m in range(len(limits)))
+        at = {lim[0]: i for lim, i in zip(limits, spread, strict=True)}
+        tie = self.graph.op(
+            naming.reduction(self.layer, "ties", self.count),
+            (*shape, *(hi + 1 for _, _, hi in limits)),
+            sp.Piecewise((sp.Integer(1), sp.Eq(inner.xreplace(at), top.element(kept))),
+                         (sp.Integer(0), True)),
+            layer=self.layer, where=self.where, kind="reduction",
+            label=label + " (1 where an element equals the maximum; no gradient)")
+        tie.meta["no_gradient"] = True
+        ties = tie.element((*kept, *(lim[0] for lim in limits)))
+        return sp.Sum(inner * ties, *limits) / sp.Sum(ties, *limits)
