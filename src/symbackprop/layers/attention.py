@@ -55,10 +55,12 @@ class Attention(Layer):
         "c_proj.bias": Param("C", "uniform_fan_in"),
     }
     test_cases = (
-        {"heads": 2, "_input": ["N", 3, 4]},
-        {"heads": 2, "causal": True, "_input": ["N", 4, 4]},
-        {"heads": 1, "bias": False, "causal": True, "_input": ["N", 3, 2]},
-        {"heads": 2, "causal": True, "_input": [3, 4]},
+        {"heads": 2, "_input": ["N", 3, 4], "_branches": {"b0": 4}},
+        {"heads": 2, "causal": True, "_input": ["N", 4, 4], "_branches": {"b0": 4}},
+        {"heads": 1, "bias": False, "causal": True, "_input": ["N", 3, 2],
+         "_branches": {"b0": 2}},
+        {"heads": 3, "causal": True, "_input": [5, 4], "_branches": {"b0": 6}},
+        {"heads": 2, "causal": True, "_input": ["N", 2, 3, 2], "_branches": {"b0": 4}},
     )
 
     @classmethod
