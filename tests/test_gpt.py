@@ -1,0 +1,160 @@
+"""The GPT examples against a nanoGPT-style torch model written here by hand.
+
+The twin uses what nanoGPT uses — ``nn.Linear``, ``F.layer_norm`` through ``nn.LayerNorm``,
+attention written out with a causal mask, ``F.gelu(approximate="tanh")``,
+``F.cross_entropy`` — and nothing of symbackprop. Its state dict has the generated
+modules' parameter names, so its weights load into them unchanged; the loss and every
+trainable gradient must agree in float64 to a relative 1e-9 in numpy ``loss_and_grad``,
+torch ``loss_and_grad`` and the torch ``Model``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from symbackprop.api import compile_spec
+from symbackprop.check import load_module
+from symbackprop.emit.render import module_filename
+
+from conftest import EXAMPLES, ROOT
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+class CausalSelfAttention(torch.nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.c_attn = torch.nn.Linear(width, 3 * width)
+        self.c_proj = torch.nn.Linear(width, width)
+        self.heads = heads
+
+    def forward(self, x):
+        n, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        q = q.view(n, t, self.heads, c // self.heads).transpose(1, 2)
+        k = k.view(n, t, self.heads, c // self.heads).transpose(1, 2)
+        v = v.view(n, t, self.heads, c // self.heads).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        mask = torch.tril(torch.ones(t, t, dtype=torch.bool))
+        att = att.masked_fill(~mask, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(n, t, c))
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.c_fc = torch.nn.Linear(width, 4 * width)
+        self.c_proj = torch.nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = torch.nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.ln_2 = torch.nn.LayerNorm(width)
+        self.mlp = Mlp(width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def _modules(tmp_path, name):
+    model = compile_spec(EXAMPLES / f"{name}.yaml")
+    out = {}
+    for backend in ("numpy", "torch"):
+        path = tmp_path / module_filename(name, backend)
+        path.write_text(model.source(backend), encoding="utf-8")
+        out[backend] = load_module(path)
+    return out
+
+
+def _rel(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-300))
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter drawn at random (layer norms' ones and zeros would hide a swap)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+
+
+def _agree(mods, twin, batch: dict, ref_loss, trainable: set[str]) -> None:
+    """The loss and every trainable gradient of the three generated paths vs the twin's."""
+    want = {k: p.grad for k, p in twin.named_parameters() if k in trainable}
+    assert want and all(float(g.abs().max()) > 0 for g in want.values())
+    state = {k: v.detach() for k, v in twin.state_dict().items()}
+    np_batch = {k: v.numpy() for k, v in batch.items()}
+
+    loss, grads = mods["numpy"].loss_and_grad({k: v.numpy() for k, v in state.items()},
+                                              **np_batch)
+    assert _rel(loss, ref_loss) <= 1e-9
+    assert set(grads) == set(want)
+    for k, g in want.items():
+        assert _rel(grads[k], g.numpy()) <= 1e-9, k
+
+    loss, grads = mods["torch"].loss_and_grad(state, **batch)
+    assert _rel(loss.item(), ref_loss) <= 1e-9
+    assert set(grads) == set(want)
+    for k, g in want.items():
+        assert _rel(grads[k].numpy(), g.numpy()) <= 1e-9, k
+
+    model = mods["torch"].Model(dtype=torch.float64)
+    assert list(model.state_dict()) == list(state)
+    model.load_state_dict(state)
+    out = model(**batch)
+    out.backward()
+    assert _rel(out.item(), ref_loss) <= 1e-9
+    for k, p in model.named_parameters():
+        if k in trainable:
+            assert _rel(p.grad.numpy(), want[k].numpy()) <= 1e-9, k
+        else:
+            assert p.grad is None, k
+
+
+def test_gpt_block_matches_a_nanogpt_block(tmp_path) -> None:
+    mods = _modules(tmp_path, "gpt_block")
+    twin = Block(32, 4).double()
+    _randomise(twin, 0)
+    assert list(twin.state_dict()) == list(mods["numpy"].PARAM_SHAPES)
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(3, 7, 32)))
+    t = torch.from_numpy(rng.normal(size=(3, 7, 32)))
+    ref = F.mse_loss(twin(x), t)
+    ref.backward()
+    _agree(mods, twin, {"x": x, "t": t}, ref.item(), set(mods["numpy"].TRAINABLE))
+
+
+def test_gpt_block_initialises_as_torch_and_bounds_t(tmp_path) -> None:
+    """Layer norms start at ones and zeros, linear layers within ±1/√fan_in; T over its
+    declared max is refused with a message naming the input."""
+    mods = _modules(tmp_path, "gpt_block")
+    params = mods["numpy"].init_params(0)
+    assert np.all(params["ln_1.weight"] == 1) and np.all(params["ln_2.bias"] == 0)
+    assert np.abs(params["attn.c_attn.weight"]).max() <= 1 / math.sqrt(32)
+    assert np.abs(params["mlp.c_proj.weight"]).max() <= 1 / math.sqrt(128)
+    assert params["attn.c_attn.weight"].shape == (96, 32)
+    x = np.zeros((1, 65, 32))
+    with pytest.raises(ValueError, match="x: T = 65 exceeds 64"):
+        mods["numpy"].loss_and_grad(params, x=x, t=x)
+
+
+def test_generated_gpt_examples_are_up_to_date() -> None:
+    from symbackprop.cli import main
+
+    for name in ("gpt_block",):
+        assert main(["generate", str(EXAMPLES / f"{name}.yaml"), "--out",
+                     str(ROOT / "generated"), "--check"]) == 0
