@@ -68,6 +68,28 @@ class Block(torch.nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Gpt(torch.nn.Module):
+    """nanoGPT's GPT without the ``transformer.`` prefix: wte, wpe, h, ln_f, lm_head tied."""
+
+    def __init__(self, vocab: int = 65, length: int = 32, width: int = 32, heads: int = 4,
+                 layers: int = 2) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(vocab, width)
+        self.wpe = torch.nn.Embedding(length, width)
+        self.h = torch.nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.ln_f = torch.nn.LayerNorm(width)
+        self.lm_head = torch.nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as nanoGPT
+
+    def forward(self, idx, y):
+        pos = torch.arange(idx.shape[1])
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+
+
 def _modules(tmp_path, name):
     model = compile_spec(EXAMPLES / f"{name}.yaml")
     out = {}
@@ -92,11 +114,12 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
 
 
-def _agree(mods, twin, batch: dict, ref_loss, trainable: set[str]) -> None:
+def _agree(mods, twin, batch: dict, ref_loss, trainable: set[str],
+           state: dict | None = None) -> None:
     """The loss and every trainable gradient of the three generated paths vs the twin's."""
     want = {k: p.grad for k, p in twin.named_parameters() if k in trainable}
     assert want and all(float(g.abs().max()) > 0 for g in want.values())
-    state = {k: v.detach() for k, v in twin.state_dict().items()}
+    state = {k: v.detach() for k, v in (state or twin.state_dict()).items()}
     np_batch = {k: v.numpy() for k, v in batch.items()}
 
     loss, grads = mods["numpy"].loss_and_grad({k: v.numpy() for k, v in state.items()},
@@ -152,9 +175,38 @@ def test_gpt_block_initialises_as_torch_and_bounds_t(tmp_path) -> None:
         mods["numpy"].loss_and_grad(params, x=x, t=x)
 
 
+def _gpt_batch(n: int = 3, t: int = 9, seed: int = 2) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 65, (n, t), generator=gen)
+    y = torch.randint(0, 65, (n, t), generator=gen)
+    return {"idx": idx, "y": y}
+
+
+def _state_without_tied_copy(twin: torch.nn.Module) -> dict:
+    """The twin's state dict as the generated modules name it: the tied lm_head.weight
+    is wte.weight (one parameter, listed once)."""
+    state = dict(twin.state_dict())
+    del state["lm_head.weight"]
+    return state
+
+
+def test_tiny_gpt_matches_nanogpt(tmp_path) -> None:
+    mods = _modules(tmp_path, "tiny_gpt")
+    twin = Gpt().double()
+    _randomise(twin, 3)
+    state = _state_without_tied_copy(twin)
+    assert list(state) == list(mods["numpy"].PARAM_SHAPES)
+    batch = _gpt_batch()
+    ref = twin(**batch)
+    ref.backward()
+    # the tied weight's gradient is the sum over both uses, as autograd gives
+    assert twin.wte.weight.grad is twin.lm_head.weight.grad
+    _agree(mods, twin, batch, ref.item(), set(mods["numpy"].TRAINABLE), state=state)
+
+
 def test_generated_gpt_examples_are_up_to_date() -> None:
     from symbackprop.cli import main
 
-    for name in ("gpt_block",):
+    for name in ("gpt_block", "tiny_gpt"):
         assert main(["generate", str(EXAMPLES / f"{name}.yaml"), "--out",
                      str(ROOT / "generated"), "--check"]) == 0
