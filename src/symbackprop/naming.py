@@ -26,6 +26,7 @@ RESERVED = frozenset(
         "loss", "forward", "init_params", "loss_and_grad", "Model", "LossFunction",
         "PARAM_SHAPES", "TRAINABLE", "INPUT_SHAPES", "TARGET_SHAPES", "SPEC_SHA256",
         "DERIVATIONS", "sgd_step", "adam_step", "DIFFERENTIABLE",
+        "merge_lora",
         # arguments and locals of generated functions that also take the user's names
         "wrt", "wanted", "needs", "release", "given",
     }
@@ -107,6 +108,12 @@ def param_var(param: str) -> str:
 
 def preactivation(layer: str) -> str:
     return f"{layer}_z"
+
+
+def lora_down(prefix: str) -> str:
+    """A low-rank adapter's narrow projection (alpha/r) x A^T of the map ``prefix``
+    (``fc1`` or ``attn.c_attn``): ``fc1_lora_xA``."""
+    return f"{param_var(prefix)}_lora_xA"
 
 
 def adjoint(var: str) -> str:

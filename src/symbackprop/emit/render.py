@@ -186,6 +186,10 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
             for p in params
         ],
         "trainable": [p.param for p in params if p.trainable],
+        # Low-rank adapters merge_lora folds into their weights: W + scale * B @ A.
+        "loras": [{"weight": p.param, "a": p.meta["lora"][0], "b": p.meta["lora"][1],
+                   "scale": repr(float(p.meta["lora"][2]))}
+                  for p in params if "lora" in p.meta],
         "inputs": [{"name": n.name, "shape": _shape_tuple(n.shape),
                     "dims": [str(d) for d in n.shape]} for n in inputs],
         "targets": [{"name": n.name, "shape": _shape_tuple(n.shape),
