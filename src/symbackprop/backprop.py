@@ -103,7 +103,7 @@ def derive(graph: Graph, *, leaves: bool = False, reuse: Derivation | None = Non
         if node.role == "param":
             needs[name] = node.trainable or leaves
         elif node.role != "op":
-            needs[name] = leaves
+            needs[name] = leaves and node.role != "mask"
     for name in order:
         needs[name] = any(needs.get(o, False) for o in fused.nodes[name].operands)
 

@@ -22,7 +22,9 @@ import sympy as sp
 from .errors import GraphError
 from .spec import Where
 
-Role = Literal["input", "target", "param", "op"]
+# A "mask" is a random leaf the generated module draws itself (dropout): never an
+# argument of the user's, never differentiated.
+Role = Literal["input", "target", "param", "op", "mask"]
 Kind = Literal["map", "contraction", "reduction"]
 
 

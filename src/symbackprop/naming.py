@@ -28,7 +28,7 @@ RESERVED = frozenset(
         "DERIVATIONS", "sgd_step", "adam_step", "DIFFERENTIABLE",
         "merge_lora",
         # arguments and locals of generated functions that also take the user's names
-        "wrt", "wanted", "needs", "release", "given",
+        "wrt", "wanted", "needs", "release", "given", "training",
     }
 )
 
@@ -114,6 +114,11 @@ def lora_down(prefix: str) -> str:
     """A low-rank adapter's narrow projection (alpha/r) x A^T of the map ``prefix``
     (``fc1`` or ``attn.c_attn``): ``fc1_lora_xA``."""
     return f"{param_var(prefix)}_lora_xA"
+
+
+def dropout_mask(layer: str) -> str:
+    """The random mask of dropout layer ``layer``: ``drop1_mask``."""
+    return f"{layer}_mask"
 
 
 def adjoint(var: str) -> str:

@@ -159,6 +159,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     params = graph.params()
     inputs = [n for n in graph.nodes.values() if n.role == "input"]
     targets = [n for n in graph.nodes.values() if n.role == "target"]
+    masks = [n for n in graph.nodes.values() if n.role == "mask"]
     used_targets = [t for t in targets if t.name in _reads_closure(deriv)]
     loss_var = graph.loss
     grads = deriv.grads
@@ -171,7 +172,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     # Every leaf's adjoint (inputs, targets, frozen parameters too): what a caller may ask
     # for at run time (numpy ``wrt=``, torch ``needs_input_grad``).
     full = _with_leaves(deriv)
-    leaves = [n for n in graph.nodes.values() if n.role != "op"]
+    leaves = [n for n in graph.nodes.values() if n.role not in ("op", "mask")]
     leaf_label = {n.name: n.param if n.role == "param" else n.name for n in leaves}
 
     context: dict[str, object] = {
@@ -196,6 +197,9 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
                      "dims": [str(d) for d in n.shape]} for n in used_targets],
         "dims": [{"name": name, "source": src, "axis": axis}
                  for name, (src, axis) in functional.dims.items()],
+        # Dropout masks: drawn by the module (0 or 1/(1-p)), arguments of nobody's.
+        "masks": [{"name": n.name, "p": repr(float(n.meta["p"])), "shape": _shape_tuple(n.shape)}
+                  for n in masks],
         "prediction": graph.prediction,
         "loss_var": loss_var,
         "grads": [{"name": name, "var": var} for name, var in grads.items()],
@@ -223,22 +227,23 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     if backend == "torch":
         autograd = _lower(full, seed_argument=True)
         apr = _Printer(backend, autograd)
-        # The autograd.Function's arguments: inputs, targets, then every parameter.
+        # The autograd.Function's arguments: inputs, targets, dropout masks, then every
+        # parameter. A mask is never differentiated (it has no gradient code).
         args = ([n.name for n in inputs] + [t.name for t in used_targets]
-                + [p.name for p in params])
-        outputs = [loss_var, *(full.leaf_grads[a] for a in args)]
+                + [m.name for m in masks] + [p.name for p in params])
+        outputs = [loss_var, *(full.leaf_grads[a] for a in args if a in full.leaf_grads)]
         whole = passes.function(autograd, outputs)
         fwd = [s for s in whole if s.phase == "forward"]
         bwd = [s for s in whole if s.phase == "backward"]
         defined = {s.target for s in fwd}
         kept = sorted({r for s in bwd for r in s.reads if r in defined} - {loss_var},
                       key=_order_key(whole, graph))
-        flags = {full.leaf_grads[a]: naming.need_flag(a) for a in args}
+        flags = {full.leaf_grads[a]: naming.need_flag(a) for a in args if a in full.leaf_grads}
         context.update({
             "fn_args": args,
-            "n_leading": len(inputs) + len(used_targets),
+            "n_leading": len(inputs) + len(used_targets) + len(masks),
             "fn_flags": [naming.need_flag(a) for a in args],
-            "fn_grads": [full.leaf_grads[a] for a in args],
+            "fn_grads": [full.leaf_grads.get(a, "") for a in args],
             "fwd_lines": apr.lines(fwd, keep={*kept, loss_var}),
             # The backward may free each saved intermediate after its last use (see
             # _release in the template), as autograd frees a node's saved tensors.

@@ -487,7 +487,9 @@ class _Builder:
         parts: list[str | Span] = ["Tensors: "]
         leaves = [n for n in self.nodes.values() if n.role != "op"]
         for n, node in enumerate(leaves):
-            what = {"input": "input", "target": "target"}.get(node.role, "")
+            what = {"input": "input", "target": "target",
+                    "mask": "dropout mask (drawn each step: 0, or 1/(1-p) kept)"}.get(
+                        node.role, "")
             if node.role == "param":
                 what = "parameter" if node.trainable else "frozen parameter (no gradient)"
             parts += [math(rf"{self.names.array(node.name)} \in \mathbb{{R}}^"

@@ -114,7 +114,8 @@ class _Sym:
 
 
 _PARAM_LETTERS = {"weight": "W", "bias": "b", "scale": r"\gamma", "gamma": r"\gamma",
-                  "gain": r"\gamma", "shift": r"\beta", "beta": r"\beta"}
+                  "gain": r"\gamma", "shift": r"\beta", "beta": r"\beta",
+                  "lora_A": "A", "lora_B": "B"}
 
 
 class Names:
@@ -143,6 +144,8 @@ class Names:
         if node.role in ("input", "target"):
             return _Sym(node.name, "", len(node.name) > 1)
         layer = _rm(node.layer)
+        if node.role == "mask":
+            return _Sym("m", layer)
         if node.role == "param":
             role = (node.param or node.name).rsplit(".", 1)[-1]
             letter = _PARAM_LETTERS.get(role)

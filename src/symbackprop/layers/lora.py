@@ -6,11 +6,12 @@ U(-1/sqrt(in), 1/sqrt(in))) and ``<prefix>.lora_B`` (out x r, zeros), and its ou
 ``(a / r) * (x A^T) B^T``, computed as peft does through the narrow node
 ``u = (a / r) x A^T`` (N x r, named ``<prefix>_lora_xA``) and then ``u B^T``: every
 product of the step and of its gradients is N x r wide at most (N*r*in + N*r*out
-multiply-adds), never B A (out x in) and never an N x out x in x r product. The layer's own weight and bias are frozen by default (what
-LoRA fine-tuning means), unless its ``trainable`` option says otherwise; a frozen
-parameter gets no gradient code. ``prefix`` is the layer's name for ``dense`` and, for a
-composite layer, the projection's dotted name (``attn.c_attn``), so one adapter helper
-serves every projection.
+multiply-adds), never B A (out x in) and never an N x out x in x r product. The
+layer's own weight and bias are frozen by default (what LoRA fine-tuning means),
+unless its ``trainable`` option says otherwise; a frozen parameter gets no gradient
+code. ``prefix`` is the layer's name for ``dense`` and, for a composite layer, the
+projection's dotted name (``attn.c_attn``), so one adapter helper serves every
+projection.
 
 A layer may also take another layer's parameter instead of declaring its own
 (``weight: wte.weight``): the graph then holds one parameter node read by both layers,
