@@ -200,6 +200,8 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         # Dropout masks: drawn by the module (0 or 1/(1-p)), arguments of nobody's.
         "masks": [{"name": n.name, "p": repr(float(n.meta["p"])), "shape": _shape_tuple(n.shape)}
                   for n in masks],
+        # Any dropout layer (p = 0 too): the functions take training= and seed=.
+        "dropout": any(layer.type == "dropout" for layer in spec.layers),
         "prediction": graph.prediction,
         "loss_var": loss_var,
         "grads": [{"name": name, "var": var} for name, var in grads.items()],
