@@ -152,6 +152,8 @@ class Names:
             return _Sym(letter, layer) if letter else _Sym(role, layer, True)
         if node.name == graph.loss:
             return _Sym("L")
+        if node.label == "lora_down":  # a low-rank adapter's u = (alpha/r) x A^T
+            return _Sym("u", layer)
         if node.kind == "contraction":
             return _Sym("z", layer)
         if node.name == graph.prediction and node.kind == "map":
@@ -174,7 +176,9 @@ class Names:
 
     def is_error(self, node: str) -> bool:
         """Adjoints of contractions (the pre-activations z) print as the error epsilon."""
-        return self.graph.nodes[node].kind == "contraction" and node != self.graph.loss
+        found = self.graph.nodes[node]
+        return (found.kind == "contraction" and node != self.graph.loss
+                and found.label != "lora_down")
 
     def error_symbol(self) -> str:
         return rf"\boldsymbol{{{ERROR}}}"
