@@ -121,6 +121,11 @@ def dropout_mask(layer: str) -> str:
     return f"{layer}_mask"
 
 
+def lora_base(prefix: str) -> str:
+    """The frozen map x W^T + b of a layer with a low-rank adapter: ``fc1_base``."""
+    return f"{param_var(prefix)}_base"
+
+
 def adjoint(var: str) -> str:
     """The variable holding dL/d(var)."""
     return f"d_{var}"

@@ -154,6 +154,8 @@ class Names:
             return _Sym("L")
         if node.label == "lora_down":  # a low-rank adapter's u = (alpha/r) x A^T
             return _Sym("u", layer)
+        if node.label == "lora_base":  # the frozen map z0 = x W^T + b beside the adapter
+            return _Sym("z^{0}", layer)
         if node.kind == "contraction":
             return _Sym("z", layer)
         if node.name == graph.prediction and node.kind == "map":
@@ -178,7 +180,7 @@ class Names:
         """Adjoints of contractions (the pre-activations z) print as the error epsilon."""
         found = self.graph.nodes[node]
         return (found.kind == "contraction" and node != self.graph.loss
-                and found.label != "lora_down")
+                and found.label not in ("lora_down", "lora_base"))
 
     def error_symbol(self) -> str:
         return rf"\boldsymbol{{{ERROR}}}"

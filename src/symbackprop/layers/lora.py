@@ -4,7 +4,9 @@ A layer with a weight W (out x in) that takes ``lora: {rank: r, alpha: a}`` gain
 parameters, ``<prefix>.lora_A`` (r x in, kaiming-uniform as peft draws it:
 U(-1/sqrt(in), 1/sqrt(in))) and ``<prefix>.lora_B`` (out x r, zeros), and its output gains
 ``(a / r) * (x A^T) B^T``, computed as peft does through the narrow node
-``u = (a / r) x A^T`` (N x r, named ``<prefix>_lora_xA``) and then ``u B^T``: every
+``u = (a / r) x A^T`` (N x r, named ``<prefix>_lora_xA``) and then ``u B^T``, added to
+the base map ``z0 = x W^T + b`` (its own node, ``<prefix>_base``, so each product takes
+its addend in one fused op: torch ``addmm``, numpy's in-place add). Every
 product of the step and of its gradients is N x r wide at most (N*r*in + N*r*out
 multiply-adds), never B A (out x in) and never an N x out x in x r product. The
 layer's own weight and bias are frozen by default (what LoRA fine-tuning means),

@@ -1,0 +1,165 @@
+"""One training step with LoRA against the same step with full fine-tuning.
+
+The network: a dense stack 256 -> 256 -> 256 (relu, then linear) with mean squared error,
+batch N = 64, float32. "full" trains every weight and bias; "lora" puts
+``lora: {rank: 4, alpha: 8}`` on both layers (base weights and biases frozen). Each
+contender (numpy ``loss_and_grad``, torch ``loss_and_grad``, torch ``Model`` +
+``backward``) runs in its own process pinned to one core (one BLAS thread,
+``torch.set_num_threads(1)``, OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed); each row is
+the median of timed samples after a warm-up, and the ratio full / lora is printed per
+backend.
+
+    PYTHONPATH=src python benchmarks/lora_step.py [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = """name: {name}
+inputs: {{x: [N, 256]}}
+targets: {{t: [N, 256]}}
+layers:
+  - {{name: fc1, type: dense, units: 256, activation: relu{lora}}}
+  - {{name: fc2, type: dense, units: 256{lora}}}
+loss: {{type: mse, target: t}}
+"""
+LORA = ", lora: {rank: 4, alpha: 8}"
+BATCH = 64
+CONTENDERS = ("numpy", "torch", "torch-model")
+
+
+def _generate(folder: Path) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from symbackprop.api import compile_spec
+    from symbackprop.emit.render import module_filename
+
+    for name, lora in (("full", ""), ("lora", LORA)):
+        spec = folder / f"{name}.yaml"
+        spec.write_text(SPEC.format(name=name, lora=lora), encoding="utf-8")
+        model = compile_spec(spec)
+        for backend in ("numpy", "torch"):
+            out = folder / module_filename(name, backend)
+            out.write_text(model.source(backend), encoding="utf-8")
+
+
+def _child(folder: str, variant: str, contender: str, seconds: float) -> None:
+    """Time one contender in this (pinned) process; print one JSON line."""
+    import gc
+    import importlib.util
+
+    import numpy as np
+
+    backend = "numpy" if contender == "numpy" else "torch"
+    path = Path(folder) / f"{variant}_{backend}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{variant}_{backend}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH, 256)).astype(np.float32)
+    t = rng.normal(size=(BATCH, 256)).astype(np.float32)
+    if backend == "numpy":
+        params = module.init_params(0, dtype=np.float32)
+        for name in params:  # B = 0 at init; any values time the same, but be general
+            params[name] = rng.normal(scale=0.05, size=params[name].shape).astype(np.float32)
+
+        def step() -> None:
+            module.loss_and_grad(params, x=x, t=t)
+    else:
+        import torch
+
+        torch.set_num_threads(1)
+        tx, tt = torch.from_numpy(x), torch.from_numpy(t)
+        if contender == "torch":
+            tparams = module.init_params(0, dtype=torch.float32)
+
+            def step() -> None:
+                module.loss_and_grad(tparams, x=tx, t=tt)
+        else:
+            net = module.Model(dtype=torch.float32)
+            trainable = [p for p in net.parameters() if p.requires_grad]
+
+            def step() -> None:
+                for p in trainable:
+                    p.grad = None
+                net(x=tx, t=tt).backward()
+    for _ in range(20):
+        step()
+    # samples of at least 2 ms of back-to-back steps, gc off
+    start = time.perf_counter()
+    step()
+    one = time.perf_counter() - start
+    reps = max(1, int(0.002 / max(one, 1e-7)))
+    samples = []
+    gc.disable()
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < 15:
+        begin = time.perf_counter()
+        for _ in range(reps):
+            step()
+        samples.append((time.perf_counter() - begin) / reps)
+    gc.enable()
+    samples.sort()
+    print(json.dumps({"variant": variant, "contender": contender,
+                      "median_ms": 1e3 * samples[len(samples) // 2],
+                      "q1_ms": 1e3 * samples[len(samples) // 4],
+                      "q3_ms": 1e3 * samples[3 * len(samples) // 4],
+                      "samples": len(samples)}))
+
+
+def _pinned_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        env.pop(key, None)
+    env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "PYTHONPATH": str(ROOT / "src")})
+    return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per contender")
+    parser.add_argument("--child", nargs=3, metavar=("FOLDER", "VARIANT", "CONTENDER"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(*args.child, seconds=args.seconds)
+        return
+    taskset = shutil.which("taskset")
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="lora-bench-") as folder:
+        _generate(Path(folder))
+        for contender in CONTENDERS:
+            for variant in ("full", "lora"):
+                command = [sys.executable, __file__, "--seconds", str(args.seconds),
+                           "--child", folder, variant, contender]
+                if taskset:
+                    command = [taskset, "-c", "0", *command]
+                proc = subprocess.run(command, capture_output=True, text=True,
+                                      env=_pinned_env(), check=True)
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows[variant, contender] = row
+    print(f"One float32 training step, dense 256-256-256, N = {BATCH}, LoRA rank 4 on both "
+          f"layers; medians over one core{'' if taskset else ' (no taskset)'}\n")
+    print("| contender | full fine-tuning (ms) | LoRA (ms) | full / LoRA |")
+    print("|---|---|---|---|")
+    for contender in CONTENDERS:
+        full, lora = rows["full", contender], rows["lora", contender]
+        print(f"| {contender} | {full['median_ms']:.3f} (IQR {full['q1_ms']:.3f}-"
+              f"{full['q3_ms']:.3f}) | {lora['median_ms']:.3f} (IQR {lora['q1_ms']:.3f}-"
+              f"{lora['q3_ms']:.3f}) | {full['median_ms'] / lora['median_ms']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
