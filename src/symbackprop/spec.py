@@ -248,7 +248,7 @@ def _trainable(ctx: _Ctx, value: object, path: tuple[str | int, ...],
     for key, flag in value.items():
         if key not in names:
             raise ctx.fail((*path, key), f"unknown parameter {key!r} in trainable (this layer "
-                                         f"has: {', '.join(names)})", key=True)
+                                         f"type has: {', '.join(names)})", key=True)
         if not isinstance(flag, bool):
             raise ctx.fail((*path, key), f"expected true or false, got {_type_name(flag)}")
         pairs.append((key, flag))
