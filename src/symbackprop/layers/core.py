@@ -130,12 +130,7 @@ class Dense(Layer):
                                                     "bias")):
                 if node is not None:
                     node.trainable = trainable(spec, role, False)
-            # The base map is a node of its own, so that each of the two products can
-            # carry its addend (torch addmm, numpy's in-place add).
-            base = graph.op(naming.lora_base(spec.name), (*x.shape[:-1], sp.Integer(units)),
-                            body, layer=spec.name, where=spec.where, kind="contraction",
-                            label="lora_base")
-            body = base.element() + add_adapter(graph, spec, spec.name, lora, x, weight, {
+            body = add_adapter(graph, spec, spec.name, lora, x, weight, body, {
                 role: trainable(spec, role, decl.trainable)
                 for role, decl in LORA_PARAMS.items()})
         act: ActivationSpec | None = spec.options["activation"]  # type: ignore[assignment]

@@ -94,13 +94,17 @@ def validate_lora(options: Mapping[str, object], wheres: Mapping[str, Where],
 
 
 def add_adapter(graph: Graph, spec: LayerSpec, prefix: str, config: LoraConfig,
-                x: Node, weight: Node, trainable: Mapping[str, bool]) -> sp.Expr:
-    """Add ``<prefix>.lora_A``, ``<prefix>.lora_B`` and the node ``u = scale * x A^T`` for
-    the map x -> x W^T, and return the term ``u B^T`` to add to its output body (over
-    indices ``i0, i1, ...``).
+                x: Node, weight: Node, base: sp.Expr, trainable: Mapping[str, bool]
+                ) -> sp.Expr:
+    """Adapt the map ``base`` = x W^T (+ b), a body over output indices ``i0, i1, ...``:
+    add ``<prefix>.lora_A``, ``<prefix>.lora_B``, the nodes ``<prefix>_base`` = base and
+    ``u = scale * x A^T``, and return the adapted body ``<prefix>_base + u B^T``.
 
-    ``trainable``: {"lora_A": bool, "lora_B": bool}. The weight node is marked with the
-    adapter (``meta["lora"]``) so the generated modules' ``merge_lora`` can fold it in."""
+    The base map is a node of its own so that each of the two products takes its addend
+    in one fused op (torch ``addmm``, numpy's in-place add). ``trainable``:
+    {"lora_A": bool, "lora_B": bool}; freezing the base parameters is the caller's. The
+    weight node is marked with the adapter (``meta["lora"]``) so the generated modules'
+    ``merge_lora`` can fold it in."""
     out_features, in_features = (int(d) for d in weight.shape)
     nodes = {}
     for role, shape in (("lora_A", (config.rank, in_features)),
@@ -118,13 +122,16 @@ def add_adapter(graph: Graph, spec: LayerSpec, prefix: str, config: LoraConfig,
     # out x in product.) The scale sits on the narrowest array.
     idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(x.rank))
     s, q = sum_index(0), sum_index(1)
+    base_node = graph.op(naming.lora_base(prefix), (*x.shape[:-1], sp.Integer(out_features)),
+                         base, layer=spec.name, where=spec.where, kind="contraction",
+                         label="lora_base")
     down = graph.op(naming.lora_down(prefix), (*x.shape[:-1], sp.Integer(config.rank)),
                     config.scale * sp.Sum(x.element((*idx[:-1], s)) * a.element((idx[-1], s)),
                                           (s, 0, in_features - 1)),
                     layer=spec.name, where=spec.option_where["lora"], kind="contraction",
                     label="lora_down")
-    return sp.Sum(down.element((*idx[:-1], q)) * b.element((idx[-1], q)),
-                  (q, 0, config.rank - 1))
+    return base_node.element() + sp.Sum(down.element((*idx[:-1], q)) * b.element((idx[-1], q)),
+                                        (q, 0, config.rank - 1))
 
 
 def adapter_reference(x: Any, params: Mapping[str, Any], prefix: str,
