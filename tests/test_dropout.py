@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from symbackprop.cli import main
 from symbackprop.errors import SpecError
 from symbackprop.spec import parse as parse_spec
 
-from conftest import build
+from conftest import build, write_spec
 
 DROP = """name: drop_net
 inputs: {x: [N, 4]}
@@ -240,8 +241,16 @@ def test_bad_dropout_options(option: str, at: str, message: str) -> None:
         parse_spec(text, "m.yaml")
 
 
-def test_training_is_a_reserved_name() -> None:
+def test_training_names_no_input_beside_dropout(tmp_path, capsys) -> None:
+    """`training` is a keyword of the functions of a spec with dropout; a layer of that
+    name is refused anyway (torch.nn.Module's flag)."""
     text = DROP_BAD.replace("x:", "training:").replace("units: 2}", "units: 2, "
                                                        "input: training}") % "p: 0.1"
-    with pytest.raises(SpecError, match="reserved"):
-        parse_spec(text, "m.yaml")
+    path = write_spec(tmp_path, text, "m.yaml")
+    assert main(["generate", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}:2:10: inputs.training: 'training' is the keyword the "
+                          "generated functions take for dropout (layer 'd')"), err
+    _, modules = build(tmp_path, text.replace("type: dropout, p: 0.1", "type: activation, "
+                                              "activation: tanh"))
+    assert "training" in modules["numpy"].INPUT_SHAPES

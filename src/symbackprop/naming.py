@@ -28,7 +28,7 @@ RESERVED = frozenset(
         "DERIVATIONS", "sgd_step", "adam_step", "DIFFERENTIABLE",
         "merge_lora",
         # arguments and locals of generated functions that also take the user's names
-        "wrt", "wanted", "needs", "release", "given", "training",
+        "wrt", "wanted", "needs", "release", "given",
     }
 )
 
@@ -114,6 +114,11 @@ def lora_down(prefix: str) -> str:
     """A low-rank adapter's narrow projection (alpha/r) x A^T of the map ``prefix``
     (``fc1`` or ``attn.c_attn``): ``fc1_lora_xA``."""
     return f"{param_var(prefix)}_lora_xA"
+
+
+# The keyword a spec with dropout adds to the generated functions (beside ``seed``, which
+# is reserved everywhere): an input or target of this name would shadow it.
+DROPOUT_KEYWORD = "training"
 
 
 def dropout_mask(layer: str) -> str:

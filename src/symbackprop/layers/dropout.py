@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import naming
+from ..errors import GraphError
 from ..graph import Graph, Node
 from ..spec import LayerSpec, Where
 from .base import Layer, Option, register_layer
@@ -52,6 +53,11 @@ class Dropout(Layer):
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
         (x,) = inputs
+        clash = graph.nodes.get(naming.DROPOUT_KEYWORD)
+        if clash is not None:
+            raise clash.where.error(
+                f"{clash.name!r} is the keyword the generated functions take for dropout "
+                f"(layer {spec.name!r}): rename this {clash.role}", GraphError)
         p = float(spec.options["p"])  # type: ignore[arg-type]
         if p == 0.0:
             return graph.op(spec.name, x.shape, x.element(), layer=spec.name,
