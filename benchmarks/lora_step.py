@@ -6,10 +6,10 @@ batch N = 64, float32. "full" trains every weight and bias; "lora" puts
 contender (numpy ``loss_and_grad``, torch ``loss_and_grad``, torch ``Model`` +
 ``backward``) runs in its own process pinned to one core (one BLAS thread,
 ``torch.set_num_threads(1)``, OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed); each row is
-the median of timed samples after a warm-up, and the ratio full / lora is printed per
-backend.
+the median of timed samples after a warm-up, over several rounds in alternating order
+(the median round is shown), and the ratio full / lora is printed per backend.
 
-    PYTHONPATH=src python benchmarks/lora_step.py [--seconds 3]
+    PYTHONPATH=src python benchmarks/lora_step.py [--batch 64] [--rounds 3] [--seconds 2]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _generate(folder: Path) -> None:
             out.write_text(model.source(backend), encoding="utf-8")
 
 
-def _child(folder: str, variant: str, contender: str, seconds: float) -> None:
+def _child(folder: str, variant: str, contender: str, seconds: float, batch: int) -> None:
     """Time one contender in this (pinned) process; print one JSON line."""
     import gc
     import importlib.util
@@ -67,8 +67,8 @@ def _child(folder: str, variant: str, contender: str, seconds: float) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(BATCH, 256)).astype(np.float32)
-    t = rng.normal(size=(BATCH, 256)).astype(np.float32)
+    x = rng.normal(size=(batch, 256)).astype(np.float32)
+    t = rng.normal(size=(batch, 256)).astype(np.float32)
     if backend == "numpy":
         params = module.init_params(0, dtype=np.float32)
         for name in params:  # B = 0 at init; any values time the same, but be general
@@ -129,29 +129,39 @@ def _pinned_env() -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing per contender")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing per child")
+    parser.add_argument("--batch", type=int, default=BATCH, help="N (default 64)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds, the two variants' order alternating")
     parser.add_argument("--child", nargs=3, metavar=("FOLDER", "VARIANT", "CONTENDER"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(*args.child, seconds=args.seconds)
+        _child(*args.child, seconds=args.seconds, batch=args.batch)
         return
     taskset = shutil.which("taskset")
-    rows = {}
+    runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as folder:
         _generate(Path(folder))
-        for contender in CONTENDERS:
-            for variant in ("full", "lora"):
-                command = [sys.executable, __file__, "--seconds", str(args.seconds),
-                           "--child", folder, variant, contender]
-                if taskset:
-                    command = [taskset, "-c", "0", *command]
-                proc = subprocess.run(command, capture_output=True, text=True,
-                                      env=_pinned_env(), check=True)
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-                rows[variant, contender] = row
-    print(f"One float32 training step, dense 256-256-256, N = {BATCH}, LoRA rank 4 on both "
-          f"layers; medians over one core{'' if taskset else ' (no taskset)'}\n")
+        for round_ in range(args.rounds):
+            for contender in CONTENDERS:
+                order = ("full", "lora") if round_ % 2 == 0 else ("lora", "full")
+                for variant in order:
+                    command = [sys.executable, __file__, "--seconds", str(args.seconds),
+                               "--batch", str(args.batch), "--child", folder, variant,
+                               contender]
+                    if taskset:
+                        command = [taskset, "-c", "0", *command]
+                    proc = subprocess.run(command, capture_output=True, text=True,
+                                          env=_pinned_env(), check=True)
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                    runs.setdefault((variant, contender), []).append(row)
+    # each row: the round whose median is the median of the rounds' medians
+    rows = {key: sorted(found, key=lambda r: r["median_ms"])[len(found) // 2]
+            for key, found in runs.items()}
+    print(f"One float32 training step, dense 256-256-256, N = {args.batch}, LoRA rank 4 on both "
+          f"layers; median of {args.rounds} rounds' medians, one core"
+          f"{'' if taskset else ' (no taskset)'}\n")
     print("| contender | full fine-tuning (ms) | LoRA (ms) | full / LoRA |")
     print("|---|---|---|---|")
     for contender in CONTENDERS:
