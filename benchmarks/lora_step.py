@@ -70,9 +70,14 @@ def _child(folder: str, variant: str, contender: str, seconds: float, batch: int
     x = rng.normal(size=(batch, 256)).astype(np.float32)
     t = rng.normal(size=(batch, 256)).astype(np.float32)
     if backend == "numpy":
-        params = module.init_params(0, dtype=np.float32)
-        for name in params:  # B = 0 at init; any values time the same, but be general
-            params[name] = rng.normal(scale=0.05, size=params[name].shape).astype(np.float32)
+        # Random values for every parameter (B = 0 at init). Not through init_params:
+        # its large temporaries move glibc's malloc thresholds, and the numpy LoRA step
+        # then ran up to ~1.4x slower at N = 512 in our runs (an allocator effect the
+        # two variants do not share; try it with --init).
+        if "--init" in sys.argv:
+            module.init_params(0, dtype=np.float32)
+        params = {name: rng.normal(scale=0.05, size=shape).astype(np.float32)
+                  for name, shape in module.PARAM_SHAPES.items()}
 
         def step() -> None:
             module.loss_and_grad(params, x=x, t=t)
@@ -133,6 +138,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH, help="N (default 64)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds, the two variants' order alternating")
+    parser.add_argument("--init", action="store_true",
+                        help="call the numpy module's init_params before timing")
     parser.add_argument("--child", nargs=3, metavar=("FOLDER", "VARIANT", "CONTENDER"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,8 +155,8 @@ def main() -> None:
                 order = ("full", "lora") if round_ % 2 == 0 else ("lora", "full")
                 for variant in order:
                     command = [sys.executable, __file__, "--seconds", str(args.seconds),
-                               "--batch", str(args.batch), "--child", folder, variant,
-                               contender]
+                               "--batch", str(args.batch), *(["--init"] if args.init else []),
+                               "--child", folder, variant, contender]
                     if taskset:
                         command = [taskset, "-c", "0", *command]
                     proc = subprocess.run(command, capture_output=True, text=True,
