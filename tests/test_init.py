@@ -154,7 +154,7 @@ def test_dense_trainable_mapping(tmp_path) -> None:
 @pytest.mark.parametrize("option,at,message", [
     ("trainable: {wieght: false}", "wieght",
      r"layers\[0\]\.trainable\.wieght: unknown parameter 'wieght' in trainable \(this layer "
-     r"has: weight, bias\)"),
+     r"type has: weight, bias, lora_A, lora_B\)"),
     ("trainable: {weight: 1}", "1}", r"layers\[0\]\.trainable\.weight: expected true or false"),
     ("trainable: [weight]", "[weight]", r"trainable is true, false or a mapping"),
     ("bias: false, trainable: {bias: true}", "{bias: true}",

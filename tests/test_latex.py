@@ -163,6 +163,9 @@ def check_numerically(model, doc: latex.Document, module, batch_size: int = 2) -
         return tuple(int(sp.sympify(d).subs({graph.dims[k]: v for k, v in sizes.items()}))
                      for d in node.shape)
 
+    for node in graph.nodes.values():  # dropout masks: loss_and_grad is in eval mode
+        if node.role == "mask":
+            values[node.name] = np.ones(shape(node.name))
     for name, body in doc.forward_bodies.items():
         node = graph.nodes[name]
         if node.rank == 0:

@@ -177,6 +177,7 @@ def test_model_backward_matches_oracle(tmp_build, spec_text: str) -> None:
     model, modules = tmp_build(spec_text)
     module = modules["torch"]
     net = module.Model(seed=3, dtype=torch.float64)
+    net.eval()  # the oracle is the evaluation-mode network (dropout draws no mask)
     params = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
     batch = random_batch(model, batch=4)
     loss = net.loss(**{k: torch.from_numpy(v) for k, v in call_args(module, batch).items()})

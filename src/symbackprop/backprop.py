@@ -105,7 +105,8 @@ def derive(graph: Graph, *, leaves: bool = False, reuse: Derivation | None = Non
         if node.role == "param":
             needs[name] = node.trainable or leaves
         elif node.role != "op":
-            needs[name] = leaves and node.dtype == "float"  # ids have no gradient
+            # ids and dropout masks get no gradient
+            needs[name] = leaves and node.dtype == "float" and node.role != "mask"
     for name in order:
         # a tensor marked no_gradient (the maximum and ties of a max reduction) is a
         # constant to the chain rule: nothing is sent to it or through it; nor is an

@@ -96,7 +96,9 @@ def call_args(module: ModuleType, batch: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments a generated loss function takes (unused targets dropped)."""
     import inspect
 
-    names = [p for p in inspect.signature(module.loss).parameters if p != "params"]
+    # (Arguments with a default, such as dropout's training and seed, are options.)
+    names = [name for name, p in inspect.signature(module.loss).parameters.items()
+             if name != "params" and p.default is inspect.Parameter.empty]
     return {k: batch[k] for k in names}
 
 
@@ -446,6 +448,9 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64,
             model_obj = t_mod.Model(dtype=torch.float64 if dtype == np.float64 else
                                     torch.float32)
             model_obj.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+            # The oracle is the network in evaluation mode (dropout the identity); in
+            # training mode the Model draws masks the oracle cannot know.
+            model_obj.eval()
             loss = model_obj.loss(**{k: torch.from_numpy(v)
                                      for k, v in call_args(t_mod, batch).items()})
             loss.backward()

@@ -30,7 +30,9 @@ from sympy.concrete.expr_with_limits import ExprWithLimits
 from .errors import GraphError
 from .spec import Where
 
-Role = Literal["input", "target", "param", "op"]
+# A "mask" is a random leaf the generated module draws itself (dropout): never an
+# argument of the user's, never differentiated.
+Role = Literal["input", "target", "param", "op", "mask"]
 DType = Literal["float", "int64"]
 Kind = Literal["map", "contraction", "reduction"]
 

@@ -26,6 +26,7 @@ RESERVED = frozenset(
         "loss", "forward", "init_params", "loss_and_grad", "Model", "LossFunction",
         "PARAM_SHAPES", "TRAINABLE", "INPUT_SHAPES", "TARGET_SHAPES", "SPEC_SHA256",
         "DERIVATIONS", "sgd_step", "adam_step", "DIFFERENTIABLE",
+        "merge_lora",
         # arguments and locals of generated functions that also take the user's names
         "wrt", "wanted", "needs", "release", "given",
     }
@@ -132,6 +133,27 @@ def positions(layer: str) -> str:
 def loss_part(prediction: str, role: str) -> str:
     """An intermediate of a loss over ``prediction``: ``out_lse``, ``out_count``."""
     return f"{prediction}_{role}"
+
+
+def lora_down(prefix: str) -> str:
+    """A low-rank adapter's narrow projection (alpha/r) x A^T of the map ``prefix``
+    (``fc1`` or ``attn.c_attn``): ``fc1_lora_xA``."""
+    return f"{param_var(prefix)}_lora_xA"
+
+
+# The keyword a spec with dropout adds to the generated functions (beside ``seed``, which
+# is reserved everywhere): an input or target of this name would shadow it.
+DROPOUT_KEYWORD = "training"
+
+
+def dropout_mask(layer: str) -> str:
+    """The random mask of dropout layer ``layer``: ``drop1_mask``."""
+    return f"{layer}_mask"
+
+
+def lora_base(prefix: str) -> str:
+    """The frozen map x W^T + b of a layer with a low-rank adapter: ``fc1_base``."""
+    return f"{param_var(prefix)}_base"
 
 
 def adjoint(var: str) -> str:

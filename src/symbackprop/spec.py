@@ -31,6 +31,7 @@ MAX_LAYERS = 512  # after blocks are expanded
 MAX_REPEAT = 64
 MAX_BLOCK_DEPTH = 8  # blocks inside blocks
 BLOCK_KEYS = ("inputs", "layers", "output")
+PARAM_REF = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){1,8}\Z")
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,14 @@ class LayerSpec:
     option_where: Mapping[str, Where]
     qualname: str = ""
 
+    @property
+    def dotted(self) -> str:
+        """The layer's dotted name, the prefix of its parameters' names: ``h.0.ln_1``."""
+        return self.qualname or self.name
+
     def param_name(self, role: str) -> str:
         """The torch-style name of this layer's parameter ``role``: ``h.0.ln_1.weight``."""
-        return naming.param_name(self.qualname or self.name, role)
+        return naming.param_name(self.dotted, role)
 
 
 @dataclass(frozen=True)
@@ -296,6 +302,13 @@ def check_option(ctx_where: Where, kind: str, value: object) -> object:
         if not isinstance(value, str):
             raise ctx_where.error(f"expected a string, got {_type_name(value)}")
         return value
+    if kind == "param":
+        # Another layer's parameter, by its dotted name (``wte.weight``); looked up in
+        # the graph, never pasted into code.
+        if not isinstance(value, str) or not PARAM_REF.match(value):
+            raise ctx_where.error(f"expected a parameter name such as 'fc1.weight', got "
+                                  f"{value!r}")
+        return value
     raise AssertionError(f"unknown option kind {kind}")  # pragma: no cover
 
 
@@ -352,10 +365,34 @@ def _trainable(ctx: _Ctx, value: object, path: tuple[str | int, ...],
     for key, flag in value.items():
         if key not in names:
             raise ctx.fail((*path, key), f"unknown parameter {key!r} in trainable (this layer "
-                                         f"has: {', '.join(names)})", key=True)
+                                         f"type has: {', '.join(names)})", key=True)
         if not isinstance(flag, bool):
             raise ctx.fail((*path, key), f"expected true or false, got {_type_name(flag)}")
         pairs.append((key, flag))
+    return tuple(pairs)
+
+
+def _submapping(ctx: _Ctx, value: object, path: tuple[str | int, ...],
+                names: tuple[str, ...], key: str, wheres: dict[str, Where]
+                ) -> tuple[tuple[str, object], ...] | None:
+    """A nested option mapping (``lora: {rank: 4, alpha: 8}``) of scalars: its known
+    keys and raw values, each key's position in ``wheres["<key>.<sub>"]``; the layer's
+    ``validate`` checks the values. ``null`` means the option is off."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ctx.fail(path, f"{key} is a mapping {{{', '.join(names)}}}, got "
+                             f"{_type_name(value)}")
+    pairs = []
+    for sub, item in value.items():
+        if sub not in names:
+            raise ctx.fail((*path, sub), f"unknown key {sub!r} in {key} (allowed: "
+                                         f"{', '.join(names)})", key=True)
+        if isinstance(item, dict | list):
+            raise ctx.fail((*path, sub), f"{key}.{sub} is a single value, got "
+                                         f"{_type_name(item)}")
+        wheres[f"{key}.{sub}"] = ctx.where((*path, sub))
+        pairs.append((sub, item))
     return tuple(pairs)
 
 
@@ -381,6 +418,8 @@ def _options(ctx: _Ctx, raw: dict, schema: Mapping, path: tuple[str | int, ...],
             options[key] = _trainable(ctx, value, (*path, key), option.choices)
         elif option.kind == "activation":
             options[key] = _activation(ctx, value, (*path, key)) if value is not None else None
+        elif option.kind == "mapping":
+            options[key] = _submapping(ctx, value, (*path, key), option.choices, key, wheres)
         else:
             options[key] = check_option(wheres[key], option.kind, value)
     return options, wheres

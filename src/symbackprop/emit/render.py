@@ -163,6 +163,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     params = graph.params()
     inputs = [n for n in graph.nodes.values() if n.role == "input"]
     targets = [n for n in graph.nodes.values() if n.role == "target"]
+    masks = [n for n in graph.nodes.values() if n.role == "mask"]
     used_targets = [t for t in targets if t.name in _reads_closure(deriv)]
     loss_var = graph.loss
     grads = deriv.grads
@@ -175,7 +176,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     # Every leaf's adjoint (inputs, targets, frozen parameters too): what a caller may ask
     # for at run time (numpy ``wrt=``, torch ``needs_input_grad``).
     full = _with_leaves(deriv)
-    leaves = [n for n in graph.nodes.values() if n.role != "op"]
+    leaves = [n for n in graph.nodes.values() if n.role not in ("op", "mask")]
     leaf_label = {n.name: n.param if n.role == "param" else n.name for n in leaves}
 
     context: dict[str, object] = {
@@ -191,11 +192,20 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
             for p in params
         ],
         "trainable": [p.param for p in params if p.trainable],
+        # Low-rank adapters merge_lora folds into their weights: W + scale * B @ A.
+        "loras": [{"weight": p.param, "a": p.meta["lora"][0], "b": p.meta["lora"][1],
+                   "scale": repr(float(p.meta["lora"][2]))}
+                  for p in params if "lora" in p.meta],
         "inputs": [_tensor_context(graph, n) for n in inputs],
         "targets": [_tensor_context(graph, n) for n in used_targets],
         "dims": [{"name": name, "source": src, "axis": axis,
                   "limit": _limit_args(graph, name)}
                  for name, (src, axis) in functional.dims.items()],
+        # Dropout masks: drawn by the module (0 or 1/(1-p)), arguments of nobody's.
+        "masks": [{"name": n.name, "p": repr(float(n.meta["p"])), "shape": _shape_tuple(n.shape)}
+                  for n in masks],
+        # Any dropout layer (p = 0 too): the functions take training= and seed=.
+        "dropout": any(layer.type == "dropout" for layer in spec.layers),
         "prediction": graph.prediction,
         "loss_var": loss_var,
         "grads": [{"name": name, "var": var} for name, var in grads.items()],
@@ -224,9 +234,10 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     if backend == "torch":
         autograd = _lower(full, seed_argument=True)
         apr = _Printer(backend, autograd)
-        # The autograd.Function's arguments: inputs, targets, then every parameter.
+        # The autograd.Function's arguments: inputs, targets, dropout masks, then every
+        # parameter. A mask is never differentiated (it has no gradient code).
         args = ([n.name for n in inputs] + [t.name for t in used_targets]
-                + [p.name for p in params])
+                + [m.name for m in masks] + [p.name for p in params])
         outputs = [loss_var, *(full.leaf_grads[a] for a in args if a in full.leaf_grads)]
         whole = passes.function(autograd, outputs)
         fwd = [s for s in whole if s.phase == "forward"]
@@ -238,9 +249,9 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
                  if a in full.leaf_grads}
         context.update({
             "fn_args": args,
-            "n_leading": len(inputs) + len(used_targets),
+            "n_leading": len(inputs) + len(used_targets) + len(masks),
             "fn_flags": [naming.need_flag(a) for a in args],
-            # None: an integer argument, which never gets a gradient
+            # None: an integer or a dropout mask, which never gets a gradient
             "fn_grads": [full.leaf_grads.get(a) for a in args],
             "fwd_lines": apr.lines(fwd, keep={*kept, loss_var}),
             # The backward may free each saved intermediate after its last use (see

@@ -492,7 +492,9 @@ class _Builder:
         parts: list[str | Span] = ["Tensors: "]
         leaves = [n for n in self.nodes.values() if n.role != "op"]
         for n, node in enumerate(leaves):
-            what = {"input": "input", "target": "target"}.get(node.role, "")
+            what = {"input": "input", "target": "target",
+                    "mask": "dropout mask (drawn each step: 0, or 1/(1-p) kept)"}.get(
+                        node.role, "")
             if node.role == "param":
                 what = "parameter" if node.trainable else "frozen parameter (no gradient)"
             if node.dtype == "int64":  # ids and class labels (values counted from 0)

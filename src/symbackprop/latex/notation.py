@@ -117,7 +117,8 @@ class _Sym:
 # Letters for ops by their label: embedding rows e, the positions 0..T-1 they follow p.
 _LABEL_LETTERS = {"embedding": "e", "position_embedding": "e", "positions": "p"}
 _PARAM_LETTERS = {"weight": "W", "bias": "b", "scale": r"\gamma", "gamma": r"\gamma",
-                  "gain": r"\gamma", "shift": r"\beta", "beta": r"\beta"}
+                  "gain": r"\gamma", "shift": r"\beta", "beta": r"\beta",
+                  "lora_A": "A", "lora_B": "B"}
 
 
 class Names:
@@ -146,6 +147,8 @@ class Names:
         if node.role in ("input", "target"):
             return _Sym(node.name, "", len(node.name) > 1)
         layer = _rm(node.layer)
+        if node.role == "mask":
+            return _Sym("m", layer)
         if node.role == "param":
             role = (node.param or node.name).rsplit(".", 1)[-1]
             letter = _PARAM_LETTERS.get(role)
@@ -155,6 +158,10 @@ class Names:
         symbol = node.meta.get("symbol")  # a term of a composite loss: L_1, R
         if isinstance(symbol, tuple):
             return _Sym(*symbol)
+        if node.label == "lora_down":  # a low-rank adapter's u = (alpha/r) x A^T
+            return _Sym("u", layer)
+        if node.label == "lora_base":  # the frozen map z0 = x W^T + b beside the adapter
+            return _Sym("z^{0}", layer)
         if node.kind == "contraction":
             return _Sym("z", layer)
         if node.name == graph.prediction and node.kind == "map":
@@ -179,7 +186,9 @@ class Names:
 
     def is_error(self, node: str) -> bool:
         """Adjoints of contractions (the pre-activations z) print as the error epsilon."""
-        return self.graph.nodes[node].kind == "contraction" and node != self.graph.loss
+        found = self.graph.nodes[node]
+        return (found.kind == "contraction" and node != self.graph.loss
+                and found.label not in ("lora_down", "lora_base"))
 
     def error_symbol(self) -> str:
         return rf"\boldsymbol{{{ERROR}}}"

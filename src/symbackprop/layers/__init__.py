@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (registration side effects)
     attention,
     bilinear,
     core,
+    dropout,
     elementwise,
     embedding,
     losses,

@@ -11,7 +11,17 @@ from .. import naming
 from ..errors import ShapeError
 from ..graph import Graph, Node, sum_index
 from ..spec import ActivationSpec, LayerSpec, Where
-from .base import ACTIVATIONS, Layer, Option, Param, register_layer
+from .base import ACTIVATIONS, Layer, Option, Param, register_layer, trainable
+from .lora import (
+    LORA_OPTION,
+    LORA_PARAMS,
+    adapter_reference,
+    add_adapter,
+    explicit_trainable,
+    lora_config,
+    shared_param,
+    validate_lora,
+)
 
 
 def apply_activation(graph: Graph, act: ActivationSpec | None, pre: Node, out_name: str,
@@ -61,14 +71,23 @@ class Dense(Layer):
         "units": Option("units", doc="output features"),
         "activation": Option("activation", None, "activation applied to z (default: none)"),
         "bias": Option("bool", True, "learn an additive bias"),
+        "weight": Option("param", None, "use another layer's parameter as the weight "
+                         "(e.g. `wte.weight`, of the same out x in shape; default: own)"),
+        "lora": LORA_OPTION,
     }
     params = {
         "weight": Param("out x in, as torch.nn.Linear", "uniform_fan_in"),
         "bias": Param("one per output", "uniform_fan_in"),
+        **LORA_PARAMS,
     }
     test_cases = ({"units": 3}, {"units": 2, "bias": False}, {"units": 3, "trainable": False},
                   {"units": 3, "trainable": {"weight": False}},
-                  {"units": 3, "_input": ["N", 2, 3]}, {"units": 2, "_input": ["N", 2, 2, 3]})
+                  {"units": 3, "_input": ["N", 2, 3]}, {"units": 2, "_input": ["N", 2, 2, 3]},
+                  {"units": 3, "lora": {"rank": 2, "alpha": 4}},
+                  {"units": 2, "lora": {"rank": 1, "alpha": 3}, "bias": False,
+                   "_input": ["N", 2, 3]},
+                  {"units": 3, "lora": {"rank": 2, "alpha": 2}, "trainable": {"bias": True}},
+                  {"units": 3, "weight": "h.weight"})
 
     @classmethod
     def validate(cls, inputs: tuple[str, ...], options: Mapping[str, object],
@@ -77,14 +96,29 @@ class Dense(Layer):
         if not options["bias"] and isinstance(value, tuple) and "bias" in dict(value):
             raise wheres["trainable"].error("trainable names 'bias' but the layer has "
                                             "bias: false")
+        validate_lora(options, wheres)
+        if options["lora"] is None and isinstance(value, tuple):
+            for role in LORA_PARAMS:
+                if role in dict(value):
+                    raise wheres["trainable"].error(f"trainable names {role!r} but the layer "
+                                                    "has no lora adapter")
+        if options["lora"] is not None and options["weight"] is not None:
+            raise wheres["lora"].error("lora on a layer whose weight is another layer's "
+                                       "parameter is not supported: put the adapter on the "
+                                       "layer that declares the weight")
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
         (x,) = inputs
         fan_in = feature_size(x, spec.option_where.get("input", spec.where))
         units = int(spec.options["units"])  # type: ignore[arg-type]
-        weight = cls.param(graph, spec, "weight", (sp.Integer(units), sp.Integer(fan_in)),
-                           fan_in)
+        shape = (sp.Integer(units), sp.Integer(fan_in))
+        lora = lora_config(spec.options)
+        if spec.options["weight"] is not None:
+            weight = shared_param(graph, spec, "weight", "weight", shape,
+                                  explicit_trainable(spec, "weight"))
+        else:
+            weight = cls.param(graph, spec, "weight", shape, fan_in)
         idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(x.rank))
         s = sum_index(0)
         body: sp.Expr = sp.Sum(x.element((*idx[:-1], s)) * weight.element((idx[-1], s)),
@@ -92,6 +126,16 @@ class Dense(Layer):
         if spec.options["bias"]:
             bias = cls.param(graph, spec, "bias", (sp.Integer(units),), fan_in)
             body = body + bias.element((idx[-1],))
+        if lora is not None:
+            # LoRA fine-tuning: the base weight and bias are frozen unless the layer's
+            # trainable option names them.
+            for node, role in ((weight, "weight"), (bias if spec.options["bias"] else None,
+                                                    "bias")):
+                if node is not None:
+                    node.trainable = trainable(spec, role, False)
+            body = add_adapter(graph, spec, spec.dotted, lora, x, weight, body, {
+                role: trainable(spec, role, decl.trainable)
+                for role, decl in LORA_PARAMS.items()})
         act: ActivationSpec | None = spec.options["activation"]  # type: ignore[assignment]
         has_act = act is not None and act.type != "identity"
         z_name = naming.preactivation(spec.name) if has_act else spec.name
@@ -103,9 +147,13 @@ class Dense(Layer):
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
         import torch
 
-        weight = params[spec.param_name("weight")]
+        shared = spec.options["weight"]
+        weight = params[str(shared) if shared is not None else spec.param_name("weight")]
         bias = params.get(spec.param_name("bias")) if spec.options["bias"] else None
         z = torch.nn.functional.linear(inputs[0], weight, bias)
+        lora = lora_config(spec.options)
+        if lora is not None:
+            z = z + adapter_reference(inputs[0], params, spec.dotted, lora)
         return activation_reference(spec.options["activation"], z)  # type: ignore[arg-type]
 
 
