@@ -388,7 +388,11 @@ def _submapping(ctx: _Ctx, value: object, path: tuple[str | int, ...],
         if sub not in names:
             raise ctx.fail((*path, sub), f"unknown key {sub!r} in {key} (allowed: "
                                          f"{', '.join(names)})", key=True)
-        if isinstance(item, dict | list):
+        if isinstance(item, list):  # a list of single values (an adapter's targets)
+            if not item or any(isinstance(v, dict | list) for v in item):
+                raise ctx.fail((*path, sub), f"{key}.{sub} is a non-empty list of names")
+            item = tuple(item)
+        elif isinstance(item, dict):
             raise ctx.fail((*path, sub), f"{key}.{sub} is a single value, got "
                                          f"{_type_name(item)}")
         wheres[f"{key}.{sub}"] = ctx.where((*path, sub))

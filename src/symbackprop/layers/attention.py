@@ -27,9 +27,10 @@ import sympy as sp
 from .. import naming
 from ..errors import ShapeError
 from ..graph import Graph, Node, out_index, sum_index
-from ..spec import LayerSpec
-from .base import Layer, Note, Option, Param, register_layer
+from ..spec import LayerSpec, Where
+from .base import Layer, Note, Option, Param, register_layer, trainable
 from .core import feature_size
+from .lora import LORA_KEYS, LORA_PARAMS, adapter_params, lora_config, validate_lora
 from .normalization import softmax
 
 PROJECTIONS = ("c_attn", "c_proj")
@@ -46,6 +47,10 @@ class Attention(Layer):
         "heads": Option("units", doc="number of heads H; C must be a multiple of H"),
         "causal": Option("bool", False, "query t attends only to keys s ≤ t"),
         "bias": Option("bool", True, "learn the biases of both projections"),
+        "lora": Option("mapping", None, "low-rank adapters {rank: r, alpha: a, targets: "
+                       "[c_attn, c_proj]} on the projections (default targets: both); the "
+                       "adapted projections' weights and biases freeze unless `trainable` "
+                       "says otherwise (default: none)", choices=(*LORA_KEYS, "targets")),
     }
     params = {
         "c_attn.weight": Param("3C x C: the query, key and value projections stacked",
@@ -53,6 +58,7 @@ class Attention(Layer):
         "c_attn.bias": Param("3C", "uniform_fan_in"),
         "c_proj.weight": Param("C x C: the output projection", "uniform_fan_in"),
         "c_proj.bias": Param("C", "uniform_fan_in"),
+        **{f"{p}.{role}": decl for p in PROJECTIONS for role, decl in LORA_PARAMS.items()},
     }
     test_cases = (
         {"heads": 2, "_input": ["N", 3, 4], "_branches": {"b0": 4}},
@@ -61,7 +67,28 @@ class Attention(Layer):
          "_branches": {"b0": 2}},
         {"heads": 3, "causal": True, "_input": [5, 4], "_branches": {"b0": 6}},
         {"heads": 2, "causal": True, "_input": ["N", 2, 3, 2], "_branches": {"b0": 4}},
+        {"heads": 2, "causal": True, "_input": ["N", 3, 4], "_branches": {"b0": 4},
+         "lora": {"rank": 2, "alpha": 4}},
+        {"heads": 2, "_input": ["N", 3, 4], "_branches": {"b0": 4},
+         "lora": {"rank": 1, "alpha": 2, "targets": ["c_proj"]},
+         "trainable": {"c_proj.bias": True}},
     )
+
+    @classmethod
+    def validate(cls, inputs: tuple[str, ...], options: Mapping[str, object],
+                 wheres: Mapping[str, Where]) -> None:
+        validate_lora(options, wheres)
+        targets = _targets(options, wheres)
+        value = options.get("trainable")
+        if isinstance(value, tuple):
+            for name in dict(value):
+                part, role = name.split(".")
+                if role in LORA_PARAMS and part not in targets:
+                    raise wheres["trainable"].error(f"trainable names {name!r} but {part} has "
+                                                    "no lora adapter")
+                if role == "bias" and not options["bias"]:
+                    raise wheres["trainable"].error(f"trainable names {name!r} but the layer "
+                                                    "has bias: false")
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
@@ -91,7 +118,7 @@ class Attention(Layer):
                      w_attn.element((C * out_index(0) + D * out_index(1) + out_index(2),
                                      out_index(3))), label="reshape")
         w_split.meta["standalone"] = True
-        b_split = None
+        b_split = b_attn = None
         if bias:
             b_attn = cls.param(graph, spec, "c_attn.bias", (3 * C,), width)
             b_split = op("b", (sp.Integer(3), H, D),
@@ -99,8 +126,24 @@ class Attention(Layer):
                          label="reshape")
             b_split.meta["standalone"] = True
 
-        # q, k, v[..., h, t, d] = sum_c x[..., t, c] w[p, h, d, c] + b[p, h, d]
+        lora = lora_config(spec.options)
+        targets = _targets(spec.options, spec.option_where) if lora is not None else ()
         lead_idx = tuple(out_index(k) for k in range(nl))
+        tok = (*lead_idx, out_index(nl))  # [..., t] of an [..., T, *] array
+        adapter_attn = None
+        if "c_attn" in targets:
+            assert lora is not None
+            _freeze(spec, w_attn, b_attn, "c_attn")
+            # u = (alpha/r) x Aᵀ [..., T, r], then B [3C, r] viewed per part and head
+            adapter_attn = _adapter(graph, spec, op, lora, "c_attn", w_attn, x, tok, (C,))
+            a_b = adapter_attn[1]
+            b_heads = op("c_attn_lora_B_heads", (sp.Integer(3), H, D, sp.Integer(lora.rank)),
+                         a_b.element((C * out_index(0) + D * out_index(1) + out_index(2),
+                                      out_index(3))), label="reshape")
+            b_heads.meta["standalone"] = True
+            adapter_attn = (adapter_attn[0], b_heads)
+
+        # q, k, v[..., h, t, d] = sum_c x[..., t, c] w[p, h, d, c] + b[p, h, d]
         h, t, d = out_index(nl), out_index(nl + 1), out_index(nl + 2)
         c = sum_index(0)
         heads_shape = (*lead, H, T, D)
@@ -110,6 +153,12 @@ class Attention(Layer):
                                    * w_split.element((sp.Integer(p), h, d, c)), (c, 0, C - 1))
             if b_split is not None:
                 body = body + b_split.element((sp.Integer(p), h, d))
+            if adapter_attn is not None:  # + (u Bᵀ) for this part's rows of B
+                u, b_heads = adapter_attn
+                j = sum_index(1)
+                body = body + sp.Sum(u.element((*lead_idx, t, j))
+                                     * b_heads.element((sp.Integer(p), h, d, j)),
+                                     (j, 0, u.shape[-1] - 1))
             qkv.append(op(name, heads_shape, body, kind="contraction", label=f"{name} heads"))
         q, k, v = qkv
 
@@ -139,8 +188,29 @@ class Attention(Layer):
         hh, dd = sum_index(0), sum_index(1)
         body = sp.Sum(y.element((*lead_idx, hh, t_out, dd)) * p_split.element((o, hh, dd)),
                       (hh, 0, H - 1), (dd, 0, D - 1))
-        if bias:
-            body = body + cls.param(graph, spec, "c_proj.bias", (C,), width).element((o,))
+        b_proj = cls.param(graph, spec, "c_proj.bias", (C,), width) if bias else None
+        if b_proj is not None:
+            body = body + b_proj.element((o,))
+        if "c_proj" in targets:
+            assert lora is not None
+            _freeze(spec, w_proj, b_proj, "c_proj")
+            # u = (alpha/r) sum_{h,d} y[..., h, t, d] A[r, hD + d], then + u Bᵀ
+            a_p, b_p = adapter_params(graph, spec, f"{spec.dotted}.c_proj", lora, w_proj,
+                                      _adapter_trainable(spec, "c_proj"))
+            a_heads = op("c_proj_lora_A_heads", (sp.Integer(lora.rank), H, D),
+                         a_p.element((out_index(0), D * out_index(1) + out_index(2))),
+                         label="reshape")
+            a_heads.meta["standalone"] = True
+            j = sum_index(2)
+            u = graph.op(naming.lora_down(f"{spec.dotted}.c_proj"),
+                         (*lead, T, sp.Integer(lora.rank)),
+                         lora.scale * sp.Sum(y.element((*lead_idx, hh, t_out, dd))
+                                             * a_heads.element((o, hh, dd)),
+                                             (hh, 0, H - 1), (dd, 0, D - 1)),
+                         layer=spec.name, where=spec.option_where["lora"], kind="contraction",
+                         label="lora_down")
+            body = body + sp.Sum(u.element((*lead_idx, t_out, j)) * b_p.element((o, j)),
+                                 (j, 0, lora.rank - 1))
         return graph.op(spec.name, x.shape, body, layer=spec.name, where=spec.where,
                         kind="contraction", label="attention output")
 
@@ -169,7 +239,18 @@ class Attention(Layer):
         heads = int(spec.options["heads"])  # type: ignore[arg-type]
         width = x.shape[-1]
         get = lambda role: params.get(spec.param_name(role))  # noqa: E731
-        qkv = torch.nn.functional.linear(x, get("c_attn.weight"), get("c_attn.bias"))
+        lora = lora_config(spec.options)
+        targets = _targets(spec.options, None) if lora is not None else ()
+
+        def linear(a: Any, part: str) -> Any:  # peft's LoRA: base + (a Aᵀ Bᵀ) alpha / r
+            out = torch.nn.functional.linear(a, get(f"{part}.weight"), get(f"{part}.bias"))
+            if part in targets:
+                assert lora is not None
+                out = out + (a @ get(f"{part}.lora_A").T @ get(f"{part}.lora_B").T) * (
+                    lora.alpha / lora.rank)
+            return out
+
+        qkv = linear(x, "c_attn")
         q, k, v = qkv.split(width, dim=-1)
         split = lambda a: a.unflatten(-1, (heads, width // heads)).transpose(-3, -2)  # noqa: E731
         q, k, v = split(q), split(k), split(v)
@@ -180,4 +261,53 @@ class Attention(Layer):
             att = att.masked_fill(~keep, float("-inf"))
         y = torch.softmax(att, dim=-1) @ v
         y = y.transpose(-3, -2).flatten(-2)
-        return torch.nn.functional.linear(y, get("c_proj.weight"), get("c_proj.bias"))
+        return linear(y, "c_proj")
+
+
+def _targets(options: Mapping[str, object], wheres: Mapping[str, Where] | None
+             ) -> tuple[str, ...]:
+    """The projections an attention layer's adapters sit on (checked when wheres given)."""
+    value = options.get("lora")
+    if value is None:
+        return ()
+    given = dict(value)  # type: ignore[call-overload]
+    listed = given.get("targets", PROJECTIONS)
+    if wheres is not None:
+        names = listed if isinstance(listed, tuple) else (listed,)
+        bad = [n for n in names if n not in PROJECTIONS]
+        if bad or len(set(names)) != len(names):
+            raise wheres["lora.targets"].error(
+                f"lora.targets lists the projections to adapt, each once, from "
+                f"{', '.join(PROJECTIONS)}; got {list(names)!r}")
+    return tuple(listed) if isinstance(listed, tuple) else (str(listed),)
+
+
+def _adapter_trainable(spec: LayerSpec, part: str) -> dict[str, bool]:
+    return {role: trainable(spec, f"{part}.{role}", decl.trainable)
+            for role, decl in LORA_PARAMS.items()}
+
+
+def _freeze(spec: LayerSpec, weight: Node, bias: Node | None, part: str) -> None:
+    """LoRA fine-tuning: an adapted projection's weight and bias are frozen unless the
+    layer's trainable option names them."""
+    for node, role in ((weight, "weight"), (bias, "bias")):
+        if node is not None:
+            node.trainable = trainable(spec, f"{part}.{role}", False)
+
+
+def _adapter(graph: Graph, spec: LayerSpec, op: Any, lora: Any, part: str, weight: Node,
+             x: Node, tok: tuple[sp.Expr, ...], width: tuple[sp.Expr, ...]
+             ) -> tuple[Node, Node]:
+    """``<part>.lora_A``/``lora_B`` for ``weight`` and the narrow node u = (alpha/r) x Aᵀ
+    over x's last axis: (u, B)."""
+    a, b = adapter_params(graph, spec, f"{spec.dotted}.{part}", lora, weight,
+                          _adapter_trainable(spec, part))
+    c = sum_index(0)
+    (size,) = width
+    u = graph.op(naming.lora_down(f"{spec.dotted}.{part}"),
+                 (*x.shape[:-1], sp.Integer(lora.rank)),
+                 lora.scale * sp.Sum(x.element((*tok, c)) * a.element((out_index(len(tok)), c)),
+                                     (c, 0, size - 1)),
+                 layer=spec.name, where=spec.option_where["lora"], kind="contraction",
+                 label="lora_down")
+    return u, b

@@ -93,6 +93,24 @@ def validate_lora(options: Mapping[str, object], wheres: Mapping[str, Where],
                                            f"got {alpha!r}")
 
 
+def adapter_params(graph: Graph, spec: LayerSpec, prefix: str, config: LoraConfig,
+                   weight: Node, trainable: Mapping[str, bool]) -> tuple[Node, Node]:
+    """Add ``<prefix>.lora_A`` (r x in) and ``<prefix>.lora_B`` (out x r) for ``weight``
+    (out x in), and mark the weight with them for ``merge_lora``: (A, B)."""
+    out_features, in_features = (int(d) for d in weight.shape)
+    nodes = {}
+    for role, shape in (("lora_A", (config.rank, in_features)),
+                        ("lora_B", (out_features, config.rank))):
+        decl = LORA_PARAMS[role]
+        dotted = naming.param_name(prefix, role)
+        nodes[role] = graph.add(Node(
+            naming.param_var(dotted), tuple(sp.Integer(d) for d in shape), "param", spec.name,
+            spec.where, param=dotted, trainable=trainable[role], init=decl.initial(in_features)))
+    a, b = nodes["lora_A"], nodes["lora_B"]
+    weight.meta["lora"] = (a.param, b.param, config.scale)
+    return a, b
+
+
 def add_adapter(graph: Graph, spec: LayerSpec, prefix: str, config: LoraConfig,
                 x: Node, weight: Node, base: sp.Expr, trainable: Mapping[str, bool]
                 ) -> sp.Expr:
@@ -106,16 +124,7 @@ def add_adapter(graph: Graph, spec: LayerSpec, prefix: str, config: LoraConfig,
     weight node is marked with the adapter (``meta["lora"]``) so the generated modules'
     ``merge_lora`` can fold it in."""
     out_features, in_features = (int(d) for d in weight.shape)
-    nodes = {}
-    for role, shape in (("lora_A", (config.rank, in_features)),
-                        ("lora_B", (out_features, config.rank))):
-        decl = LORA_PARAMS[role]
-        dotted = naming.param_name(prefix, role)
-        nodes[role] = graph.add(Node(
-            naming.param_var(dotted), tuple(sp.Integer(d) for d in shape), "param", spec.name,
-            spec.where, param=dotted, trainable=trainable[role], init=decl.initial(in_features)))
-    a, b = nodes["lora_A"], nodes["lora_B"]
-    weight.meta["lora"] = (a.param, b.param, config.scale)
+    a, b = adapter_params(graph, spec, prefix, config, weight, trainable)
     # The adapter's input projection is its own node, u = (alpha/r) x A^T (N x r): the
     # chain rule then sends d_u = d_z B to A and x as narrow products. (As one
     # three-operand term, the simplified d_x would factor to d_z (W + s B A), an
