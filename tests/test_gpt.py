@@ -10,6 +10,7 @@ torch ``loss_and_grad`` and the torch ``Model``.
 
 from __future__ import annotations
 
+import ast
 import math
 
 import numpy as np
@@ -25,11 +26,31 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 
+class LoraLinear(torch.nn.Linear):
+    """peft's LoRA on a linear layer: W x + b + (x Aᵀ Bᵀ) alpha / r, W and b frozen."""
+
+    def __init__(self, fan_in: int, fan_out: int, rank: int, alpha: float) -> None:
+        super().__init__(fan_in, fan_out)
+        self.lora_A = torch.nn.Parameter(torch.zeros(rank, fan_in))
+        self.lora_B = torch.nn.Parameter(torch.zeros(fan_out, rank))
+        self.scale = alpha / rank
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return super().forward(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+
+def _linear(fan_in: int, fan_out: int, lora: tuple[int, float] | None) -> torch.nn.Module:
+    return torch.nn.Linear(fan_in, fan_out) if lora is None else LoraLinear(fan_in, fan_out,
+                                                                            *lora)
+
+
 class CausalSelfAttention(torch.nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, lora: tuple[int, float] | None = None) -> None:
         super().__init__()
-        self.c_attn = torch.nn.Linear(width, 3 * width)
-        self.c_proj = torch.nn.Linear(width, width)
+        self.c_attn = _linear(width, 3 * width, lora)
+        self.c_proj = _linear(width, width, lora)
         self.heads = heads
 
     def forward(self, x):
@@ -46,22 +67,22 @@ class CausalSelfAttention(torch.nn.Module):
 
 
 class Mlp(torch.nn.Module):
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, lora: tuple[int, float] | None = None) -> None:
         super().__init__()
-        self.c_fc = torch.nn.Linear(width, 4 * width)
-        self.c_proj = torch.nn.Linear(4 * width, width)
+        self.c_fc = _linear(width, 4 * width, lora)
+        self.c_proj = _linear(4 * width, width, lora)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class Block(torch.nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, lora: tuple[int, float] | None = None) -> None:
         super().__init__()
         self.ln_1 = torch.nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
+        self.attn = CausalSelfAttention(width, heads, lora)
         self.ln_2 = torch.nn.LayerNorm(width)
-        self.mlp = Mlp(width)
+        self.mlp = Mlp(width, lora)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -72,14 +93,17 @@ class Gpt(torch.nn.Module):
     """nanoGPT's GPT without the ``transformer.`` prefix: wte, wpe, h, ln_f, lm_head tied."""
 
     def __init__(self, vocab: int = 65, length: int = 32, width: int = 32, heads: int = 4,
-                 layers: int = 2) -> None:
+                 layers: int = 2, lora: tuple[int, float] | None = None) -> None:
         super().__init__()
         self.wte = torch.nn.Embedding(vocab, width)
         self.wpe = torch.nn.Embedding(length, width)
-        self.h = torch.nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.h = torch.nn.ModuleList(Block(width, heads, lora) for _ in range(layers))
         self.ln_f = torch.nn.LayerNorm(width)
         self.lm_head = torch.nn.Linear(width, vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as nanoGPT
+        if lora is not None:  # LoRA fine-tuning: only the adapters train
+            for name, p in self.named_parameters():
+                p.requires_grad_("lora_" in name)
 
     def forward(self, idx, y):
         pos = torch.arange(idx.shape[1])
@@ -204,9 +228,51 @@ def test_tiny_gpt_matches_nanogpt(tmp_path) -> None:
     _agree(mods, twin, batch, ref.item(), set(mods["numpy"].TRAINABLE), state=state)
 
 
+def test_lora_gpt_matches_nanogpt_with_peft_adapters(tmp_path) -> None:
+    mods = _modules(tmp_path, "lora_gpt")
+    twin = Gpt(lora=(4, 8.0)).double()
+    _randomise(twin, 4)  # B at zero would send A no gradient
+    state = _state_without_tied_copy(twin)
+    assert list(state) == list(mods["numpy"].PARAM_SHAPES)
+    trainable = {k for k, p in twin.named_parameters() if p.requires_grad}
+    assert trainable == set(mods["numpy"].TRAINABLE) and len(trainable) == 16
+    batch = _gpt_batch(seed=5)
+    ref = twin(**batch)
+    ref.backward()
+    _agree(mods, twin, batch, ref.item(), trainable, state=state)
+
+
+def test_lora_gpt_computes_no_product_of_the_adapters(tmp_path) -> None:
+    """The step never forms B A (out x in) nor computes a frozen weight's gradient."""
+    mods = _modules(tmp_path, "lora_gpt")
+    for backend in ("numpy", "torch"):
+        tree = ast.parse((tmp_path / f"lora_gpt_{backend}.py").read_text())
+        step = next(f for f in tree.body if isinstance(f, ast.FunctionDef)
+                    and f.name == "loss_and_grad")
+        assigned = set()
+        for node in ast.walk(step):
+            if isinstance(node, ast.Assign) and not isinstance(node.value, ast.Dict):
+                names = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+                assert not (any(n.endswith("lora_A") for n in names)
+                            and any(n.endswith("lora_B") for n in names)), ast.unparse(node)
+                assigned |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        assert "d_h_0_attn_c_attn_lora_B" in assigned and "d_h_1_mlp_c_fc_lora_A" in assigned
+        frozen = {n for n in assigned if n.startswith("d_") and n.endswith(("_weight", "_bias"))}
+        if backend == "torch":
+            assert not frozen
+        else:  # numpy's wrt= may ask for them; the default step skips that code
+            defaults = dict(zip(mods["numpy"].DIFFERENTIABLE, mods["numpy"]._DEFAULT_NEEDS,
+                                strict=True))
+            assert frozen and not any(defaults[n] for n in defaults if "lora" not in n)
+    merged = mods["numpy"].merge_lora({k: np.ones(v) for k, v in
+                                       mods["numpy"].PARAM_SHAPES.items()})
+    assert not any("lora" in k for k in merged)
+    assert set(merged) == set(_modules(tmp_path / "..", "tiny_gpt")["numpy"].PARAM_SHAPES)
+
+
 def test_generated_gpt_examples_are_up_to_date() -> None:
     from symbackprop.cli import main
 
-    for name in ("gpt_block", "tiny_gpt"):
+    for name in ("gpt_block", "tiny_gpt", "lora_gpt"):
         assert main(["generate", str(EXAMPLES / f"{name}.yaml"), "--out",
                      str(ROOT / "generated"), "--check"]) == 0
