@@ -9,6 +9,12 @@ samples. Peak memory is the growth of the process's resident set (``ru_maxrss``)
 step, after the parameters and the batch exist: a coarse figure, the same for everyone.
 
     python benchmarks/gpt_step.py [--batch 8] [--length 64] [--seconds 3]
+    python benchmarks/gpt_step.py --lora [--batch 8] [--length 32]
+
+``--lora`` times instead the step of ``examples/lora_gpt.yaml`` (rank-4 adapters on every
+projection, everything else frozen) against full fine-tuning of the same network
+(``examples/tiny_gpt.yaml``, every parameter trained), numpy ``loss_and_grad`` and torch
+``Model``, on character ids.
 """
 
 from __future__ import annotations
@@ -79,8 +85,56 @@ def _twin(torch: Any, width: int, heads: int) -> Any:
     return Block()
 
 
+LORA_CONTENDERS = {
+    "full-numpy": ("tiny_gpt", "numpy", "full fine-tuning (tiny_gpt), numpy loss_and_grad"),
+    "lora-numpy": ("lora_gpt", "numpy", "LoRA (lora_gpt), numpy loss_and_grad"),
+    "full-model": ("tiny_gpt", "model", "full fine-tuning (tiny_gpt), torch Model"),
+    "lora-model": ("lora_gpt", "model", "LoRA (lora_gpt), torch Model"),
+}
+
+
+def lora_child(name: str, batch: int, length: int, gen_dir: Path, seconds: float
+               ) -> dict[str, Any]:
+    import numpy as np
+
+    spec, how, _ = LORA_CONTENDERS[name]
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 65, size=(batch, length))
+    y = rng.integers(0, 65, size=(batch, length))
+    np_mod = load_module(gen_dir / f"{spec}_numpy.py")
+    params = {k: v.astype(np.float32) for k, v in np_mod.init_params(0).items()}
+    for k in params:  # adapters' B starts at zero; any values time the same
+        params[k] += np.float32(0.01)
+    if how == "numpy":
+        def step() -> Any:
+            return np_mod.loss_and_grad(params, idx=idx, y=y)
+    else:
+        import torch
+
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+        model = load_module(gen_dir / f"{spec}_torch.py").Model(dtype=torch.float32)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+        it, yt = torch.from_numpy(idx), torch.from_numpy(y)
+        named = [p for p in model.parameters() if p.requires_grad]
+
+        def step() -> Any:
+            for p in named:
+                p.grad = None
+            out = model(idx=it, y=yt)
+            out.backward()
+            return out
+    step()
+    out = time_step(step, seconds, 1.0, 15)
+    out.update({"contender": name})
+    return out
+
+
 def child(name: str, batch: int, length: int, gen_dir: Path, seconds: float) -> dict[str, Any]:
     import numpy as np
+
+    if name in LORA_CONTENDERS:
+        return lora_child(name, batch, length, gen_dir, seconds)
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, length, 32)).astype(np.float32)
@@ -136,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--lora", action="store_true", help="LoRA against full fine-tuning")
     p.add_argument("--child", nargs=2, metavar=("NAME", "GEN_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -146,16 +201,30 @@ def main(argv: list[str] | None = None) -> int:
 
     prefix, pinning = pin_prefix(0)
     rows = []
+    names = list(LORA_CONTENDERS if args.lora else CONTENDERS)
+    specs = ("tiny_gpt", "lora_gpt") if args.lora else ("gpt_block",)
     with tempfile.TemporaryDirectory(prefix="symbackprop-gpt-") as tmp:
-        subprocess.run([sys.executable, "-m", "symbackprop.cli", "generate",
-                        str(ROOT / "examples" / "gpt_block.yaml"), "--out", tmp,
-                        "--no-derivations"], check=True, capture_output=True)
-        for name in CONTENDERS:
+        for spec in specs:
+            subprocess.run([sys.executable, "-m", "symbackprop.cli", "generate",
+                            str(ROOT / "examples" / f"{spec}.yaml"), "--out", tmp,
+                            "--no-derivations"], check=True, capture_output=True)
+        for name in names:
             cmd = [*prefix, sys.executable, __file__, "--batch", str(args.batch), "--length",
                    str(args.length), "--seconds", str(args.seconds), "--child", name, tmp]
             done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True,
                                   check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if args.lora:
+        by = {r["contender"]: r for r in rows}
+        print(f"N = {args.batch}, T = {args.length}, float32; pinning: {pinning}\n")
+        print("| step | median ms | IQR ms | full / LoRA |")
+        print("|---|---:|---:|---:|")
+        for name, r in by.items():
+            full = by["full-" + name.split("-")[1]]["median_ms"]
+            ratio = f"{full / r['median_ms']:.2f}" if name.startswith("lora") else ""
+            print(f"| {LORA_CONTENDERS[name][2]} | {r['median_ms']:.3f} | "
+                  f"{r['q1_ms']:.3f}–{r['q3_ms']:.3f} | {ratio} |")
+        return 0
     eager = next(r for r in rows if r["contender"] == "eager")
     print(f"gpt_block, N = {args.batch}, T = {args.length}, float32; pinning: {pinning}\n")
     print("| contender | median ms | IQR ms | × eager | peak RSS growth MiB |")

@@ -203,7 +203,7 @@ DERIVATION_PASSES = {
         '\\varepsilon_{\\mathrm{attn\\_y},nimj} & = \\sum_{n_{1}=1}^{N} \\sum_{n_{2}=1}^{T} \\sum_{k=1}^{32} \\varepsilon_{\\mathrm{attn},n_{1},n_{2},k} \\delta_{n,n_{1}} \\delta_{m,n_{2}} \\mathrm{attn\\_wp}_{kij} \\\\\n'
         ' & = \\sum_{k=1}^{32} \\varepsilon_{\\mathrm{attn},nmk} \\mathrm{attn\\_wp}_{kij}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{attn\\_p} \\text{ is read by } \\mathtt{attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{attn\\_p} \\text{ is read by } \\mathtt{attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{attn\\_y}_{nimj}}{\\partial \\mathrm{attn\\_p}_{n_{1},k,n_{2},n_{3}}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{attn\\_v}_{n,i,n_{3},j} \\\\\n'
         '\\frac{\\partial L}{\\partial \\mathrm{attn\\_p}_{n,i,m,n_{1}}} & = \\sum_{n_{2}=1}^{N} \\sum_{j=1}^{4} \\sum_{n_{3}=1}^{T} \\sum_{k=1}^{8} \\varepsilon_{\\mathrm{attn\\_y},n_{2},j,n_{3},k} \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{attn\\_v}_{n_{2},j,n_{1},k} \\\\\n'
@@ -231,19 +231,19 @@ DERIVATION_PASSES = {
         '\\begin{aligned}\n'
         '\\varepsilon_{\\mathrm{attn\\_scores},n,i,m,n_{1}} & = \\left(\\left(\\sum_{j=1}^{8} \\varepsilon_{\\mathrm{attn\\_y},nimj} \\mathrm{attn\\_v}_{n,i,n_{1},j}\\right) \\mathrm{attn\\_p}_{n,i,m,n_{1}} - \\left(\\sum_{n_{2}=1}^{T} \\left(\\sum_{k=1}^{8} \\varepsilon_{\\mathrm{attn\\_y},nimk} \\mathrm{attn\\_v}_{n,i,n_{2},k}\\right) \\mathrm{attn\\_p}_{n,i,m,n_{2}}\\right) \\mathrm{attn\\_p}_{n,i,m,n_{1}}\\right) \\mathbb{I}\\left[m \\geq n_{1}\\right]\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{attn\\_v} \\text{ is read by } \\mathtt{attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{attn\\_v} \\text{ is read by } \\mathtt{attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{attn\\_y}_{nimj}}{\\partial \\mathrm{attn\\_v}_{n_{1},k,n_{2},l}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{attn\\_p}_{n,i,m,n_{2}} \\\\\n'
         '\\varepsilon_{\\mathrm{attn\\_v},nimj} & = \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{l=1}^{8} \\varepsilon_{\\mathrm{attn\\_y},n_{1},k,n_{2},l} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{attn\\_p}_{n_{1},k,n_{2},m} \\\\\n'
         ' & = \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{attn\\_y},n,i,n_{1},j} \\mathrm{attn\\_p}_{n,i,n_{1},m}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{attn\\_k} \\text{ is read by } \\mathtt{attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{attn\\_k} \\text{ is read by } \\mathtt{attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{attn\\_scores}_{n,i,m,n_{1}}}{\\partial \\mathrm{attn\\_k}_{n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{n_{1},n_{3}} z_{\\mathrm{attn},nimk} \\\\\n'
         '\\varepsilon_{\\mathrm{attn\\_k},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{3}} z_{\\mathrm{attn},n_{1},k,n_{2},j} \\\\\n'
         ' & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{attn\\_scores},n,i,n_{1},m} z_{\\mathrm{attn},n,i,n_{1},j}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{z}_{\\mathrm{attn}} \\text{ is read by } \\mathtt{attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{z}_{\\mathrm{attn}} \\text{ is read by } \\mathtt{attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{attn\\_scores}_{n,i,m,n_{1}}}{\\partial z_{\\mathrm{attn},n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{attn\\_k}_{n,i,n_{1},k} \\\\\n'
         '\\varepsilon_{\\mathrm{attn},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{attn\\_k}_{n_{1},k,n_{3},j} \\\\\n'
@@ -623,7 +623,7 @@ def forward(params, *, x):
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
-    # q kᵀ / √D attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
+    # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
     tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
     del attn_q, attn_k
     attn_scores = (0.3535533905932738)*tmp_sum9
@@ -634,13 +634,11 @@ def forward(params, *, x):
     del attn_scores
 
     # logsumexp attn: attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(attn_p_masked[i0, i1, i2, s0])))
-    attn_p_lse = torch.logsumexp(attn_p_masked, dim=3)
+    # softmax: attn_p = exp(attn_p_masked - attn_p_lse), in one call
+    attn_p = torch.softmax(attn_p_masked, dim=3)
+    del attn_p_masked
 
-    # softmax attn: attn_p[i0, i1, i2, i3] = exp(-attn_p_lse[i0, i1, i2] + attn_p_masked[i0, i1, i2, i3])
-    attn_p = torch.exp(-attn_p_lse[:, :, :, None] + attn_p_masked)
-    del attn_p_masked, attn_p_lse
-
-    # p v attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
+    # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
     attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
     del attn_v, attn_p
 
@@ -752,7 +750,7 @@ def loss(params, *, x, t):
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
-    # q kᵀ / √D attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
+    # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
     tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
     del attn_q, attn_k
     attn_scores = (0.3535533905932738)*tmp_sum9
@@ -763,13 +761,11 @@ def loss(params, *, x, t):
     del attn_scores
 
     # logsumexp attn: attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(attn_p_masked[i0, i1, i2, s0])))
-    attn_p_lse = torch.logsumexp(attn_p_masked, dim=3)
+    # softmax: attn_p = exp(attn_p_masked - attn_p_lse), in one call
+    attn_p = torch.softmax(attn_p_masked, dim=3)
+    del attn_p_masked
 
-    # softmax attn: attn_p[i0, i1, i2, i3] = exp(-attn_p_lse[i0, i1, i2] + attn_p_masked[i0, i1, i2, i3])
-    attn_p = torch.exp(-attn_p_lse[:, :, :, None] + attn_p_masked)
-    del attn_p_masked, attn_p_lse
-
-    # p v attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
+    # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
     attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
     del attn_v, attn_p
 
@@ -884,7 +880,7 @@ def loss_and_grad(params, *, x, t):
         attn_v = attn_b[2, :, :][:, None] + tmp_sum7
         del attn_b, tmp_sum7
 
-        # q kᵀ / √D attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
+        # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
         tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
         attn_scores = (0.3535533905932738)*tmp_sum9
         del tmp_sum9
@@ -895,13 +891,11 @@ def loss_and_grad(params, *, x, t):
         del attn_scores
 
         # logsumexp attn: attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(attn_p_masked[i0, i1, i2, s0])))
-        attn_p_lse = torch.logsumexp(attn_p_masked, dim=3)
+        # softmax: attn_p = exp(attn_p_masked - attn_p_lse), in one call
+        attn_p = torch.softmax(attn_p_masked, dim=3)
+        del attn_p_masked
 
-        # softmax attn: attn_p[i0, i1, i2, i3] = exp(-attn_p_lse[i0, i1, i2] + attn_p_masked[i0, i1, i2, i3])
-        attn_p = torch.exp(-attn_p_lse[:, :, :, None] + attn_p_masked)
-        del attn_p_masked, attn_p_lse
-
-        # p v attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
+        # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
         attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
 
         # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1185,7 +1179,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
-    # q kᵀ / √D attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
+    # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
     tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
     attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -1196,13 +1190,11 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     del attn_scores
 
     # logsumexp attn: attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(attn_p_masked[i0, i1, i2, s0])))
-    attn_p_lse = torch.logsumexp(attn_p_masked, dim=3)
+    # softmax: attn_p = exp(attn_p_masked - attn_p_lse), in one call
+    attn_p = torch.softmax(attn_p_masked, dim=3)
+    del attn_p_masked
 
-    # softmax attn: attn_p[i0, i1, i2, i3] = exp(-attn_p_lse[i0, i1, i2] + attn_p_masked[i0, i1, i2, i3])
-    attn_p = torch.exp(-attn_p_lse[:, :, :, None] + attn_p_masked)
-    del attn_p_masked, attn_p_lse
-
-    # p v attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
+    # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
     attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]

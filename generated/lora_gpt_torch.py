@@ -424,7 +424,7 @@ DERIVATION_PASSES = {
         '\\begin{aligned}\n'
         '\\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},nimj} & = \\sum_{k=1}^{32} \\varepsilon_{\\mathrm{h\\_1\\_attn},nmk} \\mathrm{h\\_1\\_attn\\_wp}_{kij} + 2 \\sum_{k=1}^{4} \\left(\\sum_{l=1}^{32} \\varepsilon_{\\mathrm{h\\_1\\_attn},nml} \\mathrm{h\\_1\\_attn\\_c\\_proj\\_lora\\_B}_{lk}\\right) \\mathrm{h\\_1\\_attn\\_c\\_proj\\_lora\\_A\\_heads}_{kij}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_1\\_attn\\_p} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_1\\_attn\\_p} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_1\\_attn\\_y}_{nimj}}{\\partial \\mathrm{h\\_1\\_attn\\_p}_{n_{1},k,n_{2},n_{3}}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{h\\_1\\_attn\\_v}_{n,i,n_{3},j} \\\\\n'
         '\\frac{\\partial L}{\\partial \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{1}}} & = \\sum_{n_{2}=1}^{N} \\sum_{j=1}^{4} \\sum_{n_{3}=1}^{T} \\sum_{k=1}^{8} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},n_{2},j,n_{3},k} \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{h\\_1\\_attn\\_v}_{n_{2},j,n_{1},k} \\\\\n'
@@ -452,19 +452,19 @@ DERIVATION_PASSES = {
         '\\begin{aligned}\n'
         '\\varepsilon_{\\mathrm{h\\_1\\_attn\\_scores},n,i,m,n_{1}} & = \\left(\\left(\\sum_{j=1}^{8} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},nimj} \\mathrm{h\\_1\\_attn\\_v}_{n,i,n_{1},j}\\right) \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{1}} - \\left(\\sum_{n_{2}=1}^{T} \\left(\\sum_{k=1}^{8} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},nimk} \\mathrm{h\\_1\\_attn\\_v}_{n,i,n_{2},k}\\right) \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{2}}\\right) \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{1}}\\right) \\mathbb{I}\\left[m \\geq n_{1}\\right]\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_1\\_attn\\_v} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_1\\_attn\\_v} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_1\\_attn\\_y}_{nimj}}{\\partial \\mathrm{h\\_1\\_attn\\_v}_{n_{1},k,n_{2},l}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{2}} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_1\\_attn\\_v},nimj} & = \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{l=1}^{8} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},n_{1},k,n_{2},l} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{h\\_1\\_attn\\_p}_{n_{1},k,n_{2},m} \\\\\n'
         ' & = \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},n,i,n_{1},j} \\mathrm{h\\_1\\_attn\\_p}_{n,i,n_{1},m}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_1\\_attn\\_k} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_1\\_attn\\_k} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_1\\_attn\\_scores}_{n,i,m,n_{1}}}{\\partial \\mathrm{h\\_1\\_attn\\_k}_{n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{n_{1},n_{3}} z_{\\mathrm{h\\_1\\_attn},nimk} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_1\\_attn\\_k},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{3}} z_{\\mathrm{h\\_1\\_attn},n_{1},k,n_{2},j} \\\\\n'
         ' & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_scores},n,i,n_{1},m} z_{\\mathrm{h\\_1\\_attn},n,i,n_{1},j}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{z}_{\\mathrm{h\\_1\\_attn}} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{z}_{\\mathrm{h\\_1\\_attn}} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_1\\_attn\\_scores}_{n,i,m,n_{1}}}{\\partial z_{\\mathrm{h\\_1\\_attn},n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{h\\_1\\_attn\\_k}_{n,i,n_{1},k} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_1\\_attn},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{h\\_1\\_attn\\_k}_{n_{1},k,n_{3},j} \\\\\n'
@@ -671,7 +671,7 @@ DERIVATION_PASSES = {
         '\\begin{aligned}\n'
         '\\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},nimj} & = \\sum_{k=1}^{32} \\varepsilon_{\\mathrm{h\\_0\\_attn},nmk} \\mathrm{h\\_0\\_attn\\_wp}_{kij} + 2 \\sum_{k=1}^{4} \\left(\\sum_{l=1}^{32} \\varepsilon_{\\mathrm{h\\_0\\_attn},nml} \\mathrm{h\\_0\\_attn\\_c\\_proj\\_lora\\_B}_{lk}\\right) \\mathrm{h\\_0\\_attn\\_c\\_proj\\_lora\\_A\\_heads}_{kij}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_0\\_attn\\_p} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_0\\_attn\\_p} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_0\\_attn\\_y}_{nimj}}{\\partial \\mathrm{h\\_0\\_attn\\_p}_{n_{1},k,n_{2},n_{3}}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{h\\_0\\_attn\\_v}_{n,i,n_{3},j} \\\\\n'
         '\\frac{\\partial L}{\\partial \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{1}}} & = \\sum_{n_{2}=1}^{N} \\sum_{j=1}^{4} \\sum_{n_{3}=1}^{T} \\sum_{k=1}^{8} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},n_{2},j,n_{3},k} \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{h\\_0\\_attn\\_v}_{n_{2},j,n_{1},k} \\\\\n'
@@ -699,19 +699,19 @@ DERIVATION_PASSES = {
         '\\begin{aligned}\n'
         '\\varepsilon_{\\mathrm{h\\_0\\_attn\\_scores},n,i,m,n_{1}} & = \\left(\\left(\\sum_{j=1}^{8} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},nimj} \\mathrm{h\\_0\\_attn\\_v}_{n,i,n_{1},j}\\right) \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{1}} - \\left(\\sum_{n_{2}=1}^{T} \\left(\\sum_{k=1}^{8} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},nimk} \\mathrm{h\\_0\\_attn\\_v}_{n,i,n_{2},k}\\right) \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{2}}\\right) \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{1}}\\right) \\mathbb{I}\\left[m \\geq n_{1}\\right]\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_0\\_attn\\_v} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_0\\_attn\\_v} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_0\\_attn\\_y}_{nimj}}{\\partial \\mathrm{h\\_0\\_attn\\_v}_{n_{1},k,n_{2},l}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{2}} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_0\\_attn\\_v},nimj} & = \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{l=1}^{8} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},n_{1},k,n_{2},l} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{h\\_0\\_attn\\_p}_{n_{1},k,n_{2},m} \\\\\n'
         ' & = \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},n,i,n_{1},j} \\mathrm{h\\_0\\_attn\\_p}_{n,i,n_{1},m}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_0\\_attn\\_k} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_0\\_attn\\_k} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_0\\_attn\\_scores}_{n,i,m,n_{1}}}{\\partial \\mathrm{h\\_0\\_attn\\_k}_{n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{n_{1},n_{3}} z_{\\mathrm{h\\_0\\_attn},nimk} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_0\\_attn\\_k},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{3}} z_{\\mathrm{h\\_0\\_attn},n_{1},k,n_{2},j} \\\\\n'
         ' & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_scores},n,i,n_{1},m} z_{\\mathrm{h\\_0\\_attn},n,i,n_{1},j}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{z}_{\\mathrm{h\\_0\\_attn}} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{z}_{\\mathrm{h\\_0\\_attn}} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_0\\_attn\\_scores}_{n,i,m,n_{1}}}{\\partial z_{\\mathrm{h\\_0\\_attn},n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{h\\_0\\_attn\\_k}_{n,i,n_{1},k} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_0\\_attn},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{h\\_0\\_attn\\_k}_{n_{1},k,n_{3},j} \\\\\n'
@@ -1328,7 +1328,7 @@ def forward(params, *, idx):
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
     del h_0_attn_b, tmp_sum12, tmp_sum14
 
-    # q kᵀ / √D h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
     tmp_sum16 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum16
@@ -1340,13 +1340,11 @@ def forward(params, *, idx):
     del h_0_attn_scores
 
     # logsumexp h_0_attn: h_0_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_0_attn_p_masked[i0, i1, i2, s0])))
-    h_0_attn_p_lse = torch.logsumexp(h_0_attn_p_masked, dim=3)
+    # softmax: h_0_attn_p = exp(h_0_attn_p_masked - h_0_attn_p_lse), in one call
+    h_0_attn_p = torch.softmax(h_0_attn_p_masked, dim=3)
+    del h_0_attn_p_masked
 
-    # softmax h_0_attn: h_0_attn_p[i0, i1, i2, i3] = exp(-h_0_attn_p_lse[i0, i1, i2] + h_0_attn_p_masked[i0, i1, i2, i3])
-    h_0_attn_p = torch.exp(-h_0_attn_p_lse[:, :, :, None] + h_0_attn_p_masked)
-    del h_0_attn_p_masked, h_0_attn_p_lse
-
-    # p v h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
+    # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
     h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
     del h_0_attn_v, h_0_attn_p
 
@@ -1494,7 +1492,7 @@ def forward(params, *, idx):
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
     del h_1_attn_b, tmp_sum39, tmp_sum41
 
-    # q kᵀ / √D h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
     tmp_sum43 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum43
@@ -1505,13 +1503,11 @@ def forward(params, *, idx):
     del tmp3, h_1_attn_scores
 
     # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
-    h_1_attn_p_lse = torch.logsumexp(h_1_attn_p_masked, dim=3)
+    # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
+    h_1_attn_p = torch.softmax(h_1_attn_p_masked, dim=3)
+    del h_1_attn_p_masked
 
-    # softmax h_1_attn: h_1_attn_p[i0, i1, i2, i3] = exp(-h_1_attn_p_lse[i0, i1, i2] + h_1_attn_p_masked[i0, i1, i2, i3])
-    h_1_attn_p = torch.exp(-h_1_attn_p_lse[:, :, :, None] + h_1_attn_p_masked)
-    del h_1_attn_p_masked, h_1_attn_p_lse
-
-    # p v h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
+    # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
     h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
     del h_1_attn_v, h_1_attn_p
 
@@ -1703,7 +1699,7 @@ def loss(params, *, idx, y):
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
     del h_0_attn_b, tmp_sum12, tmp_sum14
 
-    # q kᵀ / √D h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
     tmp_sum16 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum16
@@ -1715,13 +1711,11 @@ def loss(params, *, idx, y):
     del h_0_attn_scores
 
     # logsumexp h_0_attn: h_0_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_0_attn_p_masked[i0, i1, i2, s0])))
-    h_0_attn_p_lse = torch.logsumexp(h_0_attn_p_masked, dim=3)
+    # softmax: h_0_attn_p = exp(h_0_attn_p_masked - h_0_attn_p_lse), in one call
+    h_0_attn_p = torch.softmax(h_0_attn_p_masked, dim=3)
+    del h_0_attn_p_masked
 
-    # softmax h_0_attn: h_0_attn_p[i0, i1, i2, i3] = exp(-h_0_attn_p_lse[i0, i1, i2] + h_0_attn_p_masked[i0, i1, i2, i3])
-    h_0_attn_p = torch.exp(-h_0_attn_p_lse[:, :, :, None] + h_0_attn_p_masked)
-    del h_0_attn_p_masked, h_0_attn_p_lse
-
-    # p v h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
+    # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
     h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
     del h_0_attn_v, h_0_attn_p
 
@@ -1869,7 +1863,7 @@ def loss(params, *, idx, y):
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
     del h_1_attn_b, tmp_sum39, tmp_sum41
 
-    # q kᵀ / √D h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
     tmp_sum43 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum43
@@ -1880,13 +1874,11 @@ def loss(params, *, idx, y):
     del tmp3, h_1_attn_scores
 
     # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
-    h_1_attn_p_lse = torch.logsumexp(h_1_attn_p_masked, dim=3)
+    # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
+    h_1_attn_p = torch.softmax(h_1_attn_p_masked, dim=3)
+    del h_1_attn_p_masked
 
-    # softmax h_1_attn: h_1_attn_p[i0, i1, i2, i3] = exp(-h_1_attn_p_lse[i0, i1, i2] + h_1_attn_p_masked[i0, i1, i2, i3])
-    h_1_attn_p = torch.exp(-h_1_attn_p_lse[:, :, :, None] + h_1_attn_p_masked)
-    del h_1_attn_p_masked, h_1_attn_p_lse
-
-    # p v h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
+    # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
     h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
     del h_1_attn_v, h_1_attn_p
 
@@ -2097,7 +2089,7 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
         del h_0_attn_b, tmp_sum12, tmp_sum14
 
-        # q kᵀ / √D h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
+        # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
         tmp_sum16 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
         h_0_attn_scores = (0.3535533905932738)*tmp_sum16
         del tmp_sum16
@@ -2108,13 +2100,11 @@ def loss_and_grad(params, *, idx, y):
         del h_0_attn_scores
 
         # logsumexp h_0_attn: h_0_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_0_attn_p_masked[i0, i1, i2, s0])))
-        h_0_attn_p_lse = torch.logsumexp(h_0_attn_p_masked, dim=3)
+        # softmax: h_0_attn_p = exp(h_0_attn_p_masked - h_0_attn_p_lse), in one call
+        h_0_attn_p = torch.softmax(h_0_attn_p_masked, dim=3)
+        del h_0_attn_p_masked
 
-        # softmax h_0_attn: h_0_attn_p[i0, i1, i2, i3] = exp(-h_0_attn_p_lse[i0, i1, i2] + h_0_attn_p_masked[i0, i1, i2, i3])
-        h_0_attn_p = torch.exp(-h_0_attn_p_lse[:, :, :, None] + h_0_attn_p_masked)
-        del h_0_attn_p_masked, h_0_attn_p_lse
-
-        # p v h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
+        # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
         h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
 
         # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -2257,7 +2247,7 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
         del h_1_attn_b, tmp_sum39, tmp_sum41
 
-        # q kᵀ / √D h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
+        # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
         tmp_sum43 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
         h_1_attn_scores = (0.3535533905932738)*tmp_sum43
         del tmp_sum43
@@ -2267,13 +2257,11 @@ def loss_and_grad(params, *, idx, y):
         del h_1_attn_scores
 
         # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
-        h_1_attn_p_lse = torch.logsumexp(h_1_attn_p_masked, dim=3)
+        # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
+        h_1_attn_p = torch.softmax(h_1_attn_p_masked, dim=3)
+        del h_1_attn_p_masked
 
-        # softmax h_1_attn: h_1_attn_p[i0, i1, i2, i3] = exp(-h_1_attn_p_lse[i0, i1, i2] + h_1_attn_p_masked[i0, i1, i2, i3])
-        h_1_attn_p = torch.exp(-h_1_attn_p_lse[:, :, :, None] + h_1_attn_p_masked)
-        del h_1_attn_p_masked, h_1_attn_p_lse
-
-        # p v h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
+        # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
         h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
 
         # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -2895,7 +2883,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
     del h_0_attn_b, tmp_sum12, tmp_sum14
 
-    # q kᵀ / √D h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
     tmp_sum16 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
     h_0_attn_scores = (0.3535533905932738)*tmp_sum16
     del tmp_sum16
@@ -2906,13 +2894,11 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del h_0_attn_scores
 
     # logsumexp h_0_attn: h_0_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_0_attn_p_masked[i0, i1, i2, s0])))
-    h_0_attn_p_lse = torch.logsumexp(h_0_attn_p_masked, dim=3)
+    # softmax: h_0_attn_p = exp(h_0_attn_p_masked - h_0_attn_p_lse), in one call
+    h_0_attn_p = torch.softmax(h_0_attn_p_masked, dim=3)
+    del h_0_attn_p_masked
 
-    # softmax h_0_attn: h_0_attn_p[i0, i1, i2, i3] = exp(-h_0_attn_p_lse[i0, i1, i2] + h_0_attn_p_masked[i0, i1, i2, i3])
-    h_0_attn_p = torch.exp(-h_0_attn_p_lse[:, :, :, None] + h_0_attn_p_masked)
-    del h_0_attn_p_masked, h_0_attn_p_lse
-
-    # p v h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
+    # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
     h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -3053,7 +3039,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
     del h_1_attn_b, tmp_sum39, tmp_sum41
 
-    # q kᵀ / √D h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
     tmp_sum43 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
     h_1_attn_scores = (0.3535533905932738)*tmp_sum43
     del tmp_sum43
@@ -3063,13 +3049,11 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del h_1_attn_scores
 
     # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
-    h_1_attn_p_lse = torch.logsumexp(h_1_attn_p_masked, dim=3)
+    # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
+    h_1_attn_p = torch.softmax(h_1_attn_p_masked, dim=3)
+    del h_1_attn_p_masked
 
-    # softmax h_1_attn: h_1_attn_p[i0, i1, i2, i3] = exp(-h_1_attn_p_lse[i0, i1, i2] + h_1_attn_p_masked[i0, i1, i2, i3])
-    h_1_attn_p = torch.exp(-h_1_attn_p_lse[:, :, :, None] + h_1_attn_p_masked)
-    del h_1_attn_p_masked, h_1_attn_p_lse
-
-    # p v h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
+    # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
     h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]

@@ -345,7 +345,7 @@ DERIVATION_PASSES = {
         '\\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},nimj} & = \\sum_{n_{1}=1}^{N} \\sum_{n_{2}=1}^{T} \\sum_{k=1}^{32} \\varepsilon_{\\mathrm{h\\_1\\_attn},n_{1},n_{2},k} \\delta_{n,n_{1}} \\delta_{m,n_{2}} \\mathrm{h\\_1\\_attn\\_wp}_{kij} \\\\\n'
         ' & = \\sum_{k=1}^{32} \\varepsilon_{\\mathrm{h\\_1\\_attn},nmk} \\mathrm{h\\_1\\_attn\\_wp}_{kij}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_1\\_attn\\_p} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_1\\_attn\\_p} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_1\\_attn\\_y}_{nimj}}{\\partial \\mathrm{h\\_1\\_attn\\_p}_{n_{1},k,n_{2},n_{3}}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{h\\_1\\_attn\\_v}_{n,i,n_{3},j} \\\\\n'
         '\\frac{\\partial L}{\\partial \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{1}}} & = \\sum_{n_{2}=1}^{N} \\sum_{j=1}^{4} \\sum_{n_{3}=1}^{T} \\sum_{k=1}^{8} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},n_{2},j,n_{3},k} \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{h\\_1\\_attn\\_v}_{n_{2},j,n_{1},k} \\\\\n'
@@ -373,19 +373,19 @@ DERIVATION_PASSES = {
         '\\begin{aligned}\n'
         '\\varepsilon_{\\mathrm{h\\_1\\_attn\\_scores},n,i,m,n_{1}} & = \\left(\\left(\\sum_{j=1}^{8} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},nimj} \\mathrm{h\\_1\\_attn\\_v}_{n,i,n_{1},j}\\right) \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{1}} - \\left(\\sum_{n_{2}=1}^{T} \\left(\\sum_{k=1}^{8} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},nimk} \\mathrm{h\\_1\\_attn\\_v}_{n,i,n_{2},k}\\right) \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{2}}\\right) \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{1}}\\right) \\mathbb{I}\\left[m \\geq n_{1}\\right]\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_1\\_attn\\_v} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_1\\_attn\\_v} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_1\\_attn\\_y}_{nimj}}{\\partial \\mathrm{h\\_1\\_attn\\_v}_{n_{1},k,n_{2},l}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{h\\_1\\_attn\\_p}_{n,i,m,n_{2}} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_1\\_attn\\_v},nimj} & = \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{l=1}^{8} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},n_{1},k,n_{2},l} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{h\\_1\\_attn\\_p}_{n_{1},k,n_{2},m} \\\\\n'
         ' & = \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_y},n,i,n_{1},j} \\mathrm{h\\_1\\_attn\\_p}_{n,i,n_{1},m}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_1\\_attn\\_k} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_1\\_attn\\_k} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_1\\_attn\\_scores}_{n,i,m,n_{1}}}{\\partial \\mathrm{h\\_1\\_attn\\_k}_{n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{n_{1},n_{3}} z_{\\mathrm{h\\_1\\_attn},nimk} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_1\\_attn\\_k},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{3}} z_{\\mathrm{h\\_1\\_attn},n_{1},k,n_{2},j} \\\\\n'
         ' & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_scores},n,i,n_{1},m} z_{\\mathrm{h\\_1\\_attn},n,i,n_{1},j}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{z}_{\\mathrm{h\\_1\\_attn}} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{z}_{\\mathrm{h\\_1\\_attn}} \\text{ is read by } \\mathtt{h\\_1\\_attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_1\\_attn\\_scores}_{n,i,m,n_{1}}}{\\partial z_{\\mathrm{h\\_1\\_attn},n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{h\\_1\\_attn\\_k}_{n,i,n_{1},k} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_1\\_attn},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{h\\_1\\_attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{h\\_1\\_attn\\_k}_{n_{1},k,n_{3},j} \\\\\n'
@@ -559,7 +559,7 @@ DERIVATION_PASSES = {
         '\\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},nimj} & = \\sum_{n_{1}=1}^{N} \\sum_{n_{2}=1}^{T} \\sum_{k=1}^{32} \\varepsilon_{\\mathrm{h\\_0\\_attn},n_{1},n_{2},k} \\delta_{n,n_{1}} \\delta_{m,n_{2}} \\mathrm{h\\_0\\_attn\\_wp}_{kij} \\\\\n'
         ' & = \\sum_{k=1}^{32} \\varepsilon_{\\mathrm{h\\_0\\_attn},nmk} \\mathrm{h\\_0\\_attn\\_wp}_{kij}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_0\\_attn\\_p} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_0\\_attn\\_p} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_0\\_attn\\_y}_{nimj}}{\\partial \\mathrm{h\\_0\\_attn\\_p}_{n_{1},k,n_{2},n_{3}}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{h\\_0\\_attn\\_v}_{n,i,n_{3},j} \\\\\n'
         '\\frac{\\partial L}{\\partial \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{1}}} & = \\sum_{n_{2}=1}^{N} \\sum_{j=1}^{4} \\sum_{n_{3}=1}^{T} \\sum_{k=1}^{8} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},n_{2},j,n_{3},k} \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{h\\_0\\_attn\\_v}_{n_{2},j,n_{1},k} \\\\\n'
@@ -587,19 +587,19 @@ DERIVATION_PASSES = {
         '\\begin{aligned}\n'
         '\\varepsilon_{\\mathrm{h\\_0\\_attn\\_scores},n,i,m,n_{1}} & = \\left(\\left(\\sum_{j=1}^{8} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},nimj} \\mathrm{h\\_0\\_attn\\_v}_{n,i,n_{1},j}\\right) \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{1}} - \\left(\\sum_{n_{2}=1}^{T} \\left(\\sum_{k=1}^{8} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},nimk} \\mathrm{h\\_0\\_attn\\_v}_{n,i,n_{2},k}\\right) \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{2}}\\right) \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{1}}\\right) \\mathbb{I}\\left[m \\geq n_{1}\\right]\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_0\\_attn\\_v} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_y} \\text{ (p v, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_0\\_attn\\_v} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_y} \\text{ (weighted values, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_0\\_attn\\_y}_{nimj}}{\\partial \\mathrm{h\\_0\\_attn\\_v}_{n_{1},k,n_{2},l}} & = \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{h\\_0\\_attn\\_p}_{n,i,m,n_{2}} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_0\\_attn\\_v},nimj} & = \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{l=1}^{8} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},n_{1},k,n_{2},l} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{jl} \\mathrm{h\\_0\\_attn\\_p}_{n_{1},k,n_{2},m} \\\\\n'
         ' & = \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_y},n,i,n_{1},j} \\mathrm{h\\_0\\_attn\\_p}_{n,i,n_{1},m}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{h\\_0\\_attn\\_k} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{h\\_0\\_attn\\_k} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_0\\_attn\\_scores}_{n,i,m,n_{1}}}{\\partial \\mathrm{h\\_0\\_attn\\_k}_{n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{n_{1},n_{3}} z_{\\mathrm{h\\_0\\_attn},nimk} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_0\\_attn\\_k},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{3}} z_{\\mathrm{h\\_0\\_attn},n_{1},k,n_{2},j} \\\\\n'
         ' & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{T} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_scores},n,i,n_{1},m} z_{\\mathrm{h\\_0\\_attn},n,i,n_{1},j}\n'
         '\\end{aligned} \\\\\n'
-        '\\mathbf{z}_{\\mathrm{h\\_0\\_attn}} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_scores} \\text{ (q kᵀ / √D, a contraction)} \\text{:} \\\\\n'
+        '\\mathbf{z}_{\\mathrm{h\\_0\\_attn}} \\text{ is read by } \\mathtt{h\\_0\\_attn\\_scores} \\text{ (attention scores, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{h\\_0\\_attn\\_scores}_{n,i,m,n_{1}}}{\\partial z_{\\mathrm{h\\_0\\_attn},n_{2},j,n_{3},k}} & = \\frac{\\sqrt{2}}{4} \\, \\delta_{n,n_{2}} \\delta_{ij} \\delta_{m,n_{3}} \\mathrm{h\\_0\\_attn\\_k}_{n,i,n_{1},k} \\\\\n'
         '\\varepsilon_{\\mathrm{h\\_0\\_attn},nimj} & = \\frac{\\sqrt{2}}{4} \\, \\sum_{n_{1}=1}^{N} \\sum_{k=1}^{4} \\sum_{n_{2}=1}^{T} \\sum_{n_{3}=1}^{T} \\varepsilon_{\\mathrm{h\\_0\\_attn\\_scores},n_{1},k,n_{2},n_{3}} \\delta_{n,n_{1}} \\delta_{ik} \\delta_{m,n_{2}} \\mathrm{h\\_0\\_attn\\_k}_{n_{1},k,n_{3},j} \\\\\n'
@@ -1099,6 +1099,13 @@ def _logsumexp(x, axis):
     return numpy.log(numpy.sum(numpy.exp(x - m), axis=axis)) + numpy.squeeze(m, axis=axis)
 
 
+def _softmax(x, axis):
+    # exp(x - logsumexp(x)), shifted by the row max: exp never overflows.
+    e = numpy.exp(x - numpy.max(x, axis=axis, keepdims=True))
+    e /= numpy.sum(e, axis=axis, keepdims=True)
+    return e
+
+
 def _scatter_add(values, index, shape):
     # out[index[i...], j...] += values[i..., j...]: numpy.add.at sums repeated ids (a
     # fancy-index assignment would keep only the last of them).
@@ -1289,7 +1296,7 @@ def forward(params, *, idx):
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
-    # q kᵀ / √D h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
     tmp_sum9 = h_0_attn_q @ h_0_attn_k.swapaxes(-1, -2)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum9
@@ -1301,13 +1308,11 @@ def forward(params, *, idx):
     del h_0_attn_scores
 
     # logsumexp h_0_attn: h_0_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_0_attn_p_masked[i0, i1, i2, s0])))
-    h_0_attn_p_lse = _logsumexp(h_0_attn_p_masked, 3)
+    # softmax: h_0_attn_p = exp(h_0_attn_p_masked - h_0_attn_p_lse), in one call
+    h_0_attn_p = _softmax(h_0_attn_p_masked, 3)
+    del h_0_attn_p_masked
 
-    # softmax h_0_attn: h_0_attn_p[i0, i1, i2, i3] = exp(-h_0_attn_p_lse[i0, i1, i2] + h_0_attn_p_masked[i0, i1, i2, i3])
-    h_0_attn_p = numpy.exp(-h_0_attn_p_lse[:, :, :, None] + h_0_attn_p_masked)
-    del h_0_attn_p_masked, h_0_attn_p_lse
-
-    # p v h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
+    # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
     h_0_attn_y = h_0_attn_p @ h_0_attn_v
     del h_0_attn_v, h_0_attn_p
 
@@ -1404,7 +1409,7 @@ def forward(params, *, idx):
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
-    # q kᵀ / √D h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
     tmp_sum23 = h_1_attn_q @ h_1_attn_k.swapaxes(-1, -2)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum23
@@ -1415,13 +1420,11 @@ def forward(params, *, idx):
     del tmp3, h_1_attn_scores
 
     # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
-    h_1_attn_p_lse = _logsumexp(h_1_attn_p_masked, 3)
+    # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
+    h_1_attn_p = _softmax(h_1_attn_p_masked, 3)
+    del h_1_attn_p_masked
 
-    # softmax h_1_attn: h_1_attn_p[i0, i1, i2, i3] = exp(-h_1_attn_p_lse[i0, i1, i2] + h_1_attn_p_masked[i0, i1, i2, i3])
-    h_1_attn_p = numpy.exp(-h_1_attn_p_lse[:, :, :, None] + h_1_attn_p_masked)
-    del h_1_attn_p_masked, h_1_attn_p_lse
-
-    # p v h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
+    # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
     h_1_attn_y = h_1_attn_p @ h_1_attn_v
     del h_1_attn_v, h_1_attn_p
 
@@ -1560,7 +1563,7 @@ def loss(params, *, idx, y):
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
-    # q kᵀ / √D h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
     tmp_sum9 = h_0_attn_q @ h_0_attn_k.swapaxes(-1, -2)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum9
@@ -1572,13 +1575,11 @@ def loss(params, *, idx, y):
     del h_0_attn_scores
 
     # logsumexp h_0_attn: h_0_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_0_attn_p_masked[i0, i1, i2, s0])))
-    h_0_attn_p_lse = _logsumexp(h_0_attn_p_masked, 3)
+    # softmax: h_0_attn_p = exp(h_0_attn_p_masked - h_0_attn_p_lse), in one call
+    h_0_attn_p = _softmax(h_0_attn_p_masked, 3)
+    del h_0_attn_p_masked
 
-    # softmax h_0_attn: h_0_attn_p[i0, i1, i2, i3] = exp(-h_0_attn_p_lse[i0, i1, i2] + h_0_attn_p_masked[i0, i1, i2, i3])
-    h_0_attn_p = numpy.exp(-h_0_attn_p_lse[:, :, :, None] + h_0_attn_p_masked)
-    del h_0_attn_p_masked, h_0_attn_p_lse
-
-    # p v h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
+    # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
     h_0_attn_y = h_0_attn_p @ h_0_attn_v
     del h_0_attn_v, h_0_attn_p
 
@@ -1675,7 +1676,7 @@ def loss(params, *, idx, y):
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
-    # q kᵀ / √D h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
     tmp_sum23 = h_1_attn_q @ h_1_attn_k.swapaxes(-1, -2)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum23
@@ -1686,13 +1687,11 @@ def loss(params, *, idx, y):
     del tmp3, h_1_attn_scores
 
     # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
-    h_1_attn_p_lse = _logsumexp(h_1_attn_p_masked, 3)
+    # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
+    h_1_attn_p = _softmax(h_1_attn_p_masked, 3)
+    del h_1_attn_p_masked
 
-    # softmax h_1_attn: h_1_attn_p[i0, i1, i2, i3] = exp(-h_1_attn_p_lse[i0, i1, i2] + h_1_attn_p_masked[i0, i1, i2, i3])
-    h_1_attn_p = numpy.exp(-h_1_attn_p_lse[:, :, :, None] + h_1_attn_p_masked)
-    del h_1_attn_p_masked, h_1_attn_p_lse
-
-    # p v h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
+    # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
     h_1_attn_y = h_1_attn_p @ h_1_attn_v
     del h_1_attn_v, h_1_attn_p
 
@@ -1884,7 +1883,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
-    # q kᵀ / √D h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
     tmp_sum9 = h_0_attn_q @ h_0_attn_k.swapaxes(-1, -2)
     h_0_attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -1895,13 +1894,11 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     del h_0_attn_scores
 
     # logsumexp h_0_attn: h_0_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_0_attn_p_masked[i0, i1, i2, s0])))
-    h_0_attn_p_lse = _logsumexp(h_0_attn_p_masked, 3)
+    # softmax: h_0_attn_p = exp(h_0_attn_p_masked - h_0_attn_p_lse), in one call
+    h_0_attn_p = _softmax(h_0_attn_p_masked, 3)
+    del h_0_attn_p_masked
 
-    # softmax h_0_attn: h_0_attn_p[i0, i1, i2, i3] = exp(-h_0_attn_p_lse[i0, i1, i2] + h_0_attn_p_masked[i0, i1, i2, i3])
-    h_0_attn_p = numpy.exp(-h_0_attn_p_lse[:, :, :, None] + h_0_attn_p_masked)
-    del h_0_attn_p_masked, h_0_attn_p_lse
-
-    # p v h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
+    # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
     h_0_attn_y = h_0_attn_p @ h_0_attn_v
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1996,7 +1993,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
-    # q kᵀ / √D h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
+    # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
     tmp_sum23 = h_1_attn_q @ h_1_attn_k.swapaxes(-1, -2)
     h_1_attn_scores = (0.3535533905932738)*tmp_sum23
     del tmp_sum23
@@ -2006,13 +2003,11 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     del h_1_attn_scores
 
     # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
-    h_1_attn_p_lse = _logsumexp(h_1_attn_p_masked, 3)
+    # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
+    h_1_attn_p = _softmax(h_1_attn_p_masked, 3)
+    del h_1_attn_p_masked
 
-    # softmax h_1_attn: h_1_attn_p[i0, i1, i2, i3] = exp(-h_1_attn_p_lse[i0, i1, i2] + h_1_attn_p_masked[i0, i1, i2, i3])
-    h_1_attn_p = numpy.exp(-h_1_attn_p_lse[:, :, :, None] + h_1_attn_p_masked)
-    del h_1_attn_p_masked, h_1_attn_p_lse
-
-    # p v h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
+    # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
     h_1_attn_y = h_1_attn_p @ h_1_attn_v
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]

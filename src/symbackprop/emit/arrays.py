@@ -26,6 +26,7 @@ from ..ir.nodes import (
     Reshape,
     ScatterAdd,
     Seed,
+    Softmax,
     Stack,
     View,
 )
@@ -140,6 +141,8 @@ class ArrayPrinter:
             return self.linear(op)
         if isinstance(op, LogSoftmax):
             return self.log_softmax(op)
+        if isinstance(op, Softmax):
+            return self.softmax(op)
         if isinstance(op, Full):
             return self.full(op)
         if isinstance(op, Seed):
@@ -201,6 +204,9 @@ class ArrayPrinter:
         raise NotImplementedError
 
     def log_softmax(self, op: LogSoftmax) -> str:
+        raise NotImplementedError
+
+    def softmax(self, op: Softmax) -> str:
         raise NotImplementedError
 
     def full(self, op: Full) -> str:
@@ -271,6 +277,10 @@ class NumpyArrayPrinter(ArrayPrinter):
         self.helpers.add("log_softmax")
         return f"_log_softmax({op.src}, {op.axis})"
 
+    def softmax(self, op: Softmax) -> str:
+        self.helpers.add("softmax")
+        return f"_softmax({op.src}, {op.axis})"
+
     def full(self, op: Full) -> str:
         return f"numpy.full({self.shape(op.shape)}, {op.value!r}, dtype={op.like}.dtype)"
 
@@ -326,6 +336,9 @@ class TorchArrayPrinter(ArrayPrinter):
 
     def log_softmax(self, op: LogSoftmax) -> str:
         return f"torch.log_softmax({op.src}, dim={op.axis})"
+
+    def softmax(self, op: Softmax) -> str:
+        return f"torch.softmax({op.src}, dim={op.axis})"
 
     def full(self, op: Full) -> str:
         return f"{op.like}.new_full({self.shape(op.shape)}, {op.value!r})"

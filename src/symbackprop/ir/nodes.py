@@ -20,6 +20,7 @@ Ops:
 * :class:`Einsum` — any other contraction of two arrays, in subscript form;
 * :class:`Linear` — ``a @ b + bias`` as one call (a pass forms it);
 * :class:`LogSoftmax` — ``a - logsumexp(a)`` along the last axis (a pass forms it);
+* :class:`Softmax` — ``exp(a - logsumexp(a))`` along the last axis (the same pass);
 * :class:`Full` — an array of one value, shaped by dims (axes no operand covers);
 * :class:`ScatterAdd` — rows added at integer ids (the adjoint of a :class:`Gather` view);
 * :class:`Stack` — arrays stacked along a new axis (the adjoint of fixed-index reads);
@@ -261,6 +262,19 @@ class LogSoftmax:
 
 
 @dataclass(frozen=True)
+class Softmax:
+    """``exp(src - logsumexp(src))`` along ``axis`` (the last one), one call (a pass forms
+    it)."""
+
+    src: str
+    axis: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.src})
+
+
+@dataclass(frozen=True)
 class Full:
     """An array of ``value`` with shape ``shape`` (sympy dims), dtype and device of ``like``."""
 
@@ -312,7 +326,8 @@ class Stack:
         return frozenset(p for p in self.parts if p is not None)
 
 
-Op = Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Full | Seed | ScatterAdd | Stack
+Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | Full | Seed | ScatterAdd
+      | Stack)
 
 
 @dataclass(frozen=True)

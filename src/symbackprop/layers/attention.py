@@ -41,7 +41,7 @@ class Attention(Layer):
     """Multi-head self-attention (nanoGPT's CausalSelfAttention) over the last two axes."""
 
     key = "attention"
-    doc = ("multi-head self-attention over [..., T, C]: softmax(q kᵀ / √D) v per head, "
+    doc = ("multi-head self-attention over [..., T, C]: softmax(q k^T / sqrt(D)) v per head, "
            "projected (nanoGPT's CausalSelfAttention)")
     options = {
         "heads": Option("units", doc="number of heads H; C must be a multiple of H"),
@@ -168,7 +168,7 @@ class Attention(Layer):
         scores = op("scores", (*lead, H, T, T),
                     sp.Sum(q.element((*lead_idx, h, t, e)) * k.element((*lead_idx, h, s, e)),
                            (e, 0, D - 1)) / sp.sqrt(D), kind="contraction",
-                    label="q kᵀ / √D")
+                    label="attention scores")
         probs = softmax(graph, part("p"), spec.name, scores, nl + 2,
                         bool(spec.options["causal"]), spec.where, spec.option_where["causal"])
 
@@ -176,7 +176,7 @@ class Attention(Layer):
         r = sum_index(0)
         y = op("y", heads_shape,
                sp.Sum(probs.element((*lead_idx, h, t, r)) * v.element((*lead_idx, h, r, d)),
-                      (r, 0, T - 1)), kind="contraction", label="p v")
+                      (r, 0, T - 1)), kind="contraction", label="weighted values")
 
         # out[..., t, o] = sum_{h, d} y[..., h, t, d] P[o, h, d] + b[o], P = c_proj as [C, H, D]
         w_proj = cls.param(graph, spec, "c_proj.weight", (C, C), width)

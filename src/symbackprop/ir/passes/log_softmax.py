@@ -1,16 +1,20 @@
-"""``lse = logsumexp(a, last axis); t = a - lse`` -> ``t = log_softmax(a)``, when
-nothing else reads ``lse``.
+"""``lse = logsumexp(a, last axis); t = a - lse`` -> ``t = log_softmax(a)``, and
+``p = exp(a - lse)`` -> ``p = softmax(a)``, when nothing else reads ``lse``.
 
 Softmax cross-entropy's forward and its gradient share ``a - lse`` (CSE finds it); the
 backends compute it in one call that never materialises ``lse`` (torch's log_softmax
-kernel; numpy's helper shifts by the row max once instead of twice).
+kernel; numpy's helper shifts by the row max once instead of twice). A softmax layer (and
+attention's probabilities) computes ``exp(a - lse)``: one softmax call instead of a
+logsumexp reduction and a second exponential over the whole array.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from ..nodes import Assign, LogSoftmax, Map, Program, Reduce, join_comments, readers
+import sympy as sp
+
+from ..nodes import Assign, LogSoftmax, Map, Program, Reduce, Softmax, join_comments, readers
 
 
 def log_softmax(stmts: list[Assign], program: Program, protected: set[str]) -> list[Assign]:
@@ -31,17 +35,19 @@ def log_softmax(stmts: list[Assign], program: Program, protected: set[str]) -> l
             views = dict(stmt.op.views)
             by_src = {v.src: s for s, v in views.items()}
             a, m = by_src.get(src), by_src.get(lse.target)
-            if a is None or m is None or stmt.op.body != a - m:
+            if a is None or m is None or stmt.op.body not in (a - m, sp.exp(a - m)):
                 continue
+            kind = LogSoftmax if stmt.op.body == a - m else Softmax
             if not views[a].is_identity or views[a].out_rank != op.rank:
                 continue
             lse_view = views[m]
             if lse_view.places != tuple(range(op.rank - 1)) or any(
                     p is not None for p in lse_view.picks):
                 continue
-            out[pos] = replace(stmt, op=LogSoftmax(src, op.rank - 1),
-                               comment=join_comments(lse.comment, f"log-softmax: {stmt.target}"
-                                                     f" = {src} - {lse.target}, in one call"))
+            what = (f"log-softmax: {stmt.target} = {src} - {lse.target}" if kind is LogSoftmax
+                    else f"softmax: {stmt.target} = exp({src} - {lse.target})")
+            out[pos] = replace(stmt, op=kind(src, op.rank - 1),
+                               comment=join_comments(lse.comment, f"{what}, in one call"))
             out.remove(lse)
             break
     return out
