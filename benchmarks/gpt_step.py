@@ -188,11 +188,14 @@ def child(name: str, batch: int, length: int, gen_dir: Path, seconds: float) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--length", type=int, default=None,
+                   help="T (default 64; 32, the tiny GPT's longest, with --lora)")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--lora", action="store_true", help="LoRA against full fine-tuning")
     p.add_argument("--child", nargs=2, metavar=("NAME", "GEN_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.length is None:
+        args.length = 32 if args.lora else 64
     if args.child:
         name, gen_dir = args.child
         print(json.dumps(child(name, args.batch, args.length, Path(gen_dir), args.seconds)))
