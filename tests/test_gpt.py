@@ -276,3 +276,29 @@ def test_generated_gpt_examples_are_up_to_date() -> None:
     for name in ("gpt_block", "tiny_gpt", "lora_gpt"):
         assert main(["generate", str(EXAMPLES / f"{name}.yaml"), "--out",
                      str(ROOT / "generated"), "--check"]) == 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ("heads: 3", "32 features of 'x' do not split into 3 heads"),
+    ("heads: 4, lora: {rank: 2, alpha: 4, targets: [c_fc]}", "lora.targets lists"),
+    ("heads: 4, lora: {rank: 2, alpha: 4, targets: [c_attn, c_attn]}", "lora.targets lists"),
+    ("heads: 4, lora: {rank: 0, alpha: 4}", "lora.rank: expected a positive integer"),
+    ("heads: 4, lora: {rank: 2, alpha: 4, targets: [c_proj]}, "
+     "trainable: {c_attn.lora_A: true}", "c_attn has no lora adapter"),
+    ("heads: 4, bias: false, trainable: {c_proj.bias: true}", "bias: false"),
+    ("heads: 4, causal: yes please", "expected true or false"),
+])
+def test_attention_options_are_checked(tmp_path, options: str, message: str) -> None:
+    from symbackprop.cli import main
+
+    spec = tmp_path / "a.yaml"
+    spec.write_text("name: a\ninputs: {x: [N, T, 32]}\ntargets: {t: [N, T, 32]}\nlayers:\n"
+                    f"  - {{name: attn, type: attention, {options}}}\n"
+                    "loss: {type: mse, target: t}\n")
+    out = tmp_path / "out"
+    assert main(["generate", str(spec), "--out", str(out)]) == 2 and not out.exists()
+    from symbackprop.api import compile_spec
+    from symbackprop.errors import SpecError
+
+    with pytest.raises(SpecError, match=message):
+        compile_spec(spec)

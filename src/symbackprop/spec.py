@@ -31,6 +31,7 @@ MAX_LAYERS = 512  # after blocks are expanded
 MAX_REPEAT = 64
 MAX_BLOCK_DEPTH = 8  # blocks inside blocks
 BLOCK_KEYS = ("inputs", "layers", "output")
+LIST_SUBKEYS = ("targets",)  # keys of a nested option mapping whose value is a list
 PARAM_REF = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){1,8}\Z")
 
 
@@ -388,11 +389,11 @@ def _submapping(ctx: _Ctx, value: object, path: tuple[str | int, ...],
         if sub not in names:
             raise ctx.fail((*path, sub), f"unknown key {sub!r} in {key} (allowed: "
                                          f"{', '.join(names)})", key=True)
-        if isinstance(item, list):  # a list of single values (an adapter's targets)
+        if isinstance(item, list) and sub in LIST_SUBKEYS:  # an adapter's targets
             if not item or any(isinstance(v, dict | list) for v in item):
                 raise ctx.fail((*path, sub), f"{key}.{sub} is a non-empty list of names")
             item = tuple(item)
-        elif isinstance(item, dict):
+        elif isinstance(item, dict | list):
             raise ctx.fail((*path, sub), f"{key}.{sub} is a single value, got "
                                          f"{_type_name(item)}")
         wheres[f"{key}.{sub}"] = ctx.where((*path, sub))
