@@ -425,6 +425,10 @@ def _ddp_worker(rank: int, path: str, rendezvous: str, out: str) -> None:
         model(**shard).backward()
         torch.save({k: p.grad for k, p in model.module.named_parameters()},
                    f"{out}/rank{rank}.pt")
+        # Both ranks done before either tears gloo down: a rank that destroys the group
+        # while its peer still talks to it can abort ("terminate called without an
+        # active exception"), as one CI run saw.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
