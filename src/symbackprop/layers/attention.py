@@ -30,8 +30,15 @@ from ..graph import Graph, Node, out_index, sum_index
 from ..spec import LayerSpec, Where
 from .base import Layer, Note, Option, Param, register_layer, trainable
 from .core import feature_size
-from .lora import LORA_KEYS, LORA_PARAMS, adapter_params, lora_config, validate_lora
-from .normalization import softmax
+from .lora import (
+    LORA_KEYS,
+    LORA_PARAMS,
+    adapter_down,
+    adapter_params,
+    lora_config,
+    validate_lora,
+)
+from .normalization import softmax, softmax_reference
 
 PROJECTIONS = ("c_attn", "c_proj")
 
@@ -129,13 +136,12 @@ class Attention(Layer):
         lora = lora_config(spec.options)
         targets = _targets(spec.options, spec.option_where) if lora is not None else ()
         lead_idx = tuple(out_index(k) for k in range(nl))
-        tok = (*lead_idx, out_index(nl))  # [..., t] of an [..., T, *] array
         adapter_attn = None
         if "c_attn" in targets:
             assert lora is not None
             _freeze(spec, w_attn, b_attn, "c_attn")
             # u = (alpha/r) x Aᵀ [..., T, r], then B [3C, r] viewed per part and head
-            adapter_attn = _adapter(graph, spec, op, lora, "c_attn", w_attn, x, tok, (C,))
+            adapter_attn = _adapter(graph, spec, lora, "c_attn", w_attn, x)
             a_b = adapter_attn[1]
             b_heads = op("c_attn_lora_B_heads", (sp.Integer(3), H, D, sp.Integer(lora.rank)),
                          a_b.element((C * out_index(0) + D * out_index(1) + out_index(2),
@@ -255,11 +261,7 @@ class Attention(Layer):
         split = lambda a: a.unflatten(-1, (heads, width // heads)).transpose(-3, -2)  # noqa: E731
         q, k, v = split(q), split(k), split(v)
         att = (q @ k.transpose(-2, -1)) / (width // heads) ** 0.5
-        if spec.options["causal"]:
-            size = x.shape[-2]
-            keep = torch.ones(size, size, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~keep, float("-inf"))
-        y = torch.softmax(att, dim=-1) @ v
+        y = softmax_reference(att, -1, bool(spec.options["causal"])) @ v
         y = y.transpose(-3, -2).flatten(-2)
         return linear(y, "c_proj")
 
@@ -295,19 +297,10 @@ def _freeze(spec: LayerSpec, weight: Node, bias: Node | None, part: str) -> None
             node.trainable = trainable(spec, f"{part}.{role}", False)
 
 
-def _adapter(graph: Graph, spec: LayerSpec, op: Any, lora: Any, part: str, weight: Node,
-             x: Node, tok: tuple[sp.Expr, ...], width: tuple[sp.Expr, ...]
+def _adapter(graph: Graph, spec: LayerSpec, lora: Any, part: str, weight: Node, x: Node
              ) -> tuple[Node, Node]:
     """``<part>.lora_A``/``lora_B`` for ``weight`` and the narrow node u = (alpha/r) x Aᵀ
     over x's last axis: (u, B)."""
-    a, b = adapter_params(graph, spec, f"{spec.dotted}.{part}", lora, weight,
-                          _adapter_trainable(spec, part))
-    c = sum_index(0)
-    (size,) = width
-    u = graph.op(naming.lora_down(f"{spec.dotted}.{part}"),
-                 (*x.shape[:-1], sp.Integer(lora.rank)),
-                 lora.scale * sp.Sum(x.element((*tok, c)) * a.element((out_index(len(tok)), c)),
-                                     (c, 0, size - 1)),
-                 layer=spec.name, where=spec.option_where["lora"], kind="contraction",
-                 label="lora_down")
-    return u, b
+    prefix = f"{spec.dotted}.{part}"
+    a, b = adapter_params(graph, spec, prefix, lora, weight, _adapter_trainable(spec, part))
+    return adapter_down(graph, spec, prefix, lora, x, a), b

@@ -130,17 +130,25 @@ def add_adapter(graph: Graph, spec: LayerSpec, prefix: str, config: LoraConfig,
     # three-operand term, the simplified d_x would factor to d_z (W + s B A), an
     # out x in product.) The scale sits on the narrowest array.
     idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(x.rank))
-    s, q = sum_index(0), sum_index(1)
+    q = sum_index(1)
     base_node = graph.op(naming.lora_base(prefix), (*x.shape[:-1], sp.Integer(out_features)),
                          base, layer=spec.name, where=spec.where, kind="contraction",
                          label="lora_base")
-    down = graph.op(naming.lora_down(prefix), (*x.shape[:-1], sp.Integer(config.rank)),
-                    config.scale * sp.Sum(x.element((*idx[:-1], s)) * a.element((idx[-1], s)),
-                                          (s, 0, in_features - 1)),
-                    layer=spec.name, where=spec.option_where["lora"], kind="contraction",
-                    label="lora_down")
+    down = adapter_down(graph, spec, prefix, config, x, a)
     return base_node.element() + sp.Sum(down.element((*idx[:-1], q)) * b.element((idx[-1], q)),
                                         (q, 0, config.rank - 1))
+
+
+def adapter_down(graph: Graph, spec: LayerSpec, prefix: str, config: LoraConfig, x: Node,
+                 a: Node) -> Node:
+    """The narrow node u = (alpha/r) x A^T over x's last axis, named ``<prefix>_lora_xA``."""
+    idx = tuple(sp.Symbol(f"i{k}", integer=True) for k in range(x.rank))
+    s = sum_index(0)
+    return graph.op(naming.lora_down(prefix), (*x.shape[:-1], sp.Integer(config.rank)),
+                    config.scale * sp.Sum(x.element((*idx[:-1], s)) * a.element((idx[-1], s)),
+                                          (s, 0, int(x.shape[-1]) - 1)),
+                    layer=spec.name, where=spec.option_where["lora"], kind="contraction",
+                    label="lora_down")
 
 
 def adapter_reference(x: Any, params: Mapping[str, Any], prefix: str,

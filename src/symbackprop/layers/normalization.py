@@ -256,14 +256,21 @@ class Softmax(Layer):
 
     @classmethod
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
-        import torch
 
-        z = inputs[0]
-        if spec.options["causal"]:
-            size = z.shape[-1]
-            keep = torch.ones(size, size, dtype=torch.bool, device=z.device).tril()
-            z = z.masked_fill(~keep, float("-inf"))
-        return torch.softmax(z, dim=int(spec.options["axis"]))  # type: ignore[arg-type]
+        return softmax_reference(inputs[0], int(spec.options["axis"]),  # type: ignore[arg-type]
+                                 bool(spec.options["causal"]))
+
+
+def softmax_reference(z: Any, axis: int, causal: bool) -> Any:
+    """torch.softmax along ``axis``, the last two axes first masked causally (key s > query
+    t set to -inf, as nanoGPT's masked_fill): the oracle of softmax and attention."""
+    import torch
+
+    if causal:
+        size = z.shape[-1]
+        keep = torch.ones(size, size, dtype=torch.bool, device=z.device).tril()
+        z = z.masked_fill(~keep, float("-inf"))
+    return torch.softmax(z, dim=axis)
 
 
 def softmax(graph: Graph, name: str, layer: str, z: Node, axis: int, causal: bool,
