@@ -299,6 +299,14 @@ def check_option(ctx_where: Where, kind: str, value: object) -> object:
         if not isinstance(value, list) or not value:
             raise ctx_where.error(f"expected a non-empty list, got {_type_name(value)}")
         return tuple(value)
+    if kind == "size":  # a window size, stride or padding: one number or one per axis
+        items = value if isinstance(value, list) else [value]
+        if (not items or len(items) > 3
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_DIM
+                       for v in items)):
+            raise ctx_where.error(f"expected a non-negative integer or a list of one to "
+                                  f"three of them, got {value!r}")
+        return tuple(items) if isinstance(value, list) else value
     if kind == "text":
         if not isinstance(value, str):
             raise ctx_where.error(f"expected a string, got {_type_name(value)}")

@@ -93,10 +93,47 @@ def _drop_constant_deltas(term: sp.Expr) -> sp.Expr:
         lambda e: sp.Integer(1))
 
 
-def eliminate_deltas(expr: sp.Expr) -> sp.Expr:
-    """Sum out every KroneckerDelta that involves a summation index, recursively."""
+def _is_window_delta(expr: sp.Basic, inner: set[sp.Symbol]) -> bool:
+    """A delta that pins an affine combination of summation indices (a strided or padded
+    window, ``delta(2*i + a - 1, k)``), which no substitution of one index removes."""
+    return isinstance(expr, sp.KroneckerDelta) and any(
+        not a.is_Symbol and a.free_symbols & inner for a in expr.args)
+
+
+def _flatten(term: sp.Expr, limits: Limits) -> tuple[sp.Expr, Limits, set[sp.Symbol]]:
+    """Merge each factor ``Sum(f, inner)`` of ``term`` whose ``f`` keeps a window delta
+    into the outer sum: ``sum_i g[i] * sum_a (W[a] delta(2i + a, k))`` becomes
+    ``sum_{i,a} g[i] W[a] delta(2i + a, k)``, the form a window's adjoint lowers from
+    (the inner sum alone would pair every kernel tap with every position). Also returns
+    the merged indices (the taps)."""
+    outer = {lim[0] for lim in limits}
+    factors = list(sp.Mul.make_args(term))
+    merged: set[sp.Symbol] = set()
+    for n, factor in enumerate(factors):
+        if not isinstance(factor, sp.Sum):
+            continue
+        inner_vars = {lim[0] for lim in factor.limits}
+        others = sp.Mul(*(f for m, f in enumerate(factors) if m != n)).free_symbols
+        if (inner_vars & (outer | others)
+                or not any(_is_window_delta(d, inner_vars)
+                           for d in factor.function.atoms(sp.KroneckerDelta))):
+            continue
+        factors[n] = factor.function
+        limits = (*limits, *(tuple(lim) for lim in factor.limits))  # type: ignore[misc]
+        merged |= inner_vars
+    return (sp.Mul(*factors) if merged else term), limits, merged
+
+
+def eliminate_deltas(expr: sp.Expr,
+                     bounds: Mapping[sp.Symbol, sp.Expr] | None = None) -> sp.Expr:
+    """Sum out every KroneckerDelta that involves a summation index, recursively.
+
+    ``bounds``: the extents of the free (target) indices, where known. A mixed-radix
+    delta ``delta(2*i + a, k)`` is solved as a reshape only when its digits span k's
+    whole range; otherwise (a pooling window that drops the input's last row) it stays,
+    as a window's adjoint."""
     if isinstance(expr, sp.Sum):
-        inner = eliminate_deltas(expr.function)
+        inner = eliminate_deltas(expr.function, bounds)
         limits: Limits = tuple(tuple(lim) for lim in expr.limits)  # type: ignore[misc]
         total = sp.Integer(0)
         terms = []
@@ -106,15 +143,22 @@ def eliminate_deltas(expr: sp.Expr) -> sp.Expr:
                 terms += [sp.Mul(*deltas) * t for t in sp.Add.make_args(sp.expand(rest))]
             else:
                 terms.append(sp.Mul(*deltas) * rest)
-        extents = {lim[0]: lim[2] - lim[1] + 1 for lim in limits if lim[1] == 0}
+        outer_limits = limits
         for term in terms:
+            term, limits, taps = _flatten(term, outer_limits)
+            extents = {lim[0]: lim[2] - lim[1] + 1 for lim in limits if lim[1] == 0}
             summed = [lim[0] for lim in limits]
             while True:
                 reduced = _split_delta(term, summed)
                 if reduced is None:  # an affine (reshape) delta: solve its digits
-                    open_ = [v for v in summed if v in extents]
-                    reduced = solve_deltas(term, extents, open_)
-                    summed[:] = [v for v in summed if v in open_ or v not in extents]
+                    # A window's taps are not digits: delta(2*i + a, k) stays (even
+                    # where the windows tile k exactly, a pooling's adjoint reads only
+                    # i = floor(k/2), which no reshape view expresses).
+                    open_ = [v for v in summed if v in extents and v not in taps]
+                    before = set(open_)
+                    reduced = solve_deltas(term, extents, open_, bounds)
+                    solved = before - set(open_)
+                    summed[:] = [v for v in summed if v not in solved]
                 if reduced is None:
                     break
                 term = reduced
@@ -123,7 +167,7 @@ def eliminate_deltas(expr: sp.Expr) -> sp.Expr:
         return total
     if not expr.args or isinstance(expr, sp.Indexed | sp.KroneckerDelta):
         return expr
-    return expr.func(*(eliminate_deltas(a) for a in expr.args))
+    return expr.func(*(eliminate_deltas(a, bounds) for a in expr.args))
 
 
 class _Memo:
@@ -208,17 +252,19 @@ def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
     local = local_derivative(node.body, ref(operand.name, target), operand.shape)
     if local == 0:
         return sp.Integer(0)
+    bounds = dict(zip(target, operand.shape, strict=True))
     if local.has(sp.Sum) and local.has(sp.Piecewise):
         # Sum out the body's own deltas first: building the outer sum below runs sympy's
         # piecewise_fold, which would lift a condition on an inner sum's variable (a mask
         # s <= t) out of that sum.
-        local = eliminate_deltas(local)
+        local = eliminate_deltas(local, bounds)
     out = node.indices()
     g = ref(adjoint_name, out)
     if not out:
-        return eliminate_deltas(sp.Sum(g * local, (sp.Dummy("unit"), 0, 0))).xreplace({})
+        return eliminate_deltas(sp.Sum(g * local, (sp.Dummy("unit"), 0, 0)),
+                                bounds).xreplace({})
     limits = tuple((i, sp.Integer(0), n - 1) for i, n in zip(out, node.shape, strict=True))
-    return eliminate_deltas(sp.Sum(g * local, *limits))
+    return eliminate_deltas(sp.Sum(g * local, *limits), bounds)
 
 
 def _atomize(expr: sp.Expr) -> tuple[sp.Expr, dict[sp.Symbol, sp.Expr]]:

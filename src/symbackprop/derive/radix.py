@@ -189,15 +189,28 @@ def _value(f: Fine, of: sp.Expr, place: sp.Expr, leading: bool) -> sp.Expr:
     return shifted if leading else sp.Mod(shifted, f.size)
 
 
+def _top(terms: list[tuple[sp.Expr, Digit]], extents: Mapping[sp.Symbol, sp.Expr]) -> sp.Expr:
+    """The largest value of a digit sum (each digit at its largest)."""
+    total: sp.Expr = sp.Integer(0)
+    for coef, digit in terms:
+        most = (digit.size - 1 if digit.size is not None
+                else sp.floor((extents[digit.var] - 1) / digit.lo))
+        total += coef * most
+    return total
+
+
 def solve_deltas(term: sp.Expr, limits: Mapping[sp.Symbol, sp.Expr],
-                 summed: list[sp.Symbol]) -> sp.Expr | None:
+                 summed: list[sp.Symbol],
+                 bounds: Mapping[sp.Symbol, sp.Expr] | None = None) -> sp.Expr | None:
     """Sum out the summed indices pinned by mixed-radix deltas in the product ``term``.
 
     ``KroneckerDelta(lhs, rhs)`` with ``lhs`` a digit sum of summed indices and ``rhs``
     free of them fixes each of lhs's digits; once every digit of a summed index is fixed,
     the index is their place-value sum and its sum disappears. ``limits``: each summed
     index's extent. Removes the eliminated indices from ``summed``; None when no delta
-    of this kind pins every digit of the indices it mentions.
+    of this kind pins every digit of the indices it mentions. ``bounds``: extents of
+    free indices; a delta whose digit sum does not span its free index's whole range
+    (windows that skip the input's last rows) is not a reshape and is left alone.
     """
     factors = sp.Mul.make_args(term)
     found: list[tuple[sp.Expr, list[tuple[sp.Expr, Digit]], sp.Expr]] = []
@@ -209,6 +222,10 @@ def solve_deltas(term: sp.Expr, limits: Mapping[sp.Symbol, sp.Expr],
             if not inner or not inner <= set(summed) or rhs.free_symbols & set(summed):
                 continue
             terms = parse_index(lhs)
+            if terms is not None and bounds is not None and rhs in bounds:
+                span = sp.cancel(_top(terms, limits) + 1 - bounds[rhs])
+                if span != 0:
+                    terms = None
             if terms is not None:
                 found.append((factor, terms, rhs))
                 break

@@ -26,9 +26,12 @@ from ..ir.nodes import (
     Reshape,
     ScatterAdd,
     Seed,
+    Slide,
     Softmax,
     Stack,
     View,
+    Window,
+    WindowAdd,
 )
 from .printers import NumpyCodePrinter, TorchCodePrinter
 
@@ -54,9 +57,11 @@ class ArrayPrinter:
         raise NotImplementedError
 
     # -- pieces -------------------------------------------------------------------------
-    def view(self, v: View | Iota | Gather | Reshape) -> str:
+    def view(self, v: View | Iota | Gather | Reshape | Window) -> str:
         if isinstance(v, Reshape):
             return self.reshaped(v)
+        if isinstance(v, Window):
+            return self.windowed(v)
         if isinstance(v, Iota):
             return self.place(self.arange(v), (v.axis,), v.out_rank)
         if isinstance(v, Gather):
@@ -83,6 +88,46 @@ class ArrayPrinter:
         if v.shape != tuple(v.fine[p] for p in v.perm):
             code = f"{code}.reshape{self.shape(v.shape)}"
         return self.place(code, v.places, v.out_rank)
+
+    def windowed(self, v: Window) -> str:
+        """Zero padding where a window reaches past the array, then the windows as a
+        strided view (kernel axes last), every ``stride``-th position, then broadcast."""
+        code = v.src
+        if any(p is not None for p in v.picks):
+            code += "[" + ", ".join(":" if p is None else str(p) for p in v.picks) + "]"
+        sizes = [n for n, p in zip(self.program.shapes[v.src], v.picks, strict=True)
+                 if p is None]
+        pads: list[tuple[int, int]] = []
+        for a, n in zip(v.axes, sizes, strict=True):
+            if isinstance(a, Slide):
+                reach = a.stride * (a.count - 1) + a.size - 1
+                pads.append((a.pad, max(0, reach - a.pad - (int(n) - 1))))
+            else:
+                pads.append((0, 0))
+        if any(lo or hi for lo, hi in pads):
+            code = self.pad(code, pads)
+        slid = [(n, a) for n, a in enumerate(v.axes)
+                if isinstance(a, Slide) and a.kernel_place >= 0]
+        if slid:
+            code = self.slide(code, slid)
+        cuts = []
+        for n, (a, size) in enumerate(zip(v.axes, sizes, strict=True)):
+            if not isinstance(a, Slide):
+                cuts.append(":")
+                continue
+            padded = int(size) + sum(pads[n])
+            if a.kernel_place < 0:  # a strided read, no window
+                available, step = padded, a.stride
+            elif self.module == "numpy":  # every position slid, then every stride-th
+                available, step = padded - a.size + 1, a.stride
+            else:  # unfold steps by the stride itself
+                available, step = (padded - a.size) // a.stride + 1, 1
+            cuts.append(_every(step, a.count, available))
+        if any(c != ":" for c in cuts):
+            while cuts[-1] == ":":
+                cuts.pop()
+            code = f"{code}[{', '.join(cuts)}]"
+        return self.arrange(code, v.places, v.out_rank)
 
     def arrange(self, code: str, places: tuple[int, ...], out_rank: int) -> str:
         """Transpose ``code``'s axes into output order, then insert broadcast axes."""
@@ -150,6 +195,9 @@ class ArrayPrinter:
         if isinstance(op, ScatterAdd):
             self.helpers.add("scatter_add")
             return f"_scatter_add({op.values}, {op.index}, {self.shape(op.shape)})"
+        if isinstance(op, WindowAdd):
+            self.helpers.add("window_add")
+            return f"_window_add({op.values}, {self.shape(op.shape)}, {op.slides!r})"
         if isinstance(op, Stack):
             present = next(p for p in op.parts if p is not None)
             parts = ", ".join(p if p is not None else f"{self.module}.zeros_like({present})"
@@ -176,6 +224,12 @@ class ArrayPrinter:
         return text
 
     # backend hooks
+    def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
+        raise NotImplementedError
+
+    def slide(self, code: str, slid: list[tuple[int, Slide]]) -> str:
+        raise NotImplementedError
+
     def arange(self, iota: Iota) -> str:
         raise NotImplementedError
 
@@ -224,6 +278,17 @@ class NumpyArrayPrinter(ArrayPrinter):
 
     def arange(self, iota: Iota) -> str:
         return f"numpy.arange({self.scalar.doprint(iota.extent)})"
+
+    def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
+        return f"numpy.pad({code}, {tuple(pads)!r})"
+
+    def slide(self, code: str, slid: list[tuple[int, Slide]]) -> str:
+        # a view: entry [..., i, ..., a] is code[..., i + a, ...] (the stride is taken
+        # by slicing the positions afterwards)
+        sizes = tuple(a.size for _, a in slid)
+        axes = tuple(n for n, _ in slid)
+        return (f"numpy.lib.stride_tricks.sliding_window_view({code}, {sizes!r}, "
+                f"axis={axes!r})")
 
     def transpose(self, code: str, perm: tuple[int, ...]) -> str:
         return f"{code}.T" if perm == (1, 0) else f"{code}.transpose{perm}"
@@ -305,6 +370,17 @@ class TorchArrayPrinter(ArrayPrinter):
     def arange(self, iota: Iota) -> str:
         return f"torch.arange({self.scalar.doprint(iota.extent)}, device={iota.like}.device)"
 
+    def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
+        first = next(n for n, p in enumerate(pads) if p != (0, 0))
+        flat = tuple(v for lo_hi in reversed(pads[first:]) for v in lo_hi)
+        return f"torch.nn.functional.pad({code}, {flat!r})"
+
+    def slide(self, code: str, slid: list[tuple[int, Slide]]) -> str:
+        # unfold(axis, size, step): a view whose window axis comes last
+        for n, a in slid:
+            code = f"{code}.unfold({n}, {a.size}, {a.stride})"
+        return code
+
     def transpose(self, code: str, perm: tuple[int, ...]) -> str:
         return f"{code}.T" if perm == (1, 0) else f"{code}.permute{perm}"
 
@@ -345,6 +421,15 @@ class TorchArrayPrinter(ArrayPrinter):
 
     def seed(self, op: Seed) -> str:
         return f"torch.ones_like({op.like})"
+
+
+def _every(stride: int, count: int, available: int) -> str:
+    """The slice that keeps positions 0, stride, ..., stride * (count - 1) of
+    ``available`` ones (``:`` when that is all of them)."""
+    stop = stride * (count - 1) + 1
+    if stride == 1:
+        return ":" if count >= available else f":{count}"
+    return f"::{stride}" if stop >= available - stride + 1 else f":{stop}:{stride}"
 
 
 def batched_matmul(subscripts: str) -> tuple[bool, bool, bool] | None:

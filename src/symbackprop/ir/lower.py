@@ -13,8 +13,12 @@ Every forward tensor and every adjoint is an index expression (a sympy body over
 
 An index that is a mixed-radix digit sum of the axes (``x[i0, 8*i2 + i3]``,
 ``g[k0, floor(k2/8), Mod(k2, 8)]``: a reshape and its adjoint) becomes a
-:class:`~.nodes.Reshape` view. Any other index expression (strided or padded windows,
-offsets) is refused here with a :class:`~symbackprop.errors.GraphError`, never printed.
+:class:`~.nodes.Reshape` view. An index ``s*i + a - p`` that slides a window over an
+axis (a convolution's or pooling's read, ``i`` the position, ``a`` the kernel tap) becomes
+a :class:`~.nodes.Window` view, and a sum of ``v * delta(s*i + a - p, k)`` over ``i`` and
+``a`` (its adjoint, which the chain rule leaves) a :class:`~.nodes.WindowAdd`. Any other
+index expression is refused here with a :class:`~symbackprop.errors.GraphError`, never
+printed.
 """
 
 from __future__ import annotations
@@ -45,9 +49,12 @@ from .nodes import (
     Reshape,
     ScatterAdd,
     Seed,
+    Slide,
     Stack,
     View,
     Views,
+    Window,
+    WindowAdd,
     ordered,
 )
 
@@ -222,6 +229,9 @@ class Lowerer:
         scattered = self._scatter(target, body, limits, free, extents, phase)
         if scattered is not None:
             return scattered
+        added = self._window_add(target, body, limits, free, extents, phase)
+        if added is not None:
+            return added
         if (not free and isinstance(body, sp.Piecewise) and len(body.args) == 2
                 and body.args[0][0] == 1 and body.args[1] == (0, sp.true)):
             # sum of [condition] over every axis: a count (of the positions a loss counts)
@@ -230,6 +240,8 @@ class Lowerer:
                                       len(limits)), phase)
             return ref(target, free)
         factors = tuple(self._unfix(f, phase) for f in sp.Mul.make_args(body))
+        if sum(isinstance(f, sp.Indexed) for f in factors) >= 2:
+            factors = tuple(self._unwindow(f, extents, phase) for f in factors)
         tensors = [f for f in factors if isinstance(f, sp.Indexed)]
         rest = [f for f in factors if not isinstance(f, sp.Indexed)]
         plain = all(len(set(t.indices)) == len(t.indices)
@@ -281,6 +293,95 @@ class Lowerer:
         self.shapes[sub] = shape
         self._map(sub, factor, symbols, dict(zip(symbols, shape, strict=True)), phase)
         return ref(sub, symbols)
+
+    def _unwindow(self, factor: sp.Expr, extents: dict[sp.Symbol, sp.Expr],
+                  phase: Phase) -> sp.Expr:
+        """A factor read through sliding windows, ``x[n, c, 2*i + a - 1]``, as a reference
+        ``xw[n, c, i, a]`` to its windowed view (strided, no copy), so the product can be
+        contracted by matmul/einsum like any other."""
+        if not isinstance(factor, sp.Indexed) or all(
+                i.is_Integer or i.is_Symbol for i in factor.indices):
+            return factor
+        plain: list[sp.Symbol] = []
+        taps: list[sp.Symbol] = []
+        for index in factor.indices:
+            if index.is_Integer:
+                continue
+            if index.is_Symbol:
+                plain.append(index)
+                continue
+            found = slide(index, extents)
+            if found is None:
+                return factor
+            plain.append(found[0])
+            if found[1] is not None:
+                taps.append(found[1])
+        layout = (*plain, *taps)
+        if len(set(layout)) != len(layout):
+            return factor
+        sub = self._temp()
+        self.shapes[sub] = tuple(extents[a] for a in layout)
+        self._map(sub, factor, layout, {a: extents[a] for a in layout}, phase)
+        return ref(sub, layout)
+
+    def _window_add(self, target: str, body: sp.Expr, limits: list[sp.Symbol],
+                    free: tuple[sp.Symbol, ...], extents: dict[sp.Symbol, sp.Expr],
+                    phase: Phase) -> sp.Expr | None:
+        """``out[k] = sum_{i,a} v[i, a] delta(s*i + a - p, k)``: the adjoint of a window
+        read, as windows of ``v`` added back at their positions (``k`` an output axis)."""
+        slides: dict[sp.Symbol, tuple[sp.Expr, tuple[sp.Symbol, sp.Symbol | None, int, int]]]
+        slides = {}
+        for factor in sp.Mul.make_args(body):
+            if not isinstance(factor, sp.KroneckerDelta):
+                continue
+            for k, other in (factor.args, factor.args[::-1]):
+                if k in free and k not in slides and other.free_symbols <= set(limits):
+                    found = slide(other, extents)
+                    if found is not None:
+                        slides[k] = (factor, found)
+                        break
+        if not slides:
+            return None
+        deltas = {d for d, _ in slides.values()}
+        rest = sp.Mul(*(f for f in sp.Mul.make_args(body) if f not in deltas))
+        layout = tuple(slides[k][1][0] if k in slides else k for k in free)
+        taps = tuple(t for k in free if k in slides for t in [slides[k][1][1]] if t is not None)
+        layout = (*layout, *taps)
+        if len(set(layout)) != len(layout) or rest.has(sp.KroneckerDelta):
+            raise GraphError(f"cannot lower {body}: only windows that slide over distinct "
+                             "axes are supported")
+        shape = self.shapes[target]
+        spec: list[tuple[int, int, int, int, int]] = []
+        for k in free:
+            if k not in slides:
+                continue
+            pos, tap, stride, pad = slides[k][1]
+            count, width = extents[pos], extents[tap] if tap is not None else 1
+            n = shape[free.index(k)]
+            if not all(sp.sympify(v).is_Integer for v in (count, width, n)):
+                raise GraphError(f"cannot lower {body}: a window over an axis of symbolic "
+                                 "size")
+            spec.append((free.index(k), stride, pad, int(count), int(width)))
+        extra = [i for i in limits if i not in layout]
+        if extra and set(layout) <= _covered(rest):
+            # Sums the windows do not index (a convolution's output channels) come first,
+            # straight into the layout the window-add reads.
+            values = self._temp()
+            self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), layout,
+                      extents, phase, values)
+            self._emit(target, WindowAdd(values, shape, tuple(spec)), phase)
+            return ref(target, free)
+        if extra:
+            rest = self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), None,
+                             extents, phase, None)
+        if isinstance(rest, sp.Indexed) and tuple(rest.indices) == layout:
+            values = _src(rest)
+        else:
+            values = self._temp()
+            self.shapes[values] = tuple(extents[i] for i in layout)
+            self._map(values, rest, layout, extents, phase)
+        self._emit(target, WindowAdd(values, shape, tuple(spec)), phase)
+        return ref(target, free)
 
     def _scatter(self, target: str, body: sp.Expr, limits: list[sp.Symbol],
                  free: tuple[sp.Symbol, ...], extents: dict[sp.Symbol, sp.Expr],
@@ -381,7 +482,8 @@ class Lowerer:
 
     # -- views --------------------------------------------------------------------------
     def view(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...],
-             extents: dict[sp.Symbol, sp.Expr] | None = None) -> View | Gather | Reshape:
+             extents: dict[sp.Symbol, sp.Expr] | None = None,
+             ) -> View | Gather | Reshape | Window:
         """How reference ``r`` lines up with ``axes``."""
         src = _src(r)
         if r.indices and isinstance(r.indices[0], sp.Indexed):
@@ -406,7 +508,7 @@ class Lowerer:
         return View(src, tuple(picks), tuple(places), len(axes))
 
     def _reshape(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...],
-                 extents: dict[sp.Symbol, sp.Expr]) -> Reshape:
+                 extents: dict[sp.Symbol, sp.Expr]) -> Reshape | Window:
         """A reference whose indices are digit sums of the axes: reshape the array into
         every axis' digits, permute them into output order, merge each axis' digits."""
         src = _src(r)
@@ -415,6 +517,9 @@ class Lowerer:
         sizes = [n for n, p in zip(self.shapes[src], picks, strict=True) if p is None]
         found = radix.axis_digits(kept, {a: extents[a] for a in axes}, sizes)
         if found is None:
+            window = self._window(r, axes, extents)
+            if window is not None:
+                return window
             raise GraphError(f"cannot lower the reference {r}: its indices are not a "
                              "regrouping of the axes "
                              f"{', '.join(map(str, axes))} (a row-major reshape); strided "
@@ -430,6 +535,42 @@ class Lowerer:
                        tuple(flat.index(f) for f in wanted),
                        tuple(extents[v] for v in read), tuple(axes.index(v) for v in read),
                        len(axes))
+
+    def _window(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...],
+                extents: dict[sp.Symbol, sp.Expr]) -> Window | None:
+        """A reference whose indices slide windows over its axes (``x[n, c, 2*i + a - 1]``),
+        each position and tap an axis of the output; None when it is not one."""
+        src = _src(r)
+        picks: list[int | None] = []
+        out: list[int | Slide] = []
+        seen: list[sp.Symbol] = []
+        for index, size in zip(r.indices, self.shapes[src], strict=True):
+            if index.is_Integer:
+                picks.append(int(index))
+                continue
+            picks.append(None)
+            if index.is_Symbol:
+                if index not in axes:
+                    return None
+                out.append(axes.index(index))
+                seen.append(index)
+                continue
+            found = slide(index, extents)
+            if found is None or not size.is_Integer:
+                return None
+            pos, tap, stride, pad = found
+            if pos not in axes or (tap is not None and tap not in axes):
+                return None
+            count = sp.sympify(extents[pos])
+            width = sp.sympify(extents[tap]) if tap is not None else sp.Integer(1)
+            if not (count.is_Integer and width.is_Integer):
+                return None
+            out.append(Slide(axes.index(pos), -1 if tap is None else axes.index(tap),
+                             stride, pad, int(count), int(width)))
+            seen += [pos] if tap is None else [pos, tap]
+        if len(set(seen)) != len(seen):
+            return None
+        return Window(src, tuple(picks), tuple(out), len(axes))
 
     def _gather(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...]) -> Gather:
         """``E[ids[i...], j...]``: rows of E picked by an integer array."""
@@ -488,6 +629,35 @@ def _loose_indices(expr: sp.Expr, *, conditions: bool = True) -> set[sp.Symbol]:
             found.add(e)
         stack.extend(e.args)
     return found - bound
+
+
+def slide(index: sp.Expr, extents: dict[sp.Symbol, sp.Expr],
+          ) -> tuple[sp.Symbol, sp.Symbol | None, int, int] | None:
+    """``stride*i + a - pad`` as (position i, tap a, stride, pad): two index symbols
+    (one with coefficient 1: the tap; of two such, the one of smaller extent) or one
+    with a stride above 1 or an offset (no tap); None for anything else."""
+    coeffs = index.as_coefficients_dict()
+    const = coeffs.pop(sp.Integer(1), sp.Integer(0))
+    if (not const.is_Integer or const > 0 or not 1 <= len(coeffs) <= 2
+            or not all(is_index_symbol(v) and c.is_Integer and c > 0 and v in extents
+                       for v, c in coeffs.items())):
+        return None
+    pad = int(-const)
+    if len(coeffs) == 1:
+        ((pos, stride),) = coeffs.items()
+        if stride == 1 and pad == 0:
+            return None
+        return pos, None, int(stride), pad
+    ones = [v for v, c in coeffs.items() if c == 1]
+    if not ones:
+        return None
+    def size(v: sp.Symbol) -> tuple[int, str]:
+        n = sp.sympify(extents[v])
+        return (int(n) if n.is_Integer else 1 << 62), v.name
+
+    tap = min(ones, key=size)
+    (pos,) = [v for v in coeffs if v != tap]
+    return pos, tap, int(coeffs[pos]), pad
 
 
 def _index_symbols(index: sp.Expr) -> list[sp.Symbol]:

@@ -23,11 +23,15 @@ Ops:
 * :class:`Softmax` — ``exp(a - logsumexp(a))`` along the last axis (the same pass);
 * :class:`Full` — an array of one value, shaped by dims (axes no operand covers);
 * :class:`ScatterAdd` — rows added at integer ids (the adjoint of a :class:`Gather` view);
+* :class:`WindowAdd` — windows added back at their positions (the adjoint of a
+  :class:`Window` view: a convolution's input gradient, a pooling's);
 * :class:`Stack` — arrays stacked along a new axis (the adjoint of fixed-index reads);
 * :class:`Seed` — dL/dL = 1, in the loss's dtype.
 
 A :class:`Reshape` view reads an array through an affine index map (reshape, permute,
-reshape): what a reshape layer and its adjoint lower to.
+reshape): what a reshape layer and its adjoint lower to. A :class:`Window` view reads it
+through strided, zero-padded sliding windows (``x[n, c, 2*i + a - 1]``): what
+convolutions and poolings read.
 """
 
 from __future__ import annotations
@@ -164,7 +168,56 @@ class Reshape:
         return sp.Symbol(f"{self.src}<{picks}|{dims}|{self.out_rank}>")
 
 
-AnyView = View | Iota | Gather | Reshape
+@dataclass(frozen=True)
+class Slide:
+    """One axis of a :class:`Window`: the source axis read at ``stride * i + k - pad``
+    for output axes ``i`` (extent ``count``) and ``k`` (extent ``size``, the kernel)."""
+
+    place: int
+    kernel_place: int
+    stride: int
+    pad: int
+    count: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """``src`` read through sliding windows (a convolution's or a pooling's input): each
+    source axis is fixed (``picks``), lined up with one output axis (``axes`` entry an
+    ``int``) or slid (a :class:`Slide`). A read outside the source is zero: the array
+    is padded with zeros first. Printed as a strided view (numpy's
+    ``sliding_window_view``, torch's ``unfold``), never a copy per window; the kernel
+    axes of the view come last, in source-axis order."""
+
+    src: str
+    picks: tuple[int | None, ...]
+    axes: tuple[int | Slide, ...]
+    out_rank: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.src})
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+    @property
+    def places(self) -> tuple[int, ...]:
+        """Output axes of the view's axes: kept source axes in order, then kernel axes."""
+        return (*(a if isinstance(a, int) else a.place for a in self.axes),
+                *(a.kernel_place for a in self.axes if isinstance(a, Slide)))
+
+    def placeholder(self) -> sp.Symbol:
+        picks = ",".join("" if p is None else str(p) for p in self.picks)
+        axes = ",".join(str(a) if isinstance(a, int) else
+                        f"{a.place}:{a.kernel_place}:{a.stride}:{a.pad}:{a.count}:{a.size}"
+                        for a in self.axes)
+        return sp.Symbol(f"{self.src}<{picks}|{axes}|{self.out_rank}>")
+
+
+AnyView = View | Iota | Gather | Reshape | Window
 Views = tuple[tuple[sp.Symbol, AnyView], ...]
 
 
@@ -313,6 +366,24 @@ class ScatterAdd:
 
 
 @dataclass(frozen=True)
+class WindowAdd:
+    """The adjoint of a :class:`Window` read: an array of zeros shaped ``shape`` to which
+    ``values[..., i, ..., k...]`` is added at ``stride * i + k - pad`` along each slid
+    axis (overlapping windows sum; positions in the padding are dropped). ``values``
+    has ``shape``'s axes, each slid one replaced by its window count, then one kernel
+    axis per slid axis. ``slides`` holds (axis, stride, pad, count, size) per slid axis.
+    """
+
+    values: str
+    shape: tuple[sp.Expr, ...]
+    slides: tuple[tuple[int, int, int, int, int], ...]
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.values})
+
+
+@dataclass(frozen=True)
 class Stack:
     """Arrays of one shape stacked along a new axis ``axis``: entry j of that axis is
     ``parts[j]``, or zeros where ``parts[j]`` is None. The adjoint of an array read at
@@ -327,7 +398,7 @@ class Stack:
 
 
 Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | Full | Seed | ScatterAdd
-      | Stack)
+      | WindowAdd | Stack)
 
 
 @dataclass(frozen=True)

@@ -647,8 +647,9 @@ class _Builder:
             sub = self.sub(i, letters)
             lhs = names.partial(consumer_name, operand_name, sub, sub, arrays=False)
             return self._rows(lhs, [self.idx(f, letters) for f in forms])
+        shape = self.nodes[operand_name].shape
         local = self.display(eliminate_deltas(local_derivative(
-            consumer.body, ref(operand_name, k), self.nodes[operand_name].shape)))
+            consumer.body, ref(operand_name, k), shape), dict(zip(k, shape, strict=True))))
         letters = self.letters(local, first=(*i, *k),
                                context=(ref(consumer_name, i), ref(operand_name, k)))
         lhs = names.partial(consumer_name, operand_name, self.sub(i, letters),
@@ -673,8 +674,9 @@ class _Builder:
         i = consumer.indices()
         if not i or self._is_elementwise(consumer, operand):
             return None
-        local = eliminate_deltas(local_derivative(consumer.body, ref(operand, k),
-                                                  self.nodes[operand].shape))
+        shape = self.nodes[operand].shape
+        local = eliminate_deltas(local_derivative(consumer.body, ref(operand, k), shape),
+                                 dict(zip(k, shape, strict=True)))
         if not local.has(sp.KroneckerDelta):
             return None
         limits = tuple((a, sp.Integer(0), n - 1) for a, n in zip(i, consumer.shape,

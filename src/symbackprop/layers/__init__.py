@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (registration side effects)
     activations,
     attention,
     bilinear,
+    conv,
     core,
     dropout,
     elementwise,

@@ -96,24 +96,33 @@ class IndexReducer:
 
     def _max(self, inner: sp.Expr, limits: list[tuple[sp.Symbol, sp.Expr, sp.Expr]],
              shape: tuple[sp.Expr, ...], label: str) -> sp.Expr:
-        """The body of the max's value tensor; adds the maximum and the ties it reads.
+        return max_over(self.graph, self.layer, self.where, self.count, inner, limits,
+                        shape, label)
 
-        The ties are a tensor of their own (not fused into the value): a comparison
-        inside a sum would be folded out of it by sympy when differentiating."""
-        top = self.graph.op(naming.reduction(self.layer, "top", self.count), shape,
-                            MaxOver(inner, *limits), layer=self.layer, where=self.where,
-                            kind="reduction", label=label + " (the maximum itself)")
-        top.meta["no_gradient"] = True
-        kept = tuple(out_index(j) for j in range(len(shape)))
-        spread = tuple(out_index(len(shape) + m) for m in range(len(limits)))
-        at = {lim[0]: i for lim, i in zip(limits, spread, strict=True)}
-        tie = self.graph.op(
-            naming.reduction(self.layer, "ties", self.count),
-            (*shape, *(hi + 1 for _, _, hi in limits)),
-            sp.Piecewise((sp.Integer(1), sp.Eq(inner.xreplace(at), top.element(kept))),
-                         (sp.Integer(0), True)),
-            layer=self.layer, where=self.where, kind="reduction",
-            label=label + " (1 where an element equals the maximum; no gradient)")
-        tie.meta["no_gradient"] = True
-        ties = tie.element((*kept, *(lim[0] for lim in limits)))
-        return sp.Sum(inner * ties, *limits) / sp.Sum(ties, *limits)
+
+def max_over(graph: Graph, layer: str, where: Where, count: int, inner: sp.Expr,
+             limits: list[tuple[sp.Symbol, sp.Expr, sp.Expr]], shape: tuple[sp.Expr, ...],
+             label: str) -> sp.Expr:
+    """The body of a max's value tensor (``inner`` maximised over ``limits``, the kept
+    axes out_index(0..) of ``shape``); adds the maximum and the ties it reads, named
+    after ``layer`` and ``count``. A max pooling is one, over each window.
+
+    The ties are a tensor of their own (not fused into the value): a comparison inside a
+    sum would be folded out of it by sympy when differentiating."""
+    top = graph.op(naming.reduction(layer, "top", count), shape, MaxOver(inner, *limits),
+                   layer=layer, where=where, kind="reduction",
+                   label=label + " (the maximum itself)")
+    top.meta["no_gradient"] = True
+    kept = tuple(out_index(j) for j in range(len(shape)))
+    spread = tuple(out_index(len(shape) + m) for m in range(len(limits)))
+    at = {lim[0]: i for lim, i in zip(limits, spread, strict=True)}
+    tie = graph.op(
+        naming.reduction(layer, "ties", count),
+        (*shape, *(hi + 1 for _, _, hi in limits)),
+        sp.Piecewise((sp.Integer(1), sp.Eq(inner.xreplace(at), top.element(kept))),
+                     (sp.Integer(0), True)),
+        layer=layer, where=where, kind="reduction",
+        label=label + " (1 where an element equals the maximum; no gradient)")
+    tie.meta["no_gradient"] = True
+    ties = tie.element((*kept, *(lim[0] for lim in limits)))
+    return sp.Sum(inner * ties, *limits) / sp.Sum(ties, *limits)
