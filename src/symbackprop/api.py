@@ -293,12 +293,20 @@ def write_derivation(spec_path: str | Path, out: str | Path | None = None,
 
 
 def explain(model: CompiledModel) -> str:
-    """The stable rewrites that fired while deriving ``model``, one per line (and the
-    derivatives left unsimplified because simplifying them would cost too much)."""
+    """Each layer's inferred output shape, then the stable rewrites that fired while
+    deriving ``model``, one per line (and the derivatives left unsimplified because
+    simplifying them would cost too much)."""
+    nodes = model.derivation.graph.nodes
+    lines = ["layer output shapes:"]
+    for layer in model.spec.layers:
+        node = nodes.get(layer.name)
+        if node is not None:
+            dims = ", ".join(str(d) for d in node.shape)
+            lines.append(f"  {layer.dotted} ({layer.type}): [{dims}]")
     fired = model.derivation.rewrites
     if not fired:
-        return "stable rewrites: none were needed"
-    lines = ["stable rewrites:"]
+        return "\n".join([*lines, "stable rewrites: none were needed"])
+    lines.append("stable rewrites:")
     seen: set[tuple[str, str]] = set()
     for item in fired:
         if (item.where, item.rule) in seen:

@@ -25,6 +25,10 @@ class IndexPrinter(sp.printing.str.StrPrinter):
     def _print_Equality(self, expr: sp.Expr) -> str:
         return f"{self._print(expr.lhs)} == {self._print(expr.rhs)}"
 
+    def _print_KroneckerDelta(self, expr: sp.Expr) -> str:
+        # a window's adjoint keeps these: 1 where the two indices are equal
+        return f"[{self._print(expr.args[0])} == {self._print(expr.args[1])}]"
+
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
         parts = [f"{self._print(e)} if {self._print(c)}" for e, c in expr.args[:-1]]
         parts.append(f"else {self._print(expr.args[-1][0])}")

@@ -1,0 +1,254 @@
+"""Convolutions and poolings against torch models written here by hand.
+
+The twins use ``F.conv1d``, ``F.conv2d``, ``F.max_pool2d``, ``F.avg_pool2d``,
+``F.cross_entropy`` and explicit penalty terms, and nothing of symbackprop. Their state
+dicts have the generated modules' parameter names; the loss and every gradient must agree
+in float64 to a relative 1e-9 in numpy ``loss_and_grad``, torch ``loss_and_grad`` and the
+torch ``Model``. Bad shapes and options are spec errors at their file:line:col.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from symbackprop.api import compile_spec
+from symbackprop.errors import SymbackpropError
+
+from conftest import EXAMPLES, build, write_spec
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+class Cnn(torch.nn.Module):
+    """examples/cnn.yaml in torch.nn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def loss(self, x, label):
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.relu(self.conv2(h))
+        return F.cross_entropy(self.fc(h.reshape(h.shape[0], 64)), label)
+
+
+def _compare(modules, params, batch, twin_loss, *, tol: float = 1e-9) -> None:
+    """numpy and torch loss_and_grad and the torch Model against ``twin_loss(params,
+    batch)`` (torch autograd on float64 leaves)."""
+    leaves = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+              for k, v in params.items()}
+    tbatch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    ref = twin_loss(leaves, tbatch)
+    ref.backward()
+    expected = {k: v.grad.numpy() for k, v in leaves.items()}
+    assert np.isfinite(float(ref))
+
+    def close(got, want, what):
+        got = np.asarray(got)
+        scale = max(1.0, float(np.max(np.abs(want))))
+        assert got.shape == want.shape, what
+        assert float(np.max(np.abs(got - want))) <= tol * scale, what
+
+    loss, grads = modules["numpy"].loss_and_grad(params, **batch)
+    close(loss, ref.detach().numpy(), "numpy loss")
+    assert set(grads) == set(expected)
+    for k in expected:
+        close(grads[k], expected[k], f"numpy {k}")
+    tparams = {k: torch.from_numpy(v) for k, v in params.items()}
+    loss, grads = modules["torch"].loss_and_grad(tparams, **tbatch)
+    close(loss.numpy(), ref.detach().numpy(), "torch loss")
+    for k in expected:
+        close(grads[k].numpy(), expected[k], f"torch {k}")
+    model = modules["torch"].Model().double()
+    model.load_state_dict(tparams)
+    out = model(**tbatch)
+    out.backward()
+    close(out.detach().numpy(), ref.detach().numpy(), "Model loss")
+    for name, p in model.named_parameters():
+        close(p.grad.numpy(), expected[name], f"Model {name}")
+
+
+def test_cnn_example_matches_torch_nn(tmp_path) -> None:
+    model, modules = build(tmp_path, (EXAMPLES / "cnn.yaml").read_text(encoding="utf-8"))
+    rng = np.random.default_rng(3)
+    params = modules["numpy"].init_params(seed=5)
+    net = Cnn().double()
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    batch = {"x": rng.normal(size=(6, 1, 8, 8)), "label": rng.integers(0, 10, 6)}
+
+    _compare(modules, params, batch, _cnn_loss)
+    # the twin module computes the same loss from the same state dict
+    ref = net.loss(torch.from_numpy(batch["x"]), torch.from_numpy(batch["label"]))
+    assert abs(float(ref) - float(modules["numpy"].loss(params, **batch))) <= 1e-12
+
+
+def _cnn_loss(p, b):
+    h = F.max_pool2d(F.relu(F.conv2d(b["x"], p["conv1.weight"], p["conv1.bias"], padding=1)), 2)
+    h = F.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"]))
+    return F.cross_entropy(F.linear(h.reshape(h.shape[0], 64), p["fc.weight"], p["fc.bias"]),
+                           b["label"])
+
+
+def test_cnn_example_initialises_as_torch_nn(tmp_path) -> None:
+    """Kernels and biases start from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in x k x k,
+    as torch.nn.Conv2d draws them."""
+    _, modules = build(tmp_path, (EXAMPLES / "cnn.yaml").read_text(encoding="utf-8"))
+    params = modules["numpy"].init_params(seed=0)
+    for name, fan_in in (("conv1", 9), ("conv2", 72)):
+        bound = 1 / np.sqrt(fan_in)
+        for role in ("weight", "bias"):
+            assert np.all(np.abs(params[f"{name}.{role}"]) <= bound)
+        assert np.max(np.abs(params[f"{name}.weight"])) > 0.8 * bound
+    assert params["conv2.weight"].shape == (16, 8, 3, 3)
+
+
+CONV1D = """
+name: conv1d_net
+inputs: {x: [N, 3, 11]}
+targets: {t: [N, 2]}
+layers:
+  - {name: c1, type: conv1d, channels: 4, kernel: 3, stride: 2, padding: 1}
+  - {name: a1, type: activation, activation: tanh}
+  - {name: c2, type: conv1d, channels: 2, kernel: 2, stride: 3, bias: false}
+  - {name: flat, type: reshape, shape: [N, 4]}
+  - {name: out, type: dense, units: 2}
+loss: {type: mse, target: t}
+weight_decay: {l2: 0.01}
+"""
+
+
+def test_conv1d_strided_padded_with_weight_decay(tmp_path) -> None:
+    # c1: (11 + 2 - 3) // 2 + 1 = 6 positions; c2: (6 - 2) // 3 + 1 = 2 (one left over)
+    _, modules = build(tmp_path, CONV1D)
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(size=v) for k, v in modules["numpy"].PARAM_SHAPES.items()}
+    batch = {"x": rng.normal(size=(5, 3, 11)), "t": rng.normal(size=(5, 2))}
+
+    def twin(p, b):
+        h = torch.tanh(F.conv1d(b["x"], p["c1.weight"], p["c1.bias"], stride=2, padding=1))
+        h = F.conv1d(h, p["c2.weight"], stride=3)
+        y = F.linear(h.reshape(h.shape[0], 4), p["out.weight"], p["out.bias"])
+        penalty = sum((p[k] ** 2).sum() for k in ("c1.weight", "c2.weight", "out.weight"))
+        return F.mse_loss(y, b["t"]) + 0.01 / 2 * penalty
+
+    _compare(modules, params, batch, twin)
+
+
+POOLS = """
+name: pools
+inputs: {x: [N, 2, 9, 7]}
+targets: {t: [N, 3]}
+layers:
+  - {name: c1, type: conv2d, channels: 3, kernel: [3, 2], stride: [1, 2], padding: [1, 1]}
+  - {name: mp, type: maxpool2d, kernel: 3, stride: 2}
+  - {name: ap, type: avgpool2d, kernel: [2, 1]}
+  - {name: flat, type: reshape, shape: [N, 6]}
+  - {name: out, type: dense, units: 3}
+loss: {type: mse, target: t}
+"""
+
+
+def test_overlapping_max_pool_and_average_pool_on_odd_sizes(tmp_path) -> None:
+    # c1: [N, 3, 9, 4]; mp (3x3, stride 2, overlapping, floors 4 -> 1): [N, 3, 4, 1];
+    # ap (2x1): [N, 3, 2, 1]
+    model, modules = build(tmp_path, POOLS)
+    assert model.derivation.graph.nodes["mp"].shape[1:] == (3, 4, 1)
+    rng = np.random.default_rng(1)
+    params = {k: rng.normal(size=v) for k, v in modules["numpy"].PARAM_SHAPES.items()}
+    batch = {"x": rng.normal(size=(4, 2, 9, 7)), "t": rng.normal(size=(4, 3))}
+
+    def twin(p, b):
+        h = F.conv2d(b["x"], p["c1.weight"], p["c1.bias"], stride=(1, 2), padding=(1, 1))
+        h = F.avg_pool2d(F.max_pool2d(h, 3, stride=2), (2, 1))
+        return F.mse_loss(F.linear(h.reshape(h.shape[0], 6), p["out.weight"], p["out.bias"]),
+                          b["t"])
+
+    _compare(modules, params, batch, twin)
+
+
+def test_input_gradient_of_a_convolution(tmp_path) -> None:
+    """wrt=("x",): the full convolution with the flipped kernel, against autograd."""
+    _, modules = build(tmp_path, CONV1D)
+    rng = np.random.default_rng(4)
+    params = {k: rng.normal(size=v) for k, v in modules["numpy"].PARAM_SHAPES.items()}
+    batch = {"x": rng.normal(size=(3, 3, 11)), "t": rng.normal(size=(3, 2))}
+    x = torch.tensor(batch["x"], requires_grad=True)
+    p = {k: torch.from_numpy(v) for k, v in params.items()}
+    h = torch.tanh(F.conv1d(x, p["c1.weight"], p["c1.bias"], stride=2, padding=1))
+    h = F.conv1d(h, p["c2.weight"], stride=3)
+    y = F.linear(h.reshape(3, 4), p["out.weight"], p["out.bias"])
+    penalty = sum((p[k] ** 2).sum() for k in ("c1.weight", "c2.weight", "out.weight"))
+    (F.mse_loss(y, torch.from_numpy(batch["t"])) + 0.005 * penalty).backward()
+    _, grads = modules["numpy"].loss_and_grad(params, **batch, wrt=("x",))
+    assert set(grads) == {"x"}
+    scale = max(1, np.abs(x.grad.numpy()).max())
+    assert np.max(np.abs(grads["x"] - x.grad.numpy())) <= 1e-12 * scale
+    model = modules["torch"].Model().double()
+    model.load_state_dict(p)
+    x2 = torch.tensor(batch["x"], requires_grad=True)
+    model(x=x2, t=torch.from_numpy(batch["t"])).backward()
+    assert np.max(np.abs(x2.grad.numpy() - x.grad.numpy())) <= 1e-12 * scale
+
+
+def test_numpy_module_has_no_convolution_call(tmp_path) -> None:
+    """The numpy module computes a convolution as a product over strided windows (a
+    view) and its input gradient as one strided add per kernel tap; no copy per window
+    is written into the code."""
+    model = compile_spec(EXAMPLES / "cnn.yaml")
+    source = model.source("numpy")
+    assert "sliding_window_view" in source and "_window_add(" in source
+    assert "im2col" not in source
+
+
+@pytest.mark.parametrize("layer,message", [
+    ("{name: c, type: conv2d, channels: 2, kernel: 9}",
+     "kernel 9 is larger than the input 'x' [N, 1, 8, 8]"),
+    ("{name: c, type: conv2d, channels: 2, kernel: 3, padding: 2}",
+     "padding 2 is more than half the kernel 3"),
+    ("{name: c, type: conv2d, channels: 2, kernel: [3, 3, 3]}",
+     "kernel has 2 entries for conv2d, got 3"),
+    ("{name: c, type: conv1d, channels: 2, kernel: 3}",
+     "conv1d takes a rank-3 input [N, C, L], got 'x' [N, 1, 8, 8]"),
+    ("{name: c, type: conv2d, channels: 2, kernel: 3, stride: 0}",
+     "stride must be at least 1, got 0"),
+    ("{name: c, type: conv2d, channels: 2, kernel: 2.5}",
+     "expected a non-negative integer or a list of one to three of them, got 2.5"),
+    ("{name: c, type: conv2d, channels: 0, kernel: 3}", "expected a positive integer"),
+    ("{name: c, type: maxpool2d, kernel: 0}", "kernel must be at least 1, got 0"),
+    ("{name: c, type: avgpool2d, kernel: 2, padding: 1}", "padding"),
+])
+def test_bad_windows_are_spec_errors_at_their_place(tmp_path, layer, message) -> None:
+    text = f"""
+name: bad
+inputs: {{x: [N, 1, 8, 8]}}
+targets: {{t: [N, 1]}}
+layers:
+  - {layer}
+  - {{name: flat, type: reshape, shape: [N, -1]}}
+  - {{name: out, type: dense, units: 1}}
+loss: {{type: mse, target: t}}
+"""
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SymbackpropError) as err:
+        compile_spec(path)
+    assert message in str(err.value)
+    assert str(err.value).startswith(f"{path}:6:")
+
+
+def test_symbolic_spatial_size_is_refused(tmp_path) -> None:
+    path = write_spec(tmp_path, """
+name: bad
+inputs: {x: [N, 1, H, 8]}
+targets: {t: [N, 1]}
+layers:
+  - {name: c, type: conv2d, channels: 2, kernel: 3}
+  - {name: flat, type: reshape, shape: [N, -1]}
+  - {name: out, type: dense, units: 1}
+loss: {type: mse, target: t}
+""")
+    with pytest.raises(SymbackpropError, match="needs numbers for the channels and spatial"):
+        compile_spec(path)
