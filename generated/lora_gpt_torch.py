@@ -3876,7 +3876,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
             _release(tmp0, tmp1)
 
     if _need_wte_weight:
-        # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}(KroneckerDelta(k0, idx[i0, i1])*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
+        # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum138 = _scatter_add(d_emb, idx, (65, 32))
         tmp_sum139 = torch.einsum('abc,abd->cd', d_lm_head, ln_f)
         del d_lm_head
@@ -3886,7 +3886,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum138, tmp_sum139
 
     if _need_wpe_weight:
-        # dL/dwpe_weight (through emb): d_wpe_weight[k0, k1] = sum_{i0,i1}(KroneckerDelta(k0, wpe_positions[i1])*d_emb[i0, i1, k1])
+        # dL/dwpe_weight (through emb): d_wpe_weight[k0, k1] = sum_{i0,i1}([k0 == wpe_positions[i1]]*d_emb[i0, i1, k1])
         tmp_sum140 = d_emb.sum(dim=0)
         del d_emb
         d_wpe_weight = _scatter_add(tmp_sum140, wpe_positions, (32, 32))

@@ -2507,7 +2507,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp0, tmp1, d_h_0_res1, d_h_0_ln_1, d_h_0_ln_1_var, d_h_0_ln_1_mean
 
     if _need_wte_weight:
-        # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}(KroneckerDelta(k0, idx[i0, i1])*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
+        # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
         tmp_sum73 = numpy.einsum('abc,abd->cd', d_lm_head, ln_f, optimize=True)
         del ln_f, d_lm_head
@@ -2515,7 +2515,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum72, tmp_sum73
 
     if _need_wpe_weight:
-        # dL/dwpe_weight (through emb): d_wpe_weight[k0, k1] = sum_{i0,i1}(KroneckerDelta(k0, wpe_positions[i1])*d_emb[i0, i1, k1])
+        # dL/dwpe_weight (through emb): d_wpe_weight[k0, k1] = sum_{i0,i1}([k0 == wpe_positions[i1]]*d_emb[i0, i1, k1])
         tmp_sum74 = d_emb.sum(axis=0)
         del d_emb
         d_wpe_weight = _scatter_add(tmp_sum74, wpe_positions, (32, 32))

@@ -252,3 +252,12 @@ loss: {type: mse, target: t}
 """)
     with pytest.raises(SymbackpropError, match="needs numbers for the channels and spatial"):
         compile_spec(path)
+
+
+def test_generated_cnn_is_up_to_date() -> None:
+    from symbackprop.cli import main
+
+    from conftest import ROOT
+
+    assert main(["generate", str(EXAMPLES / "cnn.yaml"), "--out",
+                 str(ROOT / "generated"), "--check"]) == 0
