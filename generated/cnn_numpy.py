@@ -54,7 +54,7 @@ DERIVATION_PASSES = {
         '\\textbf{The forward pass} \\\\\n'
         '\\text{Each operation in matrix form (with its shape) and entry by entry:} \\\\\n'
         '\\begin{aligned}\n'
-        'z_{\\mathrm{conv1},nijk} & = \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv1},i1pq} x_{n,1,j + p - 1,k + q - 1} + b_{\\mathrm{conv1},i} \\\\\n'
+        'z_{\\mathrm{conv1},nijk} & = \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv1},i,1,p,q} x_{n,1,j + p - 1,k + q - 1} + b_{\\mathrm{conv1},i} \\\\\n'
         'h_{\\mathrm{relu1},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv1},nijk}\\right) \\\\\n'
         '\\mathrm{top1}_{\\mathrm{pool1},nijk} & = \\max_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
         '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{top1}_{\\mathrm{pool1},nijk} = h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
@@ -363,6 +363,71 @@ def _logsumexp(x, axis):
     return numpy.log(numpy.sum(numpy.exp(x - m), axis=axis)) + numpy.squeeze(m, axis=axis)
 
 
+def _max_pool(x, kernel, stride):
+    # The maximum of each window over the trailing axes (no padding, floor mode). Windows
+    # that tile the array exactly are a reshape (one pass over contiguous memory); others
+    # a strided view of every window.
+    d = len(kernel)
+    spatial = x.shape[x.ndim - d:]
+    if tuple(stride) == tuple(kernel) and all(n % k == 0 for n, k in zip(spatial, kernel)):
+        split = [v for n, k in zip(spatial, kernel) for v in (n // k, k)]
+        tiles = x.reshape(*x.shape[:x.ndim - d], *split)
+        return tiles.max(axis=tuple(range(x.ndim - d + 1, x.ndim + d, 2)))
+    windows = numpy.lib.stride_tricks.sliding_window_view(x, kernel,
+                                                          axis=tuple(range(x.ndim - d, x.ndim)))
+    windows = windows[(Ellipsis, *(slice(None, None, s) for s in stride),
+                       *(slice(None) for _ in kernel))]
+    return windows.max(axis=tuple(range(x.ndim, x.ndim + d)))
+
+
+def _windows(x, kernel, stride, pad):
+    # Every window of x (zero-padded by pad on both sides of each spatial axis) as a
+    # strided view [N, C, positions..., kernel...]: no copy until a product reads it.
+    if any(pad):
+        x = numpy.pad(x, ((0, 0), (0, 0), *((p, p) for p in pad)))
+    spatial = tuple(range(2, x.ndim))
+    windows = numpy.lib.stride_tricks.sliding_window_view(x, kernel, axis=spatial)
+    return windows[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+
+
+def _conv(x, w, stride, pad, bias=None):
+    # out[n, o, i...] = sum_{c, a...} w[o, c, a...] x[n, c, s*i + a - p, ...] (+ bias[o]):
+    # the windows against the kernel in one matrix product (numpy copies the windows
+    # into one [N * positions, C * kernel] matrix for it).
+    d = w.ndim - 2
+    windows = _windows(x, w.shape[2:], stride, pad)
+    out = numpy.tensordot(windows, w, axes=((1, *range(2 + d, 2 + 2 * d)), tuple(range(1, 2 + d))))
+    if bias is not None:
+        out += bias
+    return numpy.moveaxis(out, -1, 1)
+
+
+def _conv_weight(x, g, kernel, stride, pad):
+    # dL/dw[o, c, a...] = sum_{n, i...} g[n, o, i...] x[n, c, s*i + a - p, ...]: the
+    # input's windows correlated with the output's adjoint g.
+    d = g.ndim - 2
+    windows = _windows(x, kernel, stride, pad)
+    summed = (0, *range(2, 2 + d))
+    return numpy.tensordot(g, windows, axes=(summed, summed))
+
+
+def _conv_input(g, w, shape, stride, pad):
+    # dL/dx[n, c, h...] = sum over the taps a and positions i with s*i + a - p = h of
+    # g[n, o, i...] w[o, c, a...]: each tap's product added back where the forward pass
+    # read it (a full convolution of g with the flipped kernel), one strided add per tap;
+    # what lands in the padding is dropped.
+    d = w.ndim - 2
+    products = numpy.tensordot(g, w, axes=((1,), (0,)))  # [N, i..., C, a...]
+    padded = numpy.zeros((*shape[:2], *(n + 2 * p for n, p in zip(shape[2:], pad))),
+                         dtype=products.dtype)
+    for tap in numpy.ndindex(*w.shape[2:]):
+        where = tuple(slice(a, a + s * (q - 1) + 1, s)
+                      for a, s, q in zip(tap, stride, g.shape[2:]))
+        padded[(slice(None), slice(None), *where)] += numpy.moveaxis(
+            products[(Ellipsis, *tap)], -1, 1)
+    return padded[(slice(None), slice(None), *(slice(p, p + n) for n, p in zip(shape[2:], pad)))]
+
+
 def _window_add(values, shape, slides):
     # The adjoint of a sliding-window read (a convolution's input gradient, a
     # pooling's): values[..., i, ..., a, ...] is added back at stride * i + a - pad along
@@ -471,39 +536,23 @@ def forward(params, *, x):
     N = x.shape[0]
     _expect("x", x, (N, 1, 8, 8))
     # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
-    tmp_sum2 = numpy.lib.stride_tricks.sliding_window_view(numpy.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3), axis=(2, 3))
-    tmp_sum1 = numpy.einsum('abcd,ebfgcd->eafg', conv1_weight, tmp_sum2, optimize=True)
-    del tmp_sum2
-    conv1 = conv1_bias[:, None, None] + tmp_sum1
-    del tmp_sum1
+    conv1 = _conv(x, conv1_weight, (1, 1), (1, 1), conv1_bias)
 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = numpy.maximum(conv1, 0)
     del conv1
 
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = numpy.max(relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5), axis=(4, 5))
-
-    # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
-    pool1_ties1 = numpy.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].dtype.type(1), pool1_top1[:, :, :, :, None, None].dtype.type(0))
-    del pool1_top1
+    pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
+    del relu1
 
     # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
-    tmp_sum3 = pool1_ties1.sum(axis=(4, 5))
-    tmp_sum5 = relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)
-    del relu1
-    tmp_sum4 = numpy.einsum('abcdef,abcdef->abcd', tmp_sum5, pool1_ties1, optimize=True)
-    del pool1_ties1, tmp_sum5
-    pool1 = tmp_sum4/tmp_sum3
-    del tmp_sum3, tmp_sum4
+    pool1 = pool1_top1
+    del pool1_top1
 
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    tmp_sum7 = numpy.lib.stride_tricks.sliding_window_view(pool1, (2, 2), axis=(2, 3))
+    conv2 = _conv(pool1, conv2_weight, (1, 1), (0, 0), conv2_bias)
     del pool1
-    tmp_sum6 = numpy.einsum('abcd,ebcdfg->eafg', conv2_weight, tmp_sum7, optimize=True)
-    del tmp_sum7
-    conv2 = conv2_bias[:, None, None] + tmp_sum6
-    del tmp_sum6
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = numpy.maximum(conv2, 0)
@@ -529,39 +578,23 @@ def loss(params, *, x, label):
     _expect("label", label, (N,))
     _check_ids("label", label, 10, -100, "softmax_cross_entropy over 10 classes, ignore_index -100")
     # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
-    tmp_sum2 = numpy.lib.stride_tricks.sliding_window_view(numpy.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3), axis=(2, 3))
-    tmp_sum1 = numpy.einsum('abcd,ebfgcd->eafg', conv1_weight, tmp_sum2, optimize=True)
-    del tmp_sum2
-    conv1 = conv1_bias[:, None, None] + tmp_sum1
-    del tmp_sum1
+    conv1 = _conv(x, conv1_weight, (1, 1), (1, 1), conv1_bias)
 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = numpy.maximum(conv1, 0)
     del conv1
 
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = numpy.max(relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5), axis=(4, 5))
-
-    # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
-    pool1_ties1 = numpy.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].dtype.type(1), pool1_top1[:, :, :, :, None, None].dtype.type(0))
-    del pool1_top1
+    pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
+    del relu1
 
     # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
-    tmp_sum3 = pool1_ties1.sum(axis=(4, 5))
-    tmp_sum5 = relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)
-    del relu1
-    tmp_sum4 = numpy.einsum('abcdef,abcdef->abcd', tmp_sum5, pool1_ties1, optimize=True)
-    del pool1_ties1, tmp_sum5
-    pool1 = tmp_sum4/tmp_sum3
-    del tmp_sum3, tmp_sum4
+    pool1 = pool1_top1
+    del pool1_top1
 
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    tmp_sum7 = numpy.lib.stride_tricks.sliding_window_view(pool1, (2, 2), axis=(2, 3))
+    conv2 = _conv(pool1, conv2_weight, (1, 1), (0, 0), conv2_bias)
     del pool1
-    tmp_sum6 = numpy.einsum('abcd,ebcdfg->eafg', conv2_weight, tmp_sum7, optimize=True)
-    del tmp_sum7
-    conv2 = conv2_bias[:, None, None] + tmp_sum6
-    del tmp_sum6
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = numpy.maximum(conv2, 0)
@@ -587,10 +620,10 @@ def loss(params, *, x, label):
     fc_count = int(numpy.count_nonzero(tmp0))
 
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum9 = numpy.sum(numpy.where(tmp0, fc_lse - fc_picked, 0))
+    tmp_sum6 = numpy.sum(numpy.where(tmp0, fc_lse - fc_picked, 0))
     del fc_lse, fc_picked, tmp0
-    loss = tmp_sum9/fc_count
-    del fc_count, tmp_sum9
+    loss = tmp_sum6/fc_count
+    del fc_count, tmp_sum6
     return loss
 
 
@@ -621,11 +654,7 @@ def loss_and_grad(params, *, x, label, wrt=None):
     _check_ids("label", label, 10, -100, "softmax_cross_entropy over 10 classes, ignore_index -100")
     # ---- forward pass ----
     # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
-    tmp_sum2 = numpy.lib.stride_tricks.sliding_window_view(numpy.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3), axis=(2, 3))
-    tmp_sum1 = numpy.einsum('abcd,ebfgcd->eafg', conv1_weight, tmp_sum2, optimize=True)
-    del tmp_sum2
-    conv1 = conv1_bias[:, None, None] + tmp_sum1
-    del tmp_sum1
+    conv1 = _conv(x, conv1_weight, (1, 1), (1, 1), conv1_bias)
     tmp0 = (conv1 > 0)
 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
@@ -633,27 +662,19 @@ def loss_and_grad(params, *, x, label, wrt=None):
     del conv1
 
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = numpy.max(relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5), axis=(4, 5))
+    pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
 
-    # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
-    pool1_ties1 = numpy.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].dtype.type(1), pool1_top1[:, :, :, :, None, None].dtype.type(0))
-    del pool1_top1
+    if _need_x or _need_conv1_weight or _need_conv1_bias:
+        # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
+        pool1_ties1 = numpy.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].dtype.type(1), pool1_top1[:, :, :, :, None, None].dtype.type(0))
+        del relu1
 
     # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
-    tmp_sum3 = pool1_ties1.sum(axis=(4, 5))
-    tmp_sum5 = relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)
-    del relu1
-    tmp_sum4 = numpy.einsum('abcdef,abcdef->abcd', tmp_sum5, pool1_ties1, optimize=True)
-    del tmp_sum5
-    pool1 = tmp_sum4/tmp_sum3
-    del tmp_sum3, tmp_sum4
+    pool1 = pool1_top1
+    del pool1_top1
 
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    tmp_sum7 = numpy.lib.stride_tricks.sliding_window_view(pool1, (2, 2), axis=(2, 3))
-    tmp_sum6 = numpy.einsum('abcd,ebcdfg->eafg', conv2_weight, tmp_sum7, optimize=True)
-    del tmp_sum7
-    conv2 = conv2_bias[:, None, None] + tmp_sum6
-    del tmp_sum6
+    conv2 = _conv(pool1, conv2_weight, (1, 1), (0, 0), conv2_bias)
     tmp1 = (conv2 > 0)
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
@@ -679,10 +700,10 @@ def loss_and_grad(params, *, x, label, wrt=None):
     fc_count = int(numpy.count_nonzero(tmp3))
 
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum9 = numpy.sum(numpy.where(tmp3, fc_lse - fc_picked, 0))
+    tmp_sum6 = numpy.sum(numpy.where(tmp3, fc_lse - fc_picked, 0))
     del fc_picked
-    loss = tmp_sum9/fc_count
-    del tmp_sum9
+    loss = tmp_sum6/fc_count
+    del tmp_sum6
 
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
     # the seed: dL/dL = 1, in the loss's dtype
@@ -723,10 +744,8 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
     if _need_conv2_weight:
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        tmp_sum10 = numpy.lib.stride_tricks.sliding_window_view(pool1, (2, 2), axis=(2, 3))
+        d_conv2_weight = _conv_weight(pool1, d_conv2, (3, 3), (1, 1), (0, 0))
         del pool1
-        d_conv2_weight = numpy.einsum('abcd,aefgcd->befg', d_conv2, tmp_sum10, optimize=True)
-        del tmp_sum10
 
     if _need_conv2_bias:
         # dL/dconv2_bias (through conv2): d_conv2_bias[k0] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3])
@@ -734,17 +753,15 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
     if _need_x or _need_conv1_weight or _need_conv1_bias:
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        tmp_sum11 = numpy.einsum('abcd,eafg->ebcdfg', conv2_weight, d_conv2, optimize=True)
+        d_pool1 = _conv_input(d_conv2, conv2_weight, (N, 8, 4, 4), (1, 1), (0, 0))
         del d_conv2
-        d_pool1 = _window_add(tmp_sum11, (N, 8, 4, 4), ((2, 1, 0, 3, 2), (3, 1, 0, 3, 2)))
-        del tmp_sum11
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, i3, s0, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, i3, s0, s1]))
-        tmp_sum12 = numpy.sum(pool1_ties1.transpose(2, 3, 0, 1, 4, 5), axis=(4, 5))
-        tmp_sum13 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum12.transpose(2, 3, 0, 1)[:, :, :, :, None, None]
-        del pool1_ties1, d_pool1, tmp_sum12
-        d_relu1 = _window_add(tmp_sum13, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
-        del tmp_sum13
+        tmp_sum9 = numpy.sum(pool1_ties1.transpose(2, 3, 0, 1, 4, 5), axis=(4, 5))
+        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9.transpose(2, 3, 0, 1)[:, :, :, :, None, None]
+        del pool1_ties1, d_pool1, tmp_sum9
+        d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
+        del tmp_sum10
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
         d_conv1 = numpy.where(tmp0, d_relu1, 0)
@@ -752,15 +769,11 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
     if _need_x:
         # dL/dx (through conv1): d_x[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1 - 1]*[k3 == i3 + s2 - 1]*conv1_weight[i1, k1, s1, s2]*d_conv1[k0, i1, i2, i3])
-        tmp_sum14 = numpy.einsum('abcd,eafg->ebfgcd', conv1_weight, d_conv1, optimize=True)
-        d_x = _window_add(tmp_sum14, (N, 1, 8, 8), ((2, 1, 1, 8, 3), (3, 1, 1, 8, 3)))
-        del tmp_sum14
+        d_x = _conv_input(d_conv1, conv1_weight, (N, 1, 8, 8), (1, 1), (1, 1))
 
     if _need_conv1_weight:
         # dL/dconv1_weight (through conv1): d_conv1_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3]*x[i0, k1, i2 + k2 - 1, i3 + k3 - 1])
-        tmp_sum15 = numpy.lib.stride_tricks.sliding_window_view(numpy.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3), axis=(2, 3))
-        d_conv1_weight = numpy.einsum('abcd,aecdfg->befg', d_conv1, tmp_sum15, optimize=True)
-        del tmp_sum15
+        d_conv1_weight = _conv_weight(x, d_conv1, (3, 3), (1, 1), (1, 1))
 
     if _need_conv1_bias:
         # dL/dconv1_bias (through conv1): d_conv1_bias[k0] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3])

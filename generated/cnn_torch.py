@@ -53,7 +53,7 @@ DERIVATION_PASSES = {
         '\\textbf{The forward pass} \\\\\n'
         '\\text{Each operation in matrix form (with its shape) and entry by entry:} \\\\\n'
         '\\begin{aligned}\n'
-        'z_{\\mathrm{conv1},nijk} & = \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv1},i1pq} x_{n,1,j + p - 1,k + q - 1} + b_{\\mathrm{conv1},i} \\\\\n'
+        'z_{\\mathrm{conv1},nijk} & = \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv1},i,1,p,q} x_{n,1,j + p - 1,k + q - 1} + b_{\\mathrm{conv1},i} \\\\\n'
         'h_{\\mathrm{relu1},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv1},nijk}\\right) \\\\\n'
         '\\mathrm{top1}_{\\mathrm{pool1},nijk} & = \\max_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
         '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{top1}_{\\mathrm{pool1},nijk} = h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
@@ -431,39 +431,23 @@ def forward(params, *, x):
     N = x.shape[0]
     _expect("x", x, (N, 1, 8, 8))
     # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
-    tmp_sum2 = torch.nn.functional.pad(x, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)
-    tmp_sum1 = torch.einsum('abcd,ebfgcd->eafg', conv1_weight, tmp_sum2)
-    del tmp_sum2
-    conv1 = conv1_bias[:, None, None] + tmp_sum1
-    del tmp_sum1
+    conv1 = torch.nn.functional.conv2d(x, conv1_weight, conv1_bias, stride=(1, 1), padding=(1, 1))
 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = torch.relu(conv1)
     del conv1
 
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = torch.amax(relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5), dim=(4, 5))
-
-    # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
-    pool1_ties1 = torch.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].new_tensor(1), pool1_top1[:, :, :, :, None, None].new_tensor(0))
-    del pool1_top1
+    pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
+    del relu1
 
     # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
-    tmp_sum3 = pool1_ties1.sum(dim=(4, 5))
-    tmp_sum5 = relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)
-    del relu1
-    tmp_sum4 = torch.einsum('abcdef,abcdef->abcd', tmp_sum5, pool1_ties1)
-    del pool1_ties1, tmp_sum5
-    pool1 = tmp_sum4/tmp_sum3
-    del tmp_sum3, tmp_sum4
+    pool1 = pool1_top1
+    del pool1_top1
 
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    tmp_sum7 = pool1.unfold(2, 2, 1).unfold(3, 2, 1)
+    conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
     del pool1
-    tmp_sum6 = torch.einsum('abcd,ebcdfg->eafg', conv2_weight, tmp_sum7)
-    del tmp_sum7
-    conv2 = conv2_bias[:, None, None] + tmp_sum6
-    del tmp_sum6
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = torch.relu(conv2)
@@ -491,39 +475,23 @@ def loss(params, *, x, label):
     _expect("label", label, (N,))
     _check_ids("label", label, 10, -100, "softmax_cross_entropy over 10 classes, ignore_index -100")
     # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
-    tmp_sum2 = torch.nn.functional.pad(x, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)
-    tmp_sum1 = torch.einsum('abcd,ebfgcd->eafg', conv1_weight, tmp_sum2)
-    del tmp_sum2
-    conv1 = conv1_bias[:, None, None] + tmp_sum1
-    del tmp_sum1
+    conv1 = torch.nn.functional.conv2d(x, conv1_weight, conv1_bias, stride=(1, 1), padding=(1, 1))
 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = torch.relu(conv1)
     del conv1
 
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = torch.amax(relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5), dim=(4, 5))
-
-    # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
-    pool1_ties1 = torch.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].new_tensor(1), pool1_top1[:, :, :, :, None, None].new_tensor(0))
-    del pool1_top1
+    pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
+    del relu1
 
     # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
-    tmp_sum3 = pool1_ties1.sum(dim=(4, 5))
-    tmp_sum5 = relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)
-    del relu1
-    tmp_sum4 = torch.einsum('abcdef,abcdef->abcd', tmp_sum5, pool1_ties1)
-    del pool1_ties1, tmp_sum5
-    pool1 = tmp_sum4/tmp_sum3
-    del tmp_sum3, tmp_sum4
+    pool1 = pool1_top1
+    del pool1_top1
 
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    tmp_sum7 = pool1.unfold(2, 2, 1).unfold(3, 2, 1)
+    conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
     del pool1
-    tmp_sum6 = torch.einsum('abcd,ebcdfg->eafg', conv2_weight, tmp_sum7)
-    del tmp_sum7
-    conv2 = conv2_bias[:, None, None] + tmp_sum6
-    del tmp_sum6
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = torch.relu(conv2)
@@ -549,10 +517,10 @@ def loss(params, *, x, label):
     fc_count = torch.count_nonzero(tmp0)
 
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum9 = torch.sum(torch.where(tmp0, fc_lse - fc_picked, 0))
+    tmp_sum6 = torch.sum(torch.where(tmp0, fc_lse - fc_picked, 0))
     del fc_lse, fc_picked, tmp0
-    loss = tmp_sum9/fc_count
-    del fc_count, tmp_sum9
+    loss = tmp_sum6/fc_count
+    del fc_count, tmp_sum6
     return loss
 
 
@@ -571,11 +539,7 @@ def loss_and_grad(params, *, x, label):
     with torch.no_grad():
         # ---- forward pass ----
         # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
-        tmp_sum2 = torch.nn.functional.pad(x, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)
-        tmp_sum1 = torch.einsum('abcd,ebfgcd->eafg', conv1_weight, tmp_sum2)
-        del tmp_sum2
-        conv1 = conv1_bias[:, None, None] + tmp_sum1
-        del tmp_sum1
+        conv1 = torch.nn.functional.conv2d(x, conv1_weight, conv1_bias, stride=(1, 1), padding=(1, 1))
         tmp0 = (conv1 > 0)
 
         # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
@@ -583,27 +547,18 @@ def loss_and_grad(params, *, x, label):
         del conv1
 
         # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-        pool1_top1 = torch.amax(relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5), dim=(4, 5))
+        pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
 
         # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
         pool1_ties1 = torch.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].new_tensor(1), pool1_top1[:, :, :, :, None, None].new_tensor(0))
-        del pool1_top1
+        del relu1
 
         # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
-        tmp_sum3 = pool1_ties1.sum(dim=(4, 5))
-        tmp_sum5 = relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)
-        del relu1
-        tmp_sum4 = torch.einsum('abcdef,abcdef->abcd', tmp_sum5, pool1_ties1)
-        del tmp_sum5
-        pool1 = tmp_sum4/tmp_sum3
-        del tmp_sum3, tmp_sum4
+        pool1 = pool1_top1
+        del pool1_top1
 
         # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-        tmp_sum7 = pool1.unfold(2, 2, 1).unfold(3, 2, 1)
-        tmp_sum6 = torch.einsum('abcd,ebcdfg->eafg', conv2_weight, tmp_sum7)
-        del tmp_sum7
-        conv2 = conv2_bias[:, None, None] + tmp_sum6
-        del tmp_sum6
+        conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
         tmp1 = (conv2 > 0)
 
         # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
@@ -629,10 +584,10 @@ def loss_and_grad(params, *, x, label):
         fc_count = torch.count_nonzero(tmp3)
 
         # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-        tmp_sum9 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
+        tmp_sum6 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
         del fc_picked
-        loss = tmp_sum9/fc_count
-        del tmp_sum9
+        loss = tmp_sum6/fc_count
+        del tmp_sum6
 
         # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
         # the seed: dL/dL = 1, in the loss's dtype
@@ -669,35 +624,29 @@ def loss_and_grad(params, *, x, label):
         del tmp1, d_relu2
 
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        tmp_sum10 = pool1.unfold(2, 2, 1).unfold(3, 2, 1)
+        d_conv2_weight = torch.nn.grad.conv2d_weight(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
         del pool1
-        d_conv2_weight = torch.einsum('abcd,aefgcd->befg', d_conv2, tmp_sum10)
-        del tmp_sum10
 
         # dL/dconv2_bias (through conv2): d_conv2_bias[k0] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3])
         d_conv2_bias = d_conv2.sum(dim=(0, 2, 3))
 
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        tmp_sum11 = torch.einsum('abcd,eafg->ebcdfg', conv2_weight, d_conv2)
+        d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
-        d_pool1 = _window_add(tmp_sum11, (N, 8, 4, 4), ((2, 1, 0, 3, 2), (3, 1, 0, 3, 2)))
-        del tmp_sum11
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, i3, s0, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, i3, s0, s1]))
-        tmp_sum12 = torch.sum(pool1_ties1.permute(2, 3, 0, 1, 4, 5), dim=(4, 5))
-        tmp_sum13 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum12.permute(2, 3, 0, 1)[:, :, :, :, None, None]
-        del pool1_ties1, d_pool1, tmp_sum12
-        d_relu1 = _window_add(tmp_sum13, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
-        del tmp_sum13
+        tmp_sum9 = torch.sum(pool1_ties1.permute(2, 3, 0, 1, 4, 5), dim=(4, 5))
+        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9.permute(2, 3, 0, 1)[:, :, :, :, None, None]
+        del pool1_ties1, d_pool1, tmp_sum9
+        d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
+        del tmp_sum10
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
         d_conv1 = torch.where(tmp0, d_relu1, 0)
         del tmp0, d_relu1
 
         # dL/dconv1_weight (through conv1): d_conv1_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3]*x[i0, k1, i2 + k2 - 1, i3 + k3 - 1])
-        tmp_sum14 = torch.nn.functional.pad(x, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)
-        d_conv1_weight = torch.einsum('abcd,aecdfg->befg', d_conv1, tmp_sum14)
-        del tmp_sum14
+        d_conv1_weight = torch.nn.grad.conv2d_weight(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
 
         # dL/dconv1_bias (through conv1): d_conv1_bias[k0] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3])
         d_conv1_bias = d_conv1.sum(dim=(0, 2, 3))
@@ -723,11 +672,7 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     _expect("x", x, (N, 1, 8, 8))
     _expect("label", label, (N,))
     # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
-    tmp_sum2 = torch.nn.functional.pad(x, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)
-    tmp_sum1 = torch.einsum('abcd,ebfgcd->eafg', conv1_weight, tmp_sum2)
-    del tmp_sum2
-    conv1 = conv1_bias[:, None, None] + tmp_sum1
-    del tmp_sum1
+    conv1 = torch.nn.functional.conv2d(x, conv1_weight, conv1_bias, stride=(1, 1), padding=(1, 1))
     tmp0 = (conv1 > 0)
 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
@@ -735,27 +680,18 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     del conv1
 
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = torch.amax(relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5), dim=(4, 5))
+    pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
 
     # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
     pool1_ties1 = torch.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].new_tensor(1), pool1_top1[:, :, :, :, None, None].new_tensor(0))
-    del pool1_top1
+    del relu1
 
     # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
-    tmp_sum3 = pool1_ties1.sum(dim=(4, 5))
-    tmp_sum5 = relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)
-    del relu1
-    tmp_sum4 = torch.einsum('abcdef,abcdef->abcd', tmp_sum5, pool1_ties1)
-    del tmp_sum5
-    pool1 = tmp_sum4/tmp_sum3
-    del tmp_sum3, tmp_sum4
+    pool1 = pool1_top1
+    del pool1_top1
 
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    tmp_sum7 = pool1.unfold(2, 2, 1).unfold(3, 2, 1)
-    tmp_sum6 = torch.einsum('abcd,ebcdfg->eafg', conv2_weight, tmp_sum7)
-    del tmp_sum7
-    conv2 = conv2_bias[:, None, None] + tmp_sum6
-    del tmp_sum6
+    conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
     tmp1 = (conv2 > 0)
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
@@ -781,10 +717,10 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     fc_count = torch.count_nonzero(tmp3)
 
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum9 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
+    tmp_sum6 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
     del fc_picked
-    loss = tmp_sum9/fc_count
-    del tmp_sum9
+    loss = tmp_sum6/fc_count
+    del tmp_sum6
     return (loss, pool1_ties1, pool1, flat, fc, fc_lse, fc_count, tmp0, tmp1, tmp2, tmp3)
 
 
@@ -836,11 +772,9 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_conv2_weight:
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        tmp_sum10 = pool1.unfold(2, 2, 1).unfold(3, 2, 1)
+        d_conv2_weight = torch.nn.grad.conv2d_weight(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
         if release:
             _release(pool1)
-        d_conv2_weight = torch.einsum('abcd,aefgcd->befg', d_conv2, tmp_sum10)
-        del tmp_sum10
 
     if _need_conv2_bias:
         # dL/dconv2_bias (through conv2): d_conv2_bias[k0] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3])
@@ -848,19 +782,17 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_x or _need_conv1_weight or _need_conv1_bias:
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        tmp_sum11 = torch.einsum('abcd,eafg->ebcdfg', conv2_weight, d_conv2)
+        d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
-        d_pool1 = _window_add(tmp_sum11, (N, 8, 4, 4), ((2, 1, 0, 3, 2), (3, 1, 0, 3, 2)))
-        del tmp_sum11
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, i3, s0, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, i3, s0, s1]))
-        tmp_sum12 = torch.sum(pool1_ties1.permute(2, 3, 0, 1, 4, 5), dim=(4, 5))
-        tmp_sum13 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum12.permute(2, 3, 0, 1)[:, :, :, :, None, None]
-        del d_pool1, tmp_sum12
+        tmp_sum9 = torch.sum(pool1_ties1.permute(2, 3, 0, 1, 4, 5), dim=(4, 5))
+        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9.permute(2, 3, 0, 1)[:, :, :, :, None, None]
+        del d_pool1, tmp_sum9
         if release:
             _release(pool1_ties1)
-        d_relu1 = _window_add(tmp_sum13, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
-        del tmp_sum13
+        d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
+        del tmp_sum10
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
         d_conv1 = torch.where(tmp0, d_relu1, 0)
@@ -870,15 +802,11 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_x:
         # dL/dx (through conv1): d_x[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1 - 1]*[k3 == i3 + s2 - 1]*conv1_weight[i1, k1, s1, s2]*d_conv1[k0, i1, i2, i3])
-        tmp_sum14 = torch.einsum('abcd,eafg->ebfgcd', conv1_weight, d_conv1)
-        d_x = _window_add(tmp_sum14, (N, 1, 8, 8), ((2, 1, 1, 8, 3), (3, 1, 1, 8, 3)))
-        del tmp_sum14
+        d_x = torch.nn.grad.conv2d_input((N, 1, 8, 8), conv1_weight, d_conv1, stride=(1, 1), padding=(1, 1))
 
     if _need_conv1_weight:
         # dL/dconv1_weight (through conv1): d_conv1_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3]*x[i0, k1, i2 + k2 - 1, i3 + k3 - 1])
-        tmp_sum15 = torch.nn.functional.pad(x, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)
-        d_conv1_weight = torch.einsum('abcd,aecdfg->befg', d_conv1, tmp_sum15)
-        del tmp_sum15
+        d_conv1_weight = torch.nn.grad.conv2d_weight(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
 
     if _need_conv1_bias:
         # dL/dconv1_bias (through conv1): d_conv1_bias[k0] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3])

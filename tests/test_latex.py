@@ -29,6 +29,7 @@ from symbackprop.check import call_args, random_batch
 from symbackprop.cli import main
 from symbackprop.emit.printers import NumpyCodePrinter
 from symbackprop.emit.render import module_filename
+from symbackprop.graph import MaxOver
 
 from conftest import EXAMPLES, ROOT, build, write_spec
 
@@ -84,7 +85,11 @@ def evaluate(expr: sp.Basic, env: dict[sp.Symbol, int], values: dict[str, np.nda
     """One entry of an index-notation expression: Sums loop, tensors are looked up."""
     ev = lambda e: evaluate(e, env, values, sizes)  # noqa: E731
     if isinstance(expr, sp.Indexed):
-        return float(values[str(expr.base.label)][tuple(int(ev(i)) for i in expr.indices)])
+        array = values[str(expr.base.label)]
+        at = tuple(int(ev(i)) for i in expr.indices)
+        if any(not 0 <= i < n for i, n in zip(at, array.shape, strict=True)):
+            return 0.0  # a window read in the padding (convolutions): zero
+        return float(array[at])
     if isinstance(expr, sp.Symbol):
         if expr in env:
             return env[expr]
@@ -100,6 +105,11 @@ def evaluate(expr: sp.Basic, env: dict[sp.Symbol, int], values: dict[str, np.nda
         for v in range(int(ev(lo)), int(ev(hi)) + 1):
             total += evaluate(inner, {**env, var: v}, values, sizes)
         return total
+    if isinstance(expr, MaxOver):
+        (var, lo, hi), *rest = expr.limits
+        inner = MaxOver(expr.function, *rest) if rest else expr.function
+        return max(evaluate(inner, {**env, var: v}, values, sizes)
+                   for v in range(int(ev(lo)), int(ev(hi)) + 1))
     if isinstance(expr, sp.Add):
         return sum(ev(a) for a in expr.args)
     if isinstance(expr, sp.Mul):
@@ -239,8 +249,8 @@ def test_seed_derivation_reads_like_a_textbook(seed_doc: latex.Document) -> None
     assert md.count(r"\sigma'") == 6  # per sigmoid: its Jacobian, the index and matrix step
     # ... the contraction with the Kronecker delta summed out, in index and matrix form ...
     assert (r"\frac{\partial L}{\partial h_{\mathrm{fc1},ni}} & = \sum_{m=1}^{N} "
-            r"\varepsilon_{\mathrm{fc2},m1} \delta_{nm} W_{\mathrm{fc2},1i} = "
-            r"\varepsilon_{\mathrm{fc2},n1} W_{\mathrm{fc2},1i}") in backward
+            r"\varepsilon_{\mathrm{fc2},m,1} \delta_{nm} W_{\mathrm{fc2},1i} = "
+            r"\varepsilon_{\mathrm{fc2},n,1} W_{\mathrm{fc2},1i}") in backward
     assert (r"\frac{\partial L}{\partial \mathbf{h}_{\mathrm{fc1}}} & = "
             r"\boldsymbol{\varepsilon}_{\mathrm{fc2}} \mathbf{W}_{\mathrm{fc2}}") in backward
     # ... and the error recursion.
@@ -464,7 +474,7 @@ def test_expand_writes_every_scalar_weight(capsys) -> None:
     assert len(rows) == 13  # the seed network's 13 parameters
     assert r"\frac{\partial L}{\partial W_{\mathrm{fc1},12}} & = \frac{2}{N} \, " \
            r"W_{\mathrm{fc2},11} \sum_{n=1}^{N}" in section
-    assert r"z_{\mathrm{fc1},n1} & = " in section
+    assert r"z_{\mathrm{fc1},n,1} & = " in section
 
 
 def test_expand_refuses_big_networks(capsys) -> None:

@@ -193,8 +193,12 @@ def _top(terms: list[tuple[sp.Expr, Digit]], extents: Mapping[sp.Symbol, sp.Expr
     """The largest value of a digit sum (each digit at its largest)."""
     total: sp.Expr = sp.Integer(0)
     for coef, digit in terms:
-        most = (digit.size - 1 if digit.size is not None
-                else sp.floor((extents[digit.var] - 1) / digit.lo))
+        if digit.size is not None:
+            most = digit.size - 1
+        elif divides(digit.lo, extents[digit.var]):
+            most = sp.cancel(extents[digit.var] / digit.lo) - 1
+        else:
+            most = sp.floor((extents[digit.var] - 1) / digit.lo)
         total += coef * most
     return total
 

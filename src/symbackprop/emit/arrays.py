@@ -13,6 +13,7 @@ import sympy as sp
 
 from ..ir.nodes import (
     Assign,
+    Conv,
     Einsum,
     Full,
     Gather,
@@ -21,6 +22,7 @@ from ..ir.nodes import (
     LogSoftmax,
     Map,
     MatMul,
+    MaxPool,
     Program,
     Reduce,
     Reshape,
@@ -195,6 +197,10 @@ class ArrayPrinter:
         if isinstance(op, ScatterAdd):
             self.helpers.add("scatter_add")
             return f"_scatter_add({op.values}, {op.index}, {self.shape(op.shape)})"
+        if isinstance(op, Conv):
+            return self.conv(op)
+        if isinstance(op, MaxPool):
+            return self.max_pool(op)
         if isinstance(op, WindowAdd):
             self.helpers.add("window_add")
             return f"_window_add({op.values}, {self.shape(op.shape)}, {op.slides!r})"
@@ -224,6 +230,12 @@ class ArrayPrinter:
         return text
 
     # backend hooks
+    def conv(self, op: Conv) -> str:
+        raise NotImplementedError
+
+    def max_pool(self, op: MaxPool) -> str:
+        raise NotImplementedError
+
     def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
         raise NotImplementedError
 
@@ -281,6 +293,23 @@ class NumpyArrayPrinter(ArrayPrinter):
 
     def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
         return f"numpy.pad({code}, {tuple(pads)!r})"
+
+    def max_pool(self, op: MaxPool) -> str:
+        self.helpers.add("max_pool")
+        return f"_max_pool({op.src}, {op.kernel!r}, {op.stride!r})"
+
+    def conv(self, op: Conv) -> str:
+        # numpy has no convolution: helpers over strided windows (see the template)
+        geometry = f"{op.stride!r}, {op.pad!r}"
+        if op.mode == "forward":
+            self.helpers.add("conv")
+            bias = f", {op.bias}" if op.bias else ""
+            return f"_conv({op.a}, {op.b}, {geometry}{bias})"
+        if op.mode == "weight":
+            self.helpers.add("conv_weight")
+            return f"_conv_weight({op.a}, {op.b}, {self.shape(op.shape[2:])}, {geometry})"
+        self.helpers.add("conv_input")
+        return f"_conv_input({op.a}, {op.b}, {self.shape(op.shape)}, {geometry})"
 
     def slide(self, code: str, slid: list[tuple[int, Slide]]) -> str:
         # a view: entry [..., i, ..., a] is code[..., i + a, ...] (the stride is taken
@@ -369,6 +398,22 @@ class TorchArrayPrinter(ArrayPrinter):
 
     def arange(self, iota: Iota) -> str:
         return f"torch.arange({self.scalar.doprint(iota.extent)}, device={iota.like}.device)"
+
+    def max_pool(self, op: MaxPool) -> str:
+        return (f"torch.nn.functional.max_pool{len(op.kernel)}d({op.src}, {op.kernel!r}, "
+                f"{op.stride!r})")
+
+    def conv(self, op: Conv) -> str:
+        d = len(op.stride)
+        geometry = f"stride={op.stride!r}, padding={op.pad!r}"
+        if op.mode == "forward":
+            bias = f", {op.bias}" if op.bias else ""
+            return f"torch.nn.functional.conv{d}d({op.a}, {op.b}{bias}, {geometry})"
+        if op.mode == "weight":
+            return (f"torch.nn.grad.conv{d}d_weight({op.a}, {self.shape(op.shape)}, {op.b}, "
+                    f"{geometry})")
+        return (f"torch.nn.grad.conv{d}d_input({self.shape(op.shape)}, {op.b}, {op.a}, "
+                f"{geometry})")
 
     def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
         first = next(n for n, p in enumerate(pads) if p != (0, 0))

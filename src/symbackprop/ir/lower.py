@@ -43,6 +43,7 @@ from .nodes import (
     Iota,
     Map,
     MatMul,
+    MaxPool,
     Phase,
     Program,
     Reduce,
@@ -101,8 +102,14 @@ class Lowerer:
         for name in deriv.computed:
             node = deriv.node(name)
             self.shapes[name] = node.shape
-            self.assign(name, deriv.forward[name], node.indices(), "forward",
-                        forward_comment(deriv, name))
+            body = deriv.forward[name]
+            top = node.meta.get("maximum")
+            if isinstance(top, str) and top in deriv.computed:
+                # a max's value, sum(x e) / sum(e) over its ties e = [x == M], is M
+                # itself (every tie equals the maximum): computed as M, differentiated
+                # as the sums
+                body = ref(top, node.indices())
+            self.assign(name, body, node.indices(), "forward", forward_comment(deriv, name))
         # Without a seed argument dL/dL is the number 1, folded where it is a factor of an
         # adjoint that also multiplies an array: a 0-d array of ones costs microseconds
         # per scalar operation on it, and the product keeps the array's dtype (numpy and
@@ -475,10 +482,40 @@ class Lowerer:
         full = (*free, *limits)
         target = target or self._temp()
         self.shapes[target] = tuple(extents[a] for a in free)
+        pool = self._max_pool(arg, free, limits, extents)
+        if pool is not None:
+            self._emit(target, pool, phase)
+            return ref(target, free)
         body, views = self.viewify(arg, full, extents)
         self._emit(target, Reduce("max", body, views, tuple(range(len(free), len(full))),
                                   len(full)), phase)
         return ref(target, free)
+
+    def _max_pool(self, arg: sp.Expr, free: tuple[sp.Symbol, ...], limits: list[sp.Symbol],
+                  extents: dict[sp.Symbol, sp.Expr]) -> MaxPool | None:
+        """``max_{a} x[n, c, s*i + a]`` over the trailing axes, each window whole
+        (no padding, as many positions as torch's floor mode gives): a max pooling."""
+        d = len(limits)
+        if not isinstance(arg, sp.Indexed) or d not in (1, 2) or arg.rank != len(free):
+            return None
+        lead = arg.rank - d
+        if tuple(arg.indices[:lead]) != free[:lead]:
+            return None
+        kernel: list[int] = []
+        stride: list[int] = []
+        for m, a in enumerate(limits):
+            index, pos = arg.indices[lead + m], free[lead + m]
+            coeffs = index.as_coefficients_dict()
+            step = coeffs.get(pos)
+            n = self.shapes[_src(arg)][lead + m]
+            k, q = sp.sympify(extents[a]), sp.sympify(extents[pos])
+            if (set(coeffs) != {pos, a} or coeffs[a] != 1 or not step or not step.is_Integer
+                    or not (n.is_Integer and k.is_Integer and q.is_Integer)
+                    or (int(n) - int(k)) // int(step) + 1 != int(q)):
+                return None
+            kernel.append(int(k))
+            stride.append(int(step))
+        return MaxPool(_src(arg), tuple(kernel), tuple(stride))
 
     # -- views --------------------------------------------------------------------------
     def view(self, r: sp.Indexed, axes: tuple[sp.Symbol, ...],

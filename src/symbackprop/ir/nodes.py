@@ -25,6 +25,8 @@ Ops:
 * :class:`ScatterAdd` — rows added at integer ids (the adjoint of a :class:`Gather` view);
 * :class:`WindowAdd` — windows added back at their positions (the adjoint of a
   :class:`Window` view: a convolution's input gradient, a pooling's);
+* :class:`Conv` — a convolution or one of its two gradients (a pass forms it);
+* :class:`MaxPool` — the maximum of each window (a max over a window read);
 * :class:`Stack` — arrays stacked along a new axis (the adjoint of fixed-index reads);
 * :class:`Seed` — dL/dL = 1, in the loss's dtype.
 
@@ -384,6 +386,49 @@ class WindowAdd:
 
 
 @dataclass(frozen=True)
+class Conv:
+    """A convolution over the last ``len(stride)`` axes (a cross-correlation, as
+    ``torch.nn.functional.conv2d``) or one of its gradients; the conv pass forms it from
+    a window read and the contraction around it:
+
+    * ``forward``: ``out[n, o, i] = sum_{c,a} b[o, c, a] a[n, c, s*i + a - p] (+ bias[o])``;
+    * ``weight``: ``out[o, c, a] = sum_{n,i} b[n, o, i] a[n, c, s*i + a - p]`` (a = the
+      input, b = the output's adjoint);
+    * ``input``: ``out[n, c, h] = sum_{o,i,a: s*i + a - p = h} a[n, o, i] b[o, c, a]``
+      (a = the output's adjoint, b = the kernel).
+
+    ``shape``: the result's shape (the gradients need it: several inputs sizes give one
+    output size)."""
+
+    mode: Literal["forward", "weight", "input"]
+    a: str
+    b: str
+    stride: tuple[int, ...]
+    pad: tuple[int, ...]
+    shape: tuple[sp.Expr, ...]
+    bias: str = ""
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.a, self.b} | ({self.bias} if self.bias else set()))
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    """The maximum of each window of ``kernel`` over the last ``len(kernel)`` axes of
+    ``src``, every ``stride``-th position, no padding (torch's floor mode): a max
+    reduction over a window read, recognised where max reductions are lowered."""
+
+    src: str
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.src})
+
+
+@dataclass(frozen=True)
 class Stack:
     """Arrays of one shape stacked along a new axis ``axis``: entry j of that axis is
     ``parts[j]``, or zeros where ``parts[j]`` is None. The adjoint of an array read at
@@ -398,7 +443,7 @@ class Stack:
 
 
 Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | Full | Seed | ScatterAdd
-      | WindowAdd | Stack)
+      | WindowAdd | Conv | MaxPool | Stack)
 
 
 @dataclass(frozen=True)

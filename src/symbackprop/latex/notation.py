@@ -340,7 +340,11 @@ class IndexPrinter(LatexPrinter):
 
     def sub(self, indices: Sequence[sp.Expr]) -> str:
         parts = [self.index(i) for i in indices]
-        return "".join(parts) if all(len(p) == 1 for p in parts) else ",".join(parts)
+        # single letters run together (W_{ij}); a number after a letter needs the commas
+        # (W_{k,1}: W_{k1} would read as k_1)
+        plain = all(len(p) == 1 for p in parts) and not any(
+            b.isdigit() and a.isalpha() for a, b in zip(parts, parts[1:], strict=False))
+        return "".join(parts) if plain else ",".join(parts)
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
         return self.names.element(expr.base.name, self.sub(expr.indices))

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import sympy as sp
 
+from .. import naming
 from ..errors import ShapeError
 from ..graph import Graph, Node, out_index, sum_index
 from ..spec import LayerSpec, Where
@@ -293,8 +294,10 @@ class MaxPool2d(_Pool):
         read, limits, shape, kernel = cls.windows(graph, spec, x)
         label = f"max over each {' x '.join(map(str, kernel))} window"
         body = max_over(graph, spec.name, spec.where, 1, read, list(limits), shape, label)
-        return graph.op(spec.name, shape, body, layer=spec.name, where=spec.where,
+        node = graph.op(spec.name, shape, body, layer=spec.name, where=spec.where,
                         kind="reduction", label=label)
+        node.meta["maximum"] = naming.reduction(spec.name, "top", 1)
+        return node
 
     @classmethod
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
@@ -348,7 +351,7 @@ class AvgPool2d(_Pool):
     def derivation_note(cls, spec: LayerSpec) -> Note:
         return ((
             "Average pooling, collected. Each window's mean spreads its adjoint evenly "
-            "over the window's ", "k_h k_w", " entries, added where windows overlap:"),
+            "over the window's ", r"k_{h} k_{w}", " entries, added where windows overlap:"),
             ((r"\frac{\partial L}{\partial x_{n,c,h,w}}",
-              r"= \frac{1}{k_h k_w} \sum_{i,j\,:\; 0 \le h - s i < k_h,\; "
-              r"0 \le w - s j < k_w} \delta_{n,c,i,j}"),))
+              r"= \frac{1}{k_{h} k_{w}} \sum_{i,j\,:\; 0 \le h - s i < k_{h},\; "
+              r"0 \le w - s j < k_{w}} \delta_{n,c,i,j}"),))

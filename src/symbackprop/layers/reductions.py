@@ -92,6 +92,8 @@ class IndexReducer:
         name = naming.reduction(self.layer, kind, self.count)
         node = self.graph.op(name, shape, body, layer=self.layer, where=self.where,
                              kind="reduction", label=label)
+        if kind == "max":
+            node.meta["maximum"] = naming.reduction(self.layer, "top", self.count)
         return node.element(tuple(self.indices[b] for b in kept))
 
     def _max(self, inner: sp.Expr, limits: list[tuple[sp.Symbol, sp.Expr, sp.Expr]],
@@ -108,7 +110,10 @@ def max_over(graph: Graph, layer: str, where: Where, count: int, inner: sp.Expr,
     after ``layer`` and ``count``. A max pooling is one, over each window.
 
     The ties are a tensor of their own (not fused into the value): a comparison inside a
-    sum would be folded out of it by sympy when differentiating."""
+    sum would be folded out of it by sympy when differentiating. The caller marks the
+    value's node ``meta["maximum"]`` = the maximum's name: the forward pass computes
+    the value as the maximum itself (every tie equals it, so sum(x e) / sum(e) does),
+    while the chain rule differentiates the sums."""
     top = graph.op(naming.reduction(layer, "top", count), shape, MaxOver(inner, *limits),
                    layer=layer, where=where, kind="reduction",
                    label=label + " (the maximum itself)")

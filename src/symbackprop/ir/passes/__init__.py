@@ -2,7 +2,8 @@
 
 :func:`function` runs them in order for one generated function: select what its outputs
 need, fuse single-use elementwise temporaries, share common subexpressions, then the
-pattern passes (log-softmax, product + bias, activation-backward kernels), each pattern
+pattern passes (convolutions, log-softmax, product + bias, activation-backward kernels),
+each pattern
 recognised in exactly one of them. Freeing after last use and in-place reuse are the
 memory pass, run by the printer's caller once the function's inputs are known.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from ..nodes import Assign, Program
+from .conv import conv
 from .cse import cse
 from .fuse import fuse
 from .kernels import kernels
@@ -28,10 +30,12 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = select(program.stmts, outputs)
     stmts = fuse(stmts, program, protected)
     stmts = cse(stmts, program)
+    stmts = conv(stmts, program, protected)
     stmts = log_softmax(stmts, program, protected)
     stmts = linear(stmts, program, protected)
     stmts = kernels(stmts, program)
     return stmts
 
 
-__all__ = ["function", "memory", "select", "fuse", "cse", "log_softmax", "linear", "kernels"]
+__all__ = ["function", "memory", "select", "fuse", "cse", "conv", "log_softmax", "linear",
+           "kernels"]
