@@ -344,7 +344,13 @@ def _window_add(values, shape, slides):
     # pooling's): values[..., i, ..., a, ...] is added back at stride * i + a - pad along
     # each slid axis (values has one window axis per slid axis, last). Overlapping
     # windows sum; what falls into the zero padding is dropped. One strided add per
-    # kernel tap.
+    # kernel tap; windows that tile their axes exactly (a 2 x 2 pooling of an even
+    # image) are one interleaving of each kernel axis after its position axis instead.
+    if all(stride == size and pad == 0 and count * size == shape[axis]
+           for axis, stride, pad, count, size in slides):
+        taps = {axis: len(shape) + m for m, (axis, *_) in enumerate(slides)}
+        order = [a for axis in range(len(shape)) for a in (axis, taps.get(axis)) if a is not None]
+        return values.permute(order).reshape(shape)
     padded = list(shape)
     for axis, stride, pad, count, size in slides:
         padded[axis] = max(pad + shape[axis], stride * (count - 1) + size)
@@ -635,8 +641,8 @@ def loss_and_grad(params, *, x, label):
         del d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, i3, s0, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, i3, s0, s1]))
-        tmp_sum9 = torch.sum(pool1_ties1.permute(2, 3, 0, 1, 4, 5), dim=(4, 5))
-        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9.permute(2, 3, 0, 1)[:, :, :, :, None, None]
+        tmp_sum9 = pool1_ties1.sum(dim=(4, 5))
+        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9[:, :, :, :, None, None]
         del pool1_ties1, d_pool1, tmp_sum9
         d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
         del tmp_sum10
@@ -786,8 +792,8 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
         del d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, i3, s0, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, i3, s0, s1]))
-        tmp_sum9 = torch.sum(pool1_ties1.permute(2, 3, 0, 1, 4, 5), dim=(4, 5))
-        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9.permute(2, 3, 0, 1)[:, :, :, :, None, None]
+        tmp_sum9 = pool1_ties1.sum(dim=(4, 5))
+        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9[:, :, :, :, None, None]
         del d_pool1, tmp_sum9
         if release:
             _release(pool1_ties1)

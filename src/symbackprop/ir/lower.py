@@ -222,7 +222,7 @@ class Lowerer:
                         seen.append(i)
         if order is not None:
             return tuple(a for a in order if a in seen)
-        return tuple(sorted(seen, key=lambda s: s.name))
+        return tuple(sorted(seen, key=_axis_order))
 
     def _sum(self, expr: sp.Sum, axes: tuple[sp.Symbol, ...] | None,
              extents: dict[sp.Symbol, sp.Expr], phase: Phase, target: str | None) -> sp.Expr:
@@ -413,12 +413,13 @@ class Lowerer:
                              "supported")
         rest = sp.Mul(*(f for f in factors if f is not delta))
         extra = [i for i in limits if i not in index.indices]
+        layout = (*index.indices, *free[1:])
         if extra:
             # Axes the ids do not span (the batch, for positions shared by every row) are
-            # summed first; the scatter then adds one row per id.
-            rest = self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), None,
+            # summed first, into the rows' layout; the scatter then adds one row per id.
+            order = layout if set(layout) <= _covered(rest) else None
+            rest = self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), order,
                              extents, phase, None)
-        layout = (*index.indices, *free[1:])
         if isinstance(rest, sp.Indexed) and tuple(rest.indices) == layout:
             values = _src(rest)
         else:
@@ -695,6 +696,15 @@ def slide(index: sp.Expr, extents: dict[sp.Symbol, sp.Expr],
     tap = min(ones, key=size)
     (pos,) = [v for v in coeffs if v != tap]
     return pos, tap, int(coeffs[pos]), pad
+
+
+def _axis_order(s: sp.Symbol) -> tuple[int, int, str]:
+    """The axes of a nested sum's result, in the order the statement around it most
+    likely has them: a gradient's own axes (k0, k1, ...), then the operation's output
+    axes (i0, i1, ...), each by number (so no transpose is needed to read it back)."""
+    head, number = s.name[:1], s.name[1:]
+    rank = {"k": 0, "i": 1}.get(head, 2)
+    return (rank, int(number) if number.isdigit() else 0, s.name)
 
 
 def _index_symbols(index: sp.Expr) -> list[sp.Symbol]:
