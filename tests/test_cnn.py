@@ -45,7 +45,7 @@ def _compare(modules, params, batch, twin_loss, *, tol: float = 1e-9) -> None:
     ref = twin_loss(leaves, tbatch)
     ref.backward()
     expected = {k: v.grad.numpy() for k, v in leaves.items()}
-    assert np.isfinite(float(ref))
+    assert np.isfinite(ref.item())
 
     def close(got, want, what):
         got = np.asarray(got)
@@ -261,3 +261,70 @@ def test_generated_cnn_is_up_to_date() -> None:
 
     assert main(["generate", str(EXAMPLES / "cnn.yaml"), "--out",
                  str(ROOT / "generated"), "--check"]) == 0
+
+
+# -- the machinery: delta elimination, lowering and the conv pass -------------------------
+
+def test_window_deltas_stay_and_inner_tap_sums_merge() -> None:
+    """d/dx of sum_{a} W[a] x[2i + a - 1]: the delta pins neither i nor a alone, so it stays
+    in one flat sum over positions and taps (the window-add form)."""
+    import sympy as sp
+
+    from symbackprop.derive.calculus import eliminate_deltas
+
+    i, a, k = sp.symbols("i0 s0 k0", integer=True)
+    g, w = sp.IndexedBase("g"), sp.IndexedBase("W")
+    inner = sp.Sum(w[a] * sp.KroneckerDelta(2 * i + a - 1, k), (a, 0, 2))
+    out = eliminate_deltas(sp.Sum(g[i] * inner, (i, 0, 3)), {k: sp.Integer(8)})
+    assert isinstance(out, sp.Sum) and {lim[0] for lim in out.limits} == {i, a}
+    assert out.function.has(sp.KroneckerDelta)
+    # a 2-wide window with stride 2 tiles an 8-long axis like a reshape, but its tap stays
+    # a tap (the adjoint reads g at floor(k/2) only)
+    tiled = sp.Sum(g[i] * sp.Sum(sp.KroneckerDelta(2 * i + a, k), (a, 0, 1)), (i, 0, 3))
+    assert eliminate_deltas(tiled, {k: sp.Integer(8)}).has(sp.KroneckerDelta)
+
+
+def test_a_digit_delta_that_misses_the_last_rows_is_no_reshape() -> None:
+    """delta(2*i + j, k) with i < 3, j < 2 covers k < 6: a reshape only when k has 6 values."""
+    import sympy as sp
+
+    from symbackprop.derive.calculus import eliminate_deltas
+
+    i, j, k = sp.symbols("i0 i1 k0", integer=True)
+    g = sp.IndexedBase("g")
+    expr = sp.Sum(g[i, j] * sp.KroneckerDelta(2 * i + j, k), (i, 0, 2), (j, 0, 1))
+    assert not eliminate_deltas(expr, {k: sp.Integer(6)}).has(sp.KroneckerDelta)
+    assert eliminate_deltas(expr, {k: sp.Integer(7)}).has(sp.KroneckerDelta)
+
+
+def test_conv_pass_makes_each_contraction_one_call() -> None:
+    model = compile_spec(EXAMPLES / "cnn.yaml")
+    torch_src, numpy_src = model.source("torch"), model.source("numpy")
+    for call in ("torch.nn.functional.conv2d(x, conv1_weight, conv1_bias, stride=(1, 1), "
+                 "padding=(1, 1))",
+                 "torch.nn.grad.conv2d_weight(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), "
+                 "padding=(1, 1))",
+                 "torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight, d_conv2, "
+                 "stride=(1, 1), padding=(0, 0))",
+                 "torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))"):
+        assert call in torch_src, call
+    assert "einsum" not in torch_src
+    assert "_conv(x, conv1_weight, (1, 1), (1, 1), conv1_bias)" in numpy_src
+    assert "_conv_input(d_conv2, conv2_weight, (N, 8, 4, 4), (1, 1), (0, 0))" in numpy_src
+
+
+def test_windows_print_as_strided_views() -> None:
+    """A window read that no pass turns into a convolution (an average pool's mean over
+    overlapping, padded-free windows) prints as one strided view of the array."""
+    import sympy as sp
+
+    from symbackprop.emit.arrays import array_printer
+    from symbackprop.ir.nodes import Program, Slide, Window
+
+    program = Program([], {"x": (sp.Symbol("N"), sp.Integer(2), sp.Integer(7))})
+    view = Window("x", (None, None, None), (0, 1, Slide(2, 3, 2, 1, 4, 3)), 4)
+    assert array_printer("numpy", program).view(view) == (
+        "numpy.lib.stride_tricks.sliding_window_view(numpy.pad(x, ((0, 0), (0, 0), (1, 1))), "
+        "(3,), axis=(2,))[:, :, ::2]")
+    assert array_printer("torch", program).view(view) == (
+        "torch.nn.functional.pad(x, (1, 1)).unfold(2, 3, 2)")
