@@ -328,3 +328,14 @@ def test_windows_print_as_strided_views() -> None:
         "(3,), axis=(2,))[:, :, ::2]")
     assert array_printer("torch", program).view(view) == (
         "torch.nn.functional.pad(x, (1, 1)).unfold(2, 3, 2)")
+
+
+def test_derivation_prints_padded_windows_one_based() -> None:
+    """0-based x[n, 0, i + a - 1] (padding 1) is x_{n,1,j+p-2} with 1-based j, p: at
+    j = p = 1 it reads row -1 (0-based), the padding."""
+    from symbackprop.api import derive_document
+
+    text = derive_document(EXAMPLES / "cnn.yaml").render("md")
+    assert r"x_{n,1,j + p - 2,k + q - 2}" in text
+    assert r"\mathrm{pool1}_{n,l,j + p - 1,k + q - 1}" in text
+    assert r"h_{\mathrm{relu1},n,i,2\,(j-1) + l,2\,(k-1) + p}" in text

@@ -308,23 +308,25 @@ class IndexPrinter(LatexPrinter):
             return self.letters[i]
         if i.is_Integer:
             return str(int(i) + 1)
-        terms = radix.parse_index(i)
+        const, rest = i.as_coeff_Add()
+        terms = radix.parse_index(rest) if const.is_Integer else None
         if terms is not None:
-            return self._affine_index(terms)
+            return self._affine_index(terms, int(const))
         return self._print(i)
 
-    def _affine_index(self, terms: list[tuple[sp.Expr, radix.Digit]]) -> str:
-        r"""A reshape's index in the derivation's 1-based notation: the 0-based digit sum
-        ``8*i2 + i3`` reads ``8(i-1) + j``; ``floor(i/8)``, ``Mod(i, 8)`` read
-        ``\lfloor (i-1)/8 \rfloor + 1`` and ``(i-1) \bmod 8 + 1``."""
+    def _affine_index(self, terms: list[tuple[sp.Expr, radix.Digit]], const: int = 0) -> str:
+        r"""An affine index in the derivation's 1-based notation: the 0-based digit sum
+        ``8*i2 + i3`` (a reshape) reads ``8(i-1) + j``; ``floor(i/8)``, ``Mod(i, 8)`` read
+        ``\lfloor (i-1)/8 \rfloor + 1`` and ``(i-1) \bmod 8 + 1``; a convolution's
+        padded window ``i2 + s1 - 1`` reads ``j + p - 2``."""
         parts: list[str] = []
-        one = False  # whether the +1 of the 1-based index is already counted
+        offset = const + 1  # the 1-based index is the 0-based one plus 1
         for coef, digit in sorted(terms, key=lambda t: -int(t[0]) if t[0].is_Integer else 0):
             letter = self.index(digit.var)
             plain = digit.lo == 1 and digit.size is None
-            if plain and coef == 1 and not one:
-                parts.append(letter)
-                one = True
+            if plain and coef == 1:
+                parts.append(letter)  # a 1-based letter is the 0-based index plus 1
+                offset -= 1
                 continue
             value = f"{letter}-1"
             if digit.lo != 1:
@@ -336,7 +338,8 @@ class IndexPrinter(LatexPrinter):
                 value = rf"{self._print(coef)}\,({value})" if digit.lo == 1 or \
                     digit.size is not None else rf"{self._print(coef)}{value}"
             parts.append(value)
-        return " + ".join(parts) + ("" if one else " + 1")
+        text = " + ".join(parts)
+        return text + (f" + {offset}" if offset > 0 else f" - {-offset}" if offset < 0 else "")
 
     def sub(self, indices: Sequence[sp.Expr]) -> str:
         parts = [self.index(i) for i in indices]
