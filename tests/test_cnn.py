@@ -339,3 +339,44 @@ def test_derivation_prints_padded_windows_one_based() -> None:
     assert r"x_{n,1,j + p - 2,k + q - 2}" in text
     assert r"\mathrm{pool1}_{n,l,j + p - 1,k + q - 1}" in text
     assert r"h_{\mathrm{relu1},n,i,2\,(j-1) + l,2\,(k-1) + p}" in text
+
+
+def test_generated_backward_is_differentiable(tmp_path) -> None:
+    """The torch Model's backward through conv2d / conv2d_weight / conv2d_input and the
+    pooling's window-add is itself differentiable: gradgradcheck on a smooth network, and
+    a Hessian-vector product of the CNN against torch.nn's."""
+    (tmp_path / "c1").mkdir()
+    _, modules = build(tmp_path / "c1", CONV1D)
+    mod = modules["torch"]
+    model = mod.Model(seed=1, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 3, 11, generator=g, dtype=torch.float64).requires_grad_(),
+            torch.randn(2, 2, generator=g, dtype=torch.float64).requires_grad_(),
+            *model.parameters()]
+
+    def f(*a):
+        return mod.LossFunction.apply(*a)[0]
+
+    assert torch.autograd.gradcheck(f, args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, args, fast_mode=True)
+
+    (tmp_path / "cnn").mkdir()
+    _, cnn = build(tmp_path / "cnn", (EXAMPLES / "cnn.yaml").read_text(encoding="utf-8"))
+    model = cnn["torch"].Model(seed=2, dtype=torch.float64)
+    twin = Cnn().double()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64)
+    label = torch.randint(0, 10, (5,), generator=g)
+    v = {k: torch.randn(p.shape, generator=g, dtype=torch.float64)
+         for k, p in model.named_parameters()}
+
+    def hvp(module, loss):
+        names, params = zip(*module.named_parameters(), strict=True)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        dot = sum((gi * v[k]).sum() for k, gi in zip(names, grads, strict=True))
+        return dict(zip(names, torch.autograd.grad(dot, params), strict=True))
+
+    got, want = hvp(model, model(x=x, label=label)), hvp(twin, twin.loss(x, label))
+    for k in want:
+        scale = max(float(want[k].abs().max()), 1e-30)
+        assert float((got[k] - want[k]).abs().max()) <= 1e-10 * scale, k
