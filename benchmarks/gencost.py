@@ -64,10 +64,33 @@ def formula_yaml(name: str, terms: int) -> str:
             "loss: {type: mse, target: t}\n")
 
 
+def blocks_yaml(name: str, count: int) -> str:
+    """``count`` stacked pre-LayerNorm GPT blocks (4 causal heads over 32 features, a 4x
+    gelu_tanh MLP) on ``x: [N, T, 32]``, through ``blocks:`` and ``repeat:``."""
+    return f"""name: {name}
+inputs: {{x: [N, T, 32]}}
+targets: {{t: [N, T, 32]}}
+blocks:
+  block:
+    inputs: [x]
+    layers:
+      - {{name: ln_1, type: layernorm}}
+      - {{name: attn, type: attention, heads: 4, causal: true}}
+      - {{name: res1, type: add, input: [x, attn]}}
+      - {{name: ln_2, type: layernorm}}
+      - {{name: c_fc, type: dense, units: 128, activation: gelu_tanh}}
+      - {{name: c_proj, type: dense, units: 32}}
+      - {{name: res2, type: add, input: [res1, c_proj]}}
+layers:
+  - {{name: h, type: block, repeat: {count}}}
+loss: {{type: mse, target: t}}
+"""
+
+
 def cases(which: str) -> list[GenCase]:
     """``which``: "all" (MLP, widths 16/4096, depths 8/16/32), "mlp" (the MLP only), or
     "sweep" (cost against op count: 64-wide tanh MLPs of depth 8/32/128, ten chained
-    activation layers, one 16-term formula, the MLP)."""
+    activation layers, one 16-term formula, 1/2/4 stacked GPT blocks, the MLP)."""
     out = [GenCase("mlp", "MLP 784-256-256-10 (benchmarks/specs/mlp784.yaml)", None,
                    SPECS / "mlp784.yaml")]
     if which == "mlp":
@@ -82,6 +105,10 @@ def cases(which: str) -> list[GenCase]:
                            chain_yaml("gen_acts10", 10)))
         out.append(GenCase("formula16", "one 16-term activation formula",
                            formula_yaml("gen_formula16", 16)))
+        for count in (1, 2, 4):
+            out.append(GenCase(f"blocks{count}", f"{count} stacked GPT block"
+                               f"{'s' if count > 1 else ''} (`repeat: {count}`)",
+                               blocks_yaml(f"gen_blocks{count}", count)))
         return out
     for width in (16, 4096):
         out.append(GenCase(f"w{width}", f"784-{width}-{width}-10 (width {width})",
