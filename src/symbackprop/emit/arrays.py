@@ -311,7 +311,10 @@ class NumpyArrayPrinter(ArrayPrinter):
         k = len(op.axes)
         if op.axes != tuple(range(op.rank - k, op.rank)) or k == op.rank or k < 2:
             return None
-        extents = self.program.shapes[view.src][op.rank - k:]
+        shape = self.program.shapes.get(view.src)
+        if shape is None or len(shape) != op.rank:
+            return None
+        extents = shape[op.rank - k:]
         if not all(sp.sympify(n).is_Integer for n in extents) or math.prod(
                 int(n) for n in extents) > 16:
             return None
