@@ -57,8 +57,8 @@ DERIVATION_PASSES = {
         'z_{\\mathrm{conv1},nijk} & = \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv1},i,1,p,q} x_{n,1,j + p - 2,k + q - 2} + b_{\\mathrm{conv1},i} \\\\\n'
         'h_{\\mathrm{relu1},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv1},nijk}\\right) \\\\\n'
         '\\mathrm{top1}_{\\mathrm{pool1},nijk} & = \\max_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
-        '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{top1}_{\\mathrm{pool1},nijk} = h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
-        '\\mathrm{pool1}_{nijk} & = \\frac{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijklp} h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}}{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijklp}} \\\\\n'
+        '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{top1}_{\\mathrm{pool1},nijl} = h_{\\mathrm{relu1},n,i,2\\,(j-1) + k,2\\,(l-1) + p} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
+        '\\mathrm{pool1}_{nijk} & = \\frac{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp} h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}}{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp}} \\\\\n'
         'z_{\\mathrm{conv2},nijk} & = \\sum_{l=1}^{8} \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv2},ilpq} \\mathrm{pool1}_{n,l,j + p - 1,k + q - 1} + b_{\\mathrm{conv2},i} \\\\\n'
         'h_{\\mathrm{relu2},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv2},nijk}\\right) \\\\\n'
         'h_{\\mathrm{flat},ni} & = h_{\\mathrm{relu2},n,\\left\\lfloor (i-1)/4 \\right\\rfloor + 1,\\left\\lfloor (i-1)/2 \\right\\rfloor \\bmod 2 + 1,(i-1) \\bmod 2 + 1} \\\\\n'
@@ -133,9 +133,9 @@ DERIVATION_PASSES = {
         '\\end{aligned} \\\\\n'
         '\\mathbf{h}_{\\mathrm{relu1}} \\text{ is read by } \\mathtt{pool1} \\text{ (max over each 2 x 2 window, a reduction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\frac{\\partial \\mathrm{pool1}_{nijk}}{\\partial h_{\\mathrm{relu1},mlpq}} & = \\frac{\\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{p,2\\,(j-1) + r} \\delta_{q,2\\,(k-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},nijkrs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijkrs}} \\\\\n'
-        '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlpqrs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},mlpqrs}} \\\\\n'
-        ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilpqr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilpqr}}\n'
+        '\\frac{\\partial \\mathrm{pool1}_{nijk}}{\\partial h_{\\mathrm{relu1},mlpq}} & = \\frac{\\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{p,2\\,(j-1) + r} \\delta_{q,2\\,(k-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},nijrks}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijrks}} \\\\\n'
+        '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}} \\\\\n'
+        ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\n'
         '\\end{aligned} \\\\\n'
         '\\text{Max pooling, collected.} \\\\\n'
         "\\text{With } m_{n,c,i,j} \\text{ the window's maximum and } e_{n,c,i,j,a,b} = [x_{n,c,\\,s i + a,\\,s j + b} = m_{n,c,i,j}] \\text{ its arg-max (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e / \\sum_{a,b} e \\text{, so the adjoint } \\delta \\text{ is routed to the arg-max of each window (shared between tied maxima) and added where windows overlap:} \\\\\n"
@@ -149,7 +149,7 @@ DERIVATION_PASSES = {
         '\\end{aligned} \\\\\n'
         '\\text{so the error at this layer, in terms of the error above:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilpqr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilpqr}}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
+        '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
         '\\end{aligned} \\\\\n'
         '\\text{Convolution, collected.} \\\\\n'
         '\\text{The layer reads } x_{n,c,\\,s i + a - p,\\,s j + b - p} \\text{ (zero outside the input: the padding).} \\\\\n'
@@ -363,12 +363,13 @@ def _logsumexp(x, axis):
     return numpy.log(numpy.sum(numpy.exp(x - m), axis=axis)) + numpy.squeeze(m, axis=axis)
 
 
-def _sum_last(a, count):
-    # a summed over its last count axes, which are short (a window's taps): one add per
-    # entry of them, as numpy's reduction over short trailing axes costs several times more.
+def _sum_taps(a, axes):
+    # a summed over a few short axes (a window's taps): one add per entry of them, as
+    # numpy's reduction over short axes costs several times more.
     out = None
-    for tap in numpy.ndindex(*a.shape[a.ndim - count:]):
-        part = a[(Ellipsis, *tap)]
+    for tap in numpy.ndindex(*(a.shape[axis] for axis in axes)):
+        at = dict(zip(axes, tap))
+        part = a[tuple(at.get(axis, slice(None)) for axis in range(a.ndim))]
         out = part.copy() if out is None else numpy.add(out, part, out=out)
     return out
 
@@ -462,28 +463,34 @@ def _conv_input(g, w, shape, stride, pad):
 
 def _window_add(values, shape, slides):
     # The adjoint of a sliding-window read (a convolution's input gradient, a
-    # pooling's): values[..., i, ..., a, ...] is added back at stride * i + a - pad along
-    # each slid axis (values has one window axis per slid axis, last). Overlapping
-    # windows sum; what falls into the zero padding is dropped. One strided add per
-    # kernel tap; windows that tile their axes exactly (a 2 x 2 pooling of an even
-    # image) are one interleaving of each kernel axis after its position axis instead.
+    # pooling's): values[..., i, a, ...] (each slid axis as its positions i and kernel taps
+    # a, side by side) is added back at stride * i + a - pad. Overlapping windows sum;
+    # what falls into the zero padding is dropped. Windows that tile their axes exactly
+    # (a 2 x 2 pooling of an even image) are those axes reshaped; others take one strided
+    # add per kernel tap.
     if all(stride == size and pad == 0 and count * size == shape[axis]
            for axis, stride, pad, count, size in slides):
-        taps = {axis: len(shape) + m for m, (axis, *_) in enumerate(slides)}
-        order = [a for axis in range(len(shape)) for a in (axis, taps.get(axis)) if a is not None]
-        return values.transpose(order).reshape(shape)
+        return values.reshape(shape)
     padded = list(shape)
     for axis, stride, pad, count, size in slides:
         padded[axis] = max(pad + shape[axis], stride * (count - 1) + size)
     out = numpy.zeros(padded, dtype=values.dtype)
+    slid = {axis: (stride, count) for axis, stride, _, count, _ in slides}
     taps = [()]
     for _, _, _, _, size in slides:
         taps = [t + (a,) for t in taps for a in range(size)]
     for tap in taps:
-        where = [slice(None)] * len(shape)
-        for (axis, stride, _, count, _), a in zip(slides, tap):
-            where[axis] = slice(a, a + stride * (count - 1) + 1, stride)
-        out[tuple(where)] += values[(Ellipsis, *tap)]
+        at = dict(zip(slid, tap))
+        where, pick = [], []
+        for axis in range(len(shape)):
+            if axis in at:
+                stride, count = slid[axis]
+                where.append(slice(at[axis], at[axis] + stride * (count - 1) + 1, stride))
+                pick += [slice(None), at[axis]]
+            else:
+                where.append(slice(None))
+                pick.append(slice(None))
+        out[tuple(where)] += values[tuple(pick)]
     crop = [slice(None)] * len(shape)
     for axis, _, pad, _, _ in slides:
         crop[axis] = slice(pad, pad + shape[axis])
@@ -584,7 +591,7 @@ def forward(params, *, x):
     pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -626,7 +633,7 @@ def loss(params, *, x, label):
     pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -703,11 +710,11 @@ def loss_and_grad(params, *, x, label, wrt=None):
     pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
 
     if _need_x or _need_conv1_weight or _need_conv1_bias:
-        # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
-        pool1_ties1 = numpy.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].dtype.type(1), pool1_top1[:, :, :, :, None, None].dtype.type(0))
+        # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i4] == relu1[i0, i1, 2*i2 + i3, 2*i4 + i5] else 0)
+        pool1_ties1 = numpy.where((pool1_top1[:, :, :, None, :, None] == relu1.reshape(N, 8, 4, 2, 4, 2)), pool1_top1[:, :, :, None, :, None].dtype.type(1), pool1_top1[:, :, :, None, :, None].dtype.type(0))
         del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -794,9 +801,9 @@ def loss_and_grad(params, *, x, label, wrt=None):
         d_pool1 = _conv_input(d_conv2, conv2_weight, (N, 8, 4, 4), (1, 1), (0, 0))
         del d_conv2
 
-        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, i3, s0, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, i3, s0, s1]))
-        tmp_sum9 = _sum_last(pool1_ties1, 2)
-        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9[:, :, :, :, None, None]
+        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
+        tmp_sum9 = _sum_taps(pool1_ties1, (3, 5))
+        tmp_sum10 = d_pool1[:, :, :, None, :, None]*pool1_ties1/tmp_sum9[:, :, :, None, :, None]
         del pool1_ties1, d_pool1, tmp_sum9
         d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
         del tmp_sum10

@@ -56,8 +56,8 @@ DERIVATION_PASSES = {
         'z_{\\mathrm{conv1},nijk} & = \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv1},i,1,p,q} x_{n,1,j + p - 2,k + q - 2} + b_{\\mathrm{conv1},i} \\\\\n'
         'h_{\\mathrm{relu1},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv1},nijk}\\right) \\\\\n'
         '\\mathrm{top1}_{\\mathrm{pool1},nijk} & = \\max_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
-        '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{top1}_{\\mathrm{pool1},nijk} = h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
-        '\\mathrm{pool1}_{nijk} & = \\frac{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijklp} h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}}{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijklp}} \\\\\n'
+        '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{top1}_{\\mathrm{pool1},nijl} = h_{\\mathrm{relu1},n,i,2\\,(j-1) + k,2\\,(l-1) + p} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
+        '\\mathrm{pool1}_{nijk} & = \\frac{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp} h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}}{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp}} \\\\\n'
         'z_{\\mathrm{conv2},nijk} & = \\sum_{l=1}^{8} \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv2},ilpq} \\mathrm{pool1}_{n,l,j + p - 1,k + q - 1} + b_{\\mathrm{conv2},i} \\\\\n'
         'h_{\\mathrm{relu2},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv2},nijk}\\right) \\\\\n'
         'h_{\\mathrm{flat},ni} & = h_{\\mathrm{relu2},n,\\left\\lfloor (i-1)/4 \\right\\rfloor + 1,\\left\\lfloor (i-1)/2 \\right\\rfloor \\bmod 2 + 1,(i-1) \\bmod 2 + 1} \\\\\n'
@@ -132,9 +132,9 @@ DERIVATION_PASSES = {
         '\\end{aligned} \\\\\n'
         '\\mathbf{h}_{\\mathrm{relu1}} \\text{ is read by } \\mathtt{pool1} \\text{ (max over each 2 x 2 window, a reduction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\frac{\\partial \\mathrm{pool1}_{nijk}}{\\partial h_{\\mathrm{relu1},mlpq}} & = \\frac{\\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{p,2\\,(j-1) + r} \\delta_{q,2\\,(k-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},nijkrs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijkrs}} \\\\\n'
-        '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlpqrs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},mlpqrs}} \\\\\n'
-        ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilpqr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilpqr}}\n'
+        '\\frac{\\partial \\mathrm{pool1}_{nijk}}{\\partial h_{\\mathrm{relu1},mlpq}} & = \\frac{\\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{p,2\\,(j-1) + r} \\delta_{q,2\\,(k-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},nijrks}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijrks}} \\\\\n'
+        '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}} \\\\\n'
+        ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\n'
         '\\end{aligned} \\\\\n'
         '\\text{Max pooling, collected.} \\\\\n'
         "\\text{With } m_{n,c,i,j} \\text{ the window's maximum and } e_{n,c,i,j,a,b} = [x_{n,c,\\,s i + a,\\,s j + b} = m_{n,c,i,j}] \\text{ its arg-max (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e / \\sum_{a,b} e \\text{, so the adjoint } \\delta \\text{ is routed to the arg-max of each window (shared between tied maxima) and added where windows overlap:} \\\\\n"
@@ -148,7 +148,7 @@ DERIVATION_PASSES = {
         '\\end{aligned} \\\\\n'
         '\\text{so the error at this layer, in terms of the error above:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilpqr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilpqr}}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
+        '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
         '\\end{aligned} \\\\\n'
         '\\text{Convolution, collected.} \\\\\n'
         '\\text{The layer reads } x_{n,c,\\,s i + a - p,\\,s j + b - p} \\text{ (zero outside the input: the padding).} \\\\\n'
@@ -341,28 +341,34 @@ def _check_ids(name, ids, high, ignore, reason):
 
 def _window_add(values, shape, slides):
     # The adjoint of a sliding-window read (a convolution's input gradient, a
-    # pooling's): values[..., i, ..., a, ...] is added back at stride * i + a - pad along
-    # each slid axis (values has one window axis per slid axis, last). Overlapping
-    # windows sum; what falls into the zero padding is dropped. One strided add per
-    # kernel tap; windows that tile their axes exactly (a 2 x 2 pooling of an even
-    # image) are one interleaving of each kernel axis after its position axis instead.
+    # pooling's): values[..., i, a, ...] (each slid axis as its positions i and kernel taps
+    # a, side by side) is added back at stride * i + a - pad. Overlapping windows sum;
+    # what falls into the zero padding is dropped. Windows that tile their axes exactly
+    # (a 2 x 2 pooling of an even image) are those axes reshaped; others take one strided
+    # add per kernel tap.
     if all(stride == size and pad == 0 and count * size == shape[axis]
            for axis, stride, pad, count, size in slides):
-        taps = {axis: len(shape) + m for m, (axis, *_) in enumerate(slides)}
-        order = [a for axis in range(len(shape)) for a in (axis, taps.get(axis)) if a is not None]
-        return values.permute(order).reshape(shape)
+        return values.reshape(shape)
     padded = list(shape)
     for axis, stride, pad, count, size in slides:
         padded[axis] = max(pad + shape[axis], stride * (count - 1) + size)
     out = values.new_zeros(padded)
+    slid = {axis: (stride, count) for axis, stride, _, count, _ in slides}
     taps = [()]
     for _, _, _, _, size in slides:
         taps = [t + (a,) for t in taps for a in range(size)]
     for tap in taps:
-        where = [slice(None)] * len(shape)
-        for (axis, stride, _, count, _), a in zip(slides, tap):
-            where[axis] = slice(a, a + stride * (count - 1) + 1, stride)
-        out[tuple(where)] += values[(Ellipsis, *tap)]
+        at = dict(zip(slid, tap))
+        where, pick = [], []
+        for axis in range(len(shape)):
+            if axis in at:
+                stride, count = slid[axis]
+                where.append(slice(at[axis], at[axis] + stride * (count - 1) + 1, stride))
+                pick += [slice(None), at[axis]]
+            else:
+                where.append(slice(None))
+                pick.append(slice(None))
+        out[tuple(where)] += values[tuple(pick)]
     crop = [slice(None)] * len(shape)
     for axis, _, pad, _, _ in slides:
         crop[axis] = slice(pad, pad + shape[axis])
@@ -447,7 +453,7 @@ def forward(params, *, x):
     pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -491,7 +497,7 @@ def loss(params, *, x, label):
     pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -555,11 +561,11 @@ def loss_and_grad(params, *, x, label):
         # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
         pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
 
-        # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
-        pool1_ties1 = torch.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].new_tensor(1), pool1_top1[:, :, :, :, None, None].new_tensor(0))
+        # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i4] == relu1[i0, i1, 2*i2 + i3, 2*i4 + i5] else 0)
+        pool1_ties1 = torch.where((pool1_top1[:, :, :, None, :, None] == relu1.reshape(N, 8, 4, 2, 4, 2)), pool1_top1[:, :, :, None, :, None].new_tensor(1), pool1_top1[:, :, :, None, :, None].new_tensor(0))
         del relu1
 
-        # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
+        # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
         pool1 = pool1_top1
         del pool1_top1
 
@@ -640,9 +646,9 @@ def loss_and_grad(params, *, x, label):
         d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
 
-        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, i3, s0, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, i3, s0, s1]))
-        tmp_sum9 = pool1_ties1.sum(dim=(4, 5))
-        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9[:, :, :, :, None, None]
+        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
+        tmp_sum9 = pool1_ties1.sum(dim=(3, 5))
+        tmp_sum10 = d_pool1[:, :, :, None, :, None]*pool1_ties1/tmp_sum9[:, :, :, None, :, None]
         del pool1_ties1, d_pool1, tmp_sum9
         d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
         del tmp_sum10
@@ -688,11 +694,11 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
     pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
 
-    # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i3] == relu1[i0, i1, 2*i2 + i4, 2*i3 + i5] else 0)
-    pool1_ties1 = torch.where((pool1_top1[:, :, :, :, None, None] == relu1.reshape(N, 8, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5)), pool1_top1[:, :, :, :, None, None].new_tensor(1), pool1_top1[:, :, :, :, None, None].new_tensor(0))
+    # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i4] == relu1[i0, i1, 2*i2 + i3, 2*i4 + i5] else 0)
+    pool1_ties1 = torch.where((pool1_top1[:, :, :, None, :, None] == relu1.reshape(N, 8, 4, 2, 4, 2)), pool1_top1[:, :, :, None, :, None].new_tensor(1), pool1_top1[:, :, :, None, :, None].new_tensor(0))
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, i3, s0, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -791,9 +797,9 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
         d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
 
-        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, i3, s0, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, i3, s0, s1]))
-        tmp_sum9 = pool1_ties1.sum(dim=(4, 5))
-        tmp_sum10 = d_pool1[:, :, :, :, None, None]*pool1_ties1/tmp_sum9[:, :, :, :, None, None]
+        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
+        tmp_sum9 = pool1_ties1.sum(dim=(3, 5))
+        tmp_sum10 = d_pool1[:, :, :, None, :, None]*pool1_ties1/tmp_sum9[:, :, :, None, :, None]
         del d_pool1, tmp_sum9
         if release:
             _release(pool1_ties1)

@@ -351,9 +351,12 @@ class Lowerer:
             return None
         deltas = {d for d, _ in slides.values()}
         rest = sp.Mul(*(f for f in sp.Mul.make_args(body) if f not in deltas))
-        layout = tuple(slides[k][1][0] if k in slides else k for k in free)
-        taps = tuple(t for k in free if k in slides for t in [slides[k][1][1]] if t is not None)
-        layout = (*layout, *taps)
+        if any(slides[k][1][1] is None for k in slides):
+            raise GraphError(f"cannot lower {body}: a strided read's adjoint without a "
+                             "window is not supported")
+        # each slid axis as (position, tap), side by side: windows that tile the axis
+        # exactly are then the axis itself, reshaped
+        layout = tuple(i for k in free for i in (slides[k][1][:2] if k in slides else (k,)))
         if len(set(layout)) != len(layout) or rest.has(sp.KroneckerDelta):
             raise GraphError(f"cannot lower {body}: only windows that slide over distinct "
                              "axes are supported")

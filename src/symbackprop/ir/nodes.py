@@ -372,8 +372,9 @@ class WindowAdd:
     """The adjoint of a :class:`Window` read: an array of zeros shaped ``shape`` to which
     ``values[..., i, ..., k...]`` is added at ``stride * i + k - pad`` along each slid
     axis (overlapping windows sum; positions in the padding are dropped). ``values``
-    has ``shape``'s axes, each slid one replaced by its window count, then one kernel
-    axis per slid axis. ``slides`` holds (axis, stride, pad, count, size) per slid axis.
+    has ``shape``'s axes, each slid one replaced by two: its positions (``count``) and
+    its kernel taps (``size``), so windows that tile an axis exactly are that axis
+    reshaped. ``slides`` holds (axis, stride, pad, count, size) per slid axis.
     """
 
     values: str

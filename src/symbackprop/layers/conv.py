@@ -293,7 +293,9 @@ class MaxPool2d(_Pool):
         (x,) = inputs
         read, limits, shape, kernel = cls.windows(graph, spec, x)
         label = f"max over each {' x '.join(map(str, kernel))} window"
-        body = max_over(graph, spec.name, spec.where, 1, read, list(limits), shape, label)
+        # the ties as [N, C, i, a, j, b]: each window's taps beside its position
+        body = max_over(graph, spec.name, spec.where, 1, read, list(limits), shape, label,
+                        after=tuple(range(2, 2 + cls.dims)))
         node = graph.op(spec.name, shape, body, layer=spec.name, where=spec.where,
                         kind="reduction", label=label)
         node.meta["maximum"] = naming.reduction(spec.name, "top", 1)

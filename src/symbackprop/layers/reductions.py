@@ -104,10 +104,14 @@ class IndexReducer:
 
 def max_over(graph: Graph, layer: str, where: Where, count: int, inner: sp.Expr,
              limits: list[tuple[sp.Symbol, sp.Expr, sp.Expr]], shape: tuple[sp.Expr, ...],
-             label: str) -> sp.Expr:
+             label: str, after: tuple[int, ...] | None = None) -> sp.Expr:
     """The body of a max's value tensor (``inner`` maximised over ``limits``, the kept
     axes out_index(0..) of ``shape``); adds the maximum and the ties it reads, named
     after ``layer`` and ``count``. A max pooling is one, over each window.
+
+    The ties' axes are the kept ones, then one per reduced index; with ``after``, the
+    reduced index m's axis comes right after kept axis ``after[m]`` instead (a pooling's
+    [N, C, i, a, j, b]: the windows of an image they tile are the image reshaped).
 
     The ties are a tensor of their own (not fused into the value): a comparison inside a
     sum would be folded out of it by sympy when differentiating. The caller marks the
@@ -118,16 +122,24 @@ def max_over(graph: Graph, layer: str, where: Where, count: int, inner: sp.Expr,
                    layer=layer, where=where, kind="reduction",
                    label=label + " (the maximum itself)")
     top.meta["no_gradient"] = True
-    kept = tuple(out_index(j) for j in range(len(shape)))
-    spread = tuple(out_index(len(shape) + m) for m in range(len(limits)))
-    at = {lim[0]: i for lim, i in zip(limits, spread, strict=True)}
+    slots: list[tuple[str, int]] = [("kept", j) for j in range(len(shape))]
+    for m in range(len(limits)):
+        if after is None:
+            slots.append(("tap", m))
+        else:
+            slots.insert(slots.index(("kept", after[m])) + 1, ("tap", m))
+    axes = [out_index(n) for n in range(len(slots))]
+    kept = tuple(axes[slots.index(("kept", j))] for j in range(len(shape)))
+    at = {limits[m][0]: axes[slots.index(("tap", m))] for m in range(len(limits))}
+    at.update({out_index(j): kept[j] for j in range(len(shape))})  # one simultaneous swap
     tie = graph.op(
         naming.reduction(layer, "ties", count),
-        (*shape, *(hi + 1 for _, _, hi in limits)),
+        tuple(shape[n] if kind == "kept" else limits[n][2] + 1 for kind, n in slots),
         sp.Piecewise((sp.Integer(1), sp.Eq(inner.xreplace(at), top.element(kept))),
                      (sp.Integer(0), True)),
         layer=layer, where=where, kind="reduction",
         label=label + " (1 where an element equals the maximum; no gradient)")
     tie.meta["no_gradient"] = True
-    ties = tie.element((*kept, *(lim[0] for lim in limits)))
+    ties = tie.element(tuple(out_index(n) if kind == "kept" else limits[n][0]
+                             for kind, n in slots))
     return sp.Sum(inner * ties, *limits) / sp.Sum(ties, *limits)

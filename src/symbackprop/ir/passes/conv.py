@@ -129,7 +129,7 @@ def _input(op: WindowAdd, values: Einsum, program: Program) -> Conv | None:
             continue
         ok = True
         for m, (_, stride, pad, count, size) in enumerate(op.slides):
-            pos, tap = out[2 + m], out[2 + d + m]
+            pos, tap = out[2 + 2 * m], out[3 + 2 * m]
             if lw[2 + m] == tap and lg[2 + m] == pos:
                 k, q = size, count
             elif lw[2 + m] == pos and lg[2 + m] == tap and stride == 1:
