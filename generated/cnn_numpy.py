@@ -700,11 +700,9 @@ def loss_and_grad(params, *, x, label, wrt=None):
     # ---- forward pass ----
     # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
     conv1 = _conv(x, conv1_weight, (1, 1), (1, 1), conv1_bias)
-    tmp0 = (conv1 > 0)
 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = numpy.maximum(conv1, 0)
-    del conv1
 
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
     pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
@@ -720,11 +718,9 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
     conv2 = _conv(pool1, conv2_weight, (1, 1), (0, 0), conv2_bias)
-    tmp1 = (conv2 > 0)
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = numpy.maximum(conv2, 0)
-    del conv2
 
     # reshape flat: flat[i0, i1] = relu2[i0, floor(i1/4), Mod(floor(i1/2), 2), Mod(i1, 2)]
     flat = relu2.reshape(N, 64)
@@ -784,8 +780,8 @@ def loss_and_grad(params, *, x, label, wrt=None):
         del d_flat
 
         # dL/dconv2 (through relu2): d_conv2[k0, k1, k2, k3] = (d_relu2[k0, k1, k2, k3] if conv2[k0, k1, k2, k3] > 0 else 0)
-        d_conv2 = numpy.where(tmp1, d_relu2, 0)
-        del tmp1, d_relu2
+        d_conv2 = numpy.where(conv2 > 0, d_relu2, 0)
+        del conv2, d_relu2
 
     if _need_conv2_weight:
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
@@ -809,8 +805,8 @@ def loss_and_grad(params, *, x, label, wrt=None):
         del tmp_sum10
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
-        d_conv1 = numpy.where(tmp0, d_relu1, 0)
-        del tmp0, d_relu1
+        d_conv1 = numpy.where(conv1 > 0, d_relu1, 0)
+        del conv1, d_relu1
 
     if _need_x:
         # dL/dx (through conv1): d_x[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1 - 1]*[k3 == i3 + s2 - 1]*conv1_weight[i1, k1, s1, s2]*d_conv1[k0, i1, i2, i3])

@@ -552,11 +552,9 @@ def loss_and_grad(params, *, x, label):
         # ---- forward pass ----
         # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
         conv1 = torch.nn.functional.conv2d(x, conv1_weight, conv1_bias, stride=(1, 1), padding=(1, 1))
-        tmp0 = (conv1 > 0)
 
         # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
         relu1 = torch.relu(conv1)
-        del conv1
 
         # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
         pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
@@ -571,11 +569,9 @@ def loss_and_grad(params, *, x, label):
 
         # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
         conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
-        tmp1 = (conv2 > 0)
 
         # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
         relu2 = torch.relu(conv2)
-        del conv2
 
         # reshape flat: flat[i0, i1] = relu2[i0, floor(i1/4), Mod(floor(i1/2), 2), Mod(i1, 2)]
         flat = relu2.reshape(N, 64)
@@ -632,8 +628,8 @@ def loss_and_grad(params, *, x, label):
         del d_flat
 
         # dL/dconv2 (through relu2): d_conv2[k0, k1, k2, k3] = (d_relu2[k0, k1, k2, k3] if conv2[k0, k1, k2, k3] > 0 else 0)
-        d_conv2 = torch.where(tmp1, d_relu2, 0)
-        del tmp1, d_relu2
+        d_conv2 = torch.ops.aten.threshold_backward(d_relu2, conv2, 0)
+        del conv2, d_relu2
 
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
         d_conv2_weight = torch.nn.grad.conv2d_weight(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
@@ -654,8 +650,8 @@ def loss_and_grad(params, *, x, label):
         del tmp_sum10
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
-        d_conv1 = torch.where(tmp0, d_relu1, 0)
-        del tmp0, d_relu1
+        d_conv1 = torch.ops.aten.threshold_backward(d_relu1, conv1, 0)
+        del conv1, d_relu1
 
         # dL/dconv1_weight (through conv1): d_conv1_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3]*x[i0, k1, i2 + k2 - 1, i3 + k3 - 1])
         d_conv1_weight = torch.nn.grad.conv2d_weight(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
@@ -685,11 +681,9 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     _expect("label", label, (N,))
     # conv2d 8 x 1 x 3 x 3, stride 1, 1, padding 1, 1 conv1: conv1[i0, i1, i2, i3] = conv1_bias[i1] + sum_{s0,s1,s2}(conv1_weight[i1, s0, s1, s2]*x[i0, s0, i2 + s1 - 1, i3 + s2 - 1])
     conv1 = torch.nn.functional.conv2d(x, conv1_weight, conv1_bias, stride=(1, 1), padding=(1, 1))
-    tmp0 = (conv1 > 0)
 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = torch.relu(conv1)
-    del conv1
 
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
     pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
@@ -704,11 +698,9 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
 
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
     conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
-    tmp1 = (conv2 > 0)
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = torch.relu(conv2)
-    del conv2
 
     # reshape flat: flat[i0, i1] = relu2[i0, floor(i1/4), Mod(floor(i1/2), 2), Mod(i1, 2)]
     flat = relu2.reshape(N, 64)
@@ -733,10 +725,10 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     del fc_picked
     loss = tmp_sum6/fc_count
     del tmp_sum6
-    return (loss, pool1_ties1, pool1, flat, fc, fc_lse, fc_count, tmp0, tmp1, tmp2, tmp3)
+    return (loss, conv1, pool1_ties1, pool1, conv2, flat, fc, fc_lse, fc_count, tmp2, tmp3)
 
 
-def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, pool1_ties1, pool1, flat, fc, fc_lse, fc_count, tmp0, tmp1, tmp2, tmp3):
+def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, conv1, pool1_ties1, pool1, conv2, flat, fc, fc_lse, fc_count, tmp2, tmp3):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -777,10 +769,10 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
         del d_flat
 
         # dL/dconv2 (through relu2): d_conv2[k0, k1, k2, k3] = (d_relu2[k0, k1, k2, k3] if conv2[k0, k1, k2, k3] > 0 else 0)
-        d_conv2 = torch.where(tmp1, d_relu2, 0)
+        d_conv2 = torch.ops.aten.threshold_backward(d_relu2, conv2, 0)
         del d_relu2
         if release:
-            _release(tmp1)
+            _release(conv2)
 
     if _need_conv2_weight:
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
@@ -807,10 +799,10 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
         del tmp_sum10
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
-        d_conv1 = torch.where(tmp0, d_relu1, 0)
+        d_conv1 = torch.ops.aten.threshold_backward(d_relu1, conv1, 0)
         del d_relu1
         if release:
-            _release(tmp0)
+            _release(conv1)
 
     if _need_x:
         # dL/dx (through conv1): d_x[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1 - 1]*[k3 == i3 + s2 - 1]*conv1_weight[i1, k1, s1, s2]*d_conv1[k0, i1, i2, i3])

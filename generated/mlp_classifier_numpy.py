@@ -474,11 +474,9 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
     # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
     h2_z = _linear(h1, h2_weight, h2_bias)
-    tmp0 = (h2_z > 0)
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
     h2 = numpy.maximum(h2_z, 0)
-    del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
     logits = _linear(h2, logits_weight, logits_bias)
@@ -529,8 +527,8 @@ def loss_and_grad(params, *, x, label, wrt=None):
         del d_logits
 
         # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
-        d_h2_z = numpy.where(tmp0, d_h2, 0)
-        del tmp0, d_h2
+        d_h2_z = numpy.where(h2_z > 0, d_h2, 0)
+        del h2_z, d_h2
 
     if _need_h2_weight:
         # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])

@@ -415,11 +415,9 @@ def loss_and_grad(params, *, x, label):
 
         # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
         h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
-        tmp0 = (h2_z > 0)
 
         # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
         h2 = torch.relu(h2_z)
-        del h2_z
 
         # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
         logits = torch.addmm(logits_bias, h2, logits_weight.T)
@@ -459,8 +457,8 @@ def loss_and_grad(params, *, x, label):
         del d_logits
 
         # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
-        d_h2_z = torch.where(tmp0, d_h2, 0)
-        del tmp0, d_h2
+        d_h2_z = torch.ops.aten.threshold_backward(d_h2, h2_z, 0)
+        del h2_z, d_h2
 
         # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
         d_h2_weight = d_h2_z.T @ h1
@@ -511,11 +509,9 @@ def _loss_forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weigh
 
     # dense h2: h2_z[i0, i1] = h2_bias[i1] + sum_{s0}(h1[i0, s0]*h2_weight[i1, s0])
     h2_z = torch.addmm(h2_bias, h1, h2_weight.T)
-    tmp0 = (h2_z > 0)
 
     # relu h2: h2[i0, i1] = (h2_z[i0, i1] if h2_z[i0, i1] > 0 else 0)
     h2 = torch.relu(h2_z)
-    del h2_z
 
     # dense logits: logits[i0, i1] = logits_bias[i1] + sum_{s0}(h2[i0, s0]*logits_weight[i1, s0])
     logits = torch.addmm(logits_bias, h2, logits_weight.T)
@@ -530,10 +526,10 @@ def _loss_forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weigh
     tmp_sum4 = torch.sum(label*tmp2)
     loss = tmp_sum4/N
     del tmp_sum4
-    return (loss, h1, h2, tmp0, tmp1, tmp2)
+    return (loss, h1, h2_z, h2, tmp1, tmp2)
 
 
-def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, h1, h2, tmp0, tmp1, tmp2):
+def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, h1, h2_z, h2, tmp1, tmp2):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -576,10 +572,10 @@ def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weig
         del d_logits
 
         # dL/dh2_z (through h2): d_h2_z[k0, k1] = (d_h2[k0, k1] if h2_z[k0, k1] > 0 else 0)
-        d_h2_z = torch.where(tmp0, d_h2, 0)
+        d_h2_z = torch.ops.aten.threshold_backward(d_h2, h2_z, 0)
         del d_h2
         if release:
-            _release(tmp0)
+            _release(h2_z)
 
     if _need_h2_weight:
         # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])

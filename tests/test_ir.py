@@ -36,7 +36,7 @@ from symbackprop.ir.nodes import (
     View,
     ordered,
 )
-from symbackprop.ir.passes.kernels import SigmoidBackward, TanhBackward
+from symbackprop.ir.passes.kernels import ReluBackward, SigmoidBackward, TanhBackward
 from symbackprop.layers import LAYERS, Layer, Option, Param
 from symbackprop.layers.core import feature_size
 from symbackprop.spec import LayerSpec
@@ -243,6 +243,27 @@ def test_kernels_recognise_tanh_and_sigmoid_backward() -> None:
     out = passes.kernels(stmts, _prog(stmts, SH))
     assert out[0].op.body == TanhBackward(X, Y)
     assert out[1].op.body == 3 * SigmoidBackward(X, Y)
+
+
+def test_kernels_recognise_relu_backward_and_drop_its_mask() -> None:
+    """mask = x > 0; relu = where(mask, x, 0); dx = where(mask, g, 0): the backward is one
+    relu_backward(g, x), the forward relu compares inline, and the mask is gone."""
+    G = sp.Symbol("g")
+    M = _view("mask", 2).placeholder()
+    stmts = [Assign("mask", Map(sp.StrictGreaterThan(X, 0), ((X, _view("x", 2)),))),
+             Assign("y", Map(sp.Piecewise((X, M), (0, True)),
+                             ((X, _view("x", 2)), (M, _view("mask", 2))))),
+             Assign("dx", Map(sp.Piecewise((G, M), (0, True)),
+                              ((G, _view("g", 2)), (M, _view("mask", 2)))))]
+    out = passes.kernels(stmts, _prog(stmts, {**SH, "g": SH["x"]}))
+    assert [s.target for s in out] == ["y", "dx"]
+    assert out[0].op.body == sp.Piecewise((X, X > 0), (0, True))
+    assert out[1].op.body == ReluBackward(G, X)
+    # a gradient of another shape (a broadcast) keeps the mask
+    stmts[2] = Assign("dx", Map(sp.Piecewise((G, M), (0, True)),
+                                ((G, _view("g", 2)), (M, _view("mask", 2)))))
+    kept = passes.kernels(stmts, _prog(stmts, {**SH, "g": (N,)}))
+    assert "mask" in [s.target for s in kept]
 
 
 def test_memory_frees_after_last_use_and_writes_in_place() -> None:

@@ -36,6 +36,13 @@ class _Common:
         grad, y = expr.args
         return self._derivative_call("sigmoid_backward", self._print(grad), self._print(y))
 
+    def _print_ReluBackward(self, expr: sp.Expr) -> str:
+        grad, x = expr.args
+        return self._relu_backward(self._print(grad), self._print(x))
+
+    def _relu_backward(self, grad: str, x: str) -> str:
+        raise NotImplementedError
+
     def _print_Mul(self, expr: sp.Mul) -> str:
         # Scalar factors first and together: (2*d_loss/N)*y*(y - t) costs one pass over
         # the arrays for the scalar, not one per scalar factor.
@@ -220,6 +227,9 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
         self.helpers.add(op)
         return f"_{op}({grad}, {y})"
 
+    def _relu_backward(self, grad: str, x: str) -> str:
+        return f"numpy.where({x} > 0, {grad}, 0)"
+
 
 class TorchCodePrinter(_Common, NumPyPrinter):
     """numpy's printing rules with torch's function names.
@@ -248,6 +258,9 @@ class TorchCodePrinter(_Common, NumPyPrinter):
 
     def _derivative_call(self, op: str, grad: str, y: str) -> str:
         return f"torch.ops.aten.{op}({grad}, {y})"
+
+    def _relu_backward(self, grad: str, x: str) -> str:
+        return f"torch.ops.aten.threshold_backward({grad}, {x}, 0)"
 
     def _print_Add(self, expr: sp.Add, order: object = None) -> str:
         return sp.printing.str.StrPrinter._print_Add(self, expr, order)  # type: ignore[arg-type]
