@@ -41,8 +41,6 @@ from ..spec import LayerSpec, Where
 from .base import Layer, Note, Option, Param, register_layer
 from .reductions import max_over
 
-_DIMS = {1: "L", 2: "H \\times W"}
-
 
 def _per_axis(value: object, dims: int) -> tuple[int, ...]:
     if isinstance(value, tuple):
@@ -58,7 +56,6 @@ class _Windowed(Layer):
     """What convolutions and poolings share: the options' checks and the output sizes."""
 
     dims: ClassVar[int] = 2
-    padded: ClassVar[bool] = True
 
     @classmethod
     def _check_sizes(cls, options: Mapping[str, object], wheres: Mapping[str, Where]) -> None:
@@ -243,7 +240,6 @@ class Conv2d(_Conv):
 
 
 class _Pool(_Windowed):
-    padded = False
     options = {
         "kernel": Option("size", doc="window size: one number, or one per spatial axis"),
         "stride": Option("size", None, "step between windows (default: the kernel)"),
@@ -256,7 +252,7 @@ class _Pool(_Windowed):
 
     @classmethod
     def windows(cls, graph: Graph, spec: LayerSpec, x: Node
-                ) -> tuple[sp.Expr, tuple[tuple[sp.Symbol, int, int], ...],
+                ) -> tuple[sp.Expr, tuple[tuple[sp.Symbol, sp.Integer, sp.Integer], ...],
                            tuple[sp.Expr, ...], tuple[int, ...]]:
         """(the windowed read, the taps' limits, the output shape, the kernel)."""
         kernel, stride, padding, size = cls.geometry(spec, x)
