@@ -123,7 +123,7 @@ DERIVATION_PASSES = {
         '\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{16} \\sum_{p=1}^{2} \\sum_{q=1}^{2} \\varepsilon_{\\mathrm{conv2},mlpq} \\delta_{nm} \\sum_{r=1}^{3} \\sum_{s=1}^{3} \\delta_{j,p + r - 1} \\delta_{k,q + s - 1} W_{\\mathrm{conv2},lirs} \\\\\n'
         ' & = \\sum_{l=1}^{16} \\sum_{p=1}^{2} \\sum_{q=1}^{2} \\sum_{r=1}^{3} \\sum_{s=1}^{3} \\varepsilon_{\\mathrm{conv2},nlpq} \\delta_{j,p + r - 1} \\delta_{k,q + s - 1} W_{\\mathrm{conv2},lirs}\n'
         '\\end{aligned} \\\\\n'
-        '\\text{Convolution, collected.} \\\\\n'
+        '\\text{Convolution, collected (indices from 0 here, as in the code: s the stride, p the padding).} \\\\\n'
         '\\text{The layer reads } x_{n,c,\\,s i + a - p,\\,s j + b - p} \\text{ (zero outside the input: the padding).} \\\\\n'
         "\\text{The weight's gradient is a correlation of the input with the output's adjoint } \\delta \\text{;} \\\\\n"
         "\\text{the input's gradient adds each tap's product back where it was read, a full convolution of } \\delta \\text{ with the flipped kernel, over the taps } a \\text{ for which } (h + p - a)/s \\text{ is a whole number and an output position:} \\\\\n"
@@ -137,10 +137,10 @@ DERIVATION_PASSES = {
         '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}} \\\\\n'
         ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\n'
         '\\end{aligned} \\\\\n'
-        '\\text{Max pooling, collected.} \\\\\n'
-        "\\text{With } m_{n,c,i,j} \\text{ the window's maximum and } e_{n,c,i,j,a,b} = [x_{n,c,\\,s i + a,\\,s j + b} = m_{n,c,i,j}] \\text{ its arg-max (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e / \\sum_{a,b} e \\text{, so the adjoint } \\delta \\text{ is routed to the arg-max of each window (shared between tied maxima) and added where windows overlap:} \\\\\n"
+        '\\text{Max pooling, collected (indices from 0 here, as in the code).} \\\\\n'
+        "\\text{With } m_{n,c,i,j} \\text{ the window's maximum and } e_{n,c,i,a,j,b} = [x_{n,c,\\,s i + a,\\,s j + b} = m_{n,c,i,j}] \\text{ its arg-max (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e / \\sum_{a,b} e \\text{, so the adjoint } \\delta \\text{ is routed to the arg-max of each window (shared between tied maxima) and added where windows overlap:} \\\\\n"
         '\\begin{aligned}\n'
-        "\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j,a,b\\,:\\; s i + a = h,\\; s j + b = w} \\delta_{n,c,i,j}\\, \\frac{e_{n,c,i,j,a,b}}{\\sum_{a',b'} e_{n,c,i,j,a',b'}}\n"
+        "\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j,a,b\\,:\\; s i + a = h,\\; s j + b = w} \\delta_{n,c,i,j}\\, \\frac{e_{n,c,i,a,j,b}}{\\sum_{a',b'} e_{n,c,i,a',j,b'}}\n"
         '\\end{aligned} \\\\\n'
         '\\mathbf{z}_{\\mathrm{conv1}} \\text{ is read by } \\mathtt{relu1} \\text{ (relu, elementwise)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
@@ -151,7 +151,7 @@ DERIVATION_PASSES = {
         '\\begin{aligned}\n'
         '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
         '\\end{aligned} \\\\\n'
-        '\\text{Convolution, collected.} \\\\\n'
+        '\\text{Convolution, collected (indices from 0 here, as in the code: s the stride, p the padding).} \\\\\n'
         '\\text{The layer reads } x_{n,c,\\,s i + a - p,\\,s j + b - p} \\text{ (zero outside the input: the padding).} \\\\\n'
         "\\text{The weight's gradient is a correlation of the input with the output's adjoint } \\delta \\text{;} \\\\\n"
         "\\text{the input's gradient adds each tap's product back where it was read, a full convolution of } \\delta \\text{ with the flipped kernel, over the taps } a \\text{ for which } (h + p - a)/s \\text{ is a whole number and an output position:} \\\\\n"

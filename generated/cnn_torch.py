@@ -122,7 +122,7 @@ DERIVATION_PASSES = {
         '\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{16} \\sum_{p=1}^{2} \\sum_{q=1}^{2} \\varepsilon_{\\mathrm{conv2},mlpq} \\delta_{nm} \\sum_{r=1}^{3} \\sum_{s=1}^{3} \\delta_{j,p + r - 1} \\delta_{k,q + s - 1} W_{\\mathrm{conv2},lirs} \\\\\n'
         ' & = \\sum_{l=1}^{16} \\sum_{p=1}^{2} \\sum_{q=1}^{2} \\sum_{r=1}^{3} \\sum_{s=1}^{3} \\varepsilon_{\\mathrm{conv2},nlpq} \\delta_{j,p + r - 1} \\delta_{k,q + s - 1} W_{\\mathrm{conv2},lirs}\n'
         '\\end{aligned} \\\\\n'
-        '\\text{Convolution, collected.} \\\\\n'
+        '\\text{Convolution, collected (indices from 0 here, as in the code: s the stride, p the padding).} \\\\\n'
         '\\text{The layer reads } x_{n,c,\\,s i + a - p,\\,s j + b - p} \\text{ (zero outside the input: the padding).} \\\\\n'
         "\\text{The weight's gradient is a correlation of the input with the output's adjoint } \\delta \\text{;} \\\\\n"
         "\\text{the input's gradient adds each tap's product back where it was read, a full convolution of } \\delta \\text{ with the flipped kernel, over the taps } a \\text{ for which } (h + p - a)/s \\text{ is a whole number and an output position:} \\\\\n"
@@ -136,10 +136,10 @@ DERIVATION_PASSES = {
         '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}} \\\\\n'
         ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\n'
         '\\end{aligned} \\\\\n'
-        '\\text{Max pooling, collected.} \\\\\n'
-        "\\text{With } m_{n,c,i,j} \\text{ the window's maximum and } e_{n,c,i,j,a,b} = [x_{n,c,\\,s i + a,\\,s j + b} = m_{n,c,i,j}] \\text{ its arg-max (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e / \\sum_{a,b} e \\text{, so the adjoint } \\delta \\text{ is routed to the arg-max of each window (shared between tied maxima) and added where windows overlap:} \\\\\n"
+        '\\text{Max pooling, collected (indices from 0 here, as in the code).} \\\\\n'
+        "\\text{With } m_{n,c,i,j} \\text{ the window's maximum and } e_{n,c,i,a,j,b} = [x_{n,c,\\,s i + a,\\,s j + b} = m_{n,c,i,j}] \\text{ its arg-max (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e / \\sum_{a,b} e \\text{, so the adjoint } \\delta \\text{ is routed to the arg-max of each window (shared between tied maxima) and added where windows overlap:} \\\\\n"
         '\\begin{aligned}\n'
-        "\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j,a,b\\,:\\; s i + a = h,\\; s j + b = w} \\delta_{n,c,i,j}\\, \\frac{e_{n,c,i,j,a,b}}{\\sum_{a',b'} e_{n,c,i,j,a',b'}}\n"
+        "\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j,a,b\\,:\\; s i + a = h,\\; s j + b = w} \\delta_{n,c,i,j}\\, \\frac{e_{n,c,i,a,j,b}}{\\sum_{a',b'} e_{n,c,i,a',j,b'}}\n"
         '\\end{aligned} \\\\\n'
         '\\mathbf{z}_{\\mathrm{conv1}} \\text{ is read by } \\mathtt{relu1} \\text{ (relu, elementwise)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
@@ -150,7 +150,7 @@ DERIVATION_PASSES = {
         '\\begin{aligned}\n'
         '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
         '\\end{aligned} \\\\\n'
-        '\\text{Convolution, collected.} \\\\\n'
+        '\\text{Convolution, collected (indices from 0 here, as in the code: s the stride, p the padding).} \\\\\n'
         '\\text{The layer reads } x_{n,c,\\,s i + a - p,\\,s j + b - p} \\text{ (zero outside the input: the padding).} \\\\\n'
         "\\text{The weight's gradient is a correlation of the input with the output's adjoint } \\delta \\text{;} \\\\\n"
         "\\text{the input's gradient adds each tap's product back where it was read, a full convolution of } \\delta \\text{ with the flipped kernel, over the taps } a \\text{ for which } (h + p - a)/s \\text{ is a whole number and an output position:} \\\\\n"
@@ -632,14 +632,14 @@ def loss_and_grad(params, *, x, label):
         del conv2, d_relu2
 
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        d_conv2_weight = torch.nn.grad.conv2d_weight(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
+        d_conv2_weight = torch.nn.grad.conv2d_weight(pool1.to(d_conv2.dtype), (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
         del pool1
 
         # dL/dconv2_bias (through conv2): d_conv2_bias[k0] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3])
         d_conv2_bias = d_conv2.sum(dim=(0, 2, 3))
 
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
+        d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight.to(d_conv2.dtype), d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
@@ -654,7 +654,7 @@ def loss_and_grad(params, *, x, label):
         del conv1, d_relu1
 
         # dL/dconv1_weight (through conv1): d_conv1_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3]*x[i0, k1, i2 + k2 - 1, i3 + k3 - 1])
-        d_conv1_weight = torch.nn.grad.conv2d_weight(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
+        d_conv1_weight = torch.nn.grad.conv2d_weight(x.to(d_conv1.dtype), (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
 
         # dL/dconv1_bias (through conv1): d_conv1_bias[k0] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3])
         d_conv1_bias = d_conv1.sum(dim=(0, 2, 3))
@@ -776,7 +776,7 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_conv2_weight:
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        d_conv2_weight = torch.nn.grad.conv2d_weight(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
+        d_conv2_weight = torch.nn.grad.conv2d_weight(pool1.to(d_conv2.dtype), (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
         if release:
             _release(pool1)
 
@@ -786,7 +786,7 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_x or _need_conv1_weight or _need_conv1_bias:
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
+        d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight.to(d_conv2.dtype), d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
@@ -806,11 +806,11 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_x:
         # dL/dx (through conv1): d_x[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1 - 1]*[k3 == i3 + s2 - 1]*conv1_weight[i1, k1, s1, s2]*d_conv1[k0, i1, i2, i3])
-        d_x = torch.nn.grad.conv2d_input((N, 1, 8, 8), conv1_weight, d_conv1, stride=(1, 1), padding=(1, 1))
+        d_x = torch.nn.grad.conv2d_input((N, 1, 8, 8), conv1_weight.to(d_conv1.dtype), d_conv1, stride=(1, 1), padding=(1, 1))
 
     if _need_conv1_weight:
         # dL/dconv1_weight (through conv1): d_conv1_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3]*x[i0, k1, i2 + k2 - 1, i3 + k3 - 1])
-        d_conv1_weight = torch.nn.grad.conv2d_weight(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
+        d_conv1_weight = torch.nn.grad.conv2d_weight(x.to(d_conv1.dtype), (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
 
     if _need_conv1_bias:
         # dL/dconv1_bias (through conv1): d_conv1_bias[k0] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3])

@@ -206,9 +206,13 @@ def test_numpy_module_has_no_convolution_call(tmp_path) -> None:
 
 @pytest.mark.parametrize("layer,message", [
     ("{name: c, type: conv2d, channels: 2, kernel: 9}",
-     "kernel 9 is larger than the input 'x' [N, 1, 8, 8]"),
-    ("{name: c, type: conv2d, channels: 2, kernel: 3, padding: 2}",
-     "padding 2 is more than half the kernel 3"),
+     "kernel 9 is larger than the height 8 of the input 'x' [N, 1, 8, 8]"),
+    ("{name: c, type: conv2d, channels: 2, kernel: [2, 9]}",
+     "kernel 9 is larger than the width 8 of the input 'x' [N, 1, 8, 8]"),
+    ("{name: c, type: conv2d, channels: 2, kernel: 3, padding: 3}",
+     "padding 3 is more than the kernel 3 minus 1 (the height)"),
+    ("{name: c, type: conv2d, channels: 2, kernel: 3, stride: [1, 0]}",
+     "stride must be at least 1, got [1, 0]"),
     ("{name: c, type: conv2d, channels: 2, kernel: [3, 3, 3]}",
      "kernel has 2 entries for conv2d, got 3"),
     ("{name: c, type: conv1d, channels: 2, kernel: 3}",
@@ -216,7 +220,7 @@ def test_numpy_module_has_no_convolution_call(tmp_path) -> None:
     ("{name: c, type: conv2d, channels: 2, kernel: 3, stride: 0}",
      "stride must be at least 1, got 0"),
     ("{name: c, type: conv2d, channels: 2, kernel: 2.5}",
-     "expected a non-negative integer or a list of one to three of them, got 2.5"),
+     "expected a non-negative integer, or a list of one per spatial axis, got 2.5"),
     ("{name: c, type: conv2d, channels: 0, kernel: 3}", "expected a positive integer"),
     ("{name: c, type: maxpool2d, kernel: 0}", "kernel must be at least 1, got 0"),
     ("{name: c, type: avgpool2d, kernel: 2, padding: 1}", "padding"),
@@ -302,10 +306,10 @@ def test_conv_pass_makes_each_contraction_one_call() -> None:
     torch_src, numpy_src = model.source("torch"), model.source("numpy")
     for call in ("torch.nn.functional.conv2d(x, conv1_weight, conv1_bias, stride=(1, 1), "
                  "padding=(1, 1))",
-                 "torch.nn.grad.conv2d_weight(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), "
-                 "padding=(1, 1))",
-                 "torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight, d_conv2, "
-                 "stride=(1, 1), padding=(0, 0))",
+                 "torch.nn.grad.conv2d_weight(x.to(d_conv1.dtype), (8, 1, 3, 3), d_conv1, "
+                 "stride=(1, 1), padding=(1, 1))",
+                 "torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight.to(d_conv2.dtype), "
+                 "d_conv2, stride=(1, 1), padding=(0, 0))",
                  "torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))"):
         assert call in torch_src, call
     assert "einsum" not in torch_src
@@ -380,3 +384,56 @@ def test_generated_backward_is_differentiable(tmp_path) -> None:
     for k in want:
         scale = max(float(want[k].abs().max()), 1e-30)
         assert float((got[k] - want[k]).abs().max()) <= 1e-10 * scale, k
+
+
+def test_null_stride_and_padding_take_their_defaults(tmp_path) -> None:
+    """stride: null is the option's default: 1 for a convolution, the kernel for a pool."""
+    _, modules = build(tmp_path, """
+name: nulls
+inputs: {x: [N, 1, 6, 6]}
+targets: {t: [N, 2]}
+layers:
+  - {name: c, type: conv2d, channels: 2, kernel: 3, stride: null, padding: null}
+  - {name: p, type: maxpool2d, kernel: 2, stride: null}
+  - {name: flat, type: reshape, shape: [N, 8]}
+  - {name: out, type: dense, units: 2}
+loss: {type: mse, target: t}
+""")
+    rng = np.random.default_rng(2)
+    params = {k: rng.normal(size=v) for k, v in modules["numpy"].PARAM_SHAPES.items()}
+    batch = {"x": rng.normal(size=(3, 1, 6, 6)), "t": rng.normal(size=(3, 2))}
+
+    def twin(p, b):
+        h = F.max_pool2d(F.conv2d(b["x"], p["c.weight"], p["c.bias"]), 2)
+        return F.mse_loss(F.linear(h.reshape(3, 8), p["out.weight"], p["out.bias"]), b["t"])
+
+    _compare(modules, params, batch, twin)
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["backward-inside", "backward-outside"])
+def test_autocast_bfloat16_cnn_matches_torch_nn(tmp_path, inside) -> None:
+    """Under autocast the convolutions run in bfloat16 (conv2d is on autocast's list) and
+    their gradients meet the adjoint's dtype; gradients come back in float32, within
+    bfloat16's tolerance of torch.nn under the same autocast."""
+    _, modules = build(tmp_path, (EXAMPLES / "cnn.yaml").read_text(encoding="utf-8"))
+    mod = modules["torch"]
+    model = mod.Model(seed=0)
+    twin = Cnn()
+    twin.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 1, 8, 8, generator=g)
+    label = torch.randint(0, 10, (16,), generator=g)
+    for m in (model, twin):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x=x, label=label) if m is model else m.loss(x, label)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32
+        scale = float(q.grad.abs().max())
+        assert float((p.grad - q.grad).abs().max()) <= 3e-2 * scale, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, grads = mod.loss_and_grad(dict(model.state_dict()), x=x, label=label)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in grads.values())

@@ -467,7 +467,8 @@ def _template_helpers(backend: str) -> str:
 
     text = (template_dir() / f"{backend}_module.py.j2").read_text(encoding="utf-8")
     blocks = re.findall(r'{% if "[a-z_]+" in helpers[^%]*%}\n(.*?){% endif %}', text, re.S)
-    return "\n".join(blocks)
+    # helpers written through a shared macro ({{ ... }}) are not needed here
+    return "\n".join(b for b in blocks if "{{" not in b)
 
 
 def _embedding_program() -> tuple[Any, Program]:

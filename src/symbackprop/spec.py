@@ -300,12 +300,14 @@ def check_option(ctx_where: Where, kind: str, value: object) -> object:
             raise ctx_where.error(f"expected a non-empty list, got {_type_name(value)}")
         return tuple(value)
     if kind == "size":  # a window size, stride or padding: one number or one per axis
+        if value is None:
+            return None  # the option's default
         items = value if isinstance(value, list) else [value]
         if (not items or len(items) > 3
                 or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_DIM
                        for v in items)):
-            raise ctx_where.error(f"expected a non-negative integer or a list of one to "
-                                  f"three of them, got {value!r}")
+            raise ctx_where.error(f"expected a non-negative integer, or a list of one per "
+                                  f"spatial axis, got {value!r}")
         return tuple(items) if isinstance(value, list) else value
     if kind == "text":
         if not isinstance(value, str):

@@ -436,11 +436,14 @@ class TorchArrayPrinter(ArrayPrinter):
         if op.mode == "forward":
             bias = f", {op.bias}" if op.bias else ""
             return f"torch.nn.functional.conv{d}d({op.a}, {op.b}{bias}, {geometry})"
+        # The gradients' operands meet in the adjoint's dtype: under autocast the adjoint
+        # may be bfloat16 while the input or kernel is float32, and convolution_backward
+        # (unlike conv2d) is not cast by autocast. .to is free when the dtypes agree.
         if op.mode == "weight":
-            return (f"torch.nn.grad.conv{d}d_weight({op.a}, {self.shape(op.shape)}, {op.b}, "
-                    f"{geometry})")
-        return (f"torch.nn.grad.conv{d}d_input({self.shape(op.shape)}, {op.b}, {op.a}, "
-                f"{geometry})")
+            return (f"torch.nn.grad.conv{d}d_weight({op.a}.to({op.b}.dtype), "
+                    f"{self.shape(op.shape)}, {op.b}, {geometry})")
+        return (f"torch.nn.grad.conv{d}d_input({self.shape(op.shape)}, "
+                f"{op.b}.to({op.a}.dtype), {op.a}, {geometry})")
 
     def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
         first = next(n for n, p in enumerate(pads) if p != (0, 0))

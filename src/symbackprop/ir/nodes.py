@@ -172,8 +172,10 @@ class Reshape:
 
 @dataclass(frozen=True)
 class Slide:
-    """One axis of a :class:`Window`: the source axis read at ``stride * i + k - pad``
-    for output axes ``i`` (extent ``count``) and ``k`` (extent ``size``, the kernel)."""
+    """One axis of a :class:`Window`: the source axis read at ``stride * i + k - pad``,
+    ``i`` the output axis ``place`` (the window's position, ``count`` of them) and ``k``
+    the output axis ``kernel_place`` (the tap, ``size`` of them). ``kernel_place`` -1:
+    no tap, a strided read ``stride * i - pad`` (``size`` 1)."""
 
     place: int
     kernel_place: int
@@ -392,14 +394,15 @@ class Conv:
     ``torch.nn.functional.conv2d``) or one of its gradients; the conv pass forms it from
     a window read and the contraction around it:
 
-    * ``forward``: ``out[n, o, i] = sum_{c,a} b[o, c, a] a[n, c, s*i + a - p] (+ bias[o])``;
-    * ``weight``: ``out[o, c, a] = sum_{n,i} b[n, o, i] a[n, c, s*i + a - p]`` (a = the
-      input, b = the output's adjoint);
-    * ``input``: ``out[n, c, h] = sum_{o,i,a: s*i + a - p = h} a[n, o, i] b[o, c, a]``
-      (a = the output's adjoint, b = the kernel).
+    * ``forward``: ``out[n, o, i] = sum_{c,t} B[o, c, t] A[n, c, s*i + t - p] (+ bias[o])``
+      (A = the input, B = the kernel);
+    * ``weight``: ``out[o, c, t] = sum_{n,i} B[n, o, i] A[n, c, s*i + t - p]`` (A = the
+      input, B = the output's adjoint);
+    * ``input``: ``out[n, c, h] = sum_{o,i,t: s*i + t - p = h} A[n, o, i] B[o, c, t]``
+      (A = the output's adjoint, B = the kernel).
 
-    ``shape``: the result's shape (the gradients need it: several inputs sizes give one
-    output size)."""
+    ``a`` and ``b`` name A and B; t is the kernel tap. ``shape``: the result's shape (the
+    gradients need it: several input sizes give one output size)."""
 
     mode: Literal["forward", "weight", "input"]
     a: str

@@ -52,10 +52,19 @@ def _fmt(shape: tuple[sp.Expr, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _yaml(value: object) -> str:
+    """An option's value as the spec wrote it: 2, or [1, 0]."""
+    return _fmt(value) if isinstance(value, tuple) else str(value)  # type: ignore[arg-type]
+
+
+_AXES = {1: ("length",), 2: ("height", "width")}
+
+
 class _Windowed(Layer):
     """What convolutions and poolings share: the options' checks and the output sizes."""
 
     dims: ClassVar[int] = 2
+    stride_is_kernel: ClassVar[bool] = False  # the stride when none is given
 
     @classmethod
     def _check_sizes(cls, options: Mapping[str, object], wheres: Mapping[str, Where]) -> None:
@@ -68,7 +77,7 @@ class _Windowed(Layer):
                                         f"{'y' if cls.dims == 1 else 'ies'} for "
                                         f"{cls.key}, got {len(value)}")
             if any(v < least for v in _per_axis(value, cls.dims)):
-                raise wheres[key].error(f"{key} must be at least {least}, got {value!r}")
+                raise wheres[key].error(f"{key} must be at least {least}, got {_yaml(value)}")
 
     @classmethod
     def geometry(cls, spec: LayerSpec, x: Node
@@ -87,18 +96,24 @@ class _Windowed(Layer):
                               f"of {x.name!r} {_fmt(x.shape)}", ShapeError)
         kernel = _per_axis(spec.options["kernel"], cls.dims)
         stride_option = spec.options.get("stride")
-        stride = kernel if stride_option is None else _per_axis(stride_option, cls.dims)
-        padding = _per_axis(spec.options.get("padding", 0), cls.dims)
+        if stride_option is None:  # a pooling's default: the kernel; a convolution's: 1
+            stride = kernel if cls.stride_is_kernel else (1,) * cls.dims
+        else:
+            stride = _per_axis(stride_option, cls.dims)
+        padding = _per_axis(spec.options.get("padding") or 0, cls.dims)
         out: list[int] = []
-        for n, k, s, p in zip(spatial, kernel, stride, padding, strict=True):
-            if 2 * p > k:
+        for axis, n, k, s, p in zip(_AXES[cls.dims], spatial, kernel, stride, padding,
+                                    strict=True):
+            if p > k - 1:
+                # every output of a larger padding would read zeros only at the border
                 raise spec.option_where.get("padding", spec.where).error(
-                    f"padding {p} is more than half the kernel {k} (as torch refuses)",
+                    f"padding {p} is more than the kernel {k} minus 1 (the {axis})",
                     ShapeError)
             if int(n) + 2 * p < k:
                 raise spec.option_where.get("kernel", spec.where).error(
-                    f"kernel {k} is larger than the input {x.name!r} {_fmt(x.shape)}"
-                    + (f" padded by {p}" if p else ""), ShapeError)
+                    f"kernel {k} is larger than the {axis} {n} of the input {x.name!r} "
+                    f"{_fmt(x.shape)}" + (f" padded by {p} on each side" if p else ""),
+                    ShapeError)
             out.append((int(n) + 2 * p - k) // s + 1)
         return kernel, stride, padding, tuple(out)
 
@@ -161,8 +176,9 @@ class _Conv(_Windowed):
         bias = params[spec.param_name("bias")] if spec.options["bias"] else None
         conv = (torch.nn.functional.conv1d if cls.dims == 1
                 else torch.nn.functional.conv2d)
-        return conv(inputs[0], weight, bias, stride=_per_axis(spec.options["stride"], cls.dims),
-                    padding=_per_axis(spec.options["padding"], cls.dims))
+        return conv(inputs[0], weight, bias,
+                    stride=_per_axis(spec.options["stride"] or 1, cls.dims),
+                    padding=_per_axis(spec.options["padding"] or 0, cls.dims))
 
     @classmethod
     def derivation_note(cls, spec: LayerSpec) -> Note:
@@ -180,7 +196,8 @@ class _Conv(_Windowed):
                   r"= \sum_{o} \sum_{a,b} W_{o,c,a,b}\, "
                   r"\delta_{n,o,\,(h + p - a)/s,\,(w + p - b)/s}")
         return ((
-            "Convolution, collected. The layer reads ", read,
+            "Convolution, collected (indices from 0 here, as in the code: s the stride, p "
+            "the padding). The layer reads ", read,
             " (zero outside the input: the padding). The weight's gradient is a "
             "correlation of the input with the output's adjoint ", r"\delta",
             "; the input's gradient adds each tap's product back where it was read, a "
@@ -194,7 +211,7 @@ _CONV_OPTIONS = {
     "kernel": Option("size", doc="kernel size: one number, or one per spatial axis"),
     "stride": Option("size", 1, "step between windows (default 1)"),
     "padding": Option("size", 0, "zeros added on both sides of each spatial axis "
-                      "(default 0)"),
+                      "(default 0, at most kernel - 1)"),
     "bias": Option("bool", True, "learn an additive bias per output channel"),
 }
 
@@ -236,10 +253,13 @@ class Conv2d(_Conv):
          "_target": ["N", 2, 2]},
         {"channels": 2, "kernel": 3, "stride": 2, "padding": 1, "trainable": {"bias": False},
          "_input": ["N", 2, 5, 3], "_target": ["N", 2, 3]},
+        {"channels": 2, "kernel": 3, "padding": 2, "_input": ["N", 1, 3, 3],
+         "_target": ["N", 2, 5]},
     )
 
 
 class _Pool(_Windowed):
+    stride_is_kernel = True
     options = {
         "kernel": Option("size", doc="window size: one number, or one per spatial axis"),
         "stride": Option("size", None, "step between windows (default: the kernel)"),
@@ -251,7 +271,7 @@ class _Pool(_Windowed):
         cls._check_sizes(options, wheres)
 
     @classmethod
-    def windows(cls, graph: Graph, spec: LayerSpec, x: Node
+    def windows(cls, spec: LayerSpec, x: Node
                 ) -> tuple[sp.Expr, tuple[tuple[sp.Symbol, sp.Integer, sp.Integer], ...],
                            tuple[sp.Expr, ...], tuple[int, ...]]:
         """(the windowed read, the taps' limits, the output shape, the kernel)."""
@@ -287,7 +307,7 @@ class MaxPool2d(_Pool):
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
         (x,) = inputs
-        read, limits, shape, kernel = cls.windows(graph, spec, x)
+        read, limits, shape, kernel = cls.windows(spec, x)
         label = f"max over each {' x '.join(map(str, kernel))} window"
         # the ties as [N, C, i, a, j, b]: each window's taps beside its position
         body = max_over(graph, spec.name, spec.where, 1, read, list(limits), shape, label,
@@ -306,15 +326,16 @@ class MaxPool2d(_Pool):
     @classmethod
     def derivation_note(cls, spec: LayerSpec) -> Note:
         return ((
-            "Max pooling, collected. With ", r"m_{n,c,i,j}", " the window's maximum and ",
-            r"e_{n,c,i,j,a,b} = [x_{n,c,\,s i + a,\,s j + b} = m_{n,c,i,j}]",
+            "Max pooling, collected (indices from 0 here, as in the code). With ",
+            r"m_{n,c,i,j}", " the window's maximum and ",
+            r"e_{n,c,i,a,j,b} = [x_{n,c,\,s i + a,\,s j + b} = m_{n,c,i,j}]",
             " its arg-max (no gradient flows through either), the layer's value is ",
             r"\sum_{a,b} x\, e / \sum_{a,b} e", ", so the adjoint ", r"\delta",
             " is routed to the arg-max of each window (shared between tied maxima) and "
             "added where windows overlap:"),
             ((r"\frac{\partial L}{\partial x_{n,c,h,w}}",
               r"= \sum_{i,j,a,b\,:\; s i + a = h,\; s j + b = w} \delta_{n,c,i,j}\, "
-              r"\frac{e_{n,c,i,j,a,b}}{\sum_{a',b'} e_{n,c,i,j,a',b'}}"),))
+              r"\frac{e_{n,c,i,a,j,b}}{\sum_{a',b'} e_{n,c,i,a',j,b'}}"),))
 
 
 @register_layer
@@ -333,7 +354,7 @@ class AvgPool2d(_Pool):
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
         (x,) = inputs
-        read, limits, shape, kernel = cls.windows(graph, spec, x)
+        read, limits, shape, kernel = cls.windows(spec, x)
         area = int(sp.Mul(*kernel))
         return graph.op(spec.name, shape, sp.Sum(read, *limits) / area, layer=spec.name,
                         where=spec.where, kind="reduction",
@@ -348,7 +369,8 @@ class AvgPool2d(_Pool):
     @classmethod
     def derivation_note(cls, spec: LayerSpec) -> Note:
         return ((
-            "Average pooling, collected. Each window's mean spreads its adjoint evenly "
+            "Average pooling, collected (indices from 0 here, as in the code). Each "
+            "window's mean spreads its adjoint evenly "
             "over the window's ", r"k_{h} k_{w}", " entries, added where windows overlap:"),
             ((r"\frac{\partial L}{\partial x_{n,c,h,w}}",
               r"= \frac{1}{k_{h} k_{w}} \sum_{i,j\,:\; 0 \le h - s i < k_{h},\; "

@@ -114,7 +114,7 @@ def _forward_or_weight(op: Einsum, windows: dict[str, Window], program: Program,
     return None
 
 
-def _input(op: WindowAdd, values: Einsum, program: Program) -> Conv | None:
+def _input(op: WindowAdd, values: Einsum) -> Conv | None:
     d = len(op.slides)
     if (len(values.operands) != 2 or len(op.shape) != 2 + d
             or tuple(s[0] for s in op.slides) != tuple(range(2, 2 + d))):
@@ -182,7 +182,7 @@ def conv(stmts: list[Assign], program: Program, protected: set[str]) -> list[Ass
                     stmt = replace(stmt, comment=join_comments(out[at].comment, stmt.comment))
                     out[at] = replace(out[at], comment="")
         elif isinstance(op, WindowAdd) and op.values in einsums:
-            found = _input(op, einsums[op.values].op, program)  # type: ignore[arg-type]
+            found = _input(op, einsums[op.values].op)  # type: ignore[arg-type]
             if found is not None:
                 stmt = replace(stmt, comment=join_comments(einsums[op.values].comment,
                                                            stmt.comment))
