@@ -365,13 +365,21 @@ def _logsumexp(x, axis):
 
 def _sum_taps(a, axes):
     # a summed over a few short axes (a window's taps): one add per entry of them, as
-    # numpy's reduction over short axes costs several times more.
+    # a reduction over short axes costs several times more.
     out = None
-    for tap in numpy.ndindex(*(a.shape[axis] for axis in axes)):
+    for tap in _taps(tuple(a.shape[axis] for axis in axes)):
         at = dict(zip(axes, tap))
         part = a[tuple(at.get(axis, slice(None)) for axis in range(a.ndim))]
-        out = part.copy() if out is None else numpy.add(out, part, out=out)
+        out = part.copy() if out is None else out + part
     return out
+
+
+def _taps(sizes):
+    # every index of an array of these sizes, row-major
+    taps = [()]
+    for size in sizes:
+        taps = [t + (i,) for t in taps for i in range(size)]
+    return taps
 
 
 def _max_pool(x, kernel, stride):
@@ -799,8 +807,10 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
         tmp_sum9 = _sum_taps(pool1_ties1, (3, 5))
-        tmp_sum10 = d_pool1[:, :, :, None, :, None]*pool1_ties1/tmp_sum9[:, :, :, None, :, None]
-        del pool1_ties1, d_pool1, tmp_sum9
+        tmp_bcast1 = d_pool1/tmp_sum9
+        del d_pool1, tmp_sum9
+        tmp_sum10 = pool1_ties1*tmp_bcast1[:, :, :, None, :, None]
+        del pool1_ties1, tmp_bcast1
         d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
         del tmp_sum10
 

@@ -339,6 +339,25 @@ def _check_ids(name, ids, high, ignore, reason):
             raise ValueError(f"{name}: id {int(bad[0])} is outside [0, {high}) ({reason})")
 
 
+def _sum_taps(a, axes):
+    # a summed over a few short axes (a window's taps): one add per entry of them, as
+    # a reduction over short axes costs several times more.
+    out = None
+    for tap in _taps(tuple(a.shape[axis] for axis in axes)):
+        at = dict(zip(axes, tap))
+        part = a[tuple(at.get(axis, slice(None)) for axis in range(a.ndim))]
+        out = part.clone() if out is None else out + part
+    return out
+
+
+def _taps(sizes):
+    # every index of an array of these sizes, row-major
+    taps = [()]
+    for size in sizes:
+        taps = [t + (i,) for t in taps for i in range(size)]
+    return taps
+
+
 def _window_add(values, shape, slides):
     # The adjoint of a sliding-window read (a convolution's input gradient, a
     # pooling's): values[..., i, a, ...] (each slid axis as its positions i and kernel taps
@@ -643,9 +662,11 @@ def loss_and_grad(params, *, x, label):
         del d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
-        tmp_sum9 = pool1_ties1.sum(dim=(3, 5))
-        tmp_sum10 = d_pool1[:, :, :, None, :, None]*pool1_ties1/tmp_sum9[:, :, :, None, :, None]
-        del pool1_ties1, d_pool1, tmp_sum9
+        tmp_sum9 = _sum_taps(pool1_ties1, (3, 5))
+        tmp_bcast1 = d_pool1/tmp_sum9
+        del d_pool1, tmp_sum9
+        tmp_sum10 = pool1_ties1*tmp_bcast1[:, :, :, None, :, None]
+        del pool1_ties1, tmp_bcast1
         d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
         del tmp_sum10
 
@@ -790,9 +811,11 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
         del d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
-        tmp_sum9 = pool1_ties1.sum(dim=(3, 5))
-        tmp_sum10 = d_pool1[:, :, :, None, :, None]*pool1_ties1/tmp_sum9[:, :, :, None, :, None]
+        tmp_sum9 = _sum_taps(pool1_ties1, (3, 5))
+        tmp_bcast1 = d_pool1/tmp_sum9
         del d_pool1, tmp_sum9
+        tmp_sum10 = pool1_ties1*tmp_bcast1[:, :, :, None, :, None]
+        del tmp_bcast1
         if release:
             _release(pool1_ties1)
         d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))

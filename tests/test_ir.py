@@ -266,6 +266,29 @@ def test_kernels_recognise_relu_backward_and_drop_its_mask() -> None:
     assert "mask" in [s.target for s in kept]
 
 
+def test_broadcast_factors_are_multiplied_at_their_own_shape() -> None:
+    """z = g[:, None] * x / c[:, None]: g / c over [N] first, then one product at [N, 3]."""
+    g, c = View("g", (None,), (0,), 2), View("c", (None,), (0,), 2)
+    G, C = g.placeholder(), c.placeholder()
+    stmts = [Assign("z", Map(G * X / C, ((G, g), (C, c), (X, _view("x", 2)))))]
+    program = _prog(stmts, {**SH, "g": (N,), "c": (N,)})
+    out = passes.broadcast(stmts, program)
+    assert [s.target for s in out] == ["tmp_bcast1", "z"]
+    inner = out[0].op
+    assert program.shapes["tmp_bcast1"] == (N,)
+    assert {v.src for _, v in inner.views} == {"g", "c"}
+    assert all(v.out_rank == 1 for _, v in inner.views)
+    (grouped,) = [v for _, v in out[1].op.views if v.src == "tmp_bcast1"]
+    assert grouped.places == (0,) and grouped.out_rank == 2
+    # one broadcast factor alone, or factors over different axes, stay as they are
+    one = [Assign("z", Map(G * X, ((G, g), (X, _view("x", 2)))))]
+    assert passes.broadcast(one, _prog(one, {**SH, "g": (N,)})) == one
+    r = View("r", (None,), (1,), 2)
+    mixed = [Assign("z", Map(G * r.placeholder() * X,
+                             ((G, g), (r.placeholder(), r), (X, _view("x", 2)))))]
+    assert passes.broadcast(mixed, _prog(mixed, {**SH, "g": (N,), "r": (3,)})) == mixed
+
+
 def test_memory_frees_after_last_use_and_writes_in_place() -> None:
     stmts = [Assign("tmp1", _map(2 * X, ("x", 2))),
              Assign("y", _map(sp.tanh(T1), ("tmp1", 2))),

@@ -189,6 +189,11 @@ def partial(index: int) -> str:
     return f"{TEMP_PREFIX}_sum{index}"
 
 
+def grouped(index: int) -> str:
+    """The product of a statement's broadcast factors, taken at their own shape."""
+    return f"{TEMP_PREFIX}_bcast{index}"
+
+
 def claim(registry: dict[str, str], ident: str, owner: str) -> str:
     """Record that ``owner`` uses identifier ``ident``; return the owner already using it."""
     previous = registry.get(ident)

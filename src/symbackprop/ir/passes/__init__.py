@@ -2,8 +2,8 @@
 
 :func:`function` runs them in order for one generated function: select what its outputs
 need, fuse single-use elementwise temporaries, share common subexpressions, then the
-pattern passes (convolutions, log-softmax, product + bias, activation-backward kernels),
-each pattern
+pattern passes (convolutions, log-softmax, product + bias, activation-backward kernels,
+broadcast factors first), each pattern
 recognised in exactly one of them. Freeing after last use and in-place reuse are the
 memory pass, run by the printer's caller once the function's inputs are known.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from ..nodes import Assign, Program
+from .broadcast import broadcast
 from .conv import conv
 from .cse import cse
 from .fuse import fuse
@@ -34,8 +35,9 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = log_softmax(stmts, program, protected)
     stmts = linear(stmts, program, protected)
     stmts = kernels(stmts, program)
+    stmts = broadcast(stmts, program)
     return stmts
 
 
 __all__ = ["function", "memory", "select", "fuse", "cse", "conv", "log_softmax", "linear",
-           "kernels"]
+           "kernels", "broadcast"]
