@@ -212,6 +212,15 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
     def _relu(self, text: str) -> str:
         return f"numpy.maximum({text}, 0)"
 
+    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        # numpy's power ufunc calls pow() per element for any exponent but 2 (and a few
+        # others): x**3 of 65536 float32 costs ~4 ms, x*x*x ~12 us (GPT-2's tanh GELU).
+        base, exp = expr.args
+        # (Positive powers only.)
+        if isinstance(base, sp.Symbol) and exp.is_Integer and 3 <= int(exp) <= 4:
+            return "*".join([self._print(base)] * int(exp))
+        return super()._print_Pow(expr, rational)
+
     def __init__(self) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
         self.helpers = set()
