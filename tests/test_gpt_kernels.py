@@ -7,9 +7,13 @@ overflow, -inf rows where a mask reaches them).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import sympy as sp
+import torch
 
 from symbackprop.emit.printers import NumpyCodePrinter
+from symbackprop.ir.nodes import Assign, Einsum, Map, Program, SoftmaxBackward, View, ordered
+from symbackprop.ir.passes import softmax_backward
 
 
 def test_numpy_prints_small_integer_powers_of_an_array_as_products() -> None:
@@ -35,3 +39,87 @@ def test_numpy_prints_small_integer_powers_of_an_array_as_products() -> None:
                 want = v**n
                 assert got.dtype == want.dtype
                 np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps)
+
+
+# -- softmax backward ---------------------------------------------------------------------
+
+def _sb_program(d_body: str) -> tuple[list, Program]:
+    """s = sum(y*g, last axis); l = -s; d = <d_body> over y, g and l broadcast."""
+    r = 3
+    y, g, lb = sp.symbols("y g l_b")
+    shapes = {"y": (2, 3, 4), "g": (2, 3, 4), "s": (2, 3), "l": (2, 3), "d": (2, 3, 4)}
+    ident = {n: View(n, (None,) * r, tuple(range(r)), r) for n in ("y", "g")}
+    stmts = [
+        Assign("s", Einsum("abc,abc->ab", ("y", "g")), phase="backward"),
+        Assign("l", Map(-sp.Symbol("s"), ((sp.Symbol("s"), View("s", (None, None), (0, 1), 2)),)),
+               phase="backward"),
+        Assign("d", Map(eval(d_body, {"y": y, "g": g, "l": lb}),  # noqa: S307
+                        ordered({y: ident["y"], g: ident["g"],
+                                 lb: View("l", (None, None), (0, 1), r)})), phase="backward"),
+    ]
+    return stmts, Program(stmts, shapes)
+
+
+def test_softmax_backward_pass_forms_one_call_only_for_the_exact_expression() -> None:
+    stmts, program = _sb_program("y*g + y*l")
+    out = softmax_backward(stmts, program, {"d"})
+    assert [s.target for s in out] == ["d"]
+    assert out[0].op == SoftmaxBackward("g", "y", 2)
+    assert "dL" not in out[0].comment and "softmax backward" in out[0].comment
+    # the same rows, written as y*(g - s)
+    stmts, program = _sb_program("y*(g + l)")
+    assert softmax_backward(stmts, program, {"d"})[-1].op == SoftmaxBackward("g", "y", 2)
+    # the row sum is symmetric: g*(y - s) is the rule with the roles swapped
+    stmts, program = _sb_program("y*g + g*l")
+    assert softmax_backward(stmts, program, {"d"})[-1].op == SoftmaxBackward("y", "g", 2)
+    # anything else stays as it is: another factor, the other array outside, s kept
+    for other in ("y*g + 2*y*l", "y*y + y*l", "g*g + y*l", "y*g + y*l + y"):
+        stmts, program = _sb_program(other)
+        assert softmax_backward(stmts, program, {"d"}) == stmts, other
+    stmts, program = _sb_program("y*g + y*l")
+    assert softmax_backward(stmts, program, {"d", "l"}) == stmts  # l is an output
+
+
+def _plain(g, y):
+    return y * g + y * (-(y * g).sum(-1))[..., None]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_backward_kernels_match_the_product(tmp_path, dtype) -> None:
+    """numpy's helper and torch's aten kernel against the expression they replace, with
+    masked rows (y exactly 0 where a causal mask put -inf before the softmax)."""
+    from conftest import example_modules
+
+    mods = example_modules(tmp_path, "gpt_block")
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 2, 5, 5)) * 4
+    a[..., np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] = -np.inf
+    y = np.exp(a - a.max(-1, keepdims=True))
+    y = (y / y.sum(-1, keepdims=True)).astype(dtype)
+    g = rng.normal(size=y.shape).astype(dtype)
+    want = _plain(g.astype(np.float64), y.astype(np.float64))
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    got = mods["numpy"]._softmax_backward(g, y, 3)
+    assert got.dtype == dtype and np.all(got[y == 0] == 0)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    tg, ty = torch.from_numpy(g), torch.from_numpy(y)
+    got = mods["torch"]._softmax_backward(tg, ty, 3)
+    assert got.dtype == tg.dtype
+    np.testing.assert_allclose(got.numpy(), want, rtol=tol, atol=tol)
+    # autocast may hand a bfloat16 adjoint with a float32 softmax: the wider one wins
+    mixed = mods["torch"]._softmax_backward(tg.to(torch.bfloat16), ty.float(), 3)
+    assert mixed.dtype == torch.float32
+    np.testing.assert_allclose(mixed.numpy(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_gpt_block_uses_the_softmax_backward_and_batched_products(tmp_path) -> None:
+    from conftest import example_modules
+
+    mods = example_modules(tmp_path, "gpt_block")
+    for backend, mod in mods.items():
+        text = open(mod.__file__).read()
+        assert text.count("_softmax_backward(d_attn_p, attn_p, 3)") >= 1, backend
+        assert "'abcd,abcd->abc'" not in text, backend  # the row sum is gone
+    torch_text = open(mods["torch"].__file__).read()
+    assert "attn_q @ attn_k.transpose(-2, -1)" in torch_text
+    assert "torch.einsum('abcd,abde->abce'" not in torch_text

@@ -2,7 +2,8 @@
 
 :func:`function` runs them in order for one generated function: select what its outputs
 need, fuse single-use elementwise temporaries, share common subexpressions, then the
-pattern passes (log-softmax, product + bias, activation-backward kernels), each pattern
+pattern passes (log-softmax, softmax backward, product + bias, activation-backward
+kernels), each pattern
 recognised in exactly one of them. Freeing after last use and in-place reuse are the
 memory pass, run by the printer's caller once the function's inputs are known.
 """
@@ -19,6 +20,7 @@ from .linear import linear
 from .log_softmax import log_softmax
 from .memory import memory
 from .select import select
+from .softmax_backward import softmax_backward
 
 
 def function(program: Program, outputs: Sequence[str], *,
@@ -29,9 +31,11 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = fuse(stmts, program, protected)
     stmts = cse(stmts, program)
     stmts = log_softmax(stmts, program, protected)
+    stmts = softmax_backward(stmts, program, protected)
     stmts = linear(stmts, program, protected)
     stmts = kernels(stmts, program)
     return stmts
 
 
-__all__ = ["function", "memory", "select", "fuse", "cse", "log_softmax", "linear", "kernels"]
+__all__ = ["function", "memory", "select", "fuse", "cse", "log_softmax", "softmax_backward",
+           "linear", "kernels"]
