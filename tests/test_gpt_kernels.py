@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import sympy as sp
 import torch
+from test_gpt import Block, _randomise
 
 from symbackprop.emit.printers import NumpyCodePrinter
 from symbackprop.ir.nodes import Assign, Einsum, Map, Program, SoftmaxBackward, View, ordered
 from symbackprop.ir.passes import softmax_backward
+
+from conftest import example_modules
 
 
 def test_numpy_prints_small_integer_powers_of_an_array_as_products() -> None:
@@ -88,8 +91,6 @@ def _plain(g, y):
 def test_softmax_backward_kernels_match_the_product(tmp_path, dtype) -> None:
     """numpy's helper and torch's aten kernel against the expression they replace, with
     masked rows (y exactly 0 where a causal mask put -inf before the softmax)."""
-    from conftest import example_modules
-
     mods = example_modules(tmp_path, "gpt_block")
     rng = np.random.default_rng(0)
     a = rng.normal(size=(3, 2, 5, 5)) * 4
@@ -113,8 +114,6 @@ def test_softmax_backward_kernels_match_the_product(tmp_path, dtype) -> None:
 
 
 def test_gpt_block_uses_the_softmax_backward_and_batched_products(tmp_path) -> None:
-    from conftest import example_modules
-
     mods = example_modules(tmp_path, "gpt_block")
     for backend, mod in mods.items():
         text = open(mod.__file__).read()
@@ -123,3 +122,29 @@ def test_gpt_block_uses_the_softmax_backward_and_batched_products(tmp_path) -> N
     torch_text = open(mods["torch"].__file__).read()
     assert "attn_q @ attn_k.transpose(-2, -1)" in torch_text
     assert "torch.einsum('abcd,abde->abce'" not in torch_text
+
+
+def test_gpt_block_second_derivative_through_the_kernels(tmp_path) -> None:
+    """create_graph=True records the generated backward (softmax backward kernel, batched
+    products): a Hessian-vector product agrees with the torch twin's, float64."""
+    mods = example_modules(tmp_path, "gpt_block")
+    twin = Block(32, 4).double()
+    _randomise(twin, 3)
+    model = mods["torch"].Model(dtype=torch.float64)
+    model.load_state_dict(twin.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 32, generator=gen, dtype=torch.float64)
+    t = torch.randn(2, 5, 32, generator=gen, dtype=torch.float64)
+    name = "attn.c_attn.weight"
+    direction = torch.randn(96, 32, generator=gen, dtype=torch.float64)
+
+    def hvp(module, loss_fn):
+        weight = dict(module.named_parameters())[name]
+        (grad,) = torch.autograd.grad(loss_fn(), weight, create_graph=True)
+        (second,) = torch.autograd.grad((grad * direction).sum(), weight)
+        return grad.detach(), second
+
+    grad, second = hvp(model, lambda: model(x=x, t=t))
+    want_grad, want = hvp(twin, lambda: torch.nn.functional.mse_loss(twin(x), t))
+    assert torch.allclose(grad, want_grad, rtol=1e-9, atol=1e-12)
+    assert float((second - want).abs().max()) <= 1e-9 * float(want.abs().max())
