@@ -554,6 +554,11 @@ def test_linebreak_keeps_each_row_balanced() -> None:
     glued = glued.replace(r" \right.", "")
     assert glued.split() == cell.split()
     assert break_cell(r"= a + b", 300.0) == [r"= a + b"]
+    # never inside an environment: a cases block keeps its own rows
+    cases = r"= \begin{cases} " + " + ".join(["a_{i}"] * 60) + r" & \text{if } j = 0 \\ 0 & " \
+        r"\text{otherwise} \end{cases} + " + " + ".join(["b"] * 60)
+    pieces = break_cell(cases, 300.0)
+    assert len(pieces) > 1 and r"\end{cases}" in pieces[0]
     # an aligned row: the left-hand side keeps its place; the rest continue after it
     rows = break_rows([("y", cell), (r"= c",)], page=400.0)
     assert rows[0][0] == "y" and all(len(r) == 1 for r in rows[1:])

@@ -98,7 +98,8 @@ def width(text: str) -> float:
 
 def _cuts(tokens: list[str]) -> list[tuple[int, int, bool]]:
     """(token index, open ``\\left`` count, is a product) of each place a row may be cut,
-    outside every ``{...}`` group: a ``+`` or ``-`` that follows a term (not a sign), or
+    outside every ``{...}`` group and environment: a ``+`` or ``-`` that follows a term
+    (not a sign), or
     the juxtaposition of two parenthesised factors (``\\right) \\left(``)."""
     cuts = []
     braces = lefts = 0
@@ -107,6 +108,10 @@ def _cuts(tokens: list[str]) -> list[tuple[int, int, bool]]:
         if tok == "{":
             braces += 1
         elif tok == "}":
+            braces -= 1
+        elif tok == r"\begin":  # an environment (cases) has its own & and \\: no cut inside
+            braces += 1
+        elif tok == r"\end":
             braces -= 1
         elif tok == r"\left":
             if braces == 0 and previous == [r"\right", ")"]:
