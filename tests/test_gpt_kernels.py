@@ -13,8 +13,17 @@ import torch
 from test_gpt import Block, _randomise
 
 from symbackprop.emit.printers import NumpyCodePrinter
-from symbackprop.ir.nodes import Assign, Einsum, Map, Program, SoftmaxBackward, View, ordered
-from symbackprop.ir.passes import softmax_backward
+from symbackprop.ir.nodes import (
+    Assign,
+    Einsum,
+    Map,
+    Program,
+    SoftmaxBackward,
+    Stack,
+    View,
+    ordered,
+)
+from symbackprop.ir.passes import softmax_backward, stacked
 
 from conftest import example_modules
 
@@ -148,3 +157,70 @@ def test_gpt_block_second_derivative_through_the_kernels(tmp_path) -> None:
     want_grad, want = hvp(twin, lambda: torch.nn.functional.mse_loss(twin(x), t))
     assert torch.allclose(grad, want_grad, rtol=1e-9, atol=1e-12)
     assert float((second - want).abs().max()) <= 1e-9 * float(want.abs().max())
+
+
+# -- products against the parts of a stacked array ----------------------------------------
+
+def _ident(name: str, rank: int) -> tuple[sp.Symbol, View]:
+    view = View(name, (None,) * rank, tuple(range(rank)), rank)
+    return view.placeholder(), view
+
+
+def _part(name: str, j: int) -> Assign:
+    view = View("w", (j, None, None), (0, 1), 2)
+    return Assign(name, Map(view.placeholder(), ((view.placeholder(), view),)))
+
+
+def _stacked_program(parts: int) -> tuple[list[Assign], Program]:
+    """Forward: e_j = x w[j]ᵀ; backward: dw = stack(d_jᵀ x), dx = Σ_j d_j w[j]."""
+    shapes = {"w": (sp.Integer(3), 4, 5), "x": (2, 5), **{f"d{j}": (2, 4) for j in range(3)}}
+    stmts: list[Assign] = []
+    for j in range(parts):
+        stmts += [_part(f"p{j}", j), Assign(f"e{j}", Einsum("ac,bc->ab", ("x", f"p{j}")))]
+        sym, view = _ident(f"e{j}", 2)
+        stmts.append(Assign(f"o{j}", Map(2 * sym, ((sym, view),))))
+    for j in range(parts):
+        stmts.append(Assign(f"g{j}", Einsum("ab,ac->bc", (f"d{j}", "x")), phase="backward"))
+    stmts.append(Assign("dw", Stack(tuple(f"g{j}" for j in range(parts)), 0), phase="backward"))
+    terms = {}
+    for j in range(parts):
+        stmts += [_part(f"q{j}", j),
+                  Assign(f"h{j}", Einsum("ab,bc->ac", (f"d{j}", f"q{j}")), phase="backward")]
+        terms.update([_ident(f"h{j}", 2)])
+    sym, view = _ident("x", 2)
+    terms[sym] = view
+    stmts.append(Assign("dx", Map(sp.Add(*terms), ordered(terms)), "dL/dx", phase="backward"))
+    return stmts, Program(stmts, shapes)
+
+
+def test_products_against_every_part_become_one_product() -> None:
+    stmts, program = _stacked_program(3)
+    out = stacked(stmts, program, {"o0", "o1", "o2", "dw", "dx"})
+    by = {s.target: s.op for s in out}
+    products = [s for s in out if isinstance(s.op, Einsum)]
+    assert [p.op.subscripts for p in products] == ["ac,dbc->dab", "dab,ac->dbc",
+                                                   "dab,dbc->ac"]
+    assert products[0].op.operands == ("x", "w")
+    (stack,) = [s for s in out if isinstance(s.op, Stack)]  # one stack, used twice
+    assert stack.op == Stack(("d0", "d1", "d2"), 0)
+    assert by["dw"].operands == (stack.target, "x")
+    # dx keeps its other term and adds the one product; its comment stays
+    dx = next(s for s in out if s.target == "dx")
+    assert isinstance(dx.op, Map) and "dL/dx" in "".join(s.comment for s in out)
+    assert {v.src for _, v in dx.op.views} == {"x", products[2].target}
+    assert not {f"p{j}" for j in range(3)} & set(by)  # the part views are gone
+    assert by["e1"] == Map(*_view_of(products[0].target, 1))
+
+
+def _view_of(name: str, j: int) -> tuple[sp.Symbol, tuple]:
+    view = View(name, (j, None, None), (0, 1), 2)
+    return view.placeholder(), ((view.placeholder(), view),)
+
+
+def test_products_against_some_parts_stay_as_they_are() -> None:
+    """Parts 0 and 1 of 3: one product against all of w would waste a third (a stack of
+    like products is one product whatever the parts: dw still changes)."""
+    stmts, program = _stacked_program(2)
+    out = stacked(stmts, program, {"o0", "o1", "dw", "dx"})
+    kept = {s.target: s for s in stmts if s.target[0] in "peqhx" or s.target == "dx"}
+    assert [s for s in out if s.target in kept] == list(kept.values())

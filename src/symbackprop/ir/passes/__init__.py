@@ -2,8 +2,8 @@
 
 :func:`function` runs them in order for one generated function: select what its outputs
 need, fuse single-use elementwise temporaries, share common subexpressions, then the
-pattern passes (log-softmax, softmax backward, product + bias, activation-backward
-kernels), each pattern
+pattern passes (log-softmax, softmax backward, products against stacked parts, product +
+bias, activation-backward kernels), each pattern
 recognised in exactly one of them. Freeing after last use and in-place reuse are the
 memory pass, run by the printer's caller once the function's inputs are known.
 """
@@ -21,6 +21,7 @@ from .log_softmax import log_softmax
 from .memory import memory
 from .select import select
 from .softmax_backward import softmax_backward
+from .stacked import stacked
 
 
 def function(program: Program, outputs: Sequence[str], *,
@@ -32,10 +33,11 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = cse(stmts, program)
     stmts = log_softmax(stmts, program, protected)
     stmts = softmax_backward(stmts, program, protected)
+    stmts = stacked(stmts, program, protected)
     stmts = linear(stmts, program, protected)
     stmts = kernels(stmts, program)
     return stmts
 
 
 __all__ = ["function", "memory", "select", "fuse", "cse", "log_softmax", "softmax_backward",
-           "linear", "kernels"]
+           "stacked", "linear", "kernels"]
