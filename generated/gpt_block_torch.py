@@ -503,6 +503,16 @@ def _too_large(name, dim, size, limit, reason):
     return ValueError(f"{name}: {dim} = {size} exceeds {limit}, {reason}")
 
 
+def _softmax_backward(grad, out, dim):
+    # out * (grad - sum(out * grad, dim)) in one kernel, autograd's own softmax backward.
+    # Under autocast the two may differ in dtype: both go to the wider one, as in the
+    # product the kernel replaces.
+    if grad.dtype is not out.dtype:
+        dtype = torch.promote_types(grad.dtype, out.dtype)
+        grad, out = grad.to(dtype), out.to(dtype)
+    return torch._softmax_backward_data(grad, out, dim, out.dtype)
+
+
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -601,30 +611,28 @@ def forward(params, *, x):
     # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of attn_w in one product
+    tmp_sum0 = torch.einsum('abc,fdec->fadbe', ln_1, attn_w)
+    del ln_1, attn_w
+
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum4 = attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     attn_q = attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum6 = attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     attn_k = attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum8 = attn_w[2, :, :, :]
-    del attn_w
-    tmp_sum7 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum8)
-    del ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
     # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
+    tmp_sum9 = attn_q @ attn_k.transpose(-2, -1)
     del attn_q, attn_k
     attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -639,7 +647,7 @@ def forward(params, *, x):
     del attn_p_masked
 
     # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-    attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
+    attn_y = attn_p @ attn_v
     del attn_v, attn_p
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
@@ -728,30 +736,28 @@ def loss(params, *, x, t):
     # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of attn_w in one product
+    tmp_sum0 = torch.einsum('abc,fdec->fadbe', ln_1, attn_w)
+    del ln_1, attn_w
+
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum4 = attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     attn_q = attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum6 = attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     attn_k = attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum8 = attn_w[2, :, :, :]
-    del attn_w
-    tmp_sum7 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum8)
-    del ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
     # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
+    tmp_sum9 = attn_q @ attn_k.transpose(-2, -1)
     del attn_q, attn_k
     attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -766,7 +772,7 @@ def loss(params, *, x, t):
     del attn_p_masked
 
     # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-    attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
+    attn_y = attn_p @ attn_v
     del attn_v, attn_p
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
@@ -859,29 +865,27 @@ def loss_and_grad(params, *, x, t):
         # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
         attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+        # all 3 parts of attn_w in one product
+        tmp_sum0 = torch.einsum('abc,fdec->fadbe', ln_1, attn_w)
+
         # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-        tmp_sum4 = attn_w[0, :, :, :]
-        tmp_sum3 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum4)
-        del tmp_sum4
+        tmp_sum3 = tmp_sum0[0, :, :, :, :]
         attn_q = attn_b[0, :, :][:, None] + tmp_sum3
         del tmp_sum3
 
         # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-        tmp_sum6 = attn_w[1, :, :, :]
-        tmp_sum5 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum6)
-        del tmp_sum6
+        tmp_sum5 = tmp_sum0[1, :, :, :, :]
         attn_k = attn_b[1, :, :][:, None] + tmp_sum5
         del tmp_sum5
 
         # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-        tmp_sum8 = attn_w[2, :, :, :]
-        tmp_sum7 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum8)
-        del tmp_sum8
+        tmp_sum7 = tmp_sum0[2, :, :, :, :]
+        del tmp_sum0
         attn_v = attn_b[2, :, :][:, None] + tmp_sum7
         del attn_b, tmp_sum7
 
         # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
-        tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
+        tmp_sum9 = attn_q @ attn_k.transpose(-2, -1)
         attn_scores = (0.3535533905932738)*tmp_sum9
         del tmp_sum9
         tmp3 = (torch.arange(T, device=x.device)[:, None] >= torch.arange(T, device=x.device))
@@ -896,7 +900,7 @@ def loss_and_grad(params, *, x, t):
         del attn_p_masked
 
         # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-        attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
+        attn_y = attn_p @ attn_v
 
         # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
         attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
@@ -1029,74 +1033,57 @@ def loss_and_grad(params, *, x, t):
         del attn_wp, d_attn
 
         # dL/dattn_p (through attn_y): d_attn_p[k0, k1, k2, k3] = sum_{i3}(attn_v[k0, k1, k3, i3]*d_attn_y[k0, k1, k2, i3])
-        d_attn_p = torch.einsum('abcd,abed->abec', attn_v, d_attn_y)
+        d_attn_p = d_attn_y @ attn_v.transpose(-2, -1)
         del attn_v
 
         # dL/dattn_p_lse (through attn_p): d_attn_p_lse[k0, k1, k2] = -sum_{i3}(attn_p[k0, k1, k2, i3]*d_attn_p[k0, k1, k2, i3])
-        tmp_sum18 = torch.einsum('abcd,abcd->abc', attn_p, d_attn_p)
-        d_attn_p_lse = -tmp_sum18
-        del tmp_sum18
-
         # dL/dattn_p_masked (through attn_p, attn_p_lse): d_attn_p_masked[k0, k1, k2, k3] = attn_p[k0, k1, k2, k3]*d_attn_p[k0, k1, k2, k3] + attn_p[k0, k1, k2, k3]*d_attn_p_lse[k0, k1, k2]
-        d_attn_p_masked = attn_p*d_attn_p + attn_p*d_attn_p_lse[:, :, :, None]
-        del d_attn_p, d_attn_p_lse
+        # softmax backward: d_attn_p_masked = attn_p*(d_attn_p - sum(attn_p*d_attn_p)), in one call
+        d_attn_p_masked = _softmax_backward(d_attn_p, attn_p, 3)
+        del d_attn_p
 
         # dL/dattn_scores (through attn_p_masked): d_attn_scores[k0, k1, k2, k3] = (d_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_attn_scores = torch.where(tmp3, d_attn_p_masked, 0)
         del tmp3, d_attn_p_masked
 
         # dL/dattn_v (through attn_y): d_attn_v[k0, k1, k2, k3] = sum_{i2}(attn_p[k0, k1, i2, k2]*d_attn_y[k0, k1, i2, k3])
-        d_attn_v = torch.einsum('abcd,abce->abde', attn_p, d_attn_y)
+        d_attn_v = attn_p.transpose(-2, -1) @ d_attn_y
         del attn_p, d_attn_y
 
         # dL/dattn_k (through attn_scores): d_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(attn_q[k0, k1, i2, k3]*d_attn_scores[k0, k1, i2, k2])/4
-        tmp_sum19 = torch.einsum('abcd,abce->abed', attn_q, d_attn_scores)
+        tmp_sum19 = d_attn_scores.transpose(-2, -1) @ attn_q
         del attn_q
         d_attn_k = (0.3535533905932738)*tmp_sum19
         del tmp_sum19
 
         # dL/dattn_q (through attn_scores): d_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(attn_k[k0, k1, i3, k3]*d_attn_scores[k0, k1, k2, i3])/4
-        tmp_sum20 = torch.einsum('abcd,abec->abed', attn_k, d_attn_scores)
+        tmp_sum20 = d_attn_scores @ attn_k
         del attn_k, d_attn_scores
         d_attn_q = (0.3535533905932738)*tmp_sum20
         del tmp_sum20
+        tmp_sum33 = torch.stack([d_attn_q, d_attn_k, d_attn_v], dim=0)
+        del d_attn_v, d_attn_k, d_attn_q
 
         # dL/dattn_b (through attn_k, attn_q, attn_v): d_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum21 = d_attn_q.sum(dim=(0, 2))
-        tmp_sum22 = d_attn_k.sum(dim=(0, 2))
-        tmp_sum23 = d_attn_v.sum(dim=(0, 2))
-        d_attn_b = torch.stack([tmp_sum21, tmp_sum22, tmp_sum23], dim=0)
-        del tmp_sum21, tmp_sum22, tmp_sum23
+        d_attn_b = tmp_sum33.sum(dim=(1, 3))
 
         # dL/dattn_c_attn_bias (through attn_b): d_attn_c_attn_bias[k0] = d_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_attn_c_attn_bias = d_attn_b.reshape(96,)
         del d_attn_b
 
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum24 = torch.einsum('abc,adbe->dec', ln_1, d_attn_q)
-        tmp_sum25 = torch.einsum('abc,adbe->dec', ln_1, d_attn_k)
-        tmp_sum26 = torch.einsum('abc,adbe->dec', ln_1, d_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_attn_w = torch.einsum('abc,fadbe->fdec', ln_1, tmp_sum33)
         del ln_1
-        d_attn_w = torch.stack([tmp_sum24, tmp_sum25, tmp_sum26], dim=0)
-        del tmp_sum24, tmp_sum25, tmp_sum26
 
         # dL/dattn_c_attn_weight (through attn_w): d_attn_c_attn_weight[k0, k1] = d_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_attn_c_attn_weight = d_attn_w.reshape(96, 32)
         del d_attn_w
 
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
-        tmp_sum28 = attn_w[0, :, :, :]
-        tmp_sum27 = torch.einsum('abc,daeb->dec', tmp_sum28, d_attn_q)
-        del d_attn_q, tmp_sum28
-        tmp_sum30 = attn_w[1, :, :, :]
-        tmp_sum29 = torch.einsum('abc,daeb->dec', tmp_sum30, d_attn_k)
-        del d_attn_k, tmp_sum30
-        tmp_sum32 = attn_w[2, :, :, :]
-        del attn_w
-        tmp_sum31 = torch.einsum('abc,daeb->dec', tmp_sum32, d_attn_v)
-        del d_attn_v, tmp_sum32
-        d_ln_1 = tmp_sum27 + tmp_sum29 + tmp_sum31
-        del tmp_sum27, tmp_sum29, tmp_sum31
+        # the sum over the parts of attn_w as one product
+        d_ln_1 = torch.einsum('fabc,fdaeb->dec', attn_w, tmp_sum33)
+        del attn_w, tmp_sum33
 
         # dL/dln_1_weight (through ln_1): d_ln_1_weight[k0] = sum_{i0,i1}((-ln_1_mean[i0, i1] + x[i0, i1, k0])*d_ln_1[i0, i1, k0]/sqrt(ln_1_var[i0, i1] + 1.0e-5))
         d_ln_1_weight = torch.sum(d_ln_1.permute(2, 0, 1)*(-ln_1_mean + x.permute(2, 0, 1))/torch.sqrt(ln_1_var + 1e-05), dim=(1, 2))
@@ -1158,29 +1145,27 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of attn_w in one product
+    tmp_sum0 = torch.einsum('abc,fdec->fadbe', ln_1, attn_w)
+
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum4 = attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     attn_q = attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum6 = attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     attn_k = attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum8 = attn_w[2, :, :, :]
-    tmp_sum7 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum8)
-    del tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
     # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
+    tmp_sum9 = attn_q @ attn_k.transpose(-2, -1)
     attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
     tmp6 = (torch.arange(T, device=x.device)[:, None] >= torch.arange(T, device=x.device))
@@ -1195,7 +1180,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     del attn_p_masked
 
     # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-    attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
+    attn_y = attn_p @ attn_v
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
@@ -1367,18 +1352,15 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
             _release(attn_wp)
 
         # dL/dattn_p (through attn_y): d_attn_p[k0, k1, k2, k3] = sum_{i3}(attn_v[k0, k1, k3, i3]*d_attn_y[k0, k1, k2, i3])
-        d_attn_p = torch.einsum('abcd,abed->abec', attn_v, d_attn_y)
+        d_attn_p = d_attn_y @ attn_v.transpose(-2, -1)
         if release:
             _release(attn_v)
 
         # dL/dattn_p_lse (through attn_p): d_attn_p_lse[k0, k1, k2] = -sum_{i3}(attn_p[k0, k1, k2, i3]*d_attn_p[k0, k1, k2, i3])
-        tmp_sum18 = torch.einsum('abcd,abcd->abc', attn_p, d_attn_p)
-        d_attn_p_lse = -tmp_sum18
-        del tmp_sum18
-
         # dL/dattn_p_masked (through attn_p, attn_p_lse): d_attn_p_masked[k0, k1, k2, k3] = attn_p[k0, k1, k2, k3]*d_attn_p[k0, k1, k2, k3] + attn_p[k0, k1, k2, k3]*d_attn_p_lse[k0, k1, k2]
-        d_attn_p_masked = attn_p*d_attn_p + attn_p*d_attn_p_lse[:, :, :, None]
-        del d_attn_p, d_attn_p_lse
+        # softmax backward: d_attn_p_masked = attn_p*(d_attn_p - sum(attn_p*d_attn_p)), in one call
+        d_attn_p_masked = _softmax_backward(d_attn_p, attn_p, 3)
+        del d_attn_p
 
         # dL/dattn_scores (through attn_p_masked): d_attn_scores[k0, k1, k2, k3] = (d_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_attn_scores = torch.where(tmp6, d_attn_p_masked, 0)
@@ -1387,33 +1369,31 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
             _release(tmp6)
 
         # dL/dattn_v (through attn_y): d_attn_v[k0, k1, k2, k3] = sum_{i2}(attn_p[k0, k1, i2, k2]*d_attn_y[k0, k1, i2, k3])
-        d_attn_v = torch.einsum('abcd,abce->abde', attn_p, d_attn_y)
+        d_attn_v = attn_p.transpose(-2, -1) @ d_attn_y
         del d_attn_y
         if release:
             _release(attn_p)
 
         # dL/dattn_k (through attn_scores): d_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(attn_q[k0, k1, i2, k3]*d_attn_scores[k0, k1, i2, k2])/4
-        tmp_sum19 = torch.einsum('abcd,abce->abed', attn_q, d_attn_scores)
+        tmp_sum19 = d_attn_scores.transpose(-2, -1) @ attn_q
         if release:
             _release(attn_q)
         d_attn_k = (0.3535533905932738)*tmp_sum19
         del tmp_sum19
 
         # dL/dattn_q (through attn_scores): d_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(attn_k[k0, k1, i3, k3]*d_attn_scores[k0, k1, k2, i3])/4
-        tmp_sum20 = torch.einsum('abcd,abec->abed', attn_k, d_attn_scores)
+        tmp_sum20 = d_attn_scores @ attn_k
         del d_attn_scores
         if release:
             _release(attn_k)
         d_attn_q = (0.3535533905932738)*tmp_sum20
         del tmp_sum20
+        tmp_sum35 = torch.stack([d_attn_q, d_attn_k, d_attn_v], dim=0)
+        del d_attn_v, d_attn_k, d_attn_q
 
     if _need_attn_c_attn_bias:
         # dL/dattn_b (through attn_k, attn_q, attn_v): d_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum21 = d_attn_q.sum(dim=(0, 2))
-        tmp_sum22 = d_attn_k.sum(dim=(0, 2))
-        tmp_sum23 = d_attn_v.sum(dim=(0, 2))
-        d_attn_b = torch.stack([tmp_sum21, tmp_sum22, tmp_sum23], dim=0)
-        del tmp_sum21, tmp_sum22, tmp_sum23
+        d_attn_b = tmp_sum35.sum(dim=(1, 3))
 
         # dL/dattn_c_attn_bias (through attn_b): d_attn_c_attn_bias[k0] = d_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_attn_c_attn_bias = d_attn_b.reshape(96,)
@@ -1421,13 +1401,10 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_attn_c_attn_weight:
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum24 = torch.einsum('abc,adbe->dec', ln_1, d_attn_q)
-        tmp_sum25 = torch.einsum('abc,adbe->dec', ln_1, d_attn_k)
-        tmp_sum26 = torch.einsum('abc,adbe->dec', ln_1, d_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_attn_w = torch.einsum('abc,fadbe->fdec', ln_1, tmp_sum35)
         if release:
             _release(ln_1)
-        d_attn_w = torch.stack([tmp_sum24, tmp_sum25, tmp_sum26], dim=0)
-        del tmp_sum24, tmp_sum25, tmp_sum26
 
         # dL/dattn_c_attn_weight (through attn_w): d_attn_c_attn_weight[k0, k1] = d_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_attn_c_attn_weight = d_attn_w.reshape(96, 32)
@@ -1435,19 +1412,11 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias:
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
-        tmp_sum28 = attn_w[0, :, :, :]
-        tmp_sum27 = torch.einsum('abc,daeb->dec', tmp_sum28, d_attn_q)
-        del d_attn_q, tmp_sum28
-        tmp_sum30 = attn_w[1, :, :, :]
-        tmp_sum29 = torch.einsum('abc,daeb->dec', tmp_sum30, d_attn_k)
-        del d_attn_k, tmp_sum30
-        tmp_sum32 = attn_w[2, :, :, :]
+        # the sum over the parts of attn_w as one product
+        d_ln_1 = torch.einsum('fabc,fdaeb->dec', attn_w, tmp_sum35)
+        del tmp_sum35
         if release:
             _release(attn_w)
-        tmp_sum31 = torch.einsum('abc,daeb->dec', tmp_sum32, d_attn_v)
-        del d_attn_v, tmp_sum32
-        d_ln_1 = tmp_sum27 + tmp_sum29 + tmp_sum31
-        del tmp_sum27, tmp_sum29, tmp_sum31
 
     if _need_ln_1_weight:
         # dL/dln_1_weight (through ln_1): d_ln_1_weight[k0] = sum_{i0,i1}((-ln_1_mean[i0, i1] + x[i0, i1, k0])*d_ln_1[i0, i1, k0]/sqrt(ln_1_var[i0, i1] + 1.0e-5))

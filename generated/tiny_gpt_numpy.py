@@ -1106,6 +1106,15 @@ def _softmax(x, axis):
     return e
 
 
+def _softmax_backward(grad, out, axis):
+    # out * (grad - sum(out * grad)) along the last axis (the only one the IR gives): a
+    # row dot product without a temporary, one subtraction, one product in place.
+    total = numpy.einsum("...i,...i->...", grad, out)
+    result = grad - total[..., None]
+    result *= out
+    return result
+
+
 def _scatter_add(values, index, shape):
     # out[index[i...], j...] += values[i..., j...]: numpy.add.at sums repeated ids (a
     # fancy-index assignment would keep only the last of them).
@@ -1274,25 +1283,23 @@ def forward(params, *, idx):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w, optimize=True)
+    del h_0_ln_1, h_0_attn_w
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4, optimize=True)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6, optimize=True)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum7 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8, optimize=True)
-    del h_0_ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
@@ -1352,7 +1359,7 @@ def forward(params, *, idx):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1387,25 +1394,23 @@ def forward(params, *, idx):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = numpy.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w, optimize=True)
+    del h_1_ln_1, h_1_attn_w
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18, optimize=True)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20, optimize=True)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum21 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22, optimize=True)
-    del h_1_ln_1, tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
@@ -1464,7 +1469,7 @@ def forward(params, *, idx):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1541,25 +1546,23 @@ def loss(params, *, idx, y):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w, optimize=True)
+    del h_0_ln_1, h_0_attn_w
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4, optimize=True)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6, optimize=True)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum7 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8, optimize=True)
-    del h_0_ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
@@ -1619,7 +1622,7 @@ def loss(params, *, idx, y):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1654,25 +1657,23 @@ def loss(params, *, idx, y):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = numpy.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w, optimize=True)
+    del h_1_ln_1, h_1_attn_w
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18, optimize=True)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20, optimize=True)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum21 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22, optimize=True)
-    del h_1_ln_1, tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
@@ -1731,7 +1732,7 @@ def loss(params, *, idx, y):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1862,24 +1863,22 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w, optimize=True)
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4, optimize=True)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6, optimize=True)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    tmp_sum7 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8, optimize=True)
-    del tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
@@ -1935,7 +1934,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
     h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
     del tmp_sum13
-    tmp11 = numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z))
+    tmp11 = numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))
     tmp12 = h_0_mlp_c_fc_z/2
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
@@ -1972,24 +1971,22 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = numpy.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w, optimize=True)
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18, optimize=True)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20, optimize=True)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    tmp_sum21 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22, optimize=True)
-    del tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
@@ -2044,7 +2041,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
     h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
     del tmp_sum27
-    tmp20 = numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z))
+    tmp20 = numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))
     tmp21 = h_1_mlp_c_fc_z/2
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
@@ -2228,13 +2225,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_1_attn_v
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
-        tmp_sum36 = numpy.einsum('abcd,abcd->abc', d_h_1_attn_p, h_1_attn_p, optimize=True)
-        d_h_1_attn_p_lse = -tmp_sum36
-        del tmp_sum36
-
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
-        d_h_1_attn_p_masked = d_h_1_attn_p*h_1_attn_p + d_h_1_attn_p_lse[:, :, :, None]*h_1_attn_p
-        del d_h_1_attn_p, d_h_1_attn_p_lse
+        # softmax backward: d_h_1_attn_p_masked = h_1_attn_p*(d_h_1_attn_p - sum(h_1_attn_p*d_h_1_attn_p)), in one call
+        d_h_1_attn_p_masked = _softmax_backward(d_h_1_attn_p, h_1_attn_p, 3)
+        del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_1_attn_scores = numpy.where(tmp5, d_h_1_attn_p_masked, 0)
@@ -2255,14 +2249,12 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_1_attn_k, d_h_1_attn_scores
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum38
         del tmp_sum38
+        tmp_sum76 = numpy.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], axis=0)
+        del d_h_1_attn_v, d_h_1_attn_k, d_h_1_attn_q
 
     if _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_b (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum39 = d_h_1_attn_q.sum(axis=(0, 2))
-        tmp_sum40 = d_h_1_attn_k.sum(axis=(0, 2))
-        tmp_sum41 = d_h_1_attn_v.sum(axis=(0, 2))
-        d_h_1_attn_b = numpy.stack([tmp_sum39, tmp_sum40, tmp_sum41], axis=0)
-        del tmp_sum39, tmp_sum40, tmp_sum41
+        d_h_1_attn_b = tmp_sum76.sum(axis=(1, 3))
 
         # dL/dh_1_attn_c_attn_bias (through h_1_attn_b): d_h_1_attn_c_attn_bias[k0] = d_h_1_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_1_attn_c_attn_bias = d_h_1_attn_b.reshape(96,)
@@ -2270,12 +2262,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum42 = numpy.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_q, optimize=True)
-        tmp_sum43 = numpy.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_k, optimize=True)
-        tmp_sum44 = numpy.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_v, optimize=True)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_w = numpy.einsum('abc,fadbe->fdec', h_1_ln_1, tmp_sum76, optimize=True)
         del h_1_ln_1
-        d_h_1_attn_w = numpy.stack([tmp_sum42, tmp_sum43, tmp_sum44], axis=0)
-        del tmp_sum42, tmp_sum43, tmp_sum44
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_weight = d_h_1_attn_w.reshape(96, 32)
@@ -2283,18 +2272,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias:
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
-        tmp_sum46 = h_1_attn_w[1, :, :, :]
-        tmp_sum45 = numpy.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum46, optimize=True)
-        del d_h_1_attn_k, tmp_sum46
-        tmp_sum48 = h_1_attn_w[0, :, :, :]
-        tmp_sum47 = numpy.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum48, optimize=True)
-        del d_h_1_attn_q, tmp_sum48
-        tmp_sum50 = h_1_attn_w[2, :, :, :]
-        del h_1_attn_w
-        tmp_sum49 = numpy.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum50, optimize=True)
-        del d_h_1_attn_v, tmp_sum50
-        d_h_1_ln_1 = tmp_sum45 + tmp_sum47 + tmp_sum49
-        del tmp_sum45, tmp_sum47, tmp_sum49
+        # the sum over the parts of h_1_attn_w as one product
+        d_h_1_ln_1 = numpy.einsum('fabcd,fbde->ace', tmp_sum76, h_1_attn_w, optimize=True)
+        del h_1_attn_w, tmp_sum76
 
     if _need_h_1_ln_1_weight:
         # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
@@ -2411,13 +2391,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_0_attn_v
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
-        tmp_sum55 = numpy.einsum('abcd,abcd->abc', d_h_0_attn_p, h_0_attn_p, optimize=True)
-        d_h_0_attn_p_lse = -tmp_sum55
-        del tmp_sum55
-
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
-        d_h_0_attn_p_masked = d_h_0_attn_p*h_0_attn_p + d_h_0_attn_p_lse[:, :, :, None]*h_0_attn_p
-        del d_h_0_attn_p, d_h_0_attn_p_lse
+        # softmax backward: d_h_0_attn_p_masked = h_0_attn_p*(d_h_0_attn_p - sum(h_0_attn_p*d_h_0_attn_p)), in one call
+        d_h_0_attn_p_masked = _softmax_backward(d_h_0_attn_p, h_0_attn_p, 3)
+        del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_0_attn_scores = numpy.where(tmp5, d_h_0_attn_p_masked, 0)
@@ -2438,14 +2415,12 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_0_attn_k, d_h_0_attn_scores
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum57
         del tmp_sum57
+        tmp_sum77 = numpy.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], axis=0)
+        del d_h_0_attn_v, d_h_0_attn_k, d_h_0_attn_q
 
     if _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_b (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum58 = d_h_0_attn_q.sum(axis=(0, 2))
-        tmp_sum59 = d_h_0_attn_k.sum(axis=(0, 2))
-        tmp_sum60 = d_h_0_attn_v.sum(axis=(0, 2))
-        d_h_0_attn_b = numpy.stack([tmp_sum58, tmp_sum59, tmp_sum60], axis=0)
-        del tmp_sum58, tmp_sum59, tmp_sum60
+        d_h_0_attn_b = tmp_sum77.sum(axis=(1, 3))
 
         # dL/dh_0_attn_c_attn_bias (through h_0_attn_b): d_h_0_attn_c_attn_bias[k0] = d_h_0_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_0_attn_c_attn_bias = d_h_0_attn_b.reshape(96,)
@@ -2453,12 +2428,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum61 = numpy.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_q, optimize=True)
-        tmp_sum62 = numpy.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_k, optimize=True)
-        tmp_sum63 = numpy.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_v, optimize=True)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_w = numpy.einsum('abc,fadbe->fdec', h_0_ln_1, tmp_sum77, optimize=True)
         del h_0_ln_1
-        d_h_0_attn_w = numpy.stack([tmp_sum61, tmp_sum62, tmp_sum63], axis=0)
-        del tmp_sum61, tmp_sum62, tmp_sum63
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_weight = d_h_0_attn_w.reshape(96, 32)
@@ -2466,18 +2438,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias:
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
-        tmp_sum65 = h_0_attn_w[1, :, :, :]
-        tmp_sum64 = numpy.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum65, optimize=True)
-        del d_h_0_attn_k, tmp_sum65
-        tmp_sum67 = h_0_attn_w[0, :, :, :]
-        tmp_sum66 = numpy.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum67, optimize=True)
-        del d_h_0_attn_q, tmp_sum67
-        tmp_sum69 = h_0_attn_w[2, :, :, :]
-        del h_0_attn_w
-        tmp_sum68 = numpy.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum69, optimize=True)
-        del d_h_0_attn_v, tmp_sum69
-        d_h_0_ln_1 = tmp_sum64 + tmp_sum66 + tmp_sum68
-        del tmp_sum64, tmp_sum66, tmp_sum68
+        # the sum over the parts of h_0_attn_w as one product
+        d_h_0_ln_1 = numpy.einsum('fabcd,fbde->ace', tmp_sum77, h_0_attn_w, optimize=True)
+        del h_0_attn_w, tmp_sum77
 
     if _need_h_0_ln_1_weight:
         # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))

@@ -1100,6 +1100,16 @@ def _scatter_add(values, index, shape):
     return values.new_zeros(shape).index_add_(0, index.reshape(-1), rows)
 
 
+def _softmax_backward(grad, out, dim):
+    # out * (grad - sum(out * grad, dim)) in one kernel, autograd's own softmax backward.
+    # Under autocast the two may differ in dtype: both go to the wider one, as in the
+    # product the kernel replaces.
+    if grad.dtype is not out.dtype:
+        dtype = torch.promote_types(grad.dtype, out.dtype)
+        grad, out = grad.to(dtype), out.to(dtype)
+    return torch._softmax_backward_data(grad, out, dim, out.dtype)
+
+
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -1231,30 +1241,28 @@ def forward(params, *, idx):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+    del h_0_ln_1, h_0_attn_w
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum7 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8)
-    del h_0_ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
     # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+    tmp_sum9 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -1270,7 +1278,7 @@ def forward(params, *, idx):
     del h_0_attn_p_masked
 
     # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-    h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+    h_0_attn_y = h_0_attn_p @ h_0_attn_v
     del h_0_attn_v, h_0_attn_p
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1344,30 +1352,28 @@ def forward(params, *, idx):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+    del h_1_ln_1, h_1_attn_w
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum21 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22)
-    del h_1_ln_1, tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
     # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-    tmp_sum23 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+    tmp_sum23 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum23
     del tmp_sum23
@@ -1382,7 +1388,7 @@ def forward(params, *, idx):
     del h_1_attn_p_masked
 
     # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-    h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+    h_1_attn_y = h_1_attn_p @ h_1_attn_v
     del h_1_attn_v, h_1_attn_p
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1500,30 +1506,28 @@ def loss(params, *, idx, y):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+    del h_0_ln_1, h_0_attn_w
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum7 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8)
-    del h_0_ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
     # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+    tmp_sum9 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -1539,7 +1543,7 @@ def loss(params, *, idx, y):
     del h_0_attn_p_masked
 
     # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-    h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+    h_0_attn_y = h_0_attn_p @ h_0_attn_v
     del h_0_attn_v, h_0_attn_p
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1613,30 +1617,28 @@ def loss(params, *, idx, y):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+    del h_1_ln_1, h_1_attn_w
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum21 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22)
-    del h_1_ln_1, tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
     # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-    tmp_sum23 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+    tmp_sum23 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum23
     del tmp_sum23
@@ -1651,7 +1653,7 @@ def loss(params, *, idx, y):
     del h_1_attn_p_masked
 
     # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-    h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+    h_1_attn_y = h_1_attn_p @ h_1_attn_v
     del h_1_attn_v, h_1_attn_p
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1788,29 +1790,27 @@ def loss_and_grad(params, *, idx, y):
         # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
         h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+        # all 3 parts of h_0_attn_w in one product
+        tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+
         # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-        tmp_sum4 = h_0_attn_w[0, :, :, :]
-        tmp_sum3 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4)
-        del tmp_sum4
+        tmp_sum3 = tmp_sum0[0, :, :, :, :]
         h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
         del tmp_sum3
 
         # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-        tmp_sum6 = h_0_attn_w[1, :, :, :]
-        tmp_sum5 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6)
-        del tmp_sum6
+        tmp_sum5 = tmp_sum0[1, :, :, :, :]
         h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
         del tmp_sum5
 
         # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-        tmp_sum8 = h_0_attn_w[2, :, :, :]
-        tmp_sum7 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8)
-        del tmp_sum8
+        tmp_sum7 = tmp_sum0[2, :, :, :, :]
+        del tmp_sum0
         h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
         del h_0_attn_b, tmp_sum7
 
         # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-        tmp_sum9 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+        tmp_sum9 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
         h_0_attn_scores = (0.3535533905932738)*tmp_sum9
         del tmp_sum9
         tmp5 = (torch.arange(T, device=wte_weight.device)[:, None] >= torch.arange(T, device=wte_weight.device))
@@ -1825,7 +1825,7 @@ def loss_and_grad(params, *, idx, y):
         del h_0_attn_p_masked
 
         # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-        h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+        h_0_attn_y = h_0_attn_p @ h_0_attn_v
 
         # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
         h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
@@ -1898,29 +1898,27 @@ def loss_and_grad(params, *, idx, y):
         # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
         h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+        # all 3 parts of h_1_attn_w in one product
+        tmp_sum75 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+
         # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-        tmp_sum18 = h_1_attn_w[0, :, :, :]
-        tmp_sum17 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18)
-        del tmp_sum18
+        tmp_sum17 = tmp_sum75[0, :, :, :, :]
         h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
         del tmp_sum17
 
         # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-        tmp_sum20 = h_1_attn_w[1, :, :, :]
-        tmp_sum19 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20)
-        del tmp_sum20
+        tmp_sum19 = tmp_sum75[1, :, :, :, :]
         h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
         del tmp_sum19
 
         # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-        tmp_sum22 = h_1_attn_w[2, :, :, :]
-        tmp_sum21 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22)
-        del tmp_sum22
+        tmp_sum21 = tmp_sum75[2, :, :, :, :]
+        del tmp_sum75
         h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
         del h_1_attn_b, tmp_sum21
 
         # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-        tmp_sum23 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+        tmp_sum23 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
         h_1_attn_scores = (0.3535533905932738)*tmp_sum23
         del tmp_sum23
 
@@ -1934,7 +1932,7 @@ def loss_and_grad(params, *, idx, y):
         del h_1_attn_p_masked
 
         # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-        h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+        h_1_attn_y = h_1_attn_p @ h_1_attn_v
 
         # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
         h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
@@ -2135,74 +2133,57 @@ def loss_and_grad(params, *, idx, y):
         del h_1_attn_wp, d_h_1_attn
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
-        d_h_1_attn_p = torch.einsum('abcd,abed->abce', d_h_1_attn_y, h_1_attn_v)
+        d_h_1_attn_p = d_h_1_attn_y @ h_1_attn_v.transpose(-2, -1)
         del h_1_attn_v
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
-        tmp_sum36 = torch.einsum('abcd,abcd->abc', d_h_1_attn_p, h_1_attn_p)
-        d_h_1_attn_p_lse = -tmp_sum36
-        del tmp_sum36
-
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
-        d_h_1_attn_p_masked = d_h_1_attn_p*h_1_attn_p + d_h_1_attn_p_lse[:, :, :, None]*h_1_attn_p
-        del d_h_1_attn_p, d_h_1_attn_p_lse
+        # softmax backward: d_h_1_attn_p_masked = h_1_attn_p*(d_h_1_attn_p - sum(h_1_attn_p*d_h_1_attn_p)), in one call
+        d_h_1_attn_p_masked = _softmax_backward(d_h_1_attn_p, h_1_attn_p, 3)
+        del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_1_attn_scores = torch.where(tmp5, d_h_1_attn_p_masked, 0)
         del d_h_1_attn_p_masked
 
         # dL/dh_1_attn_v (through h_1_attn_y): d_h_1_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn_y[k0, k1, i2, k3]*h_1_attn_p[k0, k1, i2, k2])
-        d_h_1_attn_v = torch.einsum('abcd,abce->abed', d_h_1_attn_y, h_1_attn_p)
+        d_h_1_attn_v = h_1_attn_p.transpose(-2, -1) @ d_h_1_attn_y
         del h_1_attn_p, d_h_1_attn_y
 
         # dL/dh_1_attn_k (through h_1_attn_scores): d_h_1_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_1_attn_scores[k0, k1, i2, k2]*h_1_attn_q[k0, k1, i2, k3])/4
-        tmp_sum37 = torch.einsum('abcd,abce->abde', d_h_1_attn_scores, h_1_attn_q)
+        tmp_sum37 = d_h_1_attn_scores.transpose(-2, -1) @ h_1_attn_q
         del h_1_attn_q
         d_h_1_attn_k = (0.3535533905932738)*tmp_sum37
         del tmp_sum37
 
         # dL/dh_1_attn_q (through h_1_attn_scores): d_h_1_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_1_attn_scores[k0, k1, k2, i3]*h_1_attn_k[k0, k1, i3, k3])/4
-        tmp_sum38 = torch.einsum('abcd,abde->abce', d_h_1_attn_scores, h_1_attn_k)
+        tmp_sum38 = d_h_1_attn_scores @ h_1_attn_k
         del h_1_attn_k, d_h_1_attn_scores
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum38
         del tmp_sum38
+        tmp_sum76 = torch.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], dim=0)
+        del d_h_1_attn_v, d_h_1_attn_k, d_h_1_attn_q
 
         # dL/dh_1_attn_b (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum39 = d_h_1_attn_q.sum(dim=(0, 2))
-        tmp_sum40 = d_h_1_attn_k.sum(dim=(0, 2))
-        tmp_sum41 = d_h_1_attn_v.sum(dim=(0, 2))
-        d_h_1_attn_b = torch.stack([tmp_sum39, tmp_sum40, tmp_sum41], dim=0)
-        del tmp_sum39, tmp_sum40, tmp_sum41
+        d_h_1_attn_b = tmp_sum76.sum(dim=(1, 3))
 
         # dL/dh_1_attn_c_attn_bias (through h_1_attn_b): d_h_1_attn_c_attn_bias[k0] = d_h_1_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_1_attn_c_attn_bias = d_h_1_attn_b.reshape(96,)
         del d_h_1_attn_b
 
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum42 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_q)
-        tmp_sum43 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_k)
-        tmp_sum44 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_w = torch.einsum('abc,fadbe->fdec', h_1_ln_1, tmp_sum76)
         del h_1_ln_1
-        d_h_1_attn_w = torch.stack([tmp_sum42, tmp_sum43, tmp_sum44], dim=0)
-        del tmp_sum42, tmp_sum43, tmp_sum44
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_weight = d_h_1_attn_w.reshape(96, 32)
         del d_h_1_attn_w
 
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
-        tmp_sum46 = h_1_attn_w[1, :, :, :]
-        tmp_sum45 = torch.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum46)
-        del d_h_1_attn_k, tmp_sum46
-        tmp_sum48 = h_1_attn_w[0, :, :, :]
-        tmp_sum47 = torch.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum48)
-        del d_h_1_attn_q, tmp_sum48
-        tmp_sum50 = h_1_attn_w[2, :, :, :]
-        del h_1_attn_w
-        tmp_sum49 = torch.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum50)
-        del d_h_1_attn_v, tmp_sum50
-        d_h_1_ln_1 = tmp_sum45 + tmp_sum47 + tmp_sum49
-        del tmp_sum45, tmp_sum47, tmp_sum49
+        # the sum over the parts of h_1_attn_w as one product
+        d_h_1_ln_1 = torch.einsum('fabcd,fbde->ace', tmp_sum76, h_1_attn_w)
+        del h_1_attn_w, tmp_sum76
 
         # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
         d_h_1_ln_1_weight = torch.sum(d_h_1_ln_1.permute(2, 0, 1)*(h_0_res2.permute(2, 0, 1) - h_1_ln_1_mean)/torch.sqrt(h_1_ln_1_var + 1e-05), dim=(1, 2))
@@ -2300,74 +2281,57 @@ def loss_and_grad(params, *, idx, y):
         del h_0_attn_wp, d_h_0_attn
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
-        d_h_0_attn_p = torch.einsum('abcd,abed->abce', d_h_0_attn_y, h_0_attn_v)
+        d_h_0_attn_p = d_h_0_attn_y @ h_0_attn_v.transpose(-2, -1)
         del h_0_attn_v
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
-        tmp_sum55 = torch.einsum('abcd,abcd->abc', d_h_0_attn_p, h_0_attn_p)
-        d_h_0_attn_p_lse = -tmp_sum55
-        del tmp_sum55
-
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
-        d_h_0_attn_p_masked = d_h_0_attn_p*h_0_attn_p + d_h_0_attn_p_lse[:, :, :, None]*h_0_attn_p
-        del d_h_0_attn_p, d_h_0_attn_p_lse
+        # softmax backward: d_h_0_attn_p_masked = h_0_attn_p*(d_h_0_attn_p - sum(h_0_attn_p*d_h_0_attn_p)), in one call
+        d_h_0_attn_p_masked = _softmax_backward(d_h_0_attn_p, h_0_attn_p, 3)
+        del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_0_attn_scores = torch.where(tmp5, d_h_0_attn_p_masked, 0)
         del tmp5, d_h_0_attn_p_masked
 
         # dL/dh_0_attn_v (through h_0_attn_y): d_h_0_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn_y[k0, k1, i2, k3]*h_0_attn_p[k0, k1, i2, k2])
-        d_h_0_attn_v = torch.einsum('abcd,abce->abed', d_h_0_attn_y, h_0_attn_p)
+        d_h_0_attn_v = h_0_attn_p.transpose(-2, -1) @ d_h_0_attn_y
         del h_0_attn_p, d_h_0_attn_y
 
         # dL/dh_0_attn_k (through h_0_attn_scores): d_h_0_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_0_attn_scores[k0, k1, i2, k2]*h_0_attn_q[k0, k1, i2, k3])/4
-        tmp_sum56 = torch.einsum('abcd,abce->abde', d_h_0_attn_scores, h_0_attn_q)
+        tmp_sum56 = d_h_0_attn_scores.transpose(-2, -1) @ h_0_attn_q
         del h_0_attn_q
         d_h_0_attn_k = (0.3535533905932738)*tmp_sum56
         del tmp_sum56
 
         # dL/dh_0_attn_q (through h_0_attn_scores): d_h_0_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_0_attn_scores[k0, k1, k2, i3]*h_0_attn_k[k0, k1, i3, k3])/4
-        tmp_sum57 = torch.einsum('abcd,abde->abce', d_h_0_attn_scores, h_0_attn_k)
+        tmp_sum57 = d_h_0_attn_scores @ h_0_attn_k
         del h_0_attn_k, d_h_0_attn_scores
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum57
         del tmp_sum57
+        tmp_sum77 = torch.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], dim=0)
+        del d_h_0_attn_v, d_h_0_attn_k, d_h_0_attn_q
 
         # dL/dh_0_attn_b (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum58 = d_h_0_attn_q.sum(dim=(0, 2))
-        tmp_sum59 = d_h_0_attn_k.sum(dim=(0, 2))
-        tmp_sum60 = d_h_0_attn_v.sum(dim=(0, 2))
-        d_h_0_attn_b = torch.stack([tmp_sum58, tmp_sum59, tmp_sum60], dim=0)
-        del tmp_sum58, tmp_sum59, tmp_sum60
+        d_h_0_attn_b = tmp_sum77.sum(dim=(1, 3))
 
         # dL/dh_0_attn_c_attn_bias (through h_0_attn_b): d_h_0_attn_c_attn_bias[k0] = d_h_0_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_0_attn_c_attn_bias = d_h_0_attn_b.reshape(96,)
         del d_h_0_attn_b
 
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum61 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_q)
-        tmp_sum62 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_k)
-        tmp_sum63 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_w = torch.einsum('abc,fadbe->fdec', h_0_ln_1, tmp_sum77)
         del h_0_ln_1
-        d_h_0_attn_w = torch.stack([tmp_sum61, tmp_sum62, tmp_sum63], dim=0)
-        del tmp_sum61, tmp_sum62, tmp_sum63
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_weight = d_h_0_attn_w.reshape(96, 32)
         del d_h_0_attn_w
 
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
-        tmp_sum65 = h_0_attn_w[1, :, :, :]
-        tmp_sum64 = torch.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum65)
-        del d_h_0_attn_k, tmp_sum65
-        tmp_sum67 = h_0_attn_w[0, :, :, :]
-        tmp_sum66 = torch.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum67)
-        del d_h_0_attn_q, tmp_sum67
-        tmp_sum69 = h_0_attn_w[2, :, :, :]
-        del h_0_attn_w
-        tmp_sum68 = torch.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum69)
-        del d_h_0_attn_v, tmp_sum69
-        d_h_0_ln_1 = tmp_sum64 + tmp_sum66 + tmp_sum68
-        del tmp_sum64, tmp_sum66, tmp_sum68
+        # the sum over the parts of h_0_attn_w as one product
+        d_h_0_ln_1 = torch.einsum('fabcd,fbde->ace', tmp_sum77, h_0_attn_w)
+        del h_0_attn_w, tmp_sum77
 
         # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
         d_h_0_ln_1_weight = torch.sum(d_h_0_ln_1.permute(2, 0, 1)*(emb.permute(2, 0, 1) - h_0_ln_1_mean)/torch.sqrt(h_0_ln_1_var + 1e-05), dim=(1, 2))
@@ -2478,29 +2442,27 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    tmp_sum7 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8)
-    del tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
     # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+    tmp_sum9 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
     h_0_attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
     tmp5 = (torch.arange(T, device=wte_weight.device)[:, None] >= torch.arange(T, device=wte_weight.device))
@@ -2515,7 +2477,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del h_0_attn_p_masked
 
     # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-    h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+    h_0_attn_y = h_0_attn_p @ h_0_attn_v
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
@@ -2588,29 +2550,27 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    tmp_sum21 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22)
-    del tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
     # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-    tmp_sum23 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+    tmp_sum23 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
     h_1_attn_scores = (0.3535533905932738)*tmp_sum23
     del tmp_sum23
 
@@ -2624,7 +2584,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del h_1_attn_p_masked
 
     # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-    h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+    h_1_attn_y = h_1_attn_p @ h_1_attn_v
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
@@ -2866,51 +2826,46 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
             _release(h_1_attn_wp)
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
-        d_h_1_attn_p = torch.einsum('abcd,abed->abce', d_h_1_attn_y, h_1_attn_v)
+        d_h_1_attn_p = d_h_1_attn_y @ h_1_attn_v.transpose(-2, -1)
         if release:
             _release(h_1_attn_v)
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
-        tmp_sum36 = torch.einsum('abcd,abcd->abc', d_h_1_attn_p, h_1_attn_p)
-        d_h_1_attn_p_lse = -tmp_sum36
-        del tmp_sum36
-
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
-        d_h_1_attn_p_masked = d_h_1_attn_p*h_1_attn_p + d_h_1_attn_p_lse[:, :, :, None]*h_1_attn_p
-        del d_h_1_attn_p, d_h_1_attn_p_lse
+        # softmax backward: d_h_1_attn_p_masked = h_1_attn_p*(d_h_1_attn_p - sum(h_1_attn_p*d_h_1_attn_p)), in one call
+        d_h_1_attn_p_masked = _softmax_backward(d_h_1_attn_p, h_1_attn_p, 3)
+        del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_1_attn_scores = torch.where(tmp5, d_h_1_attn_p_masked, 0)
         del d_h_1_attn_p_masked
 
         # dL/dh_1_attn_v (through h_1_attn_y): d_h_1_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn_y[k0, k1, i2, k3]*h_1_attn_p[k0, k1, i2, k2])
-        d_h_1_attn_v = torch.einsum('abcd,abce->abed', d_h_1_attn_y, h_1_attn_p)
+        d_h_1_attn_v = h_1_attn_p.transpose(-2, -1) @ d_h_1_attn_y
         del d_h_1_attn_y
         if release:
             _release(h_1_attn_p)
 
         # dL/dh_1_attn_k (through h_1_attn_scores): d_h_1_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_1_attn_scores[k0, k1, i2, k2]*h_1_attn_q[k0, k1, i2, k3])/4
-        tmp_sum37 = torch.einsum('abcd,abce->abde', d_h_1_attn_scores, h_1_attn_q)
+        tmp_sum37 = d_h_1_attn_scores.transpose(-2, -1) @ h_1_attn_q
         if release:
             _release(h_1_attn_q)
         d_h_1_attn_k = (0.3535533905932738)*tmp_sum37
         del tmp_sum37
 
         # dL/dh_1_attn_q (through h_1_attn_scores): d_h_1_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_1_attn_scores[k0, k1, k2, i3]*h_1_attn_k[k0, k1, i3, k3])/4
-        tmp_sum38 = torch.einsum('abcd,abde->abce', d_h_1_attn_scores, h_1_attn_k)
+        tmp_sum38 = d_h_1_attn_scores @ h_1_attn_k
         del d_h_1_attn_scores
         if release:
             _release(h_1_attn_k)
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum38
         del tmp_sum38
+        tmp_sum76 = torch.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], dim=0)
+        del d_h_1_attn_v, d_h_1_attn_k, d_h_1_attn_q
 
     if _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_b (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum39 = d_h_1_attn_q.sum(dim=(0, 2))
-        tmp_sum40 = d_h_1_attn_k.sum(dim=(0, 2))
-        tmp_sum41 = d_h_1_attn_v.sum(dim=(0, 2))
-        d_h_1_attn_b = torch.stack([tmp_sum39, tmp_sum40, tmp_sum41], dim=0)
-        del tmp_sum39, tmp_sum40, tmp_sum41
+        d_h_1_attn_b = tmp_sum76.sum(dim=(1, 3))
 
         # dL/dh_1_attn_c_attn_bias (through h_1_attn_b): d_h_1_attn_c_attn_bias[k0] = d_h_1_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_1_attn_c_attn_bias = d_h_1_attn_b.reshape(96,)
@@ -2918,13 +2873,10 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum42 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_q)
-        tmp_sum43 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_k)
-        tmp_sum44 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_w = torch.einsum('abc,fadbe->fdec', h_1_ln_1, tmp_sum76)
         if release:
             _release(h_1_ln_1)
-        d_h_1_attn_w = torch.stack([tmp_sum42, tmp_sum43, tmp_sum44], dim=0)
-        del tmp_sum42, tmp_sum43, tmp_sum44
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_weight = d_h_1_attn_w.reshape(96, 32)
@@ -2932,19 +2884,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias:
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
-        tmp_sum46 = h_1_attn_w[1, :, :, :]
-        tmp_sum45 = torch.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum46)
-        del d_h_1_attn_k, tmp_sum46
-        tmp_sum48 = h_1_attn_w[0, :, :, :]
-        tmp_sum47 = torch.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum48)
-        del d_h_1_attn_q, tmp_sum48
-        tmp_sum50 = h_1_attn_w[2, :, :, :]
+        # the sum over the parts of h_1_attn_w as one product
+        d_h_1_ln_1 = torch.einsum('fabcd,fbde->ace', tmp_sum76, h_1_attn_w)
+        del tmp_sum76
         if release:
             _release(h_1_attn_w)
-        tmp_sum49 = torch.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum50)
-        del d_h_1_attn_v, tmp_sum50
-        d_h_1_ln_1 = tmp_sum45 + tmp_sum47 + tmp_sum49
-        del tmp_sum45, tmp_sum47, tmp_sum49
 
     if _need_h_1_ln_1_weight:
         # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
@@ -3074,18 +3018,15 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
             _release(h_0_attn_wp)
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
-        d_h_0_attn_p = torch.einsum('abcd,abed->abce', d_h_0_attn_y, h_0_attn_v)
+        d_h_0_attn_p = d_h_0_attn_y @ h_0_attn_v.transpose(-2, -1)
         if release:
             _release(h_0_attn_v)
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
-        tmp_sum55 = torch.einsum('abcd,abcd->abc', d_h_0_attn_p, h_0_attn_p)
-        d_h_0_attn_p_lse = -tmp_sum55
-        del tmp_sum55
-
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
-        d_h_0_attn_p_masked = d_h_0_attn_p*h_0_attn_p + d_h_0_attn_p_lse[:, :, :, None]*h_0_attn_p
-        del d_h_0_attn_p, d_h_0_attn_p_lse
+        # softmax backward: d_h_0_attn_p_masked = h_0_attn_p*(d_h_0_attn_p - sum(h_0_attn_p*d_h_0_attn_p)), in one call
+        d_h_0_attn_p_masked = _softmax_backward(d_h_0_attn_p, h_0_attn_p, 3)
+        del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_0_attn_scores = torch.where(tmp5, d_h_0_attn_p_masked, 0)
@@ -3094,33 +3035,31 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
             _release(tmp5)
 
         # dL/dh_0_attn_v (through h_0_attn_y): d_h_0_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn_y[k0, k1, i2, k3]*h_0_attn_p[k0, k1, i2, k2])
-        d_h_0_attn_v = torch.einsum('abcd,abce->abed', d_h_0_attn_y, h_0_attn_p)
+        d_h_0_attn_v = h_0_attn_p.transpose(-2, -1) @ d_h_0_attn_y
         del d_h_0_attn_y
         if release:
             _release(h_0_attn_p)
 
         # dL/dh_0_attn_k (through h_0_attn_scores): d_h_0_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_0_attn_scores[k0, k1, i2, k2]*h_0_attn_q[k0, k1, i2, k3])/4
-        tmp_sum56 = torch.einsum('abcd,abce->abde', d_h_0_attn_scores, h_0_attn_q)
+        tmp_sum56 = d_h_0_attn_scores.transpose(-2, -1) @ h_0_attn_q
         if release:
             _release(h_0_attn_q)
         d_h_0_attn_k = (0.3535533905932738)*tmp_sum56
         del tmp_sum56
 
         # dL/dh_0_attn_q (through h_0_attn_scores): d_h_0_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_0_attn_scores[k0, k1, k2, i3]*h_0_attn_k[k0, k1, i3, k3])/4
-        tmp_sum57 = torch.einsum('abcd,abde->abce', d_h_0_attn_scores, h_0_attn_k)
+        tmp_sum57 = d_h_0_attn_scores @ h_0_attn_k
         del d_h_0_attn_scores
         if release:
             _release(h_0_attn_k)
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum57
         del tmp_sum57
+        tmp_sum77 = torch.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], dim=0)
+        del d_h_0_attn_v, d_h_0_attn_k, d_h_0_attn_q
 
     if _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_b (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum58 = d_h_0_attn_q.sum(dim=(0, 2))
-        tmp_sum59 = d_h_0_attn_k.sum(dim=(0, 2))
-        tmp_sum60 = d_h_0_attn_v.sum(dim=(0, 2))
-        d_h_0_attn_b = torch.stack([tmp_sum58, tmp_sum59, tmp_sum60], dim=0)
-        del tmp_sum58, tmp_sum59, tmp_sum60
+        d_h_0_attn_b = tmp_sum77.sum(dim=(1, 3))
 
         # dL/dh_0_attn_c_attn_bias (through h_0_attn_b): d_h_0_attn_c_attn_bias[k0] = d_h_0_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_0_attn_c_attn_bias = d_h_0_attn_b.reshape(96,)
@@ -3128,13 +3067,10 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum61 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_q)
-        tmp_sum62 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_k)
-        tmp_sum63 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_w = torch.einsum('abc,fadbe->fdec', h_0_ln_1, tmp_sum77)
         if release:
             _release(h_0_ln_1)
-        d_h_0_attn_w = torch.stack([tmp_sum61, tmp_sum62, tmp_sum63], dim=0)
-        del tmp_sum61, tmp_sum62, tmp_sum63
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_weight = d_h_0_attn_w.reshape(96, 32)
@@ -3142,19 +3078,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias:
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
-        tmp_sum65 = h_0_attn_w[1, :, :, :]
-        tmp_sum64 = torch.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum65)
-        del d_h_0_attn_k, tmp_sum65
-        tmp_sum67 = h_0_attn_w[0, :, :, :]
-        tmp_sum66 = torch.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum67)
-        del d_h_0_attn_q, tmp_sum67
-        tmp_sum69 = h_0_attn_w[2, :, :, :]
+        # the sum over the parts of h_0_attn_w as one product
+        d_h_0_ln_1 = torch.einsum('fabcd,fbde->ace', tmp_sum77, h_0_attn_w)
+        del tmp_sum77
         if release:
             _release(h_0_attn_w)
-        tmp_sum68 = torch.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum69)
-        del d_h_0_attn_v, tmp_sum69
-        d_h_0_ln_1 = tmp_sum64 + tmp_sum66 + tmp_sum68
-        del tmp_sum64, tmp_sum66, tmp_sum68
 
     if _need_h_0_ln_1_weight:
         # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
