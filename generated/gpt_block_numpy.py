@@ -632,7 +632,7 @@ def forward(params, *, x):
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of attn_w in one product
-    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', ln_1, attn_w, optimize=True)
+    tmp_sum0 = numpy.tensordot(ln_1, attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del ln_1, attn_w
 
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
@@ -674,7 +674,7 @@ def forward(params, *, x):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', attn_wp, attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(attn_wp, attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -755,7 +755,7 @@ def loss(params, *, x, t):
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of attn_w in one product
-    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', ln_1, attn_w, optimize=True)
+    tmp_sum0 = numpy.tensordot(ln_1, attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del ln_1, attn_w
 
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
@@ -797,7 +797,7 @@ def loss(params, *, x, t):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', attn_wp, attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(attn_wp, attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -906,7 +906,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of attn_w in one product
-    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', ln_1, attn_w, optimize=True)
+    tmp_sum0 = numpy.tensordot(ln_1, attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
 
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
     tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -946,7 +946,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', attn_wp, attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(attn_wp, attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -1012,7 +1012,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_mlp_c_proj_weight:
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
-        d_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_mlp_c_proj, mlp_c_fc, optimize=True)
+        d_mlp_c_proj_weight = numpy.tensordot(d_mlp_c_proj, mlp_c_fc, axes=([0, 1], [0, 1]))
         del mlp_c_fc
 
     if _need_mlp_c_proj_bias:
@@ -1030,7 +1030,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_mlp_c_fc_weight:
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
-        d_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_mlp_c_fc_z, ln_2, optimize=True)
+        d_mlp_c_fc_weight = numpy.tensordot(d_mlp_c_fc_z, ln_2, axes=([0, 1], [0, 1]))
         del ln_2
 
     if _need_mlp_c_fc_bias:
@@ -1061,7 +1061,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
         del tmp_sum16
 
         # dL/dln_2_mean (through ln_2): d_ln_2_mean[k0, k1] = -sum_{i2}(d_ln_2[k0, k1, i2]*ln_2_weight[i2])/sqrt(ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum17 = numpy.einsum('a,bca->bc', ln_2_weight, d_ln_2, optimize=True)
+        tmp_sum17 = d_ln_2 @ ln_2_weight
         d_ln_2_mean = -tmp_sum17/numpy.sqrt(tmp18)
         del tmp18, tmp_sum17
 
@@ -1078,7 +1078,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_attn_c_proj_weight:
         # dL/dattn_wp (through attn): d_attn_wp[k0, k1, k2] = sum_{i0,i1}(attn_y[i0, k1, i1, k2]*d_attn[i0, i1, k0])
-        d_attn_wp = numpy.einsum('abc,adbe->cde', d_attn, attn_y, optimize=True)
+        d_attn_wp = numpy.tensordot(d_attn, attn_y, axes=([0, 1], [0, 2]))
         del attn_y
 
         # dL/dattn_c_proj_weight (through attn_wp): d_attn_c_proj_weight[k0, k1] = d_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -1087,7 +1087,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias or _need_attn_c_attn_weight or _need_attn_c_attn_bias:
         # dL/dattn_y (through attn): d_attn_y[k0, k1, k2, k3] = sum_{i2}(attn_wp[i2, k1, k3]*d_attn[k0, k2, i2])
-        d_attn_y = numpy.einsum('abc,dea->dbec', attn_wp, d_attn, optimize=True)
+        d_attn_y = numpy.tensordot(attn_wp, d_attn, axes=([0], [2])).transpose(2, 0, 3, 1)
         del attn_wp, d_attn
 
         # dL/dattn_p (through attn_y): d_attn_p[k0, k1, k2, k3] = sum_{i3}(attn_v[k0, k1, k3, i3]*d_attn_y[k0, k1, k2, i3])
@@ -1133,7 +1133,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
     if _need_attn_c_attn_weight:
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_attn_w = numpy.einsum('abc,fadbe->fdec', ln_1, tmp_sum35, optimize=True)
+        d_attn_w = numpy.tensordot(ln_1, tmp_sum35, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del ln_1
 
         # dL/dattn_c_attn_weight (through attn_w): d_attn_c_attn_weight[k0, k1] = d_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -1143,7 +1143,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
     if _need_x or _need_ln_1_weight or _need_ln_1_bias:
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
         # the sum over the parts of attn_w as one product
-        d_ln_1 = numpy.einsum('fabc,fdaeb->dec', attn_w, tmp_sum35, optimize=True)
+        d_ln_1 = numpy.tensordot(attn_w, tmp_sum35, axes=([0, 1, 2], [0, 2, 4])).transpose(1, 2, 0)
         del attn_w, tmp_sum35
 
     if _need_ln_1_weight:
@@ -1165,7 +1165,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
         del tmp_sum33
 
         # dL/dln_1_mean (through ln_1): d_ln_1_mean[k0, k1] = -sum_{i2}(d_ln_1[k0, k1, i2]*ln_1_weight[i2])/sqrt(ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum34 = numpy.einsum('a,bca->bc', ln_1_weight, d_ln_1, optimize=True)
+        tmp_sum34 = d_ln_1 @ ln_1_weight
         d_ln_1_mean = -tmp_sum34/numpy.sqrt(tmp19)
         del tmp19, tmp_sum34
 

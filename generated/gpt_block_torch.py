@@ -612,7 +612,7 @@ def forward(params, *, x):
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of attn_w in one product
-    tmp_sum0 = torch.einsum('abc,fdec->fadbe', ln_1, attn_w)
+    tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del ln_1, attn_w
 
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
@@ -654,7 +654,7 @@ def forward(params, *, x):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', attn_wp, attn_y)
+    tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -737,7 +737,7 @@ def loss(params, *, x, t):
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of attn_w in one product
-    tmp_sum0 = torch.einsum('abc,fdec->fadbe', ln_1, attn_w)
+    tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del ln_1, attn_w
 
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
@@ -779,7 +779,7 @@ def loss(params, *, x, t):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', attn_wp, attn_y)
+    tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -866,7 +866,7 @@ def loss_and_grad(params, *, x, t):
         attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
         # all 3 parts of attn_w in one product
-        tmp_sum0 = torch.einsum('abc,fdec->fadbe', ln_1, attn_w)
+        tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
         tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -906,7 +906,7 @@ def loss_and_grad(params, *, x, t):
         attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
         # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-        tmp_sum10 = torch.einsum('abc,dbec->dea', attn_wp, attn_y)
+        tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         attn = attn_c_proj_bias + tmp_sum10
         del tmp_sum10
 
@@ -964,7 +964,7 @@ def loss_and_grad(params, *, x, t):
         d_mlp_c_proj = -tmp13
 
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
-        d_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_mlp_c_proj, mlp_c_fc)
+        d_mlp_c_proj_weight = torch.tensordot(d_mlp_c_proj, mlp_c_fc, dims=([0, 1], [0, 1]))
         del mlp_c_fc
 
         # dL/dmlp_c_proj_bias (through mlp_c_proj): d_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0])
@@ -979,7 +979,7 @@ def loss_and_grad(params, *, x, t):
         del mlp_c_fc_z, tmp10, tmp9, d_mlp_c_fc
 
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
-        d_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_mlp_c_fc_z, ln_2)
+        d_mlp_c_fc_weight = torch.tensordot(d_mlp_c_fc_z, ln_2, dims=([0, 1], [0, 1]))
         del ln_2
 
         # dL/dmlp_c_fc_bias (through mlp_c_fc_z): d_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0])
@@ -1005,7 +1005,7 @@ def loss_and_grad(params, *, x, t):
         del tmp_sum16
 
         # dL/dln_2_mean (through ln_2): d_ln_2_mean[k0, k1] = -sum_{i2}(d_ln_2[k0, k1, i2]*ln_2_weight[i2])/sqrt(ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum17 = torch.einsum('a,bca->bc', ln_2_weight, d_ln_2)
+        tmp_sum17 = d_ln_2 @ ln_2_weight
         d_ln_2_mean = -tmp_sum17/torch.sqrt(tmp14)
         del tmp14, tmp_sum17
 
@@ -1021,7 +1021,7 @@ def loss_and_grad(params, *, x, t):
         d_attn_c_proj_bias = d_attn.sum(dim=(0, 1))
 
         # dL/dattn_wp (through attn): d_attn_wp[k0, k1, k2] = sum_{i0,i1}(attn_y[i0, k1, i1, k2]*d_attn[i0, i1, k0])
-        d_attn_wp = torch.einsum('abc,adbe->cde', d_attn, attn_y)
+        d_attn_wp = torch.tensordot(d_attn, attn_y, dims=([0, 1], [0, 2]))
         del attn_y
 
         # dL/dattn_c_proj_weight (through attn_wp): d_attn_c_proj_weight[k0, k1] = d_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -1029,7 +1029,7 @@ def loss_and_grad(params, *, x, t):
         del d_attn_wp
 
         # dL/dattn_y (through attn): d_attn_y[k0, k1, k2, k3] = sum_{i2}(attn_wp[i2, k1, k3]*d_attn[k0, k2, i2])
-        d_attn_y = torch.einsum('abc,dea->dbec', attn_wp, d_attn)
+        d_attn_y = torch.tensordot(attn_wp, d_attn, dims=([0], [2])).permute(2, 0, 3, 1)
         del attn_wp, d_attn
 
         # dL/dattn_p (through attn_y): d_attn_p[k0, k1, k2, k3] = sum_{i3}(attn_v[k0, k1, k3, i3]*d_attn_y[k0, k1, k2, i3])
@@ -1073,7 +1073,7 @@ def loss_and_grad(params, *, x, t):
 
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_attn_w = torch.einsum('abc,fadbe->fdec', ln_1, tmp_sum33)
+        d_attn_w = torch.tensordot(ln_1, tmp_sum33, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del ln_1
 
         # dL/dattn_c_attn_weight (through attn_w): d_attn_c_attn_weight[k0, k1] = d_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -1082,7 +1082,7 @@ def loss_and_grad(params, *, x, t):
 
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
         # the sum over the parts of attn_w as one product
-        d_ln_1 = torch.einsum('fabc,fdaeb->dec', attn_w, tmp_sum33)
+        d_ln_1 = torch.tensordot(attn_w, tmp_sum33, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
         del attn_w, tmp_sum33
 
         # dL/dln_1_weight (through ln_1): d_ln_1_weight[k0] = sum_{i0,i1}((-ln_1_mean[i0, i1] + x[i0, i1, k0])*d_ln_1[i0, i1, k0]/sqrt(ln_1_var[i0, i1] + 1.0e-5))
@@ -1146,7 +1146,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of attn_w in one product
-    tmp_sum0 = torch.einsum('abc,fdec->fadbe', ln_1, attn_w)
+    tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
     tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -1186,7 +1186,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', attn_wp, attn_y)
+    tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -1261,7 +1261,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_mlp_c_proj_weight:
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
-        d_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_mlp_c_proj, mlp_c_fc)
+        d_mlp_c_proj_weight = torch.tensordot(d_mlp_c_proj, mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(mlp_c_fc)
 
@@ -1282,7 +1282,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_mlp_c_fc_weight:
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
-        d_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_mlp_c_fc_z, ln_2)
+        d_mlp_c_fc_weight = torch.tensordot(d_mlp_c_fc_z, ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(ln_2)
 
@@ -1317,7 +1317,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         del tmp_sum16
 
         # dL/dln_2_mean (through ln_2): d_ln_2_mean[k0, k1] = -sum_{i2}(d_ln_2[k0, k1, i2]*ln_2_weight[i2])/sqrt(ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum17 = torch.einsum('a,bca->bc', ln_2_weight, d_ln_2)
+        tmp_sum17 = d_ln_2 @ ln_2_weight
         d_ln_2_mean = -tmp_sum17/torch.sqrt(tmp18)
         del tmp18, tmp_sum17
 
@@ -1336,7 +1336,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_attn_c_proj_weight:
         # dL/dattn_wp (through attn): d_attn_wp[k0, k1, k2] = sum_{i0,i1}(attn_y[i0, k1, i1, k2]*d_attn[i0, i1, k0])
-        d_attn_wp = torch.einsum('abc,adbe->cde', d_attn, attn_y)
+        d_attn_wp = torch.tensordot(d_attn, attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(attn_y)
 
@@ -1346,7 +1346,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias or _need_attn_c_attn_weight or _need_attn_c_attn_bias:
         # dL/dattn_y (through attn): d_attn_y[k0, k1, k2, k3] = sum_{i2}(attn_wp[i2, k1, k3]*d_attn[k0, k2, i2])
-        d_attn_y = torch.einsum('abc,dea->dbec', attn_wp, d_attn)
+        d_attn_y = torch.tensordot(attn_wp, d_attn, dims=([0], [2])).permute(2, 0, 3, 1)
         del d_attn
         if release:
             _release(attn_wp)
@@ -1402,7 +1402,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
     if _need_attn_c_attn_weight:
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_attn_w = torch.einsum('abc,fadbe->fdec', ln_1, tmp_sum35)
+        d_attn_w = torch.tensordot(ln_1, tmp_sum35, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(ln_1)
 
@@ -1413,7 +1413,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
     if _need_x or _need_ln_1_weight or _need_ln_1_bias:
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
         # the sum over the parts of attn_w as one product
-        d_ln_1 = torch.einsum('fabc,fdaeb->dec', attn_w, tmp_sum35)
+        d_ln_1 = torch.tensordot(attn_w, tmp_sum35, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
         del tmp_sum35
         if release:
             _release(attn_w)
@@ -1440,7 +1440,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         del tmp_sum33
 
         # dL/dln_1_mean (through ln_1): d_ln_1_mean[k0, k1] = -sum_{i2}(d_ln_1[k0, k1, i2]*ln_1_weight[i2])/sqrt(ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum34 = torch.einsum('a,bca->bc', ln_1_weight, d_ln_1)
+        tmp_sum34 = d_ln_1 @ ln_1_weight
         d_ln_1_mean = -tmp_sum34/torch.sqrt(tmp19)
         del tmp19, tmp_sum34
 

@@ -1349,14 +1349,14 @@ def forward(params, *, idx):
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, optimize=True)
+    tmp_sum0 = numpy.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum117 = numpy.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w, optimize=True)
+    tmp_sum117 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
     tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
@@ -1403,7 +1403,7 @@ def forward(params, *, idx):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = numpy.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y, optimize=True)
+    tmp_sum17 = numpy.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1411,7 +1411,7 @@ def forward(params, *, idx):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum19 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1509,14 +1509,14 @@ def forward(params, *, idx):
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-    tmp_sum118 = numpy.einsum('abc,fdec->fadbe', h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, optimize=True)
+    tmp_sum118 = numpy.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum31 = tmp_sum118[0, :, :, :, :]
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum119 = numpy.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w, optimize=True)
+    tmp_sum119 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
     tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
@@ -1562,7 +1562,7 @@ def forward(params, *, idx):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = numpy.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y, optimize=True)
+    tmp_sum44 = numpy.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1570,7 +1570,7 @@ def forward(params, *, idx):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum46 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -1710,14 +1710,14 @@ def loss(params, *, idx, y):
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, optimize=True)
+    tmp_sum0 = numpy.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum117 = numpy.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w, optimize=True)
+    tmp_sum117 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
     tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
@@ -1764,7 +1764,7 @@ def loss(params, *, idx, y):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = numpy.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y, optimize=True)
+    tmp_sum17 = numpy.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1772,7 +1772,7 @@ def loss(params, *, idx, y):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum19 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1870,14 +1870,14 @@ def loss(params, *, idx, y):
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-    tmp_sum118 = numpy.einsum('abc,fdec->fadbe', h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, optimize=True)
+    tmp_sum118 = numpy.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum31 = tmp_sum118[0, :, :, :, :]
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum119 = numpy.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w, optimize=True)
+    tmp_sum119 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
     tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
@@ -1923,7 +1923,7 @@ def loss(params, *, idx, y):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = numpy.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y, optimize=True)
+    tmp_sum44 = numpy.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1931,7 +1931,7 @@ def loss(params, *, idx, y):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum46 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -2141,13 +2141,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, optimize=True)
+    tmp_sum0 = numpy.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum141 = numpy.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w, optimize=True)
+    tmp_sum141 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     tmp_sum6 = tmp_sum141[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
     del tmp_sum4, tmp_sum6
@@ -2191,13 +2191,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = numpy.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y, optimize=True)
+    tmp_sum17 = numpy.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
-    tmp_sum19 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum19 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
 
@@ -2293,13 +2293,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-    tmp_sum142 = numpy.einsum('abc,fdec->fadbe', h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, optimize=True)
+    tmp_sum142 = numpy.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum31 = tmp_sum142[0, :, :, :, :]
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum143 = numpy.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w, optimize=True)
+    tmp_sum143 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     tmp_sum33 = tmp_sum143[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
     del tmp_sum31, tmp_sum33
@@ -2342,13 +2342,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = numpy.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y, optimize=True)
+    tmp_sum44 = numpy.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
-    tmp_sum46 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum46 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
 
@@ -2486,7 +2486,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum58
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum59 = numpy.einsum('a,bca->bc', ln_f_weight, d_ln_f, optimize=True)
+        tmp_sum59 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum59/numpy.sqrt(tmp27)
         del tmp27, tmp_sum59
 
@@ -2499,7 +2499,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_lora_B:
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_proj_lora_B = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, optimize=True)
+        d_h_1_mlp_c_proj_lora_B = numpy.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, axes=([0, 1], [0, 1]))
         del h_1_mlp_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_weight or _need_h_1_mlp_c_fc_bias or _need_h_1_mlp_c_fc_lora_A or _need_h_1_mlp_c_fc_lora_B or _need_h_1_mlp_c_proj_lora_A:
@@ -2508,7 +2508,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_lora_A:
         # dL/dh_1_mlp_c_proj_lora_A (through h_1_mlp_c_proj_lora_xA): d_h_1_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_proj_lora_xA[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        tmp_sum60 = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, optimize=True)
+        tmp_sum60 = numpy.tensordot(d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, axes=([0, 1], [0, 1]))
         d_h_1_mlp_c_proj_lora_A = 2*tmp_sum60
         del tmp_sum60
 
@@ -2519,7 +2519,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj_base): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj_base[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_proj_base, h_1_mlp_c_fc, optimize=True)
+        d_h_1_mlp_c_proj_weight = numpy.tensordot(d_h_1_mlp_c_proj_base, h_1_mlp_c_fc, axes=([0, 1], [0, 1]))
         del h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_proj_bias:
@@ -2541,7 +2541,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_lora_B:
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_fc_lora_B = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, optimize=True)
+        d_h_1_mlp_c_fc_lora_B = numpy.tensordot(d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, axes=([0, 1], [0, 1]))
         del h_1_mlp_c_fc_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_lora_A:
@@ -2550,7 +2550,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_lora_A:
         # dL/dh_1_mlp_c_fc_lora_A (through h_1_mlp_c_fc_lora_xA): d_h_1_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_fc_lora_xA[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        tmp_sum63 = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, optimize=True)
+        tmp_sum63 = numpy.tensordot(d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, axes=([0, 1], [0, 1]))
         d_h_1_mlp_c_fc_lora_A = 2*tmp_sum63
         del tmp_sum63
 
@@ -2561,7 +2561,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_base): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_base[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_fc_base, h_1_ln_2, optimize=True)
+        d_h_1_mlp_c_fc_weight = numpy.tensordot(d_h_1_mlp_c_fc_base, h_1_ln_2, axes=([0, 1], [0, 1]))
         del h_1_ln_2
 
     if _need_h_1_mlp_c_fc_bias:
@@ -2596,7 +2596,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum66
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum67 = numpy.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2, optimize=True)
+        tmp_sum67 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum67/numpy.sqrt(tmp28)
         del tmp28, tmp_sum67
 
@@ -2613,7 +2613,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_proj_lora_B:
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_attn_c_proj_lora_B = numpy.einsum('abc,abd->cd', d_h_1_attn, h_1_attn_c_proj_lora_xA, optimize=True)
+        d_h_1_attn_c_proj_lora_B = numpy.tensordot(d_h_1_attn, h_1_attn_c_proj_lora_xA, axes=([0, 1], [0, 1]))
         del h_1_attn_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_lora_A:
@@ -2622,7 +2622,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_proj_lora_A:
         # dL/dh_1_attn_c_proj_lora_A_heads (through h_1_attn_c_proj_lora_xA): d_h_1_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_1_attn_c_proj_lora_xA[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        tmp_sum68 = numpy.einsum('abc,adbe->cde', d_h_1_attn_c_proj_lora_xA, h_1_attn_y, optimize=True)
+        tmp_sum68 = numpy.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, axes=([0, 1], [0, 2]))
         d_h_1_attn_c_proj_lora_A_heads = 2*tmp_sum68
         del tmp_sum68
 
@@ -2632,7 +2632,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = numpy.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y, optimize=True)
+        d_h_1_attn_wp = numpy.tensordot(d_h_1_attn, h_1_attn_y, axes=([0, 1], [0, 2]))
         del h_1_attn_y
 
         # dL/dh_1_attn_c_proj_weight (through h_1_attn_wp): d_h_1_attn_c_proj_weight[k0, k1] = d_h_1_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2641,9 +2641,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_y (through h_1_attn, h_1_attn_c_proj_lora_xA): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_1_attn_c_proj_lora_xA[k0, k2, i2]*h_1_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum69 = numpy.einsum('abc,cde->adbe', d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, optimize=True)
+        tmp_sum69 = numpy.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_1_attn_c_proj_lora_A_heads, d_h_1_attn_c_proj_lora_xA
-        tmp_sum70 = numpy.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp, optimize=True)
+        tmp_sum70 = numpy.tensordot(d_h_1_attn, h_1_attn_wp, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
         d_h_1_attn_y = 2*tmp_sum69 + tmp_sum70
         del tmp_sum69, tmp_sum70
@@ -2683,7 +2683,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_c_attn_lora_B_heads (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_c_attn_lora_B_heads = numpy.einsum('abc,fadbe->fdec', h_1_attn_c_attn_lora_xA, tmp_sum144, optimize=True)
+        d_h_1_attn_c_attn_lora_B_heads = numpy.tensordot(h_1_attn_c_attn_lora_xA, tmp_sum144, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_1_attn_c_attn_lora_xA
 
         # dL/dh_1_attn_c_attn_lora_B (through h_1_attn_c_attn_lora_B_heads): d_h_1_attn_c_attn_lora_B[k0, k1] = d_h_1_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2693,12 +2693,12 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_xA (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_c_attn_lora_B_heads as one product
-        d_h_1_attn_c_attn_lora_xA = numpy.einsum('fabcd,fbde->ace', tmp_sum144, h_1_attn_c_attn_lora_B_heads, optimize=True)
+        d_h_1_attn_c_attn_lora_xA = numpy.tensordot(tmp_sum144, h_1_attn_c_attn_lora_B_heads, axes=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_c_attn_lora_B_heads
 
     if _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
-        tmp_sum83 = numpy.einsum('abc,abd->cd', d_h_1_attn_c_attn_lora_xA, h_1_ln_1, optimize=True)
+        tmp_sum83 = numpy.tensordot(d_h_1_attn_c_attn_lora_xA, h_1_ln_1, axes=([0, 1], [0, 1]))
         d_h_1_attn_c_attn_lora_A = 2*tmp_sum83
         del tmp_sum83
 
@@ -2713,7 +2713,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_w = numpy.einsum('abc,fadbe->fdec', h_1_ln_1, tmp_sum144, optimize=True)
+        d_h_1_attn_w = numpy.tensordot(h_1_ln_1, tmp_sum144, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_1_ln_1
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2726,7 +2726,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del d_h_1_attn_c_attn_lora_xA
 
         # the sum over the parts of h_1_attn_w as one product
-        tmp_sum145 = numpy.einsum('fabcd,fbde->ace', tmp_sum144, h_1_attn_w, optimize=True)
+        tmp_sum145 = numpy.tensordot(tmp_sum144, h_1_attn_w, axes=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_w, tmp_sum144
         d_h_1_ln_1 = tmp_sum145 + 2*tmp_sum90
         del tmp_sum90, tmp_sum145
@@ -2750,7 +2750,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum97
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum98 = numpy.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1, optimize=True)
+        tmp_sum98 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum98/numpy.sqrt(tmp29)
         del tmp29, tmp_sum98
 
@@ -2763,7 +2763,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_lora_B:
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_proj_lora_B = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, optimize=True)
+        d_h_0_mlp_c_proj_lora_B = numpy.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, axes=([0, 1], [0, 1]))
         del h_0_mlp_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_lora_A:
@@ -2772,7 +2772,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_lora_A:
         # dL/dh_0_mlp_c_proj_lora_A (through h_0_mlp_c_proj_lora_xA): d_h_0_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_proj_lora_xA[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        tmp_sum99 = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, optimize=True)
+        tmp_sum99 = numpy.tensordot(d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, axes=([0, 1], [0, 1]))
         d_h_0_mlp_c_proj_lora_A = 2*tmp_sum99
         del tmp_sum99
 
@@ -2783,7 +2783,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj_base): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj_base[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_proj_base, h_0_mlp_c_fc, optimize=True)
+        d_h_0_mlp_c_proj_weight = numpy.tensordot(d_h_0_mlp_c_proj_base, h_0_mlp_c_fc, axes=([0, 1], [0, 1]))
         del h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_proj_bias:
@@ -2805,7 +2805,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_lora_B:
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_fc_lora_B = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, optimize=True)
+        d_h_0_mlp_c_fc_lora_B = numpy.tensordot(d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, axes=([0, 1], [0, 1]))
         del h_0_mlp_c_fc_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_lora_A:
@@ -2814,7 +2814,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_lora_A:
         # dL/dh_0_mlp_c_fc_lora_A (through h_0_mlp_c_fc_lora_xA): d_h_0_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_fc_lora_xA[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        tmp_sum102 = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, optimize=True)
+        tmp_sum102 = numpy.tensordot(d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, axes=([0, 1], [0, 1]))
         d_h_0_mlp_c_fc_lora_A = 2*tmp_sum102
         del tmp_sum102
 
@@ -2825,7 +2825,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_base): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_base[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_fc_base, h_0_ln_2, optimize=True)
+        d_h_0_mlp_c_fc_weight = numpy.tensordot(d_h_0_mlp_c_fc_base, h_0_ln_2, axes=([0, 1], [0, 1]))
         del h_0_ln_2
 
     if _need_h_0_mlp_c_fc_bias:
@@ -2860,7 +2860,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum105
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum106 = numpy.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2, optimize=True)
+        tmp_sum106 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum106/numpy.sqrt(tmp30)
         del tmp30, tmp_sum106
 
@@ -2877,7 +2877,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_proj_lora_B:
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_attn_c_proj_lora_B = numpy.einsum('abc,abd->cd', d_h_0_attn, h_0_attn_c_proj_lora_xA, optimize=True)
+        d_h_0_attn_c_proj_lora_B = numpy.tensordot(d_h_0_attn, h_0_attn_c_proj_lora_xA, axes=([0, 1], [0, 1]))
         del h_0_attn_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_lora_A:
@@ -2886,7 +2886,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_proj_lora_A:
         # dL/dh_0_attn_c_proj_lora_A_heads (through h_0_attn_c_proj_lora_xA): d_h_0_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_0_attn_c_proj_lora_xA[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        tmp_sum107 = numpy.einsum('abc,adbe->cde', d_h_0_attn_c_proj_lora_xA, h_0_attn_y, optimize=True)
+        tmp_sum107 = numpy.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, axes=([0, 1], [0, 2]))
         d_h_0_attn_c_proj_lora_A_heads = 2*tmp_sum107
         del tmp_sum107
 
@@ -2896,7 +2896,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = numpy.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y, optimize=True)
+        d_h_0_attn_wp = numpy.tensordot(d_h_0_attn, h_0_attn_y, axes=([0, 1], [0, 2]))
         del h_0_attn_y
 
         # dL/dh_0_attn_c_proj_weight (through h_0_attn_wp): d_h_0_attn_c_proj_weight[k0, k1] = d_h_0_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2905,9 +2905,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_y (through h_0_attn, h_0_attn_c_proj_lora_xA): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_0_attn_c_proj_lora_xA[k0, k2, i2]*h_0_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum108 = numpy.einsum('abc,cde->adbe', d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, optimize=True)
+        tmp_sum108 = numpy.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_0_attn_c_proj_lora_A_heads, d_h_0_attn_c_proj_lora_xA
-        tmp_sum109 = numpy.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp, optimize=True)
+        tmp_sum109 = numpy.tensordot(d_h_0_attn, h_0_attn_wp, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
         d_h_0_attn_y = 2*tmp_sum108 + tmp_sum109
         del tmp_sum108, tmp_sum109
@@ -2947,7 +2947,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_c_attn_lora_B_heads (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_c_attn_lora_B_heads = numpy.einsum('abc,fadbe->fdec', h_0_attn_c_attn_lora_xA, tmp_sum146, optimize=True)
+        d_h_0_attn_c_attn_lora_B_heads = numpy.tensordot(h_0_attn_c_attn_lora_xA, tmp_sum146, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_0_attn_c_attn_lora_xA
 
         # dL/dh_0_attn_c_attn_lora_B (through h_0_attn_c_attn_lora_B_heads): d_h_0_attn_c_attn_lora_B[k0, k1] = d_h_0_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2957,12 +2957,12 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_xA (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_c_attn_lora_B_heads as one product
-        d_h_0_attn_c_attn_lora_xA = numpy.einsum('fabcd,fbde->ace', tmp_sum146, h_0_attn_c_attn_lora_B_heads, optimize=True)
+        d_h_0_attn_c_attn_lora_xA = numpy.tensordot(tmp_sum146, h_0_attn_c_attn_lora_B_heads, axes=([0, 2, 4], [0, 1, 2]))
         del h_0_attn_c_attn_lora_B_heads
 
     if _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
-        tmp_sum122 = numpy.einsum('abc,abd->cd', d_h_0_attn_c_attn_lora_xA, h_0_ln_1, optimize=True)
+        tmp_sum122 = numpy.tensordot(d_h_0_attn_c_attn_lora_xA, h_0_ln_1, axes=([0, 1], [0, 1]))
         d_h_0_attn_c_attn_lora_A = 2*tmp_sum122
         del tmp_sum122
 
@@ -2977,7 +2977,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_w = numpy.einsum('abc,fadbe->fdec', h_0_ln_1, tmp_sum146, optimize=True)
+        d_h_0_attn_w = numpy.tensordot(h_0_ln_1, tmp_sum146, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_0_ln_1
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2990,7 +2990,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del d_h_0_attn_c_attn_lora_xA
 
         # the sum over the parts of h_0_attn_w as one product
-        tmp_sum147 = numpy.einsum('fabcd,fbde->ace', tmp_sum146, h_0_attn_w, optimize=True)
+        tmp_sum147 = numpy.tensordot(tmp_sum146, h_0_attn_w, axes=([0, 2, 4], [0, 1, 2]))
         del h_0_attn_w, tmp_sum146
         d_h_0_ln_1 = 2*tmp_sum129 + tmp_sum147
         del tmp_sum129, tmp_sum147
@@ -3014,7 +3014,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum136
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum137 = numpy.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1, optimize=True)
+        tmp_sum137 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum137/numpy.sqrt(tmp31)
         del tmp31, tmp_sum137
 
@@ -3025,7 +3025,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}(KroneckerDelta(k0, idx[i0, i1])*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum138 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum139 = numpy.einsum('abc,abd->cd', d_lm_head, ln_f, optimize=True)
+        tmp_sum139 = numpy.tensordot(d_lm_head, ln_f, axes=([0, 1], [0, 1]))
         del ln_f, d_lm_head
         d_wte_weight = tmp_sum138 + tmp_sum139
         del tmp_sum138, tmp_sum139

@@ -1307,14 +1307,14 @@ def forward(params, *, idx):
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-    tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads)
+    tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum117 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+    tmp_sum117 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
     tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
@@ -1361,7 +1361,7 @@ def forward(params, *, idx):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = torch.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y)
+    tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1369,7 +1369,7 @@ def forward(params, *, idx):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1467,14 +1467,14 @@ def forward(params, *, idx):
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-    tmp_sum118 = torch.einsum('abc,fdec->fadbe', h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads)
+    tmp_sum118 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum31 = tmp_sum118[0, :, :, :, :]
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum119 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+    tmp_sum119 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
     tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
@@ -1520,7 +1520,7 @@ def forward(params, *, idx):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = torch.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y)
+    tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1528,7 +1528,7 @@ def forward(params, *, idx):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -1670,14 +1670,14 @@ def loss(params, *, idx, y):
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-    tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads)
+    tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum117 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+    tmp_sum117 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
     tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
@@ -1724,7 +1724,7 @@ def loss(params, *, idx, y):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = torch.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y)
+    tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1732,7 +1732,7 @@ def loss(params, *, idx, y):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1830,14 +1830,14 @@ def loss(params, *, idx, y):
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-    tmp_sum118 = torch.einsum('abc,fdec->fadbe', h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads)
+    tmp_sum118 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum31 = tmp_sum118[0, :, :, :, :]
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum119 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+    tmp_sum119 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
     tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
@@ -1883,7 +1883,7 @@ def loss(params, *, idx, y):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = torch.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y)
+    tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1891,7 +1891,7 @@ def loss(params, *, idx, y):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -2053,13 +2053,13 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
         # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-        tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads)
+        tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
         tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
         # all 3 parts of h_0_attn_w in one product
-        tmp_sum117 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+        tmp_sum117 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
         del h_0_attn_w
         tmp_sum6 = tmp_sum117[0, :, :, :, :]
         h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
@@ -2104,13 +2104,13 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
         # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-        tmp_sum17 = torch.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y)
+        tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_0_attn_c_proj_lora_xA = 2*tmp_sum17
         del tmp_sum17
 
         # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
         tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
-        tmp_sum19 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+        tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
         del tmp_sum18, tmp_sum19
 
@@ -2208,13 +2208,13 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
         # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-        tmp_sum118 = torch.einsum('abc,fdec->fadbe', h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads)
+        tmp_sum118 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
         tmp_sum31 = tmp_sum118[0, :, :, :, :]
 
         # all 3 parts of h_1_attn_w in one product
-        tmp_sum119 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+        tmp_sum119 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
         tmp_sum33 = tmp_sum119[0, :, :, :, :]
         h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
         del tmp_sum31, tmp_sum33
@@ -2257,13 +2257,13 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
         # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-        tmp_sum44 = torch.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y)
+        tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_1_attn_c_proj_lora_xA = 2*tmp_sum44
         del tmp_sum44
 
         # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
         tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
-        tmp_sum46 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+        tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
         del tmp_sum45, tmp_sum46
 
@@ -2395,7 +2395,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum58
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum59 = torch.einsum('a,bca->bc', ln_f_weight, d_ln_f)
+        tmp_sum59 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum59/torch.sqrt(tmp25)
         del tmp25, tmp_sum59
 
@@ -2407,14 +2407,14 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_mlp_c_proj = d_h_1_res2
 
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA)
+        d_h_1_mlp_c_proj_lora_B = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         del h_1_mlp_c_proj_lora_xA
 
         # dL/dh_1_mlp_c_proj_lora_xA (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_mlp_c_proj[k0, k1, i2]*h_1_mlp_c_proj_lora_B[i2, k2])
         d_h_1_mlp_c_proj_lora_xA = d_h_1_mlp_c_proj @ h_1_mlp_c_proj_lora_B
 
         # dL/dh_1_mlp_c_proj_lora_A (through h_1_mlp_c_proj_lora_xA): d_h_1_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_proj_lora_xA[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        tmp_sum60 = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc)
+        tmp_sum60 = torch.tensordot(d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         del h_1_mlp_c_fc
         d_h_1_mlp_c_proj_lora_A = 2*tmp_sum60
         del tmp_sum60
@@ -2436,14 +2436,14 @@ def loss_and_grad(params, *, idx, y):
         del h_1_mlp_c_fc_z, tmp18, tmp19, d_h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_fc_lora_B = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA)
+        d_h_1_mlp_c_fc_lora_B = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
         del h_1_mlp_c_fc_lora_xA
 
         # dL/dh_1_mlp_c_fc_lora_xA (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_mlp_c_fc_z[k0, k1, i2]*h_1_mlp_c_fc_lora_B[i2, k2])
         d_h_1_mlp_c_fc_lora_xA = d_h_1_mlp_c_fc_z @ h_1_mlp_c_fc_lora_B
 
         # dL/dh_1_mlp_c_fc_lora_A (through h_1_mlp_c_fc_lora_xA): d_h_1_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_fc_lora_xA[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        tmp_sum63 = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_lora_xA, h_1_ln_2)
+        tmp_sum63 = torch.tensordot(d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, dims=([0, 1], [0, 1]))
         del h_1_ln_2
         d_h_1_mlp_c_fc_lora_A = 2*tmp_sum63
         del tmp_sum63
@@ -2469,7 +2469,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum66
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum67 = torch.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2)
+        tmp_sum67 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum67/torch.sqrt(tmp26)
         del tmp26, tmp_sum67
 
@@ -2481,14 +2481,14 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_attn = d_h_1_res1
 
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_attn_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_1_attn, h_1_attn_c_proj_lora_xA)
+        d_h_1_attn_c_proj_lora_B = torch.tensordot(d_h_1_attn, h_1_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         del h_1_attn_c_proj_lora_xA
 
         # dL/dh_1_attn_c_proj_lora_xA (through h_1_attn): d_h_1_attn_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_attn[k0, k1, i2]*h_1_attn_c_proj_lora_B[i2, k2])
         d_h_1_attn_c_proj_lora_xA = d_h_1_attn @ h_1_attn_c_proj_lora_B
 
         # dL/dh_1_attn_c_proj_lora_A_heads (through h_1_attn_c_proj_lora_xA): d_h_1_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_1_attn_c_proj_lora_xA[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        tmp_sum68 = torch.einsum('abc,adbe->cde', d_h_1_attn_c_proj_lora_xA, h_1_attn_y)
+        tmp_sum68 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, dims=([0, 1], [0, 2]))
         del h_1_attn_y
         d_h_1_attn_c_proj_lora_A_heads = 2*tmp_sum68
         del tmp_sum68
@@ -2498,9 +2498,9 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_attn_c_proj_lora_A_heads
 
         # dL/dh_1_attn_y (through h_1_attn, h_1_attn_c_proj_lora_xA): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_1_attn_c_proj_lora_xA[k0, k2, i2]*h_1_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum69 = torch.einsum('abc,cde->adbe', d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads)
+        tmp_sum69 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_1_attn_c_proj_lora_A_heads, d_h_1_attn_c_proj_lora_xA
-        tmp_sum70 = torch.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp)
+        tmp_sum70 = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
         d_h_1_attn_y = 2*tmp_sum69 + tmp_sum70
         del tmp_sum69, tmp_sum70
@@ -2539,7 +2539,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_1_attn_c_attn_lora_B_heads (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_c_attn_lora_B_heads = torch.einsum('abc,fadbe->fdec', h_1_attn_c_attn_lora_xA, tmp_sum120)
+        d_h_1_attn_c_attn_lora_B_heads = torch.tensordot(h_1_attn_c_attn_lora_xA, tmp_sum120, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_1_attn_c_attn_lora_xA
 
         # dL/dh_1_attn_c_attn_lora_B (through h_1_attn_c_attn_lora_B_heads): d_h_1_attn_c_attn_lora_B[k0, k1] = d_h_1_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2548,11 +2548,11 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_1_attn_c_attn_lora_xA (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_c_attn_lora_B_heads as one product
-        d_h_1_attn_c_attn_lora_xA = torch.einsum('fabcd,fbde->ace', tmp_sum120, h_1_attn_c_attn_lora_B_heads)
+        d_h_1_attn_c_attn_lora_xA = torch.tensordot(tmp_sum120, h_1_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_c_attn_lora_B_heads
 
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
-        tmp_sum83 = torch.einsum('abc,abd->cd', d_h_1_attn_c_attn_lora_xA, h_1_ln_1)
+        tmp_sum83 = torch.tensordot(d_h_1_attn_c_attn_lora_xA, h_1_ln_1, dims=([0, 1], [0, 1]))
         del h_1_ln_1
         d_h_1_attn_c_attn_lora_A = 2*tmp_sum83
         del tmp_sum83
@@ -2562,7 +2562,7 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_attn_c_attn_lora_xA
 
         # the sum over the parts of h_1_attn_w as one product
-        tmp_sum121 = torch.einsum('fabcd,fbde->ace', tmp_sum120, h_1_attn_w)
+        tmp_sum121 = torch.tensordot(tmp_sum120, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_w, tmp_sum120
         d_h_1_ln_1 = tmp_sum121 + 2*tmp_sum84
         del tmp_sum84, tmp_sum121
@@ -2576,7 +2576,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum91
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum92 = torch.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1)
+        tmp_sum92 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum92/torch.sqrt(tmp27)
         del tmp27, tmp_sum92
 
@@ -2588,14 +2588,14 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_mlp_c_proj = d_h_0_res2
 
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA)
+        d_h_0_mlp_c_proj_lora_B = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         del h_0_mlp_c_proj_lora_xA
 
         # dL/dh_0_mlp_c_proj_lora_xA (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_mlp_c_proj[k0, k1, i2]*h_0_mlp_c_proj_lora_B[i2, k2])
         d_h_0_mlp_c_proj_lora_xA = d_h_0_mlp_c_proj @ h_0_mlp_c_proj_lora_B
 
         # dL/dh_0_mlp_c_proj_lora_A (through h_0_mlp_c_proj_lora_xA): d_h_0_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_proj_lora_xA[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        tmp_sum93 = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc)
+        tmp_sum93 = torch.tensordot(d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         del h_0_mlp_c_fc
         d_h_0_mlp_c_proj_lora_A = 2*tmp_sum93
         del tmp_sum93
@@ -2617,14 +2617,14 @@ def loss_and_grad(params, *, idx, y):
         del h_0_mlp_c_fc_z, tmp10, tmp9, d_h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_fc_lora_B = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA)
+        d_h_0_mlp_c_fc_lora_B = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
         del h_0_mlp_c_fc_lora_xA
 
         # dL/dh_0_mlp_c_fc_lora_xA (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_mlp_c_fc_z[k0, k1, i2]*h_0_mlp_c_fc_lora_B[i2, k2])
         d_h_0_mlp_c_fc_lora_xA = d_h_0_mlp_c_fc_z @ h_0_mlp_c_fc_lora_B
 
         # dL/dh_0_mlp_c_fc_lora_A (through h_0_mlp_c_fc_lora_xA): d_h_0_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_fc_lora_xA[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        tmp_sum96 = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_lora_xA, h_0_ln_2)
+        tmp_sum96 = torch.tensordot(d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, dims=([0, 1], [0, 1]))
         del h_0_ln_2
         d_h_0_mlp_c_fc_lora_A = 2*tmp_sum96
         del tmp_sum96
@@ -2650,7 +2650,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum99
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum100 = torch.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2)
+        tmp_sum100 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum100/torch.sqrt(tmp28)
         del tmp28, tmp_sum100
 
@@ -2663,14 +2663,14 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_res1
 
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_attn_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_0_attn, h_0_attn_c_proj_lora_xA)
+        d_h_0_attn_c_proj_lora_B = torch.tensordot(d_h_0_attn, h_0_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         del h_0_attn_c_proj_lora_xA
 
         # dL/dh_0_attn_c_proj_lora_xA (through h_0_attn): d_h_0_attn_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_attn[k0, k1, i2]*h_0_attn_c_proj_lora_B[i2, k2])
         d_h_0_attn_c_proj_lora_xA = d_h_0_attn @ h_0_attn_c_proj_lora_B
 
         # dL/dh_0_attn_c_proj_lora_A_heads (through h_0_attn_c_proj_lora_xA): d_h_0_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_0_attn_c_proj_lora_xA[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        tmp_sum101 = torch.einsum('abc,adbe->cde', d_h_0_attn_c_proj_lora_xA, h_0_attn_y)
+        tmp_sum101 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, dims=([0, 1], [0, 2]))
         del h_0_attn_y
         d_h_0_attn_c_proj_lora_A_heads = 2*tmp_sum101
         del tmp_sum101
@@ -2680,9 +2680,9 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_attn_c_proj_lora_A_heads
 
         # dL/dh_0_attn_y (through h_0_attn, h_0_attn_c_proj_lora_xA): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_0_attn_c_proj_lora_xA[k0, k2, i2]*h_0_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum102 = torch.einsum('abc,cde->adbe', d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads)
+        tmp_sum102 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_0_attn_c_proj_lora_A_heads, d_h_0_attn_c_proj_lora_xA
-        tmp_sum103 = torch.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp)
+        tmp_sum103 = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
         d_h_0_attn_y = 2*tmp_sum102 + tmp_sum103
         del tmp_sum102, tmp_sum103
@@ -2721,7 +2721,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_0_attn_c_attn_lora_B_heads (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_c_attn_lora_B_heads = torch.einsum('abc,fadbe->fdec', h_0_attn_c_attn_lora_xA, tmp_sum122)
+        d_h_0_attn_c_attn_lora_B_heads = torch.tensordot(h_0_attn_c_attn_lora_xA, tmp_sum122, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_0_attn_c_attn_lora_xA
 
         # dL/dh_0_attn_c_attn_lora_B (through h_0_attn_c_attn_lora_B_heads): d_h_0_attn_c_attn_lora_B[k0, k1] = d_h_0_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2730,11 +2730,11 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_0_attn_c_attn_lora_xA (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_c_attn_lora_B_heads as one product
-        d_h_0_attn_c_attn_lora_xA = torch.einsum('fabcd,fbde->ace', tmp_sum122, h_0_attn_c_attn_lora_B_heads)
+        d_h_0_attn_c_attn_lora_xA = torch.tensordot(tmp_sum122, h_0_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         del h_0_attn_c_attn_lora_B_heads, tmp_sum122
 
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
-        tmp_sum116 = torch.einsum('abc,abd->cd', d_h_0_attn_c_attn_lora_xA, h_0_ln_1)
+        tmp_sum116 = torch.tensordot(d_h_0_attn_c_attn_lora_xA, h_0_ln_1, dims=([0, 1], [0, 1]))
         del h_0_ln_1, d_h_0_attn_c_attn_lora_xA
         d_h_0_attn_c_attn_lora_A = 2*tmp_sum116
         del tmp_sum116
@@ -2808,13 +2808,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-    tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads)
+    tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum141 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+    tmp_sum141 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     tmp_sum6 = tmp_sum141[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
     del tmp_sum4, tmp_sum6
@@ -2858,13 +2858,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = torch.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y)
+    tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
-    tmp_sum19 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
 
@@ -2960,13 +2960,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-    tmp_sum142 = torch.einsum('abc,fdec->fadbe', h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads)
+    tmp_sum142 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum31 = tmp_sum142[0, :, :, :, :]
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum143 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+    tmp_sum143 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     tmp_sum33 = tmp_sum143[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
     del tmp_sum31, tmp_sum33
@@ -3009,13 +3009,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = torch.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y)
+    tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
-    tmp_sum46 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
 
@@ -3165,7 +3165,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum58
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum59 = torch.einsum('a,bca->bc', ln_f_weight, d_ln_f)
+        tmp_sum59 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum59/torch.sqrt(tmp27)
         del tmp27, tmp_sum59
 
@@ -3180,7 +3180,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_lora_B:
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA)
+        d_h_1_mlp_c_proj_lora_B = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_mlp_c_proj_lora_xA)
 
@@ -3190,7 +3190,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_lora_A:
         # dL/dh_1_mlp_c_proj_lora_A (through h_1_mlp_c_proj_lora_xA): d_h_1_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_proj_lora_xA[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        tmp_sum60 = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc)
+        tmp_sum60 = torch.tensordot(d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         d_h_1_mlp_c_proj_lora_A = 2*tmp_sum60
         del tmp_sum60
 
@@ -3201,7 +3201,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj_base): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj_base[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj_base, h_1_mlp_c_fc)
+        d_h_1_mlp_c_proj_weight = torch.tensordot(d_h_1_mlp_c_proj_base, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_mlp_c_fc)
 
@@ -3226,7 +3226,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_lora_B:
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_fc_lora_B = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA)
+        d_h_1_mlp_c_fc_lora_B = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_mlp_c_fc_lora_xA)
 
@@ -3236,7 +3236,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_lora_A:
         # dL/dh_1_mlp_c_fc_lora_A (through h_1_mlp_c_fc_lora_xA): d_h_1_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_fc_lora_xA[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        tmp_sum63 = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_lora_xA, h_1_ln_2)
+        tmp_sum63 = torch.tensordot(d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, dims=([0, 1], [0, 1]))
         d_h_1_mlp_c_fc_lora_A = 2*tmp_sum63
         del tmp_sum63
 
@@ -3247,7 +3247,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_base): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_base[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_base, h_1_ln_2)
+        d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_base, h_1_ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_ln_2)
 
@@ -3286,7 +3286,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum66
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum67 = torch.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2)
+        tmp_sum67 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum67/torch.sqrt(tmp28)
         del tmp28, tmp_sum67
 
@@ -3305,7 +3305,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_lora_B:
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_attn_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_1_attn, h_1_attn_c_proj_lora_xA)
+        d_h_1_attn_c_proj_lora_B = torch.tensordot(d_h_1_attn, h_1_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_attn_c_proj_lora_xA)
 
@@ -3315,7 +3315,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_lora_A:
         # dL/dh_1_attn_c_proj_lora_A_heads (through h_1_attn_c_proj_lora_xA): d_h_1_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_1_attn_c_proj_lora_xA[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        tmp_sum68 = torch.einsum('abc,adbe->cde', d_h_1_attn_c_proj_lora_xA, h_1_attn_y)
+        tmp_sum68 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, dims=([0, 1], [0, 2]))
         d_h_1_attn_c_proj_lora_A_heads = 2*tmp_sum68
         del tmp_sum68
 
@@ -3325,7 +3325,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = torch.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y)
+        d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(h_1_attn_y)
 
@@ -3335,11 +3335,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_y (through h_1_attn, h_1_attn_c_proj_lora_xA): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_1_attn_c_proj_lora_xA[k0, k2, i2]*h_1_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum69 = torch.einsum('abc,cde->adbe', d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads)
+        tmp_sum69 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn_c_proj_lora_xA
         if release:
             _release(h_1_attn_c_proj_lora_A_heads)
-        tmp_sum70 = torch.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp)
+        tmp_sum70 = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn
         if release:
             _release(h_1_attn_wp)
@@ -3387,7 +3387,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_c_attn_lora_B_heads (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_c_attn_lora_B_heads = torch.einsum('abc,fadbe->fdec', h_1_attn_c_attn_lora_xA, tmp_sum144)
+        d_h_1_attn_c_attn_lora_B_heads = torch.tensordot(h_1_attn_c_attn_lora_xA, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_1_attn_c_attn_lora_xA)
 
@@ -3398,13 +3398,13 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_xA (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_c_attn_lora_B_heads as one product
-        d_h_1_attn_c_attn_lora_xA = torch.einsum('fabcd,fbde->ace', tmp_sum144, h_1_attn_c_attn_lora_B_heads)
+        d_h_1_attn_c_attn_lora_xA = torch.tensordot(tmp_sum144, h_1_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         if release:
             _release(h_1_attn_c_attn_lora_B_heads)
 
     if _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
-        tmp_sum83 = torch.einsum('abc,abd->cd', d_h_1_attn_c_attn_lora_xA, h_1_ln_1)
+        tmp_sum83 = torch.tensordot(d_h_1_attn_c_attn_lora_xA, h_1_ln_1, dims=([0, 1], [0, 1]))
         d_h_1_attn_c_attn_lora_A = 2*tmp_sum83
         del tmp_sum83
 
@@ -3419,7 +3419,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_w = torch.einsum('abc,fadbe->fdec', h_1_ln_1, tmp_sum144)
+        d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_1_ln_1)
 
@@ -3433,7 +3433,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_1_attn_c_attn_lora_xA
 
         # the sum over the parts of h_1_attn_w as one product
-        tmp_sum145 = torch.einsum('fabcd,fbde->ace', tmp_sum144, h_1_attn_w)
+        tmp_sum145 = torch.tensordot(tmp_sum144, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum144
         if release:
             _release(h_1_attn_w)
@@ -3462,7 +3462,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum97
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum98 = torch.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1)
+        tmp_sum98 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum98/torch.sqrt(tmp29)
         del tmp29, tmp_sum98
 
@@ -3477,7 +3477,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_lora_B:
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA)
+        d_h_0_mlp_c_proj_lora_B = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_mlp_c_proj_lora_xA)
 
@@ -3487,7 +3487,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_lora_A:
         # dL/dh_0_mlp_c_proj_lora_A (through h_0_mlp_c_proj_lora_xA): d_h_0_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_proj_lora_xA[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        tmp_sum99 = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc)
+        tmp_sum99 = torch.tensordot(d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         d_h_0_mlp_c_proj_lora_A = 2*tmp_sum99
         del tmp_sum99
 
@@ -3498,7 +3498,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj_base): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj_base[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj_base, h_0_mlp_c_fc)
+        d_h_0_mlp_c_proj_weight = torch.tensordot(d_h_0_mlp_c_proj_base, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_mlp_c_fc)
 
@@ -3523,7 +3523,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_lora_B:
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_fc_lora_B = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA)
+        d_h_0_mlp_c_fc_lora_B = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_mlp_c_fc_lora_xA)
 
@@ -3533,7 +3533,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_lora_A:
         # dL/dh_0_mlp_c_fc_lora_A (through h_0_mlp_c_fc_lora_xA): d_h_0_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_fc_lora_xA[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        tmp_sum102 = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_lora_xA, h_0_ln_2)
+        tmp_sum102 = torch.tensordot(d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, dims=([0, 1], [0, 1]))
         d_h_0_mlp_c_fc_lora_A = 2*tmp_sum102
         del tmp_sum102
 
@@ -3544,7 +3544,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_base): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_base[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_base, h_0_ln_2)
+        d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_base, h_0_ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_ln_2)
 
@@ -3583,7 +3583,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum105
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum106 = torch.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2)
+        tmp_sum106 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum106/torch.sqrt(tmp30)
         del tmp30, tmp_sum106
 
@@ -3602,7 +3602,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_lora_B:
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_attn_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_0_attn, h_0_attn_c_proj_lora_xA)
+        d_h_0_attn_c_proj_lora_B = torch.tensordot(d_h_0_attn, h_0_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_attn_c_proj_lora_xA)
 
@@ -3612,7 +3612,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_lora_A:
         # dL/dh_0_attn_c_proj_lora_A_heads (through h_0_attn_c_proj_lora_xA): d_h_0_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_0_attn_c_proj_lora_xA[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        tmp_sum107 = torch.einsum('abc,adbe->cde', d_h_0_attn_c_proj_lora_xA, h_0_attn_y)
+        tmp_sum107 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, dims=([0, 1], [0, 2]))
         d_h_0_attn_c_proj_lora_A_heads = 2*tmp_sum107
         del tmp_sum107
 
@@ -3622,7 +3622,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = torch.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y)
+        d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(h_0_attn_y)
 
@@ -3632,11 +3632,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_y (through h_0_attn, h_0_attn_c_proj_lora_xA): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_0_attn_c_proj_lora_xA[k0, k2, i2]*h_0_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum108 = torch.einsum('abc,cde->adbe', d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads)
+        tmp_sum108 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn_c_proj_lora_xA
         if release:
             _release(h_0_attn_c_proj_lora_A_heads)
-        tmp_sum109 = torch.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp)
+        tmp_sum109 = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn
         if release:
             _release(h_0_attn_wp)
@@ -3686,7 +3686,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_c_attn_lora_B_heads (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_c_attn_lora_B_heads = torch.einsum('abc,fadbe->fdec', h_0_attn_c_attn_lora_xA, tmp_sum146)
+        d_h_0_attn_c_attn_lora_B_heads = torch.tensordot(h_0_attn_c_attn_lora_xA, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_0_attn_c_attn_lora_xA)
 
@@ -3697,13 +3697,13 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_xA (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_c_attn_lora_B_heads as one product
-        d_h_0_attn_c_attn_lora_xA = torch.einsum('fabcd,fbde->ace', tmp_sum146, h_0_attn_c_attn_lora_B_heads)
+        d_h_0_attn_c_attn_lora_xA = torch.tensordot(tmp_sum146, h_0_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         if release:
             _release(h_0_attn_c_attn_lora_B_heads)
 
     if _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
-        tmp_sum122 = torch.einsum('abc,abd->cd', d_h_0_attn_c_attn_lora_xA, h_0_ln_1)
+        tmp_sum122 = torch.tensordot(d_h_0_attn_c_attn_lora_xA, h_0_ln_1, dims=([0, 1], [0, 1]))
         d_h_0_attn_c_attn_lora_A = 2*tmp_sum122
         del tmp_sum122
 
@@ -3718,7 +3718,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_w = torch.einsum('abc,fadbe->fdec', h_0_ln_1, tmp_sum146)
+        d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_0_ln_1)
 
@@ -3732,7 +3732,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_0_attn_c_attn_lora_xA
 
         # the sum over the parts of h_0_attn_w as one product
-        tmp_sum147 = torch.einsum('fabcd,fbde->ace', tmp_sum146, h_0_attn_w)
+        tmp_sum147 = torch.tensordot(tmp_sum146, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum146
         if release:
             _release(h_0_attn_w)
@@ -3761,7 +3761,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum136
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum137 = torch.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1)
+        tmp_sum137 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum137/torch.sqrt(tmp31)
         del tmp31, tmp_sum137
 
@@ -3774,7 +3774,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}(KroneckerDelta(k0, idx[i0, i1])*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum138 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum139 = torch.einsum('abc,abd->cd', d_lm_head, ln_f)
+        tmp_sum139 = torch.tensordot(d_lm_head, ln_f, dims=([0, 1], [0, 1]))
         del d_lm_head
         if release:
             _release(ln_f)

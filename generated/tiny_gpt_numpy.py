@@ -1284,7 +1284,7 @@ def forward(params, *, idx):
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w, optimize=True)
+    tmp_sum0 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
@@ -1327,7 +1327,7 @@ def forward(params, *, idx):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1395,7 +1395,7 @@ def forward(params, *, idx):
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum75 = numpy.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w, optimize=True)
+    tmp_sum75 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
@@ -1437,7 +1437,7 @@ def forward(params, *, idx):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum24 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1547,7 +1547,7 @@ def loss(params, *, idx, y):
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w, optimize=True)
+    tmp_sum0 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
@@ -1590,7 +1590,7 @@ def loss(params, *, idx, y):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1658,7 +1658,7 @@ def loss(params, *, idx, y):
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum75 = numpy.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w, optimize=True)
+    tmp_sum75 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
@@ -1700,7 +1700,7 @@ def loss(params, *, idx, y):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum24 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1864,7 +1864,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum0 = numpy.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w, optimize=True)
+    tmp_sum0 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -1904,7 +1904,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -1972,7 +1972,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum75 = numpy.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w, optimize=True)
+    tmp_sum75 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum17 = tmp_sum75[0, :, :, :, :]
@@ -2011,7 +2011,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum24 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
 
@@ -2129,7 +2129,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum32
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum33 = numpy.einsum('a,bca->bc', ln_f_weight, d_ln_f, optimize=True)
+        tmp_sum33 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum33/numpy.sqrt(tmp27)
         del tmp27, tmp_sum33
 
@@ -2142,7 +2142,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_fc, optimize=True)
+        d_h_1_mlp_c_proj_weight = numpy.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_fc, axes=([0, 1], [0, 1]))
         del h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_proj_bias:
@@ -2160,7 +2160,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_ln_2, optimize=True)
+        d_h_1_mlp_c_fc_weight = numpy.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, axes=([0, 1], [0, 1]))
         del h_1_ln_2
 
     if _need_h_1_mlp_c_fc_bias:
@@ -2191,7 +2191,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum34
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum35 = numpy.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2, optimize=True)
+        tmp_sum35 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum35/numpy.sqrt(tmp28)
         del tmp28, tmp_sum35
 
@@ -2208,7 +2208,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = numpy.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y, optimize=True)
+        d_h_1_attn_wp = numpy.tensordot(d_h_1_attn, h_1_attn_y, axes=([0, 1], [0, 2]))
         del h_1_attn_y
 
         # dL/dh_1_attn_c_proj_weight (through h_1_attn_wp): d_h_1_attn_c_proj_weight[k0, k1] = d_h_1_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2217,7 +2217,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_y (through h_1_attn): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3])
-        d_h_1_attn_y = numpy.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp, optimize=True)
+        d_h_1_attn_y = numpy.tensordot(d_h_1_attn, h_1_attn_wp, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
@@ -2263,7 +2263,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_w = numpy.einsum('abc,fadbe->fdec', h_1_ln_1, tmp_sum76, optimize=True)
+        d_h_1_attn_w = numpy.tensordot(h_1_ln_1, tmp_sum76, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_1_ln_1
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2273,7 +2273,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias:
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_w as one product
-        d_h_1_ln_1 = numpy.einsum('fabcd,fbde->ace', tmp_sum76, h_1_attn_w, optimize=True)
+        d_h_1_ln_1 = numpy.tensordot(tmp_sum76, h_1_attn_w, axes=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_w, tmp_sum76
 
     if _need_h_1_ln_1_weight:
@@ -2295,7 +2295,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum51
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum52 = numpy.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1, optimize=True)
+        tmp_sum52 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum52/numpy.sqrt(tmp29)
         del tmp29, tmp_sum52
 
@@ -2308,7 +2308,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_fc, optimize=True)
+        d_h_0_mlp_c_proj_weight = numpy.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_fc, axes=([0, 1], [0, 1]))
         del h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_proj_bias:
@@ -2326,7 +2326,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_ln_2, optimize=True)
+        d_h_0_mlp_c_fc_weight = numpy.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, axes=([0, 1], [0, 1]))
         del h_0_ln_2
 
     if _need_h_0_mlp_c_fc_bias:
@@ -2357,7 +2357,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum53
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum54 = numpy.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2, optimize=True)
+        tmp_sum54 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum54/numpy.sqrt(tmp30)
         del tmp30, tmp_sum54
 
@@ -2374,7 +2374,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = numpy.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y, optimize=True)
+        d_h_0_attn_wp = numpy.tensordot(d_h_0_attn, h_0_attn_y, axes=([0, 1], [0, 2]))
         del h_0_attn_y
 
         # dL/dh_0_attn_c_proj_weight (through h_0_attn_wp): d_h_0_attn_c_proj_weight[k0, k1] = d_h_0_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2383,7 +2383,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_y (through h_0_attn): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3])
-        d_h_0_attn_y = numpy.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp, optimize=True)
+        d_h_0_attn_y = numpy.tensordot(d_h_0_attn, h_0_attn_wp, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
@@ -2429,7 +2429,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_w = numpy.einsum('abc,fadbe->fdec', h_0_ln_1, tmp_sum77, optimize=True)
+        d_h_0_attn_w = numpy.tensordot(h_0_ln_1, tmp_sum77, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_0_ln_1
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2439,7 +2439,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias:
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_w as one product
-        d_h_0_ln_1 = numpy.einsum('fabcd,fbde->ace', tmp_sum77, h_0_attn_w, optimize=True)
+        d_h_0_ln_1 = numpy.tensordot(tmp_sum77, h_0_attn_w, axes=([0, 2, 4], [0, 1, 2]))
         del h_0_attn_w, tmp_sum77
 
     if _need_h_0_ln_1_weight:
@@ -2461,7 +2461,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum70
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum71 = numpy.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1, optimize=True)
+        tmp_sum71 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum71/numpy.sqrt(tmp31)
         del tmp31, tmp_sum71
 
@@ -2472,7 +2472,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}(KroneckerDelta(k0, idx[i0, i1])*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum73 = numpy.einsum('abc,abd->cd', d_lm_head, ln_f, optimize=True)
+        tmp_sum73 = numpy.tensordot(d_lm_head, ln_f, axes=([0, 1], [0, 1]))
         del ln_f, d_lm_head
         d_wte_weight = tmp_sum72 + tmp_sum73
         del tmp_sum72, tmp_sum73

@@ -1242,7 +1242,7 @@ def forward(params, *, idx):
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+    tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
@@ -1285,7 +1285,7 @@ def forward(params, *, idx):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1353,7 +1353,7 @@ def forward(params, *, idx):
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum75 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+    tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
@@ -1395,7 +1395,7 @@ def forward(params, *, idx):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1507,7 +1507,7 @@ def loss(params, *, idx, y):
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+    tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
@@ -1550,7 +1550,7 @@ def loss(params, *, idx, y):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1618,7 +1618,7 @@ def loss(params, *, idx, y):
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum75 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+    tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
@@ -1660,7 +1660,7 @@ def loss(params, *, idx, y):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1791,7 +1791,7 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
         # all 3 parts of h_0_attn_w in one product
-        tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+        tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
         tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -1831,7 +1831,7 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
         # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-        tmp_sum10 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+        tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
         del tmp_sum10
 
@@ -1899,7 +1899,7 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
         # all 3 parts of h_1_attn_w in one product
-        tmp_sum75 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+        tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
         tmp_sum17 = tmp_sum75[0, :, :, :, :]
@@ -1938,7 +1938,7 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
         # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-        tmp_sum24 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+        tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
         del tmp_sum24
 
@@ -2053,7 +2053,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum32
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum33 = torch.einsum('a,bca->bc', ln_f_weight, d_ln_f)
+        tmp_sum33 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum33/torch.sqrt(tmp27)
         del tmp27, tmp_sum33
 
@@ -2065,7 +2065,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_mlp_c_proj = d_h_1_res2
 
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_fc)
+        d_h_1_mlp_c_proj_weight = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         del h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_proj_bias (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0])
@@ -2080,7 +2080,7 @@ def loss_and_grad(params, *, idx, y):
         del h_1_mlp_c_fc_z, tmp20, tmp21, d_h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_ln_2)
+        d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, dims=([0, 1], [0, 1]))
         del h_1_ln_2
 
         # dL/dh_1_mlp_c_fc_bias (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0])
@@ -2106,7 +2106,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum34
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum35 = torch.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2)
+        tmp_sum35 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum35/torch.sqrt(tmp28)
         del tmp28, tmp_sum35
 
@@ -2121,7 +2121,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_attn_c_proj_bias = d_h_1_attn.sum(dim=(0, 1))
 
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = torch.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y)
+        d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         del h_1_attn_y
 
         # dL/dh_1_attn_c_proj_weight (through h_1_attn_wp): d_h_1_attn_c_proj_weight[k0, k1] = d_h_1_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2129,7 +2129,7 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_attn_wp
 
         # dL/dh_1_attn_y (through h_1_attn): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3])
-        d_h_1_attn_y = torch.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp)
+        d_h_1_attn_y = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
@@ -2173,7 +2173,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_w = torch.einsum('abc,fadbe->fdec', h_1_ln_1, tmp_sum76)
+        d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum76, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_1_ln_1
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2182,7 +2182,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_w as one product
-        d_h_1_ln_1 = torch.einsum('fabcd,fbde->ace', tmp_sum76, h_1_attn_w)
+        d_h_1_ln_1 = torch.tensordot(tmp_sum76, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_w, tmp_sum76
 
         # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
@@ -2201,7 +2201,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum51
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum52 = torch.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1)
+        tmp_sum52 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum52/torch.sqrt(tmp29)
         del tmp29, tmp_sum52
 
@@ -2213,7 +2213,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_mlp_c_proj = d_h_0_res2
 
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_fc)
+        d_h_0_mlp_c_proj_weight = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         del h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_proj_bias (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0])
@@ -2228,7 +2228,7 @@ def loss_and_grad(params, *, idx, y):
         del h_0_mlp_c_fc_z, tmp11, tmp12, d_h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_ln_2)
+        d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, dims=([0, 1], [0, 1]))
         del h_0_ln_2
 
         # dL/dh_0_mlp_c_fc_bias (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0])
@@ -2254,7 +2254,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum53
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum54 = torch.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2)
+        tmp_sum54 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum54/torch.sqrt(tmp30)
         del tmp30, tmp_sum54
 
@@ -2269,7 +2269,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_attn_c_proj_bias = d_h_0_attn.sum(dim=(0, 1))
 
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = torch.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y)
+        d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         del h_0_attn_y
 
         # dL/dh_0_attn_c_proj_weight (through h_0_attn_wp): d_h_0_attn_c_proj_weight[k0, k1] = d_h_0_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2277,7 +2277,7 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_attn_wp
 
         # dL/dh_0_attn_y (through h_0_attn): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3])
-        d_h_0_attn_y = torch.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp)
+        d_h_0_attn_y = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
@@ -2321,7 +2321,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_w = torch.einsum('abc,fadbe->fdec', h_0_ln_1, tmp_sum77)
+        d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum77, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_0_ln_1
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2330,7 +2330,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_w as one product
-        d_h_0_ln_1 = torch.einsum('fabcd,fbde->ace', tmp_sum77, h_0_attn_w)
+        d_h_0_ln_1 = torch.tensordot(tmp_sum77, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del h_0_attn_w, tmp_sum77
 
         # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
@@ -2349,7 +2349,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum70
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum71 = torch.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1)
+        tmp_sum71 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum71/torch.sqrt(tmp31)
         del tmp31, tmp_sum71
 
@@ -2359,7 +2359,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}(KroneckerDelta(k0, idx[i0, i1])*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum73 = torch.einsum('abc,abd->cd', d_lm_head, ln_f)
+        tmp_sum73 = torch.tensordot(d_lm_head, ln_f, dims=([0, 1], [0, 1]))
         del ln_f, d_lm_head
         d_wte_weight = tmp_sum72 + tmp_sum73
         del tmp_sum72, tmp_sum73
@@ -2443,7 +2443,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum0 = torch.einsum('abc,fdec->fadbe', h_0_ln_1, h_0_attn_w)
+    tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -2483,7 +2483,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -2551,7 +2551,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum75 = torch.einsum('abc,fdec->fadbe', h_1_ln_1, h_1_attn_w)
+    tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum17 = tmp_sum75[0, :, :, :, :]
@@ -2590,7 +2590,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
 
@@ -2720,7 +2720,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum32
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum33 = torch.einsum('a,bca->bc', ln_f_weight, d_ln_f)
+        tmp_sum33 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum33/torch.sqrt(tmp27)
         del tmp27, tmp_sum33
 
@@ -2735,7 +2735,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_fc)
+        d_h_1_mlp_c_proj_weight = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_mlp_c_fc)
 
@@ -2756,7 +2756,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_ln_2)
+        d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_ln_2)
 
@@ -2791,7 +2791,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum34
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum35 = torch.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2)
+        tmp_sum35 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum35/torch.sqrt(tmp28)
         del tmp28, tmp_sum35
 
@@ -2810,7 +2810,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = torch.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y)
+        d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(h_1_attn_y)
 
@@ -2820,7 +2820,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_y (through h_1_attn): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3])
-        d_h_1_attn_y = torch.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp)
+        d_h_1_attn_y = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn
         if release:
             _release(h_1_attn_wp)
@@ -2874,7 +2874,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_w = torch.einsum('abc,fadbe->fdec', h_1_ln_1, tmp_sum76)
+        d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum76, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_1_ln_1)
 
@@ -2885,7 +2885,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias:
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_w as one product
-        d_h_1_ln_1 = torch.einsum('fabcd,fbde->ace', tmp_sum76, h_1_attn_w)
+        d_h_1_ln_1 = torch.tensordot(tmp_sum76, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum76
         if release:
             _release(h_1_attn_w)
@@ -2912,7 +2912,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum51
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum52 = torch.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1)
+        tmp_sum52 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum52/torch.sqrt(tmp29)
         del tmp29, tmp_sum52
 
@@ -2927,7 +2927,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_fc)
+        d_h_0_mlp_c_proj_weight = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_mlp_c_fc)
 
@@ -2948,7 +2948,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_ln_2)
+        d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_ln_2)
 
@@ -2983,7 +2983,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum53
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum54 = torch.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2)
+        tmp_sum54 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum54/torch.sqrt(tmp30)
         del tmp30, tmp_sum54
 
@@ -3002,7 +3002,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = torch.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y)
+        d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(h_0_attn_y)
 
@@ -3012,7 +3012,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_y (through h_0_attn): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3])
-        d_h_0_attn_y = torch.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp)
+        d_h_0_attn_y = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn
         if release:
             _release(h_0_attn_wp)
@@ -3068,7 +3068,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_w = torch.einsum('abc,fadbe->fdec', h_0_ln_1, tmp_sum77)
+        d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum77, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_0_ln_1)
 
@@ -3079,7 +3079,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias:
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_w as one product
-        d_h_0_ln_1 = torch.einsum('fabcd,fbde->ace', tmp_sum77, h_0_attn_w)
+        d_h_0_ln_1 = torch.tensordot(tmp_sum77, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum77
         if release:
             _release(h_0_attn_w)
@@ -3106,7 +3106,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum70
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum71 = torch.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1)
+        tmp_sum71 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum71/torch.sqrt(tmp31)
         del tmp31, tmp_sum71
 
@@ -3119,7 +3119,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}(KroneckerDelta(k0, idx[i0, i1])*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum73 = torch.einsum('abc,abd->cd', d_lm_head, ln_f)
+        tmp_sum73 = torch.tensordot(d_lm_head, ln_f, dims=([0, 1], [0, 1]))
         del d_lm_head
         if release:
             _release(ln_f)

@@ -6,6 +6,8 @@ overflow, -inf rows where a mask reaches them).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -131,6 +133,19 @@ def test_gpt_block_uses_the_softmax_backward_and_batched_products(tmp_path) -> N
     torch_text = open(mods["torch"].__file__).read()
     assert "attn_q @ attn_k.transpose(-2, -1)" in torch_text
     assert "torch.einsum('abcd,abde->abce'" not in torch_text
+    # q, k and v: one product against all of c_attn (and one for the input's gradient);
+    # the weight's gradient is one product with the stacked adjoints, made once
+    for backend, mod in mods.items():
+        text = open(mod.__file__).read()
+        body = text[text.index("def loss_and_grad("):]
+        code = [line for line in body[:body.index("\ndef ")].splitlines()
+                if not line.lstrip().startswith("#")]
+        stacks = [line for line in code if ".stack([d_attn_q, d_attn_k, d_attn_v]" in line]
+        assert len(stacks) == 1, backend
+        stack = stacks[0].split("=")[0].strip()
+        products = [line for line in code if re.search(r"einsum\(|tensordot\(", line)]
+        assert sum(bool(re.search(r"\battn_w\b", line)) for line in products) == 2, backend
+        assert sum(stack in line for line in products) == 2, backend
 
 
 def test_gpt_block_second_derivative_through_the_kernels(tmp_path) -> None:
@@ -224,3 +239,35 @@ def test_products_against_some_parts_stay_as_they_are() -> None:
     out = stacked(stmts, program, {"o0", "o1", "dw", "dx"})
     kept = {s.target: s for s in stmts if s.target[0] in "peqhx" or s.target == "dx"}
     assert [s for s in out if s.target in kept] == list(kept.values())
+
+
+@pytest.mark.parametrize("subscripts, shapes", [
+    ("a,bca->bc", [(4,), (2, 3, 4)]),
+    ("bca,a->bc", [(2, 3, 4), (4,)]),
+    ("abc,abd->cd", [(2, 3, 4), (2, 3, 5)]),
+    ("abc,abd->dc", [(2, 3, 4), (2, 3, 5)]),
+    ("abc,dbec->dea", [(4, 2, 3), (5, 2, 6, 3)]),
+    ("abc,fdec->fadbe", [(2, 3, 4), (3, 2, 5, 4)]),
+    ("fabc,fdaeb->dec", [(3, 2, 4, 5), (3, 6, 2, 7, 4)]),
+    ("ab,bc->ac", [(2, 3), (3, 4)]),
+    ("ab,cd->abcd", [(2, 3), (4, 5)]),        # no summed letter: einsum stays
+    ("abc,abd->abcd", [(2, 3, 4), (2, 3, 5)]),  # batch letters: einsum stays
+    ("abc,ad->bd", [(2, 3, 4), (2, 5)]),        # c summed in one operand only: einsum
+])
+def test_two_array_products_print_as_tensordot_or_matmul(subscripts, shapes) -> None:
+    """Products without batch axes skip einsum's planning; the numbers are einsum's."""
+    from symbackprop.emit.arrays import NumpyArrayPrinter, TorchArrayPrinter
+
+    rng = np.random.default_rng(0)
+    arrays = {f"a{n}": rng.normal(size=s) for n, s in enumerate(shapes)}
+    op = Einsum(subscripts, tuple(arrays))
+    want = np.einsum(subscripts, *arrays.values())
+    program = Program([], {})
+    for printer, wrap, module in ((NumpyArrayPrinter(program), np.asarray, {"numpy": np}),
+                                  (TorchArrayPrinter(program), torch.from_numpy,
+                                   {"torch": torch})):
+        code = printer.einsum(op)
+        stays = subscripts in ("ab,cd->abcd", "abc,abd->abcd", "abc,ad->bd")
+        assert ("einsum(" in code) == stays, code
+        got = eval(code, {**module, **{k: wrap(v) for k, v in arrays.items()}})  # noqa: S307
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
