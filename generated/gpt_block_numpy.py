@@ -521,19 +521,6 @@ def _softmax_backward(grad, out, axis):
     return result
 
 
-def _same_array(a, out):
-    # True when a * out may be written into out: same shape, same dtype.
-    return getattr(a, "shape", None) == out.shape and a.dtype == out.dtype
-
-
-def _tanh_backward(grad, y):
-    # grad * (1 - y**2) in one buffer (what autograd's tanh_backward does); dtypes and
-    # broadcasting as in the plain expression.
-    out = y * y
-    numpy.subtract(1, out, out=out)
-    return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
-
-
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -706,6 +693,7 @@ def forward(params, *, x):
     del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
+    # gelu_tanh(mlp_c_fc_z), in one call
     mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
     del mlp_c_fc_z
 
@@ -829,6 +817,7 @@ def loss(params, *, x, t):
     del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
+    # gelu_tanh(mlp_c_fc_z), in one call
     mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
     del mlp_c_fc_z
 
@@ -976,11 +965,10 @@ def loss_and_grad(params, *, x, t, wrt=None):
     tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
     mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
     del tmp_sum13
-    tmp12 = numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z))
-    tmp13 = mlp_c_fc_z/2
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = tmp13*(tmp12 + 1)
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
     tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
@@ -1025,8 +1013,9 @@ def loss_and_grad(params, *, x, t, wrt=None):
         del d_mlp_c_proj
 
         # dL/dmlp_c_fc_z (through mlp_c_fc): d_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_mlp_c_fc[k0, k1, k2]
-        d_mlp_c_fc_z = d_mlp_c_fc*(tmp12/2 + (0.7978845608028654)*_tanh_backward(tmp13*(26829*mlp_c_fc_z**2/200000 + 1), tmp12) + 0.5)
-        del mlp_c_fc_z, tmp12, tmp13, d_mlp_c_fc
+        # gelu_tanh'(mlp_c_fc_z) times d_mlp_c_fc, in one call
+        d_mlp_c_fc_z = d_mlp_c_fc*((0.3989422804014327)*(mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z))**2)*(26829*mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z))/2 + 0.5)
+        del mlp_c_fc_z, d_mlp_c_fc
 
     if _need_mlp_c_fc_weight:
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])

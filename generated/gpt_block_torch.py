@@ -686,7 +686,8 @@ def forward(params, *, x):
     del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
@@ -811,7 +812,8 @@ def loss(params, *, x, t):
     del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
@@ -936,11 +938,10 @@ def loss_and_grad(params, *, x, t):
         tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
         mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
         del tmp_sum13
-        tmp10 = mlp_c_fc_z/2
-        tmp9 = torch.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z))
 
         # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-        mlp_c_fc = tmp10*(tmp9 + 1)
+        # gelu_tanh(mlp_c_fc_z), in one call
+        mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
 
         # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
         tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
@@ -975,8 +976,9 @@ def loss_and_grad(params, *, x, t):
         del d_mlp_c_proj
 
         # dL/dmlp_c_fc_z (through mlp_c_fc): d_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_mlp_c_fc[k0, k1, k2]
-        d_mlp_c_fc_z = d_mlp_c_fc*(tmp9/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp10*(26829*mlp_c_fc_z**2/200000 + 1), tmp9) + 0.5)
-        del mlp_c_fc_z, tmp10, tmp9, d_mlp_c_fc
+        # gelu_tanh'(mlp_c_fc_z) times d_mlp_c_fc, in one call
+        d_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_mlp_c_fc, mlp_c_fc_z, approximate="tanh")
+        del mlp_c_fc_z, d_mlp_c_fc
 
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
         d_mlp_c_fc_weight = torch.tensordot(d_mlp_c_fc_z, ln_2, dims=([0, 1], [0, 1]))
@@ -1216,11 +1218,10 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
     mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
     del tmp_sum13
-    tmp12 = torch.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z))
-    tmp13 = mlp_c_fc_z/2
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = tmp13*(tmp12 + 1)
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
     tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
@@ -1233,10 +1234,10 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     tmp_sum15 = torch.sum(tmp14**2)
     loss = tmp_sum15/(32*N*T)
     del tmp_sum15
-    return (loss, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp12, tmp13, tmp14)
+    return (loss, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp14)
 
 
-def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp12, tmp13, tmp14):
+def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp14):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -1275,10 +1276,11 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         del d_mlp_c_proj
 
         # dL/dmlp_c_fc_z (through mlp_c_fc): d_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_mlp_c_fc[k0, k1, k2]
-        d_mlp_c_fc_z = d_mlp_c_fc*(tmp12/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp13*(26829*mlp_c_fc_z**2/200000 + 1), tmp12) + 0.5)
+        # gelu_tanh'(mlp_c_fc_z) times d_mlp_c_fc, in one call
+        d_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_mlp_c_fc, mlp_c_fc_z, approximate="tanh")
         del d_mlp_c_fc
         if release:
-            _release(mlp_c_fc_z, tmp12, tmp13)
+            _release(mlp_c_fc_z)
 
     if _need_mlp_c_fc_weight:
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])

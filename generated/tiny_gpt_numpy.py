@@ -1123,19 +1123,6 @@ def _scatter_add(values, index, shape):
     return out
 
 
-def _same_array(a, out):
-    # True when a * out may be written into out: same shape, same dtype.
-    return getattr(a, "shape", None) == out.shape and a.dtype == out.dtype
-
-
-def _tanh_backward(grad, y):
-    # grad * (1 - y**2) in one buffer (what autograd's tanh_backward does); dtypes and
-    # broadcasting as in the plain expression.
-    out = y * y
-    numpy.subtract(1, out, out=out)
-    return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
-
-
 def _masked_where(condition, then, otherwise):
     # numpy evaluates both branches of a where() everywhere; the entries a branch does
     # not supply are discarded, and so are their warnings (log of a negative number,
@@ -1359,6 +1346,7 @@ def forward(params, *, idx):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
     h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
@@ -1469,6 +1457,7 @@ def forward(params, *, idx):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
     h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
@@ -1622,6 +1611,7 @@ def loss(params, *, idx, y):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
     h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
@@ -1732,6 +1722,7 @@ def loss(params, *, idx, y):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
     h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
@@ -1934,11 +1925,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
     h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
     del tmp_sum13
-    tmp11 = numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))
-    tmp12 = h_0_mlp_c_fc_z/2
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = tmp12*(tmp11 + 1)
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
     tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
@@ -2041,11 +2031,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
     h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
     del tmp_sum27
-    tmp20 = numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))
-    tmp21 = h_1_mlp_c_fc_z/2
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = tmp21*(tmp20 + 1)
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
     tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
@@ -2155,8 +2144,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del d_h_1_mlp_c_proj
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*(tmp20/2 + (0.7978845608028654)*_tanh_backward(tmp21*(26829*h_1_mlp_c_fc_z**2/200000 + 1), tmp20) + 0.5)
-        del h_1_mlp_c_fc_z, tmp20, tmp21, d_h_1_mlp_c_fc
+        # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
+        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*((0.3989422804014327)*(h_1_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))**2)*(26829*h_1_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))/2 + 0.5)
+        del h_1_mlp_c_fc_z, d_h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
@@ -2321,8 +2311,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del d_h_0_mlp_c_proj
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*(tmp11/2 + (0.7978845608028654)*_tanh_backward(tmp12*(26829*h_0_mlp_c_fc_z**2/200000 + 1), tmp11) + 0.5)
-        del h_0_mlp_c_fc_z, tmp11, tmp12, d_h_0_mlp_c_fc
+        # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
+        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*((0.3989422804014327)*(h_0_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))**2)*(26829*h_0_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))/2 + 0.5)
+        del h_0_mlp_c_fc_z, d_h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])

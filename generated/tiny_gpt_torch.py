@@ -1317,7 +1317,8 @@ def forward(params, *, idx):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1427,7 +1428,8 @@ def forward(params, *, idx):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1582,7 +1584,8 @@ def loss(params, *, idx, y):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1692,7 +1695,8 @@ def loss(params, *, idx, y):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1861,11 +1865,10 @@ def loss_and_grad(params, *, idx, y):
         tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
         h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
         del tmp_sum13
-        tmp11 = torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z))
-        tmp12 = h_0_mlp_c_fc_z/2
 
         # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-        h_0_mlp_c_fc = tmp12*(tmp11 + 1)
+        # gelu_tanh(h_0_mlp_c_fc_z), in one call
+        h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
         # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
         tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
@@ -1968,11 +1971,10 @@ def loss_and_grad(params, *, idx, y):
         tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
         h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
         del tmp_sum27
-        tmp20 = torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z))
-        tmp21 = h_1_mlp_c_fc_z/2
 
         # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-        h_1_mlp_c_fc = tmp21*(tmp20 + 1)
+        # gelu_tanh(h_1_mlp_c_fc_z), in one call
+        h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
         # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
         tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
@@ -2076,8 +2078,9 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_mlp_c_proj
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*(tmp20/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp21*(26829*h_1_mlp_c_fc_z**2/200000 + 1), tmp20) + 0.5)
-        del h_1_mlp_c_fc_z, tmp20, tmp21, d_h_1_mlp_c_fc
+        # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
+        d_h_1_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_1_mlp_c_fc, h_1_mlp_c_fc_z, approximate="tanh")
+        del h_1_mlp_c_fc_z, d_h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
         d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, dims=([0, 1], [0, 1]))
@@ -2224,8 +2227,9 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_mlp_c_proj
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*(tmp11/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp12*(26829*h_0_mlp_c_fc_z**2/200000 + 1), tmp11) + 0.5)
-        del h_0_mlp_c_fc_z, tmp11, tmp12, d_h_0_mlp_c_fc
+        # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
+        d_h_0_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_0_mlp_c_fc, h_0_mlp_c_fc_z, approximate="tanh")
+        del h_0_mlp_c_fc_z, d_h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
         d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, dims=([0, 1], [0, 1]))
@@ -2513,11 +2517,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
     h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
     del tmp_sum13
-    tmp11 = torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z))
-    tmp12 = h_0_mlp_c_fc_z/2
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = tmp12*(tmp11 + 1)
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
     tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
@@ -2620,11 +2623,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
     h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
     del tmp_sum27
-    tmp20 = torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z))
-    tmp21 = h_1_mlp_c_fc_z/2
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = tmp21*(tmp20 + 1)
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
     tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
@@ -2670,10 +2672,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del lm_head_picked
     loss = tmp_sum31/lm_head_count
     del tmp_sum31
-    return (loss, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp11, tmp12, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp20, tmp21, tmp22, tmp23, tmp24, tmp25, tmp26)
+    return (loss, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, tmp25, tmp26)
 
 
-def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp11, tmp12, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp20, tmp21, tmp22, tmp23, tmp24, tmp25, tmp26):
+def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, tmp25, tmp26):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -2749,10 +2751,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_1_mlp_c_proj
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*(tmp20/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp21*(26829*h_1_mlp_c_fc_z**2/200000 + 1), tmp20) + 0.5)
+        # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
+        d_h_1_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_1_mlp_c_fc, h_1_mlp_c_fc_z, approximate="tanh")
         del d_h_1_mlp_c_fc
         if release:
-            _release(h_1_mlp_c_fc_z, tmp20, tmp21)
+            _release(h_1_mlp_c_fc_z)
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
@@ -2941,10 +2944,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_0_mlp_c_proj
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*(tmp11/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp12*(26829*h_0_mlp_c_fc_z**2/200000 + 1), tmp11) + 0.5)
+        # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
+        d_h_0_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_0_mlp_c_fc, h_0_mlp_c_fc_z, approximate="tanh")
         del d_h_0_mlp_c_fc
         if release:
-            _release(h_0_mlp_c_fc_z, tmp11, tmp12)
+            _release(h_0_mlp_c_fc_z)
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])

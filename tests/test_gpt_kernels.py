@@ -271,3 +271,48 @@ def test_two_array_products_print_as_tensordot_or_matmul(subscripts, shapes) -> 
         assert ("einsum(" in code) == stays, code
         got = eval(code, {**module, **{k: wrap(v) for k, v in arrays.items()}})  # noqa: S307
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+
+
+# -- GPT-2's tanh GELU ----------------------------------------------------------------------
+
+GELU_SPEC = """name: g
+inputs: {{x: [N, 3]}}
+targets: {{t: [N, 2]}}
+layers:
+  - {{name: fc, type: dense, units: 4, activation: {act}}}
+  - {{name: out, type: dense, units: 2}}
+loss: {{type: mse, target: t}}
+"""
+
+
+def test_gelu_tanh_prints_as_torch_gelu_kernels_only_for_the_exact_formula(tmp_build) -> None:
+    _, mods = tmp_build(GELU_SPEC.format(act="gelu_tanh"))
+    text = open(mods["torch"].__file__).read()
+    assert 'torch.nn.functional.gelu(fc_z, approximate="tanh")' in text
+    assert 'torch.ops.aten.gelu_backward(d_fc, fc_z, approximate="tanh")' in text
+    assert "torch.tanh(" not in text.split("def loss_and_grad(")[1].split("\ndef ")[0]
+    # numpy prints the formula and sympy's derivative (numpy's tanh is fast)
+    assert "numpy.tanh(" in open(mods["numpy"].__file__).read()
+    # a constant off in the sixth digit is another function: left as derived
+    near = 'formula: "x/2*(1 + tanh(0.7978845608*(x + 0.044716*x**3)))"'
+    _, other = tmp_build(GELU_SPEC.format(act="{" + near + "}"))
+    other_text = open(other["torch"].__file__).read()
+    assert "functional.gelu(" not in other_text and "gelu_backward" not in other_text
+    assert "torch.tanh(" in other_text
+
+
+def test_gelu_kernels_match_the_formula_and_its_derivative(tmp_build) -> None:
+    """torch's gelu / gelu_backward against numpy's printing of the formula and of sympy's
+    derivative, float64, far into both tails."""
+    _, mods = tmp_build(GELU_SPEC.format(act="gelu_tanh"))
+    rng = np.random.default_rng(1)
+    params = mods["numpy"].init_params(3)
+    x = np.concatenate([rng.normal(size=(6, 3)) * 3, [[30.0, -30.0, 0.0], [-8.0, 8.0, 1e-8]]])
+    t = rng.normal(size=(8, 2))
+    loss, grads = mods["numpy"].loss_and_grad(params, x=x, t=t)
+    tparams = {k: torch.from_numpy(v) for k, v in params.items()}
+    tloss, tgrads = mods["torch"].loss_and_grad(tparams, x=torch.from_numpy(x),
+                                                t=torch.from_numpy(t))
+    assert abs(float(tloss) - loss) <= 1e-13 * abs(loss)
+    for name, g in grads.items():
+        np.testing.assert_allclose(tgrads[name].numpy(), g, rtol=1e-10, atol=1e-14)

@@ -36,6 +36,16 @@ class _Common:
         grad, y = expr.args
         return self._derivative_call("sigmoid_backward", self._print(grad), self._print(y))
 
+    def _print_GeluTanh(self, expr: sp.Expr) -> str:
+        return self._gelu_call(self._print(expr.args[0]))
+
+    def _print_GeluTanhBackward(self, expr: sp.Expr) -> str:
+        grad, z = expr.args
+        return self._gelu_call(self._print(z), self._print(grad))
+
+    def _gelu_call(self, z: str, grad: str | None = None) -> str:
+        raise NotImplementedError
+
     def _print_Mul(self, expr: sp.Mul) -> str:
         # Scalar factors first and together: (2*d_loss/N)*y*(y - t) costs one pass over
         # the arrays for the scalar, not one per scalar factor.
@@ -229,6 +239,14 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
         self.helpers.add(op)
         return f"_{op}({grad}, {y})"
 
+    def _print_GeluTanh(self, expr: sp.Expr) -> str:
+        # numpy's tanh is fast: the formula and sympy's derivative of it, as derived
+        from ..ir.passes.gelu import expanded
+
+        return self._print(expanded(expr))
+
+    _print_GeluTanhBackward = _print_GeluTanh
+
 
 class TorchCodePrinter(_Common, NumPyPrinter):
     """numpy's printing rules with torch's function names.
@@ -257,6 +275,12 @@ class TorchCodePrinter(_Common, NumPyPrinter):
 
     def _derivative_call(self, op: str, grad: str, y: str) -> str:
         return f"torch.ops.aten.{op}({grad}, {y})"
+
+    def _gelu_call(self, z: str, grad: str | None = None) -> str:
+        # torch's own gelu kernels (autograd's pair), the same formula in one pass each
+        if grad is None:
+            return f'torch.nn.functional.gelu({z}, approximate="tanh")'
+        return f'torch.ops.aten.gelu_backward({grad}, {z}, approximate="tanh")'
 
     def _print_Add(self, expr: sp.Add, order: object = None) -> str:
         return sp.printing.str.StrPrinter._print_Add(self, expr, order)  # type: ignore[arg-type]

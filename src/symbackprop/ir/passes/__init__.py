@@ -2,8 +2,8 @@
 
 :func:`function` runs them in order for one generated function: select what its outputs
 need, fuse single-use elementwise temporaries, share common subexpressions, then the
-pattern passes (log-softmax, softmax backward, products against stacked parts, product +
-bias, activation-backward kernels), each pattern
+pattern passes (log-softmax, softmax backward, products against stacked parts, the tanh
+GELU, product + bias, activation-backward kernels), each pattern
 recognised in exactly one of them. Freeing after last use and in-place reuse are the
 memory pass, run by the printer's caller once the function's inputs are known.
 """
@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from ..nodes import Assign, Program
 from .cse import cse
 from .fuse import fuse
+from .gelu import gelu
 from .kernels import kernels
 from .linear import linear
 from .log_softmax import log_softmax
@@ -34,10 +35,11 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = log_softmax(stmts, program, protected)
     stmts = softmax_backward(stmts, program, protected)
     stmts = stacked(stmts, program, protected)
+    stmts = gelu(stmts, program, protected)
     stmts = linear(stmts, program, protected)
     stmts = kernels(stmts, program)
     return stmts
 
 
 __all__ = ["function", "memory", "select", "fuse", "cse", "log_softmax", "softmax_backward",
-           "stacked", "linear", "kernels"]
+           "stacked", "gelu", "linear", "kernels"]
