@@ -22,6 +22,7 @@ stacked axis: the numbers are the same products, summed in the same order per en
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import replace
 
 import sympy as sp
@@ -188,7 +189,11 @@ def stacked(stmts: list[Assign], program: Program, protected: set[str]) -> list[
     return final
 
 
-def _stack_products(made: list, stmt: Assign, stack_of, at: int) -> Assign | None:
+StackOf = Callable[[tuple[str, ...], int, str], str]
+
+
+def _stack_products(made: list[Assign], stmt: Assign, stack_of: StackOf, at: int
+                    ) -> Assign | None:
     """``stack([einsum(s, ..., D_j, ...)])`` -> ``einsum(s', ..., stack(D_j), ...)``."""
     if not all(isinstance(m.op, Einsum) for m in made):
         return None
@@ -212,7 +217,8 @@ def _stack_products(made: list, stmt: Assign, stack_of, at: int) -> Assign | Non
                                          "of the stacked arrays"))
 
 
-def _stack_sums(made: list, stmt: Assign, stack_of, at: int) -> Assign | None:
+def _stack_sums(made: list[Assign], stmt: Assign, stack_of: StackOf, at: int
+                ) -> Assign | None:
     """``stack([sum(D_j, axes)])`` -> ``sum(stack(D_j), axes shifted by one)``."""
     ops = [m.op for m in made]
     if not all(isinstance(o, Reduce) and o.kind == "sum" and len(o.views) == 1
@@ -229,7 +235,10 @@ def _stack_sums(made: list, stmt: Assign, stack_of, at: int) -> Assign | None:
                                    tuple(a + 1 for a in ops[0].axes), rank))
 
 
-def _sum_of_parts(stmt: Assign, stmt_of, count, protected, extent, stack_of, emit, at: int
+def _sum_of_parts(stmt: Assign, stmt_of: Callable[[str], Assign | None],
+                  count: dict[str, int], protected: set[str],
+                  extent: Callable[[str], int | None], stack_of: StackOf,
+                  emit: Callable[[Einsum, str], str], at: int
                   ) -> tuple[Assign, list[str]] | None:
     """``Σ_j einsum(s, W[j], D_j)`` over every part j of W (among the terms of a sum) ->
     one einsum of W and ``stack(D_j)``, the stacked axis summed."""
