@@ -512,17 +512,13 @@ def _softmax(x, axis):
     return e
 
 
-def _same_array(a, out):
-    # True when a * out may be written into out: same shape, same dtype.
-    return getattr(a, "shape", None) == out.shape and a.dtype == out.dtype
-
-
-def _tanh_backward(grad, y):
-    # grad * (1 - y**2) in one buffer (what autograd's tanh_backward does); dtypes and
-    # broadcasting as in the plain expression.
-    out = y * y
-    numpy.subtract(1, out, out=out)
-    return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
+def _softmax_backward(grad, out, axis):
+    # out * (grad - sum(out * grad)) along the last axis (the only one the IR gives): a
+    # row dot product without a temporary, one subtraction, one product in place.
+    total = numpy.einsum("...i,...i->...", grad, out)
+    result = grad - total[..., None]
+    result *= out
+    return result
 
 
 
@@ -622,25 +618,23 @@ def forward(params, *, x):
     # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of attn_w in one product
+    tmp_sum0 = numpy.tensordot(ln_1, attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del ln_1, attn_w
+
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum4 = attn_w[0, :, :, :]
-    tmp_sum3 = numpy.einsum('abc,dec->adbe', ln_1, tmp_sum4, optimize=True)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     attn_q = attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum6 = attn_w[1, :, :, :]
-    tmp_sum5 = numpy.einsum('abc,dec->adbe', ln_1, tmp_sum6, optimize=True)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     attn_k = attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum8 = attn_w[2, :, :, :]
-    del attn_w
-    tmp_sum7 = numpy.einsum('abc,dec->adbe', ln_1, tmp_sum8, optimize=True)
-    del ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
@@ -667,7 +661,7 @@ def forward(params, *, x):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', attn_wp, attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(attn_wp, attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -699,7 +693,8 @@ def forward(params, *, x):
     del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
@@ -747,25 +742,23 @@ def loss(params, *, x, t):
     # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of attn_w in one product
+    tmp_sum0 = numpy.tensordot(ln_1, attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del ln_1, attn_w
+
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum4 = attn_w[0, :, :, :]
-    tmp_sum3 = numpy.einsum('abc,dec->adbe', ln_1, tmp_sum4, optimize=True)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     attn_q = attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum6 = attn_w[1, :, :, :]
-    tmp_sum5 = numpy.einsum('abc,dec->adbe', ln_1, tmp_sum6, optimize=True)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     attn_k = attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum8 = attn_w[2, :, :, :]
-    del attn_w
-    tmp_sum7 = numpy.einsum('abc,dec->adbe', ln_1, tmp_sum8, optimize=True)
-    del ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
@@ -792,7 +785,7 @@ def loss(params, *, x, t):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', attn_wp, attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(attn_wp, attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -824,7 +817,8 @@ def loss(params, *, x, t):
     del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
@@ -900,24 +894,22 @@ def loss_and_grad(params, *, x, t, wrt=None):
     # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of attn_w in one product
+    tmp_sum0 = numpy.tensordot(ln_1, attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum4 = attn_w[0, :, :, :]
-    tmp_sum3 = numpy.einsum('abc,dec->adbe', ln_1, tmp_sum4, optimize=True)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     attn_q = attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum6 = attn_w[1, :, :, :]
-    tmp_sum5 = numpy.einsum('abc,dec->adbe', ln_1, tmp_sum6, optimize=True)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     attn_k = attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum8 = attn_w[2, :, :, :]
-    tmp_sum7 = numpy.einsum('abc,dec->adbe', ln_1, tmp_sum8, optimize=True)
-    del tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
@@ -943,7 +935,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', attn_wp, attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(attn_wp, attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -973,11 +965,10 @@ def loss_and_grad(params, *, x, t, wrt=None):
     tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
     mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
     del tmp_sum13
-    tmp12 = numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z))
-    tmp13 = mlp_c_fc_z/2
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = tmp13*(tmp12 + 1)
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
     tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
@@ -1009,7 +1000,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_mlp_c_proj_weight:
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
-        d_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_mlp_c_proj, mlp_c_fc, optimize=True)
+        d_mlp_c_proj_weight = numpy.tensordot(d_mlp_c_proj, mlp_c_fc, axes=([0, 1], [0, 1]))
         del mlp_c_fc
 
     if _need_mlp_c_proj_bias:
@@ -1022,12 +1013,13 @@ def loss_and_grad(params, *, x, t, wrt=None):
         del d_mlp_c_proj
 
         # dL/dmlp_c_fc_z (through mlp_c_fc): d_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_mlp_c_fc[k0, k1, k2]
-        d_mlp_c_fc_z = d_mlp_c_fc*(tmp12/2 + (0.7978845608028654)*_tanh_backward(tmp13*(26829*mlp_c_fc_z**2/200000 + 1), tmp12) + 0.5)
-        del mlp_c_fc_z, tmp12, tmp13, d_mlp_c_fc
+        # gelu_tanh'(mlp_c_fc_z) times d_mlp_c_fc, in one call
+        d_mlp_c_fc_z = d_mlp_c_fc*((0.3989422804014327)*(mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z))**2)*(26829*mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z))/2 + 0.5)
+        del mlp_c_fc_z, d_mlp_c_fc
 
     if _need_mlp_c_fc_weight:
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
-        d_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_mlp_c_fc_z, ln_2, optimize=True)
+        d_mlp_c_fc_weight = numpy.tensordot(d_mlp_c_fc_z, ln_2, axes=([0, 1], [0, 1]))
         del ln_2
 
     if _need_mlp_c_fc_bias:
@@ -1058,7 +1050,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
         del tmp_sum16
 
         # dL/dln_2_mean (through ln_2): d_ln_2_mean[k0, k1] = -sum_{i2}(d_ln_2[k0, k1, i2]*ln_2_weight[i2])/sqrt(ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum17 = numpy.einsum('a,bca->bc', ln_2_weight, d_ln_2, optimize=True)
+        tmp_sum17 = d_ln_2 @ ln_2_weight
         d_ln_2_mean = -tmp_sum17/numpy.sqrt(tmp18)
         del tmp18, tmp_sum17
 
@@ -1075,7 +1067,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_attn_c_proj_weight:
         # dL/dattn_wp (through attn): d_attn_wp[k0, k1, k2] = sum_{i0,i1}(attn_y[i0, k1, i1, k2]*d_attn[i0, i1, k0])
-        d_attn_wp = numpy.einsum('abc,adbe->cde', d_attn, attn_y, optimize=True)
+        d_attn_wp = numpy.tensordot(d_attn, attn_y, axes=([0, 1], [0, 2]))
         del attn_y
 
         # dL/dattn_c_proj_weight (through attn_wp): d_attn_c_proj_weight[k0, k1] = d_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -1084,7 +1076,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias or _need_attn_c_attn_weight or _need_attn_c_attn_bias:
         # dL/dattn_y (through attn): d_attn_y[k0, k1, k2, k3] = sum_{i2}(attn_wp[i2, k1, k3]*d_attn[k0, k2, i2])
-        d_attn_y = numpy.einsum('abc,dea->dbec', attn_wp, d_attn, optimize=True)
+        d_attn_y = numpy.tensordot(attn_wp, d_attn, axes=([0], [2])).transpose(2, 0, 3, 1)
         del attn_wp, d_attn
 
         # dL/dattn_p (through attn_y): d_attn_p[k0, k1, k2, k3] = sum_{i3}(attn_v[k0, k1, k3, i3]*d_attn_y[k0, k1, k2, i3])
@@ -1092,13 +1084,10 @@ def loss_and_grad(params, *, x, t, wrt=None):
         del attn_v
 
         # dL/dattn_p_lse (through attn_p): d_attn_p_lse[k0, k1, k2] = -sum_{i3}(attn_p[k0, k1, k2, i3]*d_attn_p[k0, k1, k2, i3])
-        tmp_sum18 = numpy.einsum('abcd,abcd->abc', attn_p, d_attn_p, optimize=True)
-        d_attn_p_lse = -tmp_sum18
-        del tmp_sum18
-
         # dL/dattn_p_masked (through attn_p, attn_p_lse): d_attn_p_masked[k0, k1, k2, k3] = attn_p[k0, k1, k2, k3]*d_attn_p[k0, k1, k2, k3] + attn_p[k0, k1, k2, k3]*d_attn_p_lse[k0, k1, k2]
-        d_attn_p_masked = attn_p*d_attn_p + attn_p*d_attn_p_lse[:, :, :, None]
-        del d_attn_p, d_attn_p_lse
+        # softmax backward: d_attn_p_masked = attn_p*(d_attn_p - sum(attn_p*d_attn_p)), in one call
+        d_attn_p_masked = _softmax_backward(d_attn_p, attn_p, 3)
+        del d_attn_p
 
         # dL/dattn_scores (through attn_p_masked): d_attn_scores[k0, k1, k2, k3] = (d_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_attn_scores = numpy.where(tmp6, d_attn_p_masked, 0)
@@ -1119,14 +1108,12 @@ def loss_and_grad(params, *, x, t, wrt=None):
         del attn_k, d_attn_scores
         d_attn_q = (0.3535533905932738)*tmp_sum20
         del tmp_sum20
+        tmp_sum35 = numpy.stack([d_attn_q, d_attn_k, d_attn_v], axis=0)
+        del d_attn_v, d_attn_k, d_attn_q
 
     if _need_attn_c_attn_bias:
         # dL/dattn_b (through attn_k, attn_q, attn_v): d_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum21 = d_attn_q.sum(axis=(0, 2))
-        tmp_sum22 = d_attn_k.sum(axis=(0, 2))
-        tmp_sum23 = d_attn_v.sum(axis=(0, 2))
-        d_attn_b = numpy.stack([tmp_sum21, tmp_sum22, tmp_sum23], axis=0)
-        del tmp_sum21, tmp_sum22, tmp_sum23
+        d_attn_b = tmp_sum35.sum(axis=(1, 3))
 
         # dL/dattn_c_attn_bias (through attn_b): d_attn_c_attn_bias[k0] = d_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_attn_c_attn_bias = d_attn_b.reshape(96,)
@@ -1134,12 +1121,9 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_attn_c_attn_weight:
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum24 = numpy.einsum('abc,adbe->dec', ln_1, d_attn_q, optimize=True)
-        tmp_sum25 = numpy.einsum('abc,adbe->dec', ln_1, d_attn_k, optimize=True)
-        tmp_sum26 = numpy.einsum('abc,adbe->dec', ln_1, d_attn_v, optimize=True)
+        # the parts' products as one product of the stacked arrays
+        d_attn_w = numpy.tensordot(ln_1, tmp_sum35, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del ln_1
-        d_attn_w = numpy.stack([tmp_sum24, tmp_sum25, tmp_sum26], axis=0)
-        del tmp_sum24, tmp_sum25, tmp_sum26
 
         # dL/dattn_c_attn_weight (through attn_w): d_attn_c_attn_weight[k0, k1] = d_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_attn_c_attn_weight = d_attn_w.reshape(96, 32)
@@ -1147,18 +1131,9 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias:
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
-        tmp_sum28 = attn_w[0, :, :, :]
-        tmp_sum27 = numpy.einsum('abc,daeb->dec', tmp_sum28, d_attn_q, optimize=True)
-        del d_attn_q, tmp_sum28
-        tmp_sum30 = attn_w[1, :, :, :]
-        tmp_sum29 = numpy.einsum('abc,daeb->dec', tmp_sum30, d_attn_k, optimize=True)
-        del d_attn_k, tmp_sum30
-        tmp_sum32 = attn_w[2, :, :, :]
-        del attn_w
-        tmp_sum31 = numpy.einsum('abc,daeb->dec', tmp_sum32, d_attn_v, optimize=True)
-        del d_attn_v, tmp_sum32
-        d_ln_1 = tmp_sum27 + tmp_sum29 + tmp_sum31
-        del tmp_sum27, tmp_sum29, tmp_sum31
+        # the sum over the parts of attn_w as one product
+        d_ln_1 = numpy.tensordot(attn_w, tmp_sum35, axes=([0, 1, 2], [0, 2, 4])).transpose(1, 2, 0)
+        del attn_w, tmp_sum35
 
     if _need_ln_1_weight:
         # dL/dln_1_weight (through ln_1): d_ln_1_weight[k0] = sum_{i0,i1}((-ln_1_mean[i0, i1] + x[i0, i1, k0])*d_ln_1[i0, i1, k0]/sqrt(ln_1_var[i0, i1] + 1.0e-5))
@@ -1179,7 +1154,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
         del tmp_sum33
 
         # dL/dln_1_mean (through ln_1): d_ln_1_mean[k0, k1] = -sum_{i2}(d_ln_1[k0, k1, i2]*ln_1_weight[i2])/sqrt(ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum34 = numpy.einsum('a,bca->bc', ln_1_weight, d_ln_1, optimize=True)
+        tmp_sum34 = d_ln_1 @ ln_1_weight
         d_ln_1_mean = -tmp_sum34/numpy.sqrt(tmp19)
         del tmp19, tmp_sum34
 

@@ -503,6 +503,16 @@ def _too_large(name, dim, size, limit, reason):
     return ValueError(f"{name}: {dim} = {size} exceeds {limit}, {reason}")
 
 
+def _softmax_backward(grad, out, dim):
+    # out * (grad - sum(out * grad, dim)) in one kernel, autograd's own softmax backward.
+    # Under autocast the two may differ in dtype: both go to the wider one, as in the
+    # product the kernel replaces.
+    if grad.dtype is not out.dtype:
+        dtype = torch.promote_types(grad.dtype, out.dtype)
+        grad, out = grad.to(dtype), out.to(dtype)
+    return torch._softmax_backward_data(grad, out, dim, out.dtype)
+
+
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -601,30 +611,28 @@ def forward(params, *, x):
     # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of attn_w in one product
+    tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del ln_1, attn_w
+
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum4 = attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     attn_q = attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum6 = attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     attn_k = attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum8 = attn_w[2, :, :, :]
-    del attn_w
-    tmp_sum7 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum8)
-    del ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
     # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
+    tmp_sum9 = attn_q @ attn_k.transpose(-2, -1)
     del attn_q, attn_k
     attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -639,14 +647,14 @@ def forward(params, *, x):
     del attn_p_masked
 
     # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-    attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
+    attn_y = attn_p @ attn_v
     del attn_v, attn_p
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', attn_wp, attn_y)
+    tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -678,7 +686,8 @@ def forward(params, *, x):
     del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
@@ -728,30 +737,28 @@ def loss(params, *, x, t):
     # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of attn_w in one product
+    tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del ln_1, attn_w
+
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum4 = attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     attn_q = attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum6 = attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     attn_k = attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum8 = attn_w[2, :, :, :]
-    del attn_w
-    tmp_sum7 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum8)
-    del ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
     # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
+    tmp_sum9 = attn_q @ attn_k.transpose(-2, -1)
     del attn_q, attn_k
     attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -766,14 +773,14 @@ def loss(params, *, x, t):
     del attn_p_masked
 
     # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-    attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
+    attn_y = attn_p @ attn_v
     del attn_v, attn_p
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', attn_wp, attn_y)
+    tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -805,7 +812,8 @@ def loss(params, *, x, t):
     del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
@@ -859,29 +867,27 @@ def loss_and_grad(params, *, x, t):
         # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
         attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+        # all 3 parts of attn_w in one product
+        tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
         # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-        tmp_sum4 = attn_w[0, :, :, :]
-        tmp_sum3 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum4)
-        del tmp_sum4
+        tmp_sum3 = tmp_sum0[0, :, :, :, :]
         attn_q = attn_b[0, :, :][:, None] + tmp_sum3
         del tmp_sum3
 
         # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-        tmp_sum6 = attn_w[1, :, :, :]
-        tmp_sum5 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum6)
-        del tmp_sum6
+        tmp_sum5 = tmp_sum0[1, :, :, :, :]
         attn_k = attn_b[1, :, :][:, None] + tmp_sum5
         del tmp_sum5
 
         # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-        tmp_sum8 = attn_w[2, :, :, :]
-        tmp_sum7 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum8)
-        del tmp_sum8
+        tmp_sum7 = tmp_sum0[2, :, :, :, :]
+        del tmp_sum0
         attn_v = attn_b[2, :, :][:, None] + tmp_sum7
         del attn_b, tmp_sum7
 
         # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
-        tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
+        tmp_sum9 = attn_q @ attn_k.transpose(-2, -1)
         attn_scores = (0.3535533905932738)*tmp_sum9
         del tmp_sum9
         tmp3 = (torch.arange(T, device=x.device)[:, None] >= torch.arange(T, device=x.device))
@@ -896,13 +902,13 @@ def loss_and_grad(params, *, x, t):
         del attn_p_masked
 
         # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-        attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
+        attn_y = attn_p @ attn_v
 
         # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
         attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
         # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-        tmp_sum10 = torch.einsum('abc,dbec->dea', attn_wp, attn_y)
+        tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         attn = attn_c_proj_bias + tmp_sum10
         del tmp_sum10
 
@@ -932,11 +938,10 @@ def loss_and_grad(params, *, x, t):
         tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
         mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
         del tmp_sum13
-        tmp10 = mlp_c_fc_z/2
-        tmp9 = torch.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z))
 
         # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-        mlp_c_fc = tmp10*(tmp9 + 1)
+        # gelu_tanh(mlp_c_fc_z), in one call
+        mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
 
         # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
         tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
@@ -960,7 +965,7 @@ def loss_and_grad(params, *, x, t):
         d_mlp_c_proj = -tmp13
 
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
-        d_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_mlp_c_proj, mlp_c_fc)
+        d_mlp_c_proj_weight = torch.tensordot(d_mlp_c_proj, mlp_c_fc, dims=([0, 1], [0, 1]))
         del mlp_c_fc
 
         # dL/dmlp_c_proj_bias (through mlp_c_proj): d_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0])
@@ -971,11 +976,12 @@ def loss_and_grad(params, *, x, t):
         del d_mlp_c_proj
 
         # dL/dmlp_c_fc_z (through mlp_c_fc): d_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_mlp_c_fc[k0, k1, k2]
-        d_mlp_c_fc_z = d_mlp_c_fc*(tmp9/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp10*(26829*mlp_c_fc_z**2/200000 + 1), tmp9) + 0.5)
-        del mlp_c_fc_z, tmp10, tmp9, d_mlp_c_fc
+        # gelu_tanh'(mlp_c_fc_z) times d_mlp_c_fc, in one call
+        d_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_mlp_c_fc, mlp_c_fc_z, approximate="tanh")
+        del mlp_c_fc_z, d_mlp_c_fc
 
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
-        d_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_mlp_c_fc_z, ln_2)
+        d_mlp_c_fc_weight = torch.tensordot(d_mlp_c_fc_z, ln_2, dims=([0, 1], [0, 1]))
         del ln_2
 
         # dL/dmlp_c_fc_bias (through mlp_c_fc_z): d_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0])
@@ -1001,7 +1007,7 @@ def loss_and_grad(params, *, x, t):
         del tmp_sum16
 
         # dL/dln_2_mean (through ln_2): d_ln_2_mean[k0, k1] = -sum_{i2}(d_ln_2[k0, k1, i2]*ln_2_weight[i2])/sqrt(ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum17 = torch.einsum('a,bca->bc', ln_2_weight, d_ln_2)
+        tmp_sum17 = d_ln_2 @ ln_2_weight
         d_ln_2_mean = -tmp_sum17/torch.sqrt(tmp14)
         del tmp14, tmp_sum17
 
@@ -1017,7 +1023,7 @@ def loss_and_grad(params, *, x, t):
         d_attn_c_proj_bias = d_attn.sum(dim=(0, 1))
 
         # dL/dattn_wp (through attn): d_attn_wp[k0, k1, k2] = sum_{i0,i1}(attn_y[i0, k1, i1, k2]*d_attn[i0, i1, k0])
-        d_attn_wp = torch.einsum('abc,adbe->cde', d_attn, attn_y)
+        d_attn_wp = torch.tensordot(d_attn, attn_y, dims=([0, 1], [0, 2]))
         del attn_y
 
         # dL/dattn_c_proj_weight (through attn_wp): d_attn_c_proj_weight[k0, k1] = d_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -1025,78 +1031,61 @@ def loss_and_grad(params, *, x, t):
         del d_attn_wp
 
         # dL/dattn_y (through attn): d_attn_y[k0, k1, k2, k3] = sum_{i2}(attn_wp[i2, k1, k3]*d_attn[k0, k2, i2])
-        d_attn_y = torch.einsum('abc,dea->dbec', attn_wp, d_attn)
+        d_attn_y = torch.tensordot(attn_wp, d_attn, dims=([0], [2])).permute(2, 0, 3, 1)
         del attn_wp, d_attn
 
         # dL/dattn_p (through attn_y): d_attn_p[k0, k1, k2, k3] = sum_{i3}(attn_v[k0, k1, k3, i3]*d_attn_y[k0, k1, k2, i3])
-        d_attn_p = torch.einsum('abcd,abed->abec', attn_v, d_attn_y)
+        d_attn_p = d_attn_y @ attn_v.transpose(-2, -1)
         del attn_v
 
         # dL/dattn_p_lse (through attn_p): d_attn_p_lse[k0, k1, k2] = -sum_{i3}(attn_p[k0, k1, k2, i3]*d_attn_p[k0, k1, k2, i3])
-        tmp_sum18 = torch.einsum('abcd,abcd->abc', attn_p, d_attn_p)
-        d_attn_p_lse = -tmp_sum18
-        del tmp_sum18
-
         # dL/dattn_p_masked (through attn_p, attn_p_lse): d_attn_p_masked[k0, k1, k2, k3] = attn_p[k0, k1, k2, k3]*d_attn_p[k0, k1, k2, k3] + attn_p[k0, k1, k2, k3]*d_attn_p_lse[k0, k1, k2]
-        d_attn_p_masked = attn_p*d_attn_p + attn_p*d_attn_p_lse[:, :, :, None]
-        del d_attn_p, d_attn_p_lse
+        # softmax backward: d_attn_p_masked = attn_p*(d_attn_p - sum(attn_p*d_attn_p)), in one call
+        d_attn_p_masked = _softmax_backward(d_attn_p, attn_p, 3)
+        del d_attn_p
 
         # dL/dattn_scores (through attn_p_masked): d_attn_scores[k0, k1, k2, k3] = (d_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_attn_scores = torch.where(tmp3, d_attn_p_masked, 0)
         del tmp3, d_attn_p_masked
 
         # dL/dattn_v (through attn_y): d_attn_v[k0, k1, k2, k3] = sum_{i2}(attn_p[k0, k1, i2, k2]*d_attn_y[k0, k1, i2, k3])
-        d_attn_v = torch.einsum('abcd,abce->abde', attn_p, d_attn_y)
+        d_attn_v = attn_p.transpose(-2, -1) @ d_attn_y
         del attn_p, d_attn_y
 
         # dL/dattn_k (through attn_scores): d_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(attn_q[k0, k1, i2, k3]*d_attn_scores[k0, k1, i2, k2])/4
-        tmp_sum19 = torch.einsum('abcd,abce->abed', attn_q, d_attn_scores)
+        tmp_sum19 = d_attn_scores.transpose(-2, -1) @ attn_q
         del attn_q
         d_attn_k = (0.3535533905932738)*tmp_sum19
         del tmp_sum19
 
         # dL/dattn_q (through attn_scores): d_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(attn_k[k0, k1, i3, k3]*d_attn_scores[k0, k1, k2, i3])/4
-        tmp_sum20 = torch.einsum('abcd,abec->abed', attn_k, d_attn_scores)
+        tmp_sum20 = d_attn_scores @ attn_k
         del attn_k, d_attn_scores
         d_attn_q = (0.3535533905932738)*tmp_sum20
         del tmp_sum20
+        tmp_sum33 = torch.stack([d_attn_q, d_attn_k, d_attn_v], dim=0)
+        del d_attn_v, d_attn_k, d_attn_q
 
         # dL/dattn_b (through attn_k, attn_q, attn_v): d_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum21 = d_attn_q.sum(dim=(0, 2))
-        tmp_sum22 = d_attn_k.sum(dim=(0, 2))
-        tmp_sum23 = d_attn_v.sum(dim=(0, 2))
-        d_attn_b = torch.stack([tmp_sum21, tmp_sum22, tmp_sum23], dim=0)
-        del tmp_sum21, tmp_sum22, tmp_sum23
+        d_attn_b = tmp_sum33.sum(dim=(1, 3))
 
         # dL/dattn_c_attn_bias (through attn_b): d_attn_c_attn_bias[k0] = d_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_attn_c_attn_bias = d_attn_b.reshape(96,)
         del d_attn_b
 
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum24 = torch.einsum('abc,adbe->dec', ln_1, d_attn_q)
-        tmp_sum25 = torch.einsum('abc,adbe->dec', ln_1, d_attn_k)
-        tmp_sum26 = torch.einsum('abc,adbe->dec', ln_1, d_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_attn_w = torch.tensordot(ln_1, tmp_sum33, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del ln_1
-        d_attn_w = torch.stack([tmp_sum24, tmp_sum25, tmp_sum26], dim=0)
-        del tmp_sum24, tmp_sum25, tmp_sum26
 
         # dL/dattn_c_attn_weight (through attn_w): d_attn_c_attn_weight[k0, k1] = d_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_attn_c_attn_weight = d_attn_w.reshape(96, 32)
         del d_attn_w
 
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
-        tmp_sum28 = attn_w[0, :, :, :]
-        tmp_sum27 = torch.einsum('abc,daeb->dec', tmp_sum28, d_attn_q)
-        del d_attn_q, tmp_sum28
-        tmp_sum30 = attn_w[1, :, :, :]
-        tmp_sum29 = torch.einsum('abc,daeb->dec', tmp_sum30, d_attn_k)
-        del d_attn_k, tmp_sum30
-        tmp_sum32 = attn_w[2, :, :, :]
-        del attn_w
-        tmp_sum31 = torch.einsum('abc,daeb->dec', tmp_sum32, d_attn_v)
-        del d_attn_v, tmp_sum32
-        d_ln_1 = tmp_sum27 + tmp_sum29 + tmp_sum31
-        del tmp_sum27, tmp_sum29, tmp_sum31
+        # the sum over the parts of attn_w as one product
+        d_ln_1 = torch.tensordot(attn_w, tmp_sum33, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
+        del attn_w, tmp_sum33
 
         # dL/dln_1_weight (through ln_1): d_ln_1_weight[k0] = sum_{i0,i1}((-ln_1_mean[i0, i1] + x[i0, i1, k0])*d_ln_1[i0, i1, k0]/sqrt(ln_1_var[i0, i1] + 1.0e-5))
         d_ln_1_weight = torch.sum(d_ln_1.permute(2, 0, 1)*(-ln_1_mean + x.permute(2, 0, 1))/torch.sqrt(ln_1_var + 1e-05), dim=(1, 2))
@@ -1158,29 +1147,27 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     # reshape attn: attn_b[i0, i1, i2] = attn_c_attn_bias[32*i0 + 8*i1 + i2]
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of attn_w in one product
+    tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum4 = attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     attn_q = attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads attn: attn_k[i0, i1, i2, i3] = attn_b[1, i1, i3] + sum_{s0}(attn_w[1, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum6 = attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     attn_k = attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads attn: attn_v[i0, i1, i2, i3] = attn_b[2, i1, i3] + sum_{s0}(attn_w[2, i1, i3, s0]*ln_1[i0, i2, s0])
-    tmp_sum8 = attn_w[2, :, :, :]
-    tmp_sum7 = torch.einsum('abc,dec->adbe', ln_1, tmp_sum8)
-    del tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     attn_v = attn_b[2, :, :][:, None] + tmp_sum7
     del attn_b, tmp_sum7
 
     # attention scores attn: attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(attn_k[i0, i1, i3, s0]*attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', attn_k, attn_q)
+    tmp_sum9 = attn_q @ attn_k.transpose(-2, -1)
     attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
     tmp6 = (torch.arange(T, device=x.device)[:, None] >= torch.arange(T, device=x.device))
@@ -1195,13 +1182,13 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     del attn_p_masked
 
     # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-    attn_y = torch.einsum('abcd,abde->abce', attn_p, attn_v)
+    attn_y = attn_p @ attn_v
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', attn_wp, attn_y)
+    tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -1231,11 +1218,10 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
     mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
     del tmp_sum13
-    tmp12 = torch.tanh((0.7978845608028654)*(8943*mlp_c_fc_z**3/200000 + mlp_c_fc_z))
-    tmp13 = mlp_c_fc_z/2
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
-    mlp_c_fc = tmp13*(tmp12 + 1)
+    # gelu_tanh(mlp_c_fc_z), in one call
+    mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
     tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
@@ -1248,10 +1234,10 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     tmp_sum15 = torch.sum(tmp14**2)
     loss = tmp_sum15/(32*N*T)
     del tmp_sum15
-    return (loss, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp12, tmp13, tmp14)
+    return (loss, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp14)
 
 
-def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp12, tmp13, tmp14):
+def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp14):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -1276,7 +1262,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_mlp_c_proj_weight:
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
-        d_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_mlp_c_proj, mlp_c_fc)
+        d_mlp_c_proj_weight = torch.tensordot(d_mlp_c_proj, mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(mlp_c_fc)
 
@@ -1290,14 +1276,15 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         del d_mlp_c_proj
 
         # dL/dmlp_c_fc_z (through mlp_c_fc): d_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_mlp_c_fc[k0, k1, k2]
-        d_mlp_c_fc_z = d_mlp_c_fc*(tmp12/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp13*(26829*mlp_c_fc_z**2/200000 + 1), tmp12) + 0.5)
+        # gelu_tanh'(mlp_c_fc_z) times d_mlp_c_fc, in one call
+        d_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_mlp_c_fc, mlp_c_fc_z, approximate="tanh")
         del d_mlp_c_fc
         if release:
-            _release(mlp_c_fc_z, tmp12, tmp13)
+            _release(mlp_c_fc_z)
 
     if _need_mlp_c_fc_weight:
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
-        d_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_mlp_c_fc_z, ln_2)
+        d_mlp_c_fc_weight = torch.tensordot(d_mlp_c_fc_z, ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(ln_2)
 
@@ -1332,7 +1319,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         del tmp_sum16
 
         # dL/dln_2_mean (through ln_2): d_ln_2_mean[k0, k1] = -sum_{i2}(d_ln_2[k0, k1, i2]*ln_2_weight[i2])/sqrt(ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum17 = torch.einsum('a,bca->bc', ln_2_weight, d_ln_2)
+        tmp_sum17 = d_ln_2 @ ln_2_weight
         d_ln_2_mean = -tmp_sum17/torch.sqrt(tmp18)
         del tmp18, tmp_sum17
 
@@ -1351,7 +1338,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_attn_c_proj_weight:
         # dL/dattn_wp (through attn): d_attn_wp[k0, k1, k2] = sum_{i0,i1}(attn_y[i0, k1, i1, k2]*d_attn[i0, i1, k0])
-        d_attn_wp = torch.einsum('abc,adbe->cde', d_attn, attn_y)
+        d_attn_wp = torch.tensordot(d_attn, attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(attn_y)
 
@@ -1361,24 +1348,21 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias or _need_attn_c_attn_weight or _need_attn_c_attn_bias:
         # dL/dattn_y (through attn): d_attn_y[k0, k1, k2, k3] = sum_{i2}(attn_wp[i2, k1, k3]*d_attn[k0, k2, i2])
-        d_attn_y = torch.einsum('abc,dea->dbec', attn_wp, d_attn)
+        d_attn_y = torch.tensordot(attn_wp, d_attn, dims=([0], [2])).permute(2, 0, 3, 1)
         del d_attn
         if release:
             _release(attn_wp)
 
         # dL/dattn_p (through attn_y): d_attn_p[k0, k1, k2, k3] = sum_{i3}(attn_v[k0, k1, k3, i3]*d_attn_y[k0, k1, k2, i3])
-        d_attn_p = torch.einsum('abcd,abed->abec', attn_v, d_attn_y)
+        d_attn_p = d_attn_y @ attn_v.transpose(-2, -1)
         if release:
             _release(attn_v)
 
         # dL/dattn_p_lse (through attn_p): d_attn_p_lse[k0, k1, k2] = -sum_{i3}(attn_p[k0, k1, k2, i3]*d_attn_p[k0, k1, k2, i3])
-        tmp_sum18 = torch.einsum('abcd,abcd->abc', attn_p, d_attn_p)
-        d_attn_p_lse = -tmp_sum18
-        del tmp_sum18
-
         # dL/dattn_p_masked (through attn_p, attn_p_lse): d_attn_p_masked[k0, k1, k2, k3] = attn_p[k0, k1, k2, k3]*d_attn_p[k0, k1, k2, k3] + attn_p[k0, k1, k2, k3]*d_attn_p_lse[k0, k1, k2]
-        d_attn_p_masked = attn_p*d_attn_p + attn_p*d_attn_p_lse[:, :, :, None]
-        del d_attn_p, d_attn_p_lse
+        # softmax backward: d_attn_p_masked = attn_p*(d_attn_p - sum(attn_p*d_attn_p)), in one call
+        d_attn_p_masked = _softmax_backward(d_attn_p, attn_p, 3)
+        del d_attn_p
 
         # dL/dattn_scores (through attn_p_masked): d_attn_scores[k0, k1, k2, k3] = (d_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_attn_scores = torch.where(tmp6, d_attn_p_masked, 0)
@@ -1387,33 +1371,31 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
             _release(tmp6)
 
         # dL/dattn_v (through attn_y): d_attn_v[k0, k1, k2, k3] = sum_{i2}(attn_p[k0, k1, i2, k2]*d_attn_y[k0, k1, i2, k3])
-        d_attn_v = torch.einsum('abcd,abce->abde', attn_p, d_attn_y)
+        d_attn_v = attn_p.transpose(-2, -1) @ d_attn_y
         del d_attn_y
         if release:
             _release(attn_p)
 
         # dL/dattn_k (through attn_scores): d_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(attn_q[k0, k1, i2, k3]*d_attn_scores[k0, k1, i2, k2])/4
-        tmp_sum19 = torch.einsum('abcd,abce->abed', attn_q, d_attn_scores)
+        tmp_sum19 = d_attn_scores.transpose(-2, -1) @ attn_q
         if release:
             _release(attn_q)
         d_attn_k = (0.3535533905932738)*tmp_sum19
         del tmp_sum19
 
         # dL/dattn_q (through attn_scores): d_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(attn_k[k0, k1, i3, k3]*d_attn_scores[k0, k1, k2, i3])/4
-        tmp_sum20 = torch.einsum('abcd,abec->abed', attn_k, d_attn_scores)
+        tmp_sum20 = d_attn_scores @ attn_k
         del d_attn_scores
         if release:
             _release(attn_k)
         d_attn_q = (0.3535533905932738)*tmp_sum20
         del tmp_sum20
+        tmp_sum35 = torch.stack([d_attn_q, d_attn_k, d_attn_v], dim=0)
+        del d_attn_v, d_attn_k, d_attn_q
 
     if _need_attn_c_attn_bias:
         # dL/dattn_b (through attn_k, attn_q, attn_v): d_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum21 = d_attn_q.sum(dim=(0, 2))
-        tmp_sum22 = d_attn_k.sum(dim=(0, 2))
-        tmp_sum23 = d_attn_v.sum(dim=(0, 2))
-        d_attn_b = torch.stack([tmp_sum21, tmp_sum22, tmp_sum23], dim=0)
-        del tmp_sum21, tmp_sum22, tmp_sum23
+        d_attn_b = tmp_sum35.sum(dim=(1, 3))
 
         # dL/dattn_c_attn_bias (through attn_b): d_attn_c_attn_bias[k0] = d_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_attn_c_attn_bias = d_attn_b.reshape(96,)
@@ -1421,13 +1403,10 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_attn_c_attn_weight:
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum24 = torch.einsum('abc,adbe->dec', ln_1, d_attn_q)
-        tmp_sum25 = torch.einsum('abc,adbe->dec', ln_1, d_attn_k)
-        tmp_sum26 = torch.einsum('abc,adbe->dec', ln_1, d_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_attn_w = torch.tensordot(ln_1, tmp_sum35, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(ln_1)
-        d_attn_w = torch.stack([tmp_sum24, tmp_sum25, tmp_sum26], dim=0)
-        del tmp_sum24, tmp_sum25, tmp_sum26
 
         # dL/dattn_c_attn_weight (through attn_w): d_attn_c_attn_weight[k0, k1] = d_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_attn_c_attn_weight = d_attn_w.reshape(96, 32)
@@ -1435,19 +1414,11 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias:
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
-        tmp_sum28 = attn_w[0, :, :, :]
-        tmp_sum27 = torch.einsum('abc,daeb->dec', tmp_sum28, d_attn_q)
-        del d_attn_q, tmp_sum28
-        tmp_sum30 = attn_w[1, :, :, :]
-        tmp_sum29 = torch.einsum('abc,daeb->dec', tmp_sum30, d_attn_k)
-        del d_attn_k, tmp_sum30
-        tmp_sum32 = attn_w[2, :, :, :]
+        # the sum over the parts of attn_w as one product
+        d_ln_1 = torch.tensordot(attn_w, tmp_sum35, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
+        del tmp_sum35
         if release:
             _release(attn_w)
-        tmp_sum31 = torch.einsum('abc,daeb->dec', tmp_sum32, d_attn_v)
-        del d_attn_v, tmp_sum32
-        d_ln_1 = tmp_sum27 + tmp_sum29 + tmp_sum31
-        del tmp_sum27, tmp_sum29, tmp_sum31
 
     if _need_ln_1_weight:
         # dL/dln_1_weight (through ln_1): d_ln_1_weight[k0] = sum_{i0,i1}((-ln_1_mean[i0, i1] + x[i0, i1, k0])*d_ln_1[i0, i1, k0]/sqrt(ln_1_var[i0, i1] + 1.0e-5))
@@ -1471,7 +1442,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         del tmp_sum33
 
         # dL/dln_1_mean (through ln_1): d_ln_1_mean[k0, k1] = -sum_{i2}(d_ln_1[k0, k1, i2]*ln_1_weight[i2])/sqrt(ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum34 = torch.einsum('a,bca->bc', ln_1_weight, d_ln_1)
+        tmp_sum34 = d_ln_1 @ ln_1_weight
         d_ln_1_mean = -tmp_sum34/torch.sqrt(tmp19)
         del tmp19, tmp_sum34
 

@@ -1122,25 +1122,21 @@ def _softmax(x, axis):
     return e
 
 
+def _softmax_backward(grad, out, axis):
+    # out * (grad - sum(out * grad)) along the last axis (the only one the IR gives): a
+    # row dot product without a temporary, one subtraction, one product in place.
+    total = numpy.einsum("...i,...i->...", grad, out)
+    result = grad - total[..., None]
+    result *= out
+    return result
+
+
 def _scatter_add(values, index, shape):
     # out[index[i...], j...] += values[i..., j...]: numpy.add.at sums repeated ids (a
     # fancy-index assignment would keep only the last of them).
     out = numpy.zeros(shape, dtype=values.dtype)
     numpy.add.at(out, index, values)
     return out
-
-
-def _same_array(a, out):
-    # True when a * out may be written into out: same shape, same dtype.
-    return getattr(a, "shape", None) == out.shape and a.dtype == out.dtype
-
-
-def _tanh_backward(grad, y):
-    # grad * (1 - y**2) in one buffer (what autograd's tanh_backward does); dtypes and
-    # broadcasting as in the plain expression.
-    out = y * y
-    numpy.subtract(1, out, out=out)
-    return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
 
 
 def _masked_where(condition, then, otherwise):
@@ -1339,35 +1335,31 @@ def forward(params, *, idx):
     # reshape h_0_attn: h_0_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_0_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
+    tmp_sum0 = numpy.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum5 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum4 = numpy.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum5, optimize=True)
-    del tmp_sum5
-    tmp_sum7 = h_0_attn_w[0, :, :, :]
-    tmp_sum6 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum7, optimize=True)
-    del tmp_sum7
+    tmp_sum4 = tmp_sum0[0, :, :, :, :]
+
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum117 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_0_ln_1, h_0_attn_w
+    tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
     del tmp_sum4, tmp_sum6
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum9 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum8 = numpy.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum9, optimize=True)
-    del tmp_sum9
-    tmp_sum11 = h_0_attn_w[1, :, :, :]
-    tmp_sum10 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum11, optimize=True)
-    del tmp_sum11
+    tmp_sum8 = tmp_sum0[1, :, :, :, :]
+    tmp_sum10 = tmp_sum117[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum10 + tmp_sum8
     del tmp_sum8, tmp_sum10
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum13 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
-    del h_0_attn_c_attn_lora_B_heads
-    tmp_sum12 = numpy.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum13, optimize=True)
-    del h_0_attn_c_attn_lora_xA, tmp_sum13
-    tmp_sum15 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum14 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum15, optimize=True)
-    del h_0_ln_1, tmp_sum15
+    tmp_sum12 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
+    tmp_sum14 = tmp_sum117[2, :, :, :, :]
+    del tmp_sum117
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
     del h_0_attn_b, tmp_sum12, tmp_sum14
 
@@ -1398,7 +1390,7 @@ def forward(params, *, idx):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = numpy.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y, optimize=True)
+    tmp_sum17 = numpy.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1406,7 +1398,7 @@ def forward(params, *, idx):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum19 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1449,7 +1441,8 @@ def forward(params, *, idx):
     del h_0_mlp_c_fc_base, tmp_sum24
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1503,35 +1496,31 @@ def forward(params, *, idx):
     # reshape h_1_attn: h_1_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_1_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
+    tmp_sum118 = numpy.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum32 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum31 = numpy.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum32, optimize=True)
-    del tmp_sum32
-    tmp_sum34 = h_1_attn_w[0, :, :, :]
-    tmp_sum33 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum34, optimize=True)
-    del tmp_sum34
+    tmp_sum31 = tmp_sum118[0, :, :, :, :]
+
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum119 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_1_ln_1, h_1_attn_w
+    tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
     del tmp_sum31, tmp_sum33
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum36 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum35 = numpy.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum36, optimize=True)
-    del tmp_sum36
-    tmp_sum38 = h_1_attn_w[1, :, :, :]
-    tmp_sum37 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum38, optimize=True)
-    del tmp_sum38
+    tmp_sum35 = tmp_sum118[1, :, :, :, :]
+    tmp_sum37 = tmp_sum119[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum35 + tmp_sum37
     del tmp_sum35, tmp_sum37
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum40 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
-    del h_1_attn_c_attn_lora_B_heads
-    tmp_sum39 = numpy.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum40, optimize=True)
-    del h_1_attn_c_attn_lora_xA, tmp_sum40
-    tmp_sum42 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum41 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum42, optimize=True)
-    del h_1_ln_1, tmp_sum42
+    tmp_sum39 = tmp_sum118[2, :, :, :, :]
+    del tmp_sum118
+    tmp_sum41 = tmp_sum119[2, :, :, :, :]
+    del tmp_sum119
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
     del h_1_attn_b, tmp_sum39, tmp_sum41
 
@@ -1561,7 +1550,7 @@ def forward(params, *, idx):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = numpy.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y, optimize=True)
+    tmp_sum44 = numpy.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1569,7 +1558,7 @@ def forward(params, *, idx):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum46 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -1612,7 +1601,8 @@ def forward(params, *, idx):
     del h_1_mlp_c_fc_base, tmp_sum51
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1708,35 +1698,31 @@ def loss(params, *, idx, y):
     # reshape h_0_attn: h_0_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_0_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
+    tmp_sum0 = numpy.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum5 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum4 = numpy.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum5, optimize=True)
-    del tmp_sum5
-    tmp_sum7 = h_0_attn_w[0, :, :, :]
-    tmp_sum6 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum7, optimize=True)
-    del tmp_sum7
+    tmp_sum4 = tmp_sum0[0, :, :, :, :]
+
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum117 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_0_ln_1, h_0_attn_w
+    tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
     del tmp_sum4, tmp_sum6
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum9 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum8 = numpy.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum9, optimize=True)
-    del tmp_sum9
-    tmp_sum11 = h_0_attn_w[1, :, :, :]
-    tmp_sum10 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum11, optimize=True)
-    del tmp_sum11
+    tmp_sum8 = tmp_sum0[1, :, :, :, :]
+    tmp_sum10 = tmp_sum117[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum10 + tmp_sum8
     del tmp_sum8, tmp_sum10
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum13 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
-    del h_0_attn_c_attn_lora_B_heads
-    tmp_sum12 = numpy.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum13, optimize=True)
-    del h_0_attn_c_attn_lora_xA, tmp_sum13
-    tmp_sum15 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum14 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum15, optimize=True)
-    del h_0_ln_1, tmp_sum15
+    tmp_sum12 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
+    tmp_sum14 = tmp_sum117[2, :, :, :, :]
+    del tmp_sum117
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
     del h_0_attn_b, tmp_sum12, tmp_sum14
 
@@ -1767,7 +1753,7 @@ def loss(params, *, idx, y):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = numpy.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y, optimize=True)
+    tmp_sum17 = numpy.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1775,7 +1761,7 @@ def loss(params, *, idx, y):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum19 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1818,7 +1804,8 @@ def loss(params, *, idx, y):
     del h_0_mlp_c_fc_base, tmp_sum24
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1872,35 +1859,31 @@ def loss(params, *, idx, y):
     # reshape h_1_attn: h_1_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_1_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
+    tmp_sum118 = numpy.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum32 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum31 = numpy.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum32, optimize=True)
-    del tmp_sum32
-    tmp_sum34 = h_1_attn_w[0, :, :, :]
-    tmp_sum33 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum34, optimize=True)
-    del tmp_sum34
+    tmp_sum31 = tmp_sum118[0, :, :, :, :]
+
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum119 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_1_ln_1, h_1_attn_w
+    tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
     del tmp_sum31, tmp_sum33
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum36 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum35 = numpy.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum36, optimize=True)
-    del tmp_sum36
-    tmp_sum38 = h_1_attn_w[1, :, :, :]
-    tmp_sum37 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum38, optimize=True)
-    del tmp_sum38
+    tmp_sum35 = tmp_sum118[1, :, :, :, :]
+    tmp_sum37 = tmp_sum119[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum35 + tmp_sum37
     del tmp_sum35, tmp_sum37
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum40 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
-    del h_1_attn_c_attn_lora_B_heads
-    tmp_sum39 = numpy.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum40, optimize=True)
-    del h_1_attn_c_attn_lora_xA, tmp_sum40
-    tmp_sum42 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum41 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum42, optimize=True)
-    del h_1_ln_1, tmp_sum42
+    tmp_sum39 = tmp_sum118[2, :, :, :, :]
+    del tmp_sum118
+    tmp_sum41 = tmp_sum119[2, :, :, :, :]
+    del tmp_sum119
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
     del h_1_attn_b, tmp_sum39, tmp_sum41
 
@@ -1930,7 +1913,7 @@ def loss(params, *, idx, y):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = numpy.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y, optimize=True)
+    tmp_sum44 = numpy.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1938,7 +1921,7 @@ def loss(params, *, idx, y):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum46 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -1981,7 +1964,8 @@ def loss(params, *, idx, y):
     del h_1_mlp_c_fc_base, tmp_sum51
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -2147,33 +2131,29 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     # reshape h_0_attn: h_0_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_0_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
+    tmp_sum0 = numpy.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum5 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum4 = numpy.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum5, optimize=True)
-    del tmp_sum5
-    tmp_sum7 = h_0_attn_w[0, :, :, :]
-    tmp_sum6 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum7, optimize=True)
-    del tmp_sum7
+    tmp_sum4 = tmp_sum0[0, :, :, :, :]
+
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum141 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    tmp_sum6 = tmp_sum141[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
     del tmp_sum4, tmp_sum6
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum9 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum8 = numpy.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum9, optimize=True)
-    del tmp_sum9
-    tmp_sum11 = h_0_attn_w[1, :, :, :]
-    tmp_sum10 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum11, optimize=True)
-    del tmp_sum11
+    tmp_sum8 = tmp_sum0[1, :, :, :, :]
+    tmp_sum10 = tmp_sum141[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum10 + tmp_sum8
     del tmp_sum8, tmp_sum10
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum13 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
-    tmp_sum12 = numpy.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum13, optimize=True)
-    del tmp_sum13
-    tmp_sum15 = h_0_attn_w[2, :, :, :]
-    tmp_sum14 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum15, optimize=True)
-    del tmp_sum15
+    tmp_sum12 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
+    tmp_sum14 = tmp_sum141[2, :, :, :, :]
+    del tmp_sum141
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
     del h_0_attn_b, tmp_sum12, tmp_sum14
 
@@ -2202,13 +2182,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = numpy.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y, optimize=True)
+    tmp_sum17 = numpy.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
-    tmp_sum19 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum19 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
 
@@ -2248,11 +2228,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     tmp_sum24 = h_0_mlp_c_fc_lora_xA @ h_0_mlp_c_fc_lora_B.T
     h_0_mlp_c_fc_z = h_0_mlp_c_fc_base + tmp_sum24
     del h_0_mlp_c_fc_base, tmp_sum24
-    tmp11 = numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z))
-    tmp12 = h_0_mlp_c_fc_z/2
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = tmp12*(tmp11 + 1)
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
     tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
@@ -2303,33 +2282,29 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     # reshape h_1_attn: h_1_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_1_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
+    tmp_sum142 = numpy.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum32 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum31 = numpy.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum32, optimize=True)
-    del tmp_sum32
-    tmp_sum34 = h_1_attn_w[0, :, :, :]
-    tmp_sum33 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum34, optimize=True)
-    del tmp_sum34
+    tmp_sum31 = tmp_sum142[0, :, :, :, :]
+
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum143 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    tmp_sum33 = tmp_sum143[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
     del tmp_sum31, tmp_sum33
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum36 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum35 = numpy.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum36, optimize=True)
-    del tmp_sum36
-    tmp_sum38 = h_1_attn_w[1, :, :, :]
-    tmp_sum37 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum38, optimize=True)
-    del tmp_sum38
+    tmp_sum35 = tmp_sum142[1, :, :, :, :]
+    tmp_sum37 = tmp_sum143[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum35 + tmp_sum37
     del tmp_sum35, tmp_sum37
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum40 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
-    tmp_sum39 = numpy.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum40, optimize=True)
-    del tmp_sum40
-    tmp_sum42 = h_1_attn_w[2, :, :, :]
-    tmp_sum41 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum42, optimize=True)
-    del tmp_sum42
+    tmp_sum39 = tmp_sum142[2, :, :, :, :]
+    del tmp_sum142
+    tmp_sum41 = tmp_sum143[2, :, :, :, :]
+    del tmp_sum143
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
     del h_1_attn_b, tmp_sum39, tmp_sum41
 
@@ -2357,13 +2332,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = numpy.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y, optimize=True)
+    tmp_sum44 = numpy.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
-    tmp_sum46 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum46 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
 
@@ -2403,11 +2378,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     tmp_sum51 = h_1_mlp_c_fc_lora_xA @ h_1_mlp_c_fc_lora_B.T
     h_1_mlp_c_fc_z = h_1_mlp_c_fc_base + tmp_sum51
     del h_1_mlp_c_fc_base, tmp_sum51
-    tmp20 = numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z))
-    tmp21 = h_1_mlp_c_fc_z/2
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = tmp21*(tmp20 + 1)
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
     tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
@@ -2501,7 +2475,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum58
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum59 = numpy.einsum('a,bca->bc', ln_f_weight, d_ln_f, optimize=True)
+        tmp_sum59 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum59/numpy.sqrt(tmp27)
         del tmp27, tmp_sum59
 
@@ -2514,7 +2488,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_lora_B:
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_proj_lora_B = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, optimize=True)
+        d_h_1_mlp_c_proj_lora_B = numpy.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, axes=([0, 1], [0, 1]))
         del h_1_mlp_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_weight or _need_h_1_mlp_c_fc_bias or _need_h_1_mlp_c_fc_lora_A or _need_h_1_mlp_c_fc_lora_B or _need_h_1_mlp_c_proj_lora_A:
@@ -2523,7 +2497,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_lora_A:
         # dL/dh_1_mlp_c_proj_lora_A (through h_1_mlp_c_proj_lora_xA): d_h_1_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_proj_lora_xA[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        tmp_sum60 = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, optimize=True)
+        tmp_sum60 = numpy.tensordot(d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, axes=([0, 1], [0, 1]))
         d_h_1_mlp_c_proj_lora_A = 2*tmp_sum60
         del tmp_sum60
 
@@ -2534,7 +2508,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj_base): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj_base[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_proj_base, h_1_mlp_c_fc, optimize=True)
+        d_h_1_mlp_c_proj_weight = numpy.tensordot(d_h_1_mlp_c_proj_base, h_1_mlp_c_fc, axes=([0, 1], [0, 1]))
         del h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_proj_bias:
@@ -2551,12 +2525,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum61, tmp_sum62
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*(tmp20/2 + (0.7978845608028654)*_tanh_backward(tmp21*(26829*h_1_mlp_c_fc_z**2/200000 + 1), tmp20) + 0.5)
-        del h_1_mlp_c_fc_z, tmp20, tmp21, d_h_1_mlp_c_fc
+        # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
+        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*((0.3989422804014327)*(h_1_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))**2)*(26829*h_1_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))/2 + 0.5)
+        del h_1_mlp_c_fc_z, d_h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_fc_lora_B:
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_fc_lora_B = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, optimize=True)
+        d_h_1_mlp_c_fc_lora_B = numpy.tensordot(d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, axes=([0, 1], [0, 1]))
         del h_1_mlp_c_fc_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_lora_A:
@@ -2565,7 +2540,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_lora_A:
         # dL/dh_1_mlp_c_fc_lora_A (through h_1_mlp_c_fc_lora_xA): d_h_1_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_fc_lora_xA[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        tmp_sum63 = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, optimize=True)
+        tmp_sum63 = numpy.tensordot(d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, axes=([0, 1], [0, 1]))
         d_h_1_mlp_c_fc_lora_A = 2*tmp_sum63
         del tmp_sum63
 
@@ -2576,7 +2551,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_base): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_base[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_fc_base, h_1_ln_2, optimize=True)
+        d_h_1_mlp_c_fc_weight = numpy.tensordot(d_h_1_mlp_c_fc_base, h_1_ln_2, axes=([0, 1], [0, 1]))
         del h_1_ln_2
 
     if _need_h_1_mlp_c_fc_bias:
@@ -2611,7 +2586,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum66
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum67 = numpy.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2, optimize=True)
+        tmp_sum67 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum67/numpy.sqrt(tmp28)
         del tmp28, tmp_sum67
 
@@ -2628,7 +2603,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_proj_lora_B:
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_attn_c_proj_lora_B = numpy.einsum('abc,abd->cd', d_h_1_attn, h_1_attn_c_proj_lora_xA, optimize=True)
+        d_h_1_attn_c_proj_lora_B = numpy.tensordot(d_h_1_attn, h_1_attn_c_proj_lora_xA, axes=([0, 1], [0, 1]))
         del h_1_attn_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_lora_A:
@@ -2637,7 +2612,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_proj_lora_A:
         # dL/dh_1_attn_c_proj_lora_A_heads (through h_1_attn_c_proj_lora_xA): d_h_1_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_1_attn_c_proj_lora_xA[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        tmp_sum68 = numpy.einsum('abc,adbe->cde', d_h_1_attn_c_proj_lora_xA, h_1_attn_y, optimize=True)
+        tmp_sum68 = numpy.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, axes=([0, 1], [0, 2]))
         d_h_1_attn_c_proj_lora_A_heads = 2*tmp_sum68
         del tmp_sum68
 
@@ -2647,7 +2622,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = numpy.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y, optimize=True)
+        d_h_1_attn_wp = numpy.tensordot(d_h_1_attn, h_1_attn_y, axes=([0, 1], [0, 2]))
         del h_1_attn_y
 
         # dL/dh_1_attn_c_proj_weight (through h_1_attn_wp): d_h_1_attn_c_proj_weight[k0, k1] = d_h_1_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2656,9 +2631,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_y (through h_1_attn, h_1_attn_c_proj_lora_xA): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_1_attn_c_proj_lora_xA[k0, k2, i2]*h_1_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum69 = numpy.einsum('abc,cde->adbe', d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, optimize=True)
+        tmp_sum69 = numpy.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_1_attn_c_proj_lora_A_heads, d_h_1_attn_c_proj_lora_xA
-        tmp_sum70 = numpy.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp, optimize=True)
+        tmp_sum70 = numpy.tensordot(d_h_1_attn, h_1_attn_wp, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
         d_h_1_attn_y = 2*tmp_sum69 + tmp_sum70
         del tmp_sum69, tmp_sum70
@@ -2668,13 +2643,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_1_attn_v
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
-        tmp_sum71 = numpy.einsum('abcd,abcd->abc', d_h_1_attn_p, h_1_attn_p, optimize=True)
-        d_h_1_attn_p_lse = -tmp_sum71
-        del tmp_sum71
-
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
-        d_h_1_attn_p_masked = d_h_1_attn_p*h_1_attn_p + d_h_1_attn_p_lse[:, :, :, None]*h_1_attn_p
-        del d_h_1_attn_p, d_h_1_attn_p_lse
+        # softmax backward: d_h_1_attn_p_masked = h_1_attn_p*(d_h_1_attn_p - sum(h_1_attn_p*d_h_1_attn_p)), in one call
+        d_h_1_attn_p_masked = _softmax_backward(d_h_1_attn_p, h_1_attn_p, 3)
+        del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_1_attn_scores = numpy.where(tmp5, d_h_1_attn_p_masked, 0)
@@ -2695,15 +2667,14 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_1_attn_k, d_h_1_attn_scores
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum73
         del tmp_sum73
+        tmp_sum144 = numpy.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], axis=0)
+        del d_h_1_attn_v, d_h_1_attn_k, d_h_1_attn_q
 
     if _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_c_attn_lora_B_heads (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum74 = numpy.einsum('abc,adbe->dec', h_1_attn_c_attn_lora_xA, d_h_1_attn_q, optimize=True)
-        tmp_sum75 = numpy.einsum('abc,adbe->dec', h_1_attn_c_attn_lora_xA, d_h_1_attn_k, optimize=True)
-        tmp_sum76 = numpy.einsum('abc,adbe->dec', h_1_attn_c_attn_lora_xA, d_h_1_attn_v, optimize=True)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_c_attn_lora_B_heads = numpy.tensordot(h_1_attn_c_attn_lora_xA, tmp_sum144, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_1_attn_c_attn_lora_xA
-        d_h_1_attn_c_attn_lora_B_heads = numpy.stack([tmp_sum74, tmp_sum75, tmp_sum76], axis=0)
-        del tmp_sum74, tmp_sum75, tmp_sum76
 
         # dL/dh_1_attn_c_attn_lora_B (through h_1_attn_c_attn_lora_B_heads): d_h_1_attn_c_attn_lora_B[k0, k1] = d_h_1_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_lora_B = d_h_1_attn_c_attn_lora_B_heads.reshape(96, 4)
@@ -2711,32 +2682,19 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_xA (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[2, i1, i3, k2])
-        tmp_sum78 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-        tmp_sum77 = numpy.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum78, optimize=True)
-        del tmp_sum78
-        tmp_sum80 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-        tmp_sum79 = numpy.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum80, optimize=True)
-        del tmp_sum80
-        tmp_sum82 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
+        # the sum over the parts of h_1_attn_c_attn_lora_B_heads as one product
+        d_h_1_attn_c_attn_lora_xA = numpy.tensordot(tmp_sum144, h_1_attn_c_attn_lora_B_heads, axes=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_c_attn_lora_B_heads
-        tmp_sum81 = numpy.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum82, optimize=True)
-        del tmp_sum82
-        d_h_1_attn_c_attn_lora_xA = tmp_sum77 + tmp_sum79 + tmp_sum81
-        del tmp_sum77, tmp_sum79, tmp_sum81
 
     if _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
-        tmp_sum83 = numpy.einsum('abc,abd->cd', d_h_1_attn_c_attn_lora_xA, h_1_ln_1, optimize=True)
+        tmp_sum83 = numpy.tensordot(d_h_1_attn_c_attn_lora_xA, h_1_ln_1, axes=([0, 1], [0, 1]))
         d_h_1_attn_c_attn_lora_A = 2*tmp_sum83
         del tmp_sum83
 
     if _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_b (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum84 = d_h_1_attn_q.sum(axis=(0, 2))
-        tmp_sum85 = d_h_1_attn_k.sum(axis=(0, 2))
-        tmp_sum86 = d_h_1_attn_v.sum(axis=(0, 2))
-        d_h_1_attn_b = numpy.stack([tmp_sum84, tmp_sum85, tmp_sum86], axis=0)
-        del tmp_sum84, tmp_sum85, tmp_sum86
+        d_h_1_attn_b = tmp_sum144.sum(axis=(1, 3))
 
         # dL/dh_1_attn_c_attn_bias (through h_1_attn_b): d_h_1_attn_c_attn_bias[k0] = d_h_1_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_1_attn_c_attn_bias = d_h_1_attn_b.reshape(96,)
@@ -2744,12 +2702,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum87 = numpy.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_q, optimize=True)
-        tmp_sum88 = numpy.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_k, optimize=True)
-        tmp_sum89 = numpy.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_v, optimize=True)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_w = numpy.tensordot(h_1_ln_1, tmp_sum144, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_1_ln_1
-        d_h_1_attn_w = numpy.stack([tmp_sum87, tmp_sum88, tmp_sum89], axis=0)
-        del tmp_sum87, tmp_sum88, tmp_sum89
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_weight = d_h_1_attn_w.reshape(96, 32)
@@ -2759,18 +2714,12 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         # dL/dh_1_ln_1 (through h_1_attn_c_attn_lora_xA, h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = 2*sum_{i2}(d_h_1_attn_c_attn_lora_xA[k0, k1, i2]*h_1_attn_c_attn_lora_A[i2, k2]) + sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
         tmp_sum90 = d_h_1_attn_c_attn_lora_xA @ h_1_attn_c_attn_lora_A
         del d_h_1_attn_c_attn_lora_xA
-        tmp_sum92 = h_1_attn_w[1, :, :, :]
-        tmp_sum91 = numpy.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum92, optimize=True)
-        del d_h_1_attn_k, tmp_sum92
-        tmp_sum94 = h_1_attn_w[0, :, :, :]
-        tmp_sum93 = numpy.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum94, optimize=True)
-        del d_h_1_attn_q, tmp_sum94
-        tmp_sum96 = h_1_attn_w[2, :, :, :]
-        del h_1_attn_w
-        tmp_sum95 = numpy.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum96, optimize=True)
-        del d_h_1_attn_v, tmp_sum96
-        d_h_1_ln_1 = 2*tmp_sum90 + tmp_sum91 + tmp_sum93 + tmp_sum95
-        del tmp_sum90, tmp_sum91, tmp_sum93, tmp_sum95
+
+        # the sum over the parts of h_1_attn_w as one product
+        tmp_sum145 = numpy.tensordot(tmp_sum144, h_1_attn_w, axes=([0, 2, 4], [0, 1, 2]))
+        del h_1_attn_w, tmp_sum144
+        d_h_1_ln_1 = tmp_sum145 + 2*tmp_sum90
+        del tmp_sum90, tmp_sum145
 
     if _need_h_1_ln_1_weight:
         # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
@@ -2791,7 +2740,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum97
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum98 = numpy.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1, optimize=True)
+        tmp_sum98 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum98/numpy.sqrt(tmp29)
         del tmp29, tmp_sum98
 
@@ -2804,7 +2753,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_lora_B:
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_proj_lora_B = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, optimize=True)
+        d_h_0_mlp_c_proj_lora_B = numpy.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, axes=([0, 1], [0, 1]))
         del h_0_mlp_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_lora_A:
@@ -2813,7 +2762,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_lora_A:
         # dL/dh_0_mlp_c_proj_lora_A (through h_0_mlp_c_proj_lora_xA): d_h_0_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_proj_lora_xA[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        tmp_sum99 = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, optimize=True)
+        tmp_sum99 = numpy.tensordot(d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, axes=([0, 1], [0, 1]))
         d_h_0_mlp_c_proj_lora_A = 2*tmp_sum99
         del tmp_sum99
 
@@ -2824,7 +2773,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj_base): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj_base[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_proj_base, h_0_mlp_c_fc, optimize=True)
+        d_h_0_mlp_c_proj_weight = numpy.tensordot(d_h_0_mlp_c_proj_base, h_0_mlp_c_fc, axes=([0, 1], [0, 1]))
         del h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_proj_bias:
@@ -2841,12 +2790,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum100, tmp_sum101
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*(tmp11/2 + (0.7978845608028654)*_tanh_backward(tmp12*(26829*h_0_mlp_c_fc_z**2/200000 + 1), tmp11) + 0.5)
-        del h_0_mlp_c_fc_z, tmp11, tmp12, d_h_0_mlp_c_fc
+        # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
+        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*((0.3989422804014327)*(h_0_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))**2)*(26829*h_0_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))/2 + 0.5)
+        del h_0_mlp_c_fc_z, d_h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_fc_lora_B:
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_fc_lora_B = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, optimize=True)
+        d_h_0_mlp_c_fc_lora_B = numpy.tensordot(d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, axes=([0, 1], [0, 1]))
         del h_0_mlp_c_fc_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_lora_A:
@@ -2855,7 +2805,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_lora_A:
         # dL/dh_0_mlp_c_fc_lora_A (through h_0_mlp_c_fc_lora_xA): d_h_0_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_fc_lora_xA[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        tmp_sum102 = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, optimize=True)
+        tmp_sum102 = numpy.tensordot(d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, axes=([0, 1], [0, 1]))
         d_h_0_mlp_c_fc_lora_A = 2*tmp_sum102
         del tmp_sum102
 
@@ -2866,7 +2816,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_base): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_base[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_fc_base, h_0_ln_2, optimize=True)
+        d_h_0_mlp_c_fc_weight = numpy.tensordot(d_h_0_mlp_c_fc_base, h_0_ln_2, axes=([0, 1], [0, 1]))
         del h_0_ln_2
 
     if _need_h_0_mlp_c_fc_bias:
@@ -2901,7 +2851,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum105
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum106 = numpy.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2, optimize=True)
+        tmp_sum106 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum106/numpy.sqrt(tmp30)
         del tmp30, tmp_sum106
 
@@ -2918,7 +2868,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_proj_lora_B:
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_attn_c_proj_lora_B = numpy.einsum('abc,abd->cd', d_h_0_attn, h_0_attn_c_proj_lora_xA, optimize=True)
+        d_h_0_attn_c_proj_lora_B = numpy.tensordot(d_h_0_attn, h_0_attn_c_proj_lora_xA, axes=([0, 1], [0, 1]))
         del h_0_attn_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_lora_A:
@@ -2927,7 +2877,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_proj_lora_A:
         # dL/dh_0_attn_c_proj_lora_A_heads (through h_0_attn_c_proj_lora_xA): d_h_0_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_0_attn_c_proj_lora_xA[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        tmp_sum107 = numpy.einsum('abc,adbe->cde', d_h_0_attn_c_proj_lora_xA, h_0_attn_y, optimize=True)
+        tmp_sum107 = numpy.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, axes=([0, 1], [0, 2]))
         d_h_0_attn_c_proj_lora_A_heads = 2*tmp_sum107
         del tmp_sum107
 
@@ -2937,7 +2887,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = numpy.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y, optimize=True)
+        d_h_0_attn_wp = numpy.tensordot(d_h_0_attn, h_0_attn_y, axes=([0, 1], [0, 2]))
         del h_0_attn_y
 
         # dL/dh_0_attn_c_proj_weight (through h_0_attn_wp): d_h_0_attn_c_proj_weight[k0, k1] = d_h_0_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2946,9 +2896,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_y (through h_0_attn, h_0_attn_c_proj_lora_xA): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_0_attn_c_proj_lora_xA[k0, k2, i2]*h_0_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum108 = numpy.einsum('abc,cde->adbe', d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, optimize=True)
+        tmp_sum108 = numpy.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_0_attn_c_proj_lora_A_heads, d_h_0_attn_c_proj_lora_xA
-        tmp_sum109 = numpy.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp, optimize=True)
+        tmp_sum109 = numpy.tensordot(d_h_0_attn, h_0_attn_wp, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
         d_h_0_attn_y = 2*tmp_sum108 + tmp_sum109
         del tmp_sum108, tmp_sum109
@@ -2958,13 +2908,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_0_attn_v
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
-        tmp_sum110 = numpy.einsum('abcd,abcd->abc', d_h_0_attn_p, h_0_attn_p, optimize=True)
-        d_h_0_attn_p_lse = -tmp_sum110
-        del tmp_sum110
-
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
-        d_h_0_attn_p_masked = d_h_0_attn_p*h_0_attn_p + d_h_0_attn_p_lse[:, :, :, None]*h_0_attn_p
-        del d_h_0_attn_p, d_h_0_attn_p_lse
+        # softmax backward: d_h_0_attn_p_masked = h_0_attn_p*(d_h_0_attn_p - sum(h_0_attn_p*d_h_0_attn_p)), in one call
+        d_h_0_attn_p_masked = _softmax_backward(d_h_0_attn_p, h_0_attn_p, 3)
+        del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_0_attn_scores = numpy.where(tmp5, d_h_0_attn_p_masked, 0)
@@ -2985,15 +2932,14 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_0_attn_k, d_h_0_attn_scores
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum112
         del tmp_sum112
+        tmp_sum146 = numpy.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], axis=0)
+        del d_h_0_attn_v, d_h_0_attn_k, d_h_0_attn_q
 
     if _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_c_attn_lora_B_heads (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum113 = numpy.einsum('abc,adbe->dec', h_0_attn_c_attn_lora_xA, d_h_0_attn_q, optimize=True)
-        tmp_sum114 = numpy.einsum('abc,adbe->dec', h_0_attn_c_attn_lora_xA, d_h_0_attn_k, optimize=True)
-        tmp_sum115 = numpy.einsum('abc,adbe->dec', h_0_attn_c_attn_lora_xA, d_h_0_attn_v, optimize=True)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_c_attn_lora_B_heads = numpy.tensordot(h_0_attn_c_attn_lora_xA, tmp_sum146, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_0_attn_c_attn_lora_xA
-        d_h_0_attn_c_attn_lora_B_heads = numpy.stack([tmp_sum113, tmp_sum114, tmp_sum115], axis=0)
-        del tmp_sum113, tmp_sum114, tmp_sum115
 
         # dL/dh_0_attn_c_attn_lora_B (through h_0_attn_c_attn_lora_B_heads): d_h_0_attn_c_attn_lora_B[k0, k1] = d_h_0_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_lora_B = d_h_0_attn_c_attn_lora_B_heads.reshape(96, 4)
@@ -3001,32 +2947,19 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_xA (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[2, i1, i3, k2])
-        tmp_sum117 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-        tmp_sum116 = numpy.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum117, optimize=True)
-        del tmp_sum117
-        tmp_sum119 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-        tmp_sum118 = numpy.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum119, optimize=True)
-        del tmp_sum119
-        tmp_sum121 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
+        # the sum over the parts of h_0_attn_c_attn_lora_B_heads as one product
+        d_h_0_attn_c_attn_lora_xA = numpy.tensordot(tmp_sum146, h_0_attn_c_attn_lora_B_heads, axes=([0, 2, 4], [0, 1, 2]))
         del h_0_attn_c_attn_lora_B_heads
-        tmp_sum120 = numpy.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum121, optimize=True)
-        del tmp_sum121
-        d_h_0_attn_c_attn_lora_xA = tmp_sum116 + tmp_sum118 + tmp_sum120
-        del tmp_sum116, tmp_sum118, tmp_sum120
 
     if _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
-        tmp_sum122 = numpy.einsum('abc,abd->cd', d_h_0_attn_c_attn_lora_xA, h_0_ln_1, optimize=True)
+        tmp_sum122 = numpy.tensordot(d_h_0_attn_c_attn_lora_xA, h_0_ln_1, axes=([0, 1], [0, 1]))
         d_h_0_attn_c_attn_lora_A = 2*tmp_sum122
         del tmp_sum122
 
     if _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_b (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum123 = d_h_0_attn_q.sum(axis=(0, 2))
-        tmp_sum124 = d_h_0_attn_k.sum(axis=(0, 2))
-        tmp_sum125 = d_h_0_attn_v.sum(axis=(0, 2))
-        d_h_0_attn_b = numpy.stack([tmp_sum123, tmp_sum124, tmp_sum125], axis=0)
-        del tmp_sum123, tmp_sum124, tmp_sum125
+        d_h_0_attn_b = tmp_sum146.sum(axis=(1, 3))
 
         # dL/dh_0_attn_c_attn_bias (through h_0_attn_b): d_h_0_attn_c_attn_bias[k0] = d_h_0_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_0_attn_c_attn_bias = d_h_0_attn_b.reshape(96,)
@@ -3034,12 +2967,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum126 = numpy.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_q, optimize=True)
-        tmp_sum127 = numpy.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_k, optimize=True)
-        tmp_sum128 = numpy.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_v, optimize=True)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_w = numpy.tensordot(h_0_ln_1, tmp_sum146, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_0_ln_1
-        d_h_0_attn_w = numpy.stack([tmp_sum126, tmp_sum127, tmp_sum128], axis=0)
-        del tmp_sum126, tmp_sum127, tmp_sum128
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_weight = d_h_0_attn_w.reshape(96, 32)
@@ -3049,18 +2979,12 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         # dL/dh_0_ln_1 (through h_0_attn_c_attn_lora_xA, h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = 2*sum_{i2}(d_h_0_attn_c_attn_lora_xA[k0, k1, i2]*h_0_attn_c_attn_lora_A[i2, k2]) + sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
         tmp_sum129 = d_h_0_attn_c_attn_lora_xA @ h_0_attn_c_attn_lora_A
         del d_h_0_attn_c_attn_lora_xA
-        tmp_sum131 = h_0_attn_w[1, :, :, :]
-        tmp_sum130 = numpy.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum131, optimize=True)
-        del d_h_0_attn_k, tmp_sum131
-        tmp_sum133 = h_0_attn_w[0, :, :, :]
-        tmp_sum132 = numpy.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum133, optimize=True)
-        del d_h_0_attn_q, tmp_sum133
-        tmp_sum135 = h_0_attn_w[2, :, :, :]
-        del h_0_attn_w
-        tmp_sum134 = numpy.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum135, optimize=True)
-        del d_h_0_attn_v, tmp_sum135
-        d_h_0_ln_1 = 2*tmp_sum129 + tmp_sum130 + tmp_sum132 + tmp_sum134
-        del tmp_sum129, tmp_sum130, tmp_sum132, tmp_sum134
+
+        # the sum over the parts of h_0_attn_w as one product
+        tmp_sum147 = numpy.tensordot(tmp_sum146, h_0_attn_w, axes=([0, 2, 4], [0, 1, 2]))
+        del h_0_attn_w, tmp_sum146
+        d_h_0_ln_1 = 2*tmp_sum129 + tmp_sum147
+        del tmp_sum129, tmp_sum147
 
     if _need_h_0_ln_1_weight:
         # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
@@ -3081,7 +3005,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum136
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum137 = numpy.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1, optimize=True)
+        tmp_sum137 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum137/numpy.sqrt(tmp31)
         del tmp31, tmp_sum137
 
@@ -3092,7 +3016,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum138 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum139 = numpy.einsum('abc,abd->cd', d_lm_head, ln_f, optimize=True)
+        tmp_sum139 = numpy.tensordot(d_lm_head, ln_f, axes=([0, 1], [0, 1]))
         del ln_f, d_lm_head
         d_wte_weight = tmp_sum138 + tmp_sum139
         del tmp_sum138, tmp_sum139

@@ -1116,6 +1116,16 @@ def _scatter_add(values, index, shape):
     return values.new_zeros(shape).index_add_(0, index.reshape(-1), rows)
 
 
+def _softmax_backward(grad, out, dim):
+    # out * (grad - sum(out * grad, dim)) in one kernel, autograd's own softmax backward.
+    # Under autocast the two may differ in dtype: both go to the wider one, as in the
+    # product the kernel replaces.
+    if grad.dtype is not out.dtype:
+        dtype = torch.promote_types(grad.dtype, out.dtype)
+        grad, out = grad.to(dtype), out.to(dtype)
+    return torch._softmax_backward_data(grad, out, dim, out.dtype)
+
+
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -1296,40 +1306,36 @@ def forward(params, *, idx):
     # reshape h_0_attn: h_0_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_0_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
+    tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum5 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum4 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum5)
-    del tmp_sum5
-    tmp_sum7 = h_0_attn_w[0, :, :, :]
-    tmp_sum6 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum7)
-    del tmp_sum7
+    tmp_sum4 = tmp_sum0[0, :, :, :, :]
+
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum117 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_0_ln_1, h_0_attn_w
+    tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
     del tmp_sum4, tmp_sum6
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum9 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum8 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum9)
-    del tmp_sum9
-    tmp_sum11 = h_0_attn_w[1, :, :, :]
-    tmp_sum10 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum11)
-    del tmp_sum11
+    tmp_sum8 = tmp_sum0[1, :, :, :, :]
+    tmp_sum10 = tmp_sum117[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum10 + tmp_sum8
     del tmp_sum8, tmp_sum10
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum13 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
-    del h_0_attn_c_attn_lora_B_heads
-    tmp_sum12 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum13)
-    del h_0_attn_c_attn_lora_xA, tmp_sum13
-    tmp_sum15 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum14 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum15)
-    del h_0_ln_1, tmp_sum15
+    tmp_sum12 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
+    tmp_sum14 = tmp_sum117[2, :, :, :, :]
+    del tmp_sum117
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
     del h_0_attn_b, tmp_sum12, tmp_sum14
 
     # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-    tmp_sum16 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+    tmp_sum16 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum16
     del tmp_sum16
@@ -1345,7 +1351,7 @@ def forward(params, *, idx):
     del h_0_attn_p_masked
 
     # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-    h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+    h_0_attn_y = h_0_attn_p @ h_0_attn_v
     del h_0_attn_v, h_0_attn_p
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1355,7 +1361,7 @@ def forward(params, *, idx):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = torch.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y)
+    tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1363,7 +1369,7 @@ def forward(params, *, idx):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1406,7 +1412,8 @@ def forward(params, *, idx):
     del h_0_mlp_c_fc_base, tmp_sum24
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
     del h_0_mlp_c_fc_z
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1460,40 +1467,36 @@ def forward(params, *, idx):
     # reshape h_1_attn: h_1_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_1_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
+    tmp_sum118 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum32 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum31 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum32)
-    del tmp_sum32
-    tmp_sum34 = h_1_attn_w[0, :, :, :]
-    tmp_sum33 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum34)
-    del tmp_sum34
+    tmp_sum31 = tmp_sum118[0, :, :, :, :]
+
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum119 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_1_ln_1, h_1_attn_w
+    tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
     del tmp_sum31, tmp_sum33
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum36 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum35 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum36)
-    del tmp_sum36
-    tmp_sum38 = h_1_attn_w[1, :, :, :]
-    tmp_sum37 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum38)
-    del tmp_sum38
+    tmp_sum35 = tmp_sum118[1, :, :, :, :]
+    tmp_sum37 = tmp_sum119[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum35 + tmp_sum37
     del tmp_sum35, tmp_sum37
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum40 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
-    del h_1_attn_c_attn_lora_B_heads
-    tmp_sum39 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum40)
-    del h_1_attn_c_attn_lora_xA, tmp_sum40
-    tmp_sum42 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum41 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum42)
-    del h_1_ln_1, tmp_sum42
+    tmp_sum39 = tmp_sum118[2, :, :, :, :]
+    del tmp_sum118
+    tmp_sum41 = tmp_sum119[2, :, :, :, :]
+    del tmp_sum119
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
     del h_1_attn_b, tmp_sum39, tmp_sum41
 
     # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-    tmp_sum43 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+    tmp_sum43 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum43
     del tmp_sum43
@@ -1508,7 +1511,7 @@ def forward(params, *, idx):
     del h_1_attn_p_masked
 
     # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-    h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+    h_1_attn_y = h_1_attn_p @ h_1_attn_v
     del h_1_attn_v, h_1_attn_p
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1518,7 +1521,7 @@ def forward(params, *, idx):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = torch.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y)
+    tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1526,7 +1529,7 @@ def forward(params, *, idx):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -1569,7 +1572,8 @@ def forward(params, *, idx):
     del h_1_mlp_c_fc_base, tmp_sum51
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
     del h_1_mlp_c_fc_z
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1667,40 +1671,36 @@ def loss(params, *, idx, y):
     # reshape h_0_attn: h_0_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_0_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
+    tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum5 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum4 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum5)
-    del tmp_sum5
-    tmp_sum7 = h_0_attn_w[0, :, :, :]
-    tmp_sum6 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum7)
-    del tmp_sum7
+    tmp_sum4 = tmp_sum0[0, :, :, :, :]
+
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum117 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_0_ln_1, h_0_attn_w
+    tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
     del tmp_sum4, tmp_sum6
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum9 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum8 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum9)
-    del tmp_sum9
-    tmp_sum11 = h_0_attn_w[1, :, :, :]
-    tmp_sum10 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum11)
-    del tmp_sum11
+    tmp_sum8 = tmp_sum0[1, :, :, :, :]
+    tmp_sum10 = tmp_sum117[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum10 + tmp_sum8
     del tmp_sum8, tmp_sum10
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum13 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
-    del h_0_attn_c_attn_lora_B_heads
-    tmp_sum12 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum13)
-    del h_0_attn_c_attn_lora_xA, tmp_sum13
-    tmp_sum15 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum14 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum15)
-    del h_0_ln_1, tmp_sum15
+    tmp_sum12 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
+    tmp_sum14 = tmp_sum117[2, :, :, :, :]
+    del tmp_sum117
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
     del h_0_attn_b, tmp_sum12, tmp_sum14
 
     # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-    tmp_sum16 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+    tmp_sum16 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum16
     del tmp_sum16
@@ -1716,7 +1716,7 @@ def loss(params, *, idx, y):
     del h_0_attn_p_masked
 
     # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-    h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+    h_0_attn_y = h_0_attn_p @ h_0_attn_v
     del h_0_attn_v, h_0_attn_p
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1726,7 +1726,7 @@ def loss(params, *, idx, y):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = torch.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y)
+    tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1734,7 +1734,7 @@ def loss(params, *, idx, y):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1777,7 +1777,8 @@ def loss(params, *, idx, y):
     del h_0_mlp_c_fc_base, tmp_sum24
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
     del h_0_mlp_c_fc_z
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1831,40 +1832,36 @@ def loss(params, *, idx, y):
     # reshape h_1_attn: h_1_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_1_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
+    tmp_sum118 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum32 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum31 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum32)
-    del tmp_sum32
-    tmp_sum34 = h_1_attn_w[0, :, :, :]
-    tmp_sum33 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum34)
-    del tmp_sum34
+    tmp_sum31 = tmp_sum118[0, :, :, :, :]
+
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum119 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_1_ln_1, h_1_attn_w
+    tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
     del tmp_sum31, tmp_sum33
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum36 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum35 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum36)
-    del tmp_sum36
-    tmp_sum38 = h_1_attn_w[1, :, :, :]
-    tmp_sum37 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum38)
-    del tmp_sum38
+    tmp_sum35 = tmp_sum118[1, :, :, :, :]
+    tmp_sum37 = tmp_sum119[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum35 + tmp_sum37
     del tmp_sum35, tmp_sum37
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum40 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
-    del h_1_attn_c_attn_lora_B_heads
-    tmp_sum39 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum40)
-    del h_1_attn_c_attn_lora_xA, tmp_sum40
-    tmp_sum42 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum41 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum42)
-    del h_1_ln_1, tmp_sum42
+    tmp_sum39 = tmp_sum118[2, :, :, :, :]
+    del tmp_sum118
+    tmp_sum41 = tmp_sum119[2, :, :, :, :]
+    del tmp_sum119
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
     del h_1_attn_b, tmp_sum39, tmp_sum41
 
     # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-    tmp_sum43 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+    tmp_sum43 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum43
     del tmp_sum43
@@ -1879,7 +1876,7 @@ def loss(params, *, idx, y):
     del h_1_attn_p_masked
 
     # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-    h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+    h_1_attn_y = h_1_attn_p @ h_1_attn_v
     del h_1_attn_v, h_1_attn_p
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
@@ -1889,7 +1886,7 @@ def loss(params, *, idx, y):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = torch.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y)
+    tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1897,7 +1894,7 @@ def loss(params, *, idx, y):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -1940,7 +1937,8 @@ def loss(params, *, idx, y):
     del h_1_mlp_c_fc_base, tmp_sum51
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
     del h_1_mlp_c_fc_z
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -2058,39 +2056,35 @@ def loss_and_grad(params, *, idx, y):
         # reshape h_0_attn: h_0_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_0_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
         h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+        # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
+        tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
         # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-        tmp_sum5 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-        tmp_sum4 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum5)
-        del tmp_sum5
-        tmp_sum7 = h_0_attn_w[0, :, :, :]
-        tmp_sum6 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum7)
-        del tmp_sum7
+        tmp_sum4 = tmp_sum0[0, :, :, :, :]
+
+        # all 3 parts of h_0_attn_w in one product
+        tmp_sum117 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+        del h_0_attn_w
+        tmp_sum6 = tmp_sum117[0, :, :, :, :]
         h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
         del tmp_sum4, tmp_sum6
 
         # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-        tmp_sum9 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-        tmp_sum8 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum9)
-        del tmp_sum9
-        tmp_sum11 = h_0_attn_w[1, :, :, :]
-        tmp_sum10 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum11)
-        del tmp_sum11
+        tmp_sum8 = tmp_sum0[1, :, :, :, :]
+        tmp_sum10 = tmp_sum117[1, :, :, :, :]
         h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum10 + tmp_sum8
         del tmp_sum8, tmp_sum10
 
         # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-        tmp_sum13 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
-        tmp_sum12 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum13)
-        del tmp_sum13
-        tmp_sum15 = h_0_attn_w[2, :, :, :]
-        del h_0_attn_w
-        tmp_sum14 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum15)
-        del tmp_sum15
+        tmp_sum12 = tmp_sum0[2, :, :, :, :]
+        del tmp_sum0
+        tmp_sum14 = tmp_sum117[2, :, :, :, :]
+        del tmp_sum117
         h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
         del h_0_attn_b, tmp_sum12, tmp_sum14
 
         # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-        tmp_sum16 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+        tmp_sum16 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
         h_0_attn_scores = (0.3535533905932738)*tmp_sum16
         del tmp_sum16
         tmp3 = (torch.arange(T, device=wte_weight.device)[:, None] >= torch.arange(T, device=wte_weight.device))
@@ -2105,7 +2099,7 @@ def loss_and_grad(params, *, idx, y):
         del h_0_attn_p_masked
 
         # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-        h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+        h_0_attn_y = h_0_attn_p @ h_0_attn_v
 
         # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
         h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
@@ -2114,13 +2108,13 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
         # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-        tmp_sum17 = torch.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y)
+        tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_0_attn_c_proj_lora_xA = 2*tmp_sum17
         del tmp_sum17
 
         # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
         tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
-        tmp_sum19 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+        tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
         del tmp_sum18, tmp_sum19
 
@@ -2161,11 +2155,10 @@ def loss_and_grad(params, *, idx, y):
         tmp_sum24 = h_0_mlp_c_fc_lora_xA @ h_0_mlp_c_fc_lora_B.T
         h_0_mlp_c_fc_z = h_0_mlp_c_fc_base + tmp_sum24
         del h_0_mlp_c_fc_base, tmp_sum24
-        tmp10 = h_0_mlp_c_fc_z/2
-        tmp9 = torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z))
 
         # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-        h_0_mlp_c_fc = tmp10*(tmp9 + 1)
+        # gelu_tanh(h_0_mlp_c_fc_z), in one call
+        h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
         # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
         tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
@@ -2217,38 +2210,34 @@ def loss_and_grad(params, *, idx, y):
         # reshape h_1_attn: h_1_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_1_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
         h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+        # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
+        tmp_sum118 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
         # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-        tmp_sum32 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-        tmp_sum31 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum32)
-        del tmp_sum32
-        tmp_sum34 = h_1_attn_w[0, :, :, :]
-        tmp_sum33 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum34)
-        del tmp_sum34
+        tmp_sum31 = tmp_sum118[0, :, :, :, :]
+
+        # all 3 parts of h_1_attn_w in one product
+        tmp_sum119 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+        tmp_sum33 = tmp_sum119[0, :, :, :, :]
         h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
         del tmp_sum31, tmp_sum33
 
         # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-        tmp_sum36 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-        tmp_sum35 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum36)
-        del tmp_sum36
-        tmp_sum38 = h_1_attn_w[1, :, :, :]
-        tmp_sum37 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum38)
-        del tmp_sum38
+        tmp_sum35 = tmp_sum118[1, :, :, :, :]
+        tmp_sum37 = tmp_sum119[1, :, :, :, :]
         h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum35 + tmp_sum37
         del tmp_sum35, tmp_sum37
 
         # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-        tmp_sum40 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
-        tmp_sum39 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum40)
-        del tmp_sum40
-        tmp_sum42 = h_1_attn_w[2, :, :, :]
-        tmp_sum41 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum42)
-        del tmp_sum42
+        tmp_sum39 = tmp_sum118[2, :, :, :, :]
+        del tmp_sum118
+        tmp_sum41 = tmp_sum119[2, :, :, :, :]
+        del tmp_sum119
         h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
         del h_1_attn_b, tmp_sum39, tmp_sum41
 
         # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-        tmp_sum43 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+        tmp_sum43 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
         h_1_attn_scores = (0.3535533905932738)*tmp_sum43
         del tmp_sum43
 
@@ -2262,7 +2251,7 @@ def loss_and_grad(params, *, idx, y):
         del h_1_attn_p_masked
 
         # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-        h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+        h_1_attn_y = h_1_attn_p @ h_1_attn_v
 
         # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
         h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
@@ -2271,13 +2260,13 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
         # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-        tmp_sum44 = torch.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y)
+        tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_1_attn_c_proj_lora_xA = 2*tmp_sum44
         del tmp_sum44
 
         # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
         tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
-        tmp_sum46 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+        tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
         del tmp_sum45, tmp_sum46
 
@@ -2318,11 +2307,10 @@ def loss_and_grad(params, *, idx, y):
         tmp_sum51 = h_1_mlp_c_fc_lora_xA @ h_1_mlp_c_fc_lora_B.T
         h_1_mlp_c_fc_z = h_1_mlp_c_fc_base + tmp_sum51
         del h_1_mlp_c_fc_base, tmp_sum51
-        tmp18 = torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z))
-        tmp19 = h_1_mlp_c_fc_z/2
 
         # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-        h_1_mlp_c_fc = tmp19*(tmp18 + 1)
+        # gelu_tanh(h_1_mlp_c_fc_z), in one call
+        h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
         # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
         tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
@@ -2409,7 +2397,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum58
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum59 = torch.einsum('a,bca->bc', ln_f_weight, d_ln_f)
+        tmp_sum59 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum59/torch.sqrt(tmp25)
         del tmp25, tmp_sum59
 
@@ -2421,14 +2409,14 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_mlp_c_proj = d_h_1_res2
 
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA)
+        d_h_1_mlp_c_proj_lora_B = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         del h_1_mlp_c_proj_lora_xA
 
         # dL/dh_1_mlp_c_proj_lora_xA (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_mlp_c_proj[k0, k1, i2]*h_1_mlp_c_proj_lora_B[i2, k2])
         d_h_1_mlp_c_proj_lora_xA = d_h_1_mlp_c_proj @ h_1_mlp_c_proj_lora_B
 
         # dL/dh_1_mlp_c_proj_lora_A (through h_1_mlp_c_proj_lora_xA): d_h_1_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_proj_lora_xA[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        tmp_sum60 = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc)
+        tmp_sum60 = torch.tensordot(d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         del h_1_mlp_c_fc
         d_h_1_mlp_c_proj_lora_A = 2*tmp_sum60
         del tmp_sum60
@@ -2446,18 +2434,19 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum61, tmp_sum62
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*(tmp18/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp19*(26829*h_1_mlp_c_fc_z**2/200000 + 1), tmp18) + 0.5)
-        del h_1_mlp_c_fc_z, tmp18, tmp19, d_h_1_mlp_c_fc
+        # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
+        d_h_1_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_1_mlp_c_fc, h_1_mlp_c_fc_z, approximate="tanh")
+        del h_1_mlp_c_fc_z, d_h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_fc_lora_B = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA)
+        d_h_1_mlp_c_fc_lora_B = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
         del h_1_mlp_c_fc_lora_xA
 
         # dL/dh_1_mlp_c_fc_lora_xA (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_mlp_c_fc_z[k0, k1, i2]*h_1_mlp_c_fc_lora_B[i2, k2])
         d_h_1_mlp_c_fc_lora_xA = d_h_1_mlp_c_fc_z @ h_1_mlp_c_fc_lora_B
 
         # dL/dh_1_mlp_c_fc_lora_A (through h_1_mlp_c_fc_lora_xA): d_h_1_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_fc_lora_xA[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        tmp_sum63 = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_lora_xA, h_1_ln_2)
+        tmp_sum63 = torch.tensordot(d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, dims=([0, 1], [0, 1]))
         del h_1_ln_2
         d_h_1_mlp_c_fc_lora_A = 2*tmp_sum63
         del tmp_sum63
@@ -2483,7 +2472,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum66
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum67 = torch.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2)
+        tmp_sum67 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum67/torch.sqrt(tmp26)
         del tmp26, tmp_sum67
 
@@ -2495,14 +2484,14 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_attn = d_h_1_res1
 
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_attn_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_1_attn, h_1_attn_c_proj_lora_xA)
+        d_h_1_attn_c_proj_lora_B = torch.tensordot(d_h_1_attn, h_1_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         del h_1_attn_c_proj_lora_xA
 
         # dL/dh_1_attn_c_proj_lora_xA (through h_1_attn): d_h_1_attn_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_attn[k0, k1, i2]*h_1_attn_c_proj_lora_B[i2, k2])
         d_h_1_attn_c_proj_lora_xA = d_h_1_attn @ h_1_attn_c_proj_lora_B
 
         # dL/dh_1_attn_c_proj_lora_A_heads (through h_1_attn_c_proj_lora_xA): d_h_1_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_1_attn_c_proj_lora_xA[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        tmp_sum68 = torch.einsum('abc,adbe->cde', d_h_1_attn_c_proj_lora_xA, h_1_attn_y)
+        tmp_sum68 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, dims=([0, 1], [0, 2]))
         del h_1_attn_y
         d_h_1_attn_c_proj_lora_A_heads = 2*tmp_sum68
         del tmp_sum68
@@ -2512,74 +2501,61 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_attn_c_proj_lora_A_heads
 
         # dL/dh_1_attn_y (through h_1_attn, h_1_attn_c_proj_lora_xA): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_1_attn_c_proj_lora_xA[k0, k2, i2]*h_1_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum69 = torch.einsum('abc,cde->adbe', d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads)
+        tmp_sum69 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_1_attn_c_proj_lora_A_heads, d_h_1_attn_c_proj_lora_xA
-        tmp_sum70 = torch.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp)
+        tmp_sum70 = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
         d_h_1_attn_y = 2*tmp_sum69 + tmp_sum70
         del tmp_sum69, tmp_sum70
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
-        d_h_1_attn_p = torch.einsum('abcd,abed->abce', d_h_1_attn_y, h_1_attn_v)
+        d_h_1_attn_p = d_h_1_attn_y @ h_1_attn_v.transpose(-2, -1)
         del h_1_attn_v
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
-        tmp_sum71 = torch.einsum('abcd,abcd->abc', d_h_1_attn_p, h_1_attn_p)
-        d_h_1_attn_p_lse = -tmp_sum71
-        del tmp_sum71
-
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
-        d_h_1_attn_p_masked = d_h_1_attn_p*h_1_attn_p + d_h_1_attn_p_lse[:, :, :, None]*h_1_attn_p
-        del d_h_1_attn_p, d_h_1_attn_p_lse
+        # softmax backward: d_h_1_attn_p_masked = h_1_attn_p*(d_h_1_attn_p - sum(h_1_attn_p*d_h_1_attn_p)), in one call
+        d_h_1_attn_p_masked = _softmax_backward(d_h_1_attn_p, h_1_attn_p, 3)
+        del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_1_attn_scores = torch.where(tmp3, d_h_1_attn_p_masked, 0)
         del d_h_1_attn_p_masked
 
         # dL/dh_1_attn_v (through h_1_attn_y): d_h_1_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn_y[k0, k1, i2, k3]*h_1_attn_p[k0, k1, i2, k2])
-        d_h_1_attn_v = torch.einsum('abcd,abce->abed', d_h_1_attn_y, h_1_attn_p)
+        d_h_1_attn_v = h_1_attn_p.transpose(-2, -1) @ d_h_1_attn_y
         del h_1_attn_p, d_h_1_attn_y
 
         # dL/dh_1_attn_k (through h_1_attn_scores): d_h_1_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_1_attn_scores[k0, k1, i2, k2]*h_1_attn_q[k0, k1, i2, k3])/4
-        tmp_sum72 = torch.einsum('abcd,abce->abde', d_h_1_attn_scores, h_1_attn_q)
+        tmp_sum72 = d_h_1_attn_scores.transpose(-2, -1) @ h_1_attn_q
         del h_1_attn_q
         d_h_1_attn_k = (0.3535533905932738)*tmp_sum72
         del tmp_sum72
 
         # dL/dh_1_attn_q (through h_1_attn_scores): d_h_1_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_1_attn_scores[k0, k1, k2, i3]*h_1_attn_k[k0, k1, i3, k3])/4
-        tmp_sum73 = torch.einsum('abcd,abde->abce', d_h_1_attn_scores, h_1_attn_k)
+        tmp_sum73 = d_h_1_attn_scores @ h_1_attn_k
         del h_1_attn_k, d_h_1_attn_scores
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum73
         del tmp_sum73
+        tmp_sum120 = torch.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], dim=0)
+        del d_h_1_attn_v, d_h_1_attn_k, d_h_1_attn_q
 
         # dL/dh_1_attn_c_attn_lora_B_heads (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum74 = torch.einsum('abc,adbe->dec', h_1_attn_c_attn_lora_xA, d_h_1_attn_q)
-        tmp_sum75 = torch.einsum('abc,adbe->dec', h_1_attn_c_attn_lora_xA, d_h_1_attn_k)
-        tmp_sum76 = torch.einsum('abc,adbe->dec', h_1_attn_c_attn_lora_xA, d_h_1_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_c_attn_lora_B_heads = torch.tensordot(h_1_attn_c_attn_lora_xA, tmp_sum120, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_1_attn_c_attn_lora_xA
-        d_h_1_attn_c_attn_lora_B_heads = torch.stack([tmp_sum74, tmp_sum75, tmp_sum76], dim=0)
-        del tmp_sum74, tmp_sum75, tmp_sum76
 
         # dL/dh_1_attn_c_attn_lora_B (through h_1_attn_c_attn_lora_B_heads): d_h_1_attn_c_attn_lora_B[k0, k1] = d_h_1_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_lora_B = d_h_1_attn_c_attn_lora_B_heads.reshape(96, 4)
         del d_h_1_attn_c_attn_lora_B_heads
 
         # dL/dh_1_attn_c_attn_lora_xA (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[2, i1, i3, k2])
-        tmp_sum78 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-        tmp_sum77 = torch.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum78)
-        del tmp_sum78
-        tmp_sum80 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-        tmp_sum79 = torch.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum80)
-        del tmp_sum80
-        tmp_sum82 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
+        # the sum over the parts of h_1_attn_c_attn_lora_B_heads as one product
+        d_h_1_attn_c_attn_lora_xA = torch.tensordot(tmp_sum120, h_1_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_c_attn_lora_B_heads
-        tmp_sum81 = torch.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum82)
-        del tmp_sum82
-        d_h_1_attn_c_attn_lora_xA = tmp_sum77 + tmp_sum79 + tmp_sum81
-        del tmp_sum77, tmp_sum79, tmp_sum81
 
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
-        tmp_sum83 = torch.einsum('abc,abd->cd', d_h_1_attn_c_attn_lora_xA, h_1_ln_1)
+        tmp_sum83 = torch.tensordot(d_h_1_attn_c_attn_lora_xA, h_1_ln_1, dims=([0, 1], [0, 1]))
         del h_1_ln_1
         d_h_1_attn_c_attn_lora_A = 2*tmp_sum83
         del tmp_sum83
@@ -2587,18 +2563,12 @@ def loss_and_grad(params, *, idx, y):
         # dL/dh_1_ln_1 (through h_1_attn_c_attn_lora_xA, h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = 2*sum_{i2}(d_h_1_attn_c_attn_lora_xA[k0, k1, i2]*h_1_attn_c_attn_lora_A[i2, k2]) + sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
         tmp_sum84 = d_h_1_attn_c_attn_lora_xA @ h_1_attn_c_attn_lora_A
         del d_h_1_attn_c_attn_lora_xA
-        tmp_sum86 = h_1_attn_w[1, :, :, :]
-        tmp_sum85 = torch.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum86)
-        del d_h_1_attn_k, tmp_sum86
-        tmp_sum88 = h_1_attn_w[0, :, :, :]
-        tmp_sum87 = torch.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum88)
-        del d_h_1_attn_q, tmp_sum88
-        tmp_sum90 = h_1_attn_w[2, :, :, :]
-        del h_1_attn_w
-        tmp_sum89 = torch.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum90)
-        del d_h_1_attn_v, tmp_sum90
-        d_h_1_ln_1 = 2*tmp_sum84 + tmp_sum85 + tmp_sum87 + tmp_sum89
-        del tmp_sum84, tmp_sum85, tmp_sum87, tmp_sum89
+
+        # the sum over the parts of h_1_attn_w as one product
+        tmp_sum121 = torch.tensordot(tmp_sum120, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        del h_1_attn_w, tmp_sum120
+        d_h_1_ln_1 = tmp_sum121 + 2*tmp_sum84
+        del tmp_sum84, tmp_sum121
 
         # dL/dh_1_ln_1_var (through h_1_ln_1): d_h_1_ln_1_var[k0, k1] = -sum_{i2}((h_0_res2[k0, k1, i2] - h_1_ln_1_mean[k0, k1])*d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/(2*(h_1_ln_1_var[k0, k1] + 1.0e-5)**(3/2))
         tmp_sum91 = torch.sum(d_h_1_ln_1*tmp13, dim=2)
@@ -2609,7 +2579,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum91
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum92 = torch.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1)
+        tmp_sum92 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum92/torch.sqrt(tmp27)
         del tmp27, tmp_sum92
 
@@ -2621,14 +2591,14 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_mlp_c_proj = d_h_0_res2
 
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA)
+        d_h_0_mlp_c_proj_lora_B = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         del h_0_mlp_c_proj_lora_xA
 
         # dL/dh_0_mlp_c_proj_lora_xA (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_mlp_c_proj[k0, k1, i2]*h_0_mlp_c_proj_lora_B[i2, k2])
         d_h_0_mlp_c_proj_lora_xA = d_h_0_mlp_c_proj @ h_0_mlp_c_proj_lora_B
 
         # dL/dh_0_mlp_c_proj_lora_A (through h_0_mlp_c_proj_lora_xA): d_h_0_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_proj_lora_xA[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        tmp_sum93 = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc)
+        tmp_sum93 = torch.tensordot(d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         del h_0_mlp_c_fc
         d_h_0_mlp_c_proj_lora_A = 2*tmp_sum93
         del tmp_sum93
@@ -2646,18 +2616,19 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum94, tmp_sum95
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*(tmp9/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp10*(26829*h_0_mlp_c_fc_z**2/200000 + 1), tmp9) + 0.5)
-        del h_0_mlp_c_fc_z, tmp10, tmp9, d_h_0_mlp_c_fc
+        # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
+        d_h_0_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_0_mlp_c_fc, h_0_mlp_c_fc_z, approximate="tanh")
+        del h_0_mlp_c_fc_z, d_h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_fc_lora_B = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA)
+        d_h_0_mlp_c_fc_lora_B = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
         del h_0_mlp_c_fc_lora_xA
 
         # dL/dh_0_mlp_c_fc_lora_xA (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_mlp_c_fc_z[k0, k1, i2]*h_0_mlp_c_fc_lora_B[i2, k2])
         d_h_0_mlp_c_fc_lora_xA = d_h_0_mlp_c_fc_z @ h_0_mlp_c_fc_lora_B
 
         # dL/dh_0_mlp_c_fc_lora_A (through h_0_mlp_c_fc_lora_xA): d_h_0_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_fc_lora_xA[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        tmp_sum96 = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_lora_xA, h_0_ln_2)
+        tmp_sum96 = torch.tensordot(d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, dims=([0, 1], [0, 1]))
         del h_0_ln_2
         d_h_0_mlp_c_fc_lora_A = 2*tmp_sum96
         del tmp_sum96
@@ -2683,7 +2654,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum99
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum100 = torch.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2)
+        tmp_sum100 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum100/torch.sqrt(tmp28)
         del tmp28, tmp_sum100
 
@@ -2696,14 +2667,14 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_res1
 
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_attn_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_0_attn, h_0_attn_c_proj_lora_xA)
+        d_h_0_attn_c_proj_lora_B = torch.tensordot(d_h_0_attn, h_0_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         del h_0_attn_c_proj_lora_xA
 
         # dL/dh_0_attn_c_proj_lora_xA (through h_0_attn): d_h_0_attn_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_attn[k0, k1, i2]*h_0_attn_c_proj_lora_B[i2, k2])
         d_h_0_attn_c_proj_lora_xA = d_h_0_attn @ h_0_attn_c_proj_lora_B
 
         # dL/dh_0_attn_c_proj_lora_A_heads (through h_0_attn_c_proj_lora_xA): d_h_0_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_0_attn_c_proj_lora_xA[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        tmp_sum101 = torch.einsum('abc,adbe->cde', d_h_0_attn_c_proj_lora_xA, h_0_attn_y)
+        tmp_sum101 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, dims=([0, 1], [0, 2]))
         del h_0_attn_y
         d_h_0_attn_c_proj_lora_A_heads = 2*tmp_sum101
         del tmp_sum101
@@ -2713,74 +2684,61 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_attn_c_proj_lora_A_heads
 
         # dL/dh_0_attn_y (through h_0_attn, h_0_attn_c_proj_lora_xA): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_0_attn_c_proj_lora_xA[k0, k2, i2]*h_0_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum102 = torch.einsum('abc,cde->adbe', d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads)
+        tmp_sum102 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_0_attn_c_proj_lora_A_heads, d_h_0_attn_c_proj_lora_xA
-        tmp_sum103 = torch.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp)
+        tmp_sum103 = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
         d_h_0_attn_y = 2*tmp_sum102 + tmp_sum103
         del tmp_sum102, tmp_sum103
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
-        d_h_0_attn_p = torch.einsum('abcd,abed->abce', d_h_0_attn_y, h_0_attn_v)
+        d_h_0_attn_p = d_h_0_attn_y @ h_0_attn_v.transpose(-2, -1)
         del h_0_attn_v
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
-        tmp_sum104 = torch.einsum('abcd,abcd->abc', d_h_0_attn_p, h_0_attn_p)
-        d_h_0_attn_p_lse = -tmp_sum104
-        del tmp_sum104
-
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
-        d_h_0_attn_p_masked = d_h_0_attn_p*h_0_attn_p + d_h_0_attn_p_lse[:, :, :, None]*h_0_attn_p
-        del d_h_0_attn_p, d_h_0_attn_p_lse
+        # softmax backward: d_h_0_attn_p_masked = h_0_attn_p*(d_h_0_attn_p - sum(h_0_attn_p*d_h_0_attn_p)), in one call
+        d_h_0_attn_p_masked = _softmax_backward(d_h_0_attn_p, h_0_attn_p, 3)
+        del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_0_attn_scores = torch.where(tmp3, d_h_0_attn_p_masked, 0)
         del tmp3, d_h_0_attn_p_masked
 
         # dL/dh_0_attn_v (through h_0_attn_y): d_h_0_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn_y[k0, k1, i2, k3]*h_0_attn_p[k0, k1, i2, k2])
-        d_h_0_attn_v = torch.einsum('abcd,abce->abed', d_h_0_attn_y, h_0_attn_p)
+        d_h_0_attn_v = h_0_attn_p.transpose(-2, -1) @ d_h_0_attn_y
         del h_0_attn_p, d_h_0_attn_y
 
         # dL/dh_0_attn_k (through h_0_attn_scores): d_h_0_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_0_attn_scores[k0, k1, i2, k2]*h_0_attn_q[k0, k1, i2, k3])/4
-        tmp_sum105 = torch.einsum('abcd,abce->abde', d_h_0_attn_scores, h_0_attn_q)
+        tmp_sum105 = d_h_0_attn_scores.transpose(-2, -1) @ h_0_attn_q
         del h_0_attn_q
         d_h_0_attn_k = (0.3535533905932738)*tmp_sum105
         del tmp_sum105
 
         # dL/dh_0_attn_q (through h_0_attn_scores): d_h_0_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_0_attn_scores[k0, k1, k2, i3]*h_0_attn_k[k0, k1, i3, k3])/4
-        tmp_sum106 = torch.einsum('abcd,abde->abce', d_h_0_attn_scores, h_0_attn_k)
+        tmp_sum106 = d_h_0_attn_scores @ h_0_attn_k
         del h_0_attn_k, d_h_0_attn_scores
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum106
         del tmp_sum106
+        tmp_sum122 = torch.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], dim=0)
+        del d_h_0_attn_v, d_h_0_attn_k, d_h_0_attn_q
 
         # dL/dh_0_attn_c_attn_lora_B_heads (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum107 = torch.einsum('abc,adbe->dec', h_0_attn_c_attn_lora_xA, d_h_0_attn_q)
-        tmp_sum108 = torch.einsum('abc,adbe->dec', h_0_attn_c_attn_lora_xA, d_h_0_attn_k)
-        tmp_sum109 = torch.einsum('abc,adbe->dec', h_0_attn_c_attn_lora_xA, d_h_0_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_c_attn_lora_B_heads = torch.tensordot(h_0_attn_c_attn_lora_xA, tmp_sum122, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_0_attn_c_attn_lora_xA
-        d_h_0_attn_c_attn_lora_B_heads = torch.stack([tmp_sum107, tmp_sum108, tmp_sum109], dim=0)
-        del tmp_sum107, tmp_sum108, tmp_sum109
 
         # dL/dh_0_attn_c_attn_lora_B (through h_0_attn_c_attn_lora_B_heads): d_h_0_attn_c_attn_lora_B[k0, k1] = d_h_0_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_lora_B = d_h_0_attn_c_attn_lora_B_heads.reshape(96, 4)
         del d_h_0_attn_c_attn_lora_B_heads
 
         # dL/dh_0_attn_c_attn_lora_xA (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[2, i1, i3, k2])
-        tmp_sum111 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-        tmp_sum110 = torch.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum111)
-        del d_h_0_attn_k, tmp_sum111
-        tmp_sum113 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-        tmp_sum112 = torch.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum113)
-        del d_h_0_attn_q, tmp_sum113
-        tmp_sum115 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
-        del h_0_attn_c_attn_lora_B_heads
-        tmp_sum114 = torch.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum115)
-        del d_h_0_attn_v, tmp_sum115
-        d_h_0_attn_c_attn_lora_xA = tmp_sum110 + tmp_sum112 + tmp_sum114
-        del tmp_sum110, tmp_sum112, tmp_sum114
+        # the sum over the parts of h_0_attn_c_attn_lora_B_heads as one product
+        d_h_0_attn_c_attn_lora_xA = torch.tensordot(tmp_sum122, h_0_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
+        del h_0_attn_c_attn_lora_B_heads, tmp_sum122
 
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
-        tmp_sum116 = torch.einsum('abc,abd->cd', d_h_0_attn_c_attn_lora_xA, h_0_ln_1)
+        tmp_sum116 = torch.tensordot(d_h_0_attn_c_attn_lora_xA, h_0_ln_1, dims=([0, 1], [0, 1]))
         del h_0_ln_1, d_h_0_attn_c_attn_lora_xA
         d_h_0_attn_c_attn_lora_A = 2*tmp_sum116
         del tmp_sum116
@@ -2853,38 +2811,34 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # reshape h_0_attn: h_0_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_0_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
+    tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum5 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum4 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum5)
-    del tmp_sum5
-    tmp_sum7 = h_0_attn_w[0, :, :, :]
-    tmp_sum6 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum7)
-    del tmp_sum7
+    tmp_sum4 = tmp_sum0[0, :, :, :, :]
+
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum141 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum6 = tmp_sum141[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
     del tmp_sum4, tmp_sum6
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum9 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum8 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum9)
-    del tmp_sum9
-    tmp_sum11 = h_0_attn_w[1, :, :, :]
-    tmp_sum10 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum11)
-    del tmp_sum11
+    tmp_sum8 = tmp_sum0[1, :, :, :, :]
+    tmp_sum10 = tmp_sum141[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum10 + tmp_sum8
     del tmp_sum8, tmp_sum10
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum13 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
-    tmp_sum12 = torch.einsum('abc,dec->adbe', h_0_attn_c_attn_lora_xA, tmp_sum13)
-    del tmp_sum13
-    tmp_sum15 = h_0_attn_w[2, :, :, :]
-    tmp_sum14 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum15)
-    del tmp_sum15
+    tmp_sum12 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
+    tmp_sum14 = tmp_sum141[2, :, :, :, :]
+    del tmp_sum141
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum12 + tmp_sum14
     del h_0_attn_b, tmp_sum12, tmp_sum14
 
     # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-    tmp_sum16 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+    tmp_sum16 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
     h_0_attn_scores = (0.3535533905932738)*tmp_sum16
     del tmp_sum16
     tmp5 = (torch.arange(T, device=wte_weight.device)[:, None] >= torch.arange(T, device=wte_weight.device))
@@ -2899,7 +2853,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del h_0_attn_p_masked
 
     # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-    h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+    h_0_attn_y = h_0_attn_p @ h_0_attn_v
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
@@ -2908,13 +2862,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = torch.einsum('abc,dbec->dea', h_0_attn_c_proj_lora_A_heads, h_0_attn_y)
+    tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
-    tmp_sum19 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
 
@@ -2954,11 +2908,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     tmp_sum24 = h_0_mlp_c_fc_lora_xA @ h_0_mlp_c_fc_lora_B.T
     h_0_mlp_c_fc_z = h_0_mlp_c_fc_base + tmp_sum24
     del h_0_mlp_c_fc_base, tmp_sum24
-    tmp11 = torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z))
-    tmp12 = h_0_mlp_c_fc_z/2
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = tmp12*(tmp11 + 1)
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
     tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
@@ -3009,38 +2962,34 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # reshape h_1_attn: h_1_attn_c_attn_lora_B_heads[i0, i1, i2, i3] = h_1_attn_c_attn_lora_B[32*i0 + 8*i1 + i2, i3]
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
+    # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
+    tmp_sum142 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum32 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-    tmp_sum31 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum32)
-    del tmp_sum32
-    tmp_sum34 = h_1_attn_w[0, :, :, :]
-    tmp_sum33 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum34)
-    del tmp_sum34
+    tmp_sum31 = tmp_sum142[0, :, :, :, :]
+
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum143 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum33 = tmp_sum143[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
     del tmp_sum31, tmp_sum33
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[1, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum36 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-    tmp_sum35 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum36)
-    del tmp_sum36
-    tmp_sum38 = h_1_attn_w[1, :, :, :]
-    tmp_sum37 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum38)
-    del tmp_sum38
+    tmp_sum35 = tmp_sum142[1, :, :, :, :]
+    tmp_sum37 = tmp_sum143[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum35 + tmp_sum37
     del tmp_sum35, tmp_sum37
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[2, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum40 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
-    tmp_sum39 = torch.einsum('abc,dec->adbe', h_1_attn_c_attn_lora_xA, tmp_sum40)
-    del tmp_sum40
-    tmp_sum42 = h_1_attn_w[2, :, :, :]
-    tmp_sum41 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum42)
-    del tmp_sum42
+    tmp_sum39 = tmp_sum142[2, :, :, :, :]
+    del tmp_sum142
+    tmp_sum41 = tmp_sum143[2, :, :, :, :]
+    del tmp_sum143
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum39 + tmp_sum41
     del h_1_attn_b, tmp_sum39, tmp_sum41
 
     # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-    tmp_sum43 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+    tmp_sum43 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
     h_1_attn_scores = (0.3535533905932738)*tmp_sum43
     del tmp_sum43
 
@@ -3054,7 +3003,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del h_1_attn_p_masked
 
     # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-    h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+    h_1_attn_y = h_1_attn_p @ h_1_attn_v
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
@@ -3063,13 +3012,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = torch.einsum('abc,dbec->dea', h_1_attn_c_proj_lora_A_heads, h_1_attn_y)
+    tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
-    tmp_sum46 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
 
@@ -3109,11 +3058,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     tmp_sum51 = h_1_mlp_c_fc_lora_xA @ h_1_mlp_c_fc_lora_B.T
     h_1_mlp_c_fc_z = h_1_mlp_c_fc_base + tmp_sum51
     del h_1_mlp_c_fc_base, tmp_sum51
-    tmp20 = torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z))
-    tmp21 = h_1_mlp_c_fc_z/2
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = tmp21*(tmp20 + 1)
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
     tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
@@ -3169,10 +3117,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del lm_head_picked
     loss = tmp_sum57/lm_head_count
     del tmp_sum57
-    return (loss, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_attn_c_proj_lora_A_heads, h_0_attn_c_proj_lora_xA, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_lora_xA, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_mlp_c_proj_lora_xA, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_attn_c_proj_lora_A_heads, h_1_attn_c_proj_lora_xA, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_lora_xA, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_mlp_c_proj_lora_xA, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp11, tmp12, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp20, tmp21, tmp22, tmp23, tmp24, tmp25, tmp26)
+    return (loss, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_attn_c_proj_lora_A_heads, h_0_attn_c_proj_lora_xA, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_lora_xA, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_mlp_c_proj_lora_xA, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_attn_c_proj_lora_A_heads, h_1_attn_c_proj_lora_xA, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_lora_xA, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_mlp_c_proj_lora_xA, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, tmp25, tmp26)
 
 
-def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_attn_lora_A, h_0_attn_c_attn_lora_B, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_attn_c_proj_lora_A, h_0_attn_c_proj_lora_B, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_fc_lora_A, h_0_mlp_c_fc_lora_B, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_0_mlp_c_proj_lora_A, h_0_mlp_c_proj_lora_B, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_attn_lora_A, h_1_attn_c_attn_lora_B, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_attn_c_proj_lora_A, h_1_attn_c_proj_lora_B, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_fc_lora_A, h_1_mlp_c_fc_lora_B, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, h_1_mlp_c_proj_lora_A, h_1_mlp_c_proj_lora_B, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_attn_c_proj_lora_A_heads, h_0_attn_c_proj_lora_xA, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_lora_xA, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_mlp_c_proj_lora_xA, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_attn_c_proj_lora_A_heads, h_1_attn_c_proj_lora_xA, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_lora_xA, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_mlp_c_proj_lora_xA, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp11, tmp12, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp20, tmp21, tmp22, tmp23, tmp24, tmp25, tmp26):
+def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_attn_lora_A, h_0_attn_c_attn_lora_B, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_attn_c_proj_lora_A, h_0_attn_c_proj_lora_B, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_fc_lora_A, h_0_mlp_c_fc_lora_B, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_0_mlp_c_proj_lora_A, h_0_mlp_c_proj_lora_B, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_attn_lora_A, h_1_attn_c_attn_lora_B, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_attn_c_proj_lora_A, h_1_attn_c_proj_lora_B, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_fc_lora_A, h_1_mlp_c_fc_lora_B, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, h_1_mlp_c_proj_lora_A, h_1_mlp_c_proj_lora_B, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_attn_c_proj_lora_A_heads, h_0_attn_c_proj_lora_xA, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_lora_xA, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_mlp_c_proj_lora_xA, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_attn_c_proj_lora_A_heads, h_1_attn_c_proj_lora_xA, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_lora_xA, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_mlp_c_proj_lora_xA, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, tmp25, tmp26):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -3219,7 +3167,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum58
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum59 = torch.einsum('a,bca->bc', ln_f_weight, d_ln_f)
+        tmp_sum59 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum59/torch.sqrt(tmp27)
         del tmp27, tmp_sum59
 
@@ -3234,7 +3182,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_lora_B:
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA)
+        d_h_1_mlp_c_proj_lora_B = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_mlp_c_proj_lora_xA)
 
@@ -3244,7 +3192,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_lora_A:
         # dL/dh_1_mlp_c_proj_lora_A (through h_1_mlp_c_proj_lora_xA): d_h_1_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_proj_lora_xA[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        tmp_sum60 = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc)
+        tmp_sum60 = torch.tensordot(d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         d_h_1_mlp_c_proj_lora_A = 2*tmp_sum60
         del tmp_sum60
 
@@ -3255,7 +3203,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj_base): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj_base[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj_base, h_1_mlp_c_fc)
+        d_h_1_mlp_c_proj_weight = torch.tensordot(d_h_1_mlp_c_proj_base, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_mlp_c_fc)
 
@@ -3273,14 +3221,15 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum61, tmp_sum62
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*(tmp20/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp21*(26829*h_1_mlp_c_fc_z**2/200000 + 1), tmp20) + 0.5)
+        # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
+        d_h_1_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_1_mlp_c_fc, h_1_mlp_c_fc_z, approximate="tanh")
         del d_h_1_mlp_c_fc
         if release:
-            _release(h_1_mlp_c_fc_z, tmp20, tmp21)
+            _release(h_1_mlp_c_fc_z)
 
     if _need_h_1_mlp_c_fc_lora_B:
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_fc_lora_B = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA)
+        d_h_1_mlp_c_fc_lora_B = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_mlp_c_fc_lora_xA)
 
@@ -3290,7 +3239,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_lora_A:
         # dL/dh_1_mlp_c_fc_lora_A (through h_1_mlp_c_fc_lora_xA): d_h_1_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_fc_lora_xA[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        tmp_sum63 = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_lora_xA, h_1_ln_2)
+        tmp_sum63 = torch.tensordot(d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, dims=([0, 1], [0, 1]))
         d_h_1_mlp_c_fc_lora_A = 2*tmp_sum63
         del tmp_sum63
 
@@ -3301,7 +3250,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_base): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_base[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_base, h_1_ln_2)
+        d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_base, h_1_ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_ln_2)
 
@@ -3340,7 +3289,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum66
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum67 = torch.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2)
+        tmp_sum67 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum67/torch.sqrt(tmp28)
         del tmp28, tmp_sum67
 
@@ -3359,7 +3308,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_lora_B:
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_attn_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_1_attn, h_1_attn_c_proj_lora_xA)
+        d_h_1_attn_c_proj_lora_B = torch.tensordot(d_h_1_attn, h_1_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_attn_c_proj_lora_xA)
 
@@ -3369,7 +3318,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_lora_A:
         # dL/dh_1_attn_c_proj_lora_A_heads (through h_1_attn_c_proj_lora_xA): d_h_1_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_1_attn_c_proj_lora_xA[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        tmp_sum68 = torch.einsum('abc,adbe->cde', d_h_1_attn_c_proj_lora_xA, h_1_attn_y)
+        tmp_sum68 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, dims=([0, 1], [0, 2]))
         d_h_1_attn_c_proj_lora_A_heads = 2*tmp_sum68
         del tmp_sum68
 
@@ -3379,7 +3328,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = torch.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y)
+        d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(h_1_attn_y)
 
@@ -3389,11 +3338,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_y (through h_1_attn, h_1_attn_c_proj_lora_xA): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_1_attn_c_proj_lora_xA[k0, k2, i2]*h_1_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum69 = torch.einsum('abc,cde->adbe', d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads)
+        tmp_sum69 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn_c_proj_lora_xA
         if release:
             _release(h_1_attn_c_proj_lora_A_heads)
-        tmp_sum70 = torch.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp)
+        tmp_sum70 = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn
         if release:
             _release(h_1_attn_wp)
@@ -3401,53 +3350,49 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum69, tmp_sum70
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
-        d_h_1_attn_p = torch.einsum('abcd,abed->abce', d_h_1_attn_y, h_1_attn_v)
+        d_h_1_attn_p = d_h_1_attn_y @ h_1_attn_v.transpose(-2, -1)
         if release:
             _release(h_1_attn_v)
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
-        tmp_sum71 = torch.einsum('abcd,abcd->abc', d_h_1_attn_p, h_1_attn_p)
-        d_h_1_attn_p_lse = -tmp_sum71
-        del tmp_sum71
-
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
-        d_h_1_attn_p_masked = d_h_1_attn_p*h_1_attn_p + d_h_1_attn_p_lse[:, :, :, None]*h_1_attn_p
-        del d_h_1_attn_p, d_h_1_attn_p_lse
+        # softmax backward: d_h_1_attn_p_masked = h_1_attn_p*(d_h_1_attn_p - sum(h_1_attn_p*d_h_1_attn_p)), in one call
+        d_h_1_attn_p_masked = _softmax_backward(d_h_1_attn_p, h_1_attn_p, 3)
+        del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_1_attn_scores = torch.where(tmp5, d_h_1_attn_p_masked, 0)
         del d_h_1_attn_p_masked
 
         # dL/dh_1_attn_v (through h_1_attn_y): d_h_1_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn_y[k0, k1, i2, k3]*h_1_attn_p[k0, k1, i2, k2])
-        d_h_1_attn_v = torch.einsum('abcd,abce->abed', d_h_1_attn_y, h_1_attn_p)
+        d_h_1_attn_v = h_1_attn_p.transpose(-2, -1) @ d_h_1_attn_y
         del d_h_1_attn_y
         if release:
             _release(h_1_attn_p)
 
         # dL/dh_1_attn_k (through h_1_attn_scores): d_h_1_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_1_attn_scores[k0, k1, i2, k2]*h_1_attn_q[k0, k1, i2, k3])/4
-        tmp_sum72 = torch.einsum('abcd,abce->abde', d_h_1_attn_scores, h_1_attn_q)
+        tmp_sum72 = d_h_1_attn_scores.transpose(-2, -1) @ h_1_attn_q
         if release:
             _release(h_1_attn_q)
         d_h_1_attn_k = (0.3535533905932738)*tmp_sum72
         del tmp_sum72
 
         # dL/dh_1_attn_q (through h_1_attn_scores): d_h_1_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_1_attn_scores[k0, k1, k2, i3]*h_1_attn_k[k0, k1, i3, k3])/4
-        tmp_sum73 = torch.einsum('abcd,abde->abce', d_h_1_attn_scores, h_1_attn_k)
+        tmp_sum73 = d_h_1_attn_scores @ h_1_attn_k
         del d_h_1_attn_scores
         if release:
             _release(h_1_attn_k)
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum73
         del tmp_sum73
+        tmp_sum144 = torch.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], dim=0)
+        del d_h_1_attn_v, d_h_1_attn_k, d_h_1_attn_q
 
     if _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_c_attn_lora_B_heads (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum74 = torch.einsum('abc,adbe->dec', h_1_attn_c_attn_lora_xA, d_h_1_attn_q)
-        tmp_sum75 = torch.einsum('abc,adbe->dec', h_1_attn_c_attn_lora_xA, d_h_1_attn_k)
-        tmp_sum76 = torch.einsum('abc,adbe->dec', h_1_attn_c_attn_lora_xA, d_h_1_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_c_attn_lora_B_heads = torch.tensordot(h_1_attn_c_attn_lora_xA, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_1_attn_c_attn_lora_xA)
-        d_h_1_attn_c_attn_lora_B_heads = torch.stack([tmp_sum74, tmp_sum75, tmp_sum76], dim=0)
-        del tmp_sum74, tmp_sum75, tmp_sum76
 
         # dL/dh_1_attn_c_attn_lora_B (through h_1_attn_c_attn_lora_B_heads): d_h_1_attn_c_attn_lora_B[k0, k1] = d_h_1_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_lora_B = d_h_1_attn_c_attn_lora_B_heads.reshape(96, 4)
@@ -3455,33 +3400,20 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_xA (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[2, i1, i3, k2])
-        tmp_sum78 = h_1_attn_c_attn_lora_B_heads[1, :, :, :]
-        tmp_sum77 = torch.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum78)
-        del tmp_sum78
-        tmp_sum80 = h_1_attn_c_attn_lora_B_heads[0, :, :, :]
-        tmp_sum79 = torch.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum80)
-        del tmp_sum80
-        tmp_sum82 = h_1_attn_c_attn_lora_B_heads[2, :, :, :]
+        # the sum over the parts of h_1_attn_c_attn_lora_B_heads as one product
+        d_h_1_attn_c_attn_lora_xA = torch.tensordot(tmp_sum144, h_1_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         if release:
             _release(h_1_attn_c_attn_lora_B_heads)
-        tmp_sum81 = torch.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum82)
-        del tmp_sum82
-        d_h_1_attn_c_attn_lora_xA = tmp_sum77 + tmp_sum79 + tmp_sum81
-        del tmp_sum77, tmp_sum79, tmp_sum81
 
     if _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
-        tmp_sum83 = torch.einsum('abc,abd->cd', d_h_1_attn_c_attn_lora_xA, h_1_ln_1)
+        tmp_sum83 = torch.tensordot(d_h_1_attn_c_attn_lora_xA, h_1_ln_1, dims=([0, 1], [0, 1]))
         d_h_1_attn_c_attn_lora_A = 2*tmp_sum83
         del tmp_sum83
 
     if _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_b (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum84 = d_h_1_attn_q.sum(dim=(0, 2))
-        tmp_sum85 = d_h_1_attn_k.sum(dim=(0, 2))
-        tmp_sum86 = d_h_1_attn_v.sum(dim=(0, 2))
-        d_h_1_attn_b = torch.stack([tmp_sum84, tmp_sum85, tmp_sum86], dim=0)
-        del tmp_sum84, tmp_sum85, tmp_sum86
+        d_h_1_attn_b = tmp_sum144.sum(dim=(1, 3))
 
         # dL/dh_1_attn_c_attn_bias (through h_1_attn_b): d_h_1_attn_c_attn_bias[k0] = d_h_1_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_1_attn_c_attn_bias = d_h_1_attn_b.reshape(96,)
@@ -3489,13 +3421,10 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum87 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_q)
-        tmp_sum88 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_k)
-        tmp_sum89 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_1_ln_1)
-        d_h_1_attn_w = torch.stack([tmp_sum87, tmp_sum88, tmp_sum89], dim=0)
-        del tmp_sum87, tmp_sum88, tmp_sum89
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_weight = d_h_1_attn_w.reshape(96, 32)
@@ -3505,19 +3434,14 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_1_ln_1 (through h_1_attn_c_attn_lora_xA, h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = 2*sum_{i2}(d_h_1_attn_c_attn_lora_xA[k0, k1, i2]*h_1_attn_c_attn_lora_A[i2, k2]) + sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
         tmp_sum90 = d_h_1_attn_c_attn_lora_xA @ h_1_attn_c_attn_lora_A
         del d_h_1_attn_c_attn_lora_xA
-        tmp_sum92 = h_1_attn_w[1, :, :, :]
-        tmp_sum91 = torch.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum92)
-        del d_h_1_attn_k, tmp_sum92
-        tmp_sum94 = h_1_attn_w[0, :, :, :]
-        tmp_sum93 = torch.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum94)
-        del d_h_1_attn_q, tmp_sum94
-        tmp_sum96 = h_1_attn_w[2, :, :, :]
+
+        # the sum over the parts of h_1_attn_w as one product
+        tmp_sum145 = torch.tensordot(tmp_sum144, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        del tmp_sum144
         if release:
             _release(h_1_attn_w)
-        tmp_sum95 = torch.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum96)
-        del d_h_1_attn_v, tmp_sum96
-        d_h_1_ln_1 = 2*tmp_sum90 + tmp_sum91 + tmp_sum93 + tmp_sum95
-        del tmp_sum90, tmp_sum91, tmp_sum93, tmp_sum95
+        d_h_1_ln_1 = tmp_sum145 + 2*tmp_sum90
+        del tmp_sum90, tmp_sum145
 
     if _need_h_1_ln_1_weight:
         # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
@@ -3541,7 +3465,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum97
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum98 = torch.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1)
+        tmp_sum98 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum98/torch.sqrt(tmp29)
         del tmp29, tmp_sum98
 
@@ -3556,7 +3480,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_lora_B:
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA)
+        d_h_0_mlp_c_proj_lora_B = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_mlp_c_proj_lora_xA)
 
@@ -3566,7 +3490,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_lora_A:
         # dL/dh_0_mlp_c_proj_lora_A (through h_0_mlp_c_proj_lora_xA): d_h_0_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_proj_lora_xA[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        tmp_sum99 = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc)
+        tmp_sum99 = torch.tensordot(d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         d_h_0_mlp_c_proj_lora_A = 2*tmp_sum99
         del tmp_sum99
 
@@ -3577,7 +3501,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj_base): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj_base[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj_base, h_0_mlp_c_fc)
+        d_h_0_mlp_c_proj_weight = torch.tensordot(d_h_0_mlp_c_proj_base, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_mlp_c_fc)
 
@@ -3595,14 +3519,15 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum100, tmp_sum101
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*(tmp11/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp12*(26829*h_0_mlp_c_fc_z**2/200000 + 1), tmp11) + 0.5)
+        # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
+        d_h_0_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_0_mlp_c_fc, h_0_mlp_c_fc_z, approximate="tanh")
         del d_h_0_mlp_c_fc
         if release:
-            _release(h_0_mlp_c_fc_z, tmp11, tmp12)
+            _release(h_0_mlp_c_fc_z)
 
     if _need_h_0_mlp_c_fc_lora_B:
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_fc_lora_B = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA)
+        d_h_0_mlp_c_fc_lora_B = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_mlp_c_fc_lora_xA)
 
@@ -3612,7 +3537,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_lora_A:
         # dL/dh_0_mlp_c_fc_lora_A (through h_0_mlp_c_fc_lora_xA): d_h_0_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_fc_lora_xA[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        tmp_sum102 = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_lora_xA, h_0_ln_2)
+        tmp_sum102 = torch.tensordot(d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, dims=([0, 1], [0, 1]))
         d_h_0_mlp_c_fc_lora_A = 2*tmp_sum102
         del tmp_sum102
 
@@ -3623,7 +3548,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_base): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_base[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_base, h_0_ln_2)
+        d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_base, h_0_ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_ln_2)
 
@@ -3662,7 +3587,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum105
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum106 = torch.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2)
+        tmp_sum106 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum106/torch.sqrt(tmp30)
         del tmp30, tmp_sum106
 
@@ -3681,7 +3606,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_lora_B:
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_attn_c_proj_lora_B = torch.einsum('abc,abd->cd', d_h_0_attn, h_0_attn_c_proj_lora_xA)
+        d_h_0_attn_c_proj_lora_B = torch.tensordot(d_h_0_attn, h_0_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_attn_c_proj_lora_xA)
 
@@ -3691,7 +3616,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_lora_A:
         # dL/dh_0_attn_c_proj_lora_A_heads (through h_0_attn_c_proj_lora_xA): d_h_0_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_0_attn_c_proj_lora_xA[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        tmp_sum107 = torch.einsum('abc,adbe->cde', d_h_0_attn_c_proj_lora_xA, h_0_attn_y)
+        tmp_sum107 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, dims=([0, 1], [0, 2]))
         d_h_0_attn_c_proj_lora_A_heads = 2*tmp_sum107
         del tmp_sum107
 
@@ -3701,7 +3626,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = torch.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y)
+        d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(h_0_attn_y)
 
@@ -3711,11 +3636,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_y (through h_0_attn, h_0_attn_c_proj_lora_xA): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_0_attn_c_proj_lora_xA[k0, k2, i2]*h_0_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum108 = torch.einsum('abc,cde->adbe', d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads)
+        tmp_sum108 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn_c_proj_lora_xA
         if release:
             _release(h_0_attn_c_proj_lora_A_heads)
-        tmp_sum109 = torch.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp)
+        tmp_sum109 = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn
         if release:
             _release(h_0_attn_wp)
@@ -3723,18 +3648,15 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum108, tmp_sum109
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
-        d_h_0_attn_p = torch.einsum('abcd,abed->abce', d_h_0_attn_y, h_0_attn_v)
+        d_h_0_attn_p = d_h_0_attn_y @ h_0_attn_v.transpose(-2, -1)
         if release:
             _release(h_0_attn_v)
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
-        tmp_sum110 = torch.einsum('abcd,abcd->abc', d_h_0_attn_p, h_0_attn_p)
-        d_h_0_attn_p_lse = -tmp_sum110
-        del tmp_sum110
-
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
-        d_h_0_attn_p_masked = d_h_0_attn_p*h_0_attn_p + d_h_0_attn_p_lse[:, :, :, None]*h_0_attn_p
-        del d_h_0_attn_p, d_h_0_attn_p_lse
+        # softmax backward: d_h_0_attn_p_masked = h_0_attn_p*(d_h_0_attn_p - sum(h_0_attn_p*d_h_0_attn_p)), in one call
+        d_h_0_attn_p_masked = _softmax_backward(d_h_0_attn_p, h_0_attn_p, 3)
+        del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_0_attn_scores = torch.where(tmp5, d_h_0_attn_p_masked, 0)
@@ -3743,35 +3665,34 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
             _release(tmp5)
 
         # dL/dh_0_attn_v (through h_0_attn_y): d_h_0_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn_y[k0, k1, i2, k3]*h_0_attn_p[k0, k1, i2, k2])
-        d_h_0_attn_v = torch.einsum('abcd,abce->abed', d_h_0_attn_y, h_0_attn_p)
+        d_h_0_attn_v = h_0_attn_p.transpose(-2, -1) @ d_h_0_attn_y
         del d_h_0_attn_y
         if release:
             _release(h_0_attn_p)
 
         # dL/dh_0_attn_k (through h_0_attn_scores): d_h_0_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_0_attn_scores[k0, k1, i2, k2]*h_0_attn_q[k0, k1, i2, k3])/4
-        tmp_sum111 = torch.einsum('abcd,abce->abde', d_h_0_attn_scores, h_0_attn_q)
+        tmp_sum111 = d_h_0_attn_scores.transpose(-2, -1) @ h_0_attn_q
         if release:
             _release(h_0_attn_q)
         d_h_0_attn_k = (0.3535533905932738)*tmp_sum111
         del tmp_sum111
 
         # dL/dh_0_attn_q (through h_0_attn_scores): d_h_0_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_0_attn_scores[k0, k1, k2, i3]*h_0_attn_k[k0, k1, i3, k3])/4
-        tmp_sum112 = torch.einsum('abcd,abde->abce', d_h_0_attn_scores, h_0_attn_k)
+        tmp_sum112 = d_h_0_attn_scores @ h_0_attn_k
         del d_h_0_attn_scores
         if release:
             _release(h_0_attn_k)
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum112
         del tmp_sum112
+        tmp_sum146 = torch.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], dim=0)
+        del d_h_0_attn_v, d_h_0_attn_k, d_h_0_attn_q
 
     if _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_c_attn_lora_B_heads (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum113 = torch.einsum('abc,adbe->dec', h_0_attn_c_attn_lora_xA, d_h_0_attn_q)
-        tmp_sum114 = torch.einsum('abc,adbe->dec', h_0_attn_c_attn_lora_xA, d_h_0_attn_k)
-        tmp_sum115 = torch.einsum('abc,adbe->dec', h_0_attn_c_attn_lora_xA, d_h_0_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_c_attn_lora_B_heads = torch.tensordot(h_0_attn_c_attn_lora_xA, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_0_attn_c_attn_lora_xA)
-        d_h_0_attn_c_attn_lora_B_heads = torch.stack([tmp_sum113, tmp_sum114, tmp_sum115], dim=0)
-        del tmp_sum113, tmp_sum114, tmp_sum115
 
         # dL/dh_0_attn_c_attn_lora_B (through h_0_attn_c_attn_lora_B_heads): d_h_0_attn_c_attn_lora_B[k0, k1] = d_h_0_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_lora_B = d_h_0_attn_c_attn_lora_B_heads.reshape(96, 4)
@@ -3779,33 +3700,20 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_xA (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[2, i1, i3, k2])
-        tmp_sum117 = h_0_attn_c_attn_lora_B_heads[1, :, :, :]
-        tmp_sum116 = torch.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum117)
-        del tmp_sum117
-        tmp_sum119 = h_0_attn_c_attn_lora_B_heads[0, :, :, :]
-        tmp_sum118 = torch.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum119)
-        del tmp_sum119
-        tmp_sum121 = h_0_attn_c_attn_lora_B_heads[2, :, :, :]
+        # the sum over the parts of h_0_attn_c_attn_lora_B_heads as one product
+        d_h_0_attn_c_attn_lora_xA = torch.tensordot(tmp_sum146, h_0_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         if release:
             _release(h_0_attn_c_attn_lora_B_heads)
-        tmp_sum120 = torch.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum121)
-        del tmp_sum121
-        d_h_0_attn_c_attn_lora_xA = tmp_sum116 + tmp_sum118 + tmp_sum120
-        del tmp_sum116, tmp_sum118, tmp_sum120
 
     if _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
-        tmp_sum122 = torch.einsum('abc,abd->cd', d_h_0_attn_c_attn_lora_xA, h_0_ln_1)
+        tmp_sum122 = torch.tensordot(d_h_0_attn_c_attn_lora_xA, h_0_ln_1, dims=([0, 1], [0, 1]))
         d_h_0_attn_c_attn_lora_A = 2*tmp_sum122
         del tmp_sum122
 
     if _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_b (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum123 = d_h_0_attn_q.sum(dim=(0, 2))
-        tmp_sum124 = d_h_0_attn_k.sum(dim=(0, 2))
-        tmp_sum125 = d_h_0_attn_v.sum(dim=(0, 2))
-        d_h_0_attn_b = torch.stack([tmp_sum123, tmp_sum124, tmp_sum125], dim=0)
-        del tmp_sum123, tmp_sum124, tmp_sum125
+        d_h_0_attn_b = tmp_sum146.sum(dim=(1, 3))
 
         # dL/dh_0_attn_c_attn_bias (through h_0_attn_b): d_h_0_attn_c_attn_bias[k0] = d_h_0_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_0_attn_c_attn_bias = d_h_0_attn_b.reshape(96,)
@@ -3813,13 +3721,10 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum126 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_q)
-        tmp_sum127 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_k)
-        tmp_sum128 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_0_ln_1)
-        d_h_0_attn_w = torch.stack([tmp_sum126, tmp_sum127, tmp_sum128], dim=0)
-        del tmp_sum126, tmp_sum127, tmp_sum128
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_weight = d_h_0_attn_w.reshape(96, 32)
@@ -3829,19 +3734,14 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_0_ln_1 (through h_0_attn_c_attn_lora_xA, h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = 2*sum_{i2}(d_h_0_attn_c_attn_lora_xA[k0, k1, i2]*h_0_attn_c_attn_lora_A[i2, k2]) + sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
         tmp_sum129 = d_h_0_attn_c_attn_lora_xA @ h_0_attn_c_attn_lora_A
         del d_h_0_attn_c_attn_lora_xA
-        tmp_sum131 = h_0_attn_w[1, :, :, :]
-        tmp_sum130 = torch.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum131)
-        del d_h_0_attn_k, tmp_sum131
-        tmp_sum133 = h_0_attn_w[0, :, :, :]
-        tmp_sum132 = torch.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum133)
-        del d_h_0_attn_q, tmp_sum133
-        tmp_sum135 = h_0_attn_w[2, :, :, :]
+
+        # the sum over the parts of h_0_attn_w as one product
+        tmp_sum147 = torch.tensordot(tmp_sum146, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        del tmp_sum146
         if release:
             _release(h_0_attn_w)
-        tmp_sum134 = torch.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum135)
-        del d_h_0_attn_v, tmp_sum135
-        d_h_0_ln_1 = 2*tmp_sum129 + tmp_sum130 + tmp_sum132 + tmp_sum134
-        del tmp_sum129, tmp_sum130, tmp_sum132, tmp_sum134
+        d_h_0_ln_1 = 2*tmp_sum129 + tmp_sum147
+        del tmp_sum129, tmp_sum147
 
     if _need_h_0_ln_1_weight:
         # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
@@ -3865,7 +3765,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum136
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum137 = torch.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1)
+        tmp_sum137 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum137/torch.sqrt(tmp31)
         del tmp31, tmp_sum137
 
@@ -3878,7 +3778,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum138 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum139 = torch.einsum('abc,abd->cd', d_lm_head, ln_f)
+        tmp_sum139 = torch.tensordot(d_lm_head, ln_f, dims=([0, 1], [0, 1]))
         del d_lm_head
         if release:
             _release(ln_f)

@@ -1106,25 +1106,21 @@ def _softmax(x, axis):
     return e
 
 
+def _softmax_backward(grad, out, axis):
+    # out * (grad - sum(out * grad)) along the last axis (the only one the IR gives): a
+    # row dot product without a temporary, one subtraction, one product in place.
+    total = numpy.einsum("...i,...i->...", grad, out)
+    result = grad - total[..., None]
+    result *= out
+    return result
+
+
 def _scatter_add(values, index, shape):
     # out[index[i...], j...] += values[i..., j...]: numpy.add.at sums repeated ids (a
     # fancy-index assignment would keep only the last of them).
     out = numpy.zeros(shape, dtype=values.dtype)
     numpy.add.at(out, index, values)
     return out
-
-
-def _same_array(a, out):
-    # True when a * out may be written into out: same shape, same dtype.
-    return getattr(a, "shape", None) == out.shape and a.dtype == out.dtype
-
-
-def _tanh_backward(grad, y):
-    # grad * (1 - y**2) in one buffer (what autograd's tanh_backward does); dtypes and
-    # broadcasting as in the plain expression.
-    out = y * y
-    numpy.subtract(1, out, out=out)
-    return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
 
 
 def _masked_where(condition, then, otherwise):
@@ -1274,25 +1270,23 @@ def forward(params, *, idx):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_0_ln_1, h_0_attn_w
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4, optimize=True)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6, optimize=True)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum7 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8, optimize=True)
-    del h_0_ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
@@ -1320,7 +1314,7 @@ def forward(params, *, idx):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1352,7 +1346,8 @@ def forward(params, *, idx):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1387,25 +1382,23 @@ def forward(params, *, idx):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_1_ln_1, h_1_attn_w
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18, optimize=True)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20, optimize=True)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum21 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22, optimize=True)
-    del h_1_ln_1, tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
@@ -1432,7 +1425,7 @@ def forward(params, *, idx):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum24 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1464,7 +1457,8 @@ def forward(params, *, idx):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1541,25 +1535,23 @@ def loss(params, *, idx, y):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_0_ln_1, h_0_attn_w
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4, optimize=True)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6, optimize=True)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum7 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8, optimize=True)
-    del h_0_ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
@@ -1587,7 +1579,7 @@ def loss(params, *, idx, y):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1619,7 +1611,8 @@ def loss(params, *, idx, y):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1654,25 +1647,23 @@ def loss(params, *, idx, y):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+    del h_1_ln_1, h_1_attn_w
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18, optimize=True)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20, optimize=True)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum21 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22, optimize=True)
-    del h_1_ln_1, tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
@@ -1699,7 +1690,7 @@ def loss(params, *, idx, y):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum24 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1731,7 +1722,8 @@ def loss(params, *, idx, y):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1862,24 +1854,22 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = numpy.tensordot(h_0_ln_1, h_0_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4, optimize=True)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6, optimize=True)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    tmp_sum7 = numpy.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8, optimize=True)
-    del tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
@@ -1905,7 +1895,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = numpy.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y, optimize=True)
+    tmp_sum10 = numpy.tensordot(h_0_attn_wp, h_0_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -1935,11 +1925,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
     h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
     del tmp_sum13
-    tmp11 = numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z))
-    tmp12 = h_0_mlp_c_fc_z/2
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = tmp12*(tmp11 + 1)
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
     tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
@@ -1972,24 +1961,22 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = numpy.tensordot(h_1_ln_1, h_1_attn_w, axes=([2], [3])).transpose(2, 0, 3, 1, 4)
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18, optimize=True)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20, optimize=True)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    tmp_sum21 = numpy.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22, optimize=True)
-    del tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
@@ -2014,7 +2001,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = numpy.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y, optimize=True)
+    tmp_sum24 = numpy.tensordot(h_1_attn_wp, h_1_attn_y, axes=([1, 2], [1, 3])).transpose(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
 
@@ -2044,11 +2031,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
     h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
     del tmp_sum27
-    tmp20 = numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z))
-    tmp21 = h_1_mlp_c_fc_z/2
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = tmp21*(tmp20 + 1)
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
     tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
@@ -2132,7 +2118,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum32
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum33 = numpy.einsum('a,bca->bc', ln_f_weight, d_ln_f, optimize=True)
+        tmp_sum33 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum33/numpy.sqrt(tmp27)
         del tmp27, tmp_sum33
 
@@ -2145,7 +2131,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_fc, optimize=True)
+        d_h_1_mlp_c_proj_weight = numpy.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_fc, axes=([0, 1], [0, 1]))
         del h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_proj_bias:
@@ -2158,12 +2144,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del d_h_1_mlp_c_proj
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*(tmp20/2 + (0.7978845608028654)*_tanh_backward(tmp21*(26829*h_1_mlp_c_fc_z**2/200000 + 1), tmp20) + 0.5)
-        del h_1_mlp_c_fc_z, tmp20, tmp21, d_h_1_mlp_c_fc
+        # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
+        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*((0.3989422804014327)*(h_1_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))**2)*(26829*h_1_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))/2 + 0.5)
+        del h_1_mlp_c_fc_z, d_h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_ln_2, optimize=True)
+        d_h_1_mlp_c_fc_weight = numpy.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, axes=([0, 1], [0, 1]))
         del h_1_ln_2
 
     if _need_h_1_mlp_c_fc_bias:
@@ -2194,7 +2181,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum34
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum35 = numpy.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2, optimize=True)
+        tmp_sum35 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum35/numpy.sqrt(tmp28)
         del tmp28, tmp_sum35
 
@@ -2211,7 +2198,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = numpy.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y, optimize=True)
+        d_h_1_attn_wp = numpy.tensordot(d_h_1_attn, h_1_attn_y, axes=([0, 1], [0, 2]))
         del h_1_attn_y
 
         # dL/dh_1_attn_c_proj_weight (through h_1_attn_wp): d_h_1_attn_c_proj_weight[k0, k1] = d_h_1_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2220,7 +2207,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_y (through h_1_attn): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3])
-        d_h_1_attn_y = numpy.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp, optimize=True)
+        d_h_1_attn_y = numpy.tensordot(d_h_1_attn, h_1_attn_wp, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
@@ -2228,13 +2215,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_1_attn_v
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
-        tmp_sum36 = numpy.einsum('abcd,abcd->abc', d_h_1_attn_p, h_1_attn_p, optimize=True)
-        d_h_1_attn_p_lse = -tmp_sum36
-        del tmp_sum36
-
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
-        d_h_1_attn_p_masked = d_h_1_attn_p*h_1_attn_p + d_h_1_attn_p_lse[:, :, :, None]*h_1_attn_p
-        del d_h_1_attn_p, d_h_1_attn_p_lse
+        # softmax backward: d_h_1_attn_p_masked = h_1_attn_p*(d_h_1_attn_p - sum(h_1_attn_p*d_h_1_attn_p)), in one call
+        d_h_1_attn_p_masked = _softmax_backward(d_h_1_attn_p, h_1_attn_p, 3)
+        del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_1_attn_scores = numpy.where(tmp5, d_h_1_attn_p_masked, 0)
@@ -2255,14 +2239,12 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_1_attn_k, d_h_1_attn_scores
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum38
         del tmp_sum38
+        tmp_sum76 = numpy.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], axis=0)
+        del d_h_1_attn_v, d_h_1_attn_k, d_h_1_attn_q
 
     if _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_b (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum39 = d_h_1_attn_q.sum(axis=(0, 2))
-        tmp_sum40 = d_h_1_attn_k.sum(axis=(0, 2))
-        tmp_sum41 = d_h_1_attn_v.sum(axis=(0, 2))
-        d_h_1_attn_b = numpy.stack([tmp_sum39, tmp_sum40, tmp_sum41], axis=0)
-        del tmp_sum39, tmp_sum40, tmp_sum41
+        d_h_1_attn_b = tmp_sum76.sum(axis=(1, 3))
 
         # dL/dh_1_attn_c_attn_bias (through h_1_attn_b): d_h_1_attn_c_attn_bias[k0] = d_h_1_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_1_attn_c_attn_bias = d_h_1_attn_b.reshape(96,)
@@ -2270,12 +2252,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum42 = numpy.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_q, optimize=True)
-        tmp_sum43 = numpy.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_k, optimize=True)
-        tmp_sum44 = numpy.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_v, optimize=True)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_w = numpy.tensordot(h_1_ln_1, tmp_sum76, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_1_ln_1
-        d_h_1_attn_w = numpy.stack([tmp_sum42, tmp_sum43, tmp_sum44], axis=0)
-        del tmp_sum42, tmp_sum43, tmp_sum44
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_weight = d_h_1_attn_w.reshape(96, 32)
@@ -2283,18 +2262,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias:
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
-        tmp_sum46 = h_1_attn_w[1, :, :, :]
-        tmp_sum45 = numpy.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum46, optimize=True)
-        del d_h_1_attn_k, tmp_sum46
-        tmp_sum48 = h_1_attn_w[0, :, :, :]
-        tmp_sum47 = numpy.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum48, optimize=True)
-        del d_h_1_attn_q, tmp_sum48
-        tmp_sum50 = h_1_attn_w[2, :, :, :]
-        del h_1_attn_w
-        tmp_sum49 = numpy.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum50, optimize=True)
-        del d_h_1_attn_v, tmp_sum50
-        d_h_1_ln_1 = tmp_sum45 + tmp_sum47 + tmp_sum49
-        del tmp_sum45, tmp_sum47, tmp_sum49
+        # the sum over the parts of h_1_attn_w as one product
+        d_h_1_ln_1 = numpy.tensordot(tmp_sum76, h_1_attn_w, axes=([0, 2, 4], [0, 1, 2]))
+        del h_1_attn_w, tmp_sum76
 
     if _need_h_1_ln_1_weight:
         # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
@@ -2315,7 +2285,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum51
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum52 = numpy.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1, optimize=True)
+        tmp_sum52 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum52/numpy.sqrt(tmp29)
         del tmp29, tmp_sum52
 
@@ -2328,7 +2298,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_fc, optimize=True)
+        d_h_0_mlp_c_proj_weight = numpy.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_fc, axes=([0, 1], [0, 1]))
         del h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_proj_bias:
@@ -2341,12 +2311,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del d_h_0_mlp_c_proj
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*(tmp11/2 + (0.7978845608028654)*_tanh_backward(tmp12*(26829*h_0_mlp_c_fc_z**2/200000 + 1), tmp11) + 0.5)
-        del h_0_mlp_c_fc_z, tmp11, tmp12, d_h_0_mlp_c_fc
+        # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
+        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*((0.3989422804014327)*(h_0_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))**2)*(26829*h_0_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))/2 + 0.5)
+        del h_0_mlp_c_fc_z, d_h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = numpy.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_ln_2, optimize=True)
+        d_h_0_mlp_c_fc_weight = numpy.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, axes=([0, 1], [0, 1]))
         del h_0_ln_2
 
     if _need_h_0_mlp_c_fc_bias:
@@ -2377,7 +2348,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum53
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum54 = numpy.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2, optimize=True)
+        tmp_sum54 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum54/numpy.sqrt(tmp30)
         del tmp30, tmp_sum54
 
@@ -2394,7 +2365,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = numpy.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y, optimize=True)
+        d_h_0_attn_wp = numpy.tensordot(d_h_0_attn, h_0_attn_y, axes=([0, 1], [0, 2]))
         del h_0_attn_y
 
         # dL/dh_0_attn_c_proj_weight (through h_0_attn_wp): d_h_0_attn_c_proj_weight[k0, k1] = d_h_0_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2403,7 +2374,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_y (through h_0_attn): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3])
-        d_h_0_attn_y = numpy.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp, optimize=True)
+        d_h_0_attn_y = numpy.tensordot(d_h_0_attn, h_0_attn_wp, axes=([2], [0])).transpose(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
@@ -2411,13 +2382,10 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_0_attn_v
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
-        tmp_sum55 = numpy.einsum('abcd,abcd->abc', d_h_0_attn_p, h_0_attn_p, optimize=True)
-        d_h_0_attn_p_lse = -tmp_sum55
-        del tmp_sum55
-
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
-        d_h_0_attn_p_masked = d_h_0_attn_p*h_0_attn_p + d_h_0_attn_p_lse[:, :, :, None]*h_0_attn_p
-        del d_h_0_attn_p, d_h_0_attn_p_lse
+        # softmax backward: d_h_0_attn_p_masked = h_0_attn_p*(d_h_0_attn_p - sum(h_0_attn_p*d_h_0_attn_p)), in one call
+        d_h_0_attn_p_masked = _softmax_backward(d_h_0_attn_p, h_0_attn_p, 3)
+        del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_0_attn_scores = numpy.where(tmp5, d_h_0_attn_p_masked, 0)
@@ -2438,14 +2406,12 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del h_0_attn_k, d_h_0_attn_scores
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum57
         del tmp_sum57
+        tmp_sum77 = numpy.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], axis=0)
+        del d_h_0_attn_v, d_h_0_attn_k, d_h_0_attn_q
 
     if _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_b (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum58 = d_h_0_attn_q.sum(axis=(0, 2))
-        tmp_sum59 = d_h_0_attn_k.sum(axis=(0, 2))
-        tmp_sum60 = d_h_0_attn_v.sum(axis=(0, 2))
-        d_h_0_attn_b = numpy.stack([tmp_sum58, tmp_sum59, tmp_sum60], axis=0)
-        del tmp_sum58, tmp_sum59, tmp_sum60
+        d_h_0_attn_b = tmp_sum77.sum(axis=(1, 3))
 
         # dL/dh_0_attn_c_attn_bias (through h_0_attn_b): d_h_0_attn_c_attn_bias[k0] = d_h_0_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_0_attn_c_attn_bias = d_h_0_attn_b.reshape(96,)
@@ -2453,12 +2419,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum61 = numpy.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_q, optimize=True)
-        tmp_sum62 = numpy.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_k, optimize=True)
-        tmp_sum63 = numpy.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_v, optimize=True)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_w = numpy.tensordot(h_0_ln_1, tmp_sum77, axes=([0, 1], [1, 3])).transpose(1, 2, 3, 0)
         del h_0_ln_1
-        d_h_0_attn_w = numpy.stack([tmp_sum61, tmp_sum62, tmp_sum63], axis=0)
-        del tmp_sum61, tmp_sum62, tmp_sum63
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_weight = d_h_0_attn_w.reshape(96, 32)
@@ -2466,18 +2429,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias:
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
-        tmp_sum65 = h_0_attn_w[1, :, :, :]
-        tmp_sum64 = numpy.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum65, optimize=True)
-        del d_h_0_attn_k, tmp_sum65
-        tmp_sum67 = h_0_attn_w[0, :, :, :]
-        tmp_sum66 = numpy.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum67, optimize=True)
-        del d_h_0_attn_q, tmp_sum67
-        tmp_sum69 = h_0_attn_w[2, :, :, :]
-        del h_0_attn_w
-        tmp_sum68 = numpy.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum69, optimize=True)
-        del d_h_0_attn_v, tmp_sum69
-        d_h_0_ln_1 = tmp_sum64 + tmp_sum66 + tmp_sum68
-        del tmp_sum64, tmp_sum66, tmp_sum68
+        # the sum over the parts of h_0_attn_w as one product
+        d_h_0_ln_1 = numpy.tensordot(tmp_sum77, h_0_attn_w, axes=([0, 2, 4], [0, 1, 2]))
+        del h_0_attn_w, tmp_sum77
 
     if _need_h_0_ln_1_weight:
         # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
@@ -2498,7 +2452,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del tmp_sum70
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum71 = numpy.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1, optimize=True)
+        tmp_sum71 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum71/numpy.sqrt(tmp31)
         del tmp31, tmp_sum71
 
@@ -2509,7 +2463,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum73 = numpy.einsum('abc,abd->cd', d_lm_head, ln_f, optimize=True)
+        tmp_sum73 = numpy.tensordot(d_lm_head, ln_f, axes=([0, 1], [0, 1]))
         del ln_f, d_lm_head
         d_wte_weight = tmp_sum72 + tmp_sum73
         del tmp_sum72, tmp_sum73

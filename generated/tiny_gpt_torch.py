@@ -1100,6 +1100,16 @@ def _scatter_add(values, index, shape):
     return values.new_zeros(shape).index_add_(0, index.reshape(-1), rows)
 
 
+def _softmax_backward(grad, out, dim):
+    # out * (grad - sum(out * grad, dim)) in one kernel, autograd's own softmax backward.
+    # Under autocast the two may differ in dtype: both go to the wider one, as in the
+    # product the kernel replaces.
+    if grad.dtype is not out.dtype:
+        dtype = torch.promote_types(grad.dtype, out.dtype)
+        grad, out = grad.to(dtype), out.to(dtype)
+    return torch._softmax_backward_data(grad, out, dim, out.dtype)
+
+
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -1231,30 +1241,28 @@ def forward(params, *, idx):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_0_ln_1, h_0_attn_w
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum7 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8)
-    del h_0_ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
     # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+    tmp_sum9 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -1270,14 +1278,14 @@ def forward(params, *, idx):
     del h_0_attn_p_masked
 
     # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-    h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+    h_0_attn_y = h_0_attn_p @ h_0_attn_v
     del h_0_attn_v, h_0_attn_p
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1309,7 +1317,8 @@ def forward(params, *, idx):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1344,30 +1353,28 @@ def forward(params, *, idx):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_1_ln_1, h_1_attn_w
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum21 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22)
-    del h_1_ln_1, tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
     # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-    tmp_sum23 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+    tmp_sum23 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum23
     del tmp_sum23
@@ -1382,14 +1389,14 @@ def forward(params, *, idx):
     del h_1_attn_p_masked
 
     # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-    h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+    h_1_attn_y = h_1_attn_p @ h_1_attn_v
     del h_1_attn_v, h_1_attn_p
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1421,7 +1428,8 @@ def forward(params, *, idx):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1500,30 +1508,28 @@ def loss(params, *, idx, y):
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_0_ln_1, h_0_attn_w
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    del h_0_attn_w
-    tmp_sum7 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8)
-    del h_0_ln_1, tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
     # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+    tmp_sum9 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
     del h_0_attn_q, h_0_attn_k
     h_0_attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
@@ -1539,14 +1545,14 @@ def loss(params, *, idx, y):
     del h_0_attn_p_masked
 
     # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-    h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+    h_0_attn_y = h_0_attn_p @ h_0_attn_v
     del h_0_attn_v, h_0_attn_p
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1578,7 +1584,8 @@ def loss(params, *, idx, y):
     del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1613,30 +1620,28 @@ def loss(params, *, idx, y):
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    del h_1_ln_1, h_1_attn_w
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    del h_1_attn_w
-    tmp_sum21 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22)
-    del h_1_ln_1, tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
     # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-    tmp_sum23 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+    tmp_sum23 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
     del h_1_attn_q, h_1_attn_k
     h_1_attn_scores = (0.3535533905932738)*tmp_sum23
     del tmp_sum23
@@ -1651,14 +1656,14 @@ def loss(params, *, idx, y):
     del h_1_attn_p_masked
 
     # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-    h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+    h_1_attn_y = h_1_attn_p @ h_1_attn_v
     del h_1_attn_v, h_1_attn_p
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1690,7 +1695,8 @@ def loss(params, *, idx, y):
     del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1788,29 +1794,27 @@ def loss_and_grad(params, *, idx, y):
         # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
         h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+        # all 3 parts of h_0_attn_w in one product
+        tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
         # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-        tmp_sum4 = h_0_attn_w[0, :, :, :]
-        tmp_sum3 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4)
-        del tmp_sum4
+        tmp_sum3 = tmp_sum0[0, :, :, :, :]
         h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
         del tmp_sum3
 
         # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-        tmp_sum6 = h_0_attn_w[1, :, :, :]
-        tmp_sum5 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6)
-        del tmp_sum6
+        tmp_sum5 = tmp_sum0[1, :, :, :, :]
         h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
         del tmp_sum5
 
         # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-        tmp_sum8 = h_0_attn_w[2, :, :, :]
-        tmp_sum7 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8)
-        del tmp_sum8
+        tmp_sum7 = tmp_sum0[2, :, :, :, :]
+        del tmp_sum0
         h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
         del h_0_attn_b, tmp_sum7
 
         # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-        tmp_sum9 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+        tmp_sum9 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
         h_0_attn_scores = (0.3535533905932738)*tmp_sum9
         del tmp_sum9
         tmp5 = (torch.arange(T, device=wte_weight.device)[:, None] >= torch.arange(T, device=wte_weight.device))
@@ -1825,13 +1829,13 @@ def loss_and_grad(params, *, idx, y):
         del h_0_attn_p_masked
 
         # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-        h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+        h_0_attn_y = h_0_attn_p @ h_0_attn_v
 
         # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
         h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
         # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-        tmp_sum10 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+        tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
         del tmp_sum10
 
@@ -1861,11 +1865,10 @@ def loss_and_grad(params, *, idx, y):
         tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
         h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
         del tmp_sum13
-        tmp11 = torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z))
-        tmp12 = h_0_mlp_c_fc_z/2
 
         # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-        h_0_mlp_c_fc = tmp12*(tmp11 + 1)
+        # gelu_tanh(h_0_mlp_c_fc_z), in one call
+        h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
         # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
         tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
@@ -1898,29 +1901,27 @@ def loss_and_grad(params, *, idx, y):
         # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
         h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+        # all 3 parts of h_1_attn_w in one product
+        tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
         # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-        tmp_sum18 = h_1_attn_w[0, :, :, :]
-        tmp_sum17 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18)
-        del tmp_sum18
+        tmp_sum17 = tmp_sum75[0, :, :, :, :]
         h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
         del tmp_sum17
 
         # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-        tmp_sum20 = h_1_attn_w[1, :, :, :]
-        tmp_sum19 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20)
-        del tmp_sum20
+        tmp_sum19 = tmp_sum75[1, :, :, :, :]
         h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
         del tmp_sum19
 
         # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-        tmp_sum22 = h_1_attn_w[2, :, :, :]
-        tmp_sum21 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22)
-        del tmp_sum22
+        tmp_sum21 = tmp_sum75[2, :, :, :, :]
+        del tmp_sum75
         h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
         del h_1_attn_b, tmp_sum21
 
         # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-        tmp_sum23 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+        tmp_sum23 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
         h_1_attn_scores = (0.3535533905932738)*tmp_sum23
         del tmp_sum23
 
@@ -1934,13 +1935,13 @@ def loss_and_grad(params, *, idx, y):
         del h_1_attn_p_masked
 
         # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-        h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+        h_1_attn_y = h_1_attn_p @ h_1_attn_v
 
         # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
         h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
         # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-        tmp_sum24 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+        tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
         del tmp_sum24
 
@@ -1970,11 +1971,10 @@ def loss_and_grad(params, *, idx, y):
         tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
         h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
         del tmp_sum27
-        tmp20 = torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z))
-        tmp21 = h_1_mlp_c_fc_z/2
 
         # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-        h_1_mlp_c_fc = tmp21*(tmp20 + 1)
+        # gelu_tanh(h_1_mlp_c_fc_z), in one call
+        h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
         # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
         tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
@@ -2055,7 +2055,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum32
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum33 = torch.einsum('a,bca->bc', ln_f_weight, d_ln_f)
+        tmp_sum33 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum33/torch.sqrt(tmp27)
         del tmp27, tmp_sum33
 
@@ -2067,7 +2067,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_mlp_c_proj = d_h_1_res2
 
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_fc)
+        d_h_1_mlp_c_proj_weight = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         del h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_proj_bias (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0])
@@ -2078,11 +2078,12 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_mlp_c_proj
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*(tmp20/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp21*(26829*h_1_mlp_c_fc_z**2/200000 + 1), tmp20) + 0.5)
-        del h_1_mlp_c_fc_z, tmp20, tmp21, d_h_1_mlp_c_fc
+        # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
+        d_h_1_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_1_mlp_c_fc, h_1_mlp_c_fc_z, approximate="tanh")
+        del h_1_mlp_c_fc_z, d_h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_ln_2)
+        d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, dims=([0, 1], [0, 1]))
         del h_1_ln_2
 
         # dL/dh_1_mlp_c_fc_bias (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0])
@@ -2108,7 +2109,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum34
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum35 = torch.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2)
+        tmp_sum35 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum35/torch.sqrt(tmp28)
         del tmp28, tmp_sum35
 
@@ -2123,7 +2124,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_attn_c_proj_bias = d_h_1_attn.sum(dim=(0, 1))
 
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = torch.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y)
+        d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         del h_1_attn_y
 
         # dL/dh_1_attn_c_proj_weight (through h_1_attn_wp): d_h_1_attn_c_proj_weight[k0, k1] = d_h_1_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2131,78 +2132,61 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_attn_wp
 
         # dL/dh_1_attn_y (through h_1_attn): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3])
-        d_h_1_attn_y = torch.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp)
+        d_h_1_attn_y = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
-        d_h_1_attn_p = torch.einsum('abcd,abed->abce', d_h_1_attn_y, h_1_attn_v)
+        d_h_1_attn_p = d_h_1_attn_y @ h_1_attn_v.transpose(-2, -1)
         del h_1_attn_v
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
-        tmp_sum36 = torch.einsum('abcd,abcd->abc', d_h_1_attn_p, h_1_attn_p)
-        d_h_1_attn_p_lse = -tmp_sum36
-        del tmp_sum36
-
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
-        d_h_1_attn_p_masked = d_h_1_attn_p*h_1_attn_p + d_h_1_attn_p_lse[:, :, :, None]*h_1_attn_p
-        del d_h_1_attn_p, d_h_1_attn_p_lse
+        # softmax backward: d_h_1_attn_p_masked = h_1_attn_p*(d_h_1_attn_p - sum(h_1_attn_p*d_h_1_attn_p)), in one call
+        d_h_1_attn_p_masked = _softmax_backward(d_h_1_attn_p, h_1_attn_p, 3)
+        del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_1_attn_scores = torch.where(tmp5, d_h_1_attn_p_masked, 0)
         del d_h_1_attn_p_masked
 
         # dL/dh_1_attn_v (through h_1_attn_y): d_h_1_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn_y[k0, k1, i2, k3]*h_1_attn_p[k0, k1, i2, k2])
-        d_h_1_attn_v = torch.einsum('abcd,abce->abed', d_h_1_attn_y, h_1_attn_p)
+        d_h_1_attn_v = h_1_attn_p.transpose(-2, -1) @ d_h_1_attn_y
         del h_1_attn_p, d_h_1_attn_y
 
         # dL/dh_1_attn_k (through h_1_attn_scores): d_h_1_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_1_attn_scores[k0, k1, i2, k2]*h_1_attn_q[k0, k1, i2, k3])/4
-        tmp_sum37 = torch.einsum('abcd,abce->abde', d_h_1_attn_scores, h_1_attn_q)
+        tmp_sum37 = d_h_1_attn_scores.transpose(-2, -1) @ h_1_attn_q
         del h_1_attn_q
         d_h_1_attn_k = (0.3535533905932738)*tmp_sum37
         del tmp_sum37
 
         # dL/dh_1_attn_q (through h_1_attn_scores): d_h_1_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_1_attn_scores[k0, k1, k2, i3]*h_1_attn_k[k0, k1, i3, k3])/4
-        tmp_sum38 = torch.einsum('abcd,abde->abce', d_h_1_attn_scores, h_1_attn_k)
+        tmp_sum38 = d_h_1_attn_scores @ h_1_attn_k
         del h_1_attn_k, d_h_1_attn_scores
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum38
         del tmp_sum38
+        tmp_sum76 = torch.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], dim=0)
+        del d_h_1_attn_v, d_h_1_attn_k, d_h_1_attn_q
 
         # dL/dh_1_attn_b (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum39 = d_h_1_attn_q.sum(dim=(0, 2))
-        tmp_sum40 = d_h_1_attn_k.sum(dim=(0, 2))
-        tmp_sum41 = d_h_1_attn_v.sum(dim=(0, 2))
-        d_h_1_attn_b = torch.stack([tmp_sum39, tmp_sum40, tmp_sum41], dim=0)
-        del tmp_sum39, tmp_sum40, tmp_sum41
+        d_h_1_attn_b = tmp_sum76.sum(dim=(1, 3))
 
         # dL/dh_1_attn_c_attn_bias (through h_1_attn_b): d_h_1_attn_c_attn_bias[k0] = d_h_1_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_1_attn_c_attn_bias = d_h_1_attn_b.reshape(96,)
         del d_h_1_attn_b
 
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum42 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_q)
-        tmp_sum43 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_k)
-        tmp_sum44 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum76, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_1_ln_1
-        d_h_1_attn_w = torch.stack([tmp_sum42, tmp_sum43, tmp_sum44], dim=0)
-        del tmp_sum42, tmp_sum43, tmp_sum44
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_weight = d_h_1_attn_w.reshape(96, 32)
         del d_h_1_attn_w
 
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
-        tmp_sum46 = h_1_attn_w[1, :, :, :]
-        tmp_sum45 = torch.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum46)
-        del d_h_1_attn_k, tmp_sum46
-        tmp_sum48 = h_1_attn_w[0, :, :, :]
-        tmp_sum47 = torch.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum48)
-        del d_h_1_attn_q, tmp_sum48
-        tmp_sum50 = h_1_attn_w[2, :, :, :]
-        del h_1_attn_w
-        tmp_sum49 = torch.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum50)
-        del d_h_1_attn_v, tmp_sum50
-        d_h_1_ln_1 = tmp_sum45 + tmp_sum47 + tmp_sum49
-        del tmp_sum45, tmp_sum47, tmp_sum49
+        # the sum over the parts of h_1_attn_w as one product
+        d_h_1_ln_1 = torch.tensordot(tmp_sum76, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        del h_1_attn_w, tmp_sum76
 
         # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
         d_h_1_ln_1_weight = torch.sum(d_h_1_ln_1.permute(2, 0, 1)*(h_0_res2.permute(2, 0, 1) - h_1_ln_1_mean)/torch.sqrt(h_1_ln_1_var + 1e-05), dim=(1, 2))
@@ -2220,7 +2204,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum51
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum52 = torch.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1)
+        tmp_sum52 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum52/torch.sqrt(tmp29)
         del tmp29, tmp_sum52
 
@@ -2232,7 +2216,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_mlp_c_proj = d_h_0_res2
 
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_fc)
+        d_h_0_mlp_c_proj_weight = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         del h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_proj_bias (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0])
@@ -2243,11 +2227,12 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_mlp_c_proj
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*(tmp11/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp12*(26829*h_0_mlp_c_fc_z**2/200000 + 1), tmp11) + 0.5)
-        del h_0_mlp_c_fc_z, tmp11, tmp12, d_h_0_mlp_c_fc
+        # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
+        d_h_0_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_0_mlp_c_fc, h_0_mlp_c_fc_z, approximate="tanh")
+        del h_0_mlp_c_fc_z, d_h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_ln_2)
+        d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, dims=([0, 1], [0, 1]))
         del h_0_ln_2
 
         # dL/dh_0_mlp_c_fc_bias (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0])
@@ -2273,7 +2258,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum53
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum54 = torch.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2)
+        tmp_sum54 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum54/torch.sqrt(tmp30)
         del tmp30, tmp_sum54
 
@@ -2288,7 +2273,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_attn_c_proj_bias = d_h_0_attn.sum(dim=(0, 1))
 
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = torch.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y)
+        d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         del h_0_attn_y
 
         # dL/dh_0_attn_c_proj_weight (through h_0_attn_wp): d_h_0_attn_c_proj_weight[k0, k1] = d_h_0_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2296,78 +2281,61 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_attn_wp
 
         # dL/dh_0_attn_y (through h_0_attn): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3])
-        d_h_0_attn_y = torch.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp)
+        d_h_0_attn_y = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
-        d_h_0_attn_p = torch.einsum('abcd,abed->abce', d_h_0_attn_y, h_0_attn_v)
+        d_h_0_attn_p = d_h_0_attn_y @ h_0_attn_v.transpose(-2, -1)
         del h_0_attn_v
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
-        tmp_sum55 = torch.einsum('abcd,abcd->abc', d_h_0_attn_p, h_0_attn_p)
-        d_h_0_attn_p_lse = -tmp_sum55
-        del tmp_sum55
-
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
-        d_h_0_attn_p_masked = d_h_0_attn_p*h_0_attn_p + d_h_0_attn_p_lse[:, :, :, None]*h_0_attn_p
-        del d_h_0_attn_p, d_h_0_attn_p_lse
+        # softmax backward: d_h_0_attn_p_masked = h_0_attn_p*(d_h_0_attn_p - sum(h_0_attn_p*d_h_0_attn_p)), in one call
+        d_h_0_attn_p_masked = _softmax_backward(d_h_0_attn_p, h_0_attn_p, 3)
+        del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_0_attn_scores = torch.where(tmp5, d_h_0_attn_p_masked, 0)
         del tmp5, d_h_0_attn_p_masked
 
         # dL/dh_0_attn_v (through h_0_attn_y): d_h_0_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn_y[k0, k1, i2, k3]*h_0_attn_p[k0, k1, i2, k2])
-        d_h_0_attn_v = torch.einsum('abcd,abce->abed', d_h_0_attn_y, h_0_attn_p)
+        d_h_0_attn_v = h_0_attn_p.transpose(-2, -1) @ d_h_0_attn_y
         del h_0_attn_p, d_h_0_attn_y
 
         # dL/dh_0_attn_k (through h_0_attn_scores): d_h_0_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_0_attn_scores[k0, k1, i2, k2]*h_0_attn_q[k0, k1, i2, k3])/4
-        tmp_sum56 = torch.einsum('abcd,abce->abde', d_h_0_attn_scores, h_0_attn_q)
+        tmp_sum56 = d_h_0_attn_scores.transpose(-2, -1) @ h_0_attn_q
         del h_0_attn_q
         d_h_0_attn_k = (0.3535533905932738)*tmp_sum56
         del tmp_sum56
 
         # dL/dh_0_attn_q (through h_0_attn_scores): d_h_0_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_0_attn_scores[k0, k1, k2, i3]*h_0_attn_k[k0, k1, i3, k3])/4
-        tmp_sum57 = torch.einsum('abcd,abde->abce', d_h_0_attn_scores, h_0_attn_k)
+        tmp_sum57 = d_h_0_attn_scores @ h_0_attn_k
         del h_0_attn_k, d_h_0_attn_scores
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum57
         del tmp_sum57
+        tmp_sum77 = torch.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], dim=0)
+        del d_h_0_attn_v, d_h_0_attn_k, d_h_0_attn_q
 
         # dL/dh_0_attn_b (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum58 = d_h_0_attn_q.sum(dim=(0, 2))
-        tmp_sum59 = d_h_0_attn_k.sum(dim=(0, 2))
-        tmp_sum60 = d_h_0_attn_v.sum(dim=(0, 2))
-        d_h_0_attn_b = torch.stack([tmp_sum58, tmp_sum59, tmp_sum60], dim=0)
-        del tmp_sum58, tmp_sum59, tmp_sum60
+        d_h_0_attn_b = tmp_sum77.sum(dim=(1, 3))
 
         # dL/dh_0_attn_c_attn_bias (through h_0_attn_b): d_h_0_attn_c_attn_bias[k0] = d_h_0_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_0_attn_c_attn_bias = d_h_0_attn_b.reshape(96,)
         del d_h_0_attn_b
 
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum61 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_q)
-        tmp_sum62 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_k)
-        tmp_sum63 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum77, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_0_ln_1
-        d_h_0_attn_w = torch.stack([tmp_sum61, tmp_sum62, tmp_sum63], dim=0)
-        del tmp_sum61, tmp_sum62, tmp_sum63
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_weight = d_h_0_attn_w.reshape(96, 32)
         del d_h_0_attn_w
 
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
-        tmp_sum65 = h_0_attn_w[1, :, :, :]
-        tmp_sum64 = torch.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum65)
-        del d_h_0_attn_k, tmp_sum65
-        tmp_sum67 = h_0_attn_w[0, :, :, :]
-        tmp_sum66 = torch.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum67)
-        del d_h_0_attn_q, tmp_sum67
-        tmp_sum69 = h_0_attn_w[2, :, :, :]
-        del h_0_attn_w
-        tmp_sum68 = torch.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum69)
-        del d_h_0_attn_v, tmp_sum69
-        d_h_0_ln_1 = tmp_sum64 + tmp_sum66 + tmp_sum68
-        del tmp_sum64, tmp_sum66, tmp_sum68
+        # the sum over the parts of h_0_attn_w as one product
+        d_h_0_ln_1 = torch.tensordot(tmp_sum77, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        del h_0_attn_w, tmp_sum77
 
         # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
         d_h_0_ln_1_weight = torch.sum(d_h_0_ln_1.permute(2, 0, 1)*(emb.permute(2, 0, 1) - h_0_ln_1_mean)/torch.sqrt(h_0_ln_1_var + 1e-05), dim=(1, 2))
@@ -2385,7 +2353,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum70
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum71 = torch.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1)
+        tmp_sum71 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum71/torch.sqrt(tmp31)
         del tmp31, tmp_sum71
 
@@ -2395,7 +2363,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum73 = torch.einsum('abc,abd->cd', d_lm_head, ln_f)
+        tmp_sum73 = torch.tensordot(d_lm_head, ln_f, dims=([0, 1], [0, 1]))
         del ln_f, d_lm_head
         d_wte_weight = tmp_sum72 + tmp_sum73
         del tmp_sum72, tmp_sum73
@@ -2478,29 +2446,27 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # reshape h_0_attn: h_0_attn_b[i0, i1, i2] = h_0_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_0_attn_w in one product
+    tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum4 = h_0_attn_w[0, :, :, :]
-    tmp_sum3 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum4)
-    del tmp_sum4
+    tmp_sum3 = tmp_sum0[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum3
     del tmp_sum3
 
     # k heads h_0_attn: h_0_attn_k[i0, i1, i2, i3] = h_0_attn_b[1, i1, i3] + sum_{s0}(h_0_attn_w[1, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum6 = h_0_attn_w[1, :, :, :]
-    tmp_sum5 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum6)
-    del tmp_sum6
+    tmp_sum5 = tmp_sum0[1, :, :, :, :]
     h_0_attn_k = h_0_attn_b[1, :, :][:, None] + tmp_sum5
     del tmp_sum5
 
     # v heads h_0_attn: h_0_attn_v[i0, i1, i2, i3] = h_0_attn_b[2, i1, i3] + sum_{s0}(h_0_attn_w[2, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
-    tmp_sum8 = h_0_attn_w[2, :, :, :]
-    tmp_sum7 = torch.einsum('abc,dec->adbe', h_0_ln_1, tmp_sum8)
-    del tmp_sum8
+    tmp_sum7 = tmp_sum0[2, :, :, :, :]
+    del tmp_sum0
     h_0_attn_v = h_0_attn_b[2, :, :][:, None] + tmp_sum7
     del h_0_attn_b, tmp_sum7
 
     # attention scores h_0_attn: h_0_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_0_attn_k[i0, i1, i3, s0]*h_0_attn_q[i0, i1, i2, s0])/4
-    tmp_sum9 = torch.einsum('abcd,abed->abec', h_0_attn_k, h_0_attn_q)
+    tmp_sum9 = h_0_attn_q @ h_0_attn_k.transpose(-2, -1)
     h_0_attn_scores = (0.3535533905932738)*tmp_sum9
     del tmp_sum9
     tmp5 = (torch.arange(T, device=wte_weight.device)[:, None] >= torch.arange(T, device=wte_weight.device))
@@ -2515,13 +2481,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del h_0_attn_p_masked
 
     # weighted values h_0_attn: h_0_attn_y[i0, i1, i2, i3] = sum_{s0}(h_0_attn_p[i0, i1, i2, s0]*h_0_attn_v[i0, i1, s0, i3])
-    h_0_attn_y = torch.einsum('abcd,abde->abce', h_0_attn_p, h_0_attn_v)
+    h_0_attn_y = h_0_attn_p @ h_0_attn_v
 
     # reshape h_0_attn: h_0_attn_wp[i0, i1, i2] = h_0_attn_c_proj_weight[i0, 8*i1 + i2]
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.einsum('abc,dbec->dea', h_0_attn_wp, h_0_attn_y)
+    tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -2551,11 +2517,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
     h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
     del tmp_sum13
-    tmp11 = torch.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z**3/200000 + h_0_mlp_c_fc_z))
-    tmp12 = h_0_mlp_c_fc_z/2
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
-    h_0_mlp_c_fc = tmp12*(tmp11 + 1)
+    # gelu_tanh(h_0_mlp_c_fc_z), in one call
+    h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
     tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
@@ -2588,29 +2553,27 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # reshape h_1_attn: h_1_attn_b[i0, i1, i2] = h_1_attn_c_attn_bias[32*i0 + 8*i1 + i2]
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
+    # all 3 parts of h_1_attn_w in one product
+    tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum18 = h_1_attn_w[0, :, :, :]
-    tmp_sum17 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum18)
-    del tmp_sum18
+    tmp_sum17 = tmp_sum75[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum17
     del tmp_sum17
 
     # k heads h_1_attn: h_1_attn_k[i0, i1, i2, i3] = h_1_attn_b[1, i1, i3] + sum_{s0}(h_1_attn_w[1, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum20 = h_1_attn_w[1, :, :, :]
-    tmp_sum19 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum20)
-    del tmp_sum20
+    tmp_sum19 = tmp_sum75[1, :, :, :, :]
     h_1_attn_k = h_1_attn_b[1, :, :][:, None] + tmp_sum19
     del tmp_sum19
 
     # v heads h_1_attn: h_1_attn_v[i0, i1, i2, i3] = h_1_attn_b[2, i1, i3] + sum_{s0}(h_1_attn_w[2, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
-    tmp_sum22 = h_1_attn_w[2, :, :, :]
-    tmp_sum21 = torch.einsum('abc,dec->adbe', h_1_ln_1, tmp_sum22)
-    del tmp_sum22
+    tmp_sum21 = tmp_sum75[2, :, :, :, :]
+    del tmp_sum75
     h_1_attn_v = h_1_attn_b[2, :, :][:, None] + tmp_sum21
     del h_1_attn_b, tmp_sum21
 
     # attention scores h_1_attn: h_1_attn_scores[i0, i1, i2, i3] = sqrt(2)*sum_{s0}(h_1_attn_k[i0, i1, i3, s0]*h_1_attn_q[i0, i1, i2, s0])/4
-    tmp_sum23 = torch.einsum('abcd,abed->abec', h_1_attn_k, h_1_attn_q)
+    tmp_sum23 = h_1_attn_q @ h_1_attn_k.transpose(-2, -1)
     h_1_attn_scores = (0.3535533905932738)*tmp_sum23
     del tmp_sum23
 
@@ -2624,13 +2587,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del h_1_attn_p_masked
 
     # weighted values h_1_attn: h_1_attn_y[i0, i1, i2, i3] = sum_{s0}(h_1_attn_p[i0, i1, i2, s0]*h_1_attn_v[i0, i1, s0, i3])
-    h_1_attn_y = torch.einsum('abcd,abde->abce', h_1_attn_p, h_1_attn_v)
+    h_1_attn_y = h_1_attn_p @ h_1_attn_v
 
     # reshape h_1_attn: h_1_attn_wp[i0, i1, i2] = h_1_attn_c_proj_weight[i0, 8*i1 + i2]
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = torch.einsum('abc,dbec->dea', h_1_attn_wp, h_1_attn_y)
+    tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
 
@@ -2660,11 +2623,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
     h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
     del tmp_sum27
-    tmp20 = torch.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z**3/200000 + h_1_mlp_c_fc_z))
-    tmp21 = h_1_mlp_c_fc_z/2
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
-    h_1_mlp_c_fc = tmp21*(tmp20 + 1)
+    # gelu_tanh(h_1_mlp_c_fc_z), in one call
+    h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
     tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
@@ -2710,10 +2672,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     del lm_head_picked
     loss = tmp_sum31/lm_head_count
     del tmp_sum31
-    return (loss, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp11, tmp12, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp20, tmp21, tmp22, tmp23, tmp24, tmp25, tmp26)
+    return (loss, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, tmp25, tmp26)
 
 
-def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp11, tmp12, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp20, tmp21, tmp22, tmp23, tmp24, tmp25, tmp26):
+def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, tmp25, tmp26):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -2760,7 +2722,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum32
 
         # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum33 = torch.einsum('a,bca->bc', ln_f_weight, d_ln_f)
+        tmp_sum33 = d_ln_f @ ln_f_weight
         d_ln_f_mean = -tmp_sum33/torch.sqrt(tmp27)
         del tmp27, tmp_sum33
 
@@ -2775,7 +2737,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_proj, h_1_mlp_c_fc)
+        d_h_1_mlp_c_proj_weight = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_mlp_c_fc)
 
@@ -2789,14 +2751,15 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_1_mlp_c_proj
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*(tmp20/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp21*(26829*h_1_mlp_c_fc_z**2/200000 + 1), tmp20) + 0.5)
+        # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
+        d_h_1_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_1_mlp_c_fc, h_1_mlp_c_fc_z, approximate="tanh")
         del d_h_1_mlp_c_fc
         if release:
-            _release(h_1_mlp_c_fc_z, tmp20, tmp21)
+            _release(h_1_mlp_c_fc_z)
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_1_mlp_c_fc_z, h_1_ln_2)
+        d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(h_1_ln_2)
 
@@ -2831,7 +2794,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum34
 
         # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum35 = torch.einsum('a,bca->bc', h_1_ln_2_weight, d_h_1_ln_2)
+        tmp_sum35 = d_h_1_ln_2 @ h_1_ln_2_weight
         d_h_1_ln_2_mean = -tmp_sum35/torch.sqrt(tmp28)
         del tmp28, tmp_sum35
 
@@ -2850,7 +2813,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = torch.einsum('abc,adbe->cde', d_h_1_attn, h_1_attn_y)
+        d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(h_1_attn_y)
 
@@ -2860,57 +2823,52 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_y (through h_1_attn): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3])
-        d_h_1_attn_y = torch.einsum('abc,cde->adbe', d_h_1_attn, h_1_attn_wp)
+        d_h_1_attn_y = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn
         if release:
             _release(h_1_attn_wp)
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
-        d_h_1_attn_p = torch.einsum('abcd,abed->abce', d_h_1_attn_y, h_1_attn_v)
+        d_h_1_attn_p = d_h_1_attn_y @ h_1_attn_v.transpose(-2, -1)
         if release:
             _release(h_1_attn_v)
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
-        tmp_sum36 = torch.einsum('abcd,abcd->abc', d_h_1_attn_p, h_1_attn_p)
-        d_h_1_attn_p_lse = -tmp_sum36
-        del tmp_sum36
-
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
-        d_h_1_attn_p_masked = d_h_1_attn_p*h_1_attn_p + d_h_1_attn_p_lse[:, :, :, None]*h_1_attn_p
-        del d_h_1_attn_p, d_h_1_attn_p_lse
+        # softmax backward: d_h_1_attn_p_masked = h_1_attn_p*(d_h_1_attn_p - sum(h_1_attn_p*d_h_1_attn_p)), in one call
+        d_h_1_attn_p_masked = _softmax_backward(d_h_1_attn_p, h_1_attn_p, 3)
+        del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_1_attn_scores = torch.where(tmp5, d_h_1_attn_p_masked, 0)
         del d_h_1_attn_p_masked
 
         # dL/dh_1_attn_v (through h_1_attn_y): d_h_1_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn_y[k0, k1, i2, k3]*h_1_attn_p[k0, k1, i2, k2])
-        d_h_1_attn_v = torch.einsum('abcd,abce->abed', d_h_1_attn_y, h_1_attn_p)
+        d_h_1_attn_v = h_1_attn_p.transpose(-2, -1) @ d_h_1_attn_y
         del d_h_1_attn_y
         if release:
             _release(h_1_attn_p)
 
         # dL/dh_1_attn_k (through h_1_attn_scores): d_h_1_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_1_attn_scores[k0, k1, i2, k2]*h_1_attn_q[k0, k1, i2, k3])/4
-        tmp_sum37 = torch.einsum('abcd,abce->abde', d_h_1_attn_scores, h_1_attn_q)
+        tmp_sum37 = d_h_1_attn_scores.transpose(-2, -1) @ h_1_attn_q
         if release:
             _release(h_1_attn_q)
         d_h_1_attn_k = (0.3535533905932738)*tmp_sum37
         del tmp_sum37
 
         # dL/dh_1_attn_q (through h_1_attn_scores): d_h_1_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_1_attn_scores[k0, k1, k2, i3]*h_1_attn_k[k0, k1, i3, k3])/4
-        tmp_sum38 = torch.einsum('abcd,abde->abce', d_h_1_attn_scores, h_1_attn_k)
+        tmp_sum38 = d_h_1_attn_scores @ h_1_attn_k
         del d_h_1_attn_scores
         if release:
             _release(h_1_attn_k)
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum38
         del tmp_sum38
+        tmp_sum76 = torch.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], dim=0)
+        del d_h_1_attn_v, d_h_1_attn_k, d_h_1_attn_q
 
     if _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_b (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum39 = d_h_1_attn_q.sum(dim=(0, 2))
-        tmp_sum40 = d_h_1_attn_k.sum(dim=(0, 2))
-        tmp_sum41 = d_h_1_attn_v.sum(dim=(0, 2))
-        d_h_1_attn_b = torch.stack([tmp_sum39, tmp_sum40, tmp_sum41], dim=0)
-        del tmp_sum39, tmp_sum40, tmp_sum41
+        d_h_1_attn_b = tmp_sum76.sum(dim=(1, 3))
 
         # dL/dh_1_attn_c_attn_bias (through h_1_attn_b): d_h_1_attn_c_attn_bias[k0] = d_h_1_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_1_attn_c_attn_bias = d_h_1_attn_b.reshape(96,)
@@ -2918,13 +2876,10 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum42 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_q)
-        tmp_sum43 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_k)
-        tmp_sum44 = torch.einsum('abc,adbe->dec', h_1_ln_1, d_h_1_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum76, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_1_ln_1)
-        d_h_1_attn_w = torch.stack([tmp_sum42, tmp_sum43, tmp_sum44], dim=0)
-        del tmp_sum42, tmp_sum43, tmp_sum44
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_weight = d_h_1_attn_w.reshape(96, 32)
@@ -2932,19 +2887,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias:
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
-        tmp_sum46 = h_1_attn_w[1, :, :, :]
-        tmp_sum45 = torch.einsum('abcd,bde->ace', d_h_1_attn_k, tmp_sum46)
-        del d_h_1_attn_k, tmp_sum46
-        tmp_sum48 = h_1_attn_w[0, :, :, :]
-        tmp_sum47 = torch.einsum('abcd,bde->ace', d_h_1_attn_q, tmp_sum48)
-        del d_h_1_attn_q, tmp_sum48
-        tmp_sum50 = h_1_attn_w[2, :, :, :]
+        # the sum over the parts of h_1_attn_w as one product
+        d_h_1_ln_1 = torch.tensordot(tmp_sum76, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        del tmp_sum76
         if release:
             _release(h_1_attn_w)
-        tmp_sum49 = torch.einsum('abcd,bde->ace', d_h_1_attn_v, tmp_sum50)
-        del d_h_1_attn_v, tmp_sum50
-        d_h_1_ln_1 = tmp_sum45 + tmp_sum47 + tmp_sum49
-        del tmp_sum45, tmp_sum47, tmp_sum49
 
     if _need_h_1_ln_1_weight:
         # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
@@ -2968,7 +2915,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum51
 
         # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum52 = torch.einsum('a,bca->bc', h_1_ln_1_weight, d_h_1_ln_1)
+        tmp_sum52 = d_h_1_ln_1 @ h_1_ln_1_weight
         d_h_1_ln_1_mean = -tmp_sum52/torch.sqrt(tmp29)
         del tmp29, tmp_sum52
 
@@ -2983,7 +2930,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_proj, h_0_mlp_c_fc)
+        d_h_0_mlp_c_proj_weight = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_mlp_c_fc)
 
@@ -2997,14 +2944,15 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_0_mlp_c_proj
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*(tmp11/2 + (0.7978845608028654)*torch.ops.aten.tanh_backward(tmp12*(26829*h_0_mlp_c_fc_z**2/200000 + 1), tmp11) + 0.5)
+        # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
+        d_h_0_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_0_mlp_c_fc, h_0_mlp_c_fc_z, approximate="tanh")
         del d_h_0_mlp_c_fc
         if release:
-            _release(h_0_mlp_c_fc_z, tmp11, tmp12)
+            _release(h_0_mlp_c_fc_z)
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = torch.einsum('abc,abd->cd', d_h_0_mlp_c_fc_z, h_0_ln_2)
+        d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, dims=([0, 1], [0, 1]))
         if release:
             _release(h_0_ln_2)
 
@@ -3039,7 +2987,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum53
 
         # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum54 = torch.einsum('a,bca->bc', h_0_ln_2_weight, d_h_0_ln_2)
+        tmp_sum54 = d_h_0_ln_2 @ h_0_ln_2_weight
         d_h_0_ln_2_mean = -tmp_sum54/torch.sqrt(tmp30)
         del tmp30, tmp_sum54
 
@@ -3058,7 +3006,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = torch.einsum('abc,adbe->cde', d_h_0_attn, h_0_attn_y)
+        d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(h_0_attn_y)
 
@@ -3068,24 +3016,21 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_y (through h_0_attn): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3])
-        d_h_0_attn_y = torch.einsum('abc,cde->adbe', d_h_0_attn, h_0_attn_wp)
+        d_h_0_attn_y = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn
         if release:
             _release(h_0_attn_wp)
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
-        d_h_0_attn_p = torch.einsum('abcd,abed->abce', d_h_0_attn_y, h_0_attn_v)
+        d_h_0_attn_p = d_h_0_attn_y @ h_0_attn_v.transpose(-2, -1)
         if release:
             _release(h_0_attn_v)
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
-        tmp_sum55 = torch.einsum('abcd,abcd->abc', d_h_0_attn_p, h_0_attn_p)
-        d_h_0_attn_p_lse = -tmp_sum55
-        del tmp_sum55
-
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
-        d_h_0_attn_p_masked = d_h_0_attn_p*h_0_attn_p + d_h_0_attn_p_lse[:, :, :, None]*h_0_attn_p
-        del d_h_0_attn_p, d_h_0_attn_p_lse
+        # softmax backward: d_h_0_attn_p_masked = h_0_attn_p*(d_h_0_attn_p - sum(h_0_attn_p*d_h_0_attn_p)), in one call
+        d_h_0_attn_p_masked = _softmax_backward(d_h_0_attn_p, h_0_attn_p, 3)
+        del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
         d_h_0_attn_scores = torch.where(tmp5, d_h_0_attn_p_masked, 0)
@@ -3094,33 +3039,31 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
             _release(tmp5)
 
         # dL/dh_0_attn_v (through h_0_attn_y): d_h_0_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn_y[k0, k1, i2, k3]*h_0_attn_p[k0, k1, i2, k2])
-        d_h_0_attn_v = torch.einsum('abcd,abce->abed', d_h_0_attn_y, h_0_attn_p)
+        d_h_0_attn_v = h_0_attn_p.transpose(-2, -1) @ d_h_0_attn_y
         del d_h_0_attn_y
         if release:
             _release(h_0_attn_p)
 
         # dL/dh_0_attn_k (through h_0_attn_scores): d_h_0_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_0_attn_scores[k0, k1, i2, k2]*h_0_attn_q[k0, k1, i2, k3])/4
-        tmp_sum56 = torch.einsum('abcd,abce->abde', d_h_0_attn_scores, h_0_attn_q)
+        tmp_sum56 = d_h_0_attn_scores.transpose(-2, -1) @ h_0_attn_q
         if release:
             _release(h_0_attn_q)
         d_h_0_attn_k = (0.3535533905932738)*tmp_sum56
         del tmp_sum56
 
         # dL/dh_0_attn_q (through h_0_attn_scores): d_h_0_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(d_h_0_attn_scores[k0, k1, k2, i3]*h_0_attn_k[k0, k1, i3, k3])/4
-        tmp_sum57 = torch.einsum('abcd,abde->abce', d_h_0_attn_scores, h_0_attn_k)
+        tmp_sum57 = d_h_0_attn_scores @ h_0_attn_k
         del d_h_0_attn_scores
         if release:
             _release(h_0_attn_k)
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum57
         del tmp_sum57
+        tmp_sum77 = torch.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], dim=0)
+        del d_h_0_attn_v, d_h_0_attn_k, d_h_0_attn_q
 
     if _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_b (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_b[k0, k1, k2] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]) if k0 == 2 else 0)
-        tmp_sum58 = d_h_0_attn_q.sum(dim=(0, 2))
-        tmp_sum59 = d_h_0_attn_k.sum(dim=(0, 2))
-        tmp_sum60 = d_h_0_attn_v.sum(dim=(0, 2))
-        d_h_0_attn_b = torch.stack([tmp_sum58, tmp_sum59, tmp_sum60], dim=0)
-        del tmp_sum58, tmp_sum59, tmp_sum60
+        d_h_0_attn_b = tmp_sum77.sum(dim=(1, 3))
 
         # dL/dh_0_attn_c_attn_bias (through h_0_attn_b): d_h_0_attn_c_attn_bias[k0] = d_h_0_attn_b[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8)]
         d_h_0_attn_c_attn_bias = d_h_0_attn_b.reshape(96,)
@@ -3128,13 +3071,10 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
-        tmp_sum61 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_q)
-        tmp_sum62 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_k)
-        tmp_sum63 = torch.einsum('abc,adbe->dec', h_0_ln_1, d_h_0_attn_v)
+        # the parts' products as one product of the stacked arrays
+        d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum77, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(h_0_ln_1)
-        d_h_0_attn_w = torch.stack([tmp_sum61, tmp_sum62, tmp_sum63], dim=0)
-        del tmp_sum61, tmp_sum62, tmp_sum63
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_weight = d_h_0_attn_w.reshape(96, 32)
@@ -3142,19 +3082,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias:
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
-        tmp_sum65 = h_0_attn_w[1, :, :, :]
-        tmp_sum64 = torch.einsum('abcd,bde->ace', d_h_0_attn_k, tmp_sum65)
-        del d_h_0_attn_k, tmp_sum65
-        tmp_sum67 = h_0_attn_w[0, :, :, :]
-        tmp_sum66 = torch.einsum('abcd,bde->ace', d_h_0_attn_q, tmp_sum67)
-        del d_h_0_attn_q, tmp_sum67
-        tmp_sum69 = h_0_attn_w[2, :, :, :]
+        # the sum over the parts of h_0_attn_w as one product
+        d_h_0_ln_1 = torch.tensordot(tmp_sum77, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        del tmp_sum77
         if release:
             _release(h_0_attn_w)
-        tmp_sum68 = torch.einsum('abcd,bde->ace', d_h_0_attn_v, tmp_sum69)
-        del d_h_0_attn_v, tmp_sum69
-        d_h_0_ln_1 = tmp_sum64 + tmp_sum66 + tmp_sum68
-        del tmp_sum64, tmp_sum66, tmp_sum68
 
     if _need_h_0_ln_1_weight:
         # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
@@ -3178,7 +3110,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum70
 
         # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum71 = torch.einsum('a,bca->bc', h_0_ln_1_weight, d_h_0_ln_1)
+        tmp_sum71 = d_h_0_ln_1 @ h_0_ln_1_weight
         d_h_0_ln_1_mean = -tmp_sum71/torch.sqrt(tmp31)
         del tmp31, tmp_sum71
 
@@ -3191,7 +3123,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum73 = torch.einsum('abc,abd->cd', d_lm_head, ln_f)
+        tmp_sum73 = torch.tensordot(d_lm_head, ln_f, dims=([0, 1], [0, 1]))
         del d_lm_head
         if release:
             _release(ln_f)

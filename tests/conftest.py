@@ -34,6 +34,17 @@ def build(folder: Path, text: str) -> tuple[CompiledModel, dict[str, ModuleType]
     return model, modules
 
 
+def example_modules(folder: Path, name: str) -> dict[str, ModuleType]:
+    """Generate ``examples/<name>.yaml`` into ``folder`` and import both modules."""
+    model = compile_spec(EXAMPLES / f"{name}.yaml")
+    out = {}
+    for backend in ("numpy", "torch"):
+        path = folder / module_filename(name, backend)
+        path.write_text(model.source(backend), encoding="utf-8")
+        out[backend] = load_module(path)
+    return out
+
+
 @pytest.fixture
 def tmp_build(tmp_path: Path):
     def _build(text: str) -> tuple[CompiledModel, dict[str, ModuleType]]:

@@ -254,3 +254,88 @@ def test_training_names_no_input_beside_dropout(tmp_path, capsys) -> None:
     _, modules = build(tmp_path, text.replace("type: dropout, p: 0.1", "type: activation, "
                                               "activation: tanh"))
     assert "training" in modules["numpy"].INPUT_SHAPES
+
+
+BLOCK_DROP = """name: block_drop
+inputs: {x: [N, 4]}
+targets: {t: [N, 3]}
+blocks:
+  res:
+    inputs: [x]
+    layers:
+      - {name: c_fc, type: dense, units: 6, activation: tanh}
+      - {name: drop, type: dropout, p: 0.4}
+      - {name: c_proj, type: dense, units: 4}
+      - {name: out, type: add, input: [x, c_proj]}
+layers:
+  - {name: h, type: res, repeat: 2}
+  - {name: head, type: dense, units: 3, input: h}
+loss: {type: mse, target: t}
+"""
+
+
+class _ResTwin(torch.nn.Module):
+    """The repeated block by hand, as torch users write it; dropout takes a given mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = torch.nn.ModuleList(torch.nn.ModuleDict(
+            {"c_fc": torch.nn.Linear(4, 6), "c_proj": torch.nn.Linear(6, 4)}) for _ in range(2))
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x, masks):
+        for block, mask in zip(self.h, masks, strict=True):
+            x = x + block["c_proj"](torch.tanh(block["c_fc"](x)) * mask)
+        return self.head(x)
+
+
+def test_model_train_and_eval_with_dropout_inside_repeated_blocks(tmp_path) -> None:
+    """``Model.train()`` draws one mask per repetition of the block from torch's global
+    generator (h.0 first); ``Model.eval()`` is the identity; toggling back draws again."""
+    _, modules = build(tmp_path, BLOCK_DROP)
+    model = modules["torch"].Model(seed=3, dtype=torch.float64)
+    twin = _ResTwin().double()
+    twin.load_state_dict(model.state_dict())
+    assert list(twin.state_dict()) == list(model.state_dict())
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.normal(size=(N, 4)))
+    t = torch.from_numpy(rng.normal(size=(N, 3)))
+
+    def check(masks, seed: int | None) -> torch.Tensor:
+        model.zero_grad()
+        twin.zero_grad()
+        if seed is not None:
+            torch.manual_seed(seed)
+        loss = model(x=x, t=t)
+        loss.backward()
+        ref = F.mse_loss(twin(x, masks), t)
+        ref.backward()
+        assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-9 * abs(float(ref.detach()))
+        grads = dict(twin.named_parameters())
+        for name, param in model.named_parameters():
+            assert _rel(param.grad.numpy(), grads[name].grad.numpy()) <= 1e-9, name
+        return loss.detach()
+
+    def drawn(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        return [(torch.rand((N, 6), dtype=torch.float64) >= 0.4).double() / 0.6
+                for _ in range(2)]
+
+    assert model.training
+    masks = drawn(17)
+    assert all(0 < float((m == 0).double().mean()) < 1 for m in masks)
+    assert not torch.equal(masks[0], masks[1])  # each repetition draws its own
+    trained = check(masks, 17)
+    ones = [torch.ones(N, 6, dtype=torch.float64)] * 2
+    model.eval()
+    assert not model.training
+    evaluated = check(ones, 17)
+    assert torch.equal(evaluated, check(ones, None))  # deterministic, no draw
+    assert not torch.equal(trained, evaluated)
+    # the prediction too: identity in eval mode, dropped out again after train()
+    with torch.no_grad():
+        assert torch.allclose(model(x=x), twin(x, ones), rtol=1e-12, atol=0)
+        model.train()
+        torch.manual_seed(23)
+        assert torch.allclose(model(x=x), twin(x, drawn(23)), rtol=1e-12, atol=0)
+    check(drawn(29), 29)

@@ -10,11 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from symbackprop.api import compile_spec
-from symbackprop.check import load_module
-from symbackprop.emit.render import module_filename
-
-from conftest import EXAMPLES
+from conftest import example_modules
 
 
 class SeedNet(torch.nn.Module):
@@ -48,16 +44,6 @@ class Classifier(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self(x), label)
 
 
-def _modules(tmp_path, name):
-    model = compile_spec(EXAMPLES / f"{name}.yaml")
-    out = {}
-    for backend in ("numpy", "torch"):
-        path = tmp_path / module_filename(name, backend)
-        path.write_text(model.source(backend), encoding="utf-8")
-        out[backend] = load_module(path)
-    return out
-
-
 def _batch(name: str, rng: np.random.Generator, n: int = 7) -> dict[str, np.ndarray]:
     if name == "seed_mlp":
         return {"x": rng.normal(size=(n, 2)), "t": rng.uniform(size=(n, 1))}
@@ -66,7 +52,7 @@ def _batch(name: str, rng: np.random.Generator, n: int = 7) -> dict[str, np.ndar
 
 @pytest.mark.parametrize("name,net_cls", [("seed_mlp", SeedNet), ("mlp_classifier", Classifier)])
 def test_example_matches_handwritten_torch(tmp_path, name, net_cls) -> None:
-    mods = _modules(tmp_path, name)
+    mods = example_modules(tmp_path, name)
     rng = np.random.default_rng(7)
     params = mods["numpy"].init_params(seed=11)
     net = net_cls().double()
@@ -97,7 +83,7 @@ def test_example_matches_handwritten_torch(tmp_path, name, net_cls) -> None:
 
 def test_state_dict_round_trip(tmp_path) -> None:
     """A torch state_dict loads into the numpy module and back, by name."""
-    mods = _modules(tmp_path, "seed_mlp")
+    mods = example_modules(tmp_path, "seed_mlp")
     model = mods["torch"].Model(seed=5, dtype=torch.float64)
     assert list(model.state_dict()) == list(mods["numpy"].PARAM_SHAPES)
     assert list(mods["torch"].PARAM_SHAPES) == list(mods["numpy"].PARAM_SHAPES)
@@ -114,7 +100,7 @@ def test_state_dict_round_trip(tmp_path) -> None:
 
 def test_training_reduces_the_loss(tmp_path) -> None:
     """A few hundred steps of gradient descent with the generated gradients learn XOR."""
-    mods = _modules(tmp_path, "seed_mlp")
+    mods = example_modules(tmp_path, "seed_mlp")
     m = mods["numpy"]
     params = m.init_params(seed=1)
     x = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
@@ -127,7 +113,7 @@ def test_training_reduces_the_loss(tmp_path) -> None:
 
 
 def test_init_params_dtype_and_determinism(tmp_path) -> None:
-    mods = _modules(tmp_path, "mlp_classifier")
+    mods = example_modules(tmp_path, "mlp_classifier")
     a = mods["numpy"].init_params(seed=3, dtype=np.float32)
     b = mods["numpy"].init_params(seed=3, dtype=np.float32)
     assert all(v.dtype == np.float32 and np.array_equal(v, b[k]) for k, v in a.items())
@@ -141,7 +127,7 @@ def test_init_params_dtype_and_determinism(tmp_path) -> None:
 def test_model_backward_matches_torch_autograd_and_runs_twice(tmp_path) -> None:
     """Model.loss().backward() fills .grad with what autograd gives the hand-written
     torch.nn model; under retain_graph a second backward adds the same gradient again."""
-    mods = _modules(tmp_path, "mlp_classifier")
+    mods = example_modules(tmp_path, "mlp_classifier")
     model = mods["torch"].Model(seed=3, dtype=torch.float64)
     net = Classifier().double()
     net.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})

@@ -16,11 +16,7 @@ import math
 import numpy as np
 import pytest
 
-from symbackprop.api import compile_spec
-from symbackprop.check import load_module
-from symbackprop.emit.render import module_filename
-
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, example_modules
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -114,16 +110,6 @@ class Gpt(torch.nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
 
 
-def _modules(tmp_path, name):
-    model = compile_spec(EXAMPLES / f"{name}.yaml")
-    out = {}
-    for backend in ("numpy", "torch"):
-        path = tmp_path / module_filename(name, backend)
-        path.write_text(model.source(backend), encoding="utf-8")
-        out[backend] = load_module(path)
-    return out
-
-
 def _rel(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -173,7 +159,7 @@ def _agree(mods, twin, batch: dict, ref_loss, trainable: set[str],
 
 
 def test_gpt_block_matches_a_nanogpt_block(tmp_path) -> None:
-    mods = _modules(tmp_path, "gpt_block")
+    mods = example_modules(tmp_path, "gpt_block")
     twin = Block(32, 4).double()
     _randomise(twin, 0)
     assert list(twin.state_dict()) == list(mods["numpy"].PARAM_SHAPES)
@@ -188,7 +174,7 @@ def test_gpt_block_matches_a_nanogpt_block(tmp_path) -> None:
 def test_gpt_block_initialises_as_torch_and_bounds_t(tmp_path) -> None:
     """Layer norms start at ones and zeros, linear layers within ±1/√fan_in; T over its
     declared max is refused with a message naming the input."""
-    mods = _modules(tmp_path, "gpt_block")
+    mods = example_modules(tmp_path, "gpt_block")
     params = mods["numpy"].init_params(0)
     assert np.all(params["ln_1.weight"] == 1) and np.all(params["ln_2.bias"] == 0)
     assert np.abs(params["attn.c_attn.weight"]).max() <= 1 / math.sqrt(32)
@@ -215,7 +201,7 @@ def _state_without_tied_copy(twin: torch.nn.Module) -> dict:
 
 
 def test_tiny_gpt_matches_nanogpt(tmp_path) -> None:
-    mods = _modules(tmp_path, "tiny_gpt")
+    mods = example_modules(tmp_path, "tiny_gpt")
     twin = Gpt().double()
     _randomise(twin, 3)
     state = _state_without_tied_copy(twin)
@@ -229,7 +215,7 @@ def test_tiny_gpt_matches_nanogpt(tmp_path) -> None:
 
 
 def test_lora_gpt_matches_nanogpt_with_peft_adapters(tmp_path) -> None:
-    mods = _modules(tmp_path, "lora_gpt")
+    mods = example_modules(tmp_path, "lora_gpt")
     twin = Gpt(lora=(4, 8.0)).double()
     _randomise(twin, 4)  # B at zero would send A no gradient
     state = _state_without_tied_copy(twin)
@@ -244,7 +230,7 @@ def test_lora_gpt_matches_nanogpt_with_peft_adapters(tmp_path) -> None:
 
 def test_lora_gpt_computes_no_product_of_the_adapters(tmp_path) -> None:
     """The step never forms B A (out x in) nor computes a frozen weight's gradient."""
-    mods = _modules(tmp_path, "lora_gpt")
+    mods = example_modules(tmp_path, "lora_gpt")
     for backend in ("numpy", "torch"):
         tree = ast.parse((tmp_path / f"lora_gpt_{backend}.py").read_text())
         step = next(f for f in tree.body if isinstance(f, ast.FunctionDef)
@@ -267,7 +253,7 @@ def test_lora_gpt_computes_no_product_of_the_adapters(tmp_path) -> None:
     merged = mods["numpy"].merge_lora({k: np.ones(v) for k, v in
                                        mods["numpy"].PARAM_SHAPES.items()})
     assert not any("lora" in k for k in merged)
-    assert set(merged) == set(_modules(tmp_path / "..", "tiny_gpt")["numpy"].PARAM_SHAPES)
+    assert set(merged) == set(example_modules(tmp_path / "..", "tiny_gpt")["numpy"].PARAM_SHAPES)
 
 
 def test_generated_gpt_examples_are_up_to_date() -> None:

@@ -535,6 +535,46 @@ def test_seed_derivation_fits_on_three_pages(tmp_path: Path, seed_doc) -> None:
     assert _pdflatex(tmp_path, seed_doc.tex()) <= 3
 
 
+@pytest.mark.parametrize("name", ["gpt_block", "multitask"])
+def test_long_derivatives_break_inside_the_page(tmp_path: Path, name: str) -> None:
+    """GPT-2's tanh GELU derivative and a long weight-decay sum are cut across lines (at a
+    sum's signs, or between factors), so pdflatex reports no line wider than the page."""
+    text = symbackprop.derive(EXAMPLES / f"{name}.yaml").tex()
+    _pdflatex(tmp_path, text)
+    log = (tmp_path / "doc.log").read_text(encoding="latin-1")
+    assert "Overfull \\hbox" not in log, log[log.find("Overfull"):][:600]
+    assert "\\quad {} +" in text  # the check can fail: there was something to cut
+
+
+def test_linebreak_keeps_each_row_balanced() -> None:
+    from symbackprop.latex.linebreak import break_cell, break_rows, width
+
+    term = r"\frac{\sqrt{2}}{\sqrt{\pi}} \, \tanh{\left(x_{nmi}^{3} + x_{nmi}\right)}"
+    cell = r"= a \left(" + " + ".join([term] * 12) + r"\right) \left(b + 1\right)"
+    pieces = break_cell(cell, 300.0)
+    assert len(pieces) > 2
+    for piece in pieces:
+        assert piece.count(r"\left") == piece.count(r"\right"), piece
+        assert piece.count("{") == piece.count("}"), piece
+        assert width(piece) <= 300.0 + 10.0, piece
+    assert pieces[1].startswith(r"\quad \left. {} + ")
+    assert pieces[0].endswith(r"\right.")
+    # nothing lost or reordered: the pieces without the inserted delimiters are the cell
+    glued = re.sub(r"\\quad (\\left\. )*\{\} (\\times )?", "", " ".join(pieces))
+    glued = glued.replace(r" \right.", "")
+    assert glued.split() == cell.split()
+    assert break_cell(r"= a + b", 300.0) == [r"= a + b"]
+    # never inside an environment: a cases block keeps its own rows
+    cases = r"= \begin{cases} " + " + ".join(["a_{i}"] * 60) + r" & \text{if } j = 0 \\ 0 & " \
+        r"\text{otherwise} \end{cases} + " + " + ".join(["b"] * 60)
+    pieces = break_cell(cases, 300.0)
+    assert len(pieces) > 1 and r"\end{cases}" in pieces[0]
+    # an aligned row: the left-hand side keeps its place; the rest continue after it
+    rows = break_rows([("y", cell), (r"= c",)], page=400.0)
+    assert rows[0][0] == "y" and all(len(r) == 1 for r in rows[1:])
+    assert rows[-1] == (r"= c",)
+
+
 LAYOUT_CHECK = """<script>
 (function () {
   var maths = Array.from(document.querySelectorAll('math'));

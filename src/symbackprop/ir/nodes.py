@@ -21,6 +21,8 @@ Ops:
 * :class:`Linear` — ``a @ b + bias`` as one call (a pass forms it);
 * :class:`LogSoftmax` — ``a - logsumexp(a)`` along the last axis (a pass forms it);
 * :class:`Softmax` — ``exp(a - logsumexp(a))`` along the last axis (the same pass);
+* :class:`SoftmaxBackward` — ``y * (g - sum(y * g))`` along the last axis, the chain
+  rule through a softmax as one call (a pass forms it);
 * :class:`Full` — an array of one value, shaped by dims (axes no operand covers);
 * :class:`ScatterAdd` — rows added at integer ids (the adjoint of a :class:`Gather` view);
 * :class:`WindowAdd` — windows added back at their positions (the adjoint of a
@@ -332,6 +334,21 @@ class Softmax:
 
 
 @dataclass(frozen=True)
+class SoftmaxBackward:
+    """``out * (grad - sum(out * grad, axis))`` (``axis`` the last one): what the chain
+    rule gives for a softmax's input from its output ``out`` and output adjoint ``grad``,
+    one call (a pass forms it)."""
+
+    grad: str
+    out: str
+    axis: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.grad, self.out})
+
+
+@dataclass(frozen=True)
 class Full:
     """An array of ``value`` with shape ``shape`` (sympy dims), dtype and device of ``like``."""
 
@@ -446,8 +463,8 @@ class Stack:
         return frozenset(p for p in self.parts if p is not None)
 
 
-Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | Full | Seed | ScatterAdd
-      | WindowAdd | Conv | MaxPool | Stack)
+Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | SoftmaxBackward | Full
+      | Seed | ScatterAdd | WindowAdd | Conv | MaxPool | Stack)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 
 from .document import Block, Display, Heading, Para, Span
+from .linebreak import break_rows
 from .notation import _esc
 
 # ----------------------------------------------------------------------------------------
@@ -88,13 +89,14 @@ def tex(blocks: Sequence[Block], title: str) -> str:
             body.append(_spans_tex(b.spans))
         else:
             pairs = max(len(r) for r in b.rows) // 2
+            rows = break_rows(b.rows, pairs)
             env = "align*" if pairs <= 1 else "alignat*"
             arg = "" if pairs <= 1 else f"{{{pairs}}}"
             # alignat puts no space between column pairs: a \qquad keeps them apart.
             lines = [_row(r) if pairs <= 1 else
                      " & ".join(c if n % 2 == 0 or n == len(r) - 1 else c + r" \qquad"
                                 for n, c in enumerate(r)) if len(r) > 1 else f"& {r[0]}"
-                     for r in b.rows]
+                     for r in rows]
             body.append(f"\\begin{{{env}}}{arg}\n" + " \\\\\n".join(lines)
                         + f"\n\\end{{{env}}}")
     head = [
@@ -104,6 +106,8 @@ def tex(blocks: Sequence[Block], title: str) -> str:
         r"\allowdisplaybreaks",
         r"\setlength{\parindent}{0pt}",
         r"\setlength{\parskip}{0.4em}",
+        # Paragraphs of inline formulas (the notation) may stretch rather than overflow.
+        r"\setlength{\emergencystretch}{3em}",
         # Compact headings and displays: the document is meant to be read in one sitting.
         r"\makeatletter",
         r"\renewcommand\section{\@startsection{section}{1}{0pt}{1.2ex plus .5ex}"

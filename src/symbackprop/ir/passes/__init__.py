@@ -2,8 +2,9 @@
 
 :func:`function` runs them in order for one generated function: select what its outputs
 need, fuse single-use elementwise temporaries, share common subexpressions, then the
-pattern passes (convolutions, log-softmax, product + bias, activation-backward kernels,
-broadcast factors first), each pattern
+pattern passes (convolutions, log-softmax, softmax backward, products against stacked
+parts, the tanh GELU, product + bias, activation-backward kernels, broadcast factors
+first), each pattern
 recognised in exactly one of them. Freeing after last use and in-place reuse are the
 memory pass, run by the printer's caller once the function's inputs are known.
 """
@@ -17,11 +18,14 @@ from .broadcast import broadcast
 from .conv import conv
 from .cse import cse
 from .fuse import fuse
+from .gelu import gelu
 from .kernels import kernels
 from .linear import linear
 from .log_softmax import log_softmax
 from .memory import memory
 from .select import select
+from .softmax_backward import softmax_backward
+from .stacked import stacked
 
 
 def function(program: Program, outputs: Sequence[str], *,
@@ -33,11 +37,14 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = cse(stmts, program)
     stmts = conv(stmts, program, protected)
     stmts = log_softmax(stmts, program, protected)
+    stmts = softmax_backward(stmts, program, protected)
+    stmts = stacked(stmts, program, protected)
+    stmts = gelu(stmts, program, protected)
     stmts = linear(stmts, program, protected)
     stmts = kernels(stmts, program)
     stmts = broadcast(stmts, program)
     return stmts
 
 
-__all__ = ["function", "memory", "select", "fuse", "cse", "conv", "log_softmax", "linear",
-           "kernels", "broadcast"]
+__all__ = ["function", "memory", "select", "fuse", "cse", "conv", "log_softmax",
+           "softmax_backward", "stacked", "gelu", "linear", "kernels", "broadcast"]

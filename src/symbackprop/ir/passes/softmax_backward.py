@@ -1,0 +1,113 @@
+"""``s = sum(y * g, last axis); d = y*g - y*s`` -> ``d = softmax_backward(g, y)``.
+
+The chain rule through ``y = exp(a - logsumexp(a))`` gives, after CSE, a row sum of
+``y * g`` (the adjoint of ``logsumexp``, often negated in a statement of its own) and an
+elementwise ``y*g + y*(-s)``: four passes over the array and two temporaries. The same
+numbers come from one kernel (torch's ``_softmax_backward_data``, autograd's own
+softmax backward; numpy: a row dot product and one subtraction, multiplied in place).
+
+The identity ``y*g - y*s = y*(g - s)`` holds for any arrays, so the rule needs no
+knowledge of where ``y`` came from: it checks, by expanding the sympy bodies, that the
+statement is exactly that expression, with ``s`` the row sum of the same two arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sympy as sp
+
+from ..nodes import (
+    Assign,
+    Einsum,
+    Map,
+    Program,
+    Reduce,
+    SoftmaxBackward,
+    View,
+    join_comments,
+    readers,
+)
+
+
+def _row_sum(stmt: Assign) -> tuple[str, str, int] | None:
+    """(a, b, rank) when ``stmt`` is the sum over the last axis of ``a * b``, both read
+    as they are."""
+    op = stmt.op
+    if isinstance(op, Einsum) and len(op.operands) == 2:
+        inputs, out = op.subscripts.split("->")
+        x, y = inputs.split(",")
+        if x == y and len(set(x)) == len(x) and out == x[:-1] and op.operands[0] != op.operands[1]:
+            return op.operands[0], op.operands[1], len(x)
+        return None
+    if isinstance(op, Reduce) and op.kind == "sum" and op.axes == (op.rank - 1,):
+        views = dict(op.views)
+        factors = sp.Mul.make_args(op.body)
+        if len(factors) == 2 and all(f in views and views[f].is_identity
+                                     and isinstance(views[f], View) for f in factors):
+            a, b = (views[f].src for f in factors)
+            if a != b:
+                return a, b, op.rank
+    return None
+
+
+def _row_view(view: object, rank: int) -> bool:
+    """The view reads an array of ``rank - 1`` axes broadcast along the last axis."""
+    return (isinstance(view, View) and view.out_rank == rank
+            and view.places == tuple(range(rank - 1)) and all(p is None for p in view.picks))
+
+
+def softmax_backward(stmts: list[Assign], program: Program,
+                     protected: set[str]) -> list[Assign]:
+    count = readers(stmts)
+    where = {s.target: n for n, s in enumerate(stmts)}
+    out: list[Assign | None] = list(stmts)
+    for pos, stmt in enumerate(stmts):
+        op = stmt.op
+        if not isinstance(op, Map) or stmt.phase != "backward":
+            continue
+        views = dict(op.views)
+        rank = next((v.out_rank for v in views.values() if isinstance(v, View)), 0)
+        # The broadcast row read: the row sum itself, or a scalar multiple of it.
+        for sym, view in op.views:
+            if not _row_view(view, rank) or count.get(view.src) != 1:
+                continue
+            body, dead = op.body, [view.src]
+            row = out[where[view.src]] if view.src in where else None
+            if row is None or row.target in protected:
+                continue
+            found = _row_sum(row)
+            if found is None and isinstance(row.op, Map) and len(row.op.views) == 1:
+                (inner_sym, inner), = row.op.views
+                coeff = row.op.body / inner_sym
+                if (coeff.free_symbols or not inner.is_identity or inner.src not in where
+                        or count.get(inner.src) != 1 or inner.src in protected):
+                    continue
+                inner_stmt = out[where[inner.src]]
+                found = _row_sum(inner_stmt) if inner_stmt is not None else None
+                body = body.xreplace({sym: coeff * sym})
+                dead.append(inner.src)
+            if found is None or found[2] != rank:
+                continue
+            a, b, _ = found
+            placeholders = {v.src: s for s, v in op.views if isinstance(v, View)
+                            and v.is_identity}
+            if a not in placeholders or b not in placeholders:
+                continue
+            for y, g in ((a, b), (b, a)):
+                ys, gs = placeholders[y], placeholders[g]
+                if sp.expand(body - (ys * gs - ys * sym)) == 0:
+                    break
+            else:
+                continue
+            comment = ""
+            for name in reversed(dead):
+                gone = out[where[name]]
+                assert gone is not None
+                comment = join_comments(comment, gone.comment)
+                out[where[name]] = None
+            what = f"softmax backward: {stmt.target} = {y}*({g} - sum({y}*{g})), in one call"
+            out[pos] = replace(stmt, op=SoftmaxBackward(g, y, rank - 1),
+                               comment=join_comments(join_comments(comment, stmt.comment), what))
+            break
+    return [s for s in out if s is not None]
