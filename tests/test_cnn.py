@@ -437,3 +437,15 @@ def test_autocast_bfloat16_cnn_matches_torch_nn(tmp_path, inside) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, grads = mod.loss_and_grad(dict(model.state_dict()), x=x, label=label)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in grads.values())
+
+
+def test_explain_shows_each_layers_output_shape(tmp_path, capsys) -> None:
+    from symbackprop.cli import main
+
+    assert main(["generate", str(EXAMPLES / "cnn.yaml"), "--out", str(tmp_path),
+                 "--explain"]) == 0
+    out = capsys.readouterr().out
+    for line in ("conv1 (conv2d): [N, 8, 8, 8]", "pool1 (maxpool2d): [N, 8, 4, 4]",
+                 "conv2 (conv2d): [N, 16, 2, 2]", "flat (reshape): [N, 64]",
+                 "fc (dense): [N, 10]"):
+        assert f"  {line}\n" in out, line
