@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from contender import load_module, time_step  # noqa: E402
+from contender import backward_step, load_module, time_step  # noqa: E402
 
 CONTENDERS = {
     "eager": "torch.nn, eager autograd",
@@ -88,14 +88,7 @@ def child(name: str, batch: int, gen_dir: Path, seconds: float) -> dict[str, Any
 
                 def loss() -> Any:
                     return torch.nn.functional.cross_entropy(model(xt), lt)
-            named = list(model.parameters())
-
-            def step() -> Any:
-                for p in named:
-                    p.grad = None
-                out = loss()
-                out.backward()
-                return out
+            step = backward_step(model.parameters(), loss)
     step()
     out = time_step(step, seconds, 1.0, 15)
     out.update({"contender": name})

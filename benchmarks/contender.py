@@ -135,6 +135,21 @@ def build(name: str, work: Workload, batch: int, gen_dir: Path
     raise SystemExit(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
 
 
+def backward_step(parameters: Any, loss: Callable[[], Any]) -> Callable[[], Any]:
+    """One torch training step for timing: the parameters' gradients cleared (as
+    ``zero_grad(set_to_none=True)``), the loss computed and ``backward()`` run."""
+    named = list(parameters)
+
+    def step() -> Any:
+        for p in named:
+            p.grad = None
+        out = loss()
+        out.backward()
+        return out
+
+    return step
+
+
 def time_step(step: Callable[[], Any], seconds: float, warmup: float, min_samples: int
               ) -> dict[str, Any]:
     """Warm up, then the median of many ``perf_counter`` samples (gc off while timing)."""

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from contender import load_module, time_step  # noqa: E402
+from contender import backward_step, load_module, time_step  # noqa: E402
 
 CONTENDERS = {
     "eager": "nanoGPT Block, torch eager autograd",
@@ -116,14 +116,8 @@ def lora_child(name: str, batch: int, length: int, gen_dir: Path, seconds: float
         model = load_module(gen_dir / f"{spec}_torch.py").Model(dtype=torch.float32)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
         it, yt = torch.from_numpy(idx), torch.from_numpy(y)
-        named = [p for p in model.parameters() if p.requires_grad]
-
-        def step() -> Any:
-            for p in named:
-                p.grad = None
-            out = model(idx=it, y=yt)
-            out.backward()
-            return out
+        step = backward_step((p for p in model.parameters() if p.requires_grad),
+                             lambda: model(idx=it, y=yt))
     step()
     out = time_step(step, seconds, 1.0, 15)
     out.update({"contender": name})
@@ -169,14 +163,7 @@ def child(name: str, batch: int, length: int, gen_dir: Path, seconds: float) -> 
 
                 def loss() -> Any:
                     return torch.nn.functional.mse_loss(model(xt), tt)
-            named = list(model.parameters())
-
-            def step() -> Any:
-                for p in named:
-                    p.grad = None
-                out = loss()
-                out.backward()
-                return out
+            step = backward_step(model.parameters(), loss)
     step()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = time_step(step, seconds, 1.0, 15)

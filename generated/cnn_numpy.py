@@ -374,14 +374,6 @@ def _sum_taps(a, axes):
     return out
 
 
-def _taps(sizes):
-    # every index of an array of these sizes, row-major
-    taps = [()]
-    for size in sizes:
-        taps = [t + (i,) for t in taps for i in range(size)]
-    return taps
-
-
 def _max_pool(x, kernel, stride):
     # The maximum of each window over the trailing axes (no padding, floor mode): the
     # elementwise maximum of one strided slice per kernel tap (numpy's max over small
@@ -469,6 +461,14 @@ def _conv_input(g, w, shape, stride, pad):
     return _conv(padded, flipped, (1,) * len(kernel), (0,) * len(kernel))
 
 
+def _taps(sizes):
+    # every index of an array of these sizes, row-major
+    taps = [()]
+    for size in sizes:
+        taps = [t + (i,) for t in taps for i in range(size)]
+    return taps
+
+
 def _window_add(values, shape, slides):
     # The adjoint of a sliding-window read (a convolution's input gradient, a
     # pooling's): values[..., i, a, ...] (each slid axis as its positions i and kernel taps
@@ -484,10 +484,7 @@ def _window_add(values, shape, slides):
         padded[axis] = max(pad + shape[axis], stride * (count - 1) + size)
     out = numpy.zeros(padded, dtype=values.dtype)
     slid = {axis: (stride, count) for axis, stride, _, count, _ in slides}
-    taps = [()]
-    for _, _, _, _, size in slides:
-        taps = [t + (a,) for t in taps for a in range(size)]
-    for tap in taps:
+    for tap in _taps(tuple(size for *_, size in slides)):
         at = dict(zip(slid, tap))
         where, pick = [], []
         for axis in range(len(shape)):

@@ -373,10 +373,7 @@ def _window_add(values, shape, slides):
         padded[axis] = max(pad + shape[axis], stride * (count - 1) + size)
     out = values.new_zeros(padded)
     slid = {axis: (stride, count) for axis, stride, _, count, _ in slides}
-    taps = [()]
-    for _, _, _, _, size in slides:
-        taps = [t + (a,) for t in taps for a in range(size)]
-    for tap in taps:
+    for tap in _taps(tuple(size for *_, size in slides)):
         at = dict(zip(slid, tap))
         where, pick = [], []
         for axis in range(len(shape)):

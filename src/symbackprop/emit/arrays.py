@@ -208,7 +208,7 @@ class ArrayPrinter:
         if isinstance(op, MaxPool):
             return self.max_pool(op)
         if isinstance(op, WindowAdd):
-            self.helpers.add("window_add")
+            self.helpers.update(("window_add", "taps"))
             return f"_window_add({op.values}, {self.shape(op.shape)}, {op.slides!r})"
         if isinstance(op, Stack):
             present = next(p for p in op.parts if p is not None)
@@ -254,7 +254,7 @@ class ArrayPrinter:
         if not all(sp.sympify(n).is_Integer for n in extents) or math.prod(
                 int(n) for n in extents) > 16:
             return None
-        self.helpers.add("sum_taps")
+        self.helpers.update(("sum_taps", "taps"))
         return f"_sum_taps({view.src}, {op.axes!r})"
 
 

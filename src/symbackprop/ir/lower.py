@@ -372,26 +372,27 @@ class Lowerer:
                 raise GraphError(f"cannot lower {body}: a window over an axis of symbolic "
                                  "size")
             spec.append((free.index(k), stride, pad, int(count), int(width)))
-        extra = [i for i in limits if i not in layout]
-        if extra and set(layout) <= _covered(rest):
-            # Sums the windows do not index (a convolution's output channels) come first,
-            # straight into the layout the window-add reads.
-            values = self._temp()
-            self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), layout,
-                      extents, phase, values)
-            self._emit(target, WindowAdd(values, shape, tuple(spec)), phase)
-            return ref(target, free)
-        if extra:
-            rest = self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), None,
-                             extents, phase, None)
-        if isinstance(rest, sp.Indexed) and tuple(rest.indices) == layout:
-            values = _src(rest)
-        else:
-            values = self._temp()
-            self.shapes[values] = tuple(extents[i] for i in layout)
-            self._map(values, rest, layout, extents, phase)
+        # sums the windows do not index (a convolution's output channels) come first
+        values = self._laid_out(rest, [i for i in limits if i not in layout], layout,
+                                extents, phase)
         self._emit(target, WindowAdd(values, shape, tuple(spec)), phase)
         return ref(target, free)
+
+    def _laid_out(self, rest: sp.Expr, extra: list[sp.Symbol], layout: tuple[sp.Symbol, ...],
+                  extents: dict[sp.Symbol, sp.Expr], phase: Phase) -> str:
+        """The array a scatter- or window-add adds: ``rest`` summed over ``extra``, laid
+        out on the axes ``layout`` (summed straight into that order where ``rest``
+        spans them all, else rearranged by one elementwise statement)."""
+        if extra:
+            order = layout if set(layout) <= _covered(rest) else None
+            rest = self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), order,
+                             extents, phase, None)
+        if isinstance(rest, sp.Indexed) and tuple(rest.indices) == layout:
+            return _src(rest)
+        values = self._temp()
+        self.shapes[values] = tuple(extents[i] for i in layout)
+        self._map(values, rest, layout, extents, phase)
+        return values
 
     def _scatter(self, target: str, body: sp.Expr, limits: list[sp.Symbol],
                  free: tuple[sp.Symbol, ...], extents: dict[sp.Symbol, sp.Expr],
@@ -415,20 +416,10 @@ class Lowerer:
                              "of one id array, into the first axis of the result, is "
                              "supported")
         rest = sp.Mul(*(f for f in factors if f is not delta))
-        extra = [i for i in limits if i not in index.indices]
-        layout = (*index.indices, *free[1:])
-        if extra:
-            # Axes the ids do not span (the batch, for positions shared by every row) are
-            # summed first, into the rows' layout; the scatter then adds one row per id.
-            order = layout if set(layout) <= _covered(rest) else None
-            rest = self._sum(sp.Sum(rest, *((i, 0, extents[i] - 1) for i in extra)), order,
-                             extents, phase, None)
-        if isinstance(rest, sp.Indexed) and tuple(rest.indices) == layout:
-            values = _src(rest)
-        else:
-            values = self._temp()
-            self.shapes[values] = tuple(extents[i] for i in layout)
-            self._map(values, rest, layout, extents, phase)
+        # Axes the ids do not span (the batch, for positions shared by every row) are
+        # summed first; the scatter then adds one row per id.
+        values = self._laid_out(rest, [i for i in limits if i not in index.indices],
+                                (*index.indices, *free[1:]), extents, phase)
         self._emit(target, ScatterAdd(values, _src(index), self.shapes[target]), phase)
         return ref(target, free)
 

@@ -76,6 +76,15 @@ class Param:
         return (self.init, 0.0)
 
 
+def refuse_trainable_bias_without_bias(options: Mapping[str, object],
+                                       wheres: Mapping[str, Where]) -> None:
+    """A ``trainable`` mapping may not name ``bias`` on a layer with ``bias: false``."""
+    value = options.get("trainable")
+    if not options["bias"] and isinstance(value, tuple) and "bias" in dict(value):
+        raise wheres["trainable"].error("trainable names 'bias' but the layer has "
+                                        "bias: false")
+
+
 def trainable(spec: LayerSpec, role: str, default: bool) -> bool:
     """Whether ``role`` trains: the layer's ``trainable`` option (a bool for every
     parameter, or {name: bool} for some), else the parameter's declared default."""

@@ -34,12 +34,18 @@ from typing import Any, ClassVar
 
 import sympy as sp
 
-from .. import naming
 from ..errors import ShapeError
 from ..graph import Graph, Node, out_index, sum_index
 from ..spec import LayerSpec, Where
-from .base import Layer, Note, Option, Param, register_layer
-from .reductions import max_over
+from .base import (
+    Layer,
+    Note,
+    Option,
+    Param,
+    refuse_trainable_bias_without_bias,
+    register_layer,
+)
+from .reductions import computed_as_maximum, max_over
 
 
 def _per_axis(value: object, dims: int) -> tuple[int, ...]:
@@ -136,10 +142,7 @@ class _Conv(_Windowed):
     def validate(cls, inputs: tuple[str, ...], options: Mapping[str, object],
                  wheres: Mapping[str, Where]) -> None:
         cls._check_sizes(options, wheres)
-        value = options.get("trainable")
-        if not options["bias"] and isinstance(value, tuple) and "bias" in dict(value):
-            raise wheres["trainable"].error("trainable names 'bias' but the layer has "
-                                            "bias: false")
+        refuse_trainable_bias_without_bias(options, wheres)
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:
@@ -314,7 +317,7 @@ class MaxPool2d(_Pool):
                         after=tuple(range(2, 2 + cls.dims)))
         node = graph.op(spec.name, shape, body, layer=spec.name, where=spec.where,
                         kind="reduction", label=label)
-        node.meta["maximum"] = naming.reduction(spec.name, "top", 1)
+        computed_as_maximum(node, spec.name, 1)
         return node
 
     @classmethod

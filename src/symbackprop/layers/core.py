@@ -11,7 +11,15 @@ from .. import naming
 from ..errors import ShapeError
 from ..graph import Graph, Node, sum_index
 from ..spec import ActivationSpec, LayerSpec, Where
-from .base import ACTIVATIONS, Layer, Option, Param, register_layer, trainable
+from .base import (
+    ACTIVATIONS,
+    Layer,
+    Option,
+    Param,
+    refuse_trainable_bias_without_bias,
+    register_layer,
+    trainable,
+)
 from .lora import (
     LORA_OPTION,
     LORA_PARAMS,
@@ -92,10 +100,8 @@ class Dense(Layer):
     @classmethod
     def validate(cls, inputs: tuple[str, ...], options: Mapping[str, object],
                  wheres: Mapping[str, Where]) -> None:
+        refuse_trainable_bias_without_bias(options, wheres)
         value = options.get("trainable")
-        if not options["bias"] and isinstance(value, tuple) and "bias" in dict(value):
-            raise wheres["trainable"].error("trainable names 'bias' but the layer has "
-                                            "bias: false")
         validate_lora(options, wheres)
         if options["lora"] is None and isinstance(value, tuple):
             for role in LORA_PARAMS:

@@ -32,7 +32,14 @@ from .. import naming
 from ..errors import ShapeError
 from ..graph import Graph, Kind, Node, out_index, sum_index
 from ..spec import LayerSpec, Where
-from .base import Layer, Note, Option, Param, register_layer
+from .base import (
+    Layer,
+    Note,
+    Option,
+    Param,
+    refuse_trainable_bias_without_bias,
+    register_layer,
+)
 from .core import feature_size
 
 
@@ -82,10 +89,7 @@ class LayerNorm(Layer):
     def validate(cls, inputs: tuple[str, ...], options: Mapping[str, object],
                  wheres: Mapping[str, Where]) -> None:
         _positive_eps(options, wheres)
-        value = options.get("trainable")
-        if not options["bias"] and isinstance(value, tuple) and "bias" in dict(value):
-            raise wheres["trainable"].error("trainable names 'bias' but the layer has "
-                                            "bias: false")
+        refuse_trainable_bias_without_bias(options, wheres)
 
     @classmethod
     def build(cls, graph: Graph, spec: LayerSpec, inputs: list[Node]) -> Node:

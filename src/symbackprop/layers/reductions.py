@@ -25,7 +25,7 @@ import sympy as sp
 
 from .. import naming
 from ..formula import FormulaProblem, normalise_axes
-from ..graph import Graph, MaxOver, out_index
+from ..graph import Graph, MaxOver, Node, out_index
 from ..spec import Where
 
 _LABELS = {"sum": "sum", "mean": "mean", "max": "max", "logsumexp": "logsumexp"}
@@ -93,13 +93,19 @@ class IndexReducer:
         node = self.graph.op(name, shape, body, layer=self.layer, where=self.where,
                              kind="reduction", label=label)
         if kind == "max":
-            node.meta["maximum"] = naming.reduction(self.layer, "top", self.count)
+            computed_as_maximum(node, self.layer, self.count)
         return node.element(tuple(self.indices[b] for b in kept))
 
     def _max(self, inner: sp.Expr, limits: list[tuple[sp.Symbol, sp.Expr, sp.Expr]],
              shape: tuple[sp.Expr, ...], label: str) -> sp.Expr:
         return max_over(self.graph, self.layer, self.where, self.count, inner, limits,
                         shape, label)
+
+
+def computed_as_maximum(value: Node, layer: str, count: int) -> None:
+    """Mark the node holding :func:`max_over`'s value: the forward pass computes it as
+    the maximum that ``max_over`` added (``Lowerer.lower`` reads the mark)."""
+    value.meta["maximum"] = naming.reduction(layer, "top", count)
 
 
 def max_over(graph: Graph, layer: str, where: Where, count: int, inner: sp.Expr,
@@ -117,7 +123,7 @@ def max_over(graph: Graph, layer: str, where: Where, count: int, inner: sp.Expr,
     sum would be folded out of it by sympy when differentiating. The caller marks the
     value's node ``meta["maximum"]`` = the maximum's name: the forward pass computes
     the value as the maximum itself (every tie equals it, so sum(x e) / sum(e) does),
-    while the chain rule differentiates the sums."""
+    while the chain rule differentiates the sums (:func:`computed_as_maximum`)."""
     top = graph.op(naming.reduction(layer, "top", count), shape, MaxOver(inner, *limits),
                    layer=layer, where=where, kind="reduction",
                    label=label + " (the maximum itself)")
