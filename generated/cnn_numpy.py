@@ -57,14 +57,15 @@ DERIVATION_PASSES = {
         'z_{\\mathrm{conv1},nijk} & = \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv1},i,1,p,q} x_{n,1,j + p - 2,k + q - 2} + b_{\\mathrm{conv1},i} \\\\\n'
         'h_{\\mathrm{relu1},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv1},nijk}\\right) \\\\\n'
         '\\mathrm{top1}_{\\mathrm{pool1},nijk} & = \\max_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
-        '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{top1}_{\\mathrm{pool1},nijl} = h_{\\mathrm{relu1},n,i,2\\,(j-1) + k,2\\,(l-1) + p} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
-        '\\mathrm{pool1}_{nijk} & = \\frac{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp} h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}}{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp}} \\\\\n'
+        '\\mathrm{arg1}_{\\mathrm{pool1},nijk} & = \\operatorname*{arg\\,max}_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
+        '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{arg1}_{\\mathrm{pool1},nijl} = 16\\,(j-1) + 8\\,(k-1) + 2\\,(l-1) + p \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
+        '\\mathrm{pool1}_{nijk} & = \\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp} h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p} \\\\\n'
         'z_{\\mathrm{conv2},nijk} & = \\sum_{l=1}^{8} \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv2},ilpq} \\mathrm{pool1}_{n,l,j + p - 1,k + q - 1} + b_{\\mathrm{conv2},i} \\\\\n'
         'h_{\\mathrm{relu2},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv2},nijk}\\right) \\\\\n'
         'h_{\\mathrm{flat},ni} & = h_{\\mathrm{relu2},n,\\left\\lfloor (i-1)/4 \\right\\rfloor + 1,\\left\\lfloor (i-1)/2 \\right\\rfloor \\bmod 2 + 1,(i-1) \\bmod 2 + 1} \\\\\n'
         '\\mathbf{z}_{\\mathrm{fc}} & = \\mathbf{h}_{\\mathrm{flat}} \\mathbf{W}_{\\mathrm{fc}}^{\\top} + \\mathbf{b}_{\\mathrm{fc}} \\quad (N \\times 10) & z_{\\mathrm{fc},ni} & = \\sum_{j=1}^{64} W_{\\mathrm{fc},ij} h_{\\mathrm{flat},nj} + b_{\\mathrm{fc},i} \\\\\n'
         '\\mathbf{lse}_{\\mathrm{fc}} & = \\log{\\left(e^{\\mathbf{z}_{\\mathrm{fc}}} \\mathbf{1} \\right)} \\quad (N) & \\mathrm{lse}_{\\mathrm{fc},n} & = \\log{\\left(\\sum_{i=1}^{10} e^{z_{\\mathrm{fc},ni}} \\right)} \\\\\n'
-        '\\mathrm{picked}_{\\mathrm{fc},n} & = \\sum_{i=1}^{10} \\begin{cases} z_{\\mathrm{fc},ni} & \\text{if } i = \\mathrm{label}_{n} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
+        '\\mathrm{picked}_{\\mathrm{fc},n} & = \\sum_{i=1}^{10} \\begin{cases} z_{\\mathrm{fc},ni} & \\text{if } \\mathrm{label}_{n} = i \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
         '\\mathrm{count}_{\\mathrm{fc}} & = \\sum_{n=1}^{N} \\begin{cases} 1 & \\text{if } \\mathrm{label}_{n} \\neq -100 \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
         'L & = \\frac{\\sum_{n=1}^{N} \\begin{cases} \\mathrm{lse}_{\\mathrm{fc},n} - \\mathrm{picked}_{\\mathrm{fc},n} & \\text{if } \\mathrm{label}_{n} \\neq -100 \\\\ 0 & \\text{otherwise} \\end{cases}}{\\mathrm{count}_{\\mathrm{fc}}} \\\\\n'
         '\\operatorname{relu}(u) & = \\begin{cases} u & \\text{if } u > 0 \\\\ 0 & \\text{otherwise} \\end{cases}\n'
@@ -89,13 +90,13 @@ DERIVATION_PASSES = {
         "\\mathbf{z}_{\\mathrm{fc}} \\text{ is read by } \\mathtt{fc\\_lse} \\text{ (logsumexp, a reduction)} \\text{, } \\mathtt{fc\\_picked} \\text{ (the target class's logit, a reduction)} \\text{:} \\\\\n"
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{lse}_{\\mathrm{fc},n}}{\\partial z_{\\mathrm{fc},mi}} & = \\frac{\\delta_{nm} e^{z_{\\mathrm{fc},ni}}}{\\sum_{j=1}^{10} e^{z_{\\mathrm{fc},nj}}} \\\\\n'
-        '\\frac{\\partial \\mathrm{picked}_{\\mathrm{fc},n}}{\\partial z_{\\mathrm{fc},mi}} & = \\delta_{nm} \\mathbb{I}\\left[i = \\mathrm{label}_{n}\\right] \\\\\n'
-        '\\varepsilon_{\\mathrm{fc},ni} & = \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{fc},n}} \\mathbb{I}\\left[i = \\mathrm{label}_{n}\\right] \\\\\n'
-        ' & = \\begin{cases} \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{fc},n}} & \\text{if } i = \\mathrm{label}_{n} \\\\ \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} & \\text{otherwise} \\end{cases}\n'
+        '\\frac{\\partial \\mathrm{picked}_{\\mathrm{fc},n}}{\\partial z_{\\mathrm{fc},mi}} & = \\delta_{nm} \\mathbb{I}\\left[\\mathrm{label}_{n} = i\\right] \\\\\n'
+        '\\varepsilon_{\\mathrm{fc},ni} & = \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{fc},n}} \\mathbb{I}\\left[\\mathrm{label}_{n} = i\\right] \\\\\n'
+        ' & = \\begin{cases} \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{fc},n}} & \\text{if } \\mathrm{label}_{n} = i \\\\ \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} & \\text{otherwise} \\end{cases}\n'
         '\\end{aligned} \\\\\n'
         '\\text{so the error at the output, in forward quantities only:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\varepsilon_{\\mathrm{fc},ni} & = \\begin{cases} \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} \\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} - \\frac{\\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} & \\text{if } i = \\mathrm{label}_{n} \\\\ \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} \\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} & \\text{otherwise} \\end{cases}\n'
+        '\\varepsilon_{\\mathrm{fc},ni} & = \\begin{cases} \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} \\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} - \\frac{\\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} & \\text{if } \\mathrm{label}_{n} = i \\\\ \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} \\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} & \\text{otherwise} \\end{cases}\n'
         '\\end{aligned} \\\\\n'
         '\\mathbf{h}_{\\mathrm{flat}} \\text{ is read by } \\mathtt{fc} \\text{ (dense, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
@@ -133,14 +134,14 @@ DERIVATION_PASSES = {
         '\\end{aligned} \\\\\n'
         '\\mathbf{h}_{\\mathrm{relu1}} \\text{ is read by } \\mathtt{pool1} \\text{ (max over each 2 x 2 window, a reduction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\frac{\\partial \\mathrm{pool1}_{nijk}}{\\partial h_{\\mathrm{relu1},mlpq}} & = \\frac{\\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{p,2\\,(j-1) + r} \\delta_{q,2\\,(k-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},nijrks}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijrks}} \\\\\n'
-        '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}} \\\\\n'
-        ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\n'
+        '\\frac{\\partial \\mathrm{pool1}_{nijk}}{\\partial h_{\\mathrm{relu1},mlpq}} & = \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{p,2\\,(j-1) + r} \\delta_{q,2\\,(k-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},nijrks} \\\\\n'
+        '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs} \\\\\n'
+        ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}\n'
         '\\end{aligned} \\\\\n'
         '\\text{Max pooling, collected (indices from 0 here, as in the code).} \\\\\n'
-        "\\text{With } m_{n,c,i,j} \\text{ the window's maximum and } e_{n,c,i,a,j,b} = [x_{n,c,\\,s i + a,\\,s j + b} = m_{n,c,i,j}] \\text{ its arg-max (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e / \\sum_{a,b} e \\text{, so the adjoint } \\delta \\text{ is routed to the arg-max of each window (shared between tied maxima) and added where windows overlap:} \\\\\n"
+        "\\text{With } a_{n,c,i,j} \\text{ the position (row-major, } h W + w \\text{) of each window's first maximum, as torch picks it, and } e_{n,c,i,a,j,b} = [a_{n,c,i,j} = (s i + a) W + s j + b] \\text{ its one-hot (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e \\text{, so the adjoint } \\delta \\text{ is routed to that one arg-max of each window and added where windows overlap:} \\\\\n"
         '\\begin{aligned}\n'
-        "\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j,a,b\\,:\\; s i + a = h,\\; s j + b = w} \\delta_{n,c,i,j}\\, \\frac{e_{n,c,i,a,j,b}}{\\sum_{a',b'} e_{n,c,i,a',j,b'}}\n"
+        '\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j\\,:\\; a_{n,c,i,j} = h W + w} \\delta_{n,c,i,j}\n'
         '\\end{aligned} \\\\\n'
         '\\mathbf{z}_{\\mathrm{conv1}} \\text{ is read by } \\mathtt{relu1} \\text{ (relu, elementwise)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
@@ -149,7 +150,7 @@ DERIVATION_PASSES = {
         '\\end{aligned} \\\\\n'
         '\\text{so the error at this layer, in terms of the error above:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
+        '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
         '\\end{aligned} \\\\\n'
         '\\text{Convolution, collected (indices from 0 here, as in the code: s the stride, p the padding).} \\\\\n'
         '\\text{The layer reads } x_{n,c,\\,s i + a - p,\\,s j + b - p} \\text{ (zero outside the input: the padding).} \\\\\n'
@@ -363,17 +364,6 @@ def _logsumexp(x, axis):
     return numpy.log(numpy.sum(numpy.exp(x - m), axis=axis)) + numpy.squeeze(m, axis=axis)
 
 
-def _sum_taps(a, axes):
-    # a summed over a few short axes (a window's taps): one add per entry of them, as
-    # a reduction over short axes costs several times more.
-    out = None
-    for tap in _taps(tuple(a.shape[axis] for axis in axes)):
-        at = dict(zip(axes, tap))
-        part = a[tuple(at.get(axis, slice(None)) for axis in range(a.ndim))]
-        out = part.copy() if out is None else out + part
-    return out
-
-
 def _max_pool(x, kernel, stride):
     # The maximum of each window over the trailing axes (no padding, floor mode): the
     # elementwise maximum of one strided slice per kernel tap (numpy's max over small
@@ -386,6 +376,52 @@ def _max_pool(x, kernel, stride):
                               for a, s, q in zip(tap, stride, positions)))]
         out = part.copy() if out is None else numpy.maximum(out, part, out=out)
     return out
+
+
+def _max_pool_indices(x, kernel, stride):
+    # Where each window's first maximum lies, as the flat position h * W + w in the
+    # trailing axes (what torch's max pooling returns with return_indices=True): the
+    # taps are visited row-major and a later one wins only where it is larger, or NaN,
+    # by torch's own rule.
+    d = len(kernel)
+    sizes = x.shape[x.ndim - d:]
+    positions = [(n - k) // s + 1 for n, k, s in zip(sizes, kernel, stride)]
+    best = index = None
+    for tap in numpy.ndindex(*kernel):
+        part = x[(Ellipsis, *(slice(a, a + s * (q - 1) + 1, s)
+                              for a, s, q in zip(tap, stride, positions)))]
+        flat = numpy.zeros((1,) * d, dtype=numpy.int64)
+        for axis, (a, s, q, n) in enumerate(zip(tap, stride, positions, sizes)):
+            along = (numpy.arange(q) * s + a).reshape((q,) + (1,) * (d - 1 - axis))
+            flat = flat * n + along
+        if best is None:
+            best = part.copy()
+            index = numpy.broadcast_to(flat, part.shape).copy()
+            continue
+        better = (part > best) | numpy.isnan(part)
+        numpy.copyto(best, part, where=better)
+        numpy.copyto(index, flat, where=better)
+    return index
+
+
+def _take_at(x, index, d):
+    # x read at the flat positions index of its last d axes (a max pooling's values at
+    # its arg-max indices).
+    flat = numpy.take_along_axis(x.reshape(*x.shape[:x.ndim - d], -1),
+                                 index.reshape(*index.shape[:index.ndim - d], -1), -1)
+    return flat.reshape(index.shape)
+
+
+def _max_pool_backward(g, index, shape, d):
+    # An array of zeros shaped like the pooling's input, each window's gradient added at
+    # its first maximum's flat position in the last d axes (windows that overlap add):
+    # one bincount over every position of every leading entry.
+    lead = math.prod(shape[:len(shape) - d])
+    plane = math.prod(shape[len(shape) - d:])
+    rows = numpy.arange(lead, dtype=numpy.int64).reshape(index.shape[:-d] + (1,) * d)
+    out = numpy.bincount((index + rows * plane).ravel(), weights=g.ravel(),
+                         minlength=lead * plane)
+    return out.astype(g.dtype, copy=False).reshape(shape)
 
 
 def _im2col(x, kernel, stride, pad, positions):
@@ -459,47 +495,6 @@ def _conv_input(g, w, shape, stride, pad):
                                         for a, m, s in zip(lo, spread, stride)))] = g
     flipped = numpy.flip(w, axis=tuple(range(2, w.ndim))).swapaxes(0, 1)
     return _conv(padded, flipped, (1,) * len(kernel), (0,) * len(kernel))
-
-
-def _taps(sizes):
-    # every index of an array of these sizes, row-major
-    taps = [()]
-    for size in sizes:
-        taps = [t + (i,) for t in taps for i in range(size)]
-    return taps
-
-
-def _window_add(values, shape, slides):
-    # The adjoint of a sliding-window read (a convolution's input gradient, a
-    # pooling's): values[..., i, a, ...] (each slid axis as its positions i and kernel taps
-    # a, side by side) is added back at stride * i + a - pad. Overlapping windows sum;
-    # what falls into the zero padding is dropped. Windows that tile their axes exactly
-    # (a 2 x 2 pooling of an even image) are those axes reshaped; others take one strided
-    # add per kernel tap.
-    if all(stride == size and pad == 0 and count * size == shape[axis]
-           for axis, stride, pad, count, size in slides):
-        return values.reshape(shape)
-    padded = list(shape)
-    for axis, stride, pad, count, size in slides:
-        padded[axis] = max(pad + shape[axis], stride * (count - 1) + size)
-    out = numpy.zeros(padded, dtype=values.dtype)
-    slid = {axis: (stride, count) for axis, stride, _, count, _ in slides}
-    for tap in _taps(tuple(size for *_, size in slides)):
-        at = dict(zip(slid, tap))
-        where, pick = [], []
-        for axis in range(len(shape)):
-            if axis in at:
-                stride, count = slid[axis]
-                where.append(slice(at[axis], at[axis] + stride * (count - 1) + 1, stride))
-                pick += [slice(None), at[axis]]
-            else:
-                where.append(slice(None))
-                pick.append(slice(None))
-        out[tuple(where)] += values[tuple(pick)]
-    crop = [slice(None)] * len(shape)
-    for axis, _, pad, _, _ in slides:
-        crop[axis] = slice(pad, pad + shape[axis])
-    return out[tuple(crop)]
 
 
 def _masked_where(condition, then, otherwise):
@@ -596,7 +591,7 @@ def forward(params, *, x):
     pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -638,7 +633,7 @@ def loss(params, *, x, label):
     pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -670,10 +665,10 @@ def loss(params, *, x, label):
     fc_count = int(numpy.count_nonzero(tmp0))
 
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum6 = numpy.sum(numpy.where(tmp0, fc_lse - fc_picked, 0))
+    tmp_sum7 = numpy.sum(numpy.where(tmp0, fc_lse - fc_picked, 0))
     del fc_lse, fc_picked, tmp0
-    loss = tmp_sum6/fc_count
-    del fc_count, tmp_sum6
+    loss = tmp_sum7/fc_count
+    del fc_count, tmp_sum7
     return loss
 
 
@@ -709,15 +704,14 @@ def loss_and_grad(params, *, x, label, wrt=None):
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = numpy.maximum(conv1, 0)
 
+    # max over each 2 x 2 window (where its first maximum lies, as a flat position; no gradient) pool1: pool1_arg1[i0, i1, i2, i3] = argmax_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
+    pool1_arg1 = _max_pool_indices(relu1, (2, 2), (2, 2))
+
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = _max_pool(relu1, (2, 2), (2, 2))
+    pool1_top1 = _take_at(relu1, pool1_arg1, 2)
+    del relu1
 
-    if _need_x or _need_conv1_weight or _need_conv1_bias:
-        # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i4] == relu1[i0, i1, 2*i2 + i3, 2*i4 + i5] else 0)
-        pool1_ties1 = numpy.where((pool1_top1[:, :, :, None, :, None] == relu1.reshape(N, 8, 4, 2, 4, 2)), pool1_top1[:, :, :, None, :, None].dtype.type(1), pool1_top1[:, :, :, None, :, None].dtype.type(0))
-        del relu1
-
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -746,10 +740,10 @@ def loss_and_grad(params, *, x, label, wrt=None):
     fc_count = int(numpy.count_nonzero(tmp3))
 
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum6 = numpy.sum(numpy.where(tmp3, fc_lse - fc_picked, 0))
+    tmp_sum7 = numpy.sum(numpy.where(tmp3, fc_lse - fc_picked, 0))
     del fc_picked
-    loss = tmp_sum6/fc_count
-    del tmp_sum6
+    loss = tmp_sum7/fc_count
+    del tmp_sum7
 
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
     # the seed: dL/dL = 1, in the loss's dtype
@@ -802,14 +796,9 @@ def loss_and_grad(params, *, x, label, wrt=None):
         d_pool1 = _conv_input(d_conv2, conv2_weight, (N, 8, 4, 4), (1, 1), (0, 0))
         del d_conv2
 
-        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
-        tmp_sum9 = _sum_taps(pool1_ties1, (3, 5))
-        tmp_bcast1 = d_pool1/tmp_sum9
-        del d_pool1, tmp_sum9
-        tmp_sum10 = pool1_ties1*tmp_bcast1[:, :, :, None, :, None]
-        del pool1_ties1, tmp_bcast1
-        d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
-        del tmp_sum10
+        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1])
+        d_relu1 = _max_pool_backward(d_pool1, pool1_arg1, (N, 8, 8, 8), 2)
+        del pool1_arg1, d_pool1
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
         d_conv1 = numpy.where(conv1 > 0, d_relu1, 0)

@@ -56,14 +56,15 @@ DERIVATION_PASSES = {
         'z_{\\mathrm{conv1},nijk} & = \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv1},i,1,p,q} x_{n,1,j + p - 2,k + q - 2} + b_{\\mathrm{conv1},i} \\\\\n'
         'h_{\\mathrm{relu1},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv1},nijk}\\right) \\\\\n'
         '\\mathrm{top1}_{\\mathrm{pool1},nijk} & = \\max_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
-        '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{top1}_{\\mathrm{pool1},nijl} = h_{\\mathrm{relu1},n,i,2\\,(j-1) + k,2\\,(l-1) + p} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
-        '\\mathrm{pool1}_{nijk} & = \\frac{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp} h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}}{\\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp}} \\\\\n'
+        '\\mathrm{arg1}_{\\mathrm{pool1},nijk} & = \\operatorname*{arg\\,max}_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
+        '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{arg1}_{\\mathrm{pool1},nijl} = 16\\,(j-1) + 8\\,(k-1) + 2\\,(l-1) + p \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
+        '\\mathrm{pool1}_{nijk} & = \\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp} h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p} \\\\\n'
         'z_{\\mathrm{conv2},nijk} & = \\sum_{l=1}^{8} \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv2},ilpq} \\mathrm{pool1}_{n,l,j + p - 1,k + q - 1} + b_{\\mathrm{conv2},i} \\\\\n'
         'h_{\\mathrm{relu2},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv2},nijk}\\right) \\\\\n'
         'h_{\\mathrm{flat},ni} & = h_{\\mathrm{relu2},n,\\left\\lfloor (i-1)/4 \\right\\rfloor + 1,\\left\\lfloor (i-1)/2 \\right\\rfloor \\bmod 2 + 1,(i-1) \\bmod 2 + 1} \\\\\n'
         '\\mathbf{z}_{\\mathrm{fc}} & = \\mathbf{h}_{\\mathrm{flat}} \\mathbf{W}_{\\mathrm{fc}}^{\\top} + \\mathbf{b}_{\\mathrm{fc}} \\quad (N \\times 10) & z_{\\mathrm{fc},ni} & = \\sum_{j=1}^{64} W_{\\mathrm{fc},ij} h_{\\mathrm{flat},nj} + b_{\\mathrm{fc},i} \\\\\n'
         '\\mathbf{lse}_{\\mathrm{fc}} & = \\log{\\left(e^{\\mathbf{z}_{\\mathrm{fc}}} \\mathbf{1} \\right)} \\quad (N) & \\mathrm{lse}_{\\mathrm{fc},n} & = \\log{\\left(\\sum_{i=1}^{10} e^{z_{\\mathrm{fc},ni}} \\right)} \\\\\n'
-        '\\mathrm{picked}_{\\mathrm{fc},n} & = \\sum_{i=1}^{10} \\begin{cases} z_{\\mathrm{fc},ni} & \\text{if } i = \\mathrm{label}_{n} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
+        '\\mathrm{picked}_{\\mathrm{fc},n} & = \\sum_{i=1}^{10} \\begin{cases} z_{\\mathrm{fc},ni} & \\text{if } \\mathrm{label}_{n} = i \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
         '\\mathrm{count}_{\\mathrm{fc}} & = \\sum_{n=1}^{N} \\begin{cases} 1 & \\text{if } \\mathrm{label}_{n} \\neq -100 \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
         'L & = \\frac{\\sum_{n=1}^{N} \\begin{cases} \\mathrm{lse}_{\\mathrm{fc},n} - \\mathrm{picked}_{\\mathrm{fc},n} & \\text{if } \\mathrm{label}_{n} \\neq -100 \\\\ 0 & \\text{otherwise} \\end{cases}}{\\mathrm{count}_{\\mathrm{fc}}} \\\\\n'
         '\\operatorname{relu}(u) & = \\begin{cases} u & \\text{if } u > 0 \\\\ 0 & \\text{otherwise} \\end{cases}\n'
@@ -88,13 +89,13 @@ DERIVATION_PASSES = {
         "\\mathbf{z}_{\\mathrm{fc}} \\text{ is read by } \\mathtt{fc\\_lse} \\text{ (logsumexp, a reduction)} \\text{, } \\mathtt{fc\\_picked} \\text{ (the target class's logit, a reduction)} \\text{:} \\\\\n"
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{lse}_{\\mathrm{fc},n}}{\\partial z_{\\mathrm{fc},mi}} & = \\frac{\\delta_{nm} e^{z_{\\mathrm{fc},ni}}}{\\sum_{j=1}^{10} e^{z_{\\mathrm{fc},nj}}} \\\\\n'
-        '\\frac{\\partial \\mathrm{picked}_{\\mathrm{fc},n}}{\\partial z_{\\mathrm{fc},mi}} & = \\delta_{nm} \\mathbb{I}\\left[i = \\mathrm{label}_{n}\\right] \\\\\n'
-        '\\varepsilon_{\\mathrm{fc},ni} & = \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{fc},n}} \\mathbb{I}\\left[i = \\mathrm{label}_{n}\\right] \\\\\n'
-        ' & = \\begin{cases} \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{fc},n}} & \\text{if } i = \\mathrm{label}_{n} \\\\ \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} & \\text{otherwise} \\end{cases}\n'
+        '\\frac{\\partial \\mathrm{picked}_{\\mathrm{fc},n}}{\\partial z_{\\mathrm{fc},mi}} & = \\delta_{nm} \\mathbb{I}\\left[\\mathrm{label}_{n} = i\\right] \\\\\n'
+        '\\varepsilon_{\\mathrm{fc},ni} & = \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{fc},n}} \\mathbb{I}\\left[\\mathrm{label}_{n} = i\\right] \\\\\n'
+        ' & = \\begin{cases} \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{fc},n}} & \\text{if } \\mathrm{label}_{n} = i \\\\ \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{fc},n}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} & \\text{otherwise} \\end{cases}\n'
         '\\end{aligned} \\\\\n'
         '\\text{so the error at the output, in forward quantities only:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\varepsilon_{\\mathrm{fc},ni} & = \\begin{cases} \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} \\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} - \\frac{\\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} & \\text{if } i = \\mathrm{label}_{n} \\\\ \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} \\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} & \\text{otherwise} \\end{cases}\n'
+        '\\varepsilon_{\\mathrm{fc},ni} & = \\begin{cases} \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} \\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} - \\frac{\\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} & \\text{if } \\mathrm{label}_{n} = i \\\\ \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{fc}}\\right)_{ni} \\mathbb{I}\\left[\\mathrm{label}_{n} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{fc}}} & \\text{otherwise} \\end{cases}\n'
         '\\end{aligned} \\\\\n'
         '\\mathbf{h}_{\\mathrm{flat}} \\text{ is read by } \\mathtt{fc} \\text{ (dense, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
@@ -132,14 +133,14 @@ DERIVATION_PASSES = {
         '\\end{aligned} \\\\\n'
         '\\mathbf{h}_{\\mathrm{relu1}} \\text{ is read by } \\mathtt{pool1} \\text{ (max over each 2 x 2 window, a reduction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\frac{\\partial \\mathrm{pool1}_{nijk}}{\\partial h_{\\mathrm{relu1},mlpq}} & = \\frac{\\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{p,2\\,(j-1) + r} \\delta_{q,2\\,(k-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},nijrks}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijrks}} \\\\\n'
-        '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}}{\\sum_{r=1}^{2} \\sum_{s=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs}} \\\\\n'
-        ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\n'
+        '\\frac{\\partial \\mathrm{pool1}_{nijk}}{\\partial h_{\\mathrm{relu1},mlpq}} & = \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{p,2\\,(j-1) + r} \\delta_{q,2\\,(k-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},nijrks} \\\\\n'
+        '\\frac{\\partial L}{\\partial h_{\\mathrm{relu1},nijk}} & = \\sum_{m=1}^{N} \\sum_{l=1}^{8} \\sum_{p=1}^{4} \\sum_{q=1}^{4} \\frac{\\partial L}{\\partial \\mathrm{pool1}_{mlpq}} \\delta_{nm} \\delta_{il} \\sum_{r=1}^{2} \\sum_{s=1}^{2} \\delta_{j,2\\,(p-1) + r} \\delta_{k,2\\,(q-1) + s} \\mathrm{ties1}_{\\mathrm{pool1},mlprqs} \\\\\n'
+        ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}\n'
         '\\end{aligned} \\\\\n'
         '\\text{Max pooling, collected (indices from 0 here, as in the code).} \\\\\n'
-        "\\text{With } m_{n,c,i,j} \\text{ the window's maximum and } e_{n,c,i,a,j,b} = [x_{n,c,\\,s i + a,\\,s j + b} = m_{n,c,i,j}] \\text{ its arg-max (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e / \\sum_{a,b} e \\text{, so the adjoint } \\delta \\text{ is routed to the arg-max of each window (shared between tied maxima) and added where windows overlap:} \\\\\n"
+        "\\text{With } a_{n,c,i,j} \\text{ the position (row-major, } h W + w \\text{) of each window's first maximum, as torch picks it, and } e_{n,c,i,a,j,b} = [a_{n,c,i,j} = (s i + a) W + s j + b] \\text{ its one-hot (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e \\text{, so the adjoint } \\delta \\text{ is routed to that one arg-max of each window and added where windows overlap:} \\\\\n"
         '\\begin{aligned}\n'
-        "\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j,a,b\\,:\\; s i + a = h,\\; s j + b = w} \\delta_{n,c,i,j}\\, \\frac{e_{n,c,i,a,j,b}}{\\sum_{a',b'} e_{n,c,i,a',j,b'}}\n"
+        '\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j\\,:\\; a_{n,c,i,j} = h W + w} \\delta_{n,c,i,j}\n'
         '\\end{aligned} \\\\\n'
         '\\mathbf{z}_{\\mathrm{conv1}} \\text{ is read by } \\mathtt{relu1} \\text{ (relu, elementwise)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
@@ -148,7 +149,7 @@ DERIVATION_PASSES = {
         '\\end{aligned} \\\\\n'
         '\\text{so the error at this layer, in terms of the error above:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}{\\sum_{q=1}^{2} \\sum_{r=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
+        '\\varepsilon_{\\mathrm{conv1},nijk} & = \\left(\\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\left(\\sum_{s=1}^{16} \\sum_{u=1}^{2} \\sum_{v=1}^{2} \\sum_{i_{1}=1}^{3} \\sum_{i_{2}=1}^{3} \\varepsilon_{\\mathrm{conv2},nsuv} \\delta_{l,u + i_{1} - 1} \\delta_{p,v + i_{2} - 1} W_{\\mathrm{conv2},s,i,i_{1},i_{2}}\\right) \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}\\right) \\mathbb{I}\\left[z_{\\mathrm{conv1},nijk} > 0\\right]\n'
         '\\end{aligned} \\\\\n'
         '\\text{Convolution, collected (indices from 0 here, as in the code: s the stride, p the padding).} \\\\\n'
         '\\text{The layer reads } x_{n,c,\\,s i + a - p,\\,s j + b - p} \\text{ (zero outside the input: the padding).} \\\\\n'
@@ -339,56 +340,22 @@ def _check_ids(name, ids, high, ignore, reason):
             raise ValueError(f"{name}: id {int(bad[0])} is outside [0, {high}) ({reason})")
 
 
-def _sum_taps(a, axes):
-    # a summed over a few short axes (a window's taps): one add per entry of them, as
-    # a reduction over short axes costs several times more.
-    out = None
-    for tap in _taps(tuple(a.shape[axis] for axis in axes)):
-        at = dict(zip(axes, tap))
-        part = a[tuple(at.get(axis, slice(None)) for axis in range(a.ndim))]
-        out = part.clone() if out is None else out + part
-    return out
+def _take_at(x, index, d):
+    # x read at the flat positions index of its last d axes (a max pooling's values at
+    # its arg-max indices): one gather, differentiable in x.
+    return torch.gather(x.flatten(-d), -1, index.flatten(-d)).view(index.shape)
 
 
-def _taps(sizes):
-    # every index of an array of these sizes, row-major
-    taps = [()]
-    for size in sizes:
-        taps = [t + (i,) for t in taps for i in range(size)]
-    return taps
-
-
-def _window_add(values, shape, slides):
-    # The adjoint of a sliding-window read (a convolution's input gradient, a
-    # pooling's): values[..., i, a, ...] (each slid axis as its positions i and kernel taps
-    # a, side by side) is added back at stride * i + a - pad. Overlapping windows sum;
-    # what falls into the zero padding is dropped. Windows that tile their axes exactly
-    # (a 2 x 2 pooling of an even image) are those axes reshaped; others take one strided
-    # add per kernel tap.
-    if all(stride == size and pad == 0 and count * size == shape[axis]
-           for axis, stride, pad, count, size in slides):
-        return values.reshape(shape)
-    padded = list(shape)
-    for axis, stride, pad, count, size in slides:
-        padded[axis] = max(pad + shape[axis], stride * (count - 1) + size)
-    out = values.new_zeros(padded)
-    slid = {axis: (stride, count) for axis, stride, _, count, _ in slides}
-    for tap in _taps(tuple(size for *_, size in slides)):
-        at = dict(zip(slid, tap))
-        where, pick = [], []
-        for axis in range(len(shape)):
-            if axis in at:
-                stride, count = slid[axis]
-                where.append(slice(at[axis], at[axis] + stride * (count - 1) + 1, stride))
-                pick += [slice(None), at[axis]]
-            else:
-                where.append(slice(None))
-                pick.append(slice(None))
-        out[tuple(where)] += values[tuple(pick)]
-    crop = [slice(None)] * len(shape)
-    for axis, _, pad, _, _ in slides:
-        crop[axis] = slice(pad, pad + shape[axis])
-    return out[tuple(crop)]
+def _max_pool_backward(g, index, shape, d):
+    # Zeros shaped like the pooling's input, each window's gradient added at its first
+    # maximum's flat position in the last d axes (what max_pool2d's own backward does;
+    # windows that overlap add). scatter_add_ is differentiable, so a second derivative
+    # through it is exact.
+    plane = 1
+    for n in shape[len(shape) - d:]:
+        plane *= n
+    flat = g.new_zeros((*shape[:len(shape) - d], plane))
+    return flat.scatter_add_(-1, index.flatten(-d), g.flatten(-d)).view(shape)
 
 
 
@@ -469,7 +436,7 @@ def forward(params, *, x):
     pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -513,7 +480,7 @@ def loss(params, *, x, label):
     pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -545,10 +512,10 @@ def loss(params, *, x, label):
     fc_count = torch.count_nonzero(tmp0)
 
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum6 = torch.sum(torch.where(tmp0, fc_lse - fc_picked, 0))
+    tmp_sum7 = torch.sum(torch.where(tmp0, fc_lse - fc_picked, 0))
     del fc_lse, fc_picked, tmp0
-    loss = tmp_sum6/fc_count
-    del fc_count, tmp_sum6
+    loss = tmp_sum7/fc_count
+    del fc_count, tmp_sum7
     return loss
 
 
@@ -572,14 +539,14 @@ def loss_and_grad(params, *, x, label):
         # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
         relu1 = torch.relu(conv1)
 
-        # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-        pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
+        # max over each 2 x 2 window (where its first maximum lies, as a flat position; no gradient) pool1: pool1_arg1[i0, i1, i2, i3] = argmax_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
+        pool1_arg1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2), return_indices=True)[1]
 
-        # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i4] == relu1[i0, i1, 2*i2 + i3, 2*i4 + i5] else 0)
-        pool1_ties1 = torch.where((pool1_top1[:, :, :, None, :, None] == relu1.reshape(N, 8, 4, 2, 4, 2)), pool1_top1[:, :, :, None, :, None].new_tensor(1), pool1_top1[:, :, :, None, :, None].new_tensor(0))
+        # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
+        pool1_top1 = _take_at(relu1, pool1_arg1, 2)
         del relu1
 
-        # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
+        # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
         pool1 = pool1_top1
         del pool1_top1
 
@@ -608,10 +575,10 @@ def loss_and_grad(params, *, x, label):
         fc_count = torch.count_nonzero(tmp3)
 
         # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-        tmp_sum6 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
+        tmp_sum7 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
         del fc_picked
-        loss = tmp_sum6/fc_count
-        del tmp_sum6
+        loss = tmp_sum7/fc_count
+        del tmp_sum7
 
         # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
         # the seed: dL/dL = 1, in the loss's dtype
@@ -658,14 +625,9 @@ def loss_and_grad(params, *, x, label):
         d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight.to(d_conv2.dtype), d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
 
-        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
-        tmp_sum9 = _sum_taps(pool1_ties1, (3, 5))
-        tmp_bcast1 = d_pool1/tmp_sum9
-        del d_pool1, tmp_sum9
-        tmp_sum10 = pool1_ties1*tmp_bcast1[:, :, :, None, :, None]
-        del pool1_ties1, tmp_bcast1
-        d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
-        del tmp_sum10
+        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1])
+        d_relu1 = _max_pool_backward(d_pool1, pool1_arg1, (N, 8, 8, 8), 2)
+        del pool1_arg1, d_pool1
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
         d_conv1 = torch.ops.aten.threshold_backward(d_relu1, conv1, 0)
@@ -703,14 +665,14 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = torch.relu(conv1)
 
-    # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))
+    # max over each 2 x 2 window (where its first maximum lies, as a flat position; no gradient) pool1: pool1_arg1[i0, i1, i2, i3] = argmax_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
+    pool1_arg1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2), return_indices=True)[1]
 
-    # max over each 2 x 2 window (1 where an element equals the maximum; no gradient) pool1: pool1_ties1[i0, i1, i2, i3, i4, i5] = (1 if pool1_top1[i0, i1, i2, i4] == relu1[i0, i1, 2*i2 + i3, 2*i4 + i5] else 0)
-    pool1_ties1 = torch.where((pool1_top1[:, :, :, None, :, None] == relu1.reshape(N, 8, 4, 2, 4, 2)), pool1_top1[:, :, :, None, :, None].new_tensor(1), pool1_top1[:, :, :, None, :, None].new_tensor(0))
+    # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
+    pool1_top1 = _take_at(relu1, pool1_arg1, 2)
     del relu1
 
-    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])/sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1])
+    # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
     pool1 = pool1_top1
     del pool1_top1
 
@@ -739,14 +701,14 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     fc_count = torch.count_nonzero(tmp3)
 
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum6 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
+    tmp_sum7 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
     del fc_picked
-    loss = tmp_sum6/fc_count
-    del tmp_sum6
-    return (loss, conv1, pool1_ties1, pool1, conv2, flat, fc, fc_lse, fc_count, tmp2, tmp3)
+    loss = tmp_sum7/fc_count
+    del tmp_sum7
+    return (loss, conv1, pool1_arg1, pool1, conv2, flat, fc, fc_lse, fc_count, tmp2, tmp3)
 
 
-def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, conv1, pool1_ties1, pool1, conv2, flat, fc, fc_lse, fc_count, tmp2, tmp3):
+def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, conv1, pool1_arg1, pool1, conv2, flat, fc, fc_lse, fc_count, tmp2, tmp3):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -807,16 +769,11 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
         d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight.to(d_conv2.dtype), d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
 
-        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1]/sum_{s0,s1}(pool1_ties1[k0, k1, i2, s0, i3, s1]))
-        tmp_sum9 = _sum_taps(pool1_ties1, (3, 5))
-        tmp_bcast1 = d_pool1/tmp_sum9
-        del d_pool1, tmp_sum9
-        tmp_sum10 = pool1_ties1*tmp_bcast1[:, :, :, None, :, None]
-        del tmp_bcast1
+        # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1])
+        d_relu1 = _max_pool_backward(d_pool1, pool1_arg1, (N, 8, 8, 8), 2)
+        del d_pool1
         if release:
-            _release(pool1_ties1)
-        d_relu1 = _window_add(tmp_sum10, (N, 8, 8, 8), ((2, 2, 0, 4, 2), (3, 2, 0, 4, 2)))
-        del tmp_sum10
+            _release(pool1_arg1)
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
         d_conv1 = torch.ops.aten.threshold_backward(d_relu1, conv1, 0)
@@ -864,15 +821,11 @@ def _release(*tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
     # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees that and computes them again (_released). Small arrays
-    # are kept: freeing one early costs more time than its memory is worth.
+    # (retain_graph=True) sees ctx.released and computes them again. Small arrays are
+    # kept: freeing one early costs more time than its memory is worth.
     for tensor in tensors:
         if tensor.numel() * tensor.element_size() >= 65536:
             tensor.untyped_storage().resize_(0)
-
-
-def _released(kept):
-    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
 
 
 def _can_release(kept, arguments):
@@ -895,10 +848,12 @@ def _can_release(kept, arguments):
 def _autocast_state(tensor):
     # What torch.amp.custom_fwd records, for the device of the tensors at hand (custom_fwd
     # needs the device type when the module is imported): None where autocast does not
-    # exist (meta tensors).
+    # exist (meta tensors); the dtype is looked up only where autocast is on somewhere.
     device_type = tensor.device.type
     if not torch.amp.is_autocast_available(device_type):
         return None
+    if not _any_autocast():
+        return (device_type, False, None)
     return (device_type, torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type))
 
@@ -939,21 +894,24 @@ class LossFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         arguments, kept = saved[:8], saved[8:]
         del saved
-        if ctx.autocast is None or not (ctx.autocast[1]
-                                        or torch.is_autocast_enabled(ctx.autocast[0])):
+        if ctx.autocast is None or not (ctx.autocast[1] or (
+                _any_autocast() and torch.is_autocast_enabled(ctx.autocast[0]))):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
         device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type),
+                            enabled=enabled):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
 
     @staticmethod
     def _backward(ctx, d_loss, arguments, kept):
-        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+        if torch.is_grad_enabled() or getattr(ctx, "released", False):
             # A derivative of this backward is being recorded (the saved intermediates
             # carry no history), or an earlier backward freed them: compute them again
             # from the arguments.
             kept = _loss_forward(*arguments)[1:]
         release = _can_release(kept, arguments)
+        if release:
+            ctx.released = True
         return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 

@@ -875,15 +875,13 @@ def loss_and_grad(params, *, x, t, wrt=None):
     ln_1_mean = tmp_sum1/32
     del tmp_sum1
     tmp0 = ln_1_mean[:, :, None] - x
-    tmp1 = -tmp0
 
     # variance ln_1: ln_1_var[i0, i1] = sum_{s0}((-ln_1_mean[i0, i1] + x[i0, i1, s0])**2)/32
-    tmp_sum2 = numpy.sum(tmp1**2, axis=2)
+    tmp_sum2 = numpy.sum(tmp0**2, axis=2)
     ln_1_var = tmp_sum2/32
     del tmp_sum2
     tmp2 = (ln_1_var[:, :, None] + 1e-05)**((-0.5))
-    tmp3 = ln_1_weight*tmp1
-    del tmp1
+    tmp3 = -ln_1_weight*tmp0
 
     # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
     ln_1 = ln_1_bias + tmp2*tmp3
@@ -948,14 +946,12 @@ def loss_and_grad(params, *, x, t, wrt=None):
     ln_2_mean = tmp_sum11/32
     del tmp_sum11
     tmp7 = ln_2_mean[:, :, None] - res1
-    tmp8 = -tmp7
 
     # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-    tmp_sum12 = numpy.sum(tmp8**2, axis=2)
+    tmp_sum12 = numpy.sum(tmp7**2, axis=2)
     ln_2_var = tmp_sum12/32
     del tmp_sum12
-    tmp10 = ln_2_weight*tmp8
-    del tmp8
+    tmp10 = -ln_2_weight*tmp7
     tmp9 = (ln_2_var[:, :, None] + 1e-05)**((-0.5))
 
     # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]

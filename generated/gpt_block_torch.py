@@ -921,15 +921,13 @@ def loss_and_grad(params, *, x, t):
         ln_2_mean = tmp_sum11/32
         del tmp_sum11
         tmp4 = ln_2_mean[:, :, None] - res1
-        tmp5 = -tmp4
 
         # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-        tmp_sum12 = torch.sum(tmp5**2, dim=2)
+        tmp_sum12 = torch.sum(tmp4**2, dim=2)
         ln_2_var = tmp_sum12/32
         del tmp_sum12
         tmp6 = (ln_2_var[:, :, None] + 1e-05)**((-0.5))
-        tmp7 = ln_2_weight*tmp5
-        del tmp5
+        tmp7 = -ln_2_weight*tmp4
 
         # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
         ln_2 = ln_2_bias + tmp6*tmp7
@@ -1128,15 +1126,13 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     ln_1_mean = tmp_sum1/32
     del tmp_sum1
     tmp0 = ln_1_mean[:, :, None] - x
-    tmp1 = -tmp0
 
     # variance ln_1: ln_1_var[i0, i1] = sum_{s0}((-ln_1_mean[i0, i1] + x[i0, i1, s0])**2)/32
-    tmp_sum2 = torch.sum(tmp1**2, dim=2)
+    tmp_sum2 = torch.sum(tmp0**2, dim=2)
     ln_1_var = tmp_sum2/32
     del tmp_sum2
     tmp2 = (ln_1_var[:, :, None] + 1e-05)**((-0.5))
-    tmp3 = ln_1_weight*tmp1
-    del tmp1
+    tmp3 = -ln_1_weight*tmp0
 
     # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
     ln_1 = ln_1_bias + tmp2*tmp3
@@ -1201,14 +1197,12 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     ln_2_mean = tmp_sum11/32
     del tmp_sum11
     tmp7 = ln_2_mean[:, :, None] - res1
-    tmp8 = -tmp7
 
     # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-    tmp_sum12 = torch.sum(tmp8**2, dim=2)
+    tmp_sum12 = torch.sum(tmp7**2, dim=2)
     ln_2_var = tmp_sum12/32
     del tmp_sum12
-    tmp10 = ln_2_weight*tmp8
-    del tmp8
+    tmp10 = -ln_2_weight*tmp7
     tmp9 = (ln_2_var[:, :, None] + 1e-05)**((-0.5))
 
     # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
@@ -1485,15 +1479,11 @@ def _release(*tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
     # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees that and computes them again (_released). Small arrays
-    # are kept: freeing one early costs more time than its memory is worth.
+    # (retain_graph=True) sees ctx.released and computes them again. Small arrays are
+    # kept: freeing one early costs more time than its memory is worth.
     for tensor in tensors:
         if tensor.numel() * tensor.element_size() >= 65536:
             tensor.untyped_storage().resize_(0)
-
-
-def _released(kept):
-    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
 
 
 def _can_release(kept, arguments):
@@ -1516,10 +1506,12 @@ def _can_release(kept, arguments):
 def _autocast_state(tensor):
     # What torch.amp.custom_fwd records, for the device of the tensors at hand (custom_fwd
     # needs the device type when the module is imported): None where autocast does not
-    # exist (meta tensors).
+    # exist (meta tensors); the dtype is looked up only where autocast is on somewhere.
     device_type = tensor.device.type
     if not torch.amp.is_autocast_available(device_type):
         return None
+    if not _any_autocast():
+        return (device_type, False, None)
     return (device_type, torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type))
 
@@ -1560,21 +1552,24 @@ class LossFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         arguments, kept = saved[:14], saved[14:]
         del saved
-        if ctx.autocast is None or not (ctx.autocast[1]
-                                        or torch.is_autocast_enabled(ctx.autocast[0])):
+        if ctx.autocast is None or not (ctx.autocast[1] or (
+                _any_autocast() and torch.is_autocast_enabled(ctx.autocast[0]))):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
         device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type),
+                            enabled=enabled):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
 
     @staticmethod
     def _backward(ctx, d_loss, arguments, kept):
-        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+        if torch.is_grad_enabled() or getattr(ctx, "released", False):
             # A derivative of this backward is being recorded (the saved intermediates
             # carry no history), or an earlier backward freed them: compute them again
             # from the arguments.
             kept = _loss_forward(*arguments)[1:]
         release = _can_release(kept, arguments)
+        if release:
+            ctx.released = True
         return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 

@@ -485,10 +485,9 @@ def loss_and_grad(params, *, x, label, wrt=None):
     # log-softmax: tmp1 = logits - logits_lse, in one call
     tmp1 = _log_softmax(logits, 1)
     del logits
-    tmp2 = -tmp1
 
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-    tmp_sum4 = numpy.sum(label*tmp2)
+    tmp_sum4 = numpy.sum(-label*tmp1)
     loss = tmp_sum4/N
     del tmp_sum4
 
@@ -499,8 +498,7 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
     if _need_label:
         # dL/dlabel (through loss): d_label[k0, k1] = d_loss*(-logits[k0, k1] + logits_lse[k0])/N
-        d_label = 1/N*tmp2
-        del tmp2
+        d_label = (-1/N)*tmp1
 
     if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias or _need_logits_weight or _need_logits_bias:
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N

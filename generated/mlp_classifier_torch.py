@@ -520,16 +520,15 @@ def _loss_forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weigh
     # log-softmax: tmp1 = logits - logits_lse, in one call
     tmp1 = torch.log_softmax(logits, dim=1)
     del logits
-    tmp2 = -tmp1
 
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((-logits[s0, s1] + logits_lse[s0])*label[s0, s1])/N
-    tmp_sum4 = torch.sum(label*tmp2)
+    tmp_sum4 = torch.sum(-label*tmp1)
     loss = tmp_sum4/N
     del tmp_sum4
-    return (loss, h1, h2_z, h2, tmp1, tmp2)
+    return (loss, h1, h2_z, h2, tmp1)
 
 
-def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, h1, h2_z, h2, tmp1, tmp2):
+def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias, h1, h2_z, h2, tmp1):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -540,9 +539,7 @@ def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weig
 
     if _need_label:
         # dL/dlabel (through loss): d_label[k0, k1] = d_loss*(-logits[k0, k1] + logits_lse[k0])/N
-        d_label = tmp2*tmp4
-        if release:
-            _release(tmp2)
+        d_label = -tmp1*tmp4
 
     if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias or _need_logits_weight or _need_logits_bias:
         # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
@@ -636,15 +633,11 @@ def _release(*tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
     # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees that and computes them again (_released). Small arrays
-    # are kept: freeing one early costs more time than its memory is worth.
+    # (retain_graph=True) sees ctx.released and computes them again. Small arrays are
+    # kept: freeing one early costs more time than its memory is worth.
     for tensor in tensors:
         if tensor.numel() * tensor.element_size() >= 65536:
             tensor.untyped_storage().resize_(0)
-
-
-def _released(kept):
-    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
 
 
 def _can_release(kept, arguments):
@@ -667,10 +660,12 @@ def _can_release(kept, arguments):
 def _autocast_state(tensor):
     # What torch.amp.custom_fwd records, for the device of the tensors at hand (custom_fwd
     # needs the device type when the module is imported): None where autocast does not
-    # exist (meta tensors).
+    # exist (meta tensors); the dtype is looked up only where autocast is on somewhere.
     device_type = tensor.device.type
     if not torch.amp.is_autocast_available(device_type):
         return None
+    if not _any_autocast():
+        return (device_type, False, None)
     return (device_type, torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type))
 
@@ -711,21 +706,24 @@ class LossFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         arguments, kept = saved[:8], saved[8:]
         del saved
-        if ctx.autocast is None or not (ctx.autocast[1]
-                                        or torch.is_autocast_enabled(ctx.autocast[0])):
+        if ctx.autocast is None or not (ctx.autocast[1] or (
+                _any_autocast() and torch.is_autocast_enabled(ctx.autocast[0]))):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
         device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type),
+                            enabled=enabled):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
 
     @staticmethod
     def _backward(ctx, d_loss, arguments, kept):
-        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+        if torch.is_grad_enabled() or getattr(ctx, "released", False):
             # A derivative of this backward is being recorded (the saved intermediates
             # carry no history), or an earlier backward freed them: compute them again
             # from the arguments.
             kept = _loss_forward(*arguments)[1:]
         release = _can_release(kept, arguments)
+        if release:
+            ctx.released = True
         return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 

@@ -574,10 +574,9 @@ def loss_and_grad(params, *, x, value, label, wrt=None):
     # log-softmax: tmp2 = classify - classify_lse, in one call
     tmp2 = _log_softmax(classify, 1)
     del classify
-    tmp3 = -tmp2
 
     # softmax_cross_entropy loss: loss_2[] = sum_{s0,s1}((-classify[s0, s1] + classify_lse[s0])*label[s0, s1])/N
-    tmp_sum6 = numpy.sum(label*tmp3)
+    tmp_sum6 = numpy.sum(-label*tmp2)
     loss_2 = tmp_sum6/N
     del tmp_sum6
 
@@ -609,8 +608,7 @@ def loss_and_grad(params, *, x, value, label, wrt=None):
 
     if _need_label:
         # dL/dlabel (through loss_2): d_label[k0, k1] = d_loss_2*(-classify[k0, k1] + classify_lse[k0])/N
-        d_label = tmp3*tmp4
-        del tmp3
+        d_label = -tmp2*tmp4
 
     if _need_x or _need_trunk1_weight or _need_trunk1_bias or _need_trunk2_weight or _need_trunk2_bias or _need_classify_weight or _need_classify_bias:
         # dL/dclassify_lse (through loss_2): d_classify_lse[k0] = d_loss_2*sum_{s1}(label[k0, s1])/N

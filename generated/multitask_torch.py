@@ -664,10 +664,9 @@ def _loss_forward(x, value, label, trunk1_weight, trunk1_bias, trunk2_weight, tr
     # log-softmax: tmp2 = classify - classify_lse, in one call
     tmp2 = torch.log_softmax(classify, dim=1)
     del classify
-    tmp3 = -tmp2
 
     # softmax_cross_entropy loss: loss_2[] = sum_{s0,s1}((-classify[s0, s1] + classify_lse[s0])*label[s0, s1])/N
-    tmp_sum6 = torch.sum(label*tmp3)
+    tmp_sum6 = torch.sum(-label*tmp2)
     loss_2 = tmp_sum6/N
     del tmp_sum6
 
@@ -682,10 +681,10 @@ def _loss_forward(x, value, label, trunk1_weight, trunk1_bias, trunk2_weight, tr
     # weighted sum of losses loss: loss[] = 0.5*loss_1 + loss_2 + weight_decay
     loss = 0.5*loss_1 + loss_2 + weight_decay
     del loss_1, loss_2, weight_decay
-    return (loss, trunk1, trunk2, tmp0, tmp2, tmp3)
+    return (loss, trunk1, trunk2, tmp0, tmp2)
 
 
-def _loss_backward(needs, release, d_loss, x, value, label, trunk1_weight, trunk1_bias, trunk2_weight, trunk2_bias, regress_weight, regress_bias, classify_weight, classify_bias, trunk1, trunk2, tmp0, tmp2, tmp3):
+def _loss_backward(needs, release, d_loss, x, value, label, trunk1_weight, trunk1_bias, trunk2_weight, trunk2_bias, regress_weight, regress_bias, classify_weight, classify_bias, trunk1, trunk2, tmp0, tmp2):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -704,9 +703,7 @@ def _loss_backward(needs, release, d_loss, x, value, label, trunk1_weight, trunk
 
     if _need_label:
         # dL/dlabel (through loss_2): d_label[k0, k1] = d_loss_2*(-classify[k0, k1] + classify_lse[k0])/N
-        d_label = tmp3*tmp4
-        if release:
-            _release(tmp3)
+        d_label = -tmp2*tmp4
 
     if _need_x or _need_trunk1_weight or _need_trunk1_bias or _need_trunk2_weight or _need_trunk2_bias or _need_classify_weight or _need_classify_bias:
         # dL/dclassify_lse (through loss_2): d_classify_lse[k0] = d_loss_2*sum_{s1}(label[k0, s1])/N
@@ -844,15 +841,11 @@ def _release(*tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
     # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees that and computes them again (_released). Small arrays
-    # are kept: freeing one early costs more time than its memory is worth.
+    # (retain_graph=True) sees ctx.released and computes them again. Small arrays are
+    # kept: freeing one early costs more time than its memory is worth.
     for tensor in tensors:
         if tensor.numel() * tensor.element_size() >= 65536:
             tensor.untyped_storage().resize_(0)
-
-
-def _released(kept):
-    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
 
 
 def _can_release(kept, arguments):
@@ -875,10 +868,12 @@ def _can_release(kept, arguments):
 def _autocast_state(tensor):
     # What torch.amp.custom_fwd records, for the device of the tensors at hand (custom_fwd
     # needs the device type when the module is imported): None where autocast does not
-    # exist (meta tensors).
+    # exist (meta tensors); the dtype is looked up only where autocast is on somewhere.
     device_type = tensor.device.type
     if not torch.amp.is_autocast_available(device_type):
         return None
+    if not _any_autocast():
+        return (device_type, False, None)
     return (device_type, torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type))
 
@@ -919,21 +914,24 @@ class LossFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         arguments, kept = saved[:11], saved[11:]
         del saved
-        if ctx.autocast is None or not (ctx.autocast[1]
-                                        or torch.is_autocast_enabled(ctx.autocast[0])):
+        if ctx.autocast is None or not (ctx.autocast[1] or (
+                _any_autocast() and torch.is_autocast_enabled(ctx.autocast[0]))):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
         device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type),
+                            enabled=enabled):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
 
     @staticmethod
     def _backward(ctx, d_loss, arguments, kept):
-        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+        if torch.is_grad_enabled() or getattr(ctx, "released", False):
             # A derivative of this backward is being recorded (the saved intermediates
             # carry no history), or an earlier backward freed them: compute them again
             # from the arguments.
             kept = _loss_forward(*arguments)[1:]
         release = _can_release(kept, arguments)
+        if release:
+            ctx.released = True
         return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 

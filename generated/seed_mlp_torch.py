@@ -510,15 +510,11 @@ def _release(*tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
     # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees that and computes them again (_released). Small arrays
-    # are kept: freeing one early costs more time than its memory is worth.
+    # (retain_graph=True) sees ctx.released and computes them again. Small arrays are
+    # kept: freeing one early costs more time than its memory is worth.
     for tensor in tensors:
         if tensor.numel() * tensor.element_size() >= 65536:
             tensor.untyped_storage().resize_(0)
-
-
-def _released(kept):
-    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
 
 
 def _can_release(kept, arguments):
@@ -541,10 +537,12 @@ def _can_release(kept, arguments):
 def _autocast_state(tensor):
     # What torch.amp.custom_fwd records, for the device of the tensors at hand (custom_fwd
     # needs the device type when the module is imported): None where autocast does not
-    # exist (meta tensors).
+    # exist (meta tensors); the dtype is looked up only where autocast is on somewhere.
     device_type = tensor.device.type
     if not torch.amp.is_autocast_available(device_type):
         return None
+    if not _any_autocast():
+        return (device_type, False, None)
     return (device_type, torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type))
 
@@ -585,21 +583,24 @@ class LossFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         arguments, kept = saved[:6], saved[6:]
         del saved
-        if ctx.autocast is None or not (ctx.autocast[1]
-                                        or torch.is_autocast_enabled(ctx.autocast[0])):
+        if ctx.autocast is None or not (ctx.autocast[1] or (
+                _any_autocast() and torch.is_autocast_enabled(ctx.autocast[0]))):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
         device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type),
+                            enabled=enabled):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
 
     @staticmethod
     def _backward(ctx, d_loss, arguments, kept):
-        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+        if torch.is_grad_enabled() or getattr(ctx, "released", False):
             # A derivative of this backward is being recorded (the saved intermediates
             # carry no history), or an earlier backward freed them: compute them again
             # from the arguments.
             kept = _loss_forward(*arguments)[1:]
         release = _can_release(kept, arguments)
+        if release:
+            ctx.released = True
         return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 

@@ -163,7 +163,7 @@ DERIVATION_PASSES = {
         '\\mathrm{ln\\_f}_{nmi} & = b_{\\mathrm{ln\\_f},i} + \\mathrm{ln\\_f\\_normalised}_{nmi} W_{\\mathrm{ln\\_f},i} \\\\\n'
         'z_{\\mathrm{lm\\_head},nmi} & = \\sum_{j=1}^{32} \\mathrm{ln\\_f}_{nmj} W_{\\mathrm{wte},ij} \\\\\n'
         '\\mathrm{lse}_{\\mathrm{lm\\_head},nm} & = \\log{\\left(\\sum_{i=1}^{65} e^{z_{\\mathrm{lm\\_head},nmi}} \\right)} \\\\\n'
-        '\\mathrm{picked}_{\\mathrm{lm\\_head},nm} & = \\sum_{i=1}^{65} \\begin{cases} z_{\\mathrm{lm\\_head},nmi} & \\text{if } i = y_{nm} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
+        '\\mathrm{picked}_{\\mathrm{lm\\_head},nm} & = \\sum_{i=1}^{65} \\begin{cases} z_{\\mathrm{lm\\_head},nmi} & \\text{if } y_{nm} = i \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
         '\\mathrm{count}_{\\mathrm{lm\\_head}} & = \\sum_{n=1}^{N} \\sum_{m=1}^{T} \\begin{cases} 1 & \\text{if } y_{nm} \\neq -100 \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
         'L & = \\frac{\\sum_{n=1}^{N} \\sum_{m=1}^{T} \\begin{cases} \\mathrm{lse}_{\\mathrm{lm\\_head},nm} - \\mathrm{picked}_{\\mathrm{lm\\_head},nm} & \\text{if } y_{nm} \\neq -100 \\\\ 0 & \\text{otherwise} \\end{cases}}{\\mathrm{count}_{\\mathrm{lm\\_head}}} \\\\\n'
         'f_{\\mathrm{h\\_0\\_ln\\_1}}(u) & = \\frac{1}{\\sqrt{u + 1.0 \\cdot 10^{-5}}} \\\\\n'
@@ -195,13 +195,13 @@ DERIVATION_PASSES = {
         "\\mathbf{z}_{\\mathrm{lm\\_head}} \\text{ is read by } \\mathtt{lm\\_head\\_lse} \\text{ (logsumexp, a reduction)} \\text{, } \\mathtt{lm\\_head\\_picked} \\text{ (the target class's logit, a reduction)} \\text{:} \\\\\n"
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}}{\\partial z_{\\mathrm{lm\\_head},n_{1},n_{2},i}} & = \\frac{\\delta_{n,n_{1}} \\delta_{m,n_{2}} e^{z_{\\mathrm{lm\\_head},nmi}}}{\\sum_{j=1}^{65} e^{z_{\\mathrm{lm\\_head},nmj}}} \\\\\n'
-        '\\frac{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}}{\\partial z_{\\mathrm{lm\\_head},n_{1},n_{2},i}} & = \\delta_{n,n_{1}} \\delta_{m,n_{2}} \\mathbb{I}\\left[i = y_{nm}\\right] \\\\\n'
-        '\\varepsilon_{\\mathrm{lm\\_head},nmi} & = \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}} \\mathbb{I}\\left[i = y_{nm}\\right] \\\\\n'
-        ' & = \\begin{cases} \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}} & \\text{if } i = y_{nm} \\\\ \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} & \\text{otherwise} \\end{cases}\n'
+        '\\frac{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}}{\\partial z_{\\mathrm{lm\\_head},n_{1},n_{2},i}} & = \\delta_{n,n_{1}} \\delta_{m,n_{2}} \\mathbb{I}\\left[y_{nm} = i\\right] \\\\\n'
+        '\\varepsilon_{\\mathrm{lm\\_head},nmi} & = \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}} \\mathbb{I}\\left[y_{nm} = i\\right] \\\\\n'
+        ' & = \\begin{cases} \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}} & \\text{if } y_{nm} = i \\\\ \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} & \\text{otherwise} \\end{cases}\n'
         '\\end{aligned} \\\\\n'
         '\\text{so the error at the output, in forward quantities only:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\varepsilon_{\\mathrm{lm\\_head},nmi} & = \\begin{cases} \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} \\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} - \\frac{\\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} & \\text{if } i = y_{nm} \\\\ \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} \\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} & \\text{otherwise} \\end{cases}\n'
+        '\\varepsilon_{\\mathrm{lm\\_head},nmi} & = \\begin{cases} \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} \\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} - \\frac{\\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} & \\text{if } y_{nm} = i \\\\ \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} \\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} & \\text{otherwise} \\end{cases}\n'
         '\\end{aligned} \\\\\n'
         '\\mathbf{ln\\_f} \\text{ is read by } \\mathtt{lm\\_head} \\text{ (dense, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
@@ -1908,15 +1908,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_ln_2_mean = tmp_sum11/32
     del tmp_sum11
     tmp6 = h_0_ln_2_mean[:, :, None] - h_0_res1
-    tmp7 = -tmp6
 
     # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-    tmp_sum12 = numpy.sum(tmp7**2, axis=2)
+    tmp_sum12 = numpy.sum(tmp6**2, axis=2)
     h_0_ln_2_var = tmp_sum12/32
     del tmp_sum12
     tmp8 = (h_0_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-    tmp9 = h_0_ln_2_weight*tmp7
-    del tmp7
+    tmp9 = -h_0_ln_2_weight*tmp6
 
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
     h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
@@ -2014,15 +2012,13 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_ln_2_mean = tmp_sum25/32
     del tmp_sum25
     tmp16 = h_1_ln_2_mean[:, :, None] - h_1_res1
-    tmp17 = -tmp16
 
     # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-    tmp_sum26 = numpy.sum(tmp17**2, axis=2)
+    tmp_sum26 = numpy.sum(tmp16**2, axis=2)
     h_1_ln_2_var = tmp_sum26/32
     del tmp_sum26
     tmp18 = (h_1_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-    tmp19 = h_1_ln_2_weight*tmp17
-    del tmp17
+    tmp19 = -h_1_ln_2_weight*tmp16
 
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
     h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19

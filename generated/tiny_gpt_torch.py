@@ -162,7 +162,7 @@ DERIVATION_PASSES = {
         '\\mathrm{ln\\_f}_{nmi} & = b_{\\mathrm{ln\\_f},i} + \\mathrm{ln\\_f\\_normalised}_{nmi} W_{\\mathrm{ln\\_f},i} \\\\\n'
         'z_{\\mathrm{lm\\_head},nmi} & = \\sum_{j=1}^{32} \\mathrm{ln\\_f}_{nmj} W_{\\mathrm{wte},ij} \\\\\n'
         '\\mathrm{lse}_{\\mathrm{lm\\_head},nm} & = \\log{\\left(\\sum_{i=1}^{65} e^{z_{\\mathrm{lm\\_head},nmi}} \\right)} \\\\\n'
-        '\\mathrm{picked}_{\\mathrm{lm\\_head},nm} & = \\sum_{i=1}^{65} \\begin{cases} z_{\\mathrm{lm\\_head},nmi} & \\text{if } i = y_{nm} \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
+        '\\mathrm{picked}_{\\mathrm{lm\\_head},nm} & = \\sum_{i=1}^{65} \\begin{cases} z_{\\mathrm{lm\\_head},nmi} & \\text{if } y_{nm} = i \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
         '\\mathrm{count}_{\\mathrm{lm\\_head}} & = \\sum_{n=1}^{N} \\sum_{m=1}^{T} \\begin{cases} 1 & \\text{if } y_{nm} \\neq -100 \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
         'L & = \\frac{\\sum_{n=1}^{N} \\sum_{m=1}^{T} \\begin{cases} \\mathrm{lse}_{\\mathrm{lm\\_head},nm} - \\mathrm{picked}_{\\mathrm{lm\\_head},nm} & \\text{if } y_{nm} \\neq -100 \\\\ 0 & \\text{otherwise} \\end{cases}}{\\mathrm{count}_{\\mathrm{lm\\_head}}} \\\\\n'
         'f_{\\mathrm{h\\_0\\_ln\\_1}}(u) & = \\frac{1}{\\sqrt{u + 1.0 \\cdot 10^{-5}}} \\\\\n'
@@ -194,13 +194,13 @@ DERIVATION_PASSES = {
         "\\mathbf{z}_{\\mathrm{lm\\_head}} \\text{ is read by } \\mathtt{lm\\_head\\_lse} \\text{ (logsumexp, a reduction)} \\text{, } \\mathtt{lm\\_head\\_picked} \\text{ (the target class's logit, a reduction)} \\text{:} \\\\\n"
         '\\begin{aligned}\n'
         '\\frac{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}}{\\partial z_{\\mathrm{lm\\_head},n_{1},n_{2},i}} & = \\frac{\\delta_{n,n_{1}} \\delta_{m,n_{2}} e^{z_{\\mathrm{lm\\_head},nmi}}}{\\sum_{j=1}^{65} e^{z_{\\mathrm{lm\\_head},nmj}}} \\\\\n'
-        '\\frac{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}}{\\partial z_{\\mathrm{lm\\_head},n_{1},n_{2},i}} & = \\delta_{n,n_{1}} \\delta_{m,n_{2}} \\mathbb{I}\\left[i = y_{nm}\\right] \\\\\n'
-        '\\varepsilon_{\\mathrm{lm\\_head},nmi} & = \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}} \\mathbb{I}\\left[i = y_{nm}\\right] \\\\\n'
-        ' & = \\begin{cases} \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}} & \\text{if } i = y_{nm} \\\\ \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} & \\text{otherwise} \\end{cases}\n'
+        '\\frac{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}}{\\partial z_{\\mathrm{lm\\_head},n_{1},n_{2},i}} & = \\delta_{n,n_{1}} \\delta_{m,n_{2}} \\mathbb{I}\\left[y_{nm} = i\\right] \\\\\n'
+        '\\varepsilon_{\\mathrm{lm\\_head},nmi} & = \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}} \\mathbb{I}\\left[y_{nm} = i\\right] \\\\\n'
+        ' & = \\begin{cases} \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} + \\frac{\\partial L}{\\partial \\mathrm{picked}_{\\mathrm{lm\\_head},nm}} & \\text{if } y_{nm} = i \\\\ \\frac{\\partial L}{\\partial \\mathrm{lse}_{\\mathrm{lm\\_head},nm}} \\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} & \\text{otherwise} \\end{cases}\n'
         '\\end{aligned} \\\\\n'
         '\\text{so the error at the output, in forward quantities only:} \\\\\n'
         '\\begin{aligned}\n'
-        '\\varepsilon_{\\mathrm{lm\\_head},nmi} & = \\begin{cases} \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} \\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} - \\frac{\\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} & \\text{if } i = y_{nm} \\\\ \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} \\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} & \\text{otherwise} \\end{cases}\n'
+        '\\varepsilon_{\\mathrm{lm\\_head},nmi} & = \\begin{cases} \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} \\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} - \\frac{\\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} & \\text{if } y_{nm} = i \\\\ \\frac{\\operatorname{softmax}\\left(\\mathbf{z}_{\\mathrm{lm\\_head}}\\right)_{nmi} \\mathbb{I}\\left[y_{nm} \\neq -100\\right]}{\\mathrm{count}_{\\mathrm{lm\\_head}}} & \\text{otherwise} \\end{cases}\n'
         '\\end{aligned} \\\\\n'
         '\\mathbf{ln\\_f} \\text{ is read by } \\mathtt{lm\\_head} \\text{ (dense, a contraction)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'
@@ -1848,15 +1848,13 @@ def loss_and_grad(params, *, idx, y):
         h_0_ln_2_mean = tmp_sum11/32
         del tmp_sum11
         tmp6 = h_0_ln_2_mean[:, :, None] - h_0_res1
-        tmp7 = -tmp6
 
         # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-        tmp_sum12 = torch.sum(tmp7**2, dim=2)
+        tmp_sum12 = torch.sum(tmp6**2, dim=2)
         h_0_ln_2_var = tmp_sum12/32
         del tmp_sum12
         tmp8 = (h_0_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-        tmp9 = h_0_ln_2_weight*tmp7
-        del tmp7
+        tmp9 = -h_0_ln_2_weight*tmp6
 
         # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
         h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
@@ -1954,15 +1952,13 @@ def loss_and_grad(params, *, idx, y):
         h_1_ln_2_mean = tmp_sum25/32
         del tmp_sum25
         tmp16 = h_1_ln_2_mean[:, :, None] - h_1_res1
-        tmp17 = -tmp16
 
         # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-        tmp_sum26 = torch.sum(tmp17**2, dim=2)
+        tmp_sum26 = torch.sum(tmp16**2, dim=2)
         h_1_ln_2_var = tmp_sum26/32
         del tmp_sum26
         tmp18 = (h_1_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-        tmp19 = h_1_ln_2_weight*tmp17
-        del tmp17
+        tmp19 = -h_1_ln_2_weight*tmp16
 
         # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
         h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19
@@ -2500,15 +2496,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_ln_2_mean = tmp_sum11/32
     del tmp_sum11
     tmp6 = h_0_ln_2_mean[:, :, None] - h_0_res1
-    tmp7 = -tmp6
 
     # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-    tmp_sum12 = torch.sum(tmp7**2, dim=2)
+    tmp_sum12 = torch.sum(tmp6**2, dim=2)
     h_0_ln_2_var = tmp_sum12/32
     del tmp_sum12
     tmp8 = (h_0_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-    tmp9 = h_0_ln_2_weight*tmp7
-    del tmp7
+    tmp9 = -h_0_ln_2_weight*tmp6
 
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
     h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
@@ -2606,15 +2600,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_ln_2_mean = tmp_sum25/32
     del tmp_sum25
     tmp16 = h_1_ln_2_mean[:, :, None] - h_1_res1
-    tmp17 = -tmp16
 
     # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-    tmp_sum26 = torch.sum(tmp17**2, dim=2)
+    tmp_sum26 = torch.sum(tmp16**2, dim=2)
     h_1_ln_2_var = tmp_sum26/32
     del tmp_sum26
     tmp18 = (h_1_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-    tmp19 = h_1_ln_2_weight*tmp17
-    del tmp17
+    tmp19 = -h_1_ln_2_weight*tmp16
 
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
     h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19
@@ -3188,15 +3180,11 @@ def _release(*tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
     # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees that and computes them again (_released). Small arrays
-    # are kept: freeing one early costs more time than its memory is worth.
+    # (retain_graph=True) sees ctx.released and computes them again. Small arrays are
+    # kept: freeing one early costs more time than its memory is worth.
     for tensor in tensors:
         if tensor.numel() * tensor.element_size() >= 65536:
             tensor.untyped_storage().resize_(0)
-
-
-def _released(kept):
-    return any(t.numel() and t.untyped_storage().nbytes() == 0 for t in kept)
 
 
 def _can_release(kept, arguments):
@@ -3219,10 +3207,12 @@ def _can_release(kept, arguments):
 def _autocast_state(tensor):
     # What torch.amp.custom_fwd records, for the device of the tensors at hand (custom_fwd
     # needs the device type when the module is imported): None where autocast does not
-    # exist (meta tensors).
+    # exist (meta tensors); the dtype is looked up only where autocast is on somewhere.
     device_type = tensor.device.type
     if not torch.amp.is_autocast_available(device_type):
         return None
+    if not _any_autocast():
+        return (device_type, False, None)
     return (device_type, torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type))
 
@@ -3263,21 +3253,24 @@ class LossFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         arguments, kept = saved[:30], saved[30:]
         del saved
-        if ctx.autocast is None or not (ctx.autocast[1]
-                                        or torch.is_autocast_enabled(ctx.autocast[0])):
+        if ctx.autocast is None or not (ctx.autocast[1] or (
+                _any_autocast() and torch.is_autocast_enabled(ctx.autocast[0]))):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
         device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type),
+                            enabled=enabled):
             return LossFunction._backward(ctx, d_loss, arguments, kept)
 
     @staticmethod
     def _backward(ctx, d_loss, arguments, kept):
-        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _released(kept)):
+        if torch.is_grad_enabled() or getattr(ctx, "released", False):
             # A derivative of this backward is being recorded (the saved intermediates
             # carry no history), or an earlier backward freed them: compute them again
             # from the arguments.
             kept = _loss_forward(*arguments)[1:]
         release = _can_release(kept, arguments)
+        if release:
+            ctx.released = True
         return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 

@@ -11,9 +11,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sympy as sp
 
 from symbackprop.api import compile_spec
 from symbackprop.errors import SymbackpropError
+from symbackprop.ir.nodes import (
+    Assign,
+    Map,
+    MaxPool,
+    MaxPoolBackward,
+    Program,
+    TakeAt,
+    View,
+    WindowAdd,
+    ordered,
+)
+from symbackprop.ir.passes import max_pool
 
 from conftest import EXAMPLES, build, write_spec
 
@@ -170,6 +183,71 @@ def test_overlapping_max_pool_and_average_pool_on_odd_sizes(tmp_path) -> None:
     _compare(modules, params, batch, twin)
 
 
+TIES = """
+name: ties
+inputs: {x: [N, 2, 7, 6]}
+targets: {t: [N, 2]}
+layers:
+  - {name: mp, type: maxpool2d, kernel: 3, stride: 2}
+  - {name: sq, type: elementwise, formula: "mp * mp"}
+  - {name: mp2, type: maxpool2d, kernel: 2}
+  - {name: flat, type: reshape, shape: [N, 2]}
+  - {name: out, type: dense, units: 2}
+loss: {type: mse, target: t}
+"""
+
+
+def test_max_pool_routes_a_tied_window_to_its_first_maximum_as_torch(tmp_path) -> None:
+    """Integer pixels tie often: every window's gradient goes to its first maximum
+    (row-major), as torch.nn's max pooling gives it, in overlapping (3x3, stride 2) and
+    tiling (2x2) windows, for the parameters and the input, in both modules."""
+    model, modules = build(tmp_path, TIES)
+    assert model.derivation.graph.nodes["mp"].shape[1:] == (2, 3, 2)
+    rng = np.random.default_rng(7)
+    params = {k: rng.normal(size=v) for k, v in modules["numpy"].PARAM_SHAPES.items()}
+    x = rng.integers(0, 3, size=(5, 2, 7, 6)).astype(float)
+    x[0, 0] = 1.0  # one whole image of one value: every window tied everywhere
+    batch = {"x": x, "t": rng.normal(size=(5, 2))}
+
+    def twin(p, b):
+        h = F.max_pool2d(F.max_pool2d(b["x"], 3, stride=2) ** 2, 2)
+        return F.mse_loss(F.linear(h.reshape(h.shape[0], 2), p["out.weight"],
+                                   p["out.bias"]), b["t"])
+
+    _compare(modules, params, batch, twin)
+    xt = torch.tensor(x, requires_grad=True)
+    p = {k: torch.from_numpy(v) for k, v in params.items()}
+    twin(p, {"x": xt, "t": torch.from_numpy(batch["t"])}).backward()
+    assert np.count_nonzero(xt.grad.numpy()) < xt.numel() / 4  # one element per window
+    _, grads = modules["numpy"].loss_and_grad(params, **batch, wrt=("x",))
+    assert np.array_equal(grads["x"] != 0, xt.grad.numpy() != 0)
+    assert np.max(np.abs(grads["x"] - xt.grad.numpy())) <= 1e-12
+    tgrads = modules["torch"].loss_and_grad(p, x=torch.from_numpy(x),
+                                             t=torch.from_numpy(batch["t"]))[1]
+    assert set(tgrads) == {"out.weight", "out.bias"}
+    tm = modules["torch"].Model().double()
+    tm.load_state_dict(p)
+    x2 = torch.tensor(x, requires_grad=True)
+    tm(x=x2, t=torch.from_numpy(batch["t"])).backward()
+    assert torch.equal(x2.grad != 0, xt.grad != 0)
+    assert torch.max(torch.abs(x2.grad - xt.grad)) <= 1e-12
+
+
+def test_max_pool_indices_follow_torch_with_nan_and_infinities(tmp_path) -> None:
+    """The numpy helper picks the arg-max as torch does: the first maximum, a NaN wins
+    (the last NaN of a window), a window of -inf keeps its first position."""
+    _, modules = build(tmp_path, TIES)
+    helper = modules["numpy"]._max_pool_indices
+    x = np.random.default_rng(3).integers(0, 2, size=(2, 3, 7, 6)).astype(float)
+    x[0, 0, :3, :3] = -np.inf
+    x[0, 1, 1, 1] = x[0, 1, 2, 0] = np.nan
+    x[1, 2, 4:, 2:] = np.inf
+    _, ref = F.max_pool2d(torch.from_numpy(x), 3, stride=2, return_indices=True)
+    assert np.array_equal(helper(x, (3, 3), (2, 2)), ref.numpy())
+    _, ref = F.max_pool2d(torch.from_numpy(x), (2, 3), stride=(1, 2), return_indices=True)
+    assert np.array_equal(helper(x, (2, 3), (1, 2)), ref.numpy())
+
+
 def test_input_gradient_of_a_convolution(tmp_path) -> None:
     """wrt=("x",): the full convolution with the flipped kernel, against autograd."""
     _, modules = build(tmp_path, CONV1D)
@@ -196,11 +274,13 @@ def test_input_gradient_of_a_convolution(tmp_path) -> None:
 
 def test_numpy_module_has_no_convolution_call(tmp_path) -> None:
     """numpy has no convolution: the module's helpers copy the windows into one matrix
-    (one strided slice per kernel tap) for one product; the pooling's adjoint is a
-    window-add."""
+    (one strided slice per kernel tap) for one product; the pooling's adjoint adds each
+    window's gradient at its arg-max (one bincount), with no ties array of the windows'
+    size."""
     model = compile_spec(EXAMPLES / "cnn.yaml")
     source = model.source("numpy")
-    assert "def _im2col(" in source and "_window_add(" in source
+    assert "def _im2col(" in source and "_max_pool_backward(d_pool1, pool1_arg1" in source
+    assert "pool1_ties1 =" not in source.split("def loss_and_grad")[1]
     assert "import torch" not in source and "scipy" not in source
 
 
@@ -449,3 +529,45 @@ def test_explain_shows_each_layers_output_shape(tmp_path, capsys) -> None:
                  "conv2 (conv2d): [N, 16, 2, 2]", "flat (reshape): [N, 64]",
                  "fc (dense): [N, 10]"):
         assert f"  {line}\n" in out, line
+
+
+def _pool_program(values_body: str, *, one_hot: bool = True,
+                  slides=((2, 2, 0, 2, 2), (3, 2, 0, 3, 2))):
+    """x [2, 3, 4, 6] pooled 2x2: arg = its indices, ties = their one-hot laid out as
+    [n, c, i, a, j, b], v = values_body (of g read on the positions, ties as they are),
+    d = the window-add of v."""
+    g6 = View("g", (None,) * 4, (0, 1, 2, 4), 6)
+    ties = View("ties", (None,) * 6, tuple(range(6)), 6)
+    syms = {"g": g6.placeholder(), "ties": ties.placeholder()}
+    body = sp.sympify(values_body, locals=syms)
+    shapes = {"x": (2, 3, 4, 6), "g": (2, 3, 2, 3), "arg": (2, 3, 2, 3),
+              "ties": (2, 3, 2, 2, 3, 2), "v": (2, 3, 2, 2, 3, 2), "d": (2, 3, 4, 6)}
+    stmts = [
+        Assign("top", MaxPool("x", (2, 2), (2, 2)), "the maximum", "forward"),
+        Assign("arg", MaxPool("x", (2, 2), (2, 2), indices=True), "where", "forward"),
+        Assign("ties", Map(sp.Symbol("ties_body"), ()), "one-hot", "forward"),
+        Assign("v", Map(body, ordered({syms["g"]: g6, syms["ties"]: ties})),
+               "dL/dx", "backward"),
+        Assign("d", WindowAdd("v", shapes["d"], slides), "", "backward"),
+    ]
+    return stmts, Program(stmts, shapes, one_hots={"ties": "arg"} if one_hot else {})
+
+
+def test_max_pool_pass_forms_one_scatter_only_for_the_exact_product() -> None:
+    stmts, program = _pool_program("g*ties")
+    out = max_pool(stmts, program, {"d", "top"})
+    assert [s.target for s in out] == ["arg", "top", "d"]
+    assert out[0].op == MaxPool("x", (2, 2), (2, 2), indices=True)
+    assert out[1].op == TakeAt("x", "arg", 2)  # the maxima read at the indices
+    assert out[2].op == MaxPoolBackward("g", "arg", (2, 2), (2, 2), (2, 3, 4, 6))
+    assert "dL/dx" in out[2].comment
+    # not the product of the gradient and the ties alone, not a one-hot, other windows,
+    # or the product wanted itself: the window-add stays
+    for body, kwargs in (("2*g*ties", {}), ("g*ties", {"one_hot": False}),
+                         ("g*ties", {"slides": ((2, 1, 0, 2, 2), (3, 2, 0, 3, 2))})):
+        stmts, program = _pool_program(body, **kwargs)
+        out = max_pool(stmts, program, {"d", "top"})
+        assert any(isinstance(s.op, WindowAdd) for s in out), (body, kwargs)
+    stmts, program = _pool_program("g*ties")
+    out = max_pool(stmts, program, {"d", "top", "v"})
+    assert any(isinstance(s.op, WindowAdd) for s in out)

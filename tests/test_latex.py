@@ -8,6 +8,7 @@ module's ``loss_and_grad``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from symbackprop.check import call_args, random_batch
 from symbackprop.cli import main
 from symbackprop.emit.printers import NumpyCodePrinter
 from symbackprop.emit.render import module_filename
-from symbackprop.graph import MaxOver
+from symbackprop.graph import ArgMaxOver, MaxOver
 
 from conftest import EXAMPLES, ROOT, build, write_spec
 
@@ -110,6 +111,19 @@ def evaluate(expr: sp.Basic, env: dict[sp.Symbol, int], values: dict[str, np.nda
         inner = MaxOver(expr.function, *rest) if rest else expr.function
         return max(evaluate(inner, {**env, var: v}, values, sizes)
                    for v in range(int(ev(lo)), int(ev(hi)) + 1))
+    if isinstance(expr, ArgMaxOver):  # the flat position of the window's first maximum
+        read = expr.function
+        shape = values[str(read.base.label)].shape[-len(expr.limits):]
+        best, where = -math.inf, None
+        for taps in itertools.product(*(range(int(ev(lo)), int(ev(hi)) + 1)
+                                        for _, lo, hi in expr.limits)):
+            at = {**env, **{var: v for (var, _, _), v in zip(expr.limits, taps, strict=True)}}
+            value = evaluate(read, at, values, sizes)
+            if where is None or value > best:
+                position = [int(evaluate(i, at, values, sizes))
+                            for i in read.indices[-len(expr.limits):]]
+                best, where = value, int(np.ravel_multi_index(position, shape))
+        return float(where)
     if isinstance(expr, sp.Add):
         return sum(ev(a) for a in expr.args)
     if isinstance(expr, sp.Mul):

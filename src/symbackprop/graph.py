@@ -99,6 +99,18 @@ class MaxOver(ExprWithLimits):
         return sp.Integer(0)
 
 
+class ArgMaxOver(ExprWithLimits):
+    """``ArgMaxOver(x[n, c, s*i + a, s*j + b], (a, 0, k - 1), (b, 0, k - 1))``: where the
+    first maximum of each window lies (row-major over the window, as torch's max pooling
+    picks it), as the flat row-major position ``h * W + w`` of the element in the array's
+    last axes. An integer tensor: no derivative. Only whole windows over the trailing
+    axes (a max pooling) are lowered, to the pooling's indices.
+    """
+
+    def _eval_derivative(self, symbol: sp.Basic) -> sp.Expr:
+        return sp.Integer(0)
+
+
 @dataclass
 class Node:
     """One tensor of the network: an input, a target, a parameter, or an op's output."""

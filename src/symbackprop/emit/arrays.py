@@ -25,6 +25,7 @@ from ..ir.nodes import (
     Map,
     MatMul,
     MaxPool,
+    MaxPoolBackward,
     Program,
     Reduce,
     Reshape,
@@ -34,6 +35,7 @@ from ..ir.nodes import (
     Softmax,
     SoftmaxBackward,
     Stack,
+    TakeAt,
     View,
     Window,
     WindowAdd,
@@ -56,6 +58,7 @@ class ArrayPrinter:
         self.program = program
         self.scalar = self._scalar_printer()
         self.scalar.scalars = frozenset(n for n, shape in program.shapes.items() if not shape)
+        self.scalar.like = program.like
         self.helpers: set[str] = self.scalar.helpers
 
     def _scalar_printer(self) -> NumpyCodePrinter | TorchCodePrinter:
@@ -156,11 +159,23 @@ class ArrayPrinter:
         return code
 
     def expression(self, op: Map | Reduce) -> sp.Expr:
-        """The body with each placeholder replaced by a symbol named as its view's code."""
-        return op.body.xreplace({sym: sp.Symbol(self.view(v)) for sym, v in op.views})
+        """The body with each placeholder replaced by a symbol named as its view's code
+        (an integer symbol for a read of integers: index ranges, ids, indices)."""
+        # (a plain symbol otherwise: integer=False would make it nonzero, and a where()
+        # on it always true)
+        return op.body.xreplace({sym: sp.Symbol(self.view(v), integer=True)
+                                 if self._integral(v) else sp.Symbol(self.view(v))
+                                 for sym, v in op.views})
+
+    def _integral(self, v: View | Iota | Gather | Reshape | Window) -> bool:
+        if isinstance(v, Iota):
+            return True
+        return not isinstance(v, Gather) and v.src in self.program.integers
 
     def body(self, op: Map | Reduce) -> str:
         expr = self.expression(op)
+        self.scalar.integer_reads = frozenset(s.name for s in expr.free_symbols
+                                              if s.is_integer)
         if expr.has(sp.Piecewise):
             # Fold each term on its own: a product with a mask becomes one where(), but
             # a sum is not pulled into both branches (that would compute the other terms
@@ -207,6 +222,13 @@ class ArrayPrinter:
             return self.conv(op)
         if isinstance(op, MaxPool):
             return self.max_pool(op)
+        if isinstance(op, TakeAt):
+            self.helpers.add("take_at")
+            return f"_take_at({op.src}, {op.index}, {op.d})"
+        if isinstance(op, MaxPoolBackward):
+            self.helpers.add("max_pool_backward")
+            return (f"_max_pool_backward({op.grad}, {op.index}, {self.shape(op.shape)}, "
+                    f"{len(op.kernel)})")
         if isinstance(op, WindowAdd):
             self.helpers.update(("window_add", "taps"))
             return f"_window_add({op.values}, {self.shape(op.shape)}, {op.slides!r})"
@@ -324,8 +346,9 @@ class NumpyArrayPrinter(ArrayPrinter):
         return f"numpy.pad({code}, {tuple(pads)!r})"
 
     def max_pool(self, op: MaxPool) -> str:
-        self.helpers.add("max_pool")
-        return f"_max_pool({op.src}, {op.kernel!r}, {op.stride!r})"
+        helper = "max_pool_indices" if op.indices else "max_pool"
+        self.helpers.add(helper)
+        return f"_{helper}({op.src}, {op.kernel!r}, {op.stride!r})"
 
     def conv(self, op: Conv) -> str:
         # numpy has no convolution: helpers over strided windows (see the template)
@@ -432,8 +455,9 @@ class TorchArrayPrinter(ArrayPrinter):
         return f"torch.arange({self.scalar.doprint(iota.extent)}, device={iota.like}.device)"
 
     def max_pool(self, op: MaxPool) -> str:
-        return (f"torch.nn.functional.max_pool{len(op.kernel)}d({op.src}, {op.kernel!r}, "
-                f"{op.stride!r})")
+        call = (f"torch.nn.functional.max_pool{len(op.kernel)}d({op.src}, {op.kernel!r}, "
+                f"{op.stride!r}")
+        return f"{call}, return_indices=True)[1]" if op.indices else f"{call})"
 
     def conv(self, op: Conv) -> str:
         d = len(op.stride)

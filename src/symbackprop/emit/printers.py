@@ -21,6 +21,8 @@ class _Common:
 
     helpers: set[str]
     scalars: frozenset[str] = frozenset()  # names of 0-d arrays (the loss seed)
+    like: str = ""  # a float array: the dtype of numbers chosen by integers alone
+    integer_reads: frozenset[str] = frozenset()  # the body's reads of integer arrays
 
     def _is_scalar(self, expr: sp.Expr) -> bool:
         return all(s.is_integer or s.name in self.scalars for s in expr.free_symbols)
@@ -170,11 +172,15 @@ class _Common:
         if cond != sp.true:
             raise NotImplementedError("a Piecewise needs a final 'otherwise' branch")
         # Branches that are plain numbers would make where() return the default float
-        # type; give them the dtype (and device) of an array the condition reads.
+        # type; give them the dtype (and device) of an array the condition reads, or,
+        # where it reads integers alone (a one-hot of indices), of the model's float
+        # arrays.
         arrays = [s for s in expr.free_symbols if not s.is_integer]
         numeric = not any(v.free_symbols - {s for s in v.free_symbols if s.is_integer}
                           for v, _ in expr.args)
-        like = sorted(a.name for a in arrays)[0] if numeric and arrays else None
+        integers = any(s.name in self.integer_reads for s in expr.free_symbols)
+        like = (sorted(a.name for a in arrays)[0] if arrays
+                else self.like if integers else None) if numeric else None
 
         def branch(value: sp.Expr) -> str:
             text = self._print(value)

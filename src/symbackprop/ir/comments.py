@@ -22,6 +22,10 @@ class IndexPrinter(sp.printing.str.StrPrinter):
         over = ",".join(str(lim[0]) for lim in expr.limits)
         return f"max_{{{over}}}({self._print(expr.function)})"
 
+    def _print_ArgMaxOver(self, expr: sp.Expr) -> str:
+        over = ",".join(str(lim[0]) for lim in expr.limits)
+        return f"argmax_{{{over}}}({self._print(expr.function)})"
+
     def _print_Equality(self, expr: sp.Expr) -> str:
         return f"{self._print(expr.lhs)} == {self._print(expr.rhs)}"
 

@@ -23,6 +23,8 @@ printed.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sympy as sp
 from sympy.core.relational import Relational
 
@@ -31,7 +33,7 @@ from ..backprop import Derivation, target_indices
 from ..derive import radix
 from ..derive.calculus import is_index_symbol
 from ..errors import GraphError
-from ..graph import MaxOver, ref, ref_name
+from ..graph import ArgMaxOver, MaxOver, ref, ref_name
 from . import contract
 from .comments import backward_comment, forward_comment
 from .nodes import (
@@ -130,7 +132,11 @@ class Lowerer:
                 expr = _fold_seed(expr, deriv.seed)
             self.assign(adj.var, expr, target_indices(node), "backward",
                         backward_comment(deriv, adj.node))
-        return Program(self.stmts, self.shapes, self.dims, self.leaves)
+        one_hots = {name: str(deriv.node(name).meta["one_hot_of"]) for name in deriv.computed
+                    if "one_hot_of" in deriv.node(name).meta}
+        integers = frozenset(n.name for n in deriv.graph.nodes.values() if n.dtype == "int64")
+        return Program(self.stmts, self.shapes, self.dims, self.leaves, one_hots, integers,
+                       self.like)
 
     # -- statements ---------------------------------------------------------------------
     def assign(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...], phase: Phase,
@@ -165,6 +171,8 @@ class Lowerer:
             self._logsumexp(expr, axes, extents, phase, target)
         elif isinstance(expr, MaxOver):
             self._max_over(expr, axes, extents, phase, target)
+        elif isinstance(expr, ArgMaxOver):
+            self._arg_max_over(expr, axes, extents, phase, target)
         elif isinstance(expr, sp.Sum) and self._free(expr.function,
                                                       _bound(expr), axes) == axes:
             self._sum(expr, axes, extents, phase, target)
@@ -485,6 +493,19 @@ class Lowerer:
         self._emit(target, Reduce("max", body, views, tuple(range(len(free), len(full))),
                                   len(full)), phase)
         return ref(target, free)
+
+    def _arg_max_over(self, expr: ArgMaxOver, axes: tuple[sp.Symbol, ...],
+                      extents: dict[sp.Symbol, sp.Expr], phase: Phase, target: str) -> None:
+        """``ArgMaxOver(x[n, c, s*i + a, ...], limits)`` -> the max pooling's indices."""
+        limits = [lim[0] for lim in expr.limits]
+        for var, lo, hi in expr.limits:
+            extents[var] = hi - lo + 1
+        free = self._free(expr.function, set(limits), axes)
+        pool = self._max_pool(expr.function, free, limits, extents)
+        if pool is None or free != axes:
+            raise GraphError(f"cannot lower {expr}: an arg-max is supported only over "
+                             "whole windows of the trailing axes (a max pooling)")
+        self._emit(target, replace(pool, indices=True), phase)
 
     def _max_pool(self, arg: sp.Expr, free: tuple[sp.Symbol, ...], limits: list[sp.Symbol],
                   extents: dict[sp.Symbol, sp.Expr]) -> MaxPool | None:

@@ -438,15 +438,54 @@ class Conv:
 class MaxPool:
     """The maximum of each window of ``kernel`` over the last ``len(kernel)`` axes of
     ``src``, every ``stride``-th position, no padding (torch's floor mode): a max
-    reduction over a window read, recognised where max reductions are lowered."""
+    reduction over a window read, recognised where max reductions are lowered. With
+    ``indices``, where each window's first maximum lies instead (row-major over the
+    window), as the flat position ``h * W + w`` in those axes (an integer array, what
+    torch's ``max_pool2d(..., return_indices=True)`` returns)."""
 
     src: str
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
+    indices: bool = False
 
     @property
     def reads(self) -> frozenset[str]:
         return frozenset({self.src})
+
+
+@dataclass(frozen=True)
+class TakeAt:
+    """``src`` read at the flat positions ``index`` of its last ``d`` axes:
+    ``out[..., i, j] = src[..., index[..., i, j] // W, index[..., i, j] % W]`` (for d = 2);
+    ``out`` has ``index``'s shape. A max pooling's values, read at its arg-max indices
+    (one pooling instead of two, see the max-pool pass)."""
+
+    src: str
+    index: str
+    d: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.src, self.index})
+
+
+@dataclass(frozen=True)
+class MaxPoolBackward:
+    """The adjoint of a max pooling that routes each window's gradient to its first
+    maximum: an array of zeros shaped ``shape`` to which ``grad[..., i, j]`` is added at
+    the flat position ``index[..., i, j]`` of the last ``len(kernel)`` axes (windows that
+    overlap add). Formed by the max-pool pass from the window-add of the gradient times
+    the one-hot ties."""
+
+    grad: str
+    index: str
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    shape: tuple[sp.Expr, ...]
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.grad, self.index})
 
 
 @dataclass(frozen=True)
@@ -464,7 +503,7 @@ class Stack:
 
 
 Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | SoftmaxBackward | Full
-      | Seed | ScatterAdd | WindowAdd | Conv | MaxPool | Stack)
+      | Seed | ScatterAdd | WindowAdd | Conv | MaxPool | MaxPoolBackward | TakeAt | Stack)
 
 
 @dataclass(frozen=True)
@@ -495,6 +534,13 @@ class Program:
     shapes: dict[str, tuple[sp.Expr, ...]]
     dims: dict[str, tuple[str, int]] = field(default_factory=dict)
     leaves: frozenset[str] = frozenset()
+    # ties array -> the arg-max indices it is the one-hot of (a max pooling's first
+    # maximum, see layers/reductions.max_over): what the max-pool pass reads
+    one_hots: dict[str, str] = field(default_factory=dict)
+    # arrays of integers (ids, positions, arg-max indices), and the float array whose
+    # dtype a body of integers and numbers alone takes (a one-hot of indices)
+    integers: frozenset[str] = frozenset()
+    like: str = ""
 
 
 def readers(stmts: Iterable[Assign]) -> dict[str, int]:

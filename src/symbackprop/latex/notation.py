@@ -383,6 +383,10 @@ class IndexPrinter(LatexPrinter):
         over = ", ".join(self.index(var) for var, _, _ in expr.limits)
         return rf"\max_{{{over}}} \left({self._print(expr.function)}\right)"
 
+    def _print_ArgMaxOver(self, expr: sp.Expr) -> str:
+        over = ", ".join(self.index(var) for var, _, _ in expr.limits)
+        return rf"\operatorname*{{arg\,max}}_{{{over}}} \left({self._print(expr.function)}\right)"
+
     def _print_FnApply(self, expr: sp.Expr, exp: object = None) -> str:
         tag, arg = expr.args
         out = rf"{self.fnames[tag.name]}\left({self._print(arg)}\right)"
@@ -395,6 +399,17 @@ class IndexPrinter(LatexPrinter):
 
     def _print_Indicator(self, expr: sp.Expr, exp: object = None) -> str:
         return rf"\mathbb{{I}}\left[{self._print(expr.args[0])}\right]"
+
+    def _print_Equality(self, expr: sp.Expr) -> str:
+        lhs, rhs = expr.args
+        if isinstance(rhs, sp.Indexed) and not lhs.atoms(sp.Indexed):
+            lhs, rhs = rhs, lhs
+        if (isinstance(lhs, sp.Indexed) and not rhs.atoms(sp.Indexed)
+                and rhs.free_symbols and all(s in self.letters for s in rhs.free_symbols)):
+            # an array of positions against the position an index expression names (a
+            # max pooling's arg-max): the position counted from 1, as every index here
+            return f"{self._print(lhs)} = {self.index(rhs)}"
+        return self._print_Relational(expr)
 
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
         rows = []

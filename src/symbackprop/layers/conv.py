@@ -18,9 +18,10 @@ gives, with no rule written for convolutions:
   (:class:`~symbackprop.ir.nodes.WindowAdd`).
 
 Pooling windows are the same reads without weights. ``avgpool2d`` is their mean;
-``maxpool2d`` is the max reduction of :mod:`.reductions` over the window (the maximum,
-the ties, and the value ``sum(x e) / sum(e)``), so its gradient goes to the arg-max of
-each window (shared evenly between tied maxima; torch picks one of them).
+``maxpool2d`` is the max reduction of :mod:`.reductions` over the window with torch's
+rule for ties: the maximum, the position of each window's first maximum (row-major, as
+``torch.nn.MaxPool2d`` returns it), the one-hot ties ``e`` at that position, and the value
+``sum(x e)``, so its gradient goes to that one arg-max, as in torch.
 
 Output sizes follow torch: ``floor((L + 2p - k) / s) + 1`` (pooling: p = 0, stride
 defaults to the kernel, floor mode). The spatial sizes must be numbers; every size that
@@ -312,9 +313,13 @@ class MaxPool2d(_Pool):
         (x,) = inputs
         read, limits, shape, kernel = cls.windows(spec, x)
         label = f"max over each {' x '.join(map(str, kernel))} window"
+        # the flat position h * W + w of the element each tap reads
+        first_at = sp.Integer(0)
+        for index, size in zip(read.indices[2:], x.shape[2:], strict=True):
+            first_at = first_at * size + index
         # the ties as [N, C, i, a, j, b]: each window's taps beside its position
         body = max_over(graph, spec.name, spec.where, 1, read, list(limits), shape, label,
-                        after=tuple(range(2, 2 + cls.dims)))
+                        after=tuple(range(2, 2 + cls.dims)), first_at=first_at)
         node = graph.op(spec.name, shape, body, layer=spec.name, where=spec.where,
                         kind="reduction", label=label)
         computed_as_maximum(node, spec.name, 1)
@@ -330,15 +335,15 @@ class MaxPool2d(_Pool):
     def derivation_note(cls, spec: LayerSpec) -> Note:
         return ((
             "Max pooling, collected (indices from 0 here, as in the code). With ",
-            r"m_{n,c,i,j}", " the window's maximum and ",
-            r"e_{n,c,i,a,j,b} = [x_{n,c,\,s i + a,\,s j + b} = m_{n,c,i,j}]",
-            " its arg-max (no gradient flows through either), the layer's value is ",
-            r"\sum_{a,b} x\, e / \sum_{a,b} e", ", so the adjoint ", r"\delta",
-            " is routed to the arg-max of each window (shared between tied maxima) and "
-            "added where windows overlap:"),
+            r"a_{n,c,i,j}", " the position (row-major, ", r"h W + w", ") of each window's "
+            "first maximum, as torch picks it, and ",
+            r"e_{n,c,i,a,j,b} = [a_{n,c,i,j} = (s i + a) W + s j + b]",
+            " its one-hot (no gradient flows through either), the layer's value is ",
+            r"\sum_{a,b} x\, e", ", so the adjoint ", r"\delta",
+            " is routed to that one arg-max of each window and added where windows "
+            "overlap:"),
             ((r"\frac{\partial L}{\partial x_{n,c,h,w}}",
-              r"= \sum_{i,j,a,b\,:\; s i + a = h,\; s j + b = w} \delta_{n,c,i,j}\, "
-              r"\frac{e_{n,c,i,a,j,b}}{\sum_{a',b'} e_{n,c,i,a',j,b'}}"),))
+              r"= \sum_{i,j\,:\; a_{n,c,i,j} = h W + w} \delta_{n,c,i,j}"),))
 
 
 @register_layer

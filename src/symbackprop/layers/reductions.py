@@ -25,7 +25,7 @@ import sympy as sp
 
 from .. import naming
 from ..formula import FormulaProblem, normalise_axes
-from ..graph import Graph, MaxOver, Node, out_index
+from ..graph import ArgMaxOver, Graph, MaxOver, Node, out_index
 from ..spec import Where
 
 _LABELS = {"sum": "sum", "mean": "mean", "max": "max", "logsumexp": "logsumexp"}
@@ -110,7 +110,8 @@ def computed_as_maximum(value: Node, layer: str, count: int) -> None:
 
 def max_over(graph: Graph, layer: str, where: Where, count: int, inner: sp.Expr,
              limits: list[tuple[sp.Symbol, sp.Expr, sp.Expr]], shape: tuple[sp.Expr, ...],
-             label: str, after: tuple[int, ...] | None = None) -> sp.Expr:
+             label: str, after: tuple[int, ...] | None = None,
+             first_at: sp.Expr | None = None) -> sp.Expr:
     """The body of a max's value tensor (``inner`` maximised over ``limits``, the kept
     axes out_index(0..) of ``shape``); adds the maximum and the ties it reads, named
     after ``layer`` and ``count``. A max pooling is one, over each window.
@@ -123,7 +124,13 @@ def max_over(graph: Graph, layer: str, where: Where, count: int, inner: sp.Expr,
     sum would be folded out of it by sympy when differentiating. The caller marks the
     value's node ``meta["maximum"]`` = the maximum's name: the forward pass computes
     the value as the maximum itself (every tie equals it, so sum(x e) / sum(e) does),
-    while the chain rule differentiates the sums (:func:`computed_as_maximum`)."""
+    while the chain rule differentiates the sums (:func:`computed_as_maximum`).
+
+    With ``first_at`` (the flat position of the element ``inner`` reads, in the kept
+    axes and the reduced indices), only the first maximum of each window counts, as
+    torch's max pooling routes its gradient: an integer tensor ``<layer>_arg<count>``
+    (:class:`~symbackprop.graph.ArgMaxOver`, no gradient) holds where it lies, the ties
+    are 1 at that position alone, and the value is ``sum(x e)`` (one tie per window)."""
     top = graph.op(naming.reduction(layer, "top", count), shape, MaxOver(inner, *limits),
                    layer=layer, where=where, kind="reduction",
                    label=label + " (the maximum itself)")
@@ -138,14 +145,28 @@ def max_over(graph: Graph, layer: str, where: Where, count: int, inner: sp.Expr,
     kept = tuple(axes[slots.index(("kept", j))] for j in range(len(shape)))
     at = {limits[m][0]: axes[slots.index(("tap", m))] for m in range(len(limits))}
     at.update({out_index(j): kept[j] for j in range(len(shape))})  # one simultaneous swap
-    tie = graph.op(
-        naming.reduction(layer, "ties", count),
-        tuple(shape[n] if kind == "kept" else limits[n][2] + 1 for kind, n in slots),
-        sp.Piecewise((sp.Integer(1), sp.Eq(inner.xreplace(at), top.element(kept))),
-                     (sp.Integer(0), True)),
-        layer=layer, where=where, kind="reduction",
-        label=label + " (1 where an element equals the maximum; no gradient)")
+    tie_shape = tuple(shape[n] if kind == "kept" else limits[n][2] + 1 for kind, n in slots)
+    if first_at is None:
+        condition = sp.Eq(inner.xreplace(at), top.element(kept))
+        what = "1 where an element equals the maximum"
+    else:
+        arg = graph.op(naming.reduction(layer, "arg", count), shape,
+                       ArgMaxOver(inner, *limits), layer=layer, where=where,
+                       kind="reduction", label=label + " (where its first maximum lies, "
+                       "as a flat position; no gradient)")
+        arg.meta["no_gradient"] = True
+        arg.dtype = "int64"
+        condition = sp.Eq(first_at.xreplace(at), arg.element(kept))
+        what = "1 at the first maximum"
+    tie = graph.op(naming.reduction(layer, "ties", count), tie_shape,
+                   sp.Piecewise((sp.Integer(1), condition), (sp.Integer(0), True)),
+                   layer=layer, where=where, kind="reduction",
+                   label=f"{label} ({what}; no gradient)")
     tie.meta["no_gradient"] = True
+    if first_at is not None:
+        tie.meta["one_hot_of"] = arg.name
     ties = tie.element(tuple(out_index(n) if kind == "kept" else limits[n][0]
                              for kind, n in slots))
+    if first_at is not None:
+        return sp.Sum(inner * ties, *limits)
     return sp.Sum(inner * ties, *limits) / sp.Sum(ties, *limits)

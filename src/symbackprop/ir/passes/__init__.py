@@ -2,10 +2,10 @@
 
 :func:`function` runs them in order for one generated function: select what its outputs
 need, fuse single-use elementwise temporaries, share common subexpressions, then the
-pattern passes (convolutions, log-softmax, softmax backward, products against stacked
-parts, the tanh GELU, product + bias, activation-backward kernels, broadcast factors
-first), each pattern
-recognised in exactly one of them. Freeing after last use and in-place reuse are the
+pattern passes (convolutions, max pooling's backward and indices, log-softmax, softmax
+backward, products against stacked parts, the tanh GELU, product + bias,
+activation-backward kernels, broadcast factors first), each pattern recognised in
+exactly one of them. Freeing after last use and in-place reuse are the
 memory pass, run by the printer's caller once the function's inputs are known.
 """
 
@@ -22,6 +22,7 @@ from .gelu import gelu
 from .kernels import kernels
 from .linear import linear
 from .log_softmax import log_softmax
+from .max_pool import max_pool
 from .memory import memory
 from .select import select
 from .softmax_backward import softmax_backward
@@ -36,6 +37,7 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = fuse(stmts, program, protected)
     stmts = cse(stmts, program)
     stmts = conv(stmts, program, protected)
+    stmts = max_pool(stmts, program, protected)
     stmts = log_softmax(stmts, program, protected)
     stmts = softmax_backward(stmts, program, protected)
     stmts = stacked(stmts, program, protected)
@@ -46,5 +48,5 @@ def function(program: Program, outputs: Sequence[str], *,
     return stmts
 
 
-__all__ = ["function", "memory", "select", "fuse", "cse", "conv", "log_softmax",
+__all__ = ["function", "memory", "select", "fuse", "cse", "conv", "max_pool", "log_softmax",
            "softmax_backward", "stacked", "gelu", "linear", "kernels", "broadcast"]

@@ -5,7 +5,10 @@ equal reads are equal placeholder symbols (one per distinct view), a subexpressi
 here is the same computation wherever it occurs. A shared subexpression is laid out in
 the axes of the bodies it came from, so it is read back as it is (a view with no axes
 of its own, see :class:`~symbackprop.ir.nodes.View`). Shared subexpressions of sizes and
-numbers alone (``1/N``) are cheaper inline and are put back. Nothing is shared out of a
+numbers alone (``1/N``) are cheaper inline and are put back, and so is a negated array
+(``-a``): the sign folds into each reader's own arithmetic, where a shared ``-a`` would be
+one more pass over memory, and one more array kept from forward to backward when its
+readers sit on both sides. Nothing is shared out of a
 ``where`` branch (see :func:`_hide_branches`).
 """
 
@@ -40,12 +43,12 @@ def cse(stmts: list[Assign], program: Program) -> list[Assign]:
         shown[sym] = value.xreplace(shown)
     replacements = [(sym, expr.xreplace(shown)) for sym, expr in replacements]
     reduced = [expr.xreplace(shown) for expr in reduced]
-    scalar = _scalar(replacements, views)
-    while scalar:
-        replacements = [(sym, expr.xreplace(scalar)) for sym, expr in replacements
-                        if sym not in scalar]
-        reduced = [expr.xreplace(scalar) for expr in reduced]
-        scalar = _scalar(replacements, views)
+    inline = _inline(replacements, views)
+    while inline:
+        replacements = [(sym, expr.xreplace(inline)) for sym, expr in replacements
+                        if sym not in inline]
+        reduced = [expr.xreplace(inline) for expr in reduced]
+        inline = _inline(replacements, views)
     temp_views = {sym: View(sym.name, (), (), 0) for sym, _ in replacements}
     all_views = {**views, **temp_views}
 
@@ -80,12 +83,19 @@ def cse(stmts: list[Assign], program: Program) -> list[Assign]:
     return result
 
 
-def _scalar(replacements: list[tuple[sp.Symbol, sp.Expr]],
+def _inline(replacements: list[tuple[sp.Symbol, sp.Expr]],
             views: dict[sp.Symbol, AnyView]) -> dict[sp.Symbol, sp.Expr]:
-    """Replacements that read no array, directly or through another replacement."""
+    """Replacements cheaper inline: those that read no array, directly or through another
+    replacement, and negations of one array (``-a``)."""
     defined = {sym for sym, _ in replacements}
     return {sym: expr for sym, expr in replacements
-            if not any(s in views or s in defined for s in expr.free_symbols)}
+            if not any(s in views or s in defined for s in expr.free_symbols)
+            or _negation(expr)}
+
+
+def _negation(expr: sp.Expr) -> bool:
+    return (expr.is_Mul and len(expr.args) == 2 and expr.args[0] == -1
+            and expr.args[1].is_Symbol)
 
 
 def _hide_branches(expr: sp.Expr, hidden: dict[sp.Expr, sp.Symbol]) -> sp.Expr:
