@@ -57,7 +57,7 @@ DERIVATION_PASSES = {
         'z_{\\mathrm{conv1},nijk} & = \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv1},i,1,p,q} x_{n,1,j + p - 2,k + q - 2} + b_{\\mathrm{conv1},i} \\\\\n'
         'h_{\\mathrm{relu1},nijk} & = \\operatorname{relu}\\left(z_{\\mathrm{conv1},nijk}\\right) \\\\\n'
         '\\mathrm{top1}_{\\mathrm{pool1},nijk} & = \\max_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
-        '\\mathrm{arg1}_{\\mathrm{pool1},nijk} & = \\operatorname*{arg\\,max}_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
+        '\\mathrm{arg1}_{\\mathrm{pool1},nijk} & = \\operatorname{argmax}_{l, p} \\left(h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p}\\right) \\\\\n'
         '\\mathrm{ties1}_{\\mathrm{pool1},nijklp} & = \\begin{cases} 1 & \\text{if } \\mathrm{arg1}_{\\mathrm{pool1},nijl} = 16\\,(j-1) + 8\\,(k-1) + 2\\,(l-1) + p \\\\ 0 & \\text{otherwise} \\end{cases} \\\\\n'
         '\\mathrm{pool1}_{nijk} & = \\sum_{l=1}^{2} \\sum_{p=1}^{2} \\mathrm{ties1}_{\\mathrm{pool1},nijlkp} h_{\\mathrm{relu1},n,i,2\\,(j-1) + l,2\\,(k-1) + p} \\\\\n'
         'z_{\\mathrm{conv2},nijk} & = \\sum_{l=1}^{8} \\sum_{p=1}^{3} \\sum_{q=1}^{3} W_{\\mathrm{conv2},ilpq} \\mathrm{pool1}_{n,l,j + p - 1,k + q - 1} + b_{\\mathrm{conv2},i} \\\\\n'

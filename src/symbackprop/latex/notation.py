@@ -385,7 +385,7 @@ class IndexPrinter(LatexPrinter):
 
     def _print_ArgMaxOver(self, expr: sp.Expr) -> str:
         over = ", ".join(self.index(var) for var, _, _ in expr.limits)
-        return rf"\operatorname*{{arg\,max}}_{{{over}}} \left({self._print(expr.function)}\right)"
+        return rf"\operatorname{{argmax}}_{{{over}}} \left({self._print(expr.function)}\right)"
 
     def _print_FnApply(self, expr: sp.Expr, exp: object = None) -> str:
         tag, arg = expr.args
