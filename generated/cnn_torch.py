@@ -332,12 +332,31 @@ def _as_ids(name, value, device):
 def _check_ids(name, ids, high, ignore, reason):
     # Every id in [0, high) (or the ignored label): indexing would wrap a negative id
     # around, and on a GPU an id past the end is a device-side assert.
+    if torch.compiler.is_compiling():
+        # No Python branch on the values while torch.compile traces: an assert in the
+        # graph, which raises a RuntimeError with the same words when it fails.
+        ok = (((ids >= 0) & (ids < high)) | (ids == ignore)).all()
+        torch._assert_async(ok, f"{name}: an id is outside [0, {high}) ({reason})")
+        return
+    ids = _unwrapped(ids)
     if not ids.numel():
         return  # the shape check names an empty batch
     if int(ids.min()) < 0 or int(ids.max()) >= high:
         bad = ids[((ids < 0) | (ids >= high)) & (ids != ignore)]
         if bad.numel():
             raise ValueError(f"{name}: id {int(bad[0])} is outside [0, {high}) ({reason})")
+
+
+
+def _unwrapped(tensor):
+    # Under torch.func (vmap's batches, grad's tracking) the ids of every example at once,
+    # as a plain tensor whose values can be read.
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is None:
+        return tensor
+    while functorch.is_batchedtensor(tensor) or functorch.is_gradtrackingtensor(tensor):
+        tensor = functorch.get_unwrapped(tensor)
+    return tensor
 
 
 def _take_at(x, index, d):

@@ -402,6 +402,75 @@ def test_torch_compile_fullgraph_training_step(mods) -> None:
     close(grads(model), want, 1e-5)
 
 
+class Cnn(torch.nn.Module):
+    """examples/cnn.yaml by hand: integer class ids, max pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.relu(self.conv2(h))
+        return F.cross_entropy(self.fc(h.reshape(h.shape[0], 64)), label)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("cnn") / "cnn_torch.py"
+    path.write_text(compile_spec(EXAMPLES / "cnn.yaml").source("torch"), encoding="utf-8")
+    model = load_module(path).Model(seed=1, dtype=F64)
+    twin = Cnn().to(F64)
+    twin.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    # small integer pixels: many tied maxima in the pooling windows
+    b = {"x": torch.randint(0, 3, (6, 1, 8, 8), generator=g).to(F64),
+         "label": torch.randint(0, 10, (6,), generator=g)}
+    return model, twin, b
+
+
+def test_vmap_per_example_gradients_with_integer_class_ids(cnn) -> None:
+    """Integer ids are checked under vmap too (every example's at once), and each
+    example's gradient is the twin's on that example alone."""
+    from torch.func import functional_call, grad, vmap
+
+    model, twin, b = cnn
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def one(p, x, label):
+        return functional_call(model, p, (), {"x": x[None], "label": label[None]})
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))(params, b["x"], b["label"])
+    for i in range(len(b["label"])):
+        twin.zero_grad()
+        twin(b["x"][i:i + 1], b["label"][i:i + 1]).backward()
+        close({k: v[i] for k, v in per.items()}, grads(twin), 1e-12)
+    bad = b["label"].clone()
+    bad[3] = 10
+    with pytest.raises(ValueError, match="label: id 10 is outside"):
+        vmap(grad(one), in_dims=(None, 0, 0))(params, b["x"], bad)
+
+
+def test_torch_compile_fullgraph_with_integer_class_ids(cnn) -> None:
+    """The id check is an assert inside the graph while torch.compile traces: no graph
+    break, the twin's gradients, and a RuntimeError naming the input for a bad id."""
+    model, twin, b = cnn
+    explained = torch._dynamo.explain(model)(**b)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    twin.zero_grad()
+    twin(**b).backward()
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(**b).backward()
+    close(grads(model), grads(twin), 1e-10)
+    bad = b["label"].clone()
+    bad[0] = -3
+    with pytest.raises(RuntimeError, match="label: an id is outside"):
+        compiled(x=b["x"], label=bad)
+
+
 def test_torch_export(mods) -> None:
     model, _ = pair(mods, "mlp_classifier")
     b = batch("mlp_classifier")
