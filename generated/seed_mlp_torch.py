@@ -534,12 +534,19 @@ def _can_release(kept, arguments):
     return True
 
 
+_AUTOCAST_AVAILABLE = {}
+
+
 def _autocast_state(tensor):
     # What torch.amp.custom_fwd records, for the device of the tensors at hand (custom_fwd
     # needs the device type when the module is imported): None where autocast does not
     # exist (meta tensors); the dtype is looked up only where autocast is on somewhere.
     device_type = tensor.device.type
-    if not torch.amp.is_autocast_available(device_type):
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:  # a Python-level query: asked once per device type
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(
+            device_type)
+    if not available:
         return None
     if not _any_autocast():
         return (device_type, False, None)
