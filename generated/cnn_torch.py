@@ -138,9 +138,9 @@ DERIVATION_PASSES = {
         ' & = \\sum_{l=1}^{4} \\sum_{p=1}^{4} \\sum_{q=1}^{2} \\sum_{r=1}^{2} \\frac{\\partial L}{\\partial \\mathrm{pool1}_{nilp}} \\delta_{j,2\\,(l-1) + q} \\delta_{k,2\\,(p-1) + r} \\mathrm{ties1}_{\\mathrm{pool1},nilqpr}\n'
         '\\end{aligned} \\\\\n'
         '\\text{Max pooling, collected (indices from 0 here, as in the code).} \\\\\n'
-        "\\text{With } a_{n,c,i,j} \\text{ the position (row-major, } h W + w \\text{) of each window's first maximum, as torch picks it, and } e_{n,c,i,a,j,b} = [a_{n,c,i,j} = (s i + a) W + s j + b] \\text{ its one-hot (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e \\text{, so the adjoint } \\delta \\text{ is routed to that one arg-max of each window and added where windows overlap:} \\\\\n"
+        "\\text{With } q_{n,c,i,j} \\text{ the position (row-major, } h W + w \\text{) of each window's first maximum, as torch picks it, and } e_{n,c,i,a,j,b} = [q_{n,c,i,j} = (s i + a) W + s j + b] \\text{ its one-hot (no gradient flows through either), the layer's value is } \\sum_{a,b} x\\, e \\text{, so the adjoint } \\delta \\text{ is routed to that one arg-max of each window and added where windows overlap:} \\\\\n"
         '\\begin{aligned}\n'
-        '\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j\\,:\\; a_{n,c,i,j} = h W + w} \\delta_{n,c,i,j}\n'
+        '\\frac{\\partial L}{\\partial x_{n,c,h,w}} & = \\sum_{i,j\\,:\\; q_{n,c,i,j} = h W + w} \\delta_{n,c,i,j}\n'
         '\\end{aligned} \\\\\n'
         '\\mathbf{z}_{\\mathrm{conv1}} \\text{ is read by } \\mathtt{relu1} \\text{ (relu, elementwise)} \\text{:} \\\\\n'
         '\\begin{aligned}\n'

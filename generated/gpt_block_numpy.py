@@ -996,7 +996,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_mlp_c_proj_weight:
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
-        d_mlp_c_proj_weight = numpy.tensordot(d_mlp_c_proj, mlp_c_fc, axes=([0, 1], [0, 1]))
+        d_mlp_c_proj_weight = d_mlp_c_proj.reshape(-1, d_mlp_c_proj.shape[-1]).T @ mlp_c_fc.reshape(-1, mlp_c_fc.shape[-1])
         del mlp_c_fc
 
     if _need_mlp_c_proj_bias:
@@ -1015,7 +1015,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     if _need_mlp_c_fc_weight:
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
-        d_mlp_c_fc_weight = numpy.tensordot(d_mlp_c_fc_z, ln_2, axes=([0, 1], [0, 1]))
+        d_mlp_c_fc_weight = d_mlp_c_fc_z.reshape(-1, d_mlp_c_fc_z.shape[-1]).T @ ln_2.reshape(-1, ln_2.shape[-1])
         del ln_2
 
     if _need_mlp_c_fc_bias:

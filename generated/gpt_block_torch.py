@@ -963,7 +963,7 @@ def loss_and_grad(params, *, x, t):
         d_mlp_c_proj = -tmp13
 
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
-        d_mlp_c_proj_weight = torch.tensordot(d_mlp_c_proj, mlp_c_fc, dims=([0, 1], [0, 1]))
+        d_mlp_c_proj_weight = d_mlp_c_proj.flatten(0, 1).T @ mlp_c_fc.flatten(0, 1)
         del mlp_c_fc
 
         # dL/dmlp_c_proj_bias (through mlp_c_proj): d_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0])
@@ -979,7 +979,7 @@ def loss_and_grad(params, *, x, t):
         del mlp_c_fc_z, d_mlp_c_fc
 
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
-        d_mlp_c_fc_weight = torch.tensordot(d_mlp_c_fc_z, ln_2, dims=([0, 1], [0, 1]))
+        d_mlp_c_fc_weight = d_mlp_c_fc_z.flatten(0, 1).T @ ln_2.flatten(0, 1)
         del ln_2
 
         # dL/dmlp_c_fc_bias (through mlp_c_fc_z): d_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0])
@@ -1256,7 +1256,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_mlp_c_proj_weight:
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
-        d_mlp_c_proj_weight = torch.tensordot(d_mlp_c_proj, mlp_c_fc, dims=([0, 1], [0, 1]))
+        d_mlp_c_proj_weight = d_mlp_c_proj.flatten(0, 1).T @ mlp_c_fc.flatten(0, 1)
         if release:
             _release(mlp_c_fc)
 
@@ -1278,7 +1278,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_mlp_c_fc_weight:
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
-        d_mlp_c_fc_weight = torch.tensordot(d_mlp_c_fc_z, ln_2, dims=([0, 1], [0, 1]))
+        d_mlp_c_fc_weight = d_mlp_c_fc_z.flatten(0, 1).T @ ln_2.flatten(0, 1)
         if release:
             _release(ln_2)
 

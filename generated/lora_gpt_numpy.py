@@ -2484,7 +2484,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_lora_B:
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_proj_lora_B = numpy.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, axes=([0, 1], [0, 1]))
+        d_h_1_mlp_c_proj_lora_B = d_h_1_mlp_c_proj.reshape(-1, d_h_1_mlp_c_proj.shape[-1]).T @ h_1_mlp_c_proj_lora_xA.reshape(-1, h_1_mlp_c_proj_lora_xA.shape[-1])
         del h_1_mlp_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_weight or _need_h_1_mlp_c_fc_bias or _need_h_1_mlp_c_fc_lora_A or _need_h_1_mlp_c_fc_lora_B or _need_h_1_mlp_c_proj_lora_A:
@@ -2493,7 +2493,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_lora_A:
         # dL/dh_1_mlp_c_proj_lora_A (through h_1_mlp_c_proj_lora_xA): d_h_1_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_proj_lora_xA[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        tmp_sum60 = numpy.tensordot(d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, axes=([0, 1], [0, 1]))
+        tmp_sum60 = d_h_1_mlp_c_proj_lora_xA.reshape(-1, d_h_1_mlp_c_proj_lora_xA.shape[-1]).T @ h_1_mlp_c_fc.reshape(-1, h_1_mlp_c_fc.shape[-1])
         d_h_1_mlp_c_proj_lora_A = 2*tmp_sum60
         del tmp_sum60
 
@@ -2504,7 +2504,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj_base): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj_base[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = numpy.tensordot(d_h_1_mlp_c_proj_base, h_1_mlp_c_fc, axes=([0, 1], [0, 1]))
+        d_h_1_mlp_c_proj_weight = d_h_1_mlp_c_proj_base.reshape(-1, d_h_1_mlp_c_proj_base.shape[-1]).T @ h_1_mlp_c_fc.reshape(-1, h_1_mlp_c_fc.shape[-1])
         del h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_proj_bias:
@@ -2527,7 +2527,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_lora_B:
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_fc_lora_B = numpy.tensordot(d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, axes=([0, 1], [0, 1]))
+        d_h_1_mlp_c_fc_lora_B = d_h_1_mlp_c_fc_z.reshape(-1, d_h_1_mlp_c_fc_z.shape[-1]).T @ h_1_mlp_c_fc_lora_xA.reshape(-1, h_1_mlp_c_fc_lora_xA.shape[-1])
         del h_1_mlp_c_fc_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_lora_A:
@@ -2536,7 +2536,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_lora_A:
         # dL/dh_1_mlp_c_fc_lora_A (through h_1_mlp_c_fc_lora_xA): d_h_1_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_fc_lora_xA[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        tmp_sum63 = numpy.tensordot(d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, axes=([0, 1], [0, 1]))
+        tmp_sum63 = d_h_1_mlp_c_fc_lora_xA.reshape(-1, d_h_1_mlp_c_fc_lora_xA.shape[-1]).T @ h_1_ln_2.reshape(-1, h_1_ln_2.shape[-1])
         d_h_1_mlp_c_fc_lora_A = 2*tmp_sum63
         del tmp_sum63
 
@@ -2547,7 +2547,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_base): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_base[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = numpy.tensordot(d_h_1_mlp_c_fc_base, h_1_ln_2, axes=([0, 1], [0, 1]))
+        d_h_1_mlp_c_fc_weight = d_h_1_mlp_c_fc_base.reshape(-1, d_h_1_mlp_c_fc_base.shape[-1]).T @ h_1_ln_2.reshape(-1, h_1_ln_2.shape[-1])
         del h_1_ln_2
 
     if _need_h_1_mlp_c_fc_bias:
@@ -2599,7 +2599,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_proj_lora_B:
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_attn_c_proj_lora_B = numpy.tensordot(d_h_1_attn, h_1_attn_c_proj_lora_xA, axes=([0, 1], [0, 1]))
+        d_h_1_attn_c_proj_lora_B = d_h_1_attn.reshape(-1, d_h_1_attn.shape[-1]).T @ h_1_attn_c_proj_lora_xA.reshape(-1, h_1_attn_c_proj_lora_xA.shape[-1])
         del h_1_attn_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_lora_A:
@@ -2684,7 +2684,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
-        tmp_sum83 = numpy.tensordot(d_h_1_attn_c_attn_lora_xA, h_1_ln_1, axes=([0, 1], [0, 1]))
+        tmp_sum83 = d_h_1_attn_c_attn_lora_xA.reshape(-1, d_h_1_attn_c_attn_lora_xA.shape[-1]).T @ h_1_ln_1.reshape(-1, h_1_ln_1.shape[-1])
         d_h_1_attn_c_attn_lora_A = 2*tmp_sum83
         del tmp_sum83
 
@@ -2749,7 +2749,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_lora_B:
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_proj_lora_B = numpy.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, axes=([0, 1], [0, 1]))
+        d_h_0_mlp_c_proj_lora_B = d_h_0_mlp_c_proj.reshape(-1, d_h_0_mlp_c_proj.shape[-1]).T @ h_0_mlp_c_proj_lora_xA.reshape(-1, h_0_mlp_c_proj_lora_xA.shape[-1])
         del h_0_mlp_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_lora_A:
@@ -2758,7 +2758,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_lora_A:
         # dL/dh_0_mlp_c_proj_lora_A (through h_0_mlp_c_proj_lora_xA): d_h_0_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_proj_lora_xA[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        tmp_sum99 = numpy.tensordot(d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, axes=([0, 1], [0, 1]))
+        tmp_sum99 = d_h_0_mlp_c_proj_lora_xA.reshape(-1, d_h_0_mlp_c_proj_lora_xA.shape[-1]).T @ h_0_mlp_c_fc.reshape(-1, h_0_mlp_c_fc.shape[-1])
         d_h_0_mlp_c_proj_lora_A = 2*tmp_sum99
         del tmp_sum99
 
@@ -2769,7 +2769,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj_base): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj_base[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = numpy.tensordot(d_h_0_mlp_c_proj_base, h_0_mlp_c_fc, axes=([0, 1], [0, 1]))
+        d_h_0_mlp_c_proj_weight = d_h_0_mlp_c_proj_base.reshape(-1, d_h_0_mlp_c_proj_base.shape[-1]).T @ h_0_mlp_c_fc.reshape(-1, h_0_mlp_c_fc.shape[-1])
         del h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_proj_bias:
@@ -2792,7 +2792,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_lora_B:
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_fc_lora_B = numpy.tensordot(d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, axes=([0, 1], [0, 1]))
+        d_h_0_mlp_c_fc_lora_B = d_h_0_mlp_c_fc_z.reshape(-1, d_h_0_mlp_c_fc_z.shape[-1]).T @ h_0_mlp_c_fc_lora_xA.reshape(-1, h_0_mlp_c_fc_lora_xA.shape[-1])
         del h_0_mlp_c_fc_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_lora_A:
@@ -2801,7 +2801,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_lora_A:
         # dL/dh_0_mlp_c_fc_lora_A (through h_0_mlp_c_fc_lora_xA): d_h_0_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_fc_lora_xA[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        tmp_sum102 = numpy.tensordot(d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, axes=([0, 1], [0, 1]))
+        tmp_sum102 = d_h_0_mlp_c_fc_lora_xA.reshape(-1, d_h_0_mlp_c_fc_lora_xA.shape[-1]).T @ h_0_ln_2.reshape(-1, h_0_ln_2.shape[-1])
         d_h_0_mlp_c_fc_lora_A = 2*tmp_sum102
         del tmp_sum102
 
@@ -2812,7 +2812,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_base): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_base[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = numpy.tensordot(d_h_0_mlp_c_fc_base, h_0_ln_2, axes=([0, 1], [0, 1]))
+        d_h_0_mlp_c_fc_weight = d_h_0_mlp_c_fc_base.reshape(-1, d_h_0_mlp_c_fc_base.shape[-1]).T @ h_0_ln_2.reshape(-1, h_0_ln_2.shape[-1])
         del h_0_ln_2
 
     if _need_h_0_mlp_c_fc_bias:
@@ -2864,7 +2864,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_proj_lora_B:
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_attn_c_proj_lora_B = numpy.tensordot(d_h_0_attn, h_0_attn_c_proj_lora_xA, axes=([0, 1], [0, 1]))
+        d_h_0_attn_c_proj_lora_B = d_h_0_attn.reshape(-1, d_h_0_attn.shape[-1]).T @ h_0_attn_c_proj_lora_xA.reshape(-1, h_0_attn_c_proj_lora_xA.shape[-1])
         del h_0_attn_c_proj_lora_xA
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_lora_A:
@@ -2949,7 +2949,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
-        tmp_sum122 = numpy.tensordot(d_h_0_attn_c_attn_lora_xA, h_0_ln_1, axes=([0, 1], [0, 1]))
+        tmp_sum122 = d_h_0_attn_c_attn_lora_xA.reshape(-1, d_h_0_attn_c_attn_lora_xA.shape[-1]).T @ h_0_ln_1.reshape(-1, h_0_ln_1.shape[-1])
         d_h_0_attn_c_attn_lora_A = 2*tmp_sum122
         del tmp_sum122
 
@@ -3012,7 +3012,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum138 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum139 = numpy.tensordot(d_lm_head, ln_f, axes=([0, 1], [0, 1]))
+        tmp_sum139 = d_lm_head.reshape(-1, d_lm_head.shape[-1]).T @ ln_f.reshape(-1, ln_f.shape[-1])
         del ln_f, d_lm_head
         d_wte_weight = tmp_sum138 + tmp_sum139
         del tmp_sum138, tmp_sum139

@@ -2424,14 +2424,14 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_mlp_c_proj = d_h_1_res2
 
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_proj_lora_B = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_proj_lora_B = d_h_1_mlp_c_proj.flatten(0, 1).T @ h_1_mlp_c_proj_lora_xA.flatten(0, 1)
         del h_1_mlp_c_proj_lora_xA
 
         # dL/dh_1_mlp_c_proj_lora_xA (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_mlp_c_proj[k0, k1, i2]*h_1_mlp_c_proj_lora_B[i2, k2])
         d_h_1_mlp_c_proj_lora_xA = d_h_1_mlp_c_proj @ h_1_mlp_c_proj_lora_B
 
         # dL/dh_1_mlp_c_proj_lora_A (through h_1_mlp_c_proj_lora_xA): d_h_1_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_proj_lora_xA[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        tmp_sum60 = torch.tensordot(d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
+        tmp_sum60 = d_h_1_mlp_c_proj_lora_xA.flatten(0, 1).T @ h_1_mlp_c_fc.flatten(0, 1)
         del h_1_mlp_c_fc
         d_h_1_mlp_c_proj_lora_A = 2*tmp_sum60
         del tmp_sum60
@@ -2454,14 +2454,14 @@ def loss_and_grad(params, *, idx, y):
         del h_1_mlp_c_fc_z, d_h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_fc_lora_B = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_fc_lora_B = d_h_1_mlp_c_fc_z.flatten(0, 1).T @ h_1_mlp_c_fc_lora_xA.flatten(0, 1)
         del h_1_mlp_c_fc_lora_xA
 
         # dL/dh_1_mlp_c_fc_lora_xA (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_mlp_c_fc_z[k0, k1, i2]*h_1_mlp_c_fc_lora_B[i2, k2])
         d_h_1_mlp_c_fc_lora_xA = d_h_1_mlp_c_fc_z @ h_1_mlp_c_fc_lora_B
 
         # dL/dh_1_mlp_c_fc_lora_A (through h_1_mlp_c_fc_lora_xA): d_h_1_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_fc_lora_xA[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        tmp_sum63 = torch.tensordot(d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, dims=([0, 1], [0, 1]))
+        tmp_sum63 = d_h_1_mlp_c_fc_lora_xA.flatten(0, 1).T @ h_1_ln_2.flatten(0, 1)
         del h_1_ln_2
         d_h_1_mlp_c_fc_lora_A = 2*tmp_sum63
         del tmp_sum63
@@ -2499,7 +2499,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_attn = d_h_1_res1
 
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_attn_c_proj_lora_B = torch.tensordot(d_h_1_attn, h_1_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_1_attn_c_proj_lora_B = d_h_1_attn.flatten(0, 1).T @ h_1_attn_c_proj_lora_xA.flatten(0, 1)
         del h_1_attn_c_proj_lora_xA
 
         # dL/dh_1_attn_c_proj_lora_xA (through h_1_attn): d_h_1_attn_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_attn[k0, k1, i2]*h_1_attn_c_proj_lora_B[i2, k2])
@@ -2570,7 +2570,7 @@ def loss_and_grad(params, *, idx, y):
         del h_1_attn_c_attn_lora_B_heads
 
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
-        tmp_sum83 = torch.tensordot(d_h_1_attn_c_attn_lora_xA, h_1_ln_1, dims=([0, 1], [0, 1]))
+        tmp_sum83 = d_h_1_attn_c_attn_lora_xA.flatten(0, 1).T @ h_1_ln_1.flatten(0, 1)
         del h_1_ln_1
         d_h_1_attn_c_attn_lora_A = 2*tmp_sum83
         del tmp_sum83
@@ -2606,14 +2606,14 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_mlp_c_proj = d_h_0_res2
 
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_proj_lora_B = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_proj_lora_B = d_h_0_mlp_c_proj.flatten(0, 1).T @ h_0_mlp_c_proj_lora_xA.flatten(0, 1)
         del h_0_mlp_c_proj_lora_xA
 
         # dL/dh_0_mlp_c_proj_lora_xA (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_mlp_c_proj[k0, k1, i2]*h_0_mlp_c_proj_lora_B[i2, k2])
         d_h_0_mlp_c_proj_lora_xA = d_h_0_mlp_c_proj @ h_0_mlp_c_proj_lora_B
 
         # dL/dh_0_mlp_c_proj_lora_A (through h_0_mlp_c_proj_lora_xA): d_h_0_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_proj_lora_xA[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        tmp_sum93 = torch.tensordot(d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
+        tmp_sum93 = d_h_0_mlp_c_proj_lora_xA.flatten(0, 1).T @ h_0_mlp_c_fc.flatten(0, 1)
         del h_0_mlp_c_fc
         d_h_0_mlp_c_proj_lora_A = 2*tmp_sum93
         del tmp_sum93
@@ -2636,14 +2636,14 @@ def loss_and_grad(params, *, idx, y):
         del h_0_mlp_c_fc_z, d_h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_fc_lora_B = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_fc_lora_B = d_h_0_mlp_c_fc_z.flatten(0, 1).T @ h_0_mlp_c_fc_lora_xA.flatten(0, 1)
         del h_0_mlp_c_fc_lora_xA
 
         # dL/dh_0_mlp_c_fc_lora_xA (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_mlp_c_fc_z[k0, k1, i2]*h_0_mlp_c_fc_lora_B[i2, k2])
         d_h_0_mlp_c_fc_lora_xA = d_h_0_mlp_c_fc_z @ h_0_mlp_c_fc_lora_B
 
         # dL/dh_0_mlp_c_fc_lora_A (through h_0_mlp_c_fc_lora_xA): d_h_0_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_fc_lora_xA[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        tmp_sum96 = torch.tensordot(d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, dims=([0, 1], [0, 1]))
+        tmp_sum96 = d_h_0_mlp_c_fc_lora_xA.flatten(0, 1).T @ h_0_ln_2.flatten(0, 1)
         del h_0_ln_2
         d_h_0_mlp_c_fc_lora_A = 2*tmp_sum96
         del tmp_sum96
@@ -2682,7 +2682,7 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_res1
 
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_attn_c_proj_lora_B = torch.tensordot(d_h_0_attn, h_0_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_0_attn_c_proj_lora_B = d_h_0_attn.flatten(0, 1).T @ h_0_attn_c_proj_lora_xA.flatten(0, 1)
         del h_0_attn_c_proj_lora_xA
 
         # dL/dh_0_attn_c_proj_lora_xA (through h_0_attn): d_h_0_attn_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_attn[k0, k1, i2]*h_0_attn_c_proj_lora_B[i2, k2])
@@ -2753,7 +2753,7 @@ def loss_and_grad(params, *, idx, y):
         del h_0_attn_c_attn_lora_B_heads, tmp_sum122
 
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
-        tmp_sum116 = torch.tensordot(d_h_0_attn_c_attn_lora_xA, h_0_ln_1, dims=([0, 1], [0, 1]))
+        tmp_sum116 = d_h_0_attn_c_attn_lora_xA.flatten(0, 1).T @ h_0_ln_1.flatten(0, 1)
         del h_0_ln_1, d_h_0_attn_c_attn_lora_xA
         d_h_0_attn_c_attn_lora_A = 2*tmp_sum116
         del tmp_sum116
@@ -3193,7 +3193,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_lora_B:
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_proj_lora_B = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_proj_lora_B = d_h_1_mlp_c_proj.flatten(0, 1).T @ h_1_mlp_c_proj_lora_xA.flatten(0, 1)
         if release:
             _release(h_1_mlp_c_proj_lora_xA)
 
@@ -3203,7 +3203,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_lora_A:
         # dL/dh_1_mlp_c_proj_lora_A (through h_1_mlp_c_proj_lora_xA): d_h_1_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_proj_lora_xA[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        tmp_sum60 = torch.tensordot(d_h_1_mlp_c_proj_lora_xA, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
+        tmp_sum60 = d_h_1_mlp_c_proj_lora_xA.flatten(0, 1).T @ h_1_mlp_c_fc.flatten(0, 1)
         d_h_1_mlp_c_proj_lora_A = 2*tmp_sum60
         del tmp_sum60
 
@@ -3214,7 +3214,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj_base): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj_base[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = torch.tensordot(d_h_1_mlp_c_proj_base, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_proj_weight = d_h_1_mlp_c_proj_base.flatten(0, 1).T @ h_1_mlp_c_fc.flatten(0, 1)
         if release:
             _release(h_1_mlp_c_fc)
 
@@ -3240,7 +3240,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_lora_B:
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_1_mlp_c_fc_lora_B = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_fc_lora_B = d_h_1_mlp_c_fc_z.flatten(0, 1).T @ h_1_mlp_c_fc_lora_xA.flatten(0, 1)
         if release:
             _release(h_1_mlp_c_fc_lora_xA)
 
@@ -3250,7 +3250,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_lora_A:
         # dL/dh_1_mlp_c_fc_lora_A (through h_1_mlp_c_fc_lora_xA): d_h_1_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_mlp_c_fc_lora_xA[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        tmp_sum63 = torch.tensordot(d_h_1_mlp_c_fc_lora_xA, h_1_ln_2, dims=([0, 1], [0, 1]))
+        tmp_sum63 = d_h_1_mlp_c_fc_lora_xA.flatten(0, 1).T @ h_1_ln_2.flatten(0, 1)
         d_h_1_mlp_c_fc_lora_A = 2*tmp_sum63
         del tmp_sum63
 
@@ -3261,7 +3261,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_base): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_base[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_base, h_1_ln_2, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_fc_weight = d_h_1_mlp_c_fc_base.flatten(0, 1).T @ h_1_ln_2.flatten(0, 1)
         if release:
             _release(h_1_ln_2)
 
@@ -3319,7 +3319,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_lora_B:
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_1_attn_c_proj_lora_B = torch.tensordot(d_h_1_attn, h_1_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_1_attn_c_proj_lora_B = d_h_1_attn.flatten(0, 1).T @ h_1_attn_c_proj_lora_xA.flatten(0, 1)
         if release:
             _release(h_1_attn_c_proj_lora_xA)
 
@@ -3418,7 +3418,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
-        tmp_sum83 = torch.tensordot(d_h_1_attn_c_attn_lora_xA, h_1_ln_1, dims=([0, 1], [0, 1]))
+        tmp_sum83 = d_h_1_attn_c_attn_lora_xA.flatten(0, 1).T @ h_1_ln_1.flatten(0, 1)
         d_h_1_attn_c_attn_lora_A = 2*tmp_sum83
         del tmp_sum83
 
@@ -3491,7 +3491,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_lora_B:
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_proj_lora_B = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_proj_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_proj_lora_B = d_h_0_mlp_c_proj.flatten(0, 1).T @ h_0_mlp_c_proj_lora_xA.flatten(0, 1)
         if release:
             _release(h_0_mlp_c_proj_lora_xA)
 
@@ -3501,7 +3501,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_lora_A:
         # dL/dh_0_mlp_c_proj_lora_A (through h_0_mlp_c_proj_lora_xA): d_h_0_mlp_c_proj_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_proj_lora_xA[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        tmp_sum99 = torch.tensordot(d_h_0_mlp_c_proj_lora_xA, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
+        tmp_sum99 = d_h_0_mlp_c_proj_lora_xA.flatten(0, 1).T @ h_0_mlp_c_fc.flatten(0, 1)
         d_h_0_mlp_c_proj_lora_A = 2*tmp_sum99
         del tmp_sum99
 
@@ -3512,7 +3512,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj_base): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj_base[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = torch.tensordot(d_h_0_mlp_c_proj_base, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_proj_weight = d_h_0_mlp_c_proj_base.flatten(0, 1).T @ h_0_mlp_c_fc.flatten(0, 1)
         if release:
             _release(h_0_mlp_c_fc)
 
@@ -3538,7 +3538,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_lora_B:
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
-        d_h_0_mlp_c_fc_lora_B = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_mlp_c_fc_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_fc_lora_B = d_h_0_mlp_c_fc_z.flatten(0, 1).T @ h_0_mlp_c_fc_lora_xA.flatten(0, 1)
         if release:
             _release(h_0_mlp_c_fc_lora_xA)
 
@@ -3548,7 +3548,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_lora_A:
         # dL/dh_0_mlp_c_fc_lora_A (through h_0_mlp_c_fc_lora_xA): d_h_0_mlp_c_fc_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_mlp_c_fc_lora_xA[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        tmp_sum102 = torch.tensordot(d_h_0_mlp_c_fc_lora_xA, h_0_ln_2, dims=([0, 1], [0, 1]))
+        tmp_sum102 = d_h_0_mlp_c_fc_lora_xA.flatten(0, 1).T @ h_0_ln_2.flatten(0, 1)
         d_h_0_mlp_c_fc_lora_A = 2*tmp_sum102
         del tmp_sum102
 
@@ -3559,7 +3559,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_base): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_base[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_base, h_0_ln_2, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_fc_weight = d_h_0_mlp_c_fc_base.flatten(0, 1).T @ h_0_ln_2.flatten(0, 1)
         if release:
             _release(h_0_ln_2)
 
@@ -3617,7 +3617,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_lora_B:
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
-        d_h_0_attn_c_proj_lora_B = torch.tensordot(d_h_0_attn, h_0_attn_c_proj_lora_xA, dims=([0, 1], [0, 1]))
+        d_h_0_attn_c_proj_lora_B = d_h_0_attn.flatten(0, 1).T @ h_0_attn_c_proj_lora_xA.flatten(0, 1)
         if release:
             _release(h_0_attn_c_proj_lora_xA)
 
@@ -3718,7 +3718,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
-        tmp_sum122 = torch.tensordot(d_h_0_attn_c_attn_lora_xA, h_0_ln_1, dims=([0, 1], [0, 1]))
+        tmp_sum122 = d_h_0_attn_c_attn_lora_xA.flatten(0, 1).T @ h_0_ln_1.flatten(0, 1)
         d_h_0_attn_c_attn_lora_A = 2*tmp_sum122
         del tmp_sum122
 
@@ -3789,7 +3789,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum138 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum139 = torch.tensordot(d_lm_head, ln_f, dims=([0, 1], [0, 1]))
+        tmp_sum139 = d_lm_head.flatten(0, 1).T @ ln_f.flatten(0, 1)
         del d_lm_head
         if release:
             _release(ln_f)

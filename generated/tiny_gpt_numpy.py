@@ -2127,7 +2127,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = numpy.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_fc, axes=([0, 1], [0, 1]))
+        d_h_1_mlp_c_proj_weight = d_h_1_mlp_c_proj.reshape(-1, d_h_1_mlp_c_proj.shape[-1]).T @ h_1_mlp_c_fc.reshape(-1, h_1_mlp_c_fc.shape[-1])
         del h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_proj_bias:
@@ -2146,7 +2146,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = numpy.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, axes=([0, 1], [0, 1]))
+        d_h_1_mlp_c_fc_weight = d_h_1_mlp_c_fc_z.reshape(-1, d_h_1_mlp_c_fc_z.shape[-1]).T @ h_1_ln_2.reshape(-1, h_1_ln_2.shape[-1])
         del h_1_ln_2
 
     if _need_h_1_mlp_c_fc_bias:
@@ -2294,7 +2294,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = numpy.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_fc, axes=([0, 1], [0, 1]))
+        d_h_0_mlp_c_proj_weight = d_h_0_mlp_c_proj.reshape(-1, d_h_0_mlp_c_proj.shape[-1]).T @ h_0_mlp_c_fc.reshape(-1, h_0_mlp_c_fc.shape[-1])
         del h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_proj_bias:
@@ -2313,7 +2313,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = numpy.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, axes=([0, 1], [0, 1]))
+        d_h_0_mlp_c_fc_weight = d_h_0_mlp_c_fc_z.reshape(-1, d_h_0_mlp_c_fc_z.shape[-1]).T @ h_0_ln_2.reshape(-1, h_0_ln_2.shape[-1])
         del h_0_ln_2
 
     if _need_h_0_mlp_c_fc_bias:
@@ -2459,7 +2459,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum73 = numpy.tensordot(d_lm_head, ln_f, axes=([0, 1], [0, 1]))
+        tmp_sum73 = d_lm_head.reshape(-1, d_lm_head.shape[-1]).T @ ln_f.reshape(-1, ln_f.shape[-1])
         del ln_f, d_lm_head
         d_wte_weight = tmp_sum72 + tmp_sum73
         del tmp_sum72, tmp_sum73

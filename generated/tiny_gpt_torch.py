@@ -2082,7 +2082,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_mlp_c_proj = d_h_1_res2
 
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_proj_weight = d_h_1_mlp_c_proj.flatten(0, 1).T @ h_1_mlp_c_fc.flatten(0, 1)
         del h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_proj_bias (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0])
@@ -2098,7 +2098,7 @@ def loss_and_grad(params, *, idx, y):
         del h_1_mlp_c_fc_z, d_h_1_mlp_c_fc
 
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_fc_weight = d_h_1_mlp_c_fc_z.flatten(0, 1).T @ h_1_ln_2.flatten(0, 1)
         del h_1_ln_2
 
         # dL/dh_1_mlp_c_fc_bias (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0])
@@ -2231,7 +2231,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_mlp_c_proj = d_h_0_res2
 
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_proj_weight = d_h_0_mlp_c_proj.flatten(0, 1).T @ h_0_mlp_c_fc.flatten(0, 1)
         del h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_proj_bias (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0])
@@ -2247,7 +2247,7 @@ def loss_and_grad(params, *, idx, y):
         del h_0_mlp_c_fc_z, d_h_0_mlp_c_fc
 
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_fc_weight = d_h_0_mlp_c_fc_z.flatten(0, 1).T @ h_0_ln_2.flatten(0, 1)
         del h_0_ln_2
 
         # dL/dh_0_mlp_c_fc_bias (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0])
@@ -2378,7 +2378,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum73 = torch.tensordot(d_lm_head, ln_f, dims=([0, 1], [0, 1]))
+        tmp_sum73 = d_lm_head.flatten(0, 1).T @ ln_f.flatten(0, 1)
         del ln_f, d_lm_head
         d_wte_weight = tmp_sum72 + tmp_sum73
         del tmp_sum72, tmp_sum73
@@ -2748,7 +2748,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_proj_weight:
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
-        d_h_1_mlp_c_proj_weight = torch.tensordot(d_h_1_mlp_c_proj, h_1_mlp_c_fc, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_proj_weight = d_h_1_mlp_c_proj.flatten(0, 1).T @ h_1_mlp_c_fc.flatten(0, 1)
         if release:
             _release(h_1_mlp_c_fc)
 
@@ -2770,7 +2770,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_mlp_c_fc_weight:
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
-        d_h_1_mlp_c_fc_weight = torch.tensordot(d_h_1_mlp_c_fc_z, h_1_ln_2, dims=([0, 1], [0, 1]))
+        d_h_1_mlp_c_fc_weight = d_h_1_mlp_c_fc_z.flatten(0, 1).T @ h_1_ln_2.flatten(0, 1)
         if release:
             _release(h_1_ln_2)
 
@@ -2941,7 +2941,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_proj_weight:
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
-        d_h_0_mlp_c_proj_weight = torch.tensordot(d_h_0_mlp_c_proj, h_0_mlp_c_fc, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_proj_weight = d_h_0_mlp_c_proj.flatten(0, 1).T @ h_0_mlp_c_fc.flatten(0, 1)
         if release:
             _release(h_0_mlp_c_fc)
 
@@ -2963,7 +2963,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_mlp_c_fc_weight:
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
-        d_h_0_mlp_c_fc_weight = torch.tensordot(d_h_0_mlp_c_fc_z, h_0_ln_2, dims=([0, 1], [0, 1]))
+        d_h_0_mlp_c_fc_weight = d_h_0_mlp_c_fc_z.flatten(0, 1).T @ h_0_ln_2.flatten(0, 1)
         if release:
             _release(h_0_ln_2)
 
@@ -3134,7 +3134,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])
         tmp_sum72 = _scatter_add(d_emb, idx, (65, 32))
-        tmp_sum73 = torch.tensordot(d_lm_head, ln_f, dims=([0, 1], [0, 1]))
+        tmp_sum73 = d_lm_head.flatten(0, 1).T @ ln_f.flatten(0, 1)
         del d_lm_head
         if release:
             _release(ln_f)

@@ -532,11 +532,11 @@ def test_explain_shows_each_layers_output_shape(tmp_path, capsys) -> None:
 
 
 def _pool_program(values_body: str, *, one_hot: bool = True,
-                  slides=((2, 2, 0, 2, 2), (3, 2, 0, 3, 2))):
+                  slides=((2, 2, 0, 2, 2), (3, 2, 0, 3, 2)), g_places=(0, 1, 2, 4)):
     """x [2, 3, 4, 6] pooled 2x2: arg = its indices, ties = their one-hot laid out as
     [n, c, i, a, j, b], v = values_body (of g read on the positions, ties as they are),
     d = the window-add of v."""
-    g6 = View("g", (None,) * 4, (0, 1, 2, 4), 6)
+    g6 = View("g", (None,) * 4, g_places, 6)
     ties = View("ties", (None,) * 6, tuple(range(6)), 6)
     syms = {"g": g6.placeholder(), "ties": ties.placeholder()}
     body = sp.sympify(values_body, locals=syms)
@@ -571,3 +571,16 @@ def test_max_pool_pass_forms_one_scatter_only_for_the_exact_product() -> None:
     stmts, program = _pool_program("g*ties")
     out = max_pool(stmts, program, {"d", "top", "v"})
     assert any(isinstance(s.op, WindowAdd) for s in out)
+    # g read on other axes than the windows' positions (here its j on the taps' axis)
+    stmts, program = _pool_program("g*ties", g_places=(0, 1, 2, 5))
+    assert any(isinstance(s.op, WindowAdd) for s in max_pool(stmts, program, {"d", "top"}))
+
+
+def test_max_pool_pass_computes_the_indices_once_before_the_values() -> None:
+    """Whatever order the lowering wrote them in, the indices come first and once, the
+    maxima read at them."""
+    stmts, program = _pool_program("g*ties")
+    stmts = [stmts[1], stmts[0], *stmts[2:]]  # the indices before the maxima
+    out = max_pool(stmts, program, {"d", "top"})
+    assert [s.target for s in out] == ["arg", "top", "d"]
+    assert out[1].op == TakeAt("x", "arg", 2)

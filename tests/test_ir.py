@@ -192,6 +192,27 @@ def test_cse_puts_size_only_subexpressions_back() -> None:
     assert out[0].op.body == sp.exp(X) / (N + 1)
 
 
+def test_cse_puts_back_negations_and_what_they_negate_together() -> None:
+    """A negated array (-x) is put back into its readers, and a negation of a put-back
+    scalar (-1/N) comes back whole: no reader is left with a temporary nobody defines,
+    and no array is computed only to be negated."""
+    stmts = [Assign("y", _map(X / N, ("x", 2))),
+             Assign("z", _map(Y - 1 / N, ("y", 2))),
+             Assign("tmp2", _map(-X + 1 / N, ("x", 2)))]
+    out = passes.cse(stmts, _prog(stmts, SH))
+    assert [s.target for s in out] == ["y", "z", "tmp2"]
+    assert [s.op.body for s in out] == [X / N, Y - 1 / N, -X + 1 / N]
+    stmts = [Assign("y", _map(-sp.exp(X) * Z, ("x", 2), ("z", 2))),
+             Assign("tmp2", _map(sp.sin(-sp.exp(X)), ("x", 2)))]
+    out = passes.cse(stmts, _prog(stmts, SH))
+    defined = {s.target for s in out}
+    for s in out:  # exp(x) is shared; -exp(x) is not an array of its own
+        assert not any(str(f).startswith("tmp") and str(f) not in defined
+                       for f in s.op.body.free_symbols)
+    shared = [s.op.body for s in out if s.target not in ("y", "tmp2")]
+    assert shared == [sp.exp(X)]
+
+
 def test_cse_shares_nothing_out_of_a_where_branch() -> None:
     """log(x) + 1 under x > 0 is never hoisted into a temporary computed for every entry
     (numpy would warn for the discarded ones); nested where()s come back whole."""

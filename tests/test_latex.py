@@ -708,3 +708,19 @@ def test_derivations_grow_linearly_with_depth(tmp_path: Path) -> None:
         sizes[depth] = sum(len(e["literal"]) for e in passes + lines)
     assert sizes[24] <= 2.2 * sizes[12] and sizes[12] <= 2.2 * sizes[6], sizes
     assert sizes[24] >= 1.8 * sizes[12], sizes  # and it does grow: every layer is there
+
+
+def test_max_pooling_states_its_arg_max_and_one_hot_in_the_derivation(tmp_path: Path) -> None:
+    """The CNN's pooling: the arg-max of each window and its one-hot, the position written
+    in the derivation's 1-based indices ((h - 1) W + w for the 1-based row h and column w:
+    row 2(j - 1) + k, column 2(l - 1) + p of the 8 x 8 image), and the note's routing.
+    The document compiles with pdflatex without an overfull line."""
+    text = symbackprop.derive(EXAMPLES / "cnn.yaml").tex()
+    assert (r"\mathrm{arg1}_{\mathrm{pool1},nijk} & = \operatorname{argmax}_{l, p} "
+            r"\left(h_{\mathrm{relu1},n,i,2\,(j-1) + l,2\,(k-1) + p}\right)") in text
+    assert (r"\text{if } \mathrm{arg1}_{\mathrm{pool1},nijl} = "
+            r"16\,(j-1) + 8\,(k-1) + 2\,(l-1) + p") in text
+    assert "routed to that one arg-max of each window" in text
+    _pdflatex(tmp_path, text)
+    log = (tmp_path / "doc.log").read_text(encoding="latin-1")
+    assert "Overfull \\hbox" not in log, log[log.find("Overfull"):][:600]

@@ -422,11 +422,19 @@ def cnn(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("cnn") / "cnn_torch.py"
     path.write_text(compile_spec(EXAMPLES / "cnn.yaml").source("torch"), encoding="utf-8")
     model = load_module(path).Model(seed=1, dtype=F64)
+    with torch.no_grad():
+        # conv1 passes the image through to every channel (plus a little of the corner
+        # pixel, so that the weight gradient sees where the pooling routed), so the
+        # pooling sees the small integer pixels themselves: many windows whose maximum,
+        # positive, is tied, where the routing decides which pixel gets the gradient
+        model.conv1.weight.zero_()
+        model.conv1.weight[:, 0, 1, 1] = 1.0
+        model.conv1.weight[:, 0, 0, 0] = 1e-3 * torch.arange(1, 9, dtype=F64)
+        model.conv1.bias.zero_()
     twin = Cnn().to(F64)
     twin.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(0)
-    # small integer pixels: many tied maxima in the pooling windows
-    b = {"x": torch.randint(0, 3, (6, 1, 8, 8), generator=g).to(F64),
+    b = {"x": torch.randint(1, 4, (6, 1, 8, 8), generator=g).to(F64),
          "label": torch.randint(0, 10, (6,), generator=g)}
     return model, twin, b
 

@@ -174,7 +174,8 @@ class _Common:
         # Branches that are plain numbers would make where() return the default float
         # type; give them the dtype (and device) of an array the condition reads, or,
         # where it reads integers alone (a one-hot of indices), of the model's float
-        # arrays.
+        # arrays (``like``: an input or parameter, an argument of every function, so
+        # alive wherever it is read although no op lists it).
         arrays = [s for s in expr.free_symbols if not s.is_integer]
         numeric = not any(v.free_symbols - {s for s in v.free_symbols if s.is_integer}
                           for v, _ in expr.args)

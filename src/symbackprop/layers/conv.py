@@ -335,15 +335,15 @@ class MaxPool2d(_Pool):
     def derivation_note(cls, spec: LayerSpec) -> Note:
         return ((
             "Max pooling, collected (indices from 0 here, as in the code). With ",
-            r"a_{n,c,i,j}", " the position (row-major, ", r"h W + w", ") of each window's "
+            r"q_{n,c,i,j}", " the position (row-major, ", r"h W + w", ") of each window's "
             "first maximum, as torch picks it, and ",
-            r"e_{n,c,i,a,j,b} = [a_{n,c,i,j} = (s i + a) W + s j + b]",
+            r"e_{n,c,i,a,j,b} = [q_{n,c,i,j} = (s i + a) W + s j + b]",
             " its one-hot (no gradient flows through either), the layer's value is ",
             r"\sum_{a,b} x\, e", ", so the adjoint ", r"\delta",
             " is routed to that one arg-max of each window and added where windows "
             "overlap:"),
             ((r"\frac{\partial L}{\partial x_{n,c,h,w}}",
-              r"= \sum_{i,j\,:\; a_{n,c,i,j} = h W + w} \delta_{n,c,i,j}"),))
+              r"= \sum_{i,j\,:\; q_{n,c,i,j} = h W + w} \delta_{n,c,i,j}"),))
 
 
 @register_layer

@@ -45,9 +45,12 @@ def cse(stmts: list[Assign], program: Program) -> list[Assign]:
     reduced = [expr.xreplace(shown) for expr in reduced]
     inline = _inline(replacements, views)
     while inline:
-        replacements = [(sym, expr.xreplace(inline)) for sym, expr in replacements
-                        if sym not in inline]
-        reduced = [expr.xreplace(inline) for expr in reduced]
+        # Each put-back value closed over the others put back in the same round (a
+        # negation of a scalar: -x0 with x0 = 1/N): one xreplace is one substitution.
+        closed = {sym: _closure(expr, inline) for sym, expr in inline.items()}
+        replacements = [(sym, expr.xreplace(closed)) for sym, expr in replacements
+                        if sym not in closed]
+        reduced = [expr.xreplace(closed) for expr in reduced]
         inline = _inline(replacements, views)
     temp_views = {sym: View(sym.name, (), (), 0) for sym, _ in replacements}
     all_views = {**views, **temp_views}
@@ -91,6 +94,14 @@ def _inline(replacements: list[tuple[sp.Symbol, sp.Expr]],
     return {sym: expr for sym, expr in replacements
             if not any(s in views or s in defined for s in expr.free_symbols)
             or _negation(expr)}
+
+
+def _closure(expr: sp.Expr, inline: dict[sp.Symbol, sp.Expr]) -> sp.Expr:
+    """``expr`` with every symbol of ``inline`` replaced until none is left (the values
+    come from sympy.cse, which never defines a symbol through itself)."""
+    while expr.free_symbols & inline.keys():
+        expr = expr.xreplace(inline)
+    return expr
 
 
 def _negation(expr: sp.Expr) -> bool:

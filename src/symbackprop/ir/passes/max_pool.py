@@ -54,20 +54,21 @@ def _values_at_indices(stmts: list[Assign]) -> list[Assign]:
     if not indices:
         return stmts
     out: list[Assign] = []
-    moved: set[str] = set()
+    placed: set[str] = set()
     for stmt in stmts:
         op = stmt.op
-        if stmt.target in moved:
-            continue
+        if stmt.target in placed:
+            continue  # indices moved up to the values they give
         arg = indices.get((op.src, op.kernel, op.stride)) if (
             isinstance(op, MaxPool) and not op.indices) else None
-        if arg is None:
-            out.append(stmt)
-            continue
-        # the indices move up to the values' place: they read only the pooled array
-        out.append(replace(arg, phase=stmt.phase))
-        out.append(replace(stmt, op=TakeAt(op.src, arg.target, len(op.kernel))))
-        moved.add(arg.target)
+        if arg is not None and arg.target not in placed:
+            # the indices move up to the values' place: they read only the pooled array
+            out.append(replace(arg, phase=stmt.phase))
+            placed.add(arg.target)
+        if arg is not None:
+            stmt = replace(stmt, op=TakeAt(op.src, arg.target, len(op.kernel)))
+        out.append(stmt)
+        placed.add(stmt.target)
     return out
 
 
