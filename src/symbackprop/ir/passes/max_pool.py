@@ -12,10 +12,11 @@ window's arg-max position: no ties array of the windows' size, no product, one k
 Where a function computes both a pooling's maxima and its arg-max indices, the indices
 are computed once, first, and the maxima read at them (:class:`~..nodes.TakeAt`).
 
-The backward rule fires only on that exact shape: a window-add of a product of two reads, one the
-ties as they are, the other an array laid out on the windows' positions (broadcast
-along the taps), with the window-add's strides and sizes those of the pooling. The ties
-statement then has no reader left and is dropped with whatever only it read.
+The backward rule fires only on that exact shape: a window-add of a product of two
+reads, one the ties as they are, the other an array laid out on the windows' positions
+(broadcast along the taps), with the window-add's strides and sizes those of the
+pooling. The ties statement then has no reader left and is dropped with whatever only
+it read.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .select import select
 
 
 def max_pool(stmts: list[Assign], program: Program, protected: set[str]) -> list[Assign]:
+    """The backward rule, then the maxima read at the indices (see the module)."""
     if not program.one_hots:
         return stmts
     return _values_at_indices(_backward(stmts, program, protected))
@@ -73,6 +75,8 @@ def _values_at_indices(stmts: list[Assign]) -> list[Assign]:
 
 
 def _backward(stmts: list[Assign], program: Program, protected: set[str]) -> list[Assign]:
+    """Each window-add of ``g * ties`` (ties the one-hot of a pooling's indices, the
+    window-add's geometry the pooling's) as one ``MaxPoolBackward``."""
     by_target = {s.target: s for s in stmts}
     count = readers(stmts)
     out = list(stmts)
