@@ -43,7 +43,8 @@ class Cnn(torch.nn.Module):
         self.conv2 = torch.nn.Conv2d(8, 16, 3)
         self.fc = torch.nn.Linear(64, 10)
 
-    def loss(self, x, label):
+    def forward(self, x, label):
+        """The loss."""
         h = F.max_pool2d(F.relu(self.conv1(x)), 2)
         h = F.relu(self.conv2(h))
         return F.cross_entropy(self.fc(h.reshape(h.shape[0], 64)), label)
@@ -95,7 +96,7 @@ def test_cnn_example_matches_torch_nn(tmp_path) -> None:
 
     _compare(modules, params, batch, _cnn_loss)
     # the twin module computes the same loss from the same state dict
-    ref = net.loss(torch.from_numpy(batch["x"]), torch.from_numpy(batch["label"]))
+    ref = net(torch.from_numpy(batch["x"]), torch.from_numpy(batch["label"]))
     assert abs(float(ref) - float(modules["numpy"].loss(params, **batch))) <= 1e-12
 
 
@@ -460,7 +461,7 @@ def test_generated_backward_is_differentiable(tmp_path) -> None:
         dot = sum((gi * v[k]).sum() for k, gi in zip(names, grads, strict=True))
         return dict(zip(names, torch.autograd.grad(dot, params), strict=True))
 
-    got, want = hvp(model, model(x=x, label=label)), hvp(twin, twin.loss(x, label))
+    got, want = hvp(model, model(x=x, label=label)), hvp(twin, twin(x, label))
     for k in want:
         scale = max(float(want[k].abs().max()), 1e-30)
         assert float((got[k] - want[k]).abs().max()) <= 1e-10 * scale, k
@@ -505,7 +506,7 @@ def test_autocast_bfloat16_cnn_matches_torch_nn(tmp_path, inside) -> None:
     label = torch.randint(0, 10, (16,), generator=g)
     for m in (model, twin):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = m(x=x, label=label) if m is model else m.loss(x, label)
+            loss = m(x=x, label=label) if m is model else m(x, label)
             if inside:
                 loss.backward()
         if not inside:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from test_cnn import Cnn
 
 from symbackprop.api import compile_spec, compile_text
 from symbackprop.check import load_module
@@ -400,21 +401,6 @@ def test_torch_compile_fullgraph_training_step(mods) -> None:
     loss.backward()
     assert abs(float(loss) - float(model(**b))) < 1e-6
     close(grads(model), want, 1e-5)
-
-
-class Cnn(torch.nn.Module):
-    """examples/cnn.yaml by hand: integer class ids, max pooling."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(8, 16, 3)
-        self.fc = torch.nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        h = F.relu(self.conv2(h))
-        return F.cross_entropy(self.fc(h.reshape(h.shape[0], 64)), label)
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,8 @@ class ArrayPrinter:
     """What both backends share: views, bodies, dispatch on the op."""
 
     module: str
+    swap_last: str  # a method call swapping an array's last two axes
+    tensordot_call: tuple[str, str]  # the library's tensordot and its axes keyword
 
     def __init__(self, program: Program) -> None:
         self.program = program
@@ -319,6 +321,28 @@ class ArrayPrinter:
         raise NotImplementedError
 
     def einsum(self, op: Einsum) -> str:
+        """A product of arrays in its cheapest spelling: one matrix product per batch
+        index (attention's q kᵀ) as ``@`` over the stack (numpy.einsum runs it without
+        BLAS, 2-3.5x slower at [8, 4, 64, 8]; torch.einsum plans, permutes and reshapes
+        before the same bmm, 7-14 us more per call, a dozen calls a block); one matrix
+        product as ``@`` (:func:`matrix_product`); a ``tensordot``; else the library's
+        einsum."""
+        found = batched_matmul(op.subscripts)
+        if found is not None and len(op.operands) == 2:
+            swap, ta, tb = found
+            a, b = op.operands[::-1] if swap else op.operands
+            return (f"{a}{self.swap_last if ta else ''} @ "
+                    f"{b}{self.swap_last if tb else ''}")
+        product = matrix_product(op.subscripts, op.operands, self.flatten)
+        if product is not None:
+            return product
+        call, keyword = self.tensordot_call
+        dot = tensordot(op.subscripts, op.operands, call, keyword, self.transpose)
+        if dot is not None:
+            return dot
+        return self.einsum_call(op)
+
+    def einsum_call(self, op: Einsum) -> str:
         raise NotImplementedError
 
     def linear(self, op: Linear) -> str:
@@ -339,6 +363,8 @@ class ArrayPrinter:
 
 class NumpyArrayPrinter(ArrayPrinter):
     module = "numpy"
+    swap_last = ".swapaxes(-1, -2)"
+    tensordot_call = ("numpy.tensordot", "axes")
 
     def _scalar_printer(self) -> NumpyCodePrinter:
         return NumpyCodePrinter()
@@ -407,21 +433,7 @@ class NumpyArrayPrinter(ArrayPrinter):
             return f"_matmul_nt({op.a}, {op.b})"
         return f"{self.operand(op.a, op.ta)} @ {self.operand(op.b, op.tb)}"
 
-    def einsum(self, op: Einsum) -> str:
-        found = batched_matmul(op.subscripts)
-        if found is not None and len(op.operands) == 2:
-            # numpy.einsum runs a product with batch axes (attention's q kᵀ) without BLAS,
-            # 2-3.5x slower than matmul over the stack (measured at [8, 4, 64, 8]).
-            swap, ta, tb = found
-            a, b = op.operands[::-1] if swap else op.operands
-            return (f"{a}{'.swapaxes(-1, -2)' if ta else ''} @ "
-                    f"{b}{'.swapaxes(-1, -2)' if tb else ''}")
-        product = matrix_product(op.subscripts, op.operands, self.flatten)
-        if product is not None:
-            return product
-        dot = tensordot(op.subscripts, op.operands, "numpy.tensordot", "axes", self.transpose)
-        if dot is not None:
-            return dot
+    def einsum_call(self, op: Einsum) -> str:
         return f"numpy.einsum({op.subscripts!r}, {', '.join(op.operands)}, optimize=True)"
 
     def linear(self, op: Linear) -> str:
@@ -457,6 +469,8 @@ class NumpyArrayPrinter(ArrayPrinter):
 
 class TorchArrayPrinter(ArrayPrinter):
     module = "torch"
+    swap_last = ".transpose(-2, -1)"
+    tensordot_call = ("torch.tensordot", "dims")
 
     def _scalar_printer(self) -> TorchCodePrinter:
         return TorchCodePrinter()
@@ -519,21 +533,7 @@ class TorchArrayPrinter(ArrayPrinter):
     def matmul(self, op: MatMul) -> str:
         return f"{self.operand(op.a, op.ta)} @ {self.operand(op.b, op.tb)}"
 
-    def einsum(self, op: Einsum) -> str:
-        found = batched_matmul(op.subscripts)
-        if found is not None and len(op.operands) == 2:
-            # torch.einsum plans, permutes and reshapes before the same bmm: 7-14 us more
-            # per call than matmul at attention's [8, 4, 64, 8] (a dozen calls a block).
-            swap, ta, tb = found
-            a, b = op.operands[::-1] if swap else op.operands
-            return (f"{a}{'.transpose(-2, -1)' if ta else ''} @ "
-                    f"{b}{'.transpose(-2, -1)' if tb else ''}")
-        product = matrix_product(op.subscripts, op.operands, self.flatten)
-        if product is not None:
-            return product
-        dot = tensordot(op.subscripts, op.operands, "torch.tensordot", "dims", self.transpose)
-        if dot is not None:
-            return dot
+    def einsum_call(self, op: Einsum) -> str:
         return f"torch.einsum({op.subscripts!r}, {', '.join(op.operands)})"
 
     def linear(self, op: Linear) -> str:
