@@ -364,16 +364,22 @@ def _logsumexp(x, axis):
     return numpy.log(numpy.sum(numpy.exp(x - m), axis=axis)) + numpy.squeeze(m, axis=axis)
 
 
+def _window_taps(x, kernel, stride):
+    # Each kernel tap with its strided slice of x's trailing axes: entry [..., i, j] of
+    # tap (a, b)'s slice is x[..., s*i + a, s*j + b] (whole windows, floor mode).
+    d = len(kernel)
+    positions = [(n - k) // s + 1 for n, k, s in zip(x.shape[x.ndim - d:], kernel, stride)]
+    for tap in numpy.ndindex(*kernel):
+        yield tap, x[(Ellipsis, *(slice(a, a + s * (q - 1) + 1, s)
+                                  for a, s, q in zip(tap, stride, positions)))]
+
+
 def _max_pool(x, kernel, stride):
     # The maximum of each window over the trailing axes (no padding, floor mode): the
     # elementwise maximum of one strided slice per kernel tap (numpy's max over small
     # trailing axes costs several times more).
-    d = len(kernel)
-    positions = [(n - k) // s + 1 for n, k, s in zip(x.shape[x.ndim - d:], kernel, stride)]
     out = None
-    for tap in numpy.ndindex(*kernel):
-        part = x[(Ellipsis, *(slice(a, a + s * (q - 1) + 1, s)
-                              for a, s, q in zip(tap, stride, positions)))]
+    for _, part in _window_taps(x, kernel, stride):
         out = part.copy() if out is None else numpy.maximum(out, part, out=out)
     return out
 
@@ -385,13 +391,11 @@ def _max_pool_indices(x, kernel, stride):
     # by torch's own rule.
     d = len(kernel)
     sizes = x.shape[x.ndim - d:]
-    positions = [(n - k) // s + 1 for n, k, s in zip(sizes, kernel, stride)]
     best = index = None
-    for tap in numpy.ndindex(*kernel):
-        part = x[(Ellipsis, *(slice(a, a + s * (q - 1) + 1, s)
-                              for a, s, q in zip(tap, stride, positions)))]
+    for tap, part in _window_taps(x, kernel, stride):
         flat = numpy.zeros((1,) * d, dtype=numpy.int64)
-        for axis, (a, s, q, n) in enumerate(zip(tap, stride, positions, sizes)):
+        for axis, (a, s, q, n) in enumerate(zip(tap, stride, part.shape[part.ndim - d:],
+                                                sizes)):
             along = (numpy.arange(q) * s + a).reshape((q,) + (1,) * (d - 1 - axis))
             flat = flat * n + along
         if best is None:

@@ -234,9 +234,7 @@ class Lowerer:
 
     def _sum(self, expr: sp.Sum, axes: tuple[sp.Symbol, ...] | None,
              extents: dict[sp.Symbol, sp.Expr], phase: Phase, target: str | None) -> sp.Expr:
-        limits = [lim[0] for lim in expr.limits]
-        for var, lo, hi in expr.limits:
-            extents[var] = hi - lo + 1
+        limits = _bind(expr, extents)
         body = self._nested(expr.function, phase, extents)
         free = self._free(body, set(limits), axes)
         target = target or self._temp()
@@ -477,9 +475,7 @@ class Lowerer:
                   extents: dict[sp.Symbol, sp.Expr], phase: Phase,
                   target: str | None) -> sp.Expr:
         """``MaxOver(f, limits)`` -> a ``max`` :class:`~.nodes.Reduce` of ``f``."""
-        limits = [lim[0] for lim in expr.limits]
-        for var, lo, hi in expr.limits:
-            extents[var] = hi - lo + 1
+        limits = _bind(expr, extents)
         arg = self._nested(expr.function, phase, extents)
         free = self._free(arg, set(limits), axes)
         full = (*free, *limits)
@@ -497,9 +493,7 @@ class Lowerer:
     def _arg_max_over(self, expr: ArgMaxOver, axes: tuple[sp.Symbol, ...],
                       extents: dict[sp.Symbol, sp.Expr], phase: Phase, target: str) -> None:
         """``ArgMaxOver(x[n, c, s*i + a, ...], limits)`` -> the max pooling's indices."""
-        limits = [lim[0] for lim in expr.limits]
-        for var, lo, hi in expr.limits:
-            extents[var] = hi - lo + 1
+        limits = _bind(expr, extents)
         free = self._free(expr.function, set(limits), axes)
         pool = self._max_pool(expr.function, free, limits, extents)
         if pool is None or free != axes:
@@ -733,6 +727,14 @@ def _covered(expr: sp.Expr) -> set[sp.Symbol]:
     """The index symbols some array reference of ``expr`` spans."""
     return {i for r in expr.atoms(sp.Indexed) for index in r.indices
             for i in _index_symbols(index)}
+
+
+def _bind(expr: sp.Sum | MaxOver | ArgMaxOver, extents: dict[sp.Symbol, sp.Expr]
+          ) -> list[sp.Symbol]:
+    """The indices ``expr`` reduces over, each one's extent recorded in ``extents``."""
+    for var, lo, hi in expr.limits:
+        extents[var] = hi - lo + 1
+    return [lim[0] for lim in expr.limits]
 
 
 def _bound(expr: sp.Sum) -> set[sp.Symbol]:
