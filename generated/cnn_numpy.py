@@ -518,8 +518,6 @@ def _masked_where(condition, then, otherwise):
     return out
 
 
-
-
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
 # from the high bits of two 32-bit hashes of the counter 2k and 2k + 1, keyed by the seed
 # and the parameter's name: a counter-based generator written in int64 array operations

@@ -347,7 +347,6 @@ def _check_ids(name, ids, high, ignore, reason):
             raise ValueError(f"{name}: id {int(bad[0])} is outside [0, {high}) ({reason})")
 
 
-
 def _unwrapped(tensor):
     # Under torch.func (vmap's batches, grad's tracking) the ids of every example at once,
     # as a plain tensor whose values can be read.
@@ -372,8 +371,6 @@ def _max_pool_backward(g, index, shape, d):
     # through it is exact.
     flat = g.new_zeros((*shape[:len(shape) - d], _numel(shape[len(shape) - d:])))
     return flat.scatter_add_(-1, index.flatten(-d), g.flatten(-d)).view(shape)
-
-
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -957,6 +954,11 @@ except AttributeError:
     _FUNCTION_APPLY = None
 
 
+# Where each parameter lives in the Model: the submodule names leading to its module, and
+# its own name there ("h.0.ln_1.weight": ("h", "0", "ln_1"), "weight").
+_LOCATIONS = {name: (tuple(name.split(".")[:-1]), name.split(".")[-1]) for name in PARAM_SHAPES}
+
+
 def _add_parameter(model, name, requires_grad, dtype, device):
     # "h.0.ln_1.weight" lives in model.h[0].ln_1 as "weight": one submodule per dotted
     # part (a ModuleList where the parts below are numbered), so that state_dict() keys
@@ -1007,15 +1009,35 @@ class Model(torch.nn.Module):
     def params(self):
         return dict(self.named_parameters())
 
+    def _current_parameters(self):
+        # The parameters as the forward pass reads them, from each module's own table:
+        # Module.__getattr__ costs about a microsecond per dotted part, a tenth of a small
+        # network's forward pass. The tables are what attribute assignment,
+        # load_state_dict and torch.func.functional_call change, so both reads agree; an
+        # entry deleted since __init__ is looked up as an attribute, for torch's own error.
+        values = {}
+        for name, (path, leaf) in _LOCATIONS.items():
+            module = self
+            try:
+                for part in path:
+                    module = module._modules[part]
+                values[name] = module._parameters[leaf]
+            except KeyError:
+                module = self
+                for part in path:
+                    module = getattr(module, part)
+                values[name] = getattr(module, leaf)
+        return values
+
     def forward(self, *, x, label=None):
         given = [label is not None]
         if not any(given):
-            return forward({"conv1.weight": self.conv1.weight, "conv1.bias": self.conv1.bias, "conv2.weight": self.conv2.weight, "conv2.bias": self.conv2.bias, "fc.weight": self.fc.weight, "fc.bias": self.fc.bias}, x=x)
+            return forward(self._current_parameters(), x=x)
         if not all(given):
             raise TypeError("give every target (label) for the loss, or none for the prediction")
         # The same checks as the functions above: every parameter's shape, one dtype and
         # device; inputs converted to them or refused.
-        *values, dtype, device = _unpack({"conv1.weight": self.conv1.weight, "conv1.bias": self.conv1.bias, "conv2.weight": self.conv2.weight, "conv2.bias": self.conv2.bias, "fc.weight": self.fc.weight, "fc.bias": self.fc.bias})
+        *values, dtype, device = _unpack(self._current_parameters())
         x = _as_tensor("x", x, dtype, device)
         label = _as_ids("label", label, device)
         _check_ids("label", label, 10, -100, "softmax_cross_entropy over 10 classes, ignore_index -100")

@@ -301,6 +301,15 @@ def _log_softmax(x, axis):
     return shifted - numpy.log(numpy.sum(numpy.exp(shifted), axis=axis, keepdims=True))
 
 
+def _log_softmax_backward(grad, out, axis):
+    # grad - exp(out) * sum(grad) along the last axis (the only one the IR gives): one
+    # row sum, one exponential, the product and the sum in place.
+    result = numpy.exp(out)
+    result *= grad.sum(axis=axis, keepdims=True)
+    numpy.subtract(grad, result, out=result)
+    return result
+
+
 def _same_array(a, out):
     # True when a * out may be written into out: same shape, same dtype.
     return getattr(a, "shape", None) == out.shape and a.dtype == out.dtype
@@ -312,8 +321,6 @@ def _tanh_backward(grad, y):
     out = y * y
     numpy.subtract(1, out, out=out)
     return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
-
-
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -501,14 +508,15 @@ def loss_and_grad(params, *, x, label, wrt=None):
         d_label = (-1/N)*tmp1
 
     if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias or _need_logits_weight or _need_logits_bias:
-        # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
-        tmp_sum5 = label.sum(axis=1)
-        d_logits_lse = 1/N*tmp_sum5
-        del tmp_sum5
+        # dL/dtmp1 (tmp1 = log_softmax(logits))
+        d_tmp1 = (-d_loss/N)*label
+        del d_loss
 
+        # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
-        d_logits = d_logits_lse[:, None]*numpy.exp(tmp1) + (-d_loss/N)*label
-        del tmp1, d_loss, d_logits_lse
+        # log-softmax backward: d_logits = d_tmp1 - exp(tmp1)*sum(d_tmp1), in one call
+        d_logits = _log_softmax_backward(d_tmp1, tmp1, 1)
+        del tmp1, d_tmp1
 
     if _need_logits_weight:
         # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])

@@ -265,6 +265,14 @@ def _expect(name, value, shape):
         raise ValueError(f"{name}: the batch is empty (shape {shape})")
 
 
+def _log_softmax_backward(grad, out, dim):
+    # grad - exp(out) * sum(grad, dim) in one kernel, autograd's own log-softmax
+    # backward. Under autocast the two may differ in dtype: both go to the wider one, as
+    # in the expression the kernel replaces.
+    if grad.dtype is not out.dtype:
+        dtype = torch.promote_types(grad.dtype, out.dtype)
+        grad, out = grad.to(dtype), out.to(dtype)
+    return torch._log_softmax_backward_data(grad, out, dim, out.dtype)
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -436,14 +444,15 @@ def loss_and_grad(params, *, x, label):
         # the seed: dL/dL = 1, in the loss's dtype
         d_loss = torch.ones_like(loss)
 
-        # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
-        tmp_sum5 = label.sum(dim=1)
-        d_logits_lse = 1/N*tmp_sum5
-        del tmp_sum5
+        # dL/dtmp1 (tmp1 = log_softmax(logits))
+        d_tmp1 = (-d_loss/N)*label
+        del d_loss
 
+        # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
-        d_logits = d_logits_lse[:, None]*torch.exp(tmp1) + (-d_loss/N)*label
-        del tmp1, d_loss, d_logits_lse
+        # log-softmax backward: d_logits = d_tmp1 - exp(tmp1)*sum(d_tmp1), in one call
+        d_logits = _log_softmax_backward(d_tmp1, tmp1, 1)
+        del tmp1, d_tmp1
 
         # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
         d_logits_weight = d_logits.T @ h2
@@ -542,14 +551,15 @@ def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weig
         d_label = -tmp1*tmp4
 
     if _need_x or _need_h1_weight or _need_h1_bias or _need_h2_weight or _need_h2_bias or _need_logits_weight or _need_logits_bias:
-        # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
-        tmp_sum5 = label.sum(dim=1)
-        d_logits_lse = tmp4*tmp_sum5
-        del tmp_sum5
+        # dL/dtmp1 (tmp1 = log_softmax(logits))
+        d_tmp1 = -label*tmp4
+        del tmp4
 
+        # dL/dlogits_lse (through loss): d_logits_lse[k0] = d_loss*sum_{s1}(label[k0, s1])/N
         # dL/dlogits (through logits_lse, loss): d_logits[k0, k1] = exp(logits[k0, k1] - logits_lse[k0])*d_logits_lse[k0] - d_loss*label[k0, k1]/N
-        d_logits = d_logits_lse[:, None]*torch.exp(tmp1) - label*tmp4
-        del tmp4, d_logits_lse
+        # log-softmax backward: d_logits = d_tmp1 - exp(tmp1)*sum(d_tmp1), in one call
+        d_logits = _log_softmax_backward(d_tmp1, tmp1, 1)
+        del d_tmp1
         if release:
             _release(tmp1)
 
@@ -753,6 +763,11 @@ except AttributeError:
     _FUNCTION_APPLY = None
 
 
+# Where each parameter lives in the Model: the submodule names leading to its module, and
+# its own name there ("h.0.ln_1.weight": ("h", "0", "ln_1"), "weight").
+_LOCATIONS = {name: (tuple(name.split(".")[:-1]), name.split(".")[-1]) for name in PARAM_SHAPES}
+
+
 def _add_parameter(model, name, requires_grad, dtype, device):
     # "h.0.ln_1.weight" lives in model.h[0].ln_1 as "weight": one submodule per dotted
     # part (a ModuleList where the parts below are numbered), so that state_dict() keys
@@ -803,15 +818,35 @@ class Model(torch.nn.Module):
     def params(self):
         return dict(self.named_parameters())
 
+    def _current_parameters(self):
+        # The parameters as the forward pass reads them, from each module's own table:
+        # Module.__getattr__ costs about a microsecond per dotted part, a tenth of a small
+        # network's forward pass. The tables are what attribute assignment,
+        # load_state_dict and torch.func.functional_call change, so both reads agree; an
+        # entry deleted since __init__ is looked up as an attribute, for torch's own error.
+        values = {}
+        for name, (path, leaf) in _LOCATIONS.items():
+            module = self
+            try:
+                for part in path:
+                    module = module._modules[part]
+                values[name] = module._parameters[leaf]
+            except KeyError:
+                module = self
+                for part in path:
+                    module = getattr(module, part)
+                values[name] = getattr(module, leaf)
+        return values
+
     def forward(self, *, x, label=None):
         given = [label is not None]
         if not any(given):
-            return forward({"h1.weight": self.h1.weight, "h1.bias": self.h1.bias, "h2.weight": self.h2.weight, "h2.bias": self.h2.bias, "logits.weight": self.logits.weight, "logits.bias": self.logits.bias}, x=x)
+            return forward(self._current_parameters(), x=x)
         if not all(given):
             raise TypeError("give every target (label) for the loss, or none for the prediction")
         # The same checks as the functions above: every parameter's shape, one dtype and
         # device; inputs converted to them or refused.
-        *values, dtype, device = _unpack({"h1.weight": self.h1.weight, "h1.bias": self.h1.bias, "h2.weight": self.h2.weight, "h2.bias": self.h2.bias, "logits.weight": self.logits.weight, "logits.bias": self.logits.bias})
+        *values, dtype, device = _unpack(self._current_parameters())
         x = _as_tensor("x", x, dtype, device)
         label = _as_tensor("label", label, dtype, device)
         return _apply(x, label, *values)[0]

@@ -349,6 +349,15 @@ def _log_softmax(x, axis):
     return shifted - numpy.log(numpy.sum(numpy.exp(shifted), axis=axis, keepdims=True))
 
 
+def _log_softmax_backward(grad, out, axis):
+    # grad - exp(out) * sum(grad) along the last axis (the only one the IR gives): one
+    # row sum, one exponential, the product and the sum in place.
+    result = numpy.exp(out)
+    result *= grad.sum(axis=axis, keepdims=True)
+    numpy.subtract(grad, result, out=result)
+    return result
+
+
 def _same_array(a, out):
     # True when a * out may be written into out: same shape, same dtype.
     return getattr(a, "shape", None) == out.shape and a.dtype == out.dtype
@@ -360,8 +369,6 @@ def _tanh_backward(grad, y):
     out = y * y
     numpy.subtract(1, out, out=out)
     return numpy.multiply(grad, out, out=out if _same_array(grad, out) else None)
-
-
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -610,12 +617,6 @@ def loss_and_grad(params, *, x, value, label, wrt=None):
         # dL/dlabel (through loss_2): d_label[k0, k1] = d_loss_2*(-classify[k0, k1] + classify_lse[k0])/N
         d_label = -tmp2*tmp4
 
-    if _need_x or _need_trunk1_weight or _need_trunk1_bias or _need_trunk2_weight or _need_trunk2_bias or _need_classify_weight or _need_classify_bias:
-        # dL/dclassify_lse (through loss_2): d_classify_lse[k0] = d_loss_2*sum_{s1}(label[k0, s1])/N
-        tmp_sum11 = label.sum(axis=1)
-        d_classify_lse = tmp4*tmp_sum11
-        del tmp_sum11
-
     if _need_x or _need_value or _need_trunk1_weight or _need_trunk1_bias or _need_trunk2_weight or _need_trunk2_bias or _need_regress_weight or _need_regress_bias:
         # dL/dloss_1 (through loss): d_loss_1[] = 0.5*d_loss
         d_loss_1 = 0.5*d_loss
@@ -628,9 +629,15 @@ def loss_and_grad(params, *, x, value, label, wrt=None):
         d_value = -tmp0*tmp5
 
     if _need_x or _need_trunk1_weight or _need_trunk1_bias or _need_trunk2_weight or _need_trunk2_bias or _need_classify_weight or _need_classify_bias:
+        # dL/dtmp2 (tmp2 = log_softmax(classify))
+        d_tmp2 = -label*tmp4
+        del tmp4
+
+        # dL/dclassify_lse (through loss_2): d_classify_lse[k0] = d_loss_2*sum_{s1}(label[k0, s1])/N
         # dL/dclassify (through classify_lse, loss_2): d_classify[k0, k1] = exp(classify[k0, k1] - classify_lse[k0])*d_classify_lse[k0] - d_loss_2*label[k0, k1]/N
-        d_classify = d_classify_lse[:, None]*numpy.exp(tmp2) - label*tmp4
-        del tmp2, tmp4, d_classify_lse
+        # log-softmax backward: d_classify = d_tmp2 - exp(tmp2)*sum(d_tmp2), in one call
+        d_classify = _log_softmax_backward(d_tmp2, tmp2, 1)
+        del tmp2, d_tmp2
 
     if _need_classify_weight:
         # dL/dclassify_weight (through classify, weight_decay): d_classify_weight[k0, k1] = 0.0001*d_weight_decay*classify_weight[k0, k1] + sum_{i0}(d_classify[i0, k0]*trunk2[i0, k1])

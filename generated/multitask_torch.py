@@ -312,6 +312,14 @@ def _expect(name, value, shape):
         raise ValueError(f"{name}: the batch is empty (shape {shape})")
 
 
+def _log_softmax_backward(grad, out, dim):
+    # grad - exp(out) * sum(grad, dim) in one kernel, autograd's own log-softmax
+    # backward. Under autocast the two may differ in dtype: both go to the wider one, as
+    # in the expression the kernel replaces.
+    if grad.dtype is not out.dtype:
+        dtype = torch.promote_types(grad.dtype, out.dtype)
+        grad, out = grad.to(dtype), out.to(dtype)
+    return torch._log_softmax_backward_data(grad, out, dim, out.dtype)
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -538,21 +546,22 @@ def loss_and_grad(params, *, x, value, label):
 
         # dL/dloss_2 (through loss): d_loss_2[] = d_loss
         d_loss_2 = d_loss
-
-        # dL/dclassify_lse (through loss_2): d_classify_lse[k0] = d_loss_2*sum_{s1}(label[k0, s1])/N
-        tmp_sum11 = label.sum(dim=1)
         tmp3 = d_loss_2/N
         del d_loss_2
-        d_classify_lse = tmp3*tmp_sum11
-        del tmp_sum11
 
         # dL/dloss_1 (through loss): d_loss_1[] = 0.5*d_loss
         d_loss_1 = 0.5*d_loss
         del d_loss
 
+        # dL/dtmp2 (tmp2 = log_softmax(classify))
+        d_tmp2 = -label*tmp3
+        del tmp3
+
+        # dL/dclassify_lse (through loss_2): d_classify_lse[k0] = d_loss_2*sum_{s1}(label[k0, s1])/N
         # dL/dclassify (through classify_lse, loss_2): d_classify[k0, k1] = exp(classify[k0, k1] - classify_lse[k0])*d_classify_lse[k0] - d_loss_2*label[k0, k1]/N
-        d_classify = d_classify_lse[:, None]*torch.exp(tmp2) - label*tmp3
-        del tmp2, tmp3, d_classify_lse
+        # log-softmax backward: d_classify = d_tmp2 - exp(tmp2)*sum(d_tmp2), in one call
+        d_classify = _log_softmax_backward(d_tmp2, tmp2, 1)
+        del tmp2, d_tmp2
 
         # dL/dclassify_weight (through classify, weight_decay): d_classify_weight[k0, k1] = 0.0001*d_weight_decay*classify_weight[k0, k1] + sum_{i0}(d_classify[i0, k0]*trunk2[i0, k1])
         tmp_sum12 = d_classify.T @ trunk2
@@ -705,12 +714,6 @@ def _loss_backward(needs, release, d_loss, x, value, label, trunk1_weight, trunk
         # dL/dlabel (through loss_2): d_label[k0, k1] = d_loss_2*(-classify[k0, k1] + classify_lse[k0])/N
         d_label = -tmp2*tmp4
 
-    if _need_x or _need_trunk1_weight or _need_trunk1_bias or _need_trunk2_weight or _need_trunk2_bias or _need_classify_weight or _need_classify_bias:
-        # dL/dclassify_lse (through loss_2): d_classify_lse[k0] = d_loss_2*sum_{s1}(label[k0, s1])/N
-        tmp_sum11 = label.sum(dim=1)
-        d_classify_lse = tmp4*tmp_sum11
-        del tmp_sum11
-
     if _need_x or _need_value or _need_trunk1_weight or _need_trunk1_bias or _need_trunk2_weight or _need_trunk2_bias or _need_regress_weight or _need_regress_bias:
         # dL/dloss_1 (through loss): d_loss_1[] = 0.5*d_loss
         d_loss_1 = 0.5*d_loss
@@ -722,9 +725,15 @@ def _loss_backward(needs, release, d_loss, x, value, label, trunk1_weight, trunk
         d_value = -tmp0*tmp5
 
     if _need_x or _need_trunk1_weight or _need_trunk1_bias or _need_trunk2_weight or _need_trunk2_bias or _need_classify_weight or _need_classify_bias:
+        # dL/dtmp2 (tmp2 = log_softmax(classify))
+        d_tmp2 = -label*tmp4
+        del tmp4
+
+        # dL/dclassify_lse (through loss_2): d_classify_lse[k0] = d_loss_2*sum_{s1}(label[k0, s1])/N
         # dL/dclassify (through classify_lse, loss_2): d_classify[k0, k1] = exp(classify[k0, k1] - classify_lse[k0])*d_classify_lse[k0] - d_loss_2*label[k0, k1]/N
-        d_classify = d_classify_lse[:, None]*torch.exp(tmp2) - label*tmp4
-        del tmp4, d_classify_lse
+        # log-softmax backward: d_classify = d_tmp2 - exp(tmp2)*sum(d_tmp2), in one call
+        d_classify = _log_softmax_backward(d_tmp2, tmp2, 1)
+        del d_tmp2
         if release:
             _release(tmp2)
 
@@ -961,6 +970,11 @@ except AttributeError:
     _FUNCTION_APPLY = None
 
 
+# Where each parameter lives in the Model: the submodule names leading to its module, and
+# its own name there ("h.0.ln_1.weight": ("h", "0", "ln_1"), "weight").
+_LOCATIONS = {name: (tuple(name.split(".")[:-1]), name.split(".")[-1]) for name in PARAM_SHAPES}
+
+
 def _add_parameter(model, name, requires_grad, dtype, device):
     # "h.0.ln_1.weight" lives in model.h[0].ln_1 as "weight": one submodule per dotted
     # part (a ModuleList where the parts below are numbered), so that state_dict() keys
@@ -1013,15 +1027,35 @@ class Model(torch.nn.Module):
     def params(self):
         return dict(self.named_parameters())
 
+    def _current_parameters(self):
+        # The parameters as the forward pass reads them, from each module's own table:
+        # Module.__getattr__ costs about a microsecond per dotted part, a tenth of a small
+        # network's forward pass. The tables are what attribute assignment,
+        # load_state_dict and torch.func.functional_call change, so both reads agree; an
+        # entry deleted since __init__ is looked up as an attribute, for torch's own error.
+        values = {}
+        for name, (path, leaf) in _LOCATIONS.items():
+            module = self
+            try:
+                for part in path:
+                    module = module._modules[part]
+                values[name] = module._parameters[leaf]
+            except KeyError:
+                module = self
+                for part in path:
+                    module = getattr(module, part)
+                values[name] = getattr(module, leaf)
+        return values
+
     def forward(self, *, x, value=None, label=None):
         given = [value is not None, label is not None]
         if not any(given):
-            return forward({"trunk1.weight": self.trunk1.weight, "trunk1.bias": self.trunk1.bias, "trunk2.weight": self.trunk2.weight, "trunk2.bias": self.trunk2.bias, "regress.weight": self.regress.weight, "regress.bias": self.regress.bias, "classify.weight": self.classify.weight, "classify.bias": self.classify.bias}, x=x)
+            return forward(self._current_parameters(), x=x)
         if not all(given):
             raise TypeError("give every target (value, label) for the loss, or none for the prediction")
         # The same checks as the functions above: every parameter's shape, one dtype and
         # device; inputs converted to them or refused.
-        *values, dtype, device = _unpack({"trunk1.weight": self.trunk1.weight, "trunk1.bias": self.trunk1.bias, "trunk2.weight": self.trunk2.weight, "trunk2.bias": self.trunk2.bias, "regress.weight": self.regress.weight, "regress.bias": self.regress.bias, "classify.weight": self.classify.weight, "classify.bias": self.classify.bias})
+        *values, dtype, device = _unpack(self._current_parameters())
         x = _as_tensor("x", x, dtype, device)
         value = _as_tensor("value", value, dtype, device)
         label = _as_tensor("label", label, dtype, device)

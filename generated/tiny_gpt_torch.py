@@ -1097,7 +1097,6 @@ def _check_ids(name, ids, high, ignore, reason):
             raise ValueError(f"{name}: id {int(bad[0])} is outside [0, {high}) ({reason})")
 
 
-
 def _unwrapped(tensor):
     # Under torch.func (vmap's batches, grad's tracking) the ids of every example at once,
     # as a plain tensor whose values can be read.
@@ -1127,8 +1126,6 @@ def _softmax_backward(grad, out, dim):
         dtype = torch.promote_types(grad.dtype, out.dtype)
         grad, out = grad.to(dtype), out.to(dtype)
     return torch._softmax_backward_data(grad, out, dim, out.dtype)
-
-
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -3319,6 +3316,11 @@ except AttributeError:
     _FUNCTION_APPLY = None
 
 
+# Where each parameter lives in the Model: the submodule names leading to its module, and
+# its own name there ("h.0.ln_1.weight": ("h", "0", "ln_1"), "weight").
+_LOCATIONS = {name: (tuple(name.split(".")[:-1]), name.split(".")[-1]) for name in PARAM_SHAPES}
+
+
 def _add_parameter(model, name, requires_grad, dtype, device):
     # "h.0.ln_1.weight" lives in model.h[0].ln_1 as "weight": one submodule per dotted
     # part (a ModuleList where the parts below are numbered), so that state_dict() keys
@@ -3391,15 +3393,35 @@ class Model(torch.nn.Module):
     def params(self):
         return dict(self.named_parameters())
 
+    def _current_parameters(self):
+        # The parameters as the forward pass reads them, from each module's own table:
+        # Module.__getattr__ costs about a microsecond per dotted part, a tenth of a small
+        # network's forward pass. The tables are what attribute assignment,
+        # load_state_dict and torch.func.functional_call change, so both reads agree; an
+        # entry deleted since __init__ is looked up as an attribute, for torch's own error.
+        values = {}
+        for name, (path, leaf) in _LOCATIONS.items():
+            module = self
+            try:
+                for part in path:
+                    module = module._modules[part]
+                values[name] = module._parameters[leaf]
+            except KeyError:
+                module = self
+                for part in path:
+                    module = getattr(module, part)
+                values[name] = getattr(module, leaf)
+        return values
+
     def forward(self, *, idx, y=None):
         given = [y is not None]
         if not any(given):
-            return forward({"wte.weight": self.wte.weight, "wpe.weight": self.wpe.weight, "h.0.ln_1.weight": self.h[0].ln_1.weight, "h.0.ln_1.bias": self.h[0].ln_1.bias, "h.0.attn.c_attn.weight": self.h[0].attn.c_attn.weight, "h.0.attn.c_attn.bias": self.h[0].attn.c_attn.bias, "h.0.attn.c_proj.weight": self.h[0].attn.c_proj.weight, "h.0.attn.c_proj.bias": self.h[0].attn.c_proj.bias, "h.0.ln_2.weight": self.h[0].ln_2.weight, "h.0.ln_2.bias": self.h[0].ln_2.bias, "h.0.mlp.c_fc.weight": self.h[0].mlp.c_fc.weight, "h.0.mlp.c_fc.bias": self.h[0].mlp.c_fc.bias, "h.0.mlp.c_proj.weight": self.h[0].mlp.c_proj.weight, "h.0.mlp.c_proj.bias": self.h[0].mlp.c_proj.bias, "h.1.ln_1.weight": self.h[1].ln_1.weight, "h.1.ln_1.bias": self.h[1].ln_1.bias, "h.1.attn.c_attn.weight": self.h[1].attn.c_attn.weight, "h.1.attn.c_attn.bias": self.h[1].attn.c_attn.bias, "h.1.attn.c_proj.weight": self.h[1].attn.c_proj.weight, "h.1.attn.c_proj.bias": self.h[1].attn.c_proj.bias, "h.1.ln_2.weight": self.h[1].ln_2.weight, "h.1.ln_2.bias": self.h[1].ln_2.bias, "h.1.mlp.c_fc.weight": self.h[1].mlp.c_fc.weight, "h.1.mlp.c_fc.bias": self.h[1].mlp.c_fc.bias, "h.1.mlp.c_proj.weight": self.h[1].mlp.c_proj.weight, "h.1.mlp.c_proj.bias": self.h[1].mlp.c_proj.bias, "ln_f.weight": self.ln_f.weight, "ln_f.bias": self.ln_f.bias}, idx=idx)
+            return forward(self._current_parameters(), idx=idx)
         if not all(given):
             raise TypeError("give every target (y) for the loss, or none for the prediction")
         # The same checks as the functions above: every parameter's shape, one dtype and
         # device; inputs converted to them or refused.
-        *values, dtype, device = _unpack({"wte.weight": self.wte.weight, "wpe.weight": self.wpe.weight, "h.0.ln_1.weight": self.h[0].ln_1.weight, "h.0.ln_1.bias": self.h[0].ln_1.bias, "h.0.attn.c_attn.weight": self.h[0].attn.c_attn.weight, "h.0.attn.c_attn.bias": self.h[0].attn.c_attn.bias, "h.0.attn.c_proj.weight": self.h[0].attn.c_proj.weight, "h.0.attn.c_proj.bias": self.h[0].attn.c_proj.bias, "h.0.ln_2.weight": self.h[0].ln_2.weight, "h.0.ln_2.bias": self.h[0].ln_2.bias, "h.0.mlp.c_fc.weight": self.h[0].mlp.c_fc.weight, "h.0.mlp.c_fc.bias": self.h[0].mlp.c_fc.bias, "h.0.mlp.c_proj.weight": self.h[0].mlp.c_proj.weight, "h.0.mlp.c_proj.bias": self.h[0].mlp.c_proj.bias, "h.1.ln_1.weight": self.h[1].ln_1.weight, "h.1.ln_1.bias": self.h[1].ln_1.bias, "h.1.attn.c_attn.weight": self.h[1].attn.c_attn.weight, "h.1.attn.c_attn.bias": self.h[1].attn.c_attn.bias, "h.1.attn.c_proj.weight": self.h[1].attn.c_proj.weight, "h.1.attn.c_proj.bias": self.h[1].attn.c_proj.bias, "h.1.ln_2.weight": self.h[1].ln_2.weight, "h.1.ln_2.bias": self.h[1].ln_2.bias, "h.1.mlp.c_fc.weight": self.h[1].mlp.c_fc.weight, "h.1.mlp.c_fc.bias": self.h[1].mlp.c_fc.bias, "h.1.mlp.c_proj.weight": self.h[1].mlp.c_proj.weight, "h.1.mlp.c_proj.bias": self.h[1].mlp.c_proj.bias, "ln_f.weight": self.ln_f.weight, "ln_f.bias": self.ln_f.bias})
+        *values, dtype, device = _unpack(self._current_parameters())
         idx = _as_ids("idx", idx, device)
         _check_ids("idx", idx, 65, None, "the embedding 'wte' has num = 65")
         y = _as_ids("y", y, device)

@@ -303,6 +303,30 @@ def test_forward_returns_loss_or_prediction_and_hooks_fire(mods) -> None:
     assert abs(loss.item() - twin(**b).item()) < 1e-13
 
 
+def test_parameters_replaced_after_init_are_the_ones_used(mods) -> None:
+    """The Model reads its parameters from the modules' tables on every call: a parameter
+    (or a whole submodule) assigned after __init__ is used and gets the gradient; one
+    deleted raises torch's own AttributeError."""
+    model, twin = pair(mods, "mlp_classifier")
+    b = batch("mlp_classifier")
+    weight = torch.nn.Parameter(torch.randn(32, 64, dtype=F64))
+    model.h1.weight = weight
+    with torch.no_grad():
+        twin.h1.weight.copy_(weight)
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(10, 32, dtype=F64))
+    layer.bias = torch.nn.Parameter(torch.randn(10, dtype=F64))
+    model.logits = layer
+    twin.logits.load_state_dict(layer.state_dict())
+    model(**b).backward()
+    twin(**b).backward()
+    close(grads(model), grads(twin), 1e-12)
+    assert weight.grad is not None and layer.weight.grad is not None
+    del model.h2.bias
+    with pytest.raises(AttributeError, match="bias"):
+        model(**b)
+
+
 def test_upstream_linear_trains(mods) -> None:
     torch.manual_seed(0)
     model, twin = pair(mods, "mlp_classifier")

@@ -106,16 +106,6 @@ def param_var(param: str) -> str:
     return param.replace(".", "_")
 
 
-def module_attribute(param: str, owner: str = "self") -> str:
-    """The expression reaching a parameter of the torch Model by attributes:
-    ``h.0.ln_1.weight`` -> ``self.h[0].ln_1.weight`` (numbered parts are the entries of
-    a ``torch.nn.ModuleList``, as nanoGPT keeps its blocks)."""
-    out = owner
-    for part in param.split("."):
-        out += f"[{part}]" if part.isdigit() else f".{part}"
-    return out
-
-
 def preactivation(layer: str) -> str:
     return f"{layer}_z"
 

@@ -22,6 +22,7 @@ from ..ir.nodes import (
     Iota,
     Linear,
     LogSoftmax,
+    LogSoftmaxBackward,
     Map,
     MatMul,
     MaxPool,
@@ -213,6 +214,9 @@ class ArrayPrinter:
         if isinstance(op, SoftmaxBackward):
             self.helpers.add("softmax_backward")
             return f"_softmax_backward({op.grad}, {op.out}, {op.axis})"
+        if isinstance(op, LogSoftmaxBackward):
+            self.helpers.add("log_softmax_backward")
+            return f"_log_softmax_backward({op.grad}, {op.out}, {op.axis})"
         if isinstance(op, Full):
             return self.full(op)
         if isinstance(op, Seed):

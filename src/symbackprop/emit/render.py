@@ -187,8 +187,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         "sha256": spec.sha256,
         "params": [
             {"name": p.param, "var": p.name, "shape": _shape_tuple(p.shape),
-             "trainable": p.trainable, "init": p.init, "layer": p.layer,
-             "attribute": naming.module_attribute(p.param)}
+             "trainable": p.trainable, "init": p.init, "layer": p.layer}
             for p in params
         ],
         "trainable": [p.param for p in params if p.trainable],

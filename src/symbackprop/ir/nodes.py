@@ -23,6 +23,8 @@ Ops:
 * :class:`Softmax` — ``exp(a - logsumexp(a))`` along the last axis (the same pass);
 * :class:`SoftmaxBackward` — ``y * (g - sum(y * g))`` along the last axis, the chain
   rule through a softmax as one call (a pass forms it);
+* :class:`LogSoftmaxBackward` — ``g - exp(t) * sum(g)`` along the last axis, the chain
+  rule through a log-softmax as one call (a pass forms it);
 * :class:`Full` — an array of one value, shaped by dims (axes no operand covers);
 * :class:`ScatterAdd` — rows added at integer ids (the adjoint of a :class:`Gather` view);
 * :class:`WindowAdd` — windows added back at their positions (the adjoint of a
@@ -349,6 +351,21 @@ class SoftmaxBackward:
 
 
 @dataclass(frozen=True)
+class LogSoftmaxBackward:
+    """``grad - exp(out) * sum(grad, axis)`` (``axis`` the last one): what the chain rule
+    gives for a log-softmax's input from its output ``out`` and output adjoint ``grad``,
+    one call (a pass forms it)."""
+
+    grad: str
+    out: str
+    axis: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.grad, self.out})
+
+
+@dataclass(frozen=True)
 class Full:
     """An array of ``value`` with shape ``shape`` (sympy dims), dtype and device of ``like``."""
 
@@ -502,8 +519,9 @@ class Stack:
         return frozenset(p for p in self.parts if p is not None)
 
 
-Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | SoftmaxBackward | Full
-      | Seed | ScatterAdd | WindowAdd | Conv | MaxPool | MaxPoolBackward | TakeAt | Stack)
+Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | SoftmaxBackward
+      | LogSoftmaxBackward | Full | Seed | ScatterAdd | WindowAdd | Conv | MaxPool
+      | MaxPoolBackward | TakeAt | Stack)
 
 
 @dataclass(frozen=True)

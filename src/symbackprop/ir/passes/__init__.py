@@ -3,9 +3,9 @@
 :func:`function` runs them in order for one generated function: select what its outputs
 need, fuse single-use elementwise temporaries, share common subexpressions, then the
 pattern passes (convolutions, max pooling's backward and indices, log-softmax, softmax
-backward, products against stacked parts, the tanh GELU, product + bias,
-activation-backward kernels, broadcast factors first), each pattern recognised in
-exactly one of them. Freeing after last use and in-place reuse are the
+backward, log-softmax backward, products against stacked parts, the tanh GELU, product
++ bias, activation-backward kernels, broadcast factors first), each pattern recognised
+in exactly one of them. Freeing after last use and in-place reuse are the
 memory pass, run by the printer's caller once the function's inputs are known.
 """
 
@@ -22,6 +22,7 @@ from .gelu import gelu
 from .kernels import kernels
 from .linear import linear
 from .log_softmax import log_softmax
+from .log_softmax_backward import log_softmax_backward
 from .max_pool import max_pool
 from .memory import memory
 from .select import select
@@ -40,6 +41,7 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = max_pool(stmts, program, protected)
     stmts = log_softmax(stmts, program, protected)
     stmts = softmax_backward(stmts, program, protected)
+    stmts = log_softmax_backward(stmts, program, protected)
     stmts = stacked(stmts, program, protected)
     stmts = gelu(stmts, program, protected)
     stmts = linear(stmts, program, protected)
@@ -49,4 +51,5 @@ def function(program: Program, outputs: Sequence[str], *,
 
 
 __all__ = ["function", "memory", "select", "fuse", "cse", "conv", "max_pool", "log_softmax",
-           "softmax_backward", "stacked", "gelu", "linear", "kernels", "broadcast"]
+           "softmax_backward", "log_softmax_backward", "stacked", "gelu", "linear", "kernels",
+           "broadcast"]
