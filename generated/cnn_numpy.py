@@ -357,11 +357,12 @@ def _linear(a, w, b):
     return out
 
 
-def _logsumexp(x, axis):
-    # Max-shifted: exp never overflows; an all -inf row gives -inf, not nan.
-    m = numpy.max(x, axis=axis, keepdims=True)
-    m = numpy.where(numpy.isfinite(m), m, 0.0)
-    return numpy.log(numpy.sum(numpy.exp(x - m), axis=axis)) + numpy.squeeze(m, axis=axis)
+def _log_softmax(x, axis):
+    # x - logsumexp(x), shifted by the max once: exp never overflows, and the large
+    # entries keep full precision (x - m is exact near the max).
+    # (A row of -inf or with +inf is nan either way: no guard needed, unlike logsumexp.)
+    shifted = x - numpy.max(x, axis=axis, keepdims=True)
+    return shifted - numpy.log(numpy.sum(numpy.exp(shifted), axis=axis, keepdims=True))
 
 
 def _window_taps(x, kernel, stride):
@@ -501,21 +502,31 @@ def _conv_input(g, w, shape, stride, pad):
     return _conv(padded, flipped, (1,) * len(kernel), (0,) * len(kernel))
 
 
-def _masked_where(condition, then, otherwise):
-    # numpy evaluates both branches of a where() everywhere; the entries a branch does
-    # not supply are discarded, and so are their warnings (log of a negative number,
-    # overflow in exp). A kept entry that came out NaN or infinite still warns.
-    flags = []
-    with numpy.errstate(all="call", call=lambda kind, flag: flags.append(kind)):
-        a = then()
-        b = otherwise()
-    out = numpy.where(condition, a, b)
-    if flags and not numpy.isfinite(out).all():
-        import warnings
+def _log_softmax_backward(grad, out, axis):
+    # grad - exp(out) * sum(grad) along the last axis (the only one the IR gives): one
+    # row sum, one exponential, the product and the difference in place.
+    result = numpy.exp(out)
+    result *= grad.sum(axis=axis, keepdims=True)
+    numpy.subtract(grad, result, out=result)
+    return result
 
-        warnings.warn(f"{flags[0]} in a where() branch that was taken", RuntimeWarning,
-                      stacklevel=3)
-    return out
+
+def _nll_loss(logp, ids, ignore):
+    # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
+    # NaN when none is counted), as torch's nll_loss.
+    rows, flat = logp.reshape(-1, logp.shape[-1]), ids.reshape(-1)
+    counted = numpy.flatnonzero(flat != ignore)
+    return -rows[counted, flat[counted]].sum() / counted.size
+
+
+def _nll_loss_backward(seed, logp, ids, ignore):
+    # -seed / count at each counted row's id, 0 elsewhere: nll_loss's adjoint.
+    grad = numpy.zeros_like(logp)
+    rows, flat = grad.reshape(-1, grad.shape[-1]), ids.reshape(-1)
+    counted = numpy.flatnonzero(flat != ignore)
+    if counted.size:
+        rows[counted, flat[counted]] = -seed / counted.size
+    return grad
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
@@ -656,21 +667,16 @@ def loss(params, *, x, label):
     del flat
 
     # logsumexp loss: fc_lse[i0] = log(sum_{s1}(exp(fc[i0, s1])))
-    fc_lse = _logsumexp(fc, 1)
+    # log-softmax: fc_logp = fc - fc_lse, in one call
+    fc_logp = _log_softmax(fc, 1)
+    del fc
 
     # the target class's logit loss: fc_picked[i0] = sum_{s1}((fc[i0, s1] if s1 == label[i0] else 0))
-    fc_picked = numpy.sum(numpy.where((label[:, None] == numpy.arange(10)), fc, 0), axis=1)
-    del fc
-    tmp0 = (label != -100)
-
     # rows counted loss: fc_count[] = sum_{s0}((1 if Ne(label[s0], -100) else 0))
-    fc_count = int(numpy.count_nonzero(tmp0))
-
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum7 = numpy.sum(numpy.where(tmp0, fc_lse - fc_picked, 0))
-    del fc_lse, fc_picked, tmp0
-    loss = tmp_sum7/fc_count
-    del fc_count, tmp_sum7
+    # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call
+    loss = _nll_loss(fc_logp, label, -100)
+    del fc_logp
     return loss
 
 
@@ -731,36 +737,30 @@ def loss_and_grad(params, *, x, label, wrt=None):
     fc = _linear(flat, fc_weight, fc_bias)
 
     # logsumexp loss: fc_lse[i0] = log(sum_{s1}(exp(fc[i0, s1])))
-    fc_lse = _logsumexp(fc, 1)
-    tmp2 = (numpy.arange(10) == label[:, None])
+    # log-softmax: fc_logp = fc - fc_lse, in one call
+    fc_logp = _log_softmax(fc, 1)
+    del fc
 
     # the target class's logit loss: fc_picked[i0] = sum_{s1}((fc[i0, s1] if s1 == label[i0] else 0))
-    fc_picked = numpy.sum(numpy.where(tmp2, fc, 0), axis=1)
-    tmp3 = (label != -100)
-
     # rows counted loss: fc_count[] = sum_{s0}((1 if Ne(label[s0], -100) else 0))
-    fc_count = int(numpy.count_nonzero(tmp3))
-
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum7 = numpy.sum(numpy.where(tmp3, fc_lse - fc_picked, 0))
-    del fc_picked
-    loss = tmp_sum7/fc_count
-    del tmp_sum7
+    # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call
+    loss = _nll_loss(fc_logp, label, -100)
 
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
     # the seed: dL/dL = 1, in the loss's dtype
     d_loss = numpy.result_type(loss).type(1)
 
     # dL/dfc_picked (through loss): d_fc_picked[k0] = (-d_loss/fc_count if Ne(label[k0], -100) else 0)
-    d_fc_picked = _masked_where(tmp3, lambda: -d_loss/fc_count, lambda: 0)
+    # dL/dfc_logp: -dL/count at each counted row's id, 0 elsewhere
+    d_fc_logp = _nll_loss_backward(d_loss, fc_logp, label, -100)
+    del d_loss
 
     # dL/dfc_lse (through loss): d_fc_lse[k0] = (d_loss/fc_count if Ne(label[k0], -100) else 0)
-    d_fc_lse = _masked_where(tmp3, lambda: d_loss/fc_count, lambda: 0)
-    del tmp3, fc_count, d_loss
-
     # dL/dfc (through fc_lse, fc_picked): d_fc[k0, k1] = (d_fc_picked[k0] if k1 == label[k0] else 0) + exp(fc[k0, k1] - fc_lse[k0])*d_fc_lse[k0]
-    d_fc = d_fc_lse[:, None]*numpy.exp(fc - fc_lse[:, None]) + numpy.where(tmp2, d_fc_picked[:, None], 0)
-    del fc, fc_lse, tmp2, d_fc_picked, d_fc_lse
+    # log-softmax backward: d_fc = d_fc_logp - exp(fc_logp)*sum(d_fc_logp), in one call
+    d_fc = _log_softmax_backward(d_fc_logp, fc_logp, 1)
+    del fc_logp, d_fc_logp
 
     if _need_fc_weight:
         # dL/dfc_weight (through fc): d_fc_weight[k0, k1] = sum_{i0}(d_fc[i0, k0]*flat[i0, k1])

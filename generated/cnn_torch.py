@@ -373,6 +373,43 @@ def _max_pool_backward(g, index, shape, d):
     return flat.scatter_add_(-1, index.flatten(-d), g.flatten(-d)).view(shape)
 
 
+def _log_softmax_backward(grad, out, dim):
+    # grad - exp(out) * sum(grad, dim) in one kernel, autograd's own log-softmax
+    # backward. Under autocast the two may differ in dtype: both go to the wider one, as
+    # in the expression the kernel replaces.
+    if grad.dtype is not out.dtype:
+        dtype = torch.promote_types(grad.dtype, out.dtype)
+        grad, out = grad.to(dtype), out.to(dtype)
+    return torch._log_softmax_backward_data(grad, out, dim, out.dtype)
+
+
+def _traced_ids(ids, classes, ignore):
+    # While torch.compile traces, the graph checks the ids with an assert that names the
+    # input; a kernel that indexes with a bad id first would fail with its own words.
+    # So in the graph an id outside [0, classes) is read as ignored: the assert still
+    # raises. Outside tracing the ids were checked before any kernel ran.
+    if not torch.compiler.is_compiling():
+        return ids
+    return torch.where((ids >= 0) & (ids < classes), ids, ignore)
+
+
+def _nll_loss(logp, ids, ignore):
+    # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
+    # NaN when none is counted): torch's own nll_loss, over the rows.
+    rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
+    return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
+
+
+def _nll_loss_backward(seed, logp, ids, ignore):
+    # -seed / count at each counted row's id, 0 elsewhere: autograd's own nll_loss
+    # backward, over the rows.
+    rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
+    count = (flat != ignore).sum().to(logp.dtype)
+    grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None, 1, ignore,
+                                            count)
+    return grad.view(logp.shape)
+
+
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
 # from the high bits of two 32-bit hashes of the counter 2k and 2k + 1, keyed by the seed
 # and the parameter's name: a counter-based generator written in int64 array operations
@@ -514,21 +551,16 @@ def loss(params, *, x, label):
     del flat
 
     # logsumexp loss: fc_lse[i0] = log(sum_{s1}(exp(fc[i0, s1])))
-    fc_lse = torch.logsumexp(fc, dim=1)
+    # log-softmax: fc_logp = fc - fc_lse, in one call
+    fc_logp = torch.log_softmax(fc, dim=1)
+    del fc
 
     # the target class's logit loss: fc_picked[i0] = sum_{s1}((fc[i0, s1] if s1 == label[i0] else 0))
-    fc_picked = torch.sum(torch.where((label[:, None] == torch.arange(10, device=x.device)), fc, 0), dim=1)
-    del fc
-    tmp0 = (label != -100)
-
     # rows counted loss: fc_count[] = sum_{s0}((1 if Ne(label[s0], -100) else 0))
-    fc_count = torch.count_nonzero(tmp0)
-
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum7 = torch.sum(torch.where(tmp0, fc_lse - fc_picked, 0))
-    del fc_lse, fc_picked, tmp0
-    loss = tmp_sum7/fc_count
-    del fc_count, tmp_sum7
+    # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call
+    loss = _nll_loss(fc_logp, label, -100)
+    del fc_logp
     return loss
 
 
@@ -577,36 +609,30 @@ def loss_and_grad(params, *, x, label):
         fc = torch.addmm(fc_bias, flat, fc_weight.T)
 
         # logsumexp loss: fc_lse[i0] = log(sum_{s1}(exp(fc[i0, s1])))
-        fc_lse = torch.logsumexp(fc, dim=1)
-        tmp2 = (torch.arange(10, device=x.device) == label[:, None])
+        # log-softmax: fc_logp = fc - fc_lse, in one call
+        fc_logp = torch.log_softmax(fc, dim=1)
+        del fc
 
         # the target class's logit loss: fc_picked[i0] = sum_{s1}((fc[i0, s1] if s1 == label[i0] else 0))
-        fc_picked = torch.sum(torch.where(tmp2, fc, 0), dim=1)
-        tmp3 = (label != -100)
-
         # rows counted loss: fc_count[] = sum_{s0}((1 if Ne(label[s0], -100) else 0))
-        fc_count = torch.count_nonzero(tmp3)
-
         # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-        tmp_sum7 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
-        del fc_picked
-        loss = tmp_sum7/fc_count
-        del tmp_sum7
+        # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call
+        loss = _nll_loss(fc_logp, label, -100)
 
         # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
         # the seed: dL/dL = 1, in the loss's dtype
         d_loss = torch.ones_like(loss)
 
         # dL/dfc_picked (through loss): d_fc_picked[k0] = (-d_loss/fc_count if Ne(label[k0], -100) else 0)
-        d_fc_picked = torch.where(tmp3, -d_loss/fc_count, 0)
+        # dL/dfc_logp: -dL/count at each counted row's id, 0 elsewhere
+        d_fc_logp = _nll_loss_backward(d_loss, fc_logp, label, -100)
+        del d_loss
 
         # dL/dfc_lse (through loss): d_fc_lse[k0] = (d_loss/fc_count if Ne(label[k0], -100) else 0)
-        d_fc_lse = torch.where(tmp3, d_loss/fc_count, 0)
-        del tmp3, fc_count, d_loss
-
         # dL/dfc (through fc_lse, fc_picked): d_fc[k0, k1] = (d_fc_picked[k0] if k1 == label[k0] else 0) + exp(fc[k0, k1] - fc_lse[k0])*d_fc_lse[k0]
-        d_fc = d_fc_lse[:, None]*torch.exp(fc - fc_lse[:, None]) + torch.where(tmp2, d_fc_picked[:, None], 0)
-        del fc, fc_lse, tmp2, d_fc_picked, d_fc_lse
+        # log-softmax backward: d_fc = d_fc_logp - exp(fc_logp)*sum(d_fc_logp), in one call
+        d_fc = _log_softmax_backward(d_fc_logp, fc_logp, 1)
+        del fc_logp, d_fc_logp
 
         # dL/dfc_weight (through fc): d_fc_weight[k0, k1] = sum_{i0}(d_fc[i0, k0]*flat[i0, k1])
         d_fc_weight = d_fc.T @ flat
@@ -703,25 +729,19 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     fc = torch.addmm(fc_bias, flat, fc_weight.T)
 
     # logsumexp loss: fc_lse[i0] = log(sum_{s1}(exp(fc[i0, s1])))
-    fc_lse = torch.logsumexp(fc, dim=1)
-    tmp2 = (torch.arange(10, device=x.device) == label[:, None])
+    # log-softmax: fc_logp = fc - fc_lse, in one call
+    fc_logp = torch.log_softmax(fc, dim=1)
+    del fc
 
     # the target class's logit loss: fc_picked[i0] = sum_{s1}((fc[i0, s1] if s1 == label[i0] else 0))
-    fc_picked = torch.sum(torch.where(tmp2, fc, 0), dim=1)
-    tmp3 = (label != -100)
-
     # rows counted loss: fc_count[] = sum_{s0}((1 if Ne(label[s0], -100) else 0))
-    fc_count = torch.count_nonzero(tmp3)
-
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    tmp_sum7 = torch.sum(torch.where(tmp3, fc_lse - fc_picked, 0))
-    del fc_picked
-    loss = tmp_sum7/fc_count
-    del tmp_sum7
-    return (loss, conv1, pool1_arg1, pool1, conv2, flat, fc, fc_lse, fc_count, tmp2, tmp3)
+    # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call
+    loss = _nll_loss(fc_logp, label, -100)
+    return (loss, conv1, pool1_arg1, pool1, conv2, flat, fc_logp)
 
 
-def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, conv1, pool1_arg1, pool1, conv2, flat, fc, fc_lse, fc_count, tmp2, tmp3):
+def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, conv1, pool1_arg1, pool1, conv2, flat, fc_logp):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -729,18 +749,16 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
     _need_x, _need_label, _need_conv1_weight, _need_conv1_bias, _need_conv2_weight, _need_conv2_bias, _need_fc_weight, _need_fc_bias, = needs
     N = x.shape[0]
     # dL/dfc_picked (through loss): d_fc_picked[k0] = (-d_loss/fc_count if Ne(label[k0], -100) else 0)
-    d_fc_picked = torch.where(tmp3, -d_loss/fc_count, 0)
+    # dL/dfc_logp: -dL/count at each counted row's id, 0 elsewhere
+    d_fc_logp = _nll_loss_backward(d_loss, fc_logp, label, -100)
 
     # dL/dfc_lse (through loss): d_fc_lse[k0] = (d_loss/fc_count if Ne(label[k0], -100) else 0)
-    d_fc_lse = torch.where(tmp3, d_loss/fc_count, 0)
-    if release:
-        _release(fc_count, tmp3)
-
     # dL/dfc (through fc_lse, fc_picked): d_fc[k0, k1] = (d_fc_picked[k0] if k1 == label[k0] else 0) + exp(fc[k0, k1] - fc_lse[k0])*d_fc_lse[k0]
-    d_fc = d_fc_lse[:, None]*torch.exp(fc - fc_lse[:, None]) + torch.where(tmp2, d_fc_picked[:, None], 0)
-    del d_fc_picked, d_fc_lse
+    # log-softmax backward: d_fc = d_fc_logp - exp(fc_logp)*sum(d_fc_logp), in one call
+    d_fc = _log_softmax_backward(d_fc_logp, fc_logp, 1)
+    del d_fc_logp
     if release:
-        _release(fc, fc_lse, tmp2)
+        _release(fc_logp)
 
     if _need_fc_weight:
         # dL/dfc_weight (through fc): d_fc_weight[k0, k1] = sum_{i0}(d_fc[i0, k0]*flat[i0, k1])
@@ -963,9 +981,9 @@ def _add_parameter(model, name, requires_grad, dtype, device):
     # "h.0.ln_1.weight" lives in model.h[0].ln_1 as "weight": one submodule per dotted
     # part (a ModuleList where the parts below are numbered), so that state_dict() keys
     # are the parameter names, as in torch models with the same structure.
-    *path, leaf = name.split(".")
+    path, leaf = _LOCATIONS[name]
     module = model
-    for part, below in zip(path, path[1:] + [leaf]):
+    for part, below in zip(path, (*path[1:], leaf)):
         if part not in module._modules:
             child = torch.nn.ModuleList() if below.isdigit() else torch.nn.Module()
             module.add_module(part, child)
@@ -1013,8 +1031,10 @@ class Model(torch.nn.Module):
         # The parameters as the forward pass reads them, from each module's own table:
         # Module.__getattr__ costs about a microsecond per dotted part, a tenth of a small
         # network's forward pass. The tables are what attribute assignment,
-        # load_state_dict and torch.func.functional_call change, so both reads agree; an
-        # entry deleted since __init__ is looked up as an attribute, for torch's own error.
+        # load_state_dict(assign=True) and torch.func.functional_call change, so both
+        # reads agree. Where a table has no such entry (a parametrization such as
+        # weight_norm, a DataParallel replica, a parameter deleted or made a buffer, a
+        # submodule set to None), the attribute is read, as before, with torch's errors.
         values = {}
         for name, (path, leaf) in _LOCATIONS.items():
             module = self
@@ -1022,7 +1042,7 @@ class Model(torch.nn.Module):
                 for part in path:
                     module = module._modules[part]
                 values[name] = module._parameters[leaf]
-            except KeyError:
+            except (KeyError, AttributeError):
                 module = self
                 for part in path:
                     module = getattr(module, part)

@@ -303,7 +303,7 @@ def _log_softmax(x, axis):
 
 def _log_softmax_backward(grad, out, axis):
     # grad - exp(out) * sum(grad) along the last axis (the only one the IR gives): one
-    # row sum, one exponential, the product and the sum in place.
+    # row sum, one exponential, the product and the difference in place.
     result = numpy.exp(out)
     result *= grad.sum(axis=axis, keepdims=True)
     numpy.subtract(grad, result, out=result)

@@ -979,9 +979,9 @@ def _add_parameter(model, name, requires_grad, dtype, device):
     # "h.0.ln_1.weight" lives in model.h[0].ln_1 as "weight": one submodule per dotted
     # part (a ModuleList where the parts below are numbered), so that state_dict() keys
     # are the parameter names, as in torch models with the same structure.
-    *path, leaf = name.split(".")
+    path, leaf = _LOCATIONS[name]
     module = model
-    for part, below in zip(path, path[1:] + [leaf]):
+    for part, below in zip(path, (*path[1:], leaf)):
         if part not in module._modules:
             child = torch.nn.ModuleList() if below.isdigit() else torch.nn.Module()
             module.add_module(part, child)
@@ -1031,8 +1031,10 @@ class Model(torch.nn.Module):
         # The parameters as the forward pass reads them, from each module's own table:
         # Module.__getattr__ costs about a microsecond per dotted part, a tenth of a small
         # network's forward pass. The tables are what attribute assignment,
-        # load_state_dict and torch.func.functional_call change, so both reads agree; an
-        # entry deleted since __init__ is looked up as an attribute, for torch's own error.
+        # load_state_dict(assign=True) and torch.func.functional_call change, so both
+        # reads agree. Where a table has no such entry (a parametrization such as
+        # weight_norm, a DataParallel replica, a parameter deleted or made a buffer, a
+        # submodule set to None), the attribute is read, as before, with torch's errors.
         values = {}
         for name, (path, leaf) in _LOCATIONS.items():
             module = self
@@ -1040,7 +1042,7 @@ class Model(torch.nn.Module):
                 for part in path:
                     module = module._modules[part]
                 values[name] = module._parameters[leaf]
-            except KeyError:
+            except (KeyError, AttributeError):
                 module = self
                 for part in path:
                     module = getattr(module, part)

@@ -1092,11 +1092,12 @@ def _too_large(name, dim, size, limit, reason):
     return ValueError(f"{name}: {dim} = {size} exceeds {limit}, {reason}")
 
 
-def _logsumexp(x, axis):
-    # Max-shifted: exp never overflows; an all -inf row gives -inf, not nan.
-    m = numpy.max(x, axis=axis, keepdims=True)
-    m = numpy.where(numpy.isfinite(m), m, 0.0)
-    return numpy.log(numpy.sum(numpy.exp(x - m), axis=axis)) + numpy.squeeze(m, axis=axis)
+def _log_softmax(x, axis):
+    # x - logsumexp(x), shifted by the max once: exp never overflows, and the large
+    # entries keep full precision (x - m is exact near the max).
+    # (A row of -inf or with +inf is nan either way: no guard needed, unlike logsumexp.)
+    shifted = x - numpy.max(x, axis=axis, keepdims=True)
+    return shifted - numpy.log(numpy.sum(numpy.exp(shifted), axis=axis, keepdims=True))
 
 
 def _softmax(x, axis):
@@ -1115,28 +1116,38 @@ def _softmax_backward(grad, out, axis):
     return result
 
 
+def _log_softmax_backward(grad, out, axis):
+    # grad - exp(out) * sum(grad) along the last axis (the only one the IR gives): one
+    # row sum, one exponential, the product and the difference in place.
+    result = numpy.exp(out)
+    result *= grad.sum(axis=axis, keepdims=True)
+    numpy.subtract(grad, result, out=result)
+    return result
+
+
+def _nll_loss(logp, ids, ignore):
+    # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
+    # NaN when none is counted), as torch's nll_loss.
+    rows, flat = logp.reshape(-1, logp.shape[-1]), ids.reshape(-1)
+    counted = numpy.flatnonzero(flat != ignore)
+    return -rows[counted, flat[counted]].sum() / counted.size
+
+
+def _nll_loss_backward(seed, logp, ids, ignore):
+    # -seed / count at each counted row's id, 0 elsewhere: nll_loss's adjoint.
+    grad = numpy.zeros_like(logp)
+    rows, flat = grad.reshape(-1, grad.shape[-1]), ids.reshape(-1)
+    counted = numpy.flatnonzero(flat != ignore)
+    if counted.size:
+        rows[counted, flat[counted]] = -seed / counted.size
+    return grad
+
+
 def _scatter_add(values, index, shape):
     # out[index[i...], j...] += values[i..., j...]: numpy.add.at sums repeated ids (a
     # fancy-index assignment would keep only the last of them).
     out = numpy.zeros(shape, dtype=values.dtype)
     numpy.add.at(out, index, values)
-    return out
-
-
-def _masked_where(condition, then, otherwise):
-    # numpy evaluates both branches of a where() everywhere; the entries a branch does
-    # not supply are discarded, and so are their warnings (log of a negative number,
-    # overflow in exp). A kept entry that came out NaN or infinite still warns.
-    flags = []
-    with numpy.errstate(all="call", call=lambda kind, flag: flags.append(kind)):
-        a = then()
-        b = otherwise()
-    out = numpy.where(condition, a, b)
-    if flags and not numpy.isfinite(out).all():
-        import warnings
-
-        warnings.warn(f"{flags[0]} in a where() branch that was taken", RuntimeWarning,
-                      stacklevel=3)
     return out
 
 
@@ -1755,21 +1766,16 @@ def loss(params, *, idx, y):
     del ln_f
 
     # logsumexp loss: lm_head_lse[i0, i1] = log(sum_{s2}(exp(lm_head[i0, i1, s2])))
-    lm_head_lse = _logsumexp(lm_head, 2)
+    # log-softmax: lm_head_logp = lm_head - lm_head_lse, in one call
+    lm_head_logp = _log_softmax(lm_head, 2)
+    del lm_head
 
     # the target class's logit loss: lm_head_picked[i0, i1] = sum_{s2}((lm_head[i0, i1, s2] if s2 == y[i0, i1] else 0))
-    lm_head_picked = numpy.sum(numpy.where((numpy.arange(65) == y[:, :, None]), lm_head, 0), axis=2)
-    del lm_head
-    tmp9 = (y != -100)
-
     # rows counted loss: lm_head_count[] = sum_{s0,s1}((1 if Ne(y[s0, s1], -100) else 0))
-    lm_head_count = int(numpy.count_nonzero(tmp9))
-
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
-    tmp_sum31 = numpy.sum(numpy.where(tmp9, lm_head_lse - lm_head_picked, 0))
-    del lm_head_lse, lm_head_picked, tmp9
-    loss = tmp_sum31/lm_head_count
-    del lm_head_count, tmp_sum31
+    # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
+    loss = _nll_loss(lm_head_logp, y, -100)
+    del lm_head_logp
     return loss
 
 
@@ -2059,36 +2065,30 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     lm_head = ln_f @ wte_weight.T
 
     # logsumexp loss: lm_head_lse[i0, i1] = log(sum_{s2}(exp(lm_head[i0, i1, s2])))
-    lm_head_lse = _logsumexp(lm_head, 2)
-    tmp25 = (numpy.arange(65) == y[:, :, None])
+    # log-softmax: lm_head_logp = lm_head - lm_head_lse, in one call
+    lm_head_logp = _log_softmax(lm_head, 2)
+    del lm_head
 
     # the target class's logit loss: lm_head_picked[i0, i1] = sum_{s2}((lm_head[i0, i1, s2] if s2 == y[i0, i1] else 0))
-    lm_head_picked = numpy.sum(numpy.where(tmp25, lm_head, 0), axis=2)
-    tmp26 = (y != -100)
-
     # rows counted loss: lm_head_count[] = sum_{s0,s1}((1 if Ne(y[s0, s1], -100) else 0))
-    lm_head_count = int(numpy.count_nonzero(tmp26))
-
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
-    tmp_sum31 = numpy.sum(numpy.where(tmp26, lm_head_lse - lm_head_picked, 0))
-    del lm_head_picked
-    loss = tmp_sum31/lm_head_count
-    del tmp_sum31
+    # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
+    loss = _nll_loss(lm_head_logp, y, -100)
 
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
     # the seed: dL/dL = 1, in the loss's dtype
     d_loss = numpy.result_type(loss).type(1)
 
     # dL/dlm_head_picked (through loss): d_lm_head_picked[k0, k1] = (-d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
-    d_lm_head_picked = _masked_where(tmp26, lambda: -d_loss/lm_head_count, lambda: 0)
+    # dL/dlm_head_logp: -dL/count at each counted row's id, 0 elsewhere
+    d_lm_head_logp = _nll_loss_backward(d_loss, lm_head_logp, y, -100)
+    del d_loss
 
     # dL/dlm_head_lse (through loss): d_lm_head_lse[k0, k1] = (d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
-    d_lm_head_lse = _masked_where(tmp26, lambda: d_loss/lm_head_count, lambda: 0)
-    del tmp26, lm_head_count, d_loss
-
     # dL/dlm_head (through lm_head_lse, lm_head_picked): d_lm_head[k0, k1, k2] = (d_lm_head_picked[k0, k1] if k2 == y[k0, k1] else 0) + exp(lm_head[k0, k1, k2] - lm_head_lse[k0, k1])*d_lm_head_lse[k0, k1]
-    d_lm_head = d_lm_head_lse[:, :, None]*numpy.exp(lm_head - lm_head_lse[:, :, None]) + numpy.where(tmp25, d_lm_head_picked[:, :, None], 0)
-    del lm_head, lm_head_lse, tmp25, d_lm_head_picked, d_lm_head_lse
+    # log-softmax backward: d_lm_head = d_lm_head_logp - exp(lm_head_logp)*sum(d_lm_head_logp), in one call
+    d_lm_head = _log_softmax_backward(d_lm_head_logp, lm_head_logp, 2)
+    del lm_head_logp, d_lm_head_logp
 
     # dL/dln_f (through lm_head): d_ln_f[k0, k1, k2] = sum_{i2}(d_lm_head[k0, k1, i2]*wte_weight[i2, k2])
     d_ln_f = d_lm_head @ wte_weight

@@ -1128,6 +1128,43 @@ def _softmax_backward(grad, out, dim):
     return torch._softmax_backward_data(grad, out, dim, out.dtype)
 
 
+def _log_softmax_backward(grad, out, dim):
+    # grad - exp(out) * sum(grad, dim) in one kernel, autograd's own log-softmax
+    # backward. Under autocast the two may differ in dtype: both go to the wider one, as
+    # in the expression the kernel replaces.
+    if grad.dtype is not out.dtype:
+        dtype = torch.promote_types(grad.dtype, out.dtype)
+        grad, out = grad.to(dtype), out.to(dtype)
+    return torch._log_softmax_backward_data(grad, out, dim, out.dtype)
+
+
+def _traced_ids(ids, classes, ignore):
+    # While torch.compile traces, the graph checks the ids with an assert that names the
+    # input; a kernel that indexes with a bad id first would fail with its own words.
+    # So in the graph an id outside [0, classes) is read as ignored: the assert still
+    # raises. Outside tracing the ids were checked before any kernel ran.
+    if not torch.compiler.is_compiling():
+        return ids
+    return torch.where((ids >= 0) & (ids < classes), ids, ignore)
+
+
+def _nll_loss(logp, ids, ignore):
+    # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
+    # NaN when none is counted): torch's own nll_loss, over the rows.
+    rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
+    return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
+
+
+def _nll_loss_backward(seed, logp, ids, ignore):
+    # -seed / count at each counted row's id, 0 elsewhere: autograd's own nll_loss
+    # backward, over the rows.
+    rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
+    count = (flat != ignore).sum().to(logp.dtype)
+    grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None, 1, ignore,
+                                            count)
+    return grad.view(logp.shape)
+
+
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
 # from the high bits of two 32-bit hashes of the counter 2k and 2k + 1, keyed by the seed
 # and the parameter's name: a counter-based generator written in int64 array operations
@@ -1746,21 +1783,16 @@ def loss(params, *, idx, y):
     del ln_f
 
     # logsumexp loss: lm_head_lse[i0, i1] = log(sum_{s2}(exp(lm_head[i0, i1, s2])))
-    lm_head_lse = torch.logsumexp(lm_head, dim=2)
+    # log-softmax: lm_head_logp = lm_head - lm_head_lse, in one call
+    lm_head_logp = torch.log_softmax(lm_head, dim=2)
+    del lm_head
 
     # the target class's logit loss: lm_head_picked[i0, i1] = sum_{s2}((lm_head[i0, i1, s2] if s2 == y[i0, i1] else 0))
-    lm_head_picked = torch.sum(torch.where((torch.arange(65, device=wte_weight.device) == y[:, :, None]), lm_head, 0), dim=2)
-    del lm_head
-    tmp9 = (y != -100)
-
     # rows counted loss: lm_head_count[] = sum_{s0,s1}((1 if Ne(y[s0, s1], -100) else 0))
-    lm_head_count = torch.count_nonzero(tmp9)
-
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
-    tmp_sum31 = torch.sum(torch.where(tmp9, lm_head_lse - lm_head_picked, 0))
-    del lm_head_lse, lm_head_picked, tmp9
-    loss = tmp_sum31/lm_head_count
-    del lm_head_count, tmp_sum31
+    # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
+    loss = _nll_loss(lm_head_logp, y, -100)
+    del lm_head_logp
     return loss
 
 
@@ -2017,36 +2049,30 @@ def loss_and_grad(params, *, idx, y):
         lm_head = ln_f @ wte_weight.T
 
         # logsumexp loss: lm_head_lse[i0, i1] = log(sum_{s2}(exp(lm_head[i0, i1, s2])))
-        lm_head_lse = torch.logsumexp(lm_head, dim=2)
-        tmp25 = (torch.arange(65, device=wte_weight.device) == y[:, :, None])
+        # log-softmax: lm_head_logp = lm_head - lm_head_lse, in one call
+        lm_head_logp = torch.log_softmax(lm_head, dim=2)
+        del lm_head
 
         # the target class's logit loss: lm_head_picked[i0, i1] = sum_{s2}((lm_head[i0, i1, s2] if s2 == y[i0, i1] else 0))
-        lm_head_picked = torch.sum(torch.where(tmp25, lm_head, 0), dim=2)
-        tmp26 = (y != -100)
-
         # rows counted loss: lm_head_count[] = sum_{s0,s1}((1 if Ne(y[s0, s1], -100) else 0))
-        lm_head_count = torch.count_nonzero(tmp26)
-
         # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
-        tmp_sum31 = torch.sum(torch.where(tmp26, lm_head_lse - lm_head_picked, 0))
-        del lm_head_picked
-        loss = tmp_sum31/lm_head_count
-        del tmp_sum31
+        # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
+        loss = _nll_loss(lm_head_logp, y, -100)
 
         # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
         # the seed: dL/dL = 1, in the loss's dtype
         d_loss = torch.ones_like(loss)
 
         # dL/dlm_head_picked (through loss): d_lm_head_picked[k0, k1] = (-d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
-        d_lm_head_picked = torch.where(tmp26, -d_loss/lm_head_count, 0)
+        # dL/dlm_head_logp: -dL/count at each counted row's id, 0 elsewhere
+        d_lm_head_logp = _nll_loss_backward(d_loss, lm_head_logp, y, -100)
+        del d_loss
 
         # dL/dlm_head_lse (through loss): d_lm_head_lse[k0, k1] = (d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
-        d_lm_head_lse = torch.where(tmp26, d_loss/lm_head_count, 0)
-        del tmp26, lm_head_count, d_loss
-
         # dL/dlm_head (through lm_head_lse, lm_head_picked): d_lm_head[k0, k1, k2] = (d_lm_head_picked[k0, k1] if k2 == y[k0, k1] else 0) + exp(lm_head[k0, k1, k2] - lm_head_lse[k0, k1])*d_lm_head_lse[k0, k1]
-        d_lm_head = d_lm_head_lse[:, :, None]*torch.exp(lm_head - lm_head_lse[:, :, None]) + torch.where(tmp25, d_lm_head_picked[:, :, None], 0)
-        del lm_head, lm_head_lse, tmp25, d_lm_head_picked, d_lm_head_lse
+        # log-softmax backward: d_lm_head = d_lm_head_logp - exp(lm_head_logp)*sum(d_lm_head_logp), in one call
+        d_lm_head = _log_softmax_backward(d_lm_head_logp, lm_head_logp, 2)
+        del lm_head_logp, d_lm_head_logp
 
         # dL/dln_f (through lm_head): d_ln_f[k0, k1, k2] = sum_{i2}(d_lm_head[k0, k1, i2]*wte_weight[i2, k2])
         d_ln_f = d_lm_head @ wte_weight
@@ -2665,25 +2691,19 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     lm_head = ln_f @ wte_weight.T
 
     # logsumexp loss: lm_head_lse[i0, i1] = log(sum_{s2}(exp(lm_head[i0, i1, s2])))
-    lm_head_lse = torch.logsumexp(lm_head, dim=2)
-    tmp25 = (torch.arange(65, device=wte_weight.device) == y[:, :, None])
+    # log-softmax: lm_head_logp = lm_head - lm_head_lse, in one call
+    lm_head_logp = torch.log_softmax(lm_head, dim=2)
+    del lm_head
 
     # the target class's logit loss: lm_head_picked[i0, i1] = sum_{s2}((lm_head[i0, i1, s2] if s2 == y[i0, i1] else 0))
-    lm_head_picked = torch.sum(torch.where(tmp25, lm_head, 0), dim=2)
-    tmp26 = (y != -100)
-
     # rows counted loss: lm_head_count[] = sum_{s0,s1}((1 if Ne(y[s0, s1], -100) else 0))
-    lm_head_count = torch.count_nonzero(tmp26)
-
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
-    tmp_sum31 = torch.sum(torch.where(tmp26, lm_head_lse - lm_head_picked, 0))
-    del lm_head_picked
-    loss = tmp_sum31/lm_head_count
-    del tmp_sum31
-    return (loss, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, tmp25, tmp26)
+    # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
+    loss = _nll_loss(lm_head_logp, y, -100)
+    return (loss, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, lm_head_logp)
 
 
-def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, lm_head, lm_head_lse, lm_head_count, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, tmp25, tmp26):
+def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f_mean, ln_f_var, ln_f, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, lm_head_logp):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -2692,18 +2712,16 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     N = idx.shape[0]
     T = idx.shape[1]
     # dL/dlm_head_picked (through loss): d_lm_head_picked[k0, k1] = (-d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
-    d_lm_head_picked = torch.where(tmp26, -d_loss/lm_head_count, 0)
+    # dL/dlm_head_logp: -dL/count at each counted row's id, 0 elsewhere
+    d_lm_head_logp = _nll_loss_backward(d_loss, lm_head_logp, y, -100)
 
     # dL/dlm_head_lse (through loss): d_lm_head_lse[k0, k1] = (d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
-    d_lm_head_lse = torch.where(tmp26, d_loss/lm_head_count, 0)
-    if release:
-        _release(lm_head_count, tmp26)
-
     # dL/dlm_head (through lm_head_lse, lm_head_picked): d_lm_head[k0, k1, k2] = (d_lm_head_picked[k0, k1] if k2 == y[k0, k1] else 0) + exp(lm_head[k0, k1, k2] - lm_head_lse[k0, k1])*d_lm_head_lse[k0, k1]
-    d_lm_head = d_lm_head_lse[:, :, None]*torch.exp(lm_head - lm_head_lse[:, :, None]) + torch.where(tmp25, d_lm_head_picked[:, :, None], 0)
-    del d_lm_head_picked, d_lm_head_lse
+    # log-softmax backward: d_lm_head = d_lm_head_logp - exp(lm_head_logp)*sum(d_lm_head_logp), in one call
+    d_lm_head = _log_softmax_backward(d_lm_head_logp, lm_head_logp, 2)
+    del d_lm_head_logp
     if release:
-        _release(lm_head, lm_head_lse, tmp25)
+        _release(lm_head_logp)
 
     # dL/dln_f (through lm_head): d_ln_f[k0, k1, k2] = sum_{i2}(d_lm_head[k0, k1, i2]*wte_weight[i2, k2])
     d_ln_f = d_lm_head @ wte_weight
@@ -3325,9 +3343,9 @@ def _add_parameter(model, name, requires_grad, dtype, device):
     # "h.0.ln_1.weight" lives in model.h[0].ln_1 as "weight": one submodule per dotted
     # part (a ModuleList where the parts below are numbered), so that state_dict() keys
     # are the parameter names, as in torch models with the same structure.
-    *path, leaf = name.split(".")
+    path, leaf = _LOCATIONS[name]
     module = model
-    for part, below in zip(path, path[1:] + [leaf]):
+    for part, below in zip(path, (*path[1:], leaf)):
         if part not in module._modules:
             child = torch.nn.ModuleList() if below.isdigit() else torch.nn.Module()
             module.add_module(part, child)
@@ -3397,8 +3415,10 @@ class Model(torch.nn.Module):
         # The parameters as the forward pass reads them, from each module's own table:
         # Module.__getattr__ costs about a microsecond per dotted part, a tenth of a small
         # network's forward pass. The tables are what attribute assignment,
-        # load_state_dict and torch.func.functional_call change, so both reads agree; an
-        # entry deleted since __init__ is looked up as an attribute, for torch's own error.
+        # load_state_dict(assign=True) and torch.func.functional_call change, so both
+        # reads agree. Where a table has no such entry (a parametrization such as
+        # weight_norm, a DataParallel replica, a parameter deleted or made a buffer, a
+        # submodule set to None), the attribute is read, as before, with torch's errors.
         values = {}
         for name, (path, leaf) in _LOCATIONS.items():
             module = self
@@ -3406,7 +3426,7 @@ class Model(torch.nn.Module):
                 for part in path:
                     module = module._modules[part]
                 values[name] = module._parameters[leaf]
-            except KeyError:
+            except (KeyError, AttributeError):
                 module = self
                 for part in path:
                     module = getattr(module, part)

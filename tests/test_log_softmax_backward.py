@@ -7,6 +7,8 @@ expression they replace computes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -44,7 +46,8 @@ def _program(g_body: str, *, r_body: str = "c*s", d_extra: str = "",
     x, t, c, rb, one = sp.symbols("x t c r_b one")
     shapes = {"a": (2, 3, 4), "x": (2, 3, 4), "c": (), "s": (2, 3), "r": (2, 3),
               "d": (2, 3, 4)}
-    env = {"x": x, "c": c, "s": sp.Symbol("s"), "t": t, "one": one, "exp": sp.exp}
+    env = {"x": x, "c": c, "s": sp.Symbol("s"), "t": t, "one": one, "exp": sp.exp,
+           "w": sp.Symbol("w")}
     stmts = [Assign("t", LogSoftmax("a", R - 1))]
     if seed:
         stmts.append(Assign("one", Seed("c"), phase="backward"))
@@ -86,13 +89,62 @@ def test_the_pass_forms_one_call_when_r_is_minus_the_row_sum_of_g() -> None:
     ("-2*c*x", ""),  # r is not -sum(g)
     ("c*x", ""),  # the sign
     ("-c*x", " + 1"),  # a term the row sum does not see
-    ("-c*x", " + x*exp(t)"),  # g reads t
+    ("-c*x", " + x*exp(t)"),  # another term
     ("-c*x*x", ""),
     ("-one*c*x", ""),  # "one" is an array of the caller's, not the seed
 ])
 def test_the_pass_leaves_anything_else_as_it_is(g_body: str, extra: str) -> None:
     stmts, program = _program(g_body, d_extra=extra)
     assert log_softmax_backward(stmts, program, {"d"}) == stmts
+
+
+def test_the_pass_compares_arrays_not_symbol_names() -> None:
+    """Each statement binds its own symbols: the check reads through the views, so a
+    symbol named like an array but bound to another read never cancels."""
+    x, w, one = sp.Symbol("x"), sp.Symbol("w"), sp.Symbol("one")
+    # s = sum(x*w); d's "x" reads x transposed: its rows are not the rows s summed
+    stmts, program = _program("-c*x*w")
+    program.shapes["w"] = program.shapes["x"]
+    s = next(st for st in stmts if st.target == "s")
+    stmts[stmts.index(s)] = replace(s, op=Reduce("sum", x * w, ordered(
+        {x: _ident("x"), w: _ident("w")}), (R - 1,), R))
+    d = stmts[-1]
+    views = {**dict(d.op.views), w: _ident("w")}
+    assert log_softmax_backward(stmts[:-1] + [replace(d, op=Map(d.op.body, ordered(views)))],
+                                program, {"d"})[-1].op == LogSoftmaxBackward("d_t", "t", R - 1)
+    views[x] = View("x", (None, None, None), (0, 2, 1), R)
+    stmts[-1] = replace(d, op=Map(d.op.body, ordered(views)))
+    assert log_softmax_backward(stmts, program, {"d"}) == stmts
+    # r = one*sum(x) with one the seed (exactly 1); d's "one" reads another 0-d array k
+    stmts, program = _program("-one*x", r_body="one*s", seed=True)
+    program.shapes["k"] = ()
+    r = next(st for st in stmts if st.target == "r")
+    stmts[stmts.index(r)] = replace(r, op=Map(one * sp.Symbol("s"), ordered({
+        sp.Symbol("s"): _ident("s", R - 1), one: _scalar("one", R - 1)})))
+    assert log_softmax_backward(stmts, program, {"d"})[-1].op == LogSoftmaxBackward(
+        "d_t", "t", R - 1)
+    d = stmts[-1]
+    stmts[-1] = replace(d, op=Map(d.op.body, ordered({**dict(d.op.views),
+                                                      one: _scalar("k", R)})))
+    assert log_softmax_backward(stmts, program, {"d"}) == stmts
+
+
+def test_the_pass_needs_a_full_array_in_g_and_can_run_twice() -> None:
+    # the row sum of a 0-d array: g would be 0-d, the kernel's row sum meaningless
+    stmts, program = _program("-c*x")
+    s = next(st for st in stmts if st.target == "s")
+    c = sp.Symbol("c")
+    stmts[stmts.index(s)] = replace(s, op=Reduce("sum", c, ((c, _scalar("c", R)),),
+                                                 (R - 1,), R))
+    d = stmts[-1]
+    stmts[-1] = replace(d, op=Map(d.op.body.xreplace({sp.Symbol("x"): c}) - c * c
+                                  + c * c, d.op.views))
+    assert log_softmax_backward(stmts, program, {"d"}) == stmts
+    # the module's functions share one program: a second function gets the rewrite too
+    stmts, program = _program("-c*x")
+    first = log_softmax_backward(stmts, program, {"d"})
+    again = log_softmax_backward(stmts, program, {"d"})
+    assert first == again and again[-1].op == LogSoftmaxBackward("d_t", "t", R - 1)
 
 
 def test_the_pass_keeps_arrays_others_read() -> None:
@@ -132,10 +184,12 @@ def test_the_kernels_match_the_expression(tmp_path, dtype) -> None:
     got = mods["torch"]._log_softmax_backward(tg, tt, 2)
     assert got.dtype == tg.dtype
     np.testing.assert_allclose(got.numpy(), want, rtol=tol, atol=tol)
-    # autocast may hand a bfloat16 adjoint with a float32 log-softmax: the wider one wins
-    mixed = mods["torch"]._log_softmax_backward(tg.to(torch.bfloat16), tt.float(), 2)
-    assert mixed.dtype == torch.float32
-    np.testing.assert_allclose(mixed.numpy(), want, rtol=3e-2, atol=3e-2)
+    # under autocast the adjoint and the log-softmax may differ in precision, either
+    # way round: the wider one wins
+    for grad, out in ((tg.to(torch.bfloat16), tt.float()), (tg.float(), tt.to(torch.bfloat16))):
+        mixed = mods["torch"]._log_softmax_backward(grad, out, 2)
+        assert mixed.dtype == torch.float32
+        np.testing.assert_allclose(mixed.numpy(), want, rtol=3e-2, atol=3e-2)
 
 
 def test_softmax_cross_entropy_on_label_rows_uses_the_kernel(tmp_path) -> None:

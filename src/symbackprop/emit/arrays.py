@@ -27,6 +27,8 @@ from ..ir.nodes import (
     MatMul,
     MaxPool,
     MaxPoolBackward,
+    NllLoss,
+    NllLossBackward,
     Program,
     Reduce,
     Reshape,
@@ -217,6 +219,12 @@ class ArrayPrinter:
         if isinstance(op, LogSoftmaxBackward):
             self.helpers.add("log_softmax_backward")
             return f"_log_softmax_backward({op.grad}, {op.out}, {op.axis})"
+        if isinstance(op, NllLoss):
+            self.helpers.add("nll_loss")
+            return f"_nll_loss({op.logp}, {op.ids}, {op.ignore})"
+        if isinstance(op, NllLossBackward):
+            self.helpers.add("nll_loss_backward")
+            return f"_nll_loss_backward({op.seed}, {op.logp}, {op.ids}, {op.ignore})"
         if isinstance(op, Full):
             return self.full(op)
         if isinstance(op, Seed):

@@ -25,6 +25,8 @@ Ops:
   rule through a softmax as one call (a pass forms it);
 * :class:`LogSoftmaxBackward` — ``g - exp(t) * sum(g)`` along the last axis, the chain
   rule through a log-softmax as one call (a pass forms it);
+* :class:`NllLoss` / :class:`NllLossBackward` — the mean of ``-logp`` at each counted
+  row's class id, and its adjoint (a pass forms them);
 * :class:`Full` — an array of one value, shaped by dims (axes no operand covers);
 * :class:`ScatterAdd` — rows added at integer ids (the adjoint of a :class:`Gather` view);
 * :class:`WindowAdd` — windows added back at their positions (the adjoint of a
@@ -366,6 +368,36 @@ class LogSoftmaxBackward:
 
 
 @dataclass(frozen=True)
+class NllLoss:
+    """The mean over counted rows of ``-logp[row, ids[row]]``, a row counted where its id
+    is not ``ignore`` (the class axis the last one): cross-entropy from a log-softmax, one
+    call (a pass forms it)."""
+
+    logp: str
+    ids: str
+    ignore: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.logp, self.ids})
+
+
+@dataclass(frozen=True)
+class NllLossBackward:
+    """:class:`NllLoss`'s adjoint for ``logp``: ``-seed / count`` at each counted row's id,
+    0 elsewhere (a pass forms it)."""
+
+    seed: str
+    logp: str
+    ids: str
+    ignore: int
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.seed, self.logp, self.ids})
+
+
+@dataclass(frozen=True)
 class Full:
     """An array of ``value`` with shape ``shape`` (sympy dims), dtype and device of ``like``."""
 
@@ -520,8 +552,8 @@ class Stack:
 
 
 Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | SoftmaxBackward
-      | LogSoftmaxBackward | Full | Seed | ScatterAdd | WindowAdd | Conv | MaxPool
-      | MaxPoolBackward | TakeAt | Stack)
+      | LogSoftmaxBackward | NllLoss | NllLossBackward | Full | Seed | ScatterAdd | WindowAdd
+      | Conv | MaxPool | MaxPoolBackward | TakeAt | Stack)
 
 
 @dataclass(frozen=True)
@@ -568,6 +600,28 @@ def readers(stmts: Iterable[Assign]) -> dict[str, int]:
         for name in stmt.reads:
             count[name] = count.get(name, 0) + 1
     return count
+
+
+def by_source(expr: sp.Expr, views: Views | Mapping[sp.Symbol, AnyView]) -> sp.Expr:
+    """``expr`` with each symbol that reads an array as it is (an identity view) replaced
+    by a symbol named after the array, so that bodies of different statements, each
+    binding its own symbols, compare in one space. Any other read becomes a symbol of
+    its own that equals nothing outside this expression."""
+    views = dict(views)
+    return expr.xreplace({s: sp.Symbol(v.src) if isinstance(v, View) and v.is_identity
+                          else sp.Dummy(s.name) for s, v in views.items()})
+
+
+def free_name(name: str, shape: tuple[sp.Expr, ...], taken: set[str],
+              program: Program) -> bool:
+    """Whether a pass may name a new array ``name`` of ``shape`` in a function whose
+    statements define or read ``taken``: not taken there, not an argument of the module,
+    and not a program array of another shape or of integers. (The program is shared by
+    the module's functions: an array a pass made with this name and shape for an earlier
+    function may be made again.)"""
+    known = program.shapes.get(name)
+    return (name not in taken and (known is None or tuple(known) == tuple(shape))
+            and name not in program.integers and name not in program.leaves)
 
 
 def join_comments(first: str, second: str) -> str:

@@ -2,11 +2,12 @@
 
 :func:`function` runs them in order for one generated function: select what its outputs
 need, fuse single-use elementwise temporaries, share common subexpressions, then the
-pattern passes (convolutions, max pooling's backward and indices, log-softmax, softmax
-backward, log-softmax backward, products against stacked parts, the tanh GELU, product
-+ bias, activation-backward kernels, broadcast factors first), each pattern recognised
-in exactly one of them. Freeing after last use and in-place reuse are the
-memory pass, run by the printer's caller once the function's inputs are known.
+pattern passes (convolutions, max pooling's backward and indices, cross-entropy with
+class ids, log-softmax, softmax backward, log-softmax backward, products against
+stacked parts, the tanh GELU, product + bias, activation-backward kernels, broadcast
+factors first), each pattern recognised in exactly one of them. Freeing after last use
+and in-place reuse are the memory pass, run by the printer's caller once the
+function's inputs are known.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from ..nodes import Assign, Program
 from .broadcast import broadcast
 from .conv import conv
+from .cross_entropy import cross_entropy
 from .cse import cse
 from .fuse import fuse
 from .gelu import gelu
@@ -39,6 +41,7 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = cse(stmts, program)
     stmts = conv(stmts, program, protected)
     stmts = max_pool(stmts, program, protected)
+    stmts = cross_entropy(stmts, program, protected)
     stmts = log_softmax(stmts, program, protected)
     stmts = softmax_backward(stmts, program, protected)
     stmts = log_softmax_backward(stmts, program, protected)
@@ -50,6 +53,6 @@ def function(program: Program, outputs: Sequence[str], *,
     return stmts
 
 
-__all__ = ["function", "memory", "select", "fuse", "cse", "conv", "max_pool", "log_softmax",
-           "softmax_backward", "log_softmax_backward", "stacked", "gelu", "linear", "kernels",
-           "broadcast"]
+__all__ = ["function", "memory", "select", "fuse", "cse", "conv", "max_pool", "cross_entropy",
+           "log_softmax", "softmax_backward", "log_softmax_backward", "stacked", "gelu",
+           "linear", "kernels", "broadcast"]

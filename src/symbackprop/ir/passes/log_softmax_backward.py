@@ -13,8 +13,10 @@ one exponential, products in place), once ``g`` is an array of its own: the adjo
 
 The identity ``r*exp(t) + g = g - exp(t)*sum(g)`` holds for any ``t`` once
 ``r = -sum(g)``, so the rule needs no knowledge of where ``t`` came from: it checks, by
-expanding the sympy bodies, that ``g + c*x`` is zero elementwise, with ``x`` the summed
-body and ``c`` the scalar factor of ``r``.
+expanding the sympy bodies with every array read as it is standing for the array itself
+(the three statements bind their own symbols), that ``g + c*x`` is zero elementwise,
+with ``x`` the summed body and ``c`` the scalar factor of ``r``; reads through any other
+view stay distinct symbols and so never cancel.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from ..nodes import (
     Reduce,
     Seed,
     View,
+    by_source,
+    free_name,
     join_comments,
     ordered,
     readers,
@@ -84,11 +88,12 @@ def log_softmax_backward(stmts: list[Assign], program: Program,
                          protected: set[str]) -> list[Assign]:
     count = readers(stmts)
     where = {s.target: n for n, s in enumerate(stmts)}
-    taken = {s.target for s in stmts} | set(program.shapes)
+    taken = {s.target for s in stmts} | {r for s in stmts for r in s.reads}
     out: list[Assign | None] = list(stmts)
     added: dict[int, Assign] = {}
     # dL/dL, where the function makes it rather than takes it, is exactly 1: the
-    # derivation folds it into some statements and not others
+    # derivation folds it into some statements and not others (bodies are compared with
+    # each array read as it is standing for the array's name: by_source)
     ones = {sp.Symbol(s.target): sp.Integer(1) for s in stmts if isinstance(s.op, Seed)}
     for pos, stmt in enumerate(stmts):
         op = stmt.op
@@ -111,13 +116,17 @@ def log_softmax_backward(stmts: list[Assign], program: Program,
                     or stmt.target not in program.shapes):
                 continue
             g = sp.expand(op.body - sym * slope)
-            if sym in g.free_symbols or t in g.free_symbols:
-                continue
+            if sym in g.free_symbols or not any(
+                    isinstance(v, View) and v.is_identity
+                    and _rank(v.src, stmts, where, program) == rank
+                    for v in (views.get(a) for a in g.free_symbols)):
+                continue  # g must read a full array, whose rows sum to -r
             # r = c * (row sum), or the row sum itself
             r_stmt = out[where[view.src]] if view.src in where else None
             if r_stmt is None:
                 continue
             dead = [r_stmt]
+            s_stmt = r_stmt
             scale: sp.Expr = sp.Integer(1)
             x = _row_sum(r_stmt, rank)
             if x is None and isinstance(r_stmt.op, Map):
@@ -140,10 +149,14 @@ def log_softmax_backward(stmts: list[Assign], program: Program,
                 if x is None:
                     continue
                 dead.append(s_stmt)
-            if x is None or sp.expand((g + scale * x).xreplace(ones)) != 0:
+            if x is None:
+                continue
+            total = (by_source(g, views) + by_source(scale, r_stmt.op.views)
+                     * by_source(x, s_stmt.op.views))
+            if sp.expand(total.xreplace(ones)) != 0:
                 continue
             grad = naming.adjoint(t_view.src)
-            if grad in taken:
+            if not free_name(grad, program.shapes[stmt.target], taken, program):
                 continue
             taken.add(grad)
             program.shapes[grad] = program.shapes[stmt.target]
