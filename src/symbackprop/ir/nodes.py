@@ -602,6 +602,13 @@ def readers(stmts: Iterable[Assign]) -> dict[str, int]:
     return count
 
 
+def row_view(view: object, rank: int) -> bool:
+    """``view`` reads an array of ``rank - 1`` axes as it is, broadcast along the last of
+    ``rank`` axes (a per-row value next to the rows)."""
+    return (isinstance(view, View) and view.out_rank == rank
+            and view.places == tuple(range(rank - 1)) and all(p is None for p in view.picks))
+
+
 def by_source(expr: sp.Expr, views: Views | Mapping[sp.Symbol, AnyView]) -> sp.Expr:
     """``expr`` with each symbol that reads an array as it is (an identity view) replaced
     by a symbol named after the array, so that bodies of different statements, each

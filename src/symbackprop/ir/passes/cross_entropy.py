@@ -46,6 +46,7 @@ from ..nodes import (
     free_name,
     join_comments,
     readers,
+    row_view,
 )
 
 
@@ -214,13 +215,13 @@ def _backward(stmts: list[Assign], defs: dict[str, Assign], f: _Found, seed: str
     if not isinstance(op, Map):
         return None
     views = dict(op.views)
-    r = next((s for s, v in views.items() if isinstance(v, View) and v.src == d_lse.target
-              and _rows(v, f.rank)), None)
-    p = next((s for s, v in views.items() if isinstance(v, View) and v.src == d_picked.target
-              and _rows(v, f.rank)), None)
+    r = next((s for s, v in views.items() if row_view(v, f.rank) and v.src == d_lse.target),
+             None)
+    p = next((s for s, v in views.items() if row_view(v, f.rank)
+              and v.src == d_picked.target), None)
     zs = next((s for s, v in views.items() if _identity(v) == f.z), None)
-    lse = next((s for s, v in views.items() if isinstance(v, View) and v.src == f.lse.target
-                and _rows(v, f.rank)), None)
+    lse = next((s for s, v in views.items() if row_view(v, f.rank)
+                and v.src == f.lse.target), None)
     if None in (r, p, zs, lse) or not all(_same_read(views.get(s), v)
                                           for s, v in f.cond_views.items()):
         return None
@@ -243,12 +244,6 @@ def _comments(*stmts: Assign) -> str:
     for stmt in stmts:
         text = join_comments(text, stmt.comment)
     return text
-
-
-def _rows(view: View, rank: int) -> bool:
-    """The view reads an array of ``rank - 1`` axes broadcast along the last axis."""
-    return (view.out_rank == rank and view.places == tuple(range(rank - 1))
-            and all(p is None for p in view.picks))
 
 
 def cross_entropy(stmts: list[Assign], program: Program, protected: set[str]) -> list[Assign]:

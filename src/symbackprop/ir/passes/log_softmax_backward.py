@@ -40,13 +40,8 @@ from ..nodes import (
     join_comments,
     ordered,
     readers,
+    row_view,
 )
-
-
-def _row_view(view: object, rank: int) -> bool:
-    """The view reads an array of ``rank - 1`` axes broadcast along the last axis."""
-    return (isinstance(view, View) and view.out_rank == rank
-            and view.places == tuple(range(rank - 1)) and all(p is None for p in view.picks))
 
 
 def _zero_d(name: str, stmts: list[Assign], where: dict[str, int], program: Program) -> bool:
@@ -103,7 +98,7 @@ def log_softmax_backward(stmts: list[Assign], program: Program,
         rank = next((v.out_rank for v in views.values()
                      if isinstance(v, View) and v.out_rank), 0)
         for sym, view in op.views:
-            if not _row_view(view, rank) or count.get(view.src) != 1 or view.src in protected:
+            if not row_view(view, rank) or count.get(view.src) != 1 or view.src in protected:
                 continue
             # d = r*exp(t) + g, linear in r, with t an array of the output's shape
             slope = sp.diff(op.body, sym)

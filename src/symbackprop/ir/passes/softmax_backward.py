@@ -27,6 +27,7 @@ from ..nodes import (
     View,
     join_comments,
     readers,
+    row_view,
 )
 
 
@@ -51,12 +52,6 @@ def _row_sum(stmt: Assign) -> tuple[str, str, int] | None:
     return None
 
 
-def _row_view(view: object, rank: int) -> bool:
-    """The view reads an array of ``rank - 1`` axes broadcast along the last axis."""
-    return (isinstance(view, View) and view.out_rank == rank
-            and view.places == tuple(range(rank - 1)) and all(p is None for p in view.picks))
-
-
 def softmax_backward(stmts: list[Assign], program: Program,
                      protected: set[str]) -> list[Assign]:
     count = readers(stmts)
@@ -70,7 +65,7 @@ def softmax_backward(stmts: list[Assign], program: Program,
         rank = next((v.out_rank for v in views.values() if isinstance(v, View)), 0)
         # The broadcast row read: the row sum itself, or a scalar multiple of it.
         for sym, view in op.views:
-            if not _row_view(view, rank) or count.get(view.src) != 1:
+            if not row_view(view, rank) or count.get(view.src) != 1:
                 continue
             body, dead = op.body, [view.src]
             row = out[where[view.src]] if view.src in where else None
