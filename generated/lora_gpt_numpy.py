@@ -1143,15 +1143,17 @@ def _log_softmax_backward(grad, out, axis):
 
 def _nll_loss(logp, ids, ignore):
     # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
-    # NaN when none is counted), as torch's nll_loss.
+    # NaN when none is counted), as torch's nll_loss, in logp's dtype.
     rows, flat = logp.reshape(-1, logp.shape[-1]), ids.reshape(-1)
     counted = numpy.flatnonzero(flat != ignore)
-    return -rows[counted, flat[counted]].sum() / counted.size
+    return numpy.divide(-rows[counted, flat[counted]].sum(), counted.size, dtype=logp.dtype)
 
 
 def _nll_loss_backward(seed, logp, ids, ignore):
-    # -seed / count at each counted row's id, 0 elsewhere: nll_loss's adjoint.
-    grad = numpy.zeros_like(logp)
+    # -seed / count at each counted row's id, 0 elsewhere: nll_loss's adjoint. The
+    # gradient is made row-major (logp may be a transposed view), so that its rows are a
+    # view the ids write through.
+    grad = numpy.zeros(logp.shape, dtype=logp.dtype)
     rows, flat = grad.reshape(-1, grad.shape[-1]), ids.reshape(-1)
     counted = numpy.flatnonzero(flat != ignore)
     if counted.size:

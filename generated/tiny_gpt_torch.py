@@ -1160,8 +1160,8 @@ def _nll_loss_backward(seed, logp, ids, ignore):
     # backward, over the rows.
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
     count = (flat != ignore).sum().to(logp.dtype)
-    grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None, 1, ignore,
-                                            count)
+    grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None,
+                                            1, ignore, count)  # 1: reduction "mean"
     return grad.view(logp.shape)
 
 

@@ -154,3 +154,45 @@ def test_nll_loss_backward_is_differentiable_in_its_seed(tmp_path) -> None:
     ids = torch.tensor([0, 3, -100, 1, 1])
     seed = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda s: t._nll_loss_backward(s, logp, ids, -100), (seed,))
+
+
+TRANSPOSED = """
+name: transposed_logits
+inputs: {x: [N, T, 3]}
+targets:
+  y: {shape: [T, N], dtype: int64}
+layers:
+  - {name: h, type: dense, units: 4}
+  - {name: zt, type: transpose, axes: [1, 0, 2], input: h}
+loss: {type: softmax_cross_entropy, prediction: zt, target: y, ignore_index: 1}
+"""
+
+
+def test_logits_that_are_a_transposed_view_against_torch(tmp_build) -> None:
+    """The logits [T, N, C] are a transpose of [N, T, C] (not row-major in memory): the
+    numpy adjoint must still land in the rows the ids pick (it once came back as zeros)."""
+    model, mods = tmp_build(TRANSPOSED)
+    assert "_nll_loss_backward(" in model.source("numpy")
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 5, 3))
+    y = rng.integers(0, 4, size=(5, 3))
+    params = mods["numpy"].init_params(1)
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    h = F.linear(torch.from_numpy(x), tp["h.weight"], tp["h.bias"]).permute(1, 0, 2)
+    want = F.cross_entropy(h.reshape(-1, 4), torch.from_numpy(y).reshape(-1), ignore_index=1)
+    want.backward()
+    loss, grads = mods["numpy"].loss_and_grad(params, x=x, y=y)
+    np.testing.assert_allclose(loss, want.item(), rtol=1e-12)
+    for name, p in tp.items():
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-10, atol=1e-14)
+    t = mods["torch"]
+    loss, grads = t.loss_and_grad({k: torch.from_numpy(v) for k, v in params.items()},
+                                  x=torch.from_numpy(x), y=torch.from_numpy(y))
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=0)
+    for name, p in tp.items():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-14)
+    m = t.Model(dtype=torch.float64)
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    m(x=torch.from_numpy(x), y=torch.from_numpy(y)).backward()
+    for name, p in tp.items():
+        torch.testing.assert_close(m.get_parameter(name).grad, p.grad, rtol=1e-10, atol=1e-14)

@@ -19,8 +19,9 @@ too, checks that its adjoints are exactly the ones above, then writes
 The numbers are the same: ``lse - picked = -logp[ids]`` on a counted row, and
 ``d_lse = -sum(d_logp)`` along the row (what ``log_softmax_backward`` assumes) because
 the one-hot of a counted row has one entry (the modules check every id at run time).
-Anything else the statements feed (another loss on ``z``, a reader of ``lse``) leaves
-them as they are.
+Anything else the statements feed leaves them as they are: another loss on ``z``, a
+reader of ``lse``, or a second cross-entropy head on the same targets (CSE then shares
+the counted rows and their count between the heads; both heads keep the derived form).
 """
 
 from __future__ import annotations
@@ -108,9 +109,7 @@ def _find(stmts: list[Assign], defs: dict[str, Assign]) -> list[_Found]:
             continue
         rank, views = op.rank, dict(op.views)
         parts = _piecewise(op.body)
-        if rank < 2:
-            continue
-        if parts is None:
+        if rank < 2 or parts is None:
             continue
         value, cond = parts
         z = _identity(views.get(value)) if isinstance(value, sp.Symbol) else None
@@ -126,20 +125,23 @@ def _find(stmts: list[Assign], defs: dict[str, Assign]) -> list[_Found]:
                     and _identity(dict(s.op.views).get(s.op.body)) == z), None)
         if lse is None:
             continue
-        total = next((s for s in stmts if _total_of(s, lse.target, picked.target)), None)
+        total, counted_name = next(((s, c) for s in stmts
+                                    if (c := _total_of(s, lse.target, picked.target))),
+                                   (None, None))
         if total is None:
             continue
-        counted_name = _total_of(total, lse.target, picked.target)
         counted = defs.get(counted_name)
-        if counted is None or not _counts_ids(counted, ids, rank - 1):
+        if counted is None or not _counts_ids(counted, ids):
             continue
         ignore = int(counted.op.body.args[1])
         count = next((s for s in stmts if isinstance(s.op, Reduce) and s.op.kind == "count"
                       and isinstance(s.op.body, sp.Symbol)
                       and _identity(dict(s.op.views).get(s.op.body)) == counted.target), None)
+        if count is None:
+            continue
         loss = next((s for s in stmts if isinstance(s.op, Map)
-                     and _ratio(s, total.target, count.target if count else "")), None)
-        if count is None or loss is None:
+                     and _ratio(s, total.target, count.target)), None)
+        if loss is None:
             continue
         found.append(_Found(z, ids, ignore, rank, lse, one_hot, cond, cond_views, picked,
                             counted, count, total, loss))
@@ -168,7 +170,7 @@ def _total_of(stmt: Assign, lse: str, picked: str) -> str | None:
     return names.get(parts[1])
 
 
-def _counts_ids(stmt: Assign, ids: str, rank: int) -> bool:
+def _counts_ids(stmt: Assign, ids: str) -> bool:
     """``stmt`` is ``ids != ignore`` for an integer ``ignore``, ids read as they are."""
     op = stmt.op
     if not isinstance(op, Map) or not isinstance(op.body, sp.Ne):
@@ -252,10 +254,10 @@ def cross_entropy(stmts: list[Assign], program: Program, protected: set[str]) ->
     seeds = [s.target for s in stmts if isinstance(s.op, Seed)]
     ones = {sp.Symbol(name): sp.Integer(1) for name in seeds}
     out = list(stmts)
+    has_backward = any(s.phase == "backward" for s in stmts)
     for f in _find(stmts, defs):
         seed = naming.adjoint(f.loss.target)
         back = _backward(stmts, defs, f, seed, ones)
-        has_backward = any(s.phase == "backward" for s in stmts)
         if has_backward and back is None:
             continue
         inner = [s for s in (f.lse, f.one_hot, f.picked, f.counted, f.count, f.total) if s]

@@ -115,7 +115,7 @@ def log_softmax_backward(stmts: list[Assign], program: Program,
                     isinstance(v, View) and v.is_identity
                     and _rank(v.src, stmts, where, program) == rank
                     for v in (views.get(a) for a in g.free_symbols)):
-                continue  # g must read a full array, whose rows sum to -r
+                continue  # g reads no array of the rows' shape: not this pattern
             # r = c * (row sum), or the row sum itself
             r_stmt = out[where[view.src]] if view.src in where else None
             if r_stmt is None:
