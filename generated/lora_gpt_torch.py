@@ -3881,21 +3881,28 @@ def _as_dtype(grad, like):
     return grad if grad.dtype is like.dtype else grad.to(like.dtype)
 
 
+# Intermediates smaller than this are kept to the end of the backward: freeing one early
+# costs more time than its memory is worth.
+_RELEASE_BYTES = 65536
+
+
 def _release(*tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
     # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees ctx.released and computes them again. Small arrays are
-    # kept: freeing one early costs more time than its memory is worth.
+    # (retain_graph=True) sees ctx.released and computes them again.
     for tensor in tensors:
-        if tensor.numel() * tensor.element_size() >= 65536:
+        if tensor.nbytes >= _RELEASE_BYTES:
             tensor.untyped_storage().resize_(0)
 
 
 def _can_release(kept, arguments):
     # Only plain tensors that are no view and share no memory with an argument or another
-    # intermediate; never while autograd records the backward or torch.compile traces it.
+    # intermediate; never while autograd records the backward or torch.compile traces it;
+    # and only where one is large enough to be freed early at all.
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if not any(t.nbytes >= _RELEASE_BYTES for t in kept):
         return False
     try:
         taken = {a.data_ptr() for a in arguments}
