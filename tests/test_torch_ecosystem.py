@@ -187,6 +187,27 @@ def test_backward_twice_with_retain_graph(mods) -> None:
     close(grads(model), {k: 2 * g for k, g in once.items()}, 1e-15)
 
 
+def test_large_intermediates_freed_early_then_recomputed_for_a_second_backward(mods) -> None:
+    """With intermediates of 64 KiB and more, the first backward frees them after their
+    last use (peak memory as autograd's); a second backward under retain_graph computes
+    them again and adds the same gradient. Small ones are never freed."""
+    model, twin = pair(mods, "mlp_classifier")
+    b = batch("mlp_classifier", n=512)
+    loss = model(**b)
+    kept = loss.grad_fn.saved_tensors[len(b) + 6:]  # after the arguments: inputs, params
+    assert max(t.nbytes for t in kept) >= 65536
+    loss.backward(retain_graph=True)
+    assert any(t.untyped_storage().nbytes() == 0 for t in loss.grad_fn.saved_tensors)
+    once = {k: g.clone() for k, g in grads(model).items()}
+    twin(**b).backward()
+    close(once, grads(twin), 1e-12)
+    loss.backward()
+    close(grads(model), {k: 2 * g for k, g in once.items()}, 1e-15)
+    small = model(**batch("mlp_classifier"))
+    small.backward(retain_graph=True)
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in small.grad_fn.saved_tensors)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["seed_mlp", "mlp_classifier"])
 def test_gradient_into_inputs_matches_twin(mods, name, device) -> None:
