@@ -67,6 +67,23 @@ def test_the_pass_writes_log_softmax_and_nll_loss(backward: bool, seed_argument:
         seen.add(stmt.target)
 
 
+def test_the_new_forward_takes_the_place_of_the_log_sum_exp() -> None:
+    """Statements the pass removes may come before the log-sum-exp: the new ones still
+    come before everything that reads them (the seed reads the loss)."""
+    stmts, program, outputs = _before("cnn")
+    moved = [s for s in stmts if s.target in ("tmp2", "tmp3")]
+    assert len(moved) == 2
+    rest = [s for s in stmts if s not in moved]
+    at = next(n for n, s in enumerate(rest) if s.target == "fc_lse")
+    reordered = rest[:at] + moved + rest[at:]
+    out = cross_entropy(reordered, program, outputs)
+    assert any(isinstance(s.op, NllLoss) for s in out)
+    seen = set(program.leaves)
+    for stmt in out:
+        assert stmt.reads <= seen, (stmt.target, stmt.reads - seen)
+        seen.add(stmt.target)
+
+
 def test_the_pass_keeps_the_statements_of_another_loss() -> None:
     stmts, program, outputs = _before("cnn")
     # an array the function hands out is never removed

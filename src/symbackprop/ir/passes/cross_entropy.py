@@ -283,7 +283,8 @@ def cross_entropy(stmts: list[Assign], program: Program, protected: set[str]) ->
                 f"cross-entropy: {f.loss.target} = the mean of -{logp}[..., {f.ids}] over "
                 f"rows whose id is not {f.ignore}, in one call")),
         ]
-        at = out.index(f.lse)
+        # the new forward goes where lse was, among the statements that stay
+        at = sum(1 for s in out[:out.index(f.lse)] if s.target not in gone)
         out = [s for s in out if s.target not in gone and s is not f.loss]
         out[at:at] = forward
         if back:
