@@ -314,12 +314,18 @@ def _expect(name, value, shape):
 
 def _log_softmax_backward(grad, out, dim):
     # grad - exp(out) * sum(grad, dim) in one kernel, autograd's own log-softmax
-    # backward. Under autocast the two may differ in dtype: both go to the wider one, as
-    # in the expression the kernel replaces.
-    if grad.dtype is not out.dtype:
-        dtype = torch.promote_types(grad.dtype, out.dtype)
-        grad, out = grad.to(dtype), out.to(dtype)
+    # backward.
+    grad, out = _widest(grad, out)
     return torch._log_softmax_backward_data(grad, out, dim, out.dtype)
+
+
+def _widest(grad, out):
+    # Under autocast an adjoint and the (log-)softmax it meets may differ in dtype: both
+    # go to the wider one, as in the expression the fused kernel replaces.
+    if grad.dtype is out.dtype:
+        return grad, out
+    dtype = torch.promote_types(grad.dtype, out.dtype)
+    return grad.to(dtype), out.to(dtype)
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)

@@ -1120,22 +1120,24 @@ def _scatter_add(values, index, shape):
 
 def _softmax_backward(grad, out, dim):
     # out * (grad - sum(out * grad, dim)) in one kernel, autograd's own softmax backward.
-    # Under autocast the two may differ in dtype: both go to the wider one, as in the
-    # product the kernel replaces.
-    if grad.dtype is not out.dtype:
-        dtype = torch.promote_types(grad.dtype, out.dtype)
-        grad, out = grad.to(dtype), out.to(dtype)
+    grad, out = _widest(grad, out)
     return torch._softmax_backward_data(grad, out, dim, out.dtype)
 
 
 def _log_softmax_backward(grad, out, dim):
     # grad - exp(out) * sum(grad, dim) in one kernel, autograd's own log-softmax
-    # backward. Under autocast the two may differ in dtype: both go to the wider one, as
-    # in the expression the kernel replaces.
-    if grad.dtype is not out.dtype:
-        dtype = torch.promote_types(grad.dtype, out.dtype)
-        grad, out = grad.to(dtype), out.to(dtype)
+    # backward.
+    grad, out = _widest(grad, out)
     return torch._log_softmax_backward_data(grad, out, dim, out.dtype)
+
+
+def _widest(grad, out):
+    # Under autocast an adjoint and the (log-)softmax it meets may differ in dtype: both
+    # go to the wider one, as in the expression the fused kernel replaces.
+    if grad.dtype is out.dtype:
+        return grad, out
+    dtype = torch.promote_types(grad.dtype, out.dtype)
+    return grad.to(dtype), out.to(dtype)
 
 
 def _traced_ids(ids, classes, ignore):

@@ -154,42 +154,32 @@ def _total_of(stmt: Assign, lse: str, picked: str) -> str | None:
     op = stmt.op
     if not isinstance(op, Reduce) or op.kind != "sum" or op.axes != tuple(range(op.rank)):
         return None
-    parts = _piecewise(op.body)
-    if parts is None or not isinstance(parts[1], sp.Symbol):
+    parts = _piecewise(by_source(op.body, op.views))
+    if parts is None or not isinstance(parts[1], sp.Symbol) or isinstance(parts[1], sp.Dummy):
         return None
-    views = dict(op.views)
-    names = {s: _identity(v) for s, v in views.items()}
-    if sorted(n or "" for n in names.values()) != sorted([lse, picked, names.get(parts[1])
-                                                          or ""]):
+    if sp.expand(parts[0] - (sp.Symbol(lse) - sp.Symbol(picked))) != 0:
         return None
-    by_name = {n: s for s, n in names.items()}
-    if lse not in by_name or picked not in by_name:
-        return None
-    if sp.expand(parts[0] - (by_name[lse] - by_name[picked])) != 0:
-        return None
-    return names.get(parts[1])
+    return parts[1].name
 
 
 def _counts_ids(stmt: Assign, ids: str) -> bool:
     """``stmt`` is ``ids != ignore`` for an integer ``ignore``, ids read as they are."""
     op = stmt.op
-    if not isinstance(op, Map) or not isinstance(op.body, sp.Ne):
+    if not isinstance(op, Map):
         return False
-    lhs, rhs = op.body.args
-    return (isinstance(lhs, sp.Symbol) and _identity(dict(op.views).get(lhs)) == ids
-            and rhs.is_Integer)
+    body = by_source(op.body, op.views)
+    return (isinstance(body, sp.Ne) and body.args[0] == sp.Symbol(ids)
+            and body.args[1].is_Integer)
 
 
 def _ratio(stmt: Assign, total: str, count: str) -> bool:
     """``stmt`` is ``total / count``."""
-    views = {s: _identity(v) for s, v in stmt.op.views}
-    by_name = {n: s for s, n in views.items()}
-    if set(views.values()) != {total, count}:
-        return False
-    return sp.expand(stmt.op.body - by_name[total] / by_name[count]) == 0
+    body = by_source(stmt.op.body, stmt.op.views)
+    want = sp.Symbol(total) / sp.Symbol(count)
+    return body.free_symbols == want.free_symbols and sp.expand(body - want) == 0
 
 
-def _backward(stmts: list[Assign], defs: dict[str, Assign], f: _Found, seed: str,
+def _backward(defs: dict[str, Assign], f: _Found, seed: str,
               ones: dict[sp.Symbol, sp.Expr]) -> tuple[Assign, Assign, Assign] | None:
     """(d_lse, d_picked, d_z) when the backward holds exactly the adjoints the
     derivation gives for this loss alone."""
@@ -198,20 +188,15 @@ def _backward(stmts: list[Assign], defs: dict[str, Assign], f: _Found, seed: str
     d_z = defs.get(naming.adjoint(f.z))
     if d_lse is None or d_picked is None or d_z is None:
         return None
+    # [counted] dL/count and its negation, dL the seed array or 1 where the function makes
+    # it (ones); bodies compared with each array read as it is standing for the array
+    count, counted = sp.Symbol(f.count.target), sp.Symbol(f.counted.target)
     for stmt, sign in ((d_lse, 1), (d_picked, -1)):
         if not isinstance(stmt.op, Map):
             return None
-        parts = _piecewise(stmt.op.body)
-        names = {s: _identity(v) for s, v in stmt.op.views}
-        by_name = {n: s for s, n in names.items() if n}
-        if (parts is None or names.get(parts[1]) != f.counted.target
-                or set(names.values()) - {seed, f.count.target, f.counted.target}
-                or f.count.target not in by_name):
-            return None
-        # dL/dL is the seed array, or 1 where the function makes it (ones); the body is
-        # compared with each array read as it is standing for the array (by_source)
-        want = sign * sp.Symbol(seed) / sp.Symbol(f.count.target)
-        if sp.expand((by_source(parts[0], stmt.op.views) - want).xreplace(ones)) != 0:
+        parts = _piecewise(by_source(stmt.op.body, stmt.op.views))
+        if (parts is None or parts[1] != counted or sp.expand(
+                (parts[0] - sign * sp.Symbol(seed) / count).xreplace(ones)) != 0):
             return None
     op = d_z.op
     if not isinstance(op, Map):
@@ -257,7 +242,7 @@ def cross_entropy(stmts: list[Assign], program: Program, protected: set[str]) ->
     has_backward = any(s.phase == "backward" for s in stmts)
     for f in _find(stmts, defs):
         seed = naming.adjoint(f.loss.target)
-        back = _backward(stmts, defs, f, seed, ones)
+        back = _backward(defs, f, seed, ones)
         if has_backward and back is None:
             continue
         inner = [s for s in (f.lse, f.one_hot, f.picked, f.counted, f.count, f.total) if s]
