@@ -252,25 +252,27 @@ def _same_text(path: Path, text: str) -> bool:
 
 
 def derive_document(spec_path: str | Path, *, params: Sequence[str] | str | None = None,
-                    expand: bool = False) -> Document:
+                    expand: bool = False, program: bool = False) -> Document:
     """The chain-rule derivation of every trainable parameter of a spec.
 
     The result prints as Markdown (``str(doc)``), renders as a LaTeX document
     (``doc.tex()``) or an offline HTML page (``doc.html()``), and displays as math in
     Jupyter. ``params`` picks parameters by name (``"fc1.weight"``); ``expand`` adds the
-    scalar partial derivative of every single weight (small networks only).
+    scalar partial derivative of every single weight (small networks only);
+    ``program`` adds the statements of the generated ``loss_and_grad`` as equations.
     """
     from . import latex
 
     model = compile_spec(spec_path)
     names = [params] if isinstance(params, str) else params
     return latex.build(model.spec, model.derivation, model.label, params=names,
-                       expand=expand)
+                       expand=expand, program=program)
 
 
 def write_derivation(spec_path: str | Path, out: str | Path | None = None,
                      fmt: str | None = None, *, params: Sequence[str] | None = None,
-                     expand: bool = False) -> tuple[str, Path | None]:
+                     expand: bool = False, program: bool = False
+                     ) -> tuple[str, Path | None]:
     """Render the derivation as ``fmt`` (md, tex or html; by default from the suffix of
     ``out``, else md) and write it atomically to ``out`` when given: (text, path)."""
     from .latex import FORMATS
@@ -284,7 +286,8 @@ def write_derivation(spec_path: str | Path, out: str | Path | None = None,
     if out is not None and str(out) != "-":
         # Refuse a bad target before the (possibly slow) derivation.
         _check_target(Path(out), inputs=[Path(spec_path)])
-    text = derive_document(spec_path, params=params, expand=expand).render(fmt)
+    text = derive_document(spec_path, params=params, expand=expand,
+                           program=program).render(fmt)
     if out is None or str(out) == "-":
         return text, None
     path = Path(out)

@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="only this parameter, e.g. fc1.weight (repeatable)")
     lat.add_argument("--expand", action="store_true",
                      help="also write every scalar weight's partial derivative (small nets)")
+    lat.add_argument("--program", action="store_true",
+                     help="also write the generated loss_and_grad statement by statement, "
+                          "as equations with the code's names")
     return parser
 
 
@@ -87,7 +90,8 @@ def run(argv: Sequence[str]) -> int:
 
         with memory_cap(f"deriving {args.spec}"):
             text, written = write_derivation(args.spec, args.out, args.format,
-                                             params=args.param, expand=args.expand)
+                                             params=args.param, expand=args.expand,
+                                             program=args.program)
         if written is None:
             sys.stdout.write(text)
         else:

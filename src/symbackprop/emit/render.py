@@ -21,7 +21,7 @@ from .. import __version__, naming
 from ..backprop import Derivation, derive
 from ..graph import Graph, Node
 from ..ir import passes
-from ..ir.lower import Lowerer
+from ..ir.lower import Lowerer, gradient_statements
 from ..ir.nodes import Assign, Map, Program
 from ..ir.passes import memory
 from ..spec import ModelSpec
@@ -168,7 +168,8 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
     loss_var = graph.loss
     grads = deriv.grads
 
-    functional = _lower(deriv, seed_argument=False)
+    # loss_and_grad's statements are what `latex --program` prints: lowered in one place.
+    functional, lag_stmts = gradient_statements(deriv)
     pr = _Printer(backend, functional)
     forward_stmts = passes.function(functional, [graph.prediction])
     loss_stmts = passes.function(functional, [loss_var])
@@ -259,8 +260,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
                                    released=set(kept)),
             "kept": kept,
             # numpy's loss_and_grad runs wrt_lines; torch's runs the plain gradient pass
-            "lag_lines": pr.lines(passes.function(functional, grad_outputs), mark_phases=True,
-                                  keep=set(grad_outputs)),
+            "lag_lines": pr.lines(lag_stmts, mark_phases=True, keep=set(grad_outputs)),
         })
         helpers |= apr.helpers
     context["helpers"] = sorted(helpers)

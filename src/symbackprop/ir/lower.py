@@ -834,3 +834,12 @@ def _stacked(expr: sp.Expr, axes: tuple[sp.Symbol, ...], shape: tuple[sp.Expr, .
     if not all(0 <= c < size for c in parts):
         return None
     return axis, [parts.get(c) for c in range(size)]
+
+
+def gradient_statements(deriv: Derivation) -> tuple[Program, list[Assign]]:
+    """The program of ``deriv`` and the optimised statements of its ``loss_and_grad``
+    (the loss and every trainable parameter's gradient), as both backends print them."""
+    from .passes import function
+
+    program = Lowerer(deriv, seed_argument=False).lower()
+    return program, function(program, [deriv.graph.loss, *deriv.grads.values()])

@@ -10,6 +10,7 @@ forward pass once, the backward pass once, layer by layer, and one line per grad
 - :mod:`.rewrite`: display rewrites (identities only);
 - :mod:`.matrix`: matrix notation recognised by structure;
 - :mod:`.builder`: Derivation -> Document;
+- :mod:`.program`: the array IR -> the generated statements as equations (``--program``);
 - :mod:`.render`: Markdown, standalone LaTeX, offline MathML HTML, LaTeX fragments.
 
 Output depends only on the spec: the same spec gives byte-identical text.
@@ -39,11 +40,14 @@ from .notation import FnApply, FnPrime, Indicator, RowSoftmax, Select
 
 
 def build(spec: ModelSpec, deriv: Derivation, label: str, *,
-          params: Sequence[str] | None = None, expand: bool = False) -> Document:
+          params: Sequence[str] | None = None, expand: bool = False,
+          program: bool = False) -> Document:
     """The derivation document of ``deriv`` (of ``spec``, read from ``label``).
 
     ``params``: print only these parameters' gradients, the part of the backward pass
     they need, and the full chain of each. ``expand``: add every scalar (small nets).
+    ``program``: add the statements of the generated ``loss_and_grad``, printed from the
+    array IR as the numpy and torch printers print them.
     """
     builder = _Builder(spec, deriv)
     by_param = {p.param: p for p in deriv.graph.params()}
@@ -77,6 +81,12 @@ def build(spec: ModelSpec, deriv: Derivation, label: str, *,
         doc.chains = {name: builder.chain_section(by_param[name]) for name in selected}
     if expand:
         doc.expand = builder.expand_section()
+    if program:
+        from ..ir.lower import gradient_statements
+        from .program import section
+
+        lowered, stmts = gradient_statements(deriv)
+        doc.program = section(lowered, stmts, "loss_and_grad")
     doc.gradients = dict(builder.gradients)
     doc.forward_bodies = {n: deriv.graph.nodes[n].body for n in builder.forward_order}
     return doc

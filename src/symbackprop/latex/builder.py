@@ -40,6 +40,7 @@ from ..derive.calculus import (
 )
 from ..errors import UsageError
 from ..graph import Node, ref
+from ..ir.lower import is_logsumexp
 from ..layers import ACTIVATIONS, LAYERS, LOSSES
 from ..spec import ModelSpec
 from .document import (
@@ -245,9 +246,9 @@ class _Builder:
         lse: dict[str, str] = {}
         for node in self.nodes.values():
             body = node.body
-            if (isinstance(body, sp.log) and isinstance(body.args[0], sp.Sum)
-                    and len(body.args[0].limits) == 1
-                    and isinstance(body.args[0].function, sp.exp)
+            # the lowering's own test (one place says what a log-sum-exp is); softmax
+            # notation needs one summed axis, the last, of one array
+            if (body is not None and is_logsumexp(body) and len(body.args[0].limits) == 1
                     and isinstance(body.args[0].function.args[0], sp.Indexed)):
                 inner = body.args[0].function.args[0]
                 var = body.args[0].limits[0][0]

@@ -111,6 +111,7 @@ class Document:
     params: dict[str, tuple[str, ...]]              # parameter -> its gradient row
     chains: dict[str, list[Block]] = field(default_factory=dict)
     expand: list[Block] = field(default_factory=list)
+    program: list[Block] = field(default_factory=list)  # the generated statements
     gradients: dict[str, GradientFormula] = field(default_factory=dict)
     forward_bodies: dict[str, sp.Expr] = field(default_factory=dict)
     backward_steps: list[Printed] = field(default_factory=list)
@@ -123,7 +124,7 @@ class Document:
     def sections(self) -> list[list[Block]]:
         """The document's sections in order (the preamble first)."""
         out = [self.preamble, self.notation, self.forward, self.backward,
-               self.gradient_section(), *self.chains.values(), self.expand]
+               self.gradient_section(), *self.chains.values(), self.program, self.expand]
         return [s for s in out if s]
 
     def blocks(self) -> list[Block]:

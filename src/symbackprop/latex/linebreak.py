@@ -32,7 +32,7 @@ _COMMAND_WIDTH = {
 }
 # Commands whose argument is what shows (a font or an accent).
 _TRANSPARENT = {r"\mathrm", r"\mathbf", r"\mathbb", r"\operatorname", r"\text", r"\hat",
-                r"\boldsymbol", r"\mathit"}
+                r"\boldsymbol", r"\mathit", r"\mathtt"}
 _TOKEN = re.compile(r"\\[a-zA-Z]+|\\.|[{}_^&]|\s+|.", re.S)
 
 

@@ -1,0 +1,253 @@
+"""``latex --program``: the generated statements as equations, printed from the array IR.
+
+The LaTeX printer of the IR sits beside the numpy and torch printers: each statement of
+the generated ``loss_and_grad`` becomes one equation with the code's names. These tests
+hold the printed rows against the generated module (same statements, same order), pin
+the notation of every op type on hand-built statements (index order, transposes,
+windows, scatters), and compile and render the section.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import typing
+from pathlib import Path
+
+import pytest
+import sympy as sp
+from test_latex import _pdflatex
+
+import symbackprop
+from symbackprop import latex
+from symbackprop.api import compile_spec
+from symbackprop.cli import main
+from symbackprop.emit.render import render
+from symbackprop.ir import nodes
+from symbackprop.ir.nodes import (
+    Assign,
+    Conv,
+    Einsum,
+    Gather,
+    Iota,
+    Linear,
+    LogSoftmax,
+    Map,
+    MatMul,
+    MaxPool,
+    MaxPoolBackward,
+    NllLoss,
+    NllLossBackward,
+    Program,
+    Reduce,
+    ScatterAdd,
+    Slide,
+    SoftmaxBackward,
+    Stack,
+    TakeAt,
+    View,
+    Window,
+    WindowAdd,
+)
+from symbackprop.latex.program import ProgramPrinter
+
+from conftest import EXAMPLES
+
+N = sp.Symbol("N", integer=True, positive=True)
+
+
+def test_every_op_type_has_a_latex_form() -> None:
+    """A new IR op without an equation fails here, not in a user's document."""
+    for op in typing.get_args(nodes.Op):
+        assert hasattr(ProgramPrinter, "_" + op.__name__), op.__name__
+
+
+def _torch_lag_targets(source: str) -> list[str]:
+    """The arrays the torch module's loss_and_grad assigns inside its no_grad block."""
+    tree = ast.parse(source)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef)
+              and n.name == "loss_and_grad")
+    block = next(n for n in fn.body if isinstance(n, ast.With))
+    return [t.id for stmt in block.body if isinstance(stmt, ast.Assign)
+            for t in stmt.targets if isinstance(t, ast.Name)]
+
+
+def _row_names(doc: latex.Document) -> list[str]:
+    names = []
+    for block in doc.program:
+        if isinstance(block, latex.Display):
+            for lhs, _ in block.rows:
+                found = re.match(r"\\mathtt\{([^}]*)\}", lhs)
+                assert found, lhs
+                names.append(found.group(1).replace(r"\_", "_"))
+    return names
+
+
+@pytest.mark.parametrize("name", ["seed_mlp", "mlp_classifier", "multitask", "cnn",
+                                  "gpt_block"])
+def test_rows_are_the_generated_statements(name: str) -> None:
+    spec = EXAMPLES / f"{name}.yaml"
+    doc = symbackprop.derive(spec, program=True)
+    model = compile_spec(spec)
+    source = render(model.spec, model.derivation, "torch", model.label, derivations=False)
+    assert _row_names(doc) == _torch_lag_targets(source)
+    text = doc.markdown()
+    assert "## The computation as generated" in text
+    assert text == symbackprop.derive(spec, program=True).markdown()  # byte-deterministic
+
+
+def test_program_section_only_when_asked() -> None:
+    doc = symbackprop.derive(EXAMPLES / "seed_mlp.yaml")
+    assert doc.program == []
+    assert "computation as generated" not in doc.markdown()
+
+
+def _program(shapes: dict[str, tuple[sp.Expr, ...]], *stmts: Assign) -> list[tuple[str, str]]:
+    printer = ProgramPrinter(Program(list(stmts), shapes), list(stmts))
+    return [printer.row(s) for s in stmts]
+
+
+def _tt(name: str, *idx: str) -> str:
+    base = r"\mathtt{" + name.replace("_", r"\_") + "}"
+    return base + (f"_{{{','.join(idx)}}}" if idx else "")
+
+
+I0, I1, I2, I3 = (f"i_{{{n}}}" for n in range(4))
+S0, S1, S2, S3 = (f"s_{{{n}}}" for n in range(4))
+
+
+def test_matmul_transposes_and_bias() -> None:
+    shapes = {"x": (N, 4), "w": (3, 4), "b": (3,), "g": (N, 3), "z": (N, 3), "gw": (3, 4)}
+    rows = _program(
+        shapes,
+        Assign("z", Linear(MatMul("x", "w", tb=True), View("b", (None,), (1,), 2))),
+        Assign("gw", MatMul("g", "x", ta=True)))
+    # z[n, o] = sum_k x[n, k] w[o, k] + b[o]; gw[o, k] = sum_n g[n, o] x[n, k]
+    assert rows[0] == (_tt("z", I0, I1),
+                       rf"= \sum_{{{S0}}} {_tt('w', I1, S0)} {_tt('x', I0, S0)} + "
+                       f"{_tt('b', I1)}")
+    assert rows[1] == (_tt("gw", I0, I1), rf"= \sum_{{{S0}}} {_tt('g', S0, I0)} "
+                                          f"{_tt('x', S0, I1)}")
+
+
+def test_views_pick_broadcast_and_gather() -> None:
+    shapes = {"a": (N, 2, 5), "ids": (N, 3), "e": (7, 5), "y": (N, 5), "r": (N, 3, 5)}
+    a_row = View("a", (None, 1, None), (0, 1), 2)  # a[n, 1, d]
+    rows = _program(
+        shapes,
+        Assign("y", Map(sp.exp(sp.Symbol("A")), ((sp.Symbol("A"), a_row),))),
+        Assign("r", Map(sp.Symbol("E"), ((sp.Symbol("E"), Gather("e", "ids", (0, 1), (2,), 3)),))))
+    assert rows[0] == (_tt("y", I0, I1), rf"= e^{{{_tt('a', I0, '1', I1)}}}")
+    assert rows[1] == (_tt("r", I0, I1, I2),
+                       f"= {_tt('e', _tt('ids', I0, I1), I2)}")
+
+
+def test_windows_and_their_adjoint() -> None:
+    # x[n, c, 2*i + k - 1]: a stride-2 window of 3 taps with padding 1
+    slide = Slide(place=2, kernel_place=3, stride=2, pad=1, count=4, size=3)
+    shapes = {"x": (N, 2, 8), "u": (N, 2, 4, 3), "g": (N, 2, 4, 3), "dx": (N, 2, 8)}
+    rows = _program(
+        shapes,
+        Assign("u", Map(sp.Symbol("X"), ((sp.Symbol("X"), Window("x", (None, None, None),
+                                                                 (0, 1, slide), 4)),))),
+        Assign("dx", WindowAdd("g", (N, 2, 8), ((2, 2, 1, 4, 3),))))
+    assert rows[0] == (_tt("u", I0, I1, I2, I3), f"= {_tt('x', I0, I1, f'2 {I2} + {I3} - 1')}")
+    assert rows[1] == (_tt("dx", I0, I1, I2),
+                       rf"= \sum_{{{S0},{S1}}} {_tt('g', I0, I1, S0, S1)} "
+                       rf"\left[2 {S0} + {S1} - 1 = {I2}\right]")
+
+
+def test_reductions_scatter_and_stack() -> None:
+    shapes = {"z": (N, 4), "lse": (N,), "m": (N,), "ids": (N,), "v": (N, 5), "e": (9, 5),
+              "p": (N, 4), "q": (N, 4), "st": (3, N, 4), "cnt": ()}
+    z = sp.Symbol("Z")
+    zv = ((z, View("z", (), (), 2)),)
+    rows = _program(
+        shapes,
+        Assign("lse", Reduce("logsumexp", z, zv, (1,), 2)),
+        Assign("m", Reduce("max", z, zv, (1,), 2)),
+        Assign("cnt", Reduce("count", sp.StrictGreaterThan(z, 0), zv, (0, 1), 2)),
+        Assign("e", ScatterAdd("v", "ids", (9, 5))),
+        Assign("st", Stack(("p", None, "q"), 0)))
+    assert rows[0][1] == rf"= \log \sum_{{{S0}}} \exp\left({_tt('z', I0, S0)}\right)"
+    assert rows[1][1] == rf"= \max_{{{S0}}} {_tt('z', I0, S0)}"
+    assert rows[2] == (_tt("cnt"), rf"= \sum_{{{S0},{S1}}} \left[{_tt('z', S0, S1)} > 0\right]")
+    # e[r, d] = sum over the examples whose id is r of v[n, d]
+    assert rows[3][1] == (rf"= \sum_{{{S0}}} {_tt('v', S0, I1)} "
+                          rf"\left[{_tt('ids', S0)} = {I0}\right]")
+    assert rows[4][1] == (rf"= \begin{{cases}} {_tt('p', I1, I2)} & \text{{if }} {I0} = 0 \\ "
+                          rf"0 & \text{{if }} {I0} = 1 \\ "
+                          rf"{_tt('q', I1, I2)} & \text{{if }} {I0} = 2 \end{{cases}}")
+
+
+def test_kernels_as_their_formulas() -> None:
+    shapes = {"z": (N, 4), "lp": (N, 4), "ids": (N,), "loss": (), "seed": (), "dlp": (N, 4),
+              "y": (N, 4), "g": (N, 4), "dz": (N, 4)}
+    rows = _program(
+        shapes,
+        Assign("lp", LogSoftmax("z", 1)),
+        Assign("loss", NllLoss("lp", "ids", -100)),
+        Assign("dlp", NllLossBackward("seed", "lp", "ids", -100)),
+        Assign("dz", SoftmaxBackward("g", "y", 1)))
+    count = rf"\sum_{{{S0}}} \left[{_tt('ids', S0)} \neq -100\right]"
+    assert rows[0][1] == (rf"= {_tt('z', I0, I1)} - \log \sum_{{{S0}}} \exp "
+                          f"{_tt('z', I0, S0)}")
+    assert rows[1] == (_tt("loss"), rf"= -\frac{{\sum_{{{S0}}} {_tt('lp', S0, _tt('ids', S0))} "
+                                    rf"\left[{_tt('ids', S0)} \neq -100\right]}}{{{count}}}")
+    assert rows[2][1] == (rf"= -\frac{{{_tt('seed')}}}{{{count}}} "
+                          rf"\left[{I1} = {_tt('ids', I0)}\right] "
+                          rf"\left[{_tt('ids', I0)} \neq -100\right]")
+    assert rows[3][1] == (rf"= {_tt('y', I0, I1)} \left({_tt('g', I0, I1)} - \sum_{{{S0}}} "
+                          rf"{_tt('g', I0, S0)} {_tt('y', I0, S0)}\right)")
+
+
+def test_convolutions_and_pooling() -> None:
+    shapes = {"x": (N, 1, 6, 6), "w": (2, 1, 3, 3), "b": (2,), "c": (N, 2, 4, 4),
+              "g": (N, 2, 4, 4), "gw": (2, 1, 3, 3), "gx": (N, 1, 6, 6), "arg": (N, 2, 2, 2),
+              "top": (N, 2, 2, 2), "gp": (N, 2, 2, 2), "gc": (N, 2, 4, 4)}
+    rows = dict(zip(["c", "gw", "gx", "arg", "top", "gc"], _program(
+        shapes,
+        Assign("c", Conv("forward", "x", "w", (1, 1), (0, 0), (N, 2, 4, 4), bias="b")),
+        Assign("gw", Conv("weight", "x", "g", (1, 1), (0, 0), (2, 1, 3, 3))),
+        Assign("gx", Conv("input", "g", "w", (1, 1), (0, 0), (N, 1, 6, 6))),
+        Assign("arg", MaxPool("c", (2, 2), (2, 2), indices=True)),
+        Assign("top", TakeAt("c", "arg", 2)),
+        Assign("gc", MaxPoolBackward("gp", "arg", (2, 2), (2, 2), (N, 2, 4, 4)))), strict=True))
+    assert rows["c"][1] == (rf"= \sum_{{{S0},{S1},{S2}}} {_tt('w', I1, S0, S1, S2)} "
+                            f"{_tt('x', I0, S0, f'{I2} + {S1}', f'{I3} + {S2}')} + {_tt('b', I1)}")
+    assert rows["gw"][1] == (rf"= \sum_{{{S0},{S1},{S2}}} {_tt('g', S0, I0, S1, S2)} "
+                             f"{_tt('x', S0, I1, f'{I2} + {S1}', f'{I3} + {S2}')}")
+    assert rows["gx"][1].startswith(rf"= \sum_{{{S0},{S1},{S2},{S3},s_{{4}}}}")
+    assert rf"\left[{S1} + {S3} = {I2}\right]" in rows["gx"][1]
+    assert rf"\left[{S2} + s_{{4}} = {I3}\right]" in rows["gx"][1]
+    # the flat position of (2 i2 + s0, 2 i3 + s1) in a 4 x 4 map
+    assert rows["arg"][1].startswith(f"= 8 {I2} + 2 {I3} + 4 {S0} + {S1}")
+    at = _tt("arg", I0, I1, I2, I3)
+    row = r"\left\lfloor{\frac{" + at + r"}{4}}\right\rfloor"
+    assert rows["top"][1] == "= " + _tt("c", I0, I1, row, at + r" \bmod 4")
+    assert rows["gc"][1] == (rf"= \sum_{{{S0},{S1}}} {_tt('gp', I0, I1, S0, S1)} "
+                             rf"\left[{_tt('arg', I0, I1, S0, S1)} = 4 {I2} + {I3}\right]")
+
+
+def test_einsum_of_three_and_iota_masks() -> None:
+    shapes = {"a": (N, 4), "b": (4, 5), "c": (5, 2), "o": (N, 2), "mask": (6, 6)}
+    t, s = sp.Symbol("T0"), sp.Symbol("T1")
+    rows = _program(
+        shapes,
+        Assign("o", Einsum("ij,jk,kl->il", ("a", "b", "c"))),
+        Assign("mask", Map(sp.GreaterThan(t, s), ((t, Iota(0, 6, 2, "o")),
+                                                   (s, Iota(1, 6, 2, "o"))))))
+    assert rows[0][1] == (rf"= \sum_{{{S0},{S1}}} {_tt('a', I0, S0)} {_tt('b', S0, S1)} "
+                          f"{_tt('c', S1, I1)}")
+    assert rows[1][1] == rf"= {I0} \geq {I1}"
+
+
+@pytest.mark.parametrize("name", ["cnn", "gpt_block"])
+def test_program_section_compiles_and_renders(tmp_path: Path, name: str) -> None:
+    spec = EXAMPLES / f"{name}.yaml"
+    out = tmp_path / f"{name}.html"
+    assert main(["latex", str(spec), "--program", "-o", str(out)]) == 0
+    page = out.read_text()
+    assert "The computation as generated" in page and "<math" in page
+    assert "\\mathtt" not in page  # every formula became MathML
+    _pdflatex(tmp_path, symbackprop.derive(spec, program=True).tex())
