@@ -364,6 +364,29 @@ def _take_at(x, index, d):
     return torch.gather(x.flatten(-d), -1, index.flatten(-d)).view(index.shape)
 
 
+def _conv_weight_grad(x, shape, g, stride, padding):
+    # dL/d(kernel) of a convolution of x, from its output's adjoint g: a correlation of x
+    # with g. aten's convolution_backward as torch.nn.grad.conv*d_weight calls it (the
+    # kernel itself is not read, only its shape). x meets g in g's dtype: under autocast
+    # g may be bfloat16 while x is float32, and convolution_backward is not cast.
+    kernel = g.new_empty(1).expand(shape)
+    d = len(stride)
+    return torch.ops.aten.convolution_backward.default(
+        g, x.to(g.dtype), kernel, None, stride, padding, (1,) * d, False, (0,) * d, 1,
+        (False, True, False))[1]
+
+
+def _conv_input_grad(shape, kernel, g, stride, padding):
+    # dL/d(input) of a convolution with kernel, from its output's adjoint g: a full
+    # convolution of g with the flipped kernel. aten's convolution_backward as
+    # torch.nn.grad.conv*d_input calls it (the input is not read, only its shape).
+    x = g.new_empty(1).expand(shape)
+    d = len(stride)
+    return torch.ops.aten.convolution_backward.default(
+        g, x, kernel.to(g.dtype), None, stride, padding, (1,) * d, False, (0,) * d, 1,
+        (True, False, False))[0]
+
+
 def _max_pool_backward(g, index, shape, d):
     # Zeros shaped like the pooling's input, each window's gradient added at its first
     # maximum's flat position in the last d axes (what max_pool2d's own backward does;
@@ -660,14 +683,14 @@ def loss_and_grad(params, *, x, label):
         del conv2, d_relu2
 
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        d_conv2_weight = torch.nn.grad.conv2d_weight(pool1.to(d_conv2.dtype), (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
+        d_conv2_weight = _conv_weight_grad(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
         del pool1
 
         # dL/dconv2_bias (through conv2): d_conv2_bias[k0] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3])
         d_conv2_bias = d_conv2.sum(dim=(0, 2, 3))
 
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight.to(d_conv2.dtype), d_conv2, stride=(1, 1), padding=(0, 0))
+        d_pool1 = _conv_input_grad((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1])
@@ -679,7 +702,7 @@ def loss_and_grad(params, *, x, label):
         del conv1, d_relu1
 
         # dL/dconv1_weight (through conv1): d_conv1_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3]*x[i0, k1, i2 + k2 - 1, i3 + k3 - 1])
-        d_conv1_weight = torch.nn.grad.conv2d_weight(x.to(d_conv1.dtype), (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
+        d_conv1_weight = _conv_weight_grad(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
 
         # dL/dconv1_bias (through conv1): d_conv1_bias[k0] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3])
         d_conv1_bias = d_conv1.sum(dim=(0, 2, 3))
@@ -793,7 +816,7 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_conv2_weight:
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        d_conv2_weight = torch.nn.grad.conv2d_weight(pool1.to(d_conv2.dtype), (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
+        d_conv2_weight = _conv_weight_grad(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
         if release:
             _release(pool1)
 
@@ -803,7 +826,7 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_x or _need_conv1_weight or _need_conv1_bias:
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        d_pool1 = torch.nn.grad.conv2d_input((N, 8, 4, 4), conv2_weight.to(d_conv2.dtype), d_conv2, stride=(1, 1), padding=(0, 0))
+        d_pool1 = _conv_input_grad((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
         del d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1])
@@ -820,11 +843,11 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_x:
         # dL/dx (through conv1): d_x[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1 - 1]*[k3 == i3 + s2 - 1]*conv1_weight[i1, k1, s1, s2]*d_conv1[k0, i1, i2, i3])
-        d_x = torch.nn.grad.conv2d_input((N, 1, 8, 8), conv1_weight.to(d_conv1.dtype), d_conv1, stride=(1, 1), padding=(1, 1))
+        d_x = _conv_input_grad((N, 1, 8, 8), conv1_weight, d_conv1, stride=(1, 1), padding=(1, 1))
 
     if _need_conv1_weight:
         # dL/dconv1_weight (through conv1): d_conv1_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3]*x[i0, k1, i2 + k2 - 1, i3 + k3 - 1])
-        d_conv1_weight = torch.nn.grad.conv2d_weight(x.to(d_conv1.dtype), (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
+        d_conv1_weight = _conv_weight_grad(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))
 
     if _need_conv1_bias:
         # dL/dconv1_bias (through conv1): d_conv1_bias[k0] = sum_{i0,i2,i3}(d_conv1[i0, k0, i2, i3])

@@ -501,14 +501,14 @@ class TorchArrayPrinter(ArrayPrinter):
         if op.mode == "forward":
             bias = f", {op.bias}" if op.bias else ""
             return f"torch.nn.functional.conv{d}d({op.a}, {op.b}{bias}, {geometry})"
-        # The gradients' operands meet in the adjoint's dtype: under autocast the adjoint
-        # may be bfloat16 while the input or kernel is float32, and convolution_backward
-        # (unlike conv2d) is not cast by autocast. .to is free when the dtypes agree.
+        # aten's convolution_backward itself, as torch.nn.grad.conv*d_weight / _input
+        # call it (their Python argument handling costs ~20 us a call here).
         if op.mode == "weight":
-            return (f"torch.nn.grad.conv{d}d_weight({op.a}.to({op.b}.dtype), "
-                    f"{self.shape(op.shape)}, {op.b}, {geometry})")
-        return (f"torch.nn.grad.conv{d}d_input({self.shape(op.shape)}, "
-                f"{op.b}.to({op.a}.dtype), {op.a}, {geometry})")
+            self.helpers.add("conv_weight_grad")
+            return (f"_conv_weight_grad({op.a}, {self.shape(op.shape)}, {op.b}, "
+                    f"{geometry})")
+        self.helpers.add("conv_input_grad")
+        return f"_conv_input_grad({self.shape(op.shape)}, {op.b}, {op.a}, {geometry})"
 
     def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
         first = next(n for n, p in enumerate(pads) if p != (0, 0))

@@ -6,7 +6,8 @@ einsum of ``xw`` with the kernel; the weight gradient is an einsum of the output
 adjoint with the same windows; the input gradient an einsum of the adjoint with the
 kernel whose windows a :class:`WindowAdd` adds back. This pass recognises the three (and
 only these, here) and makes each one :class:`Conv` op, which torch prints as
-``conv2d`` / ``torch.nn.grad.conv2d_weight`` / ``conv2d_input`` and numpy as one helper
+``conv2d`` and ``aten.convolution_backward`` (as ``torch.nn.grad.conv2d_weight`` /
+``conv2d_input`` call it) and numpy as one helper
 each; a forward convolution whose only reader adds a per-channel bias takes the bias.
 
 A window of stride 1 reads ``x[i + a]``: which of its two indices is the output position
