@@ -31,6 +31,9 @@ from symbackprop.cli import main
 from symbackprop.emit.printers import NumpyCodePrinter
 from symbackprop.emit.render import module_filename
 from symbackprop.graph import ArgMaxOver, MaxOver
+from symbackprop.ir.passes.gelu import GeluTanh, GeluTanhBackward, expanded
+from symbackprop.ir.passes.kernels import ReluBackward, SigmoidBackward, TanhBackward
+from symbackprop.latex import program
 
 from conftest import EXAMPLES, ROOT, build, write_spec
 
@@ -99,6 +102,8 @@ def evaluate(expr: sp.Basic, env: dict[sp.Symbol, int], values: dict[str, np.nda
         return float(values[expr.name])
     if expr.is_Number or expr.is_NumberSymbol:
         return float(expr)
+    if expr is sp.true or expr is sp.false:
+        return float(expr is sp.true)
     if isinstance(expr, sp.Sum):
         (var, lo, hi), *rest = expr.limits
         inner = sp.Sum(expr.function, *rest) if rest else expr.function
@@ -152,6 +157,36 @@ def evaluate(expr: sp.Basic, env: dict[sp.Symbol, int], values: dict[str, np.nda
         return float(shifted[idx[-1]] / shifted.sum())
     if isinstance(expr, sp.KroneckerDelta):
         return float(ev(expr.args[0]) == ev(expr.args[1]))
+    # the program section's notation (latex --program), kernels by their definitions
+    if isinstance(expr, GeluTanh | GeluTanhBackward):
+        return ev(expanded(expr))
+    if isinstance(expr, TanhBackward):
+        return ev(expr.args[0]) * (1 - ev(expr.args[1]) ** 2)
+    if isinstance(expr, SigmoidBackward):
+        y = ev(expr.args[1])
+        return ev(expr.args[0]) * y * (1 - y)
+    if isinstance(expr, ReluBackward):
+        return ev(expr.args[0]) if ev(expr.args[1]) > 0 else 0.0
+    if isinstance(expr, program.Iverson):
+        return float(bool(ev(expr.args[0])))
+    if isinstance(expr, program.Cases):
+        for value, cond in zip(expr.args[::2], expr.args[1::2], strict=True):
+            if cond == sp.true or ev(cond):
+                return ev(value)
+        raise AssertionError("no case holds")
+    if isinstance(expr, program.Logic):
+        kind, *args = expr.args
+        truth = [bool(ev(a)) for a in args]
+        if kind.name == "ITE":
+            return float(truth[1] if truth[0] else truth[2])
+        return float({"And": all, "Or": any, "Xor": lambda t: sum(t) % 2 == 1,
+                      "Not": lambda t: not t[0]}[kind.name](truth))
+    if isinstance(expr, program.Reshaped):
+        src, picks, fine, perm, shape, *indices = expr.args
+        array = values[src.name][tuple(slice(None) if p == -1 else int(p) for p in picks)]
+        dims = lambda ds: tuple(int(ev(d)) for d in ds)  # noqa: E731
+        array = array.reshape(dims(fine)).transpose(tuple(int(a) for a in perm))
+        return float(array.reshape(dims(shape))[tuple(int(ev(i)) for i in indices)])
     if isinstance(expr, sp.Function):
         return _number(expr.func(*(sp.Float(ev(a), 30) for a in expr.args)))
     raise AssertionError(f"cannot evaluate {type(expr).__name__}: {expr}")

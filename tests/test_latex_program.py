@@ -14,16 +14,20 @@ import re
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sympy as sp
-from test_latex import _pdflatex
+from test_latex import _NAMESPACE, _pdflatex, evaluate, evaluate_tensor
+from test_registry_gradients import CASES
 
 import symbackprop
 from symbackprop import latex
 from symbackprop.api import compile_spec
+from symbackprop.check import call_args, random_batch
 from symbackprop.cli import main
 from symbackprop.emit.render import render
 from symbackprop.ir import nodes
+from symbackprop.ir.lower import gradient_statements
 from symbackprop.ir.nodes import (
     Assign,
     Conv,
@@ -51,7 +55,7 @@ from symbackprop.ir.nodes import (
 )
 from symbackprop.latex.program import ProgramPrinter
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, build, example_modules
 
 N = sp.Symbol("N", integer=True, positive=True)
 
@@ -137,7 +141,7 @@ def test_views_pick_broadcast_and_gather() -> None:
         shapes,
         Assign("y", Map(sp.exp(sp.Symbol("A")), ((sp.Symbol("A"), a_row),))),
         Assign("r", Map(sp.Symbol("E"), ((sp.Symbol("E"), Gather("e", "ids", (0, 1), (2,), 3)),))))
-    assert rows[0] == (_tt("y", I0, I1), rf"= e^{{{_tt('a', I0, '1', I1)}}}")
+    assert rows[0] == (_tt("y", I0, I1), rf"= \exp\left({_tt('a', I0, '1', I1)}\right)")
     assert rows[1] == (_tt("r", I0, I1, I2),
                        f"= {_tt('e', _tt('ids', I0, I1), I2)}")
 
@@ -190,15 +194,14 @@ def test_kernels_as_their_formulas() -> None:
         Assign("dlp", NllLossBackward("seed", "lp", "ids", -100)),
         Assign("dz", SoftmaxBackward("g", "y", 1)))
     count = rf"\sum_{{{S0}}} \left[{_tt('ids', S0)} \neq -100\right]"
-    assert rows[0][1] == (rf"= {_tt('z', I0, I1)} - \log \sum_{{{S0}}} \exp "
-                          f"{_tt('z', I0, S0)}")
-    assert rows[1] == (_tt("loss"), rf"= -\frac{{\sum_{{{S0}}} {_tt('lp', S0, _tt('ids', S0))} "
+    assert rows[0][1] == (rf"= {_tt('z', I0, I1)} - \log \sum_{{{S0}}} "
+                          rf"\exp\left({_tt('z', I0, S0)}\right)")
+    assert rows[1] == (_tt("loss"), rf"= - \frac{{\sum_{{{S0}}} {_tt('lp', S0, _tt('ids', S0))} "
                                     rf"\left[{_tt('ids', S0)} \neq -100\right]}}{{{count}}}")
-    assert rows[2][1] == (rf"= -\frac{{{_tt('seed')}}}{{{count}}} "
-                          rf"\left[{I1} = {_tt('ids', I0)}\right] "
-                          rf"\left[{_tt('ids', I0)} \neq -100\right]")
-    assert rows[3][1] == (rf"= {_tt('y', I0, I1)} \left({_tt('g', I0, I1)} - \sum_{{{S0}}} "
-                          rf"{_tt('g', I0, S0)} {_tt('y', I0, S0)}\right)")
+    assert rows[2][1] == (rf"= - \frac{{{_tt('seed')} \left[{I1} = {_tt('ids', I0)}\right] "
+                          rf"\left[{_tt('ids', I0)} \neq -100\right]}}{{{count}}}")
+    assert rows[3][1] == (rf"= \left({_tt('g', I0, I1)} - \sum_{{{S0}}} {_tt('g', I0, S0)} "
+                          rf"{_tt('y', I0, S0)}\right) {_tt('y', I0, I1)}")
 
 
 def test_convolutions_and_pooling() -> None:
@@ -220,8 +223,10 @@ def test_convolutions_and_pooling() -> None:
     assert rows["gx"][1].startswith(rf"= \sum_{{{S0},{S1},{S2},{S3},s_{{4}}}}")
     assert rf"\left[{S1} + {S3} = {I2}\right]" in rows["gx"][1]
     assert rf"\left[{S2} + s_{{4}} = {I3}\right]" in rows["gx"][1]
-    # the flat position of (2 i2 + s0, 2 i3 + s1) in a 4 x 4 map
-    assert rows["arg"][1].startswith(f"= 8 {I2} + 2 {I3} + 4 {S0} + {S1}")
+    # where in each 2 x 2 window the maximum lies (the evaluating tests check the flat
+    # position against the module's)
+    assert rows["arg"][1].startswith(rf"= \operatorname{{argmax}}_{{{S0},{S1}}} "
+                                     f"{_tt('c', I0, I1, f'2 {I2} + {S0}', f'2 {I3} + {S1}')}")
     at = _tt("arg", I0, I1, I2, I3)
     row = r"\left\lfloor{\frac{" + at + r"}{4}}\right\rfloor"
     assert rows["top"][1] == "= " + _tt("c", I0, I1, row, at + r" \bmod 4")
@@ -242,7 +247,51 @@ def test_einsum_of_three_and_iota_masks() -> None:
     assert rows[1][1] == rf"= {I0} \geq {I1}"
 
 
-@pytest.mark.parametrize("name", ["cnn", "gpt_block"])
+def check_program_numerically(model, modules, batch_size: int = 1) -> None:
+    """The printed statements, evaluated entry by entry from the inputs and parameters
+    (each reading the values of the ones before), give the numpy module's loss and
+    gradients."""
+    deriv = model.derivation
+    graph = deriv.graph
+    lowered, stmts = gradient_statements(deriv)
+    printer = ProgramPrinter(lowered, stmts)
+    module = modules["numpy"]
+    params = module.init_params(0)
+    batch = random_batch(model, batch=batch_size)
+    sizes = {str(d): n for node in graph.nodes.values() if node.name in batch
+             for d, n in zip(node.shape, batch[node.name].shape, strict=True) if d.is_Symbol}
+    subs = {graph.dims[k]: v for k, v in sizes.items()}
+    values: dict[str, np.ndarray] = {**batch}
+    values.update({p.name: params[p.param] for p in graph.params()})
+    for node in graph.nodes.values():  # dropout masks: loss_and_grad is in eval mode
+        if node.role == "mask":
+            values[node.name] = np.ones([int(sp.sympify(d).subs(subs)) for d in node.shape])
+    _NAMESPACE.clear()
+    _NAMESPACE.update(vars(module))
+    for stmt in stmts:
+        axes, expr = printer.expression(stmt)
+        shape = tuple(int(sp.sympify(d).subs(subs)) for d in printer.shape(stmt.target))
+        values[stmt.target] = (evaluate_tensor(expr, axes, shape, values, sizes) if axes
+                               else np.array(evaluate(expr, {}, values, sizes)))
+    loss, grads = module.loss_and_grad(params, **call_args(module, batch))
+
+    def close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+        scale = max(float(np.max(np.abs(want))), 1e-12)
+        assert np.max(np.abs(got - np.asarray(want))) / scale < 1e-9, what
+
+    close(values[graph.loss], loss, "loss")
+    assert set(deriv.grads) == set(grads)
+    for pname, var in deriv.grads.items():
+        close(values[var], grads[pname], pname)
+
+
+@pytest.mark.parametrize("name", ["seed_mlp", "mlp_classifier", "multitask", "cnn"])
+def test_printed_program_evaluates_to_loss_and_grad(tmp_path: Path, name: str) -> None:
+    model = compile_spec(EXAMPLES / f"{name}.yaml")
+    check_program_numerically(model, example_modules(tmp_path, name))
+
+
+@pytest.mark.parametrize("name", ["seed_mlp", "cnn", "gpt_block"])
 def test_program_section_compiles_and_renders(tmp_path: Path, name: str) -> None:
     spec = EXAMPLES / f"{name}.yaml"
     out = tmp_path / f"{name}.html"
@@ -251,3 +300,14 @@ def test_program_section_compiles_and_renders(tmp_path: Path, name: str) -> None
     assert "The computation as generated" in page and "<math" in page
     assert "\\mathtt" not in page  # every formula became MathML
     _pdflatex(tmp_path, symbackprop.derive(spec, program=True).tex())
+
+
+def _case_name(text: str) -> str:
+    return re.search(r"name: (\w+)", text).group(1)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("spec_text", CASES, ids=_case_name)
+def test_registry_programs_evaluate(tmp_path: Path, spec_text: str) -> None:
+    model, modules = build(tmp_path, spec_text)
+    check_program_numerically(model, modules, batch_size=2)
+

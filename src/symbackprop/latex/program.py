@@ -20,8 +20,10 @@ import math
 from collections.abc import Sequence
 
 import sympy as sp
+from sympy.logic.boolalg import BooleanFunction
 from sympy.printing.latex import LatexPrinter
 
+from ..graph import ArgMaxOver, MaxOver
 from ..ir.nodes import (
     AnyView,
     Assign,
@@ -84,25 +86,37 @@ class Cases(sp.Function):
 
 
 class Logic(sp.Function):
-    """``And`` / ``Or`` / ``Not`` over entries of boolean arrays: the first argument names
-    the connective (a Symbol), the rest are its operands."""
+    """A boolean function (``And``, ``Or``, ``Not``, ``ITE``, ...) over entries of boolean
+    arrays: the first argument names it (a Symbol), the rest are its operands."""
 
 
 def _boolean_free(expr: sp.Expr) -> sp.Expr:
-    """``expr`` with its conditions made plain functions, so that a boolean placeholder
-    (a mask array) can be replaced by the entry it reads."""
-    def swap(e: sp.Basic) -> sp.Basic:
+    """``expr`` with its conditions made plain functions (:class:`Cases`, :class:`Logic`),
+    so that a boolean placeholder (a mask array) can be replaced by the entry it reads."""
+    done: dict[sp.Basic, sp.Basic] = {}
+
+    def walk(e: sp.Basic) -> sp.Basic:
+        if not e.args:
+            return e
+        if e in done:
+            return done[e]
         if isinstance(e, sp.Piecewise):
-            return Cases(*(x for pair in e.args for x in pair))
-        return Logic(sp.Symbol(type(e).__name__), *e.args)
+            out: sp.Basic = Cases(*(walk(x) for pair in e.args for x in pair.args))
+        elif isinstance(e, BooleanFunction):
+            out = Logic(sp.Symbol(type(e).__name__), *(walk(a) for a in e.args))
+        else:
+            args = tuple(walk(a) for a in e.args)
+            out = e.func(*args) if args != e.args else e
+        done[e] = out
+        return out
 
-    return expr.replace(lambda e: isinstance(e, sp.Piecewise | sp.And | sp.Or | sp.Not), swap)
+    return walk(expr)
 
 
-class Operator(sp.Function):
-    """An array read through a named operator, ``op(array)`` entry by entry: the first
-    argument is the LaTeX of the operator applied to the array (a Symbol), the rest are
-    the entry's indices."""
+class Reshaped(sp.Function):
+    """An entry of an array read through reshape / permute / reshape (a :class:`Reshape`
+    view): arguments the array (a Symbol), its picks (-1 keeps an axis), the fine shape,
+    the permutation, the final shape, then the entry's indices."""
 
 
 class CodeIndexPrinter(LatexPrinter):
@@ -127,10 +141,80 @@ class CodeIndexPrinter(LatexPrinter):
             return self.array(expr.name)
         return super()._print_Symbol(expr, style)
 
-    def _print_Operator(self, expr: sp.Expr, exp: object = None) -> str:
-        op, *indices = expr.args
-        out = rf"\left[{op.name}\right]_{{{self.sub(indices)}}}"
+    def _print_Reshaped(self, expr: sp.Expr, exp: object = None) -> str:
+        src, picks, fine, perm, shape, *indices = expr.args
+        text = self.array(src.name)
+        if any(p != -1 for p in picks):
+            fixed = ",".join("" if p == -1 else str(p) for p in picks)
+            text = rf"{text}_{{{fixed}}}"  # the kept axes are the empty places
+        if tuple(perm) != tuple(range(len(perm))):
+            dims = r"\times ".join(self._print(d) for d in fine)
+            order = ",".join(str(a) for a in perm)
+            text = (rf"\operatorname{{permute}}_{{({order})}}\left("
+                    rf"\operatorname{{reshape}}_{{{dims}}}\left({text}\right)\right)")
+        dims = r"\times ".join(self._print(d) for d in shape)
+        out = (rf"\left[\operatorname{{reshape}}_{{{dims}}}\left({text}\right)\right]"
+               rf"_{{{self.sub(indices)}}}")
         return rf"{out}^{{{exp}}}" if exp is not None else out
+
+    def _print_Sum(self, expr: sp.Sum) -> str:
+        under = ",".join(self._print(lim[0]) for lim in expr.limits)
+        body = self._print(expr.function)
+        if isinstance(expr.function, sp.Add):
+            body = rf"\left({body}\right)"
+        return rf"\sum_{{{under}}} {body}"
+
+    def _print_MaxOver(self, expr: sp.Expr) -> str:
+        under = ",".join(self._print(lim[0]) for lim in expr.limits)
+        return rf"\max_{{{under}}} {self._print(expr.function)}"
+
+    def _print_ArgMaxOver(self, expr: sp.Expr) -> str:
+        under = ",".join(self._print(lim[0]) for lim in expr.limits)
+        return (rf"\operatorname{{argmax}}_{{{under}}} {self._print(expr.function)}"
+                r" \quad \text{(the first, as a flat position in the last axes)}")
+
+    def _print_Add(self, expr: sp.Add, order: str | None = None) -> str:
+        """Sums first, then other positive terms, then negative ones: ``x W + b``,
+        ``z - log(...)``."""
+        terms = sorted(expr.as_ordered_terms(), key=lambda t: (
+            t.could_extract_minus_sign(), not isinstance(t, sp.Sum)))
+        out = ""
+        for n, term in enumerate(terms):
+            if term.could_extract_minus_sign():
+                text = self._print(-term)
+                text = rf"\left({text}\right)" if isinstance(-term, sp.Add) else text
+                out += f" - {text}" if n else f"- {text}"
+            else:
+                out += f" + {self._print(term)}" if n else self._print(term)
+        return out
+
+    def _print_Mul(self, expr: sp.Mul) -> str:  # type: ignore[override]
+        """Factors with a negative power as a fraction's denominator (sympy's own printer
+        leaves ``(sum ...)^{-1}``)."""
+        coeff, rest = expr.as_coeff_Mul()
+        num: list[sp.Expr] = []
+        den: list[sp.Expr] = []
+        for f in sp.Mul.make_args(rest):
+            if f.is_Pow and f.exp.is_number and f.exp.is_negative:
+                den.append(f.base ** -f.exp)
+            else:
+                num.append(f)
+        if not den:
+            return super()._print_Mul(expr)
+        sign = "- " if coeff.is_negative else ""
+        top = sp.Mul(abs(coeff).as_numer_denom()[0], *num)
+        bottom = sp.Mul(abs(coeff).as_numer_denom()[1], *den)
+        return rf"{sign}\frac{{{self._print(top)}}}{{{self._print(bottom)}}}"
+
+    def _print_exp(self, expr: sp.Expr, exp: object = None) -> str:
+        out = rf"\exp\left({self._print(expr.args[0])}\right)"
+        return rf"{out}^{{{exp}}}" if exp is not None else out
+
+    def _print_log(self, expr: sp.Expr, exp: object = None) -> str:
+        (arg,) = expr.args
+        inner = self._print(arg)
+        out = rf"\log {inner}" if isinstance(arg, sp.Sum) else rf"\log\left({inner}\right)"
+        return rf"\left({out}\right)^{{{exp}}}" if exp is not None else out
 
     def _print_Iverson(self, expr: sp.Expr, exp: object = None) -> str:
         return rf"\left[{self._print(expr.args[0])}\right]"
@@ -147,8 +231,15 @@ class CodeIndexPrinter(LatexPrinter):
         kind, *args = expr.args
         if kind.name == "Not":
             return rf"\neg {self._print(args[0])}"
-        joint = r" \wedge " if kind.name == "And" else r" \vee "
-        return joint.join(rf"\left({self._print(a)}\right)" for a in args)
+        if kind.name == "ITE":  # if c then a else b
+            c, a, b = (self._print(x) for x in args)
+            return (rf"\begin{{cases}} {a} & \text{{if }} {c} \\ {b} & \text{{otherwise}} "
+                    r"\end{cases}")
+        if kind.name in ("And", "Or"):
+            joint = r" \wedge " if kind.name == "And" else r" \vee "
+            return joint.join(rf"\left({self._print(a)}\right)" for a in args)
+        inside = ", ".join(self._print(a) for a in args)
+        return rf"\operatorname{{{kind.name}}}\left({inside}\right)"
 
     # The kernels the passes form, as the formula each computes.
     def _print_TanhBackward(self, expr: sp.Expr, exp: object = None) -> str:
@@ -173,52 +264,117 @@ class CodeIndexPrinter(LatexPrinter):
 
 
 class ProgramPrinter:
-    """Each statement of one program as ``(lhs, "= rhs")``, one method per op type."""
+    """Each statement of one program as ``(lhs, "= rhs")``, one method per op type.
+
+    Every method builds the sympy expression of one entry of the statement (sums with
+    their bounds, so :meth:`expression` can be evaluated entry by entry); the printer then
+    writes it."""
 
     def __init__(self, program: Program, stmts: Sequence[Assign]) -> None:
         self.program = program
-        self.ranks = {name: len(shape) for name, shape in program.shapes.items()}
+        self.shapes: dict[str, tuple[sp.Expr, ...]] = dict(program.shapes)
         for stmt in stmts:
-            if stmt.target not in self.ranks:  # a temporary a pass made
-                self.ranks[stmt.target] = self._rank_of(stmt.op)
-        self.printer = CodeIndexPrinter(list(self.ranks))
+            if stmt.target not in self.shapes:  # a temporary a pass made
+                self.shapes[stmt.target] = self._shape_of(stmt.op)
+        self.printer = CodeIndexPrinter(list(self.shapes))
 
-    def _rank_of(self, op: object) -> int:
-        """How many axes the result of ``op`` has."""
+    # -- shapes --------------------------------------------------------------------------
+    def rank(self, name: str) -> int:
+        return len(self.shape(name))
+
+    def shape(self, name: str) -> tuple[sp.Expr, ...]:
+        if name not in self.shapes:
+            raise KeyError(f"no shape for {name!r} in the program")  # pragma: no cover
+        return self.shapes[name]
+
+    def _body_extents(self, views: Sequence[tuple[sp.Symbol, AnyView]], rank: int
+                      ) -> list[sp.Expr]:
+        """The extent of each axis of a body of ``rank`` axes, from what its views read
+        there (an axis only broadcast along, extent 1 everywhere, has extent 1)."""
+        out: list[sp.Expr] = [sp.Integer(1)] * rank
+
+        def put(axis: int, extent: sp.Expr) -> None:
+            if extent != 1:  # an array of extent 1 there broadcasts; it sets nothing
+                out[axis] = extent
+
+        for _, v in views:
+            if isinstance(v, Iota):
+                put(v.axis, v.extent)
+            elif isinstance(v, View):
+                src = self.shape(v.src)
+                if not v.picks and not v.places:
+                    for a, d in enumerate(src):
+                        put(a, d)
+                    continue
+                kept = [d for d, p in zip(src, v.picks, strict=True) if p is None]
+                for d, a in zip(kept, v.places, strict=True):
+                    put(a, d)
+            elif isinstance(v, Gather):
+                for d, a in zip(self.shape(v.index), v.index_places, strict=True):
+                    put(a, d)
+                for d, a in zip(self.shape(v.src)[1:], v.places, strict=True):
+                    put(a, d)
+            elif isinstance(v, Reshape):
+                for d, a in zip(v.shape, v.places, strict=True):
+                    put(a, d)
+            elif isinstance(v, Window):
+                src = self.shape(v.src)
+                kept = [d for d, p in zip(src, v.picks, strict=True) if p is None]
+                for d, a in zip(kept, v.axes, strict=True):
+                    if isinstance(a, Slide):
+                        put(a.place, sp.Integer(a.count))
+                        if a.kernel_place >= 0:
+                            put(a.kernel_place, sp.Integer(a.size))
+                    else:
+                        put(a, d)
+        return out
+
+    def _shape_of(self, op: object) -> tuple[sp.Expr, ...]:
+        """The shape of what ``op`` computes (for temporaries the passes made)."""
         if isinstance(op, Map):
             # A shared subexpression (CSE) is laid out in the axes of the bodies it came
             # from: as wide as its widest read. An array read as it is has its own axes
             # (its view's out_rank is that of whichever body CSE took the symbol from).
-            return max((self.rank(v.src) if isinstance(v, View) and not v.picks
+            rank = max((self.rank(v.src) if isinstance(v, View) and not v.picks
                         and not v.places else v.out_rank for _, v in op.views), default=0)
+            return tuple(self._body_extents(op.views, rank))
         if isinstance(op, Reduce):
-            return op.rank - len(op.axes) if op.kind != "count" else 0
-        if isinstance(op, MatMul):
-            return op.a_rank
-        if isinstance(op, Linear):
-            return op.product.a_rank
+            if op.kind == "count":
+                return ()
+            full = self._body_extents(op.views, op.rank)
+            return tuple(d for a, d in enumerate(full) if a not in op.axes)
+        if isinstance(op, MatMul | Linear):
+            mm = op.product if isinstance(op, Linear) else op
+            a, b = self.shape(mm.a), self.shape(mm.b)
+            rows = (*a[:-2], a[-1]) if mm.ta else a[:-1]
+            return (*rows, b[0] if mm.tb else b[1])
         if isinstance(op, Einsum):
-            return len(op.subscripts.split("->")[1])
-        if isinstance(op, LogSoftmax | Softmax | MaxPool):
-            return self.rank(op.src)
+            inputs, output = op.subscripts.split("->")
+            sizes = {c: d for name, subs in zip(op.operands, inputs.split(","), strict=True)
+                     for c, d in zip(subs, self.shape(name), strict=True)}
+            return tuple(sizes[c] for c in output)
+        if isinstance(op, LogSoftmax | Softmax):
+            return self.shape(op.src)
         if isinstance(op, SoftmaxBackward | LogSoftmaxBackward):
-            return self.rank(op.out)
+            return self.shape(op.out)
         if isinstance(op, NllLossBackward):
-            return self.rank(op.logp)
+            return self.shape(op.logp)
+        if isinstance(op, MaxPool):
+            src = self.shape(op.src)
+            d = len(op.kernel)
+            pooled = tuple((n - k) // s + 1 for n, k, s in zip(src[-d:], op.kernel, op.stride,
+                                                              strict=True))
+            return (*src[:-d], *pooled)
         if isinstance(op, TakeAt):
-            return self.rank(op.index)
+            return self.shape(op.index)
         if isinstance(op, Full | ScatterAdd | WindowAdd | Conv | MaxPoolBackward):
-            return len(op.shape)
+            return tuple(op.shape)
         if isinstance(op, Stack):
-            return 1 + next(self.rank(p) for p in op.parts if p is not None)
-        return 0  # NllLoss, Seed: the loss and dL/dL
+            part = next(self.shape(p) for p in op.parts if p is not None)
+            return (*part[:op.axis], sp.Integer(len(op.parts)), *part[op.axis:])
+        return ()  # NllLoss, Seed: the loss and dL/dL
 
     # -- reads ---------------------------------------------------------------------------
-    def rank(self, name: str) -> int:
-        if name not in self.ranks:
-            raise KeyError(f"no shape for {name!r} in the program")  # pragma: no cover
-        return self.ranks[name]
-
     def ref(self, name: str, indices: Sequence[sp.Expr]) -> sp.Expr:
         """``name[indices]`` (the bare name for a 0-d array)."""
         return sp.Indexed(name, *indices) if indices else sp.Symbol(name)
@@ -228,17 +384,27 @@ class ProgramPrinter:
         if isinstance(view, Iota):
             return axes[view.axis]
         if isinstance(view, View):
+            # An axis of extent 1 broadcasts: it is read at 0 whatever the body's index
+            # (a shared subexpression laid out as [N, 1, C] and read in an [N, T, C] body).
+            shape = self.shape(view.src)
             if not view.picks and not view.places:  # as it is: the body's axes, or 0-d
-                return self.ref(view.src, axes if self.rank(view.src) else ())
+                return self.ref(view.src, [sp.Integer(0) if d == 1 else a
+                                           for d, a in zip(shape, axes, strict=False)])
             placed = iter(view.places)
-            return self.ref(view.src, [sp.Integer(p) if p is not None else axes[next(placed)]
-                                       for p in view.picks])
+            out: list[sp.Expr] = []
+            for d, pick in zip(shape, view.picks, strict=True):
+                if pick is not None:
+                    out.append(sp.Integer(pick))
+                    continue
+                axis = axes[next(placed)]
+                out.append(sp.Integer(0) if d == 1 else axis)
+            return self.ref(view.src, out)
         if isinstance(view, Gather):
             row = self.ref(view.index, [axes[p] for p in view.index_places])
             return self.ref(view.src, [row, *(axes[p] for p in view.places)])
         if isinstance(view, Window):
             out: list[sp.Expr] = []
-            kept = iter(a for a in view.axes)
+            kept = iter(view.axes)
             for pick in view.picks:
                 if pick is not None:
                     out.append(sp.Integer(pick))
@@ -251,264 +417,233 @@ class ProgramPrinter:
                     out.append(axes[axis])
             return self.ref(view.src, out)
         if isinstance(view, Reshape):
-            return self._reshaped(view, axes)
+            return Reshaped(sp.Symbol(view.src), sp.Tuple(*(-1 if p is None else p
+                                                            for p in view.picks)),
+                            sp.Tuple(*view.fine), sp.Tuple(*view.perm),
+                            sp.Tuple(*view.shape), *(axes[a] for a in view.places))
         raise TypeError(f"no LaTeX for the view {view!r}")  # pragma: no cover
-
-    def _reshaped(self, view: Reshape, axes: Sequence[sp.Expr]) -> sp.Expr:
-        """A reshape (then a permutation, then a reshape) of the array's kept axes, read
-        at the output axes it lands on: written as the operators it applies."""
-        p = self.printer
-        text = p.array(view.src)
-        if any(pick is not None for pick in view.picks):
-            fixed = ",".join("" if pick is None else str(pick) for pick in view.picks)
-            text = rf"{text}_{{{fixed}}}"  # the kept axes are the empty places
-        if view.perm != tuple(range(len(view.perm))):
-            fine = r"\times ".join(p._print(d) for d in view.fine)
-            perm = ",".join(str(a) for a in view.perm)
-            text = (rf"\operatorname{{permute}}_{{({perm})}}\left("
-                    rf"\operatorname{{reshape}}_{{{fine}}}\left({text}\right)\right)")
-        shape = r"\times ".join(p._print(d) for d in view.shape)
-        text = rf"\operatorname{{reshape}}_{{{shape}}}\left({text}\right)"
-        return Operator(sp.Symbol(text), *(axes[a] for a in view.places))
 
     def body(self, op: Map | Reduce, axes: Sequence[sp.Expr]) -> sp.Expr:
         return _boolean_free(op.body).xreplace({sym: self.read(view, axes)
                                                 for sym, view in op.views})
 
     # -- statements ----------------------------------------------------------------------
+    def expression(self, stmt: Assign) -> tuple[tuple[sp.Symbol, ...], sp.Expr]:
+        """The statement's axes ``i_0, i_1, ...`` and one entry of its result."""
+        axes = tuple(out_index(n) for n in range(self.rank(stmt.target)))
+        return axes, getattr(self, "_" + type(stmt.op).__name__)(stmt.op, list(axes))
+
     def row(self, stmt: Assign) -> tuple[str, str]:
-        rank = self.rank(stmt.target)
-        axes = [out_index(n) for n in range(rank)]
-        lhs = self.printer._print(self.ref(stmt.target, axes))
-        method = getattr(self, "_" + type(stmt.op).__name__)
-        rhs = method(stmt.op, axes)
-        return lhs, f"= {rhs if isinstance(rhs, str) else self.printer._print(rhs)}"
+        axes, expr = self.expression(stmt)
+        p = self.printer
+        return p._print(self.ref(stmt.target, axes)), f"= {p._print(expr)}"
+
+    def _sum(self, over: Sequence[tuple[sp.Symbol, sp.Expr]], term: sp.Expr) -> sp.Expr:
+        """``term`` summed over each (index, extent)."""
+        if not over:
+            return term
+        return sp.Sum(term, *((s, 0, n - 1) for s, n in over))
 
     def _Map(self, op: Map, axes: list[sp.Expr]) -> sp.Expr:
         return self.body(op, axes)
 
-    def _Reduce(self, op: Reduce, axes: list[sp.Expr]) -> str:
+    def _Reduce(self, op: Reduce, axes: list[sp.Expr]) -> sp.Expr:
+        extents = self._body_extents(op.views, op.rank)
         free = iter(axes)
         summed = iter(sum_index(n) for n in range(op.rank))
         full = [next(summed) if a in op.axes else next(free) for a in range(op.rank)]
-        over = [full[a] for a in op.axes]
+        over = [(full[a], extents[a]) for a in op.axes]
         body = self.body(op, full)
-        p = self.printer
-        under = ",".join(p._print(s) for s in over)
         if op.kind == "sum":
-            return rf"\sum_{{{under}}} {self._group(body)}"
+            return self._sum(over, body)
         if op.kind == "max":
-            return rf"\max_{{{under}}} {self._group(body)}"
+            return MaxOver(body, *((s, 0, n - 1) for s, n in over))
         if op.kind == "logsumexp":
-            return rf"\log \sum_{{{under}}} \exp\left({p._print(body)}\right)"
-        # count: how many entries of a condition hold, over every axis
-        return rf"\sum_{{{under}}} \left[{p._print(body)}\right]"
+            return sp.log(self._sum(over, sp.exp(body)))
+        return self._sum(over, Iverson(body))  # count: how many entries hold
 
-    def _group(self, expr: sp.Expr) -> str:
-        text = self.printer._print(expr)
-        return rf"\left({text}\right)" if isinstance(expr, sp.Add) else text
-
-    def _sum(self, over: Sequence[sp.Expr], expr: sp.Expr) -> str:
-        under = ",".join(self.printer._print(s) for s in over)
-        return rf"\sum_{{{under}}} {self._group(expr)}"
-
-    def _product(self, op: MatMul, axes: list[sp.Expr]) -> tuple[sp.Symbol, sp.Expr]:
+    def _product(self, op: MatMul, axes: list[sp.Expr]) -> sp.Expr:
         s = sum_index(0)
+        a = self.shape(op.a)
         *rows, col = axes
         a_idx = [*rows[:-1], s, rows[-1]] if op.ta else [*rows, s]
         b_idx = [col, s] if op.tb else [s, col]
-        return s, self.ref(op.a, a_idx) * self.ref(op.b, b_idx)
+        return self._sum([(s, a[-2] if op.ta else a[-1])],
+                         self.ref(op.a, a_idx) * self.ref(op.b, b_idx))
 
-    def _MatMul(self, op: MatMul, axes: list[sp.Expr]) -> str:
-        s, term = self._product(op, axes)
-        return self._sum([s], term)
+    def _MatMul(self, op: MatMul, axes: list[sp.Expr]) -> sp.Expr:
+        return self._product(op, axes)
 
-    def _Linear(self, op: Linear, axes: list[sp.Expr]) -> str:
-        s, term = self._product(op.product, axes)
-        bias = self.printer._print(self.read(op.bias, axes))
-        return f"{self._sum([s], term)} + {bias}"
+    def _Linear(self, op: Linear, axes: list[sp.Expr]) -> sp.Expr:
+        return self._product(op.product, axes) + self.read(op.bias, axes)
 
-    def _Einsum(self, op: Einsum, axes: list[sp.Expr]) -> str:
+    def _Einsum(self, op: Einsum, axes: list[sp.Expr]) -> sp.Expr:
         inputs, output = op.subscripts.split("->")
         letters: dict[str, sp.Expr] = dict(zip(output, axes, strict=True))
-        summed: list[sp.Expr] = []
-        for letter in dict.fromkeys("".join(inputs.split(","))):
-            if letter not in letters:
-                letters[letter] = sum_index(len(summed))
-                summed.append(letters[letter])
+        summed: list[tuple[sp.Symbol, sp.Expr]] = []
+        for name, subs in zip(op.operands, inputs.split(","), strict=True):
+            for c, d in zip(subs, self.shape(name), strict=True):
+                if c not in letters:
+                    letters[c] = sum_index(len(summed))
+                    summed.append((letters[c], d))
         term = sp.Mul(*(self.ref(name, [letters[c] for c in subs])
                         for name, subs in zip(op.operands, inputs.split(","), strict=True)))
-        return self._sum(summed, term) if summed else self.printer._print(term)
+        return self._sum(summed, term)
 
-    def _along(self, axes: list[sp.Expr], axis: int) -> tuple[list[sp.Expr], sp.Symbol]:
-        """``axes`` with the one at ``axis`` replaced by a summed index."""
+    def _along(self, name: str, axes: list[sp.Expr], axis: int
+               ) -> tuple[list[sp.Expr], list[tuple[sp.Symbol, sp.Expr]]]:
+        """``axes`` with the one at ``axis`` replaced by a summed index over ``name``'s."""
         s = sum_index(0)
         out = list(axes)
         out[axis] = s
-        return out, s
+        return out, [(s, self.shape(name)[axis])]
 
-    def _LogSoftmax(self, op: LogSoftmax, axes: list[sp.Expr]) -> str:
-        other, s = self._along(axes, op.axis)
-        p = self.printer
-        return (rf"{p._print(self.ref(op.src, axes))} - \log \sum_{{{p._print(s)}}} "
-                rf"\exp {p._print(self.ref(op.src, other))}")
+    def _LogSoftmax(self, op: LogSoftmax, axes: list[sp.Expr]) -> sp.Expr:
+        other, over = self._along(op.src, axes, op.axis)
+        return self.ref(op.src, axes) - sp.log(self._sum(over, sp.exp(self.ref(op.src, other))))
 
-    def _Softmax(self, op: Softmax, axes: list[sp.Expr]) -> str:
-        other, s = self._along(axes, op.axis)
-        p = self.printer
-        return (rf"\frac{{\exp {p._print(self.ref(op.src, axes))}}}"
-                rf"{{\sum_{{{p._print(s)}}} \exp {p._print(self.ref(op.src, other))}}}")
+    def _Softmax(self, op: Softmax, axes: list[sp.Expr]) -> sp.Expr:
+        other, over = self._along(op.src, axes, op.axis)
+        return sp.exp(self.ref(op.src, axes)) / self._sum(over, sp.exp(self.ref(op.src, other)))
 
-    def _SoftmaxBackward(self, op: SoftmaxBackward, axes: list[sp.Expr]) -> str:
-        other, s = self._along(axes, op.axis)
-        p = self.printer
-        total = self._sum([s], self.ref(op.out, other) * self.ref(op.grad, other))
-        return (rf"{p._print(self.ref(op.out, axes))} \left({p._print(self.ref(op.grad, axes))}"
-                rf" - {total}\right)")
+    def _SoftmaxBackward(self, op: SoftmaxBackward, axes: list[sp.Expr]) -> sp.Expr:
+        other, over = self._along(op.out, axes, op.axis)
+        total = self._sum(over, self.ref(op.out, other) * self.ref(op.grad, other))
+        return self.ref(op.out, axes) * (self.ref(op.grad, axes) - total)
 
-    def _LogSoftmaxBackward(self, op: LogSoftmaxBackward, axes: list[sp.Expr]) -> str:
-        other, s = self._along(axes, op.axis)
-        p = self.printer
-        total = self._sum([s], self.ref(op.grad, other))
-        return (rf"{p._print(self.ref(op.grad, axes))} - \exp\left("
-                rf"{p._print(self.ref(op.out, axes))}\right) {total}")
+    def _LogSoftmaxBackward(self, op: LogSoftmaxBackward, axes: list[sp.Expr]) -> sp.Expr:
+        other, over = self._along(op.out, axes, op.axis)
+        return (self.ref(op.grad, axes)
+                - sp.exp(self.ref(op.out, axes)) * self._sum(over, self.ref(op.grad, other)))
 
-    def _counted(self, ids: str, ignore: int) -> tuple[list[sp.Expr], sp.Expr, str]:
+    def _counted(self, ids: str, ignore: int
+                 ) -> tuple[list[tuple[sp.Symbol, sp.Expr]], sp.Expr, sp.Expr]:
         """The rows of ``ids`` (summed indices), whether each counts, and how many do."""
-        rows = [sum_index(n) for n in range(self.rank(ids))]
-        counted = Iverson(sp.Ne(self.ref(ids, rows), ignore))
+        rows = [(sum_index(n), d) for n, d in enumerate(self.shape(ids))]
+        counted = Iverson(sp.Ne(self.ref(ids, [r for r, _ in rows]), ignore))
         return rows, counted, self._sum(rows, counted)
 
-    def _NllLoss(self, op: NllLoss, axes: list[sp.Expr]) -> str:
+    def _NllLoss(self, op: NllLoss, axes: list[sp.Expr]) -> sp.Expr:
         rows, counted, count = self._counted(op.ids, op.ignore)
-        picked = self.ref(op.logp, [*rows, self.ref(op.ids, rows)])
-        return rf"-\frac{{{self._sum(rows, counted * picked)}}}{{{count}}}"
+        at = [r for r, _ in rows]
+        picked = self.ref(op.logp, [*at, self.ref(op.ids, at)])
+        return -self._sum(rows, counted * picked) / count
 
-    def _NllLossBackward(self, op: NllLossBackward, axes: list[sp.Expr]) -> str:
+    def _NllLossBackward(self, op: NllLossBackward, axes: list[sp.Expr]) -> sp.Expr:
         *rows, cls = axes
         _, _, count = self._counted(op.ids, op.ignore)
         at = self.ref(op.ids, rows)
         hit = Iverson(sp.Eq(cls, at)) * Iverson(sp.Ne(at, op.ignore))
-        p = self.printer
-        return rf"-\frac{{{p._print(sp.Symbol(op.seed))}}}{{{count}}} {p._print(hit)}"
+        return -sp.Symbol(op.seed) / count * hit
 
     def _Full(self, op: Full, axes: list[sp.Expr]) -> sp.Expr:
         return sp.sympify(op.value)
 
-    def _Seed(self, op: Seed, axes: list[sp.Expr]) -> str:
-        return r"1 \quad (\partial L / \partial L)"
+    def _Seed(self, op: Seed, axes: list[sp.Expr]) -> sp.Expr:
+        return sp.Integer(1)
 
-    def _ScatterAdd(self, op: ScatterAdd, axes: list[sp.Expr]) -> str:
-        k = self.rank(op.index)
-        rows = [sum_index(n) for n in range(k)]
+    def _ScatterAdd(self, op: ScatterAdd, axes: list[sp.Expr]) -> sp.Expr:
+        rows = [(sum_index(n), d) for n, d in enumerate(self.shape(op.index))]
+        at = [r for r, _ in rows]
         row, *rest = axes
-        term = Iverson(sp.Eq(self.ref(op.index, rows), row)) * self.ref(op.values, [*rows, *rest])
+        term = Iverson(sp.Eq(self.ref(op.index, at), row)) * self.ref(op.values, [*at, *rest])
         return self._sum(rows, term)
 
-    def _WindowAdd(self, op: WindowAdd, axes: list[sp.Expr]) -> str:
-        slid = {axis: (stride, pad) for axis, stride, pad, _, _ in op.slides}
+    def _WindowAdd(self, op: WindowAdd, axes: list[sp.Expr]) -> sp.Expr:
+        slid = {axis: (stride, pad, count, size) for axis, stride, pad, count, size in op.slides}
         index: list[sp.Expr] = []
-        summed: list[sp.Expr] = []
+        summed: list[tuple[sp.Symbol, sp.Expr]] = []
         where: list[sp.Expr] = []
         for a, ax in enumerate(axes):
             if a not in slid:
                 index.append(ax)
                 continue
-            stride, pad = slid[a]
+            stride, pad, count, size = slid[a]
             pos, tap = sum_index(len(summed)), sum_index(len(summed) + 1)
-            summed += [pos, tap]
+            summed += [(pos, sp.Integer(count)), (tap, sp.Integer(size))]
             index += [pos, tap]
             where.append(Iverson(sp.Eq(stride * pos + tap - pad, ax)))
         return self._sum(summed, sp.Mul(*where) * self.ref(op.values, index))
 
-    def _spatial(self, d: int, start: int) -> list[sp.Symbol]:
-        return [sum_index(start + n) for n in range(d)]
-
-    def _Conv(self, op: Conv, axes: list[sp.Expr]) -> str:
+    def _Conv(self, op: Conv, axes: list[sp.Expr]) -> sp.Expr:
         d = len(op.stride)
-        taps = self._spatial(d, 1)
-        if op.mode == "forward":
+        geometry = list(zip(op.stride, op.pad, strict=True))
+        if op.mode == "forward":  # out[n, o, i] = sum_{c,t} B[o, c, t] A[n, c, s i + t - p]
             n, o, *pos = axes
+            kernel = self.shape(op.b)
             c = sum_index(0)
-            read = [st * i + t - pd for st, i, t, pd in zip(op.stride, pos, taps, op.pad,
-                                                              strict=True)]
+            taps = [sum_index(1 + k) for k in range(d)]
+            read = [st * i + t - pd for (st, pd), i, t in zip(geometry, pos, taps, strict=True)]
             term = self.ref(op.b, [o, c, *taps]) * self.ref(op.a, [n, c, *read])
-            out = self._sum([c, *taps], term)
-            if op.bias:
-                out += f" + {self.printer._print(self.ref(op.bias, [o]))}"
-            return out
-        if op.mode == "weight":
+            out = self._sum([(c, kernel[1]), *zip(taps, kernel[2:], strict=True)], term)
+            return out + self.ref(op.bias, [o]) if op.bias else out
+        if op.mode == "weight":  # out[o, c, t] = sum_{n,i} B[n, o, i] A[n, c, s i + t - p]
             o, c, *tap = axes
+            grad = self.shape(op.b)
             n = sum_index(0)
-            pos = self._spatial(d, 1)
-            read = [st * i + t - pd for st, i, t, pd in zip(op.stride, pos, tap, op.pad,
-                                                              strict=True)]
+            pos = [sum_index(1 + k) for k in range(d)]
+            read = [st * i + t - pd for (st, pd), i, t in zip(geometry, pos, tap, strict=True)]
             term = self.ref(op.b, [n, o, *pos]) * self.ref(op.a, [n, c, *read])
-            return self._sum([n, *pos], term)
+            return self._sum([(n, grad[0]), *zip(pos, grad[2:], strict=True)], term)
         # input: the adjoint spread back over every window that read each position
         n, c, *at = axes
+        grad, kernel = self.shape(op.a), self.shape(op.b)
         o = sum_index(0)
-        pos = self._spatial(d, 1)
-        taps = self._spatial(d, 1 + d)
-        where = sp.Mul(*(Iverson(sp.Eq(st * i + t - pd, h)) for st, i, t, pd, h in
-                         zip(op.stride, pos, taps, op.pad, at, strict=True)))
+        pos = [sum_index(1 + k) for k in range(d)]
+        taps = [sum_index(1 + d + k) for k in range(d)]
+        where = sp.Mul(*(Iverson(sp.Eq(st * i + t - pd, h)) for (st, pd), i, t, h in
+                         zip(geometry, pos, taps, at, strict=True)))
         term = where * self.ref(op.a, [n, o, *pos]) * self.ref(op.b, [o, c, *taps])
-        return self._sum([o, *pos, *taps], term)
+        return self._sum([(o, grad[1]), *zip(pos, grad[2:], strict=True),
+                          *zip(taps, kernel[2:], strict=True)], term)
 
-    def _MaxPool(self, op: MaxPool, axes: list[sp.Expr]) -> str:
+    def _MaxPool(self, op: MaxPool, axes: list[sp.Expr]) -> sp.Expr:
         d = len(op.kernel)
         lead, pos = axes[:-d], axes[-d:]
-        taps = self._spatial(d, 0)
+        taps = [sum_index(k) for k in range(d)]
         read = self.ref(op.src, [*lead, *(st * i + t for st, i, t in
                                           zip(op.stride, pos, taps, strict=True))])
-        p = self.printer
-        under = ",".join(p._print(t) for t in taps)
-        if not op.indices:
-            return rf"\max_{{{under}}} {p._print(read)}"
-        flat = self._flat([st * i + t for st, i, t in zip(op.stride, pos, taps, strict=True)],
-                          self.program.shapes[op.src][-d:])
-        return (rf"{p._print(flat)} \quad \text{{at the first }} {under} "
-                rf"\text{{ where }} {p._print(read)} \text{{ is largest}}")
-
-    @staticmethod
-    def _flat(index: Sequence[sp.Expr], shape: Sequence[sp.Expr]) -> sp.Expr:
-        """The row-major flat position of ``index`` in an array of ``shape``."""
-        out: sp.Expr = sp.Integer(0)
-        for i, extent in zip(index, shape, strict=True):
-            out = out * extent + i
-        return out
-
-    def _unflat(self, flat: sp.Expr, shape: Sequence[sp.Expr]) -> list[sp.Expr]:
-        """The row-major position of ``flat`` in an array of ``shape``."""
-        out: list[sp.Expr] = []
-        for n in range(len(shape)):
-            stride = math.prod(shape[n + 1:]) if shape[n + 1:] else 1
-            part = sp.floor(flat / stride) if stride != 1 else flat
-            out.append(part if n == 0 else sp.Mod(part, shape[n], evaluate=False))
-        return out
+        limits = [(t, 0, k - 1) for t, k in zip(taps, op.kernel, strict=True)]
+        return ArgMaxOver(read, *limits) if op.indices else MaxOver(read, *limits)
 
     def _TakeAt(self, op: TakeAt, axes: list[sp.Expr]) -> sp.Expr:
-        shape = self.program.shapes[op.src]
+        shape = self.shape(op.src)
         at = self.ref(op.index, axes)
         lead = axes[:len(shape) - op.d]
-        return self.ref(op.src, [*lead, *self._unflat(at, shape[-op.d:])])
+        return self.ref(op.src, [*lead, *_unflat(at, shape[-op.d:])])
 
-    def _MaxPoolBackward(self, op: MaxPoolBackward, axes: list[sp.Expr]) -> str:
+    def _MaxPoolBackward(self, op: MaxPoolBackward, axes: list[sp.Expr]) -> sp.Expr:
         d = len(op.kernel)
         lead, at = axes[:-d], axes[-d:]
-        pos = self._spatial(d, 0)
-        flat = self._flat(at, op.shape[-d:])
-        term = (Iverson(sp.Eq(self.ref(op.index, [*lead, *pos]), flat))
+        pooled = self.shape(op.grad)[-d:]
+        pos = [sum_index(k) for k in range(d)]
+        term = (Iverson(sp.Eq(self.ref(op.index, [*lead, *pos]), _flat(at, op.shape[-d:])))
                 * self.ref(op.grad, [*lead, *pos]))
-        return self._sum(pos, term)
+        return self._sum(list(zip(pos, pooled, strict=True)), term)
 
-    def _Stack(self, op: Stack, axes: list[sp.Expr]) -> str:
+    def _Stack(self, op: Stack, axes: list[sp.Expr]) -> sp.Expr:
         rest = [a for n, a in enumerate(axes) if n != op.axis]
-        p = self.printer
-        rows = [f"{p._print(self.ref(part, rest)) if part else '0'} & "
-                rf"\text{{if }} {p._print(axes[op.axis])} = {j}"
-                for j, part in enumerate(op.parts)]
-        return r"\begin{cases} " + r" \\ ".join(rows) + r" \end{cases}"
+        return Cases(*(x for j, part in enumerate(op.parts)
+                       for x in (self.ref(part, rest) if part else sp.Integer(0),
+                                 sp.Eq(axes[op.axis], j))))
+
+
+def _flat(index: Sequence[sp.Expr], shape: Sequence[sp.Expr]) -> sp.Expr:
+    """The row-major flat position of ``index`` in an array of ``shape``."""
+    out: sp.Expr = sp.Integer(0)
+    for i, extent in zip(index, shape, strict=True):
+        out = out * extent + i
+    return out
+
+
+def _unflat(flat: sp.Expr, shape: Sequence[sp.Expr]) -> list[sp.Expr]:
+    """The row-major position of ``flat`` in an array of ``shape``."""
+    out: list[sp.Expr] = []
+    for n in range(len(shape)):
+        stride = math.prod(shape[n + 1:]) if shape[n + 1:] else 1
+        part = sp.floor(flat / stride) if stride != 1 else flat
+        out.append(part if n == 0 else sp.Mod(part, shape[n], evaluate=False))
+    return out
 
 
 def section(program: Program, stmts: Sequence[Assign], function: str) -> list[Block]:
@@ -530,5 +665,5 @@ def section(program: Program, stmts: Sequence[Assign], function: str) -> list[Bl
     return out
 
 
-__all__ = ["CodeIndexPrinter", "Iverson", "ProgramPrinter", "out_index", "section",
-           "sum_index"]
+__all__ = ["Cases", "CodeIndexPrinter", "Iverson", "Logic", "ProgramPrinter", "Reshaped",
+           "out_index", "section", "sum_index"]
