@@ -5,7 +5,8 @@
 - HTML: presentation MathML converted here (latex2mathml), so the page needs no
   script and no network. Chromium follows MathML Core, which ignores ``mathvariant``
   other than ``normal``: bold letters are written as the Unicode mathematical bold
-  characters instead, so a bold matrix never looks like its plain entries. Each
+  characters instead, so a bold matrix never looks like its plain entries (and the
+  code's names of ``--program`` as the monospace ones). Each
   level-2 section is a ``<section>`` (the tests measure each one's height on screen).
 - Fragment: one ``\\begin{array}{l}`` for ``IPython.display.Math`` and ``DERIVATIONS``.
 """
@@ -179,6 +180,7 @@ def fragment(blocks: Sequence[Block]) -> str:
 
 _BOLD_ITALIC = re.compile(r'<(mi|mn) mathvariant="bold-italic">(?:&#x([0-9A-Fa-f]+);|(\w))</\1>')
 _BOLD = re.compile(r'<(mi|mn) mathvariant="bold">(?:&#x([0-9A-Fa-f]+);|(\w))</\1>')
+_MONO = re.compile(r'<(mi|mn) mathvariant="monospace">(?:&#x([0-9A-Fa-f]+);|(\w))</\1>')
 
 
 def _math_char(match: re.Match[str], style: str) -> str:
@@ -233,6 +235,7 @@ def _mathml(latex: str, display: str) -> str:
     out = _tight_fences(out)
     out = _BOLD_ITALIC.sub(lambda m: _math_char(m, "BOLD ITALIC"), out)
     out = _BOLD.sub(lambda m: _math_char(m, "BOLD"), out)
+    out = _MONO.sub(lambda m: _math_char(m, "MONOSPACE"), out)  # the code's names
     bad = [m for m in ("<merror", "<mi>\\", "<mi>&</mi>", "<mo>\\") if m in out]
     if bad:  # pragma: no cover - a LaTeX construct the converter does not know
         raise RuntimeError(f"could not convert to MathML ({bad[0]}): {latex}")
