@@ -299,6 +299,9 @@ def test_program_section_compiles_and_renders(tmp_path: Path, name: str) -> None
     page = out.read_text()
     assert "The computation as generated" in page and "<math" in page
     assert "\\mathtt" not in page  # every formula became MathML
+    # Chromium ignores mathvariant: the code's names are monospace characters instead
+    assert not re.search(r'mathvariant="monospace">\w<', page)
+    assert "&#x1D68C;" in page  # MATHEMATICAL MONOSPACE SMALL C: the c of fc1, conv1, attn
     _pdflatex(tmp_path, symbackprop.derive(spec, program=True).tex())
 
 
