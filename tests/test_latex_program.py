@@ -44,6 +44,7 @@ from symbackprop.ir.nodes import (
     NllLossBackward,
     Program,
     Reduce,
+    Reshape,
     ScatterAdd,
     Slide,
     SoftmaxBackward,
@@ -285,10 +286,15 @@ def check_program_numerically(model, modules, batch_size: int = 1) -> None:
         close(values[var], grads[pname], pname)
 
 
-@pytest.mark.parametrize("name", ["seed_mlp", "mlp_classifier", "multitask", "cnn"])
-def test_printed_program_evaluates_to_loss_and_grad(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "batch"), [("seed_mlp", 3), ("mlp_classifier", 2),
+                                           ("multitask", 2), ("cnn", 1), ("gpt_block", 1),
+                                           ("tiny_gpt", 1)])
+def test_printed_program_evaluates_to_loss_and_grad(tmp_path: Path, name: str,
+                                                    batch: int) -> None:
+    """(A batch of one where entry-by-entry evaluation of a wide network is slow; the
+    registry entries below evaluate a batch of two.)"""
     model = compile_spec(EXAMPLES / f"{name}.yaml")
-    check_program_numerically(model, example_modules(tmp_path, name))
+    check_program_numerically(model, example_modules(tmp_path, name), batch_size=batch)
 
 
 @pytest.mark.parametrize("name", ["seed_mlp", "cnn", "gpt_block"])
@@ -314,3 +320,94 @@ def test_registry_programs_evaluate(tmp_path: Path, spec_text: str) -> None:
     model, modules = build(tmp_path, spec_text)
     check_program_numerically(model, modules, batch_size=2)
 
+
+
+def _window_add(values: np.ndarray, shape: tuple[int, ...],
+                slides: tuple[tuple[int, int, int, int, int], ...]) -> np.ndarray:
+    """A window-add by its definition, one value at a time (the reference)."""
+    out = np.zeros(shape)
+    slid = {axis: (stride, pad) for axis, stride, pad, _, _ in slides}
+    for idx in np.ndindex(*values.shape):
+        at, j = [], 0
+        for axis in range(len(shape)):
+            if axis in slid:
+                stride, pad = slid[axis]
+                at.append(stride * idx[j] + idx[j + 1] - pad)
+                j += 2
+            else:
+                at.append(idx[j])
+                j += 1
+        if all(0 <= a < n for a, n in zip(at, shape, strict=True)):
+            out[tuple(at)] += values[idx]
+    return out
+
+
+def test_hand_built_statements_evaluate_as_numpy_computes_them(tmp_path: Path) -> None:
+    """What no example or registry network lowers to (strided reads without a tap, padded
+    windows with a fixed axis, a permuting reshape that broadcasts, max and count
+    reductions, stacks with a zero part off axis 0, max pooling with stride below the
+    kernel, cross-entropy over rank-3 logits, a padded window-add): each printed
+    statement, evaluated entry by entry, equals the numpy printer's code run on the same
+    arrays (or, for the window-add, its definition)."""
+    from symbackprop.emit.arrays import NumpyArrayPrinter
+
+    helpers = vars(example_modules(tmp_path, "cnn")["numpy"])
+    rng = np.random.default_rng(0)
+    a, b = sp.Symbol("A"), sp.Symbol("B")
+
+    def check(shapes: dict, values: dict, *stmts: Assign, reference: dict | None = None,
+              ints: frozenset = frozenset()) -> None:
+        program = Program(list(stmts), {k: tuple(sp.Integer(d) for d in v)
+                                        for k, v in shapes.items()}, integers=ints)
+        printer, numpy_printer = ProgramPrinter(program, list(stmts)), NumpyArrayPrinter(program)
+        got, want = dict(values), dict(values)
+        for stmt in stmts:
+            if reference and stmt.target in reference:
+                want[stmt.target] = reference[stmt.target]
+            else:
+                code = numpy_printer.code(stmt)
+                want[stmt.target] = np.asarray(eval(code, {**helpers, "numpy": np, **want}))  # noqa: S307
+            axes, expr = printer.expression(stmt)
+            got[stmt.target] = (evaluate_tensor(expr, axes, shapes[stmt.target], got, {})
+                                if axes else np.array(evaluate(expr, {}, got, {})))
+            np.testing.assert_allclose(got[stmt.target], want[stmt.target], rtol=1e-12,
+                                       atol=1e-12, err_msg=stmt.target)
+
+    x = rng.normal(size=(2, 3, 7))
+    strided = Slide(place=2, kernel_place=-1, stride=2, pad=1, count=4, size=1)
+    check({"x": (2, 3, 7), "u": (2, 3, 4)}, {"x": x},
+          Assign("u", Map(a, ((a, Window("x", (None, None, None), (0, 1, strided), 3)),))))
+    padded = Slide(place=1, kernel_place=2, stride=2, pad=1, count=4, size=3)
+    check({"x": (2, 3, 7), "u": (2, 4, 3)}, {"x": x},
+          Assign("u", Map(a, ((a, Window("x", (None, 1, None), (0, padded), 3)),))))
+    x12, bias = rng.normal(size=(2, 3, 12)), rng.normal(size=(5,))
+    permuted = Reshape("x", (None, 2, None), (2, 3, 4), (0, 2, 1), (2, 4, 3), (0, 2, 3), 4)
+    check({"x": (2, 3, 12), "b": (5,), "u": (2, 5, 4, 3)}, {"x": x12, "b": bias},
+          Assign("u", Map(a * b, ((a, permuted), (b, View("b", (None,), (1,), 4))))))
+    z, c = rng.normal(size=(3, 4)), rng.normal(size=(3, 1))
+    zc = ((a, View("z", (None, None), (0, 1), 2)), (b, View("c", (None, None), (0, 1), 2)))
+    check({"z": (3, 4), "c": (3, 1), "m": (4,), "k": (), "s": (3,)}, {"z": z, "c": c},
+          Assign("m", Reduce("max", a, zc[:1], (0,), 2)),
+          Assign("k", Reduce("count", sp.StrictGreaterThan(a, b), zc, (0, 1), 2)),
+          Assign("s", Reduce("sum", a * b, zc, (1,), 2)))
+    p, q = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    check({"p": (3, 4), "q": (3, 4), "s1": (3, 3, 4), "s2": (3, 4, 2)}, {"p": p, "q": q},
+          Assign("s1", Stack(("p", None, "q"), 1)), Assign("s2", Stack((None, "q"), 2)))
+    xs, g = rng.normal(size=(2, 2, 7, 6)), rng.normal(size=(2, 2, 3, 3))
+    check({"x": (2, 2, 7, 6), "arg": (2, 2, 3, 3), "top": (2, 2, 3, 3), "g": (2, 2, 3, 3),
+           "gx": (2, 2, 7, 6)}, {"x": xs, "g": g},
+          Assign("arg", MaxPool("x", (3, 2), (2, 2), indices=True)),
+          Assign("top", TakeAt("x", "arg", 2)),
+          Assign("gx", MaxPoolBackward("g", "arg", (3, 2), (2, 2), (2, 2, 7, 6))),
+          ints=frozenset({"arg"}))
+    logp = np.log(rng.dirichlet(np.ones(5), size=(2, 3)))
+    ids = np.array([[0, 4, -100], [2, 2, 1]])
+    check({"lp": (2, 3, 5), "ids": (2, 3), "loss": (), "seed": (), "d": (2, 3, 5)},
+          {"lp": logp, "ids": ids, "seed": np.array(1.7)},
+          Assign("loss", NllLoss("lp", "ids", -100)),
+          Assign("d", NllLossBackward("seed", "lp", "ids", -100)), ints=frozenset({"ids"}))
+    values = rng.normal(size=(2, 3, 2, 4, 2))
+    slides = ((1, 2, 1, 3, 2), (2, 1, 1, 4, 2))
+    check({"g": (2, 3, 2, 4, 2), "dx": (2, 5, 5)}, {"g": values},
+          Assign("dx", WindowAdd("g", (2, 5, 5), slides)),
+          reference={"dx": _window_add(values, (2, 5, 5), slides)})

@@ -838,7 +838,9 @@ def _stacked(expr: sp.Expr, axes: tuple[sp.Symbol, ...], shape: tuple[sp.Expr, .
 
 def gradient_statements(deriv: Derivation) -> tuple[Program, list[Assign]]:
     """The program of ``deriv`` and the optimised statements of its ``loss_and_grad``
-    (the loss and every trainable parameter's gradient), as both backends print them."""
+    (the loss and every trainable parameter's gradient): what the torch module's
+    ``loss_and_grad`` runs and ``latex --program`` prints. (The numpy module's computes
+    the same from the program with every leaf's adjoint, for ``wrt=``.)"""
     from .passes import function
 
     program = Lowerer(deriv, seed_argument=False).lower()

@@ -215,9 +215,11 @@ class Window:
 
     @property
     def places(self) -> tuple[int, ...]:
-        """Output axes of the view's axes: kept source axes in order, then kernel axes."""
+        """Output axes of the view's axes: kept source axes in order, then kernel axes (a
+        strided read without a tap, ``kernel_place`` -1, has none)."""
         return (*(a if isinstance(a, int) else a.place for a in self.axes),
-                *(a.kernel_place for a in self.axes if isinstance(a, Slide)))
+                *(a.kernel_place for a in self.axes
+                  if isinstance(a, Slide) and a.kernel_place >= 0))
 
     def placeholder(self) -> sp.Symbol:
         picks = ",".join("" if p is None else str(p) for p in self.picks)

@@ -216,8 +216,12 @@ class CodeIndexPrinter(LatexPrinter):
         out = rf"\log {inner}" if isinstance(arg, sp.Sum) else rf"\log\left({inner}\right)"
         return rf"\left({out}\right)^{{{exp}}}" if exp is not None else out
 
+    def _powered(self, text: str, exp: object) -> str:
+        """``text`` raised to ``exp`` where sympy hands one over (a power of a function)."""
+        return rf"\left({text}\right)^{{{exp}}}" if exp is not None else text
+
     def _print_Iverson(self, expr: sp.Expr, exp: object = None) -> str:
-        return rf"\left[{self._print(expr.args[0])}\right]"
+        return self._powered(rf"\left[{self._print(expr.args[0])}\right]", exp)
 
     def _print_Cases(self, expr: sp.Expr, exp: object = None) -> str:
         rows = []
@@ -225,34 +229,36 @@ class CodeIndexPrinter(LatexPrinter):
         for value, cond in zip(args[::2], args[1::2], strict=True):
             when = r"\text{otherwise}" if cond == sp.true else rf"\text{{if }} {self._print(cond)}"
             rows.append(f"{self._print(value)} & {when}")
-        return r"\begin{cases} " + r" \\ ".join(rows) + r" \end{cases}"
+        return self._powered(r"\begin{cases} " + r" \\ ".join(rows) + r" \end{cases}", exp)
 
     def _print_Logic(self, expr: sp.Expr, exp: object = None) -> str:
         kind, *args = expr.args
         if kind.name == "Not":
-            return rf"\neg {self._print(args[0])}"
-        if kind.name == "ITE":  # if c then a else b
+            out = rf"\neg {self._print(args[0])}"
+        elif kind.name == "ITE":  # if c then a else b
             c, a, b = (self._print(x) for x in args)
-            return (rf"\begin{{cases}} {a} & \text{{if }} {c} \\ {b} & \text{{otherwise}} "
-                    r"\end{cases}")
-        if kind.name in ("And", "Or"):
+            out = (rf"\begin{{cases}} {a} & \text{{if }} {c} \\ {b} & \text{{otherwise}} "
+                   r"\end{cases}")
+        elif kind.name in ("And", "Or"):
             joint = r" \wedge " if kind.name == "And" else r" \vee "
-            return joint.join(rf"\left({self._print(a)}\right)" for a in args)
-        inside = ", ".join(self._print(a) for a in args)
-        return rf"\operatorname{{{kind.name}}}\left({inside}\right)"
+            out = joint.join(rf"\left({self._print(a)}\right)" for a in args)
+        else:
+            inside = ", ".join(self._print(a) for a in args)
+            out = rf"\operatorname{{{kind.name}}}\left({inside}\right)"
+        return self._powered(out, exp)
 
     # The kernels the passes form, as the formula each computes.
     def _print_TanhBackward(self, expr: sp.Expr, exp: object = None) -> str:
         g, y = expr.args
-        return self._print(g * (1 - y**2))
+        return self._powered(self._print(g * (1 - y**2)), exp)
 
     def _print_SigmoidBackward(self, expr: sp.Expr, exp: object = None) -> str:
         g, y = expr.args
-        return self._print(g * y * (1 - y))
+        return self._powered(self._print(g * y * (1 - y)), exp)
 
     def _print_ReluBackward(self, expr: sp.Expr, exp: object = None) -> str:
         g, x = expr.args
-        return self._print(g * Iverson(sp.StrictGreaterThan(x, 0)))
+        return self._powered(self._print(g * Iverson(sp.StrictGreaterThan(x, 0))), exp)
 
     def _print_GeluTanh(self, expr: sp.Expr, exp: object = None) -> str:
         out = rf"\operatorname{{gelu}}_{{\tanh}}\left({self._print(expr.args[0])}\right)"
@@ -260,7 +266,8 @@ class CodeIndexPrinter(LatexPrinter):
 
     def _print_GeluTanhBackward(self, expr: sp.Expr, exp: object = None) -> str:
         g, x = expr.args
-        return rf"{self._print(g)}\,\operatorname{{gelu}}_{{\tanh}}'\left({self._print(x)}\right)"
+        out = rf"{self._print(g)}\,\operatorname{{gelu}}_{{\tanh}}'\left({self._print(x)}\right)"
+        return self._powered(out, exp)
 
 
 class ProgramPrinter:
@@ -652,8 +659,10 @@ def section(program: Program, stmts: Sequence[Assign], function: str) -> list[Bl
     printer = ProgramPrinter(program, stmts)
     out: list[Block] = [Heading(2, spans("The computation as generated")), Para(spans(
         "The statements of the generated ", code(function), " after fusion and the kernel "
-        "passes, in order, with the code's names: each is one line of the numpy and of the "
-        "torch module, and the adjoint of ", code("x"), " is ", code("d_x"), ". Indices "
+        "passes, in order, with the code's names: each is one line of the torch module's ",
+        code(function), " (the numpy module's computes the same from a program that can "
+        "also differentiate the inputs, so some of its temporaries are numbered "
+        "differently), and the adjoint of ", code("x"), " is ", code("d_x"), ". Indices "
         "count from 0 as in the code: ", inline("i_0, i_1, \\ldots"), " are a statement's "
         "own axes, ", inline("s_0, s_1, \\ldots"), " the axes it sums over; ",
         inline("[c]"), " is 1 where the condition ", inline("c"), " holds, else 0; a "
