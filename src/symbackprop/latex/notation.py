@@ -235,6 +235,16 @@ _LETTERS = ("i", "j", "k", "l", "p", "q", "r", "s", "u", "v")
 _INDEX_SYMBOLS: dict[tuple[str, int], sp.Symbol] = {}
 
 
+def cases(show: Callable[[sp.Basic], str],
+          pairs: Iterable[tuple[sp.Basic, sp.Basic]]) -> str:
+    """Values and their conditions as a LaTeX ``cases`` block, each value printed by
+    ``show``; a condition that is always true reads "otherwise"."""
+    rows = [f"{show(value)} & " + (r"\text{otherwise}" if cond == sp.true
+                                   else rf"\text{{if }} {show(cond)}")
+            for value, cond in pairs]
+    return r"\begin{cases} " + r" \\ ".join(rows) + r" \end{cases}"
+
+
 def _index(stem: str, n: int) -> sp.Symbol:
     """The integer index symbol ``<stem><n>``, made once per process.
 
@@ -412,16 +422,11 @@ class IndexPrinter(LatexPrinter):
         return self._print_Relational(expr)
 
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
-        rows = []
-        for value, cond in expr.args:
-            when = r"\text{otherwise}" if cond == sp.true else rf"\text{{if }} {self._print(cond)}"
-            rows.append(f"{self._print(value)} & {when}")
-        return r"\begin{cases} " + r" \\ ".join(rows) + r" \end{cases}"
+        return cases(self._print, expr.args)
 
     def _print_Select(self, expr: sp.Expr, exp: object = None) -> str:
         cond, a, b = expr.args
-        return (rf"\begin{{cases}} {self._print(a)} & \text{{if }} {self._print(cond)} \\ "
-                rf"{self._print(b)} & \text{{otherwise}} \end{{cases}}")
+        return cases(self._print, [(a, cond), (b, sp.true)])
 
     def _print_RowSoftmax(self, expr: sp.Expr, exp: object = None) -> str:
         (arg,) = expr.args

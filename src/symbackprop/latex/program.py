@@ -57,7 +57,7 @@ from ..ir.nodes import (
 )
 from .document import Block, Display, Heading, Para, code, spans
 from .document import math as inline
-from .notation import _esc
+from .notation import _esc, cases
 
 
 def _axis(stem: str, n: int) -> sp.Symbol:
@@ -157,19 +157,23 @@ class CodeIndexPrinter(LatexPrinter):
                rf"_{{{self.sub(indices)}}}")
         return rf"{out}^{{{exp}}}" if exp is not None else out
 
+    def _under(self, expr: sp.Expr) -> str:
+        """The indices a sum, max or arg-max runs over, for under its sign."""
+        return ",".join(self._print(lim[0]) for lim in expr.limits)
+
     def _print_Sum(self, expr: sp.Sum) -> str:
-        under = ",".join(self._print(lim[0]) for lim in expr.limits)
+        under = self._under(expr)
         body = self._print(expr.function)
         if isinstance(expr.function, sp.Add):
             body = rf"\left({body}\right)"
         return rf"\sum_{{{under}}} {body}"
 
     def _print_MaxOver(self, expr: sp.Expr) -> str:
-        under = ",".join(self._print(lim[0]) for lim in expr.limits)
+        under = self._under(expr)
         return rf"\max_{{{under}}} {self._print(expr.function)}"
 
     def _print_ArgMaxOver(self, expr: sp.Expr) -> str:
-        under = ",".join(self._print(lim[0]) for lim in expr.limits)
+        under = self._under(expr)
         return (rf"\operatorname{{argmax}}_{{{under}}} {self._print(expr.function)}"
                 r" \quad \text{(the first, as a flat position in the last axes)}")
 
@@ -224,21 +228,16 @@ class CodeIndexPrinter(LatexPrinter):
         return self._powered(rf"\left[{self._print(expr.args[0])}\right]", exp)
 
     def _print_Cases(self, expr: sp.Expr, exp: object = None) -> str:
-        rows = []
         args = expr.args
-        for value, cond in zip(args[::2], args[1::2], strict=True):
-            when = r"\text{otherwise}" if cond == sp.true else rf"\text{{if }} {self._print(cond)}"
-            rows.append(f"{self._print(value)} & {when}")
-        return self._powered(r"\begin{cases} " + r" \\ ".join(rows) + r" \end{cases}", exp)
+        return self._powered(cases(self._print, zip(args[::2], args[1::2], strict=True)), exp)
 
     def _print_Logic(self, expr: sp.Expr, exp: object = None) -> str:
         kind, *args = expr.args
         if kind.name == "Not":
             out = rf"\neg {self._print(args[0])}"
         elif kind.name == "ITE":  # if c then a else b
-            c, a, b = (self._print(x) for x in args)
-            out = (rf"\begin{{cases}} {a} & \text{{if }} {c} \\ {b} & \text{{otherwise}} "
-                   r"\end{cases}")
+            c, a, b = args
+            out = cases(self._print, [(a, c), (b, sp.true)])
         elif kind.name in ("And", "Or"):
             joint = r" \wedge " if kind.name == "And" else r" \vee "
             out = joint.join(rf"\left({self._print(a)}\right)" for a in args)
@@ -575,13 +574,18 @@ class ProgramPrinter:
     def _Conv(self, op: Conv, axes: list[sp.Expr]) -> sp.Expr:
         d = len(op.stride)
         geometry = list(zip(op.stride, op.pad, strict=True))
+
+        def read_at(positions: Sequence[sp.Expr], taps: Sequence[sp.Expr]) -> list[sp.Expr]:
+            # the input entry tap t of the window at position i reads: s i + t - p
+            return [st * i + t - pd for (st, pd), i, t in zip(geometry, positions, taps,
+                                                              strict=True)]
+
         if op.mode == "forward":  # out[n, o, i] = sum_{c,t} B[o, c, t] A[n, c, s i + t - p]
             n, o, *pos = axes
             kernel = self.shape(op.b)
             c = sum_index(0)
             taps = [sum_index(1 + k) for k in range(d)]
-            read = [st * i + t - pd for (st, pd), i, t in zip(geometry, pos, taps, strict=True)]
-            term = self.ref(op.b, [o, c, *taps]) * self.ref(op.a, [n, c, *read])
+            term = self.ref(op.b, [o, c, *taps]) * self.ref(op.a, [n, c, *read_at(pos, taps)])
             out = self._sum([(c, kernel[1]), *zip(taps, kernel[2:], strict=True)], term)
             return out + self.ref(op.bias, [o]) if op.bias else out
         if op.mode == "weight":  # out[o, c, t] = sum_{n,i} B[n, o, i] A[n, c, s i + t - p]
@@ -589,8 +593,7 @@ class ProgramPrinter:
             grad = self.shape(op.b)
             n = sum_index(0)
             pos = [sum_index(1 + k) for k in range(d)]
-            read = [st * i + t - pd for (st, pd), i, t in zip(geometry, pos, tap, strict=True)]
-            term = self.ref(op.b, [n, o, *pos]) * self.ref(op.a, [n, c, *read])
+            term = self.ref(op.b, [n, o, *pos]) * self.ref(op.a, [n, c, *read_at(pos, tap)])
             return self._sum([(n, grad[0]), *zip(pos, grad[2:], strict=True)], term)
         # input: the adjoint spread back over every window that read each position
         n, c, *at = axes
@@ -598,8 +601,8 @@ class ProgramPrinter:
         o = sum_index(0)
         pos = [sum_index(1 + k) for k in range(d)]
         taps = [sum_index(1 + d + k) for k in range(d)]
-        where = sp.Mul(*(Iverson(sp.Eq(st * i + t - pd, h)) for (st, pd), i, t, h in
-                         zip(geometry, pos, taps, at, strict=True)))
+        where = sp.Mul(*(Iverson(sp.Eq(r, h)) for r, h in
+                         zip(read_at(pos, taps), at, strict=True)))
         term = where * self.ref(op.a, [n, o, *pos]) * self.ref(op.b, [o, c, *taps])
         return self._sum([(o, grad[1]), *zip(pos, grad[2:], strict=True),
                           *zip(taps, kernel[2:], strict=True)], term)
