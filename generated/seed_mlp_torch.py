@@ -6,7 +6,8 @@ DO NOT EDIT: this file is generated from seed_mlp.yaml
 `model(**batch).backward()` (model a `Model`) runs the generated backward pass below (a
 torch.autograd.Function), not autograd's tape; it also fills the gradient of any input that
 asks for one, and is itself differentiable. Nothing pins a device or dtype: the same
-code runs on CPU and CUDA tensors of any floating dtype. Imports only torch.
+code runs on CPU and CUDA tensors of any floating dtype. Imports only torch and the
+standard library.
 """
 
 import torch
@@ -616,6 +617,11 @@ class LossFunction(torch.autograd.Function):
         return _loss_backward(ctx.needs_input_grad, release, d_loss, *arguments, *kept)
 
 
+# Whether a torch.func transform (grad, vmap, jacrev, ...) is active: a torch internal;
+# where a torch release lacks it, assume one is.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
 def _apply(*arguments):
     # LossFunction.apply(*arguments). Function.apply first binds default arguments with
     # inspect.signature, on every call (about 50 us, a quarter of a small network's step;
@@ -626,11 +632,10 @@ def _apply(*arguments):
     return _FUNCTION_APPLY(*arguments)
 
 
-# The entry point and the transform test are torch internals: where a torch release
-# lacks them, every call takes the public LossFunction.apply.
+# The entry point is a torch internal: where a torch release lacks it, every call takes
+# the public LossFunction.apply.
 try:
     _FUNCTION_APPLY = super(torch.autograd.function._SingleLevelFunction, LossFunction).apply
-    _transforms_active = torch._C._are_functorch_transforms_active
 except AttributeError:
     _FUNCTION_APPLY = None
 

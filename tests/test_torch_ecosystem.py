@@ -667,3 +667,91 @@ def test_numpy_sgd_and_adam_match_torch_optim_over_100_steps(mods) -> None:
             err = np.abs(params[k] - tparams[k].detach().numpy()).max()
             assert err <= 1e-12 * max(1.0, np.abs(params[k]).max()), (k, err)
 
+
+
+# ------------------------------------------------------------------ numpy's tanh on the CPU
+class _CountingNumpy:
+    """numpy, counting the tanh calls that the torch module makes through it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.from_dlpack = np.from_dlpack
+
+    def tanh(self, *args, **kwargs):
+        self.calls += 1
+        return np.tanh(*args, **kwargs)
+
+
+@pytest.fixture
+def numpy_tanh(mods, monkeypatch):
+    """mlp_classifier's torch module with numpy's tanh for every size (the module's own
+    threshold keeps small tensors, as in the other tests here, on torch's kernel)."""
+    mod = mods["mlp_classifier"]["torch"]
+    spy = _CountingNumpy()
+    monkeypatch.setattr(mod, "_NUMPY", spy)
+    monkeypatch.setattr(mod, "_NUMPY_TANH_MIN", 1)
+    return mod, spy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_tanh_uses_numpy_where_nothing_records_and_matches_torch(numpy_tanh, dtype) -> None:
+    mod, spy = numpy_tanh
+    x = 4 * torch.randn(64, 48, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    ulp = torch.finfo(dtype).eps
+    for value in (x, x.T, x[:, ::3], x[:1, :1]):  # contiguous, transposed, strided, one
+        before = spy.calls
+        y = mod._tanh(value)
+        assert spy.calls == before + 1
+        assert y.shape == value.shape and y.dtype == dtype
+        assert torch.allclose(y, torch.tanh(value), rtol=4 * ulp, atol=0)
+        assert y.untyped_storage().resizable()  # the backward may free it early
+    with torch.no_grad():  # a tensor that requires grad, where nothing records
+        w = x.clone().requires_grad_()
+        assert torch.equal(mod._tanh(w), mod._tanh(x))
+    assert spy.calls == 6
+
+
+def test_tanh_keeps_torch_kernel_where_torch_must_see_it(numpy_tanh) -> None:
+    mod, spy = numpy_tanh
+    x = torch.randn(8, 8, dtype=F64, requires_grad=True)
+    y = mod._tanh(x)  # autograd records it
+    assert y.grad_fn is not None
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(g, 1 - torch.tanh(x.detach()) ** 2, rtol=1e-15)
+    assert mod._tanh(x.detach().to(torch.bfloat16)).dtype == torch.bfloat16  # numpy has none
+    torch.func.vmap(mod._tanh)(x.detach())
+    torch.func.grad(lambda v: mod._tanh(v).sum())(x.detach())
+    assert spy.calls == 0
+    mod._NUMPY = None  # numpy not loaded: torch's kernel (monkeypatch restores it)
+    assert torch.equal(mod._tanh(x.detach()), torch.tanh(x.detach()))
+
+
+def test_model_with_numpy_tanh_matches_twin_first_and_second_order(numpy_tanh, mods) -> None:
+    """The training step, a second backward after the first freed the intermediates that
+    numpy wrote, and second derivatives (recorded with torch's kernel) against the twin."""
+    mod, spy = numpy_tanh
+    model, twin = pair(mods, "mlp_classifier")
+    b = batch("mlp_classifier", n=512)
+    loss = model(**b)
+    assert spy.calls == 1
+    loss.backward(retain_graph=True)
+    assert any(t.untyped_storage().nbytes() == 0 for t in loss.grad_fn.saved_tensors)
+    once = {k: g.clone() for k, g in grads(model).items()}
+    twin(**b).backward()
+    close(once, grads(twin), 1e-12)
+    loss.backward()
+    close(grads(model), {k: 2 * g for k, g in once.items()}, 1e-15)
+    _, lag = mod.loss_and_grad(model.params(), **b)
+    close(lag, grads(twin), 1e-12)
+    small = batch("mlp_classifier", n=3)
+    args = [v.requires_grad_() for v in small.values()] + list(model.parameters())
+    assert torch.autograd.gradgradcheck(apply_loss(mod), args, fast_mode=True)
+
+
+def test_torch_compile_sees_tanh_without_graph_break(numpy_tanh, mods) -> None:
+    mod, spy = numpy_tanh
+    model, _ = pair(mods, "mlp_classifier", dtype=torch.float32)
+    b = batch("mlp_classifier", dtype=torch.float32)
+    explained = torch._dynamo.explain(model)(**b)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    assert spy.calls == 0

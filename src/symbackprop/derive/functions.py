@@ -350,7 +350,9 @@ PRIMITIVES: tuple[Primitive, ...] = (
         "tanh", sp.tanh, "hyperbolic tangent",
         definition=lambda x: (sp.exp(x) - sp.exp(-x)) / (sp.exp(x) + sp.exp(-x)),
         derivative=lambda x, y: 1 - y**2,
-        numpy="numpy.tanh({0})", torch="torch.tanh({0})", latex=r"\tanh",
+        # torch's CPU tanh is several times slower than numpy's: the torch module's _tanh
+        # takes numpy's kernel where nothing records or traces the call.
+        numpy="numpy.tanh({0})", torch="_tanh({0})", torch_helpers=("tanh",), latex=r"\tanh",
         oracle=lambda t, a: t.tanh(a), reference=lambda x: _mp().tanh(x)),
     Primitive(
         "sinh", sp.sinh, "hyperbolic sine",
