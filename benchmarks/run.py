@@ -386,7 +386,8 @@ def environment_lines(results: dict[Key, dict[str, Any]], pinning: str, jobs: in
     except OSError:
         pass
     lines = [
-        f"- code: symbackprop {symbackprop_version()}, repository at {git_state()}",
+        f"- code: symbackprop {symbackprop_version()}, repository at "
+        f"{opts.get('code') or git_state()}",
         f"- machine: {cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}"
         f", numpy {first.get('numpy', '?')}, torch "
         f"{next((e['torch'] for e in envs if 'torch' in e), 'absent')}, jax "
@@ -561,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="symbackprop-bench-") as tmp:
         gen_dir = Path(tmp)
         log(f"generating {', '.join(w.name for w in works)} into {gen_dir}")
+        opts["code"] = git_state()  # the tree the timed modules come from, not the one at the end
         generate_modules(works, gen_dir)
         keys = [(w, b, n) for w, b in combos for n in names]
         results = sweep(keys, gen_dir, env, opts, rounds, args.jobs, not args.no_memory)

@@ -8,8 +8,7 @@ A small convolutional classifier for 8x8 single-channel images (scikit-learn's d
 `model(**batch).backward()` (model a `Model`) runs the generated backward pass below (a
 torch.autograd.Function), not autograd's tape; it also fills the gradient of any input that
 asks for one, and is itself differentiable. Nothing pins a device or dtype: the same
-code runs on CPU and CUDA tensors of any floating dtype. Imports only torch and the
-standard library.
+code runs on CPU and CUDA tensors of any floating dtype. Imports only torch.
 """
 
 import torch

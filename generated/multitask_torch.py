@@ -9,7 +9,7 @@ A shared tanh trunk with two heads: a regression head (mean squared error) and a
 torch.autograd.Function), not autograd's tape; it also fills the gradient of any input that
 asks for one, and is itself differentiable. Nothing pins a device or dtype: the same
 code runs on CPU and CUDA tensors of any floating dtype. Imports only torch and the
-standard library (a CPU tanh uses numpy's kernel where torch has loaded numpy).
+standard library (a large CPU tanh uses numpy's kernel where torch has loaded numpy).
 """
 
 import sys
@@ -332,35 +332,53 @@ def _widest(grad, out):
 
 
 def _tanh(x):
-    # torch's CPU kernel for tanh takes 4 to 7 times as long as numpy's vectorised one
-    # (166 against 24 us for 65536 float32 values, 321 against 112 us in float64): more
-    # than a small layer's matrix product. Where nothing records, traces or transforms
-    # the call, a large CPU tensor's tanh is numpy's, written into a new torch tensor;
-    # everywhere else (autograd recording, torch.func, torch.compile, CUDA, other dtypes,
-    # numpy not loaded) it is torch's.
-    if (x.numel() < _NUMPY_TANH_MIN or _NUMPY is None or torch.compiler.is_compiling()
-            or type(x) is not torch.Tensor or x.device.type != "cpu"
-            or x.dtype not in _NUMPY_TANH_DTYPES or _transforms_active()
-            or x.requires_grad and torch.is_grad_enabled()):
+    # torch's CPU kernel for tanh takes 4 to 7 times as long as numpy's vectorised one on
+    # one thread (166 against 24 us for 65536 float32 values, 321 against 112 us in
+    # float64): more than a small layer's matrix product. So a large float CPU tensor's
+    # tanh is numpy's, written into a new torch tensor, where only this call can see it;
+    # everywhere else it is torch's (see _numpy_may_run).
+    if not _numpy_may_run(x):
         return torch.tanh(x)
     out = torch.empty_like(x)
-    try:
-        # Views through DLPack, not Tensor.numpy(), which would make both storages
-        # unresizable for good (the backward frees saved intermediates by resizing).
-        _NUMPY.tanh(_NUMPY.from_dlpack(x.detach()), out=_NUMPY.from_dlpack(out))
-    except (RuntimeError, TypeError, BufferError):  # one numpy cannot view (a negated view)
-        return torch.tanh(x)
+    # Views through DLPack, not Tensor.numpy(), which would make both storages
+    # unresizable for good (the backward frees saved intermediates by resizing).
+    _NUMPY.tanh(_NUMPY.from_dlpack(x.detach()), out=_NUMPY.from_dlpack(out))
     return out
+
+
+def _numpy_may_run(x):
+    # Whether numpy may compute on x's memory in torch's place: not while torch.compile,
+    # export or torch.jit.trace traces (first, so that no size check becomes a guard on
+    # a symbolic shape), nor for a tensor subclass or wrapper; only a plain strided CPU
+    # tensor of a dtype numpy has, large enough to be worth it, without a lazy negation
+    # or zero bit (DLPack would export the memory as it lies); and not where anything
+    # else must see the call: autograd recording it, forward-mode AD, a torch.func
+    # transform, a dispatch or function mode (make_fx, FlopCounterMode, ...). With more
+    # than a few threads torch's kernel, spread over them, is used again.
+    return not (
+        torch.compiler.is_compiling() or type(x) is not torch.Tensor or _NUMPY is None
+        or torch._C._get_tracing_state() is not None
+        or x.numel() < _NUMPY_TANH_MIN or x.device.type != "cpu"
+        or x.dtype not in _NUMPY_TANH_DTYPES or x.layout is not torch.strided
+        or x.is_neg() or x._is_zerotensor()
+        or x.requires_grad and torch.is_grad_enabled()
+        or _FORWARD_AD._current_level >= 0 or _transforms_active()
+        or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+        or torch.get_num_threads() > _NUMPY_TANH_MAX_THREADS)
 
 
 # numpy where torch has loaded it (torch does whenever numpy 1.22 or later is installed);
 # the module itself never imports it. Below _NUMPY_TANH_MIN values torch's own kernel
-# is faster than the checks and the two views (about 8 us; equal near 3000 float32).
+# is faster than the checks and the two views (about 9 us; equal near 3000 float32).
+# torch parallelises a large tanh over its threads, numpy's runs on one: from about 6
+# threads on, torch's is as fast.
 _NUMPY = sys.modules.get("numpy")
 if not hasattr(_NUMPY, "from_dlpack"):
     _NUMPY = None
 _NUMPY_TANH_DTYPES = (torch.float32, torch.float64)
 _NUMPY_TANH_MIN = 4096
+_NUMPY_TANH_MAX_THREADS = 4
+_FORWARD_AD = torch.autograd.forward_ad
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)

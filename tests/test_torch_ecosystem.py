@@ -726,6 +726,60 @@ def test_tanh_keeps_torch_kernel_where_torch_must_see_it(numpy_tanh) -> None:
     assert torch.equal(mod._tanh(x.detach()), torch.tanh(x.detach()))
 
 
+def test_tanh_keeps_torch_kernel_for_every_other_observer(numpy_tanh, monkeypatch) -> None:
+    """Forward-mode AD, torch.jit.trace, make_fx and dispatch modes see torch.tanh (numpy's
+    call would hand them an empty tensor); lazily negated or zero tensors are computed
+    by torch (DLPack would export their memory as it lies); and with many threads
+    torch's kernel, which uses them, is faster again."""
+    import torch.autograd.forward_ad as fwad
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mod, spy = numpy_tanh
+    x, v = torch.randn(32, 16, dtype=F64), torch.randn(32, 16, dtype=F64)
+    with fwad.dual_level():
+        y = mod._tanh(fwad.make_dual(x, v))
+        tangent = fwad.unpack_dual(y).tangent
+    assert tangent is not None and torch.allclose(tangent, v * (1 - torch.tanh(x) ** 2))
+    traced = torch.jit.trace(mod._tanh, (x,), check_trace=False)  # (the check runs eagerly)
+    other = torch.randn(32, 16, dtype=F64)
+    assert torch.allclose(traced(other), torch.tanh(other))
+    graph = make_fx(mod._tanh)(x).graph
+    assert any("tanh" in str(node.target) for node in graph.nodes)
+    with FlopCounterMode(display=False):
+        assert torch.allclose(mod._tanh(x), torch.tanh(x))
+    negated = torch.randn(32, 16, dtype=torch.complex128).conj().imag
+    assert negated.is_neg() and torch.allclose(mod._tanh(negated), torch.tanh(negated))
+    zeros = torch._efficientzerotensor((32, 16), dtype=F64)
+    assert torch.equal(mod._tanh(zeros), torch.zeros(32, 16, dtype=F64))
+    assert spy.calls == 0
+    monkeypatch.setattr(mod, "_NUMPY_TANH_MAX_THREADS", 0)  # as if torch had many threads
+    assert torch.equal(mod._tanh(x), torch.tanh(x)) and spy.calls == 0
+    monkeypatch.undo()
+    assert torch.allclose(mod._tanh(x), torch.tanh(x), rtol=1e-15, atol=0)
+
+
+def test_export_with_a_dynamic_batch_through_tanh(mods) -> None:
+    """The size test comes after the tracing test: no guard on the symbolic batch."""
+    mod = mods["mlp_classifier"]["torch"]
+    model = mod.Model(dtype=torch.float32)
+
+    class Predict(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x=x)
+
+    batch = torch.export.Dim("batch", min=2, max=4096)
+    program = torch.export.export(Predict(), (torch.randn(256, 64),),
+                                  dynamic_shapes={"x": {0: batch}})
+    for n in (3, 255, 300):  # tanh over 32 n values: either side of the numpy threshold
+        x = torch.randn(n, 64)
+        assert torch.allclose(program.module()(x), model(x=x), rtol=1e-5, atol=1e-6)
+
+
 def test_model_with_numpy_tanh_matches_twin_first_and_second_order(numpy_tanh, mods) -> None:
     """The training step, a second backward after the first freed the intermediates that
     numpy wrote, and second derivatives (recorded with torch's kernel) against the twin."""
