@@ -685,10 +685,8 @@ def forward(params, *, x):
     del tmp2, ln_2_var
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
+    mlp_c_fc_z = ln_2 @ mlp_c_fc_weight.T + mlp_c_fc_bias
     del ln_2
-    mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(mlp_c_fc_z), in one call
@@ -696,10 +694,8 @@ def forward(params, *, x):
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
+    mlp_c_proj = mlp_c_fc @ mlp_c_proj_weight.T + mlp_c_proj_bias
     del mlp_c_fc
-    mlp_c_proj = mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
 
     # add res2: res2[i0, i1, i2] = mlp_c_proj[i0, i1, i2] + res1[i0, i1, i2]
     res2 = mlp_c_proj + res1
@@ -809,10 +805,8 @@ def loss(params, *, x, t):
     del tmp2, ln_2_var
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
+    mlp_c_fc_z = ln_2 @ mlp_c_fc_weight.T + mlp_c_fc_bias
     del ln_2
-    mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(mlp_c_fc_z), in one call
@@ -820,10 +814,8 @@ def loss(params, *, x, t):
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
+    mlp_c_proj = mlp_c_fc @ mlp_c_proj_weight.T + mlp_c_proj_bias
     del mlp_c_fc
-    mlp_c_proj = mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
 
     # mse loss: loss[] = sum_{s0,s1,s2}((mlp_c_proj[s0, s1, s2] + res1[s0, s1, s2] - t[s0, s1, s2])**2)/(32*N*T)
     tmp_sum15 = numpy.sum((mlp_c_proj + res1 - t)**2)
@@ -956,18 +948,14 @@ def loss_and_grad(params, *, x, t, wrt=None):
     ln_2 = ln_2_bias + tmp10*tmp9
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
-    mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
+    mlp_c_fc_z = ln_2 @ mlp_c_fc_weight.T + mlp_c_fc_bias
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(mlp_c_fc_z), in one call
     mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
-    mlp_c_proj = mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
+    mlp_c_proj = mlp_c_fc @ mlp_c_proj_weight.T + mlp_c_proj_bias
     tmp14 = mlp_c_proj + res1 - t
     del mlp_c_proj
 

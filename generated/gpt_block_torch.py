@@ -683,10 +683,8 @@ def forward(params, *, x):
     del tmp2, ln_2_var
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
+    mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
     del ln_2
-    mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(mlp_c_fc_z), in one call
@@ -694,10 +692,8 @@ def forward(params, *, x):
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
+    mlp_c_proj = torch.nn.functional.linear(mlp_c_fc, mlp_c_proj_weight, mlp_c_proj_bias)
     del mlp_c_fc
-    mlp_c_proj = mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
 
     # add res2: res2[i0, i1, i2] = mlp_c_proj[i0, i1, i2] + res1[i0, i1, i2]
     res2 = mlp_c_proj + res1
@@ -809,10 +805,8 @@ def loss(params, *, x, t):
     del tmp2, ln_2_var
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
+    mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
     del ln_2
-    mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(mlp_c_fc_z), in one call
@@ -820,10 +814,8 @@ def loss(params, *, x, t):
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
+    mlp_c_proj = torch.nn.functional.linear(mlp_c_fc, mlp_c_proj_weight, mlp_c_proj_bias)
     del mlp_c_fc
-    mlp_c_proj = mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
 
     # mse loss: loss[] = sum_{s0,s1,s2}((mlp_c_proj[s0, s1, s2] + res1[s0, s1, s2] - t[s0, s1, s2])**2)/(32*N*T)
     tmp_sum15 = torch.sum((mlp_c_proj + res1 - t)**2)
@@ -936,18 +928,14 @@ def loss_and_grad(params, *, x, t):
         ln_2 = ln_2_bias + tmp6*tmp7
 
         # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
-        tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
-        mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
-        del tmp_sum13
+        mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
 
         # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
         # gelu_tanh(mlp_c_fc_z), in one call
         mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
 
         # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
-        tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
-        mlp_c_proj = mlp_c_proj_bias + tmp_sum14
-        del tmp_sum14
+        mlp_c_proj = torch.nn.functional.linear(mlp_c_fc, mlp_c_proj_weight, mlp_c_proj_bias)
         tmp11 = mlp_c_proj + res1 - t
         del mlp_c_proj
 
@@ -1212,18 +1200,14 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     ln_2 = ln_2_bias + tmp10*tmp9
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = ln_2 @ mlp_c_fc_weight.T
-    mlp_c_fc_z = mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
+    mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(mlp_c_fc_z), in one call
     mlp_c_fc = torch.nn.functional.gelu(mlp_c_fc_z, approximate="tanh")
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = mlp_c_fc @ mlp_c_proj_weight.T
-    mlp_c_proj = mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
+    mlp_c_proj = torch.nn.functional.linear(mlp_c_fc, mlp_c_proj_weight, mlp_c_proj_bias)
     tmp14 = mlp_c_proj + res1 - t
     del mlp_c_proj
 

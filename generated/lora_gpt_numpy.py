@@ -1435,9 +1435,7 @@ def forward(params, *, idx):
     del tmp4, h_0_ln_2_var
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum22 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-    h_0_mlp_c_fc_base = h_0_mlp_c_fc_bias + tmp_sum22
-    del tmp_sum22
+    h_0_mlp_c_fc_base = h_0_ln_2 @ h_0_mlp_c_fc_weight.T + h_0_mlp_c_fc_bias
 
     # lora_down h_0_mlp_c_fc: h_0_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_lora_A[i2, s0])
     tmp_sum23 = h_0_ln_2 @ h_0_mlp_c_fc_lora_A.T
@@ -1457,9 +1455,7 @@ def forward(params, *, idx):
     del h_0_mlp_c_fc_z
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-    h_0_mlp_c_proj_base = h_0_mlp_c_proj_bias + tmp_sum25
-    del tmp_sum25
+    h_0_mlp_c_proj_base = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T + h_0_mlp_c_proj_bias
 
     # lora_down h_0_mlp_c_proj: h_0_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_lora_A[i2, s0])
     tmp_sum26 = h_0_mlp_c_fc @ h_0_mlp_c_proj_lora_A.T
@@ -1595,9 +1591,7 @@ def forward(params, *, idx):
     del tmp7, h_1_ln_2_var
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum49 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-    h_1_mlp_c_fc_base = h_1_mlp_c_fc_bias + tmp_sum49
-    del tmp_sum49
+    h_1_mlp_c_fc_base = h_1_ln_2 @ h_1_mlp_c_fc_weight.T + h_1_mlp_c_fc_bias
 
     # lora_down h_1_mlp_c_fc: h_1_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_lora_A[i2, s0])
     tmp_sum50 = h_1_ln_2 @ h_1_mlp_c_fc_lora_A.T
@@ -1617,9 +1611,7 @@ def forward(params, *, idx):
     del h_1_mlp_c_fc_z
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-    h_1_mlp_c_proj_base = h_1_mlp_c_proj_bias + tmp_sum52
-    del tmp_sum52
+    h_1_mlp_c_proj_base = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T + h_1_mlp_c_proj_bias
 
     # lora_down h_1_mlp_c_proj: h_1_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_lora_A[i2, s0])
     tmp_sum53 = h_1_mlp_c_fc @ h_1_mlp_c_proj_lora_A.T
@@ -1798,9 +1790,7 @@ def loss(params, *, idx, y):
     del tmp4, h_0_ln_2_var
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum22 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-    h_0_mlp_c_fc_base = h_0_mlp_c_fc_bias + tmp_sum22
-    del tmp_sum22
+    h_0_mlp_c_fc_base = h_0_ln_2 @ h_0_mlp_c_fc_weight.T + h_0_mlp_c_fc_bias
 
     # lora_down h_0_mlp_c_fc: h_0_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_lora_A[i2, s0])
     tmp_sum23 = h_0_ln_2 @ h_0_mlp_c_fc_lora_A.T
@@ -1820,9 +1810,7 @@ def loss(params, *, idx, y):
     del h_0_mlp_c_fc_z
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-    h_0_mlp_c_proj_base = h_0_mlp_c_proj_bias + tmp_sum25
-    del tmp_sum25
+    h_0_mlp_c_proj_base = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T + h_0_mlp_c_proj_bias
 
     # lora_down h_0_mlp_c_proj: h_0_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_lora_A[i2, s0])
     tmp_sum26 = h_0_mlp_c_fc @ h_0_mlp_c_proj_lora_A.T
@@ -1958,9 +1946,7 @@ def loss(params, *, idx, y):
     del tmp7, h_1_ln_2_var
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum49 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-    h_1_mlp_c_fc_base = h_1_mlp_c_fc_bias + tmp_sum49
-    del tmp_sum49
+    h_1_mlp_c_fc_base = h_1_ln_2 @ h_1_mlp_c_fc_weight.T + h_1_mlp_c_fc_bias
 
     # lora_down h_1_mlp_c_fc: h_1_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_lora_A[i2, s0])
     tmp_sum50 = h_1_ln_2 @ h_1_mlp_c_fc_lora_A.T
@@ -1980,9 +1966,7 @@ def loss(params, *, idx, y):
     del h_1_mlp_c_fc_z
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-    h_1_mlp_c_proj_base = h_1_mlp_c_proj_bias + tmp_sum52
-    del tmp_sum52
+    h_1_mlp_c_proj_base = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T + h_1_mlp_c_proj_bias
 
     # lora_down h_1_mlp_c_proj: h_1_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_lora_A[i2, s0])
     tmp_sum53 = h_1_mlp_c_fc @ h_1_mlp_c_proj_lora_A.T
@@ -2219,9 +2203,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum22 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-    h_0_mlp_c_fc_base = h_0_mlp_c_fc_bias + tmp_sum22
-    del tmp_sum22
+    h_0_mlp_c_fc_base = h_0_ln_2 @ h_0_mlp_c_fc_weight.T + h_0_mlp_c_fc_bias
 
     # lora_down h_0_mlp_c_fc: h_0_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_lora_A[i2, s0])
     tmp_sum23 = h_0_ln_2 @ h_0_mlp_c_fc_lora_A.T
@@ -2238,9 +2220,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-    h_0_mlp_c_proj_base = h_0_mlp_c_proj_bias + tmp_sum25
-    del tmp_sum25
+    h_0_mlp_c_proj_base = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T + h_0_mlp_c_proj_bias
 
     # lora_down h_0_mlp_c_proj: h_0_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_lora_A[i2, s0])
     tmp_sum26 = h_0_mlp_c_fc @ h_0_mlp_c_proj_lora_A.T
@@ -2367,9 +2347,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum49 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-    h_1_mlp_c_fc_base = h_1_mlp_c_fc_bias + tmp_sum49
-    del tmp_sum49
+    h_1_mlp_c_fc_base = h_1_ln_2 @ h_1_mlp_c_fc_weight.T + h_1_mlp_c_fc_bias
 
     # lora_down h_1_mlp_c_fc: h_1_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_lora_A[i2, s0])
     tmp_sum50 = h_1_ln_2 @ h_1_mlp_c_fc_lora_A.T
@@ -2386,9 +2364,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-    h_1_mlp_c_proj_base = h_1_mlp_c_proj_bias + tmp_sum52
-    del tmp_sum52
+    h_1_mlp_c_proj_base = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T + h_1_mlp_c_proj_bias
 
     # lora_down h_1_mlp_c_proj: h_1_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_lora_A[i2, s0])
     tmp_sum53 = h_1_mlp_c_fc @ h_1_mlp_c_proj_lora_A.T

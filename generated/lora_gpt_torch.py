@@ -1450,9 +1450,7 @@ def forward(params, *, idx):
     del tmp4, h_0_ln_2_var
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum22 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-    h_0_mlp_c_fc_base = h_0_mlp_c_fc_bias + tmp_sum22
-    del tmp_sum22
+    h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
 
     # lora_down h_0_mlp_c_fc: h_0_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_lora_A[i2, s0])
     tmp_sum23 = h_0_ln_2 @ h_0_mlp_c_fc_lora_A.T
@@ -1472,9 +1470,7 @@ def forward(params, *, idx):
     del h_0_mlp_c_fc_z
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-    h_0_mlp_c_proj_base = h_0_mlp_c_proj_bias + tmp_sum25
-    del tmp_sum25
+    h_0_mlp_c_proj_base = torch.nn.functional.linear(h_0_mlp_c_fc, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias)
 
     # lora_down h_0_mlp_c_proj: h_0_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_lora_A[i2, s0])
     tmp_sum26 = h_0_mlp_c_fc @ h_0_mlp_c_proj_lora_A.T
@@ -1610,9 +1606,7 @@ def forward(params, *, idx):
     del tmp7, h_1_ln_2_var
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum49 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-    h_1_mlp_c_fc_base = h_1_mlp_c_fc_bias + tmp_sum49
-    del tmp_sum49
+    h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
 
     # lora_down h_1_mlp_c_fc: h_1_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_lora_A[i2, s0])
     tmp_sum50 = h_1_ln_2 @ h_1_mlp_c_fc_lora_A.T
@@ -1632,9 +1626,7 @@ def forward(params, *, idx):
     del h_1_mlp_c_fc_z
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-    h_1_mlp_c_proj_base = h_1_mlp_c_proj_bias + tmp_sum52
-    del tmp_sum52
+    h_1_mlp_c_proj_base = torch.nn.functional.linear(h_1_mlp_c_fc, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias)
 
     # lora_down h_1_mlp_c_proj: h_1_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_lora_A[i2, s0])
     tmp_sum53 = h_1_mlp_c_fc @ h_1_mlp_c_proj_lora_A.T
@@ -1815,9 +1807,7 @@ def loss(params, *, idx, y):
     del tmp4, h_0_ln_2_var
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum22 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-    h_0_mlp_c_fc_base = h_0_mlp_c_fc_bias + tmp_sum22
-    del tmp_sum22
+    h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
 
     # lora_down h_0_mlp_c_fc: h_0_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_lora_A[i2, s0])
     tmp_sum23 = h_0_ln_2 @ h_0_mlp_c_fc_lora_A.T
@@ -1837,9 +1827,7 @@ def loss(params, *, idx, y):
     del h_0_mlp_c_fc_z
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-    h_0_mlp_c_proj_base = h_0_mlp_c_proj_bias + tmp_sum25
-    del tmp_sum25
+    h_0_mlp_c_proj_base = torch.nn.functional.linear(h_0_mlp_c_fc, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias)
 
     # lora_down h_0_mlp_c_proj: h_0_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_lora_A[i2, s0])
     tmp_sum26 = h_0_mlp_c_fc @ h_0_mlp_c_proj_lora_A.T
@@ -1975,9 +1963,7 @@ def loss(params, *, idx, y):
     del tmp7, h_1_ln_2_var
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum49 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-    h_1_mlp_c_fc_base = h_1_mlp_c_fc_bias + tmp_sum49
-    del tmp_sum49
+    h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
 
     # lora_down h_1_mlp_c_fc: h_1_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_lora_A[i2, s0])
     tmp_sum50 = h_1_ln_2 @ h_1_mlp_c_fc_lora_A.T
@@ -1997,9 +1983,7 @@ def loss(params, *, idx, y):
     del h_1_mlp_c_fc_z
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-    h_1_mlp_c_proj_base = h_1_mlp_c_proj_bias + tmp_sum52
-    del tmp_sum52
+    h_1_mlp_c_proj_base = torch.nn.functional.linear(h_1_mlp_c_fc, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias)
 
     # lora_down h_1_mlp_c_proj: h_1_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_lora_A[i2, s0])
     tmp_sum53 = h_1_mlp_c_fc @ h_1_mlp_c_proj_lora_A.T
@@ -2190,9 +2174,7 @@ def loss_and_grad(params, *, idx, y):
         h_0_ln_2 = h_0_ln_2_bias + tmp6*tmp7
 
         # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-        tmp_sum22 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-        h_0_mlp_c_fc_base = h_0_mlp_c_fc_bias + tmp_sum22
-        del tmp_sum22
+        h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
 
         # lora_down h_0_mlp_c_fc: h_0_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_lora_A[i2, s0])
         tmp_sum23 = h_0_ln_2 @ h_0_mlp_c_fc_lora_A.T
@@ -2209,9 +2191,7 @@ def loss_and_grad(params, *, idx, y):
         h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
         # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-        tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-        h_0_mlp_c_proj_base = h_0_mlp_c_proj_bias + tmp_sum25
-        del tmp_sum25
+        h_0_mlp_c_proj_base = torch.nn.functional.linear(h_0_mlp_c_fc, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias)
 
         # lora_down h_0_mlp_c_proj: h_0_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_lora_A[i2, s0])
         tmp_sum26 = h_0_mlp_c_fc @ h_0_mlp_c_proj_lora_A.T
@@ -2340,9 +2320,7 @@ def loss_and_grad(params, *, idx, y):
         h_1_ln_2 = h_1_ln_2_bias + tmp16*tmp17
 
         # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-        tmp_sum49 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-        h_1_mlp_c_fc_base = h_1_mlp_c_fc_bias + tmp_sum49
-        del tmp_sum49
+        h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
 
         # lora_down h_1_mlp_c_fc: h_1_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_lora_A[i2, s0])
         tmp_sum50 = h_1_ln_2 @ h_1_mlp_c_fc_lora_A.T
@@ -2359,9 +2337,7 @@ def loss_and_grad(params, *, idx, y):
         h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
         # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-        tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-        h_1_mlp_c_proj_base = h_1_mlp_c_proj_bias + tmp_sum52
-        del tmp_sum52
+        h_1_mlp_c_proj_base = torch.nn.functional.linear(h_1_mlp_c_fc, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias)
 
         # lora_down h_1_mlp_c_proj: h_1_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_lora_A[i2, s0])
         tmp_sum53 = h_1_mlp_c_fc @ h_1_mlp_c_proj_lora_A.T
@@ -2933,9 +2909,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum22 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-    h_0_mlp_c_fc_base = h_0_mlp_c_fc_bias + tmp_sum22
-    del tmp_sum22
+    h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
 
     # lora_down h_0_mlp_c_fc: h_0_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_lora_A[i2, s0])
     tmp_sum23 = h_0_ln_2 @ h_0_mlp_c_fc_lora_A.T
@@ -2952,9 +2926,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
     # lora_base h_0_mlp_c_proj: h_0_mlp_c_proj_base[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum25 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-    h_0_mlp_c_proj_base = h_0_mlp_c_proj_bias + tmp_sum25
-    del tmp_sum25
+    h_0_mlp_c_proj_base = torch.nn.functional.linear(h_0_mlp_c_fc, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias)
 
     # lora_down h_0_mlp_c_proj: h_0_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_lora_A[i2, s0])
     tmp_sum26 = h_0_mlp_c_fc @ h_0_mlp_c_proj_lora_A.T
@@ -3081,9 +3053,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum49 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-    h_1_mlp_c_fc_base = h_1_mlp_c_fc_bias + tmp_sum49
-    del tmp_sum49
+    h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
 
     # lora_down h_1_mlp_c_fc: h_1_mlp_c_fc_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_lora_A[i2, s0])
     tmp_sum50 = h_1_ln_2 @ h_1_mlp_c_fc_lora_A.T
@@ -3100,9 +3070,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
     # lora_base h_1_mlp_c_proj: h_1_mlp_c_proj_base[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum52 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-    h_1_mlp_c_proj_base = h_1_mlp_c_proj_bias + tmp_sum52
-    del tmp_sum52
+    h_1_mlp_c_proj_base = torch.nn.functional.linear(h_1_mlp_c_fc, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias)
 
     # lora_down h_1_mlp_c_proj: h_1_mlp_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_lora_A[i2, s0])
     tmp_sum53 = h_1_mlp_c_fc @ h_1_mlp_c_proj_lora_A.T

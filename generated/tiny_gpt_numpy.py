@@ -1351,10 +1351,8 @@ def forward(params, *, idx):
     del tmp4, h_0_ln_2_var
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
+    h_0_mlp_c_fc_z = h_0_ln_2 @ h_0_mlp_c_fc_weight.T + h_0_mlp_c_fc_bias
     del h_0_ln_2
-    h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_0_mlp_c_fc_z), in one call
@@ -1362,10 +1360,8 @@ def forward(params, *, idx):
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
+    h_0_mlp_c_proj = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T + h_0_mlp_c_proj_bias
     del h_0_mlp_c_fc
-    h_0_mlp_c_proj = h_0_mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
 
     # add h_0_res2: h_0_res2[i0, i1, i2] = h_0_mlp_c_proj[i0, i1, i2] + h_0_res1[i0, i1, i2]
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
@@ -1462,10 +1458,8 @@ def forward(params, *, idx):
     del tmp7, h_1_ln_2_var
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
+    h_1_mlp_c_fc_z = h_1_ln_2 @ h_1_mlp_c_fc_weight.T + h_1_mlp_c_fc_bias
     del h_1_ln_2
-    h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
-    del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_1_mlp_c_fc_z), in one call
@@ -1473,10 +1467,8 @@ def forward(params, *, idx):
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
+    h_1_mlp_c_proj = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T + h_1_mlp_c_proj_bias
     del h_1_mlp_c_fc
-    h_1_mlp_c_proj = h_1_mlp_c_proj_bias + tmp_sum28
-    del tmp_sum28
 
     # add h_1_res2: h_1_res2[i0, i1, i2] = h_1_mlp_c_proj[i0, i1, i2] + h_1_res1[i0, i1, i2]
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
@@ -1616,10 +1608,8 @@ def loss(params, *, idx, y):
     del tmp4, h_0_ln_2_var
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
+    h_0_mlp_c_fc_z = h_0_ln_2 @ h_0_mlp_c_fc_weight.T + h_0_mlp_c_fc_bias
     del h_0_ln_2
-    h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_0_mlp_c_fc_z), in one call
@@ -1627,10 +1617,8 @@ def loss(params, *, idx, y):
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
+    h_0_mlp_c_proj = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T + h_0_mlp_c_proj_bias
     del h_0_mlp_c_fc
-    h_0_mlp_c_proj = h_0_mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
 
     # add h_0_res2: h_0_res2[i0, i1, i2] = h_0_mlp_c_proj[i0, i1, i2] + h_0_res1[i0, i1, i2]
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
@@ -1727,10 +1715,8 @@ def loss(params, *, idx, y):
     del tmp7, h_1_ln_2_var
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
+    h_1_mlp_c_fc_z = h_1_ln_2 @ h_1_mlp_c_fc_weight.T + h_1_mlp_c_fc_bias
     del h_1_ln_2
-    h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
-    del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_1_mlp_c_fc_z), in one call
@@ -1738,10 +1724,8 @@ def loss(params, *, idx, y):
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
+    h_1_mlp_c_proj = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T + h_1_mlp_c_proj_bias
     del h_1_mlp_c_fc
-    h_1_mlp_c_proj = h_1_mlp_c_proj_bias + tmp_sum28
-    del tmp_sum28
 
     # add h_1_res2: h_1_res2[i0, i1, i2] = h_1_mlp_c_proj[i0, i1, i2] + h_1_res1[i0, i1, i2]
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
@@ -1926,18 +1910,14 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-    h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
+    h_0_mlp_c_fc_z = h_0_ln_2 @ h_0_mlp_c_fc_weight.T + h_0_mlp_c_fc_bias
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_0_mlp_c_fc_z), in one call
     h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-    h_0_mlp_c_proj = h_0_mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
+    h_0_mlp_c_proj = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T + h_0_mlp_c_proj_bias
 
     # add h_0_res2: h_0_res2[i0, i1, i2] = h_0_mlp_c_proj[i0, i1, i2] + h_0_res1[i0, i1, i2]
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
@@ -2030,18 +2010,14 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-    h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
-    del tmp_sum27
+    h_1_mlp_c_fc_z = h_1_ln_2 @ h_1_mlp_c_fc_weight.T + h_1_mlp_c_fc_bias
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_1_mlp_c_fc_z), in one call
     h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-    h_1_mlp_c_proj = h_1_mlp_c_proj_bias + tmp_sum28
-    del tmp_sum28
+    h_1_mlp_c_proj = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T + h_1_mlp_c_proj_bias
 
     # add h_1_res2: h_1_res2[i0, i1, i2] = h_1_mlp_c_proj[i0, i1, i2] + h_1_res1[i0, i1, i2]
     h_1_res2 = h_1_mlp_c_proj + h_1_res1

@@ -1366,10 +1366,8 @@ def forward(params, *, idx):
     del tmp4, h_0_ln_2_var
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
+    h_0_mlp_c_fc_z = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
     del h_0_ln_2
-    h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_0_mlp_c_fc_z), in one call
@@ -1377,10 +1375,8 @@ def forward(params, *, idx):
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
+    h_0_mlp_c_proj = torch.nn.functional.linear(h_0_mlp_c_fc, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias)
     del h_0_mlp_c_fc
-    h_0_mlp_c_proj = h_0_mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
 
     # add h_0_res2: h_0_res2[i0, i1, i2] = h_0_mlp_c_proj[i0, i1, i2] + h_0_res1[i0, i1, i2]
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
@@ -1477,10 +1473,8 @@ def forward(params, *, idx):
     del tmp7, h_1_ln_2_var
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
+    h_1_mlp_c_fc_z = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
     del h_1_ln_2
-    h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
-    del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_1_mlp_c_fc_z), in one call
@@ -1488,10 +1482,8 @@ def forward(params, *, idx):
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
+    h_1_mlp_c_proj = torch.nn.functional.linear(h_1_mlp_c_fc, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias)
     del h_1_mlp_c_fc
-    h_1_mlp_c_proj = h_1_mlp_c_proj_bias + tmp_sum28
-    del tmp_sum28
 
     # add h_1_res2: h_1_res2[i0, i1, i2] = h_1_mlp_c_proj[i0, i1, i2] + h_1_res1[i0, i1, i2]
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
@@ -1633,10 +1625,8 @@ def loss(params, *, idx, y):
     del tmp4, h_0_ln_2_var
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
+    h_0_mlp_c_fc_z = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
     del h_0_ln_2
-    h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_0_mlp_c_fc_z), in one call
@@ -1644,10 +1634,8 @@ def loss(params, *, idx, y):
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
+    h_0_mlp_c_proj = torch.nn.functional.linear(h_0_mlp_c_fc, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias)
     del h_0_mlp_c_fc
-    h_0_mlp_c_proj = h_0_mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
 
     # add h_0_res2: h_0_res2[i0, i1, i2] = h_0_mlp_c_proj[i0, i1, i2] + h_0_res1[i0, i1, i2]
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
@@ -1744,10 +1732,8 @@ def loss(params, *, idx, y):
     del tmp7, h_1_ln_2_var
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
+    h_1_mlp_c_fc_z = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
     del h_1_ln_2
-    h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
-    del tmp_sum27
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_1_mlp_c_fc_z), in one call
@@ -1755,10 +1741,8 @@ def loss(params, *, idx, y):
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
+    h_1_mlp_c_proj = torch.nn.functional.linear(h_1_mlp_c_fc, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias)
     del h_1_mlp_c_fc
-    h_1_mlp_c_proj = h_1_mlp_c_proj_bias + tmp_sum28
-    del tmp_sum28
 
     # add h_1_res2: h_1_res2[i0, i1, i2] = h_1_mlp_c_proj[i0, i1, i2] + h_1_res1[i0, i1, i2]
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
@@ -1910,18 +1894,14 @@ def loss_and_grad(params, *, idx, y):
         h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
 
         # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-        tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-        h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
-        del tmp_sum13
+        h_0_mlp_c_fc_z = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
 
         # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
         # gelu_tanh(h_0_mlp_c_fc_z), in one call
         h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
         # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-        tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-        h_0_mlp_c_proj = h_0_mlp_c_proj_bias + tmp_sum14
-        del tmp_sum14
+        h_0_mlp_c_proj = torch.nn.functional.linear(h_0_mlp_c_fc, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias)
 
         # add h_0_res2: h_0_res2[i0, i1, i2] = h_0_mlp_c_proj[i0, i1, i2] + h_0_res1[i0, i1, i2]
         h_0_res2 = h_0_mlp_c_proj + h_0_res1
@@ -2014,18 +1994,14 @@ def loss_and_grad(params, *, idx, y):
         h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19
 
         # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-        tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-        h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
-        del tmp_sum27
+        h_1_mlp_c_fc_z = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
 
         # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
         # gelu_tanh(h_1_mlp_c_fc_z), in one call
         h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
         # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-        tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-        h_1_mlp_c_proj = h_1_mlp_c_proj_bias + tmp_sum28
-        del tmp_sum28
+        h_1_mlp_c_proj = torch.nn.functional.linear(h_1_mlp_c_fc, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias)
 
         # add h_1_res2: h_1_res2[i0, i1, i2] = h_1_mlp_c_proj[i0, i1, i2] + h_1_res1[i0, i1, i2]
         h_1_res2 = h_1_mlp_c_proj + h_1_res1
@@ -2552,18 +2528,14 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
-    tmp_sum13 = h_0_ln_2 @ h_0_mlp_c_fc_weight.T
-    h_0_mlp_c_fc_z = h_0_mlp_c_fc_bias + tmp_sum13
-    del tmp_sum13
+    h_0_mlp_c_fc_z = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_0_mlp_c_fc_z), in one call
     h_0_mlp_c_fc = torch.nn.functional.gelu(h_0_mlp_c_fc_z, approximate="tanh")
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
-    tmp_sum14 = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T
-    h_0_mlp_c_proj = h_0_mlp_c_proj_bias + tmp_sum14
-    del tmp_sum14
+    h_0_mlp_c_proj = torch.nn.functional.linear(h_0_mlp_c_fc, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias)
 
     # add h_0_res2: h_0_res2[i0, i1, i2] = h_0_mlp_c_proj[i0, i1, i2] + h_0_res1[i0, i1, i2]
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
@@ -2656,18 +2628,14 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
-    tmp_sum27 = h_1_ln_2 @ h_1_mlp_c_fc_weight.T
-    h_1_mlp_c_fc_z = h_1_mlp_c_fc_bias + tmp_sum27
-    del tmp_sum27
+    h_1_mlp_c_fc_z = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_1_mlp_c_fc_z), in one call
     h_1_mlp_c_fc = torch.nn.functional.gelu(h_1_mlp_c_fc_z, approximate="tanh")
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
-    tmp_sum28 = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T
-    h_1_mlp_c_proj = h_1_mlp_c_proj_bias + tmp_sum28
-    del tmp_sum28
+    h_1_mlp_c_proj = torch.nn.functional.linear(h_1_mlp_c_fc, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias)
 
     # add h_1_res2: h_1_res2[i0, i1, i2] = h_1_mlp_c_proj[i0, i1, i2] + h_1_res1[i0, i1, i2]
     h_1_res2 = h_1_mlp_c_proj + h_1_res1

@@ -240,6 +240,28 @@ def test_linear_takes_product_plus_bias() -> None:
     assert len(out) == 1 and out[0].op == Linear(MatMul("x", "w", tb=True), b)
 
 
+def test_linear_takes_rows_of_a_stack_times_w_t_plus_a_vector_only() -> None:
+    """[N, T, C] @ W.T + b is one torch linear() call; a bias that is not a vector along
+    the last axis (another [N, T, out] array, a vector along the middle axis) or a
+    product that is not against W.T stays a product and an add (linear() has no such
+    form)."""
+    product = MatMul("x", "w", tb=True, a_rank=3)
+    shapes = {**SH, "x": (N, 4, 3), "tmp1": (N, 4, 3), "z": (N, 4, 3), "c": (N, 4, 3)}
+
+    def plus(bias: View, op: MatMul = product) -> list[Assign]:
+        return [Assign("tmp1", op),
+                Assign("z", Map(T1 + bias.placeholder(), ((bias.placeholder(), bias),
+                                                          (T1, _view("tmp1", 3)))))]
+
+    vector = View("b", (None,), (2,), 3)
+    out = passes.linear(plus(vector), _prog(plus(vector), shapes), {"z"})
+    assert len(out) == 1 and out[0].op == Linear(product, vector)
+    for bias, op in ((_view("c", 3), product), (View("b", (None,), (1,), 3), product),
+                     (vector, MatMul("x", "w", a_rank=3))):
+        stmts = plus(bias, op)
+        assert len(passes.linear(stmts, _prog(stmts, shapes), {"z"})) == 2
+
+
 def test_linear_leaves_a_product_read_elsewhere() -> None:
     b = View("b", (None,), (1,), 2)
     stmts = [Assign("tmp1", MatMul("x", "w", tb=True)),

@@ -451,7 +451,7 @@ class NumpyArrayPrinter(ArrayPrinter):
     def linear(self, op: Linear) -> str:
         p = op.product
         bias = self.view(op.bias)
-        if p.tb and not p.ta:
+        if p.tb and not p.ta and p.a_rank == 2:
             self.helpers.add("linear")
             return f"_linear({p.a}, {p.b}, {bias})"
         return f"{self.matmul(p)} + {bias}"
@@ -550,6 +550,8 @@ class TorchArrayPrinter(ArrayPrinter):
 
     def linear(self, op: Linear) -> str:
         p = op.product
+        if p.a_rank > 2:  # rows of a stack times W.T, plus a vector along the last axis
+            return f"torch.nn.functional.linear({p.a}, {p.b}, {op.bias.src})"
         return (f"torch.addmm({self.view(op.bias)}, {self.operand(p.a, p.ta)}, "
                 f"{self.operand(p.b, p.tb)})")
 
