@@ -518,6 +518,23 @@ def _widest(grad, out):
     return grad.to(dtype), out.to(dtype)
 
 
+def _narrow_matmul(a, b):
+    # a @ b for a result at most 8 wide. MKL, torch's CPU BLAS on x86, computes such a
+    # product up to 5 times more slowly than the same product turned round, (b^T a^T)^T,
+    # even counting the copy back into row order: 147 against 57 us for attention's
+    # [8, 4, 64, 64] @ [8, 4, 64, 8], 36 against 11 us for a LoRA adapter's [256, 128] @
+    # [128, 4] (benchmarks/narrow_products.py). Other BLAS libraries (OpenBLAS is faster
+    # as it is) and other devices get a @ b.
+    if not _MKL or a.device.type != "cpu":
+        return a @ b
+    if a.dim() > 2 and b.dim() == 2:  # rows of a stack against a matrix: one product
+        return (b.T @ a.flatten(0, -2).T).T.contiguous().view(*a.shape[:-1], b.shape[-1])
+    return (b.mT @ a.mT).mT.contiguous()
+
+
+_MKL = torch.backends.mkl.is_available()
+
+
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)
 # from the high bits of two 32-bit hashes of the counter 2k and 2k + 1, keyed by the seed
 # and the parameter's name: a counter-based generator written in int64 array operations
@@ -650,7 +667,7 @@ def forward(params, *, x):
     del attn_p_masked
 
     # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-    attn_y = attn_p @ attn_v
+    attn_y = _narrow_matmul(attn_p, attn_v)
     del attn_v, attn_p
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
@@ -772,7 +789,7 @@ def loss(params, *, x, t):
     del attn_p_masked
 
     # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-    attn_y = attn_p @ attn_v
+    attn_y = _narrow_matmul(attn_p, attn_v)
     del attn_v, attn_p
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
@@ -897,7 +914,7 @@ def loss_and_grad(params, *, x, t):
         del attn_p_masked
 
         # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-        attn_y = attn_p @ attn_v
+        attn_y = _narrow_matmul(attn_p, attn_v)
 
         # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
         attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
@@ -1038,17 +1055,17 @@ def loss_and_grad(params, *, x, t):
         del tmp3, d_attn_p_masked
 
         # dL/dattn_v (through attn_y): d_attn_v[k0, k1, k2, k3] = sum_{i2}(attn_p[k0, k1, i2, k2]*d_attn_y[k0, k1, i2, k3])
-        d_attn_v = attn_p.transpose(-2, -1) @ d_attn_y
+        d_attn_v = _narrow_matmul(attn_p.transpose(-2, -1), d_attn_y)
         del attn_p, d_attn_y
 
         # dL/dattn_k (through attn_scores): d_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(attn_q[k0, k1, i2, k3]*d_attn_scores[k0, k1, i2, k2])/4
-        tmp_sum19 = d_attn_scores.transpose(-2, -1) @ attn_q
+        tmp_sum19 = _narrow_matmul(d_attn_scores.transpose(-2, -1), attn_q)
         del attn_q
         d_attn_k = (0.3535533905932738)*tmp_sum19
         del tmp_sum19
 
         # dL/dattn_q (through attn_scores): d_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(attn_k[k0, k1, i3, k3]*d_attn_scores[k0, k1, k2, i3])/4
-        tmp_sum20 = d_attn_scores @ attn_k
+        tmp_sum20 = _narrow_matmul(d_attn_scores, attn_k)
         del attn_k, d_attn_scores
         d_attn_q = (0.3535533905932738)*tmp_sum20
         del tmp_sum20
@@ -1169,7 +1186,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     del attn_p_masked
 
     # weighted values attn: attn_y[i0, i1, i2, i3] = sum_{s0}(attn_p[i0, i1, i2, s0]*attn_v[i0, i1, s0, i3])
-    attn_y = attn_p @ attn_v
+    attn_y = _narrow_matmul(attn_p, attn_v)
 
     # reshape attn: attn_wp[i0, i1, i2] = attn_c_proj_weight[i0, 8*i1 + i2]
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
@@ -1352,20 +1369,20 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
             _release(tmp6)
 
         # dL/dattn_v (through attn_y): d_attn_v[k0, k1, k2, k3] = sum_{i2}(attn_p[k0, k1, i2, k2]*d_attn_y[k0, k1, i2, k3])
-        d_attn_v = attn_p.transpose(-2, -1) @ d_attn_y
+        d_attn_v = _narrow_matmul(attn_p.transpose(-2, -1), d_attn_y)
         del d_attn_y
         if release:
             _release(attn_p)
 
         # dL/dattn_k (through attn_scores): d_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(attn_q[k0, k1, i2, k3]*d_attn_scores[k0, k1, i2, k2])/4
-        tmp_sum19 = d_attn_scores.transpose(-2, -1) @ attn_q
+        tmp_sum19 = _narrow_matmul(d_attn_scores.transpose(-2, -1), attn_q)
         if release:
             _release(attn_q)
         d_attn_k = (0.3535533905932738)*tmp_sum19
         del tmp_sum19
 
         # dL/dattn_q (through attn_scores): d_attn_q[k0, k1, k2, k3] = sqrt(2)*sum_{i3}(attn_k[k0, k1, i3, k3]*d_attn_scores[k0, k1, k2, i3])/4
-        tmp_sum20 = d_attn_scores @ attn_k
+        tmp_sum20 = _narrow_matmul(d_attn_scores, attn_k)
         del d_attn_scores
         if release:
             _release(attn_k)

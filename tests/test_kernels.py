@@ -113,3 +113,45 @@ def test_in_place_writes_never_touch_the_callers_arrays(modules, name: str) -> N
     assert first[0] == second[0]
     for key in first[1]:
         assert np.array_equal(first[1][key], second[1][key])
+
+
+@pytest.fixture(scope="module")
+def gpt_torch(tmp_path_factory: pytest.TempPathFactory):
+    model = compile_spec(EXAMPLES / "gpt_block.yaml")
+    path = tmp_path_factory.mktemp("narrow") / "gpt_block_torch.py"
+    path.write_text(model.source("torch"), encoding="utf-8")
+    return load_module(path), model.source("torch")
+
+
+def test_narrow_products_are_printed_through_the_helper_and_wide_ones_as_they_are(
+        gpt_torch) -> None:
+    """Attention's products with the 8-wide values (forward p @ v and three backward
+    products) take _narrow_matmul; q kᵀ (64 wide) and the dense layers stay ``@``."""
+    _, source = gpt_torch
+    lag = source[source.index("def loss_and_grad("):source.index("def _loss_forward(")]
+    assert "attn_y = _narrow_matmul(attn_p, attn_v)" in lag
+    assert lag.count("_narrow_matmul(") == 4
+    assert "tmp_sum9 = attn_q @ attn_k.transpose(-2, -1)" in lag
+
+
+@pytest.mark.parametrize("mkl", [True, False])
+def test_narrow_matmul_matches_the_plain_product(gpt_torch, monkeypatch, mkl: bool) -> None:
+    """Turned round or not, the same numbers as ``a @ b`` (float64, to rounding), in row
+    order, for stacks of matrices, transposed views, a stack against a matrix, and a
+    matrix product; without MKL it is the plain product."""
+    mod, _ = gpt_torch
+    monkeypatch.setattr(mod, "_MKL", mkl)
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    p, v = randn(2, 4, 64, 64), randn(2, 4, 64, 8)
+    cases = [(p, v), (p.transpose(-2, -1), v),
+             (randn(2, 4, 32, 64).transpose(-2, -1), randn(2, 4, 32, 8)),
+             (randn(3, 40, 128), randn(128, 4)), (randn(3, 40, 128), randn(4, 128).T),
+             (randn(128, 256).T, randn(128, 4)), (randn(96, 40), randn(40, 8))]
+    for a, b in cases:
+        want, got = a @ b, mod._narrow_matmul(a, b)
+        assert got.shape == want.shape and got.is_contiguous()
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)

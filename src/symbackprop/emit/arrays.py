@@ -339,13 +339,20 @@ class ArrayPrinter:
         before the same bmm, 7-14 us more per call, a dozen calls a block); one matrix
         product as ``@`` (:func:`matrix_product`); a ``tensordot``; else the library's
         einsum."""
+        extents = self.letter_extents(op)
         found = batched_matmul(op.subscripts)
         if found is not None and len(op.operands) == 2:
             swap, ta, tb = found
             a, b = op.operands[::-1] if swap else op.operands
-            return (f"{a}{self.swap_last if ta else ''} @ "
-                    f"{b}{self.swap_last if tb else ''}")
-        product = matrix_product(op.subscripts, op.operands, self.flatten)
+            out = op.subscripts.split("->")[1]
+            (summed,) = set(op.subscripts.split("->")[0].replace(",", "")) - set(out)
+            rank = len(out)
+            return self.product(f"{a}{self.swap_last if ta else ''}",
+                                f"{b}{self.swap_last if tb else ''}",
+                                rank, rank, extents.get(out[-2], sp.oo),
+                                extents.get(out[-1], sp.oo), extents.get(summed, sp.oo))
+        product = matrix_product(op.subscripts, op.operands, self.flatten, self.product,
+                                 extents)
         if product is not None:
             return product
         call, keyword = self.tensordot_call
@@ -356,6 +363,23 @@ class ArrayPrinter:
 
     def einsum_call(self, op: Einsum) -> str:
         raise NotImplementedError
+
+    def letter_extents(self, op: Einsum) -> dict[str, sp.Expr]:
+        """Each subscript letter's extent, from the operands' shapes (a temporary a pass
+        made may have none: its letters are left out)."""
+        extents: dict[str, sp.Expr] = {}
+        for name, subs in zip(op.operands, op.subscripts.split("->")[0].split(","),
+                              strict=True):
+            shape = self.program.shapes.get(name)
+            if shape is not None:
+                extents.update(zip(subs, shape, strict=True))
+        return extents
+
+    def product(self, left: str, right: str, left_rank: int, right_rank: int,
+                rows: sp.Expr, width: sp.Expr, depth: sp.Expr) -> str:
+        """``left @ right``: a result of ``rows`` x ``width`` (per matrix of a stack)
+        whose entries are sums of ``depth`` terms (sympy extents; ``oo`` where unknown)."""
+        return f"{left} @ {right}"
 
     def linear(self, op: Linear) -> str:
         raise NotImplementedError
@@ -543,7 +567,28 @@ class TorchArrayPrinter(ArrayPrinter):
         return f"torch.count_nonzero({text})"
 
     def matmul(self, op: MatMul) -> str:
-        return f"{self.operand(op.a, op.ta)} @ {self.operand(op.b, op.tb)}"
+        left, right = self.operand(op.a, op.ta), self.operand(op.b, op.tb)
+        a_shape, b_shape = self.program.shapes.get(op.a), self.program.shapes.get(op.b)
+        if a_shape is None or b_shape is None:  # a pass's temporary: as it is
+            return f"{left} @ {right}"
+        rows = a_shape[-1 if op.ta else -2] if op.a_rank == 2 else sp.oo  # a stack's rows
+        return self.product(left, right, op.a_rank, len(b_shape), rows,
+                            b_shape[-2 if op.tb else -1], a_shape[-2 if op.ta else -1])
+
+    def product(self, left: str, right: str, left_rank: int, right_rank: int,
+                rows: sp.Expr, width: sp.Expr, depth: sp.Expr) -> str:
+        # A narrow product (a result at most 8 wide, with 32 or more rows of sums of 32
+        # or more terms) goes through _narrow_matmul, which turns it round where torch's
+        # CPU BLAS is MKL (see the helper). A batch-sized extent (a symbol) counts as
+        # large.
+        narrow = (width.is_Integer and int(width) <= _NARROW
+                  and not (depth.is_Integer and int(depth) < _LARGE)
+                  and not (rows.is_Integer and int(rows) < _LARGE)
+                  and (left_rank == right_rank or right_rank == 2))
+        if not narrow:
+            return f"{left} @ {right}"
+        self.helpers.add("narrow_matmul")
+        return f"_narrow_matmul({left}, {right})"
 
     def einsum_call(self, op: Einsum) -> str:
         return f"torch.einsum({op.subscripts!r}, {', '.join(op.operands)})"
@@ -577,7 +622,14 @@ def _every(stride: int, count: int, available: int) -> str:
     return f"::{stride}" if stop >= available - stride + 1 else f":{stop}:{stride}"
 
 
-def matrix_product(subscripts: str, operands: tuple[str, ...], flatten) -> str | None:
+# A torch product at most _NARROW wide, with at least _LARGE rows of sums of at least
+# _LARGE terms, goes through the module's _narrow_matmul (TorchArrayPrinter.product).
+_NARROW = 8
+_LARGE = 32
+
+
+def matrix_product(subscripts: str, operands: tuple[str, ...], flatten,
+                   product=None, extents: dict[str, sp.Expr] | None = None) -> str | None:
     """Two-array products that are one matrix product, printed as ``@`` (both libraries'
     tensordot is Python that permutes and reshapes around the same product: 3-4 us more
     per call in torch at the GPT examples' sizes, dozens of calls a step):
@@ -587,19 +639,30 @@ def matrix_product(subscripts: str, operands: tuple[str, ...], flatten) -> str |
     * ``'nto,nti->oi'``: two arrays summed over the same leading axes, each with one
       axis left (a weight's gradient), ``g.flatten(0, 1).T @ x.flatten(0, 1)``.
 
-    ``flatten(code, k)`` merges the first k axes. None for anything else."""
+    ``flatten(code, k)`` merges the first k axes; ``product(left, right, left_rank,
+    right_rank, rows, width, depth)`` prints the product (default ``left @ right``), with
+    the extents of ``extents`` (letter -> extent). None for anything else."""
     inputs, out = subscripts.split("->")
     if inputs.count(",") != 1 or len(operands) != 2:
         return None
     a, b = inputs.split(",")
     if len(set(a)) != len(a) or len(set(b)) != len(b):
         return None
+    if product is None:
+        def product(left: str, right: str, *_: object) -> str:
+            return f"{left} @ {right}"
+    size = (extents or {}).get
     for (p, q), (x, y) in (((a, b), operands), ((b, a), operands[::-1])):
         if len(q) == 2 and len(p) >= 2 and p[-1] in q and out == p[:-1] + q.replace(p[-1], ""):
-            return f"{x} @ {y}.T" if q[1] == p[-1] else f"{x} @ {y}"
+            right = f"{y}.T" if q[1] == p[-1] else y
+            rows = sp.Mul(*(size(c, sp.oo) for c in p[:-1]))
+            return product(x, right, len(p), 2, rows, size(out[-1], sp.oo),
+                           size(p[-1], sp.oo))
     k = len(a) - 1
     if k >= 1 and len(b) == len(a) and a[:k] == b[:k] and out == a[-1] + b[-1] != a[-1] * 2:
-        return f"{flatten(operands[0], k)}.T @ {flatten(operands[1], k)}"
+        depth = sp.Mul(*(size(c, sp.oo) for c in a[:k]))
+        return product(f"{flatten(operands[0], k)}.T", flatten(operands[1], k), 2, 2,
+                       size(a[-1], sp.oo), size(b[-1], sp.oo), depth)
     return None
 
 
