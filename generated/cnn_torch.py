@@ -932,6 +932,29 @@ def _autocast_state(tensor):
             torch.get_autocast_dtype(device_type))
 
 
+def _distinct(values, arguments):
+    # autograd refuses a Function output that is one of its arguments as it is, or one
+    # returned twice: a kept intermediate that an identity layer, dropout with p = 0 or a
+    # no-op reshape passed through. Each such one is returned as a view of itself.
+    if torch.compiler.is_compiling():  # identity tests the tracer can follow
+        taken = list(arguments)
+        out = []
+        for value in values:
+            if any(value is a for a in taken):
+                value = value.view_as(value)
+            taken.append(value)
+            out.append(value)
+        return tuple(out)
+    taken = set(map(id, arguments))
+    out = []
+    for value in values:
+        if id(value) in taken:
+            value = value.view_as(value)
+        taken.add(id(value))
+        out.append(value)
+    return tuple(out)
+
+
 class LossFunction(torch.autograd.Function):
     """The loss as one autograd node whose backward is the generated backward pass.
 
@@ -951,7 +974,7 @@ class LossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias):
-        return _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias)
+        return _distinct(_loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias), (x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -1534,6 +1534,29 @@ def _autocast_state(tensor):
             torch.get_autocast_dtype(device_type))
 
 
+def _distinct(values, arguments):
+    # autograd refuses a Function output that is one of its arguments as it is, or one
+    # returned twice: a kept intermediate that an identity layer, dropout with p = 0 or a
+    # no-op reshape passed through. Each such one is returned as a view of itself.
+    if torch.compiler.is_compiling():  # identity tests the tracer can follow
+        taken = list(arguments)
+        out = []
+        for value in values:
+            if any(value is a for a in taken):
+                value = value.view_as(value)
+            taken.append(value)
+            out.append(value)
+        return tuple(out)
+    taken = set(map(id, arguments))
+    out = []
+    for value in values:
+        if id(value) in taken:
+            value = value.view_as(value)
+        taken.add(id(value))
+        out.append(value)
+    return tuple(out)
+
+
 class LossFunction(torch.autograd.Function):
     """The loss as one autograd node whose backward is the generated backward pass.
 
@@ -1553,7 +1576,7 @@ class LossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias):
-        return _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias)
+        return _distinct(_loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias), (x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

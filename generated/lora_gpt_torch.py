@@ -3923,6 +3923,29 @@ def _autocast_state(tensor):
             torch.get_autocast_dtype(device_type))
 
 
+def _distinct(values, arguments):
+    # autograd refuses a Function output that is one of its arguments as it is, or one
+    # returned twice: a kept intermediate that an identity layer, dropout with p = 0 or a
+    # no-op reshape passed through. Each such one is returned as a view of itself.
+    if torch.compiler.is_compiling():  # identity tests the tracer can follow
+        taken = list(arguments)
+        out = []
+        for value in values:
+            if any(value is a for a in taken):
+                value = value.view_as(value)
+            taken.append(value)
+            out.append(value)
+        return tuple(out)
+    taken = set(map(id, arguments))
+    out = []
+    for value in values:
+        if id(value) in taken:
+            value = value.view_as(value)
+        taken.add(id(value))
+        out.append(value)
+    return tuple(out)
+
+
 class LossFunction(torch.autograd.Function):
     """The loss as one autograd node whose backward is the generated backward pass.
 
@@ -3942,7 +3965,7 @@ class LossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_attn_lora_A, h_0_attn_c_attn_lora_B, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_attn_c_proj_lora_A, h_0_attn_c_proj_lora_B, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_fc_lora_A, h_0_mlp_c_fc_lora_B, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_0_mlp_c_proj_lora_A, h_0_mlp_c_proj_lora_B, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_attn_lora_A, h_1_attn_c_attn_lora_B, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_attn_c_proj_lora_A, h_1_attn_c_proj_lora_B, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_fc_lora_A, h_1_mlp_c_fc_lora_B, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, h_1_mlp_c_proj_lora_A, h_1_mlp_c_proj_lora_B, ln_f_weight, ln_f_bias):
-        return _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_attn_lora_A, h_0_attn_c_attn_lora_B, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_attn_c_proj_lora_A, h_0_attn_c_proj_lora_B, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_fc_lora_A, h_0_mlp_c_fc_lora_B, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_0_mlp_c_proj_lora_A, h_0_mlp_c_proj_lora_B, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_attn_lora_A, h_1_attn_c_attn_lora_B, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_attn_c_proj_lora_A, h_1_attn_c_proj_lora_B, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_fc_lora_A, h_1_mlp_c_fc_lora_B, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, h_1_mlp_c_proj_lora_A, h_1_mlp_c_proj_lora_B, ln_f_weight, ln_f_bias)
+        return _distinct(_loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_attn_lora_A, h_0_attn_c_attn_lora_B, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_attn_c_proj_lora_A, h_0_attn_c_proj_lora_B, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_fc_lora_A, h_0_mlp_c_fc_lora_B, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_0_mlp_c_proj_lora_A, h_0_mlp_c_proj_lora_B, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_attn_lora_A, h_1_attn_c_attn_lora_B, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_attn_c_proj_lora_A, h_1_attn_c_proj_lora_B, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_fc_lora_A, h_1_mlp_c_fc_lora_B, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, h_1_mlp_c_proj_lora_A, h_1_mlp_c_proj_lora_B, ln_f_weight, ln_f_bias), (idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_attn_lora_A, h_0_attn_c_attn_lora_B, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_attn_c_proj_lora_A, h_0_attn_c_proj_lora_B, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_fc_lora_A, h_0_mlp_c_fc_lora_B, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_0_mlp_c_proj_lora_A, h_0_mlp_c_proj_lora_B, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_attn_lora_A, h_1_attn_c_attn_lora_B, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_attn_c_proj_lora_A, h_1_attn_c_proj_lora_B, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_fc_lora_A, h_1_mlp_c_fc_lora_B, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, h_1_mlp_c_proj_lora_A, h_1_mlp_c_proj_lora_B, ln_f_weight, ln_f_bias))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

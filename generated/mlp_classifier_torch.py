@@ -753,6 +753,29 @@ def _autocast_state(tensor):
             torch.get_autocast_dtype(device_type))
 
 
+def _distinct(values, arguments):
+    # autograd refuses a Function output that is one of its arguments as it is, or one
+    # returned twice: a kept intermediate that an identity layer, dropout with p = 0 or a
+    # no-op reshape passed through. Each such one is returned as a view of itself.
+    if torch.compiler.is_compiling():  # identity tests the tracer can follow
+        taken = list(arguments)
+        out = []
+        for value in values:
+            if any(value is a for a in taken):
+                value = value.view_as(value)
+            taken.append(value)
+            out.append(value)
+        return tuple(out)
+    taken = set(map(id, arguments))
+    out = []
+    for value in values:
+        if id(value) in taken:
+            value = value.view_as(value)
+        taken.add(id(value))
+        out.append(value)
+    return tuple(out)
+
+
 class LossFunction(torch.autograd.Function):
     """The loss as one autograd node whose backward is the generated backward pass.
 
@@ -772,7 +795,7 @@ class LossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias):
-        return _loss_forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias)
+        return _distinct(_loss_forward(x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias), (x, label, h1_weight, h1_bias, h2_weight, h2_bias, logits_weight, logits_bias))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

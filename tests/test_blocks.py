@@ -206,3 +206,40 @@ def test_deep_nesting_is_refused() -> None:
             "    layers:\n      - {name: l, type: dense, units: 2}\n"
             "layers:\n  - {name: h, type: b0}\nloss: {formula: y}\n")
     assert "nests blocks deeper than 8" in _error(text).message
+
+
+FORMULA_NAMES = """
+name: formula_names
+inputs: {x: [N, 2]}
+targets: {t: [N, 2]}
+blocks:
+  inner:
+    inputs: [u]
+    layers:
+      - {name: d, type: dense, units: 2}
+  blk:
+    inputs: [x]
+    layers:
+      - {name: i, type: inner}
+      - {name: g, type: elementwise, formula: "i*tanh(i)"}
+      - {name: k, type: elementwise, input: [g, x], formula: "g + x"}
+layers:
+  - {name: h, type: blk, repeat: 2}
+  - {name: z, type: elementwise, input: [h], formula: "h*sigmoid(h)"}
+  - {name: w, type: elementwise, formula: "2*z"}
+loss: {type: mse, target: t}
+"""
+
+
+def test_formulas_name_inputs_as_written_in_their_scope(tmp_path) -> None:
+    """Inside a block a formula names the block's own layers and inputs (and the layer
+    before it, or an instance of another block, by its name there); outside, a block
+    instance by its name. All pass the finite-difference and torch cross-check."""
+    from symbackprop.cli import main
+
+    spec = tmp_path / "formula_names.yaml"
+    spec.write_text(FORMULA_NAMES, encoding="utf-8")
+    layers = {layer.name: layer for layer in parse(FORMULA_NAMES).layers}
+    assert layers["h_1_g"].input_names == ("i",) and layers["h_1_k"].input_names == ("g", "x")
+    assert layers["z"].inputs == ("h_1_k",) and layers["z"].input_names == ("h",)
+    assert main(["check", str(spec)]) == 0

@@ -298,7 +298,26 @@ def test_gelu_tanh_prints_as_torch_gelu_kernels_only_for_the_exact_formula(tmp_b
     _, other = tmp_build(GELU_SPEC.format(act="{" + near + "}"))
     other_text = open(other["torch"].__file__).read()
     assert "functional.gelu(" not in other_text and "gelu_backward" not in other_text
-    assert "torch.tanh(" in other_text
+    assert "_tanh(" in other_text.split("def loss_and_grad(")[1].split("\ndef ")[0]
+
+
+def test_gelu_pass_leaves_a_condition_on_a_tanh_alone(tmp_path) -> None:
+    """A where() whose condition reads tanh (the mask is a boolean array of its own) is
+    no GELU: generation used to fail comparing the condition with the formula."""
+    from symbackprop.cli import main
+
+    spec = tmp_path / "cond.yaml"
+    spec.write_text("""
+name: cond
+inputs: {x: [N, 2]}
+targets: {t: [N, 2]}
+layers:
+  - {name: in1, type: elementwise, input: [x], formula: "x + tanh(x)"}
+  - {name: act, type: activation, activation: {formula: 'where(x > 0, x, 2*x)'}}
+  - {name: fc, type: dense, units: 2}
+loss: {type: mse, target: t}
+""", encoding="utf-8")
+    assert main(["check", str(spec)]) == 0
 
 
 def test_gelu_kernels_match_the_formula_and_its_derivative(tmp_build) -> None:

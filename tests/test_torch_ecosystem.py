@@ -809,3 +809,36 @@ def test_torch_compile_sees_tanh_without_graph_break(numpy_tanh, mods) -> None:
     explained = torch._dynamo.explain(model)(**b)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     assert spy.calls == 0
+
+
+# ------------------------------------------------------------------ kept inputs
+@pytest.mark.parametrize("layer", ["{name: a, type: activation, activation: identity}",
+                                   "{name: a, type: dropout, p: 0.0}"])
+def test_an_input_kept_for_the_backward_as_it_is(tmp_path, layer) -> None:
+    """An identity layer (or dropout with p = 0) hands the input itself to the dense
+    layer, whose weight gradient then keeps it: autograd refuses an argument returned
+    as an output as it is, so it goes out as a view. The gradients, the input's own and
+    a second backward against a hand-written twin."""
+    _, built = build(tmp_path, f"""
+name: kept_input
+inputs: {{x: [N, 3]}}
+targets: {{t: [N, 2]}}
+layers:
+  - {layer}
+  - {{name: fc, type: dense, units: 2}}
+loss: {{type: mse, target: t}}
+""")
+    model = built["torch"].Model(seed=2, dtype=F64)
+    twin = torch.nn.Linear(3, 2).to(F64)
+    twin.load_state_dict({k.split(".", 1)[1]: v for k, v in model.state_dict().items()})
+    x, t = torch.randn(5, 3, dtype=F64, requires_grad=True), torch.randn(5, 2, dtype=F64)
+    loss = model(x=x, t=t)
+    loss.backward(retain_graph=True)
+    xt = x.detach().clone().requires_grad_()
+    F.mse_loss(twin(xt), t).backward()
+    close(grads(model), {f"fc.{k}": p.grad for k, p in twin.named_parameters()}, 1e-13)
+    close({"x": x.grad}, {"x": xt.grad}, 1e-13)
+    loss.backward()
+    close(grads(model), {f"fc.{k}": 2 * p.grad for k, p in twin.named_parameters()}, 1e-13)
+    _, lag = built["torch"].loss_and_grad(model.params(), x=x.detach(), t=t)
+    close(lag, {f"fc.{k}": p.grad for k, p in twin.named_parameters()}, 1e-13)

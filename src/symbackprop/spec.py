@@ -93,6 +93,13 @@ class LayerSpec:
     where: Where
     option_where: Mapping[str, Where]
     qualname: str = ""
+    # The inputs as the spec names them where it is written (a formula's variables: a
+    # block's own layer or input, a block instance by its name); empty: ``inputs``.
+    names: tuple[str, ...] = ()
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.names or self.inputs
 
     @property
     def dotted(self) -> str:
@@ -650,12 +657,14 @@ class _Expander:
         self.seen = seen
         self.layers: list[LayerSpec] = []
         self.outputs: dict[str, str] = {}  # instance name -> identifier of its output
+        self.names: dict[str, str] = {}  # an instance's output identifier -> its name
         self.qualnames: dict[str, str] = {}  # identifier -> dotted name
 
     def finish(self) -> list[LayerSpec]:
         if self.outputs:  # top-level layers may read a block instance by its name
             self.layers = [
-                replace(layer, inputs=tuple(self.outputs.get(n, n) for n in layer.inputs))
+                replace(layer, inputs=tuple(self.outputs.get(n, n) for n in layer.inputs),
+                        names=layer.input_names)
                 for layer in self.layers]
         return self.layers
 
@@ -695,6 +704,7 @@ class _Expander:
                                             f"{', '.join(known)}")
         cls = LAYERS[ltype]
         layer_inputs = self._inputs(entry, path, lname, previous, scope)
+        names = self._written(entry, previous, scope)
         lo, hi = cls.arity
         if not lo <= len(layer_inputs) <= (hi if hi is not None else len(layer_inputs)):
             want = f"exactly {lo}" if lo == hi else f"at least {lo}"
@@ -702,14 +712,14 @@ class _Expander:
                            f"layer type {ltype!r} takes {want} input(s), got {len(layer_inputs)}")
         options, wheres = _options(ctx, entry, cls.options, path, {"name", "type", "input"})
         wheres["input"] = ctx.where((*path, "input")) if "input" in entry else ctx.where(path)
-        cls.validate(layer_inputs, options, wheres)
+        cls.validate(names, options, wheres)
         where = ctx.where(path)
         if scope is not None:  # say which instance of the block a message is about
             where = replace(where, path=f"{where.path} (in {qualname})")
             wheres = {k: replace(w, path=f"{w.path} (in {qualname})")
                       for k, w in wheres.items()}
         self.layers.append(LayerSpec(ident, ltype, layer_inputs, options, where, wheres,
-                                     qualname))
+                                     qualname, names if names != layer_inputs else ()))
         if len(self.layers) > MAX_LAYERS:
             raise ctx.fail(path, f"more than {MAX_LAYERS} layers once blocks are expanded")
         return ident
@@ -734,6 +744,25 @@ class _Expander:
                 raise ctx.fail(sub, f"an input is a layer or input name, got {_type_name(item)}")
             out.append(item if scope is None else scope.resolve(ctx, sub, item))
         return tuple(out)
+
+    def _written(self, entry: dict, previous: str | None,
+                 scope: _Scope | None) -> tuple[str, ...]:
+        """The layer's inputs as the spec names them there: as written under ``input``;
+        else the name the previous layer, block input or block instance has in this
+        scope."""
+        if "input" in entry:
+            src = entry["input"]
+            return tuple(src) if isinstance(src, list) else (src,)
+        if previous is None:
+            return ()
+        if scope is not None:
+            for name, ident in scope.inputs.items():
+                if ident == previous:
+                    return (name,)
+            for name in scope.local:
+                if naming.param_var(f"{scope.prefix}.{name}") == previous:
+                    return (name,)
+        return (self.names.get(previous, previous),)
 
     def _instance(self, entry: dict, path: tuple[str | int, ...], lname: str, qualname: str,
                   previous: str | None, scope: _Scope | None) -> str:
@@ -776,6 +805,7 @@ class _Expander:
             out = naming.param_var(f"{prefix}.{block.output}")
             current = (out,)
         self.outputs[lname if scope is None else naming.param_var(qualname)] = out
+        self.names[out] = lname
         return out
 
 

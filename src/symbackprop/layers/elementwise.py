@@ -65,7 +65,7 @@ class Elementwise(Layer):
                                                    ShapeError)
         rank = len(shape)
         variables: dict[str, sp.Expr] = {}
-        for name, node in zip(spec.inputs, inputs, strict=True):
+        for name, node in zip(spec.input_names, inputs, strict=True):
             offset = rank - node.rank
             idx = tuple(sp.Integer(0) if node.shape[a] == 1 and shape[offset + a] != 1
                         else out_index(offset + a) for a in range(node.rank))
@@ -84,5 +84,5 @@ class Elementwise(Layer):
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
         from ..formula import parse_tree, torch_eval
 
-        tree = parse_tree(spec.options["formula"], dict.fromkeys(spec.inputs))
-        return torch_eval(tree, dict(zip(spec.inputs, inputs, strict=True)))
+        tree = parse_tree(spec.options["formula"], dict.fromkeys(spec.input_names))
+        return torch_eval(tree, dict(zip(spec.input_names, inputs, strict=True)))

@@ -83,8 +83,8 @@ def gelu(stmts: list[Assign], program: Program, protected: set[str]) -> list[Ass
             body = body.xreplace({sym: source.op.body})  # type: ignore[union-attr]
             views.pop(sym)
             views.update(source.op.views)  # type: ignore[union-attr]
-        if not body.has(sp.tanh):
-            continue
+        if not isinstance(body, sp.Expr) or not body.has(sp.tanh):
+            continue  # (a condition such as tanh(x) + x > 0 is no GELU)
         z = next((s for s in _arguments(body) if s in views), None)
         if z is None:
             continue
