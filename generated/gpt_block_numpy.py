@@ -690,7 +690,7 @@ def forward(params, *, x):
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(mlp_c_fc_z), in one call
-    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
+    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*(mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z)/200000 + mlp_c_fc_z)) + 1)/2
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
@@ -810,7 +810,7 @@ def loss(params, *, x, t):
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(mlp_c_fc_z), in one call
-    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
+    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*(mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z)/200000 + mlp_c_fc_z)) + 1)/2
     del mlp_c_fc_z
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
@@ -952,7 +952,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     # gelu_tanh mlp_c_fc: mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*mlp_c_fc_z[i0, i1, i2]**3/200000 + mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(mlp_c_fc_z), in one call
-    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z)) + 1)/2
+    mlp_c_fc = mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*(mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z)/200000 + mlp_c_fc_z)) + 1)/2
 
     # dense mlp_c_proj: mlp_c_proj[i0, i1, i2] = mlp_c_proj_bias[i2] + sum_{s0}(mlp_c_fc[i0, i1, s0]*mlp_c_proj_weight[i2, s0])
     mlp_c_proj = mlp_c_fc @ mlp_c_proj_weight.T + mlp_c_proj_bias
@@ -996,7 +996,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
         # dL/dmlp_c_fc_z (through mlp_c_fc): d_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*mlp_c_fc_z[k0, k1, k2]**3/200000 + mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_mlp_c_fc[k0, k1, k2]
         # gelu_tanh'(mlp_c_fc_z) times d_mlp_c_fc, in one call
-        d_mlp_c_fc_z = d_mlp_c_fc*((0.3989422804014327)*(mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z))**2)*(26829*mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z/200000 + mlp_c_fc_z))/2 + 0.5)
+        d_mlp_c_fc_z = d_mlp_c_fc*((0.3989422804014327)*(mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*(mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z)/200000 + mlp_c_fc_z))**2)*(26829*mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*(mlp_c_fc_z*mlp_c_fc_z*mlp_c_fc_z)/200000 + mlp_c_fc_z))/2 + 0.5)
         del mlp_c_fc_z, d_mlp_c_fc
 
     if _need_mlp_c_fc_weight:

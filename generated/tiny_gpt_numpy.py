@@ -1356,7 +1356,7 @@ def forward(params, *, idx):
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_0_mlp_c_fc_z), in one call
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*(h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z)/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1463,7 +1463,7 @@ def forward(params, *, idx):
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_1_mlp_c_fc_z), in one call
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*(h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z)/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1613,7 +1613,7 @@ def loss(params, *, idx, y):
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_0_mlp_c_fc_z), in one call
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*(h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z)/200000 + h_0_mlp_c_fc_z)) + 1)/2
     del h_0_mlp_c_fc_z
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
@@ -1720,7 +1720,7 @@ def loss(params, *, idx, y):
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_1_mlp_c_fc_z), in one call
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*(h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z)/200000 + h_1_mlp_c_fc_z)) + 1)/2
     del h_1_mlp_c_fc_z
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
@@ -1914,7 +1914,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     # gelu_tanh h_0_mlp_c_fc: h_0_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_0_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_0_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_0_mlp_c_fc_z), in one call
-    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z)) + 1)/2
+    h_0_mlp_c_fc = h_0_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*(h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z)/200000 + h_0_mlp_c_fc_z)) + 1)/2
 
     # dense h_0_mlp_c_proj: h_0_mlp_c_proj[i0, i1, i2] = h_0_mlp_c_proj_bias[i2] + sum_{s0}(h_0_mlp_c_fc[i0, i1, s0]*h_0_mlp_c_proj_weight[i2, s0])
     h_0_mlp_c_proj = h_0_mlp_c_fc @ h_0_mlp_c_proj_weight.T + h_0_mlp_c_proj_bias
@@ -2014,7 +2014,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     # gelu_tanh h_1_mlp_c_fc: h_1_mlp_c_fc[i0, i1, i2] = (tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[i0, i1, i2]**3/200000 + h_1_mlp_c_fc_z[i0, i1, i2])/sqrt(pi)) + 1)*h_1_mlp_c_fc_z[i0, i1, i2]/2
     # gelu_tanh(h_1_mlp_c_fc_z), in one call
-    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z)) + 1)/2
+    h_1_mlp_c_fc = h_1_mlp_c_fc_z*(numpy.tanh((0.7978845608028654)*(8943*(h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z)/200000 + h_1_mlp_c_fc_z)) + 1)/2
 
     # dense h_1_mlp_c_proj: h_1_mlp_c_proj[i0, i1, i2] = h_1_mlp_c_proj_bias[i2] + sum_{s0}(h_1_mlp_c_fc[i0, i1, s0]*h_1_mlp_c_proj_weight[i2, s0])
     h_1_mlp_c_proj = h_1_mlp_c_fc @ h_1_mlp_c_proj_weight.T + h_1_mlp_c_proj_bias
@@ -2117,7 +2117,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
         # dL/dh_1_mlp_c_fc_z (through h_1_mlp_c_fc): d_h_1_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_1_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_1_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_1_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_1_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_1_mlp_c_fc[k0, k1, k2]
         # gelu_tanh'(h_1_mlp_c_fc_z) times d_h_1_mlp_c_fc, in one call
-        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*((0.3989422804014327)*(h_1_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))**2)*(26829*h_1_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z/200000 + h_1_mlp_c_fc_z))/2 + 0.5)
+        d_h_1_mlp_c_fc_z = d_h_1_mlp_c_fc*((0.3989422804014327)*(h_1_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*(h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z)/200000 + h_1_mlp_c_fc_z))**2)*(26829*h_1_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*(h_1_mlp_c_fc_z*h_1_mlp_c_fc_z*h_1_mlp_c_fc_z)/200000 + h_1_mlp_c_fc_z))/2 + 0.5)
         del h_1_mlp_c_fc_z, d_h_1_mlp_c_fc
 
     if _need_h_1_mlp_c_fc_weight:
@@ -2284,7 +2284,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
         # dL/dh_0_mlp_c_fc_z (through h_0_mlp_c_fc): d_h_0_mlp_c_fc_z[k0, k1, k2] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))**2)*(26829*h_0_mlp_c_fc_z[k0, k1, k2]**2/200000 + 1)*h_0_mlp_c_fc_z[k0, k1, k2]/(2*sqrt(pi)) + tanh(sqrt(2)*(8943*h_0_mlp_c_fc_z[k0, k1, k2]**3/200000 + h_0_mlp_c_fc_z[k0, k1, k2])/sqrt(pi))/2 + 1/2)*d_h_0_mlp_c_fc[k0, k1, k2]
         # gelu_tanh'(h_0_mlp_c_fc_z) times d_h_0_mlp_c_fc, in one call
-        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*((0.3989422804014327)*(h_0_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))**2)*(26829*h_0_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z/200000 + h_0_mlp_c_fc_z))/2 + 0.5)
+        d_h_0_mlp_c_fc_z = d_h_0_mlp_c_fc*((0.3989422804014327)*(h_0_mlp_c_fc_z*(1 - numpy.tanh((0.7978845608028654)*(8943*(h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z)/200000 + h_0_mlp_c_fc_z))**2)*(26829*h_0_mlp_c_fc_z**2/200000 + 1)) + numpy.tanh((0.7978845608028654)*(8943*(h_0_mlp_c_fc_z*h_0_mlp_c_fc_z*h_0_mlp_c_fc_z)/200000 + h_0_mlp_c_fc_z))/2 + 0.5)
         del h_0_mlp_c_fc_z, d_h_0_mlp_c_fc
 
     if _need_h_0_mlp_c_fc_weight:

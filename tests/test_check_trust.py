@@ -41,6 +41,28 @@ def test_a_nan_model_fails_every_table(with_torch, tmp_path, monkeypatch, capsys
     assert rows and all(row[-1] == "FAIL" and row[1] == "nan" for row in rows), rows
 
 
+def test_a_gradient_that_is_zero_passes_and_a_wrong_small_one_fails(tmp_path) -> None:
+    """A softmax over the time axis makes the dense layer's bias gradient zero (rounding,
+    ~1e-17): against its own size it failed every tolerance. The floor (a millionth of
+    the largest gradient) lets it pass, while an error of 1e-3 of the largest gradient
+    in a small one still fails."""
+    spec = tmp_path / "zero.yaml"
+    spec.write_text("""
+name: zero_bias
+inputs: {x: [N, 2, 2]}
+targets: {t: [N, 2, 2]}
+layers:
+  - {name: fc, type: dense, units: 2}
+  - {name: sm, type: softmax, causal: true, axis: 1}
+loss: {type: mse, target: t}
+""")
+    assert main(["check", str(spec)]) == 0
+    big, small = np.array([1.0, -2.0]), np.array([1e-5, 0.0])
+    floor = check._floor([big, small])
+    assert floor == 2e-6
+    assert check._rel(small + 2e-3, small, floor)[1] > 1e-6
+
+
 def test_rel_never_passes_a_non_finite_value() -> None:
     finite = np.array([1.0, 2.0])
     for bad in (np.array([np.nan, 2.0]), np.array([np.inf, 2.0])):
@@ -154,3 +176,19 @@ def test_parameters_start_from_their_declared_initialisation(tmp_path, monkeypat
     rows = check.check_model(model)
     assert rows and all(row.ok for row in rows)
     assert np.array_equal(points[0]["avg.weight"], np.ones((1, 4)))
+
+
+@pytest.mark.parametrize("layers, loss", [
+    # a one-term loss list keeps its weight (the oracle used to drop it)
+    ("  - {name: fc, type: dense, units: 1}",
+     "loss:\n  - {type: mse, prediction: fc, target: t, weight: 0.5}"),
+    # a trainable layer that feeds nothing: a zero gradient (the oracle used to raise)
+    ("  - {name: unused, type: dense, units: 1}\n  - {name: fc, type: dense, input: x, units: 1}",
+     "loss: {type: mse, target: t}"),
+])
+def test_oracle_reads_every_spec_as_the_modules_do(tmp_path, layers, loss) -> None:
+    pytest.importorskip("torch")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: s\ninputs: {{x: [N, 2]}}\ntargets: {{t: [N, 1]}}\nlayers:\n"
+                    f"{layers}\n{loss}\n")
+    assert main(["check", str(spec)]) == 0

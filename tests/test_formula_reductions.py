@@ -105,6 +105,95 @@ def test_max_gradient_is_shared_evenly_between_ties_as_torch_amax(tmp_build) -> 
     assert np.allclose(g.reshape(3), [1 / 3] * 3)
 
 
+MAX_ABS = """
+name: max_abs
+inputs: {x: [N, 2]}
+targets: {t: [N, 2]}
+layers:
+  - {name: fc, type: dense, units: 2}
+  - {name: m, type: elementwise, input: [fc], formula: "max(fc, axis=-1)"}
+loss: {formula: "abs(y - t)", target: t}
+"""
+
+
+def test_sign_of_a_stored_comparison_keeps_its_minus_one(tmp_build) -> None:
+    """|y - t|'s derivative is where(y - t > 0, 1, where(y - t < 0, -1, 0)); with both
+    comparisons stored as masks of their own, the -1 once took the masks' dtype (a
+    boolean -1 is True): the gradient summed the signs' magnitudes. Against autograd."""
+    _, mods = tmp_build(MAX_ABS)
+
+    def twin(p, b):
+        fc = F.linear(b["x"], p["fc.weight"], p["fc.bias"])
+        return torch.abs(torch.amax(fc, dim=-1, keepdim=True) - b["t"]).mean()
+
+    rng = np.random.default_rng(0)
+    check_twin(mods, twin, {"x": rng.normal(size=(6, 2)), "t": rng.normal(size=(6, 2))})
+
+
+RECIPROCAL = """
+name: reciprocal
+inputs: {x: [N, 2]}
+targets: {t: [N, 2]}
+layers:
+  - {name: fc, type: dense, units: 2}
+  - {name: ew, type: elementwise, input: fc, formula: "1/(1 + fc)"}
+loss: {type: mse, target: t}
+"""
+
+
+def test_a_cubed_divisor_keeps_its_brackets(tmp_build) -> None:
+    """1/(1 + fc)'s gradient divides by (1 + fc)**3, which numpy prints as a product of
+    three reads: without brackets the divisor was one factor and the gradient wrong."""
+    _, mods = tmp_build(RECIPROCAL)
+
+    def twin(p, b):
+        fc = F.linear(b["x"], p["fc.weight"], p["fc.bias"])
+        return ((1 / (1 + fc) - b["t"]) ** 2).mean()
+
+    rng = np.random.default_rng(2)
+    check_twin(mods, twin, {"x": rng.normal(size=(6, 2)) * 0.1, "t": rng.normal(size=(6, 2))})
+
+
+LOSS_AXIS = """
+name: loss_axis
+inputs: {x: [N, 3]}
+targets: {t: [N, 3]}
+layers:
+  - {name: fc, type: dense, units: 3}
+loss: {formula: "LOSS", target: t}
+"""
+
+
+@pytest.mark.parametrize("formula", ["logsumexp(y, axis=-1)",
+                                     "logsumexp(y, axis=-1) - sum(t*y, axis=-1)"])
+def test_loss_formula_with_a_row_reduction_is_the_mean_of_its_broadcast(tmp_build,
+                                                                        formula) -> None:
+    """A per-row reduction in a loss formula broadcasts back over the row, and the loss
+    is the mean over every entry: a sum over an index the summand does not read (the
+    broadcast axis) multiplies by its extent. The loss value was a third of the truth,
+    and the second formula's loss an array."""
+    _, mods = tmp_build(LOSS_AXIS.replace("LOSS", formula))
+
+    def twin(p, b):
+        y = F.linear(b["x"], p["fc.weight"], p["fc.bias"])
+        per = torch.logsumexp(y, dim=-1, keepdim=True).expand_as(y)
+        if "t*y" in formula:
+            per = per - (b["t"] * y).sum(-1, keepdim=True)
+        return per.mean()
+
+    rng = np.random.default_rng(3)
+    batch = {"x": rng.normal(size=(5, 3)), "t": rng.normal(size=(5, 3))}
+    if "t*y" not in formula:  # a loss that reads no target takes none
+        twin_on = twin
+
+        def twin(p, b):  # noqa: F811 - the same twin with a target it ignores
+            return twin_on(p, {**b, "t": torch.zeros(5, 3, dtype=torch.float64)})
+
+        del batch["t"]
+    check_twin(mods, twin, batch)
+    assert np.ndim(mods["numpy"].loss(mods["numpy"].init_params(0), **batch)) == 0
+
+
 SOFTMAX = """
 name: act
 inputs: {x: [N, 4]}

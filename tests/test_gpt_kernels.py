@@ -36,9 +36,13 @@ def test_numpy_prints_small_integer_powers_of_an_array_as_products() -> None:
     included."""
     printer = NumpyCodePrinter()
     x = sp.Symbol("x")
-    assert printer.doprint(x**3) == "x*x*x"
-    assert printer.doprint(x**4) == "x*x*x*x"
+    assert printer.doprint(x**3) == "(x*x*x)"
+    assert printer.doprint(x**4) == "(x*x*x*x)"
     assert printer.doprint(x**-3) == "1/x**3"  # unchanged (rare; not worth a rule)
+    # as a divisor the product keeps its brackets: a/x*x*x would be a*x
+    a = sp.Symbol("a")
+    assert printer.doprint(a / x**3) == "a/(x*x*x)"
+    assert printer.doprint(a * x**3) == "a*(x*x*x)"
     assert printer.doprint(x**2) == "x**2"  # numpy squares fast already
     assert printer.doprint((x + 1)**3) == "(x + 1)**3"  # never evaluated twice
     assert printer.doprint(x**5) == "x**5"

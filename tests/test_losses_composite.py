@@ -216,3 +216,20 @@ def test_bad_composite_loss_is_a_located_error(tmp_path, capsys, loss, extra, li
     assert len(err) == 1 and err[0].startswith(f"{spec}:{line}:"), err
     assert re.search(message, err[0]), err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("layers, loss", [
+    # a softmax layer named sm builds sm_lse; the cross-entropy over sm builds its own
+    ("  - {name: fc, type: dense, units: 3}\n  - {name: sm, type: softmax}",
+     "loss: {type: softmax_cross_entropy, target: t}"),
+    # two cross-entropy terms over the same prediction: one log-sum-exp each
+    ("  - {name: fc, type: dense, units: 3}",
+     "loss:\n  - {type: softmax_cross_entropy, prediction: fc, target: t}\n"
+     "  - {type: softmax_cross_entropy, prediction: fc, target: t, weight: 0.5}"),
+])
+def test_loss_intermediates_never_clash_with_other_names(tmp_path, layers, loss) -> None:
+    """Both were refused with "'sm_lse' names two tensors of the network"."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: s\ninputs: {{x: [N, 2]}}\ntargets: {{t: [N, 3]}}\nlayers:\n"
+                    f"{layers}\n{loss}\n")
+    assert main(["check", str(spec)]) == 0

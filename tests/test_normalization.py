@@ -328,6 +328,8 @@ BAD = [
      "causal softmax needs the last two axes of 'y' to be equal"),
     ("{name: n, type: softmax, causal: true, input: v}", "causal softmax needs at least two"),
     ("{name: n, type: softmax, causal: 1}", "expected true or false"),
+    ("{name: n, type: softmax, causal: true, axis: 0}",
+     "a causal softmax normalises over the keys or the queries"),
 ]
 
 

@@ -438,3 +438,16 @@ def test_matrix_product_spelling(subscripts: str, code: str | None) -> None:
     B = np.random.default_rng(1).normal(size=[shapes[x] for x in b])
     env = {"A": A, "B": B, "flat2": lambda v: v.reshape(-1, v.shape[-1])}
     assert np.allclose(eval(got, env), np.einsum(subscripts, A, B))  # noqa: S307 - ours
+
+
+def test_a_one_feature_attention_reshapes_through_an_empty_shape(tmp_path) -> None:
+    """C = 1 (one head of one feature): c_proj's weight is [1, 1], read as a [1, 1, 1]
+    array through the empty shape (), which both modules printed as .reshape() (an
+    error)."""
+    from symbackprop.cli import main
+
+    spec = tmp_path / "c1.yaml"
+    spec.write_text("name: c1\ninputs: {x: [N, 3, 1]}\ntargets: {t: [N, 3, 1]}\nlayers:\n"
+                    "  - {name: attn, type: attention, heads: 1}\n"
+                    "loss: {type: mse, target: t}\n")
+    assert main(["check", str(spec)]) == 0

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,16 +111,32 @@ class Row:
     ok: bool
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(max abs error, max relative error); NaN when either side has a non-finite value,
-    so that the row fails: a NaN is never within a tolerance."""
+# A gradient is measured against the largest of its own entries, but never against less
+# than this fraction of the largest gradient of any parameter: a gradient that is zero
+# (a bias before a softmax over another axis) comes out as rounding, ~1e-17, which is
+# right, and relative to its own size would fail every tolerance.
+FLOOR = 1e-6
+
+
+def _rel(a: np.ndarray, b: np.ndarray, floor: float = 0.0) -> tuple[float, float]:
+    """(max abs error, max relative error) against the largest entry of ``b`` (or
+    ``floor`` where that is larger); NaN when either side has a non-finite value, so
+    that the row fails: a NaN is never within a tolerance."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return float("nan"), float("nan")
     diff = float(np.max(np.abs(a - b))) if a.size else 0.0
     scale = float(np.max(np.abs(b))) if b.size else 0.0
-    return diff, diff / max(scale, 1e-30)
+    return diff, diff / max(scale, floor, 1e-30)
+
+
+def _floor(references: Iterable[Any]) -> float:
+    """FLOOR times the largest entry of any of the reference gradients."""
+    largest = [float(np.max(np.abs(np.asarray(r, dtype=np.float64))))
+               for r in references if np.size(r)]
+    finite = [v for v in largest if np.isfinite(v)]
+    return FLOOR * max(finite, default=0.0)
 
 
 def _within(rel: float, tol: float) -> bool:
@@ -143,6 +159,7 @@ def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
         return float(to_numpy(module.loss({k: wrap(v) for k, v in p.items()}, **args)))
 
     out: dict[str, tuple[float, float]] = {}
+    floor = _floor(to_numpy(g) for g in grads.values())
     # A NaN or infinite loss makes every finite difference NaN, so every row fails;
     # a finite loss with NaN gradients fails on the analytic side.
     for name, grad in grads.items():
@@ -158,7 +175,7 @@ def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
                 minus[name] = base.copy()
                 minus[name][idx] -= h
                 numeric[idx] = (loss_at(plus) - loss_at(minus)) / (2 * h)
-            out[name] = _rel(analytic, numeric)
+            out[name] = _rel(analytic, numeric, floor)
         else:
             worst = (0.0, 0.0)
             if not np.isfinite(analytic).all():
@@ -175,7 +192,8 @@ def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
                 if not np.isfinite(diff):
                     worst = (float("nan"), float("nan"))
                     break
-                worst = max(worst, (diff, diff / max(scale, 1e-30)))
+                worst = max(worst, (diff, diff / max(scale, floor * np.linalg.norm(v),
+                                                       1e-30)))
             out[name] = worst
     return out
 
@@ -205,7 +223,9 @@ def reference_loss(spec: ModelSpec, params: Mapping[str, Any], batch: Mapping[st
                                                    params=params)
             else:
                 term = LOSSES[loss.type].reference(loss, prediction, target)
-            total = total + (term if len(spec.losses) <= 1 else loss.weight * term)
+            # (a term's weight counts also when it is the list's only term; the single
+            # loss: form has weight 1)
+            total = total + loss.weight * term
         decay = spec.weight_decay
         if decay is not None:
             names = decay.params or [n for n, p in params.items() if p.ndim >= 2
@@ -224,8 +244,11 @@ def oracle_grads(spec: ModelSpec, params: Mapping[str, np.ndarray],
     tparams = {k: torch.tensor(v, requires_grad=k in trainable) for k, v in params.items()}
     tbatch = {k: torch.tensor(v) for k, v in batch.items()}
     loss = reference_loss(spec, tparams, tbatch)
-    grads = torch.autograd.grad(loss, [tparams[k] for k in trainable])
-    return float(loss.detach()), {k: g.numpy() for k, g in zip(trainable, grads, strict=True)}
+    # A trainable layer that does not feed the loss has a zero gradient, not an error.
+    grads = torch.autograd.grad(loss, [tparams[k] for k in trainable], allow_unused=True)
+    return float(loss.detach()), {
+        k: (torch.zeros_like(tparams[k]) if g is None else g).numpy()
+        for k, g in zip(trainable, grads, strict=True)}
 
 
 def torch_available() -> bool:
@@ -439,10 +462,11 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64,
                 a, r = _rel(np.array(float(loss)), np.array(ref_loss))
                 rows.append(Row(f"torch autograd oracle ({backend})", "loss", a, r,
                                 _within(r, ref_tol)))
+                floor = _floor(ref[name] for name in trainable)
                 for name in trainable:
                     got = grads[name]
                     got = got.numpy() if hasattr(got, "numpy") else got
-                    a, r = _rel(np.asarray(got, dtype=np.float64), ref[name])
+                    a, r = _rel(np.asarray(got, dtype=np.float64), ref[name], floor)
                     rows.append(Row(f"torch autograd oracle ({backend})", name, a, r,
                                     _within(r, ref_tol)))
             model_obj = t_mod.Model(dtype=torch.float64 if dtype == np.float64 else
@@ -457,7 +481,8 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64,
             for name, p in model_obj.named_parameters():
                 if name not in ref:
                     continue
-                a, r = _rel(p.grad.numpy().astype(np.float64), ref[name])
+                a, r = _rel(p.grad.numpy().astype(np.float64), ref[name],
+                            _floor(ref[k] for k in trainable))
                 rows.append(Row("Model.loss().backward() vs oracle", name, a, r,
                                 _within(r, ref_tol)))
     return rows

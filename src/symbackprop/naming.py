@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import keyword
 import re
+from collections.abc import Container
 
 IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 MAX_NAME = 64
@@ -120,9 +121,15 @@ def positions(layer: str) -> str:
     return f"{layer}_positions"
 
 
-def loss_part(prediction: str, role: str) -> str:
-    """An intermediate of a loss over ``prediction``: ``out_lse``, ``out_count``."""
-    return f"{prediction}_{role}"
+def loss_part(prediction: str, role: str, taken: Container[str] = ()) -> str:
+    """An intermediate of a loss over ``prediction``: ``out_lse``, ``out_count``; where
+    that name is ``taken`` (a softmax layer's own ``sm_lse``, a second loss term over the
+    same prediction), the first free of ``out_lse_2``, ``out_lse_3``, ..."""
+    name, n = f"{prediction}_{role}", 1
+    while name in taken:
+        n += 1
+        name = f"{prediction}_{role}_{n}"
+    return name
 
 
 def lora_down(prefix: str) -> str:

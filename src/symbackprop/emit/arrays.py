@@ -65,6 +65,7 @@ class ArrayPrinter:
         self.scalar.scalars = frozenset(n for n, shape in program.shapes.items() if not shape)
         self.scalar.like = program.like
         self.helpers: set[str] = self.scalar.helpers
+        self.masks: set[str] = set()  # arrays printed so far that hold a comparison
 
     def _scalar_printer(self) -> NumpyCodePrinter | TorchCodePrinter:
         raise NotImplementedError
@@ -95,12 +96,16 @@ class ArrayPrinter:
         if any(p is not None for p in v.picks):
             code += "[" + ", ".join(":" if p is None else str(p) for p in v.picks) + "]"
         if v.fine != kept:
-            code = f"{code}.reshape{self.shape(v.fine)}"
+            code = self._reshape(code, v.fine)
         if v.perm != tuple(range(len(v.perm))):
             code = self.transpose(code, v.perm)
         if v.shape != tuple(v.fine[p] for p in v.perm):
-            code = f"{code}.reshape{self.shape(v.shape)}"
+            code = self._reshape(code, v.shape)
         return self.place(code, v.places, v.out_rank)
+
+    def _reshape(self, code: str, shape: tuple[sp.Expr, ...]) -> str:
+        # (an empty shape, every extent 1 dropped, is the tuple (): .reshape() is an error)
+        return f"{code}.reshape{self.shape(shape)}" if shape else f"{code}.reshape(())"
 
     def windowed(self, v: Window) -> str:
         """Zero padding where a window reaches past the array, then the windows as a
@@ -181,6 +186,8 @@ class ArrayPrinter:
         expr = self.expression(op)
         self.scalar.integer_reads = frozenset(s.name for s in expr.free_symbols
                                               if s.is_integer)
+        self.scalar.booleans = frozenset(self.view(v) for _, v in op.views
+                                         if getattr(v, "src", None) in self.masks)
         if expr.has(sp.Piecewise):
             # Fold each term on its own: a product with a mask becomes one where(), but
             # a sum is not pulled into both branches (that would compute the other terms
@@ -199,6 +206,8 @@ class ArrayPrinter:
     def code(self, stmt: Assign) -> str:
         op = stmt.op
         if isinstance(op, Map):
+            if isinstance(op.body, sp.logic.boolalg.Boolean):
+                self.masks.add(stmt.target)
             text = self.body(op)
             return self.in_place(text, stmt.in_place) if stmt.in_place else text
         if isinstance(op, Reduce):

@@ -23,6 +23,7 @@ class _Common:
     scalars: frozenset[str] = frozenset()  # names of 0-d arrays (the loss seed)
     like: str = ""  # a float array: the dtype of numbers chosen by integers alone
     integer_reads: frozenset[str] = frozenset()  # the body's reads of integer arrays
+    booleans: frozenset[str] = frozenset()  # the body's reads of comparisons (masks)
 
     def _is_scalar(self, expr: sp.Expr) -> bool:
         return all(s.is_integer or s.name in self.scalars for s in expr.free_symbols)
@@ -176,10 +177,14 @@ class _Common:
         # where it reads integers alone (a one-hot of indices), of the model's float
         # arrays (``like``: an input or parameter, an argument of every function, so
         # alive wherever it is read although no op lists it).
-        arrays = [s for s in expr.free_symbols if not s.is_integer]
+        # A boolean mask the condition reads (a comparison stored on its own) has no
+        # float dtype to lend: numpy.bool_(-1) and torch's bool new_tensor(-1) are True.
+        arrays = [s for s in expr.free_symbols
+                  if not s.is_integer and s.name not in self.booleans]
         numeric = not any(v.free_symbols - {s for s in v.free_symbols if s.is_integer}
                           for v, _ in expr.args)
-        integers = any(s.name in self.integer_reads for s in expr.free_symbols)
+        integers = any(s.name in self.integer_reads or s.name in self.booleans
+                       for s in expr.free_symbols)
         like = (sorted(a.name for a in arrays)[0] if arrays
                 else self.like if integers else None) if numeric else None
 
@@ -240,9 +245,10 @@ class NumpyCodePrinter(_Common, NumPyPrinter):
         # numpy's power ufunc calls pow() per element for any exponent but 2 (and a few
         # others): x**3 of 65536 float32 costs ~4 ms, x*x*x ~12 us (GPT-2's tanh GELU).
         base, exp = expr.args
-        # (Positive powers only.)
+        # (Positive powers only.) In brackets: the printer places a power where a
+        # product may not stand bare, as the divisor of a/x**3 (a/x*x*x is a*x).
         if isinstance(base, sp.Symbol) and exp.is_Integer and 3 <= int(exp) <= 4:
-            return "*".join([self._print(base)] * int(exp))
+            return "(" + "*".join([self._print(base)] * int(exp)) + ")"
         return super()._print_Pow(expr, rational)
 
     def __init__(self) -> None:

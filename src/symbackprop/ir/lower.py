@@ -265,7 +265,9 @@ class Lowerer:
         if not rest and plain and len(tensors) == 1:
             (tensor,) = tensors
             kept = tuple(i for i in tensor.indices if i not in limits)
-            if kept == free:
+            # (a summed index the tensor does not carry multiplies by its extent: the
+            # general case below)
+            if kept == free and set(limits) <= set(tensor.indices):
                 axes_ = tuple(n for n, i in enumerate(tensor.indices) if i in limits)
                 # Kept axes already come in output order: reduce in place, no transpose.
                 view = View(_src(tensor), (None,) * tensor.rank, tuple(range(tensor.rank)),
@@ -274,9 +276,10 @@ class Lowerer:
                                           ((view.placeholder(), view),), axes_, tensor.rank),
                            phase)
                 return ref(target, free)
-        full = (*free, *limits)
+        covered = _covered(body) | (body.free_symbols & set(limits))
+        # a summed index the body does not depend on is no axis: it scales the sum
+        full = (*free, *(v for v in limits if v in covered))
         viewed, views = self.viewify(body, full, extents)
-        covered = _covered(body)
         scale = sp.Mul(*(extents[v] for v in limits if v not in covered))
         reduce_axes = tuple(n for n, v in enumerate(full) if v in limits and v in covered)
         if not reduce_axes:

@@ -167,13 +167,13 @@ class SoftmaxCrossEntropy(Loss):
         picked_body = sp.Sum(sp.Piecewise((prediction.element((*idx, c)),
                                            sp.Eq(c, target.element(idx))), (0, True)),
                              (c, 0, classes - 1))
-        picked = graph.op(naming.loss_part(prediction.name, "picked"), rows_shape,
+        picked = graph.op(naming.loss_part(prediction.name, "picked", graph.nodes), rows_shape,
                           picked_body, layer="loss", where=spec.where, kind="reduction",
                           label="the target class's logit")
         sums = tuple(sum_index(k) for k in range(rank - 1))
         limits = tuple((s, 0, n - 1) for s, n in zip(sums, rows_shape, strict=True))
         counted = sp.Ne(target.element(sums), ignore)
-        count = graph.op(naming.loss_part(prediction.name, "count"), (),
+        count = graph.op(naming.loss_part(prediction.name, "count", graph.nodes), (),
                          sp.Sum(sp.Piecewise((1, counted), (0, True)), *limits), layer="loss",
                          where=spec.where, kind="reduction", label="rows counted")
         per = sp.Piecewise((lse.element(sums) - picked.element(sums), counted), (0, True))
@@ -200,8 +200,9 @@ def _logsumexp(graph: Graph, spec: LossSpec, prediction: Node) -> Node:
     c = sum_index(rank - 1)
     body = sp.log(sp.Sum(sp.exp(prediction.element((*idx, c))),
                          (c, 0, prediction.shape[-1] - 1)))
-    return graph.op(naming.loss_part(prediction.name, "lse"), prediction.shape[:-1], body,
-                    layer="loss", where=spec.where, kind="reduction", label="logsumexp")
+    return graph.op(naming.loss_part(prediction.name, "lse", graph.nodes),
+                    prediction.shape[:-1], body, layer="loss", where=spec.where,
+                    kind="reduction", label="logsumexp")
 
 
 @register_loss

@@ -236,6 +236,12 @@ class Softmax(Layer):
             raise spec.option_where["axis"].error(
                 f"axis {axis} is out of range for {z.name!r} of rank {z.rank} (allowed: "
                 f"{-z.rank} to {z.rank - 1})", ShapeError)
+        if spec.options["causal"] and axis % z.rank < z.rank - 2:
+            # the mask hides every key s > t of the last two axes: along any other axis
+            # some rows would be masked everywhere, a softmax of nothing (NaN)
+            raise spec.option_where["axis"].error(
+                f"a causal softmax normalises over the keys or the queries (axis -1 or -2), "
+                f"got axis {axis} of {z.name!r} (rank {z.rank})", ShapeError)
         return softmax(graph, spec.name, spec.name, z, axis % z.rank,
                        bool(spec.options["causal"]), spec.where, spec.option_where["causal"])
 
