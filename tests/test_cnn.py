@@ -584,3 +584,29 @@ def test_max_pool_pass_computes_the_indices_once_before_the_values() -> None:
     out = max_pool(stmts, program, {"d", "top"})
     assert [s.target for s in out] == ["arg", "top", "d"]
     assert out[1].op == TakeAt("x", "arg", 2)
+
+
+@pytest.mark.parametrize("layers, inputs, target", [
+    # a relu between a convolution and an average pooling: the relu's mask was read at
+    # the pooling window's tap outside the sum over the taps (a lowering error)
+    ("  - {name: conv, type: conv2d, channels: 2, kernel: 1}\n"
+     "  - {name: relu, type: activation, activation: relu}\n"
+     "  - {name: pool, type: avgpool2d, kernel: 2}",
+     "x: [N, 1, 4, 4]", "[N, 2, 2, 2]"),
+    ("  - {name: conv, type: conv2d, channels: 3, kernel: 3, padding: 1}\n"
+     "  - {name: relu, type: activation, activation: relu}\n"
+     "  - {name: pool, type: avgpool2d, kernel: 2, stride: 1}",
+     "x: [N, 2, 5, 4]", "[N, 3, 4, 3]"),
+    # a relu straight after an embedding (its mask on the table's row, outside the
+    # scatter over the ids)
+    ("  - {name: wte, type: embedding, num: 4, dim: 2}\n"
+     "  - {name: r, type: activation, activation: relu}",
+     "idx: {shape: [N, 3], dtype: int64}", "[N, 3, 2]"),
+])
+def test_a_mask_before_a_window_or_a_scatter(tmp_path, layers, inputs, target) -> None:
+    from symbackprop.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: s\ninputs: {{{inputs}}}\ntargets: {{t: {target}}}\nlayers:\n"
+                    f"{layers}\nloss: {{type: mse, target: t}}\n")
+    assert main(["check", str(spec)]) == 0

@@ -258,13 +258,68 @@ def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
         # piecewise_fold, which would lift a condition on an inner sum's variable (a mask
         # s <= t) out of that sum.
         local = eliminate_deltas(local, bounds)
+        local = _pin_conditions(local, frozenset(bounds))
     out = node.indices()
     g = ref(adjoint_name, out)
     if not out:
-        return eliminate_deltas(sp.Sum(g * local, (sp.Dummy("unit"), 0, 0)),
-                                bounds).xreplace({})
+        return _lift_conditions(eliminate_deltas(sp.Sum(g * local, (sp.Dummy("unit"), 0, 0)),
+                                                 bounds).xreplace({}), bounds)
     limits = tuple((i, sp.Integer(0), n - 1) for i, n in zip(out, node.shape, strict=True))
-    return eliminate_deltas(sp.Sum(g * local, *limits), bounds)
+    return _lift_conditions(eliminate_deltas(sp.Sum(g * local, *limits), bounds), bounds)
+
+
+def _pin_conditions(expr: sp.Expr, targets: frozenset[sp.Symbol]) -> sp.Expr:
+    """In a sum of ``Piecewise((delta(k, e) * a, c(x[e])), (0, True))`` over a window's
+    taps (a relu before an average pooling: e = 2 i + s), read the condition at k
+    instead of e: the delta makes them equal wherever the branch is not zero. The
+    condition then no longer reads the sum's variables, so sympy may lift it out of the
+    sum (which it does, building the outer sum) without leaving s outside its sum."""
+    if isinstance(expr, sp.Sum):
+        function = _pin_conditions(expr.function, targets)
+        summed = {lim[0] for lim in expr.limits}
+        pieces = [f for f in sp.Mul.make_args(function) if isinstance(f, sp.Piecewise)]
+        if len(pieces) == 1:
+            (piece,) = pieces
+            pins: dict[sp.Expr, sp.Expr] | None = None
+            for value, _ in piece.args:
+                if value == 0:
+                    continue
+                found = {}
+                for factor in _pull(value)[0]:
+                    if isinstance(factor, sp.KroneckerDelta):
+                        a, b = factor.args
+                        for k, e in ((a, b), (b, a)):
+                            if k in targets and e.free_symbols & summed:
+                                found[e] = k
+                pins = found if pins is None else {e: k for e, k in pins.items()
+                                                   if found.get(e) == k}
+            if pins:
+                piece_pinned = sp.Piecewise(*((v, c.xreplace(pins)) for v, c in piece.args))
+                function = function.xreplace({piece: piece_pinned})
+        return sp.Sum(function, *expr.limits)
+    if not expr.args or isinstance(expr, sp.Indexed):
+        return expr
+    return expr.func(*(_pin_conditions(a, targets) for a in expr.args))
+
+
+def _lift_conditions(expr: sp.Expr, bounds: Mapping[sp.Symbol, sp.Expr]) -> sp.Expr:
+    """``Sum(Piecewise((v, c), (0, True)), ...)`` whose condition reads none of the
+    sum's variables as ``Piecewise((Sum(v, ...), c), (0, True))``, the sum in the flat
+    form eliminate_deltas gives it: a mask on the target element outside the sum it does
+    not depend on (what _pin_conditions leaves)."""
+    if isinstance(expr, sp.Sum):
+        function = _lift_conditions(expr.function, bounds)
+        summed = {lim[0] for lim in expr.limits}
+        if (isinstance(function, sp.Piecewise) and len(function.args) == 2
+                and function.args[1] == (0, sp.true)
+                and not function.args[0][1].free_symbols & summed):
+            value, cond = function.args[0]
+            return sp.Piecewise((eliminate_deltas(sp.Sum(value, *expr.limits), bounds), cond),
+                                (0, True))
+        return sp.Sum(function, *expr.limits)
+    if not expr.args or isinstance(expr, sp.Indexed):
+        return expr
+    return expr.func(*(_lift_conditions(a, bounds) for a in expr.args))
 
 
 def _atomize(expr: sp.Expr) -> tuple[sp.Expr, dict[sp.Symbol, sp.Expr]]:
