@@ -14,24 +14,11 @@ the rule can be checked on another machine or BLAS.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from function_overhead import median_us  # the same timing loop (this folder)
 
 torch.set_num_threads(1)
-
-
-def median_us(fn: Callable[[], object], reps: int = 400) -> float:
-    for _ in range(50):
-        fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
 
 
 def compare(label: str, a: torch.Tensor, b: torch.Tensor) -> None:
