@@ -306,8 +306,9 @@ def _numpy_may_run(x):
     # tensor of a dtype numpy has, large enough to be worth it, without a lazy negation
     # or zero bit (DLPack would export the memory as it lies); and not where anything
     # else must see the call: autograd recording it, forward-mode AD, a torch.func
-    # transform, a dispatch or function mode (make_fx, FlopCounterMode, ...). With more
-    # than a few threads torch's kernel, spread over them, is used again.
+    # transform, a dispatch or function mode (make_fx, FlopCounterMode, ...). Where
+    # torch would spread the call over more than a few threads (one per 32768 values,
+    # its grain, up to torch.get_num_threads()), torch's kernel is used again.
     return not (
         torch.compiler.is_compiling() or type(x) is not torch.Tensor or _NUMPY is None
         or torch._C._get_tracing_state() is not None
@@ -317,14 +318,14 @@ def _numpy_may_run(x):
         or x.requires_grad and torch.is_grad_enabled()
         or _FORWARD_AD._current_level >= 0 or _transforms_active()
         or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-        or torch.get_num_threads() > _NUMPY_TANH_MAX_THREADS)
+        or min(torch.get_num_threads(), -(-x.numel() // 32768)) > _NUMPY_TANH_MAX_THREADS)
 
 
 # numpy where torch has loaded it (torch does whenever numpy 1.22 or later is installed);
 # the module itself never imports it. Below _NUMPY_TANH_MIN values torch's own kernel
 # is faster than the checks and the two views (about 9 us; equal near 3000 float32).
 # torch parallelises a large tanh over its threads, numpy's runs on one: from about 6
-# threads on, torch's is as fast.
+# threads at work on it, torch's is as fast.
 _NUMPY = sys.modules.get("numpy")
 if not hasattr(_NUMPY, "from_dlpack"):
     _NUMPY = None

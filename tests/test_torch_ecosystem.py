@@ -756,6 +756,20 @@ def test_tanh_keeps_torch_kernel_for_every_other_observer(numpy_tanh, monkeypatc
     monkeypatch.setattr(mod, "_NUMPY_TANH_MAX_THREADS", 0)  # as if torch had many threads
     assert torch.equal(mod._tanh(x), torch.tanh(x)) and spy.calls == 0
     monkeypatch.undo()
+    # torch spreads a tanh over one thread per 32768 values: with 8 threads, 65536 values
+    # use two of them (numpy's kernel is faster), 327680 values five (torch's is)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(mod, "_NUMPY", spy)
+    monkeypatch.setattr(mod, "_NUMPY_TANH_MIN", 1)
+    try:
+        torch.set_num_threads(8)
+        mod._tanh(torch.randn(65536, dtype=F64))
+        assert spy.calls == 1
+        mod._tanh(torch.randn(327680, dtype=F64))
+        assert spy.calls == 1
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.undo()
     assert torch.allclose(mod._tanh(x), torch.tanh(x), rtol=1e-15, atol=0)
 
 
