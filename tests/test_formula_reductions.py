@@ -327,3 +327,20 @@ def test_bad_reduction_is_a_located_formula_error(tmp_path, capsys, formula, mes
     assert "layers[1].formula" in err[0] and "(formula column" in err[0]
     assert __import__("re").search(message, err[0]), err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "{formula: 'abs(x)'}"])
+def test_a_mask_read_inside_a_reduction_stays_inside_it(tmp_path, activation) -> None:
+    """A relu (any branch function) fused into a logsumexp over its axis had its mask
+    lifted out of the sum by sympy, the summed index left outside (refused at
+    lowering); the activation now stays a tensor of its own there."""
+    spec = write_spec(tmp_path, f"""
+name: masked_lse
+inputs: {{x: [N, 2]}}
+targets: {{t: [N, 2]}}
+layers:
+  - {{name: fc, type: dense, units: 2, activation: {activation}}}
+  - {{name: ew, type: elementwise, input: [x, fc], formula: "logsumexp(x*fc, axis=-1)"}}
+loss: {{type: mse, target: t}}
+""")
+    assert main(["check", str(spec)]) == 0

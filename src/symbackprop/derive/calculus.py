@@ -262,10 +262,14 @@ def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
     out = node.indices()
     g = ref(adjoint_name, out)
     if not out:
-        return _lift_conditions(eliminate_deltas(sp.Sum(g * local, (sp.Dummy("unit"), 0, 0)),
-                                                 bounds).xreplace({}), bounds)
-    limits = tuple((i, sp.Integer(0), n - 1) for i, n in zip(out, node.shape, strict=True))
-    return _lift_conditions(eliminate_deltas(sp.Sum(g * local, *limits), bounds), bounds)
+        total = eliminate_deltas(sp.Sum(g * local, (sp.Dummy("unit"), 0, 0)), bounds)
+    else:
+        limits = tuple((i, sp.Integer(0), n - 1)
+                       for i, n in zip(out, node.shape, strict=True))
+        total = eliminate_deltas(sp.Sum(g * local, *limits), bounds)
+    if total.has(sp.Piecewise):
+        total = _lift_conditions(_pin_conditions(total, frozenset(bounds)), bounds)
+    return total
 
 
 def _pin_conditions(expr: sp.Expr, targets: frozenset[sp.Symbol]) -> sp.Expr:

@@ -86,6 +86,12 @@ def inline(body: sp.Expr, producer: Node) -> sp.Expr:
     return body.replace(is_ref, expand)
 
 
+def _read_in_a_sum(body: sp.Expr, name: str) -> bool:
+    """Whether ``body`` reads tensor ``name`` inside a sum."""
+    return any(ref_name(r) == name for total in body.atoms(sp.Sum)
+               for r in total.atoms(sp.Indexed))
+
+
 def fuse(graph: Graph, prepare: Callable[[str, sp.Expr], sp.Expr] | None = None) -> Fused:
     """Fuse single-use elementwise producers; ``prepare`` rewrites each body first."""
     consumers = graph.consumers()
@@ -104,6 +110,12 @@ def fuse(graph: Graph, prepare: Callable[[str, sp.Expr], sp.Expr] | None = None)
         absorbed[node.name] = []
         for operand in node.operands:
             if operand in merged and merged[operand] == node.name:
+                if (nodes[operand].body.has(sp.Piecewise)  # type: ignore[union-attr]
+                        and _read_in_a_sum(current.body, operand)):  # type: ignore[arg-type]
+                    # sympy's piecewise_fold would lift the branch condition (a relu's
+                    # mask on x[r]) out of the sum over r, leaving r outside its sum:
+                    # the producer stays a tensor of its own
+                    continue
                 candidate = inline(current.body, nodes[operand])  # type: ignore[arg-type]
                 if not within_budget(candidate):
                     continue  # the producer stays a tensor of its own
