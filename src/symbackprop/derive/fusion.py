@@ -5,7 +5,9 @@ Fusing before differentiating lets sympy simplify across layer boundaries: the l
 ``sigmoid(z) - t``. A producer is fused when it is elementwise (no ``Sum``), has exactly
 one consumer, and that consumer is not a contraction (a dense layer's input stays a
 tensor, so its backward pass reads as the delta recursion delta1 = (delta2 W2) * f'(z1)),
-and the fused body stays within a size budget (:func:`within_budget`).
+and the fused body stays within a size budget (:func:`within_budget`). A producer with
+branches (a relu) is not fused where its consumer reads it inside a sum: sympy's
+piecewise_fold would lift the branch condition out of the sum.
 """
 
 from __future__ import annotations
