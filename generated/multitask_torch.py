@@ -358,13 +358,13 @@ def _numpy_may_run(x):
     # its grain, up to torch.get_num_threads()), torch's kernel is used again.
     return not (
         torch.compiler.is_compiling() or type(x) is not torch.Tensor or _NUMPY is None
-        or torch._C._get_tracing_state() is not None
+        or _TRACING() is not None
         or x.numel() < _NUMPY_TANH_MIN or x.device.type != "cpu"
         or x.dtype not in _NUMPY_TANH_DTYPES or x.layout is not torch.strided
         or x.is_neg() or x._is_zerotensor()
         or x.requires_grad and torch.is_grad_enabled()
         or _FORWARD_AD._current_level >= 0 or _transforms_active()
-        or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+        or _DISPATCH_MODES() or _FUNCTION_MODES()
         or min(torch.get_num_threads(), -(-x.numel() // 32768)) > _NUMPY_TANH_MAX_THREADS)
 
 
@@ -380,6 +380,10 @@ _NUMPY_TANH_DTYPES = (torch.float32, torch.float64)
 _NUMPY_TANH_MIN = 4096
 _NUMPY_TANH_MAX_THREADS = 4
 _FORWARD_AD = torch.autograd.forward_ad
+# Torch internals: where a torch release lacks one, assume what it asks about is there.
+_TRACING = getattr(torch._C, "_get_tracing_state", lambda: True)
+_DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+_FUNCTION_MODES = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: True)
 
 
 # Parameter initialisation. Element k of a parameter takes its uniform number in [0, 1)

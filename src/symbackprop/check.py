@@ -454,6 +454,7 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64,
                 rows.append(Row("finite differences (torch)", name, a, r, _within(r, fd_tol)))
             trainable = list(np_mod.TRAINABLE)
             ref_loss, ref = oracle_grads(model.spec, params, batch, trainable)
+            floor = _floor(ref.values())
             for backend, mod in modules.items():
                 wrap = torch.from_numpy if backend == "torch" else (lambda a: a)
                 loss, grads = mod.loss_and_grad({k: wrap(v) for k, v in params.items()},
@@ -462,7 +463,6 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64,
                 a, r = _rel(np.array(float(loss)), np.array(ref_loss))
                 rows.append(Row(f"torch autograd oracle ({backend})", "loss", a, r,
                                 _within(r, ref_tol)))
-                floor = _floor(ref[name] for name in trainable)
                 for name in trainable:
                     got = grads[name]
                     got = got.numpy() if hasattr(got, "numpy") else got
@@ -481,8 +481,7 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64,
             for name, p in model_obj.named_parameters():
                 if name not in ref:
                     continue
-                a, r = _rel(p.grad.numpy().astype(np.float64), ref[name],
-                            _floor(ref[k] for k in trainable))
+                a, r = _rel(p.grad.numpy().astype(np.float64), ref[name], floor)
                 rows.append(Row("Model.loss().backward() vs oracle", name, a, r,
                                 _within(r, ref_tol)))
     return rows

@@ -258,7 +258,6 @@ def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
         # piecewise_fold, which would lift a condition on an inner sum's variable (a mask
         # s <= t) out of that sum.
         local = eliminate_deltas(local, bounds)
-        local = _pin_conditions(local, frozenset(bounds))
     out = node.indices()
     g = ref(adjoint_name, out)
     if not out:
@@ -273,11 +272,11 @@ def vjp(node: Node, operand: Node, adjoint_name: str) -> sp.Expr:
 
 
 def _pin_conditions(expr: sp.Expr, targets: frozenset[sp.Symbol]) -> sp.Expr:
-    """In a sum of ``Piecewise((delta(k, e) * a, c(x[e])), (0, True))`` over a window's
-    taps (a relu before an average pooling: e = 2 i + s), read the condition at k
-    instead of e: the delta makes them equal wherever the branch is not zero. The
-    condition then no longer reads the sum's variables, so sympy may lift it out of the
-    sum (which it does, building the outer sum) without leaving s outside its sum."""
+    """In a sum of ``Piecewise((delta(k, e) * a, c(x[e])), (0, True))`` (a relu after an
+    embedding, differentiated by the table: e = ids[i], summed over i), read the
+    condition at the target element k instead of e: the delta makes them equal wherever
+    the branch is not zero. The condition then no longer reads the sum's variables, and
+    :func:`_lift_conditions` takes it out of the sum."""
     if isinstance(expr, sp.Sum):
         function = _pin_conditions(expr.function, targets)
         summed = {lim[0] for lim in expr.limits}
