@@ -366,25 +366,26 @@ def _take_at(x, index, d):
 
 def _conv_weight_grad(x, shape, g, stride, padding):
     # dL/d(kernel) of a convolution of x, from its output's adjoint g: a correlation of x
-    # with g. aten's convolution_backward as torch.nn.grad.conv*d_weight calls it (the
-    # kernel itself is not read, only its shape). x meets g in g's dtype: under autocast
-    # g may be bfloat16 while x is float32, and convolution_backward is not cast.
-    kernel = g.new_empty(1).expand(shape)
+    # with g. aten's convolution_backward as torch.nn.grad.conv*d_weight calls it. The
+    # kernel is not read, only its shape: an uninitialised one (a broadcast view of one
+    # number would be made contiguous, a copy, ~12 us a call here). x meets g in g's
+    # dtype: under autocast g may be bfloat16 while x is float32, and
+    # convolution_backward is not cast.
     d = len(stride)
     return torch.ops.aten.convolution_backward.default(
-        g, x.to(g.dtype), kernel, None, stride, padding, (1,) * d, False, (0,) * d, 1,
-        (False, True, False))[1]
+        g, x if x.dtype is g.dtype else x.to(g.dtype), g.new_empty(shape), None, stride,
+        padding, (1,) * d, False, (0,) * d, 1, (False, True, False))[1]
 
 
 def _conv_input_grad(shape, kernel, g, stride, padding):
     # dL/d(input) of a convolution with kernel, from its output's adjoint g: a full
     # convolution of g with the flipped kernel. aten's convolution_backward as
-    # torch.nn.grad.conv*d_input calls it (the input is not read, only its shape).
-    x = g.new_empty(1).expand(shape)
+    # torch.nn.grad.conv*d_input calls it. The input is not read, only its shape: an
+    # uninitialised one, as in _conv_weight_grad.
     d = len(stride)
     return torch.ops.aten.convolution_backward.default(
-        g, x, kernel.to(g.dtype), None, stride, padding, (1,) * d, False, (0,) * d, 1,
-        (True, False, False))[0]
+        g, g.new_empty(shape), kernel if kernel.dtype is g.dtype else kernel.to(g.dtype),
+        None, stride, padding, (1,) * d, False, (0,) * d, 1, (True, False, False))[0]
 
 
 def _max_pool_backward(g, index, shape, d):
