@@ -63,6 +63,40 @@ loss: {type: mse, target: t}
     assert check._rel(small + 2e-3, small, floor)[1] > 1e-6
 
 
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("seed", range(8))
+def test_check_draws_a_counted_label_where_the_ignored_one_is_valid(batch, seed) -> None:
+    """With two classes and ignore_index 1 every drawn label could be 1, and the loss over
+    no counted row is NaN (as torch's): check's batch failed on its own draw. Each batch
+    now has a counted label, and about a quarter of the others are ignored."""
+    from symbackprop.api import compile_text
+
+    model = compile_text("""
+name: ce_two
+inputs: {x: [N, 2]}
+targets: {t: {shape: [N], dtype: int64}}
+layers:
+  - {name: fc, type: dense, units: 2}
+loss: {type: softmax_cross_entropy, target: t, ignore_index: 1}
+""")
+    labels = check.random_batch(model, batch=batch, seed=seed)["t"]
+    assert labels.shape == (batch,) and set(labels.tolist()) <= {0, 1}
+    assert (labels == 0).any()
+
+
+def test_check_passes_where_every_label_but_one_is_ignored(tmp_path) -> None:
+    spec = tmp_path / "ce.yaml"
+    spec.write_text("""
+name: ce_one_counted
+inputs: {x: [N, 2]}
+targets: {t: {shape: [N], dtype: int64}}
+layers:
+  - {name: fc, type: dense, units: 2}
+loss: {type: softmax_cross_entropy, target: t, ignore_index: 1}
+""")
+    assert main(["check", str(spec)]) == 0
+
+
 def test_rel_never_passes_a_non_finite_value() -> None:
     finite = np.array([1.0, 2.0])
     for bad in (np.array([np.nan, 2.0]), np.array([np.inf, 2.0])):

@@ -84,11 +84,15 @@ def _random_ids(bound: IdBound | None, shape: tuple[int, ...],
     """Ids in [0, high) (any small ids where nothing bounds them); where a loss ignores a
     label, about a quarter of them are that label, but never all."""
     ids = rng.integers(0, bound.high if bound is not None else 4, size=shape, dtype=np.int64)
-    if bound is not None and bound.ignore is not None and ids.size > 1:
+    if bound is not None and bound.ignore is not None and ids.size:
         flat = ids.reshape(-1)
         ignored = rng.random(flat.size) < 0.25
-        ignored[rng.integers(0, flat.size)] = False
         flat[ignored] = bound.ignore
+        # one id that counts (the ignored label may be a valid id too: a loss over no
+        # counted row is NaN, as torch's), where any id other than the ignored one exists
+        counted = [i for i in range(bound.high) if i != bound.ignore]
+        if counted and not (flat != bound.ignore).any():
+            flat[rng.integers(0, flat.size)] = counted[int(rng.integers(0, len(counted)))]
     return ids
 
 
