@@ -4,6 +4,8 @@ refuses a network too large to check instead of running out of memory."""
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +97,56 @@ layers:
 loss: {type: softmax_cross_entropy, target: t, ignore_index: 1}
 """)
     assert main(["check", str(spec)]) == 0
+
+
+KEY_BIAS = """
+name: key_bias
+inputs: {x: [N, T, 4]}
+targets: {t: [N, T, 4]}
+layers:
+  - {name: q, type: dense, units: 4}
+  - {name: k, type: dense, input: x, units: 4}
+  - {name: s, type: einsum, input: [q, k], equation: "ntd,nsd->nts", scale: 0.5}
+  - {name: p, type: softmax, causal: true}
+  - {name: o, type: einsum, input: [p, x], equation: "nts,nsd->ntd"}
+loss: {type: mse, target: t}
+"""
+
+
+def test_a_zero_gradient_within_the_differences_noise_passes(tmp_path) -> None:
+    """A key's bias before a softmax over the keys has a gradient of exactly zero; the
+    torch module's central differences there are rounding, ~2e-11 (0.4 eps |L| / h), which
+    against a millionth of the largest gradient (7e-8) failed. The finite differences'
+    floor is now their own noise over the tolerance."""
+    spec = tmp_path / "keys.yaml"
+    spec.write_text(KEY_BIAS)
+    assert main(["check", str(spec)]) == 0
+
+
+def test_finite_differences_still_see_a_zero_gradient_gone_wrong() -> None:
+    """The noise floor forgives only what a difference of two losses cannot resolve: that
+    zero gradient off by 1e-8 (about 50 times the noise, 4 eps |L| / h = 2e-10) fails."""
+    from symbackprop.api import compile_text
+
+    model = compile_text(KEY_BIAS)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "key_bias_numpy.py"
+        path.write_text(model.source("numpy"), encoding="utf-8")
+        module = check.load_module(path)
+    params = module.init_params(0)
+    batch = check.random_batch(model)
+    tol = check.FD_TOL[np.dtype(np.float64)]
+    honest = check.finite_differences(module, params, batch)
+    assert all(r <= tol for _, r in honest.values()), honest
+    real = module.loss_and_grad
+
+    def off(params, **kw):
+        loss, grads = real(params, **kw)
+        return loss, dict(grads, **{"k.bias": grads["k.bias"] + 1e-8})
+
+    module.loss_and_grad = off
+    wrong = check.finite_differences(module, params, batch)
+    assert wrong["k.bias"][1] > 10 * tol, wrong
 
 
 def test_rel_never_passes_a_non_finite_value() -> None:

@@ -32,6 +32,12 @@ from .layers import LAYERS, LOSSES
 from .spec import ModelSpec
 
 FD_STEP = {np.dtype(np.float64): 6e-6, np.dtype(np.float32): 5e-3}
+FD_TOL = {np.dtype(np.float64): 1e-6, np.dtype(np.float32): 2e-2}
+# A central difference (L(p + h) - L(p - h)) / 2h carries the rounding of the two losses,
+# about a unit of the dtype's epsilon times |L| each, divided by 2h (0.4 eps |L| / h was
+# measured on a gradient that is exactly zero): a difference below that says nothing.
+# This many epsilons times |L| / h is taken as that noise.
+FD_NOISE = 4
 FULL_JACOBIAN_MAX = 64
 DIRECTIONS = 4
 
@@ -163,7 +169,13 @@ def finite_differences(module: ModuleType, params: dict[str, np.ndarray],
         return float(to_numpy(module.loss({k: wrap(v) for k, v in p.items()}, **args)))
 
     out: dict[str, tuple[float, float]] = {}
-    floor = _floor(to_numpy(g) for g in grads.values())
+    # The floor: a millionth of the largest gradient (see FLOOR), or where that is less,
+    # the differences' own noise over their tolerance: a gradient that is exactly zero (a
+    # key's bias before a softmax over the keys) is then within tolerance when its
+    # difference is within that noise, and the check cannot tell more than that.
+    loss0 = abs(loss_at(params))
+    noise = FD_NOISE * float(np.finfo(dtype).eps) * loss0 / h if np.isfinite(loss0) else 0.0
+    floor = max(_floor(to_numpy(g) for g in grads.values()), noise / FD_TOL[np.dtype(dtype)])
     # A NaN or infinite loss makes every finite difference NaN, so every row fails;
     # a finite loss with NaN gradients fails on the analytic side.
     for name, grad in grads.items():
@@ -429,7 +441,7 @@ def check_model(model: CompiledModel, *, dtype: Any = np.float64,
     rows: list[Row] = []
     backends = ("numpy", "torch") if torch_available() else ("numpy",)
     dtype = np.dtype(dtype)
-    fd_tol = 1e-6 if dtype == np.float64 else 2e-2
+    fd_tol = FD_TOL[dtype]
     ref_tol = 1e-9 if dtype == np.float64 else 1e-4
     with tempfile.TemporaryDirectory(prefix="symbackprop-check-") as tmp:
         modules = {}
