@@ -512,6 +512,35 @@ def _softmax(x, axis):
     return e
 
 
+def _layer_norm(x, weight, bias, eps, stats):
+    # (x - mean) / sqrt(var + eps) * weight + bias over the last axis, the biased
+    # variance, as torch.nn.functional.layer_norm; with stats also the row means and
+    # 1 / sqrt(var + eps) (the last axis kept, of length 1): what the backward reads.
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = 1.0 / numpy.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+    out = centred * rstd
+    out *= weight
+    if bias is not None:
+        out += bias
+    return (out, mean, rstd) if stats else out
+
+
+def _layer_norm_backward(g, x, mean, rstd, weight, outputs):
+    # The layer norm's adjoints from its output's adjoint g, (d_x, d_weight, d_bias) with
+    # None where outputs does not ask: with xhat = (x - mean) * rstd and g' = g * weight,
+    # d_x = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) along the last axis;
+    # d_weight = sum(g * xhat) and d_bias = sum(g) over the other axes.
+    xhat = (x - mean) * rstd
+    gw = g * weight
+    d_x = gw - gw.mean(axis=-1, keepdims=True)
+    d_x -= xhat * (gw * xhat).mean(axis=-1, keepdims=True)
+    d_x *= rstd
+    rows = tuple(range(g.ndim - 1))
+    return (d_x, (g * xhat).sum(axis=rows) if outputs[1] else None,
+            g.sum(axis=rows) if outputs[2] else None)
+
+
 def _softmax_backward(grad, out, axis):
     # out * (grad - sum(out * grad)) along the last axis (the only one the IR gives): a
     # row dot product without a temporary, one subtraction, one product in place.
@@ -594,21 +623,9 @@ def forward(params, *, x):
     _expect("x", x, (N, T, 32))
     if T > 64:
         raise _too_large("x", "T", T, 64, "its declared max (dims)")
-    # mean ln_1: ln_1_mean[i0, i1] = sum_{s0}(x[i0, i1, s0])/32
-    tmp_sum1 = x.sum(axis=2)
-    ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = -ln_1_mean[:, :, None] + x
-    del ln_1_mean
-
-    # variance ln_1: ln_1_var[i0, i1] = sum_{s0}((-ln_1_mean[i0, i1] + x[i0, i1, s0])**2)/32
-    tmp_sum2 = numpy.sum(tmp0**2, axis=2)
-    ln_1_var = tmp_sum2/32
-    del tmp_sum2
-
     # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
-    ln_1 = ln_1_bias + ln_1_weight*tmp0/numpy.sqrt(ln_1_var[:, :, None] + 1e-05)
-    del tmp0, ln_1_var
+    # layer norm ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_1 = _layer_norm(x, ln_1_weight, ln_1_bias, 1e-05, stats=False)
 
     # reshape attn: attn_w[i0, i1, i2, i3] = attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     attn_w = attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -668,21 +685,9 @@ def forward(params, *, x):
     res1 = attn + x
     del attn
 
-    # mean ln_2: ln_2_mean[i0, i1] = sum_{s0}(res1[i0, i1, s0])/32
-    tmp_sum11 = res1.sum(axis=2)
-    ln_2_mean = tmp_sum11/32
-    del tmp_sum11
-    tmp2 = -ln_2_mean[:, :, None] + res1
-    del ln_2_mean
-
-    # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-    tmp_sum12 = numpy.sum(tmp2**2, axis=2)
-    ln_2_var = tmp_sum12/32
-    del tmp_sum12
-
     # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
-    ln_2 = ln_2_bias + ln_2_weight*tmp2/numpy.sqrt(ln_2_var[:, :, None] + 1e-05)
-    del tmp2, ln_2_var
+    # layer norm ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_2 = _layer_norm(res1, ln_2_weight, ln_2_bias, 1e-05, stats=False)
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
     mlp_c_fc_z = ln_2 @ mlp_c_fc_weight.T + mlp_c_fc_bias
@@ -714,21 +719,9 @@ def loss(params, *, x, t):
     _expect("t", t, (N, T, 32))
     if T > 64:
         raise _too_large("x", "T", T, 64, "its declared max (dims)")
-    # mean ln_1: ln_1_mean[i0, i1] = sum_{s0}(x[i0, i1, s0])/32
-    tmp_sum1 = x.sum(axis=2)
-    ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = -ln_1_mean[:, :, None] + x
-    del ln_1_mean
-
-    # variance ln_1: ln_1_var[i0, i1] = sum_{s0}((-ln_1_mean[i0, i1] + x[i0, i1, s0])**2)/32
-    tmp_sum2 = numpy.sum(tmp0**2, axis=2)
-    ln_1_var = tmp_sum2/32
-    del tmp_sum2
-
     # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
-    ln_1 = ln_1_bias + ln_1_weight*tmp0/numpy.sqrt(ln_1_var[:, :, None] + 1e-05)
-    del tmp0, ln_1_var
+    # layer norm ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_1 = _layer_norm(x, ln_1_weight, ln_1_bias, 1e-05, stats=False)
 
     # reshape attn: attn_w[i0, i1, i2, i3] = attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     attn_w = attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -788,21 +781,9 @@ def loss(params, *, x, t):
     res1 = attn + x
     del attn
 
-    # mean ln_2: ln_2_mean[i0, i1] = sum_{s0}(res1[i0, i1, s0])/32
-    tmp_sum11 = res1.sum(axis=2)
-    ln_2_mean = tmp_sum11/32
-    del tmp_sum11
-    tmp2 = -ln_2_mean[:, :, None] + res1
-    del ln_2_mean
-
-    # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-    tmp_sum12 = numpy.sum(tmp2**2, axis=2)
-    ln_2_var = tmp_sum12/32
-    del tmp_sum12
-
     # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
-    ln_2 = ln_2_bias + ln_2_weight*tmp2/numpy.sqrt(ln_2_var[:, :, None] + 1e-05)
-    del tmp2, ln_2_var
+    # layer norm ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_2 = _layer_norm(res1, ln_2_weight, ln_2_bias, 1e-05, stats=False)
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
     mlp_c_fc_z = ln_2 @ mlp_c_fc_weight.T + mlp_c_fc_bias
@@ -860,21 +841,9 @@ def loss_and_grad(params, *, x, t, wrt=None):
     if T > 64:
         raise _too_large("x", "T", T, 64, "its declared max (dims)")
     # ---- forward pass ----
-    # mean ln_1: ln_1_mean[i0, i1] = sum_{s0}(x[i0, i1, s0])/32
-    tmp_sum1 = x.sum(axis=2)
-    ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = ln_1_mean[:, :, None] - x
-
-    # variance ln_1: ln_1_var[i0, i1] = sum_{s0}((-ln_1_mean[i0, i1] + x[i0, i1, s0])**2)/32
-    tmp_sum2 = numpy.sum(tmp0**2, axis=2)
-    ln_1_var = tmp_sum2/32
-    del tmp_sum2
-    tmp2 = (ln_1_var[:, :, None] + 1e-05)**((-0.5))
-    tmp3 = -ln_1_weight*tmp0
-
     # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
-    ln_1 = ln_1_bias + tmp2*tmp3
+    # layer norm ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_1_row_mean, ln_1_row_rstd
+    ln_1, ln_1_row_mean, ln_1_row_rstd = _layer_norm(x, ln_1_weight, ln_1_bias, 1e-05, stats=True)
 
     # reshape attn: attn_w[i0, i1, i2, i3] = attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     attn_w = attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -931,21 +900,9 @@ def loss_and_grad(params, *, x, t, wrt=None):
     res1 = attn + x
     del attn
 
-    # mean ln_2: ln_2_mean[i0, i1] = sum_{s0}(res1[i0, i1, s0])/32
-    tmp_sum11 = res1.sum(axis=2)
-    ln_2_mean = tmp_sum11/32
-    del tmp_sum11
-    tmp7 = ln_2_mean[:, :, None] - res1
-
-    # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-    tmp_sum12 = numpy.sum(tmp7**2, axis=2)
-    ln_2_var = tmp_sum12/32
-    del tmp_sum12
-    tmp10 = -ln_2_weight*tmp7
-    tmp9 = (ln_2_var[:, :, None] + 1e-05)**((-0.5))
-
     # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
-    ln_2 = ln_2_bias + tmp10*tmp9
+    # layer norm ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_2_row_mean, ln_2_row_rstd
+    ln_2, ln_2_row_mean, ln_2_row_rstd = _layer_norm(res1, ln_2_weight, ln_2_bias, 1e-05, stats=True)
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
     mlp_c_fc_z = ln_2 @ mlp_c_fc_weight.T + mlp_c_fc_bias
@@ -1013,32 +970,14 @@ def loss_and_grad(params, *, x, t, wrt=None):
         d_ln_2 = d_mlp_c_fc_z @ mlp_c_fc_weight
         del d_mlp_c_fc_z
 
-    if _need_ln_2_weight:
-        # dL/dln_2_weight (through ln_2): d_ln_2_weight[k0] = sum_{i0,i1}((-ln_2_mean[i0, i1] + res1[i0, i1, k0])*d_ln_2[i0, i1, k0]/sqrt(ln_2_var[i0, i1] + 1.0e-5))
-        d_ln_2_weight = numpy.sum(d_ln_2.transpose(2, 0, 1)*(-ln_2_mean + res1.transpose(2, 0, 1))/numpy.sqrt(ln_2_var + 1e-05), axis=(1, 2))
-        del res1, ln_2_mean
-
-    if _need_ln_2_bias:
-        # dL/dln_2_bias (through ln_2): d_ln_2_bias[k0] = sum_{i0,i1}(d_ln_2[i0, i1, k0])
-        d_ln_2_bias = d_ln_2.sum(axis=(0, 1))
+        # layer norm backward ln_2, in one call: d_res1_via_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_2 * ln_2_weight; d_ln_2_weight = sum(d_ln_2 * xhat); d_ln_2_bias = sum(d_ln_2)
+        d_res1_via_ln_2, d_ln_2_weight, d_ln_2_bias = _layer_norm_backward(d_ln_2, res1, ln_2_row_mean, ln_2_row_rstd, ln_2_weight, (True, True, True))
+        del res1, ln_2_row_mean, ln_2_row_rstd, d_ln_2
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias or _need_attn_c_attn_weight or _need_attn_c_attn_bias or _need_attn_c_proj_weight or _need_attn_c_proj_bias:
-        # dL/dln_2_var (through ln_2): d_ln_2_var[k0, k1] = -sum_{i2}((-ln_2_mean[k0, k1] + res1[k0, k1, i2])*d_ln_2[k0, k1, i2]*ln_2_weight[i2])/(2*(ln_2_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum16 = numpy.sum(d_ln_2*tmp10, axis=2)
-        del tmp10
-        tmp18 = ln_2_var + 1e-05
-        del ln_2_var
-        d_ln_2_var = -tmp_sum16/(2*tmp18**(1.5))
-        del tmp_sum16
-
-        # dL/dln_2_mean (through ln_2): d_ln_2_mean[k0, k1] = -sum_{i2}(d_ln_2[k0, k1, i2]*ln_2_weight[i2])/sqrt(ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum17 = d_ln_2 @ ln_2_weight
-        d_ln_2_mean = -tmp_sum17/numpy.sqrt(tmp18)
-        del tmp18, tmp_sum17
-
         # dL/dres1 (through ln_2, ln_2_mean, ln_2_var, loss): d_res1[k0, k1, k2] = -(ln_2_mean[k0, k1] - res1[k0, k1, k2])*d_ln_2_var[k0, k1]/16 + d_ln_2_mean[k0, k1]/32 + d_ln_2[k0, k1, k2]*ln_2_weight[k2]/sqrt(ln_2_var[k0, k1] + 1.0e-5) - d_loss*(-mlp_c_proj[k0, k1, k2] - res1[k0, k1, k2] + t[k0, k1, k2])/(16*N*T)
-        d_res1 = d_ln_2*ln_2_weight*tmp9 + d_ln_2_mean[:, :, None]/32 - d_ln_2_var[:, :, None]*tmp7/16 + (-d_loss)*tmp17
-        del tmp7, tmp9, d_loss, tmp17, d_ln_2, d_ln_2_var, d_ln_2_mean
+        d_res1 = (-d_loss)*tmp17 + d_res1_via_ln_2
+        del d_loss, tmp17, d_res1_via_ln_2
 
         # dL/dattn (through res1): d_attn[k0, k1, k2] = d_res1[k0, k1, k2]
         d_attn = d_res1
@@ -1117,32 +1056,14 @@ def loss_and_grad(params, *, x, t, wrt=None):
         d_ln_1 = numpy.tensordot(attn_w, tmp_sum35, axes=([0, 1, 2], [0, 2, 4])).transpose(1, 2, 0)
         del attn_w, tmp_sum35
 
-    if _need_ln_1_weight:
-        # dL/dln_1_weight (through ln_1): d_ln_1_weight[k0] = sum_{i0,i1}((-ln_1_mean[i0, i1] + x[i0, i1, k0])*d_ln_1[i0, i1, k0]/sqrt(ln_1_var[i0, i1] + 1.0e-5))
-        d_ln_1_weight = numpy.sum(d_ln_1.transpose(2, 0, 1)*(-ln_1_mean + x.transpose(2, 0, 1))/numpy.sqrt(ln_1_var + 1e-05), axis=(1, 2))
-        del ln_1_mean
-
-    if _need_ln_1_bias:
-        # dL/dln_1_bias (through ln_1): d_ln_1_bias[k0] = sum_{i0,i1}(d_ln_1[i0, i1, k0])
-        d_ln_1_bias = d_ln_1.sum(axis=(0, 1))
+        # layer norm backward ln_1, in one call: d_x_via_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_1 * ln_1_weight; d_ln_1_weight = sum(d_ln_1 * xhat); d_ln_1_bias = sum(d_ln_1)
+        d_x_via_ln_1, d_ln_1_weight, d_ln_1_bias = _layer_norm_backward(d_ln_1, x, ln_1_row_mean, ln_1_row_rstd, ln_1_weight, (True, True, True))
+        del ln_1_row_mean, ln_1_row_rstd, d_ln_1
 
     if _need_x:
-        # dL/dln_1_var (through ln_1): d_ln_1_var[k0, k1] = -sum_{i2}((-ln_1_mean[k0, k1] + x[k0, k1, i2])*d_ln_1[k0, k1, i2]*ln_1_weight[i2])/(2*(ln_1_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum33 = numpy.sum(d_ln_1*tmp3, axis=2)
-        del tmp3
-        tmp19 = ln_1_var + 1e-05
-        del ln_1_var
-        d_ln_1_var = -tmp_sum33/(2*tmp19**(1.5))
-        del tmp_sum33
-
-        # dL/dln_1_mean (through ln_1): d_ln_1_mean[k0, k1] = -sum_{i2}(d_ln_1[k0, k1, i2]*ln_1_weight[i2])/sqrt(ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum34 = d_ln_1 @ ln_1_weight
-        d_ln_1_mean = -tmp_sum34/numpy.sqrt(tmp19)
-        del tmp19, tmp_sum34
-
         # dL/dx (through ln_1, ln_1_mean, ln_1_var, res1): d_x[k0, k1, k2] = -(ln_1_mean[k0, k1] - x[k0, k1, k2])*d_ln_1_var[k0, k1]/16 + d_ln_1_mean[k0, k1]/32 + d_res1[k0, k1, k2] + d_ln_1[k0, k1, k2]*ln_1_weight[k2]/sqrt(ln_1_var[k0, k1] + 1.0e-5)
-        d_x = d_ln_1*ln_1_weight*tmp2 + d_ln_1_mean[:, :, None]/32 - d_ln_1_var[:, :, None]*tmp0/16 + d_res1
-        del tmp0, tmp2, d_res1, d_ln_1, d_ln_1_var, d_ln_1_mean
+        d_x = d_res1 + d_x_via_ln_1
+        del d_res1, d_x_via_ln_1
     grads = {}
     if _need_x:
         grads["x"] = d_x

@@ -609,21 +609,9 @@ def forward(params, *, x):
     _expect("x", x, (N, T, 32))
     if T > 64:
         raise _too_large("x", "T", T, 64, "its declared max (dims)")
-    # mean ln_1: ln_1_mean[i0, i1] = sum_{s0}(x[i0, i1, s0])/32
-    tmp_sum1 = x.sum(dim=2)
-    ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = -ln_1_mean[:, :, None] + x
-    del ln_1_mean
-
-    # variance ln_1: ln_1_var[i0, i1] = sum_{s0}((-ln_1_mean[i0, i1] + x[i0, i1, s0])**2)/32
-    tmp_sum2 = torch.sum(tmp0**2, dim=2)
-    ln_1_var = tmp_sum2/32
-    del tmp_sum2
-
     # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
-    ln_1 = ln_1_bias + ln_1_weight*tmp0/torch.sqrt(ln_1_var[:, :, None] + 1e-05)
-    del tmp0, ln_1_var
+    # layer norm ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_1 = torch.nn.functional.layer_norm(x, (32,), ln_1_weight, ln_1_bias, 1e-05)
 
     # reshape attn: attn_w[i0, i1, i2, i3] = attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     attn_w = attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -683,21 +671,9 @@ def forward(params, *, x):
     res1 = attn + x
     del attn
 
-    # mean ln_2: ln_2_mean[i0, i1] = sum_{s0}(res1[i0, i1, s0])/32
-    tmp_sum11 = res1.sum(dim=2)
-    ln_2_mean = tmp_sum11/32
-    del tmp_sum11
-    tmp2 = -ln_2_mean[:, :, None] + res1
-    del ln_2_mean
-
-    # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-    tmp_sum12 = torch.sum(tmp2**2, dim=2)
-    ln_2_var = tmp_sum12/32
-    del tmp_sum12
-
     # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
-    ln_2 = ln_2_bias + ln_2_weight*tmp2/torch.sqrt(ln_2_var[:, :, None] + 1e-05)
-    del tmp2, ln_2_var
+    # layer norm ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_2 = torch.nn.functional.layer_norm(res1, (32,), ln_2_weight, ln_2_bias, 1e-05)
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
     mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
@@ -731,21 +707,9 @@ def loss(params, *, x, t):
     _expect("t", t, (N, T, 32))
     if T > 64:
         raise _too_large("x", "T", T, 64, "its declared max (dims)")
-    # mean ln_1: ln_1_mean[i0, i1] = sum_{s0}(x[i0, i1, s0])/32
-    tmp_sum1 = x.sum(dim=2)
-    ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = -ln_1_mean[:, :, None] + x
-    del ln_1_mean
-
-    # variance ln_1: ln_1_var[i0, i1] = sum_{s0}((-ln_1_mean[i0, i1] + x[i0, i1, s0])**2)/32
-    tmp_sum2 = torch.sum(tmp0**2, dim=2)
-    ln_1_var = tmp_sum2/32
-    del tmp_sum2
-
     # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
-    ln_1 = ln_1_bias + ln_1_weight*tmp0/torch.sqrt(ln_1_var[:, :, None] + 1e-05)
-    del tmp0, ln_1_var
+    # layer norm ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_1 = torch.nn.functional.layer_norm(x, (32,), ln_1_weight, ln_1_bias, 1e-05)
 
     # reshape attn: attn_w[i0, i1, i2, i3] = attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     attn_w = attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -805,21 +769,9 @@ def loss(params, *, x, t):
     res1 = attn + x
     del attn
 
-    # mean ln_2: ln_2_mean[i0, i1] = sum_{s0}(res1[i0, i1, s0])/32
-    tmp_sum11 = res1.sum(dim=2)
-    ln_2_mean = tmp_sum11/32
-    del tmp_sum11
-    tmp2 = -ln_2_mean[:, :, None] + res1
-    del ln_2_mean
-
-    # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-    tmp_sum12 = torch.sum(tmp2**2, dim=2)
-    ln_2_var = tmp_sum12/32
-    del tmp_sum12
-
     # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
-    ln_2 = ln_2_bias + ln_2_weight*tmp2/torch.sqrt(ln_2_var[:, :, None] + 1e-05)
-    del tmp2, ln_2_var
+    # layer norm ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_2 = torch.nn.functional.layer_norm(res1, (32,), ln_2_weight, ln_2_bias, 1e-05)
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
     mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
@@ -858,20 +810,9 @@ def loss_and_grad(params, *, x, t):
         raise _too_large("x", "T", T, 64, "its declared max (dims)")
     with torch.no_grad():
         # ---- forward pass ----
-        # mean ln_1: ln_1_mean[i0, i1] = sum_{s0}(x[i0, i1, s0])/32
-        tmp_sum1 = x.sum(dim=2)
-        ln_1_mean = tmp_sum1/32
-        del tmp_sum1
-        tmp0 = -ln_1_mean[:, :, None] + x
-
-        # variance ln_1: ln_1_var[i0, i1] = sum_{s0}((-ln_1_mean[i0, i1] + x[i0, i1, s0])**2)/32
-        tmp_sum2 = torch.sum(tmp0**2, dim=2)
-        ln_1_var = tmp_sum2/32
-        del tmp_sum2
-
         # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
-        ln_1 = ln_1_bias + ln_1_weight*tmp0/torch.sqrt(ln_1_var[:, :, None] + 1e-05)
-        del tmp0
+        # layer norm ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_1_row_mean, ln_1_row_rstd
+        ln_1, ln_1_row_mean, ln_1_row_rstd = torch.native_layer_norm(x, (32,), ln_1_weight, ln_1_bias, 1e-05)
 
         # reshape attn: attn_w[i0, i1, i2, i3] = attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
         attn_w = attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -928,21 +869,9 @@ def loss_and_grad(params, *, x, t):
         res1 = attn + x
         del attn
 
-        # mean ln_2: ln_2_mean[i0, i1] = sum_{s0}(res1[i0, i1, s0])/32
-        tmp_sum11 = res1.sum(dim=2)
-        ln_2_mean = tmp_sum11/32
-        del tmp_sum11
-        tmp4 = ln_2_mean[:, :, None] - res1
-
-        # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-        tmp_sum12 = torch.sum(tmp4**2, dim=2)
-        ln_2_var = tmp_sum12/32
-        del tmp_sum12
-        tmp6 = (ln_2_var[:, :, None] + 1e-05)**((-0.5))
-        tmp7 = -ln_2_weight*tmp4
-
         # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
-        ln_2 = ln_2_bias + tmp6*tmp7
+        # layer norm ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_2_row_mean, ln_2_row_rstd
+        ln_2, ln_2_row_mean, ln_2_row_rstd = torch.native_layer_norm(res1, (32,), ln_2_weight, ln_2_bias, 1e-05)
 
         # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
         mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
@@ -997,29 +926,13 @@ def loss_and_grad(params, *, x, t):
         d_ln_2 = d_mlp_c_fc_z @ mlp_c_fc_weight
         del d_mlp_c_fc_z
 
-        # dL/dln_2_weight (through ln_2): d_ln_2_weight[k0] = sum_{i0,i1}((-ln_2_mean[i0, i1] + res1[i0, i1, k0])*d_ln_2[i0, i1, k0]/sqrt(ln_2_var[i0, i1] + 1.0e-5))
-        d_ln_2_weight = torch.sum(d_ln_2.permute(2, 0, 1)*(-ln_2_mean + res1.permute(2, 0, 1))/torch.sqrt(ln_2_var + 1e-05), dim=(1, 2))
-        del res1, ln_2_mean
-
-        # dL/dln_2_bias (through ln_2): d_ln_2_bias[k0] = sum_{i0,i1}(d_ln_2[i0, i1, k0])
-        d_ln_2_bias = d_ln_2.sum(dim=(0, 1))
-
-        # dL/dln_2_var (through ln_2): d_ln_2_var[k0, k1] = -sum_{i2}((-ln_2_mean[k0, k1] + res1[k0, k1, i2])*d_ln_2[k0, k1, i2]*ln_2_weight[i2])/(2*(ln_2_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum16 = torch.sum(d_ln_2*tmp7, dim=2)
-        del tmp7
-        tmp14 = ln_2_var + 1e-05
-        del ln_2_var
-        d_ln_2_var = -tmp_sum16/(2*tmp14**(1.5))
-        del tmp_sum16
-
-        # dL/dln_2_mean (through ln_2): d_ln_2_mean[k0, k1] = -sum_{i2}(d_ln_2[k0, k1, i2]*ln_2_weight[i2])/sqrt(ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum17 = d_ln_2 @ ln_2_weight
-        d_ln_2_mean = -tmp_sum17/torch.sqrt(tmp14)
-        del tmp14, tmp_sum17
+        # layer norm backward ln_2, in one call: d_res1_via_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_2 * ln_2_weight; d_ln_2_weight = sum(d_ln_2 * xhat); d_ln_2_bias = sum(d_ln_2)
+        d_res1_via_ln_2, d_ln_2_weight, d_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_ln_2, res1, (32,), ln_2_row_mean, ln_2_row_rstd, ln_2_weight, ln_2_bias, (True, True, True))
+        del res1, ln_2_row_mean, ln_2_row_rstd, d_ln_2
 
         # dL/dres1 (through ln_2, ln_2_mean, ln_2_var, loss): d_res1[k0, k1, k2] = -(ln_2_mean[k0, k1] - res1[k0, k1, k2])*d_ln_2_var[k0, k1]/16 + d_ln_2_mean[k0, k1]/32 + d_ln_2[k0, k1, k2]*ln_2_weight[k2]/sqrt(ln_2_var[k0, k1] + 1.0e-5) - d_loss*(-mlp_c_proj[k0, k1, k2] - res1[k0, k1, k2] + t[k0, k1, k2])/(16*N*T)
-        d_res1 = d_ln_2*ln_2_weight*tmp6 + d_ln_2_mean[:, :, None]/32 - d_ln_2_var[:, :, None]*tmp4/16 + (-d_loss)*tmp13
-        del tmp4, tmp6, d_loss, tmp13, d_ln_2, d_ln_2_var, d_ln_2_mean
+        d_res1 = (-d_loss)*tmp13 + d_res1_via_ln_2
+        del d_loss, tmp13, d_res1_via_ln_2
 
         # dL/dattn (through res1): d_attn[k0, k1, k2] = d_res1[k0, k1, k2]
         d_attn = d_res1
@@ -1093,13 +1006,9 @@ def loss_and_grad(params, *, x, t):
         d_ln_1 = torch.tensordot(attn_w, tmp_sum33, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
         del attn_w, tmp_sum33
 
-        # dL/dln_1_weight (through ln_1): d_ln_1_weight[k0] = sum_{i0,i1}((-ln_1_mean[i0, i1] + x[i0, i1, k0])*d_ln_1[i0, i1, k0]/sqrt(ln_1_var[i0, i1] + 1.0e-5))
-        d_ln_1_weight = torch.sum(d_ln_1.permute(2, 0, 1)*(-ln_1_mean + x.permute(2, 0, 1))/torch.sqrt(ln_1_var + 1e-05), dim=(1, 2))
-        del ln_1_mean, ln_1_var
-
-        # dL/dln_1_bias (through ln_1): d_ln_1_bias[k0] = sum_{i0,i1}(d_ln_1[i0, i1, k0])
-        d_ln_1_bias = d_ln_1.sum(dim=(0, 1))
-        del d_ln_1
+        # layer norm backward ln_1, in one call: d_ln_1_weight = sum(d_ln_1 * xhat); d_ln_1_bias = sum(d_ln_1)
+        _, d_ln_1_weight, d_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_ln_1, x, (32,), ln_1_row_mean, ln_1_row_rstd, ln_1_weight, ln_1_bias, (False, True, True))
+        del ln_1_row_mean, ln_1_row_rstd, d_ln_1
     grads = {
         "ln_1.weight": d_ln_1_weight,
         "ln_1.bias": d_ln_1_bias,
@@ -1129,21 +1038,9 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     _expect("t", t, (N, T, 32))
     if T > 64:
         raise _too_large("x", "T", T, 64, "its declared max (dims)")
-    # mean ln_1: ln_1_mean[i0, i1] = sum_{s0}(x[i0, i1, s0])/32
-    tmp_sum1 = x.sum(dim=2)
-    ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = ln_1_mean[:, :, None] - x
-
-    # variance ln_1: ln_1_var[i0, i1] = sum_{s0}((-ln_1_mean[i0, i1] + x[i0, i1, s0])**2)/32
-    tmp_sum2 = torch.sum(tmp0**2, dim=2)
-    ln_1_var = tmp_sum2/32
-    del tmp_sum2
-    tmp2 = (ln_1_var[:, :, None] + 1e-05)**((-0.5))
-    tmp3 = -ln_1_weight*tmp0
-
     # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
-    ln_1 = ln_1_bias + tmp2*tmp3
+    # layer norm ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_1_row_mean, ln_1_row_rstd
+    ln_1, ln_1_row_mean, ln_1_row_rstd = torch.native_layer_norm(x, (32,), ln_1_weight, ln_1_bias, 1e-05)
 
     # reshape attn: attn_w[i0, i1, i2, i3] = attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     attn_w = attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1200,21 +1097,9 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     res1 = attn + x
     del attn
 
-    # mean ln_2: ln_2_mean[i0, i1] = sum_{s0}(res1[i0, i1, s0])/32
-    tmp_sum11 = res1.sum(dim=2)
-    ln_2_mean = tmp_sum11/32
-    del tmp_sum11
-    tmp7 = ln_2_mean[:, :, None] - res1
-
-    # variance ln_2: ln_2_var[i0, i1] = sum_{s0}((-ln_2_mean[i0, i1] + res1[i0, i1, s0])**2)/32
-    tmp_sum12 = torch.sum(tmp7**2, dim=2)
-    ln_2_var = tmp_sum12/32
-    del tmp_sum12
-    tmp10 = -ln_2_weight*tmp7
-    tmp9 = (ln_2_var[:, :, None] + 1e-05)**((-0.5))
-
     # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
-    ln_2 = ln_2_bias + tmp10*tmp9
+    # layer norm ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_2_row_mean, ln_2_row_rstd
+    ln_2, ln_2_row_mean, ln_2_row_rstd = torch.native_layer_norm(res1, (32,), ln_2_weight, ln_2_bias, 1e-05)
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
     mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
@@ -1232,10 +1117,10 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     tmp_sum15 = torch.sum(tmp14**2)
     loss = tmp_sum15/(32*N*T)
     del tmp_sum15
-    return (loss, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp14)
+    return (loss, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2, mlp_c_fc_z, mlp_c_fc, ln_1_row_mean, ln_1_row_rstd, ln_2_row_mean, ln_2_row_rstd, tmp6, tmp14)
 
 
-def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, ln_1_mean, ln_1_var, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2_mean, ln_2_var, ln_2, mlp_c_fc_z, mlp_c_fc, tmp0, tmp2, tmp3, tmp6, tmp7, tmp10, tmp9, tmp14):
+def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2, mlp_c_fc_z, mlp_c_fc, ln_1_row_mean, ln_1_row_rstd, ln_2_row_mean, ln_2_row_rstd, tmp6, tmp14):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -1295,37 +1180,16 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         d_ln_2 = d_mlp_c_fc_z @ mlp_c_fc_weight
         del d_mlp_c_fc_z
 
-    if _need_ln_2_weight:
-        # dL/dln_2_weight (through ln_2): d_ln_2_weight[k0] = sum_{i0,i1}((-ln_2_mean[i0, i1] + res1[i0, i1, k0])*d_ln_2[i0, i1, k0]/sqrt(ln_2_var[i0, i1] + 1.0e-5))
-        d_ln_2_weight = torch.sum(d_ln_2.permute(2, 0, 1)*(-ln_2_mean + res1.permute(2, 0, 1))/torch.sqrt(ln_2_var + 1e-05), dim=(1, 2))
+        # layer norm backward ln_2, in one call: d_res1_via_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_2 * ln_2_weight; d_ln_2_weight = sum(d_ln_2 * xhat); d_ln_2_bias = sum(d_ln_2)
+        d_res1_via_ln_2, d_ln_2_weight, d_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_ln_2, res1, (32,), ln_2_row_mean, ln_2_row_rstd, ln_2_weight, ln_2_bias, (True, True, True))
+        del d_ln_2
         if release:
-            _release(ln_2_mean, res1)
-
-    if _need_ln_2_bias:
-        # dL/dln_2_bias (through ln_2): d_ln_2_bias[k0] = sum_{i0,i1}(d_ln_2[i0, i1, k0])
-        d_ln_2_bias = d_ln_2.sum(dim=(0, 1))
+            _release(ln_2_row_mean, ln_2_row_rstd, res1)
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias or _need_attn_c_attn_weight or _need_attn_c_attn_bias or _need_attn_c_proj_weight or _need_attn_c_proj_bias:
-        # dL/dln_2_var (through ln_2): d_ln_2_var[k0, k1] = -sum_{i2}((-ln_2_mean[k0, k1] + res1[k0, k1, i2])*d_ln_2[k0, k1, i2]*ln_2_weight[i2])/(2*(ln_2_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum16 = torch.sum(d_ln_2*tmp10, dim=2)
-        if release:
-            _release(tmp10)
-        tmp18 = ln_2_var + 1e-05
-        if release:
-            _release(ln_2_var)
-        d_ln_2_var = -tmp_sum16/(2*tmp18**(1.5))
-        del tmp_sum16
-
-        # dL/dln_2_mean (through ln_2): d_ln_2_mean[k0, k1] = -sum_{i2}(d_ln_2[k0, k1, i2]*ln_2_weight[i2])/sqrt(ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum17 = d_ln_2 @ ln_2_weight
-        d_ln_2_mean = -tmp_sum17/torch.sqrt(tmp18)
-        del tmp18, tmp_sum17
-
         # dL/dres1 (through ln_2, ln_2_mean, ln_2_var, loss): d_res1[k0, k1, k2] = -(ln_2_mean[k0, k1] - res1[k0, k1, k2])*d_ln_2_var[k0, k1]/16 + d_ln_2_mean[k0, k1]/32 + d_ln_2[k0, k1, k2]*ln_2_weight[k2]/sqrt(ln_2_var[k0, k1] + 1.0e-5) - d_loss*(-mlp_c_proj[k0, k1, k2] - res1[k0, k1, k2] + t[k0, k1, k2])/(16*N*T)
-        d_res1 = d_ln_2*ln_2_weight*tmp9 + d_ln_2_mean[:, :, None]/32 - d_ln_2_var[:, :, None]*tmp7/16 + tmp17
-        del tmp17, d_ln_2, d_ln_2_var, d_ln_2_mean
-        if release:
-            _release(tmp7, tmp9)
+        d_res1 = d_res1_via_ln_2 + tmp17
+        del tmp17, d_res1_via_ln_2
 
         # dL/dattn (through res1): d_attn[k0, k1, k2] = d_res1[k0, k1, k2]
         d_attn = d_res1
@@ -1418,37 +1282,16 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         if release:
             _release(attn_w)
 
-    if _need_ln_1_weight:
-        # dL/dln_1_weight (through ln_1): d_ln_1_weight[k0] = sum_{i0,i1}((-ln_1_mean[i0, i1] + x[i0, i1, k0])*d_ln_1[i0, i1, k0]/sqrt(ln_1_var[i0, i1] + 1.0e-5))
-        d_ln_1_weight = torch.sum(d_ln_1.permute(2, 0, 1)*(-ln_1_mean + x.permute(2, 0, 1))/torch.sqrt(ln_1_var + 1e-05), dim=(1, 2))
+        # layer norm backward ln_1, in one call: d_x_via_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_1 * ln_1_weight; d_ln_1_weight = sum(d_ln_1 * xhat); d_ln_1_bias = sum(d_ln_1)
+        d_x_via_ln_1, d_ln_1_weight, d_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_ln_1, x, (32,), ln_1_row_mean, ln_1_row_rstd, ln_1_weight, ln_1_bias, (True, True, True))
+        del d_ln_1
         if release:
-            _release(ln_1_mean)
-
-    if _need_ln_1_bias:
-        # dL/dln_1_bias (through ln_1): d_ln_1_bias[k0] = sum_{i0,i1}(d_ln_1[i0, i1, k0])
-        d_ln_1_bias = d_ln_1.sum(dim=(0, 1))
+            _release(ln_1_row_mean, ln_1_row_rstd)
 
     if _need_x:
-        # dL/dln_1_var (through ln_1): d_ln_1_var[k0, k1] = -sum_{i2}((-ln_1_mean[k0, k1] + x[k0, k1, i2])*d_ln_1[k0, k1, i2]*ln_1_weight[i2])/(2*(ln_1_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum33 = torch.sum(d_ln_1*tmp3, dim=2)
-        if release:
-            _release(tmp3)
-        tmp19 = ln_1_var + 1e-05
-        if release:
-            _release(ln_1_var)
-        d_ln_1_var = -tmp_sum33/(2*tmp19**(1.5))
-        del tmp_sum33
-
-        # dL/dln_1_mean (through ln_1): d_ln_1_mean[k0, k1] = -sum_{i2}(d_ln_1[k0, k1, i2]*ln_1_weight[i2])/sqrt(ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum34 = d_ln_1 @ ln_1_weight
-        d_ln_1_mean = -tmp_sum34/torch.sqrt(tmp19)
-        del tmp19, tmp_sum34
-
         # dL/dx (through ln_1, ln_1_mean, ln_1_var, res1): d_x[k0, k1, k2] = -(ln_1_mean[k0, k1] - x[k0, k1, k2])*d_ln_1_var[k0, k1]/16 + d_ln_1_mean[k0, k1]/32 + d_res1[k0, k1, k2] + d_ln_1[k0, k1, k2]*ln_1_weight[k2]/sqrt(ln_1_var[k0, k1] + 1.0e-5)
-        d_x = d_ln_1*ln_1_weight*tmp2 + d_ln_1_mean[:, :, None]/32 - d_ln_1_var[:, :, None]*tmp0/16 + d_res1
-        del d_res1, d_ln_1, d_ln_1_var, d_ln_1_mean
-        if release:
-            _release(tmp0, tmp2)
+        d_x = d_res1 + d_x_via_ln_1
+        del d_res1, d_x_via_ln_1
     return (
         _as_dtype(d_x, x) if _need_x else None,
         _as_dtype(d_t, t) if _need_t else None,

@@ -1348,21 +1348,9 @@ def forward(params, *, idx):
     emb = wpe_weight[wpe_positions] + wte_weight[idx]
     del wpe_positions
 
-    # mean h_0_ln_1: h_0_ln_1_mean[i0, i1] = sum_{s0}(emb[i0, i1, s0])/32
-    tmp_sum1 = emb.sum(dim=2)
-    h_0_ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = emb - h_0_ln_1_mean[:, :, None]
-    del h_0_ln_1_mean
-
-    # variance h_0_ln_1: h_0_ln_1_var[i0, i1] = sum_{s0}((emb[i0, i1, s0] - h_0_ln_1_mean[i0, i1])**2)/32
-    tmp_sum2 = torch.sum(tmp0**2, dim=2)
-    h_0_ln_1_var = tmp_sum2/32
-    del tmp_sum2
-
     # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
-    h_0_ln_1 = h_0_ln_1_bias + h_0_ln_1_weight*tmp0/torch.sqrt(h_0_ln_1_var[:, :, None] + 1e-05)
-    del tmp0, h_0_ln_1_var
+    # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_0_ln_1 = torch.nn.functional.layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
 
     # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1450,21 +1438,9 @@ def forward(params, *, idx):
     h_0_res1 = emb + h_0_attn
     del emb, h_0_attn
 
-    # mean h_0_ln_2: h_0_ln_2_mean[i0, i1] = sum_{s0}(h_0_res1[i0, i1, s0])/32
-    tmp_sum20 = h_0_res1.sum(dim=2)
-    h_0_ln_2_mean = tmp_sum20/32
-    del tmp_sum20
-    tmp4 = -h_0_ln_2_mean[:, :, None] + h_0_res1
-    del h_0_ln_2_mean
-
-    # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-    tmp_sum21 = torch.sum(tmp4**2, dim=2)
-    h_0_ln_2_var = tmp_sum21/32
-    del tmp_sum21
-
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
-    h_0_ln_2 = h_0_ln_2_bias + h_0_ln_2_weight*tmp4/torch.sqrt(h_0_ln_2_var[:, :, None] + 1e-05)
-    del tmp4, h_0_ln_2_var
+    # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_0_ln_2 = torch.nn.functional.layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
     h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
@@ -1505,21 +1481,9 @@ def forward(params, *, idx):
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
     del h_0_res1, h_0_mlp_c_proj
 
-    # mean h_1_ln_1: h_1_ln_1_mean[i0, i1] = sum_{s0}(h_0_res2[i0, i1, s0])/32
-    tmp_sum28 = h_0_res2.sum(dim=2)
-    h_1_ln_1_mean = tmp_sum28/32
-    del tmp_sum28
-    tmp6 = h_0_res2 - h_1_ln_1_mean[:, :, None]
-    del h_1_ln_1_mean
-
-    # variance h_1_ln_1: h_1_ln_1_var[i0, i1] = sum_{s0}((h_0_res2[i0, i1, s0] - h_1_ln_1_mean[i0, i1])**2)/32
-    tmp_sum29 = torch.sum(tmp6**2, dim=2)
-    h_1_ln_1_var = tmp_sum29/32
-    del tmp_sum29
-
     # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
-    h_1_ln_1 = h_1_ln_1_bias + h_1_ln_1_weight*tmp6/torch.sqrt(h_1_ln_1_var[:, :, None] + 1e-05)
-    del tmp6, h_1_ln_1_var
+    # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_1_ln_1 = torch.nn.functional.layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
 
     # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1606,21 +1570,9 @@ def forward(params, *, idx):
     h_1_res1 = h_0_res2 + h_1_attn
     del h_0_res2, h_1_attn
 
-    # mean h_1_ln_2: h_1_ln_2_mean[i0, i1] = sum_{s0}(h_1_res1[i0, i1, s0])/32
-    tmp_sum47 = h_1_res1.sum(dim=2)
-    h_1_ln_2_mean = tmp_sum47/32
-    del tmp_sum47
-    tmp7 = -h_1_ln_2_mean[:, :, None] + h_1_res1
-    del h_1_ln_2_mean
-
-    # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-    tmp_sum48 = torch.sum(tmp7**2, dim=2)
-    h_1_ln_2_var = tmp_sum48/32
-    del tmp_sum48
-
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
-    h_1_ln_2 = h_1_ln_2_bias + h_1_ln_2_weight*tmp7/torch.sqrt(h_1_ln_2_var[:, :, None] + 1e-05)
-    del tmp7, h_1_ln_2_var
+    # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_1_ln_2 = torch.nn.functional.layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
     h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
@@ -1661,21 +1613,10 @@ def forward(params, *, idx):
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
     del h_1_res1, h_1_mlp_c_proj
 
-    # mean ln_f: ln_f_mean[i0, i1] = sum_{s0}(h_1_res2[i0, i1, s0])/32
-    tmp_sum55 = h_1_res2.sum(dim=2)
-    ln_f_mean = tmp_sum55/32
-    del tmp_sum55
-    tmp8 = h_1_res2 - ln_f_mean[:, :, None]
-    del h_1_res2, ln_f_mean
-
-    # variance ln_f: ln_f_var[i0, i1] = sum_{s0}((h_1_res2[i0, i1, s0] - ln_f_mean[i0, i1])**2)/32
-    tmp_sum56 = torch.sum(tmp8**2, dim=2)
-    ln_f_var = tmp_sum56/32
-    del tmp_sum56
-
     # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
-    ln_f = ln_f_bias + ln_f_weight*tmp8/torch.sqrt(ln_f_var[:, :, None] + 1e-05)
-    del tmp8, ln_f_var
+    # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_f = torch.nn.functional.layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
+    del h_1_res2
 
     # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
     lm_head = ln_f @ wte_weight.T
@@ -1705,21 +1646,9 @@ def loss(params, *, idx, y):
     emb = wpe_weight[wpe_positions] + wte_weight[idx]
     del wpe_positions
 
-    # mean h_0_ln_1: h_0_ln_1_mean[i0, i1] = sum_{s0}(emb[i0, i1, s0])/32
-    tmp_sum1 = emb.sum(dim=2)
-    h_0_ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = emb - h_0_ln_1_mean[:, :, None]
-    del h_0_ln_1_mean
-
-    # variance h_0_ln_1: h_0_ln_1_var[i0, i1] = sum_{s0}((emb[i0, i1, s0] - h_0_ln_1_mean[i0, i1])**2)/32
-    tmp_sum2 = torch.sum(tmp0**2, dim=2)
-    h_0_ln_1_var = tmp_sum2/32
-    del tmp_sum2
-
     # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
-    h_0_ln_1 = h_0_ln_1_bias + h_0_ln_1_weight*tmp0/torch.sqrt(h_0_ln_1_var[:, :, None] + 1e-05)
-    del tmp0, h_0_ln_1_var
+    # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_0_ln_1 = torch.nn.functional.layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
 
     # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1807,21 +1736,9 @@ def loss(params, *, idx, y):
     h_0_res1 = emb + h_0_attn
     del emb, h_0_attn
 
-    # mean h_0_ln_2: h_0_ln_2_mean[i0, i1] = sum_{s0}(h_0_res1[i0, i1, s0])/32
-    tmp_sum20 = h_0_res1.sum(dim=2)
-    h_0_ln_2_mean = tmp_sum20/32
-    del tmp_sum20
-    tmp4 = -h_0_ln_2_mean[:, :, None] + h_0_res1
-    del h_0_ln_2_mean
-
-    # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-    tmp_sum21 = torch.sum(tmp4**2, dim=2)
-    h_0_ln_2_var = tmp_sum21/32
-    del tmp_sum21
-
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
-    h_0_ln_2 = h_0_ln_2_bias + h_0_ln_2_weight*tmp4/torch.sqrt(h_0_ln_2_var[:, :, None] + 1e-05)
-    del tmp4, h_0_ln_2_var
+    # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_0_ln_2 = torch.nn.functional.layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
     h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
@@ -1862,21 +1779,9 @@ def loss(params, *, idx, y):
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
     del h_0_res1, h_0_mlp_c_proj
 
-    # mean h_1_ln_1: h_1_ln_1_mean[i0, i1] = sum_{s0}(h_0_res2[i0, i1, s0])/32
-    tmp_sum28 = h_0_res2.sum(dim=2)
-    h_1_ln_1_mean = tmp_sum28/32
-    del tmp_sum28
-    tmp6 = h_0_res2 - h_1_ln_1_mean[:, :, None]
-    del h_1_ln_1_mean
-
-    # variance h_1_ln_1: h_1_ln_1_var[i0, i1] = sum_{s0}((h_0_res2[i0, i1, s0] - h_1_ln_1_mean[i0, i1])**2)/32
-    tmp_sum29 = torch.sum(tmp6**2, dim=2)
-    h_1_ln_1_var = tmp_sum29/32
-    del tmp_sum29
-
     # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
-    h_1_ln_1 = h_1_ln_1_bias + h_1_ln_1_weight*tmp6/torch.sqrt(h_1_ln_1_var[:, :, None] + 1e-05)
-    del tmp6, h_1_ln_1_var
+    # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_1_ln_1 = torch.nn.functional.layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
 
     # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1963,21 +1868,9 @@ def loss(params, *, idx, y):
     h_1_res1 = h_0_res2 + h_1_attn
     del h_0_res2, h_1_attn
 
-    # mean h_1_ln_2: h_1_ln_2_mean[i0, i1] = sum_{s0}(h_1_res1[i0, i1, s0])/32
-    tmp_sum47 = h_1_res1.sum(dim=2)
-    h_1_ln_2_mean = tmp_sum47/32
-    del tmp_sum47
-    tmp7 = -h_1_ln_2_mean[:, :, None] + h_1_res1
-    del h_1_ln_2_mean
-
-    # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-    tmp_sum48 = torch.sum(tmp7**2, dim=2)
-    h_1_ln_2_var = tmp_sum48/32
-    del tmp_sum48
-
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
-    h_1_ln_2 = h_1_ln_2_bias + h_1_ln_2_weight*tmp7/torch.sqrt(h_1_ln_2_var[:, :, None] + 1e-05)
-    del tmp7, h_1_ln_2_var
+    # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_1_ln_2 = torch.nn.functional.layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
     h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
@@ -2018,21 +1911,10 @@ def loss(params, *, idx, y):
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
     del h_1_res1, h_1_mlp_c_proj
 
-    # mean ln_f: ln_f_mean[i0, i1] = sum_{s0}(h_1_res2[i0, i1, s0])/32
-    tmp_sum55 = h_1_res2.sum(dim=2)
-    ln_f_mean = tmp_sum55/32
-    del tmp_sum55
-    tmp8 = h_1_res2 - ln_f_mean[:, :, None]
-    del h_1_res2, ln_f_mean
-
-    # variance ln_f: ln_f_var[i0, i1] = sum_{s0}((h_1_res2[i0, i1, s0] - ln_f_mean[i0, i1])**2)/32
-    tmp_sum56 = torch.sum(tmp8**2, dim=2)
-    ln_f_var = tmp_sum56/32
-    del tmp_sum56
-
     # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
-    ln_f = ln_f_bias + ln_f_weight*tmp8/torch.sqrt(ln_f_var[:, :, None] + 1e-05)
-    del tmp8, ln_f_var
+    # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_f = torch.nn.functional.layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
+    del h_1_res2
 
     # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
     lm_head = ln_f @ wte_weight.T
@@ -2077,21 +1959,9 @@ def loss_and_grad(params, *, idx, y):
         emb = wpe_weight[wpe_positions] + wte_weight[idx]
         del wpe_positions
 
-        # mean h_0_ln_1: h_0_ln_1_mean[i0, i1] = sum_{s0}(emb[i0, i1, s0])/32
-        tmp_sum1 = emb.sum(dim=2)
-        h_0_ln_1_mean = tmp_sum1/32
-        del tmp_sum1
-        tmp0 = emb - h_0_ln_1_mean[:, :, None]
-        del h_0_ln_1_mean
-
-        # variance h_0_ln_1: h_0_ln_1_var[i0, i1] = sum_{s0}((emb[i0, i1, s0] - h_0_ln_1_mean[i0, i1])**2)/32
-        tmp_sum2 = torch.sum(tmp0**2, dim=2)
-        h_0_ln_1_var = tmp_sum2/32
-        del tmp_sum2
-
         # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
-        h_0_ln_1 = h_0_ln_1_bias + h_0_ln_1_weight*tmp0/torch.sqrt(h_0_ln_1_var[:, :, None] + 1e-05)
-        del tmp0, h_0_ln_1_var
+        # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+        h_0_ln_1 = torch.nn.functional.layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
 
         # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
         h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -2173,22 +2043,9 @@ def loss_and_grad(params, *, idx, y):
         h_0_res1 = emb + h_0_attn
         del emb, h_0_attn
 
-        # mean h_0_ln_2: h_0_ln_2_mean[i0, i1] = sum_{s0}(h_0_res1[i0, i1, s0])/32
-        tmp_sum20 = h_0_res1.sum(dim=2)
-        h_0_ln_2_mean = tmp_sum20/32
-        del tmp_sum20
-        tmp4 = h_0_ln_2_mean[:, :, None] - h_0_res1
-        del h_0_ln_2_mean
-
-        # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-        tmp_sum21 = torch.sum(tmp4**2, dim=2)
-        h_0_ln_2_var = tmp_sum21/32
-        del tmp_sum21
-        tmp6 = (h_0_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-        tmp7 = -h_0_ln_2_weight*tmp4
-
         # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
-        h_0_ln_2 = h_0_ln_2_bias + tmp6*tmp7
+        # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_2_row_mean, h_0_ln_2_row_rstd
+        h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = torch.native_layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
 
         # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
         h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
@@ -2222,24 +2079,11 @@ def loss_and_grad(params, *, idx, y):
 
         # add h_0_res2: h_0_res2[i0, i1, i2] = h_0_mlp_c_proj[i0, i1, i2] + h_0_res1[i0, i1, i2]
         h_0_res2 = h_0_mlp_c_proj + h_0_res1
-        del h_0_res1, h_0_mlp_c_proj
-
-        # mean h_1_ln_1: h_1_ln_1_mean[i0, i1] = sum_{s0}(h_0_res2[i0, i1, s0])/32
-        tmp_sum28 = h_0_res2.sum(dim=2)
-        h_1_ln_1_mean = tmp_sum28/32
-        del tmp_sum28
-        tmp11 = h_0_res2 - h_1_ln_1_mean[:, :, None]
-        del h_1_ln_1_mean
-
-        # variance h_1_ln_1: h_1_ln_1_var[i0, i1] = sum_{s0}((h_0_res2[i0, i1, s0] - h_1_ln_1_mean[i0, i1])**2)/32
-        tmp_sum29 = torch.sum(tmp11**2, dim=2)
-        h_1_ln_1_var = tmp_sum29/32
-        del tmp_sum29
-        tmp12 = (h_1_ln_1_var[:, :, None] + 1e-05)**((-0.5))
-        tmp13 = h_1_ln_1_weight*tmp11
+        del h_0_mlp_c_proj
 
         # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
-        h_1_ln_1 = h_1_ln_1_bias + tmp12*tmp13
+        # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_1_row_mean, h_1_ln_1_row_rstd
+        h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = torch.native_layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
 
         # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
         h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -2317,24 +2161,11 @@ def loss_and_grad(params, *, idx, y):
 
         # add h_1_res1: h_1_res1[i0, i1, i2] = h_0_res2[i0, i1, i2] + h_1_attn[i0, i1, i2]
         h_1_res1 = h_0_res2 + h_1_attn
-        del h_0_res2, h_1_attn
-
-        # mean h_1_ln_2: h_1_ln_2_mean[i0, i1] = sum_{s0}(h_1_res1[i0, i1, s0])/32
-        tmp_sum47 = h_1_res1.sum(dim=2)
-        h_1_ln_2_mean = tmp_sum47/32
-        del tmp_sum47
-        tmp14 = h_1_ln_2_mean[:, :, None] - h_1_res1
-        del h_1_ln_2_mean
-
-        # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-        tmp_sum48 = torch.sum(tmp14**2, dim=2)
-        h_1_ln_2_var = tmp_sum48/32
-        del tmp_sum48
-        tmp16 = (h_1_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-        tmp17 = -h_1_ln_2_weight*tmp14
+        del h_1_attn
 
         # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
-        h_1_ln_2 = h_1_ln_2_bias + tmp16*tmp17
+        # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_2_row_mean, h_1_ln_2_row_rstd
+        h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = torch.native_layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
 
         # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
         h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
@@ -2368,24 +2199,11 @@ def loss_and_grad(params, *, idx, y):
 
         # add h_1_res2: h_1_res2[i0, i1, i2] = h_1_mlp_c_proj[i0, i1, i2] + h_1_res1[i0, i1, i2]
         h_1_res2 = h_1_mlp_c_proj + h_1_res1
-        del h_1_res1, h_1_mlp_c_proj
-
-        # mean ln_f: ln_f_mean[i0, i1] = sum_{s0}(h_1_res2[i0, i1, s0])/32
-        tmp_sum55 = h_1_res2.sum(dim=2)
-        ln_f_mean = tmp_sum55/32
-        del tmp_sum55
-        tmp20 = h_1_res2 - ln_f_mean[:, :, None]
-        del h_1_res2, ln_f_mean
-
-        # variance ln_f: ln_f_var[i0, i1] = sum_{s0}((h_1_res2[i0, i1, s0] - ln_f_mean[i0, i1])**2)/32
-        tmp_sum56 = torch.sum(tmp20**2, dim=2)
-        ln_f_var = tmp_sum56/32
-        del tmp_sum56
-        tmp21 = (ln_f_var[:, :, None] + 1e-05)**((-0.5))
-        tmp22 = ln_f_weight*tmp20
+        del h_1_mlp_c_proj
 
         # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
-        ln_f = ln_f_bias + tmp21*tmp22
+        # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_f_row_mean, ln_f_row_rstd
+        ln_f, ln_f_row_mean, ln_f_row_rstd = torch.native_layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
 
         # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
         lm_head = ln_f @ wte_weight.T
@@ -2421,22 +2239,9 @@ def loss_and_grad(params, *, idx, y):
         d_ln_f = d_lm_head @ wte_weight
         del d_lm_head
 
-        # dL/dln_f_var (through ln_f): d_ln_f_var[k0, k1] = -sum_{i2}((h_1_res2[k0, k1, i2] - ln_f_mean[k0, k1])*d_ln_f[k0, k1, i2]*ln_f_weight[i2])/(2*(ln_f_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum58 = torch.sum(d_ln_f*tmp22, dim=2)
-        del tmp22
-        tmp25 = ln_f_var + 1e-05
-        del ln_f_var
-        d_ln_f_var = -tmp_sum58/(2*tmp25**(1.5))
-        del tmp_sum58
-
-        # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum59 = d_ln_f @ ln_f_weight
-        d_ln_f_mean = -tmp_sum59/torch.sqrt(tmp25)
-        del tmp25, tmp_sum59
-
-        # dL/dh_1_res2 (through ln_f, ln_f_mean, ln_f_var): d_h_1_res2[k0, k1, k2] = -(-h_1_res2[k0, k1, k2] + ln_f_mean[k0, k1])*d_ln_f_var[k0, k1]/16 + d_ln_f_mean[k0, k1]/32 + d_ln_f[k0, k1, k2]*ln_f_weight[k2]/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        d_h_1_res2 = d_ln_f*ln_f_weight*tmp21 + d_ln_f_mean[:, :, None]/32 + d_ln_f_var[:, :, None]*tmp20/16
-        del tmp20, tmp21, d_ln_f, d_ln_f_var, d_ln_f_mean
+        # layer norm backward ln_f, in one call: d_h_1_res2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_f * ln_f_weight
+        d_h_1_res2 = torch.ops.aten.native_layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, False, False))[0]
+        del h_1_res2, ln_f_row_mean, ln_f_row_rstd, d_ln_f
 
         # dL/dh_1_mlp_c_proj (through h_1_res2): d_h_1_mlp_c_proj[k0, k1, k2] = d_h_1_res2[k0, k1, k2]
         d_h_1_mlp_c_proj = d_h_1_res2
@@ -2496,22 +2301,13 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_ln_2 = 2*tmp_sum64 + tmp_sum65
         del tmp_sum64, tmp_sum65
 
-        # dL/dh_1_ln_2_var (through h_1_ln_2): d_h_1_ln_2_var[k0, k1] = -sum_{i2}((-h_1_ln_2_mean[k0, k1] + h_1_res1[k0, k1, i2])*d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/(2*(h_1_ln_2_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum66 = torch.sum(d_h_1_ln_2*tmp17, dim=2)
-        del tmp17
-        tmp26 = h_1_ln_2_var + 1e-05
-        del h_1_ln_2_var
-        d_h_1_ln_2_var = -tmp_sum66/(2*tmp26**(1.5))
-        del tmp_sum66
-
-        # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum67 = d_h_1_ln_2 @ h_1_ln_2_weight
-        d_h_1_ln_2_mean = -tmp_sum67/torch.sqrt(tmp26)
-        del tmp26, tmp_sum67
+        # layer norm backward h_1_ln_2, in one call: d_h_1_res1_via_h_1_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_2 * h_1_ln_2_weight
+        d_h_1_res1_via_h_1_ln_2 = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, False, False))[0]
+        del h_1_res1, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, d_h_1_ln_2
 
         # dL/dh_1_res1 (through h_1_ln_2, h_1_ln_2_mean, h_1_ln_2_var, h_1_res2): d_h_1_res1[k0, k1, k2] = -(h_1_ln_2_mean[k0, k1] - h_1_res1[k0, k1, k2])*d_h_1_ln_2_var[k0, k1]/16 + d_h_1_ln_2_mean[k0, k1]/32 + d_h_1_res2[k0, k1, k2] + d_h_1_ln_2[k0, k1, k2]*h_1_ln_2_weight[k2]/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        d_h_1_res1 = d_h_1_ln_2*h_1_ln_2_weight*tmp16 + d_h_1_ln_2_mean[:, :, None]/32 - d_h_1_ln_2_var[:, :, None]*tmp14/16 + d_h_1_res2
-        del tmp14, tmp16, d_h_1_res2, d_h_1_ln_2, d_h_1_ln_2_var, d_h_1_ln_2_mean
+        d_h_1_res1 = d_h_1_res1_via_h_1_ln_2 + d_h_1_res2
+        del d_h_1_res2, d_h_1_res1_via_h_1_ln_2
 
         # dL/dh_1_attn (through h_1_res1): d_h_1_attn[k0, k1, k2] = d_h_1_res1[k0, k1, k2]
         d_h_1_attn = d_h_1_res1
@@ -2603,22 +2399,13 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_ln_1 = tmp_sum121 + 2*tmp_sum84
         del tmp_sum84, tmp_sum121
 
-        # dL/dh_1_ln_1_var (through h_1_ln_1): d_h_1_ln_1_var[k0, k1] = -sum_{i2}((h_0_res2[k0, k1, i2] - h_1_ln_1_mean[k0, k1])*d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/(2*(h_1_ln_1_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum91 = torch.sum(d_h_1_ln_1*tmp13, dim=2)
-        del tmp13
-        tmp27 = h_1_ln_1_var + 1e-05
-        del h_1_ln_1_var
-        d_h_1_ln_1_var = -tmp_sum91/(2*tmp27**(1.5))
-        del tmp_sum91
-
-        # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum92 = d_h_1_ln_1 @ h_1_ln_1_weight
-        d_h_1_ln_1_mean = -tmp_sum92/torch.sqrt(tmp27)
-        del tmp27, tmp_sum92
+        # layer norm backward h_1_ln_1, in one call: d_h_0_res2_via_h_1_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_1 * h_1_ln_1_weight
+        d_h_0_res2_via_h_1_ln_1 = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, False, False))[0]
+        del h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, d_h_1_ln_1
 
         # dL/dh_0_res2 (through h_1_ln_1, h_1_ln_1_mean, h_1_ln_1_var, h_1_res1): d_h_0_res2[k0, k1, k2] = -(-h_0_res2[k0, k1, k2] + h_1_ln_1_mean[k0, k1])*d_h_1_ln_1_var[k0, k1]/16 + d_h_1_ln_1_mean[k0, k1]/32 + d_h_1_res1[k0, k1, k2] + d_h_1_ln_1[k0, k1, k2]*h_1_ln_1_weight[k2]/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        d_h_0_res2 = d_h_1_ln_1*h_1_ln_1_weight*tmp12 + d_h_1_ln_1_mean[:, :, None]/32 + d_h_1_ln_1_var[:, :, None]*tmp11/16 + d_h_1_res1
-        del tmp11, tmp12, d_h_1_res1, d_h_1_ln_1, d_h_1_ln_1_var, d_h_1_ln_1_mean
+        d_h_0_res2 = d_h_0_res2_via_h_1_ln_1 + d_h_1_res1
+        del d_h_1_res1, d_h_0_res2_via_h_1_ln_1
 
         # dL/dh_0_mlp_c_proj (through h_0_res2): d_h_0_mlp_c_proj[k0, k1, k2] = d_h_0_res2[k0, k1, k2]
         d_h_0_mlp_c_proj = d_h_0_res2
@@ -2678,22 +2465,13 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_ln_2 = 2*tmp_sum97 + tmp_sum98
         del tmp_sum97, tmp_sum98
 
-        # dL/dh_0_ln_2_var (through h_0_ln_2): d_h_0_ln_2_var[k0, k1] = -sum_{i2}((-h_0_ln_2_mean[k0, k1] + h_0_res1[k0, k1, i2])*d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/(2*(h_0_ln_2_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum99 = torch.sum(d_h_0_ln_2*tmp7, dim=2)
-        del tmp7
-        tmp28 = h_0_ln_2_var + 1e-05
-        del h_0_ln_2_var
-        d_h_0_ln_2_var = -tmp_sum99/(2*tmp28**(1.5))
-        del tmp_sum99
-
-        # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum100 = d_h_0_ln_2 @ h_0_ln_2_weight
-        d_h_0_ln_2_mean = -tmp_sum100/torch.sqrt(tmp28)
-        del tmp28, tmp_sum100
+        # layer norm backward h_0_ln_2, in one call: d_h_0_res1_via_h_0_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_2 * h_0_ln_2_weight
+        d_h_0_res1_via_h_0_ln_2 = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, False, False))[0]
+        del h_0_res1, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, d_h_0_ln_2
 
         # dL/dh_0_res1 (through h_0_ln_2, h_0_ln_2_mean, h_0_ln_2_var, h_0_res2): d_h_0_res1[k0, k1, k2] = -(h_0_ln_2_mean[k0, k1] - h_0_res1[k0, k1, k2])*d_h_0_ln_2_var[k0, k1]/16 + d_h_0_ln_2_mean[k0, k1]/32 + d_h_0_res2[k0, k1, k2] + d_h_0_ln_2[k0, k1, k2]*h_0_ln_2_weight[k2]/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        d_h_0_res1 = d_h_0_ln_2*h_0_ln_2_weight*tmp6 + d_h_0_ln_2_mean[:, :, None]/32 - d_h_0_ln_2_var[:, :, None]*tmp4/16 + d_h_0_res2
-        del tmp4, tmp6, d_h_0_res2, d_h_0_ln_2, d_h_0_ln_2_var, d_h_0_ln_2_mean
+        d_h_0_res1 = d_h_0_res1_via_h_0_ln_2 + d_h_0_res2
+        del d_h_0_res2, d_h_0_res1_via_h_0_ln_2
 
         # dL/dh_0_attn (through h_0_res1): d_h_0_attn[k0, k1, k2] = d_h_0_res1[k0, k1, k2]
         d_h_0_attn = d_h_0_res1
@@ -2814,21 +2592,9 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # add emb: emb[i0, i1, i2] = wpe_weight[wpe_positions[i1], i2] + wte_weight[idx[i0, i1], i2]
     emb = wpe_weight[wpe_positions] + wte_weight[idx]
 
-    # mean h_0_ln_1: h_0_ln_1_mean[i0, i1] = sum_{s0}(emb[i0, i1, s0])/32
-    tmp_sum1 = emb.sum(dim=2)
-    h_0_ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = emb - h_0_ln_1_mean[:, :, None]
-
-    # variance h_0_ln_1: h_0_ln_1_var[i0, i1] = sum_{s0}((emb[i0, i1, s0] - h_0_ln_1_mean[i0, i1])**2)/32
-    tmp_sum2 = torch.sum(tmp0**2, dim=2)
-    h_0_ln_1_var = tmp_sum2/32
-    del tmp_sum2
-    tmp1 = (h_0_ln_1_var[:, :, None] + 1e-05)**((-0.5))
-    tmp2 = h_0_ln_1_weight*tmp0
-
     # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
-    h_0_ln_1 = h_0_ln_1_bias + tmp1*tmp2
+    # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_1_row_mean, h_0_ln_1_row_rstd
+    h_0_ln_1, h_0_ln_1_row_mean, h_0_ln_1_row_rstd = torch.native_layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
 
     # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -2909,21 +2675,9 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_res1 = emb + h_0_attn
     del h_0_attn
 
-    # mean h_0_ln_2: h_0_ln_2_mean[i0, i1] = sum_{s0}(h_0_res1[i0, i1, s0])/32
-    tmp_sum20 = h_0_res1.sum(dim=2)
-    h_0_ln_2_mean = tmp_sum20/32
-    del tmp_sum20
-    tmp6 = h_0_ln_2_mean[:, :, None] - h_0_res1
-
-    # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-    tmp_sum21 = torch.sum(tmp6**2, dim=2)
-    h_0_ln_2_var = tmp_sum21/32
-    del tmp_sum21
-    tmp8 = (h_0_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-    tmp9 = -h_0_ln_2_weight*tmp6
-
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
-    h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
+    # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_2_row_mean, h_0_ln_2_row_rstd
+    h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = torch.native_layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
     h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
@@ -2959,21 +2713,9 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
     del h_0_mlp_c_proj
 
-    # mean h_1_ln_1: h_1_ln_1_mean[i0, i1] = sum_{s0}(h_0_res2[i0, i1, s0])/32
-    tmp_sum28 = h_0_res2.sum(dim=2)
-    h_1_ln_1_mean = tmp_sum28/32
-    del tmp_sum28
-    tmp13 = h_0_res2 - h_1_ln_1_mean[:, :, None]
-
-    # variance h_1_ln_1: h_1_ln_1_var[i0, i1] = sum_{s0}((h_0_res2[i0, i1, s0] - h_1_ln_1_mean[i0, i1])**2)/32
-    tmp_sum29 = torch.sum(tmp13**2, dim=2)
-    h_1_ln_1_var = tmp_sum29/32
-    del tmp_sum29
-    tmp14 = (h_1_ln_1_var[:, :, None] + 1e-05)**((-0.5))
-    tmp15 = h_1_ln_1_weight*tmp13
-
     # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
-    h_1_ln_1 = h_1_ln_1_bias + tmp14*tmp15
+    # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_1_row_mean, h_1_ln_1_row_rstd
+    h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = torch.native_layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
 
     # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -3053,21 +2795,9 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_res1 = h_0_res2 + h_1_attn
     del h_1_attn
 
-    # mean h_1_ln_2: h_1_ln_2_mean[i0, i1] = sum_{s0}(h_1_res1[i0, i1, s0])/32
-    tmp_sum47 = h_1_res1.sum(dim=2)
-    h_1_ln_2_mean = tmp_sum47/32
-    del tmp_sum47
-    tmp16 = h_1_ln_2_mean[:, :, None] - h_1_res1
-
-    # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-    tmp_sum48 = torch.sum(tmp16**2, dim=2)
-    h_1_ln_2_var = tmp_sum48/32
-    del tmp_sum48
-    tmp18 = (h_1_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-    tmp19 = -h_1_ln_2_weight*tmp16
-
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
-    h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19
+    # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_2_row_mean, h_1_ln_2_row_rstd
+    h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = torch.native_layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
     h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
@@ -3103,21 +2833,9 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
     del h_1_mlp_c_proj
 
-    # mean ln_f: ln_f_mean[i0, i1] = sum_{s0}(h_1_res2[i0, i1, s0])/32
-    tmp_sum55 = h_1_res2.sum(dim=2)
-    ln_f_mean = tmp_sum55/32
-    del tmp_sum55
-    tmp22 = h_1_res2 - ln_f_mean[:, :, None]
-
-    # variance ln_f: ln_f_var[i0, i1] = sum_{s0}((h_1_res2[i0, i1, s0] - ln_f_mean[i0, i1])**2)/32
-    tmp_sum56 = torch.sum(tmp22**2, dim=2)
-    ln_f_var = tmp_sum56/32
-    del tmp_sum56
-    tmp23 = (ln_f_var[:, :, None] + 1e-05)**((-0.5))
-    tmp24 = ln_f_weight*tmp22
-
     # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
-    ln_f = ln_f_bias + tmp23*tmp24
+    # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_f_row_mean, ln_f_row_rstd
+    ln_f, ln_f_row_mean, ln_f_row_rstd = torch.native_layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
 
     # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
     lm_head = ln_f @ wte_weight.T
@@ -3132,10 +2850,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
     # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
     loss = _nll_loss(lm_head_logp, y, -100)
-    return (loss, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_attn_c_proj_lora_A_heads, h_0_attn_c_proj_lora_xA, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_lora_xA, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_mlp_c_proj_lora_xA, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_attn_c_proj_lora_A_heads, h_1_attn_c_proj_lora_xA, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_lora_xA, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_mlp_c_proj_lora_xA, h_1_res2, ln_f_mean, ln_f_var, ln_f, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, lm_head_logp)
+    return (loss, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_attn_c_proj_lora_A_heads, h_0_attn_c_proj_lora_xA, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_lora_xA, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_mlp_c_proj_lora_xA, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_attn_c_proj_lora_A_heads, h_1_attn_c_proj_lora_xA, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_lora_xA, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_mlp_c_proj_lora_xA, h_1_res2, ln_f, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, tmp5, lm_head_logp)
 
 
-def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_attn_lora_A, h_0_attn_c_attn_lora_B, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_attn_c_proj_lora_A, h_0_attn_c_proj_lora_B, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_fc_lora_A, h_0_mlp_c_fc_lora_B, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_0_mlp_c_proj_lora_A, h_0_mlp_c_proj_lora_B, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_attn_lora_A, h_1_attn_c_attn_lora_B, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_attn_c_proj_lora_A, h_1_attn_c_proj_lora_B, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_fc_lora_A, h_1_mlp_c_fc_lora_B, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, h_1_mlp_c_proj_lora_A, h_1_mlp_c_proj_lora_B, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1_mean, h_0_ln_1_var, h_0_ln_1, h_0_attn_w, h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_attn_c_proj_lora_A_heads, h_0_attn_c_proj_lora_xA, h_0_res1, h_0_ln_2_mean, h_0_ln_2_var, h_0_ln_2, h_0_mlp_c_fc_lora_xA, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_mlp_c_proj_lora_xA, h_0_res2, h_1_ln_1_mean, h_1_ln_1_var, h_1_ln_1, h_1_attn_w, h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_attn_c_proj_lora_A_heads, h_1_attn_c_proj_lora_xA, h_1_res1, h_1_ln_2_mean, h_1_ln_2_var, h_1_ln_2, h_1_mlp_c_fc_lora_xA, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_mlp_c_proj_lora_xA, h_1_res2, ln_f_mean, ln_f_var, ln_f, tmp0, tmp1, tmp2, tmp5, tmp6, tmp8, tmp9, tmp13, tmp14, tmp15, tmp16, tmp18, tmp19, tmp22, tmp23, tmp24, lm_head_logp):
+def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_attn_lora_A, h_0_attn_c_attn_lora_B, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_attn_c_proj_lora_A, h_0_attn_c_proj_lora_B, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_fc_lora_A, h_0_mlp_c_fc_lora_B, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_0_mlp_c_proj_lora_A, h_0_mlp_c_proj_lora_B, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_attn_lora_A, h_1_attn_c_attn_lora_B, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_attn_c_proj_lora_A, h_1_attn_c_proj_lora_B, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_fc_lora_A, h_1_mlp_c_fc_lora_B, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, h_1_mlp_c_proj_lora_A, h_1_mlp_c_proj_lora_B, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_attn_c_proj_lora_A_heads, h_0_attn_c_proj_lora_xA, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_lora_xA, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_mlp_c_proj_lora_xA, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_attn_c_proj_lora_A_heads, h_1_attn_c_proj_lora_xA, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_lora_xA, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_mlp_c_proj_lora_xA, h_1_res2, ln_f, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, tmp5, lm_head_logp):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -3158,38 +2876,13 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     # dL/dln_f (through lm_head): d_ln_f[k0, k1, k2] = sum_{i2}(d_lm_head[k0, k1, i2]*wte_weight[i2, k2])
     d_ln_f = d_lm_head @ wte_weight
 
-    if _need_ln_f_weight:
-        # dL/dln_f_weight (through ln_f): d_ln_f_weight[k0] = sum_{i0,i1}((h_1_res2[i0, i1, k0] - ln_f_mean[i0, i1])*d_ln_f[i0, i1, k0]/sqrt(ln_f_var[i0, i1] + 1.0e-5))
-        d_ln_f_weight = torch.sum(d_ln_f.permute(2, 0, 1)*(h_1_res2.permute(2, 0, 1) - ln_f_mean)/torch.sqrt(ln_f_var + 1e-05), dim=(1, 2))
-        if release:
-            _release(h_1_res2, ln_f_mean)
-
-    if _need_ln_f_bias:
-        # dL/dln_f_bias (through ln_f): d_ln_f_bias[k0] = sum_{i0,i1}(d_ln_f[i0, i1, k0])
-        d_ln_f_bias = d_ln_f.sum(dim=(0, 1))
+    # layer norm backward ln_f, in one call: d_h_1_res2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_f * ln_f_weight; d_ln_f_weight = sum(d_ln_f * xhat); d_ln_f_bias = sum(d_ln_f)
+    d_h_1_res2, d_ln_f_weight, d_ln_f_bias = torch.ops.aten.native_layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, True, True))
+    del d_ln_f
+    if release:
+        _release(h_1_res2, ln_f_row_mean, ln_f_row_rstd)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_weight or _need_h_1_mlp_c_fc_bias or _need_h_1_mlp_c_fc_lora_A or _need_h_1_mlp_c_fc_lora_B or _need_h_1_mlp_c_proj_weight or _need_h_1_mlp_c_proj_bias or _need_h_1_mlp_c_proj_lora_A or _need_h_1_mlp_c_proj_lora_B:
-        # dL/dln_f_var (through ln_f): d_ln_f_var[k0, k1] = -sum_{i2}((h_1_res2[k0, k1, i2] - ln_f_mean[k0, k1])*d_ln_f[k0, k1, i2]*ln_f_weight[i2])/(2*(ln_f_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum58 = torch.sum(d_ln_f*tmp24, dim=2)
-        if release:
-            _release(tmp24)
-        tmp27 = ln_f_var + 1e-05
-        if release:
-            _release(ln_f_var)
-        d_ln_f_var = -tmp_sum58/(2*tmp27**(1.5))
-        del tmp_sum58
-
-        # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum59 = d_ln_f @ ln_f_weight
-        d_ln_f_mean = -tmp_sum59/torch.sqrt(tmp27)
-        del tmp27, tmp_sum59
-
-        # dL/dh_1_res2 (through ln_f, ln_f_mean, ln_f_var): d_h_1_res2[k0, k1, k2] = -(-h_1_res2[k0, k1, k2] + ln_f_mean[k0, k1])*d_ln_f_var[k0, k1]/16 + d_ln_f_mean[k0, k1]/32 + d_ln_f[k0, k1, k2]*ln_f_weight[k2]/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        d_h_1_res2 = d_ln_f*ln_f_weight*tmp23 + d_ln_f_mean[:, :, None]/32 + d_ln_f_var[:, :, None]*tmp22/16
-        del d_ln_f, d_ln_f_var, d_ln_f_mean
-        if release:
-            _release(tmp22, tmp23)
-
         # dL/dh_1_mlp_c_proj (through h_1_res2): d_h_1_mlp_c_proj[k0, k1, k2] = d_h_1_res2[k0, k1, k2]
         d_h_1_mlp_c_proj = d_h_1_res2
 
@@ -3280,37 +2973,16 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_1_ln_2 = 2*tmp_sum64 + tmp_sum65
         del tmp_sum64, tmp_sum65
 
-    if _need_h_1_ln_2_weight:
-        # dL/dh_1_ln_2_weight (through h_1_ln_2): d_h_1_ln_2_weight[k0] = sum_{i0,i1}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, k0])*d_h_1_ln_2[i0, i1, k0]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5))
-        d_h_1_ln_2_weight = torch.sum(d_h_1_ln_2.permute(2, 0, 1)*(-h_1_ln_2_mean + h_1_res1.permute(2, 0, 1))/torch.sqrt(h_1_ln_2_var + 1e-05), dim=(1, 2))
+        # layer norm backward h_1_ln_2, in one call: d_h_1_res1_via_h_1_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_2 * h_1_ln_2_weight; d_h_1_ln_2_weight = sum(d_h_1_ln_2 * xhat); d_h_1_ln_2_bias = sum(d_h_1_ln_2)
+        d_h_1_res1_via_h_1_ln_2, d_h_1_ln_2_weight, d_h_1_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, True, True))
+        del d_h_1_ln_2
         if release:
-            _release(h_1_ln_2_mean, h_1_res1)
-
-    if _need_h_1_ln_2_bias:
-        # dL/dh_1_ln_2_bias (through h_1_ln_2): d_h_1_ln_2_bias[k0] = sum_{i0,i1}(d_h_1_ln_2[i0, i1, k0])
-        d_h_1_ln_2_bias = d_h_1_ln_2.sum(dim=(0, 1))
+            _release(h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_res1)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B:
-        # dL/dh_1_ln_2_var (through h_1_ln_2): d_h_1_ln_2_var[k0, k1] = -sum_{i2}((-h_1_ln_2_mean[k0, k1] + h_1_res1[k0, k1, i2])*d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/(2*(h_1_ln_2_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum66 = torch.sum(d_h_1_ln_2*tmp19, dim=2)
-        if release:
-            _release(tmp19)
-        tmp28 = h_1_ln_2_var + 1e-05
-        if release:
-            _release(h_1_ln_2_var)
-        d_h_1_ln_2_var = -tmp_sum66/(2*tmp28**(1.5))
-        del tmp_sum66
-
-        # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum67 = d_h_1_ln_2 @ h_1_ln_2_weight
-        d_h_1_ln_2_mean = -tmp_sum67/torch.sqrt(tmp28)
-        del tmp28, tmp_sum67
-
         # dL/dh_1_res1 (through h_1_ln_2, h_1_ln_2_mean, h_1_ln_2_var, h_1_res2): d_h_1_res1[k0, k1, k2] = -(h_1_ln_2_mean[k0, k1] - h_1_res1[k0, k1, k2])*d_h_1_ln_2_var[k0, k1]/16 + d_h_1_ln_2_mean[k0, k1]/32 + d_h_1_res2[k0, k1, k2] + d_h_1_ln_2[k0, k1, k2]*h_1_ln_2_weight[k2]/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        d_h_1_res1 = d_h_1_ln_2*h_1_ln_2_weight*tmp18 + d_h_1_ln_2_mean[:, :, None]/32 - d_h_1_ln_2_var[:, :, None]*tmp16/16 + d_h_1_res2
-        del d_h_1_res2, d_h_1_ln_2, d_h_1_ln_2_var, d_h_1_ln_2_mean
-        if release:
-            _release(tmp16, tmp18)
+        d_h_1_res1 = d_h_1_res1_via_h_1_ln_2 + d_h_1_res2
+        del d_h_1_res2, d_h_1_res1_via_h_1_ln_2
 
         # dL/dh_1_attn (through h_1_res1): d_h_1_attn[k0, k1, k2] = d_h_1_res1[k0, k1, k2]
         d_h_1_attn = d_h_1_res1
@@ -3456,37 +3128,16 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_1_ln_1 = tmp_sum145 + 2*tmp_sum90
         del tmp_sum90, tmp_sum145
 
-    if _need_h_1_ln_1_weight:
-        # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
-        d_h_1_ln_1_weight = torch.sum(d_h_1_ln_1.permute(2, 0, 1)*(h_0_res2.permute(2, 0, 1) - h_1_ln_1_mean)/torch.sqrt(h_1_ln_1_var + 1e-05), dim=(1, 2))
+        # layer norm backward h_1_ln_1, in one call: d_h_0_res2_via_h_1_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_1 * h_1_ln_1_weight; d_h_1_ln_1_weight = sum(d_h_1_ln_1 * xhat); d_h_1_ln_1_bias = sum(d_h_1_ln_1)
+        d_h_0_res2_via_h_1_ln_1, d_h_1_ln_1_weight, d_h_1_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, True, True))
+        del d_h_1_ln_1
         if release:
-            _release(h_0_res2, h_1_ln_1_mean)
-
-    if _need_h_1_ln_1_bias:
-        # dL/dh_1_ln_1_bias (through h_1_ln_1): d_h_1_ln_1_bias[k0] = sum_{i0,i1}(d_h_1_ln_1[i0, i1, k0])
-        d_h_1_ln_1_bias = d_h_1_ln_1.sum(dim=(0, 1))
+            _release(h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B:
-        # dL/dh_1_ln_1_var (through h_1_ln_1): d_h_1_ln_1_var[k0, k1] = -sum_{i2}((h_0_res2[k0, k1, i2] - h_1_ln_1_mean[k0, k1])*d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/(2*(h_1_ln_1_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum97 = torch.sum(d_h_1_ln_1*tmp15, dim=2)
-        if release:
-            _release(tmp15)
-        tmp29 = h_1_ln_1_var + 1e-05
-        if release:
-            _release(h_1_ln_1_var)
-        d_h_1_ln_1_var = -tmp_sum97/(2*tmp29**(1.5))
-        del tmp_sum97
-
-        # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum98 = d_h_1_ln_1 @ h_1_ln_1_weight
-        d_h_1_ln_1_mean = -tmp_sum98/torch.sqrt(tmp29)
-        del tmp29, tmp_sum98
-
         # dL/dh_0_res2 (through h_1_ln_1, h_1_ln_1_mean, h_1_ln_1_var, h_1_res1): d_h_0_res2[k0, k1, k2] = -(-h_0_res2[k0, k1, k2] + h_1_ln_1_mean[k0, k1])*d_h_1_ln_1_var[k0, k1]/16 + d_h_1_ln_1_mean[k0, k1]/32 + d_h_1_res1[k0, k1, k2] + d_h_1_ln_1[k0, k1, k2]*h_1_ln_1_weight[k2]/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        d_h_0_res2 = d_h_1_ln_1*h_1_ln_1_weight*tmp14 + d_h_1_ln_1_mean[:, :, None]/32 + d_h_1_ln_1_var[:, :, None]*tmp13/16 + d_h_1_res1
-        del d_h_1_res1, d_h_1_ln_1, d_h_1_ln_1_var, d_h_1_ln_1_mean
-        if release:
-            _release(tmp13, tmp14)
+        d_h_0_res2 = d_h_0_res2_via_h_1_ln_1 + d_h_1_res1
+        del d_h_1_res1, d_h_0_res2_via_h_1_ln_1
 
         # dL/dh_0_mlp_c_proj (through h_0_res2): d_h_0_mlp_c_proj[k0, k1, k2] = d_h_0_res2[k0, k1, k2]
         d_h_0_mlp_c_proj = d_h_0_res2
@@ -3578,37 +3229,16 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_0_ln_2 = 2*tmp_sum103 + tmp_sum104
         del tmp_sum103, tmp_sum104
 
-    if _need_h_0_ln_2_weight:
-        # dL/dh_0_ln_2_weight (through h_0_ln_2): d_h_0_ln_2_weight[k0] = sum_{i0,i1}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, k0])*d_h_0_ln_2[i0, i1, k0]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5))
-        d_h_0_ln_2_weight = torch.sum(d_h_0_ln_2.permute(2, 0, 1)*(-h_0_ln_2_mean + h_0_res1.permute(2, 0, 1))/torch.sqrt(h_0_ln_2_var + 1e-05), dim=(1, 2))
+        # layer norm backward h_0_ln_2, in one call: d_h_0_res1_via_h_0_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_2 * h_0_ln_2_weight; d_h_0_ln_2_weight = sum(d_h_0_ln_2 * xhat); d_h_0_ln_2_bias = sum(d_h_0_ln_2)
+        d_h_0_res1_via_h_0_ln_2, d_h_0_ln_2_weight, d_h_0_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, True, True))
+        del d_h_0_ln_2
         if release:
-            _release(h_0_ln_2_mean, h_0_res1)
-
-    if _need_h_0_ln_2_bias:
-        # dL/dh_0_ln_2_bias (through h_0_ln_2): d_h_0_ln_2_bias[k0] = sum_{i0,i1}(d_h_0_ln_2[i0, i1, k0])
-        d_h_0_ln_2_bias = d_h_0_ln_2.sum(dim=(0, 1))
+            _release(h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_res1)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B:
-        # dL/dh_0_ln_2_var (through h_0_ln_2): d_h_0_ln_2_var[k0, k1] = -sum_{i2}((-h_0_ln_2_mean[k0, k1] + h_0_res1[k0, k1, i2])*d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/(2*(h_0_ln_2_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum105 = torch.sum(d_h_0_ln_2*tmp9, dim=2)
-        if release:
-            _release(tmp9)
-        tmp30 = h_0_ln_2_var + 1e-05
-        if release:
-            _release(h_0_ln_2_var)
-        d_h_0_ln_2_var = -tmp_sum105/(2*tmp30**(1.5))
-        del tmp_sum105
-
-        # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum106 = d_h_0_ln_2 @ h_0_ln_2_weight
-        d_h_0_ln_2_mean = -tmp_sum106/torch.sqrt(tmp30)
-        del tmp30, tmp_sum106
-
         # dL/dh_0_res1 (through h_0_ln_2, h_0_ln_2_mean, h_0_ln_2_var, h_0_res2): d_h_0_res1[k0, k1, k2] = -(h_0_ln_2_mean[k0, k1] - h_0_res1[k0, k1, k2])*d_h_0_ln_2_var[k0, k1]/16 + d_h_0_ln_2_mean[k0, k1]/32 + d_h_0_res2[k0, k1, k2] + d_h_0_ln_2[k0, k1, k2]*h_0_ln_2_weight[k2]/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        d_h_0_res1 = d_h_0_ln_2*h_0_ln_2_weight*tmp8 + d_h_0_ln_2_mean[:, :, None]/32 - d_h_0_ln_2_var[:, :, None]*tmp6/16 + d_h_0_res2
-        del d_h_0_res2, d_h_0_ln_2, d_h_0_ln_2_var, d_h_0_ln_2_mean
-        if release:
-            _release(tmp6, tmp8)
+        d_h_0_res1 = d_h_0_res1_via_h_0_ln_2 + d_h_0_res2
+        del d_h_0_res2, d_h_0_res1_via_h_0_ln_2
 
         # dL/dh_0_attn (through h_0_res1): d_h_0_attn[k0, k1, k2] = d_h_0_res1[k0, k1, k2]
         d_h_0_attn = d_h_0_res1
@@ -3756,37 +3386,16 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_0_ln_1 = 2*tmp_sum129 + tmp_sum147
         del tmp_sum129, tmp_sum147
 
-    if _need_h_0_ln_1_weight:
-        # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
-        d_h_0_ln_1_weight = torch.sum(d_h_0_ln_1.permute(2, 0, 1)*(emb.permute(2, 0, 1) - h_0_ln_1_mean)/torch.sqrt(h_0_ln_1_var + 1e-05), dim=(1, 2))
+        # layer norm backward h_0_ln_1, in one call: d_emb_via_h_0_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_1 * h_0_ln_1_weight; d_h_0_ln_1_weight = sum(d_h_0_ln_1 * xhat); d_h_0_ln_1_bias = sum(d_h_0_ln_1)
+        d_emb_via_h_0_ln_1, d_h_0_ln_1_weight, d_h_0_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_1, emb, (32,), h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_1_weight, h_0_ln_1_bias, (True, True, True))
+        del d_h_0_ln_1
         if release:
-            _release(emb, h_0_ln_1_mean)
-
-    if _need_h_0_ln_1_bias:
-        # dL/dh_0_ln_1_bias (through h_0_ln_1): d_h_0_ln_1_bias[k0] = sum_{i0,i1}(d_h_0_ln_1[i0, i1, k0])
-        d_h_0_ln_1_bias = d_h_0_ln_1.sum(dim=(0, 1))
+            _release(emb, h_0_ln_1_row_mean, h_0_ln_1_row_rstd)
 
     if _need_wte_weight or _need_wpe_weight:
-        # dL/dh_0_ln_1_var (through h_0_ln_1): d_h_0_ln_1_var[k0, k1] = -sum_{i2}((emb[k0, k1, i2] - h_0_ln_1_mean[k0, k1])*d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/(2*(h_0_ln_1_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum136 = torch.sum(d_h_0_ln_1*tmp2, dim=2)
-        if release:
-            _release(tmp2)
-        tmp31 = h_0_ln_1_var + 1e-05
-        if release:
-            _release(h_0_ln_1_var)
-        d_h_0_ln_1_var = -tmp_sum136/(2*tmp31**(1.5))
-        del tmp_sum136
-
-        # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum137 = d_h_0_ln_1 @ h_0_ln_1_weight
-        d_h_0_ln_1_mean = -tmp_sum137/torch.sqrt(tmp31)
-        del tmp31, tmp_sum137
-
         # dL/demb (through h_0_ln_1, h_0_ln_1_mean, h_0_ln_1_var, h_0_res1): d_emb[k0, k1, k2] = -(-emb[k0, k1, k2] + h_0_ln_1_mean[k0, k1])*d_h_0_ln_1_var[k0, k1]/16 + d_h_0_ln_1_mean[k0, k1]/32 + d_h_0_res1[k0, k1, k2] + d_h_0_ln_1[k0, k1, k2]*h_0_ln_1_weight[k2]/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        d_emb = d_h_0_ln_1*h_0_ln_1_weight*tmp1 + d_h_0_ln_1_mean[:, :, None]/32 + d_h_0_ln_1_var[:, :, None]*tmp0/16 + d_h_0_res1
-        del d_h_0_res1, d_h_0_ln_1, d_h_0_ln_1_var, d_h_0_ln_1_mean
-        if release:
-            _release(tmp0, tmp1)
+        d_emb = d_emb_via_h_0_ln_1 + d_h_0_res1
+        del d_h_0_res1, d_emb_via_h_0_ln_1
 
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])

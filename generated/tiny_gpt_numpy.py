@@ -1107,6 +1107,35 @@ def _softmax(x, axis):
     return e
 
 
+def _layer_norm(x, weight, bias, eps, stats):
+    # (x - mean) / sqrt(var + eps) * weight + bias over the last axis, the biased
+    # variance, as torch.nn.functional.layer_norm; with stats also the row means and
+    # 1 / sqrt(var + eps) (the last axis kept, of length 1): what the backward reads.
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = 1.0 / numpy.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+    out = centred * rstd
+    out *= weight
+    if bias is not None:
+        out += bias
+    return (out, mean, rstd) if stats else out
+
+
+def _layer_norm_backward(g, x, mean, rstd, weight, outputs):
+    # The layer norm's adjoints from its output's adjoint g, (d_x, d_weight, d_bias) with
+    # None where outputs does not ask: with xhat = (x - mean) * rstd and g' = g * weight,
+    # d_x = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) along the last axis;
+    # d_weight = sum(g * xhat) and d_bias = sum(g) over the other axes.
+    xhat = (x - mean) * rstd
+    gw = g * weight
+    d_x = gw - gw.mean(axis=-1, keepdims=True)
+    d_x -= xhat * (gw * xhat).mean(axis=-1, keepdims=True)
+    d_x *= rstd
+    rows = tuple(range(g.ndim - 1))
+    return (d_x, (g * xhat).sum(axis=rows) if outputs[1] else None,
+            g.sum(axis=rows) if outputs[2] else None)
+
+
 def _softmax_backward(grad, out, axis):
     # out * (grad - sum(out * grad)) along the last axis (the only one the IR gives): a
     # row dot product without a temporary, one subtraction, one product in place.
@@ -1259,21 +1288,9 @@ def forward(params, *, idx):
     emb = wpe_weight[wpe_positions] + wte_weight[idx]
     del wpe_positions
 
-    # mean h_0_ln_1: h_0_ln_1_mean[i0, i1] = sum_{s0}(emb[i0, i1, s0])/32
-    tmp_sum1 = emb.sum(axis=2)
-    h_0_ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = emb - h_0_ln_1_mean[:, :, None]
-    del h_0_ln_1_mean
-
-    # variance h_0_ln_1: h_0_ln_1_var[i0, i1] = sum_{s0}((emb[i0, i1, s0] - h_0_ln_1_mean[i0, i1])**2)/32
-    tmp_sum2 = numpy.sum(tmp0**2, axis=2)
-    h_0_ln_1_var = tmp_sum2/32
-    del tmp_sum2
-
     # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
-    h_0_ln_1 = h_0_ln_1_bias + h_0_ln_1_weight*tmp0/numpy.sqrt(h_0_ln_1_var[:, :, None] + 1e-05)
-    del tmp0, h_0_ln_1_var
+    # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_0_ln_1 = _layer_norm(emb, h_0_ln_1_weight, h_0_ln_1_bias, 1e-05, stats=False)
 
     # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1334,21 +1351,9 @@ def forward(params, *, idx):
     h_0_res1 = emb + h_0_attn
     del emb, h_0_attn
 
-    # mean h_0_ln_2: h_0_ln_2_mean[i0, i1] = sum_{s0}(h_0_res1[i0, i1, s0])/32
-    tmp_sum11 = h_0_res1.sum(axis=2)
-    h_0_ln_2_mean = tmp_sum11/32
-    del tmp_sum11
-    tmp4 = -h_0_ln_2_mean[:, :, None] + h_0_res1
-    del h_0_ln_2_mean
-
-    # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-    tmp_sum12 = numpy.sum(tmp4**2, axis=2)
-    h_0_ln_2_var = tmp_sum12/32
-    del tmp_sum12
-
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
-    h_0_ln_2 = h_0_ln_2_bias + h_0_ln_2_weight*tmp4/numpy.sqrt(h_0_ln_2_var[:, :, None] + 1e-05)
-    del tmp4, h_0_ln_2_var
+    # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_0_ln_2 = _layer_norm(h_0_res1, h_0_ln_2_weight, h_0_ln_2_bias, 1e-05, stats=False)
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
     h_0_mlp_c_fc_z = h_0_ln_2 @ h_0_mlp_c_fc_weight.T + h_0_mlp_c_fc_bias
@@ -1367,21 +1372,9 @@ def forward(params, *, idx):
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
     del h_0_res1, h_0_mlp_c_proj
 
-    # mean h_1_ln_1: h_1_ln_1_mean[i0, i1] = sum_{s0}(h_0_res2[i0, i1, s0])/32
-    tmp_sum15 = h_0_res2.sum(axis=2)
-    h_1_ln_1_mean = tmp_sum15/32
-    del tmp_sum15
-    tmp6 = h_0_res2 - h_1_ln_1_mean[:, :, None]
-    del h_1_ln_1_mean
-
-    # variance h_1_ln_1: h_1_ln_1_var[i0, i1] = sum_{s0}((h_0_res2[i0, i1, s0] - h_1_ln_1_mean[i0, i1])**2)/32
-    tmp_sum16 = numpy.sum(tmp6**2, axis=2)
-    h_1_ln_1_var = tmp_sum16/32
-    del tmp_sum16
-
     # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
-    h_1_ln_1 = h_1_ln_1_bias + h_1_ln_1_weight*tmp6/numpy.sqrt(h_1_ln_1_var[:, :, None] + 1e-05)
-    del tmp6, h_1_ln_1_var
+    # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_1_ln_1 = _layer_norm(h_0_res2, h_1_ln_1_weight, h_1_ln_1_bias, 1e-05, stats=False)
 
     # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1441,21 +1434,9 @@ def forward(params, *, idx):
     h_1_res1 = h_0_res2 + h_1_attn
     del h_0_res2, h_1_attn
 
-    # mean h_1_ln_2: h_1_ln_2_mean[i0, i1] = sum_{s0}(h_1_res1[i0, i1, s0])/32
-    tmp_sum25 = h_1_res1.sum(axis=2)
-    h_1_ln_2_mean = tmp_sum25/32
-    del tmp_sum25
-    tmp7 = -h_1_ln_2_mean[:, :, None] + h_1_res1
-    del h_1_ln_2_mean
-
-    # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-    tmp_sum26 = numpy.sum(tmp7**2, axis=2)
-    h_1_ln_2_var = tmp_sum26/32
-    del tmp_sum26
-
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
-    h_1_ln_2 = h_1_ln_2_bias + h_1_ln_2_weight*tmp7/numpy.sqrt(h_1_ln_2_var[:, :, None] + 1e-05)
-    del tmp7, h_1_ln_2_var
+    # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_1_ln_2 = _layer_norm(h_1_res1, h_1_ln_2_weight, h_1_ln_2_bias, 1e-05, stats=False)
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
     h_1_mlp_c_fc_z = h_1_ln_2 @ h_1_mlp_c_fc_weight.T + h_1_mlp_c_fc_bias
@@ -1474,21 +1455,10 @@ def forward(params, *, idx):
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
     del h_1_res1, h_1_mlp_c_proj
 
-    # mean ln_f: ln_f_mean[i0, i1] = sum_{s0}(h_1_res2[i0, i1, s0])/32
-    tmp_sum29 = h_1_res2.sum(axis=2)
-    ln_f_mean = tmp_sum29/32
-    del tmp_sum29
-    tmp8 = h_1_res2 - ln_f_mean[:, :, None]
-    del h_1_res2, ln_f_mean
-
-    # variance ln_f: ln_f_var[i0, i1] = sum_{s0}((h_1_res2[i0, i1, s0] - ln_f_mean[i0, i1])**2)/32
-    tmp_sum30 = numpy.sum(tmp8**2, axis=2)
-    ln_f_var = tmp_sum30/32
-    del tmp_sum30
-
     # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
-    ln_f = ln_f_bias + ln_f_weight*tmp8/numpy.sqrt(ln_f_var[:, :, None] + 1e-05)
-    del tmp8, ln_f_var
+    # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_f = _layer_norm(h_1_res2, ln_f_weight, ln_f_bias, 1e-05, stats=False)
+    del h_1_res2
 
     # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
     lm_head = ln_f @ wte_weight.T
@@ -1516,21 +1486,9 @@ def loss(params, *, idx, y):
     emb = wpe_weight[wpe_positions] + wte_weight[idx]
     del wpe_positions
 
-    # mean h_0_ln_1: h_0_ln_1_mean[i0, i1] = sum_{s0}(emb[i0, i1, s0])/32
-    tmp_sum1 = emb.sum(axis=2)
-    h_0_ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = emb - h_0_ln_1_mean[:, :, None]
-    del h_0_ln_1_mean
-
-    # variance h_0_ln_1: h_0_ln_1_var[i0, i1] = sum_{s0}((emb[i0, i1, s0] - h_0_ln_1_mean[i0, i1])**2)/32
-    tmp_sum2 = numpy.sum(tmp0**2, axis=2)
-    h_0_ln_1_var = tmp_sum2/32
-    del tmp_sum2
-
     # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
-    h_0_ln_1 = h_0_ln_1_bias + h_0_ln_1_weight*tmp0/numpy.sqrt(h_0_ln_1_var[:, :, None] + 1e-05)
-    del tmp0, h_0_ln_1_var
+    # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_0_ln_1 = _layer_norm(emb, h_0_ln_1_weight, h_0_ln_1_bias, 1e-05, stats=False)
 
     # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1591,21 +1549,9 @@ def loss(params, *, idx, y):
     h_0_res1 = emb + h_0_attn
     del emb, h_0_attn
 
-    # mean h_0_ln_2: h_0_ln_2_mean[i0, i1] = sum_{s0}(h_0_res1[i0, i1, s0])/32
-    tmp_sum11 = h_0_res1.sum(axis=2)
-    h_0_ln_2_mean = tmp_sum11/32
-    del tmp_sum11
-    tmp4 = -h_0_ln_2_mean[:, :, None] + h_0_res1
-    del h_0_ln_2_mean
-
-    # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-    tmp_sum12 = numpy.sum(tmp4**2, axis=2)
-    h_0_ln_2_var = tmp_sum12/32
-    del tmp_sum12
-
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
-    h_0_ln_2 = h_0_ln_2_bias + h_0_ln_2_weight*tmp4/numpy.sqrt(h_0_ln_2_var[:, :, None] + 1e-05)
-    del tmp4, h_0_ln_2_var
+    # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_0_ln_2 = _layer_norm(h_0_res1, h_0_ln_2_weight, h_0_ln_2_bias, 1e-05, stats=False)
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
     h_0_mlp_c_fc_z = h_0_ln_2 @ h_0_mlp_c_fc_weight.T + h_0_mlp_c_fc_bias
@@ -1624,21 +1570,9 @@ def loss(params, *, idx, y):
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
     del h_0_res1, h_0_mlp_c_proj
 
-    # mean h_1_ln_1: h_1_ln_1_mean[i0, i1] = sum_{s0}(h_0_res2[i0, i1, s0])/32
-    tmp_sum15 = h_0_res2.sum(axis=2)
-    h_1_ln_1_mean = tmp_sum15/32
-    del tmp_sum15
-    tmp6 = h_0_res2 - h_1_ln_1_mean[:, :, None]
-    del h_1_ln_1_mean
-
-    # variance h_1_ln_1: h_1_ln_1_var[i0, i1] = sum_{s0}((h_0_res2[i0, i1, s0] - h_1_ln_1_mean[i0, i1])**2)/32
-    tmp_sum16 = numpy.sum(tmp6**2, axis=2)
-    h_1_ln_1_var = tmp_sum16/32
-    del tmp_sum16
-
     # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
-    h_1_ln_1 = h_1_ln_1_bias + h_1_ln_1_weight*tmp6/numpy.sqrt(h_1_ln_1_var[:, :, None] + 1e-05)
-    del tmp6, h_1_ln_1_var
+    # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_1_ln_1 = _layer_norm(h_0_res2, h_1_ln_1_weight, h_1_ln_1_bias, 1e-05, stats=False)
 
     # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1698,21 +1632,9 @@ def loss(params, *, idx, y):
     h_1_res1 = h_0_res2 + h_1_attn
     del h_0_res2, h_1_attn
 
-    # mean h_1_ln_2: h_1_ln_2_mean[i0, i1] = sum_{s0}(h_1_res1[i0, i1, s0])/32
-    tmp_sum25 = h_1_res1.sum(axis=2)
-    h_1_ln_2_mean = tmp_sum25/32
-    del tmp_sum25
-    tmp7 = -h_1_ln_2_mean[:, :, None] + h_1_res1
-    del h_1_ln_2_mean
-
-    # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-    tmp_sum26 = numpy.sum(tmp7**2, axis=2)
-    h_1_ln_2_var = tmp_sum26/32
-    del tmp_sum26
-
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
-    h_1_ln_2 = h_1_ln_2_bias + h_1_ln_2_weight*tmp7/numpy.sqrt(h_1_ln_2_var[:, :, None] + 1e-05)
-    del tmp7, h_1_ln_2_var
+    # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    h_1_ln_2 = _layer_norm(h_1_res1, h_1_ln_2_weight, h_1_ln_2_bias, 1e-05, stats=False)
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
     h_1_mlp_c_fc_z = h_1_ln_2 @ h_1_mlp_c_fc_weight.T + h_1_mlp_c_fc_bias
@@ -1731,21 +1653,10 @@ def loss(params, *, idx, y):
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
     del h_1_res1, h_1_mlp_c_proj
 
-    # mean ln_f: ln_f_mean[i0, i1] = sum_{s0}(h_1_res2[i0, i1, s0])/32
-    tmp_sum29 = h_1_res2.sum(axis=2)
-    ln_f_mean = tmp_sum29/32
-    del tmp_sum29
-    tmp8 = h_1_res2 - ln_f_mean[:, :, None]
-    del h_1_res2, ln_f_mean
-
-    # variance ln_f: ln_f_var[i0, i1] = sum_{s0}((h_1_res2[i0, i1, s0] - ln_f_mean[i0, i1])**2)/32
-    tmp_sum30 = numpy.sum(tmp8**2, axis=2)
-    ln_f_var = tmp_sum30/32
-    del tmp_sum30
-
     # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
-    ln_f = ln_f_bias + ln_f_weight*tmp8/numpy.sqrt(ln_f_var[:, :, None] + 1e-05)
-    del tmp8, ln_f_var
+    # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis
+    ln_f = _layer_norm(h_1_res2, ln_f_weight, ln_f_bias, 1e-05, stats=False)
+    del h_1_res2
 
     # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
     lm_head = ln_f @ wte_weight.T
@@ -1822,21 +1733,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     # add emb: emb[i0, i1, i2] = wpe_weight[wpe_positions[i1], i2] + wte_weight[idx[i0, i1], i2]
     emb = wpe_weight[wpe_positions] + wte_weight[idx]
 
-    # mean h_0_ln_1: h_0_ln_1_mean[i0, i1] = sum_{s0}(emb[i0, i1, s0])/32
-    tmp_sum1 = emb.sum(axis=2)
-    h_0_ln_1_mean = tmp_sum1/32
-    del tmp_sum1
-    tmp0 = emb - h_0_ln_1_mean[:, :, None]
-
-    # variance h_0_ln_1: h_0_ln_1_var[i0, i1] = sum_{s0}((emb[i0, i1, s0] - h_0_ln_1_mean[i0, i1])**2)/32
-    tmp_sum2 = numpy.sum(tmp0**2, axis=2)
-    h_0_ln_1_var = tmp_sum2/32
-    del tmp_sum2
-    tmp1 = (h_0_ln_1_var[:, :, None] + 1e-05)**((-0.5))
-    tmp2 = h_0_ln_1_weight*tmp0
-
     # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
-    h_0_ln_1 = h_0_ln_1_bias + tmp1*tmp2
+    # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_1_row_mean, h_0_ln_1_row_rstd
+    h_0_ln_1, h_0_ln_1_row_mean, h_0_ln_1_row_rstd = _layer_norm(emb, h_0_ln_1_weight, h_0_ln_1_bias, 1e-05, stats=True)
 
     # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1893,21 +1792,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_res1 = emb + h_0_attn
     del h_0_attn
 
-    # mean h_0_ln_2: h_0_ln_2_mean[i0, i1] = sum_{s0}(h_0_res1[i0, i1, s0])/32
-    tmp_sum11 = h_0_res1.sum(axis=2)
-    h_0_ln_2_mean = tmp_sum11/32
-    del tmp_sum11
-    tmp6 = h_0_ln_2_mean[:, :, None] - h_0_res1
-
-    # variance h_0_ln_2: h_0_ln_2_var[i0, i1] = sum_{s0}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, s0])**2)/32
-    tmp_sum12 = numpy.sum(tmp6**2, axis=2)
-    h_0_ln_2_var = tmp_sum12/32
-    del tmp_sum12
-    tmp8 = (h_0_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-    tmp9 = -h_0_ln_2_weight*tmp6
-
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
-    h_0_ln_2 = h_0_ln_2_bias + tmp8*tmp9
+    # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_2_row_mean, h_0_ln_2_row_rstd
+    h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = _layer_norm(h_0_res1, h_0_ln_2_weight, h_0_ln_2_bias, 1e-05, stats=True)
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
     h_0_mlp_c_fc_z = h_0_ln_2 @ h_0_mlp_c_fc_weight.T + h_0_mlp_c_fc_bias
@@ -1923,21 +1810,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_0_res2 = h_0_mlp_c_proj + h_0_res1
     del h_0_mlp_c_proj
 
-    # mean h_1_ln_1: h_1_ln_1_mean[i0, i1] = sum_{s0}(h_0_res2[i0, i1, s0])/32
-    tmp_sum15 = h_0_res2.sum(axis=2)
-    h_1_ln_1_mean = tmp_sum15/32
-    del tmp_sum15
-    tmp13 = h_0_res2 - h_1_ln_1_mean[:, :, None]
-
-    # variance h_1_ln_1: h_1_ln_1_var[i0, i1] = sum_{s0}((h_0_res2[i0, i1, s0] - h_1_ln_1_mean[i0, i1])**2)/32
-    tmp_sum16 = numpy.sum(tmp13**2, axis=2)
-    h_1_ln_1_var = tmp_sum16/32
-    del tmp_sum16
-    tmp14 = (h_1_ln_1_var[:, :, None] + 1e-05)**((-0.5))
-    tmp15 = h_1_ln_1_weight*tmp13
-
     # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
-    h_1_ln_1 = h_1_ln_1_bias + tmp14*tmp15
+    # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_1_row_mean, h_1_ln_1_row_rstd
+    h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = _layer_norm(h_0_res2, h_1_ln_1_weight, h_1_ln_1_bias, 1e-05, stats=True)
 
     # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1993,21 +1868,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_res1 = h_0_res2 + h_1_attn
     del h_1_attn
 
-    # mean h_1_ln_2: h_1_ln_2_mean[i0, i1] = sum_{s0}(h_1_res1[i0, i1, s0])/32
-    tmp_sum25 = h_1_res1.sum(axis=2)
-    h_1_ln_2_mean = tmp_sum25/32
-    del tmp_sum25
-    tmp16 = h_1_ln_2_mean[:, :, None] - h_1_res1
-
-    # variance h_1_ln_2: h_1_ln_2_var[i0, i1] = sum_{s0}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, s0])**2)/32
-    tmp_sum26 = numpy.sum(tmp16**2, axis=2)
-    h_1_ln_2_var = tmp_sum26/32
-    del tmp_sum26
-    tmp18 = (h_1_ln_2_var[:, :, None] + 1e-05)**((-0.5))
-    tmp19 = -h_1_ln_2_weight*tmp16
-
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
-    h_1_ln_2 = h_1_ln_2_bias + tmp18*tmp19
+    # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_2_row_mean, h_1_ln_2_row_rstd
+    h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = _layer_norm(h_1_res1, h_1_ln_2_weight, h_1_ln_2_bias, 1e-05, stats=True)
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
     h_1_mlp_c_fc_z = h_1_ln_2 @ h_1_mlp_c_fc_weight.T + h_1_mlp_c_fc_bias
@@ -2023,21 +1886,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     h_1_res2 = h_1_mlp_c_proj + h_1_res1
     del h_1_mlp_c_proj
 
-    # mean ln_f: ln_f_mean[i0, i1] = sum_{s0}(h_1_res2[i0, i1, s0])/32
-    tmp_sum29 = h_1_res2.sum(axis=2)
-    ln_f_mean = tmp_sum29/32
-    del tmp_sum29
-    tmp22 = h_1_res2 - ln_f_mean[:, :, None]
-
-    # variance ln_f: ln_f_var[i0, i1] = sum_{s0}((h_1_res2[i0, i1, s0] - ln_f_mean[i0, i1])**2)/32
-    tmp_sum30 = numpy.sum(tmp22**2, axis=2)
-    ln_f_var = tmp_sum30/32
-    del tmp_sum30
-    tmp23 = (ln_f_var[:, :, None] + 1e-05)**((-0.5))
-    tmp24 = ln_f_weight*tmp22
-
     # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
-    ln_f = ln_f_bias + tmp23*tmp24
+    # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_f_row_mean, ln_f_row_rstd
+    ln_f, ln_f_row_mean, ln_f_row_rstd = _layer_norm(h_1_res2, ln_f_weight, ln_f_bias, 1e-05, stats=True)
 
     # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
     lm_head = ln_f @ wte_weight.T
@@ -2071,33 +1922,11 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     # dL/dln_f (through lm_head): d_ln_f[k0, k1, k2] = sum_{i2}(d_lm_head[k0, k1, i2]*wte_weight[i2, k2])
     d_ln_f = d_lm_head @ wte_weight
 
-    if _need_ln_f_weight:
-        # dL/dln_f_weight (through ln_f): d_ln_f_weight[k0] = sum_{i0,i1}((h_1_res2[i0, i1, k0] - ln_f_mean[i0, i1])*d_ln_f[i0, i1, k0]/sqrt(ln_f_var[i0, i1] + 1.0e-5))
-        d_ln_f_weight = numpy.sum(d_ln_f.transpose(2, 0, 1)*(h_1_res2.transpose(2, 0, 1) - ln_f_mean)/numpy.sqrt(ln_f_var + 1e-05), axis=(1, 2))
-        del h_1_res2, ln_f_mean
-
-    if _need_ln_f_bias:
-        # dL/dln_f_bias (through ln_f): d_ln_f_bias[k0] = sum_{i0,i1}(d_ln_f[i0, i1, k0])
-        d_ln_f_bias = d_ln_f.sum(axis=(0, 1))
+    # layer norm backward ln_f, in one call: d_h_1_res2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_f * ln_f_weight; d_ln_f_weight = sum(d_ln_f * xhat); d_ln_f_bias = sum(d_ln_f)
+    d_h_1_res2, d_ln_f_weight, d_ln_f_bias = _layer_norm_backward(d_ln_f, h_1_res2, ln_f_row_mean, ln_f_row_rstd, ln_f_weight, (True, True, True))
+    del h_1_res2, ln_f_row_mean, ln_f_row_rstd, d_ln_f
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_weight or _need_h_1_mlp_c_fc_bias or _need_h_1_mlp_c_proj_weight or _need_h_1_mlp_c_proj_bias:
-        # dL/dln_f_var (through ln_f): d_ln_f_var[k0, k1] = -sum_{i2}((h_1_res2[k0, k1, i2] - ln_f_mean[k0, k1])*d_ln_f[k0, k1, i2]*ln_f_weight[i2])/(2*(ln_f_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum32 = numpy.sum(d_ln_f*tmp24, axis=2)
-        del tmp24
-        tmp27 = ln_f_var + 1e-05
-        del ln_f_var
-        d_ln_f_var = -tmp_sum32/(2*tmp27**(1.5))
-        del tmp_sum32
-
-        # dL/dln_f_mean (through ln_f): d_ln_f_mean[k0, k1] = -sum_{i2}(d_ln_f[k0, k1, i2]*ln_f_weight[i2])/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        tmp_sum33 = d_ln_f @ ln_f_weight
-        d_ln_f_mean = -tmp_sum33/numpy.sqrt(tmp27)
-        del tmp27, tmp_sum33
-
-        # dL/dh_1_res2 (through ln_f, ln_f_mean, ln_f_var): d_h_1_res2[k0, k1, k2] = -(-h_1_res2[k0, k1, k2] + ln_f_mean[k0, k1])*d_ln_f_var[k0, k1]/16 + d_ln_f_mean[k0, k1]/32 + d_ln_f[k0, k1, k2]*ln_f_weight[k2]/sqrt(ln_f_var[k0, k1] + 1.0e-5)
-        d_h_1_res2 = d_ln_f*ln_f_weight*tmp23 + d_ln_f_mean[:, :, None]/32 + d_ln_f_var[:, :, None]*tmp22/16
-        del tmp22, tmp23, d_ln_f, d_ln_f_var, d_ln_f_mean
-
         # dL/dh_1_mlp_c_proj (through h_1_res2): d_h_1_mlp_c_proj[k0, k1, k2] = d_h_1_res2[k0, k1, k2]
         d_h_1_mlp_c_proj = d_h_1_res2
 
@@ -2134,32 +1963,14 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         d_h_1_ln_2 = d_h_1_mlp_c_fc_z @ h_1_mlp_c_fc_weight
         del d_h_1_mlp_c_fc_z
 
-    if _need_h_1_ln_2_weight:
-        # dL/dh_1_ln_2_weight (through h_1_ln_2): d_h_1_ln_2_weight[k0] = sum_{i0,i1}((-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, k0])*d_h_1_ln_2[i0, i1, k0]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5))
-        d_h_1_ln_2_weight = numpy.sum(d_h_1_ln_2.transpose(2, 0, 1)*(-h_1_ln_2_mean + h_1_res1.transpose(2, 0, 1))/numpy.sqrt(h_1_ln_2_var + 1e-05), axis=(1, 2))
-        del h_1_res1, h_1_ln_2_mean
-
-    if _need_h_1_ln_2_bias:
-        # dL/dh_1_ln_2_bias (through h_1_ln_2): d_h_1_ln_2_bias[k0] = sum_{i0,i1}(d_h_1_ln_2[i0, i1, k0])
-        d_h_1_ln_2_bias = d_h_1_ln_2.sum(axis=(0, 1))
+        # layer norm backward h_1_ln_2, in one call: d_h_1_res1_via_h_1_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_2 * h_1_ln_2_weight; d_h_1_ln_2_weight = sum(d_h_1_ln_2 * xhat); d_h_1_ln_2_bias = sum(d_h_1_ln_2)
+        d_h_1_res1_via_h_1_ln_2, d_h_1_ln_2_weight, d_h_1_ln_2_bias = _layer_norm_backward(d_h_1_ln_2, h_1_res1, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, (True, True, True))
+        del h_1_res1, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, d_h_1_ln_2
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias:
-        # dL/dh_1_ln_2_var (through h_1_ln_2): d_h_1_ln_2_var[k0, k1] = -sum_{i2}((-h_1_ln_2_mean[k0, k1] + h_1_res1[k0, k1, i2])*d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/(2*(h_1_ln_2_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum34 = numpy.sum(d_h_1_ln_2*tmp19, axis=2)
-        del tmp19
-        tmp28 = h_1_ln_2_var + 1e-05
-        del h_1_ln_2_var
-        d_h_1_ln_2_var = -tmp_sum34/(2*tmp28**(1.5))
-        del tmp_sum34
-
-        # dL/dh_1_ln_2_mean (through h_1_ln_2): d_h_1_ln_2_mean[k0, k1] = -sum_{i2}(d_h_1_ln_2[k0, k1, i2]*h_1_ln_2_weight[i2])/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum35 = d_h_1_ln_2 @ h_1_ln_2_weight
-        d_h_1_ln_2_mean = -tmp_sum35/numpy.sqrt(tmp28)
-        del tmp28, tmp_sum35
-
         # dL/dh_1_res1 (through h_1_ln_2, h_1_ln_2_mean, h_1_ln_2_var, h_1_res2): d_h_1_res1[k0, k1, k2] = -(h_1_ln_2_mean[k0, k1] - h_1_res1[k0, k1, k2])*d_h_1_ln_2_var[k0, k1]/16 + d_h_1_ln_2_mean[k0, k1]/32 + d_h_1_res2[k0, k1, k2] + d_h_1_ln_2[k0, k1, k2]*h_1_ln_2_weight[k2]/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
-        d_h_1_res1 = d_h_1_ln_2*h_1_ln_2_weight*tmp18 + d_h_1_ln_2_mean[:, :, None]/32 - d_h_1_ln_2_var[:, :, None]*tmp16/16 + d_h_1_res2
-        del tmp16, tmp18, d_h_1_res2, d_h_1_ln_2, d_h_1_ln_2_var, d_h_1_ln_2_mean
+        d_h_1_res1 = d_h_1_res1_via_h_1_ln_2 + d_h_1_res2
+        del d_h_1_res2, d_h_1_res1_via_h_1_ln_2
 
         # dL/dh_1_attn (through h_1_res1): d_h_1_attn[k0, k1, k2] = d_h_1_res1[k0, k1, k2]
         d_h_1_attn = d_h_1_res1
@@ -2238,32 +2049,14 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         d_h_1_ln_1 = numpy.tensordot(tmp_sum76, h_1_attn_w, axes=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_w, tmp_sum76
 
-    if _need_h_1_ln_1_weight:
-        # dL/dh_1_ln_1_weight (through h_1_ln_1): d_h_1_ln_1_weight[k0] = sum_{i0,i1}((h_0_res2[i0, i1, k0] - h_1_ln_1_mean[i0, i1])*d_h_1_ln_1[i0, i1, k0]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5))
-        d_h_1_ln_1_weight = numpy.sum(d_h_1_ln_1.transpose(2, 0, 1)*(h_0_res2.transpose(2, 0, 1) - h_1_ln_1_mean)/numpy.sqrt(h_1_ln_1_var + 1e-05), axis=(1, 2))
-        del h_0_res2, h_1_ln_1_mean
-
-    if _need_h_1_ln_1_bias:
-        # dL/dh_1_ln_1_bias (through h_1_ln_1): d_h_1_ln_1_bias[k0] = sum_{i0,i1}(d_h_1_ln_1[i0, i1, k0])
-        d_h_1_ln_1_bias = d_h_1_ln_1.sum(axis=(0, 1))
+        # layer norm backward h_1_ln_1, in one call: d_h_0_res2_via_h_1_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_1 * h_1_ln_1_weight; d_h_1_ln_1_weight = sum(d_h_1_ln_1 * xhat); d_h_1_ln_1_bias = sum(d_h_1_ln_1)
+        d_h_0_res2_via_h_1_ln_1, d_h_1_ln_1_weight, d_h_1_ln_1_bias = _layer_norm_backward(d_h_1_ln_1, h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, (True, True, True))
+        del h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, d_h_1_ln_1
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias:
-        # dL/dh_1_ln_1_var (through h_1_ln_1): d_h_1_ln_1_var[k0, k1] = -sum_{i2}((h_0_res2[k0, k1, i2] - h_1_ln_1_mean[k0, k1])*d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/(2*(h_1_ln_1_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum51 = numpy.sum(d_h_1_ln_1*tmp15, axis=2)
-        del tmp15
-        tmp29 = h_1_ln_1_var + 1e-05
-        del h_1_ln_1_var
-        d_h_1_ln_1_var = -tmp_sum51/(2*tmp29**(1.5))
-        del tmp_sum51
-
-        # dL/dh_1_ln_1_mean (through h_1_ln_1): d_h_1_ln_1_mean[k0, k1] = -sum_{i2}(d_h_1_ln_1[k0, k1, i2]*h_1_ln_1_weight[i2])/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum52 = d_h_1_ln_1 @ h_1_ln_1_weight
-        d_h_1_ln_1_mean = -tmp_sum52/numpy.sqrt(tmp29)
-        del tmp29, tmp_sum52
-
         # dL/dh_0_res2 (through h_1_ln_1, h_1_ln_1_mean, h_1_ln_1_var, h_1_res1): d_h_0_res2[k0, k1, k2] = -(-h_0_res2[k0, k1, k2] + h_1_ln_1_mean[k0, k1])*d_h_1_ln_1_var[k0, k1]/16 + d_h_1_ln_1_mean[k0, k1]/32 + d_h_1_res1[k0, k1, k2] + d_h_1_ln_1[k0, k1, k2]*h_1_ln_1_weight[k2]/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
-        d_h_0_res2 = d_h_1_ln_1*h_1_ln_1_weight*tmp14 + d_h_1_ln_1_mean[:, :, None]/32 + d_h_1_ln_1_var[:, :, None]*tmp13/16 + d_h_1_res1
-        del tmp13, tmp14, d_h_1_res1, d_h_1_ln_1, d_h_1_ln_1_var, d_h_1_ln_1_mean
+        d_h_0_res2 = d_h_0_res2_via_h_1_ln_1 + d_h_1_res1
+        del d_h_1_res1, d_h_0_res2_via_h_1_ln_1
 
         # dL/dh_0_mlp_c_proj (through h_0_res2): d_h_0_mlp_c_proj[k0, k1, k2] = d_h_0_res2[k0, k1, k2]
         d_h_0_mlp_c_proj = d_h_0_res2
@@ -2301,32 +2094,14 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         d_h_0_ln_2 = d_h_0_mlp_c_fc_z @ h_0_mlp_c_fc_weight
         del d_h_0_mlp_c_fc_z
 
-    if _need_h_0_ln_2_weight:
-        # dL/dh_0_ln_2_weight (through h_0_ln_2): d_h_0_ln_2_weight[k0] = sum_{i0,i1}((-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, k0])*d_h_0_ln_2[i0, i1, k0]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5))
-        d_h_0_ln_2_weight = numpy.sum(d_h_0_ln_2.transpose(2, 0, 1)*(-h_0_ln_2_mean + h_0_res1.transpose(2, 0, 1))/numpy.sqrt(h_0_ln_2_var + 1e-05), axis=(1, 2))
-        del h_0_res1, h_0_ln_2_mean
-
-    if _need_h_0_ln_2_bias:
-        # dL/dh_0_ln_2_bias (through h_0_ln_2): d_h_0_ln_2_bias[k0] = sum_{i0,i1}(d_h_0_ln_2[i0, i1, k0])
-        d_h_0_ln_2_bias = d_h_0_ln_2.sum(axis=(0, 1))
+        # layer norm backward h_0_ln_2, in one call: d_h_0_res1_via_h_0_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_2 * h_0_ln_2_weight; d_h_0_ln_2_weight = sum(d_h_0_ln_2 * xhat); d_h_0_ln_2_bias = sum(d_h_0_ln_2)
+        d_h_0_res1_via_h_0_ln_2, d_h_0_ln_2_weight, d_h_0_ln_2_bias = _layer_norm_backward(d_h_0_ln_2, h_0_res1, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, (True, True, True))
+        del h_0_res1, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, d_h_0_ln_2
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias:
-        # dL/dh_0_ln_2_var (through h_0_ln_2): d_h_0_ln_2_var[k0, k1] = -sum_{i2}((-h_0_ln_2_mean[k0, k1] + h_0_res1[k0, k1, i2])*d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/(2*(h_0_ln_2_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum53 = numpy.sum(d_h_0_ln_2*tmp9, axis=2)
-        del tmp9
-        tmp30 = h_0_ln_2_var + 1e-05
-        del h_0_ln_2_var
-        d_h_0_ln_2_var = -tmp_sum53/(2*tmp30**(1.5))
-        del tmp_sum53
-
-        # dL/dh_0_ln_2_mean (through h_0_ln_2): d_h_0_ln_2_mean[k0, k1] = -sum_{i2}(d_h_0_ln_2[k0, k1, i2]*h_0_ln_2_weight[i2])/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        tmp_sum54 = d_h_0_ln_2 @ h_0_ln_2_weight
-        d_h_0_ln_2_mean = -tmp_sum54/numpy.sqrt(tmp30)
-        del tmp30, tmp_sum54
-
         # dL/dh_0_res1 (through h_0_ln_2, h_0_ln_2_mean, h_0_ln_2_var, h_0_res2): d_h_0_res1[k0, k1, k2] = -(h_0_ln_2_mean[k0, k1] - h_0_res1[k0, k1, k2])*d_h_0_ln_2_var[k0, k1]/16 + d_h_0_ln_2_mean[k0, k1]/32 + d_h_0_res2[k0, k1, k2] + d_h_0_ln_2[k0, k1, k2]*h_0_ln_2_weight[k2]/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
-        d_h_0_res1 = d_h_0_ln_2*h_0_ln_2_weight*tmp8 + d_h_0_ln_2_mean[:, :, None]/32 - d_h_0_ln_2_var[:, :, None]*tmp6/16 + d_h_0_res2
-        del tmp6, tmp8, d_h_0_res2, d_h_0_ln_2, d_h_0_ln_2_var, d_h_0_ln_2_mean
+        d_h_0_res1 = d_h_0_res1_via_h_0_ln_2 + d_h_0_res2
+        del d_h_0_res2, d_h_0_res1_via_h_0_ln_2
 
         # dL/dh_0_attn (through h_0_res1): d_h_0_attn[k0, k1, k2] = d_h_0_res1[k0, k1, k2]
         d_h_0_attn = d_h_0_res1
@@ -2405,32 +2180,14 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         d_h_0_ln_1 = numpy.tensordot(tmp_sum77, h_0_attn_w, axes=([0, 2, 4], [0, 1, 2]))
         del h_0_attn_w, tmp_sum77
 
-    if _need_h_0_ln_1_weight:
-        # dL/dh_0_ln_1_weight (through h_0_ln_1): d_h_0_ln_1_weight[k0] = sum_{i0,i1}((emb[i0, i1, k0] - h_0_ln_1_mean[i0, i1])*d_h_0_ln_1[i0, i1, k0]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5))
-        d_h_0_ln_1_weight = numpy.sum(d_h_0_ln_1.transpose(2, 0, 1)*(emb.transpose(2, 0, 1) - h_0_ln_1_mean)/numpy.sqrt(h_0_ln_1_var + 1e-05), axis=(1, 2))
-        del emb, h_0_ln_1_mean
-
-    if _need_h_0_ln_1_bias:
-        # dL/dh_0_ln_1_bias (through h_0_ln_1): d_h_0_ln_1_bias[k0] = sum_{i0,i1}(d_h_0_ln_1[i0, i1, k0])
-        d_h_0_ln_1_bias = d_h_0_ln_1.sum(axis=(0, 1))
+        # layer norm backward h_0_ln_1, in one call: d_emb_via_h_0_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_1 * h_0_ln_1_weight; d_h_0_ln_1_weight = sum(d_h_0_ln_1 * xhat); d_h_0_ln_1_bias = sum(d_h_0_ln_1)
+        d_emb_via_h_0_ln_1, d_h_0_ln_1_weight, d_h_0_ln_1_bias = _layer_norm_backward(d_h_0_ln_1, emb, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_1_weight, (True, True, True))
+        del emb, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, d_h_0_ln_1
 
     if _need_wte_weight or _need_wpe_weight:
-        # dL/dh_0_ln_1_var (through h_0_ln_1): d_h_0_ln_1_var[k0, k1] = -sum_{i2}((emb[k0, k1, i2] - h_0_ln_1_mean[k0, k1])*d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/(2*(h_0_ln_1_var[k0, k1] + 1.0e-5)**(3/2))
-        tmp_sum70 = numpy.sum(d_h_0_ln_1*tmp2, axis=2)
-        del tmp2
-        tmp31 = h_0_ln_1_var + 1e-05
-        del h_0_ln_1_var
-        d_h_0_ln_1_var = -tmp_sum70/(2*tmp31**(1.5))
-        del tmp_sum70
-
-        # dL/dh_0_ln_1_mean (through h_0_ln_1): d_h_0_ln_1_mean[k0, k1] = -sum_{i2}(d_h_0_ln_1[k0, k1, i2]*h_0_ln_1_weight[i2])/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        tmp_sum71 = d_h_0_ln_1 @ h_0_ln_1_weight
-        d_h_0_ln_1_mean = -tmp_sum71/numpy.sqrt(tmp31)
-        del tmp31, tmp_sum71
-
         # dL/demb (through h_0_ln_1, h_0_ln_1_mean, h_0_ln_1_var, h_0_res1): d_emb[k0, k1, k2] = -(-emb[k0, k1, k2] + h_0_ln_1_mean[k0, k1])*d_h_0_ln_1_var[k0, k1]/16 + d_h_0_ln_1_mean[k0, k1]/32 + d_h_0_res1[k0, k1, k2] + d_h_0_ln_1[k0, k1, k2]*h_0_ln_1_weight[k2]/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
-        d_emb = d_h_0_ln_1*h_0_ln_1_weight*tmp1 + d_h_0_ln_1_mean[:, :, None]/32 + d_h_0_ln_1_var[:, :, None]*tmp0/16 + d_h_0_res1
-        del tmp0, tmp1, d_h_0_res1, d_h_0_ln_1, d_h_0_ln_1_var, d_h_0_ln_1_mean
+        d_emb = d_emb_via_h_0_ln_1 + d_h_0_res1
+        del d_h_0_res1, d_emb_via_h_0_ln_1
 
     if _need_wte_weight:
         # dL/dwte_weight (through emb, lm_head): d_wte_weight[k0, k1] = sum_{i0,i1}([k0 == idx[i0, i1]]*d_emb[i0, i1, k1]) + sum_{i0,i1}(d_lm_head[i0, i1, k0]*ln_f[i0, i1, k1])

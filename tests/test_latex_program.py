@@ -73,8 +73,12 @@ def _torch_lag_targets(source: str) -> list[str]:
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef)
               and n.name == "loss_and_grad")
     block = next(n for n in fn.body if isinstance(n, ast.With))
-    return [t.id for stmt in block.body if isinstance(stmt, ast.Assign)
-            for t in stmt.targets if isinstance(t, ast.Name)]
+    # a statement with several results (a layer norm) unpacks a tuple: its names, in
+    # order, but "_" (a result not asked for)
+    return [n.id for stmt in block.body if isinstance(stmt, ast.Assign)
+            for t in stmt.targets
+            for n in (t.elts if isinstance(t, ast.Tuple) else [t])
+            if isinstance(n, ast.Name) and n.id != "_"]
 
 
 def _row_names(doc: latex.Document) -> list[str]:
@@ -109,7 +113,7 @@ def test_program_section_only_when_asked() -> None:
 
 def _program(shapes: dict[str, tuple[sp.Expr, ...]], *stmts: Assign) -> list[tuple[str, str]]:
     printer = ProgramPrinter(Program(list(stmts), shapes), list(stmts))
-    return [printer.row(s) for s in stmts]
+    return [row for s in stmts for row in printer.rows(s)]
 
 
 def _tt(name: str, *idx: str) -> str:
@@ -270,10 +274,10 @@ def check_program_numerically(model, modules, batch_size: int = 1) -> None:
     _NAMESPACE.clear()
     _NAMESPACE.update(vars(module))
     for stmt in stmts:
-        axes, expr = printer.expression(stmt)
-        shape = tuple(int(sp.sympify(d).subs(subs)) for d in printer.shape(stmt.target))
-        values[stmt.target] = (evaluate_tensor(expr, axes, shape, values, sizes) if axes
-                               else np.array(evaluate(expr, {}, values, sizes)))
+        for name, axes, expr in printer.results(stmt):  # a layer norm's: several
+            shape = tuple(int(sp.sympify(d).subs(subs)) for d in printer.shape(name))
+            values[name] = (evaluate_tensor(expr, axes, shape, values, sizes) if axes
+                            else np.array(evaluate(expr, {}, values, sizes)))
     loss, grads = module.loss_and_grad(params, **call_args(module, batch))
 
     def close(got: np.ndarray, want: np.ndarray, what: str) -> None:

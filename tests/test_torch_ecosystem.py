@@ -260,12 +260,17 @@ def test_backward_skips_gradients_nobody_asked_for(mods) -> None:
         assert [g is not None for g in got] == list(needs)
     # The guards themselves: a statement runs under the union of what needs it.
     class S:
-        def __init__(self, target: str, reads: set[str]) -> None:
-            self.target, self.reads = target, frozenset(reads)
+        def __init__(self, target: str, reads: set[str], *also: str) -> None:
+            self.targets, self.reads = (target, *also), frozenset(reads)
     stmts = [S("a", {"in"}), S("ga", {"a"}), S("b", {"a"}), S("gb", {"b"}), S("gc", {"b"})]
     assert guards(stmts, {"ga": "na", "gb": "nb", "gc": "nc"}) == [
         "", "na", "nb or nc", "nb", "nc"]
     assert guards(stmts, {"ga": None, "gb": "nb", "gc": "nc"})[0] == ""
+    # a statement with several results (a layer norm's backward: the input's, the
+    # weight's and the bias's gradients) runs when any of them is asked for
+    stmts = [S("a", {"in"}), S("gx", {"a"}, "gw", "gb"), S("gy", {"in"})]
+    assert guards(stmts, {"gx": "nx", "gw": "nw", "gb": "nb", "gy": "ny"}) == [
+        "nx or nw or nb", "nx or nw or nb", "ny"]
 
 
 # ------------------------------------------------------------------ torch.func
@@ -856,3 +861,4 @@ loss: {{type: mse, target: t}}
     close(grads(model), {f"fc.{k}": 2 * p.grad for k, p in twin.named_parameters()}, 1e-13)
     _, lag = built["torch"].loss_and_grad(model.params(), x=x.detach(), t=t)
     close(lag, {f"fc.{k}": p.grad for k, p in twin.named_parameters()}, 1e-13)
+

@@ -20,6 +20,8 @@ from ..ir.nodes import (
     Full,
     Gather,
     Iota,
+    LayerNorm,
+    LayerNormBackward,
     Linear,
     LogSoftmax,
     LogSoftmaxBackward,
@@ -203,6 +205,17 @@ class ArrayPrinter:
         return f"{name}.T" if transposed else name
 
     # -- statements ---------------------------------------------------------------------
+    def left_side(self, stmt: Assign) -> str:
+        """What a statement assigns to: its target, or the names its op's results unpack
+        into (``_`` for a result nobody reads)."""
+        op = stmt.op
+        if isinstance(op, LayerNormBackward) and sum(op.outputs) > 1:
+            names = iter(stmt.targets)
+            return ", ".join(next(names) if on else "_" for on in op.outputs)
+        if stmt.also:
+            return ", ".join([stmt.target, *(name or "_" for name in stmt.also)])
+        return stmt.target
+
     def code(self, stmt: Assign) -> str:
         op = stmt.op
         if isinstance(op, Map):
@@ -255,6 +268,14 @@ class ArrayPrinter:
         if isinstance(op, WindowAdd):
             self.helpers.update(("window_add", "taps"))
             return f"_window_add({op.values}, {self.shape(op.shape)}, {op.slides!r})"
+        if isinstance(op, LayerNorm):
+            return self.layer_norm(op)
+        if isinstance(op, LayerNormBackward):
+            # (d_input, d_weight, d_bias), None where not asked for: unpacked (see
+            # left_side), or the one asked for taken
+            wanted = [k for k, on in enumerate(op.outputs) if on]
+            call = self.layer_norm_backward(op)
+            return call if len(wanted) > 1 else f"{call}[{wanted[0]}]"
         if isinstance(op, Stack):
             present = next(p for p in op.parts if p is not None)
             parts = ", ".join(p if p is not None else f"{self.module}.zeros_like({present})"
@@ -302,6 +323,17 @@ class ArrayPrinter:
         self.helpers.update(("sum_taps", "taps"))
         return f"_sum_taps({view.src}, {op.axes!r})"
 
+
+    def layer_norm(self, op: LayerNorm) -> str:
+        # numpy: the helpers in the template (one pass over the rows each way)
+        self.helpers.add("layer_norm")
+        return (f"_layer_norm({op.src}, {op.weight}, {op.bias or None}, {op.eps!r}, "
+                f"stats={op.stats})")
+
+    def layer_norm_backward(self, op: LayerNormBackward) -> str:
+        self.helpers.add("layer_norm_backward")
+        return (f"_layer_norm_backward({op.grad}, {op.src}, {op.mean}, {op.rstd}, "
+                f"{op.weight}, {op.outputs!r})")
 
     # backend hooks
     def conv(self, op: Conv) -> str:
@@ -522,6 +554,20 @@ class TorchArrayPrinter(ArrayPrinter):
 
     def arange(self, iota: Iota) -> str:
         return f"torch.arange({self.scalar.doprint(iota.extent)}, device={iota.like}.device)"
+
+    def layer_norm(self, op: LayerNorm) -> str:
+        # torch's own fused kernels, what F.layer_norm and its autograd node run
+        size = self.shape(self.program.shapes[op.src][-1:])
+        bias = op.bias or "None"
+        if not op.stats:
+            return (f"torch.nn.functional.layer_norm({op.src}, {size}, {op.weight}, {bias}, "
+                    f"{op.eps!r})")
+        return f"torch.native_layer_norm({op.src}, {size}, {op.weight}, {bias}, {op.eps!r})"
+
+    def layer_norm_backward(self, op: LayerNormBackward) -> str:
+        size = self.shape(self.program.shapes[op.src][-1:])
+        return (f"torch.ops.aten.native_layer_norm_backward({op.grad}, {op.src}, {size}, "
+                f"{op.mean}, {op.rstd}, {op.weight}, {op.bias or None}, {op.outputs!r})")
 
     def max_pool(self, op: MaxPool) -> str:
         call = (f"torch.nn.functional.max_pool{len(op.kernel)}d({op.src}, {op.kernel!r}, "

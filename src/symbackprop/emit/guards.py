@@ -3,7 +3,7 @@
 A generated backward pass computes the gradient of every leaf that can have one (inputs,
 targets, every parameter); at run time the caller says which it wants (torch's
 ``ctx.needs_input_grad``, numpy's ``wrt=``). This module reads a function's statements
-(``target``, ``reads``) and says, for each, which of the function's optional outputs
+(``targets``, ``reads``) and says, for each, which of the function's optional outputs
 depend on it, as a Python condition over one flag per output. A statement that every
 output needs, or that a mandatory output (the loss) needs, runs unconditionally.
 
@@ -19,8 +19,11 @@ from typing import Protocol
 
 
 class _Stmt(Protocol):
-    target: str
-    reads: frozenset[str]
+    @property
+    def targets(self) -> tuple[str, ...]: ...
+
+    @property
+    def reads(self) -> frozenset[str]: ...
 
 
 def guards(stmts: Sequence[_Stmt], flags: Mapping[str, str | None]) -> list[str]:
@@ -32,9 +35,9 @@ def guards(stmts: Sequence[_Stmt], flags: Mapping[str, str | None]) -> list[str]
     users: dict[str, set[str]] = {}
     sets: list[set[str]] = []
     for stmt in reversed(stmts):
-        needed = set(users.get(stmt.target, ()))
-        if stmt.target in flags:
-            needed.add(stmt.target)
+        # a statement with several results runs when any of them is needed
+        needed = set().union(*(users.get(t, ()) for t in stmt.targets))
+        needed.update(t for t in stmt.targets if t in flags)
         for name in stmt.reads:
             users.setdefault(name, set()).update(needed)
         sets.append(needed)

@@ -141,7 +141,7 @@ class _Printer:
                            "first (d_loss = dL/dL = 1) ----")
             freed = [n for n in stmt.frees if n in released]
             dead = [n for n in stmt.frees if n not in released]
-            out.append(Line(comment, f"{stmt.target} = {self.arrays.code(stmt)}",
+            out.append(Line(comment, f"{self.arrays.left_side(stmt)} = {self.arrays.code(stmt)}",
                             f"del {', '.join(dead)}" if dead else "", condition,
                             ", ".join(freed), heading))
         return out
@@ -242,7 +242,7 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
         whole = passes.function(autograd, outputs)
         fwd = [s for s in whole if s.phase == "forward"]
         bwd = [s for s in whole if s.phase == "backward"]
-        defined = {s.target for s in fwd}
+        defined = {t for s in fwd for t in s.targets}
         kept = sorted({r for s in bwd for r in s.reads if r in defined} - {loss_var},
                       key=_order_key(whole, graph))
         flags = {full.leaf_grads[a]: naming.need_flag(a) for a in args

@@ -135,8 +135,10 @@ class Lowerer:
         one_hots = {name: str(deriv.node(name).meta["one_hot_of"]) for name in deriv.computed
                     if "one_hot_of" in deriv.node(name).meta}
         integers = frozenset(n.name for n in deriv.graph.nodes.values() if n.dtype == "int64")
+        layer_norms = {name: node.meta["layer_norm"] for name, node in deriv.graph.nodes.items()
+                       if "layer_norm" in node.meta}
         return Program(self.stmts, self.shapes, self.dims, self.leaves, one_hots, integers,
-                       self.like)
+                       self.like, layer_norms)  # type: ignore[arg-type]
 
     # -- statements ---------------------------------------------------------------------
     def assign(self, target: str, expr: sp.Expr, axes: tuple[sp.Symbol, ...], phase: Phase,

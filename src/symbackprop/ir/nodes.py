@@ -34,6 +34,9 @@ Ops:
 * :class:`Conv` — a convolution or one of its two gradients (a pass forms it);
 * :class:`MaxPool` — the maximum of each window (a max over a window read);
 * :class:`Stack` — arrays stacked along a new axis (the adjoint of fixed-index reads);
+* :class:`LayerNorm` / :class:`LayerNormBackward` — a layer norm over the last axis and
+  its adjoints, one call each (a pass forms them); the first ops with several results,
+  named by the statement's ``target`` and ``also``;
 * :class:`Seed` — dL/dL = 1, in the loss's dtype.
 
 A :class:`Reshape` view reads an array through an affine index map (reshape, permute,
@@ -553,9 +556,50 @@ class Stack:
         return frozenset(p for p in self.parts if p is not None)
 
 
+@dataclass(frozen=True)
+class LayerNorm:
+    """Layer norm over the last axis of ``src`` (as ``torch.nn.functional.layer_norm``):
+    ``(src - mean) * rstd * weight + bias`` with ``rstd = 1/sqrt(var + eps)``, the biased
+    variance (no ``bias``: none added). With ``stats``, the statement's ``also`` names
+    the row means and reciprocal standard deviations (``src``'s shape, the last axis
+    kept as 1), what :class:`LayerNormBackward` reads; without, the output alone."""
+
+    src: str
+    weight: str
+    bias: str
+    eps: float
+    stats: bool = True
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.src, self.weight} | ({self.bias} if self.bias else set()))
+
+
+@dataclass(frozen=True)
+class LayerNormBackward:
+    """The adjoints of a :class:`LayerNorm` from its output's adjoint ``grad``, each as
+    ``outputs`` asks: the input's ``rstd * (g' - mean(g') - xhat * mean(g' * xhat))``
+    along the last axis, with ``g' = grad * weight`` and ``xhat = (src - mean) * rstd``;
+    the weight's ``sum(grad * xhat)`` and the bias's ``sum(grad)`` over every other
+    axis. The statement's ``target`` and ``also`` name those asked for, in that order."""
+
+    grad: str
+    src: str
+    mean: str
+    rstd: str
+    weight: str
+    bias: str
+    outputs: tuple[bool, bool, bool] = (True, False, False)
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.grad, self.src, self.mean, self.rstd, self.weight}
+                         | ({self.bias} if self.bias else set()))
+
+
 Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | SoftmaxBackward
       | LogSoftmaxBackward | NllLoss | NllLossBackward | Full | Seed | ScatterAdd | WindowAdd
-      | Conv | MaxPool | MaxPoolBackward | TakeAt | Stack)
+      | Conv | MaxPool | MaxPoolBackward | TakeAt | Stack | LayerNorm | LayerNormBackward)
 
 
 @dataclass(frozen=True)
@@ -563,7 +607,9 @@ class Assign:
     """``target = op``, with the comment that names the layer and formula it implements.
 
     ``frees``: arrays that die right after this statement (set by the memory pass);
-    ``in_place``: the op may write into this dying operand's buffer (numpy ``out=``).
+    ``in_place``: the op may write into this dying operand's buffer (numpy ``out=``);
+    ``also``: the op's further results, after ``target``, for an op with several (an
+    empty name: a result nobody reads, not computed where the op can skip it).
     """
 
     target: str
@@ -572,10 +618,16 @@ class Assign:
     phase: Phase = "forward"
     frees: tuple[str, ...] = ()
     in_place: str = ""
+    also: tuple[str, ...] = ()
 
     @property
     def reads(self) -> frozenset[str]:
         return self.op.reads
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every array this statement defines: ``target``, then ``also``'s names."""
+        return (self.target, *(name for name in self.also if name))
 
 
 @dataclass
@@ -593,6 +645,10 @@ class Program:
     # dtype a body of integers and numbers alone takes (a one-hot of indices)
     integers: frozenset[str] = frozenset()
     like: str = ""
+    # layer norm output -> (input, mean, variance, weight, bias or "", eps), as the
+    # layer built them (layers/normalization.py): what the layer-norm pass reads
+    layer_norms: dict[str, tuple[str, str, str, str, str, float]] = field(
+        default_factory=dict)
 
 
 def readers(stmts: Iterable[Assign]) -> dict[str, int]:

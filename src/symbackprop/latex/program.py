@@ -32,6 +32,8 @@ from ..ir.nodes import (
     Full,
     Gather,
     Iota,
+    LayerNorm,
+    LayerNormBackward,
     Linear,
     LogSoftmax,
     LogSoftmaxBackward,
@@ -359,7 +361,7 @@ class ProgramPrinter:
             sizes = {c: d for name, subs in zip(op.operands, inputs.split(","), strict=True)
                      for c, d in zip(subs, self.shape(name), strict=True)}
             return tuple(sizes[c] for c in output)
-        if isinstance(op, LogSoftmax | Softmax):
+        if isinstance(op, LogSoftmax | Softmax | LayerNorm):
             return self.shape(op.src)
         if isinstance(op, SoftmaxBackward | LogSoftmaxBackward):
             return self.shape(op.out)
@@ -439,10 +441,72 @@ class ProgramPrinter:
         axes = tuple(out_index(n) for n in range(self.rank(stmt.target)))
         return axes, getattr(self, "_" + type(stmt.op).__name__)(stmt.op, list(axes))
 
-    def row(self, stmt: Assign) -> tuple[str, str]:
+    def results(self, stmt: Assign) -> list[tuple[str, tuple[sp.Symbol, ...], sp.Expr]]:
+        """Each array the statement defines, its axes and one entry of it: the target
+        alone, or every result of an op with several (a layer norm's)."""
+        op = stmt.op
+        if isinstance(op, LayerNormBackward):
+            names = iter(stmt.targets)
+            return [self._layer_norm_grad(op, k, next(names))
+                    for k, on in enumerate(op.outputs) if on]
+        if isinstance(op, LayerNorm) and stmt.also:
+            mean, rstd = stmt.also
+            rows = tuple(out_index(n) for n in range(self.rank(op.src) - 1))
+            stat_axes = (*rows, out_index(len(rows)))
+            m, v = self._layer_norm_stats(op.src, rows)
+            axes, out = self.expression(stmt)
+            return [(stmt.target, axes, out), (mean, stat_axes, m),
+                    (rstd, stat_axes, 1 / sp.sqrt(v + sp.Float(op.eps)))]
         axes, expr = self.expression(stmt)
+        return [(stmt.target, axes, expr)]
+
+    def rows(self, stmt: Assign) -> list[tuple[str, str]]:
         p = self.printer
-        return p._print(self.ref(stmt.target, axes)), f"= {p._print(expr)}"
+        return [(p._print(self.ref(name, axes)), f"= {p._print(expr)}")
+                for name, axes, expr in self.results(stmt)]
+
+    def _layer_norm_stats(self, src: str, rows: Sequence[sp.Expr]) -> tuple[sp.Expr, sp.Expr]:
+        """A row's mean and (biased) variance over the last axis of ``src``."""
+        c = self.shape(src)[-1]
+        s, t = sum_index(0), sum_index(1)
+        mean = self._sum([(s, c)], self.ref(src, [*rows, s])) / c
+        return mean, self._sum([(t, c)], (self.ref(src, [*rows, t]) - mean) ** 2) / c
+
+    def _LayerNorm(self, op: LayerNorm, axes: list[sp.Expr]) -> sp.Expr:
+        mean, var = self._layer_norm_stats(op.src, axes[:-1])
+        out = ((self.ref(op.src, axes) - mean) / sp.sqrt(var + sp.Float(op.eps))
+               * self.ref(op.weight, [axes[-1]]))
+        return out + self.ref(op.bias, [axes[-1]]) if op.bias else out
+
+    def _LayerNormBackward(self, op: LayerNormBackward, axes: list[sp.Expr]) -> sp.Expr:
+        # the first result asked for (the statement's target); results() gives them all
+        first = op.outputs.index(True)
+        return self._layer_norm_grad(op, first, "")[2]
+
+    def _layer_norm_grad(self, op: LayerNormBackward, k: int, name: str
+                         ) -> tuple[str, tuple[sp.Symbol, ...], sp.Expr]:
+        shape = self.shape(op.src)
+        c = shape[-1]
+
+        def xhat(at: Sequence[sp.Expr]) -> sp.Expr:
+            rows = list(at[:-1])
+            return ((self.ref(op.src, at) - self.ref(op.mean, [*rows, 0]))
+                    * self.ref(op.rstd, [*rows, 0]))
+
+        if k == 0:  # the input's
+            axes = tuple(out_index(n) for n in range(len(shape)))
+            rows, s = list(axes[:-1]), sum_index(0)
+            g, w = self.ref(op.grad, axes), self.ref(op.weight, [axes[-1]])
+            gs, ws = self.ref(op.grad, [*rows, s]), self.ref(op.weight, [s])
+            mean_g = self._sum([(s, c)], gs * ws) / c
+            mean_gx = self._sum([(s, c)], gs * ws * xhat([*rows, s])) / c
+            return name, axes, (self.ref(op.rstd, [*rows, 0])
+                                * (g * w - mean_g - xhat(list(axes)) * mean_gx))
+        feature = out_index(0)
+        rows = [(sum_index(n), d) for n, d in enumerate(shape[:-1])]
+        at = [r for r, _ in rows] + [feature]
+        term = self.ref(op.grad, at) * (xhat(at) if k == 1 else 1)
+        return name, (feature,), self._sum(rows, term)
 
     def _sum(self, over: Sequence[tuple[sp.Symbol, sp.Expr]], term: sp.Expr) -> sp.Expr:
         """``term`` summed over each (index, extent)."""
@@ -671,7 +735,7 @@ def section(program: Program, stmts: Sequence[Assign], function: str) -> list[Bl
         inline("[c]"), " is 1 where the condition ", inline("c"), " holds, else 0; a "
         "window read outside its array is 0."))]
     for phase, title in (("forward", "Forward"), ("backward", "Backward")):
-        rows = tuple(printer.row(s) for s in stmts if s.phase == phase)
+        rows = tuple(row for s in stmts if s.phase == phase for row in printer.rows(s))
         if rows:
             out += [Heading(3, spans(title)), Display(rows)]
     return out

@@ -114,10 +114,18 @@ class LayerNorm(Layer):
         normalised = graph.op(naming.layer_part(spec.name, "normalised"), x.shape, body,
                               layer=spec.name, where=spec.where, label="normalised")
         out = normalised.element() * weight.element((c,))
+        bias = ""
         if spec.options["bias"]:
-            out = out + cls.param(graph, spec, "bias", (count,)).element((c,))
-        return graph.op(spec.name, x.shape, out, layer=spec.name, where=spec.where,
+            bias_node = cls.param(graph, spec, "bias", (count,))
+            out = out + bias_node.element((c,))
+            bias = bias_node.name
+        node = graph.op(spec.name, x.shape, out, layer=spec.name, where=spec.where,
                         label="layernorm affine")
+        # what these nodes compute, for the layer-norm pass (ir/passes/layer_norm.py),
+        # which checks the statements against it before it calls one kernel
+        node.meta["layer_norm"] = (x.name, mean.name, var.name, weight.name, bias,
+                                   float(spec.options["eps"]))  # type: ignore[arg-type]
+        return node
 
     @classmethod
     def derivation_note(cls, spec: LayerSpec) -> Note:

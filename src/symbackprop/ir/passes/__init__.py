@@ -5,7 +5,8 @@ need, fuse single-use elementwise temporaries, share common subexpressions, then
 pattern passes (convolutions, max pooling's backward and indices, cross-entropy with
 class ids, log-softmax, softmax backward, log-softmax backward, products against
 stacked parts, the tanh GELU, product + bias, activation-backward kernels, broadcast
-factors first), each pattern recognised in exactly one of them. Freeing after last use
+factors first, and last the layer norm, whose statements it reads as the others left
+them), each pattern recognised in exactly one of them. Freeing after last use
 and in-place reuse are the memory pass, run by the printer's caller once the
 function's inputs are known.
 """
@@ -22,6 +23,7 @@ from .cse import cse
 from .fuse import fuse
 from .gelu import gelu
 from .kernels import kernels
+from .layer_norm import layer_norm
 from .linear import linear
 from .log_softmax import log_softmax
 from .log_softmax_backward import log_softmax_backward
@@ -50,9 +52,10 @@ def function(program: Program, outputs: Sequence[str], *,
     stmts = linear(stmts, program, protected)
     stmts = kernels(stmts, program)
     stmts = broadcast(stmts, program)
+    stmts = layer_norm(stmts, program, protected)
     return stmts
 
 
 __all__ = ["function", "memory", "select", "fuse", "cse", "conv", "max_pool", "cross_entropy",
            "log_softmax", "softmax_backward", "log_softmax_backward", "stacked", "gelu",
-           "linear", "kernels", "broadcast"]
+           "linear", "kernels", "broadcast", "layer_norm"]

@@ -22,7 +22,7 @@ def memory(stmts: list[Assign], program: Program, *, keep: Iterable[str],
            owned: Iterable[str] = ()) -> list[Assign]:
     keep = set(keep)
     last_use: dict[str, int] = {}
-    defined = {stmt.target for stmt in stmts} | set(owned)
+    defined = {t for stmt in stmts for t in stmt.targets} | set(owned)
     for i, stmt in enumerate(stmts):
         for name in stmt.reads:
             last_use[name] = i
@@ -33,9 +33,9 @@ def memory(stmts: list[Assign], program: Program, *, keep: Iterable[str],
     aliases = [s for s in stmts if isinstance(s.op, Map) and isinstance(s.op.body, sp.Symbol)]
     # A bare view (x.T, x.reshape(...)) shares its source's memory: neither it nor its
     # source may take a result in place while the other may still be read.
-    fresh = ({s.target for s in stmts} - {s.target for s in aliases}
+    fresh = ({t for s in stmts for t in s.targets} - {s.target for s in aliases}
              - {name for s in aliases for name in s.reads})
-    order = {stmt.target: n for n, stmt in enumerate(stmts)}
+    order = {t: n for n, stmt in enumerate(stmts) for t in stmt.targets}
     out = []
     for i, stmt in enumerate(stmts):
         names = sorted(dead.get(i, []), key=lambda n: (order.get(n, -1), n))
