@@ -393,7 +393,7 @@ def _max_pool_backward(g, index, shape, d):
     # maximum's flat position in the last d axes (what max_pool2d's own backward does;
     # windows that overlap add). scatter_add_ is differentiable, so a second derivative
     # through it is exact.
-    flat = g.new_zeros((*shape[:len(shape) - d], _numel(shape[len(shape) - d:])))
+    flat = g.new_zeros(shape).flatten(-d)
     return flat.scatter_add_(-1, index.flatten(-d), g.flatten(-d)).view(shape)
 
 

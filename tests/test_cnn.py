@@ -184,6 +184,30 @@ def test_overlapping_max_pool_and_average_pool_on_odd_sizes(tmp_path) -> None:
     _compare(modules, params, batch, twin)
 
 
+def test_max_pool_in_a_network_without_random_initialisation(tmp_path) -> None:
+    """The torch max-pool backward's helper read _numel, defined only with the random
+    initialisers: a network whose only parameters start at ones and zeros (a layer
+    norm's) crashed with a NameError in loss_and_grad and Model.backward."""
+    model, modules = build(tmp_path, """
+name: ln_pool
+inputs: {x: [N, 1, 4, 4]}
+targets: {t: [N, 1, 2, 2]}
+layers:
+  - {name: ln, type: layernorm}
+  - {name: pool, type: maxpool2d, kernel: 2}
+loss: {type: mse, target: t}
+""")
+    rng = np.random.default_rng(4)
+    params = {k: rng.normal(size=v) for k, v in modules["numpy"].PARAM_SHAPES.items()}
+    batch = {"x": rng.normal(size=(3, 1, 4, 4)), "t": rng.normal(size=(3, 1, 2, 2))}
+
+    def twin(p, b):
+        h = F.layer_norm(b["x"], (4,), p["ln.weight"], p["ln.bias"])
+        return F.mse_loss(F.max_pool2d(h, 2), b["t"])
+
+    _compare(modules, params, batch, twin)
+
+
 TIES = """
 name: ties
 inputs: {x: [N, 2, 7, 6]}

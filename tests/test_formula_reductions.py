@@ -344,3 +344,31 @@ layers:
 loss: {{type: mse, target: t}}
 """)
     assert main(["check", str(spec)]) == 0
+
+
+@pytest.mark.parametrize(("layers", "loss"), [
+    # where() with a number in a branch: the oracle made the number in the condition's
+    # dtype (True), so check failed on a right network or crashed with a bool matmul
+    ("- {name: fc, type: dense, units: 2, activation: {formula: 'where(x > 0, 2, x)'}}",
+     "{type: mse, target: t}"),
+    ("- {name: fc, type: dense, units: 2}\n"
+     "  - {name: e, type: elementwise, input: [fc], formula: 'where(fc > 0, 1, 2) * fc'}\n"
+     "  - {name: out, type: dense, units: 2}", "{type: mse, target: t}"),
+    ("- {name: fc, type: dense, units: 2, activation: "
+     "{formula: 'x/(1 + exp(-x)) - where(x > 1, 0.5, 0.25)'}}", "{type: mse, target: t}"),
+    ("- {name: fc, type: dense, units: 2}",
+     "{formula: 'where(y > t, (y - t)**2, 0.5)', target: t}"),
+    # an activation that is a reduction broadcasts back in the oracle too
+    ("- {name: fc, type: dense, units: 2, activation: {formula: 'sum(x, axis=-1)'}}\n"
+     "  - {name: out, type: dense, units: 2}", "{type: mse, target: t}"),
+])
+def test_oracle_reads_numbers_and_reductions_as_the_modules_do(tmp_path, layers, loss) -> None:
+    spec = write_spec(tmp_path, f"""
+name: oracle_forms
+inputs: {{x: [N, 2]}}
+targets: {{t: [N, 2]}}
+layers:
+  {layers}
+loss: {loss}
+""")
+    assert main(["check", str(spec)]) == 0

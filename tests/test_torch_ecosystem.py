@@ -862,3 +862,72 @@ loss: {{type: mse, target: t}}
     _, lag = built["torch"].loss_and_grad(model.params(), x=x.detach(), t=t)
     close(lag, {f"fc.{k}": p.grad for k, p in twin.named_parameters()}, 1e-13)
 
+
+# ------------------------------------------------------- branches that are not finite
+BRANCHES = {
+    # relu then a fractional power: the power's derivative at a negative number is NaN
+    "relu-power": ("""
+name: relu_power
+inputs: {x: [N, 2]}
+targets: {t: [N, 2]}
+layers:
+  - {name: fc, type: dense, units: 2, activation: relu}
+  - {name: s, type: elementwise, formula: "fc**1.5"}
+loss: {type: mse, target: t}
+""", lambda p, b: torch.nn.functional.mse_loss(
+        torch.relu(torch.nn.functional.linear(b["x"], p["fc.weight"], p["fc.bias"])) ** 1.5,
+        b["t"])),
+    # elu at a large input: expm1 of the untaken branch is infinite
+    "elu-large": ("""
+name: elu_large
+inputs: {x: [N, 2]}
+targets: {t: [N, 2]}
+layers:
+  - {name: a, type: activation, activation: elu}
+  - {name: fc, type: dense, units: 2}
+loss: {type: mse, target: t}
+""", lambda p, b: torch.nn.functional.mse_loss(torch.nn.functional.linear(
+        torch.nn.functional.elu(b["x"]), p["fc.weight"], p["fc.bias"]), b["t"])),
+}
+
+
+@pytest.mark.parametrize("name", list(BRANCHES))
+def test_untaken_branches_give_no_nan_to_autograd(tmp_path, name) -> None:
+    """A where() whose untaken branch is infinite or NaN (a power of a negative number,
+    expm1(800)) gave autograd through the functional loss, torch.func.grad and the
+    Model's second derivative NaN where eager torch is finite; each branch now reads
+    its arrays only where it is taken (_taken). Gradients for the input too."""
+    text, eager = BRANCHES[name]
+    _, modules = build(tmp_path, text)
+    tm = modules["torch"]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 2, generator=gen, dtype=F64) * 3
+    x[0, 0] = 800.0  # elu's expm1 overflows here; relu's power is negative elsewhere
+    t = torch.randn(4, 2, generator=gen, dtype=F64)
+    params = tm.init_params(1, dtype=F64)
+
+    def leaves() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return x.clone().requires_grad_(), {k: v.clone().requires_grad_()
+                                            for k, v in params.items()}
+
+    def first_and_second(loss_of) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        xs, ps = leaves()
+        wrt = [xs, *ps.values()]
+        grads = torch.autograd.grad(loss_of(xs, ps), wrt, create_graph=True)
+        # a Hessian-vector product, v = ones, every argument
+        hv = torch.autograd.grad(sum(g.sum() for g in grads), wrt)
+        return [g.detach() for g in grads], list(hv)
+
+    want = first_and_second(lambda xs, ps: eager(ps, {"x": xs, "t": t}))
+    for label, loss_of in (("loss", lambda xs, ps: tm.loss(ps, x=xs, t=t)),
+                           ("Model", lambda xs, ps: tm.LossFunction.apply(
+                               xs, t, *(ps[k] for k in tm.PARAM_SHAPES))[0])):
+        got = first_and_second(loss_of)
+        for mine, ref in zip([*got[0], *got[1]], [*want[0], *want[1]], strict=True):
+            assert torch.isfinite(mine).all(), (label, mine)
+            assert torch.allclose(mine, ref, rtol=1e-9, atol=1e-11), (label, mine, ref)
+    xs, ps = leaves()
+    funcs = torch.func.grad(lambda p: tm.loss(p, x=xs.detach(), t=t))(
+        {k: v.detach() for k, v in ps.items()})
+    for k, ref in zip(ps, want[0][1:], strict=True):
+        assert torch.allclose(funcs[k], ref, rtol=1e-10, atol=1e-12), k

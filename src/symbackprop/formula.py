@@ -569,10 +569,21 @@ def torch_eval(tree: ast.expr, variables: Mapping[str, Any], rank: int | None = 
             return arg.amax(dim=dims, keepdim=True)
         return torch.logsumexp(arg, dim=dims, keepdim=True)
 
+    # A number among a call's arguments becomes a tensor of the formula's floating dtype
+    # (of its first floating variable): shaped like a floating argument where the call
+    # has one, else like any tensor argument. A where()'s condition is boolean, and a
+    # number shaped after it in its dtype would be True.
+    floats = [v for v in variables.values()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    dtype = floats[0].dtype if floats else torch.get_default_dtype()
+
     def call(f: str, args: list[Any]) -> Any:
-        like = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        args = [a if isinstance(a, torch.Tensor) or like is None else torch.full_like(like, a)
-                for a in args]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        like = next((a for a in tensors if a.is_floating_point()), None)
+        if like is None and tensors:
+            like = tensors[0]
+        args = [a if isinstance(a, torch.Tensor) or like is None
+                else torch.full_like(like, a, dtype=dtype) for a in args]
         return FUNCTIONS[f].torch(torch, *args)
 
     return _walk(

@@ -142,7 +142,13 @@ class _Common:
     # where() on a shared mask can still be printed NaN-preserving.
     conditions: dict[str, sp.Expr] = {}
 
-    def _nan_preserving(self, value: sp.Expr, cond: sp.Expr, last: sp.Expr) -> str | None:
+    def _branch(self, value: sp.Expr, region: sp.Expr) -> sp.Expr:
+        """What a where() branch computes, given where it is taken (``region``): the
+        value itself; torch reads its arrays through _taken (see there)."""
+        return value
+
+    def _nan_preserving(self, value: sp.Expr, cond: sp.Expr, last: sp.Expr,
+                        region: sp.Expr = sp.true) -> str | None:
         """``where(z > 0, z, 0)`` maps a NaN z to 0 (NaN > 0 is false), where torch's relu
         gives NaN. With a constant fallback, print the negated test instead:
         ``where(z <= 0, 0, z)`` is NaN for a NaN z and equal everywhere else; relu itself
@@ -160,7 +166,8 @@ class _Common:
         if cond.rel_op in (">", ">=") and value == cond.lhs and last == cond.rhs == 0:
             return self._relu(self._print(value))
         test = f"({self._print(cond.lhs)} {negate[cond.rel_op]} {self._print(cond.rhs)})"
-        return self._where(test, self._print(last), self._print(value), _may_warn(value))
+        return self._where(test, self._print(last), self._print(self._branch(value, region)),
+                           _may_warn(value))
 
     def _where(self, cond: str, then: str, otherwise: str, may_warn: bool) -> str:
         return f"{self._module}.where({cond}, {then}, {otherwise})"  # type: ignore[attr-defined]
@@ -188,22 +195,29 @@ class _Common:
         like = (sorted(a.name for a in arrays)[0] if arrays
                 else self.like if integers else None) if numeric else None
 
-        def branch(value: sp.Expr) -> str:
-            text = self._print(value)
+        # where each branch is taken: its condition and none before it
+        conditions = [c for _, c in cases]
+        regions = [sp.And(c, *(sp.Not(e) for e in conditions[:k]))
+                   for k, c in enumerate(conditions)]
+        regions.append(sp.And(*(sp.Not(e) for e in conditions)))
+
+        def branch(value: sp.Expr, k: int) -> str:
+            text = self._print(self._branch(value, regions[k]))
             return self._typed_scalar(like, text) if like else text
 
         code = None
         if cases:  # the innermost where() decides what a NaN maps to
-            code = self._nan_preserving(cases[-1][0], cases[-1][1], last)
+            code = self._nan_preserving(cases[-1][0], cases[-1][1], last, regions[-2])
         if code is not None:
             cases = cases[:-1]
         else:
-            code = branch(last)
+            code = branch(last, len(regions) - 1)
         for n, (value, condition) in enumerate(reversed(cases)):
             # The branch printed so far (``code``) is everything after this case.
             rest = expr.args[len(cases) - n:]
             may_warn = _may_warn(value) or any(_may_warn(v) for v, _ in rest)
-            code = self._where(self._print(condition), branch(value), code, may_warn)
+            code = self._where(self._print(condition), branch(value, len(cases) - 1 - n),
+                               code, may_warn)
         return code
 
 
@@ -291,6 +305,20 @@ class TorchCodePrinter(_Common, NumPyPrinter):
 
     def _relu(self, text: str) -> str:
         return f"torch.relu({text})"
+
+    def _branch(self, value: sp.Expr, region: sp.Expr) -> sp.Expr:
+        # A branch that may be infinite or NaN where it is not taken (a fractional power
+        # of a negative number, exp of a large one) reads each array through _taken:
+        # where() sends the branch a gradient of 0 there, and 0 times an infinite
+        # derivative is NaN; autograd (the functional loss, a second derivative of the
+        # Model) then returned NaN where the result is finite.
+        arrays = [s for s in value.free_symbols
+                  if not s.is_integer and s.name not in self.booleans]
+        if not _may_warn(value) or not arrays or region == sp.true:
+            return value
+        self.helpers.add("taken")
+        mask = self._print(region)
+        return value.xreplace({s: sp.Symbol(f"_taken({mask}, {s.name})") for s in arrays})
 
     def __init__(self) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})

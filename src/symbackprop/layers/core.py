@@ -57,7 +57,9 @@ def activation_reference(act: ActivationSpec | None, x: Any) -> Any:
     if act.type == "formula":
         from ..formula import parse_tree, torch_eval
 
-        return torch_eval(parse_tree(act.formula, {"x": None}), {"x": x})
+        out = torch_eval(parse_tree(act.formula, {"x": None}), {"x": x})
+        # a reduction over an axis broadcasts back: the activation keeps x's shape
+        return out.expand(x.shape) if out.shape != x.shape else out
     return ACTIVATIONS[act.type].reference(x, dict(act.params))
 
 
