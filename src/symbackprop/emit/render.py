@@ -263,7 +263,8 @@ def render(spec: ModelSpec, deriv: Derivation, backend: str, spec_label: str,
             "lag_lines": pr.lines(lag_stmts, mark_phases=True, keep=set(grad_outputs)),
         })
         helpers |= apr.helpers
-    context["helpers"] = sorted(helpers)
+    # (pr printed loss_and_grad's lines last: helpers only they call count too)
+    context["helpers"] = sorted(helpers | pr.helpers)
     from ..latex import module_derivations
 
     # The forward and backward passes once, then one line per parameter in their
