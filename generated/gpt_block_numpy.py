@@ -878,7 +878,7 @@ def loss_and_grad(params, *, x, t, wrt=None):
 
     # causal mask attn: attn_p_masked[i0, i1, i2, i3] = (attn_scores[i0, i1, i2, i3] if i2 >= i3 else -oo)
     attn_p_masked = numpy.where(tmp6, attn_scores, (-numpy.inf))
-    del attn_scores
+    del attn_scores, tmp6
 
     # logsumexp attn: attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(attn_p_masked[i0, i1, i2, s0])))
     # softmax: attn_p = exp(attn_p_masked - attn_p_lse), in one call
@@ -1011,8 +1011,9 @@ def loss_and_grad(params, *, x, t, wrt=None):
         del d_attn_p
 
         # dL/dattn_scores (through attn_p_masked): d_attn_scores[k0, k1, k2, k3] = (d_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
-        d_attn_scores = numpy.where(tmp6, d_attn_p_masked, 0)
-        del tmp6, d_attn_p_masked
+        # d_attn_p_masked is already 0 where the softmax's input was masked: the mask is not applied again
+        d_attn_scores = d_attn_p_masked
+        del d_attn_p_masked
 
         # dL/dattn_v (through attn_y): d_attn_v[k0, k1, k2, k3] = sum_{i2}(attn_p[k0, k1, i2, k2]*d_attn_y[k0, k1, i2, k3])
         d_attn_v = attn_p.swapaxes(-1, -2) @ d_attn_y

@@ -847,7 +847,7 @@ def loss_and_grad(params, *, x, t):
 
         # causal mask attn: attn_p_masked[i0, i1, i2, i3] = (attn_scores[i0, i1, i2, i3] if i2 >= i3 else -oo)
         attn_p_masked = torch.where(tmp3, attn_scores, (-torch.inf))
-        del attn_scores
+        del attn_scores, tmp3
 
         # logsumexp attn: attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(attn_p_masked[i0, i1, i2, s0])))
         # softmax: attn_p = exp(attn_p_masked - attn_p_lse), in one call
@@ -964,8 +964,9 @@ def loss_and_grad(params, *, x, t):
         del d_attn_p
 
         # dL/dattn_scores (through attn_p_masked): d_attn_scores[k0, k1, k2, k3] = (d_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
-        d_attn_scores = torch.where(tmp3, d_attn_p_masked, 0)
-        del tmp3, d_attn_p_masked
+        # d_attn_p_masked is already 0 where the softmax's input was masked: the mask is not applied again
+        d_attn_scores = d_attn_p_masked
+        del d_attn_p_masked
 
         # dL/dattn_v (through attn_y): d_attn_v[k0, k1, k2, k3] = sum_{i2}(attn_p[k0, k1, i2, k2]*d_attn_y[k0, k1, i2, k3])
         d_attn_v = _narrow_matmul(attn_p.transpose(-2, -1), d_attn_y)
@@ -1075,7 +1076,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
 
     # causal mask attn: attn_p_masked[i0, i1, i2, i3] = (attn_scores[i0, i1, i2, i3] if i2 >= i3 else -oo)
     attn_p_masked = torch.where(tmp6, attn_scores, (-torch.inf))
-    del attn_scores
+    del attn_scores, tmp6
 
     # logsumexp attn: attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(attn_p_masked[i0, i1, i2, s0])))
     # softmax: attn_p = exp(attn_p_masked - attn_p_lse), in one call
@@ -1117,10 +1118,10 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     tmp_sum15 = torch.sum(tmp14**2)
     loss = tmp_sum15/(32*N*T)
     del tmp_sum15
-    return (loss, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2, mlp_c_fc_z, mlp_c_fc, ln_1_row_mean, ln_1_row_rstd, ln_2_row_mean, ln_2_row_rstd, tmp6, tmp14)
+    return (loss, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2, mlp_c_fc_z, mlp_c_fc, ln_1_row_mean, ln_1_row_rstd, ln_2_row_mean, ln_2_row_rstd, tmp14)
 
 
-def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2, mlp_c_fc_z, mlp_c_fc, ln_1_row_mean, ln_1_row_rstd, ln_2_row_mean, ln_2_row_rstd, tmp6, tmp14):
+def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, ln_2_weight, ln_2_bias, mlp_c_fc_weight, mlp_c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, ln_1, attn_w, attn_q, attn_k, attn_v, attn_p, attn_y, attn_wp, res1, ln_2, mlp_c_fc_z, mlp_c_fc, ln_1_row_mean, ln_1_row_rstd, ln_2_row_mean, ln_2_row_rstd, tmp14):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -1227,10 +1228,9 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         del d_attn_p
 
         # dL/dattn_scores (through attn_p_masked): d_attn_scores[k0, k1, k2, k3] = (d_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
-        d_attn_scores = torch.where(tmp6, d_attn_p_masked, 0)
+        # d_attn_p_masked is already 0 where the softmax's input was masked: the mask is not applied again
+        d_attn_scores = d_attn_p_masked
         del d_attn_p_masked
-        if release:
-            _release(tmp6)
 
         # dL/dattn_v (through attn_y): d_attn_v[k0, k1, k2, k3] = sum_{i2}(attn_p[k0, k1, i2, k2]*d_attn_y[k0, k1, i2, k3])
         d_attn_v = _narrow_matmul(attn_p.transpose(-2, -1), d_attn_y)

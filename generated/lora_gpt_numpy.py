@@ -2174,7 +2174,7 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     # causal mask h_1_attn: h_1_attn_p_masked[i0, i1, i2, i3] = (h_1_attn_scores[i0, i1, i2, i3] if i2 >= i3 else -oo)
     h_1_attn_p_masked = numpy.where(tmp5, h_1_attn_scores, (-numpy.inf))
-    del h_1_attn_scores
+    del tmp5, h_1_attn_scores
 
     # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
     # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
@@ -2432,7 +2432,8 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
-        d_h_1_attn_scores = numpy.where(tmp5, d_h_1_attn_p_masked, 0)
+        # d_h_1_attn_p_masked is already 0 where the softmax's input was masked: the mask is not applied again
+        d_h_1_attn_scores = d_h_1_attn_p_masked
         del d_h_1_attn_p_masked
 
         # dL/dh_1_attn_v (through h_1_attn_y): d_h_1_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn_y[k0, k1, i2, k3]*h_1_attn_p[k0, k1, i2, k2])
@@ -2661,8 +2662,9 @@ def loss_and_grad(params, *, idx, y, wrt=None):
         del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
-        d_h_0_attn_scores = numpy.where(tmp5, d_h_0_attn_p_masked, 0)
-        del tmp5, d_h_0_attn_p_masked
+        # d_h_0_attn_p_masked is already 0 where the softmax's input was masked: the mask is not applied again
+        d_h_0_attn_scores = d_h_0_attn_p_masked
+        del d_h_0_attn_p_masked
 
         # dL/dh_0_attn_v (through h_0_attn_y): d_h_0_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn_y[k0, k1, i2, k3]*h_0_attn_p[k0, k1, i2, k2])
         d_h_0_attn_v = h_0_attn_p.swapaxes(-1, -2) @ d_h_0_attn_y

@@ -1818,7 +1818,7 @@ def loss_and_grad(params, *, idx, y):
 
         # causal mask h_1_attn: h_1_attn_p_masked[i0, i1, i2, i3] = (h_1_attn_scores[i0, i1, i2, i3] if i2 >= i3 else -oo)
         h_1_attn_p_masked = torch.where(tmp5, h_1_attn_scores, (-torch.inf))
-        del h_1_attn_scores
+        del tmp5, h_1_attn_scores
 
         # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
         # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
@@ -1965,7 +1965,8 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
-        d_h_1_attn_scores = torch.where(tmp5, d_h_1_attn_p_masked, 0)
+        # d_h_1_attn_p_masked is already 0 where the softmax's input was masked: the mask is not applied again
+        d_h_1_attn_scores = d_h_1_attn_p_masked
         del d_h_1_attn_p_masked
 
         # dL/dh_1_attn_v (through h_1_attn_y): d_h_1_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn_y[k0, k1, i2, k3]*h_1_attn_p[k0, k1, i2, k2])
@@ -2082,8 +2083,9 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
-        d_h_0_attn_scores = torch.where(tmp5, d_h_0_attn_p_masked, 0)
-        del tmp5, d_h_0_attn_p_masked
+        # d_h_0_attn_p_masked is already 0 where the softmax's input was masked: the mask is not applied again
+        d_h_0_attn_scores = d_h_0_attn_p_masked
+        del d_h_0_attn_p_masked
 
         # dL/dh_0_attn_v (through h_0_attn_y): d_h_0_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn_y[k0, k1, i2, k3]*h_0_attn_p[k0, k1, i2, k2])
         d_h_0_attn_v = _narrow_matmul(h_0_attn_p.transpose(-2, -1), d_h_0_attn_y)
@@ -2308,7 +2310,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # causal mask h_1_attn: h_1_attn_p_masked[i0, i1, i2, i3] = (h_1_attn_scores[i0, i1, i2, i3] if i2 >= i3 else -oo)
     h_1_attn_p_masked = torch.where(tmp5, h_1_attn_scores, (-torch.inf))
-    del h_1_attn_scores
+    del tmp5, h_1_attn_scores
 
     # logsumexp h_1_attn: h_1_attn_p_lse[i0, i1, i2] = log(sum_{s0}(exp(h_1_attn_p_masked[i0, i1, i2, s0])))
     # softmax: h_1_attn_p = exp(h_1_attn_p_masked - h_1_attn_p_lse), in one call
@@ -2365,10 +2367,10 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
     # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
     loss = _nll_loss(lm_head_logp, y, -100)
-    return (loss, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, tmp5, lm_head_logp)
+    return (loss, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, lm_head_logp)
 
 
-def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, tmp5, lm_head_logp):
+def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, lm_head_logp):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -2485,7 +2487,8 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_1_attn_p
 
         # dL/dh_1_attn_scores (through h_1_attn_p_masked): d_h_1_attn_scores[k0, k1, k2, k3] = (d_h_1_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
-        d_h_1_attn_scores = torch.where(tmp5, d_h_1_attn_p_masked, 0)
+        # d_h_1_attn_p_masked is already 0 where the softmax's input was masked: the mask is not applied again
+        d_h_1_attn_scores = d_h_1_attn_p_masked
         del d_h_1_attn_p_masked
 
         # dL/dh_1_attn_v (through h_1_attn_y): d_h_1_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn_y[k0, k1, i2, k3]*h_1_attn_p[k0, k1, i2, k2])
@@ -2636,10 +2639,9 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_0_attn_p
 
         # dL/dh_0_attn_scores (through h_0_attn_p_masked): d_h_0_attn_scores[k0, k1, k2, k3] = (d_h_0_attn_p_masked[k0, k1, k2, k3] if k2 >= k3 else 0)
-        d_h_0_attn_scores = torch.where(tmp5, d_h_0_attn_p_masked, 0)
+        # d_h_0_attn_p_masked is already 0 where the softmax's input was masked: the mask is not applied again
+        d_h_0_attn_scores = d_h_0_attn_p_masked
         del d_h_0_attn_p_masked
-        if release:
-            _release(tmp5)
 
         # dL/dh_0_attn_v (through h_0_attn_y): d_h_0_attn_v[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn_y[k0, k1, i2, k3]*h_0_attn_p[k0, k1, i2, k2])
         d_h_0_attn_v = _narrow_matmul(h_0_attn_p.transpose(-2, -1), d_h_0_attn_y)

@@ -20,6 +20,7 @@ from symbackprop.ir.nodes import (
     Einsum,
     Map,
     Program,
+    Softmax,
     SoftmaxBackward,
     Stack,
     View,
@@ -96,6 +97,38 @@ def test_softmax_backward_pass_forms_one_call_only_for_the_exact_expression() ->
         assert softmax_backward(stmts, program, {"d"}) == stmts, other
     stmts, program = _sb_program("y*g + y*l")
     assert softmax_backward(stmts, program, {"d", "l"}) == stmts  # l is an output
+
+
+def _masked_softmax_program(forward_mask: str, backward_mask: str) -> tuple[list, Program]:
+    """m = where(c, a, -inf); y = softmax(m); d = softmax_backward(g, y); da = where(c', d, 0)."""
+    r, sym = 2, sp.Symbol
+    ident = {n: View(n, (None, None), (0, 1), r) for n in ("a", "g", "c", "k", "d")}
+    a, c, k, d = sym("a"), sym("c"), sym("k"), sym("d")
+    cf, cb = {"c": c, "k": k}[forward_mask], {"c": c, "k": k}[backward_mask]
+    stmts = [
+        Assign("m", Map(sp.Piecewise((a, cf), (-sp.oo, True)),
+                        ordered({a: ident["a"], cf: ident[forward_mask]}))),
+        Assign("y", Softmax("m", 1)),
+        Assign("d", SoftmaxBackward("g", "y", 1), phase="backward"),
+        Assign("da", Map(sp.Piecewise((d, cb), (0, True)),
+                         ordered({d: ident["d"], cb: ident[backward_mask]})),
+               phase="backward"),
+    ]
+    return stmts, Program(stmts, {n: (sp.Integer(3), sp.Integer(3))
+                                  for n in ("a", "g", "c", "k", "d", "m", "y", "da")})
+
+
+def test_the_adjoint_of_a_masked_softmax_is_not_masked_again() -> None:
+    """where(c, softmax_backward(g, y), 0) is softmax_backward(g, y) itself when y is the
+    softmax of where(c, a, -inf): y, and so the product, is already 0 where c is false.
+    With another mask the where stays."""
+    stmts, program = _masked_softmax_program("c", "c")
+    out = softmax_backward(stmts, program, {"da"})
+    assert out[-1].target == "da" and out[-1].op == Map(sp.Symbol("d"), (
+        (sp.Symbol("d"), View("d", (), (), 0)),))
+    assert "not applied again" in out[-1].comment
+    stmts, program = _masked_softmax_program("c", "k")
+    assert softmax_backward(stmts, program, {"da"}) == stmts
 
 
 def _plain(g, y):

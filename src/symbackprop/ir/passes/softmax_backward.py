@@ -9,6 +9,13 @@ softmax backward; numpy: a row dot product and one subtraction, multiplied in pl
 The identity ``y*g - y*s = y*(g - s)`` holds for any arrays, so the rule needs no
 knowledge of where ``y`` came from: it checks, by expanding the sympy bodies, that the
 statement is exactly that expression, with ``s`` the row sum of the same two arrays.
+
+A masked softmax (``y = softmax(where(c, a, -inf))``, attention's causal mask) sends its
+adjoint back through the mask too, ``d_a = where(c, d, 0)``: a pass over the whole array
+that changes nothing, since ``d = y * (g - s)`` is already 0 wherever ``c`` is false
+(there ``y = exp(-inf - lse) = 0``, and ``g`` is finite). That ``where`` becomes ``d``
+itself, read as it is, where its condition is the very one the softmax's input was
+masked with (the same array or expression, compared as the bodies read them).
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from ..nodes import (
     Map,
     Program,
     Reduce,
+    Softmax,
     SoftmaxBackward,
     View,
+    by_source,
     join_comments,
     readers,
     row_view,
@@ -105,4 +114,49 @@ def softmax_backward(stmts: list[Assign], program: Program,
             out[pos] = replace(stmt, op=SoftmaxBackward(g, y, rank - 1),
                                comment=join_comments(join_comments(comment, stmt.comment), what))
             break
-    return [s for s in out if s is not None]
+    return _unmask(out)
+
+
+def _masked_by(stmt: Assign | None, fill: sp.Expr) -> tuple[str, sp.Expr] | None:
+    """(the array, the condition) when ``stmt`` is ``where(c, a, fill)``, ``a`` read as
+    it is; the condition is given as the arrays it reads are named (``by_source``)."""
+    if stmt is None or not isinstance(stmt.op, Map):
+        return None
+    body = stmt.op.body
+    if not isinstance(body, sp.Piecewise) or len(body.args) != 2:
+        return None
+    (value, cond), (other, last) = body.args
+    views = dict(stmt.op.views)
+    view = views.get(value)
+    if last != sp.true or other != fill or not isinstance(view, View) or not view.is_identity:
+        return None
+    return view.src, by_source(cond, stmt.op.views)
+
+
+def _unmask(stmts: list[Assign | None]) -> list[Assign]:
+    out = [s for s in stmts if s is not None]
+    where = {s.target: n for n, s in enumerate(out)}
+
+    def defined(name: str) -> Assign | None:
+        return out[where[name]] if name in where else None
+
+    for pos, stmt in enumerate(out):
+        found = _masked_by(stmt, sp.Integer(0)) if stmt.phase == "backward" else None
+        if found is None:
+            continue
+        d, cond = found
+        back = defined(d)
+        if back is None or not isinstance(back.op, SoftmaxBackward):
+            continue
+        soft = defined(back.op.out)
+        if soft is None or not isinstance(soft.op, Softmax) or soft.op.axis != back.op.axis:
+            continue
+        masked = _masked_by(defined(soft.op.src), -sp.oo)
+        if masked is None or masked[1] != cond or cond.has(sp.Dummy):
+            continue
+        what = (f"{d} is already 0 where the softmax's input was masked: the mask is not "
+                "applied again")
+        sym = sp.Symbol(d)
+        out[pos] = replace(stmt, op=Map(sym, ((sym, View(d, (), (), 0)),)),
+                           comment=join_comments(stmt.comment, what))
+    return out
