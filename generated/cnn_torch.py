@@ -788,13 +788,13 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
     d_fc = _log_softmax_backward(d_fc_logp, fc_logp, 1)
     del d_fc_logp
     if release:
-        _release(fc_logp)
+        _release(release, fc_logp)
 
     if _need_fc_weight:
         # dL/dfc_weight (through fc): d_fc_weight[k0, k1] = sum_{i0}(d_fc[i0, k0]*flat[i0, k1])
         d_fc_weight = d_fc.T @ flat
         if release:
-            _release(flat)
+            _release(release, flat)
 
     if _need_fc_bias:
         # dL/dfc_bias (through fc): d_fc_bias[k0] = sum_{i0}(d_fc[i0, k0])
@@ -813,13 +813,13 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
         d_conv2 = torch.ops.aten.threshold_backward(d_relu2, conv2, 0)
         del d_relu2
         if release:
-            _release(conv2)
+            _release(release, conv2)
 
     if _need_conv2_weight:
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
         d_conv2_weight = _conv_weight_grad(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
         if release:
-            _release(pool1)
+            _release(release, pool1)
 
     if _need_conv2_bias:
         # dL/dconv2_bias (through conv2): d_conv2_bias[k0] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3])
@@ -834,13 +834,13 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
         d_relu1 = _max_pool_backward(d_pool1, pool1_arg1, (N, 8, 8, 8), 2)
         del d_pool1
         if release:
-            _release(pool1_arg1)
+            _release(release, pool1_arg1)
 
         # dL/dconv1 (through relu1): d_conv1[k0, k1, k2, k3] = (d_relu1[k0, k1, k2, k3] if conv1[k0, k1, k2, k3] > 0 else 0)
         d_conv1 = torch.ops.aten.threshold_backward(d_relu1, conv1, 0)
         del d_relu1
         if release:
-            _release(conv1)
+            _release(release, conv1)
 
     if _need_x:
         # dL/dx (through conv1): d_x[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1 - 1]*[k3 == i3 + s2 - 1]*conv1_weight[i1, k1, s1, s2]*d_conv1[k0, i1, i2, i3])
@@ -883,34 +883,36 @@ def _as_dtype(grad, like):
 _RELEASE_BYTES = 65536
 
 
-def _release(*tensors):
+def _release(release, *tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
-    # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees ctx.released and computes them again.
+    # autograd. Only those _can_release chose (by id). The tensor objects stay saved with
+    # empty storage; a second backward (retain_graph=True) sees ctx.released and computes
+    # them again.
     for tensor in tensors:
-        if tensor.nbytes >= _RELEASE_BYTES:
+        if id(tensor) in release:
             tensor.untyped_storage().resize_(0)
 
 
 def _can_release(kept, arguments):
-    # Only plain tensors that are no view and share no memory with an argument or another
-    # intermediate; never while autograd records the backward or torch.compile traces it;
-    # and only where one is large enough to be freed early at all.
+    # The saved intermediates whose memory may be freed early, by id: tensors (views
+    # too) whose storage no argument and no other intermediate shares, large enough to
+    # be worth it; none while autograd records the backward or torch.compile traces it.
+    # (A view of a parameter, attention's per-head weights, keeps its storage and no
+    # longer stops the others from being freed.)
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if not any(t.nbytes >= _RELEASE_BYTES for t in kept):
-        return False
+        return frozenset()
     try:
-        taken = {a.data_ptr() for a in arguments}
-        for t in kept:
-            if (type(t) is not torch.Tensor or t._base is not None or t.is_meta
-                    or t.storage_offset() or t.data_ptr() in taken):
-                return False
-            taken.add(t.data_ptr())
-    except RuntimeError:  # tensors without memory of their own
-        return False
-    return True
+        storages = [t.untyped_storage() for t in kept]
+        taken = {a.untyped_storage().data_ptr() for a in arguments}
+        pointers = [s.data_ptr() for s in storages]
+    except (RuntimeError, NotImplementedError):  # tensors without memory of their own
+        return frozenset()
+    shared = {p for p in pointers if pointers.count(p) > 1} | taken
+    return frozenset(
+        id(t) for t, s, p in zip(kept, storages, pointers)
+        if type(t) is torch.Tensor and not t.is_meta and p and p not in shared
+        and s.nbytes() >= _RELEASE_BYTES)
 
 
 _AUTOCAST_AVAILABLE = {}

@@ -1139,7 +1139,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         tmp17 = tmp14*tmp16
         del tmp16
         if release:
-            _release(tmp14)
+            _release(release, tmp14)
 
         # dL/dmlp_c_proj (through loss): d_mlp_c_proj[k0, k1, k2] = -d_loss*(-mlp_c_proj[k0, k1, k2] - res1[k0, k1, k2] + t[k0, k1, k2])/(16*N*T)
         d_mlp_c_proj = tmp17
@@ -1148,7 +1148,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         # dL/dmlp_c_proj_weight (through mlp_c_proj): d_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0]*mlp_c_fc[i0, i1, k1])
         d_mlp_c_proj_weight = d_mlp_c_proj.flatten(0, 1).T @ mlp_c_fc.flatten(0, 1)
         if release:
-            _release(mlp_c_fc)
+            _release(release, mlp_c_fc)
 
     if _need_mlp_c_proj_bias:
         # dL/dmlp_c_proj_bias (through mlp_c_proj): d_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_mlp_c_proj[i0, i1, k0])
@@ -1164,13 +1164,13 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         d_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_mlp_c_fc, mlp_c_fc_z, approximate="tanh")
         del d_mlp_c_fc
         if release:
-            _release(mlp_c_fc_z)
+            _release(release, mlp_c_fc_z)
 
     if _need_mlp_c_fc_weight:
         # dL/dmlp_c_fc_weight (through mlp_c_fc_z): d_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0]*ln_2[i0, i1, k1])
         d_mlp_c_fc_weight = d_mlp_c_fc_z.flatten(0, 1).T @ ln_2.flatten(0, 1)
         if release:
-            _release(ln_2)
+            _release(release, ln_2)
 
     if _need_mlp_c_fc_bias:
         # dL/dmlp_c_fc_bias (through mlp_c_fc_z): d_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_mlp_c_fc_z[i0, i1, k0])
@@ -1185,7 +1185,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         d_res1_via_ln_2, d_ln_2_weight, d_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_ln_2, res1, (32,), ln_2_row_mean, ln_2_row_rstd, ln_2_weight, ln_2_bias, (True, True, True))
         del d_ln_2
         if release:
-            _release(ln_2_row_mean, ln_2_row_rstd, res1)
+            _release(release, ln_2_row_mean, ln_2_row_rstd, res1)
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias or _need_attn_c_attn_weight or _need_attn_c_attn_bias or _need_attn_c_proj_weight or _need_attn_c_proj_bias:
         # dL/dres1 (through ln_2, ln_2_mean, ln_2_var, loss): d_res1[k0, k1, k2] = -(ln_2_mean[k0, k1] - res1[k0, k1, k2])*d_ln_2_var[k0, k1]/16 + d_ln_2_mean[k0, k1]/32 + d_ln_2[k0, k1, k2]*ln_2_weight[k2]/sqrt(ln_2_var[k0, k1] + 1.0e-5) - d_loss*(-mlp_c_proj[k0, k1, k2] - res1[k0, k1, k2] + t[k0, k1, k2])/(16*N*T)
@@ -1203,7 +1203,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         # dL/dattn_wp (through attn): d_attn_wp[k0, k1, k2] = sum_{i0,i1}(attn_y[i0, k1, i1, k2]*d_attn[i0, i1, k0])
         d_attn_wp = torch.tensordot(d_attn, attn_y, dims=([0, 1], [0, 2]))
         if release:
-            _release(attn_y)
+            _release(release, attn_y)
 
         # dL/dattn_c_proj_weight (through attn_wp): d_attn_c_proj_weight[k0, k1] = d_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
         d_attn_c_proj_weight = d_attn_wp.reshape(32, 32)
@@ -1214,12 +1214,12 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         d_attn_y = torch.tensordot(attn_wp, d_attn, dims=([0], [2])).permute(2, 0, 3, 1)
         del d_attn
         if release:
-            _release(attn_wp)
+            _release(release, attn_wp)
 
         # dL/dattn_p (through attn_y): d_attn_p[k0, k1, k2, k3] = sum_{i3}(attn_v[k0, k1, k3, i3]*d_attn_y[k0, k1, k2, i3])
         d_attn_p = d_attn_y @ attn_v.transpose(-2, -1)
         if release:
-            _release(attn_v)
+            _release(release, attn_v)
 
         # dL/dattn_p_lse (through attn_p): d_attn_p_lse[k0, k1, k2] = -sum_{i3}(attn_p[k0, k1, k2, i3]*d_attn_p[k0, k1, k2, i3])
         # dL/dattn_p_masked (through attn_p, attn_p_lse): d_attn_p_masked[k0, k1, k2, k3] = attn_p[k0, k1, k2, k3]*d_attn_p[k0, k1, k2, k3] + attn_p[k0, k1, k2, k3]*d_attn_p_lse[k0, k1, k2]
@@ -1236,12 +1236,12 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         d_attn_v = _narrow_matmul(attn_p.transpose(-2, -1), d_attn_y)
         del d_attn_y
         if release:
-            _release(attn_p)
+            _release(release, attn_p)
 
         # dL/dattn_k (through attn_scores): d_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(attn_q[k0, k1, i2, k3]*d_attn_scores[k0, k1, i2, k2])/4
         tmp_sum19 = _narrow_matmul(d_attn_scores.transpose(-2, -1), attn_q)
         if release:
-            _release(attn_q)
+            _release(release, attn_q)
         d_attn_k = (0.3535533905932738)*tmp_sum19
         del tmp_sum19
 
@@ -1249,7 +1249,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         tmp_sum20 = _narrow_matmul(d_attn_scores, attn_k)
         del d_attn_scores
         if release:
-            _release(attn_k)
+            _release(release, attn_k)
         d_attn_q = (0.3535533905932738)*tmp_sum20
         del tmp_sum20
         tmp_sum35 = torch.stack([d_attn_q, d_attn_k, d_attn_v], dim=0)
@@ -1268,7 +1268,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         # the parts' products as one product of the stacked arrays
         d_attn_w = torch.tensordot(ln_1, tmp_sum35, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
-            _release(ln_1)
+            _release(release, ln_1)
 
         # dL/dattn_c_attn_weight (through attn_w): d_attn_c_attn_weight[k0, k1] = d_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_attn_c_attn_weight = d_attn_w.reshape(96, 32)
@@ -1280,13 +1280,13 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         d_ln_1 = torch.tensordot(attn_w, tmp_sum35, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
         del tmp_sum35
         if release:
-            _release(attn_w)
+            _release(release, attn_w)
 
         # layer norm backward ln_1, in one call: d_x_via_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_1 * ln_1_weight; d_ln_1_weight = sum(d_ln_1 * xhat); d_ln_1_bias = sum(d_ln_1)
         d_x_via_ln_1, d_ln_1_weight, d_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_ln_1, x, (32,), ln_1_row_mean, ln_1_row_rstd, ln_1_weight, ln_1_bias, (True, True, True))
         del d_ln_1
         if release:
-            _release(ln_1_row_mean, ln_1_row_rstd)
+            _release(release, ln_1_row_mean, ln_1_row_rstd)
 
     if _need_x:
         # dL/dx (through ln_1, ln_1_mean, ln_1_var, res1): d_x[k0, k1, k2] = -(ln_1_mean[k0, k1] - x[k0, k1, k2])*d_ln_1_var[k0, k1]/16 + d_ln_1_mean[k0, k1]/32 + d_res1[k0, k1, k2] + d_ln_1[k0, k1, k2]*ln_1_weight[k2]/sqrt(ln_1_var[k0, k1] + 1.0e-5)
@@ -1327,34 +1327,36 @@ def _as_dtype(grad, like):
 _RELEASE_BYTES = 65536
 
 
-def _release(*tensors):
+def _release(release, *tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
-    # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees ctx.released and computes them again.
+    # autograd. Only those _can_release chose (by id). The tensor objects stay saved with
+    # empty storage; a second backward (retain_graph=True) sees ctx.released and computes
+    # them again.
     for tensor in tensors:
-        if tensor.nbytes >= _RELEASE_BYTES:
+        if id(tensor) in release:
             tensor.untyped_storage().resize_(0)
 
 
 def _can_release(kept, arguments):
-    # Only plain tensors that are no view and share no memory with an argument or another
-    # intermediate; never while autograd records the backward or torch.compile traces it;
-    # and only where one is large enough to be freed early at all.
+    # The saved intermediates whose memory may be freed early, by id: tensors (views
+    # too) whose storage no argument and no other intermediate shares, large enough to
+    # be worth it; none while autograd records the backward or torch.compile traces it.
+    # (A view of a parameter, attention's per-head weights, keeps its storage and no
+    # longer stops the others from being freed.)
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if not any(t.nbytes >= _RELEASE_BYTES for t in kept):
-        return False
+        return frozenset()
     try:
-        taken = {a.data_ptr() for a in arguments}
-        for t in kept:
-            if (type(t) is not torch.Tensor or t._base is not None or t.is_meta
-                    or t.storage_offset() or t.data_ptr() in taken):
-                return False
-            taken.add(t.data_ptr())
-    except RuntimeError:  # tensors without memory of their own
-        return False
-    return True
+        storages = [t.untyped_storage() for t in kept]
+        taken = {a.untyped_storage().data_ptr() for a in arguments}
+        pointers = [s.data_ptr() for s in storages]
+    except (RuntimeError, NotImplementedError):  # tensors without memory of their own
+        return frozenset()
+    shared = {p for p in pointers if pointers.count(p) > 1} | taken
+    return frozenset(
+        id(t) for t, s, p in zip(kept, storages, pointers)
+        if type(t) is torch.Tensor and not t.is_meta and p and p not in shared
+        and s.nbytes() >= _RELEASE_BYTES)
 
 
 _AUTOCAST_AVAILABLE = {}

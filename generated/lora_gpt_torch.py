@@ -2873,7 +2873,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     d_lm_head = _log_softmax_backward(d_lm_head_logp, lm_head_logp, 2)
     del d_lm_head_logp
     if release:
-        _release(lm_head_logp)
+        _release(release, lm_head_logp)
 
     # dL/dln_f (through lm_head): d_ln_f[k0, k1, k2] = sum_{i2}(d_lm_head[k0, k1, i2]*wte_weight[i2, k2])
     d_ln_f = d_lm_head @ wte_weight
@@ -2882,7 +2882,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     d_h_1_res2, d_ln_f_weight, d_ln_f_bias = torch.ops.aten.native_layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, True, True))
     del d_ln_f
     if release:
-        _release(h_1_res2, ln_f_row_mean, ln_f_row_rstd)
+        _release(release, h_1_res2, ln_f_row_mean, ln_f_row_rstd)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_weight or _need_h_1_mlp_c_fc_bias or _need_h_1_mlp_c_fc_lora_A or _need_h_1_mlp_c_fc_lora_B or _need_h_1_mlp_c_proj_weight or _need_h_1_mlp_c_proj_bias or _need_h_1_mlp_c_proj_lora_A or _need_h_1_mlp_c_proj_lora_B:
         # dL/dh_1_mlp_c_proj (through h_1_res2): d_h_1_mlp_c_proj[k0, k1, k2] = d_h_1_res2[k0, k1, k2]
@@ -2892,7 +2892,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_1_mlp_c_proj_lora_B (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj[i0, i1, k0]*h_1_mlp_c_proj_lora_xA[i0, i1, k1])
         d_h_1_mlp_c_proj_lora_B = _narrow_matmul(d_h_1_mlp_c_proj.flatten(0, 1).T, h_1_mlp_c_proj_lora_xA.flatten(0, 1))
         if release:
-            _release(h_1_mlp_c_proj_lora_xA)
+            _release(release, h_1_mlp_c_proj_lora_xA)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_weight or _need_h_1_mlp_c_fc_bias or _need_h_1_mlp_c_fc_lora_A or _need_h_1_mlp_c_fc_lora_B or _need_h_1_mlp_c_proj_lora_A:
         # dL/dh_1_mlp_c_proj_lora_xA (through h_1_mlp_c_proj): d_h_1_mlp_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_mlp_c_proj[k0, k1, i2]*h_1_mlp_c_proj_lora_B[i2, k2])
@@ -2913,7 +2913,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_1_mlp_c_proj_weight (through h_1_mlp_c_proj_base): d_h_1_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_proj_base[i0, i1, k0]*h_1_mlp_c_fc[i0, i1, k1])
         d_h_1_mlp_c_proj_weight = d_h_1_mlp_c_proj_base.flatten(0, 1).T @ h_1_mlp_c_fc.flatten(0, 1)
         if release:
-            _release(h_1_mlp_c_fc)
+            _release(release, h_1_mlp_c_fc)
 
     if _need_h_1_mlp_c_proj_bias:
         # dL/dh_1_mlp_c_proj_bias (through h_1_mlp_c_proj_base): d_h_1_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_h_1_mlp_c_proj_base[i0, i1, k0])
@@ -2933,13 +2933,13 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_1_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_1_mlp_c_fc, h_1_mlp_c_fc_z, approximate="tanh")
         del d_h_1_mlp_c_fc
         if release:
-            _release(h_1_mlp_c_fc_z)
+            _release(release, h_1_mlp_c_fc_z)
 
     if _need_h_1_mlp_c_fc_lora_B:
         # dL/dh_1_mlp_c_fc_lora_B (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_z[i0, i1, k0]*h_1_mlp_c_fc_lora_xA[i0, i1, k1])
         d_h_1_mlp_c_fc_lora_B = _narrow_matmul(d_h_1_mlp_c_fc_z.flatten(0, 1).T, h_1_mlp_c_fc_lora_xA.flatten(0, 1))
         if release:
-            _release(h_1_mlp_c_fc_lora_xA)
+            _release(release, h_1_mlp_c_fc_lora_xA)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B or _need_h_1_ln_2_weight or _need_h_1_ln_2_bias or _need_h_1_mlp_c_fc_lora_A:
         # dL/dh_1_mlp_c_fc_lora_xA (through h_1_mlp_c_fc_z): d_h_1_mlp_c_fc_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_mlp_c_fc_z[k0, k1, i2]*h_1_mlp_c_fc_lora_B[i2, k2])
@@ -2960,7 +2960,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_1_mlp_c_fc_weight (through h_1_mlp_c_fc_base): d_h_1_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_1_mlp_c_fc_base[i0, i1, k0]*h_1_ln_2[i0, i1, k1])
         d_h_1_mlp_c_fc_weight = d_h_1_mlp_c_fc_base.flatten(0, 1).T @ h_1_ln_2.flatten(0, 1)
         if release:
-            _release(h_1_ln_2)
+            _release(release, h_1_ln_2)
 
     if _need_h_1_mlp_c_fc_bias:
         # dL/dh_1_mlp_c_fc_bias (through h_1_mlp_c_fc_base): d_h_1_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_h_1_mlp_c_fc_base[i0, i1, k0])
@@ -2979,7 +2979,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_1_res1_via_h_1_ln_2, d_h_1_ln_2_weight, d_h_1_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, True, True))
         del d_h_1_ln_2
         if release:
-            _release(h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_res1)
+            _release(release, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_res1)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_weight or _need_h_1_attn_c_proj_bias or _need_h_1_attn_c_proj_lora_A or _need_h_1_attn_c_proj_lora_B:
         # dL/dh_1_res1 (through h_1_ln_2, h_1_ln_2_mean, h_1_ln_2_var, h_1_res2): d_h_1_res1[k0, k1, k2] = -(h_1_ln_2_mean[k0, k1] - h_1_res1[k0, k1, k2])*d_h_1_ln_2_var[k0, k1]/16 + d_h_1_ln_2_mean[k0, k1]/32 + d_h_1_res2[k0, k1, k2] + d_h_1_ln_2[k0, k1, k2]*h_1_ln_2_weight[k2]/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
@@ -2997,7 +2997,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_1_attn_c_proj_lora_B (through h_1_attn): d_h_1_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_c_proj_lora_xA[i0, i1, k1])
         d_h_1_attn_c_proj_lora_B = _narrow_matmul(d_h_1_attn.flatten(0, 1).T, h_1_attn_c_proj_lora_xA.flatten(0, 1))
         if release:
-            _release(h_1_attn_c_proj_lora_xA)
+            _release(release, h_1_attn_c_proj_lora_xA)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B or _need_h_1_attn_c_proj_lora_A:
         # dL/dh_1_attn_c_proj_lora_xA (through h_1_attn): d_h_1_attn_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_1_attn[k0, k1, i2]*h_1_attn_c_proj_lora_B[i2, k2])
@@ -3017,7 +3017,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
         d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         if release:
-            _release(h_1_attn_y)
+            _release(release, h_1_attn_y)
 
         # dL/dh_1_attn_c_proj_weight (through h_1_attn_wp): d_h_1_attn_c_proj_weight[k0, k1] = d_h_1_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
         d_h_1_attn_c_proj_weight = d_h_1_attn_wp.reshape(32, 32)
@@ -3028,18 +3028,18 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         tmp_sum69 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn_c_proj_lora_xA
         if release:
-            _release(h_1_attn_c_proj_lora_A_heads)
+            _release(release, h_1_attn_c_proj_lora_A_heads)
         tmp_sum70 = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn
         if release:
-            _release(h_1_attn_wp)
+            _release(release, h_1_attn_wp)
         d_h_1_attn_y = 2*tmp_sum69 + tmp_sum70
         del tmp_sum69, tmp_sum70
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
         d_h_1_attn_p = d_h_1_attn_y @ h_1_attn_v.transpose(-2, -1)
         if release:
-            _release(h_1_attn_v)
+            _release(release, h_1_attn_v)
 
         # dL/dh_1_attn_p_lse (through h_1_attn_p): d_h_1_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_1_attn_p[k0, k1, k2, i3]*h_1_attn_p[k0, k1, k2, i3])
         # dL/dh_1_attn_p_masked (through h_1_attn_p, h_1_attn_p_lse): d_h_1_attn_p_masked[k0, k1, k2, k3] = d_h_1_attn_p[k0, k1, k2, k3]*h_1_attn_p[k0, k1, k2, k3] + d_h_1_attn_p_lse[k0, k1, k2]*h_1_attn_p[k0, k1, k2, k3]
@@ -3056,12 +3056,12 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_1_attn_v = _narrow_matmul(h_1_attn_p.transpose(-2, -1), d_h_1_attn_y)
         del d_h_1_attn_y
         if release:
-            _release(h_1_attn_p)
+            _release(release, h_1_attn_p)
 
         # dL/dh_1_attn_k (through h_1_attn_scores): d_h_1_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_1_attn_scores[k0, k1, i2, k2]*h_1_attn_q[k0, k1, i2, k3])/4
         tmp_sum72 = _narrow_matmul(d_h_1_attn_scores.transpose(-2, -1), h_1_attn_q)
         if release:
-            _release(h_1_attn_q)
+            _release(release, h_1_attn_q)
         d_h_1_attn_k = (0.3535533905932738)*tmp_sum72
         del tmp_sum72
 
@@ -3069,7 +3069,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         tmp_sum73 = _narrow_matmul(d_h_1_attn_scores, h_1_attn_k)
         del d_h_1_attn_scores
         if release:
-            _release(h_1_attn_k)
+            _release(release, h_1_attn_k)
         d_h_1_attn_q = (0.3535533905932738)*tmp_sum73
         del tmp_sum73
         tmp_sum144 = torch.stack([d_h_1_attn_q, d_h_1_attn_k, d_h_1_attn_v], dim=0)
@@ -3080,7 +3080,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # the parts' products as one product of the stacked arrays
         d_h_1_attn_c_attn_lora_B_heads = torch.tensordot(h_1_attn_c_attn_lora_xA, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
-            _release(h_1_attn_c_attn_lora_xA)
+            _release(release, h_1_attn_c_attn_lora_xA)
 
         # dL/dh_1_attn_c_attn_lora_B (through h_1_attn_c_attn_lora_B_heads): d_h_1_attn_c_attn_lora_B[k0, k1] = d_h_1_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_lora_B = d_h_1_attn_c_attn_lora_B_heads.reshape(96, 4)
@@ -3091,7 +3091,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # the sum over the parts of h_1_attn_c_attn_lora_B_heads as one product
         d_h_1_attn_c_attn_lora_xA = torch.tensordot(tmp_sum144, h_1_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         if release:
-            _release(h_1_attn_c_attn_lora_B_heads)
+            _release(release, h_1_attn_c_attn_lora_B_heads)
 
     if _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
@@ -3112,7 +3112,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # the parts' products as one product of the stacked arrays
         d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
-            _release(h_1_ln_1)
+            _release(release, h_1_ln_1)
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_1_attn_c_attn_weight = d_h_1_attn_w.reshape(96, 32)
@@ -3127,7 +3127,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         tmp_sum145 = torch.tensordot(tmp_sum144, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum144
         if release:
-            _release(h_1_attn_w)
+            _release(release, h_1_attn_w)
         d_h_1_ln_1 = tmp_sum145 + 2*tmp_sum90
         del tmp_sum90, tmp_sum145
 
@@ -3135,7 +3135,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_0_res2_via_h_1_ln_1, d_h_1_ln_1_weight, d_h_1_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, True, True))
         del d_h_1_ln_1
         if release:
-            _release(h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd)
+            _release(release, h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B:
         # dL/dh_0_res2 (through h_1_ln_1, h_1_ln_1_mean, h_1_ln_1_var, h_1_res1): d_h_0_res2[k0, k1, k2] = -(-h_0_res2[k0, k1, k2] + h_1_ln_1_mean[k0, k1])*d_h_1_ln_1_var[k0, k1]/16 + d_h_1_ln_1_mean[k0, k1]/32 + d_h_1_res1[k0, k1, k2] + d_h_1_ln_1[k0, k1, k2]*h_1_ln_1_weight[k2]/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
@@ -3149,7 +3149,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_0_mlp_c_proj_lora_B (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj[i0, i1, k0]*h_0_mlp_c_proj_lora_xA[i0, i1, k1])
         d_h_0_mlp_c_proj_lora_B = _narrow_matmul(d_h_0_mlp_c_proj.flatten(0, 1).T, h_0_mlp_c_proj_lora_xA.flatten(0, 1))
         if release:
-            _release(h_0_mlp_c_proj_lora_xA)
+            _release(release, h_0_mlp_c_proj_lora_xA)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_lora_A:
         # dL/dh_0_mlp_c_proj_lora_xA (through h_0_mlp_c_proj): d_h_0_mlp_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_mlp_c_proj[k0, k1, i2]*h_0_mlp_c_proj_lora_B[i2, k2])
@@ -3170,7 +3170,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_0_mlp_c_proj_weight (through h_0_mlp_c_proj_base): d_h_0_mlp_c_proj_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_proj_base[i0, i1, k0]*h_0_mlp_c_fc[i0, i1, k1])
         d_h_0_mlp_c_proj_weight = d_h_0_mlp_c_proj_base.flatten(0, 1).T @ h_0_mlp_c_fc.flatten(0, 1)
         if release:
-            _release(h_0_mlp_c_fc)
+            _release(release, h_0_mlp_c_fc)
 
     if _need_h_0_mlp_c_proj_bias:
         # dL/dh_0_mlp_c_proj_bias (through h_0_mlp_c_proj_base): d_h_0_mlp_c_proj_bias[k0] = sum_{i0,i1}(d_h_0_mlp_c_proj_base[i0, i1, k0])
@@ -3190,13 +3190,13 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_0_mlp_c_fc_z = torch.ops.aten.gelu_backward(d_h_0_mlp_c_fc, h_0_mlp_c_fc_z, approximate="tanh")
         del d_h_0_mlp_c_fc
         if release:
-            _release(h_0_mlp_c_fc_z)
+            _release(release, h_0_mlp_c_fc_z)
 
     if _need_h_0_mlp_c_fc_lora_B:
         # dL/dh_0_mlp_c_fc_lora_B (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_z[i0, i1, k0]*h_0_mlp_c_fc_lora_xA[i0, i1, k1])
         d_h_0_mlp_c_fc_lora_B = _narrow_matmul(d_h_0_mlp_c_fc_z.flatten(0, 1).T, h_0_mlp_c_fc_lora_xA.flatten(0, 1))
         if release:
-            _release(h_0_mlp_c_fc_lora_xA)
+            _release(release, h_0_mlp_c_fc_lora_xA)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_lora_A:
         # dL/dh_0_mlp_c_fc_lora_xA (through h_0_mlp_c_fc_z): d_h_0_mlp_c_fc_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_mlp_c_fc_z[k0, k1, i2]*h_0_mlp_c_fc_lora_B[i2, k2])
@@ -3217,7 +3217,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_0_mlp_c_fc_weight (through h_0_mlp_c_fc_base): d_h_0_mlp_c_fc_weight[k0, k1] = sum_{i0,i1}(d_h_0_mlp_c_fc_base[i0, i1, k0]*h_0_ln_2[i0, i1, k1])
         d_h_0_mlp_c_fc_weight = d_h_0_mlp_c_fc_base.flatten(0, 1).T @ h_0_ln_2.flatten(0, 1)
         if release:
-            _release(h_0_ln_2)
+            _release(release, h_0_ln_2)
 
     if _need_h_0_mlp_c_fc_bias:
         # dL/dh_0_mlp_c_fc_bias (through h_0_mlp_c_fc_base): d_h_0_mlp_c_fc_bias[k0] = sum_{i0,i1}(d_h_0_mlp_c_fc_base[i0, i1, k0])
@@ -3236,7 +3236,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_0_res1_via_h_0_ln_2, d_h_0_ln_2_weight, d_h_0_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, True, True))
         del d_h_0_ln_2
         if release:
-            _release(h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_res1)
+            _release(release, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_res1)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B:
         # dL/dh_0_res1 (through h_0_ln_2, h_0_ln_2_mean, h_0_ln_2_var, h_0_res2): d_h_0_res1[k0, k1, k2] = -(h_0_ln_2_mean[k0, k1] - h_0_res1[k0, k1, k2])*d_h_0_ln_2_var[k0, k1]/16 + d_h_0_ln_2_mean[k0, k1]/32 + d_h_0_res2[k0, k1, k2] + d_h_0_ln_2[k0, k1, k2]*h_0_ln_2_weight[k2]/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
@@ -3254,7 +3254,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_0_attn_c_proj_lora_B (through h_0_attn): d_h_0_attn_c_proj_lora_B[k0, k1] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_c_proj_lora_xA[i0, i1, k1])
         d_h_0_attn_c_proj_lora_B = _narrow_matmul(d_h_0_attn.flatten(0, 1).T, h_0_attn_c_proj_lora_xA.flatten(0, 1))
         if release:
-            _release(h_0_attn_c_proj_lora_xA)
+            _release(release, h_0_attn_c_proj_lora_xA)
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_lora_A:
         # dL/dh_0_attn_c_proj_lora_xA (through h_0_attn): d_h_0_attn_c_proj_lora_xA[k0, k1, k2] = sum_{i2}(d_h_0_attn[k0, k1, i2]*h_0_attn_c_proj_lora_B[i2, k2])
@@ -3274,7 +3274,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
         d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         if release:
-            _release(h_0_attn_y)
+            _release(release, h_0_attn_y)
 
         # dL/dh_0_attn_c_proj_weight (through h_0_attn_wp): d_h_0_attn_c_proj_weight[k0, k1] = d_h_0_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
         d_h_0_attn_c_proj_weight = d_h_0_attn_wp.reshape(32, 32)
@@ -3285,18 +3285,18 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         tmp_sum108 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn_c_proj_lora_xA
         if release:
-            _release(h_0_attn_c_proj_lora_A_heads)
+            _release(release, h_0_attn_c_proj_lora_A_heads)
         tmp_sum109 = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn
         if release:
-            _release(h_0_attn_wp)
+            _release(release, h_0_attn_wp)
         d_h_0_attn_y = 2*tmp_sum108 + tmp_sum109
         del tmp_sum108, tmp_sum109
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
         d_h_0_attn_p = d_h_0_attn_y @ h_0_attn_v.transpose(-2, -1)
         if release:
-            _release(h_0_attn_v)
+            _release(release, h_0_attn_v)
 
         # dL/dh_0_attn_p_lse (through h_0_attn_p): d_h_0_attn_p_lse[k0, k1, k2] = -sum_{i3}(d_h_0_attn_p[k0, k1, k2, i3]*h_0_attn_p[k0, k1, k2, i3])
         # dL/dh_0_attn_p_masked (through h_0_attn_p, h_0_attn_p_lse): d_h_0_attn_p_masked[k0, k1, k2, k3] = d_h_0_attn_p[k0, k1, k2, k3]*h_0_attn_p[k0, k1, k2, k3] + d_h_0_attn_p_lse[k0, k1, k2]*h_0_attn_p[k0, k1, k2, k3]
@@ -3313,12 +3313,12 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_h_0_attn_v = _narrow_matmul(h_0_attn_p.transpose(-2, -1), d_h_0_attn_y)
         del d_h_0_attn_y
         if release:
-            _release(h_0_attn_p)
+            _release(release, h_0_attn_p)
 
         # dL/dh_0_attn_k (through h_0_attn_scores): d_h_0_attn_k[k0, k1, k2, k3] = sqrt(2)*sum_{i2}(d_h_0_attn_scores[k0, k1, i2, k2]*h_0_attn_q[k0, k1, i2, k3])/4
         tmp_sum111 = _narrow_matmul(d_h_0_attn_scores.transpose(-2, -1), h_0_attn_q)
         if release:
-            _release(h_0_attn_q)
+            _release(release, h_0_attn_q)
         d_h_0_attn_k = (0.3535533905932738)*tmp_sum111
         del tmp_sum111
 
@@ -3326,7 +3326,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         tmp_sum112 = _narrow_matmul(d_h_0_attn_scores, h_0_attn_k)
         del d_h_0_attn_scores
         if release:
-            _release(h_0_attn_k)
+            _release(release, h_0_attn_k)
         d_h_0_attn_q = (0.3535533905932738)*tmp_sum112
         del tmp_sum112
         tmp_sum146 = torch.stack([d_h_0_attn_q, d_h_0_attn_k, d_h_0_attn_v], dim=0)
@@ -3337,7 +3337,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # the parts' products as one product of the stacked arrays
         d_h_0_attn_c_attn_lora_B_heads = torch.tensordot(h_0_attn_c_attn_lora_xA, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
-            _release(h_0_attn_c_attn_lora_xA)
+            _release(release, h_0_attn_c_attn_lora_xA)
 
         # dL/dh_0_attn_c_attn_lora_B (through h_0_attn_c_attn_lora_B_heads): d_h_0_attn_c_attn_lora_B[k0, k1] = d_h_0_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_lora_B = d_h_0_attn_c_attn_lora_B_heads.reshape(96, 4)
@@ -3348,7 +3348,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # the sum over the parts of h_0_attn_c_attn_lora_B_heads as one product
         d_h_0_attn_c_attn_lora_xA = torch.tensordot(tmp_sum146, h_0_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         if release:
-            _release(h_0_attn_c_attn_lora_B_heads)
+            _release(release, h_0_attn_c_attn_lora_B_heads)
 
     if _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
@@ -3369,7 +3369,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         # the parts' products as one product of the stacked arrays
         d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
-            _release(h_0_ln_1)
+            _release(release, h_0_ln_1)
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
         d_h_0_attn_c_attn_weight = d_h_0_attn_w.reshape(96, 32)
@@ -3384,7 +3384,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         tmp_sum147 = torch.tensordot(tmp_sum146, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum146
         if release:
-            _release(h_0_attn_w)
+            _release(release, h_0_attn_w)
         d_h_0_ln_1 = 2*tmp_sum129 + tmp_sum147
         del tmp_sum129, tmp_sum147
 
@@ -3392,7 +3392,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_emb_via_h_0_ln_1, d_h_0_ln_1_weight, d_h_0_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_1, emb, (32,), h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_1_weight, h_0_ln_1_bias, (True, True, True))
         del d_h_0_ln_1
         if release:
-            _release(emb, h_0_ln_1_row_mean, h_0_ln_1_row_rstd)
+            _release(release, emb, h_0_ln_1_row_mean, h_0_ln_1_row_rstd)
 
     if _need_wte_weight or _need_wpe_weight:
         # dL/demb (through h_0_ln_1, h_0_ln_1_mean, h_0_ln_1_var, h_0_res1): d_emb[k0, k1, k2] = -(-emb[k0, k1, k2] + h_0_ln_1_mean[k0, k1])*d_h_0_ln_1_var[k0, k1]/16 + d_h_0_ln_1_mean[k0, k1]/32 + d_h_0_res1[k0, k1, k2] + d_h_0_ln_1[k0, k1, k2]*h_0_ln_1_weight[k2]/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
@@ -3405,7 +3405,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         tmp_sum139 = d_lm_head.flatten(0, 1).T @ ln_f.flatten(0, 1)
         del d_lm_head
         if release:
-            _release(ln_f)
+            _release(release, ln_f)
         d_wte_weight = tmp_sum138 + tmp_sum139
         del tmp_sum138, tmp_sum139
 
@@ -3416,7 +3416,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         d_wpe_weight = _scatter_add(tmp_sum140, wpe_positions, (32, 32))
         del tmp_sum140
         if release:
-            _release(wpe_positions)
+            _release(release, wpe_positions)
     return (
         None,  # an integer or a dropout mask: never differentiated
         None,  # an integer or a dropout mask: never differentiated
@@ -3484,34 +3484,36 @@ def _as_dtype(grad, like):
 _RELEASE_BYTES = 65536
 
 
-def _release(*tensors):
+def _release(release, *tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
-    # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees ctx.released and computes them again.
+    # autograd. Only those _can_release chose (by id). The tensor objects stay saved with
+    # empty storage; a second backward (retain_graph=True) sees ctx.released and computes
+    # them again.
     for tensor in tensors:
-        if tensor.nbytes >= _RELEASE_BYTES:
+        if id(tensor) in release:
             tensor.untyped_storage().resize_(0)
 
 
 def _can_release(kept, arguments):
-    # Only plain tensors that are no view and share no memory with an argument or another
-    # intermediate; never while autograd records the backward or torch.compile traces it;
-    # and only where one is large enough to be freed early at all.
+    # The saved intermediates whose memory may be freed early, by id: tensors (views
+    # too) whose storage no argument and no other intermediate shares, large enough to
+    # be worth it; none while autograd records the backward or torch.compile traces it.
+    # (A view of a parameter, attention's per-head weights, keeps its storage and no
+    # longer stops the others from being freed.)
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if not any(t.nbytes >= _RELEASE_BYTES for t in kept):
-        return False
+        return frozenset()
     try:
-        taken = {a.data_ptr() for a in arguments}
-        for t in kept:
-            if (type(t) is not torch.Tensor or t._base is not None or t.is_meta
-                    or t.storage_offset() or t.data_ptr() in taken):
-                return False
-            taken.add(t.data_ptr())
-    except RuntimeError:  # tensors without memory of their own
-        return False
-    return True
+        storages = [t.untyped_storage() for t in kept]
+        taken = {a.untyped_storage().data_ptr() for a in arguments}
+        pointers = [s.data_ptr() for s in storages]
+    except (RuntimeError, NotImplementedError):  # tensors without memory of their own
+        return frozenset()
+    shared = {p for p in pointers if pointers.count(p) > 1} | taken
+    return frozenset(
+        id(t) for t, s, p in zip(kept, storages, pointers)
+        if type(t) is torch.Tensor and not t.is_meta and p and p not in shared
+        and s.nbytes() >= _RELEASE_BYTES)
 
 
 _AUTOCAST_AVAILABLE = {}

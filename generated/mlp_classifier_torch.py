@@ -625,13 +625,13 @@ def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weig
         d_logits = _log_softmax_backward(d_tmp1, tmp1, 1)
         del d_tmp1
         if release:
-            _release(tmp1)
+            _release(release, tmp1)
 
     if _need_logits_weight:
         # dL/dlogits_weight (through logits): d_logits_weight[k0, k1] = sum_{i0}(d_logits[i0, k0]*h2[i0, k1])
         d_logits_weight = d_logits.T @ h2
         if release:
-            _release(h2)
+            _release(release, h2)
 
     if _need_logits_bias:
         # dL/dlogits_bias (through logits): d_logits_bias[k0] = sum_{i0}(d_logits[i0, k0])
@@ -646,7 +646,7 @@ def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weig
         d_h2_z = torch.ops.aten.threshold_backward(d_h2, h2_z, 0)
         del d_h2
         if release:
-            _release(h2_z)
+            _release(release, h2_z)
 
     if _need_h2_weight:
         # dL/dh2_weight (through h2_z): d_h2_weight[k0, k1] = sum_{i0}(d_h2_z[i0, k0]*h1[i0, k1])
@@ -665,7 +665,7 @@ def _loss_backward(needs, release, d_loss, x, label, h1_weight, h1_bias, h2_weig
         d_h1_z = torch.ops.aten.tanh_backward(d_h1, h1)
         del d_h1
         if release:
-            _release(h1)
+            _release(release, h1)
 
     if _need_x:
         # dL/dx (through h1_z): d_x[k0, k1] = sum_{i1}(d_h1_z[k0, i1]*h1_weight[i1, k1])
@@ -708,34 +708,36 @@ def _as_dtype(grad, like):
 _RELEASE_BYTES = 65536
 
 
-def _release(*tensors):
+def _release(release, *tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
-    # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees ctx.released and computes them again.
+    # autograd. Only those _can_release chose (by id). The tensor objects stay saved with
+    # empty storage; a second backward (retain_graph=True) sees ctx.released and computes
+    # them again.
     for tensor in tensors:
-        if tensor.nbytes >= _RELEASE_BYTES:
+        if id(tensor) in release:
             tensor.untyped_storage().resize_(0)
 
 
 def _can_release(kept, arguments):
-    # Only plain tensors that are no view and share no memory with an argument or another
-    # intermediate; never while autograd records the backward or torch.compile traces it;
-    # and only where one is large enough to be freed early at all.
+    # The saved intermediates whose memory may be freed early, by id: tensors (views
+    # too) whose storage no argument and no other intermediate shares, large enough to
+    # be worth it; none while autograd records the backward or torch.compile traces it.
+    # (A view of a parameter, attention's per-head weights, keeps its storage and no
+    # longer stops the others from being freed.)
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if not any(t.nbytes >= _RELEASE_BYTES for t in kept):
-        return False
+        return frozenset()
     try:
-        taken = {a.data_ptr() for a in arguments}
-        for t in kept:
-            if (type(t) is not torch.Tensor or t._base is not None or t.is_meta
-                    or t.storage_offset() or t.data_ptr() in taken):
-                return False
-            taken.add(t.data_ptr())
-    except RuntimeError:  # tensors without memory of their own
-        return False
-    return True
+        storages = [t.untyped_storage() for t in kept]
+        taken = {a.untyped_storage().data_ptr() for a in arguments}
+        pointers = [s.data_ptr() for s in storages]
+    except (RuntimeError, NotImplementedError):  # tensors without memory of their own
+        return frozenset()
+    shared = {p for p in pointers if pointers.count(p) > 1} | taken
+    return frozenset(
+        id(t) for t, s, p in zip(kept, storages, pointers)
+        if type(t) is torch.Tensor and not t.is_meta and p and p not in shared
+        and s.nbytes() >= _RELEASE_BYTES)
 
 
 _AUTOCAST_AVAILABLE = {}

@@ -799,7 +799,7 @@ def _loss_backward(needs, release, d_loss, x, value, label, trunk1_weight, trunk
         d_classify = _log_softmax_backward(d_tmp2, tmp2, 1)
         del d_tmp2
         if release:
-            _release(tmp2)
+            _release(release, tmp2)
 
     if _need_classify_weight:
         # dL/dclassify_weight (through classify, weight_decay): d_classify_weight[k0, k1] = 0.0001*d_weight_decay*classify_weight[k0, k1] + sum_{i0}(d_classify[i0, k0]*trunk2[i0, k1])
@@ -822,7 +822,7 @@ def _loss_backward(needs, release, d_loss, x, value, label, trunk1_weight, trunk
         d_regress = tmp0*tmp5
         del tmp5
         if release:
-            _release(tmp0)
+            _release(release, tmp0)
 
     if _need_regress_weight:
         # dL/dregress_weight (through regress, weight_decay): d_regress_weight[k0, k1] = 0.0001*d_weight_decay*regress_weight[k0, k1] + sum_{i0}(d_regress[i0, k0]*trunk2[i0, k1])
@@ -846,7 +846,7 @@ def _loss_backward(needs, release, d_loss, x, value, label, trunk1_weight, trunk
         d_trunk2_z = torch.ops.aten.tanh_backward(d_trunk2, trunk2)
         del d_trunk2
         if release:
-            _release(trunk2)
+            _release(release, trunk2)
 
     if _need_trunk2_weight:
         # dL/dtrunk2_weight (through trunk2_z, weight_decay): d_trunk2_weight[k0, k1] = 0.0001*d_weight_decay*trunk2_weight[k0, k1] + sum_{i0}(d_trunk2_z[i0, k0]*trunk1[i0, k1])
@@ -867,7 +867,7 @@ def _loss_backward(needs, release, d_loss, x, value, label, trunk1_weight, trunk
         d_trunk1_z = torch.ops.aten.tanh_backward(d_trunk1, trunk1)
         del d_trunk1
         if release:
-            _release(trunk1)
+            _release(release, trunk1)
 
     if _need_x:
         # dL/dx (through trunk1_z): d_x[k0, k1] = sum_{i1}(d_trunk1_z[k0, i1]*trunk1_weight[i1, k1])
@@ -915,34 +915,36 @@ def _as_dtype(grad, like):
 _RELEASE_BYTES = 65536
 
 
-def _release(*tensors):
+def _release(release, *tensors):
     # Free the memory of saved intermediates the backward is done with, as autograd frees
     # each node's saved tensors once the node has run: peak memory stays that of eager
-    # autograd. The tensor objects stay saved with empty storage; a second backward
-    # (retain_graph=True) sees ctx.released and computes them again.
+    # autograd. Only those _can_release chose (by id). The tensor objects stay saved with
+    # empty storage; a second backward (retain_graph=True) sees ctx.released and computes
+    # them again.
     for tensor in tensors:
-        if tensor.nbytes >= _RELEASE_BYTES:
+        if id(tensor) in release:
             tensor.untyped_storage().resize_(0)
 
 
 def _can_release(kept, arguments):
-    # Only plain tensors that are no view and share no memory with an argument or another
-    # intermediate; never while autograd records the backward or torch.compile traces it;
-    # and only where one is large enough to be freed early at all.
+    # The saved intermediates whose memory may be freed early, by id: tensors (views
+    # too) whose storage no argument and no other intermediate shares, large enough to
+    # be worth it; none while autograd records the backward or torch.compile traces it.
+    # (A view of a parameter, attention's per-head weights, keeps its storage and no
+    # longer stops the others from being freed.)
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if not any(t.nbytes >= _RELEASE_BYTES for t in kept):
-        return False
+        return frozenset()
     try:
-        taken = {a.data_ptr() for a in arguments}
-        for t in kept:
-            if (type(t) is not torch.Tensor or t._base is not None or t.is_meta
-                    or t.storage_offset() or t.data_ptr() in taken):
-                return False
-            taken.add(t.data_ptr())
-    except RuntimeError:  # tensors without memory of their own
-        return False
-    return True
+        storages = [t.untyped_storage() for t in kept]
+        taken = {a.untyped_storage().data_ptr() for a in arguments}
+        pointers = [s.data_ptr() for s in storages]
+    except (RuntimeError, NotImplementedError):  # tensors without memory of their own
+        return frozenset()
+    shared = {p for p in pointers if pointers.count(p) > 1} | taken
+    return frozenset(
+        id(t) for t, s, p in zip(kept, storages, pointers)
+        if type(t) is torch.Tensor and not t.is_meta and p and p not in shared
+        and s.nbytes() >= _RELEASE_BYTES)
 
 
 _AUTOCAST_AVAILABLE = {}
