@@ -503,6 +503,59 @@ def _too_large(name, dim, size, limit, reason):
     return ValueError(f"{name}: {dim} = {size} exceeds {limit}, {reason}")
 
 
+def _same_dtype(*arrays):
+    # tensordot and einsum are no autocast ops: under autocast an activation may be
+    # bfloat16 (a product's output) where a parameter is float32, which they refuse.
+    # Operands that differ go to autocast's dtype where it is on, else to the wider one;
+    # outside autocast they agree and pass as they are.
+    first = arrays[0].dtype
+    if all(a.dtype is first for a in arrays):
+        return arrays
+    device = arrays[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = first
+        for a in arrays[1:]:
+            dtype = torch.promote_types(dtype, a.dtype)
+    return tuple(a.to(dtype) for a in arrays)
+
+
+def _tensordot(a, b, dims):
+    # torch.tensordot, its operands in one dtype (see _same_dtype)
+    return torch.tensordot(*_same_dtype(a, b), dims=dims)
+
+
+def _in_one_dtype(*arrays):
+    # Under autocast a layer norm's input, parameters and adjoint may differ in dtype (a
+    # product's bfloat16 output, float32 parameters); torch's layer-norm kernels refuse
+    # that. All go to the widest, as F.layer_norm runs under autocast (in float32);
+    # outside autocast they agree and pass as they are. (None: no bias.)
+    present = [a for a in arrays if a is not None]
+    first = present[0].dtype
+    if all(a.dtype is first for a in present):
+        return arrays
+    dtype = first
+    for a in present[1:]:
+        dtype = torch.promote_types(dtype, a.dtype)
+    return tuple(None if a is None else a.to(dtype) for a in arrays)
+
+
+def _layer_norm(x, shape, weight, bias, eps):
+    # torch's fused layer norm, what F.layer_norm runs: (the output, each row's mean and
+    # 1 / sqrt(var + eps), the last axes kept as 1), the last two for the backward
+    x, weight, bias = _in_one_dtype(x, weight, bias)
+    return torch.native_layer_norm(x, shape, weight, bias, eps)
+
+
+def _layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, outputs):
+    # torch's fused layer-norm backward (autograd's own): (d_x, d_weight, d_bias), None
+    # where outputs does not ask
+    grad, x, mean, rstd, weight, bias = _in_one_dtype(grad, x, mean, rstd, weight, bias)
+    return torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, weight,
+                                                     bias, outputs)
+
+
 def _softmax_backward(grad, out, dim):
     # out * (grad - sum(out * grad, dim)) in one kernel, autograd's own softmax backward.
     grad, out = _widest(grad, out)
@@ -620,7 +673,7 @@ def forward(params, *, x):
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of attn_w in one product
-    tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum0 = _tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del ln_1, attn_w
 
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
@@ -662,7 +715,7 @@ def forward(params, *, x):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum10 = _tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -718,7 +771,7 @@ def loss(params, *, x, t):
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of attn_w in one product
-    tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum0 = _tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del ln_1, attn_w
 
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
@@ -760,7 +813,7 @@ def loss(params, *, x, t):
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum10 = _tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del attn_y, attn_wp
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -812,7 +865,7 @@ def loss_and_grad(params, *, x, t):
         # ---- forward pass ----
         # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
         # layer norm ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_1_row_mean, ln_1_row_rstd
-        ln_1, ln_1_row_mean, ln_1_row_rstd = torch.native_layer_norm(x, (32,), ln_1_weight, ln_1_bias, 1e-05)
+        ln_1, ln_1_row_mean, ln_1_row_rstd = _layer_norm(x, (32,), ln_1_weight, ln_1_bias, 1e-05)
 
         # reshape attn: attn_w[i0, i1, i2, i3] = attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
         attn_w = attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -821,7 +874,7 @@ def loss_and_grad(params, *, x, t):
         attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
         # all 3 parts of attn_w in one product
-        tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+        tmp_sum0 = _tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
         tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -861,7 +914,7 @@ def loss_and_grad(params, *, x, t):
         attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
         # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-        tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+        tmp_sum10 = _tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         attn = attn_c_proj_bias + tmp_sum10
         del tmp_sum10
 
@@ -871,7 +924,7 @@ def loss_and_grad(params, *, x, t):
 
         # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
         # layer norm ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_2_row_mean, ln_2_row_rstd
-        ln_2, ln_2_row_mean, ln_2_row_rstd = torch.native_layer_norm(res1, (32,), ln_2_weight, ln_2_bias, 1e-05)
+        ln_2, ln_2_row_mean, ln_2_row_rstd = _layer_norm(res1, (32,), ln_2_weight, ln_2_bias, 1e-05)
 
         # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
         mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
@@ -927,7 +980,7 @@ def loss_and_grad(params, *, x, t):
         del d_mlp_c_fc_z
 
         # layer norm backward ln_2, in one call: d_res1_via_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_2 * ln_2_weight; d_ln_2_weight = sum(d_ln_2 * xhat); d_ln_2_bias = sum(d_ln_2)
-        d_res1_via_ln_2, d_ln_2_weight, d_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_ln_2, res1, (32,), ln_2_row_mean, ln_2_row_rstd, ln_2_weight, ln_2_bias, (True, True, True))
+        d_res1_via_ln_2, d_ln_2_weight, d_ln_2_bias = _layer_norm_backward(d_ln_2, res1, (32,), ln_2_row_mean, ln_2_row_rstd, ln_2_weight, ln_2_bias, (True, True, True))
         del res1, ln_2_row_mean, ln_2_row_rstd, d_ln_2
 
         # dL/dres1 (through ln_2, ln_2_mean, ln_2_var, loss): d_res1[k0, k1, k2] = -(ln_2_mean[k0, k1] - res1[k0, k1, k2])*d_ln_2_var[k0, k1]/16 + d_ln_2_mean[k0, k1]/32 + d_ln_2[k0, k1, k2]*ln_2_weight[k2]/sqrt(ln_2_var[k0, k1] + 1.0e-5) - d_loss*(-mlp_c_proj[k0, k1, k2] - res1[k0, k1, k2] + t[k0, k1, k2])/(16*N*T)
@@ -942,7 +995,7 @@ def loss_and_grad(params, *, x, t):
         d_attn_c_proj_bias = d_attn.sum(dim=(0, 1))
 
         # dL/dattn_wp (through attn): d_attn_wp[k0, k1, k2] = sum_{i0,i1}(attn_y[i0, k1, i1, k2]*d_attn[i0, i1, k0])
-        d_attn_wp = torch.tensordot(d_attn, attn_y, dims=([0, 1], [0, 2]))
+        d_attn_wp = _tensordot(d_attn, attn_y, dims=([0, 1], [0, 2]))
         del attn_y
 
         # dL/dattn_c_proj_weight (through attn_wp): d_attn_c_proj_weight[k0, k1] = d_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -950,7 +1003,7 @@ def loss_and_grad(params, *, x, t):
         del d_attn_wp
 
         # dL/dattn_y (through attn): d_attn_y[k0, k1, k2, k3] = sum_{i2}(attn_wp[i2, k1, k3]*d_attn[k0, k2, i2])
-        d_attn_y = torch.tensordot(attn_wp, d_attn, dims=([0], [2])).permute(2, 0, 3, 1)
+        d_attn_y = _tensordot(attn_wp, d_attn, dims=([0], [2])).permute(2, 0, 3, 1)
         del attn_wp, d_attn
 
         # dL/dattn_p (through attn_y): d_attn_p[k0, k1, k2, k3] = sum_{i3}(attn_v[k0, k1, k3, i3]*d_attn_y[k0, k1, k2, i3])
@@ -995,7 +1048,7 @@ def loss_and_grad(params, *, x, t):
 
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_attn_w = torch.tensordot(ln_1, tmp_sum33, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_attn_w = _tensordot(ln_1, tmp_sum33, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del ln_1
 
         # dL/dattn_c_attn_weight (through attn_w): d_attn_c_attn_weight[k0, k1] = d_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -1004,11 +1057,11 @@ def loss_and_grad(params, *, x, t):
 
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
         # the sum over the parts of attn_w as one product
-        d_ln_1 = torch.tensordot(attn_w, tmp_sum33, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
+        d_ln_1 = _tensordot(attn_w, tmp_sum33, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
         del attn_w, tmp_sum33
 
         # layer norm backward ln_1, in one call: d_ln_1_weight = sum(d_ln_1 * xhat); d_ln_1_bias = sum(d_ln_1)
-        _, d_ln_1_weight, d_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_ln_1, x, (32,), ln_1_row_mean, ln_1_row_rstd, ln_1_weight, ln_1_bias, (False, True, True))
+        _, d_ln_1_weight, d_ln_1_bias = _layer_norm_backward(d_ln_1, x, (32,), ln_1_row_mean, ln_1_row_rstd, ln_1_weight, ln_1_bias, (False, True, True))
         del ln_1_row_mean, ln_1_row_rstd, d_ln_1
     grads = {
         "ln_1.weight": d_ln_1_weight,
@@ -1041,7 +1094,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
         raise _too_large("x", "T", T, 64, "its declared max (dims)")
     # layernorm affine ln_1: ln_1[i0, i1, i2] = (-ln_1_mean[i0, i1] + x[i0, i1, i2])*ln_1_weight[i2]/sqrt(ln_1_var[i0, i1] + 1.0e-5) + ln_1_bias[i2]
     # layer norm ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_1_row_mean, ln_1_row_rstd
-    ln_1, ln_1_row_mean, ln_1_row_rstd = torch.native_layer_norm(x, (32,), ln_1_weight, ln_1_bias, 1e-05)
+    ln_1, ln_1_row_mean, ln_1_row_rstd = _layer_norm(x, (32,), ln_1_weight, ln_1_bias, 1e-05)
 
     # reshape attn: attn_w[i0, i1, i2, i3] = attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     attn_w = attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1050,7 +1103,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     attn_b = attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of attn_w in one product
-    tmp_sum0 = torch.tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum0 = _tensordot(ln_1, attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads attn: attn_q[i0, i1, i2, i3] = attn_b[0, i1, i3] + sum_{s0}(attn_w[0, i1, i3, s0]*ln_1[i0, i2, s0])
     tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -1090,7 +1143,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
     attn_wp = attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output attn: attn[i0, i1, i2] = attn_c_proj_bias[i2] + sum_{s0,s1}(attn_wp[i2, s0, s1]*attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum10 = _tensordot(attn_wp, attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     attn = attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -1100,7 +1153,7 @@ def _loss_forward(x, t, ln_1_weight, ln_1_bias, attn_c_attn_weight, attn_c_attn_
 
     # layernorm affine ln_2: ln_2[i0, i1, i2] = (-ln_2_mean[i0, i1] + res1[i0, i1, i2])*ln_2_weight[i2]/sqrt(ln_2_var[i0, i1] + 1.0e-5) + ln_2_bias[i2]
     # layer norm ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_2_row_mean, ln_2_row_rstd
-    ln_2, ln_2_row_mean, ln_2_row_rstd = torch.native_layer_norm(res1, (32,), ln_2_weight, ln_2_bias, 1e-05)
+    ln_2, ln_2_row_mean, ln_2_row_rstd = _layer_norm(res1, (32,), ln_2_weight, ln_2_bias, 1e-05)
 
     # dense mlp_c_fc: mlp_c_fc_z[i0, i1, i2] = mlp_c_fc_bias[i2] + sum_{s0}(ln_2[i0, i1, s0]*mlp_c_fc_weight[i2, s0])
     mlp_c_fc_z = torch.nn.functional.linear(ln_2, mlp_c_fc_weight, mlp_c_fc_bias)
@@ -1182,7 +1235,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
         del d_mlp_c_fc_z
 
         # layer norm backward ln_2, in one call: d_res1_via_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_2 * ln_2_weight; d_ln_2_weight = sum(d_ln_2 * xhat); d_ln_2_bias = sum(d_ln_2)
-        d_res1_via_ln_2, d_ln_2_weight, d_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_ln_2, res1, (32,), ln_2_row_mean, ln_2_row_rstd, ln_2_weight, ln_2_bias, (True, True, True))
+        d_res1_via_ln_2, d_ln_2_weight, d_ln_2_bias = _layer_norm_backward(d_ln_2, res1, (32,), ln_2_row_mean, ln_2_row_rstd, ln_2_weight, ln_2_bias, (True, True, True))
         del d_ln_2
         if release:
             _release(release, ln_2_row_mean, ln_2_row_rstd, res1)
@@ -1201,7 +1254,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_attn_c_proj_weight:
         # dL/dattn_wp (through attn): d_attn_wp[k0, k1, k2] = sum_{i0,i1}(attn_y[i0, k1, i1, k2]*d_attn[i0, i1, k0])
-        d_attn_wp = torch.tensordot(d_attn, attn_y, dims=([0, 1], [0, 2]))
+        d_attn_wp = _tensordot(d_attn, attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(release, attn_y)
 
@@ -1211,7 +1264,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
 
     if _need_x or _need_ln_1_weight or _need_ln_1_bias or _need_attn_c_attn_weight or _need_attn_c_attn_bias:
         # dL/dattn_y (through attn): d_attn_y[k0, k1, k2, k3] = sum_{i2}(attn_wp[i2, k1, k3]*d_attn[k0, k2, i2])
-        d_attn_y = torch.tensordot(attn_wp, d_attn, dims=([0], [2])).permute(2, 0, 3, 1)
+        d_attn_y = _tensordot(attn_wp, d_attn, dims=([0], [2])).permute(2, 0, 3, 1)
         del d_attn
         if release:
             _release(release, attn_wp)
@@ -1266,7 +1319,7 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
     if _need_attn_c_attn_weight:
         # dL/dattn_w (through attn_k, attn_q, attn_v): d_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_attn_k[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_attn_q[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_attn_v[i0, k1, i2, k2]*ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_attn_w = torch.tensordot(ln_1, tmp_sum35, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_attn_w = _tensordot(ln_1, tmp_sum35, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(release, ln_1)
 
@@ -1277,13 +1330,13 @@ def _loss_backward(needs, release, d_loss, x, t, ln_1_weight, ln_1_bias, attn_c_
     if _need_x or _need_ln_1_weight or _need_ln_1_bias:
         # dL/dln_1 (through attn_k, attn_q, attn_v): d_ln_1[k0, k1, k2] = sum_{i1,i3}(attn_w[0, i1, i3, k2]*d_attn_q[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[1, i1, i3, k2]*d_attn_k[k0, i1, k1, i3]) + sum_{i1,i3}(attn_w[2, i1, i3, k2]*d_attn_v[k0, i1, k1, i3])
         # the sum over the parts of attn_w as one product
-        d_ln_1 = torch.tensordot(attn_w, tmp_sum35, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
+        d_ln_1 = _tensordot(attn_w, tmp_sum35, dims=([0, 1, 2], [0, 2, 4])).permute(1, 2, 0)
         del tmp_sum35
         if release:
             _release(release, attn_w)
 
         # layer norm backward ln_1, in one call: d_x_via_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_1 * ln_1_weight; d_ln_1_weight = sum(d_ln_1 * xhat); d_ln_1_bias = sum(d_ln_1)
-        d_x_via_ln_1, d_ln_1_weight, d_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_ln_1, x, (32,), ln_1_row_mean, ln_1_row_rstd, ln_1_weight, ln_1_bias, (True, True, True))
+        d_x_via_ln_1, d_ln_1_weight, d_ln_1_bias = _layer_norm_backward(d_ln_1, x, (32,), ln_1_row_mean, ln_1_row_rstd, ln_1_weight, ln_1_bias, (True, True, True))
         del d_ln_1
         if release:
             _release(release, ln_1_row_mean, ln_1_row_rstd)

@@ -1128,6 +1128,59 @@ def _too_large(name, dim, size, limit, reason):
     return ValueError(f"{name}: {dim} = {size} exceeds {limit}, {reason}")
 
 
+def _same_dtype(*arrays):
+    # tensordot and einsum are no autocast ops: under autocast an activation may be
+    # bfloat16 (a product's output) where a parameter is float32, which they refuse.
+    # Operands that differ go to autocast's dtype where it is on, else to the wider one;
+    # outside autocast they agree and pass as they are.
+    first = arrays[0].dtype
+    if all(a.dtype is first for a in arrays):
+        return arrays
+    device = arrays[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = first
+        for a in arrays[1:]:
+            dtype = torch.promote_types(dtype, a.dtype)
+    return tuple(a.to(dtype) for a in arrays)
+
+
+def _tensordot(a, b, dims):
+    # torch.tensordot, its operands in one dtype (see _same_dtype)
+    return torch.tensordot(*_same_dtype(a, b), dims=dims)
+
+
+def _in_one_dtype(*arrays):
+    # Under autocast a layer norm's input, parameters and adjoint may differ in dtype (a
+    # product's bfloat16 output, float32 parameters); torch's layer-norm kernels refuse
+    # that. All go to the widest, as F.layer_norm runs under autocast (in float32);
+    # outside autocast they agree and pass as they are. (None: no bias.)
+    present = [a for a in arrays if a is not None]
+    first = present[0].dtype
+    if all(a.dtype is first for a in present):
+        return arrays
+    dtype = first
+    for a in present[1:]:
+        dtype = torch.promote_types(dtype, a.dtype)
+    return tuple(None if a is None else a.to(dtype) for a in arrays)
+
+
+def _layer_norm(x, shape, weight, bias, eps):
+    # torch's fused layer norm, what F.layer_norm runs: (the output, each row's mean and
+    # 1 / sqrt(var + eps), the last axes kept as 1), the last two for the backward
+    x, weight, bias = _in_one_dtype(x, weight, bias)
+    return torch.native_layer_norm(x, shape, weight, bias, eps)
+
+
+def _layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, outputs):
+    # torch's fused layer-norm backward (autograd's own): (d_x, d_weight, d_bias), None
+    # where outputs does not ask
+    grad, x, mean, rstd, weight, bias = _in_one_dtype(grad, x, mean, rstd, weight, bias)
+    return torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, weight,
+                                                     bias, outputs)
+
+
 def _scatter_add(values, index, shape):
     # out[index[i...], j...] += values[i..., j...]; index_add_ sums repeated ids.
     rows = values.reshape((index.numel(),) + tuple(values.shape[index.dim():]))
@@ -1367,14 +1420,14 @@ def forward(params, *, idx):
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-    tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum0 = _tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum117 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum117 = _tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
     tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
@@ -1421,7 +1474,7 @@ def forward(params, *, idx):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum17 = _tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1429,7 +1482,7 @@ def forward(params, *, idx):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum19 = _tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1500,14 +1553,14 @@ def forward(params, *, idx):
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-    tmp_sum118 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum118 = _tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum31 = tmp_sum118[0, :, :, :, :]
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum119 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum119 = _tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
     tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
@@ -1553,7 +1606,7 @@ def forward(params, *, idx):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum44 = _tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1561,7 +1614,7 @@ def forward(params, *, idx):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum46 = _tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -1665,14 +1718,14 @@ def loss(params, *, idx, y):
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-    tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum0 = _tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum117 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum117 = _tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
     tmp_sum6 = tmp_sum117[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
@@ -1719,7 +1772,7 @@ def loss(params, *, idx, y):
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum17 = _tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_c_proj_lora_A_heads
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
@@ -1727,7 +1780,7 @@ def loss(params, *, idx, y):
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
     del h_0_attn_c_proj_lora_xA
-    tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum19 = _tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
@@ -1798,14 +1851,14 @@ def loss(params, *, idx, y):
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-    tmp_sum118 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum118 = _tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum31 = tmp_sum118[0, :, :, :, :]
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum119 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum119 = _tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
     tmp_sum33 = tmp_sum119[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
@@ -1851,7 +1904,7 @@ def loss(params, *, idx, y):
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum44 = _tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_c_proj_lora_A_heads
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
@@ -1859,7 +1912,7 @@ def loss(params, *, idx, y):
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
     del h_1_attn_c_proj_lora_xA
-    tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum46 = _tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
@@ -1978,13 +2031,13 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
         # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-        tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+        tmp_sum0 = _tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
         tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
         # all 3 parts of h_0_attn_w in one product
-        tmp_sum117 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+        tmp_sum117 = _tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
         del h_0_attn_w
         tmp_sum6 = tmp_sum117[0, :, :, :, :]
         h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
@@ -2029,13 +2082,13 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
         # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-        tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+        tmp_sum17 = _tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_0_attn_c_proj_lora_xA = 2*tmp_sum17
         del tmp_sum17
 
         # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
         tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
-        tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+        tmp_sum19 = _tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
         del tmp_sum18, tmp_sum19
 
@@ -2045,7 +2098,7 @@ def loss_and_grad(params, *, idx, y):
 
         # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
         # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_2_row_mean, h_0_ln_2_row_rstd
-        h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = torch.native_layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
+        h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = _layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
 
         # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
         h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
@@ -2083,7 +2136,7 @@ def loss_and_grad(params, *, idx, y):
 
         # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
         # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_1_row_mean, h_1_ln_1_row_rstd
-        h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = torch.native_layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
+        h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = _layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
 
         # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
         h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -2100,13 +2153,13 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
         # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-        tmp_sum118 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+        tmp_sum118 = _tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
         tmp_sum31 = tmp_sum118[0, :, :, :, :]
 
         # all 3 parts of h_1_attn_w in one product
-        tmp_sum119 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+        tmp_sum119 = _tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
         tmp_sum33 = tmp_sum119[0, :, :, :, :]
         h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
         del tmp_sum31, tmp_sum33
@@ -2149,13 +2202,13 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
         # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-        tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+        tmp_sum44 = _tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_1_attn_c_proj_lora_xA = 2*tmp_sum44
         del tmp_sum44
 
         # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
         tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
-        tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+        tmp_sum46 = _tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
         del tmp_sum45, tmp_sum46
 
@@ -2165,7 +2218,7 @@ def loss_and_grad(params, *, idx, y):
 
         # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
         # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_2_row_mean, h_1_ln_2_row_rstd
-        h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = torch.native_layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
+        h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = _layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
 
         # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
         h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
@@ -2203,7 +2256,7 @@ def loss_and_grad(params, *, idx, y):
 
         # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
         # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_f_row_mean, ln_f_row_rstd
-        ln_f, ln_f_row_mean, ln_f_row_rstd = torch.native_layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
+        ln_f, ln_f_row_mean, ln_f_row_rstd = _layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
 
         # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
         lm_head = ln_f @ wte_weight.T
@@ -2240,7 +2293,7 @@ def loss_and_grad(params, *, idx, y):
         del d_lm_head
 
         # layer norm backward ln_f, in one call: d_h_1_res2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_f * ln_f_weight
-        d_h_1_res2 = torch.ops.aten.native_layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, False, False))[0]
+        d_h_1_res2 = _layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, False, False))[0]
         del h_1_res2, ln_f_row_mean, ln_f_row_rstd, d_ln_f
 
         # dL/dh_1_mlp_c_proj (through h_1_res2): d_h_1_mlp_c_proj[k0, k1, k2] = d_h_1_res2[k0, k1, k2]
@@ -2302,7 +2355,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum64, tmp_sum65
 
         # layer norm backward h_1_ln_2, in one call: d_h_1_res1_via_h_1_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_2 * h_1_ln_2_weight
-        d_h_1_res1_via_h_1_ln_2 = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, False, False))[0]
+        d_h_1_res1_via_h_1_ln_2 = _layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, False, False))[0]
         del h_1_res1, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, d_h_1_ln_2
 
         # dL/dh_1_res1 (through h_1_ln_2, h_1_ln_2_mean, h_1_ln_2_var, h_1_res2): d_h_1_res1[k0, k1, k2] = -(h_1_ln_2_mean[k0, k1] - h_1_res1[k0, k1, k2])*d_h_1_ln_2_var[k0, k1]/16 + d_h_1_ln_2_mean[k0, k1]/32 + d_h_1_res2[k0, k1, k2] + d_h_1_ln_2[k0, k1, k2]*h_1_ln_2_weight[k2]/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
@@ -2320,7 +2373,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_attn_c_proj_lora_xA = _narrow_matmul(d_h_1_attn, h_1_attn_c_proj_lora_B)
 
         # dL/dh_1_attn_c_proj_lora_A_heads (through h_1_attn_c_proj_lora_xA): d_h_1_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_1_attn_c_proj_lora_xA[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        tmp_sum68 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, dims=([0, 1], [0, 2]))
+        tmp_sum68 = _tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, dims=([0, 1], [0, 2]))
         del h_1_attn_y
         d_h_1_attn_c_proj_lora_A_heads = 2*tmp_sum68
         del tmp_sum68
@@ -2330,9 +2383,9 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_attn_c_proj_lora_A_heads
 
         # dL/dh_1_attn_y (through h_1_attn, h_1_attn_c_proj_lora_xA): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_1_attn_c_proj_lora_xA[k0, k2, i2]*h_1_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum69 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
+        tmp_sum69 = _tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_1_attn_c_proj_lora_A_heads, d_h_1_attn_c_proj_lora_xA
-        tmp_sum70 = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
+        tmp_sum70 = _tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
         d_h_1_attn_y = 2*tmp_sum69 + tmp_sum70
         del tmp_sum69, tmp_sum70
@@ -2372,7 +2425,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_1_attn_c_attn_lora_B_heads (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_c_attn_lora_B_heads = torch.tensordot(h_1_attn_c_attn_lora_xA, tmp_sum120, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_1_attn_c_attn_lora_B_heads = _tensordot(h_1_attn_c_attn_lora_xA, tmp_sum120, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_1_attn_c_attn_lora_xA
 
         # dL/dh_1_attn_c_attn_lora_B (through h_1_attn_c_attn_lora_B_heads): d_h_1_attn_c_attn_lora_B[k0, k1] = d_h_1_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2381,7 +2434,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_1_attn_c_attn_lora_xA (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_c_attn_lora_B_heads as one product
-        d_h_1_attn_c_attn_lora_xA = torch.tensordot(tmp_sum120, h_1_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
+        d_h_1_attn_c_attn_lora_xA = _tensordot(tmp_sum120, h_1_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_c_attn_lora_B_heads
 
         # dL/dh_1_attn_c_attn_lora_A (through h_1_attn_c_attn_lora_xA): d_h_1_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_1_attn_c_attn_lora_xA[i0, i1, k0]*h_1_ln_1[i0, i1, k1])
@@ -2395,13 +2448,13 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_attn_c_attn_lora_xA
 
         # the sum over the parts of h_1_attn_w as one product
-        tmp_sum121 = torch.tensordot(tmp_sum120, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        tmp_sum121 = _tensordot(tmp_sum120, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_w, tmp_sum120
         d_h_1_ln_1 = tmp_sum121 + 2*tmp_sum84
         del tmp_sum84, tmp_sum121
 
         # layer norm backward h_1_ln_1, in one call: d_h_0_res2_via_h_1_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_1 * h_1_ln_1_weight
-        d_h_0_res2_via_h_1_ln_1 = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, False, False))[0]
+        d_h_0_res2_via_h_1_ln_1 = _layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, False, False))[0]
         del h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, d_h_1_ln_1
 
         # dL/dh_0_res2 (through h_1_ln_1, h_1_ln_1_mean, h_1_ln_1_var, h_1_res1): d_h_0_res2[k0, k1, k2] = -(-h_0_res2[k0, k1, k2] + h_1_ln_1_mean[k0, k1])*d_h_1_ln_1_var[k0, k1]/16 + d_h_1_ln_1_mean[k0, k1]/32 + d_h_1_res1[k0, k1, k2] + d_h_1_ln_1[k0, k1, k2]*h_1_ln_1_weight[k2]/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
@@ -2467,7 +2520,7 @@ def loss_and_grad(params, *, idx, y):
         del tmp_sum97, tmp_sum98
 
         # layer norm backward h_0_ln_2, in one call: d_h_0_res1_via_h_0_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_2 * h_0_ln_2_weight
-        d_h_0_res1_via_h_0_ln_2 = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, False, False))[0]
+        d_h_0_res1_via_h_0_ln_2 = _layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, False, False))[0]
         del h_0_res1, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, d_h_0_ln_2
 
         # dL/dh_0_res1 (through h_0_ln_2, h_0_ln_2_mean, h_0_ln_2_var, h_0_res2): d_h_0_res1[k0, k1, k2] = -(h_0_ln_2_mean[k0, k1] - h_0_res1[k0, k1, k2])*d_h_0_ln_2_var[k0, k1]/16 + d_h_0_ln_2_mean[k0, k1]/32 + d_h_0_res2[k0, k1, k2] + d_h_0_ln_2[k0, k1, k2]*h_0_ln_2_weight[k2]/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
@@ -2486,7 +2539,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_attn_c_proj_lora_xA = _narrow_matmul(d_h_0_attn, h_0_attn_c_proj_lora_B)
 
         # dL/dh_0_attn_c_proj_lora_A_heads (through h_0_attn_c_proj_lora_xA): d_h_0_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_0_attn_c_proj_lora_xA[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        tmp_sum101 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, dims=([0, 1], [0, 2]))
+        tmp_sum101 = _tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, dims=([0, 1], [0, 2]))
         del h_0_attn_y
         d_h_0_attn_c_proj_lora_A_heads = 2*tmp_sum101
         del tmp_sum101
@@ -2496,9 +2549,9 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_attn_c_proj_lora_A_heads
 
         # dL/dh_0_attn_y (through h_0_attn, h_0_attn_c_proj_lora_xA): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_0_attn_c_proj_lora_xA[k0, k2, i2]*h_0_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum102 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
+        tmp_sum102 = _tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_0_attn_c_proj_lora_A_heads, d_h_0_attn_c_proj_lora_xA
-        tmp_sum103 = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
+        tmp_sum103 = _tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
         d_h_0_attn_y = 2*tmp_sum102 + tmp_sum103
         del tmp_sum102, tmp_sum103
@@ -2538,7 +2591,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_0_attn_c_attn_lora_B_heads (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_c_attn_lora_B_heads = torch.tensordot(h_0_attn_c_attn_lora_xA, tmp_sum122, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_0_attn_c_attn_lora_B_heads = _tensordot(h_0_attn_c_attn_lora_xA, tmp_sum122, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_0_attn_c_attn_lora_xA
 
         # dL/dh_0_attn_c_attn_lora_B (through h_0_attn_c_attn_lora_B_heads): d_h_0_attn_c_attn_lora_B[k0, k1] = d_h_0_attn_c_attn_lora_B_heads[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2547,7 +2600,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_0_attn_c_attn_lora_xA (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_c_attn_lora_B_heads as one product
-        d_h_0_attn_c_attn_lora_xA = torch.tensordot(tmp_sum122, h_0_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
+        d_h_0_attn_c_attn_lora_xA = _tensordot(tmp_sum122, h_0_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         del h_0_attn_c_attn_lora_B_heads, tmp_sum122
 
         # dL/dh_0_attn_c_attn_lora_A (through h_0_attn_c_attn_lora_xA): d_h_0_attn_c_attn_lora_A[k0, k1] = 2*sum_{i0,i1}(d_h_0_attn_c_attn_lora_xA[i0, i1, k0]*h_0_ln_1[i0, i1, k1])
@@ -2596,7 +2649,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
     # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_1_row_mean, h_0_ln_1_row_rstd
-    h_0_ln_1, h_0_ln_1_row_mean, h_0_ln_1_row_rstd = torch.native_layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
+    h_0_ln_1, h_0_ln_1_row_mean, h_0_ln_1_row_rstd = _layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
 
     # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -2613,13 +2666,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_c_attn_lora_B_heads = h_0_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_0_attn_c_attn_lora_B_heads in one product
-    tmp_sum0 = torch.tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum0 = _tensordot(h_0_attn_c_attn_lora_xA, h_0_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s1}(h_0_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_0_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum4 = tmp_sum0[0, :, :, :, :]
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum141 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum141 = _tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     tmp_sum6 = tmp_sum141[0, :, :, :, :]
     h_0_attn_q = h_0_attn_b[0, :, :][:, None] + tmp_sum4 + tmp_sum6
     del tmp_sum4, tmp_sum6
@@ -2663,13 +2716,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_c_proj_lora_A_heads = h_0_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_0_attn: h_0_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_0_attn_c_proj_lora_A_heads[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum17 = torch.tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum17 = _tensordot(h_0_attn_c_proj_lora_A_heads, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_0_attn_c_proj_lora_xA = 2*tmp_sum17
     del tmp_sum17
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s2}(h_0_attn_c_proj_lora_B[i2, s2]*h_0_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
     tmp_sum18 = h_0_attn_c_proj_lora_xA @ h_0_attn_c_proj_lora_B.T
-    tmp_sum19 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum19 = _tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum18 + tmp_sum19
     del tmp_sum18, tmp_sum19
 
@@ -2679,7 +2732,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
     # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_2_row_mean, h_0_ln_2_row_rstd
-    h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = torch.native_layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
+    h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = _layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
 
     # lora_base h_0_mlp_c_fc: h_0_mlp_c_fc_base[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
     h_0_mlp_c_fc_base = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
@@ -2717,7 +2770,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
     # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_1_row_mean, h_1_ln_1_row_rstd
-    h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = torch.native_layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
+    h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = _layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
 
     # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -2734,13 +2787,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_c_attn_lora_B_heads = h_1_attn_c_attn_lora_B.reshape(3, 4, 8, 4)
 
     # all 3 parts of h_1_attn_c_attn_lora_B_heads in one product
-    tmp_sum142 = torch.tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum142 = _tensordot(h_1_attn_c_attn_lora_xA, h_1_attn_c_attn_lora_B_heads, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s1}(h_1_attn_c_attn_lora_B_heads[0, i1, i3, s1]*h_1_attn_c_attn_lora_xA[i0, i2, s1]) + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum31 = tmp_sum142[0, :, :, :, :]
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum143 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum143 = _tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     tmp_sum33 = tmp_sum143[0, :, :, :, :]
     h_1_attn_q = h_1_attn_b[0, :, :][:, None] + tmp_sum31 + tmp_sum33
     del tmp_sum31, tmp_sum33
@@ -2783,13 +2836,13 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_c_proj_lora_A_heads = h_1_attn_c_proj_lora_A.reshape(4, 4, 8)
 
     # lora_down h_1_attn: h_1_attn_c_proj_lora_xA[i0, i1, i2] = 2*sum_{s0,s1}(h_1_attn_c_proj_lora_A_heads[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum44 = torch.tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum44 = _tensordot(h_1_attn_c_proj_lora_A_heads, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_1_attn_c_proj_lora_xA = 2*tmp_sum44
     del tmp_sum44
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s2}(h_1_attn_c_proj_lora_B[i2, s2]*h_1_attn_c_proj_lora_xA[i0, i1, s2]) + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
     tmp_sum45 = h_1_attn_c_proj_lora_xA @ h_1_attn_c_proj_lora_B.T
-    tmp_sum46 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum46 = _tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum45 + tmp_sum46
     del tmp_sum45, tmp_sum46
 
@@ -2799,7 +2852,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
     # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_2_row_mean, h_1_ln_2_row_rstd
-    h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = torch.native_layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
+    h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = _layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
 
     # lora_base h_1_mlp_c_fc: h_1_mlp_c_fc_base[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
     h_1_mlp_c_fc_base = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
@@ -2837,7 +2890,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
     # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_f_row_mean, ln_f_row_rstd
-    ln_f, ln_f_row_mean, ln_f_row_rstd = torch.native_layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
+    ln_f, ln_f_row_mean, ln_f_row_rstd = _layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
 
     # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
     lm_head = ln_f @ wte_weight.T
@@ -2879,7 +2932,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     d_ln_f = d_lm_head @ wte_weight
 
     # layer norm backward ln_f, in one call: d_h_1_res2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_f * ln_f_weight; d_ln_f_weight = sum(d_ln_f * xhat); d_ln_f_bias = sum(d_ln_f)
-    d_h_1_res2, d_ln_f_weight, d_ln_f_bias = torch.ops.aten.native_layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, True, True))
+    d_h_1_res2, d_ln_f_weight, d_ln_f_bias = _layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, True, True))
     del d_ln_f
     if release:
         _release(release, h_1_res2, ln_f_row_mean, ln_f_row_rstd)
@@ -2976,7 +3029,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum64, tmp_sum65
 
         # layer norm backward h_1_ln_2, in one call: d_h_1_res1_via_h_1_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_2 * h_1_ln_2_weight; d_h_1_ln_2_weight = sum(d_h_1_ln_2 * xhat); d_h_1_ln_2_bias = sum(d_h_1_ln_2)
-        d_h_1_res1_via_h_1_ln_2, d_h_1_ln_2_weight, d_h_1_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, True, True))
+        d_h_1_res1_via_h_1_ln_2, d_h_1_ln_2_weight, d_h_1_ln_2_bias = _layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, True, True))
         del d_h_1_ln_2
         if release:
             _release(release, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_res1)
@@ -3005,7 +3058,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_lora_A:
         # dL/dh_1_attn_c_proj_lora_A_heads (through h_1_attn_c_proj_lora_xA): d_h_1_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_1_attn_c_proj_lora_xA[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        tmp_sum68 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, dims=([0, 1], [0, 2]))
+        tmp_sum68 = _tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_y, dims=([0, 1], [0, 2]))
         d_h_1_attn_c_proj_lora_A_heads = 2*tmp_sum68
         del tmp_sum68
 
@@ -3015,7 +3068,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
+        d_h_1_attn_wp = _tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(release, h_1_attn_y)
 
@@ -3025,11 +3078,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias or _need_h_1_attn_c_attn_lora_A or _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_y (through h_1_attn, h_1_attn_c_proj_lora_xA): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_1_attn_c_proj_lora_xA[k0, k2, i2]*h_1_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum69 = torch.tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
+        tmp_sum69 = _tensordot(d_h_1_attn_c_proj_lora_xA, h_1_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn_c_proj_lora_xA
         if release:
             _release(release, h_1_attn_c_proj_lora_A_heads)
-        tmp_sum70 = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
+        tmp_sum70 = _tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn
         if release:
             _release(release, h_1_attn_wp)
@@ -3078,7 +3131,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_1_attn_c_attn_lora_B:
         # dL/dh_1_attn_c_attn_lora_B_heads (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_c_attn_lora_B_heads = torch.tensordot(h_1_attn_c_attn_lora_xA, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_1_attn_c_attn_lora_B_heads = _tensordot(h_1_attn_c_attn_lora_xA, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(release, h_1_attn_c_attn_lora_xA)
 
@@ -3089,7 +3142,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_attn_c_proj_lora_A or _need_h_0_attn_c_proj_lora_B or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_fc_lora_A or _need_h_0_mlp_c_fc_lora_B or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_0_mlp_c_proj_lora_A or _need_h_0_mlp_c_proj_lora_B or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_lora_A:
         # dL/dh_1_attn_c_attn_lora_xA (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_c_attn_lora_B_heads as one product
-        d_h_1_attn_c_attn_lora_xA = torch.tensordot(tmp_sum144, h_1_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
+        d_h_1_attn_c_attn_lora_xA = _tensordot(tmp_sum144, h_1_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         if release:
             _release(release, h_1_attn_c_attn_lora_B_heads)
 
@@ -3110,7 +3163,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_1_attn_w = _tensordot(h_1_ln_1, tmp_sum144, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(release, h_1_ln_1)
 
@@ -3124,7 +3177,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_1_attn_c_attn_lora_xA
 
         # the sum over the parts of h_1_attn_w as one product
-        tmp_sum145 = torch.tensordot(tmp_sum144, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        tmp_sum145 = _tensordot(tmp_sum144, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum144
         if release:
             _release(release, h_1_attn_w)
@@ -3132,7 +3185,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum90, tmp_sum145
 
         # layer norm backward h_1_ln_1, in one call: d_h_0_res2_via_h_1_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_1 * h_1_ln_1_weight; d_h_1_ln_1_weight = sum(d_h_1_ln_1 * xhat); d_h_1_ln_1_bias = sum(d_h_1_ln_1)
-        d_h_0_res2_via_h_1_ln_1, d_h_1_ln_1_weight, d_h_1_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, True, True))
+        d_h_0_res2_via_h_1_ln_1, d_h_1_ln_1_weight, d_h_1_ln_1_bias = _layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, True, True))
         del d_h_1_ln_1
         if release:
             _release(release, h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd)
@@ -3233,7 +3286,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum103, tmp_sum104
 
         # layer norm backward h_0_ln_2, in one call: d_h_0_res1_via_h_0_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_2 * h_0_ln_2_weight; d_h_0_ln_2_weight = sum(d_h_0_ln_2 * xhat); d_h_0_ln_2_bias = sum(d_h_0_ln_2)
-        d_h_0_res1_via_h_0_ln_2, d_h_0_ln_2_weight, d_h_0_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, True, True))
+        d_h_0_res1_via_h_0_ln_2, d_h_0_ln_2_weight, d_h_0_ln_2_bias = _layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, True, True))
         del d_h_0_ln_2
         if release:
             _release(release, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_res1)
@@ -3262,7 +3315,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_lora_A:
         # dL/dh_0_attn_c_proj_lora_A_heads (through h_0_attn_c_proj_lora_xA): d_h_0_attn_c_proj_lora_A_heads[k0, k1, k2] = 2*sum_{i0,i1}(d_h_0_attn_c_proj_lora_xA[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        tmp_sum107 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, dims=([0, 1], [0, 2]))
+        tmp_sum107 = _tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_y, dims=([0, 1], [0, 2]))
         d_h_0_attn_c_proj_lora_A_heads = 2*tmp_sum107
         del tmp_sum107
 
@@ -3272,7 +3325,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
+        d_h_0_attn_wp = _tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(release, h_0_attn_y)
 
@@ -3282,11 +3335,11 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_attn_lora_A or _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_y (through h_0_attn, h_0_attn_c_proj_lora_xA): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3]) + 2*sum_{i2}(d_h_0_attn_c_proj_lora_xA[k0, k2, i2]*h_0_attn_c_proj_lora_A_heads[i2, k1, k3])
-        tmp_sum108 = torch.tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
+        tmp_sum108 = _tensordot(d_h_0_attn_c_proj_lora_xA, h_0_attn_c_proj_lora_A_heads, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn_c_proj_lora_xA
         if release:
             _release(release, h_0_attn_c_proj_lora_A_heads)
-        tmp_sum109 = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
+        tmp_sum109 = _tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn
         if release:
             _release(release, h_0_attn_wp)
@@ -3335,7 +3388,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_0_attn_c_attn_lora_B:
         # dL/dh_0_attn_c_attn_lora_B_heads (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_B_heads[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_attn_c_attn_lora_xA[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_c_attn_lora_B_heads = torch.tensordot(h_0_attn_c_attn_lora_xA, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_0_attn_c_attn_lora_B_heads = _tensordot(h_0_attn_c_attn_lora_xA, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(release, h_0_attn_c_attn_lora_xA)
 
@@ -3346,7 +3399,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_lora_A:
         # dL/dh_0_attn_c_attn_lora_xA (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_c_attn_lora_xA[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_c_attn_lora_B_heads[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_c_attn_lora_B_heads as one product
-        d_h_0_attn_c_attn_lora_xA = torch.tensordot(tmp_sum146, h_0_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
+        d_h_0_attn_c_attn_lora_xA = _tensordot(tmp_sum146, h_0_attn_c_attn_lora_B_heads, dims=([0, 2, 4], [0, 1, 2]))
         if release:
             _release(release, h_0_attn_c_attn_lora_B_heads)
 
@@ -3367,7 +3420,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_0_attn_w = _tensordot(h_0_ln_1, tmp_sum146, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(release, h_0_ln_1)
 
@@ -3381,7 +3434,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_0_attn_c_attn_lora_xA
 
         # the sum over the parts of h_0_attn_w as one product
-        tmp_sum147 = torch.tensordot(tmp_sum146, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        tmp_sum147 = _tensordot(tmp_sum146, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum146
         if release:
             _release(release, h_0_attn_w)
@@ -3389,7 +3442,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del tmp_sum129, tmp_sum147
 
         # layer norm backward h_0_ln_1, in one call: d_emb_via_h_0_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_1 * h_0_ln_1_weight; d_h_0_ln_1_weight = sum(d_h_0_ln_1 * xhat); d_h_0_ln_1_bias = sum(d_h_0_ln_1)
-        d_emb_via_h_0_ln_1, d_h_0_ln_1_weight, d_h_0_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_1, emb, (32,), h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_1_weight, h_0_ln_1_bias, (True, True, True))
+        d_emb_via_h_0_ln_1, d_h_0_ln_1_weight, d_h_0_ln_1_bias = _layer_norm_backward(d_h_0_ln_1, emb, (32,), h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_1_weight, h_0_ln_1_bias, (True, True, True))
         del d_h_0_ln_1
         if release:
             _release(release, emb, h_0_ln_1_row_mean, h_0_ln_1_row_rstd)

@@ -1112,6 +1112,59 @@ def _too_large(name, dim, size, limit, reason):
     return ValueError(f"{name}: {dim} = {size} exceeds {limit}, {reason}")
 
 
+def _same_dtype(*arrays):
+    # tensordot and einsum are no autocast ops: under autocast an activation may be
+    # bfloat16 (a product's output) where a parameter is float32, which they refuse.
+    # Operands that differ go to autocast's dtype where it is on, else to the wider one;
+    # outside autocast they agree and pass as they are.
+    first = arrays[0].dtype
+    if all(a.dtype is first for a in arrays):
+        return arrays
+    device = arrays[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = first
+        for a in arrays[1:]:
+            dtype = torch.promote_types(dtype, a.dtype)
+    return tuple(a.to(dtype) for a in arrays)
+
+
+def _tensordot(a, b, dims):
+    # torch.tensordot, its operands in one dtype (see _same_dtype)
+    return torch.tensordot(*_same_dtype(a, b), dims=dims)
+
+
+def _in_one_dtype(*arrays):
+    # Under autocast a layer norm's input, parameters and adjoint may differ in dtype (a
+    # product's bfloat16 output, float32 parameters); torch's layer-norm kernels refuse
+    # that. All go to the widest, as F.layer_norm runs under autocast (in float32);
+    # outside autocast they agree and pass as they are. (None: no bias.)
+    present = [a for a in arrays if a is not None]
+    first = present[0].dtype
+    if all(a.dtype is first for a in present):
+        return arrays
+    dtype = first
+    for a in present[1:]:
+        dtype = torch.promote_types(dtype, a.dtype)
+    return tuple(None if a is None else a.to(dtype) for a in arrays)
+
+
+def _layer_norm(x, shape, weight, bias, eps):
+    # torch's fused layer norm, what F.layer_norm runs: (the output, each row's mean and
+    # 1 / sqrt(var + eps), the last axes kept as 1), the last two for the backward
+    x, weight, bias = _in_one_dtype(x, weight, bias)
+    return torch.native_layer_norm(x, shape, weight, bias, eps)
+
+
+def _layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, outputs):
+    # torch's fused layer-norm backward (autograd's own): (d_x, d_weight, d_bias), None
+    # where outputs does not ask
+    grad, x, mean, rstd, weight, bias = _in_one_dtype(grad, x, mean, rstd, weight, bias)
+    return torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, weight,
+                                                     bias, outputs)
+
+
 def _scatter_add(values, index, shape):
     # out[index[i...], j...] += values[i..., j...]; index_add_ sums repeated ids.
     rows = values.reshape((index.numel(),) + tuple(values.shape[index.dim():]))
@@ -1302,7 +1355,7 @@ def forward(params, *, idx):
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum0 = _tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
@@ -1345,7 +1398,7 @@ def forward(params, *, idx):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum10 = _tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1386,7 +1439,7 @@ def forward(params, *, idx):
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum75 = _tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
@@ -1428,7 +1481,7 @@ def forward(params, *, idx):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum24 = _tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1502,7 +1555,7 @@ def loss(params, *, idx, y):
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum0 = _tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_0_ln_1, h_0_attn_w
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
@@ -1545,7 +1598,7 @@ def loss(params, *, idx, y):
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum10 = _tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_0_attn_y, h_0_attn_wp
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
@@ -1586,7 +1639,7 @@ def loss(params, *, idx, y):
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum75 = _tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
     del h_1_ln_1, h_1_attn_w
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
@@ -1628,7 +1681,7 @@ def loss(params, *, idx, y):
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum24 = _tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     del h_1_attn_y, h_1_attn_wp
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
@@ -1707,7 +1760,7 @@ def loss_and_grad(params, *, idx, y):
 
         # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
         # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_1_row_mean, h_0_ln_1_row_rstd
-        h_0_ln_1, h_0_ln_1_row_mean, h_0_ln_1_row_rstd = torch.native_layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
+        h_0_ln_1, h_0_ln_1_row_mean, h_0_ln_1_row_rstd = _layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
 
         # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
         h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1716,7 +1769,7 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
         # all 3 parts of h_0_attn_w in one product
-        tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+        tmp_sum0 = _tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
         tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -1756,7 +1809,7 @@ def loss_and_grad(params, *, idx, y):
         h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
         # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-        tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+        tmp_sum10 = _tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
         del tmp_sum10
 
@@ -1766,7 +1819,7 @@ def loss_and_grad(params, *, idx, y):
 
         # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
         # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_2_row_mean, h_0_ln_2_row_rstd
-        h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = torch.native_layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
+        h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = _layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
 
         # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
         h_0_mlp_c_fc_z = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
@@ -1784,7 +1837,7 @@ def loss_and_grad(params, *, idx, y):
 
         # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
         # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_1_row_mean, h_1_ln_1_row_rstd
-        h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = torch.native_layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
+        h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = _layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
 
         # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
         h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -1793,7 +1846,7 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
         # all 3 parts of h_1_attn_w in one product
-        tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+        tmp_sum75 = _tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
         # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
         tmp_sum17 = tmp_sum75[0, :, :, :, :]
@@ -1832,7 +1885,7 @@ def loss_and_grad(params, *, idx, y):
         h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
         # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-        tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+        tmp_sum24 = _tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
         h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
         del tmp_sum24
 
@@ -1842,7 +1895,7 @@ def loss_and_grad(params, *, idx, y):
 
         # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
         # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_2_row_mean, h_1_ln_2_row_rstd
-        h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = torch.native_layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
+        h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = _layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
 
         # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
         h_1_mlp_c_fc_z = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
@@ -1860,7 +1913,7 @@ def loss_and_grad(params, *, idx, y):
 
         # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
         # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_f_row_mean, ln_f_row_rstd
-        ln_f, ln_f_row_mean, ln_f_row_rstd = torch.native_layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
+        ln_f, ln_f_row_mean, ln_f_row_rstd = _layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
 
         # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
         lm_head = ln_f @ wte_weight.T
@@ -1895,7 +1948,7 @@ def loss_and_grad(params, *, idx, y):
         d_ln_f = d_lm_head @ wte_weight
 
         # layer norm backward ln_f, in one call: d_h_1_res2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_f * ln_f_weight; d_ln_f_weight = sum(d_ln_f * xhat); d_ln_f_bias = sum(d_ln_f)
-        d_h_1_res2, d_ln_f_weight, d_ln_f_bias = torch.ops.aten.native_layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, True, True))
+        d_h_1_res2, d_ln_f_weight, d_ln_f_bias = _layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, True, True))
         del h_1_res2, ln_f_row_mean, ln_f_row_rstd, d_ln_f
 
         # dL/dh_1_mlp_c_proj (through h_1_res2): d_h_1_mlp_c_proj[k0, k1, k2] = d_h_1_res2[k0, k1, k2]
@@ -1929,7 +1982,7 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_mlp_c_fc_z
 
         # layer norm backward h_1_ln_2, in one call: d_h_1_res1_via_h_1_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_2 * h_1_ln_2_weight; d_h_1_ln_2_weight = sum(d_h_1_ln_2 * xhat); d_h_1_ln_2_bias = sum(d_h_1_ln_2)
-        d_h_1_res1_via_h_1_ln_2, d_h_1_ln_2_weight, d_h_1_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, True, True))
+        d_h_1_res1_via_h_1_ln_2, d_h_1_ln_2_weight, d_h_1_ln_2_bias = _layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, True, True))
         del h_1_res1, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, d_h_1_ln_2
 
         # dL/dh_1_res1 (through h_1_ln_2, h_1_ln_2_mean, h_1_ln_2_var, h_1_res2): d_h_1_res1[k0, k1, k2] = -(h_1_ln_2_mean[k0, k1] - h_1_res1[k0, k1, k2])*d_h_1_ln_2_var[k0, k1]/16 + d_h_1_ln_2_mean[k0, k1]/32 + d_h_1_res2[k0, k1, k2] + d_h_1_ln_2[k0, k1, k2]*h_1_ln_2_weight[k2]/sqrt(h_1_ln_2_var[k0, k1] + 1.0e-5)
@@ -1943,7 +1996,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_1_attn_c_proj_bias = d_h_1_attn.sum(dim=(0, 1))
 
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
+        d_h_1_attn_wp = _tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         del h_1_attn_y
 
         # dL/dh_1_attn_c_proj_weight (through h_1_attn_wp): d_h_1_attn_c_proj_weight[k0, k1] = d_h_1_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -1951,7 +2004,7 @@ def loss_and_grad(params, *, idx, y):
         del d_h_1_attn_wp
 
         # dL/dh_1_attn_y (through h_1_attn): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3])
-        d_h_1_attn_y = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
+        d_h_1_attn_y = _tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_1_attn_wp, d_h_1_attn
 
         # dL/dh_1_attn_p (through h_1_attn_y): d_h_1_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_1_attn_y[k0, k1, k2, i3]*h_1_attn_v[k0, k1, k3, i3])
@@ -1996,7 +2049,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum76, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_1_attn_w = _tensordot(h_1_ln_1, tmp_sum76, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_1_ln_1
 
         # dL/dh_1_attn_c_attn_weight (through h_1_attn_w): d_h_1_attn_c_attn_weight[k0, k1] = d_h_1_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2005,11 +2058,11 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_w as one product
-        d_h_1_ln_1 = torch.tensordot(tmp_sum76, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        d_h_1_ln_1 = _tensordot(tmp_sum76, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del h_1_attn_w, tmp_sum76
 
         # layer norm backward h_1_ln_1, in one call: d_h_0_res2_via_h_1_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_1 * h_1_ln_1_weight; d_h_1_ln_1_weight = sum(d_h_1_ln_1 * xhat); d_h_1_ln_1_bias = sum(d_h_1_ln_1)
-        d_h_0_res2_via_h_1_ln_1, d_h_1_ln_1_weight, d_h_1_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, True, True))
+        d_h_0_res2_via_h_1_ln_1, d_h_1_ln_1_weight, d_h_1_ln_1_bias = _layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, True, True))
         del h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, d_h_1_ln_1
 
         # dL/dh_0_res2 (through h_1_ln_1, h_1_ln_1_mean, h_1_ln_1_var, h_1_res1): d_h_0_res2[k0, k1, k2] = -(-h_0_res2[k0, k1, k2] + h_1_ln_1_mean[k0, k1])*d_h_1_ln_1_var[k0, k1]/16 + d_h_1_ln_1_mean[k0, k1]/32 + d_h_1_res1[k0, k1, k2] + d_h_1_ln_1[k0, k1, k2]*h_1_ln_1_weight[k2]/sqrt(h_1_ln_1_var[k0, k1] + 1.0e-5)
@@ -2047,7 +2100,7 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_mlp_c_fc_z
 
         # layer norm backward h_0_ln_2, in one call: d_h_0_res1_via_h_0_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_2 * h_0_ln_2_weight; d_h_0_ln_2_weight = sum(d_h_0_ln_2 * xhat); d_h_0_ln_2_bias = sum(d_h_0_ln_2)
-        d_h_0_res1_via_h_0_ln_2, d_h_0_ln_2_weight, d_h_0_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, True, True))
+        d_h_0_res1_via_h_0_ln_2, d_h_0_ln_2_weight, d_h_0_ln_2_bias = _layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, True, True))
         del h_0_res1, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, d_h_0_ln_2
 
         # dL/dh_0_res1 (through h_0_ln_2, h_0_ln_2_mean, h_0_ln_2_var, h_0_res2): d_h_0_res1[k0, k1, k2] = -(h_0_ln_2_mean[k0, k1] - h_0_res1[k0, k1, k2])*d_h_0_ln_2_var[k0, k1]/16 + d_h_0_ln_2_mean[k0, k1]/32 + d_h_0_res2[k0, k1, k2] + d_h_0_ln_2[k0, k1, k2]*h_0_ln_2_weight[k2]/sqrt(h_0_ln_2_var[k0, k1] + 1.0e-5)
@@ -2061,7 +2114,7 @@ def loss_and_grad(params, *, idx, y):
         d_h_0_attn_c_proj_bias = d_h_0_attn.sum(dim=(0, 1))
 
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
+        d_h_0_attn_wp = _tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         del h_0_attn_y
 
         # dL/dh_0_attn_c_proj_weight (through h_0_attn_wp): d_h_0_attn_c_proj_weight[k0, k1] = d_h_0_attn_wp[k0, floor(k1/8), Mod(k1, 8)]
@@ -2069,7 +2122,7 @@ def loss_and_grad(params, *, idx, y):
         del d_h_0_attn_wp
 
         # dL/dh_0_attn_y (through h_0_attn): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3])
-        d_h_0_attn_y = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
+        d_h_0_attn_y = _tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del h_0_attn_wp, d_h_0_attn
 
         # dL/dh_0_attn_p (through h_0_attn_y): d_h_0_attn_p[k0, k1, k2, k3] = sum_{i3}(d_h_0_attn_y[k0, k1, k2, i3]*h_0_attn_v[k0, k1, k3, i3])
@@ -2114,7 +2167,7 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum77, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_0_attn_w = _tensordot(h_0_ln_1, tmp_sum77, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         del h_0_ln_1
 
         # dL/dh_0_attn_c_attn_weight (through h_0_attn_w): d_h_0_attn_c_attn_weight[k0, k1] = d_h_0_attn_w[floor(k0/32), Mod(floor(k0/8), 4), Mod(k0, 8), k1]
@@ -2123,11 +2176,11 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_w as one product
-        d_h_0_ln_1 = torch.tensordot(tmp_sum77, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        d_h_0_ln_1 = _tensordot(tmp_sum77, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del h_0_attn_w, tmp_sum77
 
         # layer norm backward h_0_ln_1, in one call: d_emb_via_h_0_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_1 * h_0_ln_1_weight; d_h_0_ln_1_weight = sum(d_h_0_ln_1 * xhat); d_h_0_ln_1_bias = sum(d_h_0_ln_1)
-        d_emb_via_h_0_ln_1, d_h_0_ln_1_weight, d_h_0_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_1, emb, (32,), h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_1_weight, h_0_ln_1_bias, (True, True, True))
+        d_emb_via_h_0_ln_1, d_h_0_ln_1_weight, d_h_0_ln_1_bias = _layer_norm_backward(d_h_0_ln_1, emb, (32,), h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_1_weight, h_0_ln_1_bias, (True, True, True))
         del emb, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, d_h_0_ln_1
 
         # dL/demb (through h_0_ln_1, h_0_ln_1_mean, h_0_ln_1_var, h_0_res1): d_emb[k0, k1, k2] = -(-emb[k0, k1, k2] + h_0_ln_1_mean[k0, k1])*d_h_0_ln_1_var[k0, k1]/16 + d_h_0_ln_1_mean[k0, k1]/32 + d_h_0_res1[k0, k1, k2] + d_h_0_ln_1[k0, k1, k2]*h_0_ln_1_weight[k2]/sqrt(h_0_ln_1_var[k0, k1] + 1.0e-5)
@@ -2199,7 +2252,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine h_0_ln_1: h_0_ln_1[i0, i1, i2] = (emb[i0, i1, i2] - h_0_ln_1_mean[i0, i1])*h_0_ln_1_weight[i2]/sqrt(h_0_ln_1_var[i0, i1] + 1.0e-5) + h_0_ln_1_bias[i2]
     # layer norm h_0_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_1_row_mean, h_0_ln_1_row_rstd
-    h_0_ln_1, h_0_ln_1_row_mean, h_0_ln_1_row_rstd = torch.native_layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
+    h_0_ln_1, h_0_ln_1_row_mean, h_0_ln_1_row_rstd = _layer_norm(emb, (32,), h_0_ln_1_weight, h_0_ln_1_bias, 1e-05)
 
     # reshape h_0_attn: h_0_attn_w[i0, i1, i2, i3] = h_0_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_0_attn_w = h_0_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -2208,7 +2261,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_b = h_0_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_0_attn_w in one product
-    tmp_sum0 = torch.tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum0 = _tensordot(h_0_ln_1, h_0_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads h_0_attn: h_0_attn_q[i0, i1, i2, i3] = h_0_attn_b[0, i1, i3] + sum_{s0}(h_0_attn_w[0, i1, i3, s0]*h_0_ln_1[i0, i2, s0])
     tmp_sum3 = tmp_sum0[0, :, :, :, :]
@@ -2248,7 +2301,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_0_attn_wp = h_0_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_0_attn: h_0_attn[i0, i1, i2] = h_0_attn_c_proj_bias[i2] + sum_{s0,s1}(h_0_attn_wp[i2, s0, s1]*h_0_attn_y[i0, s0, i1, s1])
-    tmp_sum10 = torch.tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum10 = _tensordot(h_0_attn_wp, h_0_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_0_attn = h_0_attn_c_proj_bias + tmp_sum10
     del tmp_sum10
 
@@ -2258,7 +2311,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine h_0_ln_2: h_0_ln_2[i0, i1, i2] = (-h_0_ln_2_mean[i0, i1] + h_0_res1[i0, i1, i2])*h_0_ln_2_weight[i2]/sqrt(h_0_ln_2_var[i0, i1] + 1.0e-5) + h_0_ln_2_bias[i2]
     # layer norm h_0_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_0_ln_2_row_mean, h_0_ln_2_row_rstd
-    h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = torch.native_layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
+    h_0_ln_2, h_0_ln_2_row_mean, h_0_ln_2_row_rstd = _layer_norm(h_0_res1, (32,), h_0_ln_2_weight, h_0_ln_2_bias, 1e-05)
 
     # dense h_0_mlp_c_fc: h_0_mlp_c_fc_z[i0, i1, i2] = h_0_mlp_c_fc_bias[i2] + sum_{s0}(h_0_ln_2[i0, i1, s0]*h_0_mlp_c_fc_weight[i2, s0])
     h_0_mlp_c_fc_z = torch.nn.functional.linear(h_0_ln_2, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias)
@@ -2276,7 +2329,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine h_1_ln_1: h_1_ln_1[i0, i1, i2] = (h_0_res2[i0, i1, i2] - h_1_ln_1_mean[i0, i1])*h_1_ln_1_weight[i2]/sqrt(h_1_ln_1_var[i0, i1] + 1.0e-5) + h_1_ln_1_bias[i2]
     # layer norm h_1_ln_1 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_1_row_mean, h_1_ln_1_row_rstd
-    h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = torch.native_layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
+    h_1_ln_1, h_1_ln_1_row_mean, h_1_ln_1_row_rstd = _layer_norm(h_0_res2, (32,), h_1_ln_1_weight, h_1_ln_1_bias, 1e-05)
 
     # reshape h_1_attn: h_1_attn_w[i0, i1, i2, i3] = h_1_attn_c_attn_weight[32*i0 + 8*i1 + i2, i3]
     h_1_attn_w = h_1_attn_c_attn_weight.reshape(3, 4, 8, 32)
@@ -2285,7 +2338,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_b = h_1_attn_c_attn_bias.reshape(3, 4, 8)
 
     # all 3 parts of h_1_attn_w in one product
-    tmp_sum75 = torch.tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
+    tmp_sum75 = _tensordot(h_1_ln_1, h_1_attn_w, dims=([2], [3])).permute(2, 0, 3, 1, 4)
 
     # q heads h_1_attn: h_1_attn_q[i0, i1, i2, i3] = h_1_attn_b[0, i1, i3] + sum_{s0}(h_1_attn_w[0, i1, i3, s0]*h_1_ln_1[i0, i2, s0])
     tmp_sum17 = tmp_sum75[0, :, :, :, :]
@@ -2324,7 +2377,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     h_1_attn_wp = h_1_attn_c_proj_weight.reshape(32, 4, 8)
 
     # attention output h_1_attn: h_1_attn[i0, i1, i2] = h_1_attn_c_proj_bias[i2] + sum_{s0,s1}(h_1_attn_wp[i2, s0, s1]*h_1_attn_y[i0, s0, i1, s1])
-    tmp_sum24 = torch.tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
+    tmp_sum24 = _tensordot(h_1_attn_wp, h_1_attn_y, dims=([1, 2], [1, 3])).permute(1, 2, 0)
     h_1_attn = h_1_attn_c_proj_bias + tmp_sum24
     del tmp_sum24
 
@@ -2334,7 +2387,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine h_1_ln_2: h_1_ln_2[i0, i1, i2] = (-h_1_ln_2_mean[i0, i1] + h_1_res1[i0, i1, i2])*h_1_ln_2_weight[i2]/sqrt(h_1_ln_2_var[i0, i1] + 1.0e-5) + h_1_ln_2_bias[i2]
     # layer norm h_1_ln_2 in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as h_1_ln_2_row_mean, h_1_ln_2_row_rstd
-    h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = torch.native_layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
+    h_1_ln_2, h_1_ln_2_row_mean, h_1_ln_2_row_rstd = _layer_norm(h_1_res1, (32,), h_1_ln_2_weight, h_1_ln_2_bias, 1e-05)
 
     # dense h_1_mlp_c_fc: h_1_mlp_c_fc_z[i0, i1, i2] = h_1_mlp_c_fc_bias[i2] + sum_{s0}(h_1_ln_2[i0, i1, s0]*h_1_mlp_c_fc_weight[i2, s0])
     h_1_mlp_c_fc_z = torch.nn.functional.linear(h_1_ln_2, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias)
@@ -2352,7 +2405,7 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
 
     # layernorm affine ln_f: ln_f[i0, i1, i2] = (h_1_res2[i0, i1, i2] - ln_f_mean[i0, i1])*ln_f_weight[i2]/sqrt(ln_f_var[i0, i1] + 1.0e-5) + ln_f_bias[i2]
     # layer norm ln_f in one call: (x - mean) / sqrt(var + 1e-05) * weight + bias over the last axis; its row means and 1/sqrt(var + eps) kept as ln_f_row_mean, ln_f_row_rstd
-    ln_f, ln_f_row_mean, ln_f_row_rstd = torch.native_layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
+    ln_f, ln_f_row_mean, ln_f_row_rstd = _layer_norm(h_1_res2, (32,), ln_f_weight, ln_f_bias, 1e-05)
 
     # dense lm_head: lm_head[i0, i1, i2] = sum_{s0}(ln_f[i0, i1, s0]*wte_weight[i2, s0])
     lm_head = ln_f @ wte_weight.T
@@ -2394,7 +2447,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     d_ln_f = d_lm_head @ wte_weight
 
     # layer norm backward ln_f, in one call: d_h_1_res2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_ln_f * ln_f_weight; d_ln_f_weight = sum(d_ln_f * xhat); d_ln_f_bias = sum(d_ln_f)
-    d_h_1_res2, d_ln_f_weight, d_ln_f_bias = torch.ops.aten.native_layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, True, True))
+    d_h_1_res2, d_ln_f_weight, d_ln_f_bias = _layer_norm_backward(d_ln_f, h_1_res2, (32,), ln_f_row_mean, ln_f_row_rstd, ln_f_weight, ln_f_bias, (True, True, True))
     del d_ln_f
     if release:
         _release(release, h_1_res2, ln_f_row_mean, ln_f_row_rstd)
@@ -2441,7 +2494,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_1_mlp_c_fc_z
 
         # layer norm backward h_1_ln_2, in one call: d_h_1_res1_via_h_1_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_2 * h_1_ln_2_weight; d_h_1_ln_2_weight = sum(d_h_1_ln_2 * xhat); d_h_1_ln_2_bias = sum(d_h_1_ln_2)
-        d_h_1_res1_via_h_1_ln_2, d_h_1_ln_2_weight, d_h_1_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, True, True))
+        d_h_1_res1_via_h_1_ln_2, d_h_1_ln_2_weight, d_h_1_ln_2_bias = _layer_norm_backward(d_h_1_ln_2, h_1_res1, (32,), h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_ln_2_weight, h_1_ln_2_bias, (True, True, True))
         del d_h_1_ln_2
         if release:
             _release(release, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, h_1_res1)
@@ -2460,7 +2513,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_1_attn_c_proj_weight:
         # dL/dh_1_attn_wp (through h_1_attn): d_h_1_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_1_attn[i0, i1, k0]*h_1_attn_y[i0, k1, i1, k2])
-        d_h_1_attn_wp = torch.tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
+        d_h_1_attn_wp = _tensordot(d_h_1_attn, h_1_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(release, h_1_attn_y)
 
@@ -2470,7 +2523,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias or _need_h_1_attn_c_attn_weight or _need_h_1_attn_c_attn_bias:
         # dL/dh_1_attn_y (through h_1_attn): d_h_1_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_1_attn[k0, k2, i2]*h_1_attn_wp[i2, k1, k3])
-        d_h_1_attn_y = torch.tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
+        d_h_1_attn_y = _tensordot(d_h_1_attn, h_1_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_1_attn
         if release:
             _release(release, h_1_attn_wp)
@@ -2525,7 +2578,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_1_attn_c_attn_weight:
         # dL/dh_1_attn_w (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_1_attn_k[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_1_attn_q[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_1_attn_v[i0, k1, i2, k2]*h_1_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_1_attn_w = torch.tensordot(h_1_ln_1, tmp_sum76, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_1_attn_w = _tensordot(h_1_ln_1, tmp_sum76, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(release, h_1_ln_1)
 
@@ -2536,13 +2589,13 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias or _need_h_0_attn_c_proj_weight or _need_h_0_attn_c_proj_bias or _need_h_0_ln_2_weight or _need_h_0_ln_2_bias or _need_h_0_mlp_c_fc_weight or _need_h_0_mlp_c_fc_bias or _need_h_0_mlp_c_proj_weight or _need_h_0_mlp_c_proj_bias or _need_h_1_ln_1_weight or _need_h_1_ln_1_bias:
         # dL/dh_1_ln_1 (through h_1_attn_k, h_1_attn_q, h_1_attn_v): d_h_1_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_1_attn_k[k0, i1, k1, i3]*h_1_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_q[k0, i1, k1, i3]*h_1_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_1_attn_v[k0, i1, k1, i3]*h_1_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_1_attn_w as one product
-        d_h_1_ln_1 = torch.tensordot(tmp_sum76, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        d_h_1_ln_1 = _tensordot(tmp_sum76, h_1_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum76
         if release:
             _release(release, h_1_attn_w)
 
         # layer norm backward h_1_ln_1, in one call: d_h_0_res2_via_h_1_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_1_ln_1 * h_1_ln_1_weight; d_h_1_ln_1_weight = sum(d_h_1_ln_1 * xhat); d_h_1_ln_1_bias = sum(d_h_1_ln_1)
-        d_h_0_res2_via_h_1_ln_1, d_h_1_ln_1_weight, d_h_1_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, True, True))
+        d_h_0_res2_via_h_1_ln_1, d_h_1_ln_1_weight, d_h_1_ln_1_bias = _layer_norm_backward(d_h_1_ln_1, h_0_res2, (32,), h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_1_weight, h_1_ln_1_bias, (True, True, True))
         del d_h_1_ln_1
         if release:
             _release(release, h_0_res2, h_1_ln_1_row_mean, h_1_ln_1_row_rstd)
@@ -2593,7 +2646,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
         del d_h_0_mlp_c_fc_z
 
         # layer norm backward h_0_ln_2, in one call: d_h_0_res1_via_h_0_ln_2 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_2 * h_0_ln_2_weight; d_h_0_ln_2_weight = sum(d_h_0_ln_2 * xhat); d_h_0_ln_2_bias = sum(d_h_0_ln_2)
-        d_h_0_res1_via_h_0_ln_2, d_h_0_ln_2_weight, d_h_0_ln_2_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, True, True))
+        d_h_0_res1_via_h_0_ln_2, d_h_0_ln_2_weight, d_h_0_ln_2_bias = _layer_norm_backward(d_h_0_ln_2, h_0_res1, (32,), h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_ln_2_weight, h_0_ln_2_bias, (True, True, True))
         del d_h_0_ln_2
         if release:
             _release(release, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_0_res1)
@@ -2612,7 +2665,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_h_0_attn_c_proj_weight:
         # dL/dh_0_attn_wp (through h_0_attn): d_h_0_attn_wp[k0, k1, k2] = sum_{i0,i1}(d_h_0_attn[i0, i1, k0]*h_0_attn_y[i0, k1, i1, k2])
-        d_h_0_attn_wp = torch.tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
+        d_h_0_attn_wp = _tensordot(d_h_0_attn, h_0_attn_y, dims=([0, 1], [0, 2]))
         if release:
             _release(release, h_0_attn_y)
 
@@ -2622,7 +2675,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
 
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias or _need_h_0_attn_c_attn_weight or _need_h_0_attn_c_attn_bias:
         # dL/dh_0_attn_y (through h_0_attn): d_h_0_attn_y[k0, k1, k2, k3] = sum_{i2}(d_h_0_attn[k0, k2, i2]*h_0_attn_wp[i2, k1, k3])
-        d_h_0_attn_y = torch.tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
+        d_h_0_attn_y = _tensordot(d_h_0_attn, h_0_attn_wp, dims=([2], [0])).permute(0, 2, 1, 3)
         del d_h_0_attn
         if release:
             _release(release, h_0_attn_wp)
@@ -2677,7 +2730,7 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_h_0_attn_c_attn_weight:
         # dL/dh_0_attn_w (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_attn_w[k0, k1, k2, k3] = (sum_{i0,i2}(d_h_0_attn_k[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 1 else 0) + (sum_{i0,i2}(d_h_0_attn_q[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 0 else 0) + (sum_{i0,i2}(d_h_0_attn_v[i0, k1, i2, k2]*h_0_ln_1[i0, i2, k3]) if k0 == 2 else 0)
         # the parts' products as one product of the stacked arrays
-        d_h_0_attn_w = torch.tensordot(h_0_ln_1, tmp_sum77, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
+        d_h_0_attn_w = _tensordot(h_0_ln_1, tmp_sum77, dims=([0, 1], [1, 3])).permute(1, 2, 3, 0)
         if release:
             _release(release, h_0_ln_1)
 
@@ -2688,13 +2741,13 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     if _need_wte_weight or _need_wpe_weight or _need_h_0_ln_1_weight or _need_h_0_ln_1_bias:
         # dL/dh_0_ln_1 (through h_0_attn_k, h_0_attn_q, h_0_attn_v): d_h_0_ln_1[k0, k1, k2] = sum_{i1,i3}(d_h_0_attn_k[k0, i1, k1, i3]*h_0_attn_w[1, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_q[k0, i1, k1, i3]*h_0_attn_w[0, i1, i3, k2]) + sum_{i1,i3}(d_h_0_attn_v[k0, i1, k1, i3]*h_0_attn_w[2, i1, i3, k2])
         # the sum over the parts of h_0_attn_w as one product
-        d_h_0_ln_1 = torch.tensordot(tmp_sum77, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
+        d_h_0_ln_1 = _tensordot(tmp_sum77, h_0_attn_w, dims=([0, 2, 4], [0, 1, 2]))
         del tmp_sum77
         if release:
             _release(release, h_0_attn_w)
 
         # layer norm backward h_0_ln_1, in one call: d_emb_via_h_0_ln_1 = rstd * (g' - mean(g') - xhat * mean(g' * xhat)) over the last axis, g' = d_h_0_ln_1 * h_0_ln_1_weight; d_h_0_ln_1_weight = sum(d_h_0_ln_1 * xhat); d_h_0_ln_1_bias = sum(d_h_0_ln_1)
-        d_emb_via_h_0_ln_1, d_h_0_ln_1_weight, d_h_0_ln_1_bias = torch.ops.aten.native_layer_norm_backward(d_h_0_ln_1, emb, (32,), h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_1_weight, h_0_ln_1_bias, (True, True, True))
+        d_emb_via_h_0_ln_1, d_h_0_ln_1_weight, d_h_0_ln_1_bias = _layer_norm_backward(d_h_0_ln_1, emb, (32,), h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_1_weight, h_0_ln_1_bias, (True, True, True))
         del d_h_0_ln_1
         if release:
             _release(release, emb, h_0_ln_1_row_mean, h_0_ln_1_row_rstd)

@@ -960,3 +960,33 @@ def test_untaken_branches_give_no_nan_to_autograd(tmp_path, name) -> None:
         {k: v.detach() for k, v in ps.items()})
     for k, ref in zip(ps, want[0][1:], strict=True):
         assert torch.allclose(funcs[k], ref, rtol=1e-10, atol=1e-12), k
+
+
+@pytest.mark.parametrize("name", ["gpt_block", "tiny_gpt"])
+def test_attention_models_under_cpu_autocast(tmp_path, name) -> None:
+    """Under autocast an attention model's products come out in bfloat16 beside float32
+    parameters: torch.tensordot, einsum and the layer-norm kernels, which are no autocast
+    ops, refused the mix (RuntimeError in the forward, then in the backward). Now the
+    Model's step and loss_and_grad run, give float32 gradients and agree with float32's
+    to bfloat16's precision."""
+    tm = example_modules(tmp_path, name)["torch"]
+    gen = torch.Generator().manual_seed(0)
+    if name == "gpt_block":
+        batch = {"x": torch.randn(2, 8, 32, generator=gen), "t": torch.randn(2, 8, 32,
+                                                                            generator=gen)}
+    else:
+        batch = {"idx": torch.randint(0, 65, (2, 8), generator=gen),
+                 "y": torch.randint(0, 65, (2, 8), generator=gen)}
+    model = tm.Model(seed=1, dtype=torch.float32)
+    model(**batch).backward()
+    exact = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch)
+        _, lag = tm.loss_and_grad(dict(model.named_parameters()), **batch)
+    loss.backward()
+    for k, p in model.named_parameters():
+        for grad in (p.grad, lag[k]):
+            assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), k
+            scale = float(exact[k].abs().max()) or 1.0
+            assert float((grad - exact[k]).abs().max()) <= 0.1 * scale, k

@@ -60,6 +60,7 @@ class ArrayPrinter:
     module: str
     swap_last: str  # a method call swapping an array's last two axes
     tensordot_call: tuple[str, str]  # the library's tensordot and its axes keyword
+    tensordot_helpers: tuple[str, ...] = ()  # the template helpers that call needs
 
     def __init__(self, program: Program) -> None:
         self.program = program
@@ -399,6 +400,7 @@ class ArrayPrinter:
         call, keyword = self.tensordot_call
         dot = tensordot(op.subscripts, op.operands, call, keyword, self.transpose)
         if dot is not None:
+            self.helpers.update(self.tensordot_helpers)
             return dot
         return self.einsum_call(op)
 
@@ -547,7 +549,9 @@ class NumpyArrayPrinter(ArrayPrinter):
 class TorchArrayPrinter(ArrayPrinter):
     module = "torch"
     swap_last = ".transpose(-2, -1)"
-    tensordot_call = ("torch.tensordot", "dims")
+    # torch.tensordot is no autocast op: _tensordot casts operands that differ in dtype
+    tensordot_call = ("_tensordot", "dims")
+    tensordot_helpers = ("tensordot",)
 
     def _scalar_printer(self) -> TorchCodePrinter:
         return TorchCodePrinter()
@@ -562,12 +566,14 @@ class TorchArrayPrinter(ArrayPrinter):
         if not op.stats:
             return (f"torch.nn.functional.layer_norm({op.src}, {size}, {op.weight}, {bias}, "
                     f"{op.eps!r})")
-        return f"torch.native_layer_norm({op.src}, {size}, {op.weight}, {bias}, {op.eps!r})"
+        self.helpers.add("layer_norm")
+        return f"_layer_norm({op.src}, {size}, {op.weight}, {bias}, {op.eps!r})"
 
     def layer_norm_backward(self, op: LayerNormBackward) -> str:
         size = self.shape(self.program.shapes[op.src][-1:])
-        return (f"torch.ops.aten.native_layer_norm_backward({op.grad}, {op.src}, {size}, "
-                f"{op.mean}, {op.rstd}, {op.weight}, {op.bias or None}, {op.outputs!r})")
+        self.helpers.add("layer_norm_backward")
+        return (f"_layer_norm_backward({op.grad}, {op.src}, {size}, {op.mean}, {op.rstd}, "
+                f"{op.weight}, {op.bias or None}, {op.outputs!r})")
 
     def max_pool(self, op: MaxPool) -> str:
         call = (f"torch.nn.functional.max_pool{len(op.kernel)}d({op.src}, {op.kernel!r}, "
@@ -646,7 +652,8 @@ class TorchArrayPrinter(ArrayPrinter):
         return f"_narrow_matmul({left}, {right})"
 
     def einsum_call(self, op: Einsum) -> str:
-        return f"torch.einsum({op.subscripts!r}, {', '.join(op.operands)})"
+        self.helpers.add("einsum")
+        return f"_einsum({op.subscripts!r}, {', '.join(op.operands)})"
 
     def linear(self, op: Linear) -> str:
         p = op.product
