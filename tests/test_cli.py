@@ -360,3 +360,31 @@ def test_a_bad_memory_budget_setting_is_one_line(tmp_path, value) -> None:
                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2 and "SYMBACKPROP_MEMORY_MB" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_out_of_memory_inside_an_import_is_the_budget_message(monkeypatch) -> None:
+    """Past the cap, a lazy import inside sympy failed as OSError(ENOMEM) reading its
+    folder (seen once in a full run): a traceback, exit 1. At the cap it is the budget's
+    one line like a MemoryError; another OSError, or one below the cap, propagates."""
+    import errno
+
+    from symbackprop import budget
+
+    monkeypatch.setenv("SYMBACKPROP_MEMORY_MB", "1024")
+    enomem = OSError(errno.ENOMEM, "Cannot allocate memory")
+    base = 2**40  # (a cap far above what the test process uses)
+    at_cap = iter([base, 2**62])  # the address space before, then at the cap
+    monkeypatch.setattr(budget, "_address_space", lambda: next(at_cap))
+    with pytest.raises(budget.MemoryBudgetError, match="memory budget of 1024 MB"):
+        with budget.memory_cap("deriving"):
+            raise enomem
+    below = iter([base, base])
+    monkeypatch.setattr(budget, "_address_space", lambda: next(below))
+    with pytest.raises(OSError):
+        with budget.memory_cap("deriving"):
+            raise enomem
+    at_cap = iter([base, 2**62])
+    monkeypatch.setattr(budget, "_address_space", lambda: next(at_cap))
+    with pytest.raises(FileNotFoundError):
+        with budget.memory_cap("deriving"):
+            raise FileNotFoundError(errno.ENOENT, "no such file")

@@ -15,6 +15,7 @@ process had when it started, 4096 by default); past it, the command stops with o
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -124,13 +125,16 @@ def memory_cap(what: str) -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     try:
         yield
-    except (MemoryError, SystemError) as exc:
+    except (MemoryError, SystemError, OSError) as exc:
         # An allocation the limit refused surfaces as MemoryError, or, inside some C
-        # code (the import system, sympy's caches), as a SystemError; the latter counts
-        # only when the address space is at the cap, else it is a bug and propagates.
+        # code (the import system, sympy's caches), as a SystemError or an OSError with
+        # ENOMEM (a lazy import of sympy.physics reading its folder); those count only
+        # when the address space is at the cap, else they propagate.
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))  # room to look and report
+        if isinstance(exc, OSError) and exc.errno != errno.ENOMEM:
+            raise
         now = _address_space()
-        if isinstance(exc, SystemError) and (now is None or now < cap - _SLACK):
+        if not isinstance(exc, MemoryError) and (now is None or now < cap - _SLACK):
             raise
         raise MemoryBudgetError(
             f"symbackprop: {what} needed more than its memory budget of {limit_mb} MB; "
