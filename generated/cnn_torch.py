@@ -388,6 +388,23 @@ def _conv_input_grad(shape, kernel, g, stride, padding):
         None, stride, padding, (1,) * d, False, (0,) * d, 1, (True, False, False))[0]
 
 
+def _in_one_dtype(*arrays):
+    # Under autocast the arrays a fused kernel meets may differ in dtype (a product's
+    # bfloat16 output beside float32 parameters, an adjoint beside the (log-)softmax it
+    # goes through), which torch's layer-norm and softmax-backward kernels refuse. All
+    # go to the widest, as in the expression the kernel replaces and as F.layer_norm
+    # runs under autocast (in float32); outside autocast they agree and pass as they
+    # are. (None: no bias.)
+    present = [a for a in arrays if a is not None]
+    first = present[0].dtype
+    if all(a.dtype is first for a in present):
+        return arrays
+    dtype = first
+    for a in present[1:]:
+        dtype = torch.promote_types(dtype, a.dtype)
+    return tuple(None if a is None else a.to(dtype) for a in arrays)
+
+
 def _max_pool_backward(g, index, shape, d):
     # Zeros shaped like the pooling's input, each window's gradient added at its first
     # maximum's flat position in the last d axes (what max_pool2d's own backward does;
@@ -400,17 +417,8 @@ def _max_pool_backward(g, index, shape, d):
 def _log_softmax_backward(grad, out, dim):
     # grad - exp(out) * sum(grad, dim) in one kernel, autograd's own log-softmax
     # backward.
-    grad, out = _widest(grad, out)
+    grad, out = _in_one_dtype(grad, out)
     return torch._log_softmax_backward_data(grad, out, dim, out.dtype)
-
-
-def _widest(grad, out):
-    # Under autocast an adjoint and the (log-)softmax it meets may differ in dtype: both
-    # go to the wider one, as in the expression the fused kernel replaces.
-    if grad.dtype is out.dtype:
-        return grad, out
-    dtype = torch.promote_types(grad.dtype, out.dtype)
-    return grad.to(dtype), out.to(dtype)
 
 
 def _traced_ids(ids, classes, ignore):

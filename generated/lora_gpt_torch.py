@@ -1152,10 +1152,12 @@ def _tensordot(a, b, dims):
 
 
 def _in_one_dtype(*arrays):
-    # Under autocast a layer norm's input, parameters and adjoint may differ in dtype (a
-    # product's bfloat16 output, float32 parameters); torch's layer-norm kernels refuse
-    # that. All go to the widest, as F.layer_norm runs under autocast (in float32);
-    # outside autocast they agree and pass as they are. (None: no bias.)
+    # Under autocast the arrays a fused kernel meets may differ in dtype (a product's
+    # bfloat16 output beside float32 parameters, an adjoint beside the (log-)softmax it
+    # goes through), which torch's layer-norm and softmax-backward kernels refuse. All
+    # go to the widest, as in the expression the kernel replaces and as F.layer_norm
+    # runs under autocast (in float32); outside autocast they agree and pass as they
+    # are. (None: no bias.)
     present = [a for a in arrays if a is not None]
     first = present[0].dtype
     if all(a.dtype is first for a in present):
@@ -1189,24 +1191,15 @@ def _scatter_add(values, index, shape):
 
 def _softmax_backward(grad, out, dim):
     # out * (grad - sum(out * grad, dim)) in one kernel, autograd's own softmax backward.
-    grad, out = _widest(grad, out)
+    grad, out = _in_one_dtype(grad, out)
     return torch._softmax_backward_data(grad, out, dim, out.dtype)
 
 
 def _log_softmax_backward(grad, out, dim):
     # grad - exp(out) * sum(grad, dim) in one kernel, autograd's own log-softmax
     # backward.
-    grad, out = _widest(grad, out)
+    grad, out = _in_one_dtype(grad, out)
     return torch._log_softmax_backward_data(grad, out, dim, out.dtype)
-
-
-def _widest(grad, out):
-    # Under autocast an adjoint and the (log-)softmax it meets may differ in dtype: both
-    # go to the wider one, as in the expression the fused kernel replaces.
-    if grad.dtype is out.dtype:
-        return grad, out
-    dtype = torch.promote_types(grad.dtype, out.dtype)
-    return grad.to(dtype), out.to(dtype)
 
 
 def _traced_ids(ids, classes, ignore):
