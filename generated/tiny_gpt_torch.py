@@ -1115,18 +1115,15 @@ def _too_large(name, dim, size, limit, reason):
 def _same_dtype(*arrays):
     # tensordot and einsum are no autocast ops: under autocast an activation may be
     # bfloat16 (a product's output) where a parameter is float32, which they refuse.
-    # Operands that differ go to autocast's dtype where it is on, else to the wider one;
-    # outside autocast they agree and pass as they are.
+    # Operands that differ go to autocast's dtype where it is on (as a product would),
+    # else to the widest (_in_one_dtype); alike, they pass as they are.
     first = arrays[0].dtype
     if all(a.dtype is first for a in arrays):
         return arrays
     device = arrays[0].device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-    else:
-        dtype = first
-        for a in arrays[1:]:
-            dtype = torch.promote_types(dtype, a.dtype)
+    if not torch.is_autocast_enabled(device):
+        return _in_one_dtype(*arrays)
+    dtype = torch.get_autocast_dtype(device)
     return tuple(a.to(dtype) for a in arrays)
 
 

@@ -210,3 +210,18 @@ def test_compile_text_keeps_the_records_per_model() -> None:
     b = _lower(_with_leaves(two.derivation), seed_argument=True).layer_norms
     assert a == {"ln": ("x", "ln_mean", "ln_var", "ln_weight", "ln_bias", 1e-5)}
     assert b == {"ln": ("x", "ln_mean", "ln_var", "ln_weight", "", 1e-5)}
+
+
+def test_the_canonical_form_keeps_a_column_sum_inside_a_row_sum() -> None:
+    """Along a row a column sum varies (one value per feature): rowsum(colsum(g) x) is
+    not colsum(g) rowsum(x), and the pass's equality must not say it is; a row sum along
+    a row is a constant, and one that is taken out is."""
+    from symbackprop.ir.nodes import Program
+    from symbackprop.ir.passes.layer_norm import COLSUM, ROWSUM, _Evaluator, _same
+
+    ev = _Evaluator([], Program([], {}), {"x": "full", "g": "full", "w": "feat"}, 2, 4)
+    x, g, w = (ev.symbols[n] for n in ("x", "g", "w"))
+    assert not _same(ROWSUM(COLSUM(g) * x), COLSUM(g) * ROWSUM(x), ev)
+    assert not _same(ROWSUM(w * x), w * ROWSUM(x), ev)
+    assert _same(ROWSUM(ROWSUM(g) * x), ROWSUM(g) * ROWSUM(x), ev)
+    assert _same(ROWSUM(ROWSUM(g)), 4 * ROWSUM(g), ev)

@@ -541,6 +541,15 @@ def parse(text: object, variables: Mapping[str, sp.Expr]) -> sp.Expr:
     return to_sympy(parse_tree(text, variables), variables)
 
 
+def broadcast_back(value: Any, *inputs: Any) -> Any:
+    """A formula's torch value at its inputs' shape, as the modules compute it: a
+    reduction over an axis (``x - mean(x, axis=-1)``, ``sum(x, axis=-1)``) broadcasts
+    back."""
+    import torch
+
+    return value.expand(torch.broadcast_shapes(value.shape, *(i.shape for i in inputs)))
+
+
 def torch_eval(tree: ast.expr, variables: Mapping[str, Any], rank: int | None = None) -> Any:
     """Evaluate a checked tree with torch ops, for the autograd oracle. ``rank``: the
     formula's rank, which reduction axes count in (default: the variables' largest)."""

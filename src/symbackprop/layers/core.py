@@ -55,11 +55,10 @@ def activation_reference(act: ActivationSpec | None, x: Any) -> Any:
     if act is None:
         return x
     if act.type == "formula":
-        from ..formula import parse_tree, torch_eval
+        from ..formula import broadcast_back, parse_tree, torch_eval
 
         out = torch_eval(parse_tree(act.formula, {"x": None}), {"x": x})
-        # a reduction over an axis broadcasts back: the activation keeps x's shape
-        return out.expand(x.shape) if out.shape != x.shape else out
+        return broadcast_back(out, x)  # the activation keeps x's shape
     return ACTIVATIONS[act.type].reference(x, dict(act.params))
 
 

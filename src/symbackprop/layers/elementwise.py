@@ -82,11 +82,8 @@ class Elementwise(Layer):
 
     @classmethod
     def reference(cls, spec: LayerSpec, inputs: list[Any], params: Mapping[str, Any]) -> Any:
-        import torch
-
-        from ..formula import parse_tree, torch_eval
+        from ..formula import broadcast_back, parse_tree, torch_eval
 
         tree = parse_tree(spec.options["formula"], dict.fromkeys(spec.input_names))
         out = torch_eval(tree, dict(zip(spec.input_names, inputs, strict=True)))
-        # a reduction over an axis broadcasts back: the layer's shape is its inputs'
-        return out.expand(torch.broadcast_shapes(out.shape, *(i.shape for i in inputs)))
+        return broadcast_back(out, *inputs)  # the layer's shape is its inputs'

@@ -183,11 +183,12 @@ def _canonical(expr: sp.Expr, features: int, varying_in_row: set[sp.Symbol],
     factors constant along what it sums taken out (rowsum of a row constant k is C k),
     innermost first; then expanded. Two expressions equal this way are equal."""
 
-    def constant(factor: sp.Expr, varying: set[sp.Symbol], sums_vary: bool) -> bool:
-        if sums_vary and factor.has(ROWSUM, COLSUM):
+    def constant(factor: sp.Expr, varying: set[sp.Symbol], row: bool) -> bool:
+        # along a row, a row sum is constant and a column sum varies (one per feature);
+        # along a column, either is taken as varying (safe: at worst no match)
+        if factor.has(COLSUM) or (not row and factor.has(ROWSUM)):
             return False
-        masked = factor.replace(lambda e: isinstance(e, (ROWSUM, COLSUM)),
-                                lambda e: sp.Integer(1))
+        masked = factor.replace(lambda e: isinstance(e, ROWSUM), lambda e: sp.Integer(1))
         return not (masked.free_symbols & varying)
 
     def walk(e: sp.Expr) -> sp.Expr:
@@ -201,7 +202,7 @@ def _canonical(expr: sp.Expr, features: int, varying_in_row: set[sp.Symbol],
             for term in sp.Add.make_args(sp.expand(args[0])):
                 inside, outside = [], []
                 for factor in sp.Mul.make_args(term):
-                    (outside if constant(factor, varying, not row) else inside).append(factor)
+                    (outside if constant(factor, varying, row) else inside).append(factor)
                 rest = sp.Mul(*inside)
                 if rest == 1:
                     if not row:
@@ -372,8 +373,8 @@ def _backward(stmts: list[Assign], program: Program, ev: _Evaluator,
     def apply(result: list[Assign]) -> list[Assign]:
         op_back = LayerNormBackward(d_out, src, stats[0], stats[1], weight, bias,
                                     (bool(part), bool(grads[0]), bool(grads[1])))
-        names = [n for n in (part, *grads) if n]
-        new = Assign(names[0], op_back, comment, "backward", also=tuple(names[1:]))
+        results = [n for n in (part, *grads) if n]
+        new = Assign(results[0], op_back, comment, "backward", also=tuple(results[1:]))
         out_stmts: list[Assign] = []
         for n, s in enumerate(result):
             if n == first:
