@@ -502,6 +502,95 @@ def _conv_input(g, w, shape, stride, pad):
     return _conv(padded, flipped, (1,) * len(kernel), (0,) * len(kernel))
 
 
+def _dense_index(kernel, size, stride, pad, arange):
+    # A convolution's kernel (shape `kernel`) written out as the matrix of its map on one
+    # example: entry [o*P + i, c*S + h] is kernel[o, c, t] where s*i + t - p = h (P
+    # output positions i, S input positions h, each row-major), 0 where no tap t does.
+    # As index arrays from arange (the backend's, on the kernel's device), each with the
+    # mask of the entries that exist:
+    # - spread, axes (o, i..., c, h...): the flat kernel entry each matrix entry holds;
+    # - gather, axes (i..., o, c, t...): the flat matrix entry that kernel entry [o, c, t]
+    #   fills at position i (none where the tap reads the zero padding).
+    cout, cin, *taps = kernel
+    d = len(size)
+    positions = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, taps, stride, pad)]
+    count = extent = width = 1
+    for q, n, k in zip(positions, size, taps):
+        count, extent, width = count * q, extent * n, width * k
+
+    def along(n, axis):
+        # 0, 1, ..., n - 1 laid along one of the 2 + 2d axes
+        shape = [1] * (2 + 2 * d)
+        shape[axis] = n
+        return arange(n).reshape(shape)
+
+    tap = spread_on = 0
+    for j in range(d):
+        t = along(size[j], 2 + d + j) + pad[j] - stride[j] * along(positions[j], 1 + j)
+        inside = (t >= 0) & (t < taps[j])
+        spread_on = inside if j == 0 else spread_on & inside
+        tap = tap * taps[j] + t
+    spread = (along(cout, 0) * cin + along(cin, 1 + d)) * width + tap
+    at = read = gather_on = 0
+    for j in range(d):
+        i = along(positions[j], j)
+        h = stride[j] * i + along(taps[j], 2 + d + j) - pad[j]
+        inside = (h >= 0) & (h < size[j])
+        gather_on = inside if j == 0 else gather_on & inside
+        at, read = at * positions[j] + i, read * size[j] + h
+    gather = ((along(cout, d) * count + at) * (cin * extent) + along(cin, d + 1) * extent
+              + read)
+    return spread, spread_on, gather, gather_on, count
+
+
+# _dense_index's arrays per geometry, made once: spread as the matrix, gather one row per
+# output position, each entry that does not exist pointing one past the end of the array
+# it indexes, where a zero is appended.
+_DENSE_TABLES = {}
+
+
+def _dense_tables(kernel, size, stride, pad):
+    key = (kernel, size, stride, pad)
+    tables = _DENSE_TABLES.get(key)
+    if tables is None:
+        spread, spread_on, gather, gather_on, count = _dense_index(
+            kernel, size, stride, pad, numpy.arange)
+        spread = numpy.where(spread_on, spread, math.prod(kernel))
+        gather = numpy.where(gather_on, gather, spread.size)
+        tables = _DENSE_TABLES[key] = (spread.reshape(kernel[0] * count, -1),
+                                       gather.reshape(count, -1))
+    return tables
+
+
+def _dense_kernel(kernel, size, stride, pad):
+    # A small convolution's kernel written out as the matrix of its map on one example
+    # (see _dense_index): one gather of its entries, a zero appended for the entries no
+    # tap reaches.
+    spread, _ = _dense_tables(kernel.shape, size, stride, pad)
+    return numpy.concatenate([kernel.ravel(), numpy.zeros(1, kernel.dtype)])[spread]
+
+
+def _dense_conv(x, matrix, bias, shape):
+    # A small convolution as one matrix product: each example's input, flattened,
+    # against its kernel written out densely (_dense_kernel), plus each output channel's
+    # bias at each of its positions.
+    out = x.reshape(x.shape[0], -1) @ matrix.T
+    if bias is not None:
+        out += numpy.repeat(bias, matrix.shape[0] // bias.shape[0])
+    return out.reshape(shape)
+
+
+def _dense_conv_weight(x, g, kernel, size, stride, pad):
+    # dL/d(kernel) of a small convolution of x, from its output's adjoint g: the
+    # gradient of the kernel written out densely (the adjoint's rows against the input's,
+    # one matrix product), each kernel entry's matrix entries summed over the positions.
+    _, gather = _dense_tables(kernel, size, stride, pad)
+    n = x.shape[0]
+    rows = g.reshape(n, -1).T @ x.reshape(n, -1)
+    return numpy.concatenate([rows.ravel(), numpy.zeros(1, rows.dtype)])[gather].sum(
+        axis=0).reshape(kernel)
+
+
 def _log_softmax_backward(grad, out, axis):
     # grad - exp(out) * sum(grad) along the last axis (the only one the IR gives): one
     # row sum, one exponential, the product and the difference in place.
@@ -610,9 +699,12 @@ def forward(params, *, x):
     pool1 = pool1_top1
     del pool1_top1
 
+    # conv2_weight written out as the 64 x 128 matrix of its map on one example (a small convolution: matrix products instead of convolution calls)
+    conv2_weight_dense = _dense_kernel(conv2_weight, (4, 4), (1, 1), (0, 0))
+
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    conv2 = _conv(pool1, conv2_weight, (1, 1), (0, 0), conv2_bias)
-    del pool1
+    conv2 = _dense_conv(pool1, conv2_weight_dense, conv2_bias, (N, 16, 2, 2))
+    del pool1, conv2_weight_dense
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = numpy.maximum(conv2, 0)
@@ -652,9 +744,12 @@ def loss(params, *, x, label):
     pool1 = pool1_top1
     del pool1_top1
 
+    # conv2_weight written out as the 64 x 128 matrix of its map on one example (a small convolution: matrix products instead of convolution calls)
+    conv2_weight_dense = _dense_kernel(conv2_weight, (4, 4), (1, 1), (0, 0))
+
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    conv2 = _conv(pool1, conv2_weight, (1, 1), (0, 0), conv2_bias)
-    del pool1
+    conv2 = _dense_conv(pool1, conv2_weight_dense, conv2_bias, (N, 16, 2, 2))
+    del pool1, conv2_weight_dense
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = numpy.maximum(conv2, 0)
@@ -725,8 +820,11 @@ def loss_and_grad(params, *, x, label, wrt=None):
     pool1 = pool1_top1
     del pool1_top1
 
+    # conv2_weight written out as the 64 x 128 matrix of its map on one example (a small convolution: matrix products instead of convolution calls)
+    conv2_weight_dense = _dense_kernel(conv2_weight, (4, 4), (1, 1), (0, 0))
+
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    conv2 = _conv(pool1, conv2_weight, (1, 1), (0, 0), conv2_bias)
+    conv2 = _dense_conv(pool1, conv2_weight_dense, conv2_bias, (N, 16, 2, 2))
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = numpy.maximum(conv2, 0)
@@ -788,7 +886,7 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
     if _need_conv2_weight:
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        d_conv2_weight = _conv_weight(pool1, d_conv2, (3, 3), (1, 1), (0, 0))
+        d_conv2_weight = _dense_conv_weight(pool1, d_conv2, (16, 8, 3, 3), (4, 4), (1, 1), (0, 0))
         del pool1
 
     if _need_conv2_bias:
@@ -797,8 +895,8 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
     if _need_x or _need_conv1_weight or _need_conv1_bias:
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        d_pool1 = _conv_input(d_conv2, conv2_weight, (N, 8, 4, 4), (1, 1), (0, 0))
-        del d_conv2
+        d_pool1 = (d_conv2.reshape(N, -1) @ conv2_weight_dense).reshape(N, 8, 4, 4)
+        del conv2_weight_dense, d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1])
         d_relu1 = _max_pool_backward(d_pool1, pool1_arg1, (N, 8, 8, 8), 2)

@@ -388,6 +388,102 @@ def _conv_input_grad(shape, kernel, g, stride, padding):
         None, stride, padding, (1,) * d, False, (0,) * d, 1, (True, False, False))[0]
 
 
+def _dense_index(kernel, size, stride, pad, arange):
+    # A convolution's kernel (shape `kernel`) written out as the matrix of its map on one
+    # example: entry [o*P + i, c*S + h] is kernel[o, c, t] where s*i + t - p = h (P
+    # output positions i, S input positions h, each row-major), 0 where no tap t does.
+    # As index arrays from arange (the backend's, on the kernel's device), each with the
+    # mask of the entries that exist:
+    # - spread, axes (o, i..., c, h...): the flat kernel entry each matrix entry holds;
+    # - gather, axes (i..., o, c, t...): the flat matrix entry that kernel entry [o, c, t]
+    #   fills at position i (none where the tap reads the zero padding).
+    cout, cin, *taps = kernel
+    d = len(size)
+    positions = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, taps, stride, pad)]
+    count = extent = width = 1
+    for q, n, k in zip(positions, size, taps):
+        count, extent, width = count * q, extent * n, width * k
+
+    def along(n, axis):
+        # 0, 1, ..., n - 1 laid along one of the 2 + 2d axes
+        shape = [1] * (2 + 2 * d)
+        shape[axis] = n
+        return arange(n).reshape(shape)
+
+    tap = spread_on = 0
+    for j in range(d):
+        t = along(size[j], 2 + d + j) + pad[j] - stride[j] * along(positions[j], 1 + j)
+        inside = (t >= 0) & (t < taps[j])
+        spread_on = inside if j == 0 else spread_on & inside
+        tap = tap * taps[j] + t
+    spread = (along(cout, 0) * cin + along(cin, 1 + d)) * width + tap
+    at = read = gather_on = 0
+    for j in range(d):
+        i = along(positions[j], j)
+        h = stride[j] * i + along(taps[j], 2 + d + j) - pad[j]
+        inside = (h >= 0) & (h < size[j])
+        gather_on = inside if j == 0 else gather_on & inside
+        at, read = at * positions[j] + i, read * size[j] + h
+    gather = ((along(cout, d) * count + at) * (cin * extent) + along(cin, d + 1) * extent
+              + read)
+    return spread, spread_on, gather, gather_on, count
+
+
+# _dense_index's arrays per geometry and device, made once: (spread, its matrix's shape,
+# gather, the output's positions), each entry that does not exist pointing one past the
+# end of the array it indexes, where a zero is appended.
+_DENSE_TABLES = {}
+
+
+def _dense_tables(kernel, size, stride, pad, device):
+    key = (kernel, size, stride, pad, device)
+    tables = None if torch.compiler.is_compiling() else _DENSE_TABLES.get(key)
+    if tables is None:  # (while torch.compile traces: built in the graph, not kept)
+        spread, spread_on, gather, gather_on, count = _dense_index(
+            kernel, size, stride, pad, lambda n: torch.arange(n, device=device))
+        entries = 1
+        for n in kernel:
+            entries *= n
+        spread = torch.where(spread_on, spread, entries)
+        matrix = (kernel[0] * count, spread.numel() // (kernel[0] * count))
+        gather = torch.where(gather_on, gather, spread.numel())
+        tables = (spread.flatten(), matrix, gather.flatten(), count)
+        if not torch.compiler.is_compiling():
+            _DENSE_TABLES[key] = tables
+    return tables
+
+
+def _dense_kernel(kernel, size, stride, pad):
+    # A small convolution's kernel written out as the matrix of its map on one example
+    # (see _dense_index): one gather of its entries, a zero appended for the entries no
+    # tap reaches. Differentiable in the kernel.
+    spread, matrix, _, _ = _dense_tables(tuple(kernel.shape), size, stride, pad,
+                                         kernel.device)
+    entries = torch.cat([kernel.flatten(), kernel.new_zeros(1)])
+    return torch.index_select(entries, 0, spread).view(matrix)
+
+
+def _dense_conv(x, matrix, bias, shape):
+    # A small convolution as one matrix product: each example's input, flattened,
+    # against its kernel written out densely (_dense_kernel), plus each output channel's
+    # bias at each of its positions.
+    rows = x.flatten(1)
+    if bias is None:
+        return (rows @ matrix.T).view(shape)
+    per_channel = bias.unsqueeze(1).expand(-1, matrix.shape[0] // bias.shape[0])
+    return torch.addmm(per_channel.reshape(-1), rows, matrix.T).view(shape)
+
+
+def _dense_conv_weight(x, g, kernel, size, stride, pad):
+    # dL/d(kernel) of a small convolution of x, from its output's adjoint g: the
+    # gradient of the kernel written out densely (the adjoint's rows against the input's,
+    # one matrix product), each kernel entry's matrix entries summed over the positions.
+    _, _, gather, count = _dense_tables(kernel, size, stride, pad, g.device)
+    rows = g.flatten(1).T @ x.flatten(1)
+    entries = torch.cat([rows.flatten(), rows.new_zeros(1)])
+    return torch.index_select(entries, 0, gather).view(count, -1).sum(0).view(kernel)
+
+
 def _in_one_dtype(*arrays):
     # Under autocast the arrays a fused kernel meets may differ in dtype (a product's
     # bfloat16 output beside float32 parameters, an adjoint beside the (log-)softmax it
@@ -528,9 +624,12 @@ def forward(params, *, x):
     pool1 = pool1_top1
     del pool1_top1
 
+    # conv2_weight written out as the 64 x 128 matrix of its map on one example (a small convolution: matrix products instead of convolution calls)
+    conv2_weight_dense = _dense_kernel(conv2_weight, (4, 4), (1, 1), (0, 0))
+
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
-    del pool1
+    conv2 = _dense_conv(pool1, conv2_weight_dense, conv2_bias, (N, 16, 2, 2))
+    del pool1, conv2_weight_dense
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = torch.relu(conv2)
@@ -572,9 +671,12 @@ def loss(params, *, x, label):
     pool1 = pool1_top1
     del pool1_top1
 
+    # conv2_weight written out as the 64 x 128 matrix of its map on one example (a small convolution: matrix products instead of convolution calls)
+    conv2_weight_dense = _dense_kernel(conv2_weight, (4, 4), (1, 1), (0, 0))
+
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
-    del pool1
+    conv2 = _dense_conv(pool1, conv2_weight_dense, conv2_bias, (N, 16, 2, 2))
+    del pool1, conv2_weight_dense
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = torch.relu(conv2)
@@ -633,8 +735,11 @@ def loss_and_grad(params, *, x, label):
         pool1 = pool1_top1
         del pool1_top1
 
+        # conv2_weight written out as the 64 x 128 matrix of its map on one example (a small convolution: matrix products instead of convolution calls)
+        conv2_weight_dense = _dense_kernel(conv2_weight, (4, 4), (1, 1), (0, 0))
+
         # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-        conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
+        conv2 = _dense_conv(pool1, conv2_weight_dense, conv2_bias, (N, 16, 2, 2))
 
         # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
         relu2 = torch.relu(conv2)
@@ -692,15 +797,15 @@ def loss_and_grad(params, *, x, label):
         del conv2, d_relu2
 
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        d_conv2_weight = _conv_weight_grad(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
+        d_conv2_weight = _dense_conv_weight(pool1, d_conv2, (16, 8, 3, 3), (4, 4), (1, 1), (0, 0))
         del pool1
 
         # dL/dconv2_bias (through conv2): d_conv2_bias[k0] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3])
         d_conv2_bias = d_conv2.sum(dim=(0, 2, 3))
 
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        d_pool1 = _conv_input_grad((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
-        del d_conv2
+        d_pool1 = (d_conv2.flatten(1) @ conv2_weight_dense).view(N, 8, 4, 4)
+        del conv2_weight_dense, d_conv2
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1])
         d_relu1 = _max_pool_backward(d_pool1, pool1_arg1, (N, 8, 8, 8), 2)
@@ -753,8 +858,11 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     pool1 = pool1_top1
     del pool1_top1
 
+    # conv2_weight written out as the 64 x 128 matrix of its map on one example (a small convolution: matrix products instead of convolution calls)
+    conv2_weight_dense = _dense_kernel(conv2_weight, (4, 4), (1, 1), (0, 0))
+
     # conv2d 16 x 8 x 3 x 3, stride 1, 1, padding 0, 0 conv2: conv2[i0, i1, i2, i3] = conv2_bias[i1] + sum_{s0,s1,s2}(conv2_weight[i1, s0, s1, s2]*pool1[i0, s0, i2 + s1, i3 + s2])
-    conv2 = torch.nn.functional.conv2d(pool1, conv2_weight, conv2_bias, stride=(1, 1), padding=(0, 0))
+    conv2 = _dense_conv(pool1, conv2_weight_dense, conv2_bias, (N, 16, 2, 2))
 
     # relu relu2: relu2[i0, i1, i2, i3] = (conv2[i0, i1, i2, i3] if conv2[i0, i1, i2, i3] > 0 else 0)
     relu2 = torch.relu(conv2)
@@ -776,10 +884,10 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
     # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call
     loss = _nll_loss(fc_logp, label, -100)
-    return (loss, conv1, pool1_arg1, pool1, conv2, flat, fc_logp)
+    return (loss, conv1, pool1_arg1, pool1, conv2, flat, conv2_weight_dense, fc_logp)
 
 
-def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, conv1, pool1_arg1, pool1, conv2, flat, fc_logp):
+def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, conv1, pool1_arg1, pool1, conv2, flat, conv2_weight_dense, fc_logp):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -825,7 +933,7 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_conv2_weight:
         # dL/dconv2_weight (through conv2): d_conv2_weight[k0, k1, k2, k3] = sum_{i0,i2,i3}(d_conv2[i0, k0, i2, i3]*pool1[i0, k1, i2 + k2, i3 + k3])
-        d_conv2_weight = _conv_weight_grad(pool1, (16, 8, 3, 3), d_conv2, stride=(1, 1), padding=(0, 0))
+        d_conv2_weight = _dense_conv_weight(pool1, d_conv2, (16, 8, 3, 3), (4, 4), (1, 1), (0, 0))
         if release:
             _release(release, pool1)
 
@@ -835,8 +943,10 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
 
     if _need_x or _need_conv1_weight or _need_conv1_bias:
         # dL/dpool1 (through conv2): d_pool1[k0, k1, k2, k3] = sum_{i1,i2,i3,s1,s2}([k2 == i2 + s1]*[k3 == i3 + s2]*conv2_weight[i1, k1, s1, s2]*d_conv2[k0, i1, i2, i3])
-        d_pool1 = _conv_input_grad((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), padding=(0, 0))
+        d_pool1 = (d_conv2.flatten(1) @ conv2_weight_dense).view(N, 8, 4, 4)
         del d_conv2
+        if release:
+            _release(release, conv2_weight_dense)
 
         # dL/drelu1 (through pool1): d_relu1[k0, k1, k2, k3] = sum_{i2,i3,s0,s1}([k2 == 2*i2 + s0]*[k3 == 2*i3 + s1]*d_pool1[k0, k1, i2, i3]*pool1_ties1[k0, k1, i2, s0, i3, s1])
         d_relu1 = _max_pool_backward(d_pool1, pool1_arg1, (N, 8, 8, 8), 2)

@@ -407,18 +407,32 @@ def test_a_digit_delta_that_misses_the_last_rows_is_no_reshape() -> None:
 
 
 def test_conv_pass_makes_each_contraction_one_call() -> None:
+    """conv1 (its kernel written out densely: 512 x 64 entries) stays a convolution;
+    conv2 (64 x 128, at most DENSE_ENTRIES) becomes matrix products against its kernel
+    written out once, which the forward pass and the input gradient share."""
+    from symbackprop.ir.passes.conv import DENSE_ENTRIES
+
+    assert 64 * 128 <= DENSE_ENTRIES < 512 * 64
     model = compile_spec(EXAMPLES / "cnn.yaml")
     torch_src, numpy_src = model.source("torch"), model.source("numpy")
     for call in ("torch.nn.functional.conv2d(x, conv1_weight, conv1_bias, stride=(1, 1), "
                  "padding=(1, 1))",
                  "_conv_weight_grad(x, (8, 1, 3, 3), d_conv1, stride=(1, 1), padding=(1, 1))",
-                 "_conv_input_grad((N, 8, 4, 4), conv2_weight, d_conv2, stride=(1, 1), "
-                 "padding=(0, 0))",
+                 "conv2_weight_dense = _dense_kernel(conv2_weight, (4, 4), (1, 1), (0, 0))",
+                 "conv2 = _dense_conv(pool1, conv2_weight_dense, conv2_bias, (N, 16, 2, 2))",
+                 "d_pool1 = (d_conv2.flatten(1) @ conv2_weight_dense).view(N, 8, 4, 4)",
+                 "_dense_conv_weight(pool1, d_conv2, (16, 8, 3, 3), (4, 4), (1, 1), (0, 0))",
                  "torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2))"):
         assert call in torch_src, call
     assert "einsum" not in torch_src
-    assert "_conv(x, conv1_weight, (1, 1), (1, 1), conv1_bias)" in numpy_src
-    assert "_conv_input(d_conv2, conv2_weight, (N, 8, 4, 4), (1, 1), (0, 0))" in numpy_src
+    for call in ("_conv(x, conv1_weight, (1, 1), (1, 1), conv1_bias)",
+                 "conv2 = _dense_conv(pool1, conv2_weight_dense, conv2_bias, (N, 16, 2, 2))",
+                 "d_pool1 = (d_conv2.reshape(N, -1) @ conv2_weight_dense).reshape(N, 8, 4, 4)"):
+        assert call in numpy_src, call
+    # written out once per function, read by both the forward pass and the input gradient
+    lag = torch_src[torch_src.index("def loss_and_grad"):]
+    lag = lag[:lag.index("\ndef ")]
+    assert lag.count("_dense_kernel(") == 1
 
 
 def test_windows_print_as_strided_views() -> None:

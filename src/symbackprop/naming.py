@@ -116,6 +116,12 @@ def layer_part(layer: str, part: str) -> str:
     return f"{layer}_{part}"
 
 
+def dense_kernel(kernel: str) -> str:
+    """A small convolution's kernel written out as the dense matrix of its map on one
+    example: ``conv2_weight_dense``."""
+    return f"{kernel}_dense"
+
+
 def positions(layer: str) -> str:
     """The integer positions 0..T-1 a position embedding reads its rows at."""
     return f"{layer}_positions"

@@ -16,6 +16,7 @@ import sympy as sp
 from ..ir.nodes import (
     Assign,
     Conv,
+    DenseKernel,
     Einsum,
     Full,
     Gather,
@@ -256,7 +257,10 @@ class ArrayPrinter:
             self.helpers.add("scatter_add")
             return f"_scatter_add({op.values}, {op.index}, {self.shape(op.shape)})"
         if isinstance(op, Conv):
-            return self.conv(op)
+            return self.dense_conv(op) if op.dense else self.conv(op)
+        if isinstance(op, DenseKernel):
+            self.helpers.add("dense_kernel")
+            return f"_dense_kernel({op.kernel}, {op.size!r}, {op.stride!r}, {op.pad!r})"
         if isinstance(op, MaxPool):
             return self.max_pool(op)
         if isinstance(op, TakeAt):
@@ -336,7 +340,28 @@ class ArrayPrinter:
         return (f"_layer_norm_backward({op.grad}, {op.src}, {op.mean}, {op.rstd}, "
                 f"{op.weight}, {op.outputs!r})")
 
+    def dense_conv(self, op: Conv) -> str:
+        """A small convolution (or a gradient of one) as matrix products against its
+        kernel written out densely (a :class:`DenseKernel`): each example's array
+        flattened to one row."""
+        if op.mode == "forward":
+            self.helpers.add("dense_conv")
+            return f"_dense_conv({op.a}, {op.matrix}, {op.bias or None}, {self.shape(op.shape)})"
+        if op.mode == "weight":
+            self.helpers.add("dense_conv_weight")
+            size = self.shape(self.program.shapes[op.a][2:])
+            return (f"_dense_conv_weight({op.a}, {op.b}, {self.shape(op.shape)}, {size}, "
+                    f"{op.stride!r}, {op.pad!r})")
+        rows = self.flat_rows(op.a, self.scalar.doprint(op.shape[0]))
+        return f"({rows} @ {op.matrix}).{self.reshape_method}{self.shape(op.shape)}"
+
     # backend hooks
+    reshape_method: str  # what reshapes a contiguous array without a copy
+
+    def flat_rows(self, name: str, rows: str) -> str:
+        """``name`` with every axis after the first flattened into one."""
+        raise NotImplementedError
+
     def conv(self, op: Conv) -> str:
         raise NotImplementedError
 
@@ -459,6 +484,11 @@ class NumpyArrayPrinter(ArrayPrinter):
         self.helpers.add(helper)
         return f"_{helper}({op.src}, {op.kernel!r}, {op.stride!r})"
 
+    reshape_method = "reshape"
+
+    def flat_rows(self, name: str, rows: str) -> str:
+        return f"{name}.reshape({rows}, -1)"
+
     def conv(self, op: Conv) -> str:
         # numpy has no convolution: helpers over strided windows (see the template)
         geometry = f"{op.stride!r}, {op.pad!r}"
@@ -579,6 +609,11 @@ class TorchArrayPrinter(ArrayPrinter):
         call = (f"torch.nn.functional.max_pool{len(op.kernel)}d({op.src}, {op.kernel!r}, "
                 f"{op.stride!r}")
         return f"{call}, return_indices=True)[1]" if op.indices else f"{call})"
+
+    reshape_method = "view"
+
+    def flat_rows(self, name: str, rows: str) -> str:
+        return f"{name}.flatten(1)"
 
     def conv(self, op: Conv) -> str:
         d = len(op.stride)

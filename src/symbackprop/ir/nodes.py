@@ -32,6 +32,7 @@ Ops:
 * :class:`WindowAdd` — windows added back at their positions (the adjoint of a
   :class:`Window` view: a convolution's input gradient, a pooling's);
 * :class:`Conv` — a convolution or one of its two gradients (a pass forms it);
+* :class:`DenseKernel` — a small convolution's kernel as a dense matrix (the same pass);
 * :class:`MaxPool` — the maximum of each window (a max over a window read);
 * :class:`Stack` — arrays stacked along a new axis (the adjoint of fixed-index reads);
 * :class:`LayerNorm` / :class:`LayerNormBackward` — a layer norm over the last axis and
@@ -482,10 +483,36 @@ class Conv:
     pad: tuple[int, ...]
     shape: tuple[sp.Expr, ...]
     bias: str = ""
+    #: computed as matrix products against the kernel written out densely (see
+    #: :class:`DenseKernel`); ``matrix`` names that array (forward and input modes)
+    dense: bool = False
+    matrix: str = ""
 
     @property
     def reads(self) -> frozenset[str]:
-        return frozenset({self.a, self.b} | ({self.bias} if self.bias else set()))
+        return frozenset({self.a, self.b} | ({self.bias} if self.bias else set())
+                         | ({self.matrix} if self.matrix else set()))
+
+
+@dataclass(frozen=True)
+class DenseKernel:
+    """A convolution's kernel written out as the matrix of the linear map it applies to
+    one example: ``out[o*P + i, c*S + h] = kernel[o, c, t]`` where ``h = s*i + t - p``
+    (per spatial axis) lies inside the input, else 0. ``i`` runs over the output's ``P``
+    positions, ``h`` over the input's ``S`` (``size``), both row-major, as the
+    examples' arrays flatten. The conv pass forms it for a convolution small enough
+    that one matrix product beats a convolution call; the forward convolution is then
+    ``x.flatten(1) @ out.T`` and the input gradient ``g.flatten(1) @ out``."""
+
+    kernel: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    pad: tuple[int, ...]
+    shape: tuple[sp.Expr, ...]
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return frozenset({self.kernel})
 
 
 @dataclass(frozen=True)
@@ -599,7 +626,8 @@ class LayerNormBackward:
 
 Op = (Map | Reduce | MatMul | Einsum | Linear | LogSoftmax | Softmax | SoftmaxBackward
       | LogSoftmaxBackward | NllLoss | NllLossBackward | Full | Seed | ScatterAdd | WindowAdd
-      | Conv | MaxPool | MaxPoolBackward | TakeAt | Stack | LayerNorm | LayerNormBackward)
+      | Conv | DenseKernel | MaxPool | MaxPoolBackward | TakeAt | Stack | LayerNorm
+      | LayerNormBackward)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from ..ir.nodes import (
     AnyView,
     Assign,
     Conv,
+    DenseKernel,
     Einsum,
     Full,
     Gather,
@@ -375,7 +376,7 @@ class ProgramPrinter:
             return (*src[:-d], *pooled)
         if isinstance(op, TakeAt):
             return self.shape(op.index)
-        if isinstance(op, Full | ScatterAdd | WindowAdd | Conv | MaxPoolBackward):
+        if isinstance(op, Full | ScatterAdd | WindowAdd | Conv | DenseKernel | MaxPoolBackward):
             return tuple(op.shape)
         if isinstance(op, Stack):
             part = next(self.shape(p) for p in op.parts if p is not None)
@@ -670,6 +671,19 @@ class ProgramPrinter:
         term = where * self.ref(op.a, [n, o, *pos]) * self.ref(op.b, [o, c, *taps])
         return self._sum([(o, grad[1]), *zip(pos, grad[2:], strict=True),
                           *zip(taps, kernel[2:], strict=True)], term)
+
+    def _DenseKernel(self, op: DenseKernel, axes: list[sp.Expr]) -> sp.Expr:
+        # entry [o P + i, c S + h]: the tap t of kernel[o, c] with s i + t - p = h
+        cout, cin, *taps = self.shape(op.kernel)
+        positions = [(n + 2 * p - k) // st + 1 for n, k, st, p in
+                     zip(op.size, taps, op.stride, op.pad, strict=True)]
+        o, *pos = _unflat(axes[0], [cout, *positions])
+        c, *at = _unflat(axes[1], [cin, *op.size])
+        t = [sum_index(k) for k in range(len(taps))]
+        where = sp.Mul(*(Iverson(sp.Eq(st * i + tk - p, h)) for st, p, i, tk, h in
+                         zip(op.stride, op.pad, pos, t, at, strict=True)))
+        return self._sum(list(zip(t, taps, strict=True)),
+                         where * self.ref(op.kernel, [o, c, *t]))
 
     def _MaxPool(self, op: MaxPool, axes: list[sp.Expr]) -> sp.Expr:
         d = len(op.kernel)
