@@ -386,10 +386,10 @@ def _max_pool(x, kernel, stride):
 
 
 def _max_pool_indices(x, kernel, stride):
-    # Where each window's first maximum lies, as the flat position h * W + w in the
-    # trailing axes (what torch's max pooling returns with return_indices=True): the
-    # taps are visited row-major and a later one wins only where it is larger, or NaN,
-    # by torch's own rule.
+    # The maximum of each window and where its first maximum lies, as the flat position
+    # h * W + w in the trailing axes (what torch's max pooling returns with
+    # return_indices=True): the taps are visited row-major and a later one wins only
+    # where it is larger, or NaN, by torch's own rule.
     d = len(kernel)
     sizes = x.shape[x.ndim - d:]
     best = index = None
@@ -406,15 +406,7 @@ def _max_pool_indices(x, kernel, stride):
         better = (part > best) | numpy.isnan(part)
         numpy.copyto(best, part, where=better)
         numpy.copyto(index, flat, where=better)
-    return index
-
-
-def _take_at(x, index, d):
-    # x read at the flat positions index of its last d axes (a max pooling's values at
-    # its arg-max indices).
-    flat = numpy.take_along_axis(x.reshape(*x.shape[:x.ndim - d], -1),
-                                 index.reshape(*index.shape[:index.ndim - d], -1), -1)
-    return flat.reshape(index.shape)
+    return best, index
 
 
 def _max_pool_backward(g, index, shape, d):
@@ -809,11 +801,9 @@ def loss_and_grad(params, *, x, label, wrt=None):
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = numpy.maximum(conv1, 0)
 
-    # max over each 2 x 2 window (where its first maximum lies, as a flat position; no gradient) pool1: pool1_arg1[i0, i1, i2, i3] = argmax_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_arg1 = _max_pool_indices(relu1, (2, 2), (2, 2))
-
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = _take_at(relu1, pool1_arg1, 2)
+    # max over each 2 x 2 window (where its first maximum lies, as a flat position; no gradient) pool1: pool1_arg1[i0, i1, i2, i3] = argmax_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
+    pool1_top1, pool1_arg1 = _max_pool_indices(relu1, (2, 2), (2, 2))
     del relu1
 
     # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])

@@ -358,12 +358,6 @@ def _unwrapped(tensor):
     return tensor
 
 
-def _take_at(x, index, d):
-    # x read at the flat positions index of its last d axes (a max pooling's values at
-    # its arg-max indices): one gather, differentiable in x.
-    return torch.gather(x.flatten(-d), -1, index.flatten(-d)).view(index.shape)
-
-
 def _conv_weight_grad(x, shape, g, stride, padding):
     # dL/d(kernel) of a convolution of x, from its output's adjoint g: a correlation of x
     # with g. aten's convolution_backward as torch.nn.grad.conv*d_weight calls it. The
@@ -724,11 +718,9 @@ def loss_and_grad(params, *, x, label):
         # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
         relu1 = torch.relu(conv1)
 
-        # max over each 2 x 2 window (where its first maximum lies, as a flat position; no gradient) pool1: pool1_arg1[i0, i1, i2, i3] = argmax_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-        pool1_arg1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2), return_indices=True)[1]
-
         # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-        pool1_top1 = _take_at(relu1, pool1_arg1, 2)
+        # max over each 2 x 2 window (where its first maximum lies, as a flat position; no gradient) pool1: pool1_arg1[i0, i1, i2, i3] = argmax_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
+        pool1_top1, pool1_arg1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2), return_indices=True)
         del relu1
 
         # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
@@ -847,11 +839,9 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     # relu relu1: relu1[i0, i1, i2, i3] = (conv1[i0, i1, i2, i3] if conv1[i0, i1, i2, i3] > 0 else 0)
     relu1 = torch.relu(conv1)
 
-    # max over each 2 x 2 window (where its first maximum lies, as a flat position; no gradient) pool1: pool1_arg1[i0, i1, i2, i3] = argmax_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_arg1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2), return_indices=True)[1]
-
     # max over each 2 x 2 window (the maximum itself) pool1: pool1_top1[i0, i1, i2, i3] = max_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
-    pool1_top1 = _take_at(relu1, pool1_arg1, 2)
+    # max over each 2 x 2 window (where its first maximum lies, as a flat position; no gradient) pool1: pool1_arg1[i0, i1, i2, i3] = argmax_{s0,s1}(relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])
+    pool1_top1, pool1_arg1 = torch.nn.functional.max_pool2d(relu1, (2, 2), (2, 2), return_indices=True)
     del relu1
 
     # max over each 2 x 2 window pool1: pool1[i0, i1, i2, i3] = sum_{s0,s1}(pool1_ties1[i0, i1, i2, s0, i3, s1]*relu1[i0, i1, 2*i2 + s0, 2*i3 + s1])

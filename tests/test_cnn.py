@@ -260,17 +260,20 @@ def test_max_pool_routes_a_tied_window_to_its_first_maximum_as_torch(tmp_path) -
 
 def test_max_pool_indices_follow_torch_with_nan_and_infinities(tmp_path) -> None:
     """The numpy helper picks the arg-max as torch does: the first maximum, a NaN wins
-    (the last NaN of a window), a window of -inf keeps its first position."""
+    (the last NaN of a window), a window of -inf keeps its first position; the maxima it
+    returns with them are torch's too."""
     _, modules = build(tmp_path, TIES)
     helper = modules["numpy"]._max_pool_indices
     x = np.random.default_rng(3).integers(0, 2, size=(2, 3, 7, 6)).astype(float)
     x[0, 0, :3, :3] = -np.inf
     x[0, 1, 1, 1] = x[0, 1, 2, 0] = np.nan
     x[1, 2, 4:, 2:] = np.inf
-    _, ref = F.max_pool2d(torch.from_numpy(x), 3, stride=2, return_indices=True)
-    assert np.array_equal(helper(x, (3, 3), (2, 2)), ref.numpy())
-    _, ref = F.max_pool2d(torch.from_numpy(x), (2, 3), stride=(1, 2), return_indices=True)
-    assert np.array_equal(helper(x, (2, 3), (1, 2)), ref.numpy())
+    for kernel, stride in (((3, 3), (2, 2)), ((2, 3), (1, 2))):
+        top, ref = F.max_pool2d(torch.from_numpy(x), kernel, stride=stride,
+                                return_indices=True)
+        values, indices = helper(x, kernel, stride)
+        assert np.array_equal(indices, ref.numpy())
+        assert np.array_equal(values, top.numpy(), equal_nan=True)
 
 
 def test_input_gradient_of_a_convolution(tmp_path) -> None:
@@ -594,11 +597,11 @@ def _pool_program(values_body: str, *, one_hot: bool = True,
 def test_max_pool_pass_forms_one_scatter_only_for_the_exact_product() -> None:
     stmts, program = _pool_program("g*ties")
     out = max_pool(stmts, program, {"d", "top"})
-    assert [s.target for s in out] == ["arg", "top", "d"]
-    assert out[0].op == MaxPool("x", (2, 2), (2, 2), indices=True)
-    assert out[1].op == TakeAt("x", "arg", 2)  # the maxima read at the indices
-    assert out[2].op == MaxPoolBackward("g", "arg", (2, 2), (2, 2), (2, 3, 4, 6))
-    assert "dL/dx" in out[2].comment
+    assert [s.targets for s in out] == [("top", "arg"), ("d",)]
+    # the maxima and their indices from one pooling
+    assert out[0].op == MaxPool("x", (2, 2), (2, 2)) and out[0].also == ("arg",)
+    assert out[1].op == MaxPoolBackward("g", "arg", (2, 2), (2, 2), (2, 3, 4, 6))
+    assert "dL/dx" in out[1].comment
     # not the product of the gradient and the ties alone, not a one-hot, other windows,
     # or the product wanted itself: the window-add stays
     for body, kwargs in (("2*g*ties", {}), ("g*ties", {"one_hot": False}),
@@ -615,9 +618,12 @@ def test_max_pool_pass_forms_one_scatter_only_for_the_exact_product() -> None:
 
 
 def test_max_pool_pass_computes_the_indices_once_before_the_values() -> None:
-    """Whatever order the lowering wrote them in, the indices come first and once, the
-    maxima read at them."""
+    """Whatever order the lowering wrote them in, the pooling runs once: the indices
+    join the maxima's statement, or, where they come first, the maxima are read at
+    them."""
     stmts, program = _pool_program("g*ties")
+    out = max_pool(stmts, program, {"d", "top"})
+    assert [s.targets for s in out] == [("top", "arg"), ("d",)]
     stmts = [stmts[1], stmts[0], *stmts[2:]]  # the indices before the maxima
     out = max_pool(stmts, program, {"d", "top"})
     assert [s.target for s in out] == ["arg", "top", "d"]

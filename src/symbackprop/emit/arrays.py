@@ -262,7 +262,8 @@ class ArrayPrinter:
             self.helpers.add("dense_kernel")
             return f"_dense_kernel({op.kernel}, {op.size!r}, {op.stride!r}, {op.pad!r})"
         if isinstance(op, MaxPool):
-            return self.max_pool(op)
+            # with ``also``: the maxima and their indices from one call
+            return self.max_pool(op, both=bool(stmt.also))
         if isinstance(op, TakeAt):
             self.helpers.add("take_at")
             return f"_take_at({op.src}, {op.index}, {op.d})"
@@ -365,7 +366,8 @@ class ArrayPrinter:
     def conv(self, op: Conv) -> str:
         raise NotImplementedError
 
-    def max_pool(self, op: MaxPool) -> str:
+    def max_pool(self, op: MaxPool, *, both: bool = False) -> str:
+        """The maxima, or (``op.indices``) their indices, or (``both``) the two."""
         raise NotImplementedError
 
     def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
@@ -479,10 +481,13 @@ class NumpyArrayPrinter(ArrayPrinter):
     def pad(self, code: str, pads: list[tuple[int, int]]) -> str:
         return f"numpy.pad({code}, {tuple(pads)!r})"
 
-    def max_pool(self, op: MaxPool) -> str:
-        helper = "max_pool_indices" if op.indices else "max_pool"
-        self.helpers.add(helper)
-        return f"_{helper}({op.src}, {op.kernel!r}, {op.stride!r})"
+    def max_pool(self, op: MaxPool, *, both: bool = False) -> str:
+        if both or op.indices:
+            self.helpers.add("max_pool_indices")
+            call = f"_max_pool_indices({op.src}, {op.kernel!r}, {op.stride!r})"
+            return call if both else f"{call}[1]"
+        self.helpers.add("max_pool")
+        return f"_max_pool({op.src}, {op.kernel!r}, {op.stride!r})"
 
     reshape_method = "reshape"
 
@@ -605,9 +610,11 @@ class TorchArrayPrinter(ArrayPrinter):
         return (f"_layer_norm_backward({op.grad}, {op.src}, {size}, {op.mean}, {op.rstd}, "
                 f"{op.weight}, {op.bias or None}, {op.outputs!r})")
 
-    def max_pool(self, op: MaxPool) -> str:
+    def max_pool(self, op: MaxPool, *, both: bool = False) -> str:
         call = (f"torch.nn.functional.max_pool{len(op.kernel)}d({op.src}, {op.kernel!r}, "
                 f"{op.stride!r}")
+        if both:
+            return f"{call}, return_indices=True)"
         return f"{call}, return_indices=True)[1]" if op.indices else f"{call})"
 
     reshape_method = "view"

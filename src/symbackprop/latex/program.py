@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import sympy as sp
 from sympy.logic.boolalg import BooleanFunction
@@ -459,6 +460,9 @@ class ProgramPrinter:
             return [(stmt.target, axes, out), (mean, stat_axes, m),
                     (rstd, stat_axes, 1 / sp.sqrt(v + sp.Float(op.eps)))]
         axes, expr = self.expression(stmt)
+        if isinstance(op, MaxPool) and stmt.also:  # the maxima, then their indices
+            return [(stmt.target, axes, expr),
+                    (stmt.also[0], axes, self._MaxPool(replace(op, indices=True), list(axes)))]
         return [(stmt.target, axes, expr)]
 
     def rows(self, stmt: Assign) -> list[tuple[str, str]]:

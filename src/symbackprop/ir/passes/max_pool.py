@@ -9,8 +9,9 @@ lowering from the graph), so the same numbers come from adding each ``g`` at its
 window's arg-max position: no ties array of the windows' size, no product, one kernel
 (numpy: a bincount; torch: ``scatter_add_``, what ``max_pool2d``'s own backward does).
 
-Where a function computes both a pooling's maxima and its arg-max indices, the indices
-are computed once, first, and the maxima read at them (:class:`~..nodes.TakeAt`).
+Where a function computes both a pooling's maxima and its arg-max indices, one pooling
+gives both (the statement's ``also`` names the indices): torch's ``max_pool2d`` computes
+them in one pass, and numpy's helper finds the maxima on the way to the indices.
 
 The backward rule fires only on that exact shape: a window-add of a product of two
 reads, one the ties as they are, the other an array laid out on the windows' positions
@@ -48,9 +49,9 @@ def max_pool(stmts: list[Assign], program: Program, protected: set[str]) -> list
 
 
 def _values_at_indices(stmts: list[Assign]) -> list[Assign]:
-    """A pooling's maximum and its arg-max indices, both wanted: one pooling for the
-    indices, the maxima read at them (torch's max_pool2d computes both in one pass; a
-    second call for the values alone would cost as much again)."""
+    """A pooling's maxima and its arg-max indices, both wanted: one statement with both
+    results, at the maxima's place (a second pooling for the values alone would cost
+    as much again, and reading them at the indices another gather)."""
     indices = {(s.op.src, s.op.kernel, s.op.stride): s for s in stmts
                if isinstance(s.op, MaxPool) and s.op.indices}
     if not indices:
@@ -60,14 +61,15 @@ def _values_at_indices(stmts: list[Assign]) -> list[Assign]:
     for stmt in stmts:
         op = stmt.op
         if stmt.target in placed:
-            continue  # indices moved up to the values they give
+            continue  # indices moved up to the values they come with
         arg = indices.get((op.src, op.kernel, op.stride)) if (
-            isinstance(op, MaxPool) and not op.indices) else None
+            isinstance(op, MaxPool) and not op.indices and not stmt.also) else None
         if arg is not None and arg.target not in placed:
             # the indices move up to the values' place: they read only the pooled array
-            out.append(replace(arg, phase=stmt.phase))
+            stmt = replace(stmt, also=(arg.target,),
+                           comment=join_comments(stmt.comment, arg.comment))
             placed.add(arg.target)
-        if arg is not None:
+        elif arg is not None:  # the indices came first: the values are read at them
             stmt = replace(stmt, op=TakeAt(op.src, arg.target, len(op.kernel)))
         out.append(stmt)
         placed.add(stmt.target)
