@@ -592,23 +592,26 @@ def _log_softmax_backward(grad, out, axis):
     return result
 
 
-def _nll_loss(logp, ids, ignore):
+def _nll_loss(logp, ids, ignore, count=False):
     # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
-    # NaN when none is counted), as torch's nll_loss, in logp's dtype.
+    # NaN when none is counted), as torch's nll_loss, in logp's dtype. With count, also
+    # how many rows are counted, for the backward.
     rows, flat = logp.reshape(-1, logp.shape[-1]), ids.reshape(-1)
     counted = numpy.flatnonzero(flat != ignore)
-    return numpy.divide(-rows[counted, flat[counted]].sum(), counted.size, dtype=logp.dtype)
+    loss = numpy.divide(-rows[counted, flat[counted]].sum(), counted.size, dtype=logp.dtype)
+    return (loss, counted.size) if count else loss
 
 
-def _nll_loss_backward(seed, logp, ids, ignore):
-    # -seed / count at each counted row's id, 0 elsewhere: nll_loss's adjoint. The
-    # gradient is made row-major (logp may be a transposed view), so that its rows are a
-    # view the ids write through.
+def _nll_loss_backward(seed, logp, ids, ignore, count=None):
+    # -seed / count at each counted row's id, 0 elsewhere: nll_loss's adjoint (count: how
+    # many rows are counted, as _nll_loss gave it; None: counted here). The gradient is
+    # made row-major (logp may be a transposed view), so that its rows are a view the ids
+    # write through.
     grad = numpy.zeros(logp.shape, dtype=logp.dtype)
     rows, flat = grad.reshape(-1, grad.shape[-1]), ids.reshape(-1)
     counted = numpy.flatnonzero(flat != ignore)
     if counted.size:
-        rows[counted, flat[counted]] = -seed / counted.size
+        rows[counted, flat[counted]] = -seed / (counted.size if count is None else count)
     return grad
 
 
@@ -834,8 +837,8 @@ def loss_and_grad(params, *, x, label, wrt=None):
     # the target class's logit loss: fc_picked[i0] = sum_{s1}((fc[i0, s1] if s1 == label[i0] else 0))
     # rows counted loss: fc_count[] = sum_{s0}((1 if Ne(label[s0], -100) else 0))
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call
-    loss = _nll_loss(fc_logp, label, -100)
+    # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call (and fc_count, how many rows are counted)
+    loss, fc_count = _nll_loss(fc_logp, label, -100, count=True)
 
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
     # the seed: dL/dL = 1, in the loss's dtype
@@ -843,8 +846,8 @@ def loss_and_grad(params, *, x, label, wrt=None):
 
     # dL/dfc_picked (through loss): d_fc_picked[k0] = (-d_loss/fc_count if Ne(label[k0], -100) else 0)
     # dL/dfc_logp: -dL/count at each counted row's id, 0 elsewhere
-    d_fc_logp = _nll_loss_backward(d_loss, fc_logp, label, -100)
-    del d_loss
+    d_fc_logp = _nll_loss_backward(d_loss, fc_logp, label, -100, fc_count)
+    del fc_count, d_loss
 
     # dL/dfc_lse (through loss): d_fc_lse[k0] = (d_loss/fc_count if Ne(label[k0], -100) else 0)
     # dL/dfc (through fc_lse, fc_picked): d_fc[k0, k1] = (d_fc_picked[k0] if k1 == label[k0] else 0) + exp(fc[k0, k1] - fc_lse[k0])*d_fc_lse[k0]

@@ -521,18 +521,24 @@ def _traced_ids(ids, classes, ignore):
     return torch.where((ids >= 0) & (ids < classes), ids, ignore)
 
 
-def _nll_loss(logp, ids, ignore):
+def _nll_loss(logp, ids, ignore, count=False):
     # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
-    # NaN when none is counted): torch's own nll_loss, over the rows.
+    # NaN when none is counted): torch's own nll_loss, over the rows. With count, also
+    # how many rows are counted (in logp's dtype), which the kernel finds on the way and
+    # its backward reads.
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
+    if count:
+        return torch.ops.aten.nll_loss_forward(rows, flat, None, 1, ignore)  # 1: "mean"
     return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
 
 
-def _nll_loss_backward(seed, logp, ids, ignore):
+def _nll_loss_backward(seed, logp, ids, ignore, count=None):
     # -seed / count at each counted row's id, 0 elsewhere: autograd's own nll_loss
-    # backward, over the rows.
+    # backward, over the rows. count: how many rows are counted, as _nll_loss gave it
+    # (None: counted here).
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
-    count = (flat != ignore).sum().to(logp.dtype)
+    if count is None:
+        count = (flat != ignore).sum().to(logp.dtype)
     grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None,
                                             1, ignore, count)  # 1: reduction "mean"
     return grad.view(logp.shape)
@@ -751,8 +757,8 @@ def loss_and_grad(params, *, x, label):
         # the target class's logit loss: fc_picked[i0] = sum_{s1}((fc[i0, s1] if s1 == label[i0] else 0))
         # rows counted loss: fc_count[] = sum_{s0}((1 if Ne(label[s0], -100) else 0))
         # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-        # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call
-        loss = _nll_loss(fc_logp, label, -100)
+        # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call (and fc_count, how many rows are counted)
+        loss, fc_count = _nll_loss(fc_logp, label, -100, count=True)
 
         # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
         # the seed: dL/dL = 1, in the loss's dtype
@@ -760,8 +766,8 @@ def loss_and_grad(params, *, x, label):
 
         # dL/dfc_picked (through loss): d_fc_picked[k0] = (-d_loss/fc_count if Ne(label[k0], -100) else 0)
         # dL/dfc_logp: -dL/count at each counted row's id, 0 elsewhere
-        d_fc_logp = _nll_loss_backward(d_loss, fc_logp, label, -100)
-        del d_loss
+        d_fc_logp = _nll_loss_backward(d_loss, fc_logp, label, -100, fc_count)
+        del fc_count, d_loss
 
         # dL/dfc_lse (through loss): d_fc_lse[k0] = (d_loss/fc_count if Ne(label[k0], -100) else 0)
         # dL/dfc (through fc_lse, fc_picked): d_fc[k0, k1] = (d_fc_picked[k0] if k1 == label[k0] else 0) + exp(fc[k0, k1] - fc_lse[k0])*d_fc_lse[k0]
@@ -872,12 +878,12 @@ def _loss_forward(x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, 
     # the target class's logit loss: fc_picked[i0] = sum_{s1}((fc[i0, s1] if s1 == label[i0] else 0))
     # rows counted loss: fc_count[] = sum_{s0}((1 if Ne(label[s0], -100) else 0))
     # softmax_cross_entropy loss: loss[] = sum_{s0}((fc_lse[s0] - fc_picked[s0] if Ne(label[s0], -100) else 0))/fc_count
-    # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call
-    loss = _nll_loss(fc_logp, label, -100)
-    return (loss, conv1, pool1_arg1, pool1, conv2, flat, conv2_weight_dense, fc_logp)
+    # cross-entropy: loss = the mean of -fc_logp[..., label] over rows whose id is not -100, in one call (and fc_count, how many rows are counted)
+    loss, fc_count = _nll_loss(fc_logp, label, -100, count=True)
+    return (loss, conv1, pool1_arg1, pool1, conv2, flat, fc_count, conv2_weight_dense, fc_logp)
 
 
-def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, conv1, pool1_arg1, pool1, conv2, flat, conv2_weight_dense, fc_logp):
+def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, conv2_weight, conv2_bias, fc_weight, fc_bias, conv1, pool1_arg1, pool1, conv2, flat, fc_count, conv2_weight_dense, fc_logp):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -886,7 +892,9 @@ def _loss_backward(needs, release, d_loss, x, label, conv1_weight, conv1_bias, c
     N = x.shape[0]
     # dL/dfc_picked (through loss): d_fc_picked[k0] = (-d_loss/fc_count if Ne(label[k0], -100) else 0)
     # dL/dfc_logp: -dL/count at each counted row's id, 0 elsewhere
-    d_fc_logp = _nll_loss_backward(d_loss, fc_logp, label, -100)
+    d_fc_logp = _nll_loss_backward(d_loss, fc_logp, label, -100, fc_count)
+    if release:
+        _release(release, fc_count)
 
     # dL/dfc_lse (through loss): d_fc_lse[k0] = (d_loss/fc_count if Ne(label[k0], -100) else 0)
     # dL/dfc (through fc_lse, fc_picked): d_fc[k0, k1] = (d_fc_picked[k0] if k1 == label[k0] else 0) + exp(fc[k0, k1] - fc_lse[k0])*d_fc_lse[k0]

@@ -1154,23 +1154,26 @@ def _log_softmax_backward(grad, out, axis):
     return result
 
 
-def _nll_loss(logp, ids, ignore):
+def _nll_loss(logp, ids, ignore, count=False):
     # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
-    # NaN when none is counted), as torch's nll_loss, in logp's dtype.
+    # NaN when none is counted), as torch's nll_loss, in logp's dtype. With count, also
+    # how many rows are counted, for the backward.
     rows, flat = logp.reshape(-1, logp.shape[-1]), ids.reshape(-1)
     counted = numpy.flatnonzero(flat != ignore)
-    return numpy.divide(-rows[counted, flat[counted]].sum(), counted.size, dtype=logp.dtype)
+    loss = numpy.divide(-rows[counted, flat[counted]].sum(), counted.size, dtype=logp.dtype)
+    return (loss, counted.size) if count else loss
 
 
-def _nll_loss_backward(seed, logp, ids, ignore):
-    # -seed / count at each counted row's id, 0 elsewhere: nll_loss's adjoint. The
-    # gradient is made row-major (logp may be a transposed view), so that its rows are a
-    # view the ids write through.
+def _nll_loss_backward(seed, logp, ids, ignore, count=None):
+    # -seed / count at each counted row's id, 0 elsewhere: nll_loss's adjoint (count: how
+    # many rows are counted, as _nll_loss gave it; None: counted here). The gradient is
+    # made row-major (logp may be a transposed view), so that its rows are a view the ids
+    # write through.
     grad = numpy.zeros(logp.shape, dtype=logp.dtype)
     rows, flat = grad.reshape(-1, grad.shape[-1]), ids.reshape(-1)
     counted = numpy.flatnonzero(flat != ignore)
     if counted.size:
-        rows[counted, flat[counted]] = -seed / counted.size
+        rows[counted, flat[counted]] = -seed / (counted.size if count is None else count)
     return grad
 
 
@@ -1901,8 +1904,8 @@ def loss_and_grad(params, *, idx, y, wrt=None):
     # the target class's logit loss: lm_head_picked[i0, i1] = sum_{s2}((lm_head[i0, i1, s2] if s2 == y[i0, i1] else 0))
     # rows counted loss: lm_head_count[] = sum_{s0,s1}((1 if Ne(y[s0, s1], -100) else 0))
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
-    # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
-    loss = _nll_loss(lm_head_logp, y, -100)
+    # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call (and lm_head_count, how many rows are counted)
+    loss, lm_head_count = _nll_loss(lm_head_logp, y, -100, count=True)
 
     # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
     # the seed: dL/dL = 1, in the loss's dtype
@@ -1910,8 +1913,8 @@ def loss_and_grad(params, *, idx, y, wrt=None):
 
     # dL/dlm_head_picked (through loss): d_lm_head_picked[k0, k1] = (-d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
     # dL/dlm_head_logp: -dL/count at each counted row's id, 0 elsewhere
-    d_lm_head_logp = _nll_loss_backward(d_loss, lm_head_logp, y, -100)
-    del d_loss
+    d_lm_head_logp = _nll_loss_backward(d_loss, lm_head_logp, y, -100, lm_head_count)
+    del lm_head_count, d_loss
 
     # dL/dlm_head_lse (through loss): d_lm_head_lse[k0, k1] = (d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
     # dL/dlm_head (through lm_head_lse, lm_head_picked): d_lm_head[k0, k1, k2] = (d_lm_head_picked[k0, k1] if k2 == y[k0, k1] else 0) + exp(lm_head[k0, k1, k2] - lm_head_lse[k0, k1])*d_lm_head_lse[k0, k1]

@@ -1193,18 +1193,24 @@ def _traced_ids(ids, classes, ignore):
     return torch.where((ids >= 0) & (ids < classes), ids, ignore)
 
 
-def _nll_loss(logp, ids, ignore):
+def _nll_loss(logp, ids, ignore, count=False):
     # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
-    # NaN when none is counted): torch's own nll_loss, over the rows.
+    # NaN when none is counted): torch's own nll_loss, over the rows. With count, also
+    # how many rows are counted (in logp's dtype), which the kernel finds on the way and
+    # its backward reads.
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
+    if count:
+        return torch.ops.aten.nll_loss_forward(rows, flat, None, 1, ignore)  # 1: "mean"
     return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
 
 
-def _nll_loss_backward(seed, logp, ids, ignore):
+def _nll_loss_backward(seed, logp, ids, ignore, count=None):
     # -seed / count at each counted row's id, 0 elsewhere: autograd's own nll_loss
-    # backward, over the rows.
+    # backward, over the rows. count: how many rows are counted, as _nll_loss gave it
+    # (None: counted here).
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
-    count = (flat != ignore).sum().to(logp.dtype)
+    if count is None:
+        count = (flat != ignore).sum().to(logp.dtype)
     grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None,
                                             1, ignore, count)  # 1: reduction "mean"
     return grad.view(logp.shape)
@@ -1916,8 +1922,8 @@ def loss_and_grad(params, *, idx, y):
         # the target class's logit loss: lm_head_picked[i0, i1] = sum_{s2}((lm_head[i0, i1, s2] if s2 == y[i0, i1] else 0))
         # rows counted loss: lm_head_count[] = sum_{s0,s1}((1 if Ne(y[s0, s1], -100) else 0))
         # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
-        # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
-        loss = _nll_loss(lm_head_logp, y, -100)
+        # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call (and lm_head_count, how many rows are counted)
+        loss, lm_head_count = _nll_loss(lm_head_logp, y, -100, count=True)
 
         # ---- backward pass: adjoints d_<tensor> = dL/d<tensor>, loss first (d_loss = dL/dL = 1) ----
         # the seed: dL/dL = 1, in the loss's dtype
@@ -1925,8 +1931,8 @@ def loss_and_grad(params, *, idx, y):
 
         # dL/dlm_head_picked (through loss): d_lm_head_picked[k0, k1] = (-d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
         # dL/dlm_head_logp: -dL/count at each counted row's id, 0 elsewhere
-        d_lm_head_logp = _nll_loss_backward(d_loss, lm_head_logp, y, -100)
-        del d_loss
+        d_lm_head_logp = _nll_loss_backward(d_loss, lm_head_logp, y, -100, lm_head_count)
+        del lm_head_count, d_loss
 
         # dL/dlm_head_lse (through loss): d_lm_head_lse[k0, k1] = (d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
         # dL/dlm_head (through lm_head_lse, lm_head_picked): d_lm_head[k0, k1, k2] = (d_lm_head_picked[k0, k1] if k2 == y[k0, k1] else 0) + exp(lm_head[k0, k1, k2] - lm_head_lse[k0, k1])*d_lm_head_lse[k0, k1]
@@ -2408,12 +2414,12 @@ def _loss_forward(idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias
     # the target class's logit loss: lm_head_picked[i0, i1] = sum_{s2}((lm_head[i0, i1, s2] if s2 == y[i0, i1] else 0))
     # rows counted loss: lm_head_count[] = sum_{s0,s1}((1 if Ne(y[s0, s1], -100) else 0))
     # softmax_cross_entropy loss: loss[] = sum_{s0,s1}((lm_head_lse[s0, s1] - lm_head_picked[s0, s1] if Ne(y[s0, s1], -100) else 0))/lm_head_count
-    # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call
-    loss = _nll_loss(lm_head_logp, y, -100)
-    return (loss, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, lm_head_logp)
+    # cross-entropy: loss = the mean of -lm_head_logp[..., y] over rows whose id is not -100, in one call (and lm_head_count, how many rows are counted)
+    loss, lm_head_count = _nll_loss(lm_head_logp, y, -100, count=True)
+    return (loss, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f, lm_head_count, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, lm_head_logp)
 
 
-def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, lm_head_logp):
+def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_c_attn_weight, h_0_attn_c_attn_bias, h_0_attn_c_proj_weight, h_0_attn_c_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_c_fc_weight, h_0_mlp_c_fc_bias, h_0_mlp_c_proj_weight, h_0_mlp_c_proj_bias, h_1_ln_1_weight, h_1_ln_1_bias, h_1_attn_c_attn_weight, h_1_attn_c_attn_bias, h_1_attn_c_proj_weight, h_1_attn_c_proj_bias, h_1_ln_2_weight, h_1_ln_2_bias, h_1_mlp_c_fc_weight, h_1_mlp_c_fc_bias, h_1_mlp_c_proj_weight, h_1_mlp_c_proj_bias, ln_f_weight, ln_f_bias, wpe_positions, emb, h_0_ln_1, h_0_attn_w, h_0_attn_q, h_0_attn_k, h_0_attn_v, h_0_attn_p, h_0_attn_y, h_0_attn_wp, h_0_res1, h_0_ln_2, h_0_mlp_c_fc_z, h_0_mlp_c_fc, h_0_res2, h_1_ln_1, h_1_attn_w, h_1_attn_q, h_1_attn_k, h_1_attn_v, h_1_attn_p, h_1_attn_y, h_1_attn_wp, h_1_res1, h_1_ln_2, h_1_mlp_c_fc_z, h_1_mlp_c_fc, h_1_res2, ln_f, lm_head_count, h_0_ln_1_row_mean, h_0_ln_1_row_rstd, h_0_ln_2_row_mean, h_0_ln_2_row_rstd, h_1_ln_1_row_mean, h_1_ln_1_row_rstd, h_1_ln_2_row_mean, h_1_ln_2_row_rstd, ln_f_row_mean, ln_f_row_rstd, lm_head_logp):
     """LossFunction's backward: dL/d(argument) for each argument whose flag in `needs`
     (autograd's ctx.needs_input_grad) is set, None for the others. Work that only feeds
     gradients nobody asked for is skipped. With `release`, the memory of each saved
@@ -2423,7 +2429,9 @@ def _loss_backward(needs, release, d_loss, idx, y, wte_weight, wpe_weight, h_0_l
     T = idx.shape[1]
     # dL/dlm_head_picked (through loss): d_lm_head_picked[k0, k1] = (-d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
     # dL/dlm_head_logp: -dL/count at each counted row's id, 0 elsewhere
-    d_lm_head_logp = _nll_loss_backward(d_loss, lm_head_logp, y, -100)
+    d_lm_head_logp = _nll_loss_backward(d_loss, lm_head_logp, y, -100, lm_head_count)
+    if release:
+        _release(release, lm_head_count)
 
     # dL/dlm_head_lse (through loss): d_lm_head_lse[k0, k1] = (d_loss/lm_head_count if Ne(y[k0, k1], -100) else 0)
     # dL/dlm_head (through lm_head_lse, lm_head_picked): d_lm_head[k0, k1, k2] = (d_lm_head_picked[k0, k1] if k2 == y[k0, k1] else 0) + exp(lm_head[k0, k1, k2] - lm_head_lse[k0, k1])*d_lm_head_lse[k0, k1]

@@ -245,10 +245,12 @@ class ArrayPrinter:
             return f"_log_softmax_backward({op.grad}, {op.out}, {op.axis})"
         if isinstance(op, NllLoss):
             self.helpers.add("nll_loss")
-            return f"_nll_loss({op.logp}, {op.ids}, {op.ignore})"
+            count = ", count=True" if stmt.also else ""  # (the loss, how many rows count)
+            return f"_nll_loss({op.logp}, {op.ids}, {op.ignore}{count})"
         if isinstance(op, NllLossBackward):
             self.helpers.add("nll_loss_backward")
-            return f"_nll_loss_backward({op.seed}, {op.logp}, {op.ids}, {op.ignore})"
+            count = f", {op.count}" if op.count else ""
+            return f"_nll_loss_backward({op.seed}, {op.logp}, {op.ids}, {op.ignore}{count})"
         if isinstance(op, Full):
             return self.full(op)
         if isinstance(op, Seed):

@@ -377,7 +377,8 @@ class LogSoftmaxBackward:
 class NllLoss:
     """The mean over counted rows of ``-logp[row, ids[row]]``, a row counted where its id
     is not ``ignore`` (the class axis the last one): cross-entropy from a log-softmax, one
-    call (a pass forms it)."""
+    call (a pass forms it). With a further result (the statement's ``also``): how many
+    rows are counted, in ``logp``'s dtype, for :class:`NllLossBackward`."""
 
     logp: str
     ids: str
@@ -391,16 +392,20 @@ class NllLoss:
 @dataclass(frozen=True)
 class NllLossBackward:
     """:class:`NllLoss`'s adjoint for ``logp``: ``-seed / count`` at each counted row's id,
-    0 elsewhere (a pass forms it)."""
+    0 elsewhere (a pass forms it). ``count``: the array that holds how many rows are
+    counted, where the forward's :class:`NllLoss` statement gave it as a further result
+    (its ``also``); else the rows are counted again."""
 
     seed: str
     logp: str
     ids: str
     ignore: int
+    count: str = ""
 
     @property
     def reads(self) -> frozenset[str]:
-        return frozenset({self.seed, self.logp, self.ids})
+        return frozenset({self.seed, self.logp, self.ids} | ({self.count} if self.count
+                                                             else set()))
 
 
 @dataclass(frozen=True)

@@ -460,6 +460,9 @@ class ProgramPrinter:
             return [(stmt.target, axes, out), (mean, stat_axes, m),
                     (rstd, stat_axes, 1 / sp.sqrt(v + sp.Float(op.eps)))]
         axes, expr = self.expression(stmt)
+        if isinstance(op, NllLoss) and stmt.also:  # the loss, then how many rows count
+            return [(stmt.target, axes, expr),
+                    (stmt.also[0], (), self._counted(op.ids, op.ignore)[2])]
         if isinstance(op, MaxPool) and stmt.also:  # the maxima, then their indices
             return [(stmt.target, axes, expr),
                     (stmt.also[0], axes, self._MaxPool(replace(op, indices=True), list(axes)))]
@@ -606,7 +609,7 @@ class ProgramPrinter:
 
     def _NllLossBackward(self, op: NllLossBackward, axes: list[sp.Expr]) -> sp.Expr:
         *rows, cls = axes
-        _, _, count = self._counted(op.ids, op.ignore)
+        count = sp.Symbol(op.count) if op.count else self._counted(op.ids, op.ignore)[2]
         at = self.ref(op.ids, rows)
         hit = Iverson(sp.Eq(cls, at)) * Iverson(sp.Ne(at, op.ignore))
         return -sp.Symbol(op.seed) / count * hit

@@ -259,6 +259,10 @@ def cross_entropy(stmts: list[Assign], program: Program, protected: set[str]) ->
             continue
         taken |= {logp, d_logp}
         program.shapes[logp] = program.shapes[d_logp] = program.shapes[f.z]
+        # the count of rows the forward's call gives, kept for the backward (which would
+        # count them again); it takes the name of the count statement it replaces
+        count = f.count.target if back and free_name(f.count.target, (), taken - {
+            f.count.target}, program) else ""
         forward = [
             Assign(logp, LogSoftmax(f.z, f.rank - 1), join_comments(
                 f.lse.comment, f"log-softmax: {logp} = {f.z} - {f.lse.target}, in one call"),
@@ -266,7 +270,9 @@ def cross_entropy(stmts: list[Assign], program: Program, protected: set[str]) ->
             replace(f.loss, op=NllLoss(logp, f.ids, f.ignore), comment=join_comments(
                 _comments(f.picked, f.count, f.total, f.loss),
                 f"cross-entropy: {f.loss.target} = the mean of -{logp}[..., {f.ids}] over "
-                f"rows whose id is not {f.ignore}, in one call")),
+                f"rows whose id is not {f.ignore}, in one call"
+                + (f" (and {count}, how many rows are counted)" if count else "")),
+                also=(count,) if count else ()),
         ]
         # the new forward goes where lse was, among the statements that stay
         at = sum(1 for s in out[:out.index(f.lse)] if s.target not in gone)
@@ -275,7 +281,7 @@ def cross_entropy(stmts: list[Assign], program: Program, protected: set[str]) ->
         if back:
             d_lse, d_picked, d_z = back
             backward = [
-                Assign(d_logp, NllLossBackward(seed, logp, f.ids, f.ignore), join_comments(
+                Assign(d_logp, NllLossBackward(seed, logp, f.ids, f.ignore, count), join_comments(
                     d_picked.comment, f"dL/d{logp}: -dL/count at each counted row's id, "
                     "0 elsewhere"), d_z.phase),
                 replace(d_z, op=LogSoftmaxBackward(d_logp, logp, f.rank - 1),
