@@ -50,6 +50,19 @@ class Cnn(torch.nn.Module):
         return F.cross_entropy(self.fc(h.reshape(h.shape[0], 64)), label)
 
 
+@pytest.fixture(params=["as chosen", "direct", "dense"])
+def conv_kernels(request, monkeypatch):
+    """Each convolution as the conv pass chooses (matrix products against the kernel
+    written out densely where that matrix is small), every one a convolution call, or
+    every one products: both ways of computing each are checked on every geometry."""
+    import importlib
+
+    conv = importlib.import_module("symbackprop.ir.passes.conv")  # (the package's conv
+    limit = {"as chosen": conv.DENSE_ENTRIES, "direct": 0, "dense": 10**9}[request.param]
+    monkeypatch.setattr(conv, "DENSE_ENTRIES", limit)  # is the pass function)
+    return request.param
+
+
 def _compare(modules, params, batch, twin_loss, *, tol: float = 1e-9) -> None:
     """numpy and torch loss_and_grad and the torch Model against ``twin_loss(params,
     batch)`` (torch autograd on float64 leaves)."""
@@ -86,8 +99,13 @@ def _compare(modules, params, batch, twin_loss, *, tol: float = 1e-9) -> None:
         close(p.grad.numpy(), expected[name], f"Model {name}")
 
 
-def test_cnn_example_matches_torch_nn(tmp_path) -> None:
+def test_cnn_example_matches_torch_nn(tmp_path, conv_kernels) -> None:
     model, modules = build(tmp_path, (EXAMPLES / "cnn.yaml").read_text(encoding="utf-8"))
+    source = model.source("torch")
+    written_out = {k for k in ("conv1_weight", "conv2_weight")
+                   if f"_dense_kernel({k}," in source}
+    assert written_out == {"as chosen": {"conv2_weight"}, "direct": set(),
+                           "dense": {"conv1_weight", "conv2_weight"}}[conv_kernels]
     rng = np.random.default_rng(3)
     params = modules["numpy"].init_params(seed=5)
     net = Cnn().double()
@@ -135,7 +153,7 @@ weight_decay: {l2: 0.01}
 """
 
 
-def test_conv1d_strided_padded_with_weight_decay(tmp_path) -> None:
+def test_conv1d_strided_padded_with_weight_decay(tmp_path, conv_kernels) -> None:
     # c1: (11 + 2 - 3) // 2 + 1 = 6 positions; c2: (6 - 2) // 3 + 1 = 2 (one left over)
     _, modules = build(tmp_path, CONV1D)
     rng = np.random.default_rng(0)
@@ -166,7 +184,7 @@ loss: {type: mse, target: t}
 """
 
 
-def test_overlapping_max_pool_and_average_pool_on_odd_sizes(tmp_path) -> None:
+def test_overlapping_max_pool_and_average_pool_on_odd_sizes(tmp_path, conv_kernels) -> None:
     # c1: [N, 3, 9, 4]; mp (3x3, stride 2, overlapping, floors 4 -> 1): [N, 3, 4, 1];
     # ap (2x1): [N, 3, 2, 1]
     model, modules = build(tmp_path, POOLS)
@@ -276,7 +294,7 @@ def test_max_pool_indices_follow_torch_with_nan_and_infinities(tmp_path) -> None
         assert np.array_equal(values, top.numpy(), equal_nan=True)
 
 
-def test_input_gradient_of_a_convolution(tmp_path) -> None:
+def test_input_gradient_of_a_convolution(tmp_path, conv_kernels) -> None:
     """wrt=("x",): the full convolution with the flipped kernel, against autograd."""
     _, modules = build(tmp_path, CONV1D)
     rng = np.random.default_rng(4)
@@ -466,7 +484,7 @@ def test_derivation_prints_padded_windows_one_based() -> None:
     assert r"h_{\mathrm{relu1},n,i,2\,(j-1) + l,2\,(k-1) + p}" in text
 
 
-def test_generated_backward_is_differentiable(tmp_path) -> None:
+def test_generated_backward_is_differentiable(tmp_path, conv_kernels) -> None:
     """The torch Model's backward through conv2d / conv2d_weight / conv2d_input and the
     pooling's window-add is itself differentiable: gradgradcheck on a smooth network, and
     a Hessian-vector product of the CNN against torch.nn's."""
@@ -532,7 +550,7 @@ loss: {type: mse, target: t}
 
 
 @pytest.mark.parametrize("inside", [True, False], ids=["backward-inside", "backward-outside"])
-def test_autocast_bfloat16_cnn_matches_torch_nn(tmp_path, inside) -> None:
+def test_autocast_bfloat16_cnn_matches_torch_nn(tmp_path, inside, conv_kernels) -> None:
     """Under autocast the convolutions run in bfloat16 (conv2d is on autocast's list) and
     their gradients meet the adjoint's dtype; gradients come back in float32, within
     bfloat16's tolerance of torch.nn under the same autocast."""

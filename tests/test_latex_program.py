@@ -10,6 +10,7 @@ windows, scatters), and compile and render the section.
 from __future__ import annotations
 
 import ast
+import math
 import re
 import typing
 from pathlib import Path
@@ -31,6 +32,7 @@ from symbackprop.ir.lower import gradient_statements
 from symbackprop.ir.nodes import (
     Assign,
     Conv,
+    DenseKernel,
     Einsum,
     Gather,
     Iota,
@@ -420,3 +422,27 @@ def test_hand_built_statements_evaluate_as_numpy_computes_them(tmp_path: Path) -
     check({"g": (2, 3, 2, 4, 2), "dx": (2, 5, 5)}, {"g": values},
           Assign("dx", WindowAdd("g", (2, 5, 5), slides)),
           reference={"dx": _window_add(values, (2, 5, 5), slides)})
+    # a small convolution's kernel written out densely, then the convolution and its two
+    # gradients as products against it and as convolution calls, each against its
+    # definition (2-D: strides 2 and 1, paddings 1 and 0, a non-square kernel; 1-D:
+    # stride 3, which leaves the last input position unread)
+    for size, kernel, stride, pad in (((5, 4), (3, 2), (2, 1), (1, 0)),
+                                      ((8,), (3,), (3,), (1,))):
+        positions = tuple((n + 2 * q - k) // st + 1
+                          for n, k, st, q in zip(size, kernel, stride, pad, strict=True))
+        matrix = (3 * math.prod(positions), 2 * math.prod(size))
+        w, bias = rng.normal(size=(3, 2, *kernel)), rng.normal(size=(3,))
+        xin, gout = rng.normal(size=(2, 2, *size)), rng.normal(size=(2, 3, *positions))
+        shapes = {"w": w.shape, "bias": (3,), "x": xin.shape, "g": gout.shape,
+                  "K": matrix, "y": gout.shape, "dw": w.shape, "dx": xin.shape,
+                  "y2": gout.shape, "dw2": w.shape, "dx2": xin.shape}
+        geometry = (stride, pad)
+        check(shapes, {"w": w, "bias": bias, "x": xin, "g": gout},
+              Assign("K", DenseKernel("w", size, stride, pad, matrix)),
+              Assign("y", Conv("forward", "x", "w", *geometry, gout.shape, "bias", True, "K")),
+              Assign("dw", Conv("weight", "x", "g", *geometry, w.shape, dense=True)),
+              Assign("dx", Conv("input", "g", "w", *geometry, xin.shape, dense=True,
+                                matrix="K")),
+              Assign("y2", Conv("forward", "x", "w", *geometry, gout.shape, "bias")),
+              Assign("dw2", Conv("weight", "x", "g", *geometry, w.shape)),
+              Assign("dx2", Conv("input", "g", "w", *geometry, xin.shape)))
