@@ -430,9 +430,17 @@ _DENSE_TABLES = {}
 
 
 def _dense_tables(kernel, size, stride, pad, device):
+    # (kernel: the kernel's shape as Python ints; a symbolic trace's sizes are made
+    # concrete, as a kernel's always are.) Made outside inference mode, so that autograd
+    # may later save them; kept only when they are plain tensors: not while
+    # torch.compile traces (they are built in the graph), not fake or functorch-wrapped
+    # tensors of a trace or transform.
+    kernel = tuple(int(n) for n in kernel)
     key = (kernel, size, stride, pad, device)
     tables = None if torch.compiler.is_compiling() else _DENSE_TABLES.get(key)
-    if tables is None:  # (while torch.compile traces: built in the graph, not kept)
+    if tables is not None:
+        return tables
+    with torch.inference_mode(False):
         spread, spread_on, gather, gather_on, count = _dense_index(
             kernel, size, stride, pad, lambda n: torch.arange(n, device=device))
         entries = 1
@@ -441,9 +449,10 @@ def _dense_tables(kernel, size, stride, pad, device):
         spread = torch.where(spread_on, spread, entries)
         matrix = (kernel[0] * count, spread.numel() // (kernel[0] * count))
         gather = torch.where(gather_on, gather, spread.numel())
-        tables = (spread.flatten(), matrix, gather.flatten(), count)
-        if not torch.compiler.is_compiling():
-            _DENSE_TABLES[key] = tables
+    tables = (spread.flatten(), matrix, gather.flatten(), count)
+    if not torch.compiler.is_compiling() and all(
+            type(t) is torch.Tensor and not _transforms_active() for t in tables[::2]):
+        _DENSE_TABLES[key] = tables
     return tables
 
 
@@ -527,9 +536,13 @@ def _nll_loss(logp, ids, ignore, count=False):
     # how many rows are counted (in logp's dtype), which the kernel finds on the way and
     # its backward reads.
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
-    if count:
-        return torch.ops.aten.nll_loss_forward(rows, flat, None, 1, ignore)  # 1: "mean"
-    return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
+    if not count:
+        return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
+    if (_any_autocast() and rows.dtype in (torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled(rows.device.type)):
+        # autocast runs nll_loss in float32 (the aten op itself is not on its list)
+        rows = rows.float()
+    return torch.ops.aten.nll_loss_forward(rows, flat, None, 1, ignore)  # 1: "mean"
 
 
 def _nll_loss_backward(seed, logp, ids, ignore, count=None):
@@ -537,8 +550,9 @@ def _nll_loss_backward(seed, logp, ids, ignore, count=None):
     # backward, over the rows. count: how many rows are counted, as _nll_loss gave it
     # (None: counted here).
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
-    if count is None:
-        count = (flat != ignore).sum().to(logp.dtype)
+    if count is None or count.dtype is not logp.dtype:  # (autocast: a float32 count)
+        count = (flat != ignore).sum().to(logp.dtype) if count is None else count.to(
+            logp.dtype)
     grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None,
                                             1, ignore, count)  # 1: reduction "mean"
     return grad.view(logp.shape)

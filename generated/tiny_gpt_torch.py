@@ -1199,9 +1199,13 @@ def _nll_loss(logp, ids, ignore, count=False):
     # how many rows are counted (in logp's dtype), which the kernel finds on the way and
     # its backward reads.
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
-    if count:
-        return torch.ops.aten.nll_loss_forward(rows, flat, None, 1, ignore)  # 1: "mean"
-    return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
+    if not count:
+        return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
+    if (_any_autocast() and rows.dtype in (torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled(rows.device.type)):
+        # autocast runs nll_loss in float32 (the aten op itself is not on its list)
+        rows = rows.float()
+    return torch.ops.aten.nll_loss_forward(rows, flat, None, 1, ignore)  # 1: "mean"
 
 
 def _nll_loss_backward(seed, logp, ids, ignore, count=None):
@@ -1209,8 +1213,9 @@ def _nll_loss_backward(seed, logp, ids, ignore, count=None):
     # backward, over the rows. count: how many rows are counted, as _nll_loss gave it
     # (None: counted here).
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
-    if count is None:
-        count = (flat != ignore).sum().to(logp.dtype)
+    if count is None or count.dtype is not logp.dtype:  # (autocast: a float32 count)
+        count = (flat != ignore).sum().to(logp.dtype) if count is None else count.to(
+            logp.dtype)
     grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None,
                                             1, ignore, count)  # 1: reduction "mean"
     return grad.view(logp.shape)
