@@ -494,15 +494,16 @@ def _conv_input(g, w, shape, stride, pad):
     return _conv(padded, flipped, (1,) * len(kernel), (0,) * len(kernel))
 
 
-def _dense_index(kernel, size, stride, pad, arange):
+def _dense_index(kernel, size, stride, pad, arange, where):
     # A convolution's kernel (shape `kernel`) written out as the matrix of its map on one
     # example: entry [o*P + i, c*S + h] is kernel[o, c, t] where s*i + t - p = h (P
     # output positions i, S input positions h, each row-major), 0 where no tap t does.
-    # As index arrays from arange (the backend's, on the kernel's device), each with the
-    # mask of the entries that exist:
+    # As index arrays made with the backend's arange and where (on the kernel's device):
     # - spread, axes (o, i..., c, h...): the flat kernel entry each matrix entry holds;
     # - gather, axes (i..., o, c, t...): the flat matrix entry that kernel entry [o, c, t]
-    #   fills at position i (none where the tap reads the zero padding).
+    #   fills at position i;
+    # an entry that does not exist (no tap reaches it; a tap that reads the zero padding)
+    # points one past the end of the array it indexes, where the caller appends a zero.
     cout, cin, *taps = kernel
     d = len(size)
     positions = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, taps, stride, pad)]
@@ -532,12 +533,12 @@ def _dense_index(kernel, size, stride, pad, arange):
         at, read = at * positions[j] + i, read * size[j] + h
     gather = ((along(cout, d) * count + at) * (cin * extent) + along(cin, d + 1) * extent
               + read)
-    return spread, spread_on, gather, gather_on, count
+    return (where(spread_on, spread, cout * cin * width),
+            where(gather_on, gather, cout * count * cin * extent), count)
 
 
 # _dense_index's arrays per geometry, made once: spread as the matrix, gather one row per
-# output position, each entry that does not exist pointing one past the end of the array
-# it indexes, where a zero is appended.
+# output position.
 _DENSE_TABLES = {}
 
 
@@ -545,10 +546,8 @@ def _dense_tables(kernel, size, stride, pad):
     key = (kernel, size, stride, pad)
     tables = _DENSE_TABLES.get(key)
     if tables is None:
-        spread, spread_on, gather, gather_on, count = _dense_index(
-            kernel, size, stride, pad, numpy.arange)
-        spread = numpy.where(spread_on, spread, math.prod(kernel))
-        gather = numpy.where(gather_on, gather, spread.size)
+        spread, gather, count = _dense_index(kernel, size, stride, pad, numpy.arange,
+                                             numpy.where)
         tables = _DENSE_TABLES[key] = (spread.reshape(kernel[0] * count, -1),
                                        gather.reshape(count, -1))
     return tables

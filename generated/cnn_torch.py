@@ -382,15 +382,16 @@ def _conv_input_grad(shape, kernel, g, stride, padding):
         None, stride, padding, (1,) * d, False, (0,) * d, 1, (True, False, False))[0]
 
 
-def _dense_index(kernel, size, stride, pad, arange):
+def _dense_index(kernel, size, stride, pad, arange, where):
     # A convolution's kernel (shape `kernel`) written out as the matrix of its map on one
     # example: entry [o*P + i, c*S + h] is kernel[o, c, t] where s*i + t - p = h (P
     # output positions i, S input positions h, each row-major), 0 where no tap t does.
-    # As index arrays from arange (the backend's, on the kernel's device), each with the
-    # mask of the entries that exist:
+    # As index arrays made with the backend's arange and where (on the kernel's device):
     # - spread, axes (o, i..., c, h...): the flat kernel entry each matrix entry holds;
     # - gather, axes (i..., o, c, t...): the flat matrix entry that kernel entry [o, c, t]
-    #   fills at position i (none where the tap reads the zero padding).
+    #   fills at position i;
+    # an entry that does not exist (no tap reaches it; a tap that reads the zero padding)
+    # points one past the end of the array it indexes, where the caller appends a zero.
     cout, cin, *taps = kernel
     d = len(size)
     positions = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, taps, stride, pad)]
@@ -420,12 +421,12 @@ def _dense_index(kernel, size, stride, pad, arange):
         at, read = at * positions[j] + i, read * size[j] + h
     gather = ((along(cout, d) * count + at) * (cin * extent) + along(cin, d + 1) * extent
               + read)
-    return spread, spread_on, gather, gather_on, count
+    return (where(spread_on, spread, cout * cin * width),
+            where(gather_on, gather, cout * count * cin * extent), count)
 
 
 # _dense_index's arrays per geometry and device, made once: (spread, its matrix's shape,
-# gather, the output's positions), each entry that does not exist pointing one past the
-# end of the array it indexes, where a zero is appended.
+# gather, the output's positions), the index arrays flat.
 _DENSE_TABLES = {}
 
 
@@ -441,17 +442,12 @@ def _dense_tables(kernel, size, stride, pad, device):
     if tables is not None:
         return tables
     with torch.inference_mode(False):
-        spread, spread_on, gather, gather_on, count = _dense_index(
-            kernel, size, stride, pad, lambda n: torch.arange(n, device=device))
-        entries = 1
-        for n in kernel:
-            entries *= n
-        spread = torch.where(spread_on, spread, entries)
-        matrix = (kernel[0] * count, spread.numel() // (kernel[0] * count))
-        gather = torch.where(gather_on, gather, spread.numel())
-    tables = (spread.flatten(), matrix, gather.flatten(), count)
-    if not torch.compiler.is_compiling() and all(
-            type(t) is torch.Tensor and not _transforms_active() for t in tables[::2]):
+        spread, gather, count = _dense_index(
+            kernel, size, stride, pad, lambda n: torch.arange(n, device=device), torch.where)
+    rows = kernel[0] * count
+    tables = (spread.flatten(), (rows, spread.numel() // rows), gather.flatten(), count)
+    plain = type(spread) is torch.Tensor and type(gather) is torch.Tensor
+    if plain and not (torch.compiler.is_compiling() or _transforms_active()):
         _DENSE_TABLES[key] = tables
     return tables
 
@@ -533,8 +529,8 @@ def _traced_ids(ids, classes, ignore):
 def _nll_loss(logp, ids, ignore, count=False):
     # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
     # NaN when none is counted): torch's own nll_loss, over the rows. With count, also
-    # how many rows are counted (in logp's dtype), which the kernel finds on the way and
-    # its backward reads.
+    # how many rows are counted (in the loss's dtype), which the kernel finds on the way
+    # and its backward reads.
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
     if not count:
         return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
@@ -550,9 +546,10 @@ def _nll_loss_backward(seed, logp, ids, ignore, count=None):
     # backward, over the rows. count: how many rows are counted, as _nll_loss gave it
     # (None: counted here).
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
-    if count is None or count.dtype is not logp.dtype:  # (autocast: a float32 count)
-        count = (flat != ignore).sum().to(logp.dtype) if count is None else count.to(
-            logp.dtype)
+    if count is None:
+        count = (flat != ignore).sum()
+    if count.dtype is not logp.dtype:  # counted here, or float32 under autocast
+        count = count.to(logp.dtype)
     grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None,
                                             1, ignore, count)  # 1: reduction "mean"
     return grad.view(logp.shape)

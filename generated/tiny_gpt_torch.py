@@ -1196,8 +1196,8 @@ def _traced_ids(ids, classes, ignore):
 def _nll_loss(logp, ids, ignore, count=False):
     # The mean of -logp at each counted row's id (a row whose id is `ignore` is left out;
     # NaN when none is counted): torch's own nll_loss, over the rows. With count, also
-    # how many rows are counted (in logp's dtype), which the kernel finds on the way and
-    # its backward reads.
+    # how many rows are counted (in the loss's dtype), which the kernel finds on the way
+    # and its backward reads.
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
     if not count:
         return torch.nn.functional.nll_loss(rows, flat, ignore_index=ignore)
@@ -1213,9 +1213,10 @@ def _nll_loss_backward(seed, logp, ids, ignore, count=None):
     # backward, over the rows. count: how many rows are counted, as _nll_loss gave it
     # (None: counted here).
     rows, flat = logp.flatten(0, -2), _traced_ids(ids.flatten(), logp.shape[-1], ignore)
-    if count is None or count.dtype is not logp.dtype:  # (autocast: a float32 count)
-        count = (flat != ignore).sum().to(logp.dtype) if count is None else count.to(
-            logp.dtype)
+    if count is None:
+        count = (flat != ignore).sum()
+    if count.dtype is not logp.dtype:  # counted here, or float32 under autocast
+        count = count.to(logp.dtype)
     grad = torch.ops.aten.nll_loss_backward(seed.to(logp.dtype), rows, flat, None,
                                             1, ignore, count)  # 1: reduction "mean"
     return grad.view(logp.shape)
