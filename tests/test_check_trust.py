@@ -65,6 +65,16 @@ loss: {type: mse, target: t}
     assert check._rel(small + 2e-3, small, floor)[1] > 1e-6
 
 
+# two classes, class 1 ignored (the spec's name goes first)
+CE_IGNORED_ONE = """
+inputs: {x: [N, 2]}
+targets: {t: {shape: [N], dtype: int64}}
+layers:
+  - {name: fc, type: dense, units: 2}
+loss: {type: softmax_cross_entropy, target: t, ignore_index: 1}
+"""
+
+
 @pytest.mark.parametrize("batch", [1, 2, 5])
 @pytest.mark.parametrize("seed", range(8))
 def test_check_draws_a_counted_label_where_the_ignored_one_is_valid(batch, seed) -> None:
@@ -73,14 +83,7 @@ def test_check_draws_a_counted_label_where_the_ignored_one_is_valid(batch, seed)
     now has a counted label, and about a quarter of the others are ignored."""
     from symbackprop.api import compile_text
 
-    model = compile_text("""
-name: ce_two
-inputs: {x: [N, 2]}
-targets: {t: {shape: [N], dtype: int64}}
-layers:
-  - {name: fc, type: dense, units: 2}
-loss: {type: softmax_cross_entropy, target: t, ignore_index: 1}
-""")
+    model = compile_text("name: ce_two" + CE_IGNORED_ONE)
     labels = check.random_batch(model, batch=batch, seed=seed)["t"]
     assert labels.shape == (batch,) and set(labels.tolist()) <= {0, 1}
     assert (labels == 0).any()
@@ -88,14 +91,7 @@ loss: {type: softmax_cross_entropy, target: t, ignore_index: 1}
 
 def test_check_passes_where_every_label_but_one_is_ignored(tmp_path) -> None:
     spec = tmp_path / "ce.yaml"
-    spec.write_text("""
-name: ce_one_counted
-inputs: {x: [N, 2]}
-targets: {t: {shape: [N], dtype: int64}}
-layers:
-  - {name: fc, type: dense, units: 2}
-loss: {type: softmax_cross_entropy, target: t, ignore_index: 1}
-""")
+    spec.write_text("name: ce_one_counted" + CE_IGNORED_ONE)
     assert main(["check", str(spec)]) == 0
 
 
